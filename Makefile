@@ -1,0 +1,39 @@
+# Two commands on a fresh machine: `make test` and `make bench`. Both create .venv when absent and
+# install torch, triton and fastcon (editable, no build isolation) into it first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton
+STAMP := $(VENV)/.fastcon-installed
+EXT_SOURCES := $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h)
+
+.PHONY: install test bench bench-quick clean
+
+$(VENV)/.deps-installed:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "$(TRITON_SPEC)" numpy pytest ninja setuptools wheel
+	touch $@
+
+$(STAMP): $(VENV)/.deps-installed pyproject.toml setup.py $(EXT_SOURCES)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(STAMP)
+
+# The Triton kernels run on the CPU through the interpreter here; on a GPU machine use
+# `make test TRITON_INTERPRET=0` for the CUDA tests.
+TRITON_INTERPRET ?= 1
+test: $(STAMP)
+	TRITON_INTERPRET=$(TRITON_INTERPRET) $(PY) -m pytest -q tests
+
+# The main job: the benchmark of fastcon against the reference and open_clip (installed without its
+# vision dependencies; only its loss module is used).
+bench: $(STAMP)
+	$(PY) -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('open_clip') is None)" \
+		|| $(PY) -m pip install -q --no-deps open-clip-torch
+	$(PY) -m fastcon.bench --loss clip,siglip --providers fastcon,reference,open_clip --batch 1024,4096 --dim 512
+
+clean:
+	rm -rf build dist *.egg-info fastcon/*.so

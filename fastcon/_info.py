@@ -1,0 +1,49 @@
+"""``fastcon.backend_info()``: which backends are usable here, and why not."""
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+
+import torch
+
+from ._version import __version__
+from .ops import engine
+
+
+def backend_info() -> dict:
+    """A dict describing the backends on this machine: for each backend whether it is usable and, if
+    not, why; what ``backend="auto"`` picks per device; the chunk and cache budgets in bytes; the
+    kernels that are not implemented yet."""
+    cpu = torch.device("cpu")
+    cpp = importlib.import_module("fastcon.kernels.cpp")
+    cuda = torch.cuda.is_available()
+    info = {
+        "version": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda_available": cuda,
+        "backends": {},
+        "not_implemented": [],
+        "chunk_bytes": {"cpu": engine.chunk_bytes(cpu), "cuda": engine.chunk_bytes(torch.device("cuda"))},
+        "cache_bytes": {"cpu": engine.cache_bytes(cpu), "cuda": engine.cache_bytes(torch.device("cuda"))},
+    }
+    backends = info["backends"]
+    backends["cpp"] = {"available": bool(cpp.AVAILABLE), "reason": cpp.REASON, "devices": ["cpu"]}
+    backends["torch"] = {"available": True, "reason": None, "devices": ["cpu", "cuda"]}
+    backends["reference"] = {"available": True, "reason": None, "devices": ["cpu", "cuda"]}
+    triton_spec = importlib.util.find_spec("triton")
+    for name in ("triton", "triton_fused"):
+        if triton_spec is None:
+            entry = {"available": False, "reason": "triton is not installed (pip install triton)"}
+        else:
+            device = torch.device("cuda") if cuda else cpu
+            ok, reason = engine._triton_available(device)
+            entry = {"available": ok, "reason": reason, "device": str(device),
+                     "interpreter": os.environ.get("TRITON_INTERPRET") == "1"}
+        backends[name] = entry
+    info["auto"] = {
+        "cpu": "cpp" if cpp.AVAILABLE else "torch",
+        "cuda": "triton" if backends["triton"]["available"] and cuda else "torch",
+    }
+    return info

@@ -1,0 +1,77 @@
+"""Argument checking shared by the functional and module APIs (clear errors, never ``assert``)."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_features(name_a: str, a, name_b: str, b) -> None:
+    for name, t in ((name_a, a), (name_b, b)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has unsupported dtype {t.dtype}; use float32, bfloat16, float16 or float64")
+        if t.shape[0] == 0:
+            raise ValueError(f"{name} is an empty batch (shape {tuple(t.shape)}); the loss needs at least one row")
+        if t.shape[1] == 0:
+            raise ValueError(f"{name} has feature dimension 0 (shape {tuple(t.shape)})")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"feature dimensions differ: {name_a} has shape {tuple(a.shape)}, {name_b} has shape {tuple(b.shape)}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{name_a} ({a.dtype}) and {name_b} ({b.dtype}) must have the same dtype")
+    if a.device != b.device:
+        raise ValueError(f"{name_a} is on {a.device} but {name_b} is on {b.device}; put both on one device")
+
+
+def check_scalar(name: str, value, device: torch.device, *, required: bool = True) -> Optional[torch.Tensor]:
+    """Returns a tensor for a Python number or a one-element tensor; rejects non-finite values."""
+    if value is None:
+        if required:
+            raise ValueError(f"{name} is required")
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a float or a one-element tensor, got bool")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+        return torch.tensor(float(value), dtype=torch.float32, device=device)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a float or a one-element tensor, got {type(value).__name__}")
+    if value.numel() != 1:
+        raise ValueError(f"{name} must be a scalar (one element), got shape {tuple(value.shape)}")
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    if value.device.type != "cpu" and value.device != device:
+        raise ValueError(f"{name} is on {value.device} but the features are on {device}")
+    # A check of finiteness needs the value on the host: do it only when it is already there, or
+    # when the caller opted in (FASTCON_CHECK_FINITE=1); on GPU a NaN scale gives a NaN loss.
+    if value.device.type == "cpu" and not torch.isfinite(value.detach()).all():
+        raise ValueError(f"{name} must be finite, got {value.detach().reshape(()).item()}")
+    return value
+
+
+def check_label_smoothing(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"label_smoothing must be a float, got {type(value).__name__}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {value}")
+    return float(value)
+
+
+def check_pos_offset(pos_offset: int, na: int, nb: int) -> int:
+    if isinstance(pos_offset, bool) or not isinstance(pos_offset, int):
+        raise TypeError(f"pos_offset must be an int, got {type(pos_offset).__name__}")
+    if pos_offset < 0 or pos_offset + na > nb:
+        raise ValueError(
+            f"pos_offset={pos_offset}: the positives of {na} rows occupy columns "
+            f"[{pos_offset}, {pos_offset + na}), which must lie inside the {nb} columns")
+    return pos_offset

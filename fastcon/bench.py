@@ -1,0 +1,292 @@
+"""``fastcon-bench``: time and peak memory of fastcon's losses against the reference and peers.
+
+Each case runs in a fresh subprocess (so one case's memory cannot hide another's, and an OOM is a row,
+not a crash). Before timing, the case's loss and gradients are compared with the fp32 reference on the
+same inputs (on the first ``--check-rows`` rows when N is larger, to keep the check's N² memory small).
+
+Time: median of ``--repeat`` runs with min/max (CPU: wall clock after a warm-up; CUDA: CUDA events via
+``triton.testing.do_bench``). Memory: CUDA: ``torch.cuda.max_memory_allocated`` minus what was allocated
+before the call; CPU: the process's peak resident set (VmHWM, reset through ``/proc/self/clear_refs``
+before the call) minus the resident set before it. Both exclude the inputs; the gradients of the
+inputs (2·N·D elements) are subtracted too, so the figure is the loss's *working* memory.
+FLOP/s count 2·N²·D per GEMM-equivalent: 8·N²·D for forward+backward, 2·N²·D for the forward.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+PROVIDERS = ("fastcon", "fastcon-cpp", "fastcon-torch", "fastcon-triton", "fastcon-triton_fused",
+             "reference", "open_clip")
+
+
+# ------------------------------------------------------------------------------------------ providers
+def _load_open_clip_loss():
+    """open_clip's loss module, loaded from the installed package without importing the package
+    (whose ``__init__`` needs torchvision). None when open_clip is not installed."""
+    try:
+        spec = importlib.util.find_spec("open_clip")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
+    if not os.path.exists(path):
+        return None
+    mod_spec = importlib.util.spec_from_file_location("_open_clip_loss", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module
+
+
+def make_loss_fn(loss: str, provider: str):
+    import fastcon
+    from fastcon import reference as R
+
+    if provider.startswith("fastcon"):
+        backend = provider.split("-", 1)[1] if "-" in provider else "auto"
+        if loss == "clip":
+            return lambda a, b, s, bias: fastcon.functional.clip_loss(a, b, s, bias, backend=backend)
+        return lambda a, b, s, bias: fastcon.functional.siglip_loss(a, b, s, bias, backend=backend)
+    if provider == "reference":
+        if loss == "clip":
+            return lambda a, b, s, bias: R.clip_loss_reference(a, b, s, bias, upcast=False)
+        return lambda a, b, s, bias: R.siglip_loss_reference(a, b, s, bias, upcast=False)
+    if provider == "open_clip":
+        module = _load_open_clip_loss()
+        if module is None:
+            raise ModuleNotFoundError("open_clip is not installed (pip install --no-deps open-clip-torch)")
+        if loss == "clip":
+            fn = module.ClipLoss()
+            return lambda a, b, s, bias: fn(a, b, s, bias) if bias is not None else fn(a, b, s)
+        fn = module.SigLipLoss()
+        return lambda a, b, s, bias: fn(a, b, s, bias)
+    raise ValueError(f"unknown provider {provider!r}; choose from {PROVIDERS}")
+
+
+# ------------------------------------------------------------------------------------------ worker
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _inputs(n, d, dtype, device, seed=0):
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    a = F.normalize(torch.randn(n, d, generator=g), dim=-1)
+    b = F.normalize(a + 0.8 * F.normalize(torch.randn(n, d, generator=g), dim=-1), dim=-1)
+    return a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
+
+
+def _scalars(loss, device):
+    import torch
+
+    s = torch.tensor(14.3 if loss == "clip" else 10.0, device=device, requires_grad=True)
+    bias = None if loss == "clip" else torch.tensor(-10.0, device=device, requires_grad=True)
+    return s, bias
+
+
+def _max_rel_err(loss, fn, n, d, dtype, device):
+    import torch
+    from fastcon import reference as R
+
+    a, b = _inputs(n, d, dtype, device, seed=1)
+    s, bias = _scalars(loss, device)
+    outs = []
+    for f in (fn, None):
+        xa, xb = a.clone().requires_grad_(), b.clone().requires_grad_()
+        leaves = [xa, xb, s] + ([bias] if bias is not None else [])
+        if f is None:
+            ref = R.clip_loss_reference if loss == "clip" else R.siglip_loss_reference
+            val = ref(xa, xb, s, bias)
+        else:
+            val = f(xa, xb, s, bias)
+        outs.append([val.detach().float()] + [g.float() for g in torch.autograd.grad(val, leaves)])
+    return max(((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item() for x, y in zip(*outs))
+
+
+def run_case(case: dict) -> dict:
+    import torch
+
+    loss, provider, n, d, mode = case["loss"], case["provider"], case["batch"], case["dim"], case["mode"]
+    dtype = getattr(torch, case["dtype"])
+    device = torch.device(case["device"])
+    row = dict(case)
+    fn = make_loss_fn(loss, provider)
+    check_rows = min(n, case.get("check_rows", 2048))
+    row["check_rows"] = check_rows
+    row["max_rel_err"] = _max_rel_err(loss, fn, check_rows, d, dtype, device)
+
+    a, b = _inputs(n, d, dtype, device)
+    s, bias = _scalars(loss, device)
+    grad_bytes = 2 * n * d * a.element_size()
+
+    def step():
+        if mode == "fwd":
+            with torch.no_grad():
+                return fn(a, b, s, bias)
+        xa, xb = a.detach().requires_grad_(), b.detach().requires_grad_()
+        out = fn(xa, xb, s, bias)
+        out.backward()
+        return out
+
+    cuda = device.type == "cuda"
+    # Memory of one call (fresh process: nothing cached from earlier cases).
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        row["memory_method"] = "torch.cuda.max_memory_allocated"
+    else:
+        import gc
+
+        gc.collect()
+        ok = _reset_peak_rss()
+        base = _rss_bytes("VmRSS")
+        t0 = time.perf_counter()
+        step()
+        first = time.perf_counter() - t0
+        peak = _rss_bytes("VmHWM") - base
+        row["memory_method"] = "peak RSS (VmHWM after clear_refs) minus RSS before" if ok else "ru_maxrss"
+    if mode != "fwd":
+        peak -= grad_bytes
+    row["peak_mib"] = max(peak, 0) / 2**20
+
+    times = []
+    if cuda:
+        from triton.testing import do_bench
+
+        times_ms = do_bench(step, warmup=case.get("warmup_ms", 25), rep=case.get("rep_ms", 100),
+                            return_mode="all")
+        times = [t / 1e3 for t in times_ms]
+    else:
+        reps = case.get("repeat", 3)
+        if first > 20:  # very slow cases: the memory run is the only run
+            times = [first]
+        for _ in range(reps if first <= 20 else 0):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    row["median_ms"] = statistics.median(times) * 1e3
+    row["min_ms"] = min(times) * 1e3
+    row["max_ms"] = max(times) * 1e3
+    flops = (2 if mode == "fwd" else 8) * n * n * d
+    row["tflops"] = flops / (row["median_ms"] / 1e3) / 1e12
+    row["device_name"] = torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine())
+    row["threads"] = torch.get_num_threads()
+    return row
+
+
+# ------------------------------------------------------------------------------------------ driver
+def _git_sha():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _run_in_subprocess(case: dict, timeout: float) -> dict:
+    cmd = [sys.executable, "-m", "fastcon.bench", "--_worker", json.dumps(case)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(case, status="timeout")
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode == 0 and lines:
+        return dict(json.loads(lines[-1]), status="ok")
+    err = (proc.stderr or "").strip().splitlines()
+    text = err[-1] if err else f"exit code {proc.returncode}"
+    status = "oom" if ("out of memory" in text.lower() or proc.returncode in (-9, 137)) else "error"
+    if "ModuleNotFoundError" in text or "is not installed" in text or "unavailable" in text:
+        status = "skipped"
+    return dict(case, status=status, error=text[-300:])
+
+
+def _format_table(rows):
+    head = f"{'loss':6} {'provider':20} {'N':>6} {'D':>5} {'dtype':9} {'mode':4} {'median ms':>10} " \
+           f"{'spread ms':>15} {'peak MiB':>9} {'TFLOP/s':>8} {'max rel err':>11}"
+    out = [head, "-" * len(head)]
+    for r in rows:
+        if r.get("status") != "ok":
+            out.append(f"{r['loss']:6} {r['provider']:20} {r['batch']:>6} {r['dim']:>5} {r['dtype']:9} "
+                       f"{r['mode']:4} {r.get('status')}: {r.get('error', '')[:60]}")
+            continue
+        out.append(f"{r['loss']:6} {r['provider']:20} {r['batch']:>6} {r['dim']:>5} {r['dtype']:9} {r['mode']:4} "
+                   f"{r['median_ms']:10.1f} {r['min_ms']:7.1f}-{r['max_ms']:<7.1f} {r['peak_mib']:9.1f} "
+                   f"{r['tflops']:8.3f} {r['max_rel_err']:11.2e}")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="fastcon-bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--loss", default="clip", help="comma list: clip,siglip")
+    p.add_argument("--providers", default="fastcon,reference,open_clip", help=f"comma list of {PROVIDERS}")
+    p.add_argument("--batch", default=None, help="comma list of N (default: 1024,4096 on CPU)")
+    p.add_argument("--dim", default="512", help="comma list of D")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--mode", default="full", choices=("fwd", "full"))
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--check-rows", type=int, default=2048)
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per case")
+    p.add_argument("--json", default=None, help="write rows to this JSON file")
+    p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args._worker:
+        row = run_case(json.loads(args._worker))
+        print(json.dumps(row))
+        return 0
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    batches = [int(x) for x in (args.batch or ("8192,32768,65536" if device == "cuda" else "1024,4096")).split(",")]
+    meta = {"fastcon_version": __import__("fastcon").__version__, "torch": torch.__version__,
+            "python": platform.python_version(), "git_sha": _git_sha(), "device": device}
+    rows = []
+    for loss in args.loss.split(","):
+        for n in batches:
+            for d in (int(x) for x in args.dim.split(",")):
+                for provider in args.providers.split(","):
+                    case = dict(loss=loss, provider=provider, batch=n, dim=d, dtype=args.dtype, mode=args.mode,
+                                device=device, repeat=args.repeat, check_rows=args.check_rows)
+                    row = dict(_run_in_subprocess(case, args.timeout), **meta)
+                    rows.append(row)
+                    print(f"[{len(rows)}] {loss} {provider} N={n} D={d}: {row.get('status')}"
+                          + (f" {row['median_ms']:.1f} ms, {row['peak_mib']:.1f} MiB" if row.get("status") == "ok" else ""),
+                          file=sys.stderr, flush=True)
+    print(_format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

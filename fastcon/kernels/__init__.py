@@ -1,0 +1,33 @@
+"""Backends of the fastcon engine.
+
+Every backend module (``torch_chunked``, ``cpp``, ``triton``, ``triton.fused``) exposes the same four
+engine operations over ``S = s·A·Bᵀ + b`` (A: Na×D, B: Nb×D, same dtype and device, contiguous).
+``scale`` and ``bias`` are 0-d tensors on that device in the accumulation dtype (float64 for float64
+inputs, else float32); products, exponentials and reductions are done in that dtype and every output
+is in it. No Na×Nb tensor is allocated, only row chunks of at most ``chunk_rows`` rows (or tiles)::
+
+    lse_stats(a, b, scale, bias, chunk_rows) -> (row_lse[Na], col_lse[Nb])
+        row_lse_i = logsumexp_j S_ij, col_lse_j = logsumexp_i S_ij. These are partial statistics of
+        one block: the LSEs of two column (or row) blocks merge with ``torch.logaddexp``.
+
+    softmax_grad(a, b, scale, bias, row_lse, col_lse, w_row, w_col, chunk_rows)
+            -> (grad_a[Na, D], grad_b[Nb, D], grad_scale[], grad_bias[])
+        G_ij = w_row·exp(S_ij − row_lse_i) + w_col·exp(S_ij − col_lse_j)   (an LSE of +inf gives 0)
+        grad_a = s·G·B, grad_b = s·Gᵀ·A, grad_scale = Σ G ⊙ (A·Bᵀ), grad_bias = Σ G.
+        w_row and w_col are Python floats.
+
+    softmax_fused(a, b, scale, bias, col_begin, col_end, w_row, w_col, chunk_rows, cache_bytes)
+            -> (row_lse, col_lse, grad_a, grad_b, grad_scale, grad_bias)
+        ``lse_stats`` then ``softmax_grad`` in one call; col_lse is set to +inf outside
+        [col_begin, col_end) before the gradient pass (and returned so). Logits chunks of the first
+        pass may be kept for the second while their total stays within ``cache_bytes``.
+
+    sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad)
+            -> (loss_sum[], grad_a, grad_b, grad_scale, grad_bias)
+        z_ij = +1 where j == i + pos_offset, else −1 (pos_offset >= Nb: no positives);
+        loss_sum = Σ_ij softplus(−z_ij·S_ij); with ``need_grad`` the gradients of ``w·loss_sum``,
+        i.e. G_ij = w·(σ(S_ij) − [z_ij = +1]) (else the four gradients are None).
+
+The CLIP targets and label smoothing are O(N·D) terms added by ``fastcon.ops`` with plain autograd,
+identically for every backend.
+"""

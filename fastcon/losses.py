@@ -1,0 +1,89 @@
+"""Loss modules with open_clip's constructors, ``forward`` signatures and return types."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import functional as FC
+
+_SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+
+
+def _check_world(rank, world_size):
+    for name, value in (("rank", rank), ("world_size", world_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+
+
+def _not_yet_distributed(cls_name, world_size):
+    if world_size > 1:
+        raise NotImplementedError(
+            f"{cls_name}(world_size={world_size}) is the distributed loss, which is not implemented yet "
+            "(tracked as the 'distributed' issue); use world_size=1")
+
+
+class ClipLoss(nn.Module):
+    """Drop-in for open_clip's ``ClipLoss``: symmetric InfoNCE at O(N·D) memory.
+
+    ``forward(image_features (N, D), text_features (N, D), logit_scale, logit_bias=None,
+    output_dict=False)`` returns ``L = ½·[CE(S, i) + CE(Sᵀ, i)]`` with ``S = s·X·Yᵀ + b`` (a 0-d tensor),
+    or ``{"contrastive_loss": L}``. ``logit_scale`` is the exponentiated scale, as open_clip passes it.
+    Keyword-only extras: ``label_smoothing``, ``backend`` (see ``fastcon.functional``), ``chunk_size``.
+    ``cache_labels`` is accepted for compatibility; there are no labels to cache.
+    """
+
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
+                 rank: int = 0, world_size: int = 1, *, label_smoothing: float = 0.0, backend: str = "auto",
+                 chunk_size: Optional[int] = None):
+        super().__init__()
+        _check_world(rank, world_size)
+        _not_yet_distributed("ClipLoss", world_size)
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+        self.label_smoothing = label_smoothing
+        self.backend = backend
+        self.chunk_size = chunk_size
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False):
+        loss = FC.clip_loss(image_features, text_features, logit_scale, logit_bias,
+                            label_smoothing=self.label_smoothing, backend=self.backend, chunk_size=self.chunk_size)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+class SigLipLoss(nn.Module):
+    """Drop-in for open_clip's ``SigLipLoss``: the sigmoid loss at O(N·D) memory.
+
+    ``forward(image_features (N, D), text_features (N, D), logit_scale, logit_bias, output_dict=False)``
+    returns ``L = −(1/N)·Σ_ij log σ(z_ij·(s·x_i·y_j + b))`` with ``z = 2I − 1`` (a 0-d tensor), or
+    ``{"contrastive_loss": L}``. ``chunk_size`` (rows per chunk, 0 = automatic) bounds the working memory
+    of forward *and* backward. Keyword-only extra: ``backend``.
+    """
+
+    def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
+                 dist_impl: Optional[str] = None, chunk_size: int = 0, *, backend: str = "auto"):
+        super().__init__()
+        _check_world(rank, world_size)
+        dist_impl = dist_impl or "bidir"
+        if dist_impl not in _SIGLIP_DIST_IMPLS:
+            raise ValueError(f"dist_impl must be one of {_SIGLIP_DIST_IMPLS}, got {dist_impl!r}")
+        _not_yet_distributed("SigLipLoss", world_size)
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+        self.dist_impl = dist_impl
+        self.chunk_size = chunk_size
+        self.backend = backend
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False):
+        loss = FC.siglip_loss(image_features, text_features, logit_scale, logit_bias,
+                              backend=self.backend, chunk_size=self.chunk_size)
+        return {"contrastive_loss": loss} if output_dict else loss

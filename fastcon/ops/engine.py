@@ -1,0 +1,291 @@
+"""The engine as autograd functions: backend choice, chunk sizing, and the loss assembly that is the
+same for every backend.
+
+A backend computes the O(N²) parts (LSE statistics, softplus sums and their gradients, see
+``fastcon/kernels/__init__.py``); the O(N·D) parts (positive logits, label-smoothing sums) are plain
+autograd here, so that every backend shares them.
+
+Both losses compute their gradients inside the forward when any input requires grad ("gradient in
+forward"): the second pass needs the complete statistics of the first, so doing it at once costs no
+extra FLOPs, lets the CPU backend reuse the first pass's logits chunks, and leaves the backward a
+multiplication by the upstream gradient.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from types import ModuleType
+from typing import Optional, Tuple
+
+import torch
+
+BACKENDS = ("auto", "cpp", "triton", "triton_fused", "torch", "reference")
+
+_MiB = 1 << 20
+_DEFAULT_CHUNK_BYTES = {"cpu": 32 * _MiB, "cuda": 256 * _MiB}
+_DEFAULT_CACHE_BYTES = {"cpu": 96 * _MiB, "cuda": 0}
+_warned_cpp_fallback = False
+
+
+def _env_bytes(name: str) -> Optional[int]:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(float(raw))
+    except ValueError:
+        raise ValueError(f"{name} must be a number of bytes, got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def chunk_bytes(device: torch.device) -> int:
+    """Bytes of one logits chunk (``FASTCON_CHUNK_BYTES``; default 32 MiB on CPU, 256 MiB on GPU)."""
+    value = _env_bytes("FASTCON_CHUNK_BYTES")
+    return value if value else _DEFAULT_CHUNK_BYTES.get(device.type, 256 * _MiB)
+
+
+def cache_bytes(device: torch.device) -> int:
+    """Bytes of first-pass logits kept for the gradient pass (``FASTCON_CACHE_BYTES``; default 96 MiB
+    on CPU, where it saves a matrix product, 0 on GPU, where recomputing is cheaper than the traffic)."""
+    value = _env_bytes("FASTCON_CACHE_BYTES")
+    return value if value is not None else _DEFAULT_CACHE_BYTES.get(device.type, 0)
+
+
+def chunk_rows_for(na: int, nb: int, device: torch.device, chunk_size: Optional[int]) -> int:
+    """Rows per chunk: ``chunk_size`` if given, else what fits ``chunk_bytes`` at fp32."""
+    if chunk_size:
+        return max(1, min(int(chunk_size), na))
+    return max(1, min(na, chunk_bytes(device) // (4 * max(nb, 1))))
+
+
+def _cpp_module() -> ModuleType:
+    return importlib.import_module("fastcon.kernels.cpp")
+
+
+def _triton_available(device: torch.device) -> Tuple[bool, Optional[str]]:
+    try:
+        from fastcon.kernels import triton as triton_backend
+    except ImportError as exc:  # pragma: no cover - the package always ships it
+        return False, f"fastcon.kernels.triton failed to import: {exc}"
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed (pip install triton)"
+    return triton_backend.available(device)
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> Tuple[str, ModuleType]:
+    """Maps a ``backend=`` name to (name, module implementing the engine contract)."""
+    global _warned_cpp_fallback
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        raise ValueError("backend='reference' is handled by fastcon.functional, not by the engine")
+    if backend == "auto":
+        if device.type == "cuda":
+            ok, _ = _triton_available(device)
+            backend = "triton" if ok and dtype != torch.float64 else "torch"
+        elif device.type == "cpu":
+            cpp = _cpp_module()
+            if cpp.AVAILABLE:
+                backend = "cpp"
+            else:
+                if not _warned_cpp_fallback:
+                    warnings.warn(
+                        f"fastcon: the C++ extension is unavailable ({cpp.REASON}); CPU losses use the "
+                        "chunked PyTorch path, which is slower. See fastcon.backend_info().",
+                        RuntimeWarning, stacklevel=4)
+                    _warned_cpp_fallback = True
+                backend = "torch"
+        else:
+            backend = "torch"
+    if backend == "torch":
+        from fastcon.kernels import torch_chunked
+        return backend, torch_chunked
+    if backend == "cpp":
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpp' runs on CPU tensors, got tensors on {device}")
+        cpp = _cpp_module()
+        if not cpp.AVAILABLE:
+            raise RuntimeError(f"backend='cpp' is unavailable: {cpp.REASON}")
+        return backend, cpp
+    # triton, triton_fused
+    ok, reason = _triton_available(device)
+    if not ok:
+        raise RuntimeError(f"backend={backend!r} is unavailable on {device}: {reason}")
+    if dtype == torch.float64:
+        raise TypeError(f"backend={backend!r} supports float32, bfloat16 and float16 inputs, got float64")
+    if device.type == "cpu" and dtype != torch.float32:
+        raise TypeError(f"backend={backend!r} on CPU tensors (Triton interpreter) supports float32 only, got {dtype}")
+    module = importlib.import_module(
+        "fastcon.kernels.triton.fused" if backend == "triton_fused" else "fastcon.kernels.triton.chunked")
+    return backend, module
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------
+# O(N·D) helpers with fp32 accumulation that keep no fp32 copies of the inputs for the backward.
+
+_ROW_CHUNK = 8192
+
+
+class _RowDot(torch.autograd.Function):
+    """y_i = a_i · b_i in the accumulation dtype."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        acc = acc_dtype(a.dtype)
+        out = torch.empty(a.shape[0], dtype=acc, device=a.device)
+        for r0 in range(0, a.shape[0], _ROW_CHUNK):
+            r1 = r0 + _ROW_CHUNK
+            out[r0:r1] = (a[r0:r1].to(acc) * b[r0:r1].to(acc)).sum(dim=1)
+        ctx.save_for_backward(a, b)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = (grad[:, None] * b.to(grad.dtype)).to(a.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_b = (grad[:, None] * a.to(grad.dtype)).to(b.dtype)
+        return grad_a, grad_b
+
+
+class _MatVec(torch.autograd.Function):
+    """y = a · v in the accumulation dtype (a: N×D in the input dtype, v: D in the accumulation dtype)."""
+
+    @staticmethod
+    def forward(ctx, a, v):
+        acc = v.dtype
+        out = torch.empty(a.shape[0], dtype=acc, device=a.device)
+        for r0 in range(0, a.shape[0], _ROW_CHUNK):
+            out[r0:r0 + _ROW_CHUNK] = a[r0:r0 + _ROW_CHUNK].to(acc) @ v
+        ctx.save_for_backward(a, v)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, v = ctx.saved_tensors
+        grad_a = grad_v = None
+        if ctx.needs_input_grad[0]:
+            grad_a = (grad[:, None] * v[None, :]).to(a.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_v = torch.zeros_like(v)
+            for r0 in range(0, a.shape[0], _ROW_CHUNK):
+                grad_v += a[r0:r0 + _ROW_CHUNK].to(v.dtype).T @ grad[r0:r0 + _ROW_CHUNK]
+        return grad_a, grad_v
+
+
+# ---------------------------------------------------------------------------------------------------
+# The O(N²) parts.
+
+def _grads_for_backward(ctx, a, b, scale, bias, grads):
+    grad_a, grad_b, grad_scale, grad_bias = grads
+    need = ctx.needs_input_grad
+    ctx.save_for_backward(
+        grad_a.to(a.dtype) if need[0] else None,
+        grad_b.to(b.dtype) if need[1] else None,
+        grad_scale if need[2] else None,
+        grad_bias if need[3] else None,
+    )
+
+
+def _scaled(saved, grad_output):
+    return tuple(None if t is None else t * grad_output.to(t.dtype) for t in saved)
+
+
+class _SoftmaxLSE(torch.autograd.Function):
+    """Σ_i (row_lse_i − row_target_i) + Σ_{j∈[c0, c0+Na)} (col_lse_j − col_target_{j−c0})."""
+
+    @staticmethod
+    def forward(ctx, a, b, scale, bias, row_target, col_target, impl, col_begin, chunk_rows, cache_bytes_):
+        na = a.shape[0]
+        col_end = col_begin + na
+        if any(ctx.needs_input_grad[:4]):
+            row_lse, col_lse, *grads = impl.softmax_fused(
+                a, b, scale, bias, col_begin, col_end, 1.0, 1.0, chunk_rows, cache_bytes_)
+            _grads_for_backward(ctx, a, b, scale, bias, grads)
+        else:
+            row_lse, col_lse = impl.lse_stats(a, b, scale, bias, chunk_rows)
+        ctx.na = na
+        return (row_lse - row_target).sum() + (col_lse[col_begin:col_end] - col_target).sum()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_a, grad_b, grad_scale, grad_bias = _scaled(ctx.saved_tensors, grad_output)
+        minus = (-grad_output).expand(ctx.na)
+        return (grad_a, grad_b, grad_scale, grad_bias,
+                minus if ctx.needs_input_grad[4] else None,
+                minus if ctx.needs_input_grad[5] else None,
+                None, None, None, None)
+
+
+class _SigmoidLoss(torch.autograd.Function):
+    """Σ_ij softplus(−z_ij·S_ij), z = +1 only at j = i + pos_offset."""
+
+    @staticmethod
+    def forward(ctx, a, b, scale, bias, impl, pos_offset, chunk_rows):
+        need_grad = any(ctx.needs_input_grad[:4])
+        loss_sum, *grads = impl.sigmoid_fused(a, b, scale, bias, pos_offset, 1.0, chunk_rows, need_grad)
+        if need_grad:
+            _grads_for_backward(ctx, a, b, scale, bias, grads)
+        return loss_sum
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return _scaled(ctx.saved_tensors, grad_output) + (None, None, None)
+
+
+def _prepare(a, b, scale, bias, backend, chunk_size):
+    name, impl = resolve_backend(backend, a.device, a.dtype)
+    if name == "cpp" and a.dtype in (torch.bfloat16, torch.float16):
+        a, b = a.float(), b.float()
+    acc = acc_dtype(a.dtype)
+    a, b = a.contiguous(), b.contiguous()
+    scale = scale.to(device=a.device, dtype=acc).reshape(())
+    if bias is None:
+        bias = torch.zeros((), dtype=acc, device=a.device)
+    else:
+        bias = bias.to(device=a.device, dtype=acc).reshape(())
+    chunk_rows = chunk_rows_for(a.shape[0], b.shape[0], a.device, chunk_size)
+    return impl, a, b, scale, bias, chunk_rows
+
+
+def clip_engine_loss(a, b, scale, bias, *, label_smoothing: float, pos_offset: int, backend: str,
+                     chunk_size: Optional[int]) -> torch.Tensor:
+    """Symmetric InfoNCE (LOSSES.md 1.1) on the engine; arguments already validated."""
+    out_dtype = a.dtype
+    na, nb = a.shape[0], b.shape[0]
+    impl, a, b, scale, bias, chunk_rows = _prepare(a, b, scale, bias, backend, chunk_size)
+    b_pos = b[pos_offset:pos_offset + na]
+    pos_logit = scale * _RowDot.apply(a, b_pos) + bias
+    eps = label_smoothing
+    row_target = (1.0 - eps) * pos_logit
+    col_target = row_target
+    if eps > 0:
+        acc = scale.dtype
+        # Σ_j S_ij = s·a_i·Σ_j b_j + Nb·b and Σ_i S_ij = s·(Σ_i a_i)·b_j + Na·b: no N×N needed.
+        row_sum = scale * _MatVec.apply(a, b.sum(dim=0, dtype=acc)) + nb * bias
+        col_sum = scale * _MatVec.apply(b_pos, a.sum(dim=0, dtype=acc)) + na * bias
+        row_target = row_target + (eps / nb) * row_sum
+        col_target = col_target + (eps / na) * col_sum
+    total = _SoftmaxLSE.apply(a, b, scale, bias, row_target, col_target, impl, pos_offset, chunk_rows,
+                              cache_bytes(a.device))
+    return (total / (2 * na)).to(out_dtype)
+
+
+def siglip_engine_loss(a, b, scale, bias, *, pos_offset: Optional[int], backend: str,
+                       chunk_size: Optional[int]) -> torch.Tensor:
+    """SigLIP (LOSSES.md 1.2) on the engine; ``pos_offset=None`` means negatives only."""
+    out_dtype = a.dtype
+    na, nb = a.shape[0], b.shape[0]
+    impl, a, b, scale, bias, chunk_rows = _prepare(a, b, scale, bias, backend, chunk_size)
+    offset = nb if pos_offset is None else pos_offset
+    total = _SigmoidLoss.apply(a, b, scale, bias, impl, offset, chunk_rows)
+    return (total / na).to(out_dtype)

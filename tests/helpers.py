@@ -1,0 +1,39 @@
+"""Shared test data and comparison helpers."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def make_features(na, nb, d, *, seed=0, dtype=torch.float32, paired=True, duplicates=True, pos_offset=0):
+    """Unit rows; text rows paired with image rows (positives clearly above chance) and a few exact
+    duplicate rows (ties), as contrastive batches look in practice."""
+    g = torch.Generator().manual_seed(seed)
+    a = F.normalize(torch.randn(na, d, generator=g, dtype=torch.float64), dim=-1)
+    b = F.normalize(torch.randn(nb, d, generator=g, dtype=torch.float64), dim=-1)
+    if paired:
+        k = min(na, nb - pos_offset)
+        b[pos_offset:pos_offset + k] = F.normalize(a[:k] + 0.8 * b[pos_offset:pos_offset + k], dim=-1)
+    if duplicates and na > 4 and nb > 4:
+        a[-1] = a[0]
+        b[-2] = b[1]
+    return a.to(dtype), b.to(dtype)
+
+
+def leaf(t, requires_grad=True):
+    return t.detach().clone().requires_grad_(requires_grad)
+
+
+def assert_close_rel(actual, expected, *, rtol, atol=0.0, name="value"):
+    """max|actual − expected| <= rtol·max|expected| + atol, printing the first mismatches."""
+    actual = actual.detach().double().reshape(-1)
+    expected = expected.detach().double().reshape(-1)
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = (actual - expected).abs()
+    bound = rtol * expected.abs().max().item() + atol
+    if not torch.isfinite(actual).all() or err.max().item() > bound:
+        bad = torch.nonzero(~(err <= bound)).reshape(-1)[:5].tolist()
+        details = ", ".join(f"[{i}] {actual[i].item():.9g} vs {expected[i].item():.9g}" for i in bad)
+        raise AssertionError(
+            f"{name}: max error {err.max().item():.3g} > bound {bound:.3g} (rtol={rtol}, atol={atol}); "
+            f"first mismatches: {details}")

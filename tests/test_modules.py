@@ -1,0 +1,77 @@
+"""The modules are drop-ins for open_clip's: signatures, return types, output_dict, dtypes."""
+import inspect
+
+import pytest
+import torch
+
+import fastcon
+from fastcon import reference as R
+from helpers import assert_close_rel, leaf, make_features
+
+
+def test_constructor_signatures_match_open_clip():
+    clip = inspect.signature(fastcon.ClipLoss.__init__).parameters
+    assert list(clip)[1:6] == ["local_loss", "gather_with_grad", "cache_labels", "rank", "world_size"]
+    assert [clip[k].default for k in list(clip)[1:6]] == [False, False, False, 0, 1]
+    sig = inspect.signature(fastcon.SigLipLoss.__init__).parameters
+    assert list(sig)[1:6] == ["cache_labels", "rank", "world_size", "dist_impl", "chunk_size"]
+    fwd = inspect.signature(fastcon.ClipLoss.forward).parameters
+    assert list(fwd)[1:] == ["image_features", "text_features", "logit_scale", "logit_bias", "output_dict"]
+    fwd = inspect.signature(fastcon.SigLipLoss.forward).parameters
+    assert list(fwd)[1:] == ["image_features", "text_features", "logit_scale", "logit_bias", "output_dict"]
+
+
+def test_modules_own_no_parameters_or_buffers():
+    for m in (fastcon.ClipLoss(), fastcon.SigLipLoss()):
+        assert not list(m.parameters()) and not list(m.buffers())
+
+
+def test_clip_module_output_dict_and_gradients():
+    a, b = make_features(50, 50, 32)
+    a, b = leaf(a), leaf(b)
+    logit_scale = torch.nn.Parameter(torch.tensor(2.659)).exp()
+    out = fastcon.ClipLoss()(a, b, logit_scale, output_dict=True)
+    assert set(out) == {"contrastive_loss"} and out["contrastive_loss"].dim() == 0
+    ref = R.clip_loss_reference(a.detach(), b.detach(), logit_scale.detach())
+    assert_close_rel(out["contrastive_loss"], ref, rtol=1e-5)
+    out["contrastive_loss"].backward()
+    assert a.grad is not None and b.grad is not None
+
+
+def test_siglip_module_bias_receives_gradient():
+    a, b = make_features(20, 20, 16)
+    scale = torch.tensor(10.0, requires_grad=True)
+    bias = torch.tensor(-10.0, requires_grad=True)
+    loss = fastcon.SigLipLoss()(a, b, scale, bias)
+    loss.backward()
+    assert scale.grad is not None and bias.grad is not None and bias.grad.item() != 0.0
+    assert fastcon.SigLipLoss()(a, b, scale, bias, output_dict=True)["contrastive_loss"].shape == ()
+
+
+def test_clip_bias_receives_gradient():
+    a, b = make_features(20, 20, 16)
+    bias = torch.tensor(-1.0, requires_grad=True)
+    scale = torch.tensor([14.3], requires_grad=True)  # one-element (1,) scales are accepted too
+    fastcon.ClipLoss()(a, b, scale, bias).backward()
+    assert bias.grad is not None and scale.grad is not None and scale.grad.shape == (1,)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_on_cpu_keep_dtype(dtype):
+    a, b = make_features(16, 16, 8, dtype=dtype)
+    a, b = leaf(a), leaf(b)
+    loss = fastcon.ClipLoss()(a, b, 10.0)
+    assert loss.dtype == dtype
+    loss.backward()
+    assert a.grad.dtype == dtype
+    ref = R.clip_loss_reference(a.detach(), b.detach(), 10.0)
+    assert abs(loss.float().item() - ref.item()) <= 1e-2 * abs(ref.item()) + 1e-2
+
+
+def test_backend_info_reports_every_backend():
+    info = fastcon.backend_info()
+    for name in ("cpp", "triton", "triton_fused", "torch", "reference"):
+        entry = info["backends"][name]
+        assert isinstance(entry["available"], bool)
+        assert entry["available"] or entry["reason"]
+    assert info["auto"]["cpu"] in ("cpp", "torch")

@@ -1,0 +1,119 @@
+"""Bad input gives a ValueError/TypeError naming the argument; never a crash or a silent number."""
+import math
+
+import pytest
+import torch
+
+import fastcon
+import fastcon.functional as FC
+
+LOSSES = [FC.clip_loss, FC.siglip_loss]
+
+
+def feats(n=4, d=8, dtype=torch.float32):
+    return torch.randn(n, d, dtype=dtype), torch.randn(n, d, dtype=dtype)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_empty_batch(loss):
+    a, b = torch.randn(0, 8), torch.randn(0, 8)
+    with pytest.raises(ValueError, match="image_features.*empty"):
+        loss(a, b, 1.0, backend="torch")
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_dim_mismatch(loss):
+    with pytest.raises(ValueError, match=r"image_features has shape \(4, 8\).*text_features has shape \(4, 7\)"):
+        loss(torch.randn(4, 8), torch.randn(4, 7), 1.0)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_one_dimensional_features(loss):
+    with pytest.raises(ValueError, match="text_features must be 2-D"):
+        loss(torch.randn(4, 8), torch.randn(8), 1.0)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_integer_dtype(loss):
+    with pytest.raises(TypeError, match="image_features must be a floating-point"):
+        loss(torch.ones(4, 8, dtype=torch.int64), torch.ones(4, 8, dtype=torch.int64), 1.0)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_mixed_dtypes(loss):
+    with pytest.raises(TypeError, match="same dtype"):
+        loss(torch.randn(4, 8), torch.randn(4, 8, dtype=torch.float64), 1.0)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("scale", [torch.ones(2), torch.ones(1, 3)])
+def test_non_scalar_scale(loss, scale):
+    a, b = feats()
+    with pytest.raises(ValueError, match="logit_scale must be a scalar"):
+        loss(a, b, scale)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("scale", [math.inf, math.nan, torch.tensor(math.inf), torch.tensor(math.nan)])
+def test_non_finite_scale(loss, scale):
+    a, b = feats()
+    with pytest.raises(ValueError, match="logit_scale must be finite"):
+        loss(a, b, scale)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_non_finite_bias_and_bad_types(loss):
+    a, b = feats()
+    with pytest.raises(ValueError, match="logit_bias must be finite"):
+        loss(a, b, 1.0, float("nan"))
+    with pytest.raises(TypeError, match="logit_scale must be a float"):
+        loss(a, b, "10")
+    with pytest.raises(TypeError, match="logit_scale must be a floating-point"):
+        loss(a, b, torch.tensor(10))
+    with pytest.raises(TypeError, match="image_features must be a torch.Tensor"):
+        loss([[1.0]], b, 1.0)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_bad_backend_and_chunk(loss):
+    a, b = feats()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        loss(a, b, 1.0, backend="cuda")
+    with pytest.raises(ValueError, match="chunk_size"):
+        loss(a, b, 1.0, chunk_size=-1)
+
+
+def test_clip_bad_label_smoothing_and_offset():
+    a, b = feats()
+    with pytest.raises(ValueError, match="label_smoothing"):
+        FC.clip_loss(a, b, 1.0, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="pos_offset=1"):
+        FC.clip_loss(a, b, 1.0, pos_offset=1)
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    a, b = feats()
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        FC.clip_loss(a, b, 1.0, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_non_finite_features_give_nan_not_a_crash(backend):
+    a, b = feats()
+    a[1, 2] = float("nan")
+    assert torch.isnan(FC.clip_loss(a, b, 10.0, backend=backend))
+    assert torch.isnan(FC.siglip_loss(a, b, 10.0, -10.0, backend=backend))
+    a[1, 2] = float("inf")
+    assert not torch.isfinite(FC.clip_loss(a, b, 10.0, backend=backend))
+
+
+def test_distributed_is_not_implemented_yet():
+    with pytest.raises(NotImplementedError, match="distributed"):
+        fastcon.ClipLoss(world_size=2, rank=1)
+    with pytest.raises(NotImplementedError, match="distributed"):
+        fastcon.SigLipLoss(world_size=2, rank=0)
+    with pytest.raises(ValueError, match="rank"):
+        fastcon.ClipLoss(world_size=2, rank=2)
+    with pytest.raises(ValueError, match="dist_impl"):
+        fastcon.SigLipLoss(dist_impl="ring")
