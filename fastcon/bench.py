@@ -2,7 +2,8 @@
 
 Each case runs in a fresh subprocess (so one case's memory cannot hide another's, and an OOM is a row,
 not a crash). Before timing, the case's loss and gradients are compared with the fp32 reference on the
-same inputs (on the first ``--check-rows`` rows when N is larger, to keep the check's N² memory small).
+same inputs, as the largest error relative to the largest value of the loss and each gradient against
+the float64 reference (on the first ``--check-rows`` rows when N is larger, to keep the check's N² memory small).
 
 Time: median of ``--repeat`` runs with min/max (CPU: wall clock after a warm-up; CUDA: CUDA events via
 ``triton.testing.do_bench``). Memory: CUDA: ``torch.cuda.max_memory_allocated`` minus what was allocated
@@ -115,14 +116,19 @@ def _max_rel_err(loss, fn, n, d, dtype, device):
     s, bias = _scalars(loss, device)
     outs = []
     for f in (fn, None):
-        xa, xb = a.clone().requires_grad_(), b.clone().requires_grad_()
-        leaves = [xa, xb, s] + ([bias] if bias is not None else [])
+        # The truth is the reference in float64 on the same (rounded) inputs.
+        cast = (lambda t: t) if f is not None else (lambda t: None if t is None else t.detach().double())
+        xa, xb = cast(a).clone().requires_grad_(), cast(b).clone().requires_grad_()
+        xs, xbias = cast(s).requires_grad_(), cast(bias)
+        if xbias is not None:
+            xbias.requires_grad_()
+        leaves = [xa, xb, xs] + ([xbias] if xbias is not None else [])
         if f is None:
             ref = R.clip_loss_reference if loss == "clip" else R.siglip_loss_reference
-            val = ref(xa, xb, s, bias)
+            val = ref(xa, xb, xs, xbias, upcast=False)
         else:
-            val = f(xa, xb, s, bias)
-        outs.append([val.detach().float()] + [g.float() for g in torch.autograd.grad(val, leaves)])
+            val = f(xa, xb, xs, xbias)
+        outs.append([val.detach().double()] + [g.double() for g in torch.autograd.grad(val, leaves)])
     return max(((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item() for x, y in zip(*outs))
 
 

@@ -6,21 +6,24 @@ engine operations over ``S = s·A·Bᵀ + b`` (A: Na×D, B: Nb×D, same dtype an
 inputs, else float32); products, exponentials and reductions are done in that dtype and every output
 is in it. No Na×Nb tensor is allocated, only row chunks of at most ``chunk_rows`` rows (or tiles)::
 
-    lse_stats(a, b, scale, bias, chunk_rows) -> (row_lse[Na], col_lse[Nb])
-        row_lse_i = logsumexp_j S_ij, col_lse_j = logsumexp_i S_ij. These are partial statistics of
-        one block: the LSEs of two column (or row) blocks merge with ``torch.logaddexp``.
+    lse_stats(a, b, scale, bias, pos_offset, chunk_rows) -> (row_lse[Na], col_lse[Nb], pos_logit[Na])
+        row_lse_i = logsumexp_j S_ij, col_lse_j = logsumexp_i S_ij, pos_logit_i = S_{i, i+pos_offset}
+        (0 where i + pos_offset >= Nb), taken from the same S tiles as the LSEs. The LSEs are partial
+        statistics of one block: those of two column (or row) blocks merge with ``torch.logaddexp``.
 
-    softmax_grad(a, b, scale, bias, row_lse, col_lse, w_row, w_col, chunk_rows)
+    softmax_grad(a, b, scale, bias, row_lse, col_lse, pos_offset, w_row, w_col, w_pos, chunk_rows)
             -> (grad_a[Na, D], grad_b[Nb, D], grad_scale[], grad_bias[])
-        G_ij = w_row·exp(S_ij − row_lse_i) + w_col·exp(S_ij − col_lse_j)   (an LSE of +inf gives 0)
-        grad_a = s·G·B, grad_b = s·Gᵀ·A, grad_scale = Σ G ⊙ (A·Bᵀ), grad_bias = Σ G.
-        w_row and w_col are Python floats.
+        G_ij = w_row·exp(S_ij − row_lse_i) + w_col·exp(S_ij − col_lse_j) − w_pos·[j == i + pos_offset]
+        (an LSE of +inf gives 0); grad_a = s·G·B, grad_b = s·Gᵀ·A, grad_scale = Σ G ⊙ (A·Bᵀ),
+        grad_bias = Σ G. The weights are Python floats. The target is subtracted inside G, before the
+        products, so that P − 1 ≈ small never goes through a GEMM as a large term that cancels later.
 
-    softmax_fused(a, b, scale, bias, col_begin, col_end, w_row, w_col, chunk_rows, cache_bytes)
-            -> (row_lse, col_lse, grad_a, grad_b, grad_scale, grad_bias)
-        ``lse_stats`` then ``softmax_grad`` in one call; col_lse is set to +inf outside
-        [col_begin, col_end) before the gradient pass (and returned so). Logits chunks of the first
-        pass may be kept for the second while their total stays within ``cache_bytes``.
+    softmax_fused(a, b, scale, bias, pos_offset, w_row, w_col, w_pos, chunk_rows, cache_bytes)
+            -> (row_lse, col_lse, pos_logit, grad_a, grad_b, grad_scale, grad_bias)
+        ``lse_stats`` then ``softmax_grad`` in one call; col_lse is set to +inf outside the columns
+        that own a positive, [pos_offset, pos_offset + Na), before the gradient pass (and returned so).
+        Logits chunks of the first pass may be kept for the second while their total stays within
+        ``cache_bytes``.
 
     sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad)
             -> (loss_sum[], grad_a, grad_b, grad_scale, grad_bias)

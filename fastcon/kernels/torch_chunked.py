@@ -26,68 +26,77 @@ def _chunks(n: int, chunk_rows: int):
         yield start, min(n, start + chunk_rows)
 
 
-def lse_stats(a, b, scale, bias, chunk_rows):
+def _positives(r0, r1, pos_offset, nb, device):
+    """(row index within the chunk, column) of the positives of rows [r0, r1)."""
+    rows = torch.arange(r0, r1, device=device)
+    cols = rows + pos_offset
+    keep = cols < nb
+    return rows[keep] - r0, cols[keep]
+
+
+def lse_stats(a, b, scale, bias, pos_offset, chunk_rows):
     acc = acc_dtype(a.dtype)
     na, nb = a.shape[0], b.shape[0]
     row_lse = torch.empty(na, dtype=acc, device=a.device)
+    pos_logit = torch.zeros(na, dtype=acc, device=a.device)
     col_lse = torch.full((nb,), float("-inf"), dtype=acc, device=a.device)
     for r0, r1 in _chunks(na, chunk_rows):
         s_c = _dot_chunk(a[r0:r1], b).mul_(scale).add_(bias)
-        row_lse[r0:r1] = torch.logsumexp(s_c, dim=1)
-        col_lse = torch.logaddexp(col_lse, torch.logsumexp(s_c, dim=0))
-    return row_lse, col_lse
+        _stats_epilogue(s_c, r0, r1, pos_offset, row_lse, col_lse, pos_logit)
+    return row_lse, col_lse, pos_logit
 
 
-def _grad_from_logits(s_c, row_lse_c, col_lse, w_row, w_col):
-    """G for one chunk, computed in place in ``s_c``."""
-    p_col = torch.exp(s_c - col_lse[None, :]).mul_(w_col) if w_col != 0 else None
-    g = s_c.sub_(row_lse_c[:, None]).exp_().mul_(w_row)
-    if p_col is not None:
-        g.add_(p_col)
-    return g
+def _stats_epilogue(s_c, r0, r1, pos_offset, row_lse, col_lse, pos_logit):
+    rows, cols = _positives(r0, r1, pos_offset, s_c.shape[1], s_c.device)
+    pos_logit[rows + r0] = s_c[rows, cols]
+    row_lse[r0:r1] = torch.logsumexp(s_c, dim=1)
+    col_lse.copy_(torch.logaddexp(col_lse, torch.logsumexp(s_c, dim=0)))
 
 
-def softmax_grad(a, b, scale, bias, row_lse, col_lse, w_row, w_col, chunk_rows, _cached=None):
+def softmax_grad(a, b, scale, bias, row_lse, col_lse, pos_offset, w_row, w_col, w_pos, chunk_rows,
+                 _cached=None):
     acc = acc_dtype(a.dtype)
-    na = a.shape[0]
-    b32 = b.to(acc)
+    na, nb = a.shape[0], b.shape[0]
+    b_acc = b.to(acc)
     grad_a = torch.empty(a.shape, dtype=acc, device=a.device)
     grad_b = torch.zeros(b.shape, dtype=acc, device=a.device)
     grad_scale = torch.zeros((), dtype=acc, device=a.device)
     grad_bias = torch.zeros((), dtype=acc, device=a.device)
     for k, (r0, r1) in enumerate(_chunks(na, chunk_rows)):
-        if _cached is not None and k < len(_cached):
-            dot = _cached[k]
-        else:
-            dot = _dot_chunk(a[r0:r1], b)
-        g = _grad_from_logits(dot * scale + bias, row_lse[r0:r1], col_lse, w_row, w_col)
+        dot = _cached[k] if _cached is not None and k < len(_cached) else _dot_chunk(a[r0:r1], b)
+        s_c = dot * scale + bias
+        g = torch.exp(s_c - col_lse[None, :]).mul_(w_col) if w_col != 0 else None
+        p_row = s_c.sub_(row_lse[r0:r1, None]).exp_().mul_(w_row)
+        g = p_row if g is None else g.add_(p_row)
+        rows, cols = _positives(r0, r1, pos_offset, nb, a.device)
+        g[rows, cols] -= w_pos
         grad_scale += (g * dot).sum()
         grad_bias += g.sum()
-        a_c = a[r0:r1].to(acc)
-        grad_a[r0:r1] = (g @ b32).mul_(scale)
-        grad_b.addmm_(g.T, a_c)
+        grad_a[r0:r1] = (g @ b_acc).mul_(scale)
+        grad_b.addmm_(g.T, a[r0:r1].to(acc))
     grad_b.mul_(scale)
     return grad_a, grad_b, grad_scale, grad_bias
 
 
-def softmax_fused(a, b, scale, bias, col_begin, col_end, w_row, w_col, chunk_rows, cache_bytes):
+def softmax_fused(a, b, scale, bias, pos_offset, w_row, w_col, w_pos, chunk_rows, cache_bytes):
     acc = acc_dtype(a.dtype)
     na, nb = a.shape[0], b.shape[0]
     row_lse = torch.empty(na, dtype=acc, device=a.device)
+    pos_logit = torch.zeros(na, dtype=acc, device=a.device)
     col_lse = torch.full((nb,), float("-inf"), dtype=acc, device=a.device)
     cached, kept = [], 0
     for r0, r1 in _chunks(na, chunk_rows):
         dot = _dot_chunk(a[r0:r1], b)
-        s_c = dot * scale + bias
-        row_lse[r0:r1] = torch.logsumexp(s_c, dim=1)
-        col_lse = torch.logaddexp(col_lse, torch.logsumexp(s_c, dim=0))
-        if len(cached) * chunk_rows == r0 and kept + dot.numel() * dot.element_size() <= cache_bytes:
+        _stats_epilogue(dot * scale + bias, r0, r1, pos_offset, row_lse, col_lse, pos_logit)
+        nbytes = dot.numel() * dot.element_size()
+        if len(cached) * chunk_rows == r0 and kept + nbytes <= cache_bytes:
             cached.append(dot)
-            kept += dot.numel() * dot.element_size()
-    col_lse[:col_begin] = float("inf")
-    col_lse[col_end:] = float("inf")
-    grads = softmax_grad(a, b, scale, bias, row_lse, col_lse, w_row, w_col, chunk_rows, _cached=cached)
-    return (row_lse, col_lse) + grads
+            kept += nbytes
+    col_lse[:pos_offset] = float("inf")
+    col_lse[pos_offset + na:] = float("inf")
+    grads = softmax_grad(a, b, scale, bias, row_lse, col_lse, pos_offset, w_row, w_col, w_pos, chunk_rows,
+                         _cached=cached)
+    return (row_lse, col_lse, pos_logit) + grads
 
 
 def sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad):
@@ -104,10 +113,7 @@ def sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad):
     for r0, r1 in _chunks(na, chunk_rows):
         dot = _dot_chunk(a[r0:r1], b)
         s_c = dot * scale + bias
-        rows = torch.arange(r0, r1, device=a.device)
-        cols = rows + pos_offset
-        keep = cols < nb
-        rows, cols = rows[keep] - r0, cols[keep]
+        rows, cols = _positives(r0, r1, pos_offset, nb, a.device)
         # softplus(-z·l): negatives give softplus(l), positives softplus(-l) = softplus(l) - l.
         total += torch.nn.functional.softplus(s_c).sum() - s_c[rows, cols].sum()
         if need_grad:

@@ -1,9 +1,9 @@
 """The engine as autograd functions: backend choice, chunk sizing, and the loss assembly that is the
 same for every backend.
 
-A backend computes the O(N²) parts (LSE statistics, softplus sums and their gradients, see
-``fastcon/kernels/__init__.py``); the O(N·D) parts (positive logits, label-smoothing sums) are plain
-autograd here, so that every backend shares them.
+A backend computes the O(N²) parts (LSE statistics, positive logits, softplus sums and their
+gradients, see ``fastcon/kernels/__init__.py``); the O(N·D) label-smoothing sums are plain autograd
+here, so that every backend shares them.
 
 Both losses compute their gradients inside the forward when any input requires grad ("gradient in
 forward"): the second pass needs the complete statistics of the first, so doing it at once costs no
@@ -133,30 +133,6 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 _ROW_CHUNK = 8192
 
 
-class _RowDot(torch.autograd.Function):
-    """y_i = a_i · b_i in the accumulation dtype."""
-
-    @staticmethod
-    def forward(ctx, a, b):
-        acc = acc_dtype(a.dtype)
-        out = torch.empty(a.shape[0], dtype=acc, device=a.device)
-        for r0 in range(0, a.shape[0], _ROW_CHUNK):
-            r1 = r0 + _ROW_CHUNK
-            out[r0:r1] = (a[r0:r1].to(acc) * b[r0:r1].to(acc)).sum(dim=1)
-        ctx.save_for_backward(a, b)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        a, b = ctx.saved_tensors
-        grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_a = (grad[:, None] * b.to(grad.dtype)).to(a.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_b = (grad[:, None] * a.to(grad.dtype)).to(b.dtype)
-        return grad_a, grad_b
-
-
 class _MatVec(torch.autograd.Function):
     """y = a · v in the accumulation dtype (a: N×D in the input dtype, v: D in the accumulation dtype)."""
 
@@ -201,20 +177,27 @@ def _scaled(saved, grad_output):
 
 
 class _SoftmaxLSE(torch.autograd.Function):
-    """Σ_i (row_lse_i − row_target_i) + Σ_{j∈[c0, c0+Na)} (col_lse_j − col_target_{j−c0})."""
+    """Σ_i [(row_lse_i − (1−ε)·S_{i,c0+i} − smooth_row_i) + (col_lse_{c0+i} − (1−ε)·S_{i,c0+i} − smooth_col_i)]
+    with c0 = ``pos_offset``: the symmetric InfoNCE times 2·Na. The positive logits come from the same
+    tiles as the LSEs; the smoothing terms (O(N·D), or None) are computed by the caller."""
 
     @staticmethod
-    def forward(ctx, a, b, scale, bias, row_target, col_target, impl, col_begin, chunk_rows, cache_bytes_):
+    def forward(ctx, a, b, scale, bias, smooth_row, smooth_col, impl, pos_offset, eps, chunk_rows, cache_bytes_):
         na = a.shape[0]
-        col_end = col_begin + na
         if any(ctx.needs_input_grad[:4]):
-            row_lse, col_lse, *grads = impl.softmax_fused(
-                a, b, scale, bias, col_begin, col_end, 1.0, 1.0, chunk_rows, cache_bytes_)
+            row_lse, col_lse, pos_logit, *grads = impl.softmax_fused(
+                a, b, scale, bias, pos_offset, 1.0, 1.0, 2.0 * (1.0 - eps), chunk_rows, cache_bytes_)
             _grads_for_backward(ctx, a, b, scale, bias, grads)
         else:
-            row_lse, col_lse = impl.lse_stats(a, b, scale, bias, chunk_rows)
+            row_lse, col_lse, pos_logit = impl.lse_stats(a, b, scale, bias, pos_offset, chunk_rows)
+        target = (1.0 - eps) * pos_logit
+        row_terms = row_lse - target
+        col_terms = col_lse[pos_offset:pos_offset + na] - target
+        if smooth_row is not None:
+            row_terms = row_terms - smooth_row
+            col_terms = col_terms - smooth_col
         ctx.na = na
-        return (row_lse - row_target).sum() + (col_lse[col_begin:col_end] - col_target).sum()
+        return (row_terms + col_terms).sum()
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -223,7 +206,7 @@ class _SoftmaxLSE(torch.autograd.Function):
         return (grad_a, grad_b, grad_scale, grad_bias,
                 minus if ctx.needs_input_grad[4] else None,
                 minus if ctx.needs_input_grad[5] else None,
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 class _SigmoidLoss(torch.autograd.Function):
@@ -263,19 +246,15 @@ def clip_engine_loss(a, b, scale, bias, *, label_smoothing: float, pos_offset: i
     out_dtype = a.dtype
     na, nb = a.shape[0], b.shape[0]
     impl, a, b, scale, bias, chunk_rows = _prepare(a, b, scale, bias, backend, chunk_size)
-    b_pos = b[pos_offset:pos_offset + na]
-    pos_logit = scale * _RowDot.apply(a, b_pos) + bias
     eps = label_smoothing
-    row_target = (1.0 - eps) * pos_logit
-    col_target = row_target
+    smooth_row = smooth_col = None
     if eps > 0:
         acc = scale.dtype
-        # Σ_j S_ij = s·a_i·Σ_j b_j + Nb·b and Σ_i S_ij = s·(Σ_i a_i)·b_j + Na·b: no N×N needed.
-        row_sum = scale * _MatVec.apply(a, b.sum(dim=0, dtype=acc)) + nb * bias
-        col_sum = scale * _MatVec.apply(b_pos, a.sum(dim=0, dtype=acc)) + na * bias
-        row_target = row_target + (eps / nb) * row_sum
-        col_target = col_target + (eps / na) * col_sum
-    total = _SoftmaxLSE.apply(a, b, scale, bias, row_target, col_target, impl, pos_offset, chunk_rows,
+        # ε/Nb·Σ_j S_ij = ε/Nb·(s·a_i·Σ_j b_j + Nb·b), and likewise for the columns: no N×N needed.
+        b_pos = b[pos_offset:pos_offset + na]
+        smooth_row = (eps / nb) * (scale * _MatVec.apply(a, b.sum(dim=0, dtype=acc)) + nb * bias)
+        smooth_col = (eps / na) * (scale * _MatVec.apply(b_pos, a.sum(dim=0, dtype=acc)) + na * bias)
+    total = _SoftmaxLSE.apply(a, b, scale, bias, smooth_row, smooth_col, impl, pos_offset, eps, chunk_rows,
                               cache_bytes(a.device))
     return (total / (2 * na)).to(out_dtype)
 
