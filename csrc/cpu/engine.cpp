@@ -1,0 +1,517 @@
+// fastcon CPU engine: the four operations of the backend contract (fastcon/kernels/__init__.py) over
+// S = s·A·Bᵀ + b, computed in row chunks. The GEMMs go to ATen (MKL / oneDNN underneath) into
+// buffers allocated once per call; the element-wise epilogues are the OpenMP-parallel, vectorised
+// loops of kernels.h.
+//
+// Determinism: row quantities are computed by one thread each and the scalar reductions are summed
+// row by row in a fixed order, so they do not depend on the thread count. Column statistics are
+// accumulated per thread (each thread owns a fixed block of rows of every chunk) and merged in
+// thread order: bitwise deterministic for a given thread count.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "kernels.h"
+
+namespace fastcon {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+
+inline int team_threads() { return std::max(1, at::get_num_threads()); }
+
+// Below this many logits an epilogue runs on the calling thread: waking a team costs more than
+// the work (and much more when the cores are oversubscribed).
+constexpr int64_t kMinParallelWork = int64_t(1) << 15;
+
+inline int omp_tid() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+inline int omp_team() {
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Input checks
+
+void check_pair(const char* op, const Tensor& a, const Tensor& b, const Tensor& scale, const Tensor& bias,
+                int64_t chunk_rows) {
+  TORCH_CHECK(a.dim() == 2, "fastcon::", op, ": a must be a 2-D (Na, D) tensor, got shape ", a.sizes());
+  TORCH_CHECK(b.dim() == 2, "fastcon::", op, ": b must be a 2-D (Nb, D) tensor, got shape ", b.sizes());
+  TORCH_CHECK(a.size(1) == b.size(1), "fastcon::", op, ": a and b must have the same feature dimension D, got a ",
+              a.sizes(), " and b ", b.sizes());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "fastcon::", op, ": a and b must have the same dtype, got ",
+              a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble, "fastcon::", op,
+              ": the CPU engine supports float32 and float64 inputs (upcast bf16/fp16 to float32 first), got ",
+              a.scalar_type());
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), "fastcon::", op, ": a and b must be CPU tensors, got ",
+              a.device(), " and ", b.device());
+  TORCH_CHECK(a.is_contiguous() && b.is_contiguous(), "fastcon::", op,
+              ": a and b must be contiguous (call .contiguous() first)");
+  for (const Tensor* t : {&scale, &bias}) {
+    const char* name = (t == &scale) ? "scale" : "bias";
+    TORCH_CHECK(t->dim() == 0, "fastcon::", op, ": ", name, " must be a 0-d tensor, got shape ", t->sizes());
+    TORCH_CHECK(t->device().is_cpu(), "fastcon::", op, ": ", name, " must be a CPU tensor, got ", t->device());
+    TORCH_CHECK(t->is_floating_point(), "fastcon::", op, ": ", name, " must be a floating-point tensor, got ",
+                t->scalar_type());
+  }
+  TORCH_CHECK(chunk_rows >= 1, "fastcon::", op, ": chunk_rows must be >= 1, got ", chunk_rows);
+}
+
+void check_vec(const char* op, const char* name, const Tensor& v, int64_t n, const Tensor& a) {
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == n, "fastcon::", op, ": ", name, " must be a 1-D tensor of length ", n,
+              ", got shape ", v.sizes());
+  TORCH_CHECK(v.scalar_type() == a.scalar_type(), "fastcon::", op, ": ", name, " must have dtype ", a.scalar_type(),
+              ", got ", v.scalar_type());
+  TORCH_CHECK(v.device().is_cpu() && v.is_contiguous(), "fastcon::", op, ": ", name,
+              " must be a contiguous CPU tensor");
+}
+
+template <typename T>
+T scalar_of(const Tensor& t) {
+  return static_cast<T>(t.item<double>());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Column statistics: per-thread running (max, Σexp) accumulators.
+
+template <typename T>
+struct ColStats {
+  int64_t nb;
+  int nt;
+  int64_t tile;            // rows per tile of the two-sweep epilogue
+  std::vector<T> storage;  // per thread: cmax, csum, csh, tmax (nb each)
+
+  ColStats(int64_t nb_, int nt_) : nb(nb_), nt(nt_) {
+    // A tile of rows is swept twice; keep it around 256 KiB so the second sweep hits L2.
+    const int64_t target = (int64_t(256) << 10) / int64_t(sizeof(T));
+    tile = std::min<int64_t>(64, std::max<int64_t>(1, target / std::max<int64_t>(nb, 1)));
+    storage.resize(size_t(nt) * 4 * size_t(nb));
+    for (int t = 0; t < nt; ++t) {
+      std::fill(cmax(t), cmax(t) + nb, -inf<T>());
+      std::fill(csum(t), csum(t) + nb, T(0));
+      std::fill(csh(t), csh(t) + nb, T(0));
+    }
+  }
+  T* base(int t) { return storage.data() + size_t(t) * 4 * size_t(nb); }
+  T* cmax(int t) { return base(t); }
+  T* csum(int t) { return base(t) + nb; }
+  T* csh(int t) { return base(t) + 2 * nb; }
+  T* tmax(int t) { return base(t) + 3 * nb; }
+
+  // Stats of `rows` rows of unscaled dot products `dot` (rows × nb, row-major). Writes the row LSEs
+  // and folds the columns into the accumulators of the thread that owns each row block.
+  void add_chunk(const T* dot, int64_t rows, T s, T b, T* row_lse) {
+    if (rows == 0) return;
+#pragma omp parallel num_threads(nt) if (rows * nb >= kMinParallelWork)
+    {
+      const int tid = omp_tid();
+      const int team = omp_team();
+      const int64_t r0 = rows * tid / team, r1 = rows * (tid + 1) / team;
+      T* cm = cmax(tid);
+      T* cs = csum(tid);
+      T* sh = csh(tid);
+      T* tm = tmax(tid);
+      T rmax[64];
+      for (int64_t t0 = r0; t0 < r1; t0 += tile) {
+        const int64_t t1 = std::min(r1, t0 + tile);
+        std::copy(cm, cm + nb, tm);
+        for (int64_t i = t0; i < t1; ++i) rmax[i - t0] = fc_rowmax_colmax(dot + i * nb, nb, s, b, tm);
+        fc_rescale(cm, cs, sh, tm, nb);
+        for (int64_t i = t0; i < t1; ++i) {
+          const T rsh = lse_shift(rmax[i - t0]);
+          const T acc = fc_rowexp_colexp(dot + i * nb, nb, s, b, rsh, sh, cs);
+          row_lse[i] = rsh + std::log(acc);
+        }
+      }
+    }
+  }
+
+  // col_lse_j = logsumexp over every row seen, merging the thread partials in thread order.
+  void finish(T* col_lse) {
+    const int n_threads = nt;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nb * nt >= kMinParallelWork)
+    for (int64_t j = 0; j < nb; ++j) {
+      T m = -inf<T>();
+      for (int t = 0; t < n_threads; ++t) m = std::max(m, cmax(t)[j]);
+      const T shift = lse_shift(m);
+      T sum = 0;
+      for (int t = 0; t < n_threads; ++t) {
+        const T mt = cmax(t)[j];
+        if (mt == -inf<T>()) continue;
+        sum += csum(t)[j] * (mt == m ? T(1) : std::exp(csh(t)[j] - shift));
+      }
+      col_lse[j] = shift + std::log(sum);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Gradient epilogues (in place: the dot products of the rows become G).
+
+template <typename T>
+void softmax_grad_rows(T* dot, int64_t row0, int64_t rows, int64_t nb, T s, T b, const T* row_lse,
+                       const T* col_lse, int64_t pos_offset, T w_row, T w_col, T w_pos, double* gs_rows,
+                       double* gb_rows, int nt) {
+  const bool use_col = w_col != T(0);
+#pragma omp parallel for schedule(static) num_threads(nt) if (rows * nb >= kMinParallelWork)
+  for (int64_t i = 0; i < rows; ++i) {
+    T* d = dot + i * nb;
+    const int64_t gi = row0 + i;
+    const int64_t p = (pos_offset < nb - gi) ? gi + pos_offset : nb;  // column of the positive, or nb
+    const T rl = row_lse[gi];
+    T gs1 = 0, gb1 = 0, gs2 = 0, gb2 = 0, gs3 = 0, gb3 = 0;
+    fc_grad(d, d, p, s, b, rl, w_row, col_lse, w_col, use_col, &gs1, &gb1);
+    if (p < nb) {
+      const T dv = d[p];
+      const T v = dv * s + b;
+      T e = std::exp(v - rl) * w_row;
+      if (use_col) e += std::exp(v - col_lse[p]) * w_col;
+      e -= w_pos;
+      d[p] = e;
+      gs2 = e * dv;
+      gb2 = e;
+      fc_grad(d + p + 1, d + p + 1, nb - p - 1, s, b, rl, w_row, col_lse + p + 1, w_col, use_col, &gs3, &gb3);
+    }
+    gs_rows[gi] = double(gs1) + double(gs2) + double(gs3);
+    gb_rows[gi] = double(gb1) + double(gb2) + double(gb3);
+  }
+}
+
+// pos_logit[row0 + i] = S_{row0+i, row0+i+pos_offset} (0 without a positive), from a chunk's dots.
+template <typename T>
+void positive_logits(const T* dot, int64_t row0, int64_t rows, int64_t nb, T s, T b, int64_t pos_offset,
+                     T* pos_logit) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t gi = row0 + i;
+    pos_logit[gi] = (pos_offset < nb - gi) ? dot[i * nb + gi + pos_offset] * s + b : T(0);
+  }
+}
+
+// Rows [row0, row0 + rows) of the sigmoid loss; the positive of global row i is column i + pos_offset.
+template <typename T>
+void sigmoid_rows(T* dot, int64_t row0, int64_t rows, int64_t nb, T s, T b, int64_t pos_offset, T w,
+                  bool need_grad, double* loss_rows, double* gs_rows, double* gb_rows, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nt) if (rows * nb >= kMinParallelWork)
+  for (int64_t i = 0; i < rows; ++i) {
+    T* d = dot + i * nb;
+    const int64_t gi = row0 + i;
+    const int64_t p = (pos_offset < nb - gi) ? gi + pos_offset : nb;  // column of the positive, or nb
+    T l1 = 0, g1 = 0, b1 = 0, l2 = 0, g2 = 0, b2 = 0, l3 = 0, g3 = 0, b3 = 0;
+    fc_sigmoid(d, d, p, s, b, w, need_grad, &l1, &g1, &b1);
+    if (p < nb) {
+      // positive: softplus(−S) and G = w·(σ(S) − 1) = −w·σ(−S)
+      const T dv = d[p];
+      const T v = dv * s + b;
+      const T av = std::abs(v);
+      const T t = std::exp(-av);
+      l2 = std::max(-v, T(0)) + std::log1p(t);
+      if (need_grad) {
+        const T q = T(1) / (T(1) + t);
+        const T e = -(v >= T(0) ? t * q : q) * w;
+        g2 = e * dv;
+        b2 = e;
+        d[p] = e;
+      }
+      fc_sigmoid(d + p + 1, d + p + 1, nb - p - 1, s, b, w, need_grad, &l3, &g3, &b3);
+    }
+    loss_rows[i] = double(l1) + double(l2) + double(l3);
+    if (need_grad) {
+      gs_rows[i] = double(g1) + double(g2) + double(g3);
+      gb_rows[i] = double(b1) + double(b2) + double(b3);
+    }
+  }
+}
+
+double ordered_sum(const std::vector<double>& v) {
+  double acc = 0;
+  for (double x : v) acc += x;
+  return acc;
+}
+
+Tensor scalar_tensor(double v, const Tensor& like) { return at::scalar_tensor(v, like.options()); }
+
+// dot(rows) = A[r0:r0+rows] · Bᵀ into `out` (rows × Nb, contiguous).
+void gemm_dot(Tensor& out, const Tensor& a, const Tensor& b, int64_t r0, int64_t rows) {
+  at::mm_out(out, a.narrow(0, r0, rows), b.t());
+}
+
+// grad_a[r0:r0+rows] = s·G·B and grad_b += s·Gᵀ·A[r0:r0+rows].
+void gemm_grads(const Tensor& g, const Tensor& a, const Tensor& b, int64_t r0, int64_t rows, double s,
+                Tensor& grad_a, Tensor& grad_b) {
+  Tensor ga = grad_a.narrow(0, r0, rows);
+  at::addmm_out(ga, ga, g, b, /*beta=*/0, /*alpha=*/s);
+  grad_b.addmm_(g.t(), a.narrow(0, r0, rows), /*beta=*/1, /*alpha=*/s);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operations
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor> lse_stats_impl(const Tensor& a, const Tensor& b, T s, T bb, int64_t pos_offset,
+                                                  int64_t chunk_rows) {
+  const int64_t na = a.size(0), nb = b.size(0);
+  const int nt = team_threads();
+  Tensor row_lse = at::empty({na}, a.options());
+  Tensor col_lse = at::empty({nb}, a.options());
+  Tensor pos_logit = at::empty({na}, a.options());
+  ColStats<T> cs(nb, nt);
+  Tensor buf = at::empty({std::min(chunk_rows, na), nb}, a.options());
+  for (int64_t r0 = 0; r0 < na; r0 += chunk_rows) {
+    const int64_t rows = std::min(chunk_rows, na - r0);
+    Tensor view = buf.narrow(0, 0, rows);
+    gemm_dot(view, a, b, r0, rows);
+    positive_logits<T>(view.data_ptr<T>(), r0, rows, nb, s, bb, pos_offset, pos_logit.data_ptr<T>());
+    cs.add_chunk(view.data_ptr<T>(), rows, s, bb, row_lse.data_ptr<T>() + r0);
+  }
+  cs.finish(col_lse.data_ptr<T>());
+  return {row_lse, col_lse, pos_logit};
+}
+
+// Pass 2 over rows [r0, r0+rows) whose dot products are in `dot` (overwritten with G).
+template <typename T>
+void softmax_grad_block(Tensor& dot, const Tensor& a, const Tensor& b, int64_t r0, int64_t rows, T s, T bb,
+                        const T* row_lse, const T* col_lse, int64_t pos_offset, T w_row, T w_col, T w_pos,
+                        std::vector<double>& gs_rows, std::vector<double>& gb_rows, Tensor& grad_a, Tensor& grad_b,
+                        int nt) {
+  const int64_t nb = b.size(0);
+  softmax_grad_rows<T>(dot.data_ptr<T>(), r0, rows, nb, s, bb, row_lse, col_lse, pos_offset, w_row, w_col, w_pos,
+                       gs_rows.data(), gb_rows.data(), nt);
+  gemm_grads(dot, a, b, r0, rows, double(s), grad_a, grad_b);
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor, Tensor> softmax_grad_impl(const Tensor& a, const Tensor& b, T s, T bb,
+                                                             const Tensor& row_lse, const Tensor& col_lse,
+                                                             int64_t pos_offset, double w_row, double w_col,
+                                                             double w_pos, int64_t chunk_rows) {
+  const int64_t na = a.size(0), nb = b.size(0), d = a.size(1);
+  const int nt = team_threads();
+  Tensor grad_a = at::empty({na, d}, a.options());
+  Tensor grad_b = at::zeros({nb, d}, a.options());
+  std::vector<double> gs_rows(na), gb_rows(na);
+  Tensor buf = at::empty({std::min(chunk_rows, na), nb}, a.options());
+  for (int64_t r0 = 0; r0 < na; r0 += chunk_rows) {
+    const int64_t rows = std::min(chunk_rows, na - r0);
+    Tensor view = buf.narrow(0, 0, rows);
+    gemm_dot(view, a, b, r0, rows);
+    softmax_grad_block<T>(view, a, b, r0, rows, s, bb, row_lse.data_ptr<T>(), col_lse.data_ptr<T>(), pos_offset,
+                          T(w_row), T(w_col), T(w_pos), gs_rows, gb_rows, grad_a, grad_b, nt);
+  }
+  return {grad_a, grad_b, scalar_tensor(ordered_sum(gs_rows), a), scalar_tensor(ordered_sum(gb_rows), a)};
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> softmax_fused_impl(
+    const Tensor& a, const Tensor& b, T s, T bb, int64_t pos_offset, double w_row, double w_col, double w_pos,
+    int64_t chunk_rows, int64_t cache_bytes) {
+  const int64_t na = a.size(0), nb = b.size(0), d = a.size(1);
+  const int nt = team_threads();
+  // The chunks kept from pass 1 are a prefix: chunk after chunk while the total fits in cache_bytes.
+  // Being the contiguous rows [0, cached), they are computed and consumed as one block.
+  int64_t cached = 0;
+  {
+    int64_t kept = 0;
+    const int64_t row_bytes = nb * int64_t(sizeof(T));
+    for (int64_t r0 = 0; r0 < na; r0 += chunk_rows) {
+      const int64_t rows = std::min(chunk_rows, na - r0);
+      if (kept + rows * row_bytes > cache_bytes) break;
+      kept += rows * row_bytes;
+      cached += rows;
+    }
+  }
+  Tensor row_lse = at::empty({na}, a.options());
+  Tensor col_lse = at::empty({nb}, a.options());
+  Tensor pos_logit = at::empty({na}, a.options());
+  Tensor cache = at::empty({cached, nb}, a.options());
+  Tensor buf = at::empty({std::min(chunk_rows, na - cached), nb}, a.options());
+  T* rl = row_lse.data_ptr<T>();
+  T* pl = pos_logit.data_ptr<T>();
+
+  // pass 1: statistics
+  {
+    ColStats<T> cs(nb, nt);
+    if (cached > 0) {
+      gemm_dot(cache, a, b, 0, cached);
+      positive_logits<T>(cache.data_ptr<T>(), 0, cached, nb, s, bb, pos_offset, pl);
+      cs.add_chunk(cache.data_ptr<T>(), cached, s, bb, rl);
+    }
+    for (int64_t r0 = cached; r0 < na; r0 += chunk_rows) {
+      const int64_t rows = std::min(chunk_rows, na - r0);
+      Tensor view = buf.narrow(0, 0, rows);
+      gemm_dot(view, a, b, r0, rows);
+      positive_logits<T>(view.data_ptr<T>(), r0, rows, nb, s, bb, pos_offset, pl);
+      cs.add_chunk(view.data_ptr<T>(), rows, s, bb, rl + r0);
+    }
+    cs.finish(col_lse.data_ptr<T>());
+  }
+  {
+    // Only the columns that own a positive, [pos_offset, pos_offset + Na), enter the column softmax.
+    T* cl = col_lse.data_ptr<T>();
+    const int64_t c0 = std::min(pos_offset, nb);
+    const int64_t c1 = (na < nb - c0) ? c0 + na : nb;
+    for (int64_t j = 0; j < c0; ++j) cl[j] = inf<T>();
+    for (int64_t j = c1; j < nb; ++j) cl[j] = inf<T>();
+  }
+
+  // pass 2: gradients
+  Tensor grad_a = at::empty({na, d}, a.options());
+  Tensor grad_b = at::zeros({nb, d}, a.options());
+  std::vector<double> gs_rows(na), gb_rows(na);
+  const T* cl = col_lse.data_ptr<T>();
+  if (cached > 0) {
+    softmax_grad_block<T>(cache, a, b, 0, cached, s, bb, rl, cl, pos_offset, T(w_row), T(w_col), T(w_pos), gs_rows,
+                          gb_rows, grad_a, grad_b, nt);
+  }
+  for (int64_t r0 = cached; r0 < na; r0 += chunk_rows) {
+    const int64_t rows = std::min(chunk_rows, na - r0);
+    Tensor view = buf.narrow(0, 0, rows);
+    gemm_dot(view, a, b, r0, rows);
+    softmax_grad_block<T>(view, a, b, r0, rows, s, bb, rl, cl, pos_offset, T(w_row), T(w_col), T(w_pos), gs_rows,
+                          gb_rows, grad_a, grad_b, nt);
+  }
+  return {row_lse, col_lse, pos_logit, grad_a, grad_b, scalar_tensor(ordered_sum(gs_rows), a),
+          scalar_tensor(ordered_sum(gb_rows), a)};
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sigmoid_fused_impl(const Tensor& a, const Tensor& b, T s, T bb,
+                                                                      int64_t pos_offset, double w,
+                                                                      int64_t chunk_rows, bool need_grad) {
+  const int64_t na = a.size(0), nb = b.size(0), d = a.size(1);
+  const int nt = team_threads();
+  Tensor grad_a, grad_b;
+  if (need_grad) {
+    grad_a = at::empty({na, d}, a.options());
+    grad_b = at::zeros({nb, d}, a.options());
+  } else {
+    grad_a = at::empty({0}, a.options());
+    grad_b = at::empty({0}, a.options());
+  }
+  std::vector<double> loss_rows(na), gs_rows(need_grad ? na : 0), gb_rows(need_grad ? na : 0);
+  Tensor buf = at::empty({std::min(chunk_rows, na), nb}, a.options());
+  for (int64_t r0 = 0; r0 < na; r0 += chunk_rows) {
+    const int64_t rows = std::min(chunk_rows, na - r0);
+    Tensor view = buf.narrow(0, 0, rows);
+    gemm_dot(view, a, b, r0, rows);
+    sigmoid_rows<T>(view.data_ptr<T>(), r0, rows, nb, s, bb, pos_offset, T(w), need_grad, loss_rows.data() + r0,
+                    need_grad ? gs_rows.data() + r0 : nullptr, need_grad ? gb_rows.data() + r0 : nullptr, nt);
+    if (need_grad) gemm_grads(view, a, b, r0, rows, double(s), grad_a, grad_b);
+  }
+  Tensor loss = scalar_tensor(ordered_sum(loss_rows), a);
+  if (!need_grad) return {loss, grad_a, grad_b, at::empty({0}, a.options()), at::empty({0}, a.options())};
+  return {loss, grad_a, grad_b, scalar_tensor(ordered_sum(gs_rows), a), scalar_tensor(ordered_sum(gb_rows), a)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dispatcher entry points
+
+void check_pos_offset(const char* op, int64_t pos_offset) {
+  TORCH_CHECK(pos_offset >= 0, "fastcon::", op, ": pos_offset must be >= 0, got ", pos_offset);
+}
+
+std::tuple<Tensor, Tensor, Tensor> lse_stats(const Tensor& a, const Tensor& b, const Tensor& scale,
+                                             const Tensor& bias, int64_t pos_offset, int64_t chunk_rows) {
+  check_pair("lse_stats", a, b, scale, bias, chunk_rows);
+  check_pos_offset("lse_stats", pos_offset);
+  if (a.scalar_type() == at::kDouble)
+    return lse_stats_impl<double>(a, b, scalar_of<double>(scale), scalar_of<double>(bias), pos_offset, chunk_rows);
+  return lse_stats_impl<float>(a, b, scalar_of<float>(scale), scalar_of<float>(bias), pos_offset, chunk_rows);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> softmax_grad(const Tensor& a, const Tensor& b, const Tensor& scale,
+                                                        const Tensor& bias, const Tensor& row_lse,
+                                                        const Tensor& col_lse, int64_t pos_offset, double w_row,
+                                                        double w_col, double w_pos, int64_t chunk_rows) {
+  check_pair("softmax_grad", a, b, scale, bias, chunk_rows);
+  check_vec("softmax_grad", "row_lse", row_lse, a.size(0), a);
+  check_vec("softmax_grad", "col_lse", col_lse, b.size(0), a);
+  check_pos_offset("softmax_grad", pos_offset);
+  if (a.scalar_type() == at::kDouble)
+    return softmax_grad_impl<double>(a, b, scalar_of<double>(scale), scalar_of<double>(bias), row_lse, col_lse,
+                                     pos_offset, w_row, w_col, w_pos, chunk_rows);
+  return softmax_grad_impl<float>(a, b, scalar_of<float>(scale), scalar_of<float>(bias), row_lse, col_lse,
+                                  pos_offset, w_row, w_col, w_pos, chunk_rows);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> softmax_fused(
+    const Tensor& a, const Tensor& b, const Tensor& scale, const Tensor& bias, int64_t pos_offset, double w_row,
+    double w_col, double w_pos, int64_t chunk_rows, int64_t cache_bytes) {
+  check_pair("softmax_fused", a, b, scale, bias, chunk_rows);
+  check_pos_offset("softmax_fused", pos_offset);
+  if (a.scalar_type() == at::kDouble)
+    return softmax_fused_impl<double>(a, b, scalar_of<double>(scale), scalar_of<double>(bias), pos_offset, w_row,
+                                      w_col, w_pos, chunk_rows, cache_bytes);
+  return softmax_fused_impl<float>(a, b, scalar_of<float>(scale), scalar_of<float>(bias), pos_offset, w_row, w_col,
+                                   w_pos, chunk_rows, cache_bytes);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sigmoid_fused(const Tensor& a, const Tensor& b,
+                                                                 const Tensor& scale, const Tensor& bias,
+                                                                 int64_t pos_offset, double w, int64_t chunk_rows,
+                                                                 bool need_grad) {
+  check_pair("sigmoid_fused", a, b, scale, bias, chunk_rows);
+  check_pos_offset("sigmoid_fused", pos_offset);
+  if (a.scalar_type() == at::kDouble)
+    return sigmoid_fused_impl<double>(a, b, scalar_of<double>(scale), scalar_of<double>(bias), pos_offset, w,
+                                      chunk_rows, need_grad);
+  return sigmoid_fused_impl<float>(a, b, scalar_of<float>(scale), scalar_of<float>(bias), pos_offset, w,
+                                   chunk_rows, need_grad);
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastcon
+
+TORCH_LIBRARY(fastcon, m) {
+  m.def(
+      "lse_stats(Tensor a, Tensor b, Tensor scale, Tensor bias, int pos_offset, int chunk_rows) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "softmax_grad(Tensor a, Tensor b, Tensor scale, Tensor bias, Tensor row_lse, Tensor col_lse, int pos_offset, "
+      "float w_row, float w_col, float w_pos, int chunk_rows) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "softmax_fused(Tensor a, Tensor b, Tensor scale, Tensor bias, int pos_offset, float w_row, float w_col, "
+      "float w_pos, int chunk_rows, int cache_bytes) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "sigmoid_fused(Tensor a, Tensor b, Tensor scale, Tensor bias, int pos_offset, float w, int chunk_rows, "
+      "bool need_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastcon, CPU, m) {
+  m.impl("lse_stats", &fastcon::cpu::lse_stats);
+  m.impl("softmax_grad", &fastcon::cpu::softmax_grad);
+  m.impl("softmax_fused", &fastcon::cpu::softmax_fused);
+  m.impl("sigmoid_fused", &fastcon::cpu::sigmoid_fused);
+}
+
+// The shared library is importable as the Python module fastcon._C (no Python bindings: the
+// operators are reached through torch.ops.fastcon.*; importing the module registers them).
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "fastcon C++ CPU engine (torch.ops.fastcon)",
+                                          -1, nullptr};
+  return PyModule_Create(&module_def);
+}

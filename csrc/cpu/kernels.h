@@ -1,0 +1,226 @@
+// Element-wise epilogue kernels of the fastcon CPU engine.
+//
+// Every kernel works on one row (or one row range) of a logits chunk. The chunk holds the unscaled
+// dot products d = A_i·B_j; the logits are S = s·d + b, formed in registers. The float kernels use
+// the polynomial exp / log1p below so that gcc can vectorise the loops (``#pragma omp simd`` gives
+// it the licence to reassociate the reductions); the double kernels call libm.
+//
+// The exported entry points (``fc_*``) are compiled several times with ``target_clones`` on x86-64
+// (AVX-512, AVX2+FMA, baseline) and picked at load time, so one binary runs on any x86-64 CPU.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define FC_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FC_CLONES
+#endif
+
+#if defined(_MSC_VER)
+#define FC_INLINE __forceinline
+#else
+#define FC_INLINE inline __attribute__((always_inline))
+#endif
+
+namespace fastcon {
+namespace cpu {
+
+template <typename T>
+struct Math;
+
+template <>
+struct Math<double> {
+  static FC_INLINE double exp(double x) { return std::exp(x); }
+  // log(1 + t) for t in [0, 1].
+  static FC_INLINE double log1p_unit(double t) { return std::log1p(t); }
+};
+
+FC_INLINE int32_t fc_bits(float f) {
+  int32_t i;
+  std::memcpy(&i, &f, sizeof(i));
+  return i;
+}
+
+FC_INLINE float fc_float(int32_t i) {
+  float f;
+  std::memcpy(&f, &i, sizeof(f));
+  return f;
+}
+
+template <>
+struct Math<float> {
+  // exp(x) = 2^k · e^r with k = round(x / ln 2), r = x − k·ln 2 (|r| <= ln2/2), e^r by its Taylor
+  // polynomial of degree 7 (truncation error < 1e-8 relative). ln 2 is split in a high part with few
+  // significant bits (k·LN2_HI is exact) and a low correction. Results below 2^-126 are flushed to 0
+  // (so exp(−inf) = 0), results above 2^127·√2 become +inf, NaN stays NaN.
+  static FC_INLINE float exp(float x) {
+    const float kLo = -87.6f;  // k >= -126 keeps 2^k a normal number
+    const float kHi = 88.3f;   // k <= 127
+    const float kLog2e = 1.44269504088896341f;
+    const float kLn2Hi = 0.693359375f;
+    const float kLn2Lo = -2.12194440e-4f;
+    const float kMagic = 12582912.0f;  // 1.5·2^23: adding it rounds to an integer in the low bits
+    float xc = x < kLo ? kLo : x;
+    xc = xc > kHi ? kHi : xc;
+    float kf = xc * kLog2e + kMagic;
+    int32_t k = fc_bits(kf) - fc_bits(kMagic);
+    kf -= kMagic;
+    float r = xc - kf * kLn2Hi;
+    r = r - kf * kLn2Lo;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    float y = p * fc_float((k + 127) << 23);
+    y = x < kLo ? 0.0f : y;
+    y = x > kHi ? std::numeric_limits<float>::infinity() : y;
+    return y;
+  }
+
+  // log(1 + t) for t in [0, 1] as 2·atanh(u), u = t / (2 + t) in [0, 1/3]: the odd series
+  // 2u·Σ u^(2n)/(2n+1) truncated after n = 8 (relative error < 2e-9). No cancellation anywhere.
+  static FC_INLINE float log1p_unit(float t) {
+    float u = t / (2.0f + t);
+    float u2 = u * u;
+    float p = 1.0f / 17.0f;
+    p = p * u2 + 1.0f / 15.0f;
+    p = p * u2 + 1.0f / 13.0f;
+    p = p * u2 + 1.0f / 11.0f;
+    p = p * u2 + 1.0f / 9.0f;
+    p = p * u2 + 1.0f / 7.0f;
+    p = p * u2 + 1.0f / 5.0f;
+    p = p * u2 + 1.0f / 3.0f;
+    p = p * u2 + 1.0f;
+    return 2.0f * u * p;
+  }
+};
+
+template <typename T>
+FC_INLINE T inf() {
+  return std::numeric_limits<T>::infinity();
+}
+
+// The shift used for a log-sum-exp whose maximum is m: m itself, or 0 when m is infinite (as
+// torch.logsumexp does, so an all −inf row gives −inf and a +inf entry gives +inf).
+template <typename T>
+FC_INLINE T lse_shift(T m) {
+  return (m == inf<T>() || m == -inf<T>()) ? T(0) : m;
+}
+
+// ---- stats, sweep 1: returns max_j S_j and updates cmax[j] = max(cmax[j], S_j).
+template <typename T>
+FC_INLINE T k_rowmax_colmax(const T* __restrict d, int64_t n, T s, T b, T* __restrict cmax) {
+  T m = -inf<T>();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) {
+    T v = d[j] * s + b;
+    m = v > m ? v : m;
+    T c = cmax[j];
+    cmax[j] = v > c ? v : c;
+  }
+  return m;
+}
+
+// ---- stats, sweep 2: returns Σ_j exp(S_j − rsh) and adds exp(S_j − csh[j]) to csum[j].
+template <typename T>
+FC_INLINE T k_rowexp_colexp(const T* __restrict d, int64_t n, T s, T b, T rsh, const T* __restrict csh,
+                            T* __restrict csum) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j) {
+    T v = d[j] * s + b;
+    acc += Math<T>::exp(v - rsh);
+    csum[j] += Math<T>::exp(v - csh[j]);
+  }
+  return acc;
+}
+
+// ---- stats: a new column maximum tmax (>= cmax) arrived; rescale the running sums from the old
+// shift to the new one (factor exp(old − new) <= 1), then store the new max and shift.
+template <typename T>
+FC_INLINE void k_rescale(T* __restrict cmax, T* __restrict csum, T* __restrict csh, const T* __restrict tmax,
+                         int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    T o = cmax[j];
+    T nw = tmax[j];
+    T nsh = lse_shift(nw);
+    T f = Math<T>::exp(csh[j] - nsh);
+    f = (o == -inf<T>()) ? T(0) : f;
+    f = (o == nw) ? T(1) : f;
+    csum[j] *= f;
+    cmax[j] = nw;
+    csh[j] = nsh;
+  }
+}
+
+// ---- softmax gradient of one row, in place allowed (g may equal d):
+// G_j = w_row·exp(S_j − rl) [+ w_col·exp(S_j − cl_j)]; returns Σ G·d and Σ G.
+template <typename T, bool kCol>
+FC_INLINE void k_grad(const T* d, T* g, int64_t n, T s, T b, T rl, T wr, const T* __restrict cl, T wc, T* out_gs,
+                      T* out_gb) {
+  T as = 0, ab = 0;
+#pragma omp simd reduction(+ : as, ab)
+  for (int64_t j = 0; j < n; ++j) {
+    T dv = d[j];
+    T v = dv * s + b;
+    T e = Math<T>::exp(v - rl) * wr;
+    if (kCol) e += Math<T>::exp(v - cl[j]) * wc;
+    as += e * dv;
+    ab += e;
+    g[j] = e;
+  }
+  *out_gs = as;
+  *out_gb = ab;
+}
+
+// ---- sigmoid loss of negatives, one row range: Σ softplus(S_j); with kGrad also G_j = w·σ(S_j)
+// (written to g, which may equal d) and Σ G·d, Σ G.
+template <typename T, bool kGrad>
+FC_INLINE void k_sigmoid(const T* d, T* g, int64_t n, T s, T b, T w, T* out_loss, T* out_gs, T* out_gb) {
+  T al = 0, as = 0, ab = 0;
+#pragma omp simd reduction(+ : al, as, ab)
+  for (int64_t j = 0; j < n; ++j) {
+    T dv = d[j];
+    T v = dv * s + b;
+    T av = v < T(0) ? -v : v;
+    T t = Math<T>::exp(-av);
+    al += (v > T(0) ? v : T(0)) + Math<T>::log1p_unit(t);
+    if (kGrad) {
+      T q = T(1) / (T(1) + t);
+      T e = (v >= T(0) ? q : t * q) * w;
+      as += e * dv;
+      ab += e;
+      g[j] = e;
+    }
+  }
+  *out_loss = al;
+  if (kGrad) {
+    *out_gs = as;
+    *out_gb = ab;
+  }
+}
+
+// Exported (multi-versioned) entry points, defined in kernels.cpp.
+#define FC_DECLARE(T)                                                                                      \
+  T fc_rowmax_colmax(const T* d, int64_t n, T s, T b, T* cmax);                                             \
+  T fc_rowexp_colexp(const T* d, int64_t n, T s, T b, T rsh, const T* csh, T* csum);                         \
+  void fc_rescale(T* cmax, T* csum, T* csh, const T* tmax, int64_t n);                                      \
+  void fc_grad(const T* d, T* g, int64_t n, T s, T b, T rl, T wr, const T* cl, T wc, bool use_col, T* gs,  \
+               T* gb);                                                                                      \
+  void fc_sigmoid(const T* d, T* g, int64_t n, T s, T b, T w, bool need_grad, T* loss, T* gs, T* gb);
+
+FC_DECLARE(float)
+FC_DECLARE(double)
+#undef FC_DECLARE
+
+}  // namespace cpu
+}  // namespace fastcon

@@ -1,0 +1,111 @@
+"""The engine as C++ CPU operators (``torch.ops.fastcon.*``, built from ``csrc/cpu`` into
+``fastcon._C``).
+
+Same four functions and signatures as ``torch_chunked``; inputs are float32 or float64, contiguous,
+on the CPU (the ops layer upcasts bf16/fp16 to float32 before calling). ``AVAILABLE`` says whether
+the extension could be loaded and ``REASON`` why not; importing this module never raises.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+
+AVAILABLE: bool = False
+REASON: Optional[str] = None
+
+try:
+    importlib.import_module("fastcon._C")
+    AVAILABLE = True
+except ModuleNotFoundError as exc:  # not built
+    if exc.name in ("fastcon._C", "fastcon"):
+        REASON = (
+            "fastcon was built without the C++ extension fastcon._C (installed with FASTCON_SKIP_EXT=1, "
+            "or the extension was never compiled)"
+        )
+    else:
+        REASON = f"importing fastcon._C failed: {exc}"
+except (ImportError, OSError) as exc:  # built, but does not load (e.g. built against another torch)
+    REASON = f"importing fastcon._C failed: {type(exc).__name__}: {exc}"
+
+if AVAILABLE and not hasattr(torch.ops.fastcon, "lse_stats"):  # pragma: no cover - defensive
+    AVAILABLE = False
+    REASON = "fastcon._C loaded but did not register the torch.ops.fastcon operators"
+
+
+def _scalar(x, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    return torch.tensor(float(x), dtype=like.dtype, device=like.device)
+
+
+def lse_stats(a, b, scale, bias, pos_offset, chunk_rows):
+    return torch.ops.fastcon.lse_stats(a, b, _scalar(scale, a), _scalar(bias, a), int(pos_offset), int(chunk_rows))
+
+
+def softmax_grad(a, b, scale, bias, row_lse, col_lse, pos_offset, w_row, w_col, w_pos, chunk_rows):
+    return torch.ops.fastcon.softmax_grad(
+        a, b, _scalar(scale, a), _scalar(bias, a), row_lse, col_lse, int(pos_offset), float(w_row), float(w_col),
+        float(w_pos), int(chunk_rows)
+    )
+
+
+def softmax_fused(a, b, scale, bias, pos_offset, w_row, w_col, w_pos, chunk_rows, cache_bytes):
+    return torch.ops.fastcon.softmax_fused(
+        a, b, _scalar(scale, a), _scalar(bias, a), int(pos_offset), float(w_row), float(w_col), float(w_pos),
+        int(chunk_rows), int(cache_bytes)
+    )
+
+
+def sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad):
+    loss, grad_a, grad_b, grad_scale, grad_bias = torch.ops.fastcon.sigmoid_fused(
+        a, b, _scalar(scale, a), _scalar(bias, a), int(pos_offset), float(w), int(chunk_rows), bool(need_grad)
+    )
+    if not need_grad:
+        return loss, None, None, None, None
+    return loss, grad_a, grad_b, grad_scale, grad_bias
+
+
+def _register_fakes() -> None:
+    """Output shapes and dtypes for FakeTensor / torch.compile / opcheck (outputs are in a's dtype)."""
+
+    def _vec(a, n):
+        return a.new_empty((n,))
+
+    def _scal(a):
+        return a.new_empty(())
+
+    @torch.library.register_fake("fastcon::lse_stats")
+    def _(a, b, scale, bias, pos_offset, chunk_rows):
+        return _vec(a, a.shape[0]), _vec(a, b.shape[0]), _vec(a, a.shape[0])
+
+    @torch.library.register_fake("fastcon::softmax_grad")
+    def _(a, b, scale, bias, row_lse, col_lse, pos_offset, w_row, w_col, w_pos, chunk_rows):
+        return a.new_empty(a.shape), a.new_empty(b.shape), _scal(a), _scal(a)
+
+    @torch.library.register_fake("fastcon::softmax_fused")
+    def _(a, b, scale, bias, pos_offset, w_row, w_col, w_pos, chunk_rows, cache_bytes):
+        return (
+            _vec(a, a.shape[0]),
+            _vec(a, b.shape[0]),
+            _vec(a, a.shape[0]),
+            a.new_empty(a.shape),
+            a.new_empty(b.shape),
+            _scal(a),
+            _scal(a),
+        )
+
+    @torch.library.register_fake("fastcon::sigmoid_fused")
+    def _(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad):
+        if need_grad:
+            return _scal(a), a.new_empty(a.shape), a.new_empty(b.shape), _scal(a), _scal(a)
+        return _scal(a), _vec(a, 0), _vec(a, 0), _vec(a, 0), _vec(a, 0)
+
+
+if AVAILABLE:
+    try:
+        _register_fakes()
+    except RuntimeError as exc:  # pragma: no cover - e.g. registered twice on a module reload
+        if "already" not in str(exc):
+            raise

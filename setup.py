@@ -1,0 +1,45 @@
+"""Build script: adds the optional C++ CPU engine ``fastcon._C`` to the package described in
+pyproject.toml (name, version and metadata live there).
+
+``FASTCON_SKIP_EXT=1`` gives a pure-Python install (the torch_chunked / Triton backends only).
+The build makes no network, git or GPU queries.
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _skip_ext() -> bool:
+    return os.environ.get("FASTCON_SKIP_EXT", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _extensions():
+    if _skip_ext():
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    sources = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    if sys.platform == "win32":
+        cxx_flags, link_flags = ["/O2", "/openmp"], []
+    elif sys.platform == "darwin":
+        # Apple clang has no -fopenmp; the loops then run on one thread (ATen's GEMMs stay parallel).
+        cxx_flags, link_flags = ["-O3"], []
+    else:
+        # No -march=native: kernels.cpp is multi-versioned (target_clones) instead.
+        cxx_flags, link_flags = ["-O3", "-fopenmp"], ["-fopenmp"]
+    ext = CppExtension(
+        name="fastcon._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc", "cpu")],
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
