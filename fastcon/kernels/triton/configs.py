@@ -1,0 +1,110 @@
+"""Every launch configuration the Triton backend ships, in one table.
+
+Nothing here imports triton: the table is plain data, read by ``chunked.py`` and ``fused.py`` at
+launch time and enumerated by the compile gate (``tests/test_triton_compile.py``), which compiles
+each entry for sm_80 and sm_90 and checks registers, spills, shared memory and tensor-core use.
+
+Chunked path (``chunked.py``): the epilogue kernels read the fp32 dot-product chunk written by
+``torch.mm``; they are memory-bound, so one configuration serves every input dtype (only the dtype of
+the gradient tile ``G`` they write changes with it).
+
+Fused path (``fused.py``): tile kernels that form ``S`` with ``tl.dot``. Entries are keyed by kernel,
+dtype class (``"half"``: bfloat16 and float16, ``"float32"``: float32 run as TF32x3 on tensor cores)
+and ``BLOCK_D``, the feature dimension padded to a power of two (one of ``FUSED_BLOCK_D``).
+``block_m`` is always the tile over rows of A and ``block_n`` the tile over rows of B:
+
+* ``lse``:  one program per (row group, column split); A tile resident, loops over B tiles.
+* ``rows``: gradient of A (and the scalar partials / sigmoid loss); A tile and a
+  ``block_m × BLOCK_D`` fp32 accumulator resident, loops over B tiles.
+* ``cols``: gradient of B; B tile and a ``block_n × BLOCK_D`` accumulator resident, loops over A tiles.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Config(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    # fused kernels only: 0 keeps the A (or B) tile resident for the whole loop (one tl.dot over
+    # BLOCK_D); otherwise S is formed over D in block_k slices re-read from L1/L2, which bounds the
+    # registers of the TF32x3 fp32 path.
+    block_k: int = 0
+
+
+# ---------------------------------------------------------------------------------------- chunked
+CHUNKED_CONFIGS: dict[str, Config] = {
+    # S = s·dot + b, row LSE partials and per-row-block column LSE partials of one chunk.
+    "stats": Config(block_m=32, block_n=128, num_warps=8, num_stages=1),
+    # G in place (fp32) or into a bf16/fp16 buffer, plus Σ G·dot and Σ G partials.
+    "softmax_grad": Config(block_m=32, block_n=128, num_warps=8, num_stages=1),
+    # Σ softplus(−z·S) and (optionally) G = w·(σ(S) − [positive]).
+    "sigmoid": Config(block_m=32, block_n=128, num_warps=8, num_stages=1),
+    # Deterministic merge of LSE partials along their leading axis (block_m unused).
+    "merge": Config(block_m=1, block_n=256, num_warps=4, num_stages=1),
+}
+
+# Input dtypes each path accepts (names as in torch).
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+
+# ------------------------------------------------------------------------------------------ fused
+FUSED_MAX_D = 256
+FUSED_BLOCK_D = (64, 128, 256)
+
+FUSED_CONFIGS: dict[tuple[str, str, int], Config] = {
+    # --- bfloat16 / float16 inputs, fp32 accumulation (resident A/B tile, one tl.dot over BLOCK_D)
+    ("lse", "half", 64): Config(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    ("lse", "half", 128): Config(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    ("lse", "half", 256): Config(block_m=64, block_n=32, num_warps=4, num_stages=3),
+    ("rows", "half", 64): Config(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    ("rows", "half", 128): Config(block_m=64, block_n=32, num_warps=4, num_stages=3),
+    ("rows", "half", 256): Config(block_m=64, block_n=32, num_warps=8, num_stages=2),
+    ("cols", "half", 64): Config(block_m=64, block_n=128, num_warps=8, num_stages=3),
+    ("cols", "half", 128): Config(block_m=128, block_n=64, num_warps=8, num_stages=2),
+    ("cols", "half", 256): Config(block_m=32, block_n=64, num_warps=8, num_stages=2),
+    # --- float32 inputs (TF32x3 dots: three tensor-core products, close to fp32 accuracy; the
+    #     hi/lo operand split triples register use, hence small tiles and block_k slices)
+    ("lse", "float32", 64): Config(block_m=32, block_n=32, num_warps=4, num_stages=2),
+    ("lse", "float32", 128): Config(block_m=32, block_n=64, num_warps=4, num_stages=2, block_k=32),
+    ("lse", "float32", 256): Config(block_m=32, block_n=64, num_warps=4, num_stages=2, block_k=32),
+    ("rows", "float32", 64): Config(block_m=32, block_n=32, num_warps=4, num_stages=2),
+    ("rows", "float32", 128): Config(block_m=32, block_n=32, num_warps=8, num_stages=2, block_k=32),
+    ("rows", "float32", 256): Config(block_m=32, block_n=16, num_warps=8, num_stages=2, block_k=32),
+    ("cols", "float32", 64): Config(block_m=32, block_n=32, num_warps=4, num_stages=2),
+    ("cols", "float32", 128): Config(block_m=32, block_n=32, num_warps=8, num_stages=2, block_k=32),
+    ("cols", "float32", 256): Config(block_m=32, block_n=32, num_warps=8, num_stages=2, block_k=32),
+}
+
+# Dot-product precision of fp32 inputs in the fused kernels ("ieee" would avoid tensor cores).
+FUSED_FP32_PRECISION = "tf32x3"
+
+
+def dtype_class(dtype_name: str) -> str:
+    if dtype_name in ("bfloat16", "float16"):
+        return "half"
+    if dtype_name == "float32":
+        return "float32"
+    raise NotImplementedError(
+        f"the fastcon Triton backend supports float32, bfloat16 and float16 inputs, got {dtype_name}; "
+        "use fastcon.kernels.torch_chunked for float64"
+    )
+
+
+def fused_block_d(d: int) -> int:
+    if d > FUSED_MAX_D:
+        raise ValueError(f"the fused Triton path supports D <= {FUSED_MAX_D}, got D={d}; use the chunked path")
+    for bd in FUSED_BLOCK_D:
+        if d <= bd:
+            return bd
+    raise AssertionError("unreachable")
+
+
+def fused_config(kernel: str, dtype_name: str, d: int) -> tuple[Config, int]:
+    bd = fused_block_d(d)
+    return FUSED_CONFIGS[(kernel, dtype_class(dtype_name), bd)], bd
+
+
+def chunked_config(kernel: str) -> Config:
+    return CHUNKED_CONFIGS[kernel]

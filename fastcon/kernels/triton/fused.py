@@ -1,0 +1,458 @@
+"""Fully fused Triton path of the fastcon engine: S = s·A·Bᵀ + b never leaves registers (D <= 256).
+
+Kernels (launch configurations in ``configs.FUSED_CONFIGS``):
+
+* ``_fused_lse_kernel``: grid (row groups, column splits). Each program keeps an A tile resident
+  and loops over its row tiles × column tiles: row LSE online over the split's columns (partials per
+  split), column LSE of each tile merged into the program's own slot of ``col_part[group, :]`` (read,
+  merge, write; a barrier orders the slot's reuse). Partials are merged in a fixed order by
+  ``chunked._merge_lse_kernel``: deterministic, no float atomics, O((groups + splits)·N) memory.
+* ``_fused_rows_kernel``: grid (row blocks, column splits). Recomputes S per column tile, forms G
+  in registers (softmax or sigmoid), accumulates ``G·B`` into a block_m × BLOCK_D fp32 accumulator
+  and per-program partials of Σ G·dot, Σ G (and the sigmoid loss).
+* ``_fused_cols_kernel``: grid (column blocks, row splits). Recomputes Sᵀ per row tile and
+  accumulates ``Gᵀ·A``.
+
+With several splits the gradient partials go to a [splits, N, D] fp32 buffer summed in order.
+fp32 inputs use TF32x3 dots (tensor cores, near-fp32 accuracy); bf16/fp16 inputs feed tensor cores
+directly and G is rounded to the input dtype for the gradient products, with fp32 accumulation.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .chunked import LN2, LOG2E, _check, _merge_lse_kernel, _sigmoid_terms
+from .configs import FUSED_FP32_PRECISION, SUPPORTED_DTYPES, chunked_config, fused_config
+from .configs import FUSED_CONFIGS
+
+_TARGET_PROGRAMS_CUDA = 528
+_TARGET_PROGRAMS_CPU = 2
+# The lse kernel keeps a column-LSE slot per row group: at most this many groups.
+_MAX_ROW_GROUPS = 32
+
+
+# ------------------------------------------------------------------------------------------ kernels
+@triton.jit
+def _dot_k_loop(x_ptr, offs_x, mask_x, stride_x, stride_xd, y_ptr, offs_y, mask_y, stride_y, stride_yd, D,
+                INPUT_PRECISION: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """X·Yᵀ over D in BLOCK_K slices loaded from memory (L1/L2): used when a resident
+    BLOCK_X × BLOCK_D operand would not fit in registers (fp32 TF32x3 dots at large D)."""
+    acc = tl.zeros([BLOCK_X, BLOCK_Y], tl.float32)
+    for k0 in range(0, BLOCK_D, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < D
+        x = tl.load(x_ptr + offs_x[:, None] * stride_x + offs_k[None, :] * stride_xd,
+                    mask=mask_x[:, None] & mask_k[None, :], other=0.0)
+        y = tl.load(y_ptr + offs_y[:, None] * stride_y + offs_k[None, :] * stride_yd,
+                    mask=mask_y[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(y), acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _fused_lse_kernel(
+    a_ptr, b_ptr, scale_ptr, bias_ptr, row_part_ptr, col_part_ptr, pos_logit_ptr,
+    Na, Nb, D, tiles_per_group, tiles_per_split, pos_offset,
+    stride_am, stride_ad, stride_bn, stride_bd, stride_rp, stride_cp,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_g = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    rt0 = pid_g * tiles_per_group
+    rt1 = tl.minimum(rt0 + tiles_per_group, tl.cdiv(Na, BLOCK_M))
+    ct0 = pid_s * tiles_per_split
+    ct1 = tl.minimum(ct0 + tiles_per_split, tl.cdiv(Nb, BLOCK_N))
+    for rt in range(rt0, rt1):
+        offs_m = rt * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < Na
+        if BLOCK_K == BLOCK_D:  # A tile resident for the whole column loop
+            a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_d[None, :] * stride_ad,
+                        mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        target = offs_m + pos_offset
+        pos_d = tl.zeros([BLOCK_M], tl.float32)
+        for ct in range(ct0, ct1):
+            offs_n = ct * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < Nb
+            if BLOCK_K == BLOCK_D:
+                b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_d[None, :] * stride_bd,
+                            mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+                dot = tl.dot(a, tl.trans(b), input_precision=INPUT_PRECISION)
+            else:
+                dot = _dot_k_loop(a_ptr, offs_m, mask_m, stride_am, stride_ad, b_ptr, offs_n, mask_n, stride_bn,
+                                  stride_bd, D, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
+            t = tl.where(mask_m[:, None] & mask_n[None, :], dot * scale + bias, float("-inf"))
+            pos_d += tl.sum(tl.where(offs_n[None, :] == target[:, None], dot, 0.0), 1)
+            # rows: online over the split's columns
+            m_new = tl.maximum(m_i, tl.max(t, 1))
+            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2((m_i - m_new_safe) * LOG2E) + tl.sum(tl.exp2((t - m_new_safe[:, None]) * LOG2E), 1)
+            m_i = m_new
+            # columns: this tile's LSE merged into the group's slot
+            c_m = tl.max(t, 0)
+            c_m_safe = tl.where(c_m == float("-inf"), 0.0, c_m)
+            c_lse = c_m_safe + tl.log2(tl.sum(tl.exp2((t - c_m_safe[None, :]) * LOG2E), 0)) * LN2
+            slot = col_part_ptr + pid_g * stride_cp + offs_n
+            old = tl.load(slot, mask=mask_n, other=float("-inf"))
+            hi = tl.maximum(old, c_lse)
+            lo = tl.minimum(old, c_lse)
+            hi_safe = tl.where(hi == float("-inf"), 0.0, hi)  # -inf only in masked columns
+            new = hi + tl.log2(1.0 + tl.exp2((lo - hi_safe) * LOG2E)) * LN2  # old is -inf on a group's first row tile
+            tl.store(slot, new, mask=mask_n)
+            tl.debug_barrier()
+        r_lse = m_i + tl.log2(l_i) * LN2
+        tl.store(row_part_ptr + pid_s * stride_rp + offs_m, r_lse, mask=mask_m)
+        # pos_logit: written by the one split whose columns hold the row's positive
+        mine = mask_m & (target >= ct0 * BLOCK_N) & (target < tl.minimum(ct1 * BLOCK_N, Nb))
+        tl.store(pos_logit_ptr + offs_m, pos_d * scale + bias, mask=mine)
+
+
+@triton.jit
+def _fused_rows_kernel(
+    a_ptr, b_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_lse_ptr, grad_a_ptr, part_ptr,
+    Na, Nb, D, tiles_per_split, num_programs, pos_offset,
+    stride_am, stride_ad, stride_bn, stride_bd, stride_gs, stride_gm, stride_gd,
+    w_row, w_col, w_pos,
+    SIGMOID: tl.constexpr, HAS_COL_TERM: tl.constexpr, NEED_GRAD: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Program (m, s): row block m × column tiles of split s.
+    grad_a[s, rows, :] = s·Σ_j G_ij·B_j (NEED_GRAD); part[0, p] = sigmoid loss (SIGMOID),
+    part[1, p] = Σ G·dot, part[2, p] = Σ G (NEED_GRAD). SIGMOID: G = w_row·(σ(S) − [j == i + pos]);
+    else G = w_row·exp(S − row_lse) (+ w_col·exp(S − col_lse) with HAS_COL_TERM) − w_pos·[j == i + pos]."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    pid = pid_m * tl.num_programs(1) + pid_s
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < Na
+    if BLOCK_K == BLOCK_D:  # A tile resident for the whole column loop
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_d[None, :] * stride_ad,
+                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    if not SIGMOID:
+        row_l = tl.load(row_lse_ptr + offs_m, mask=mask_m, other=float("inf"))
+    target = offs_m + pos_offset
+    ct0 = pid_s * tiles_per_split
+    ct1 = tl.minimum(ct0 + tiles_per_split, tl.cdiv(Nb, BLOCK_N))
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc_loss = tl.zeros([BLOCK_M], tl.float32)
+    acc_gd = tl.zeros([BLOCK_M], tl.float32)
+    acc_g = tl.zeros([BLOCK_M], tl.float32)
+    for ct in range(ct0, ct1):
+        offs_n = ct * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < Nb
+        mask = mask_m[:, None] & mask_n[None, :]
+        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_d[None, :] * stride_bd,
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        if BLOCK_K == BLOCK_D:
+            dot = tl.dot(a, tl.trans(b), input_precision=INPUT_PRECISION)
+        else:
+            dot = _dot_k_loop(a_ptr, offs_m, mask_m, stride_am, stride_ad, b_ptr, offs_n, mask_n, stride_bn,
+                              stride_bd, D, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
+        if SIGMOID:
+            loss, g = _sigmoid_terms(dot * scale + bias, offs_n[None, :] == target[:, None])
+            acc_loss += tl.sum(tl.where(mask, loss, 0.0), 1)
+            g = w_row * g
+        else:
+            t = dot * scale + bias
+            g = w_row * tl.exp2((t - row_l[:, None]) * LOG2E)
+            if HAS_COL_TERM:
+                col_l = tl.load(col_lse_ptr + offs_n, mask=mask_n, other=float("inf"))
+                g += w_col * tl.exp2((t - col_l[None, :]) * LOG2E)
+            g = tl.where(offs_n[None, :] == target[:, None], g - w_pos, g)
+        if NEED_GRAD:
+            g = tl.where(mask, g, 0.0)
+            acc_gd += tl.sum(g * dot, 1)
+            acc_g += tl.sum(g, 1)
+            acc = tl.dot(g.to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
+    if SIGMOID:
+        tl.store(part_ptr + pid, tl.sum(acc_loss, 0))
+    if NEED_GRAD:
+        tl.store(part_ptr + num_programs + pid, tl.sum(acc_gd, 0))
+        tl.store(part_ptr + 2 * num_programs + pid, tl.sum(acc_g, 0))
+        out = grad_a_ptr + pid_s * stride_gs + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd
+        tl.store(out, acc * scale, mask=mask_m[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _fused_cols_kernel(
+    a_ptr, b_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_lse_ptr, grad_b_ptr,
+    Na, Nb, D, tiles_per_split, pos_offset,
+    stride_am, stride_ad, stride_bn, stride_bd, stride_gs, stride_gn, stride_gd,
+    w_row, w_col, w_pos,
+    SIGMOID: tl.constexpr, HAS_COL_TERM: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Program (n, s): column block n × row tiles of split s. grad_b[s, cols, :] = s·Σ_i G_ij·A_i,
+    with Gᵀ formed directly from Sᵀ = s·B·Aᵀ + b."""
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < Nb
+    if BLOCK_K == BLOCK_D:  # B tile resident (else re-read in BLOCK_K slices for Sᵀ)
+        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_d[None, :] * stride_bd,
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    if not SIGMOID:
+        if HAS_COL_TERM:
+            col_l = tl.load(col_lse_ptr + offs_n, mask=mask_n, other=float("inf"))
+    rt0 = pid_s * tiles_per_split
+    rt1 = tl.minimum(rt0 + tiles_per_split, tl.cdiv(Na, BLOCK_M))
+    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for rt in range(rt0, rt1):
+        offs_m = rt * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < Na
+        mask = mask_n[:, None] & mask_m[None, :]
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_d[None, :] * stride_ad,
+                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        if BLOCK_K == BLOCK_D:
+            dot_t = tl.dot(b, tl.trans(a), input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
+        else:
+            dot_t = _dot_k_loop(b_ptr, offs_n, mask_n, stride_bn, stride_bd, a_ptr, offs_m, mask_m, stride_am,
+                                stride_ad, D, INPUT_PRECISION, BLOCK_N, BLOCK_M, BLOCK_D, BLOCK_K)
+        if SIGMOID:
+            _, g = _sigmoid_terms(dot_t * scale + bias, offs_n[:, None] == offs_m[None, :] + pos_offset)
+            g = w_row * g
+        else:
+            t = dot_t * scale + bias
+            row_l = tl.load(row_lse_ptr + offs_m, mask=mask_m, other=float("inf"))
+            g = w_row * tl.exp2((t - row_l[None, :]) * LOG2E)
+            if HAS_COL_TERM:
+                g += w_col * tl.exp2((t - col_l[:, None]) * LOG2E)
+            g = tl.where(offs_n[:, None] == offs_m[None, :] + pos_offset, g - w_pos, g)
+        g = tl.where(mask, g, 0.0)
+        acc = tl.dot(g.to(a.dtype), a, acc, input_precision=INPUT_PRECISION)
+    out = grad_b_ptr + pid_s * stride_gs + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd
+    tl.store(out, acc * scale, mask=mask_n[:, None] & mask_d[None, :])
+
+
+# ------------------------------------------------------------------------------------------- host
+def _target_programs(device: torch.device) -> int:
+    return _TARGET_PROGRAMS_CUDA if device.type == "cuda" else _TARGET_PROGRAMS_CPU
+
+
+def _split(n_tiles: int, parallel: int, device: torch.device) -> tuple[int, int]:
+    """(splits, tiles per split) of n_tiles so that parallel × splits approaches the target."""
+    splits = max(1, min(n_tiles, triton.cdiv(_target_programs(device), max(parallel, 1))))
+    per = triton.cdiv(max(n_tiles, 1), splits)
+    return triton.cdiv(max(n_tiles, 1), per), per
+
+
+def _precision(a: torch.Tensor) -> str:
+    return FUSED_FP32_PRECISION if a.dtype == torch.float32 else "ieee"
+
+
+def _dtype_name(a: torch.Tensor) -> str:
+    return str(a.dtype).replace("torch.", "")
+
+
+def _check_fused(a, b):
+    _check(a, b)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"a and b must have the same D, got {a.shape[1]} and {b.shape[1]}")
+    fused_config("lse", _dtype_name(a), a.shape[1])  # raises ValueError for D > 256
+
+
+def lse_stats(a, b, scale, bias, pos_offset, chunk_rows):
+    _check_fused(a, b)
+    na, nb, d = a.shape[0], b.shape[0], a.shape[1]
+    dev = a.device
+    row_lse = torch.empty(na, dtype=torch.float32, device=dev)
+    col_lse = torch.empty(nb, dtype=torch.float32, device=dev)
+    pos_logit = torch.zeros(na, dtype=torch.float32, device=dev)
+    if na == 0 or nb == 0:
+        row_lse.fill_(float("-inf"))
+        col_lse.fill_(float("-inf"))
+        return row_lse, col_lse, pos_logit
+    cfg, bd = fused_config("lse", _dtype_name(a), d)
+    n_rt, n_ct = triton.cdiv(na, cfg.block_m), triton.cdiv(nb, cfg.block_n)
+    groups = min(n_rt, _MAX_ROW_GROUPS, _target_programs(dev))
+    per_group = triton.cdiv(n_rt, groups)
+    groups = triton.cdiv(n_rt, per_group)
+    splits, per_split = _split(n_ct, groups, dev)
+    row_part = torch.empty((splits, na), dtype=torch.float32, device=dev)
+    col_part = torch.full((groups, nb), float("-inf"), dtype=torch.float32, device=dev)
+    _fused_lse_kernel[(groups, splits)](
+        a, b, scale, bias, row_part, col_part, pos_logit,
+        na, nb, d, per_group, per_split, int(pos_offset),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), row_part.stride(0), col_part.stride(0),
+        INPUT_PRECISION=_precision(a),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_K=min(bd, cfg.block_k or bd),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    _merge(row_part, row_lse)
+    _merge(col_part, col_lse)
+    return row_lse, col_lse, pos_logit
+
+
+def _merge(part: torch.Tensor, out: torch.Tensor) -> None:
+    cfg = chunked_config("merge")
+    k, n = part.shape
+    _merge_lse_kernel[(triton.cdiv(n, cfg.block_n),)](
+        part, out, k, n, part.stride(0), part.stride(1),
+        ACCUMULATE=False, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def _gradients(a, b, scale, bias, row_lse, col_lse, w_row, w_col, w_pos, pos_offset, sigmoid, need_grad):
+    """Launch the rows kernel (and the cols kernel with need_grad). Returns
+    (loss_sum, grad_a, grad_b, grad_scale, grad_bias) with None where not computed."""
+    na, nb, d = a.shape[0], b.shape[0], a.shape[1]
+    dev = a.device
+    name = _dtype_name(a)
+    prec = _precision(a)
+    has_col = (not sigmoid) and w_col != 0
+    dummy = scale  # unused pointer arguments
+    row_lse = dummy if row_lse is None else row_lse.to(torch.float32).contiguous()
+    col_lse = dummy if col_lse is None else col_lse.to(torch.float32).contiguous()
+
+    cfg, bd = fused_config("rows", name, d)
+    m_blocks, n_ct = triton.cdiv(na, cfg.block_m), triton.cdiv(nb, cfg.block_n)
+    splits, per_split = _split(n_ct, m_blocks, dev)
+    nprog = m_blocks * splits
+    part = torch.zeros((3, nprog), dtype=torch.float32, device=dev)
+    ga = torch.empty((splits, na, d), dtype=torch.float32, device=dev) if need_grad else dummy
+    if na > 0 and nb > 0:
+        _fused_rows_kernel[(m_blocks, splits)](
+            a, b, scale, bias, row_lse, col_lse, ga, part,
+            na, nb, d, per_split, nprog, int(pos_offset),
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            ga.stride(0) if need_grad else 0, ga.stride(1) if need_grad else 0, ga.stride(2) if need_grad else 0,
+            float(w_row), float(w_col), float(w_pos),
+            SIGMOID=sigmoid, HAS_COL_TERM=has_col, NEED_GRAD=need_grad, INPUT_PRECISION=prec,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_K=min(bd, cfg.block_k or bd),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    elif need_grad:
+        ga.zero_()
+    totals = part.sum(dim=1)
+    loss = totals[0].clone()
+    if not need_grad:
+        return loss, None, None, None, None
+    grad_a = ga[0] if splits == 1 else ga.sum(dim=0)
+
+    cfg, bd = fused_config("cols", name, d)
+    n_blocks, m_rt = triton.cdiv(nb, cfg.block_n), triton.cdiv(na, cfg.block_m)
+    splits, per_split = _split(m_rt, n_blocks, dev)
+    gb = torch.empty((splits, nb, d), dtype=torch.float32, device=dev)
+    if na > 0 and nb > 0:
+        _fused_cols_kernel[(n_blocks, splits)](
+            a, b, scale, bias, row_lse, col_lse, gb,
+            na, nb, d, per_split, int(pos_offset),
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), gb.stride(0), gb.stride(1), gb.stride(2),
+            float(w_row), float(w_col), float(w_pos),
+            SIGMOID=sigmoid, HAS_COL_TERM=has_col, INPUT_PRECISION=prec,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_K=min(bd, cfg.block_k or bd),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    else:
+        gb.zero_()
+    grad_b = gb[0] if splits == 1 else gb.sum(dim=0)
+    return loss, grad_a, grad_b, totals[1].clone(), totals[2].clone()
+
+
+# ---------------------------------------------------------------------------------------- contract
+def softmax_grad(a, b, scale, bias, row_lse, col_lse, pos_offset, w_row, w_col, w_pos, chunk_rows):
+    _check_fused(a, b)
+    _, grad_a, grad_b, grad_scale, grad_bias = _gradients(
+        a, b, scale, bias, row_lse, col_lse, w_row, w_col, w_pos, pos_offset, sigmoid=False, need_grad=True)
+    return grad_a, grad_b, grad_scale, grad_bias
+
+
+def softmax_fused(a, b, scale, bias, pos_offset, w_row, w_col, w_pos, chunk_rows, cache_bytes):
+    row_lse, col_lse, pos_logit = lse_stats(a, b, scale, bias, pos_offset, chunk_rows)
+    col_lse[:pos_offset] = float("inf")
+    col_lse[pos_offset + a.shape[0]:] = float("inf")
+    grads = softmax_grad(a, b, scale, bias, row_lse, col_lse, pos_offset, w_row, w_col, w_pos, chunk_rows)
+    return (row_lse, col_lse, pos_logit) + grads
+
+
+def sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad):
+    _check_fused(a, b)
+    return _gradients(a, b, scale, bias, None, None, w, 0.0, 0.0, pos_offset, sigmoid=True,
+                      need_grad=bool(need_grad))
+
+
+# ------------------------------------------------------------------------------------ compile gate
+def compile_specs():
+    """Every (kernel, constexpr flags, shipped launch config) of this module for each supported
+    dtype, as dicts for ``triton.compile(ASTSource(...))`` (used by tests/test_triton_compile.py)."""
+    tri = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+    specs = []
+    for (kernel, cls, bd), cfg in FUSED_CONFIGS.items():
+        dtypes = ("float32",) if cls == "float32" else ("bfloat16", "float16")
+        for dtype in dtypes:
+            p = "*" + tri[dtype]
+            prec = FUSED_FP32_PRECISION if dtype == "float32" else "ieee"
+            common = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": bd,
+                      "BLOCK_K": min(bd, cfg.block_k or bd),
+                      "INPUT_PRECISION": prec, "stride_ad": 1, "stride_bd": 1}
+            if kernel == "lse":
+                fn = _fused_lse_kernel
+                sig = {"a_ptr": p, "b_ptr": p, "scale_ptr": "*fp32", "bias_ptr": "*fp32",
+                       "row_part_ptr": "*fp32", "col_part_ptr": "*fp32", "pos_logit_ptr": "*fp32",
+                       "Na": "i32", "Nb": "i32", "D": "i32", "tiles_per_group": "i32", "tiles_per_split": "i32",
+                       "pos_offset": "i32",
+                       "stride_am": "i32", "stride_ad": "constexpr", "stride_bn": "i32", "stride_bd": "constexpr",
+                       "stride_rp": "i32", "stride_cp": "i32"}
+                variants = [("", {})]
+            elif kernel == "rows":
+                fn = _fused_rows_kernel
+                sig = {"a_ptr": p, "b_ptr": p, "scale_ptr": "*fp32", "bias_ptr": "*fp32",
+                       "row_lse_ptr": "*fp32", "col_lse_ptr": "*fp32", "grad_a_ptr": "*fp32", "part_ptr": "*fp32",
+                       "Na": "i32", "Nb": "i32", "D": "i32", "tiles_per_split": "i32", "num_programs": "i32",
+                       "pos_offset": "i32",
+                       "stride_am": "i32", "stride_ad": "constexpr", "stride_bn": "i32", "stride_bd": "constexpr",
+                       "stride_gs": "i32", "stride_gm": "i32", "stride_gd": "constexpr",
+                       "w_row": "fp32", "w_col": "fp32", "w_pos": "fp32"}
+                common = dict(common, stride_gd=1)
+                variants = [
+                    ("softmax", {"SIGMOID": False, "HAS_COL_TERM": True, "NEED_GRAD": True}),
+                    ("softmax,row-only", {"SIGMOID": False, "HAS_COL_TERM": False, "NEED_GRAD": True}),
+                    ("sigmoid", {"SIGMOID": True, "HAS_COL_TERM": False, "NEED_GRAD": True}),
+                    ("sigmoid,loss-only", {"SIGMOID": True, "HAS_COL_TERM": False, "NEED_GRAD": False}),
+                ]
+            else:
+                fn = _fused_cols_kernel
+                sig = {"a_ptr": p, "b_ptr": p, "scale_ptr": "*fp32", "bias_ptr": "*fp32",
+                       "row_lse_ptr": "*fp32", "col_lse_ptr": "*fp32", "grad_b_ptr": "*fp32",
+                       "Na": "i32", "Nb": "i32", "D": "i32", "tiles_per_split": "i32", "pos_offset": "i32",
+                       "stride_am": "i32", "stride_ad": "constexpr", "stride_bn": "i32", "stride_bd": "constexpr",
+                       "stride_gs": "i32", "stride_gn": "i32", "stride_gd": "constexpr",
+                       "w_row": "fp32", "w_col": "fp32", "w_pos": "fp32"}
+                common = dict(common, stride_gd=1)
+                variants = [
+                    ("softmax", {"SIGMOID": False, "HAS_COL_TERM": True}),
+                    ("softmax,row-only", {"SIGMOID": False, "HAS_COL_TERM": False}),
+                    ("sigmoid", {"SIGMOID": True, "HAS_COL_TERM": False}),
+                ]
+            for vname, flags in variants:
+                consts = dict(common, **flags)
+                full_sig = dict(sig)
+                for k in consts:
+                    full_sig[k] = "constexpr"
+                label = f"fused_{kernel}[{vname}]" if vname else f"fused_{kernel}"
+                specs.append(dict(name=label, fn=fn, signature=full_sig, constexprs=consts,
+                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, uses_dot=True,
+                                  dtype=dtype, config=cfg, block_d=bd))
+    return specs
+
+
+__all__ = ["lse_stats", "softmax_grad", "softmax_fused", "sigmoid_fused", "SUPPORTED_DTYPES", "LN2"]

@@ -1,0 +1,185 @@
+"""Triton backend (``fastcon.kernels.triton.chunked`` and ``.fused``) against the plain-PyTorch
+statement of the contract, ``fastcon.kernels.torch_chunked``.
+
+On CPU the kernels run under the Triton interpreter (conftest.py sets TRITON_INTERPRET=1 before
+triton is imported): fp32, small shapes. Tests marked ``cuda`` compare bf16/fp16/fp32 on a GPU with
+an fp64 ground truth (run them with TRITON_INTERPRET=0 on a GPU machine).
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+
+import pytest
+import torch
+
+from fastcon.kernels import torch_chunked as ref
+
+pytest.importorskip("triton")
+
+MODS = ["chunked", "fused"]
+
+
+def _mod(name):
+    return importlib.import_module(f"fastcon.kernels.triton.{name}")
+
+
+def _inputs(na, nb, d, scale, bias, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed + na * 7 + nb * 13 + d)
+    a = torch.nn.functional.normalize(torch.randn(na, d, generator=g, dtype=torch.float64), dim=1)
+    b = torch.nn.functional.normalize(torch.randn(nb, d, generator=g, dtype=torch.float64), dim=1)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype),
+            torch.tensor(scale, dtype=acc, device=device), torch.tensor(bias, dtype=acc, device=device))
+
+
+def _close(got, want, logit_mag, name, rtol=1e-5, atol_per_logit=2e-6):
+    if want is None:
+        assert got is None, name
+        return
+    assert got is not None, name
+    assert got.shape == want.shape, (name, got.shape, want.shape)
+    assert got.dtype == want.dtype, (name, got.dtype, want.dtype)
+    got, want = got.double(), want.double()
+    fin = torch.isfinite(want)
+    assert torch.equal(fin, torch.isfinite(got)), f"{name}: finite pattern differs"
+    assert torch.equal(got[~fin], want[~fin]), f"{name}: infinities differ"
+    # atol: fp32 rounding of logits of size |s|+|b| propagates into every output; scale it so
+    # that sums over many terms (grad_scale, grad_bias, loss) get a budget ∝ their magnitude.
+    atol = atol_per_logit * (1.0 + logit_mag) * max(1.0, want[fin].abs().max().item() if fin.any() else 1.0)
+    err = (got[fin] - want[fin]).abs()
+    tol = atol + rtol * want[fin].abs()
+    assert bool((err <= tol).all()), f"{name}: max err {err.max().item():.3g} (atol {atol:.3g})"
+
+
+CASES = [
+    # na, nb, d, scale, bias, chunk_rows
+    (1, 1, 3, 1.0, 0.0, 4),
+    (3, 257, 64, 14.3, -10.0, 2),
+    (127, 3, 200, 100.0, 0.0, 50),
+    (257, 127, 3, 100.0, -10.0, 100),
+    (127, 257, 200, 14.3, 0.0, 128),
+]
+
+
+@pytest.mark.parametrize("mod", MODS)
+@pytest.mark.parametrize("na,nb,d,scale,bias,chunk", CASES)
+def test_lse_stats(mod, na, nb, d, scale, bias, chunk):
+    a, b, s, bb = _inputs(na, nb, d, scale, bias)
+    mag = abs(scale) + abs(bias)
+    for pos_offset in sorted({0, min(2, nb), nb}):
+        got = _mod(mod).lse_stats(a, b, s, bb, pos_offset, chunk)
+        want = ref.lse_stats(a, b, s, bb, pos_offset, chunk)
+        for n, x, y in zip(("row_lse", "col_lse", "pos_logit"), got, want):
+            _close(x, y, mag, f"{n} pos_offset={pos_offset}")
+
+
+@pytest.mark.parametrize("mod", MODS)
+@pytest.mark.parametrize("na,nb,d,scale,bias,chunk", CASES)
+def test_softmax_grad(mod, na, nb, d, scale, bias, chunk):
+    a, b, s, bb = _inputs(na, nb, d, scale, bias)
+    row_lse, col_lse, _ = ref.lse_stats(a, b, s, bb, 0, chunk)
+    col_lse = col_lse.clone()
+    col_lse[::3] = float("inf")  # +inf LSE: that column's term is 0
+    for pos_offset, w_row, w_col, w_pos in ((0, 0.5, 0.5, 1.0), (1, 1.0, 0.0, 1.0), (nb, 0.5, 0.5, 0.0)):
+        got = _mod(mod).softmax_grad(a, b, s, bb, row_lse, col_lse, pos_offset, w_row, w_col, w_pos, chunk)
+        want = ref.softmax_grad(a, b, s, bb, row_lse, col_lse, pos_offset, w_row, w_col, w_pos, chunk)
+        for n, x, y in zip(("grad_a", "grad_b", "grad_scale", "grad_bias"), got, want):
+            _close(x, y, abs(scale) + abs(bias), f"{n} pos={pos_offset} w=({w_row},{w_col},{w_pos})")
+
+
+@pytest.mark.parametrize("mod", MODS)
+@pytest.mark.parametrize("na,nb,d,scale,bias,chunk", [CASES[1], CASES[3], CASES[4]])
+def test_softmax_fused(mod, na, nb, d, scale, bias, chunk):
+    a, b, s, bb = _inputs(na, nb, d, scale, bias)
+    pos_offset = max(0, min(1, nb - na))
+    for cache_bytes in (0, 1 << 30):
+        got = _mod(mod).softmax_fused(a, b, s, bb, pos_offset, 0.5, 0.5, 1.0, chunk, cache_bytes)
+        want = ref.softmax_fused(a, b, s, bb, pos_offset, 0.5, 0.5, 1.0, chunk, cache_bytes)
+        names = ("row_lse", "col_lse", "pos_logit", "grad_a", "grad_b", "grad_scale", "grad_bias")
+        for n, x, y in zip(names, got, want):
+            _close(x, y, abs(scale) + abs(bias), n)
+
+
+@pytest.mark.parametrize("mod", MODS)
+@pytest.mark.parametrize("na,nb,d,scale,bias,chunk", CASES)
+def test_sigmoid_fused(mod, na, nb, d, scale, bias, chunk):
+    a, b, s, bb = _inputs(na, nb, d, scale, bias)
+    for pos_offset in sorted({0, min(2, nb), nb, nb + 5}):
+        for need_grad in (True, False):
+            got = _mod(mod).sigmoid_fused(a, b, s, bb, pos_offset, 0.3, chunk, need_grad)
+            want = ref.sigmoid_fused(a, b, s, bb, pos_offset, 0.3, chunk, need_grad)
+            for n, x, y in zip(("loss", "grad_a", "grad_b", "grad_scale", "grad_bias"), got, want):
+                _close(x, y, abs(scale) + abs(bias), f"{n} pos_offset={pos_offset} grad={need_grad}")
+
+
+@pytest.mark.parametrize("mod", MODS)
+def test_split_paths(mod, monkeypatch):
+    """More programs than row blocks: column/row splits with partial buffers merged in order."""
+    m = _mod(mod)
+    monkeypatch.setattr(m, "_TARGET_PROGRAMS_CPU", 64)
+    a, b, s, bb = _inputs(70, 300, 40, 14.3, -10.0)
+    got = m.softmax_fused(a, b, s, bb, 100, 0.5, 0.5, 1.0, 33, 0)
+    want = ref.softmax_fused(a, b, s, bb, 100, 0.5, 0.5, 1.0, 33, 0)
+    for n, x, y in zip(("row_lse", "col_lse", "pos_logit", "ga", "gb", "gs", "gbias"), got, want):
+        _close(x, y, 24.3, n)
+    got = m.sigmoid_fused(a, b, s, bb, 3, 1.0, 33, True)
+    want = ref.sigmoid_fused(a, b, s, bb, 3, 1.0, 33, True)
+    for n, x, y in zip(("loss", "ga", "gb", "gs", "gbias"), got, want):
+        _close(x, y, 24.3, n)
+
+
+def test_fused_rejects_large_d():
+    a, b, s, bb = _inputs(4, 4, 257, 1.0, 0.0)
+    with pytest.raises(ValueError, match="D=257"):
+        _mod("fused").lse_stats(a, b, s, bb, 0, 4)
+
+
+@pytest.mark.parametrize("mod", MODS)
+def test_float64_not_supported(mod):
+    a, b, s, bb = _inputs(4, 4, 8, 1.0, 0.0, dtype=torch.float64)
+    with pytest.raises(NotImplementedError):
+        _mod(mod).lse_stats(a, b, s, bb, 0, 4)
+
+
+def test_available():
+    from fastcon.kernels import triton as tb
+
+    ok, why = tb.available(torch.device("cpu"))
+    assert ok == (os.environ.get("TRITON_INTERPRET") == "1")
+    assert ok or "TRITON_INTERPRET=1" in why
+
+
+# ------------------------------------------------------------------------------------------- CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("mod", MODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("na,nb,d", [(1000, 1537, 64), (513, 2048, 200), (2048, 1000, 128), (300, 700, 256)])
+def test_cuda_against_fp64(mod, dtype, na, nb, d):
+    m = _mod(mod)
+    scale, bias = 14.3, -10.0
+    a, b, s, bb = _inputs(na, nb, d, scale, bias, dtype=dtype, device="cuda")
+    # Ground truth in fp64 from the inputs as rounded to `dtype`.
+    a64, b64 = a.double(), b.double()
+    s64, bb64 = s.double(), bb.double()
+    # Budget: G is rounded to bf16/fp16 before the gradient GEMMs (relative 2^-8 / 2^-11), dots are
+    # fp32 (TF32x3 in the fused fp32 path).
+    rtol = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
+
+    def check(got, want, name):
+        got, want = got.double(), want.double()
+        fin = torch.isfinite(want)
+        err = (got[fin] - want[fin]).abs().max().item() if fin.any() else 0.0
+        ref_mag = want[fin].abs().max().item() if fin.any() else 1.0
+        assert err <= rtol * max(ref_mag, 1e-3) + 1e-5 * (scale + abs(bias)), f"{name}: {err:.3g} vs {ref_mag:.3g}"
+
+    pos = max(0, min(3, nb - na))
+    got = m.softmax_fused(a, b, s, bb, pos, 0.5, 0.5, 1.0, 512, 1 << 28)
+    want = ref.softmax_fused(a64, b64, s64, bb64, pos, 0.5, 0.5, 1.0, 512, 1 << 28)
+    for n, x, y in zip(("row_lse", "col_lse", "pos_logit", "ga", "gb", "gs", "gbias"), got, want):
+        check(x, y, n)
+    got = m.sigmoid_fused(a, b, s, bb, 3, 1.0 / na, 512, True)
+    want = ref.sigmoid_fused(a64, b64, s64, bb64, 3, 1.0 / na, 512, True)
+    for n, x, y in zip(("loss", "ga", "gb", "gs", "gbias"), got, want):
+        check(x, y, n)
