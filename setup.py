@@ -30,7 +30,10 @@ def _extensions():
         cxx_flags, link_flags = ["-O3"], []
     else:
         # No -march=native: kernels.cpp is multi-versioned (target_clones) instead.
-        cxx_flags, link_flags = ["-O3", "-fopenmp"], ["-fopenmp"]
+        # -ffp-contract=off: S = s·dot + b must round identically in every pass and code path (the
+        # statistics, the positives and the gradient epilogue); an FMA in one place and not in another
+        # shifts P = exp(S − LSE) by an ulp of S, which the cancellation in P − 1 amplifies.
+        cxx_flags, link_flags = ["-O3", "-fopenmp", "-ffp-contract=off"], ["-fopenmp"]
     ext = CppExtension(
         name="fastcon._C",
         sources=sources,

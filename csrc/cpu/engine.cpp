@@ -102,28 +102,33 @@ template <typename T>
 struct ColStats {
   int64_t nb;
   int nt;
-  int64_t tile;            // rows per tile of the two-sweep epilogue
-  std::vector<T> storage;  // per thread: cmax, csum, csh, tmax (nb each)
+  int64_t tile;                     // rows per tile of the two-sweep epilogue
+  std::vector<T> storage;           // per thread: cmax, tile_sum, csh, tmax (nb each)
+  std::vector<double> total_sum;    // per thread: Σ exp(S − csh) over the tiles seen (nb each)
 
   ColStats(int64_t nb_, int nt_) : nb(nb_), nt(nt_) {
     // A tile of rows is swept twice; keep it around 256 KiB so the second sweep hits L2.
     const int64_t target = (int64_t(256) << 10) / int64_t(sizeof(T));
     tile = std::min<int64_t>(64, std::max<int64_t>(1, target / std::max<int64_t>(nb, 1)));
     storage.resize(size_t(nt) * 4 * size_t(nb));
+    total_sum.assign(size_t(nt) * size_t(nb), 0.0);
     for (int t = 0; t < nt; ++t) {
       std::fill(cmax(t), cmax(t) + nb, -inf<T>());
-      std::fill(csum(t), csum(t) + nb, T(0));
+      std::fill(tile_sum(t), tile_sum(t) + nb, T(0));
       std::fill(csh(t), csh(t) + nb, T(0));
     }
   }
   T* base(int t) { return storage.data() + size_t(t) * 4 * size_t(nb); }
   T* cmax(int t) { return base(t); }
-  T* csum(int t) { return base(t) + nb; }
+  T* tile_sum(int t) { return base(t) + nb; }
   T* csh(int t) { return base(t) + 2 * nb; }
   T* tmax(int t) { return base(t) + 3 * nb; }
+  double* total(int t) { return total_sum.data() + size_t(t) * size_t(nb); }
 
   // Stats of `rows` rows of unscaled dot products `dot` (rows × nb, row-major). Writes the row LSEs
-  // and folds the columns into the accumulators of the thread that owns each row block.
+  // and folds the columns into the accumulators of the thread that owns each row block. A column's
+  // sum runs over up to Na rows: it is accumulated in T within a tile (<= 64 rows) and in double
+  // across tiles, so its rounding error does not grow with Na.
   void add_chunk(const T* dot, int64_t rows, T s, T b, T* row_lse) {
     if (rows == 0) return;
 #pragma omp parallel num_threads(nt) if (rows * nb >= kMinParallelWork)
@@ -132,19 +137,28 @@ struct ColStats {
       const int team = omp_team();
       const int64_t r0 = rows * tid / team, r1 = rows * (tid + 1) / team;
       T* cm = cmax(tid);
-      T* cs = csum(tid);
+      T* ts = tile_sum(tid);
       T* sh = csh(tid);
       T* tm = tmax(tid);
+      double* tot = total(tid);
       T rmax[64];
       for (int64_t t0 = r0; t0 < r1; t0 += tile) {
         const int64_t t1 = std::min(r1, t0 + tile);
         std::copy(cm, cm + nb, tm);
         for (int64_t i = t0; i < t1; ++i) rmax[i - t0] = fc_rowmax_colmax(dot + i * nb, nb, s, b, tm);
-        fc_rescale(cm, cs, sh, tm, nb);
+        // Move the double totals to the new shifts (rare after the first tiles: the max settles).
+        for (int64_t j = 0; j < nb; ++j) {
+          if (tm[j] != cm[j] && cm[j] != -inf<T>()) tot[j] *= std::exp(double(sh[j]) - double(lse_shift(tm[j])));
+        }
+        fc_rescale(cm, ts, sh, tm, nb);  // ts is all zero here: this only updates cmax and the shifts
         for (int64_t i = t0; i < t1; ++i) {
           const T rsh = lse_shift(rmax[i - t0]);
-          const T acc = fc_rowexp_colexp(dot + i * nb, nb, s, b, rsh, sh, cs);
+          const T acc = fc_rowexp_colexp(dot + i * nb, nb, s, b, rsh, sh, ts);
           row_lse[i] = rsh + std::log(acc);
+        }
+        for (int64_t j = 0; j < nb; ++j) {
+          tot[j] += double(ts[j]);
+          ts[j] = T(0);
         }
       }
     }
@@ -158,13 +172,13 @@ struct ColStats {
       T m = -inf<T>();
       for (int t = 0; t < n_threads; ++t) m = std::max(m, cmax(t)[j]);
       const T shift = lse_shift(m);
-      T sum = 0;
+      double sum = 0;
       for (int t = 0; t < n_threads; ++t) {
         const T mt = cmax(t)[j];
         if (mt == -inf<T>()) continue;
-        sum += csum(t)[j] * (mt == m ? T(1) : std::exp(csh(t)[j] - shift));
+        sum += total(t)[j] * (mt == m ? 1.0 : std::exp(double(csh(t)[j]) - double(shift)));
       }
-      col_lse[j] = shift + std::log(sum);
+      col_lse[j] = T(double(shift) + std::log(sum));
     }
   }
 };
