@@ -72,6 +72,17 @@ def make_loss_fn(loss: str, provider: str):
 
 
 # ------------------------------------------------------------------------------------------ worker
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _rss_bytes(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -202,7 +213,7 @@ def run_case(case: dict) -> dict:
     row["max_ms"] = max(times) * 1e3
     flops = (2 if mode == "fwd" else 8) * n * n * d
     row["tflops"] = flops / (row["median_ms"] / 1e3) / 1e12
-    row["device_name"] = torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine())
+    row["device_name"] = torch.cuda.get_device_name(device) if cuda else _cpu_name()
     row["threads"] = torch.get_num_threads()
     return row
 
@@ -251,6 +262,23 @@ def _format_table(rows):
     return "\n".join(out)
 
 
+def _format_markdown(rows):
+    devices = sorted({r.get("device_name", r.get("device", "?")) for r in rows})
+    out = [f"Device: {', '.join(devices)}. fastcon {rows[0].get('fastcon_version')}, torch {rows[0].get('torch')}, "
+           f"git {rows[0].get('git_sha')}. Working memory excludes the inputs and their gradients.", "",
+           "| loss | provider | N | D | dtype | mode | median ms | min-max ms | peak MiB | TFLOP/s | max rel err |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("status") != "ok":
+            out.append(f"| {r['loss']} | {r['provider']} | {r['batch']} | {r['dim']} | {r['dtype']} | {r['mode']} "
+                       f"| {r.get('status')} | | | | |")
+            continue
+        out.append(f"| {r['loss']} | {r['provider']} | {r['batch']} | {r['dim']} | {r['dtype']} | {r['mode']} "
+                   f"| {r['median_ms']:.1f} | {r['min_ms']:.1f}-{r['max_ms']:.1f} | {r['peak_mib']:.1f} "
+                   f"| {r['tflops']:.3f} | {r['max_rel_err']:.2e} |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="fastcon-bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--loss", default="clip", help="comma list: clip,siglip")
@@ -264,12 +292,23 @@ def main(argv=None):
     p.add_argument("--check-rows", type=int, default=2048)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per case")
     p.add_argument("--json", default=None, help="write rows to this JSON file")
+    p.add_argument("--markdown", default=None, help="write the table as Markdown to this file")
+    p.add_argument("--from-json", nargs="+", default=None, metavar="FILE",
+                   help="run nothing: print (and --markdown) the rows of earlier --json files")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args._worker:
         row = run_case(json.loads(args._worker))
         print(json.dumps(row))
+        return 0
+
+    if args.from_json:
+        rows = [row for path in args.from_json for row in json.load(open(path))]
+        print(_format_table(rows))
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(_format_markdown(rows))
         return 0
 
     import torch
@@ -294,6 +333,9 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(_format_markdown(rows))
     return 0
 
 
