@@ -4,26 +4,7 @@ from __future__ import annotations
 
 import torch
 
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _dot_chunk(a_c: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a_c·bᵀ`` in the accumulation dtype (fp32 for fp32/bf16/fp16 inputs, fp64 for fp64)."""
-    if a_c.dtype in (torch.float32, torch.float64):
-        return a_c @ b.T
-    if a_c.is_cuda:
-        try:
-            return torch.mm(a_c, b.T, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):
-            pass
-    return a_c.float() @ b.float().T
-
-
-def _chunks(n: int, chunk_rows: int):
-    for start in range(0, n, chunk_rows):
-        yield start, min(n, start + chunk_rows)
+from ._common import acc_dtype, mask_columns_without_positive, mm_acc, row_chunks, stats_pass
 
 
 def _positives(r0, r1, pos_offset, nb, device):
@@ -35,22 +16,18 @@ def _positives(r0, r1, pos_offset, nb, device):
 
 
 def lse_stats(a, b, scale, bias, pos_offset, chunk_rows):
-    acc = acc_dtype(a.dtype)
-    na, nb = a.shape[0], b.shape[0]
-    row_lse = torch.empty(na, dtype=acc, device=a.device)
-    pos_logit = torch.zeros(na, dtype=acc, device=a.device)
-    col_lse = torch.full((nb,), float("-inf"), dtype=acc, device=a.device)
-    for r0, r1 in _chunks(na, chunk_rows):
-        s_c = _dot_chunk(a[r0:r1], b).mul_(scale).add_(bias)
-        _stats_epilogue(s_c, r0, r1, pos_offset, row_lse, col_lse, pos_logit)
+    row_lse, col_lse, pos_logit, _ = stats_pass(a, b, chunk_rows, 0, _stats_epilogue(scale, bias, pos_offset))
     return row_lse, col_lse, pos_logit
 
 
-def _stats_epilogue(s_c, r0, r1, pos_offset, row_lse, col_lse, pos_logit):
-    rows, cols = _positives(r0, r1, pos_offset, s_c.shape[1], s_c.device)
-    pos_logit[rows + r0] = s_c[rows, cols]
-    row_lse[r0:r1] = torch.logsumexp(s_c, dim=1)
-    col_lse.copy_(torch.logaddexp(col_lse, torch.logsumexp(s_c, dim=0)))
+def _stats_epilogue(scale, bias, pos_offset):
+    def chunk_stats(dot, r0, r1, row_lse, col_lse, pos_logit):
+        s_c = dot * scale + bias
+        rows, cols = _positives(r0, r1, pos_offset, s_c.shape[1], s_c.device)
+        pos_logit[rows + r0] = s_c[rows, cols]
+        row_lse[r0:r1] = torch.logsumexp(s_c, dim=1)
+        col_lse.copy_(torch.logaddexp(col_lse, torch.logsumexp(s_c, dim=0)))
+    return chunk_stats
 
 
 def softmax_grad(a, b, scale, bias, row_lse, col_lse, pos_offset, w_row, w_col, w_pos, chunk_rows,
@@ -62,8 +39,8 @@ def softmax_grad(a, b, scale, bias, row_lse, col_lse, pos_offset, w_row, w_col, 
     grad_b = torch.zeros(b.shape, dtype=acc, device=a.device)
     grad_scale = torch.zeros((), dtype=acc, device=a.device)
     grad_bias = torch.zeros((), dtype=acc, device=a.device)
-    for k, (r0, r1) in enumerate(_chunks(na, chunk_rows)):
-        dot = _cached[k] if _cached is not None and k < len(_cached) else _dot_chunk(a[r0:r1], b)
+    for k, (r0, r1) in enumerate(row_chunks(na, chunk_rows)):
+        dot = _cached[k] if _cached is not None and k < len(_cached) else mm_acc(a[r0:r1], b.T)
         s_c = dot * scale + bias
         g = torch.exp(s_c - col_lse[None, :]).mul_(w_col) if w_col != 0 else None
         p_row = s_c.sub_(row_lse[r0:r1, None]).exp_().mul_(w_row)
@@ -79,21 +56,9 @@ def softmax_grad(a, b, scale, bias, row_lse, col_lse, pos_offset, w_row, w_col, 
 
 
 def softmax_fused(a, b, scale, bias, pos_offset, w_row, w_col, w_pos, chunk_rows, cache_bytes):
-    acc = acc_dtype(a.dtype)
-    na, nb = a.shape[0], b.shape[0]
-    row_lse = torch.empty(na, dtype=acc, device=a.device)
-    pos_logit = torch.zeros(na, dtype=acc, device=a.device)
-    col_lse = torch.full((nb,), float("-inf"), dtype=acc, device=a.device)
-    cached, kept = [], 0
-    for r0, r1 in _chunks(na, chunk_rows):
-        dot = _dot_chunk(a[r0:r1], b)
-        _stats_epilogue(dot * scale + bias, r0, r1, pos_offset, row_lse, col_lse, pos_logit)
-        nbytes = dot.numel() * dot.element_size()
-        if len(cached) * chunk_rows == r0 and kept + nbytes <= cache_bytes:
-            cached.append(dot)
-            kept += nbytes
-    col_lse[:pos_offset] = float("inf")
-    col_lse[pos_offset + na:] = float("inf")
+    row_lse, col_lse, pos_logit, cached = stats_pass(a, b, chunk_rows, cache_bytes,
+                                                     _stats_epilogue(scale, bias, pos_offset))
+    mask_columns_without_positive(col_lse, pos_offset, a.shape[0])
     grads = softmax_grad(a, b, scale, bias, row_lse, col_lse, pos_offset, w_row, w_col, w_pos, chunk_rows,
                          _cached=cached)
     return (row_lse, col_lse, pos_logit) + grads
@@ -110,8 +75,8 @@ def sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad):
         grad_b = torch.zeros(b.shape, dtype=acc, device=a.device)
         grad_scale = torch.zeros((), dtype=acc, device=a.device)
         grad_bias = torch.zeros((), dtype=acc, device=a.device)
-    for r0, r1 in _chunks(na, chunk_rows):
-        dot = _dot_chunk(a[r0:r1], b)
+    for r0, r1 in row_chunks(na, chunk_rows):
+        dot = mm_acc(a[r0:r1], b.T)
         s_c = dot * scale + bias
         rows, cols = _positives(r0, r1, pos_offset, nb, a.device)
         # softplus(-z·l): negatives give softplus(l), positives softplus(-l) = softplus(l) - l.

@@ -20,6 +20,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from fastcon.kernels._common import acc_dtype
+
 BACKENDS = ("auto", "cpp", "triton", "triton_fused", "torch", "reference")
 
 _MiB = 1 << 20
@@ -121,10 +123,6 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> T
     module = importlib.import_module(
         "fastcon.kernels.triton.fused" if backend == "triton_fused" else "fastcon.kernels.triton.chunked")
     return backend, module
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common import mask_columns_without_positive, mm_acc, row_chunks, stats_pass
 from .configs import SUPPORTED_DTYPES, chunked_config
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -234,10 +235,6 @@ def _chunk_sigmoid_kernel(
 
 
 # ------------------------------------------------------------------------------------------- host
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _check(a: torch.Tensor, b: torch.Tensor) -> None:
     name = str(a.dtype).replace("torch.", "")
     if name not in SUPPORTED_DTYPES:
@@ -247,27 +244,6 @@ def _check(a: torch.Tensor, b: torch.Tensor) -> None:
         )
     if a.dtype != b.dtype or a.device != b.device:
         raise ValueError("a and b must have the same dtype and device")
-
-
-def _mm_acc(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``x @ y`` with an fp32 result (tensor cores with fp32 output for bf16/fp16 on CUDA)."""
-    if x.dtype == torch.float32:
-        return x @ y
-    if x.is_cuda:
-        try:
-            return torch.mm(x, y, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):
-            pass
-    return x.float() @ y.float()
-
-
-def _dot_chunk(a_c: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return _mm_acc(a_c, b.T)
-
-
-def _chunks(n: int, chunk_rows: int):
-    for start in range(0, n, chunk_rows):
-        yield start, min(n, start + chunk_rows)
 
 
 def _target_programs(device: torch.device) -> int:
@@ -314,16 +290,16 @@ def _chunk_stats(dot, scale, bias, row_lse_out, col_lse, pos_logit_out, pos_col0
 
 
 # ---------------------------------------------------------------------------------------- contract
-def lse_stats(a, b, scale, bias, pos_offset, chunk_rows):
-    _check(a, b)
-    na, nb = a.shape[0], b.shape[0]
-    row_lse = torch.empty(na, dtype=torch.float32, device=a.device)
-    pos_logit = torch.zeros(na, dtype=torch.float32, device=a.device)
-    col_lse = torch.full((nb,), float("-inf"), dtype=torch.float32, device=a.device)
-    for r0, r1 in _chunks(na, chunk_rows):
-        dot = _dot_chunk(a[r0:r1], b)
+def _stats_epilogue(scale, bias, pos_offset):
+    def chunk_stats(dot, r0, r1, row_lse, col_lse, pos_logit):
         _chunk_stats(dot, scale, bias, row_lse[r0:r1], col_lse, pos_logit[r0:r1], r0 + pos_offset,
                      accumulate_cols=r0 > 0)
+    return chunk_stats
+
+
+def lse_stats(a, b, scale, bias, pos_offset, chunk_rows):
+    _check(a, b)
+    row_lse, col_lse, pos_logit, _ = stats_pass(a, b, chunk_rows, 0, _stats_epilogue(scale, bias, pos_offset))
     return row_lse, col_lse, pos_logit
 
 
@@ -336,11 +312,11 @@ def _g_buffer(a: torch.Tensor, rows: int, nb: int):
 
 def _grad_gemms(g, a_c, b, scale, grad_a_c, grad_b) -> None:
     """grad_a_c = s·G·B; grad_b += Gᵀ·A_c (fp32 accumulation; s applied to grad_b at the end)."""
-    torch.mul(_mm_acc(g, b), scale, out=grad_a_c)
+    torch.mul(mm_acc(g, b), scale, out=grad_a_c)
     if g.dtype == torch.float32:
         grad_b.addmm_(g.T, a_c)
     else:
-        grad_b.add_(_mm_acc(g.T, a_c))
+        grad_b.add_(mm_acc(g.T, a_c))
 
 
 def softmax_grad(a, b, scale, bias, row_lse, col_lse, pos_offset, w_row, w_col, w_pos, chunk_rows,
@@ -355,11 +331,11 @@ def softmax_grad(a, b, scale, bias, row_lse, col_lse, pos_offset, w_row, w_col, 
     col_lse = col_lse.to(torch.float32).contiguous()
     g_buf = _g_buffer(a, min(chunk_rows, na), nb)
     parts = []
-    for k, (r0, r1) in enumerate(_chunks(na, chunk_rows)):
+    for k, (r0, r1) in enumerate(row_chunks(na, chunk_rows)):
         if _cached is not None and k < len(_cached):
             dot = _cached[k]
         else:
-            dot = _dot_chunk(a[r0:r1], b)
+            dot = mm_acc(a[r0:r1], b.T)
         r = r1 - r0
         g = dot if g_buf is None else g_buf[:r]
         m_blocks, splits, per_split = _grid(r, nb, cfg.block_m, cfg.block_n, dev)
@@ -382,21 +358,9 @@ def softmax_grad(a, b, scale, bias, row_lse, col_lse, pos_offset, w_row, w_col, 
 
 def softmax_fused(a, b, scale, bias, pos_offset, w_row, w_col, w_pos, chunk_rows, cache_bytes):
     _check(a, b)
-    na, nb = a.shape[0], b.shape[0]
-    row_lse = torch.empty(na, dtype=torch.float32, device=a.device)
-    pos_logit = torch.zeros(na, dtype=torch.float32, device=a.device)
-    col_lse = torch.full((nb,), float("-inf"), dtype=torch.float32, device=a.device)
-    cached, kept = [], 0
-    for r0, r1 in _chunks(na, chunk_rows):
-        dot = _dot_chunk(a[r0:r1], b)
-        _chunk_stats(dot, scale, bias, row_lse[r0:r1], col_lse, pos_logit[r0:r1], r0 + pos_offset,
-                     accumulate_cols=r0 > 0)
-        size = dot.numel() * dot.element_size()
-        if len(cached) * chunk_rows == r0 and kept + size <= cache_bytes:
-            cached.append(dot)
-            kept += size
-    col_lse[:pos_offset] = float("inf")
-    col_lse[pos_offset + na:] = float("inf")
+    row_lse, col_lse, pos_logit, cached = stats_pass(a, b, chunk_rows, cache_bytes,
+                                                     _stats_epilogue(scale, bias, pos_offset))
+    mask_columns_without_positive(col_lse, pos_offset, a.shape[0])
     grads = softmax_grad(a, b, scale, bias, row_lse, col_lse, pos_offset, w_row, w_col, w_pos, chunk_rows,
                          _cached=cached)
     return (row_lse, col_lse, pos_logit) + grads
@@ -413,8 +377,8 @@ def sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad):
         grad_b = torch.zeros(b.shape, dtype=torch.float32, device=dev)
         g_buf = _g_buffer(a, min(chunk_rows, na), nb)
     parts = []
-    for r0, r1 in _chunks(na, chunk_rows):
-        dot = _dot_chunk(a[r0:r1], b)
+    for r0, r1 in row_chunks(na, chunk_rows):
+        dot = mm_acc(a[r0:r1], b.T)
         r = r1 - r0
         g = dot if (not need_grad or g_buf is None) else g_buf[:r]
         m_blocks, splits, per_split = _grid(r, nb, cfg.block_m, cfg.block_n, dev)

@@ -1,0 +1,65 @@
+"""Host-side pieces shared by the chunked backends (plain PyTorch and Triton)."""
+from __future__ import annotations
+
+from typing import Callable, List, Tuple
+
+import torch
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def row_chunks(n: int, chunk_rows: int):
+    """(start, stop) of consecutive row chunks of at most ``chunk_rows`` rows."""
+    for start in range(0, n, chunk_rows):
+        yield start, min(n, start + chunk_rows)
+
+
+def mm_acc(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x @ y`` in the accumulation dtype: bf16/fp16 go through tensor cores with an fp32 result on
+    CUDA (``out_dtype``), or are upcast elsewhere."""
+    if x.dtype in (torch.float32, torch.float64):
+        return x @ y
+    if x.is_cuda:
+        try:
+            return torch.mm(x, y, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):
+            pass
+    return x.float() @ y.float()
+
+
+ChunkStats = Callable[[torch.Tensor, int, int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def stats_pass(a: torch.Tensor, b: torch.Tensor, chunk_rows: int, cache_bytes: int,
+               chunk_stats: ChunkStats) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+    """Pass 1 of the engine: for each row chunk, the dot products ``a[r0:r1]·bᵀ`` and a backend's
+    statistics epilogue ``chunk_stats(dot, r0, r1, row_lse, col_lse, pos_logit)`` (which fills the
+    chunk's rows of row_lse and pos_logit and merges its column LSE into col_lse).
+
+    Returns (row_lse, col_lse, pos_logit, cached): ``cached`` holds the dot products of the leading
+    chunks whose total fits ``cache_bytes``, for the gradient pass to reuse instead of recomputing.
+    """
+    na, nb = a.shape[0], b.shape[0]
+    acc = acc_dtype(a.dtype)
+    row_lse = torch.empty(na, dtype=acc, device=a.device)
+    pos_logit = torch.zeros(na, dtype=acc, device=a.device)
+    col_lse = torch.full((nb,), float("-inf"), dtype=acc, device=a.device)
+    cached, kept = [], 0
+    for r0, r1 in row_chunks(na, chunk_rows):
+        dot = mm_acc(a[r0:r1], b.T)
+        chunk_stats(dot, r0, r1, row_lse, col_lse, pos_logit)
+        size = dot.numel() * dot.element_size()
+        if len(cached) * chunk_rows == r0 and kept + size <= cache_bytes:
+            cached.append(dot)
+            kept += size
+    return row_lse, col_lse, pos_logit, cached
+
+
+def mask_columns_without_positive(col_lse: torch.Tensor, pos_offset: int, na: int) -> torch.Tensor:
+    """+inf outside [pos_offset, pos_offset + na): those columns have no column-softmax term."""
+    col_lse[:pos_offset] = float("inf")
+    col_lse[pos_offset + na:] = float("inf")
+    return col_lse
