@@ -36,11 +36,24 @@ def _check_chunk_size(chunk_size):
     return chunk_size or None
 
 
-def _no_distribution(process_group, loss):
-    if process_group is not None:
-        raise NotImplementedError(
-            f"{loss}(process_group=...) is the distributed loss, which is not implemented yet "
-            "(tracked as the 'distributed' issue); call it without process_group on each rank's local batch")
+def _distributed_setup(process_group, image_features, text_features, backend):
+    """None for a single-process call (no group, or a group of one); else the group, after checking
+    that every rank holds the same number of pairs."""
+    if process_group is None:
+        return None
+    from .distributed import check_equal_batch, group_rank_and_size
+
+    _, world = group_rank_and_size(process_group)
+    if world == 1:
+        return None
+    if backend == "reference":
+        raise ValueError("backend='reference' has no distributed form; gather the features and call it on one rank")
+    if image_features.shape[0] != text_features.shape[0]:
+        raise ValueError(
+            f"the distributed losses need paired local batches: image_features has {image_features.shape[0]} rows, "
+            f"text_features {text_features.shape[0]}")
+    check_equal_batch(image_features.shape[0], image_features.device, process_group)
+    return process_group
 
 
 def clip_loss(
@@ -51,6 +64,8 @@ def clip_loss(
     *,
     label_smoothing: float = 0.0,
     pos_offset: int = 0,
+    local_loss: bool = False,
+    gather_with_grad: bool = False,
     process_group=None,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
@@ -67,12 +82,31 @@ def clip_loss(
     ``(1−ε)·onehot + ε/n_classes`` of ``F.cross_entropy``. Returns a 0-d tensor in the features' dtype
     (computed in fp32); gradients reach both feature tensors, ``logit_scale`` and ``logit_bias``.
     Memory: O((Na + Nb)·D + chunk·Nb).
+
+    With ``process_group`` (W ranks, each passing its local n pairs; ``pos_offset`` must be 0) this
+    is open_clip's distributed ``ClipLoss`` on each rank: ``local_loss=False`` returns the global loss
+    over the N = W·n pairs, computed from this rank's n rows of the N×N matrix with the text shards
+    travelling around a ring; ``local_loss=True`` returns ½[CE(s·X_r·Y_allᵀ) + CE(s·Y_r·X_allᵀ)] with
+    labels offset by rank·n. ``gather_with_grad`` gives the gathered features a gradient, exactly as
+    open_clip's all_gather with autograd does (in the global mode that multiplies the feature gradients
+    by the sum of the ranks' upstream gradients, W for ``loss.backward()`` everywhere).
     """
     scale, bias = _check_common(image_features, text_features, logit_scale, logit_bias)
     eps = check_label_smoothing(label_smoothing)
     check_pos_offset(pos_offset, image_features.shape[0], text_features.shape[0])
     chunk_size = _check_chunk_size(chunk_size)
-    _no_distribution(process_group, "clip_loss")
+    for name, value in (("local_loss", local_loss), ("gather_with_grad", gather_with_grad)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    group = _distributed_setup(process_group, image_features, text_features, backend)
+    if group is not None:
+        from . import distributed
+
+        if pos_offset != 0:
+            raise ValueError("pos_offset must be 0 in the distributed loss (the positives are the paired rows)")
+        impl = distributed.clip_loss_local if local_loss else distributed.clip_loss_ring
+        return impl(image_features, text_features, scale, bias, group=group, gather_with_grad=gather_with_grad,
+                    label_smoothing=eps, backend=backend, chunk_size=chunk_size)
     if backend == "reference":
         return reference.clip_loss_reference(image_features, text_features, scale, bias,
                                              label_smoothing=eps, pos_offset=pos_offset).to(image_features.dtype)
@@ -101,6 +135,11 @@ def siglip_loss(
 
     Divided by the number of rows Na (open_clip, big_vision), not Na·Nb. open_clip initialises
     ``s = 10`` and ``b = −10``. Returns a 0-d tensor in the features' dtype (computed in fp32).
+
+    With ``process_group`` (W ranks, n local pairs each) this is open_clip's distributed
+    ``SigLipLoss`` on each rank: the own shard with its positives plus every other rank's text shard as
+    negatives, divided by n; the shards travel around a ring, so memory per rank does not grow with W,
+    and each text shard's gradient is the sum of every rank's contribution.
     """
     scale, bias = _check_common(image_features, text_features, logit_scale, logit_bias)
     if not isinstance(negative_only, bool):
@@ -108,7 +147,15 @@ def siglip_loss(
     if not negative_only:
         check_pos_offset(pos_offset, image_features.shape[0], text_features.shape[0])
     chunk_size = _check_chunk_size(chunk_size)
-    _no_distribution(process_group, "siglip_loss")
+    group = _distributed_setup(process_group, image_features, text_features, backend)
+    if group is not None:
+        from .distributed import siglip_loss_ring
+
+        if negative_only or pos_offset != 0:
+            raise ValueError("negative_only and pos_offset are not used by the distributed loss: "
+                             "the other ranks' shards are the negatives")
+        return siglip_loss_ring(image_features, text_features, scale, bias, group=group, backend=backend,
+                                chunk_size=chunk_size)
     if backend == "reference":
         return reference.siglip_loss_reference(image_features, text_features, scale, bias, pos_offset=pos_offset,
                                                negative_only=negative_only).to(image_features.dtype)

@@ -21,11 +21,21 @@ def _check_world(rank, world_size):
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
 
 
-def _not_yet_distributed(cls_name, world_size):
-    if world_size > 1:
-        raise NotImplementedError(
-            f"{cls_name}(world_size={world_size}) is the distributed loss, which is not implemented yet "
-            "(tracked as the 'distributed' issue); use world_size=1")
+def _group_for(module, process_group):
+    """The process group of a module with world_size > 1, checked against its rank and world_size."""
+    if module.world_size == 1:
+        return None
+    import torch.distributed as dist
+
+    from .distributed import group_rank_and_size
+
+    group = process_group if process_group is not None else dist.group.WORLD
+    rank, world = group_rank_and_size(group)
+    if (rank, world) != (module.rank, module.world_size):
+        raise ValueError(
+            f"{type(module).__name__}(rank={module.rank}, world_size={module.world_size}) does not match the "
+            f"process group, where this process is rank {rank} of {world}")
+    return group
 
 
 class ClipLoss(nn.Module):
@@ -34,16 +44,19 @@ class ClipLoss(nn.Module):
     ``forward(image_features (N, D), text_features (N, D), logit_scale, logit_bias=None,
     output_dict=False)`` returns ``L = ½·[CE(S, i) + CE(Sᵀ, i)]`` with ``S = s·X·Yᵀ + b`` (a 0-d tensor),
     or ``{"contrastive_loss": L}``. ``logit_scale`` is the exponentiated scale, as open_clip passes it.
-    Keyword-only extras: ``label_smoothing``, ``backend`` (see ``fastcon.functional``), ``chunk_size``.
-    ``cache_labels`` is accepted for compatibility; there are no labels to cache.
+    Keyword-only extras: ``label_smoothing``, ``backend`` (see ``fastcon.functional``), ``chunk_size``,
+    ``process_group`` (default: the world group when ``world_size > 1``). The four
+    ``(local_loss, gather_with_grad)`` modes give each rank open_clip's loss and gradients; see
+    ``fastcon.functional.clip_loss``. ``cache_labels`` is accepted for compatibility; there are no
+    labels to cache.
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
                  rank: int = 0, world_size: int = 1, *, label_smoothing: float = 0.0, backend: str = "auto",
-                 chunk_size: Optional[int] = None):
+                 chunk_size: Optional[int] = None, process_group=None):
         super().__init__()
         _check_world(rank, world_size)
-        _not_yet_distributed("ClipLoss", world_size)
+        self.process_group = process_group
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.cache_labels = cache_labels
@@ -55,7 +68,9 @@ class ClipLoss(nn.Module):
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False):
         loss = FC.clip_loss(image_features, text_features, logit_scale, logit_bias,
-                            label_smoothing=self.label_smoothing, backend=self.backend, chunk_size=self.chunk_size)
+                            label_smoothing=self.label_smoothing, local_loss=self.local_loss,
+                            gather_with_grad=self.gather_with_grad, process_group=_group_for(self, self.process_group),
+                            backend=self.backend, chunk_size=self.chunk_size)
         return {"contrastive_loss": loss} if output_dict else loss
 
 
@@ -65,17 +80,20 @@ class SigLipLoss(nn.Module):
     ``forward(image_features (N, D), text_features (N, D), logit_scale, logit_bias, output_dict=False)``
     returns ``L = −(1/N)·Σ_ij log σ(z_ij·(s·x_i·y_j + b))`` with ``z = 2I − 1`` (a 0-d tensor), or
     ``{"contrastive_loss": L}``. ``chunk_size`` (rows per chunk, 0 = automatic) bounds the working memory
-    of forward *and* backward. Keyword-only extra: ``backend``.
+    of forward *and* backward. With ``world_size > 1`` every ``dist_impl`` computes the same loss and
+    gradients (a ring exchange of the text shards; the name is accepted for compatibility).
+    Keyword-only extras: ``backend``, ``process_group``.
     """
 
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
-                 dist_impl: Optional[str] = None, chunk_size: int = 0, *, backend: str = "auto"):
+                 dist_impl: Optional[str] = None, chunk_size: int = 0, *, backend: str = "auto",
+                 process_group=None):
         super().__init__()
         _check_world(rank, world_size)
         dist_impl = dist_impl or "bidir"
         if dist_impl not in _SIGLIP_DIST_IMPLS:
             raise ValueError(f"dist_impl must be one of {_SIGLIP_DIST_IMPLS}, got {dist_impl!r}")
-        _not_yet_distributed("SigLipLoss", world_size)
+        self.process_group = process_group
         self.cache_labels = cache_labels
         self.rank = rank
         self.world_size = world_size
@@ -85,5 +103,6 @@ class SigLipLoss(nn.Module):
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False):
         loss = FC.siglip_loss(image_features, text_features, logit_scale, logit_bias,
+                              process_group=_group_for(self, self.process_group),
                               backend=self.backend, chunk_size=self.chunk_size)
         return {"contrastive_loss": loss} if output_dict else loss

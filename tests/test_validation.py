@@ -108,12 +108,15 @@ def test_non_finite_features_give_nan_not_a_crash(backend):
     assert not torch.isfinite(FC.clip_loss(a, b, 10.0, backend=backend))
 
 
-def test_distributed_is_not_implemented_yet():
-    with pytest.raises(NotImplementedError, match="distributed"):
-        fastcon.ClipLoss(world_size=2, rank=1)
-    with pytest.raises(NotImplementedError, match="distributed"):
-        fastcon.SigLipLoss(world_size=2, rank=0)
+def test_distributed_arguments():
+    a, b = feats()
+    with pytest.raises(RuntimeError, match="not initialised"):
+        fastcon.ClipLoss(world_size=2, rank=1)(a, b, 10.0)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        fastcon.SigLipLoss(world_size=2, rank=0)(a, b, 10.0, -10.0)
     with pytest.raises(ValueError, match="rank"):
         fastcon.ClipLoss(world_size=2, rank=2)
     with pytest.raises(ValueError, match="dist_impl"):
         fastcon.SigLipLoss(dist_impl="ring")
+    with pytest.raises(TypeError, match="local_loss"):
+        FC.clip_loss(a, b, 1.0, local_loss=1)

@@ -176,26 +176,32 @@ def _scaled(saved, grad_output):
 
 class _SoftmaxLSE(torch.autograd.Function):
     """Σ_i [(row_lse_i − (1−ε)·S_{i,c0+i} − smooth_row_i) + (col_lse_{c0+i} − (1−ε)·S_{i,c0+i} − smooth_col_i)]
-    with c0 = ``pos_offset``: the symmetric InfoNCE times 2·Na. The positive logits come from the same
-    tiles as the LSEs; the smoothing terms (O(N·D), or None) are computed by the caller."""
+    with c0 = ``pos_offset``: the symmetric InfoNCE times 2·Na (only the first bracket, the row-wise
+    cross-entropy times Na, when not ``symmetric``). The positive logits come from the same tiles as
+    the LSEs; the smoothing terms (O(N·D), or None) are computed by the caller."""
 
     @staticmethod
-    def forward(ctx, a, b, scale, bias, smooth_row, smooth_col, impl, pos_offset, eps, chunk_rows, cache_bytes_):
+    def forward(ctx, a, b, scale, bias, smooth_row, smooth_col, impl, pos_offset, eps, chunk_rows, cache_bytes_,
+                symmetric):
         na = a.shape[0]
+        w_col = 1.0 if symmetric else 0.0
         if any(ctx.needs_input_grad[:4]):
             row_lse, col_lse, pos_logit, *grads = impl.softmax_fused(
-                a, b, scale, bias, pos_offset, 1.0, 1.0, 2.0 * (1.0 - eps), chunk_rows, cache_bytes_)
+                a, b, scale, bias, pos_offset, 1.0, w_col, (1.0 + w_col) * (1.0 - eps), chunk_rows, cache_bytes_)
             _grads_for_backward(ctx, a, b, scale, bias, grads)
         else:
             row_lse, col_lse, pos_logit = impl.lse_stats(a, b, scale, bias, pos_offset, chunk_rows)
         target = (1.0 - eps) * pos_logit
-        row_terms = row_lse - target
-        col_terms = col_lse[pos_offset:pos_offset + na] - target
+        terms = row_lse - target
         if smooth_row is not None:
-            row_terms = row_terms - smooth_row
-            col_terms = col_terms - smooth_col
+            terms = terms - smooth_row
+        if symmetric:
+            col_terms = col_lse[pos_offset:pos_offset + na] - target
+            if smooth_col is not None:
+                col_terms = col_terms - smooth_col
+            terms = terms + col_terms
         ctx.na = na
-        return (row_terms + col_terms).sum()
+        return terms.sum()
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -204,7 +210,7 @@ class _SoftmaxLSE(torch.autograd.Function):
         return (grad_a, grad_b, grad_scale, grad_bias,
                 minus if ctx.needs_input_grad[4] else None,
                 minus if ctx.needs_input_grad[5] else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 class _SigmoidLoss(torch.autograd.Function):
@@ -223,7 +229,8 @@ class _SigmoidLoss(torch.autograd.Function):
         return _scaled(ctx.saved_tensors, grad_output) + (None, None, None)
 
 
-def _prepare(a, b, scale, bias, backend, chunk_size):
+def prepare_inputs(a, b, scale, bias, backend, chunk_size):
+    """(backend module, a, b, scale, bias, chunk_rows) ready for the engine contract."""
     name, impl = resolve_backend(backend, a.device, a.dtype)
     if name == "cpp" and a.dtype in (torch.bfloat16, torch.float16):
         a, b = a.float(), b.float()
@@ -239,22 +246,24 @@ def _prepare(a, b, scale, bias, backend, chunk_size):
 
 
 def clip_engine_loss(a, b, scale, bias, *, label_smoothing: float, pos_offset: int, backend: str,
-                     chunk_size: Optional[int]) -> torch.Tensor:
-    """Symmetric InfoNCE (LOSSES.md 1.1) on the engine; arguments already validated."""
+                     chunk_size: Optional[int], symmetric: bool = True) -> torch.Tensor:
+    """Symmetric InfoNCE (LOSSES.md 1.1) on the engine; arguments already validated. With
+    ``symmetric=False`` only the row direction: (1/Na)·Σ_i CE(S_i·, pos_offset + i)."""
     out_dtype = a.dtype
     na, nb = a.shape[0], b.shape[0]
-    impl, a, b, scale, bias, chunk_rows = _prepare(a, b, scale, bias, backend, chunk_size)
+    impl, a, b, scale, bias, chunk_rows = prepare_inputs(a, b, scale, bias, backend, chunk_size)
     eps = label_smoothing
     smooth_row = smooth_col = None
     if eps > 0:
         acc = scale.dtype
         # ε/Nb·Σ_j S_ij = ε/Nb·(s·a_i·Σ_j b_j + Nb·b), and likewise for the columns: no N×N needed.
-        b_pos = b[pos_offset:pos_offset + na]
         smooth_row = (eps / nb) * (scale * _MatVec.apply(a, b.sum(dim=0, dtype=acc)) + nb * bias)
-        smooth_col = (eps / na) * (scale * _MatVec.apply(b_pos, a.sum(dim=0, dtype=acc)) + na * bias)
+        if symmetric:
+            b_pos = b[pos_offset:pos_offset + na]
+            smooth_col = (eps / na) * (scale * _MatVec.apply(b_pos, a.sum(dim=0, dtype=acc)) + na * bias)
     total = _SoftmaxLSE.apply(a, b, scale, bias, smooth_row, smooth_col, impl, pos_offset, eps, chunk_rows,
-                              cache_bytes(a.device))
-    return (total / (2 * na)).to(out_dtype)
+                              cache_bytes(a.device), symmetric)
+    return (total / ((2 if symmetric else 1) * na)).to(out_dtype)
 
 
 def siglip_engine_loss(a, b, scale, bias, *, pos_offset: Optional[int], backend: str,
@@ -262,7 +271,7 @@ def siglip_engine_loss(a, b, scale, bias, *, pos_offset: Optional[int], backend:
     """SigLIP (LOSSES.md 1.2) on the engine; ``pos_offset=None`` means negatives only."""
     out_dtype = a.dtype
     na, nb = a.shape[0], b.shape[0]
-    impl, a, b, scale, bias, chunk_rows = _prepare(a, b, scale, bias, backend, chunk_size)
+    impl, a, b, scale, bias, chunk_rows = prepare_inputs(a, b, scale, bias, backend, chunk_size)
     offset = nb if pos_offset is None else pos_offset
     total = _SigmoidLoss.apply(a, b, scale, bias, impl, offset, chunk_rows)
     return (total / na).to(out_dtype)

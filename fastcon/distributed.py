@@ -1,0 +1,336 @@
+"""The losses across ranks of ``torch.distributed`` (gloo on CPU, NCCL on GPU).
+
+Each rank holds its local features X_r, Y_r (n rows each, N = W·n in all).
+
+* ``all_gather_with_grad``: all_gather whose backward sums every rank's gradient of a slice and hands
+  it to the slice's owner (``reduce_scatter`` on NCCL; ``all_reduce`` and a slice on gloo, which has no
+  reduce_scatter).
+* The ring: the text-side shards travel around the ranks (``batch_isend_irecv``, rank r sends to r+1
+  and receives from r−1), the next shard arriving while the current one is computed. What belongs to
+  a shard (its partial column statistics, its gradient accumulator) travels with it and is home after
+  one lap, so per-rank memory is O(n·D) however many ranks there are, and each rank computes only its
+  own rows of the global logits matrix: 1/W of the work.
+
+The gradients are computed inside the forward (as on one device). Where a rank's gradient is a sum of
+contributions that other ranks weight with their own upstream gradient (SigLIP's text shards), the
+backward all-gathers the upstream gradients and, if they differ between ranks, recomputes that lap
+with each rank's own weight, so the result always equals the autograd of the materialised loss.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .ops.engine import cache_bytes, prepare_inputs
+
+__all__ = ["all_gather_with_grad", "all_gather_no_grad", "group_rank_and_size", "check_equal_batch",
+           "clip_loss_ring", "clip_loss_local", "siglip_loss_ring"]
+
+
+# --------------------------------------------------------------------------------------- groups
+def group_rank_and_size(process_group) -> Tuple[int, int]:
+    """(rank, world size) of this process in ``process_group`` (the default group for ``WORLD``)."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialised: call torch.distributed.init_process_group first")
+    return dist.get_rank(process_group), dist.get_world_size(process_group)
+
+
+def _backend_name(group) -> str:
+    try:
+        return str(dist.get_backend(group)).lower()
+    except (RuntimeError, ValueError):
+        return ""
+
+
+def check_equal_batch(n: int, device: torch.device, group) -> None:
+    """ValueError naming every rank's batch size unless all ranks hold ``n`` rows."""
+    world = dist.get_world_size(group)
+    sizes = torch.tensor([n], dtype=torch.int64, device=device)
+    out = [torch.zeros_like(sizes) for _ in range(world)]
+    dist.all_gather(out, sizes, group=group)
+    found = [int(t.item()) for t in out]
+    if len(set(found)) != 1:
+        raise ValueError(
+            "the distributed losses need the same local batch size on every rank; got "
+            + ", ".join(f"rank {q}: {m}" for q, m in enumerate(found)))
+
+
+# --------------------------------------------------------------------------------------- gathers
+def all_gather_no_grad(x: torch.Tensor, group) -> torch.Tensor:
+    """Concatenation of every rank's ``x`` along dim 0 (rank order), without autograd."""
+    world = dist.get_world_size(group)
+    out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x.detach().contiguous(), group=group)
+    return out
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        ctx.n = x.shape[0]
+        return all_gather_no_grad(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        group, n = ctx.group, ctx.n
+        rank = dist.get_rank(group)
+        grad = grad.contiguous()
+        if "nccl" in _backend_name(group):
+            out = torch.empty((n,) + tuple(grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+            dist.reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM, group=group)
+            return out, None
+        total = grad.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        return total[rank * n:(rank + 1) * n], None
+
+
+def all_gather_with_grad(x: torch.Tensor, group) -> torch.Tensor:
+    """all_gather along dim 0 whose backward gives each rank the sum over ranks of the gradients of
+    its slice (open_clip's ``gather_with_grad``)."""
+    return _GatherWithGrad.apply(x, group)
+
+
+# --------------------------------------------------------------------------------------- ring
+class _Ring:
+    """Point-to-point steps around the ring: send to rank+1, receive from rank−1."""
+
+    def __init__(self, group):
+        self.group = group
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(self.world))
+        self.right = ranks[(self.rank + 1) % self.world]
+        self.left = ranks[(self.rank - 1) % self.world]
+
+    def start(self, send: List[torch.Tensor], recv: List[torch.Tensor]):
+        ops = [dist.P2POp(dist.isend, t, self.right, self.group) for t in send]
+        ops += [dist.P2POp(dist.irecv, t, self.left, self.group) for t in recv]
+        return dist.batch_isend_irecv(ops) if ops else []
+
+    @staticmethod
+    def wait(works) -> None:
+        for w in works:
+            w.wait()
+
+    def shard(self, step: int) -> int:
+        """Which rank's shard this rank holds at ``step`` of a lap."""
+        return (self.rank - step) % self.world
+
+
+def _siglip_lap(ring, impl, a, b, scale, bias, w, chunk_rows, need_grad):
+    """One lap of the sigmoid loss: Σ over shards q of Σ softplus(−z·S) for X_r × Y_q (positives only
+    in the own shard), and with ``need_grad`` the gradients of ``w·that``: grad_a, grad_scale and
+    grad_bias local, grad_b the sum of every rank's contribution to the own shard."""
+    n = b.shape[0]
+    loss = torch.zeros((), dtype=scale.dtype, device=a.device)
+    grad_a = torch.zeros(a.shape, dtype=scale.dtype, device=a.device) if need_grad else None
+    grad_scale = torch.zeros((), dtype=scale.dtype, device=a.device)
+    grad_bias = torch.zeros((), dtype=scale.dtype, device=a.device)
+    cur, acc_prev = b, None
+    for step in range(ring.world):
+        last = step == ring.world - 1
+        nxt = None if last else torch.empty_like(b)
+        acc_in = torch.empty(b.shape, dtype=scale.dtype, device=a.device) if need_grad and step > 0 else None
+        works = ring.start(([] if last else [cur]) + ([acc_prev] if acc_in is not None else []),
+                           ([] if last else [nxt]) + ([acc_in] if acc_in is not None else []))
+        pos_offset = 0 if ring.shard(step) == ring.rank else n
+        part, ga, gb, gs, gbias = impl.sigmoid_fused(a, cur, scale, bias, pos_offset, w, chunk_rows, need_grad)
+        loss += part
+        if need_grad:
+            grad_a += ga
+            grad_scale += gs
+            grad_bias += gbias
+        ring.wait(works)
+        if need_grad:
+            acc_prev = gb if acc_in is None else acc_in.add_(gb)
+        cur = nxt
+    grad_b = None
+    if need_grad:
+        grad_b = torch.empty_like(acc_prev) if ring.world > 1 else acc_prev
+        if ring.world > 1:
+            ring.wait(ring.start([acc_prev], [grad_b]))
+    return loss, grad_a, grad_b, grad_scale, grad_bias
+
+
+def _upstream_weights(grad_output: torch.Tensor, group) -> torch.Tensor:
+    """Every rank's upstream gradient of its loss, in rank order."""
+    world = dist.get_world_size(group)
+    out = torch.empty(world, dtype=grad_output.dtype, device=grad_output.device)
+    dist.all_gather_into_tensor(out, grad_output.detach().reshape(1).contiguous(), group=group)
+    return out
+
+
+class _SigLipRing(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, scale, bias, impl, group, chunk_rows):
+        ring = _Ring(group)
+        need_grad = any(ctx.needs_input_grad[:4])
+        loss, *grads = _siglip_lap(ring, impl, a, b, scale, bias, 1.0, chunk_rows, need_grad)
+        if need_grad:
+            ctx.save_for_backward(a, b, scale, bias, *grads)
+            ctx.impl, ctx.group, ctx.chunk_rows = impl, group, chunk_rows
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        a, b, scale, bias, grad_a, grad_b, grad_scale, grad_bias = ctx.saved_tensors
+        weights = _upstream_weights(grad_output, ctx.group)
+        if not bool((weights == weights[0]).all()):
+            # Every rank weights its contribution to each text shard by its own upstream gradient.
+            _, _, grad_b, _, _ = _siglip_lap(_Ring(ctx.group), ctx.impl, a, b, scale, bias,
+                                             float(grad_output), ctx.chunk_rows, True)
+        else:
+            grad_b = grad_b * grad_output.to(grad_b.dtype)
+        g = grad_output.to(grad_a.dtype)
+        return ((grad_a * g).to(a.dtype), grad_b.to(b.dtype), grad_scale * g, grad_bias * g, None, None, None)
+
+
+def siglip_loss_ring(image_features, text_features, scale, bias, *, group, backend, chunk_size):
+    """Rank r's open_clip SigLIP loss: (1/n)·[Σ over X_r × Y_r with positives on the diagonal +
+    Σ_{q≠r} X_r × Y_q as negatives], the text shards travelling around the ring."""
+    out_dtype = image_features.dtype
+    n = image_features.shape[0]
+    impl, a, b, scale, bias, chunk_rows = prepare_inputs(image_features, text_features, scale, bias, backend,
+                                                         chunk_size)
+    total = _SigLipRing.apply(a, b, scale, bias, impl, group, chunk_rows)
+    return (total / n).to(out_dtype)
+
+
+# --------------------------------------------------------------------------------------- CLIP
+def _clip_stats_lap(ring, impl, a, b, scale, bias, chunk_rows):
+    """Row LSE of the own rows over all N columns, column LSE of the own columns over all N rows
+    (their partials travel with the shard), and the own positive logits."""
+    n = b.shape[0]
+    row_lse = torch.full((a.shape[0],), float("-inf"), dtype=scale.dtype, device=a.device)
+    pos_logit = None
+    cur, acc_prev = b, None
+    for step in range(ring.world):
+        last = step == ring.world - 1
+        nxt = None if last else torch.empty_like(b)
+        acc_in = torch.empty(n, dtype=scale.dtype, device=a.device) if step > 0 else None
+        works = ring.start(([] if last else [cur]) + ([acc_prev] if step > 0 else []),
+                           ([] if last else [nxt]) + ([acc_in] if step > 0 else []))
+        own = ring.shard(step) == ring.rank
+        r_lse, c_lse, p_logit = impl.lse_stats(a, cur, scale, bias, 0 if own else n, chunk_rows)
+        row_lse = torch.logaddexp(row_lse, r_lse)
+        if own:
+            pos_logit = p_logit
+        ring.wait(works)
+        acc_prev = c_lse if acc_in is None else torch.logaddexp(acc_in, c_lse)
+        cur = nxt
+    col_lse = acc_prev
+    if ring.world > 1:
+        col_lse = torch.empty_like(acc_prev)
+        ring.wait(ring.start([acc_prev], [col_lse]))
+    return row_lse, col_lse, pos_logit
+
+
+def _clip_grad_lap(ring, impl, a, b, scale, bias, row_lse, col_lse, w, w_pos, chunk_rows):
+    """Gradients of the global loss from the own rows: G on X_r × Y_q for every shard q, with the
+    complete column LSE of each shard travelling with it, and the shard's gradient accumulator."""
+    n = b.shape[0]
+    grad_a = torch.zeros(a.shape, dtype=scale.dtype, device=a.device)
+    grad_scale = torch.zeros((), dtype=scale.dtype, device=a.device)
+    grad_bias = torch.zeros((), dtype=scale.dtype, device=a.device)
+    cur, cur_lse, acc_prev = b, col_lse, None
+    for step in range(ring.world):
+        last = step == ring.world - 1
+        nxt = None if last else torch.empty_like(b)
+        nxt_lse = None if last else torch.empty_like(col_lse)
+        acc_in = torch.empty(b.shape, dtype=scale.dtype, device=a.device) if step > 0 else None
+        works = ring.start(([] if last else [cur, cur_lse]) + ([acc_prev] if step > 0 else []),
+                           ([] if last else [nxt, nxt_lse]) + ([acc_in] if step > 0 else []))
+        own = ring.shard(step) == ring.rank
+        ga, gb, gs, gbias = impl.softmax_grad(a, cur, scale, bias, row_lse, cur_lse, 0 if own else n,
+                                              w, w, w_pos, chunk_rows)
+        grad_a += ga
+        grad_scale += gs
+        grad_bias += gbias
+        ring.wait(works)
+        acc_prev = gb if acc_in is None else acc_in.add_(gb)
+        cur, cur_lse = nxt, nxt_lse
+    grad_b = acc_prev
+    if ring.world > 1:
+        grad_b = torch.empty_like(acc_prev)
+        ring.wait(ring.start([acc_prev], [grad_b]))
+    return grad_a, grad_b, grad_scale, grad_bias
+
+
+class _ClipGlobalRing(torch.autograd.Function):
+    """open_clip's global ClipLoss (local_loss=False) on every rank, from 1/W of the logits matrix."""
+
+    @staticmethod
+    def forward(ctx, a, b, scale, bias, impl, group, eps, chunk_rows, sum_upstream):
+        ring = _Ring(group)
+        n, world = a.shape[0], ring.world
+        big_n = n * world
+        acc = scale.dtype
+        row_lse, col_lse, pos_logit = _clip_stats_lap(ring, impl, a, b, scale, bias, chunk_rows)
+        local = (row_lse + col_lse - 2.0 * (1.0 - eps) * pos_logit).sum()
+        dist.all_reduce(local, group=group)
+        w = 1.0 / (2 * big_n)
+        loss = w * local
+        if eps > 0:
+            # Label smoothing: the targets ε/N of both directions add −(ε/N)·Σ_ij S_ij to 2N·L.
+            sum_a, sum_b = a.sum(0, dtype=acc), b.sum(0, dtype=acc)
+            sums = torch.stack([sum_a, sum_b])
+            dist.all_reduce(sums, group=group)
+            total_a, total_b = sums[0], sums[1]
+            loss = loss - w * 2.0 * (eps / big_n) * (scale * (total_a @ total_b) + big_n * big_n * bias)
+        ctx.sum_upstream, ctx.group = sum_upstream, group
+        if any(ctx.needs_input_grad[:4]):
+            grad_a, grad_b, grad_scale, grad_bias = _clip_grad_lap(
+                ring, impl, a, b, scale, bias, row_lse, col_lse, w, 2.0 * w * (1.0 - eps), chunk_rows)
+            grads = torch.stack([grad_scale, grad_bias])
+            dist.all_reduce(grads, group=group)
+            grad_scale, grad_bias = grads[0], grads[1]
+            if eps > 0:
+                c = 2.0 * w * eps / big_n  # subtracted from every entry of G
+                grad_a -= c * scale * total_b
+                grad_b -= c * scale * total_a
+                grad_scale = grad_scale - c * (total_a @ total_b)
+                grad_bias = grad_bias - c * big_n * big_n
+            ctx.save_for_backward(grad_a.to(a.dtype), grad_b.to(b.dtype), grad_scale, grad_bias)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_a, grad_b, grad_scale, grad_bias = ctx.saved_tensors
+        g_features = grad_output
+        if ctx.sum_upstream:
+            # gather_with_grad: each rank's features receive every rank's gradient of the same loss.
+            g_features = grad_output.detach().clone()
+            dist.all_reduce(g_features, group=ctx.group)
+        return (grad_a * g_features.to(grad_a.dtype), grad_b * g_features.to(grad_b.dtype),
+                grad_scale * grad_output.to(grad_scale.dtype), grad_bias * grad_output.to(grad_bias.dtype),
+                None, None, None, None, None)
+
+
+def clip_loss_ring(image_features, text_features, scale, bias, *, group, gather_with_grad, label_smoothing,
+                   backend, chunk_size):
+    """open_clip's ClipLoss with ``local_loss=False`` on W ranks: every rank returns the global loss
+    L = ½[CE(S, i) + CE(Sᵀ, i)] over the N×N matrix; its features receive ∂L/∂X_r, ∂L/∂Y_r (times the
+    sum of the ranks' upstream gradients with ``gather_with_grad``, as all_gather's backward gives)."""
+    out_dtype = image_features.dtype
+    impl, a, b, scale, bias, chunk_rows = prepare_inputs(image_features, text_features, scale, bias, backend,
+                                                         chunk_size)
+    loss = _ClipGlobalRing.apply(a, b, scale, bias, impl, group, label_smoothing, chunk_rows, gather_with_grad)
+    return loss.to(out_dtype)
+
+
+def clip_loss_local(image_features, text_features, scale, bias, *, group, gather_with_grad, label_smoothing,
+                    backend, chunk_size):
+    """open_clip's ClipLoss with ``local_loss=True``: ½[CE(s·X_r·Y_allᵀ, r·n + i) + CE(s·Y_r·X_allᵀ, r·n + i)],
+    the gathered features with or without gradient."""
+    from .ops.engine import clip_engine_loss
+
+    rank, _ = group_rank_and_size(group)
+    n = image_features.shape[0]
+    gather = all_gather_with_grad if gather_with_grad else all_gather_no_grad
+    all_image, all_text = gather(image_features, group), gather(text_features, group)
+    kw = dict(label_smoothing=label_smoothing, pos_offset=rank * n, backend=backend, chunk_size=chunk_size,
+              symmetric=False)
+    return (clip_engine_loss(image_features, all_text, scale, bias, **kw)
+            + clip_engine_loss(text_features, all_image, scale, bias, **kw)) / 2
