@@ -3,5 +3,6 @@ from ._version import __version__
 from . import functional
 from .losses import ClipLoss, SigLipLoss
 from ._info import backend_info
+from .gradcache import cached_step
 
-__all__ = ["ClipLoss", "SigLipLoss", "functional", "backend_info", "__version__"]
+__all__ = ["ClipLoss", "SigLipLoss", "functional", "backend_info", "cached_step", "__version__"]
