@@ -218,6 +218,153 @@ def run_case(case: dict) -> dict:
     return row
 
 
+# ------------------------------------------------------------------------------------------ distributed
+def _dist_loss_fn(loss, provider, rank, world, local_loss):
+    """Per-rank loss for ``--world-size`` cases: fastcon's distributed modules; ``reference``:
+    open_clip's formulas on features all-gathered with gradient (materialised local×global logits,
+    global×global without ``local_loss``); ``open_clip``: its own modules."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    import fastcon
+    from fastcon import reference as R
+    from fastcon.distributed import all_gather_with_grad
+
+    if provider.startswith("fastcon"):
+        backend = provider.split("-", 1)[1] if "-" in provider else "auto"
+        if loss == "clip":
+            return fastcon.ClipLoss(local_loss, True, rank=rank, world_size=world, backend=backend)
+        return fastcon.SigLipLoss(rank=rank, world_size=world, backend=backend)
+    if provider == "open_clip":
+        module = _load_open_clip_loss()
+        if module is None:
+            raise ModuleNotFoundError("open_clip is not installed (pip install --no-deps open-clip-torch)")
+        if loss == "clip":
+            return module.ClipLoss(local_loss, True, rank=rank, world_size=world)
+        return module.SigLipLoss(rank=rank, world_size=world)
+    if provider != "reference":
+        raise ValueError(f"unknown provider {provider!r}")
+    group = dist.group.WORLD
+
+    def row_ce(x, all_y, s, bias, offset):
+        logits = s * (x @ all_y.T) + (0 if bias is None else bias)
+        return F.cross_entropy(logits, torch.arange(x.shape[0], device=x.device) + offset)
+
+    def reference_loss(a, b, s, bias=None):
+        n = a.shape[0]
+        all_a, all_b = all_gather_with_grad(a, group), all_gather_with_grad(b, group)
+        if loss == "siglip":
+            return R.siglip_loss_reference(a, all_b, s, bias, pos_offset=rank * n, upcast=False)
+        if local_loss:
+            return (row_ce(a, all_b, s, bias, rank * n) + row_ce(b, all_a, s, bias, rank * n)) / 2
+        return R.clip_loss_reference(all_a, all_b, s, bias, upcast=False)
+    return reference_loss
+
+
+def _dist_rank(rank, case, port, queue):
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    world = case["world_size"]
+    device = torch.device(case["device"])
+    if device.type == "cuda":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))
+    try:
+        n, d, loss = case["batch"], case["dim"], case["loss"]
+        dtype = getattr(torch, case["dtype"])
+        fn = _dist_loss_fn(loss, case["provider"], rank, world, case.get("local_loss", True))
+        a, b = _inputs(n, d, dtype, device, seed=100 + rank)
+        s, bias = _scalars(loss, device)
+        grad_bytes = 2 * n * d * a.element_size()
+
+        def step():
+            xa, xb = a.detach().requires_grad_(), b.detach().requires_grad_()
+            out = fn(xa, xb, s, bias) if bias is not None else fn(xa, xb, s)
+            out.backward()
+            return out
+
+        import gc
+
+        gc.collect()
+        dist.barrier()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            _reset_peak_rss()
+            base = _rss_bytes("VmRSS")
+        value = step().item()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            peak = _rss_bytes("VmHWM") - base
+        times = []
+        for _ in range(case.get("repeat", 3)):
+            dist.barrier()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        queue.put(dict(rank=rank, loss_value=value, peak=max(peak - grad_bytes, 0), times=times))
+    except Exception as exc:  # reported as the case's error row
+        queue.put(dict(rank=rank, error=f"{type(exc).__name__}: {exc}"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_dist_case(case: dict) -> dict:
+    """A ``--world-size`` case: W local ranks; per-rank memory is the largest of the ranks, the step
+    time the median over repeats of the slowest rank."""
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    world = case["world_size"]
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_dist_rank, args=(r, case, port, queue)) for r in range(world)]
+    for proc in procs:
+        proc.start()
+    results = [queue.get() for _ in range(world)]
+    for proc in procs:
+        proc.join()
+    errors = [r["error"] for r in results if "error" in r]
+    if errors:
+        raise RuntimeError(errors[0])
+    results.sort(key=lambda r: r["rank"])
+    slowest = [max(r["times"][k] for r in results) for k in range(len(results[0]["times"]))]
+    row = dict(case)
+    row["peak_mib"] = max(r["peak"] for r in results) / 2**20
+    row["median_ms"] = statistics.median(slowest) * 1e3
+    row["min_ms"], row["max_ms"] = min(slowest) * 1e3, max(slowest) * 1e3
+    row["rank_losses"] = [r["loss_value"] for r in results]
+    n, d = case["batch"], case["dim"]
+    big_n = n * world
+    # FLOPs of the whole global step, per rank: 8·n·N·D (one row block of the N×N matrix).
+    row["tflops"] = 8 * n * big_n * d / (row["median_ms"] / 1e3) / 1e12
+    row["max_rel_err"] = float("nan")
+    row["device_name"] = _cpu_name() if case["device"] == "cpu" else torch.cuda.get_device_name(0)
+    row["threads"] = max(1, (os.cpu_count() or 1) // world)
+    return row
+
+
 # ------------------------------------------------------------------------------------------ driver
 def _git_sha():
     try:
@@ -247,16 +394,34 @@ def _run_in_subprocess(case: dict, timeout: float) -> dict:
     return dict(case, status=status, error=text[-300:])
 
 
+def _fill_distributed_agreement(rows):
+    """Distributed rows: ``max_rel_err`` is the largest relative difference of a rank's loss from the
+    reference provider's loss on the same rank and data (the gradients are checked by the tests)."""
+    refs = {(r["loss"], r["batch"], r["dim"], r["world_size"]): r["rank_losses"] for r in rows
+            if r.get("status") == "ok" and r.get("world_size", 1) > 1 and r["provider"] == "reference"}
+    for r in rows:
+        key = (r["loss"], r["batch"], r["dim"], r.get("world_size", 1))
+        if r.get("status") == "ok" and key in refs:
+            r["max_rel_err"] = max(abs(x - y) / max(abs(y), 1e-30) for x, y in zip(r["rank_losses"], refs[key]))
+
+
+def _provider_label(r) -> str:
+    if r.get("world_size", 1) > 1:
+        return f"{r['provider']} W={r['world_size']}{' local' if r.get('local_loss') else ''}"
+    return r["provider"]
+
+
 def _format_table(rows):
-    head = f"{'loss':6} {'provider':20} {'N':>6} {'D':>5} {'dtype':9} {'mode':4} {'median ms':>10} " \
+    head = f"{'loss':6} {'provider':26} {'N':>6} {'D':>5} {'dtype':9} {'mode':4} {'median ms':>10} " \
            f"{'spread ms':>15} {'peak MiB':>9} {'TFLOP/s':>8} {'max rel err':>11}"
     out = [head, "-" * len(head)]
     for r in rows:
+        r = dict(r, provider=_provider_label(r))
         if r.get("status") != "ok":
-            out.append(f"{r['loss']:6} {r['provider']:20} {r['batch']:>6} {r['dim']:>5} {r['dtype']:9} "
+            out.append(f"{r['loss']:6} {r['provider']:26} {r['batch']:>6} {r['dim']:>5} {r['dtype']:9} "
                        f"{r['mode']:4} {r.get('status')}: {r.get('error', '')[:60]}")
             continue
-        out.append(f"{r['loss']:6} {r['provider']:20} {r['batch']:>6} {r['dim']:>5} {r['dtype']:9} {r['mode']:4} "
+        out.append(f"{r['loss']:6} {r['provider']:26} {r['batch']:>6} {r['dim']:>5} {r['dtype']:9} {r['mode']:4} "
                    f"{r['median_ms']:10.1f} {r['min_ms']:7.1f}-{r['max_ms']:<7.1f} {r['peak_mib']:9.1f} "
                    f"{r['tflops']:8.3f} {r['max_rel_err']:11.2e}")
     return "\n".join(out)
@@ -269,6 +434,7 @@ def _format_markdown(rows):
            "| loss | provider | N | D | dtype | mode | median ms | min-max ms | peak MiB | TFLOP/s | max rel err |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        r = dict(r, provider=_provider_label(r))
         if r.get("status") != "ok":
             out.append(f"| {r['loss']} | {r['provider']} | {r['batch']} | {r['dim']} | {r['dtype']} | {r['mode']} "
                        f"| {r.get('status')} | | | | |")
@@ -287,6 +453,10 @@ def main(argv=None):
     p.add_argument("--dim", default="512", help="comma list of D")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--mode", default="full", choices=("fwd", "full"))
+    p.add_argument("--world-size", type=int, default=1,
+                   help="W > 1: W local ranks (gloo on CPU, NCCL on GPU), --batch is the per-rank batch")
+    p.add_argument("--local-loss", type=int, default=1, choices=(0, 1),
+                   help="with --world-size: open_clip's local_loss mode (gather_with_grad is on)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--check-rows", type=int, default=2048)
@@ -299,7 +469,8 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     if args._worker:
-        row = run_case(json.loads(args._worker))
+        case = json.loads(args._worker)
+        row = run_dist_case(case) if case.get("world_size", 1) > 1 else run_case(case)
         print(json.dumps(row))
         return 0
 
@@ -324,11 +495,14 @@ def main(argv=None):
                 for provider in args.providers.split(","):
                     case = dict(loss=loss, provider=provider, batch=n, dim=d, dtype=args.dtype, mode=args.mode,
                                 device=device, repeat=args.repeat, check_rows=args.check_rows)
+                    if args.world_size > 1:
+                        case.update(world_size=args.world_size, local_loss=bool(args.local_loss))
                     row = dict(_run_in_subprocess(case, args.timeout), **meta)
                     rows.append(row)
                     print(f"[{len(rows)}] {loss} {provider} N={n} D={d}: {row.get('status')}"
                           + (f" {row['median_ms']:.1f} ms, {row['peak_mib']:.1f} MiB" if row.get("status") == "ok" else ""),
                           file=sys.stderr, flush=True)
+    _fill_distributed_agreement(rows)
     print(_format_table(rows))
     if args.json:
         with open(args.json, "w") as f:

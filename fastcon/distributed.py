@@ -58,11 +58,16 @@ def check_equal_batch(n: int, device: torch.device, group) -> None:
 
 
 # --------------------------------------------------------------------------------------- gathers
+# torch >= 2.13 names the tensor collectives *_single and deprecates the older names.
+_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def all_gather_no_grad(x: torch.Tensor, group) -> torch.Tensor:
     """Concatenation of every rank's ``x`` along dim 0 (rank order), without autograd."""
     world = dist.get_world_size(group)
     out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x.detach().contiguous(), group=group)
+    _all_gather_tensor(out, x.detach().contiguous(), group=group)
     return out
 
 
@@ -80,7 +85,7 @@ class _GatherWithGrad(torch.autograd.Function):
         grad = grad.contiguous()
         if "nccl" in _backend_name(group):
             out = torch.empty((n,) + tuple(grad.shape[1:]), dtype=grad.dtype, device=grad.device)
-            dist.reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM, group=group)
+            _reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM, group=group)
             return out, None
         total = grad.clone()
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
@@ -158,7 +163,7 @@ def _upstream_weights(grad_output: torch.Tensor, group) -> torch.Tensor:
     """Every rank's upstream gradient of its loss, in rank order."""
     world = dist.get_world_size(group)
     out = torch.empty(world, dtype=grad_output.dtype, device=grad_output.device)
-    dist.all_gather_into_tensor(out, grad_output.detach().reshape(1).contiguous(), group=group)
+    _all_gather_tensor(out, grad_output.detach().reshape(1).contiguous(), group=group)
     return out
 
 
