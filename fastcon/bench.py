@@ -407,7 +407,8 @@ def _fill_distributed_agreement(rows):
 
 def _provider_label(r) -> str:
     if r.get("world_size", 1) > 1:
-        return f"{r['provider']} W={r['world_size']}{' local' if r.get('local_loss') else ''}"
+        local = r.get('local_loss') and r['loss'] == 'clip'
+        return f"{r['provider']} W={r['world_size']}{' local' if local else ''}"
     return r["provider"]
 
 
