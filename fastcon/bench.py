@@ -412,37 +412,34 @@ def _provider_label(r) -> str:
     return r["provider"]
 
 
+_COLUMNS = ("loss", "provider", "N", "D", "dtype", "mode", "median ms", "min-max ms", "peak MiB", "TFLOP/s",
+            "max rel err")
+
+
+def _cells(r):
+    """The row's cells in _COLUMNS order (an error row: the status in place of the figures)."""
+    head = [r["loss"], _provider_label(r), str(r["batch"]), str(r["dim"]), r["dtype"], r["mode"]]
+    if r.get("status") != "ok":
+        return head + [f"{r.get('status')}: {r.get('error', '')[:60]}"] + [""] * 4
+    return head + [f"{r['median_ms']:.1f}", f"{r['min_ms']:.1f}-{r['max_ms']:.1f}", f"{r['peak_mib']:.1f}",
+                   f"{r['tflops']:.3f}", f"{r['max_rel_err']:.2e}"]
+
+
 def _format_table(rows):
-    head = f"{'loss':6} {'provider':26} {'N':>6} {'D':>5} {'dtype':9} {'mode':4} {'median ms':>10} " \
-           f"{'spread ms':>15} {'peak MiB':>9} {'TFLOP/s':>8} {'max rel err':>11}"
-    out = [head, "-" * len(head)]
-    for r in rows:
-        r = dict(r, provider=_provider_label(r))
-        if r.get("status") != "ok":
-            out.append(f"{r['loss']:6} {r['provider']:26} {r['batch']:>6} {r['dim']:>5} {r['dtype']:9} "
-                       f"{r['mode']:4} {r.get('status')}: {r.get('error', '')[:60]}")
-            continue
-        out.append(f"{r['loss']:6} {r['provider']:26} {r['batch']:>6} {r['dim']:>5} {r['dtype']:9} {r['mode']:4} "
-                   f"{r['median_ms']:10.1f} {r['min_ms']:7.1f}-{r['max_ms']:<7.1f} {r['peak_mib']:9.1f} "
-                   f"{r['tflops']:8.3f} {r['max_rel_err']:11.2e}")
-    return "\n".join(out)
+    table = [list(_COLUMNS)] + [_cells(r) for r in rows]
+    widths = [max(len(row[k]) for row in table) for k in range(len(_COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) if k < 6 else cell.rjust(w) for k, (cell, w) in enumerate(zip(row, widths)))
+             for row in table]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def _format_markdown(rows):
     devices = sorted({r.get("device_name", r.get("device", "?")) for r in rows})
     out = [f"Device: {', '.join(devices)}. fastcon {rows[0].get('fastcon_version')}, torch {rows[0].get('torch')}, "
            f"git {rows[0].get('git_sha')}. Working memory excludes the inputs and their gradients.", "",
-           "| loss | provider | N | D | dtype | mode | median ms | min-max ms | peak MiB | TFLOP/s | max rel err |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        r = dict(r, provider=_provider_label(r))
-        if r.get("status") != "ok":
-            out.append(f"| {r['loss']} | {r['provider']} | {r['batch']} | {r['dim']} | {r['dtype']} | {r['mode']} "
-                       f"| {r.get('status')} | | | | |")
-            continue
-        out.append(f"| {r['loss']} | {r['provider']} | {r['batch']} | {r['dim']} | {r['dtype']} | {r['mode']} "
-                   f"| {r['median_ms']:.1f} | {r['min_ms']:.1f}-{r['max_ms']:.1f} | {r['peak_mib']:.1f} "
-                   f"| {r['tflops']:.3f} | {r['max_rel_err']:.2e} |")
+           "| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+    out += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     return "\n".join(out) + "\n"
 
 

@@ -63,3 +63,15 @@ def mask_columns_without_positive(col_lse: torch.Tensor, pos_offset: int, na: in
     col_lse[:pos_offset] = float("inf")
     col_lse[pos_offset + na:] = float("inf")
     return col_lse
+
+
+def two_pass_softmax(a, b, scale, bias, pos_offset, w_row, w_col, w_pos, chunk_rows, cache_bytes,
+                     chunk_stats: ChunkStats, softmax_grad):
+    """``softmax_fused`` of the contract for a chunked backend: ``stats_pass`` with the backend's
+    statistics epilogue, the columns without a positive masked, then the backend's ``softmax_grad``
+    reusing the cached chunks."""
+    row_lse, col_lse, pos_logit, cached = stats_pass(a, b, chunk_rows, cache_bytes, chunk_stats)
+    mask_columns_without_positive(col_lse, pos_offset, a.shape[0])
+    grads = softmax_grad(a, b, scale, bias, row_lse, col_lse, pos_offset, w_row, w_col, w_pos, chunk_rows,
+                         _cached=cached)
+    return (row_lse, col_lse, pos_logit) + grads

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import mask_columns_without_positive, mm_acc, row_chunks, stats_pass
+from .._common import mm_acc, row_chunks, stats_pass, two_pass_softmax
 from .configs import SUPPORTED_DTYPES, chunked_config
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -358,12 +358,8 @@ def softmax_grad(a, b, scale, bias, row_lse, col_lse, pos_offset, w_row, w_col, 
 
 def softmax_fused(a, b, scale, bias, pos_offset, w_row, w_col, w_pos, chunk_rows, cache_bytes):
     _check(a, b)
-    row_lse, col_lse, pos_logit, cached = stats_pass(a, b, chunk_rows, cache_bytes,
-                                                     _stats_epilogue(scale, bias, pos_offset))
-    mask_columns_without_positive(col_lse, pos_offset, a.shape[0])
-    grads = softmax_grad(a, b, scale, bias, row_lse, col_lse, pos_offset, w_row, w_col, w_pos, chunk_rows,
-                         _cached=cached)
-    return (row_lse, col_lse, pos_logit) + grads
+    return two_pass_softmax(a, b, scale, bias, pos_offset, w_row, w_col, w_pos, chunk_rows, cache_bytes,
+                            _stats_epilogue(scale, bias, pos_offset), softmax_grad)
 
 
 def sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad):
