@@ -25,9 +25,12 @@ def backend_info() -> dict:
         "cuda_available": cuda,
         "backends": {},
         "not_implemented": [],
-        "chunk_bytes": {"cpu": engine.chunk_bytes(cpu), "cuda": engine.chunk_bytes(torch.device("cuda"))},
-        "cache_bytes": {"cpu": engine.cache_bytes(cpu), "cuda": engine.cache_bytes(torch.device("cuda"))},
     }
+    for key, fn in (("chunk_bytes", engine.chunk_bytes), ("cache_bytes", engine.cache_bytes)):
+        try:
+            info[key] = {"cpu": fn(cpu), "cuda": fn(torch.device("cuda"))}
+        except ValueError as exc:  # a malformed FASTCON_* variable: report it, the losses will raise it
+            info[key] = {"error": str(exc)}
     backends = info["backends"]
     backends["cpp"] = {"available": bool(cpp.AVAILABLE), "reason": cpp.REASON, "devices": ["cpu"]}
     backends["torch"] = {"available": True, "reason": None, "devices": ["cpu", "cuda"]}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -40,10 +41,10 @@ def check_scalar(name: str, value, device: torch.device, *, required: bool = Tru
         return None
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a float or a one-element tensor, got bool")
-    if isinstance(value, (int, float)):
-        if not math.isfinite(value):
+    if isinstance(value, numbers.Real):  # Python and NumPy numbers; float64 keeps them exact
+        if not math.isfinite(float(value)):
             raise ValueError(f"{name} must be finite, got {value}")
-        return torch.tensor(float(value), dtype=torch.float32, device=device)
+        return torch.tensor(float(value), dtype=torch.float64, device=device)
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a float or a one-element tensor, got {type(value).__name__}")
     if value.numel() != 1:

@@ -23,7 +23,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .ops.engine import cache_bytes, prepare_inputs
+from .ops.engine import forbid_double_backward, needs_grad, prepare_inputs, save_final_grads, scaled_grads
 
 __all__ = ["all_gather_with_grad", "all_gather_no_grad", "group_rank_and_size", "check_equal_batch",
            "clip_loss_ring", "clip_loss_local", "siglip_loss_ring"]
@@ -168,39 +168,41 @@ def _upstream_weights(grad_output: torch.Tensor, group) -> torch.Tensor:
 
 
 class _SigLipRing(torch.autograd.Function):
+    """Rank r's SigLIP loss, (1/n)·Σ over its rows × every shard; gradients computed in the forward."""
+
     @staticmethod
-    def forward(ctx, a, b, scale, bias, impl, group, chunk_rows):
+    def forward(ctx, a, b, scale, bias, impl, group, chunk_rows, need_grad):
         ring = _Ring(group)
-        need_grad = any(ctx.needs_input_grad[:4])
-        loss, *grads = _siglip_lap(ring, impl, a, b, scale, bias, 1.0, chunk_rows, need_grad)
+        n = a.shape[0]
+        loss, *grads = _siglip_lap(ring, impl, a, b, scale, bias, 1.0 / n, chunk_rows, need_grad)
         if need_grad:
-            ctx.save_for_backward(a, b, scale, bias, *grads)
+            save_final_grads(ctx, (a, b, scale, bias), grads, 1.0)
+            ctx.inputs = (a.detach(), b.detach(), scale.detach(), bias.detach())
             ctx.impl, ctx.group, ctx.chunk_rows = impl, group, chunk_rows
-        return loss
+        return loss / n
 
     @staticmethod
     def backward(ctx, grad_output):
-        a, b, scale, bias, grad_a, grad_b, grad_scale, grad_bias = ctx.saved_tensors
+        forbid_double_backward()
+        grad_a, grad_b, grad_scale, grad_bias = scaled_grads(ctx.saved_tensors, grad_output)
         weights = _upstream_weights(grad_output, ctx.group)
-        if not bool((weights == weights[0]).all()):
+        if ctx.needs_input_grad[1] and not bool((weights == weights[0]).all()):
             # Every rank weights its contribution to each text shard by its own upstream gradient.
-            _, _, grad_b, _, _ = _siglip_lap(_Ring(ctx.group), ctx.impl, a, b, scale, bias,
-                                             float(grad_output), ctx.chunk_rows, True)
-        else:
-            grad_b = grad_b * grad_output.to(grad_b.dtype)
-        g = grad_output.to(grad_a.dtype)
-        return ((grad_a * g).to(a.dtype), grad_b.to(b.dtype), grad_scale * g, grad_bias * g, None, None, None)
+            a, b, scale, bias = ctx.inputs
+            w = float(grad_output) / a.shape[0]
+            _, _, grad_b, _, _ = _siglip_lap(_Ring(ctx.group), ctx.impl, a, b, scale, bias, w, ctx.chunk_rows, True)
+            grad_b = grad_b.to(b.dtype)
+        return grad_a, grad_b, grad_scale, grad_bias, None, None, None, None
 
 
 def siglip_loss_ring(image_features, text_features, scale, bias, *, group, backend, chunk_size):
     """Rank r's open_clip SigLIP loss: (1/n)·[Σ over X_r × Y_r with positives on the diagonal +
     Σ_{q≠r} X_r × Y_q as negatives], the text shards travelling around the ring."""
     out_dtype = image_features.dtype
-    n = image_features.shape[0]
     impl, a, b, scale, bias, chunk_rows = prepare_inputs(image_features, text_features, scale, bias, backend,
                                                          chunk_size)
-    total = _SigLipRing.apply(a, b, scale, bias, impl, group, chunk_rows)
-    return (total / n).to(out_dtype)
+    loss = _SigLipRing.apply(a, b, scale, bias, impl, group, chunk_rows, needs_grad(a, b, scale, bias))
+    return loss.to(out_dtype)
 
 
 # --------------------------------------------------------------------------------------- CLIP
@@ -208,13 +210,13 @@ def _clip_stats_lap(ring, impl, a, b, scale, bias, chunk_rows):
     """Row LSE of the own rows over all N columns, column LSE of the own columns over all N rows
     (their partials travel with the shard), and the own positive logits."""
     n = b.shape[0]
-    row_lse = torch.full((a.shape[0],), float("-inf"), dtype=scale.dtype, device=a.device)
+    row_lse = torch.full((a.shape[0],), float("-inf"), dtype=torch.float64, device=a.device)
     pos_logit = None
     cur, acc_prev = b, None
     for step in range(ring.world):
         last = step == ring.world - 1
         nxt = None if last else torch.empty_like(b)
-        acc_in = torch.empty(n, dtype=scale.dtype, device=a.device) if step > 0 else None
+        acc_in = torch.empty(n, dtype=torch.float64, device=a.device) if step > 0 else None
         works = ring.start(([] if last else [cur]) + ([acc_prev] if step > 0 else []),
                            ([] if last else [nxt]) + ([acc_in] if step > 0 else []))
         own = ring.shard(step) == ring.rank
@@ -267,25 +269,25 @@ class _ClipGlobalRing(torch.autograd.Function):
     """open_clip's global ClipLoss (local_loss=False) on every rank, from 1/W of the logits matrix."""
 
     @staticmethod
-    def forward(ctx, a, b, scale, bias, impl, group, eps, chunk_rows, sum_upstream):
+    def forward(ctx, a, b, scale, bias, impl, group, eps, chunk_rows, sum_upstream, need_grad):
         ring = _Ring(group)
         n, world = a.shape[0], ring.world
         big_n = n * world
         acc = scale.dtype
         row_lse, col_lse, pos_logit = _clip_stats_lap(ring, impl, a, b, scale, bias, chunk_rows)
-        local = (row_lse + col_lse - 2.0 * (1.0 - eps) * pos_logit).sum()
+        # float64 per-row differences (the LSEs are float64), reduced across ranks in float64.
+        local = (row_lse + col_lse - 2.0 * (1.0 - eps) * pos_logit.double()).sum()
         dist.all_reduce(local, group=group)
         w = 1.0 / (2 * big_n)
         loss = w * local
         if eps > 0:
             # Label smoothing: the targets ε/N of both directions add −(ε/N)·Σ_ij S_ij to 2N·L.
-            sum_a, sum_b = a.sum(0, dtype=acc), b.sum(0, dtype=acc)
-            sums = torch.stack([sum_a, sum_b])
+            sums = torch.stack([a.sum(0, dtype=acc), b.sum(0, dtype=acc)])
             dist.all_reduce(sums, group=group)
             total_a, total_b = sums[0], sums[1]
-            loss = loss - w * 2.0 * (eps / big_n) * (scale * (total_a @ total_b) + big_n * big_n * bias)
+            loss = loss - w * 2.0 * (eps / big_n) * (scale * (total_a @ total_b) + big_n * big_n * bias).double()
         ctx.sum_upstream, ctx.group = sum_upstream, group
-        if any(ctx.needs_input_grad[:4]):
+        if need_grad:
             grad_a, grad_b, grad_scale, grad_bias = _clip_grad_lap(
                 ring, impl, a, b, scale, bias, row_lse, col_lse, w, 2.0 * w * (1.0 - eps), chunk_rows)
             grads = torch.stack([grad_scale, grad_bias])
@@ -297,20 +299,20 @@ class _ClipGlobalRing(torch.autograd.Function):
                 grad_b -= c * scale * total_a
                 grad_scale = grad_scale - c * (total_a @ total_b)
                 grad_bias = grad_bias - c * big_n * big_n
-            ctx.save_for_backward(grad_a.to(a.dtype), grad_b.to(b.dtype), grad_scale, grad_bias)
-        return loss
+            save_final_grads(ctx, (a, b, scale, bias), (grad_a, grad_b, grad_scale, grad_bias), 1.0)
+        return loss.to(acc)
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_a, grad_b, grad_scale, grad_bias = ctx.saved_tensors
+        forbid_double_backward()
         g_features = grad_output
         if ctx.sum_upstream:
             # gather_with_grad: each rank's features receive every rank's gradient of the same loss.
             g_features = grad_output.detach().clone()
             dist.all_reduce(g_features, group=ctx.group)
-        return (grad_a * g_features.to(grad_a.dtype), grad_b * g_features.to(grad_b.dtype),
-                grad_scale * grad_output.to(grad_scale.dtype), grad_bias * grad_output.to(grad_bias.dtype),
-                None, None, None, None, None)
+        grad_a, grad_b, _, _ = scaled_grads(ctx.saved_tensors, g_features)
+        _, _, grad_scale, grad_bias = scaled_grads(ctx.saved_tensors, grad_output)
+        return grad_a, grad_b, grad_scale, grad_bias, None, None, None, None, None, None
 
 
 def clip_loss_ring(image_features, text_features, scale, bias, *, group, gather_with_grad, label_smoothing,
@@ -321,7 +323,8 @@ def clip_loss_ring(image_features, text_features, scale, bias, *, group, gather_
     out_dtype = image_features.dtype
     impl, a, b, scale, bias, chunk_rows = prepare_inputs(image_features, text_features, scale, bias, backend,
                                                          chunk_size)
-    loss = _ClipGlobalRing.apply(a, b, scale, bias, impl, group, label_smoothing, chunk_rows, gather_with_grad)
+    loss = _ClipGlobalRing.apply(a, b, scale, bias, impl, group, label_smoothing, chunk_rows, gather_with_grad,
+                                 needs_grad(a, b, scale, bias))
     return loss.to(out_dtype)
 
 

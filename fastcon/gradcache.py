@@ -93,17 +93,22 @@ def cached_step(
         raise TypeError("loss_fn must return a scalar tensor")
     loss.backward()
     grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
-    sizes = [c[0].shape[0] for c in cached]
-    offsets = [0]
-    for size in sizes:
-        offsets.append(offsets[-1] + size)
+    # Each output may have its own rows per micro-batch (e.g. k captions per image): slice per output.
+    offsets = [[0] for _ in range(arity)]
+    for c in cached:
+        for k in range(arity):
+            offsets[k].append(offsets[k][-1] + c[k].shape[0])
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         sync = contextlib.nullcontext() if (no_sync is None or last) else no_sync()
         rng = states[i].restored() if states[i] is not None else contextlib.nullcontext()
         with sync, rng:
             out = _as_tuple(encode(batch), "encode")
-            pieces = [g[offsets[i]:offsets[i + 1]] for g in grads]
+            if [t.shape for t in out] != [t.shape for t in cached[i]]:
+                raise ValueError(
+                    f"micro-batch {i} encoded to shapes {[tuple(t.shape) for t in out]} on replay but "
+                    f"{[tuple(t.shape) for t in cached[i]]} the first time; encode must be deterministic in shape")
+            pieces = [g[offsets[k][i]:offsets[k][i + 1]] for k, g in enumerate(grads)]
             pairs = [(t, g) for t, g in zip(out, pieces) if t.requires_grad]
             if pairs:
                 torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])

@@ -155,3 +155,25 @@ def test_cache_budget_does_not_change_results(monkeypatch):
         assert_close_rel(loss, results[0][0], rtol=1e-6)
         for g, g0 in zip(grads, results[0][1]):
             assert_close_rel(g, g0, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("noise", [0.3, 0.1])
+def test_clip_confident_rows_at_scale_100(backend, noise):
+    """Confident rows (per-row loss 1e-6..1e-2) at s = 100: the loss is a difference of an LSE and a
+    logit of size 100, and P − 1 of the positive is as small. fastcon must stay within a small factor
+    of the fp32 reference (which subtracts the row maximum first) against float64."""
+    _backend_ready(backend)
+    g = torch.Generator().manual_seed(7)
+    a = torch.nn.functional.normalize(torch.randn(64, 32, generator=g, dtype=torch.float64), dim=-1)
+    b = torch.nn.functional.normalize(a + noise * torch.randn(64, 32, generator=g, dtype=torch.float64), dim=-1)
+    a, b = a.float(), b.float()
+    scale = torch.tensor(100.0)
+    ours = _run(FC.clip_loss, a, b, scale, None, backend=backend, chunk_size=24)
+    ref32 = _run(lambda *x: R.clip_loss_reference(*x), a, b, scale, None)
+    truth = _run(lambda *x: R.clip_loss_reference(*x, upcast=False), a.double(), b.double(), scale.double(), None)
+    for name, o, r, t in zip(["loss", "grad image", "grad text", "grad scale"], [ours[0], *ours[1]],
+                             [ref32[0], *ref32[1]], [truth[0], *truth[1]]):
+        err = ((o.double() - t).abs().max() / t.abs().max()).item()
+        err_ref = ((r.double() - t).abs().max() / t.abs().max()).item()
+        assert err <= 3 * err_ref + 1e-6, f"{name}: fastcon {err:.3g} vs fp32 reference {err_ref:.3g}"

@@ -1,5 +1,6 @@
 """The C++ CPU engine (``torch.ops.fastcon.*`` via ``fastcon.kernels.cpp``) against the executable
-contract ``fastcon.kernels.torch_chunked``, plus gradcheck, opcheck and input validation."""
+contract ``fastcon.kernels.torch_chunked`` (and dense float64 computations), plus the precision of
+the float64 LSEs on confident pairs, gradcheck, opcheck and input validation."""
 import math
 
 import pytest
@@ -62,6 +63,7 @@ def test_lse_stats(shape, pos_offset):
     atol = 1e-6 * _logit_mag(s, bias)
     for name, x, y in zip(("row_lse", "col_lse", "pos_logit"), got, want):
         _close(name, x, y, atol)
+    assert got[0].dtype == got[1].dtype == torch.float64 and got[2].dtype == torch.float32
 
 
 def test_lse_stats_large_logits():
@@ -88,6 +90,8 @@ def test_softmax_fused(shape, cache):
     mag = _logit_mag(s, bias)
     for name, x, y in zip(("row_lse", "col_lse", "pos_logit"), got[:3], want[:3]):
         _close(name, x, y, 1e-6 * mag)
+    assert got[0].dtype == got[1].dtype == torch.float64
+    assert all(x.dtype == torch.float32 for x in got[2:])
     _check_grads(("grad_a", "grad_b", "grad_scale", "grad_bias"), got[3:], want[3:], na, w_row + w_col + w_pos, mag)
 
 
@@ -121,14 +125,36 @@ def test_sigmoid_fused(shape, pos_offset, need_grad):
     _check_grads(("grad_a", "grad_b", "grad_scale", "grad_bias"), got[1:], want[1:], na * max(nb, 1) / 4, 0.75, mag)
 
 
+def _dense_softmax(a, b, scale, bias, pos_offset, w_row, w_col, w_pos):
+    """The softmax contract computed densely in float64 (outputs in the contract's dtypes)."""
+    dt = a.dtype
+    a64, b64 = a.double(), b.double()
+    s, bb = float(scale), float(bias)
+    logits = s * (a64 @ b64.T) + bb
+    na, nb = logits.shape
+    row_lse, col_lse = torch.logsumexp(logits, dim=1), torch.logsumexp(logits, dim=0)
+    target = torch.zeros_like(logits)
+    rows = torch.arange(max(0, min(na, nb - pos_offset)))
+    target[rows, rows + pos_offset] = 1.0
+    pos_logit = (logits * target).sum(dim=1)
+    col_used = torch.full_like(col_lse, float("inf"))
+    used = slice(min(pos_offset, nb), min(pos_offset + na, nb))
+    col_used[used] = col_lse[used]
+    g = w_row * torch.exp(logits - row_lse[:, None]) + w_col * torch.exp(logits - col_used[None, :]) - w_pos * target
+    grads = (s * g @ b64, s * g.T @ a64, (g * (a64 @ b64.T)).sum(), g.sum())
+    return (row_lse, col_used, pos_logit.to(dt)) + tuple(x.to(dt) for x in grads)
+
+
 @pytest.mark.parametrize("na,nb,d", [(0, 5, 3), (4, 0, 3), (4, 5, 0)])
 def test_empty_dimensions(na, nb, d):
     a, b = torch.randn(na, d), torch.randn(nb, d)
     s, bias = torch.tensor(2.0), torch.tensor(0.5)
+    dense = _dense_softmax(a, b, s, bias, 0, 1.0, 1.0, 2.0)
+    dense_stats = _dense_softmax(a, b, s, bias, 1, 1.0, 1.0, 2.0)
+    dense_stats = (dense_stats[0], torch.logsumexp(s * (a.double() @ b.double().T) + bias, dim=0), dense_stats[2])
     for got, want in [
-        (cpp.lse_stats(a, b, s, bias, 1, 2), ref.lse_stats(a, b, s, bias, 1, 2)),
-        (cpp.softmax_fused(a, b, s, bias, 0, 1.0, 1.0, 2.0, 2, 100),
-         ref.softmax_fused(a, b, s, bias, 0, 1.0, 1.0, 2.0, 2, 100)),
+        (cpp.lse_stats(a, b, s, bias, 1, 2), dense_stats),
+        (cpp.softmax_fused(a, b, s, bias, 0, 1.0, 1.0, 2.0, 2, 100), dense),
         (cpp.sigmoid_fused(a, b, s, bias, 0, 1.0, 2, True), ref.sigmoid_fused(a, b, s, bias, 0, 1.0, 2, True)),
     ]:
         for x, y in zip(got, want):
@@ -146,6 +172,83 @@ def test_float64_matches():
     want = ref.sigmoid_fused(a, b, s, bias, 3, 0.5, 16, True)
     for x, y in zip(got, want):
         _close("out", x, y, 1e-10)
+
+
+def test_lse_ties_and_constant_logits():
+    # every logit equal (zero features): each LSE is bias + log(count), from terms that all sit at the max
+    a, b = torch.zeros(5, 3), torch.zeros(7, 3)
+    s, bias = torch.tensor(4.0), torch.tensor(0.25)
+    row_lse, col_lse, _ = cpp.lse_stats(a, b, s, bias, 0, 2)
+    torch.testing.assert_close(row_lse, torch.full((5,), 0.25 + math.log(7), dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(col_lse, torch.full((7,), 0.25 + math.log(5), dtype=torch.float64), rtol=0, atol=1e-12)
+    # repeated rows and columns: ties at the max in several rows of a tile and across chunks / threads
+    a0, b0, s, bias = _inputs(6, 5, 4, scale=20.0, bias=1.0)
+    a, b = a0.repeat(40, 1), b0.repeat(3, 1)
+    got = cpp.softmax_fused(a, b, s, bias, 0, 1.0, 1.0, 2.0, 7, 0)
+    want = _dense_softmax(a, b, s, bias, 0, 1.0, 1.0, 2.0)
+    for name, x, y in zip(("row_lse", "col_lse"), got[:2], want[:2]):
+        _close(name, x, y, 1e-6 * 22)
+    _check_grads(("grad_a", "grad_b", "grad_scale", "grad_bias"), got[3:], want[3:], 240, 4.0, 22.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# float64 LSEs: the precision of a confident row's loss and gradient
+
+
+def _confident_pairs(spread, n=64, d=32, noise=0.05, seed=0):
+    """Unit rows clustered around a common direction (``spread`` sets how far apart), each text the
+    image plus 0.05·noise: with scale 100 the margins make per-row losses of ~1e-6 .. 1e-2."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(1, d, generator=g, dtype=torch.float64)
+    img = torch.nn.functional.normalize(base + spread * torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    txt = torch.nn.functional.normalize(img + noise * torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    a, b = img.float(), txt.float()
+    s, bias = torch.tensor(100.0), torch.tensor(0.0)
+    logits = ((a @ b.T) * s + bias).double()  # the fp32 logits, rounded as the engine forms them
+    return a, b, s, bias, logits
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_lse_precision_confident_rows(fused):
+    a, b, s, bias, logits = _confident_pairs(0.5)
+    n = a.shape[0]
+    if fused:
+        row_lse, col_lse, pos_logit = cpp.softmax_fused(a, b, s, bias, 0, 1.0, 1.0, 2.0, 16, 1 << 30)[:3]
+    else:
+        row_lse, col_lse, pos_logit = cpp.lse_stats(a, b, s, bias, 0, 16)
+    assert row_lse.dtype == col_lse.dtype == torch.float64
+    pos = logits.diagonal()
+    torch.testing.assert_close(pos_logit.double(), pos, rtol=0, atol=1e-5)
+    for name, lse, want_lse in (("row", row_lse, torch.logsumexp(logits, 1)),
+                                ("col", col_lse, torch.logsumexp(logits, 0))):
+        want = want_lse - pos  # the per-row (per-column) loss term
+        got = lse - pos_logit.double()
+        sel = (want > 1e-5) & (want < 1e-3)
+        assert int(sel.sum()) >= n // 4, f"{name}: too few confident rows to test ({int(sel.sum())})"
+        rel = ((got - want).abs() / want)[sel]
+        assert rel.max() <= 2e-6, f"{name}: loss term off by {rel.max():.2e} relative"
+        # the same LSEs rounded to fp32 lose the term: the test discriminates
+        rel32 = ((lse.float().double() - pos_logit.double() - want).abs() / want)[sel]
+        assert rel32.max() > 1e-2
+
+
+@pytest.mark.parametrize("spread", [0.5, 0.75])
+def test_softmax_grad_precision_confident(spread):
+    a, b, s, bias, logits = _confident_pairs(spread)
+    n = a.shape[0]
+    row_lse, col_lse = torch.logsumexp(logits, 1), torch.logsumexp(logits, 0)
+    loss = 0.5 * ((row_lse - logits.diagonal()).mean() + (col_lse - logits.diagonal()).mean())
+    if spread > 0.6:
+        assert 1e-7 < loss < 1e-5  # the regime where an fp32 LSE leaves nothing of P − 1
+    g = torch.exp(logits - row_lse[:, None]) + torch.exp(logits - col_lse[None, :])
+    g -= 2.0 * torch.eye(n, dtype=torch.float64)
+    want_a, want_b = 100.0 * g @ b.double(), 100.0 * g.T @ a.double()
+    got = cpp.softmax_grad(a, b, s, bias, row_lse, col_lse, 0, 1.0, 1.0, 2.0, 16)
+    fused = cpp.softmax_fused(a, b, s, bias, 0, 1.0, 1.0, 2.0, 16, 1 << 30)
+    for name, x, want in (("grad_a", got[0], want_a), ("grad_b", got[1], want_b),
+                          ("fused grad_a", fused[3], want_a), ("fused grad_b", fused[4], want_b)):
+        err = ((x.double() - want).abs().max() / want.abs().max()).item()
+        assert err <= 1e-4, f"{name}: off by {err:.2e} relative to max|expected| (loss {loss:.1e})"
 
 
 def test_deterministic_and_thread_count():
@@ -264,7 +367,12 @@ def test_bad_inputs_raise():
     with pytest.raises(RuntimeError, match="0-d"):
         op.softmax_fused(a, b, s.reshape(1), bias, 0, 1.0, 1.0, 2.0, 4, 0)
     with pytest.raises(RuntimeError, match="row_lse"):
-        op.softmax_grad(a, b, s, bias, torch.zeros(3), torch.zeros(9), 0, 1.0, 1.0, 2.0, 4)
+        op.softmax_grad(a, b, s, bias, torch.zeros(3, dtype=torch.float64), torch.zeros(9, dtype=torch.float64), 0,
+                        1.0, 1.0, 2.0, 4)
+    with pytest.raises(RuntimeError, match="row_lse must be a float64 tensor"):
+        op.softmax_grad(a, b, s, bias, torch.zeros(8), torch.zeros(9, dtype=torch.float64), 0, 1.0, 1.0, 2.0, 4)
+    with pytest.raises(RuntimeError, match="col_lse must be a float64 tensor"):
+        op.softmax_grad(a, b, s, bias, torch.zeros(8, dtype=torch.float64), torch.zeros(9), 0, 1.0, 1.0, 2.0, 4)
     with pytest.raises(RuntimeError, match="pos_offset"):
         op.sigmoid_fused(a, b, s, bias, -1, 1.0, 4, True)
     assert not math.isnan(float(cpp.lse_stats(a, b, s, bias, 0, 4)[0].sum()))

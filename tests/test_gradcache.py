@@ -58,3 +58,26 @@ def test_cached_step_errors():
         fastcon.cached_step(lambda b: b, [], lambda x: x.sum())
     with pytest.raises(TypeError, match="encode must return"):
         fastcon.cached_step(lambda b: "x", [1], lambda x: x.sum())
+
+
+def test_cached_step_outputs_with_different_row_counts():
+    torch.manual_seed(0)
+    image = nn.Linear(6, 4)
+    text = nn.Linear(5, 4)
+    batches = [(torch.randn(2, 6), torch.randn(6, 5)) for _ in range(3)]  # 3 captions per image
+
+    def encode(batch):
+        return image(batch[0]), text(batch[1])
+
+    def loss_fn(img, txt):
+        return (img.repeat_interleave(3, dim=0) * txt).sum().pow(2)
+
+    full = loss_fn(torch.cat([image(b[0]) for b in batches]), torch.cat([text(b[1]) for b in batches]))
+    full.backward()
+    expected = [p.grad.clone() for p in (*image.parameters(), *text.parameters())]
+    for p in (*image.parameters(), *text.parameters()):
+        p.grad = None
+    fastcon.cached_step(encode, batches, loss_fn, preserve_rng=False)
+    got = [p.grad for p in (*image.parameters(), *text.parameters())]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)

@@ -81,11 +81,13 @@ void check_pair(const char* op, const Tensor& a, const Tensor& b, const Tensor& 
   TORCH_CHECK(chunk_rows >= 1, "fastcon::", op, ": chunk_rows must be >= 1, got ", chunk_rows);
 }
 
-void check_vec(const char* op, const char* name, const Tensor& v, int64_t n, const Tensor& a) {
+// An LSE input: float64 for every input dtype (see "LSE precision" in fastcon/kernels/__init__.py).
+void check_lse(const char* op, const char* name, const Tensor& v, int64_t n) {
   TORCH_CHECK(v.dim() == 1 && v.size(0) == n, "fastcon::", op, ": ", name, " must be a 1-D tensor of length ", n,
               ", got shape ", v.sizes());
-  TORCH_CHECK(v.scalar_type() == a.scalar_type(), "fastcon::", op, ": ", name, " must have dtype ", a.scalar_type(),
-              ", got ", v.scalar_type());
+  TORCH_CHECK(v.scalar_type() == at::kDouble, "fastcon::", op, ": ", name,
+              " must be a float64 tensor (the LSE statistics are float64 for every input dtype, as lse_stats "
+              "returns them), got ", v.scalar_type());
   TORCH_CHECK(v.device().is_cpu() && v.is_contiguous(), "fastcon::", op, ": ", name,
               " must be a contiguous CPU tensor");
 }
@@ -96,40 +98,50 @@ T scalar_of(const Tensor& t) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Column statistics: per-thread running (max, Σexp) accumulators.
+// LSEs are float64 (see "LSE precision" in fastcon/kernels/__init__.py), formed from their parts:
+// shift + log(count + sum), with `count` the number of terms at the shift (each exactly exp(0) = 1)
+// and `sum` the others, summed apart so that they keep their precision when they are tiny.
+inline double lse_from_parts(double shift, double count, double sum) { return shift + std::log1p((count - 1.0) + sum); }
+
+// Column statistics: per-thread running (max, count at the max, Σexp of the rest) accumulators.
 
 template <typename T>
 struct ColStats {
   int64_t nb;
   int nt;
   int64_t tile;                     // rows per tile of the two-sweep epilogue
-  std::vector<T> storage;           // per thread: cmax, tile_sum, csh, tmax (nb each)
-  std::vector<double> total_sum;    // per thread: Σ exp(S − csh) over the tiles seen (nb each)
+  std::vector<T> storage;           // per thread: cmax, tile_sum, csh, tmax, tile_cnt (nb each)
+  std::vector<double> total_sum;    // per thread: Σ exp(S − csh) over the tiles seen, S != csh (nb each)
+  std::vector<double> total_cnt;    // per thread: how many S == csh (nb each)
 
   ColStats(int64_t nb_, int nt_) : nb(nb_), nt(nt_) {
     // A tile of rows is swept twice; keep it around 256 KiB so the second sweep hits L2.
     const int64_t target = (int64_t(256) << 10) / int64_t(sizeof(T));
     tile = std::min<int64_t>(64, std::max<int64_t>(1, target / std::max<int64_t>(nb, 1)));
-    storage.resize(size_t(nt) * 4 * size_t(nb));
+    storage.resize(size_t(nt) * 5 * size_t(nb));
     total_sum.assign(size_t(nt) * size_t(nb), 0.0);
+    total_cnt.assign(size_t(nt) * size_t(nb), 0.0);
     for (int t = 0; t < nt; ++t) {
       std::fill(cmax(t), cmax(t) + nb, -inf<T>());
       std::fill(tile_sum(t), tile_sum(t) + nb, T(0));
       std::fill(csh(t), csh(t) + nb, T(0));
+      std::fill(tile_cnt(t), tile_cnt(t) + nb, T(0));
     }
   }
-  T* base(int t) { return storage.data() + size_t(t) * 4 * size_t(nb); }
+  T* base(int t) { return storage.data() + size_t(t) * 5 * size_t(nb); }
   T* cmax(int t) { return base(t); }
   T* tile_sum(int t) { return base(t) + nb; }
   T* csh(int t) { return base(t) + 2 * nb; }
   T* tmax(int t) { return base(t) + 3 * nb; }
+  T* tile_cnt(int t) { return base(t) + 4 * nb; }
   double* total(int t) { return total_sum.data() + size_t(t) * size_t(nb); }
+  double* count(int t) { return total_cnt.data() + size_t(t) * size_t(nb); }
 
-  // Stats of `rows` rows of unscaled dot products `dot` (rows × nb, row-major). Writes the row LSEs
-  // and folds the columns into the accumulators of the thread that owns each row block. A column's
-  // sum runs over up to Na rows: it is accumulated in T within a tile (<= 64 rows) and in double
-  // across tiles, so its rounding error does not grow with Na.
-  void add_chunk(const T* dot, int64_t rows, T s, T b, T* row_lse) {
+  // Stats of `rows` rows of unscaled dot products `dot` (rows × nb, row-major). Writes the (float64)
+  // row LSEs and folds the columns into the accumulators of the thread that owns each row block. A
+  // column's sum runs over up to Na rows: it is accumulated in T within a tile (<= 64 rows) and in
+  // double across tiles, so its rounding error does not grow with Na.
+  void add_chunk(const T* dot, int64_t rows, T s, T b, double* row_lse) {
     if (rows == 0) return;
 #pragma omp parallel num_threads(nt) if (rows * nb >= kMinParallelWork)
     {
@@ -141,44 +153,58 @@ struct ColStats {
       T* sh = csh(tid);
       T* tm = tmax(tid);
       double* tot = total(tid);
+      double* cnt = count(tid);
+      T* tc = tile_cnt(tid);
       T rmax[64];
       for (int64_t t0 = r0; t0 < r1; t0 += tile) {
         const int64_t t1 = std::min(r1, t0 + tile);
         std::copy(cm, cm + nb, tm);
         for (int64_t i = t0; i < t1; ++i) rmax[i - t0] = fc_rowmax_colmax(dot + i * nb, nb, s, b, tm);
-        // Move the double totals to the new shifts (rare after the first tiles: the max settles).
+        // Move the double totals to the new shifts (rare after the first tiles: the max settles); the
+        // terms at the old shift are no longer 1 and join the sum.
         for (int64_t j = 0; j < nb; ++j) {
-          if (tm[j] != cm[j] && cm[j] != -inf<T>()) tot[j] *= std::exp(double(sh[j]) - double(lse_shift(tm[j])));
+          if (tm[j] != cm[j] && cm[j] != -inf<T>()) {
+            tot[j] = (tot[j] + cnt[j]) * std::exp(double(sh[j]) - double(lse_shift(tm[j])));
+            cnt[j] = 0.0;
+          }
         }
         fc_rescale(cm, ts, sh, tm, nb);  // ts is all zero here: this only updates cmax and the shifts
         for (int64_t i = t0; i < t1; ++i) {
           const T rsh = lse_shift(rmax[i - t0]);
-          const T acc = fc_rowexp_colexp(dot + i * nb, nb, s, b, rsh, sh, ts);
-          row_lse[i] = rsh + std::log(acc);
+          T rc = 0;
+          const T acc = fc_rowexp_colexp(dot + i * nb, nb, s, b, rsh, sh, ts, tc, &rc);
+          row_lse[i] = lse_from_parts(double(rsh), double(rc), double(acc));
         }
         for (int64_t j = 0; j < nb; ++j) {
           tot[j] += double(ts[j]);
+          cnt[j] += double(tc[j]);
           ts[j] = T(0);
+          tc[j] = T(0);
         }
       }
     }
   }
 
   // col_lse_j = logsumexp over every row seen, merging the thread partials in thread order.
-  void finish(T* col_lse) {
+  void finish(double* col_lse) {
     const int n_threads = nt;
 #pragma omp parallel for schedule(static) num_threads(nt) if (nb * nt >= kMinParallelWork)
     for (int64_t j = 0; j < nb; ++j) {
       T m = -inf<T>();
       for (int t = 0; t < n_threads; ++t) m = std::max(m, cmax(t)[j]);
       const T shift = lse_shift(m);
-      double sum = 0;
+      double sum = 0, n_at_shift = 0;
       for (int t = 0; t < n_threads; ++t) {
         const T mt = cmax(t)[j];
         if (mt == -inf<T>()) continue;
-        sum += total(t)[j] * (mt == m ? 1.0 : std::exp(double(csh(t)[j]) - double(shift)));
+        if (mt == m) {  // same shift
+          sum += total(t)[j];
+          n_at_shift += count(t)[j];
+        } else {
+          sum += (total(t)[j] + count(t)[j]) * std::exp(double(csh(t)[j]) - double(shift));
+        }
       }
-      col_lse[j] = T(double(shift) + std::log(sum));
+      col_lse[j] = lse_from_parts(double(shift), n_at_shift, sum);
     }
   }
 };
@@ -186,29 +212,50 @@ struct ColStats {
 // ---------------------------------------------------------------------------------------------
 // Gradient epilogues (in place: the dot products of the rows become G).
 
+// The float64 LSEs of the gradient pass, each also split in hi = T(lse), lo = T(lse − hi) for the
+// element loops (hi + lo = lse to twice the precision of T; for T = double, lo = 0). An infinite (or
+// out of range of T) LSE gives lo = 0, so that (S − hi) − lo stays ±inf and exp of it 0 or inf.
 template <typename T>
-void softmax_grad_rows(T* dot, int64_t row0, int64_t rows, int64_t nb, T s, T b, const T* row_lse,
-                       const T* col_lse, int64_t pos_offset, T w_row, T w_col, T w_pos, double* gs_rows,
+struct SplitLse {
+  const double* lse;
+  std::vector<T> hi, lo;
+  SplitLse(const double* lse_, int64_t n) : lse(lse_), hi(size_t(n)), lo(size_t(n)) {
+    for (int64_t i = 0; i < n; ++i) {
+      const T h = T(lse[i]);
+      hi[i] = h;
+      lo[i] = std::isfinite(h) ? T(lse[i] - double(h)) : T(0);
+    }
+  }
+};
+
+template <typename T>
+void softmax_grad_rows(T* dot, int64_t row0, int64_t rows, int64_t nb, T s, T b, const SplitLse<T>& row_lse,
+                       const SplitLse<T>& col_lse, int64_t pos_offset, T w_row, T w_col, T w_pos, double* gs_rows,
                        double* gb_rows, int nt) {
   const bool use_col = w_col != T(0);
+  const T* chi = col_lse.hi.data();
+  const T* clo = col_lse.lo.data();
 #pragma omp parallel for schedule(static) num_threads(nt) if (rows * nb >= kMinParallelWork)
   for (int64_t i = 0; i < rows; ++i) {
     T* d = dot + i * nb;
     const int64_t gi = row0 + i;
     const int64_t p = (pos_offset < nb - gi) ? gi + pos_offset : nb;  // column of the positive, or nb
-    const T rl = row_lse[gi];
+    const T rhi = row_lse.hi[gi], rlo = row_lse.lo[gi];
     T gs1 = 0, gb1 = 0, gs2 = 0, gb2 = 0, gs3 = 0, gb3 = 0;
-    fc_grad(d, d, p, s, b, rl, w_row, col_lse, w_col, use_col, &gs1, &gb1);
+    fc_grad(d, d, p, s, b, rhi, rlo, w_row, chi, clo, w_col, use_col, &gs1, &gb1);
     if (p < nb) {
+      // The positive, one per row: in double from the float64 LSEs, so that P − 1 and Q − 1 (tiny
+      // for a confident pair) keep their relative precision before the target is subtracted.
       const T dv = d[p];
-      const T v = dv * s + b;
-      T e = std::exp(v - rl) * w_row;
-      if (use_col) e += std::exp(v - col_lse[p]) * w_col;
-      e -= w_pos;
-      d[p] = e;
-      gs2 = e * dv;
-      gb2 = e;
-      fc_grad(d + p + 1, d + p + 1, nb - p - 1, s, b, rl, w_row, col_lse + p + 1, w_col, use_col, &gs3, &gb3);
+      const double v = double(dv * s + b);  // rounded to T as in the loops and the statistics
+      double e = std::exp(v - row_lse.lse[gi]) * double(w_row);
+      if (use_col) e += std::exp(v - col_lse.lse[p]) * double(w_col);
+      e -= double(w_pos);
+      d[p] = T(e);
+      gs2 = d[p] * dv;
+      gb2 = d[p];
+      fc_grad(d + p + 1, d + p + 1, nb - p - 1, s, b, rhi, rlo, w_row, chi + p + 1, clo + p + 1, w_col, use_col, &gs3,
+              &gb3);
     }
     gs_rows[gi] = double(gs1) + double(gs2) + double(gs3);
     gb_rows[gi] = double(gb1) + double(gb2) + double(gb3);
@@ -289,8 +336,8 @@ std::tuple<Tensor, Tensor, Tensor> lse_stats_impl(const Tensor& a, const Tensor&
                                                   int64_t chunk_rows) {
   const int64_t na = a.size(0), nb = b.size(0);
   const int nt = team_threads();
-  Tensor row_lse = at::empty({na}, a.options());
-  Tensor col_lse = at::empty({nb}, a.options());
+  Tensor row_lse = at::empty({na}, a.options().dtype(at::kDouble));
+  Tensor col_lse = at::empty({nb}, a.options().dtype(at::kDouble));
   Tensor pos_logit = at::empty({na}, a.options());
   ColStats<T> cs(nb, nt);
   Tensor buf = at::empty({std::min(chunk_rows, na), nb}, a.options());
@@ -299,16 +346,17 @@ std::tuple<Tensor, Tensor, Tensor> lse_stats_impl(const Tensor& a, const Tensor&
     Tensor view = buf.narrow(0, 0, rows);
     gemm_dot(view, a, b, r0, rows);
     positive_logits<T>(view.data_ptr<T>(), r0, rows, nb, s, bb, pos_offset, pos_logit.data_ptr<T>());
-    cs.add_chunk(view.data_ptr<T>(), rows, s, bb, row_lse.data_ptr<T>() + r0);
+    cs.add_chunk(view.data_ptr<T>(), rows, s, bb, row_lse.data_ptr<double>() + r0);
   }
-  cs.finish(col_lse.data_ptr<T>());
+  cs.finish(col_lse.data_ptr<double>());
   return {row_lse, col_lse, pos_logit};
 }
 
 // Pass 2 over rows [r0, r0+rows) whose dot products are in `dot` (overwritten with G).
 template <typename T>
 void softmax_grad_block(Tensor& dot, const Tensor& a, const Tensor& b, int64_t r0, int64_t rows, T s, T bb,
-                        const T* row_lse, const T* col_lse, int64_t pos_offset, T w_row, T w_col, T w_pos,
+                        const SplitLse<T>& row_lse, const SplitLse<T>& col_lse, int64_t pos_offset, T w_row,
+                        T w_col, T w_pos,
                         std::vector<double>& gs_rows, std::vector<double>& gb_rows, Tensor& grad_a, Tensor& grad_b,
                         int nt) {
   const int64_t nb = b.size(0);
@@ -327,13 +375,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> softmax_grad_impl(const Tensor& a, co
   Tensor grad_a = at::empty({na, d}, a.options());
   Tensor grad_b = at::zeros({nb, d}, a.options());
   std::vector<double> gs_rows(na), gb_rows(na);
+  const SplitLse<T> rls(row_lse.data_ptr<double>(), na), cls(col_lse.data_ptr<double>(), nb);
   Tensor buf = at::empty({std::min(chunk_rows, na), nb}, a.options());
   for (int64_t r0 = 0; r0 < na; r0 += chunk_rows) {
     const int64_t rows = std::min(chunk_rows, na - r0);
     Tensor view = buf.narrow(0, 0, rows);
     gemm_dot(view, a, b, r0, rows);
-    softmax_grad_block<T>(view, a, b, r0, rows, s, bb, row_lse.data_ptr<T>(), col_lse.data_ptr<T>(), pos_offset,
-                          T(w_row), T(w_col), T(w_pos), gs_rows, gb_rows, grad_a, grad_b, nt);
+    softmax_grad_block<T>(view, a, b, r0, rows, s, bb, rls, cls, pos_offset, T(w_row), T(w_col), T(w_pos), gs_rows,
+                          gb_rows, grad_a, grad_b, nt);
   }
   return {grad_a, grad_b, scalar_tensor(ordered_sum(gs_rows), a), scalar_tensor(ordered_sum(gb_rows), a)};
 }
@@ -357,12 +406,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> softmax_fused
       cached += rows;
     }
   }
-  Tensor row_lse = at::empty({na}, a.options());
-  Tensor col_lse = at::empty({nb}, a.options());
+  Tensor row_lse = at::empty({na}, a.options().dtype(at::kDouble));
+  Tensor col_lse = at::empty({nb}, a.options().dtype(at::kDouble));
   Tensor pos_logit = at::empty({na}, a.options());
   Tensor cache = at::empty({cached, nb}, a.options());
   Tensor buf = at::empty({std::min(chunk_rows, na - cached), nb}, a.options());
-  T* rl = row_lse.data_ptr<T>();
+  double* rl = row_lse.data_ptr<double>();
   T* pl = pos_logit.data_ptr<T>();
 
   // pass 1: statistics
@@ -380,31 +429,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> softmax_fused
       positive_logits<T>(view.data_ptr<T>(), r0, rows, nb, s, bb, pos_offset, pl);
       cs.add_chunk(view.data_ptr<T>(), rows, s, bb, rl + r0);
     }
-    cs.finish(col_lse.data_ptr<T>());
+    cs.finish(col_lse.data_ptr<double>());
   }
   {
     // Only the columns that own a positive, [pos_offset, pos_offset + Na), enter the column softmax.
-    T* cl = col_lse.data_ptr<T>();
+    double* cl = col_lse.data_ptr<double>();
     const int64_t c0 = std::min(pos_offset, nb);
     const int64_t c1 = (na < nb - c0) ? c0 + na : nb;
-    for (int64_t j = 0; j < c0; ++j) cl[j] = inf<T>();
-    for (int64_t j = c1; j < nb; ++j) cl[j] = inf<T>();
+    for (int64_t j = 0; j < c0; ++j) cl[j] = inf<double>();
+    for (int64_t j = c1; j < nb; ++j) cl[j] = inf<double>();
   }
 
   // pass 2: gradients
   Tensor grad_a = at::empty({na, d}, a.options());
   Tensor grad_b = at::zeros({nb, d}, a.options());
   std::vector<double> gs_rows(na), gb_rows(na);
-  const T* cl = col_lse.data_ptr<T>();
+  const SplitLse<T> rls(rl, na), cls(col_lse.data_ptr<double>(), nb);
   if (cached > 0) {
-    softmax_grad_block<T>(cache, a, b, 0, cached, s, bb, rl, cl, pos_offset, T(w_row), T(w_col), T(w_pos), gs_rows,
+    softmax_grad_block<T>(cache, a, b, 0, cached, s, bb, rls, cls, pos_offset, T(w_row), T(w_col), T(w_pos), gs_rows,
                           gb_rows, grad_a, grad_b, nt);
   }
   for (int64_t r0 = cached; r0 < na; r0 += chunk_rows) {
     const int64_t rows = std::min(chunk_rows, na - r0);
     Tensor view = buf.narrow(0, 0, rows);
     gemm_dot(view, a, b, r0, rows);
-    softmax_grad_block<T>(view, a, b, r0, rows, s, bb, rl, cl, pos_offset, T(w_row), T(w_col), T(w_pos), gs_rows,
+    softmax_grad_block<T>(view, a, b, r0, rows, s, bb, rls, cls, pos_offset, T(w_row), T(w_col), T(w_pos), gs_rows,
                           gb_rows, grad_a, grad_b, nt);
   }
   return {row_lse, col_lse, pos_logit, grad_a, grad_b, scalar_tensor(ordered_sum(gs_rows), a),
@@ -461,8 +510,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> softmax_grad(const Tensor& a, const T
                                                         const Tensor& col_lse, int64_t pos_offset, double w_row,
                                                         double w_col, double w_pos, int64_t chunk_rows) {
   check_pair("softmax_grad", a, b, scale, bias, chunk_rows);
-  check_vec("softmax_grad", "row_lse", row_lse, a.size(0), a);
-  check_vec("softmax_grad", "col_lse", col_lse, b.size(0), a);
+  check_lse("softmax_grad", "row_lse", row_lse, a.size(0));
+  check_lse("softmax_grad", "col_lse", col_lse, b.size(0));
   check_pos_offset("softmax_grad", pos_offset);
   if (a.scalar_type() == at::kDouble)
     return softmax_grad_impl<double>(a, b, scalar_of<double>(scale), scalar_of<double>(bias), row_lse, col_lse,

@@ -9,18 +9,19 @@ namespace cpu {
   FC_CLONES T fc_rowmax_colmax(const T* d, int64_t n, T s, T b, T* cmax) {                                   \
     return k_rowmax_colmax<T>(d, n, s, b, cmax);                                                             \
   }                                                                                                          \
-  FC_CLONES T fc_rowexp_colexp(const T* d, int64_t n, T s, T b, T rsh, const T* csh, T* csum) {              \
-    return k_rowexp_colexp<T>(d, n, s, b, rsh, csh, csum);                                                   \
+  FC_CLONES T fc_rowexp_colexp(const T* d, int64_t n, T s, T b, T rsh, const T* csh, T* csum, T* ccnt,       \
+                               T* rcnt) {                                                                    \
+    return k_rowexp_colexp<T>(d, n, s, b, rsh, csh, csum, ccnt, rcnt);                                       \
   }                                                                                                          \
   FC_CLONES void fc_rescale(T* cmax, T* csum, T* csh, const T* tmax, int64_t n) {                            \
     k_rescale<T>(cmax, csum, csh, tmax, n);                                                                  \
   }                                                                                                          \
-  FC_CLONES void fc_grad(const T* d, T* g, int64_t n, T s, T b, T rl, T wr, const T* cl, T wc, bool use_col, \
-                         T* gs, T* gb) {                                                                     \
+  FC_CLONES void fc_grad(const T* d, T* g, int64_t n, T s, T b, T rhi, T rlo, T wr, const T* chi,           \
+                         const T* clo, T wc, bool use_col, T* gs, T* gb) {                                   \
     if (use_col)                                                                                             \
-      k_grad<T, true>(d, g, n, s, b, rl, wr, cl, wc, gs, gb);                                                \
+      k_grad<T, true>(d, g, n, s, b, rhi, rlo, wr, chi, clo, wc, gs, gb);                                    \
     else                                                                                                     \
-      k_grad<T, false>(d, g, n, s, b, rl, wr, cl, wc, gs, gb);                                               \
+      k_grad<T, false>(d, g, n, s, b, rhi, rlo, wr, chi, clo, wc, gs, gb);                                   \
   }                                                                                                          \
   FC_CLONES void fc_sigmoid(const T* d, T* g, int64_t n, T s, T b, T w, bool need_grad, T* loss, T* gs,       \
                             T* gb) {                                                                         \

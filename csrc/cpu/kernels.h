@@ -129,17 +129,30 @@ FC_INLINE T k_rowmax_colmax(const T* __restrict d, int64_t n, T s, T b, T* __res
   return m;
 }
 
-// ---- stats, sweep 2: returns Σ_j exp(S_j − rsh) and adds exp(S_j − csh[j]) to csum[j].
+// ---- stats, sweep 2: the sums of exp(S_j − shift) without the terms at the shift itself, which
+// are exactly 1 and are counted instead: returns Σ_{S_j != rsh} exp(S_j − rsh) and writes the number
+// of j with S_j == rsh to *rcnt; adds exp(S_j − csh[j]) to csum[j], or 1 to ccnt[j] where S_j == csh[j].
+// Summing the terms below the maximum apart from the 1 of the maximum keeps their precision: the LSE
+// is then shift + log1p((count − 1) + sum), exact to the precision of that small sum, where a sum
+// 1 + ε in T would round ε to ulp(1).
 template <typename T>
 FC_INLINE T k_rowexp_colexp(const T* __restrict d, int64_t n, T s, T b, T rsh, const T* __restrict csh,
-                            T* __restrict csum) {
-  T acc = 0;
-#pragma omp simd reduction(+ : acc)
+                            T* __restrict csum, T* __restrict ccnt, T* rcnt) {
+  T acc = 0, cnt = 0;
+#pragma omp simd reduction(+ : acc, cnt)
   for (int64_t j = 0; j < n; ++j) {
     T v = d[j] * s + b;
-    acc += Math<T>::exp(v - rsh);
-    csum[j] += Math<T>::exp(v - csh[j]);
+    T er = Math<T>::exp(v - rsh);
+    bool rt = v == rsh;
+    acc += rt ? T(0) : er;
+    cnt += rt ? T(1) : T(0);
+    T c = csh[j];
+    T ec = Math<T>::exp(v - c);
+    bool ct = v == c;
+    csum[j] += ct ? T(0) : ec;
+    ccnt[j] += ct ? T(1) : T(0);
   }
+  *rcnt = cnt;
   return acc;
 }
 
@@ -163,17 +176,21 @@ FC_INLINE void k_rescale(T* __restrict cmax, T* __restrict csum, T* __restrict c
 }
 
 // ---- softmax gradient of one row, in place allowed (g may equal d):
-// G_j = w_row·exp(S_j − rl) [+ w_col·exp(S_j − cl_j)]; returns Σ G·d and Σ G.
+// G_j = w_row·exp(S_j − rl) [+ w_col·exp(S_j − cl_j)]; returns Σ G·d and Σ G. The (float64) LSEs come
+// split in two numbers of T, rl = rhi + rlo and cl_j = chi[j] + clo[j], and the exponents are formed
+// as (S − hi) − lo: S − hi is exact when the two are close (the logits that matter), so the exponent
+// keeps the precision of the float64 LSE without any double arithmetic per element. An LSE of +inf
+// comes as (inf, 0) and gives exp(−inf) = 0.
 template <typename T, bool kCol>
-FC_INLINE void k_grad(const T* d, T* g, int64_t n, T s, T b, T rl, T wr, const T* __restrict cl, T wc, T* out_gs,
-                      T* out_gb) {
+FC_INLINE void k_grad(const T* d, T* g, int64_t n, T s, T b, T rhi, T rlo, T wr, const T* __restrict chi,
+                      const T* __restrict clo, T wc, T* out_gs, T* out_gb) {
   T as = 0, ab = 0;
 #pragma omp simd reduction(+ : as, ab)
   for (int64_t j = 0; j < n; ++j) {
     T dv = d[j];
     T v = dv * s + b;
-    T e = Math<T>::exp(v - rl) * wr;
-    if (kCol) e += Math<T>::exp(v - cl[j]) * wc;
+    T e = Math<T>::exp((v - rhi) - rlo) * wr;
+    if (kCol) e += Math<T>::exp((v - chi[j]) - clo[j]) * wc;
     as += e * dv;
     ab += e;
     g[j] = e;
@@ -212,10 +229,10 @@ FC_INLINE void k_sigmoid(const T* d, T* g, int64_t n, T s, T b, T w, T* out_loss
 // Exported (multi-versioned) entry points, defined in kernels.cpp.
 #define FC_DECLARE(T)                                                                                      \
   T fc_rowmax_colmax(const T* d, int64_t n, T s, T b, T* cmax);                                             \
-  T fc_rowexp_colexp(const T* d, int64_t n, T s, T b, T rsh, const T* csh, T* csum);                         \
+  T fc_rowexp_colexp(const T* d, int64_t n, T s, T b, T rsh, const T* csh, T* csum, T* ccnt, T* rcnt);      \
   void fc_rescale(T* cmax, T* csum, T* csh, const T* tmax, int64_t n);                                      \
-  void fc_grad(const T* d, T* g, int64_t n, T s, T b, T rl, T wr, const T* cl, T wc, bool use_col, T* gs,  \
-               T* gb);                                                                                      \
+  void fc_grad(const T* d, T* g, int64_t n, T s, T b, T rhi, T rlo, T wr, const T* chi, const T* clo, T wc, \
+               bool use_col, T* gs, T* gb);                                                                 \
   void fc_sigmoid(const T* d, T* g, int64_t n, T s, T b, T w, bool need_grad, T* loss, T* gs, T* gb);
 
 FC_DECLARE(float)

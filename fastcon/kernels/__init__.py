@@ -31,6 +31,14 @@ is in it. No Na×Nb tensor is allocated, only row chunks of at most ``chunk_rows
         loss_sum = Σ_ij softplus(−z_ij·S_ij); with ``need_grad`` the gradients of ``w·loss_sum``,
         i.e. G_ij = w·(σ(S_ij) − [z_ij = +1]) (else the four gradients are None).
 
+LSE precision: ``row_lse`` and ``col_lse`` (inputs and outputs) are **float64** tensors for every input
+dtype. An LSE of logits of size 100 stored in fp32 carries an absolute error of ulp(100) ≈ 7.6e-6, which
+is the whole per-row loss and the whole P − 1 of a confident row; in float64 the LSE keeps the
+precision of its parts (the row maximum, an exact logit, plus the log of an fp32 sum). Epilogues form
+``S − lse`` without losing it, e.g. by splitting ``lse = hi + lo`` (``hi = float32(lse)``,
+``lo = float32(lse − hi)``) and computing ``(S − hi) − lo`` in fp32, or by subtracting in float64.
+``pos_logit`` and the other outputs stay in the accumulation dtype.
+
 The CLIP targets and label smoothing are O(N·D) terms added by ``fastcon.ops`` with plain autograd,
 identically for every backend.
 """

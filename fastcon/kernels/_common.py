@@ -39,14 +39,14 @@ def stats_pass(a: torch.Tensor, b: torch.Tensor, chunk_rows: int, cache_bytes: i
     statistics epilogue ``chunk_stats(dot, r0, r1, row_lse, col_lse, pos_logit)`` (which fills the
     chunk's rows of row_lse and pos_logit and merges its column LSE into col_lse).
 
-    Returns (row_lse, col_lse, pos_logit, cached): ``cached`` holds the dot products of the leading
+    Returns (row_lse, col_lse, pos_logit, cached), the LSEs in float64: ``cached`` holds the dot products of the leading
     chunks whose total fits ``cache_bytes``, for the gradient pass to reuse instead of recomputing.
     """
     na, nb = a.shape[0], b.shape[0]
     acc = acc_dtype(a.dtype)
-    row_lse = torch.empty(na, dtype=acc, device=a.device)
+    row_lse = torch.empty(na, dtype=torch.float64, device=a.device)
     pos_logit = torch.zeros(na, dtype=acc, device=a.device)
-    col_lse = torch.full((nb,), float("-inf"), dtype=acc, device=a.device)
+    col_lse = torch.full((nb,), float("-inf"), dtype=torch.float64, device=a.device)
     cached, kept = [], 0
     for r0, r1 in row_chunks(na, chunk_rows):
         dot = mm_acc(a[r0:r1], b.T)
@@ -75,3 +75,25 @@ def two_pass_softmax(a, b, scale, bias, pos_offset, w_row, w_col, w_pos, chunk_r
     grads = softmax_grad(a, b, scale, bias, row_lse, col_lse, pos_offset, w_row, w_col, w_pos, chunk_rows,
                          _cached=cached)
     return (row_lse, col_lse, pos_logit) + grads
+
+
+def lse_parts(logits: torch.Tensor, dim: int) -> torch.Tensor:
+    """float64 log-sum-exp of ``logits`` along ``dim``, formed from its parts (the maximum, an exact
+    logit, plus the log of the sum of exp(logits − max) in the logits' dtype), so that no rounding at
+    the magnitude of the logits enters it. A max of ±inf gives the shift 0, as torch.logsumexp."""
+    if logits.shape[dim] == 0:  # an empty set of logits: LSE −inf
+        shape = list(logits.shape)
+        del shape[dim]
+        return torch.full(shape, float("-inf"), dtype=torch.float64, device=logits.device)
+    m = logits.amax(dim=dim, keepdim=True)
+    shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    total = torch.exp(logits - shift).sum(dim=dim, keepdim=True)
+    return (shift.double() + torch.log(total.double())).squeeze(dim)
+
+
+def split_lse(lse: torch.Tensor, dtype: torch.dtype):
+    """(hi, lo) in ``dtype`` with hi + lo = lse (float64) to twice the precision of ``dtype``:
+    ``(S − hi) − lo`` then keeps the precision of ``S − lse``. +inf gives (inf, 0)."""
+    hi = lse.to(dtype)
+    lo = (lse - hi.double()).to(dtype)
+    return hi, torch.where(torch.isinf(hi), torch.zeros_like(lo), lo)

@@ -2,7 +2,9 @@
 ``fastcon._C``).
 
 Same four functions and signatures as ``torch_chunked``; inputs are float32 or float64, contiguous,
-on the CPU (the ops layer upcasts bf16/fp16 to float32 before calling). ``AVAILABLE`` says whether
+on the CPU (the ops layer upcasts bf16/fp16 to float32 before calling). ``row_lse`` and ``col_lse``
+are float64 for both input dtypes, as outputs and as inputs of ``softmax_grad`` (see "LSE precision"
+in ``fastcon.kernels``). ``AVAILABLE`` says whether
 the extension could be loaded and ``REASON`` why not; importing this module never raises.
 """
 from __future__ import annotations
@@ -68,17 +70,21 @@ def sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad):
 
 
 def _register_fakes() -> None:
-    """Output shapes and dtypes for FakeTensor / torch.compile / opcheck (outputs are in a's dtype)."""
+    """Output shapes and dtypes for FakeTensor / torch.compile / opcheck (outputs are in a's dtype,
+    except the LSEs: float64)."""
 
     def _vec(a, n):
         return a.new_empty((n,))
+
+    def _lse(a, n):
+        return a.new_empty((n,), dtype=torch.float64)
 
     def _scal(a):
         return a.new_empty(())
 
     @torch.library.register_fake("fastcon::lse_stats")
     def _(a, b, scale, bias, pos_offset, chunk_rows):
-        return _vec(a, a.shape[0]), _vec(a, b.shape[0]), _vec(a, a.shape[0])
+        return _lse(a, a.shape[0]), _lse(a, b.shape[0]), _vec(a, a.shape[0])
 
     @torch.library.register_fake("fastcon::softmax_grad")
     def _(a, b, scale, bias, row_lse, col_lse, pos_offset, w_row, w_col, w_pos, chunk_rows):
@@ -87,8 +93,8 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fastcon::softmax_fused")
     def _(a, b, scale, bias, pos_offset, w_row, w_col, w_pos, chunk_rows, cache_bytes):
         return (
-            _vec(a, a.shape[0]),
-            _vec(a, b.shape[0]),
+            _lse(a, a.shape[0]),
+            _lse(a, b.shape[0]),
             _vec(a, a.shape[0]),
             a.new_empty(a.shape),
             a.new_empty(b.shape),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import acc_dtype, mm_acc, row_chunks, stats_pass, two_pass_softmax
+from ._common import acc_dtype, lse_parts, mm_acc, row_chunks, split_lse, stats_pass, two_pass_softmax
 
 
 def _positives(r0, r1, pos_offset, nb, device):
@@ -25,8 +25,8 @@ def _stats_epilogue(scale, bias, pos_offset):
         s_c = dot * scale + bias
         rows, cols = _positives(r0, r1, pos_offset, s_c.shape[1], s_c.device)
         pos_logit[rows + r0] = s_c[rows, cols]
-        row_lse[r0:r1] = torch.logsumexp(s_c, dim=1)
-        col_lse.copy_(torch.logaddexp(col_lse, torch.logsumexp(s_c, dim=0)))
+        row_lse[r0:r1] = lse_parts(s_c, dim=1)
+        col_lse.copy_(torch.logaddexp(col_lse, lse_parts(s_c, dim=0)))
     return chunk_stats
 
 
@@ -39,11 +39,13 @@ def softmax_grad(a, b, scale, bias, row_lse, col_lse, pos_offset, w_row, w_col, 
     grad_b = torch.zeros(b.shape, dtype=acc, device=a.device)
     grad_scale = torch.zeros((), dtype=acc, device=a.device)
     grad_bias = torch.zeros((), dtype=acc, device=a.device)
+    row_hi, row_lo = split_lse(row_lse, acc)
+    col_hi, col_lo = split_lse(col_lse, acc)
     for k, (r0, r1) in enumerate(row_chunks(na, chunk_rows)):
         dot = _cached[k] if _cached is not None and k < len(_cached) else mm_acc(a[r0:r1], b.T)
         s_c = dot * scale + bias
-        g = torch.exp(s_c - col_lse[None, :]).mul_(w_col) if w_col != 0 else None
-        p_row = s_c.sub_(row_lse[r0:r1, None]).exp_().mul_(w_row)
+        g = (s_c - col_hi[None, :]).sub_(col_lo[None, :]).exp_().mul_(w_col) if w_col != 0 else None
+        p_row = s_c.sub_(row_hi[r0:r1, None]).sub_(row_lo[r0:r1, None]).exp_().mul_(w_row)
         g = p_row if g is None else g.add_(p_row)
         rows, cols = _positives(r0, r1, pos_offset, nb, a.device)
         g[rows, cols] -= w_pos

@@ -19,7 +19,6 @@ from types import ModuleType
 from typing import Optional, Tuple
 
 import torch
-
 from fastcon.kernels._common import acc_dtype
 
 BACKENDS = ("auto", "cpp", "triton", "triton_fused", "torch", "reference")
@@ -159,74 +158,101 @@ class _MatVec(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------
 # The O(N²) parts.
 
-def _grads_for_backward(ctx, a, b, scale, bias, grads):
-    grad_a, grad_b, grad_scale, grad_bias = grads
+def needs_grad(*tensors) -> bool:
+    """Whether the engine must produce gradients: grad mode is on (decided before ``Function.apply``,
+    inside which it is always off) and some input requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def forbid_double_backward() -> None:
+    """The gradients are computed in the forward, so they are constants to autograd: a second
+    derivative through them would silently be zero. ``create_graph=True`` (grad mode on inside the
+    backward) is therefore an error rather than a wrong Hessian."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "fastcon's fused losses do not support double backward (create_graph=True): their gradients "
+            "are computed in the forward pass and have no graph; use backend='reference' for higher-order "
+            "derivatives")
+
+
+def save_final_grads(ctx, inputs, grads, factor: float) -> None:
+    """Saves ``factor·grad`` for each input that needs a gradient: multiplied in the accumulation
+    dtype and rounded once to the input's dtype, so that the backward of a unit upstream gradient is
+    exact and no bf16 rounding of a small factor like 1/(2N) biases the gradients."""
     need = ctx.needs_input_grad
-    ctx.save_for_backward(
-        grad_a.to(a.dtype) if need[0] else None,
-        grad_b.to(b.dtype) if need[1] else None,
-        grad_scale if need[2] else None,
-        grad_bias if need[3] else None,
-    )
+    ctx.save_for_backward(*[
+        (g * factor).to(x.dtype) if need[k] and g is not None else None
+        for k, (x, g) in enumerate(zip(inputs, grads))])
 
 
-def _scaled(saved, grad_output):
-    return tuple(None if t is None else t * grad_output.to(t.dtype) for t in saved)
+def scaled_grads(saved, grad_output):
+    """The saved gradients times the upstream gradient (multiplied in fp32 or better)."""
+    out = []
+    for t in saved:
+        if t is None:
+            out.append(None)
+            continue
+        acc = torch.promote_types(t.dtype, torch.float32)
+        out.append((t.to(acc) * grad_output.to(acc)).to(t.dtype))
+    return tuple(out)
 
 
 class _SoftmaxLSE(torch.autograd.Function):
-    """Σ_i [(row_lse_i − (1−ε)·S_{i,c0+i} − smooth_row_i) + (col_lse_{c0+i} − (1−ε)·S_{i,c0+i} − smooth_col_i)]
-    with c0 = ``pos_offset``: the symmetric InfoNCE times 2·Na (only the first bracket, the row-wise
-    cross-entropy times Na, when not ``symmetric``). The positive logits come from the same tiles as
-    the LSEs; the smoothing terms (O(N·D), or None) are computed by the caller."""
+    """The symmetric InfoNCE: (1/(2·Na))·Σ_i [(row_lse_i − (1−ε)·S_{i,c0+i} − smooth_row_i)
+    + (col_lse_{c0+i} − (1−ε)·S_{i,c0+i} − smooth_col_i)] with c0 = ``pos_offset`` (only the first
+    bracket over Na, the row-wise cross-entropy, when not ``symmetric``). The positive logits come from
+    the same tiles as the LSEs (float64); the smoothing terms (O(N·D), or None) come from the caller."""
 
     @staticmethod
     def forward(ctx, a, b, scale, bias, smooth_row, smooth_col, impl, pos_offset, eps, chunk_rows, cache_bytes_,
-                symmetric):
+                symmetric, need_grad):
         na = a.shape[0]
         w_col = 1.0 if symmetric else 0.0
-        if any(ctx.needs_input_grad[:4]):
+        denom = (2 if symmetric else 1) * na
+        if need_grad:
             row_lse, col_lse, pos_logit, *grads = impl.softmax_fused(
                 a, b, scale, bias, pos_offset, 1.0, w_col, (1.0 + w_col) * (1.0 - eps), chunk_rows, cache_bytes_)
-            _grads_for_backward(ctx, a, b, scale, bias, grads)
+            save_final_grads(ctx, (a, b, scale, bias), grads, 1.0 / denom)
         else:
             row_lse, col_lse, pos_logit = impl.lse_stats(a, b, scale, bias, pos_offset, chunk_rows)
-        target = (1.0 - eps) * pos_logit
+        # Per-row differences in float64: each is small next to the LSE and the logit it subtracts.
+        target = (1.0 - eps) * pos_logit.double()
         terms = row_lse - target
         if smooth_row is not None:
-            terms = terms - smooth_row
+            terms = terms - smooth_row.double()
         if symmetric:
             col_terms = col_lse[pos_offset:pos_offset + na] - target
             if smooth_col is not None:
-                col_terms = col_terms - smooth_col
+                col_terms = col_terms - smooth_col.double()
             terms = terms + col_terms
-        ctx.na = na
-        return terms.sum()
+        ctx.na, ctx.denom = na, denom
+        return (terms.sum() / denom).to(scale.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_a, grad_b, grad_scale, grad_bias = _scaled(ctx.saved_tensors, grad_output)
-        minus = (-grad_output).expand(ctx.na)
+        forbid_double_backward()
+        grad_a, grad_b, grad_scale, grad_bias = scaled_grads(ctx.saved_tensors, grad_output)
+        minus = (-grad_output / ctx.denom).expand(ctx.na)
         return (grad_a, grad_b, grad_scale, grad_bias,
                 minus if ctx.needs_input_grad[4] else None,
                 minus if ctx.needs_input_grad[5] else None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 class _SigmoidLoss(torch.autograd.Function):
-    """Σ_ij softplus(−z_ij·S_ij), z = +1 only at j = i + pos_offset."""
+    """(1/Na)·Σ_ij softplus(−z_ij·S_ij), z = +1 only at j = i + pos_offset."""
 
     @staticmethod
-    def forward(ctx, a, b, scale, bias, impl, pos_offset, chunk_rows):
-        need_grad = any(ctx.needs_input_grad[:4])
+    def forward(ctx, a, b, scale, bias, impl, pos_offset, chunk_rows, need_grad):
         loss_sum, *grads = impl.sigmoid_fused(a, b, scale, bias, pos_offset, 1.0, chunk_rows, need_grad)
         if need_grad:
-            _grads_for_backward(ctx, a, b, scale, bias, grads)
-        return loss_sum
+            save_final_grads(ctx, (a, b, scale, bias), grads, 1.0 / a.shape[0])
+        return loss_sum / a.shape[0]
 
     @staticmethod
     def backward(ctx, grad_output):
-        return _scaled(ctx.saved_tensors, grad_output) + (None, None, None)
+        forbid_double_backward()
+        return scaled_grads(ctx.saved_tensors, grad_output) + (None, None, None, None)
 
 
 def prepare_inputs(a, b, scale, bias, backend, chunk_size):
@@ -261,17 +287,17 @@ def clip_engine_loss(a, b, scale, bias, *, label_smoothing: float, pos_offset: i
         if symmetric:
             b_pos = b[pos_offset:pos_offset + na]
             smooth_col = (eps / na) * (scale * _MatVec.apply(b_pos, a.sum(dim=0, dtype=acc)) + na * bias)
-    total = _SoftmaxLSE.apply(a, b, scale, bias, smooth_row, smooth_col, impl, pos_offset, eps, chunk_rows,
-                              cache_bytes(a.device), symmetric)
-    return (total / ((2 if symmetric else 1) * na)).to(out_dtype)
+    loss = _SoftmaxLSE.apply(a, b, scale, bias, smooth_row, smooth_col, impl, pos_offset, eps, chunk_rows,
+                             cache_bytes(a.device), symmetric, needs_grad(a, b, scale, bias))
+    return loss.to(out_dtype)
 
 
 def siglip_engine_loss(a, b, scale, bias, *, pos_offset: Optional[int], backend: str,
                        chunk_size: Optional[int]) -> torch.Tensor:
     """SigLIP (LOSSES.md 1.2) on the engine; ``pos_offset=None`` means negatives only."""
     out_dtype = a.dtype
-    na, nb = a.shape[0], b.shape[0]
+    nb = b.shape[0]
     impl, a, b, scale, bias, chunk_rows = prepare_inputs(a, b, scale, bias, backend, chunk_size)
     offset = nb if pos_offset is None else pos_offset
-    total = _SigmoidLoss.apply(a, b, scale, bias, impl, offset, chunk_rows)
-    return (total / na).to(out_dtype)
+    loss = _SigmoidLoss.apply(a, b, scale, bias, impl, offset, chunk_rows, needs_grad(a, b, scale, bias))
+    return loss.to(out_dtype)

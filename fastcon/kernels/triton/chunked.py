@@ -15,6 +15,17 @@ Semantics, signatures and results match ``fastcon.kernels.torch_chunked`` (to fp
 Logits, maxima and LSE partials are in natural units; exponentials are ``exp2((x − m)·log2 e)``
 with the log2 factor applied after the subtraction, so that logits of size 100 lose no more than
 fp32 rounding of the difference (folding log2 e into the scale would round both terms separately).
+
+LSE precision (see ``fastcon/kernels/__init__.py``): row and column LSEs, their partials and the
+merge are float64; the element math stays fp32. A (partial) LSE is kept as its parts, the maximum
+``m`` (an exact logit) and the *excess* ``r = Σ exp(t − m) − 1`` (the max's own term, exactly 1, is
+never added), and formed as ``float64(m) + float64(log1p(r))``: a confident row's loss
+``lse − S_pos = log1p(r)`` then keeps fp32 relative precision however small it is (``log(1 + r)``
+with ``1 + r`` rounded in fp32 would lose everything below ulp(1) ≈ 1.2e-7). The gradient kernels
+split the float64 LSE once per tile, ``hi = fp32(lse)``, ``lo = fp32(lse − hi)``, and form
+``((t − hi) − lo)·log2 e`` per element in fp32; at the positive, ``P − 1`` is formed with an
+accurate ``expm1`` (``w_row·expm1(x_row) + w_col·expm1(x_col) + (w_row + w_col − w_pos)``) instead
+of ``exp(x) − 1``, which would round at ulp(1) as well.
 """
 from __future__ import annotations
 
@@ -38,6 +49,68 @@ _TARGET_PROGRAMS_CPU = 2
 
 # ------------------------------------------------------------------------------------------ kernels
 @triton.jit
+def _log1p(x):
+    """log(1 + x) in fp32 for x >= 0 (or -1 < x), accurate for small x: log(u)·x/(u − 1), u = 1 + x."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
+
+
+@triton.jit
+def _expm1(x):
+    """exp(x) − 1 in fp32, accurate for small |x| (Kahan: (u − 1)·x/log(u), u = e^x, which stays
+    accurate with an approximate exp2); −inf gives −1."""
+    u = tl.exp2(x * LOG2E)
+    um1 = u - 1.0
+    plain = (u == 0.0) | (u == float("inf"))
+    r = um1 * (x / tl.where((u == 1.0) | plain, 1.0, tl.log(u)))
+    return tl.where(u == 1.0, x, tl.where(plain, um1, r))
+
+
+@triton.jit
+def _lse64(m, r):
+    """float64 LSE from its fp32 parts: the max m and the excess r = Σ exp(t − m) − 1 (−inf stays)."""
+    return tl.where(m == float("-inf"), float("-inf"), m.to(tl.float64) + _log1p(r).to(tl.float64))
+
+
+@triton.jit
+def _split_lse(lse):
+    """(hi, lo) fp32 parts of a float64 LSE, hi + lo = lse; an infinite LSE gives lo = 0 (not NaN)."""
+    hi = lse.to(tl.float32)
+    lo = (lse - hi.to(tl.float64)).to(tl.float32)
+    return hi, tl.where((hi == float("inf")) | (hi == float("-inf")), 0.0, lo)
+
+
+@triton.jit
+def _tile_lse_parts(t, AXIS: tl.constexpr):
+    """(max, excess) of t along AXIS: Σ exp(t − max) = 1 + excess; ties to the max add exactly 1 each
+    beyond the first, the max's own term is never summed."""
+    mx = tl.max(t, AXIS)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    e = tl.exp2((t - tl.expand_dims(mx_safe, AXIS)) * LOG2E)
+    at_max = t == tl.expand_dims(mx, AXIS)
+    excl = tl.sum(tl.where(at_max, 0.0, e), AXIS)
+    n_eq = tl.sum(at_max.to(tl.float32), AXIS)
+    return mx, excl + (n_eq - 1.0)
+
+
+@triton.jit
+def _online_rows(m_i, r_i, t):
+    """One column tile of an online row LSE kept as (max m_i, excess r_i): Σ_j exp(t_j − m_i) = 1 + r_i."""
+    tile_max = tl.max(t, 1)
+    m_new = tl.maximum(m_i, tile_max)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    e = tl.exp2((t - m_safe[:, None]) * LOG2E)
+    at_max = t == m_new[:, None]
+    excl = tl.sum(tl.where(at_max, 0.0, e), 1)
+    n_eq = tl.sum(at_max.to(tl.float32), 1)
+    alpha = tl.exp2((m_i - m_safe) * LOG2E)  # the old max's term; 0 for m_i = −inf
+    # the new max comes from this tile: the old max's term alpha joins the excess, one tile max is
+    # the new "1"; else every tile element (ties to the max included) is excess
+    r_new = r_i * alpha + excl + tl.where(tile_max > m_i, alpha + (n_eq - 1.0), n_eq)
+    return m_new, r_new
+
+
+@triton.jit
 def _merge_lse_kernel(
     part_ptr, out_ptr,
     K, N,
@@ -45,28 +118,34 @@ def _merge_lse_kernel(
     ACCUMULATE: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """out[n] = ln(Σ_k 2^part[k, n]) (natural-unit partials), merged with the
-    existing ``out[n]`` when ACCUMULATE. Two passes over k in a fixed order: deterministic."""
+    """out[n] = ln(Σ_k e^part[k, n]) over float64 natural-unit partials, merged with the existing
+    ``out[n]`` when ACCUMULATE, in float64: M = max, then M + log1p(Σ_{k ≠ argmax} e^(part − M))
+    with the differences taken in float64 and exponentiated in fp32. Two passes over k in a fixed
+    order: deterministic."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs < N
     if ACCUMULATE:
-        m = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float64)
     else:
-        m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        m = tl.full([BLOCK_N], float("-inf"), tl.float64)
     prev = m
     for k in range(0, K):
-        p = tl.load(part_ptr + k * stride_pk + offs * stride_pn, mask=mask, other=float("-inf"))
+        p = tl.load(part_ptr + k * stride_pk + offs * stride_pn, mask=mask, other=float("-inf")).to(tl.float64)
         m = tl.maximum(m, p)
-    m_safe = tl.where((m == float("-inf")) | (m == float("inf")), 0.0, m)
-    acc = tl.zeros([BLOCK_N], tl.float32)
+    inf_m = (m == float("-inf")) | (m == float("inf"))
+    m_safe = tl.where(inf_m, 0.0, m)
+    acc = tl.zeros([BLOCK_N], tl.float32)   # Σ e^(p − M) over the partials below the max
+    cnt = tl.zeros([BLOCK_N], tl.float32)   # partials equal to the max
     if ACCUMULATE:
-        acc += tl.exp2((prev - m_safe) * LOG2E)
+        acc += tl.where(prev == m, 0.0, tl.exp2((prev - m_safe).to(tl.float32) * LOG2E))
+        cnt += tl.where(prev == m, 1.0, 0.0)
     for k in range(0, K):
-        p = tl.load(part_ptr + k * stride_pk + offs * stride_pn, mask=mask, other=float("-inf"))
-        acc += tl.exp2((p - m_safe) * LOG2E)
-    res = m_safe + tl.log2(acc) * LN2
-    res = tl.where((m == float("-inf")) | (m == float("inf")), m, res)
+        p = tl.load(part_ptr + k * stride_pk + offs * stride_pn, mask=mask, other=float("-inf")).to(tl.float64)
+        acc += tl.where(p == m, 0.0, tl.exp2((p - m_safe).to(tl.float32) * LOG2E))
+        cnt += tl.where(p == m, 1.0, 0.0)
+    res = m_safe + _log1p(acc + (cnt - 1.0)).to(tl.float64)
+    res = tl.where(inf_m, m, res)
     tl.store(out_ptr + offs, res, mask=mask)
 
 
@@ -93,7 +172,7 @@ def _chunk_stats_kernel(
     target = offs_m + pos_col0
     pos_d = tl.zeros([BLOCK_M], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    r_i = tl.zeros([BLOCK_M], tl.float32)  # Σ exp(t − m_i) − 1
     for ct in range(t0, t1):
         offs_n = ct * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
@@ -102,18 +181,11 @@ def _chunk_stats_kernel(
         t = tl.where(mask, d * scale + bias, float("-inf"))
         pos_d += tl.sum(tl.where(mask & (offs_n[None, :] == target[:, None]), d, 0.0), 1)
         # row statistics, online over the split's columns
-        m_new = tl.maximum(m_i, tl.max(t, 1))
-        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2((m_i - m_new_safe) * LOG2E) + tl.sum(tl.exp2((t - m_new_safe[:, None]) * LOG2E), 1)
-        m_i = m_new
-        # column statistics of this row block
-        c_m = tl.max(t, 0)
-        c_m_safe = tl.where(c_m == float("-inf"), 0.0, c_m)
-        c_l = tl.sum(tl.exp2((t - c_m_safe[None, :]) * LOG2E), 0)
-        c_lse = tl.where(c_m == float("-inf"), float("-inf"), c_m_safe + tl.log2(c_l) * LN2)
-        tl.store(col_part_ptr + pid_m * stride_cp + offs_n, c_lse, mask=mask_n)
-    r_lse = tl.where(m_i == float("-inf"), float("-inf"), m_i + tl.log2(l_i) * LN2)
-    tl.store(row_part_ptr + pid_s * stride_rp + offs_m, r_lse, mask=mask_m)
+        m_i, r_i = _online_rows(m_i, r_i, t)
+        # column statistics of this row block (float64 partial)
+        c_m, c_r = _tile_lse_parts(t, 0)
+        tl.store(col_part_ptr + pid_m * stride_cp + offs_n, _lse64(c_m, c_r), mask=mask_n)
+    tl.store(row_part_ptr + pid_s * stride_rp + offs_m, _lse64(m_i, r_i), mask=mask_m)
     mine = mask_m & (target >= t0 * BLOCK_N) & (target < tl.minimum(t1 * BLOCK_N, N))
     tl.store(pos_logit_ptr + offs_m, pos_d * scale + bias, mask=mine)
 
@@ -127,8 +199,9 @@ def _chunk_softmax_grad_kernel(
     HAS_COL_TERM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """G = w_row·2^(t − row_lse₂) + w_col·2^(t − col_lse₂) − w_pos·[j == i + pos_col0] for the tile
-    range of program (m, s);
+    """G = w_row·e^(t − row_lse) + w_col·e^(t − col_lse) − w_pos·[j == i + pos_col0] for the tile
+    range of program (m, s), with the float64 LSEs split into fp32 (hi, lo) and the positive's
+    P − 1 formed with expm1 (module docstring);
     G is stored to g_ptr (which may alias dot_ptr: each element is read before it is written by the
     same program) in g_ptr's dtype. part[0, p] = Σ G·dot, part[1, p] = Σ G over the program."""
     pid_m = tl.program_id(0).to(tl.int64)
@@ -138,8 +211,13 @@ def _chunk_softmax_grad_kernel(
     bias = tl.load(bias_ptr).to(tl.float32)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < R
-    row_l = tl.load(row_lse_ptr + offs_m, mask=mask_m, other=float("inf"))
+    row_hi, row_lo = _split_lse(tl.load(row_lse_ptr + offs_m, mask=mask_m, other=float("inf")))
     target = offs_m + pos_col0
+    first_target = pid_m * BLOCK_M + pos_col0
+    if HAS_COL_TERM:
+        w_tgt = (w_row + w_col) - w_pos
+    else:
+        w_tgt = w_row - w_pos
     n_tiles = tl.cdiv(N, BLOCK_N)
     t0 = pid_s * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
@@ -151,11 +229,23 @@ def _chunk_softmax_grad_kernel(
         mask = mask_m[:, None] & mask_n[None, :]
         d = tl.load(dot_ptr + offs_m[:, None] * stride_dm + offs_n[None, :] * stride_dn, mask=mask, other=0.0)
         t = d * scale + bias
-        g = w_row * tl.exp2((t - row_l[:, None]) * LOG2E)
+        g = w_row * tl.exp2(((t - row_hi[:, None]) - row_lo[:, None]) * LOG2E)
         if HAS_COL_TERM:
-            col_l = tl.load(col_lse_ptr + offs_n, mask=mask_n, other=float("inf"))
-            g += w_col * tl.exp2((t - col_l[None, :]) * LOG2E)
-        g = tl.where(offs_n[None, :] == target[:, None], g - w_pos, g)
+            col_hi, col_lo = _split_lse(tl.load(col_lse_ptr + offs_n, mask=mask_n, other=float("inf")))
+            g += w_col * tl.exp2(((t - col_hi[None, :]) - col_lo[None, :]) * LOG2E)
+        if (ct * BLOCK_N < first_target + BLOCK_M) & (ct * BLOCK_N + BLOCK_N > first_target):
+            # this tile holds positives: G there is w_row·(P_row − 1) + w_col·(P_col − 1) + w_tgt
+            is_t = offs_n[None, :] == target[:, None]
+            t_pos = tl.sum(tl.where(is_t, t, 0.0), 1)
+            # the O(1) parts first: a column LSE of +inf gives w_col·(−1), which must cancel
+            # against w_tgt before the small row term is added
+            g_pos = w_tgt
+            if HAS_COL_TERM:  # column LSE of each row's positive column
+                pc_hi, pc_lo = _split_lse(tl.load(col_lse_ptr + target, mask=mask_m & (target < N),
+                                                  other=float("inf")))
+                g_pos += w_col * _expm1((t_pos - pc_hi) - pc_lo)
+            g_pos += w_row * _expm1((t_pos - row_hi) - row_lo)
+            g = tl.where(is_t, g_pos[:, None], g)
         g = tl.where(mask, g, 0.0)
         acc_gd += tl.sum(g * d, 1)
         acc_g += tl.sum(g, 1)
@@ -238,7 +328,7 @@ def _chunk_sigmoid_kernel(
 def _check(a: torch.Tensor, b: torch.Tensor) -> None:
     name = str(a.dtype).replace("torch.", "")
     if name not in SUPPORTED_DTYPES:
-        raise NotImplementedError(
+        raise TypeError(
             f"the fastcon Triton backend supports float32, bfloat16 and float16 inputs, got {name}; "
             "use fastcon.kernels.torch_chunked for float64"
         )
@@ -277,8 +367,8 @@ def _chunk_stats(dot, scale, bias, row_lse_out, col_lse, pos_logit_out, pos_col0
     cfg = chunked_config("stats")
     r, n = dot.shape
     m_blocks, splits, per_split = _grid(r, n, cfg.block_m, cfg.block_n, dot.device)
-    row_part = torch.empty((splits, r), dtype=torch.float32, device=dot.device)
-    col_part = torch.empty((m_blocks, n), dtype=torch.float32, device=dot.device)
+    row_part = torch.empty((splits, r), dtype=torch.float64, device=dot.device)
+    col_part = torch.empty((m_blocks, n), dtype=torch.float64, device=dot.device)
     _chunk_stats_kernel[(m_blocks, splits)](
         dot, scale, bias, row_part, col_part, pos_logit_out,
         r, n, per_split, int(pos_col0),
@@ -327,8 +417,8 @@ def softmax_grad(a, b, scale, bias, row_lse, col_lse, pos_offset, w_row, w_col, 
     dev = a.device
     grad_a = torch.empty(a.shape, dtype=torch.float32, device=dev)
     grad_b = torch.zeros(b.shape, dtype=torch.float32, device=dev)
-    row_lse = row_lse.to(torch.float32)
-    col_lse = col_lse.to(torch.float32).contiguous()
+    row_lse = row_lse.to(torch.float64).contiguous()
+    col_lse = col_lse.to(torch.float64).contiguous()
     g_buf = _g_buffer(a, min(chunk_rows, na), nb)
     parts = []
     for k, (r0, r1) in enumerate(row_chunks(na, chunk_rows)):
@@ -403,7 +493,7 @@ def compile_specs():
     """Every (kernel, constexprs, launch config) this module ships, for each supported input dtype,
     as dicts for ``triton.compile(ASTSource(...))`` (used by tests/test_triton_compile.py)."""
     specs = []
-    i32, f32p = "i32", "*fp32"
+    i32, f32p, f64p = "i32", "*fp32", "*fp64"
     tri = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
     def add(name, fn, sig, consts, cfg, dtype):
@@ -412,12 +502,12 @@ def compile_specs():
 
     cfg = chunked_config("merge")
     for acc in (False, True):
-        sig = {"part_ptr": f32p, "out_ptr": f32p, "K": i32, "N": i32, "stride_pk": i32, "stride_pn": "constexpr",
+        sig = {"part_ptr": f64p, "out_ptr": f64p, "K": i32, "N": i32, "stride_pk": i32, "stride_pn": "constexpr",
                "ACCUMULATE": "constexpr", "BLOCK_N": "constexpr"}
         add(f"merge[acc={acc}]", _merge_lse_kernel, sig,
             {"stride_pn": 1, "ACCUMULATE": acc, "BLOCK_N": cfg.block_n}, cfg, "float32")
     cfg = chunked_config("stats")
-    sig = {"dot_ptr": f32p, "scale_ptr": f32p, "bias_ptr": f32p, "row_part_ptr": f32p, "col_part_ptr": f32p,
+    sig = {"dot_ptr": f32p, "scale_ptr": f32p, "bias_ptr": f32p, "row_part_ptr": f64p, "col_part_ptr": f64p,
            "pos_logit_ptr": f32p, "R": i32, "N": i32, "tiles_per_split": i32, "pos_col0": i32, "stride_dm": i32, "stride_dn": "constexpr",
            "stride_rp": i32, "stride_cp": i32, "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
     add("chunk_stats", _chunk_stats_kernel, sig,
@@ -426,7 +516,7 @@ def compile_specs():
         cfg = chunked_config("softmax_grad")
         for col in (False, True):
             sig = {"dot_ptr": f32p, "g_ptr": "*" + tri[dtype], "scale_ptr": f32p, "bias_ptr": f32p,
-                   "row_lse_ptr": f32p, "col_lse_ptr": f32p, "part_ptr": f32p,
+                   "row_lse_ptr": f64p, "col_lse_ptr": f64p, "part_ptr": f32p,
                    "R": i32, "N": i32, "tiles_per_split": i32, "num_programs": i32, "pos_col0": i32,
                    "stride_dm": i32, "stride_dn": "constexpr", "stride_gm": i32, "stride_gn": "constexpr",
                    "w_row": "fp32", "w_col": "fp32", "w_pos": "fp32", "HAS_COL_TERM": "constexpr",

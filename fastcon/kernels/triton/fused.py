@@ -14,6 +14,12 @@ Kernels (launch configurations in ``configs.FUSED_CONFIGS``):
   accumulates ``Gᵀ·A``.
 
 With several splits the gradient partials go to a [splits, N, D] fp32 buffer summed in order.
+
+LSEs are float64 (row_lse, col_lse, the partials, the lse kernel's column slots and the merge), formed
+from fp32 parts as in ``chunked.py`` (max plus log1p of the excess over the max's own term); the
+gradient kernels split each float64 LSE once per tile into fp32 (hi, lo), form ((t − hi) − lo)·log2 e
+per element and the positive's P − 1 with expm1 (see the ``chunked`` module docstring). The positive
+must see bitwise the same S as the lse kernel for that to pay off on a confident row.
 fp32 inputs use TF32x3 dots (tensor cores, near-fp32 accuracy); bf16/fp16 inputs feed tensor cores
 directly and G is rounded to the input dtype for the gradient products, with fp32 accumulation.
 """
@@ -23,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunked import LN2, LOG2E, _check, _merge_lse_kernel, _sigmoid_terms
+from .chunked import (LN2, LOG2E, _check, _expm1, _lse64, _log1p, _merge_lse_kernel, _online_rows,
+                      _sigmoid_terms, _split_lse, _tile_lse_parts)
 from .configs import FUSED_FP32_PRECISION, SUPPORTED_DTYPES, chunked_config, fused_config
 from .configs import FUSED_CONFIGS
 
@@ -77,7 +84,7 @@ def _fused_lse_kernel(
             a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_d[None, :] * stride_ad,
                         mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
+        r_i = tl.zeros([BLOCK_M], tl.float32)  # Σ exp(t − m_i) − 1
         target = offs_m + pos_offset
         pos_d = tl.zeros([BLOCK_M], tl.float32)
         for ct in range(ct0, ct1):
@@ -92,25 +99,22 @@ def _fused_lse_kernel(
                                   stride_bd, D, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
             t = tl.where(mask_m[:, None] & mask_n[None, :], dot * scale + bias, float("-inf"))
             pos_d += tl.sum(tl.where(offs_n[None, :] == target[:, None], dot, 0.0), 1)
-            # rows: online over the split's columns
-            m_new = tl.maximum(m_i, tl.max(t, 1))
-            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp2((m_i - m_new_safe) * LOG2E) + tl.sum(tl.exp2((t - m_new_safe[:, None]) * LOG2E), 1)
-            m_i = m_new
-            # columns: this tile's LSE merged into the group's slot
-            c_m = tl.max(t, 0)
-            c_m_safe = tl.where(c_m == float("-inf"), 0.0, c_m)
-            c_lse = c_m_safe + tl.log2(tl.sum(tl.exp2((t - c_m_safe[None, :]) * LOG2E), 0)) * LN2
+            # rows: online over the split's columns, as (max, excess)
+            m_i, r_i = _online_rows(m_i, r_i, t)
+            # columns: this tile's float64 LSE merged into the group's float64 slot
+            # (few float64 values live at once: a column vector sliced from the dot layout is
+            # replicated over many threads, and each float64 element takes two registers)
+            c_m, c_r = _tile_lse_parts(t, 0)
+            c_lse = c_m.to(tl.float64) + _log1p(c_r).to(tl.float64)  # finite in every unmasked column
             slot = col_part_ptr + pid_g * stride_cp + offs_n
             old = tl.load(slot, mask=mask_n, other=float("-inf"))
-            hi = tl.maximum(old, c_lse)
-            lo = tl.minimum(old, c_lse)
-            hi_safe = tl.where(hi == float("-inf"), 0.0, hi)  # -inf only in masked columns
-            new = hi + tl.log2(1.0 + tl.exp2((lo - hi_safe) * LOG2E)) * LN2  # old is -inf on a group's first row tile
+            # old is -inf on a group's first row tile (gap -inf: new = c_lse); masked columns give
+            # NaN here and are not stored. The gap in float64, its exp in fp32.
+            gap = tl.abs((old - c_lse).to(tl.float32))
+            new = tl.maximum(old, c_lse) + _log1p(tl.exp2(-gap * LOG2E)).to(tl.float64)
             tl.store(slot, new, mask=mask_n)
             tl.debug_barrier()
-        r_lse = m_i + tl.log2(l_i) * LN2
-        tl.store(row_part_ptr + pid_s * stride_rp + offs_m, r_lse, mask=mask_m)
+        tl.store(row_part_ptr + pid_s * stride_rp + offs_m, _lse64(m_i, r_i), mask=mask_m)
         # pos_logit: written by the one split whose columns hold the row's positive
         mine = mask_m & (target >= ct0 * BLOCK_N) & (target < tl.minimum(ct1 * BLOCK_N, Nb))
         tl.store(pos_logit_ptr + offs_m, pos_d * scale + bias, mask=mine)
@@ -142,9 +146,14 @@ def _fused_rows_kernel(
     if BLOCK_K == BLOCK_D:  # A tile resident for the whole column loop
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_d[None, :] * stride_ad,
                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-    if not SIGMOID:
-        row_l = tl.load(row_lse_ptr + offs_m, mask=mask_m, other=float("inf"))
     target = offs_m + pos_offset
+    first_target = pid_m * BLOCK_M + pos_offset
+    if not SIGMOID:
+        row_hi, row_lo = _split_lse(tl.load(row_lse_ptr + offs_m, mask=mask_m, other=float("inf")))
+        if HAS_COL_TERM:
+            w_tgt = (w_row + w_col) - w_pos
+        else:
+            w_tgt = w_row - w_pos
     ct0 = pid_s * tiles_per_split
     ct1 = tl.minimum(ct0 + tiles_per_split, tl.cdiv(Nb, BLOCK_N))
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -168,11 +177,23 @@ def _fused_rows_kernel(
             g = w_row * g
         else:
             t = dot * scale + bias
-            g = w_row * tl.exp2((t - row_l[:, None]) * LOG2E)
+            g = w_row * tl.exp2(((t - row_hi[:, None]) - row_lo[:, None]) * LOG2E)
             if HAS_COL_TERM:
-                col_l = tl.load(col_lse_ptr + offs_n, mask=mask_n, other=float("inf"))
-                g += w_col * tl.exp2((t - col_l[None, :]) * LOG2E)
-            g = tl.where(offs_n[None, :] == target[:, None], g - w_pos, g)
+                col_hi, col_lo = _split_lse(tl.load(col_lse_ptr + offs_n, mask=mask_n, other=float("inf")))
+                g += w_col * tl.exp2(((t - col_hi[None, :]) - col_lo[None, :]) * LOG2E)
+            if (ct * BLOCK_N < first_target + BLOCK_M) & (ct * BLOCK_N + BLOCK_N > first_target):
+                # positives in this tile: G = w_row·(P_row − 1) + w_col·(P_col − 1) + w_tgt there
+                is_t = offs_n[None, :] == target[:, None]
+                t_pos = tl.sum(tl.where(is_t, t, 0.0), 1)
+                # the O(1) parts first: a column LSE of +inf gives w_col·(−1), which must cancel
+                # against w_tgt before the small row term is added
+                g_pos = w_tgt
+                if HAS_COL_TERM:  # column LSE of each row's positive column
+                    pc_hi, pc_lo = _split_lse(tl.load(col_lse_ptr + target, mask=mask_m & (target < Nb),
+                                                      other=float("inf")))
+                    g_pos += w_col * _expm1((t_pos - pc_hi) - pc_lo)
+                g_pos += w_row * _expm1((t_pos - row_hi) - row_lo)
+                g = tl.where(is_t, g_pos[:, None], g)
         if NEED_GRAD:
             g = tl.where(mask, g, 0.0)
             acc_gd += tl.sum(g * dot, 1)
@@ -210,9 +231,14 @@ def _fused_cols_kernel(
     if BLOCK_K == BLOCK_D:  # B tile resident (else re-read in BLOCK_K slices for Sᵀ)
         b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_d[None, :] * stride_bd,
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    prow = offs_n - pos_offset  # the row of each column's positive
+    first_prow = pid_n * BLOCK_N - pos_offset
     if not SIGMOID:
         if HAS_COL_TERM:
-            col_l = tl.load(col_lse_ptr + offs_n, mask=mask_n, other=float("inf"))
+            col_hi, col_lo = _split_lse(tl.load(col_lse_ptr + offs_n, mask=mask_n, other=float("inf")))
+            w_tgt = (w_row + w_col) - w_pos
+        else:
+            w_tgt = w_row - w_pos
     rt0 = pid_s * tiles_per_split
     rt1 = tl.minimum(rt0 + tiles_per_split, tl.cdiv(Na, BLOCK_M))
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -232,11 +258,23 @@ def _fused_cols_kernel(
             g = w_row * g
         else:
             t = dot_t * scale + bias
-            row_l = tl.load(row_lse_ptr + offs_m, mask=mask_m, other=float("inf"))
-            g = w_row * tl.exp2((t - row_l[None, :]) * LOG2E)
+            row_hi, row_lo = _split_lse(tl.load(row_lse_ptr + offs_m, mask=mask_m, other=float("inf")))
+            g = w_row * tl.exp2(((t - row_hi[None, :]) - row_lo[None, :]) * LOG2E)
             if HAS_COL_TERM:
-                g += w_col * tl.exp2((t - col_l[:, None]) * LOG2E)
-            g = tl.where(offs_n[:, None] == offs_m[None, :] + pos_offset, g - w_pos, g)
+                g += w_col * tl.exp2(((t - col_hi[:, None]) - col_lo[:, None]) * LOG2E)
+            if (rt * BLOCK_M < first_prow + BLOCK_N) & (rt * BLOCK_M + BLOCK_M > first_prow):
+                # positives in this tile: G = w_row·(P_row − 1) + w_col·(P_col − 1) + w_tgt there
+                is_t = offs_m[None, :] == prow[:, None]
+                t_pos = tl.sum(tl.where(is_t, t, 0.0), 1)
+                # the O(1) parts first: a column LSE of +inf gives w_col·(−1), which must cancel
+                # against w_tgt before the small row term is added
+                g_pos = w_tgt
+                if HAS_COL_TERM:
+                    g_pos += w_col * _expm1((t_pos - col_hi) - col_lo)
+                pr_hi, pr_lo = _split_lse(tl.load(row_lse_ptr + prow, mask=mask_n & (prow >= 0) & (prow < Na),
+                                                  other=float("inf")))  # row LSE of each column's positive
+                g_pos += w_row * _expm1((t_pos - pr_hi) - pr_lo)
+                g = tl.where(is_t, g_pos[:, None], g)
         g = tl.where(mask, g, 0.0)
         acc = tl.dot(g.to(a.dtype), a, acc, input_precision=INPUT_PRECISION)
     out = grad_b_ptr + pid_s * stride_gs + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd
@@ -274,8 +312,8 @@ def lse_stats(a, b, scale, bias, pos_offset, chunk_rows):
     _check_fused(a, b)
     na, nb, d = a.shape[0], b.shape[0], a.shape[1]
     dev = a.device
-    row_lse = torch.empty(na, dtype=torch.float32, device=dev)
-    col_lse = torch.empty(nb, dtype=torch.float32, device=dev)
+    row_lse = torch.empty(na, dtype=torch.float64, device=dev)
+    col_lse = torch.empty(nb, dtype=torch.float64, device=dev)
     pos_logit = torch.zeros(na, dtype=torch.float32, device=dev)
     if na == 0 or nb == 0:
         row_lse.fill_(float("-inf"))
@@ -287,8 +325,8 @@ def lse_stats(a, b, scale, bias, pos_offset, chunk_rows):
     per_group = triton.cdiv(n_rt, groups)
     groups = triton.cdiv(n_rt, per_group)
     splits, per_split = _split(n_ct, groups, dev)
-    row_part = torch.empty((splits, na), dtype=torch.float32, device=dev)
-    col_part = torch.full((groups, nb), float("-inf"), dtype=torch.float32, device=dev)
+    row_part = torch.empty((splits, na), dtype=torch.float64, device=dev)
+    col_part = torch.full((groups, nb), float("-inf"), dtype=torch.float64, device=dev)
     _fused_lse_kernel[(groups, splits)](
         a, b, scale, bias, row_part, col_part, pos_logit,
         na, nb, d, per_group, per_split, int(pos_offset),
@@ -320,8 +358,9 @@ def _gradients(a, b, scale, bias, row_lse, col_lse, w_row, w_col, w_pos, pos_off
     prec = _precision(a)
     has_col = (not sigmoid) and w_col != 0
     dummy = scale  # unused pointer arguments
-    row_lse = dummy if row_lse is None else row_lse.to(torch.float32).contiguous()
-    col_lse = dummy if col_lse is None else col_lse.to(torch.float32).contiguous()
+    dummy64 = torch.empty(1, dtype=torch.float64, device=dev)
+    row_lse = dummy64 if row_lse is None else row_lse.to(torch.float64).contiguous()
+    col_lse = dummy64 if col_lse is None else col_lse.to(torch.float64).contiguous()
 
     cfg, bd = fused_config("rows", name, d)
     m_blocks, n_ct = triton.cdiv(na, cfg.block_m), triton.cdiv(nb, cfg.block_n)
@@ -407,7 +446,7 @@ def compile_specs():
             if kernel == "lse":
                 fn = _fused_lse_kernel
                 sig = {"a_ptr": p, "b_ptr": p, "scale_ptr": "*fp32", "bias_ptr": "*fp32",
-                       "row_part_ptr": "*fp32", "col_part_ptr": "*fp32", "pos_logit_ptr": "*fp32",
+                       "row_part_ptr": "*fp64", "col_part_ptr": "*fp64", "pos_logit_ptr": "*fp32",
                        "Na": "i32", "Nb": "i32", "D": "i32", "tiles_per_group": "i32", "tiles_per_split": "i32",
                        "pos_offset": "i32",
                        "stride_am": "i32", "stride_ad": "constexpr", "stride_bn": "i32", "stride_bd": "constexpr",
@@ -416,7 +455,7 @@ def compile_specs():
             elif kernel == "rows":
                 fn = _fused_rows_kernel
                 sig = {"a_ptr": p, "b_ptr": p, "scale_ptr": "*fp32", "bias_ptr": "*fp32",
-                       "row_lse_ptr": "*fp32", "col_lse_ptr": "*fp32", "grad_a_ptr": "*fp32", "part_ptr": "*fp32",
+                       "row_lse_ptr": "*fp64", "col_lse_ptr": "*fp64", "grad_a_ptr": "*fp32", "part_ptr": "*fp32",
                        "Na": "i32", "Nb": "i32", "D": "i32", "tiles_per_split": "i32", "num_programs": "i32",
                        "pos_offset": "i32",
                        "stride_am": "i32", "stride_ad": "constexpr", "stride_bn": "i32", "stride_bd": "constexpr",
@@ -432,7 +471,7 @@ def compile_specs():
             else:
                 fn = _fused_cols_kernel
                 sig = {"a_ptr": p, "b_ptr": p, "scale_ptr": "*fp32", "bias_ptr": "*fp32",
-                       "row_lse_ptr": "*fp32", "col_lse_ptr": "*fp32", "grad_b_ptr": "*fp32",
+                       "row_lse_ptr": "*fp64", "col_lse_ptr": "*fp64", "grad_b_ptr": "*fp32",
                        "Na": "i32", "Nb": "i32", "D": "i32", "tiles_per_split": "i32", "pos_offset": "i32",
                        "stride_am": "i32", "stride_ad": "constexpr", "stride_bn": "i32", "stride_bd": "constexpr",
                        "stride_gs": "i32", "stride_gn": "i32", "stride_gd": "constexpr",
