@@ -191,6 +191,33 @@ def _chunk_stats_kernel(
 
 
 @triton.jit
+def _softmax_grad_tile(t, ct, offs_n, mask_n, mask_m, target, first_target, N, row_hi, row_lo, col_lse_ptr,
+                       w_row, w_col, w_tgt, HAS_COL_TERM: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """G of one tile of logits t (rows × column tile ct): w_row·exp(t − row_lse) [+ w_col·exp(t −
+    col_lse)], the LSEs as fp32 hi + lo; at the positives (column = target of the row) instead
+    w_tgt + w_col·(P_col − 1) + w_row·(P_row − 1) with expm1, w_tgt = w_row [+ w_col] − w_pos."""
+    g = w_row * tl.exp2(((t - row_hi[:, None]) - row_lo[:, None]) * LOG2E)
+    if HAS_COL_TERM:
+        col_hi, col_lo = _split_lse(tl.load(col_lse_ptr + offs_n, mask=mask_n, other=float("inf")))
+        g += w_col * tl.exp2(((t - col_hi[None, :]) - col_lo[None, :]) * LOG2E)
+    if (ct * BLOCK_N < first_target + BLOCK_M) & (ct * BLOCK_N + BLOCK_N > first_target):
+        # this tile holds positives
+        is_t = offs_n[None, :] == target[:, None]
+        t_pos = tl.sum(tl.where(is_t, t, 0.0), 1)
+        # the O(1) parts first: a column LSE of +inf gives w_col·(−1), which must cancel
+        # against w_tgt before the small row term is added
+        g_pos = w_tgt
+        if HAS_COL_TERM:  # column LSE of each row's positive column
+            pc_hi, pc_lo = _split_lse(tl.load(col_lse_ptr + target, mask=mask_m & (target < N),
+                                              other=float("inf")))
+            g_pos += w_col * _expm1((t_pos - pc_hi) - pc_lo)
+        g_pos += w_row * _expm1((t_pos - row_hi) - row_lo)
+        g = tl.where(is_t, g_pos[:, None], g)
+    return g
+
+
+@triton.jit
 def _chunk_softmax_grad_kernel(
     dot_ptr, g_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_lse_ptr, part_ptr,
     R, N, tiles_per_split, num_programs, pos_col0,
@@ -229,23 +256,8 @@ def _chunk_softmax_grad_kernel(
         mask = mask_m[:, None] & mask_n[None, :]
         d = tl.load(dot_ptr + offs_m[:, None] * stride_dm + offs_n[None, :] * stride_dn, mask=mask, other=0.0)
         t = d * scale + bias
-        g = w_row * tl.exp2(((t - row_hi[:, None]) - row_lo[:, None]) * LOG2E)
-        if HAS_COL_TERM:
-            col_hi, col_lo = _split_lse(tl.load(col_lse_ptr + offs_n, mask=mask_n, other=float("inf")))
-            g += w_col * tl.exp2(((t - col_hi[None, :]) - col_lo[None, :]) * LOG2E)
-        if (ct * BLOCK_N < first_target + BLOCK_M) & (ct * BLOCK_N + BLOCK_N > first_target):
-            # this tile holds positives: G there is w_row·(P_row − 1) + w_col·(P_col − 1) + w_tgt
-            is_t = offs_n[None, :] == target[:, None]
-            t_pos = tl.sum(tl.where(is_t, t, 0.0), 1)
-            # the O(1) parts first: a column LSE of +inf gives w_col·(−1), which must cancel
-            # against w_tgt before the small row term is added
-            g_pos = w_tgt
-            if HAS_COL_TERM:  # column LSE of each row's positive column
-                pc_hi, pc_lo = _split_lse(tl.load(col_lse_ptr + target, mask=mask_m & (target < N),
-                                                  other=float("inf")))
-                g_pos += w_col * _expm1((t_pos - pc_hi) - pc_lo)
-            g_pos += w_row * _expm1((t_pos - row_hi) - row_lo)
-            g = tl.where(is_t, g_pos[:, None], g)
+        g = _softmax_grad_tile(t, ct, offs_n, mask_n, mask_m, target, first_target, N, row_hi, row_lo, col_lse_ptr,
+                               w_row, w_col, w_tgt, HAS_COL_TERM, BLOCK_M, BLOCK_N)
         g = tl.where(mask, g, 0.0)
         acc_gd += tl.sum(g * d, 1)
         acc_g += tl.sum(g, 1)

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunked import (LN2, LOG2E, _check, _expm1, _lse64, _log1p, _merge_lse_kernel, _online_rows,
+from .chunked import (LN2, LOG2E, _check, _expm1, _softmax_grad_tile, _lse64, _log1p, _merge_lse_kernel, _online_rows,
                       _sigmoid_terms, _split_lse, _tile_lse_parts)
 from .configs import FUSED_FP32_PRECISION, SUPPORTED_DTYPES, chunked_config, fused_config
 from .configs import FUSED_CONFIGS
@@ -177,23 +177,8 @@ def _fused_rows_kernel(
             g = w_row * g
         else:
             t = dot * scale + bias
-            g = w_row * tl.exp2(((t - row_hi[:, None]) - row_lo[:, None]) * LOG2E)
-            if HAS_COL_TERM:
-                col_hi, col_lo = _split_lse(tl.load(col_lse_ptr + offs_n, mask=mask_n, other=float("inf")))
-                g += w_col * tl.exp2(((t - col_hi[None, :]) - col_lo[None, :]) * LOG2E)
-            if (ct * BLOCK_N < first_target + BLOCK_M) & (ct * BLOCK_N + BLOCK_N > first_target):
-                # positives in this tile: G = w_row·(P_row − 1) + w_col·(P_col − 1) + w_tgt there
-                is_t = offs_n[None, :] == target[:, None]
-                t_pos = tl.sum(tl.where(is_t, t, 0.0), 1)
-                # the O(1) parts first: a column LSE of +inf gives w_col·(−1), which must cancel
-                # against w_tgt before the small row term is added
-                g_pos = w_tgt
-                if HAS_COL_TERM:  # column LSE of each row's positive column
-                    pc_hi, pc_lo = _split_lse(tl.load(col_lse_ptr + target, mask=mask_m & (target < Nb),
-                                                      other=float("inf")))
-                    g_pos += w_col * _expm1((t_pos - pc_hi) - pc_lo)
-                g_pos += w_row * _expm1((t_pos - row_hi) - row_lo)
-                g = tl.where(is_t, g_pos[:, None], g)
+            g = _softmax_grad_tile(t, ct, offs_n, mask_n, mask_m, target, first_target, Nb, row_hi, row_lo,
+                                   col_lse_ptr, w_row, w_col, w_tgt, HAS_COL_TERM, BLOCK_M, BLOCK_N)
         if NEED_GRAD:
             g = tl.where(mask, g, 0.0)
             acc_gd += tl.sum(g * dot, 1)
