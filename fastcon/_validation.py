@@ -53,8 +53,8 @@ def check_scalar(name: str, value, device: torch.device, *, required: bool = Tru
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
     if value.device.type != "cpu" and value.device != device:
         raise ValueError(f"{name} is on {value.device} but the features are on {device}")
-    # A check of finiteness needs the value on the host: do it only when it is already there, or
-    # when the caller opted in (FASTCON_CHECK_FINITE=1); on GPU a NaN scale gives a NaN loss.
+    # A check of finiteness needs the value on the host: it is done only when the value is already
+    # there (a device-to-host copy would synchronise every step); on GPU a NaN scale gives a NaN loss.
     if value.device.type == "cpu" and not torch.isfinite(value.detach()).all():
         raise ValueError(f"{name} must be finite, got {value.detach().reshape(()).item()}")
     return value
