@@ -135,3 +135,26 @@ def test_half_precision_gradients_within_the_reference_budget(dtype, loss_name):
         assert err_ours <= err_low + 1e-3, (err_ours, err_low)
         # No systematic scale error: the gradient's overall size matches the truth's.
         assert abs((o * t).sum().item() / (t * t).sum().item() - 1.0) < 2e-3
+
+
+def test_missing_extension_falls_back_to_torch_with_one_warning(monkeypatch):
+    from fastcon.kernels import cpp
+    from fastcon.ops import engine
+
+    reason = "fastcon was built without the C++ extension fastcon._C (test)"
+    monkeypatch.setattr(cpp, "AVAILABLE", False)
+    monkeypatch.setattr(cpp, "REASON", reason)
+    monkeypatch.setattr(engine, "_warned_cpp_fallback", False)
+    a, b = make_features(12, 12, 8)
+    with pytest.warns(RuntimeWarning, match="C\\+\\+ extension is unavailable"):
+        loss = fastcon.ClipLoss()(a, b, 10.0)
+    assert_close_rel(loss, R.clip_loss_reference(a, b, 10.0), rtol=1e-5)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the warning is given once per process
+        fastcon.SigLipLoss()(a, b, 10.0, -10.0)
+    with pytest.raises(RuntimeError, match="backend='cpp' is unavailable"):
+        fastcon.functional.clip_loss(a, b, 10.0, backend="cpp")
+    info = fastcon.backend_info()
+    assert info["backends"]["cpp"] == {"available": False, "reason": reason, "devices": ["cpu"]}
+    assert info["auto"]["cpu"] == "torch"
