@@ -8,12 +8,12 @@ TRITON_SPEC ?= triton
 STAMP := $(VENV)/.fastcon-installed
 EXT_SOURCES := $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: install test bench bench-quick clean
+.PHONY: install test bench bench-ci wheel-check clean
 
 $(VENV)/.deps-installed:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q "$(TRITON_SPEC)" numpy pytest ninja setuptools wheel
+	$(PY) -m pip install -q "$(TRITON_SPEC)" numpy pytest ninja setuptools wheel build matplotlib
 	touch $@
 
 $(STAMP): $(VENV)/.deps-installed pyproject.toml setup.py $(EXT_SOURCES)
@@ -34,6 +34,20 @@ bench: $(STAMP)
 	$(PY) -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('open_clip') is None)" \
 		|| $(PY) -m pip install -q --no-deps open-clip-torch
 	$(PY) -m fastcon.bench --loss clip,siglip --providers fastcon,reference,open_clip --batch 1024,4096 --dim 512
+
+# CPU regression benchmarks (pytest-benchmark): each run is saved under .benchmarks/; from the second
+# run on this machine, a median more than 10% slower than the last saved run fails.
+bench-ci: $(STAMP)
+	$(PY) -c "import pytest_benchmark" 2>/dev/null || $(PY) -m pip install -q pytest-benchmark
+	compare=""; if ls .benchmarks/*/*.json >/dev/null 2>&1; then \
+		compare="--benchmark-compare --benchmark-compare-fail=median:10%"; fi; \
+	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-storage=file://.benchmarks --benchmark-autosave \
+		--benchmark-columns=median,iqr,min,max,rounds $$compare
+
+# Builds the wheel (with the compiled CPU extension) and the sdist, installs the wheel into a fresh
+# virtual environment away from the source tree, and runs a loss on the C++ backend there.
+wheel-check: $(STAMP)
+	PYTHON=$(PYTHON) BUILD_PY=$(PY) TORCH_SPEC="$(TORCH_SPEC)" bash .ci/check_wheel.sh
 
 clean:
 	rm -rf build dist *.egg-info fastcon/*.so

@@ -1,5 +1,12 @@
 """fastcon: fused contrastive losses (CLIP, SigLIP) at O(N·D) memory, on GPU (Triton) and CPU (C++)."""
+import torch as _torch
+
 from ._version import __version__
+
+_MIN_TORCH = (2, 4)  # torch.library.register_fake, used by the C++ ops' fake kernels
+if tuple(int(p) for p in _torch.__version__.split("+")[0].split(".")[:2]) < _MIN_TORCH:
+    raise ImportError(f"fastcon {__version__} needs torch >= {'.'.join(map(str, _MIN_TORCH))}, "
+                      f"found torch {_torch.__version__}")
 from . import functional
 from .losses import ClipLoss, SigLipLoss
 from ._info import backend_info

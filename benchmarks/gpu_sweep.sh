@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU check in one command, for a short lease of a GPU machine: the CUDA tests, the device's bf16
+# matmul peak, and the benchmark sweep (fastcon vs the reference vs the installed peers), all written
+# to one folder.
+#
+#   bash benchmarks/gpu_sweep.sh OUT_DIR
+#
+# Runs from the source tree (PYTHONPATH, no build: the GPU paths need no C++ extension) with the
+# machine's python3, torch and triton. Peers that are not installed are reported as skipped; to add
+# them on a machine without network, download their wheels beforehand
+# (pip download --no-deps -d WHEELS open-clip-torch inf-cl) and pass WHEELS=that/folder.
+# Environment: PYTHON (default python3), WHEELS, SWEEP_BATCH (default 8192,32768,65536),
+# SWEEP_DIM (768), TEST_TIMEOUT (seconds for the CUDA tests, 420).
+# Output (six files): env.txt, cuda-tests.log, gpu-peak.json, gpu-bf16.json, gpu-bf16.md, gpu-summary.md.
+set -uo pipefail
+out=${1:?usage: bash benchmarks/gpu_sweep.sh OUT_DIR}
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+py=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+if [ -n "${WHEELS:-}" ]; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/fastcon-peers "$WHEELS"/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/fastcon-peers"
+fi
+status=0
+
+{ nvidia-smi; "$py" -c "import json, torch, triton, fastcon; print('torch', torch.__version__, 'triton', triton.__version__);
+print(json.dumps(fastcon.backend_info(), indent=1, default=str))"; } >"$out/env.txt" 2>&1 || status=1
+
+timeout "${TEST_TIMEOUT:-420}" "$py" -m pytest -q -m cuda tests -p no:cacheprovider >"$out/cuda-tests.log" 2>&1 || status=1
+tail -n 3 "$out/cuda-tests.log"
+
+"$py" -m fastcon.bench peak --device cuda --dtype bfloat16 --json "$out/gpu-peak.json" || status=1
+"$py" -m fastcon.bench --device cuda --loss clip,siglip --providers fastcon,reference,open_clip,inf_cl \
+  --batch "${SWEEP_BATCH:-8192,32768,65536}" --dim "${SWEEP_DIM:-768}" --dtype bfloat16 \
+  --json "$out/gpu-bf16.json" --markdown "$out/gpu-bf16.md" || status=1
+"$py" -m fastcon.bench summary "$out/gpu-peak.json" "$out/gpu-bf16.json" >"$out/gpu-summary.md" || status=1
+cat "$out/gpu-summary.md"
+exit $status

@@ -1,0 +1,48 @@
+"""CPU regression benchmarks (pytest-benchmark): ``make bench-ci``, not part of ``make test``.
+
+Each benchmark checks its loss and gradients against the float64 reference once, then times
+forward+backward on a fixed batch. ``make bench-ci`` saves every run under ``.benchmarks/`` and
+fails when the median of a benchmark is more than 10% slower than the last saved run on this machine.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastcon.functional as FC
+from fastcon import reference as R
+
+N, D = 2048, 256
+SCALE = {"clip": 14.3, "siglip": 10.0}
+BIAS = {"clip": None, "siglip": -10.0}
+LOSS_FN = {"clip": FC.clip_loss, "siglip": FC.siglip_loss}
+REFERENCE = {"clip": R.clip_loss_reference, "siglip": R.siglip_loss_reference}
+
+
+def _features(n, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = F.normalize(torch.randn(n, d, generator=g), dim=-1)
+    b = F.normalize(a + 0.8 * F.normalize(torch.randn(n, d, generator=g), dim=-1), dim=-1)
+    return a, b
+
+
+def _loss_and_grads(fn, a, b, loss):
+    leaves = [a.clone().requires_grad_(), b.clone().requires_grad_(),
+              torch.tensor(SCALE[loss], dtype=a.dtype, requires_grad=True)]
+    bias = None if BIAS[loss] is None else torch.tensor(BIAS[loss], dtype=a.dtype, requires_grad=True)
+    out = fn(*leaves, bias)
+    grads = torch.autograd.grad(out, leaves + ([bias] if bias is not None else []))
+    return [out.detach()] + list(grads)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch", "reference"])
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_forward_backward(benchmark, loss, backend):
+    a, b = _features(N, D)
+    fn = LOSS_FN[loss]
+    call = lambda x, y, s, bias: fn(x, y, s, bias, backend=backend)  # noqa: E731
+    ours = _loss_and_grads(call, a[:256], b[:256], loss)
+    truth = _loss_and_grads(REFERENCE[loss], a[:256].double(), b[:256].double(), loss)
+    for got, want in zip(ours, truth):
+        assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max() + 1e-7
+    benchmark.extra_info.update(loss=loss, backend=backend, N=N, D=D, threads=torch.get_num_threads())
+    benchmark.pedantic(_loss_and_grads, args=(call, a, b, loss), rounds=10, warmup_rounds=2)

@@ -1,0 +1,3 @@
+from fastcon.bench import main
+
+raise SystemExit(main())

@@ -1,0 +1,326 @@
+"""One benchmark case, measured inside its own worker process.
+
+Memory: CUDA: ``torch.cuda.max_memory_allocated`` minus what was allocated before the call; CPU: the
+process's peak resident set (VmHWM, reset through ``/proc/self/clear_refs`` before the call) minus
+the resident set before it. Both exclude the inputs, and the gradients of the inputs (2·N·D elements)
+are subtracted too, so the figure is the loss's *working* memory. Time: CPU: wall clock of
+``repeat`` calls after the memory call; CUDA: CUDA events through ``triton.testing.do_bench``.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import statistics
+import time
+
+from .providers import make_dist_loss_fn, make_loss_fn
+
+# Forward+backward FLOPs in units of 2·Na·Nb·D (one GEMM-equivalent): the minimal O(N)-memory engine
+# computes S once for the statistics, then S again and two products for the gradients.
+GEMMS = {"fwd": 1, "bwd": 3, "full": 4}
+SLOW_CALL_S = 20.0  # a first call slower than this is the only timed call
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class _PeakMemory:
+    """Peak bytes allocated by the code inside the ``with`` block, beyond what existed before it."""
+
+    def __init__(self, device):
+        self.device, self.peak = device, 0
+        self.method = ("torch.cuda.max_memory_allocated" if device.type == "cuda"
+                       else "peak RSS (VmHWM after clear_refs) minus RSS before")
+
+    def __enter__(self):
+        import torch
+
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            if not _reset_peak_rss():
+                self.method = "peak RSS since process start minus RSS before (no /proc/self/clear_refs)"
+            self.base = _rss_bytes("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self.peak = _rss_bytes("VmHWM") - self.base
+        return False
+
+
+def make_inputs(n, d, dtype, device, seed=0):
+    """Unit rows, each text row correlated with its image row (a trained model's batch)."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    a = F.normalize(torch.randn(n, d, generator=g), dim=-1)
+    b = F.normalize(a + 0.8 * F.normalize(torch.randn(n, d, generator=g), dim=-1), dim=-1)
+    return a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
+
+
+def make_scalars(loss, device):
+    """open_clip's trained CLIP scale (14.3) without bias; SigLIP's initial scale 10 and bias −10."""
+    import torch
+
+    s = torch.tensor(14.3 if loss == "clip" else 10.0, device=device, requires_grad=True)
+    bias = None if loss == "clip" else torch.tensor(-10.0, device=device, requires_grad=True)
+    return s, bias
+
+
+def max_rel_err(loss, fn, n, d, dtype, device) -> float:
+    """Largest error of the loss and of each gradient, relative to the largest value of that output,
+    against the float64 reference on the same (rounded) inputs."""
+    import torch
+    from fastcon import reference as R
+
+    a, b = make_inputs(n, d, dtype, device, seed=1)
+    s, bias = make_scalars(loss, device)
+    ref = R.clip_loss_reference if loss == "clip" else R.siglip_loss_reference
+    outs = []
+    for f64 in (False, True):
+        cast = (lambda t: None if t is None else t.detach().double()) if f64 else (lambda t: t)
+        leaves = [cast(t).detach().clone().requires_grad_() for t in (a, b, s) + ((bias,) if bias is not None else ())]
+        xbias = leaves[3] if bias is not None else None
+        val = ref(*leaves[:3], xbias, upcast=False) if f64 else fn(*leaves[:3], xbias)
+        outs.append([val.detach().double()] + [g.double() for g in torch.autograd.grad(val, leaves)])
+    return max(((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item() for x, y in zip(*outs))
+
+
+def _step(fn, a, b, s, bias, mode):
+    """The timed call of ``mode``: fwd (no grad), bwd (the backward of a forward done here once), full."""
+    import torch
+
+    if mode == "fwd":
+        def fwd():
+            with torch.no_grad():
+                return fn(a, b, s, bias)
+        return fwd
+    if mode == "full":
+        def full():
+            xa, xb = a.detach().requires_grad_(), b.detach().requires_grad_()
+            out = fn(xa, xb, s, bias)
+            out.backward()
+            return out
+        return full
+    xa, xb = a.detach().requires_grad_(), b.detach().requires_grad_()
+    out = fn(xa, xb, s, bias)
+
+    def bwd():
+        xa.grad = xb.grad = None
+        out.backward(retain_graph=True)
+        return out
+    return bwd
+
+
+def _quantile(values, q):
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo, hi = int(pos), min(int(pos) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def time_fields(times_s) -> dict:
+    ms = [t * 1e3 for t in times_s]
+    return dict(median_ms=statistics.median(ms), min_ms=min(ms), max_ms=max(ms), p20_ms=_quantile(ms, 0.2),
+                p80_ms=_quantile(ms, 0.8), samples=len(ms))
+
+
+def run_case(case: dict) -> dict:
+    import torch
+
+    loss, provider, n, d, mode = case["loss"], case["provider"], case["batch"], case["dim"], case["mode"]
+    dtype = getattr(torch, case["dtype"])
+    device = torch.device(case["device"])
+    cuda = device.type == "cuda"
+    row = dict(case)
+    fn = make_loss_fn(loss, provider, d)
+    a, b = make_inputs(n, d, dtype, device)
+    s, bias = make_scalars(loss, device)
+    # A warm-up outside the measurements: one-time costs (thread pools, library workspaces, Triton's
+    # compilation) are not the loss's. torch.compile specialises on the shape, so it warms up on the
+    # case itself; the others on a few rows.
+    warm = n if provider == "torch_compile" else min(n, 64)
+    _step(fn, a[:warm], b[:warm], s, bias, mode)()
+    step = _step(fn, a, b, s, bias, mode)
+    with _PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        step()
+        first = time.perf_counter() - t0
+    peak = mem.peak - (2 * n * d * a.element_size() if mode != "fwd" else 0)
+    row["memory_method"] = mem.method
+    row["peak_mib"] = max(peak, 0) / 2**20
+
+    # Correctness before timing (after the memory call, so that its buffers cannot hide in the baseline).
+    check_rows = min(n, case.get("check_rows", 2048))
+    row["check_rows"] = check_rows
+    row["max_rel_err"] = max_rel_err(loss, fn, check_rows, d, dtype, device)
+
+    if cuda:
+        from triton.testing import do_bench
+
+        times = [t / 1e3 for t in do_bench(step, warmup=case.get("warmup_ms", 25), rep=case.get("rep_ms", 100),
+                                           return_mode="all")]
+    elif first > SLOW_CALL_S:  # very slow cases: the memory call is the only call
+        times = [first]
+    else:
+        times = []
+        for _ in range(case.get("repeat", 3)):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    row.update(time_fields(times))
+    row["tflops"] = 2 * GEMMS[mode] * n * n * d / (row["median_ms"] / 1e3) / 1e12
+    row["device_name"] = device_name(device)
+    row["threads"] = torch.get_num_threads()
+    return row
+
+
+def run_peak(case: dict) -> dict:
+    """The dense matrix-product throughput of the device in ``case["dtype"]``: the FLOP/s that the
+    loss kernels' TFLOP/s are judged against. ``batch``×``dim`` times ``dim``×``batch``."""
+    import torch
+
+    n, d = case["batch"], case["dim"]
+    dtype, device = getattr(torch, case["dtype"]), torch.device(case["device"])
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(n, d, generator=g).to(device=device, dtype=dtype)
+    y = torch.randn(d, n, generator=g).to(device=device, dtype=dtype)
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        times = [t / 1e3 for t in do_bench(lambda: x @ y, warmup=100, rep=500, return_mode="all")]
+    else:
+        x @ y
+        times = []
+        for _ in range(case.get("repeat", 3)):
+            t0 = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - t0)
+    row = dict(case, **time_fields(times), peak_mib=0.0, max_rel_err=0.0, check_rows=0,
+               memory_method="-", device_name=device_name(device), threads=torch.get_num_threads())
+    row["tflops"] = 2 * n * n * d / (row["median_ms"] / 1e3) / 1e12
+    return row
+
+
+# ------------------------------------------------------------------------------------------ distributed
+def _dist_rank(rank, case, port, queue):
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    world = case["world_size"]
+    device = torch.device(case["device"])
+    if device.type == "cuda":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))
+    try:
+        n, d, loss = case["batch"], case["dim"], case["loss"]
+        fn = make_dist_loss_fn(loss, case["provider"], rank, world, case.get("local_loss", True))
+        a, b = make_inputs(n, d, getattr(torch, case["dtype"]), device, seed=100 + rank)
+        s, bias = make_scalars(loss, device)
+        step = _step(lambda *x: fn(*x) if bias is not None else fn(*x[:3]), a, b, s, bias, "full")
+        dist.barrier()
+        with _PeakMemory(device) as mem:
+            value = step().item()
+        times = []
+        for _ in range(case.get("repeat", 3)):
+            dist.barrier()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        queue.put(dict(rank=rank, loss_value=value, peak=max(mem.peak - 2 * n * d * a.element_size(), 0),
+                       times=times, memory_method=mem.method))
+    except Exception as exc:  # reported as the case's error row
+        queue.put(dict(rank=rank, error=f"{type(exc).__name__}: {exc}"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_dist_case(case: dict) -> dict:
+    """A ``--world-size`` case: W local ranks; per-rank memory is the largest of the ranks, the step
+    time the median over repeats of the slowest rank."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    world = case["world_size"]
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_dist_rank, args=(r, case, port, queue)) for r in range(world)]
+    for proc in procs:
+        proc.start()
+    results = [queue.get() for _ in range(world)]
+    for proc in procs:
+        proc.join()
+    errors = [r["error"] for r in results if "error" in r]
+    if errors:
+        raise RuntimeError(errors[0])
+    results.sort(key=lambda r: r["rank"])
+    slowest = [max(r["times"][k] for r in results) for k in range(len(results[0]["times"]))]
+    row = dict(case, **time_fields(slowest))
+    row["peak_mib"] = max(r["peak"] for r in results) / 2**20
+    row["memory_method"] = results[0]["memory_method"]
+    row["rank_losses"] = [r["loss_value"] for r in results]
+    n, d = case["batch"], case["dim"]
+    # FLOPs of this rank's share of the global step: 8·n·N·D (one row block of the N×N matrix).
+    row["tflops"] = 8 * n * n * world * d / (row["median_ms"] / 1e3) / 1e12
+    row["max_rel_err"] = float("nan")  # filled in by the driver from the reference provider's losses
+    import torch
+
+    row["device_name"] = device_name(torch.device(case["device"]))
+    row["threads"] = max(1, (os.cpu_count() or 1) // world)
+    return row

@@ -1,0 +1,168 @@
+"""The providers a benchmark case can run: fastcon's backends, the reference, and the peers.
+
+A provider is a name; ``availability`` says cheaply (no heavy imports) whether it can run a loss on a
+device, so that a sweep reports an unusable provider as a ``skipped`` row without spawning a process;
+``make_loss_fn`` builds ``fn(a, b, logit_scale, logit_bias) -> loss`` in the worker process.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from typing import Callable, Optional, Tuple
+
+LOSSES = ("clip", "siglip")
+FASTCON_BACKENDS = ("cpp", "torch", "triton", "triton_fused")
+PROVIDERS = ("fastcon",) + tuple(f"fastcon-{b}" for b in FASTCON_BACKENDS) + (
+    "reference", "open_clip", "inf_cl", "torch_compile")
+
+
+class ProviderUnavailable(RuntimeError):
+    """The provider cannot run this case here (not installed, wrong device, loss not offered)."""
+
+
+def _find(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def availability(provider: str, loss: str, device: str, world_size: int = 1) -> Tuple[bool, Optional[str]]:
+    """(usable, reason if not) for ``provider`` running ``loss`` on ``device`` ("cpu" or "cuda")."""
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
+    if provider.startswith("fastcon-"):
+        backend = provider.split("-", 1)[1]
+        if backend == "cpp" and device != "cpu":
+            return False, "the C++ backend runs on CPU tensors"
+        if backend.startswith("triton"):
+            if not _find("triton"):
+                return False, "triton is not installed"
+            if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+                return False, "Triton on CPU tensors needs TRITON_INTERPRET=1"
+    if provider == "open_clip" and not _find("open_clip"):
+        return False, "open_clip is not installed (pip install --no-deps open-clip-torch)"
+    if provider == "inf_cl":
+        if loss != "clip":
+            return False, "inf_cl has no sigmoid loss"
+        if world_size > 1:
+            return False, "inf_cl's ring loss has no open_clip mode to compare with"
+        if not _find("inf_cl"):
+            return False, "inf_cl is not installed (pip install inf-cl)"
+        if device != "cuda":
+            return False, "inf_cl's Triton kernels need a CUDA GPU"
+    if provider == "torch_compile":
+        if world_size > 1:
+            return False, "torch_compile is a single-device provider"
+        if device == "cpu" and not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
+            return False, "torch.compile on CPU needs a C++ compiler"
+    return True, None
+
+
+def _load_open_clip_loss():
+    """open_clip's ``loss`` module, loaded from the installed package without importing the package
+    (whose ``__init__`` needs torchvision)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ProviderUnavailable("open_clip is not installed (pip install --no-deps open-clip-torch)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
+    if not os.path.exists(path):
+        raise ProviderUnavailable(f"open_clip has no loss.py at {path}")
+    mod_spec = importlib.util.spec_from_file_location("_open_clip_loss", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module
+
+
+def _inf_cl_head_dim(d: int) -> int:
+    """inf_cl splits D into power-of-two heads of at most 256 that must divide D."""
+    head = 256
+    while head > 1 and d % head:
+        head //= 2
+    if head < 16:
+        raise ProviderUnavailable(f"inf_cl needs D divisible by 16, got D={d}")
+    return head
+
+
+def make_loss_fn(loss: str, provider: str, d: int) -> Callable:
+    """``fn(a, b, logit_scale, logit_bias)`` for one device; ``d`` is the feature dimension."""
+    import fastcon
+    from fastcon import reference as R
+
+    if provider.startswith("fastcon"):
+        backend = provider.split("-", 1)[1] if "-" in provider else "auto"
+        fc = fastcon.functional.clip_loss if loss == "clip" else fastcon.functional.siglip_loss
+        return lambda a, b, s, bias: fc(a, b, s, bias, backend=backend)
+    ref = R.clip_loss_reference if loss == "clip" else R.siglip_loss_reference
+    if provider == "reference":
+        return lambda a, b, s, bias: ref(a, b, s, bias, upcast=False)
+    if provider == "torch_compile":
+        import torch
+
+        compiled = torch.compile(lambda a, b, s, bias: ref(a, b, s, bias, upcast=False))
+        return compiled
+    if provider == "open_clip":
+        module = _load_open_clip_loss()
+        if loss == "clip":
+            clip = module.ClipLoss()
+            return lambda a, b, s, bias: clip(a, b, s, bias) if bias is not None else clip(a, b, s)
+        siglip = module.SigLipLoss()
+        return lambda a, b, s, bias: siglip(a, b, s, bias)
+    if provider == "inf_cl":
+        if loss != "clip":
+            raise ProviderUnavailable("inf_cl has no sigmoid loss")
+        from inf_cl import cal_inf_loss
+
+        head = _inf_cl_head_dim(d)
+
+        def inf_cl_clip(a, b, s, bias):
+            if bias is not None:
+                raise ProviderUnavailable("inf_cl has no logit bias")
+            # One direction per call; the symmetric loss is the mean of both (as Inf-CLIP's own loss).
+            return (cal_inf_loss(a, b, scale=s, head_dim=head) + cal_inf_loss(b, a, scale=s, head_dim=head)) / 2
+        return inf_cl_clip
+    raise ValueError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
+
+
+def make_dist_loss_fn(loss: str, provider: str, rank: int, world: int, local_loss: bool) -> Callable:
+    """Per-rank loss for ``--world-size`` cases: fastcon's distributed modules; ``reference``:
+    open_clip's formulas on features all-gathered with gradient (materialised local×global logits,
+    global×global without ``local_loss``); ``open_clip``: its own modules (gather_with_grad on)."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    import fastcon
+    from fastcon import reference as R
+    from fastcon.distributed import all_gather_with_grad
+
+    if provider.startswith("fastcon"):
+        backend = provider.split("-", 1)[1] if "-" in provider else "auto"
+        if loss == "clip":
+            return fastcon.ClipLoss(local_loss, True, rank=rank, world_size=world, backend=backend)
+        return fastcon.SigLipLoss(rank=rank, world_size=world, backend=backend)
+    if provider == "open_clip":
+        module = _load_open_clip_loss()
+        if loss == "clip":
+            return module.ClipLoss(local_loss, True, rank=rank, world_size=world)
+        return module.SigLipLoss(rank=rank, world_size=world)
+    if provider != "reference":
+        raise ProviderUnavailable(f"{provider} has no distributed form here")
+    group = dist.group.WORLD
+
+    def row_ce(x, all_y, s, bias, offset):
+        logits = s * (x @ all_y.T) + (0 if bias is None else bias)
+        return F.cross_entropy(logits, torch.arange(x.shape[0], device=x.device) + offset)
+
+    def reference_loss(a, b, s, bias=None):
+        n = a.shape[0]
+        all_a, all_b = all_gather_with_grad(a, group), all_gather_with_grad(b, group)
+        if loss == "siglip":
+            return R.siglip_loss_reference(a, all_b, s, bias, pos_offset=rank * n, upcast=False)
+        if local_loss:
+            return (row_ce(a, all_b, s, bias, rank * n) + row_ce(b, all_a, s, bias, rank * n)) / 2
+        return R.clip_loss_reference(all_a, all_b, s, bias, upcast=False)
+    return reference_loss

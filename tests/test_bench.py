@@ -1,0 +1,126 @@
+"""fastcon-bench: a real (tiny) sweep end to end, its outputs, failure rows, compare, and the README
+summary that must be generated from the committed results."""
+import csv
+import glob
+import json
+import os
+
+import pytest
+
+from fastcon import bench
+from fastcon.bench import classify_failure, compare as C
+from fastcon.bench.report import CSV_COLUMNS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+META = ("device_name", "fastcon_version", "torch", "python", "git_sha", "timestamp", "memory_method")
+
+
+def _rows(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_sweep_writes_checked_rows_and_every_output(tmp_path):
+    out = tmp_path / "rows.json"
+    rc = bench.main(["--loss", "clip,siglip", "--providers", "fastcon-cpp,reference,inf_cl", "--batch", "33",
+                     "--dim", "8", "--device", "cpu", "--repeat", "2", "--json", str(out),
+                     "--csv", str(tmp_path / "rows.csv"), "--markdown", str(tmp_path / "rows.md"),
+                     "--plot", str(tmp_path / "plots")])
+    assert rc == 0
+    rows = _rows(out)
+    assert [(r["loss"], r["provider"]) for r in rows] == [
+        ("clip", "fastcon-cpp"), ("clip", "reference"), ("clip", "inf_cl"),
+        ("siglip", "fastcon-cpp"), ("siglip", "reference"), ("siglip", "inf_cl")]
+    for r in rows:
+        if r["provider"] == "inf_cl":  # not installed, or no CUDA, or (SigLIP) no such loss
+            assert r["status"] == "skipped" and r["error"]
+            continue
+        assert r["status"] == "ok", r
+        assert r["max_rel_err"] <= 1e-5 and r["check_rows"] == 33
+        assert 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["samples"] == 2
+        assert r["peak_mib"] >= 0 and r["tflops"] > 0
+        for key in META:
+            assert r.get(key), f"{key} missing from {r}"
+    with open(tmp_path / "rows.csv") as f:
+        lines = list(csv.DictReader(f))
+    assert tuple(lines[0]) == CSV_COLUMNS and len(lines) == 2 * len(rows)
+    speed = [x for x in lines if x["metric_name"] == "speed" and x["status"] == "ok"]
+    assert len(speed) == 4 and all(float(x["y_value_20"]) <= float(x["y_value_80"]) for x in speed)
+    md = (tmp_path / "rows.md").read_text()
+    assert "| loss | provider |" in md and md.count("| skipped:") == 2
+    plots = sorted(os.listdir(tmp_path / "plots"))
+    assert plots == ["clip-D-8-float32-full-memory.png", "clip-D-8-float32-full-time.png",
+                     "siglip-D-8-float32-full-memory.png", "siglip-D-8-float32-full-time.png"]
+
+
+@pytest.mark.parametrize("mode", ["fwd", "bwd"])
+def test_forward_and_backward_modes(tmp_path, mode):
+    out = tmp_path / "rows.json"
+    assert bench.main(["--loss", "clip", "--providers", "fastcon-torch", "--batch", "20", "--dim", "4",
+                       "--device", "cpu", "--mode", mode, "--repeat", "1", "--json", str(out)]) == 0
+    (row,) = _rows(out)
+    assert row["status"] == "ok" and row["mode"] == mode and row["max_rel_err"] <= 1e-5
+
+
+def test_failures_become_rows_not_crashes():
+    case = dict(loss="clip", provider="fastcon-cpp", batch=0, dim=4, dtype="float32", mode="full", device="cpu")
+    row = bench._run_in_subprocess(case, timeout=120)
+    assert row["status"] == "error" and "empty batch" in row["error"]
+    assert bench._run_in_subprocess(dict(case, batch=8), timeout=0.01)["status"] == "timeout"
+    assert classify_failure(1, "Traceback\ntorch.OutOfMemoryError: CUDA out of memory. Tried")[0] == "oom"
+    assert classify_failure(-9, "")[0] == "oom"
+    assert classify_failure(1, "x\nfastcon.bench.providers.ProviderUnavailable: no bias") == ("skipped", "no bias")
+
+
+def test_peak(tmp_path):
+    out = tmp_path / "peak.json"
+    assert bench.main(["peak", "--device", "cpu", "--batch", "64", "--dim", "32", "--json", str(out)]) == 0
+    (row,) = _rows(out)
+    assert row["status"] == "ok" and row["loss"] == "matmul" and row["tflops"] > 0
+
+
+@pytest.mark.parametrize("argv", [
+    ["--batch", "12x"], ["--batch", "0"], ["--providers", "fastcon,nope"], ["--loss", "ntxent"],
+    ["--world-size", "2", "--mode", "fwd", "--device", "cpu"], ["--dtype", "int8"],
+    ["compare", "a.json"], ["summary"],
+])
+def test_bad_arguments_exit_with_usage(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(argv)
+    assert exc.value.code == 2
+
+
+def _row(provider="fastcon", median=10.0, peak=100.0, tflops=1.0, status="ok", **kw):
+    return dict(dict(loss="clip", provider=provider, batch=1024, dim=64, dtype="float32", mode="full", device="cpu",
+                     median_ms=median, min_ms=median, max_ms=median, peak_mib=peak, tflops=tflops, max_rel_err=1e-6,
+                     status=status), **kw)
+
+
+def test_compare_flags_regressions_beyond_the_limit(tmp_path):
+    limits = [C.parse_limit("median:5%"), C.parse_limit("peak:10"), C.parse_limit("tflops:5%")]
+    _, failures = C.compare([_row()], [_row(median=10.4, peak=109.0, tflops=0.96)], limits)
+    assert failures == []
+    _, failures = C.compare([_row()], [_row(median=10.6)], limits)
+    assert len(failures) == 1 and "median" in failures[0]
+    _, failures = C.compare([_row()], [_row(peak=111.0, tflops=0.9)], limits)
+    assert len(failures) == 2
+    _, failures = C.compare([_row(), _row("reference")], [_row(status="oom"), _row("open_clip")], limits)
+    assert len(failures) == 1 and "oom" in failures[0]
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps([_row()]))
+    new.write_text(json.dumps([_row(median=20.0)]))
+    assert bench.main(["compare", str(old), str(old), "--fail-if", "median:5%"]) == 0
+    assert bench.main(["compare", str(old), str(new), "--fail-if", "median:5%"]) == 1
+    with pytest.raises(ValueError):
+        C.parse_limit("median")
+    with pytest.raises(ValueError):
+        C.parse_limit("wall:5%")
+
+
+def test_readme_summary_is_generated_from_the_committed_results(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    files = sorted(glob.glob("benchmarks/results/*.json"))
+    assert files, "benchmarks/results/ holds no JSON results"
+    assert bench.main(["summary", *files, "--check", "README.md"]) == 0, (
+        "README.md's benchmark summary is out of date: run "
+        f"fastcon-bench summary {' '.join(files)} --update README.md")
