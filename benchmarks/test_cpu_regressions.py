@@ -2,7 +2,8 @@
 
 Each benchmark checks its loss and gradients against the float64 reference once, then times
 forward+backward on a fixed batch. ``make bench-ci`` saves every run under ``.benchmarks/`` and
-fails when the median of a benchmark is more than 10% slower than the last saved run on this machine.
+fails when the best time (min of 20 rounds) of a benchmark is more than 15% slower than the last
+saved run on this machine.
 """
 import pytest
 import torch
@@ -10,6 +11,12 @@ import torch.nn.functional as F
 
 import fastcon.functional as FC
 from fastcon import reference as R
+from fastcon.bench.measure import set_malloc_thresholds
+
+# Buffers up to 32 MiB are reused from the heap and the heap is never trimmed: a regression gate
+# wants the computation's time, without page faults whose share moves by 40% between identical runs
+# under glibc's dynamic thresholds.
+set_malloc_thresholds(32 << 20, 1 << 30)
 
 N, D = 2048, 256
 SCALE = {"clip": 14.3, "siglip": 10.0}
@@ -45,4 +52,4 @@ def test_forward_backward(benchmark, loss, backend):
     for got, want in zip(ours, truth):
         assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max() + 1e-7
     benchmark.extra_info.update(loss=loss, backend=backend, N=N, D=D, threads=torch.get_num_threads())
-    benchmark.pedantic(_loss_and_grads, args=(call, a, b, loss), rounds=10, warmup_rounds=2)
+    benchmark.pedantic(_loss_and_grads, args=(call, a, b, loss), rounds=20, warmup_rounds=3)

@@ -10,8 +10,9 @@ out-of-memory case becomes a row (status ``oom``) instead of ending the sweep. I
 peak memory is measured (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the peak resident set,
 VmHWM reset through ``/proc/self/clear_refs``, minus the resident set before the call; both minus the
 gradients of the inputs), then the correctness check (loss and every gradient against the float64
-reference on the first ``--check-rows`` rows), then the timing (CPU: wall clock of ``--repeat`` calls;
-CUDA: CUDA events through ``triton.testing.do_bench``). TFLOP/s count 2·N²·D per GEMM-equivalent of
+reference on the first ``--check-rows`` rows), then the timing (CPU: wall clock of ``--repeat``
+calls, glibc's allocator thresholds settled as in a training loop; CUDA: CUDA events through
+``triton.testing.do_bench``). TFLOP/s count 2·N²·D per GEMM-equivalent of
 the minimal O(N)-memory engine: 8·N²·D for ``full`` (forward+backward), 2·N²·D for ``fwd``, 6·N²·D
 for ``bwd``. fastcon computes its gradients inside the forward when inputs require grad, so its
 ``bwd`` time is only the scaling by the upstream gradient: compare ``full`` across providers.
