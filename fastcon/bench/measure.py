@@ -230,7 +230,9 @@ def run_case(case: dict) -> dict:
 
         times = [t / 1e3 for t in do_bench(step, warmup=case.get("warmup_ms", 25), rep=case.get("rep_ms", 100),
                                            return_mode="all")]
-    elif first > SLOW_CALL_S:  # very slow cases: the memory call is the only call
+    elif first > SLOW_CALL_S:
+        # Very slow cases: the memory call is the only call (its page faults at the 128 KiB mmap
+        # threshold included, a few percent of such a call).
         times = [first]
     else:
         set_malloc_thresholds(*GLIBC_SETTLED)
