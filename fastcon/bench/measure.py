@@ -232,7 +232,7 @@ def run_case(case: dict) -> dict:
                                            return_mode="all")]
     elif first > SLOW_CALL_S:
         # Very slow cases: the memory call is the only call (its page faults at the 128 KiB mmap
-        # threshold included, a few percent of such a call).
+        # threshold included).
         times = [first]
     else:
         set_malloc_thresholds(*GLIBC_SETTLED)
