@@ -7,11 +7,10 @@ saved run on this machine.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fastcon.functional as FC
 from fastcon import reference as R
-from fastcon.bench.measure import set_malloc_thresholds
+from fastcon.bench.measure import make_inputs, make_scalars, set_malloc_thresholds
 
 # Buffers up to 32 MiB are reused from the heap and the heap is never trimmed: a regression gate
 # wants the computation's time, without page faults whose share moves by 40% between identical runs
@@ -19,23 +18,13 @@ from fastcon.bench.measure import set_malloc_thresholds
 set_malloc_thresholds(32 << 20, 1 << 30)
 
 N, D = 2048, 256
-SCALE = {"clip": 14.3, "siglip": 10.0}
-BIAS = {"clip": None, "siglip": -10.0}
 LOSS_FN = {"clip": FC.clip_loss, "siglip": FC.siglip_loss}
 REFERENCE = {"clip": R.clip_loss_reference, "siglip": R.siglip_loss_reference}
 
 
-def _features(n, d, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    a = F.normalize(torch.randn(n, d, generator=g), dim=-1)
-    b = F.normalize(a + 0.8 * F.normalize(torch.randn(n, d, generator=g), dim=-1), dim=-1)
-    return a, b
-
-
 def _loss_and_grads(fn, a, b, loss):
-    leaves = [a.clone().requires_grad_(), b.clone().requires_grad_(),
-              torch.tensor(SCALE[loss], dtype=a.dtype, requires_grad=True)]
-    bias = None if BIAS[loss] is None else torch.tensor(BIAS[loss], dtype=a.dtype, requires_grad=True)
+    scale, bias = (None if t is None else t.detach().to(a.dtype).requires_grad_() for t in make_scalars(loss, "cpu"))
+    leaves = [a.clone().requires_grad_(), b.clone().requires_grad_(), scale]
     out = fn(*leaves, bias)
     grads = torch.autograd.grad(out, leaves + ([bias] if bias is not None else []))
     return [out.detach()] + list(grads)
@@ -44,7 +33,7 @@ def _loss_and_grads(fn, a, b, loss):
 @pytest.mark.parametrize("backend", ["cpp", "torch", "reference"])
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
 def test_forward_backward(benchmark, loss, backend):
-    a, b = _features(N, D)
+    a, b = make_inputs(N, D, torch.float32, "cpu")
     fn = LOSS_FN[loss]
     call = lambda x, y, s, bias: fn(x, y, s, bias, backend=backend)  # noqa: E731
     ours = _loss_and_grads(call, a[:256], b[:256], loss)

@@ -63,9 +63,10 @@ def _meta(device: str) -> dict:
     import fastcon
     from .measure import device_name
 
-    return {"device_name": device_name(torch.device(device)), "fastcon_version": fastcon.__version__, "torch": torch.__version__, "triton": _version("triton"),
-            "cuda": torch.version.cuda, "python": platform.python_version(), "git_sha": _git_sha(),
-            "device": device, "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return {"device_name": device_name(torch.device(device)), "fastcon_version": fastcon.__version__,
+            "torch": torch.__version__, "triton": _version("triton"), "cuda": torch.version.cuda,
+            "python": platform.python_version(), "git_sha": _git_sha(), "device": device,
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def _run_in_subprocess(case: dict, timeout: float) -> dict:
@@ -188,6 +189,17 @@ def _write_outputs(args, rows) -> None:
             print(f"wrote {path}", file=sys.stderr)
 
 
+def _resolve_device(p, device: Optional[str]) -> str:
+    """``--device``, defaulting to cuda where there is a GPU; a usage error if cuda has none."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    return device
+
+
 def _check_plot_support(p, args) -> None:
     if args.plot:
         import importlib.util
@@ -229,9 +241,7 @@ def _run_main(argv: List[str]) -> int:
 
     import torch
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
+    device = _resolve_device(p, args.device)
     if args.world_size < 1:
         p.error("--world-size must be >= 1")
     if args.world_size > 1 and args.mode != "full":
@@ -283,11 +293,7 @@ def _peak_main(argv: List[str]) -> int:
     _output_options(p)
     args = p.parse_args(argv)
     _check_plot_support(p, args)
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
+    device = _resolve_device(p, args.device)
     case = dict(loss="matmul", provider="torch.mm", batch=args.batch, dim=args.dim,
                 dtype=args.dtype or DEFAULTS[device][2], mode="fwd", device=device, repeat=args.repeat)
     row = dict(_run_in_subprocess(case, 900.0), **_meta(device))

@@ -189,6 +189,16 @@ def _quantile(values, q):
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
+def wall_times(call, repeat: int):
+    """Seconds of each of ``repeat`` calls, by the wall clock (CPU)."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def time_fields(times_s) -> dict:
     ms = [t * 1e3 for t in times_s]
     return dict(median_ms=statistics.median(ms), min_ms=min(ms), max_ms=max(ms), p20_ms=_quantile(ms, 0.2),
@@ -237,11 +247,7 @@ def run_case(case: dict) -> dict:
     else:
         set_malloc_thresholds(*GLIBC_SETTLED)
         step()  # one call to settle the heap
-        times = []
-        for _ in range(case.get("repeat", 3)):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
+        times = wall_times(step, case.get("repeat", 3))
     row.update(time_fields(times))
     row["tflops"] = 2 * GEMMS[mode] * n * n * d / (row["median_ms"] / 1e3) / 1e12
     row["device_name"] = device_name(device)
@@ -265,11 +271,7 @@ def run_peak(case: dict) -> dict:
         times = [t / 1e3 for t in do_bench(lambda: x @ y, warmup=100, rep=500, return_mode="all")]
     else:
         x @ y
-        times = []
-        for _ in range(case.get("repeat", 3)):
-            t0 = time.perf_counter()
-            x @ y
-            times.append(time.perf_counter() - t0)
+        times = wall_times(lambda: x @ y, case.get("repeat", 3))
     row = dict(case, **time_fields(times), peak_mib=0.0, max_rel_err=0.0, check_rows=0,
                memory_method="-", device_name=device_name(device), threads=torch.get_num_threads())
     row["tflops"] = 2 * n * n * d / (row["median_ms"] / 1e3) / 1e12

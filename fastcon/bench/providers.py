@@ -21,6 +21,14 @@ class ProviderUnavailable(RuntimeError):
     """The provider cannot run this case here (not installed, wrong device, loss not offered)."""
 
 
+def fastcon_backend(provider: str) -> Optional[str]:
+    """The ``backend=`` of a fastcon provider ("fastcon" -> "auto", "fastcon-cpp" -> "cpp"); None
+    for the other providers."""
+    if provider == "fastcon":
+        return "auto"
+    return provider.split("-", 1)[1] if provider.startswith("fastcon-") else None
+
+
 def _find(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
@@ -34,8 +42,8 @@ def availability(provider: str, loss: str, device: str, world_size: int = 1) -> 
         raise ValueError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
-    if provider.startswith("fastcon-"):
-        backend = provider.split("-", 1)[1]
+    backend = fastcon_backend(provider)
+    if backend is not None:
         if backend == "cpp" and device != "cpu":
             return False, "the C++ backend runs on CPU tensors"
         if backend.startswith("triton"):
@@ -92,8 +100,8 @@ def make_loss_fn(loss: str, provider: str, d: int) -> Callable:
     import fastcon
     from fastcon import reference as R
 
-    if provider.startswith("fastcon"):
-        backend = provider.split("-", 1)[1] if "-" in provider else "auto"
+    backend = fastcon_backend(provider)
+    if backend is not None:
         fc = fastcon.functional.clip_loss if loss == "clip" else fastcon.functional.siglip_loss
         return lambda a, b, s, bias: fc(a, b, s, bias, backend=backend)
     ref = R.clip_loss_reference if loss == "clip" else R.siglip_loss_reference
@@ -139,8 +147,8 @@ def make_dist_loss_fn(loss: str, provider: str, rank: int, world: int, local_los
     from fastcon import reference as R
     from fastcon.distributed import all_gather_with_grad
 
-    if provider.startswith("fastcon"):
-        backend = provider.split("-", 1)[1] if "-" in provider else "auto"
+    backend = fastcon_backend(provider)
+    if backend is not None:
         if loss == "clip":
             return fastcon.ClipLoss(local_loss, True, rank=rank, world_size=world, backend=backend)
         return fastcon.SigLipLoss(rank=rank, world_size=world, backend=backend)
