@@ -8,12 +8,15 @@ TRITON_SPEC ?= triton
 STAMP := $(VENV)/.fastcon-installed
 EXT_SOURCES := $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: install test bench bench-ci wheel-check clean
+.PHONY: install test test-gpu bench bench-ci wheel-check clean
 
 $(VENV)/.deps-installed:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q "$(TRITON_SPEC)" numpy pytest ninja setuptools wheel build matplotlib
+	# open_clip without its vision dependencies: tests/test_modules.py checks the modules against its
+	# loss module (loaded without importing the package), and `make bench` compares against it.
+	$(PY) -m pip install -q --no-deps open-clip-torch
 	touch $@
 
 $(STAMP): $(VENV)/.deps-installed pyproject.toml setup.py $(EXT_SOURCES)
@@ -22,11 +25,22 @@ $(STAMP): $(VENV)/.deps-installed pyproject.toml setup.py $(EXT_SOURCES)
 
 install: $(STAMP)
 
-# The Triton kernels run on the CPU through the interpreter here; on a GPU machine use
-# `make test TRITON_INTERPRET=0` for the CUDA tests.
+# The Triton kernels run on the CPU through the interpreter here (tests marked `interpreter`); on a
+# GPU machine use `make test-gpu` for the CUDA tests.
 TRITON_INTERPRET ?= 1
 test: $(STAMP)
 	TRITON_INTERPRET=$(TRITON_INTERPRET) $(PY) -m pytest -q tests
+
+# The CUDA tests (marked `cuda`) and, beside them, the CPU tests that need neither the interpreter nor
+# the C++ extension. TRITON_INTERPRET must be 0, not unset: tests/conftest.py sets an unset one to 1.
+# The `interpreter` tests are skipped (conftest.py). benchmarks/gpu_sweep.sh runs the same selection;
+# keep GPU_TEST_ARGS in step with it.
+GPU_TEST_ARGS := -m "cuda or not (interpreter or slow)" -k "not cpp" -p no:cacheprovider
+test-gpu: $(STAMP)
+	@TRITON_INTERPRET=0 $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else \
+		'make test-gpu: torch.cuda.is_available() is False (torch ' + torch.__version__ + ', CUDA build: ' \
+		+ str(torch.version.cuda) + '); run it on a machine with a CUDA GPU, or use make test')"
+	TRITON_INTERPRET=0 $(PY) -m pytest -q $(GPU_TEST_ARGS) tests
 
 # The main job: the benchmark of fastcon against the reference and open_clip (installed without its
 # vision dependencies; only its loss module is used).

@@ -10,7 +10,7 @@
 # them on a machine without network, download their wheels beforehand
 # (pip download --no-deps -d WHEELS open-clip-torch inf-cl) and pass WHEELS=that/folder.
 # Environment: PYTHON (default python3), WHEELS, SWEEP_BATCH (default 8192,32768,65536),
-# SWEEP_DIM (768), TEST_TIMEOUT (seconds for the CUDA tests, 420).
+# SWEEP_DIM (768), TEST_TIMEOUT (seconds for the tests of `make test-gpu`, 420).
 # Output (six files): env.txt, cuda-tests.log, gpu-peak.json, gpu-bf16.json, gpu-bf16.md, gpu-summary.md.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_sweep.sh OUT_DIR}
@@ -27,7 +27,14 @@ status=0
 { nvidia-smi; "$py" -c "import json, torch, triton, fastcon; print('torch', torch.__version__, 'triton', triton.__version__);
 print(json.dumps(fastcon.backend_info(), indent=1, default=str))"; } >"$out/env.txt" 2>&1 || status=1
 
-timeout "${TEST_TIMEOUT:-420}" "$py" -m pytest -q -m cuda tests -p no:cacheprovider >"$out/cuda-tests.log" 2>&1 || status=1
+# The selection of `make test-gpu` (GPU_TEST_ARGS in the Makefile; keep the two in step): the CUDA
+# tests and the CPU tests that need neither the interpreter nor the C++ extension (not built here).
+if "$py" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+  timeout "${TEST_TIMEOUT:-420}" "$py" -m pytest -q -m "cuda or not (interpreter or slow)" -k "not cpp" \
+    -p no:cacheprovider tests >"$out/cuda-tests.log" 2>&1 || status=1
+else
+  echo "torch.cuda.is_available() is False: no CUDA tests" >"$out/cuda-tests.log"; status=1
+fi
 tail -n 3 "$out/cuda-tests.log"
 
 "$py" -m fastcon.bench peak --device cuda --dtype bfloat16 --json "$out/gpu-peak.json" || status=1

@@ -45,6 +45,23 @@ def backend_info() -> dict:
             entry = {"available": ok, "reason": reason, "device": str(device),
                      "interpreter": os.environ.get("TRITON_INTERPRET") == "1"}
         backends[name] = entry
+    from .kernels._common import cuda_half_gemm_ok
+
+    half_ok, half_reason = cuda_half_gemm_ok()
+    info["gemm"] = {
+        "cuda_half": ("torch.mm(out_dtype=torch.float32): bf16/fp16 tensor-core GEMMs with fp32 output"
+                      if half_ok else f"unavailable: {half_reason}"),
+        "cuda_half_grad_b": "Triton GEMM accumulating in place into the fp32 gradient (fastcon/kernels/triton/gemm.py)",
+        "cpu_half": ("operands widened to fp32 (torch has no bf16/fp16 GEMM with fp32 output on the CPU): "
+                     "the same exact products, accumulated in fp32"),
+        "fp16_grad_lift": "G times a power of two before its fp16 cast, undone in the GEMMs' alpha",
+    }
+    info["ops"] = {
+        "custom_ops": ["fastcon::softmax_loss", "fastcon::sigmoid_loss"],
+        "triton_ops": ["fastcon::softmax_loss_triton", "fastcon::sigmoid_loss_triton"],
+        "triton_op_registration": "torch.library.triton_op" if engine.HAS_TRITON_OP else "torch.library.custom_op",
+        "autocast": "features rounded to the autocast dtype for the GEMMs; statistics fp32/float64; fp32 loss",
+    }
     info["auto"] = {
         "cpu": "cpp" if cpp.AVAILABLE else "torch",
         "cuda": "triton" if backends["triton"]["available"] and cuda else "torch",

@@ -10,6 +10,11 @@ import torch
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
 def check_features(name_a: str, a, name_b: str, b) -> None:
     for name, t in ((name_a, a), (name_b, b)):
         if not isinstance(t, torch.Tensor):
@@ -55,7 +60,10 @@ def check_scalar(name: str, value, device: torch.device, *, required: bool = Tru
         raise ValueError(f"{name} is on {value.device} but the features are on {device}")
     # A check of finiteness needs the value on the host: it is done only when the value is already
     # there (a device-to-host copy would synchronise every step); on GPU a NaN scale gives a NaN loss.
-    if value.device.type == "cpu" and not torch.isfinite(value.detach()).all():
+    # Under torch.compile the check would be a data-dependent branch (a graph break): it is left out
+    # there, as on the GPU.
+    if (value.device.type == "cpu" and not _compiling()
+            and not torch.isfinite(value.detach()).all()):
         raise ValueError(f"{name} must be finite, got {value.detach().reshape(()).item()}")
     return value
 

@@ -23,7 +23,8 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .ops.engine import forbid_double_backward, needs_grad, prepare_inputs, save_final_grads, scaled_grads
+from .ops.engine import (backend_context, backend_module, engine_operands, forbid_double_backward, loss_dtype,
+                         needs_grad, prepare_inputs, save_final_grads, scaled_grads)
 
 __all__ = ["all_gather_with_grad", "all_gather_no_grad", "group_rank_and_size", "check_equal_batch",
            "clip_loss_ring", "clip_loss_local", "siglip_loss_ring"]
@@ -171,37 +172,45 @@ class _SigLipRing(torch.autograd.Function):
     """Rank r's SigLIP loss, (1/n)·Σ over its rows × every shard; gradients computed in the forward."""
 
     @staticmethod
-    def forward(ctx, a, b, scale, bias, impl, group, chunk_rows, need_grad):
+    def forward(ctx, a, b, scale, bias, backend, mm_dtype, group, chunk_rows, need_grad):
         ring = _Ring(group)
-        n = a.shape[0]
-        loss, *grads = _siglip_lap(ring, impl, a, b, scale, bias, 1.0 / n, chunk_rows, need_grad)
+        impl = backend_module(backend)
+        x, y = engine_operands(a, b, backend, mm_dtype)
+        n = x.shape[0]
+        loss, *grads = _siglip_lap(ring, impl, x, y, scale, bias, 1.0 / n, chunk_rows, need_grad)
         if need_grad:
             save_final_grads(ctx, (a, b, scale, bias), grads, 1.0)
-            ctx.inputs = (a.detach(), b.detach(), scale.detach(), bias.detach())
-            ctx.impl, ctx.group, ctx.chunk_rows = impl, group, chunk_rows
+            ctx.inputs = (x, y, scale.detach(), bias.detach())
+            ctx.impl, ctx.group, ctx.chunk_rows, ctx.b_dtype = impl, group, chunk_rows, b.dtype
         return loss / n
 
     @staticmethod
     def backward(ctx, grad_output):
         forbid_double_backward()
+        with backend_context(grad_output.device.type):
+            return _SigLipRing._backward(ctx, grad_output)
+
+    @staticmethod
+    def _backward(ctx, grad_output):
         grad_a, grad_b, grad_scale, grad_bias = scaled_grads(ctx.saved_tensors, grad_output)
         weights = _upstream_weights(grad_output, ctx.group)
         if ctx.needs_input_grad[1] and not bool((weights == weights[0]).all()):
             # Every rank weights its contribution to each text shard by its own upstream gradient.
-            a, b, scale, bias = ctx.inputs
-            w = float(grad_output) / a.shape[0]
-            _, _, grad_b, _, _ = _siglip_lap(_Ring(ctx.group), ctx.impl, a, b, scale, bias, w, ctx.chunk_rows, True)
-            grad_b = grad_b.to(b.dtype)
-        return grad_a, grad_b, grad_scale, grad_bias, None, None, None, None
+            x, y, scale, bias = ctx.inputs
+            w = float(grad_output) / x.shape[0]
+            _, _, grad_b, _, _ = _siglip_lap(_Ring(ctx.group), ctx.impl, x, y, scale, bias, w, ctx.chunk_rows, True)
+            grad_b = grad_b.to(ctx.b_dtype)
+        return grad_a, grad_b, grad_scale, grad_bias, None, None, None, None, None
 
 
 def siglip_loss_ring(image_features, text_features, scale, bias, *, group, backend, chunk_size):
     """Rank r's open_clip SigLIP loss: (1/n)·[Σ over X_r × Y_r with positives on the diagonal +
     Σ_{q≠r} X_r × Y_q as negatives], the text shards travelling around the ring."""
-    out_dtype = image_features.dtype
-    impl, a, b, scale, bias, chunk_rows = prepare_inputs(image_features, text_features, scale, bias, backend,
-                                                         chunk_size)
-    loss = _SigLipRing.apply(a, b, scale, bias, impl, group, chunk_rows, needs_grad(a, b, scale, bias))
+    out_dtype = loss_dtype(image_features)
+    name, mm_dtype, a, b, scale, bias, chunk_rows = prepare_inputs(image_features, text_features, scale, bias,
+                                                                   backend, chunk_size)
+    with backend_context(a.device.type):
+        loss = _SigLipRing.apply(a, b, scale, bias, name, mm_dtype, group, chunk_rows, needs_grad(a, b, scale, bias))
     return loss.to(out_dtype)
 
 
@@ -269,8 +278,10 @@ class _ClipGlobalRing(torch.autograd.Function):
     """open_clip's global ClipLoss (local_loss=False) on every rank, from 1/W of the logits matrix."""
 
     @staticmethod
-    def forward(ctx, a, b, scale, bias, impl, group, eps, chunk_rows, sum_upstream, need_grad):
+    def forward(ctx, a_in, b_in, scale, bias, backend, mm_dtype, group, eps, chunk_rows, sum_upstream, need_grad):
         ring = _Ring(group)
+        impl = backend_module(backend)
+        a, b = engine_operands(a_in, b_in, backend, mm_dtype)  # the features as the GEMMs take them
         n, world = a.shape[0], ring.world
         big_n = n * world
         acc = scale.dtype
@@ -299,7 +310,7 @@ class _ClipGlobalRing(torch.autograd.Function):
                 grad_b -= c * scale * total_a
                 grad_scale = grad_scale - c * (total_a @ total_b)
                 grad_bias = grad_bias - c * big_n * big_n
-            save_final_grads(ctx, (a, b, scale, bias), (grad_a, grad_b, grad_scale, grad_bias), 1.0)
+            save_final_grads(ctx, (a_in, b_in, scale, bias), (grad_a, grad_b, grad_scale, grad_bias), 1.0)
         return loss.to(acc)
 
     @staticmethod
@@ -312,7 +323,7 @@ class _ClipGlobalRing(torch.autograd.Function):
             dist.all_reduce(g_features, group=ctx.group)
         grad_a, grad_b, _, _ = scaled_grads(ctx.saved_tensors, g_features)
         _, _, grad_scale, grad_bias = scaled_grads(ctx.saved_tensors, grad_output)
-        return grad_a, grad_b, grad_scale, grad_bias, None, None, None, None, None, None
+        return grad_a, grad_b, grad_scale, grad_bias, None, None, None, None, None, None, None
 
 
 def clip_loss_ring(image_features, text_features, scale, bias, *, group, gather_with_grad, label_smoothing,
@@ -320,11 +331,12 @@ def clip_loss_ring(image_features, text_features, scale, bias, *, group, gather_
     """open_clip's ClipLoss with ``local_loss=False`` on W ranks: every rank returns the global loss
     L = ½[CE(S, i) + CE(Sᵀ, i)] over the N×N matrix; its features receive ∂L/∂X_r, ∂L/∂Y_r (times the
     sum of the ranks' upstream gradients with ``gather_with_grad``, as all_gather's backward gives)."""
-    out_dtype = image_features.dtype
-    impl, a, b, scale, bias, chunk_rows = prepare_inputs(image_features, text_features, scale, bias, backend,
-                                                         chunk_size)
-    loss = _ClipGlobalRing.apply(a, b, scale, bias, impl, group, label_smoothing, chunk_rows, gather_with_grad,
-                                 needs_grad(a, b, scale, bias))
+    out_dtype = loss_dtype(image_features)
+    name, mm_dtype, a, b, scale, bias, chunk_rows = prepare_inputs(image_features, text_features, scale, bias,
+                                                                   backend, chunk_size)
+    with backend_context(a.device.type):
+        loss = _ClipGlobalRing.apply(a, b, scale, bias, name, mm_dtype, group, label_smoothing, chunk_rows,
+                                     gather_with_grad, needs_grad(a, b, scale, bias))
     return loss.to(out_dtype)
 
 

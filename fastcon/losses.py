@@ -38,23 +38,44 @@ def _group_for(module, process_group):
     return group
 
 
+def _check_paired(module, image_features, text_features):
+    """open_clip's modules take N matched pairs: an unpaired batch is an error, as it is there."""
+    if (isinstance(image_features, torch.Tensor) and isinstance(text_features, torch.Tensor)
+            and image_features.dim() == 2 and text_features.dim() == 2
+            and image_features.shape[0] != text_features.shape[0]):
+        name = type(module).__name__
+        raise ValueError(
+            f"{name} needs paired batches: image_features has {image_features.shape[0]} rows but "
+            f"text_features has {text_features.shape[0]} (open_clip's {name} takes N matched pairs). "
+            f"For a rectangular batch use fastcon.functional.{'clip_loss' if name == 'ClipLoss' else 'siglip_loss'}"
+            f" with an explicit pos_offset (text row pos_offset + i is image row i's positive).")
+
+
 class ClipLoss(nn.Module):
     """Drop-in for open_clip's ``ClipLoss``: symmetric InfoNCE at O(N·D) memory.
 
     ``forward(image_features (N, D), text_features (N, D), logit_scale, logit_bias=None,
-    output_dict=False)`` returns ``L = ½·[CE(S, i) + CE(Sᵀ, i)]`` with ``S = s·X·Yᵀ + b`` (a 0-d tensor),
-    or ``{"contrastive_loss": L}``. ``logit_scale`` is the exponentiated scale, as open_clip passes it.
-    Keyword-only extras: ``label_smoothing``, ``backend`` (see ``fastcon.functional``), ``chunk_size``,
-    ``process_group`` (default: the world group when ``world_size > 1``). The four
+    output_dict=False)`` returns ``L = ½·[CE(S, i) + CE(Sᵀ, i)]`` with ``S = s·X·Yᵀ + b`` (``b = 0``
+    without a bias) as a 0-d tensor, or ``{"contrastive_loss": L}``. ``logit_scale`` is the
+    exponentiated scale, as open_clip passes it. The batch must be paired (the same N on both sides,
+    as in open_clip; a ``ValueError`` otherwise): the rectangular form is
+    ``fastcon.functional.clip_loss(..., pos_offset=...)``.
+
+    The positional parameters are open_clip's, in its order and with its defaults. The four
     ``(local_loss, gather_with_grad)`` modes give each rank open_clip's loss and gradients; see
-    ``fastcon.functional.clip_loss``. ``cache_labels`` is accepted for compatibility; there are no
-    labels to cache.
+    ``fastcon.functional.clip_loss``. ``cache_labels`` is accepted for compatibility (there are no
+    labels to cache); ``use_horovod=True`` is a ``ValueError`` (use torch.distributed).
+    Keyword-only extras: ``label_smoothing``, ``backend`` (see ``fastcon.functional``), ``chunk_size``,
+    ``process_group`` (default: the world group when ``world_size > 1``).
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
-                 rank: int = 0, world_size: int = 1, *, label_smoothing: float = 0.0, backend: str = "auto",
-                 chunk_size: Optional[int] = None, process_group=None):
+                 rank: int = 0, world_size: int = 1, use_horovod: bool = False, *, label_smoothing: float = 0.0,
+                 backend: str = "auto", chunk_size: Optional[int] = None, process_group=None):
         super().__init__()
+        if use_horovod:
+            raise ValueError("ClipLoss(use_horovod=True) is not supported by fastcon: horovod is not used; "
+                             "run under torch.distributed (the world group, or pass process_group=)")
         _check_world(rank, world_size)
         self.process_group = process_group
         self.local_loss = local_loss
@@ -62,11 +83,13 @@ class ClipLoss(nn.Module):
         self.cache_labels = cache_labels
         self.rank = rank
         self.world_size = world_size
+        self.use_horovod = use_horovod
         self.label_smoothing = label_smoothing
         self.backend = backend
         self.chunk_size = chunk_size
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False):
+        _check_paired(self, image_features, text_features)
         loss = FC.clip_loss(image_features, text_features, logit_scale, logit_bias,
                             label_smoothing=self.label_smoothing, local_loss=self.local_loss,
                             gather_with_grad=self.gather_with_grad, process_group=_group_for(self, self.process_group),
@@ -79,14 +102,20 @@ class SigLipLoss(nn.Module):
 
     ``forward(image_features (N, D), text_features (N, D), logit_scale, logit_bias, output_dict=False)``
     returns ``L = −(1/N)·Σ_ij log σ(z_ij·(s·x_i·y_j + b))`` with ``z = 2I − 1`` (a 0-d tensor), or
-    ``{"contrastive_loss": L}``. ``chunk_size`` (rows per chunk, 0 = automatic) bounds the working memory
-    of forward *and* backward. With ``world_size > 1`` every ``dist_impl`` computes the same loss and
-    gradients (a ring exchange of the text shards; the name is accepted for compatibility).
-    Keyword-only extras: ``backend``, ``process_group``.
+    ``{"contrastive_loss": L}``. ``logit_bias`` is required, as in open_clip (which initialises it to
+    −10; ``s`` to 10); ``None`` is a ``ValueError``. The batch must be paired (the same N on both
+    sides; a ``ValueError`` otherwise): the rectangular form is
+    ``fastcon.functional.siglip_loss(..., pos_offset=...)``.
+
+    The positional parameters are open_clip's, in its order and with its defaults. With
+    ``world_size > 1`` every ``dist_impl`` computes the same loss and gradients (a ring exchange of
+    the text shards; the name is accepted for compatibility). ``cache_labels`` is accepted for
+    compatibility. Keyword-only extras: ``chunk_size`` (rows per chunk, 0 = automatic; bounds the
+    working memory of forward *and* backward), ``backend``, ``process_group``.
     """
 
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
-                 dist_impl: Optional[str] = None, chunk_size: int = 0, *, backend: str = "auto",
+                 dist_impl: Optional[str] = None, *, chunk_size: int = 0, backend: str = "auto",
                  process_group=None):
         super().__init__()
         _check_world(rank, world_size)
@@ -101,7 +130,11 @@ class SigLipLoss(nn.Module):
         self.chunk_size = chunk_size
         self.backend = backend
 
-    def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False):
+    def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict: bool = False):
+        if logit_bias is None:
+            raise ValueError("SigLipLoss needs logit_bias (a learnable scalar; open_clip initialises it to -10). "
+                             "For the loss without a bias use fastcon.functional.siglip_loss(..., logit_bias=None)")
+        _check_paired(self, image_features, text_features)
         loss = FC.siglip_loss(image_features, text_features, logit_scale, logit_bias,
                               process_group=_group_for(self, self.process_group),
                               backend=self.backend, chunk_size=self.chunk_size)

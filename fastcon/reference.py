@@ -1,7 +1,7 @@
 """Plain-PyTorch reference losses: the specification and the test oracle.
 
 Everything here materialises the full logits matrix, computes in fp32 (or the input's precision when
-``upcast=False``), and follows ``shared/specs/LOSSES.md`` literally. Nothing in the fused paths calls
+``upcast=False``), and follows ``docs/losses.md`` literally. Nothing in the fused paths calls
 these functions; tests compare the fused paths against them.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ def clip_loss_reference(
     pos_offset: int = 0,
     upcast: bool = True,
 ) -> torch.Tensor:
-    """Symmetric InfoNCE (LOSSES.md 1.1), materialised.
+    """Symmetric InfoNCE (docs/losses.md §1.1), materialised.
 
     ``S = s·X·Yᵀ + b`` with X: (Na, D) and Y: (Nb, D). The positive of row ``i`` is column
     ``pos_offset + i``. ``L = ½[CE(S, pos) + CE(S[:, cols]ᵀ, i)]`` where ``cols`` are the Na columns
@@ -63,7 +63,7 @@ def siglip_loss_reference(
     negative_only: bool = False,
     upcast: bool = True,
 ) -> torch.Tensor:
-    """SigLIP sigmoid loss (LOSSES.md 1.2), materialised.
+    """SigLIP sigmoid loss (docs/losses.md §1.2), materialised.
 
     ``l = s·X·Yᵀ + b``; ``z_ij = +1`` where ``j == pos_offset + i`` else ``−1`` (all ``−1`` with
     ``negative_only``); ``L = −(1/Na)·Σ_ij logσ(z_ij·l_ij)``, open_clip's ``SigLipLoss`` on one rank.

@@ -128,7 +128,19 @@ def build_cases(world_size):
                           backend=backend, chunk_size=5 if backend == "torch" else 0, output_dict=False,
                           seed=710, upstream="per_rank"))
 
-    # 7. Unequal local batches: every rank raises ValueError naming the sizes; then the group still works.
+    # 7. Under CPU bf16 autocast: the oracle sees the features rounded to bf16 (what the GEMMs take);
+    #    loss and gradients stay fp32 and keep the fp32 tolerances.
+    for i, ((local_loss, gwg), backend) in enumerate(itertools.product(CLIP_MODES, ("auto", "torch"))):
+        cases.append(dict(kind="clip_module", local_loss=local_loss, gather_with_grad=gwg, n=7, d=16, scale=14.3,
+                          bias=(None, -2.5)[i % 2], eps=(0.0, 0.1)[i % 3 == 1], layout="hardneg", backend=backend,
+                          chunk_size=5 if backend == "torch" else None, output_dict=False, cache_labels=False,
+                          seed=800 + i, autocast="bfloat16"))
+    for i, backend in enumerate(("auto", "torch")):
+        cases.append(dict(kind="siglip_module", dist_impl=None, n=7, d=16, scale=14.3, bias=-2.5, layout="hardneg",
+                          backend=backend, chunk_size=5 if backend == "torch" else 0, output_dict=False,
+                          seed=810 + i, autocast="bfloat16"))
+
+    # 8. Unequal local batches: every rank raises ValueError naming the sizes; then the group still works.
     sizes = [4 if r % 2 == 0 else 5 for r in range(world_size)]
     for kind in ("clip_module", "siglip_module", "clip_functional"):
         cases.append(dict(kind="unequal_" + kind, sizes=sizes, d=16, scale=14.3, bias=-2.5, seed=600))
@@ -287,9 +299,22 @@ def run_case(case, groups, margins):
     n = case["n"]
     images, texts = rank_features(case["seed"], [n] * world, case["d"], case["layout"])
     x, y, scale, bias = leaves = _leaves(images[rank], texts[rank], case)
-    # The oracle sees exactly the fp32 values the rank gets, in float64.
-    ref_inputs = ([t.double() for t in images], [t.double() for t in texts], scale.detach().double(),
+    # The oracle sees exactly the values the rank's GEMMs get (fp32, or rounded to the autocast dtype),
+    # in float64.
+    autocast = getattr(torch, case["autocast"]) if case.get("autocast") else None
+    seen = (lambda t: t.to(autocast).double()) if autocast is not None else (lambda t: t.double())
+    ref_inputs = ([seen(t) for t in images], [seen(t) for t in texts], scale.detach().double(),
                   None if bias is None else bias.detach().double())
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        return _run_loss(case, kind, rank, world, group, pg, leaves, ref_inputs, n, margins)
+
+
+def _run_loss(case, kind, rank, world, group, pg, leaves, ref_inputs, n, margins):
+    import fastcon
+    import fastcon.functional as FC
+    from fastcon import reference as R
+
+    x, y, scale, bias = leaves
 
     upstream = [1.0 + 0.5 * q for q in range(world)] if case.get("upstream") == "per_rank" else None
     if kind.startswith("clip"):
@@ -328,7 +353,8 @@ def run_case(case, groups, margins):
         return [f"returned {type(loss).__name__}, expected a tensor"]
     if loss.dtype != torch.float32:
         return [f"loss dtype {loss.dtype}, expected torch.float32"]
-    loss.backward(None if upstream is None else torch.tensor(upstream[rank], dtype=loss.dtype))
+    with torch.autocast("cpu", enabled=False):
+        loss.backward(None if upstream is None else torch.tensor(upstream[rank], dtype=loss.dtype))
     return _check_against_oracle(case, loss, leaves, expected, n, margins)
 
 

@@ -81,3 +81,173 @@ def test_cuda_memory_is_linear_in_n():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     assert extra < 16384 * 16384 * 4 // 2, f"{extra / 2**20:.0f} MiB: half of one 16k x 16k fp32 logits matrix is 512 MiB"
+
+
+# ---------------------------------------------------------------------------------------------------
+# In a training loop: autocast, torch.compile, CUDA graphs, fp16 gradients
+
+def _open_clip_style(loss, a, b, s, bias):
+    """open_clip's losses restated (its code under autocast: logits in the autocast dtype)."""
+    import torch.nn.functional as F
+
+    labels = torch.arange(a.shape[0], device=a.device)
+    if loss == "clip":
+        return (F.cross_entropy(s * a @ b.T, labels) + F.cross_entropy(s * b @ a.T, labels)) / 2
+    logits = s * a @ b.T + bias
+    z = 2 * torch.eye(a.shape[0], device=a.device) - 1
+    return -F.logsigmoid(z * logits).sum() / a.shape[0]
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+@pytest.mark.parametrize("backend", ["auto", "triton", "triton_fused", "torch"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_autocast_within_open_clip_budget(loss, backend, dtype):
+    fn, ref, bias_value = LOSSES[loss]
+    a32, b32 = make_features(2048, 2048, 256)
+    a32, b32 = a32.cuda(), b32.cuda()
+    s = torch.tensor(30.0, device="cuda")
+    bias = None if bias_value is None else torch.tensor(bias_value, device="cuda")
+    truth = _loss_and_grads(ref, a32.double(), b32.double(), s.double(), None if bias is None else bias.double())
+    with torch.autocast("cuda", dtype=dtype):
+        ours = _loss_and_grads(fn, a32, b32, s, bias, backend=backend)
+        peer = _loss_and_grads(lambda *x: _open_clip_style(loss, *x), a32, b32, s, bias)
+    leaves = [a32, b32, s] + ([] if bias is None else [bias])
+    tol = 2e-3 if dtype == torch.bfloat16 else 5e-4
+    e_ours = _errors(ours, [t.float() for t in truth])
+    e_peer = _errors(peer, [t.float() for t in truth])
+    names = ["loss", "grad image", "grad text", "grad scale", "grad bias"]
+    for name, eo, ep in zip(names, e_ours, e_peer):
+        if name == "grad bias" and loss == "clip":
+            continue
+        assert eo <= ep + tol, f"{name}: fastcon {eo:.3g} > open_clip under autocast {ep:.3g} + {tol}"
+    with torch.autocast("cuda", dtype=dtype):
+        out = fn(a32, b32, s, bias, backend=backend)
+    assert out.dtype == torch.float32
+    x = a32.clone().requires_grad_()
+    with torch.autocast("cuda", dtype=dtype):
+        fn(x, b32, s, bias, backend=backend).backward()
+    assert x.grad.dtype == torch.float32 and len(leaves) >= 3
+
+
+@pytest.mark.parametrize("module", ["clip", "siglip"])
+def test_cuda_compiled_step_matches_eager(module):
+    import torch.nn.functional as F
+
+    import fastcon
+
+    torch._dynamo.reset()
+    loss_fn = fastcon.ClipLoss() if module == "clip" else fastcon.SigLipLoss()
+    x, y = make_features(1024, 1024, 256)
+    x, y = (2 * x).cuda().requires_grad_(), y.cuda().requires_grad_()
+    log_scale = torch.tensor(2.659, device="cuda", requires_grad=True)
+    bias = torch.tensor(-10.0, device="cuda", requires_grad=True)
+
+    def step(x, y, log_scale, bias):
+        return loss_fn(F.normalize(x, dim=-1), F.normalize(y, dim=-1), log_scale.exp(), bias)
+
+    leaves = [x, y, log_scale, bias]
+    eager = step(*leaves)
+    eager_grads = torch.autograd.grad(eager, leaves)
+    compiled = torch.compile(step, fullgraph=True)
+    with torch.autocast("cuda", enabled=False):
+        out = compiled(*leaves)
+    grads = torch.autograd.grad(out, leaves)
+    assert abs(out.item() - eager.item()) <= 1e-5 * abs(eager.item())
+    for g, e in zip(grads[:3], eager_grads[:3]):
+        assert ((g - e).abs().max() / e.abs().max()).item() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("backend", ["triton", "triton_fused"])
+def test_cuda_opcheck_triton_ops(kind, backend):
+    a, b = make_features(65, 80, 64)
+    a, b = a.cuda().requires_grad_(), b.cuda().requires_grad_()
+    scale = torch.tensor(14.3, device="cuda", requires_grad=True)
+    bias = torch.tensor(-2.0, device="cuda", requires_grad=True)
+    if kind == "softmax":
+        op = torch.ops.fastcon.softmax_loss_triton.default
+        args = (a, b, scale, bias, backend, 3, 0.1, True, 16, True, None)
+    else:
+        op = torch.ops.fastcon.sigmoid_loss_triton.default
+        args = (a, b, scale, bias, backend, 3, 16, True, None)
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_cuda_graph_capture_of_a_training_step(loss):
+    fn, _, bias_value = LOSSES[loss]
+    a, b = make_features(1000, 1000, 128)
+    static_a = a.cuda().bfloat16().requires_grad_()
+    static_b = b.cuda().bfloat16().requires_grad_()
+    s = torch.tensor(14.3, device="cuda")
+    bias = None if bias_value is None else torch.tensor(bias_value, device="cuda")
+
+    def step():
+        static_a.grad = static_b.grad = None
+        out = fn(static_a, static_b, s, bias)
+        out.backward()
+        return out
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    static_a.grad = static_b.grad = None
+    with torch.cuda.graph(graph):
+        static_out = fn(static_a, static_b, s, bias)
+        static_out.backward()
+    a2, b2 = make_features(1000, 1000, 128, seed=5)
+    with torch.no_grad():
+        static_a.copy_(a2.cuda().bfloat16())
+        static_b.copy_(b2.cuda().bfloat16())
+    graph.replay()
+    torch.cuda.synchronize()
+    x = a2.cuda().bfloat16().requires_grad_()
+    y = b2.cuda().bfloat16().requires_grad_()
+    eager = fn(x, y, s, bias)
+    eager.backward()
+    assert abs(static_out.float().item() - eager.float().item()) <= 1e-3 * abs(eager.float().item())
+    assert ((static_a.grad.float() - x.grad.float()).abs().max() / x.grad.float().abs().max()).item() <= 1e-2
+
+
+@pytest.mark.parametrize("backend", ["triton", "triton_fused"])
+def test_cuda_fp16_gradient_error_budget_at_65536(backend):
+    """G ≈ 1/N = 1.5e-5 here, below fp16's smallest normal: the lifted G keeps the gradient no worse
+    than the reference computed in fp16 (an fp32 chunked computation on the same fp16 values is the truth)."""
+    import fastcon.functional as FC
+
+    n, d = 65536, 64
+    a, b = make_features(n, n, d)
+    a16, b16 = a.cuda().half(), b.cuda().half()
+    s = torch.tensor(14.3, device="cuda")
+    truth = _loss_and_grads(FC.clip_loss, a16.float(), b16.float(), s, None, backend="torch")
+    ours = _errors(_loss_and_grads(FC.clip_loss, a16, b16, s, None, backend=backend), truth)
+    low = _errors(_loss_and_grads(lambda *x: R.clip_loss_reference(*x, upcast=False), a16, b16, s, None), truth)
+    for name, e_ours, e_low in zip(["loss", "grad image", "grad text", "grad scale"], ours, low):
+        assert e_ours <= e_low + 5e-4, f"{name}: fastcon {e_ours:.3g} > fp16 reference {e_low:.3g} + 5e-4"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_mm_accumulate(dtype):
+    from fastcon.kernels.triton.gemm import mm_accumulate
+
+    x = torch.randn(3000, 1030, device="cuda").to(dtype)
+    y = torch.randn(3000, 768, device="cuda").to(dtype)
+    c0 = torch.randn(1030, 768, device="cuda")
+    c = c0.clone()
+    mm_accumulate(x.T, y, c, 0.5, torch.tensor(2.0, device="cuda"))
+    expected = x.double().T @ y.double() + c0.double()
+    assert ((c.double() - expected).abs().max() / expected.abs().max()).item() <= 1e-5
+
+
+def test_cuda_half_gemm_on_old_torch_is_a_clear_error(monkeypatch):
+    import fastcon.functional as FC
+    from fastcon.kernels import _common
+
+    monkeypatch.setattr(_common, "_torch_version", lambda: (2, 7))
+    a, b = make_features(64, 64, 32)
+    with pytest.raises(RuntimeError, match="torch >= 2.8"):
+        FC.clip_loss(a.cuda().bfloat16(), b.cuda().bfloat16(), 10.0, backend="triton")

@@ -1,4 +1,5 @@
 """The modules are drop-ins for open_clip's: signatures, return types, output_dict, dtypes."""
+import importlib.util
 import inspect
 
 import pytest
@@ -9,16 +10,123 @@ from fastcon import reference as R
 from helpers import assert_close_rel, leaf, make_features
 
 
-def test_constructor_signatures_match_open_clip():
-    clip = inspect.signature(fastcon.ClipLoss.__init__).parameters
-    assert list(clip)[1:6] == ["local_loss", "gather_with_grad", "cache_labels", "rank", "world_size"]
-    assert [clip[k].default for k in list(clip)[1:6]] == [False, False, False, 0, 1]
-    sig = inspect.signature(fastcon.SigLipLoss.__init__).parameters
-    assert list(sig)[1:6] == ["cache_labels", "rank", "world_size", "dist_impl", "chunk_size"]
-    fwd = inspect.signature(fastcon.ClipLoss.forward).parameters
-    assert list(fwd)[1:] == ["image_features", "text_features", "logit_scale", "logit_bias", "output_dict"]
-    fwd = inspect.signature(fastcon.SigLipLoss.forward).parameters
-    assert list(fwd)[1:] == ["image_features", "text_features", "logit_scale", "logit_bias", "output_dict"]
+def _positional(fn):
+    """(name, default) of the parameters after ``self`` that can be passed positionally."""
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [(p.name, p.default) for p in params if p.kind in kinds]
+
+
+def _keyword_only(fn):
+    return [p.name for p in inspect.signature(fn).parameters.values() if p.kind == inspect.Parameter.KEYWORD_ONLY]
+
+
+# open_clip 3.x, spelled out so that the test runs without open_clip installed too.
+OPEN_CLIP_INIT = {
+    "ClipLoss": [("local_loss", False), ("gather_with_grad", False), ("cache_labels", False), ("rank", 0),
+                 ("world_size", 1), ("use_horovod", False)],
+    "SigLipLoss": [("cache_labels", False), ("rank", 0), ("world_size", 1), ("dist_impl", None)],
+}
+_E = inspect.Parameter.empty
+OPEN_CLIP_FORWARD = {
+    "ClipLoss": [("image_features", _E), ("text_features", _E), ("logit_scale", _E), ("logit_bias", None),
+                 ("output_dict", False)],
+    "SigLipLoss": [("image_features", _E), ("text_features", _E), ("logit_scale", _E), ("logit_bias", _E),
+                   ("output_dict", False)],
+}
+
+
+@pytest.mark.parametrize("name", ["ClipLoss", "SigLipLoss"])
+def test_constructor_signatures_match_open_clip(name):
+    cls = getattr(fastcon, name)
+    assert _positional(cls.__init__) == OPEN_CLIP_INIT[name]
+    assert _positional(cls.forward) == OPEN_CLIP_FORWARD[name]
+    assert not _keyword_only(cls.forward)
+    assert "chunk_size" in _keyword_only(cls.__init__) and "backend" in _keyword_only(cls.__init__)
+
+
+def test_siglip_chunk_size_is_keyword_only():
+    assert fastcon.SigLipLoss(chunk_size=7).chunk_size == 7
+    assert fastcon.SigLipLoss().chunk_size == 0
+    with pytest.raises(TypeError):
+        fastcon.SigLipLoss(False, 0, 1, None, 7)
+
+
+def test_clip_use_horovod_is_a_clear_error():
+    assert fastcon.ClipLoss(use_horovod=False).use_horovod is False
+    with pytest.raises(ValueError, match="horovod"):
+        fastcon.ClipLoss(use_horovod=True)
+    with pytest.raises(ValueError, match="horovod"):
+        fastcon.ClipLoss(False, False, False, 0, 1, True)
+
+
+@pytest.mark.parametrize("name", ["ClipLoss", "SigLipLoss"])
+def test_unpaired_batch_is_a_value_error(name):
+    a, _ = make_features(6, 6, 8)
+    _, b = make_features(9, 9, 8, seed=1)
+    module = getattr(fastcon, name)()
+    for x, y in ((a, b), (b, a)):
+        with pytest.raises(ValueError) as info:
+            module(x, y, 10.0, -10.0)
+        msg = str(info.value)
+        assert "6" in msg and "9" in msg and "pos_offset" in msg, msg
+    # The rectangular form stays available in fastcon.functional with an explicit pos_offset.
+    fn = fastcon.functional.clip_loss if name == "ClipLoss" else fastcon.functional.siglip_loss
+    assert torch.isfinite(fn(a, b, 10.0, -10.0, pos_offset=3, backend="torch"))
+
+
+def test_siglip_needs_logit_bias():
+    a, b = make_features(5, 5, 8)
+    with pytest.raises(TypeError, match="logit_bias"):
+        fastcon.SigLipLoss()(a, b, 10.0)
+    with pytest.raises(ValueError, match="SigLipLoss needs logit_bias"):
+        fastcon.SigLipLoss()(a, b, 10.0, None)
+    with pytest.raises(ValueError, match="-10"):
+        fastcon.SigLipLoss()(a, b, 10.0, None, output_dict=True)
+
+
+# ------------------------------------------------------------------ against open_clip, when installed
+def _open_clip_loss():
+    if importlib.util.find_spec("open_clip") is None:
+        pytest.skip("open_clip is not installed (pip install --no-deps open-clip-torch; make test does)")
+    from fastcon.bench.providers import _load_open_clip_loss
+
+    return _load_open_clip_loss()
+
+
+@pytest.mark.parametrize("name", ["ClipLoss", "SigLipLoss"])
+def test_signatures_equal_installed_open_clip(name):
+    oc = getattr(_open_clip_loss(), name)
+    ours = getattr(fastcon, name)
+    # Every parameter of open_clip's constructor, positionally in its order with its defaults; ours may
+    # add keyword-only ones after them.
+    assert _positional(ours.__init__) == [(p.name, p.default) for p in
+                                          list(inspect.signature(oc.__init__).parameters.values())[1:]]
+    assert [(p.name, p.default, p.kind) for p in inspect.signature(ours.forward).parameters.values()] == \
+        [(p.name, p.default, p.kind) for p in inspect.signature(oc.forward).parameters.values()]
+
+
+@pytest.mark.parametrize("bias", [None, -3.0])
+@pytest.mark.parametrize("name", ["ClipLoss", "SigLipLoss"])
+def test_values_equal_installed_open_clip(name, bias):
+    oc_module = getattr(_open_clip_loss(), name)()
+    ours = getattr(fastcon, name)()
+    if name == "SigLipLoss" and bias is None:
+        bias = -10.0  # required by both
+    a, b = make_features(37, 37, 24, seed=5)
+    scale = torch.tensor(14.3)
+    bias_t = None if bias is None else torch.tensor(bias)
+    args = (scale,) if bias_t is None else (scale, bias_t)
+    want = oc_module(a, b, *args)
+    got = ours(a, b, *args)
+    assert got.shape == want.shape == () and got.dtype == want.dtype == torch.float32
+    assert_close_rel(got, want, rtol=1e-5, name=name)
+    out_oc, out = oc_module(a, b, *args, output_dict=True), ours(a, b, *args, output_dict=True)
+    assert set(out) == set(out_oc) == {"contrastive_loss"}
+    assert_close_rel(out["contrastive_loss"], out_oc["contrastive_loss"], rtol=1e-5, name=name)
+    # Unpaired: ours is a clear ValueError where open_clip fails.
+    with pytest.raises(ValueError, match="pos_offset"):
+        ours(a, b[:30], *((scale,) if bias_t is None else (scale, bias_t)))
 
 
 def test_modules_own_no_parameters_or_buffers():

@@ -2,7 +2,8 @@
 statement of the contract, ``fastcon.kernels.torch_chunked``.
 
 On CPU the kernels run under the Triton interpreter (conftest.py sets TRITON_INTERPRET=1 before
-triton is imported): fp32, small shapes. Tests marked ``cuda`` compare bf16/fp16/fp32 on a GPU with
+triton is imported): fp32, small shapes; those tests are marked ``interpreter`` and skipped when
+TRITON_INTERPRET is not 1. Tests marked ``cuda`` compare bf16/fp16/fp32 on a GPU with
 an fp64 ground truth (run them with TRITON_INTERPRET=0 on a GPU machine).
 """
 from __future__ import annotations
@@ -63,6 +64,7 @@ CASES = [
 ]
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("mod", MODS)
 @pytest.mark.parametrize("na,nb,d,scale,bias,chunk", CASES)
 def test_lse_stats(mod, na, nb, d, scale, bias, chunk):
@@ -75,6 +77,7 @@ def test_lse_stats(mod, na, nb, d, scale, bias, chunk):
             _close(x, y, mag, f"{n} pos_offset={pos_offset}")
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("mod", MODS)
 @pytest.mark.parametrize("na,nb,d,scale,bias,chunk", CASES)
 def test_softmax_grad(mod, na, nb, d, scale, bias, chunk):
@@ -89,6 +92,7 @@ def test_softmax_grad(mod, na, nb, d, scale, bias, chunk):
             _close(x, y, abs(scale) + abs(bias), f"{n} pos={pos_offset} w=({w_row},{w_col},{w_pos})")
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("mod", MODS)
 @pytest.mark.parametrize("na,nb,d,scale,bias,chunk", [CASES[1], CASES[3], CASES[4]])
 def test_softmax_fused(mod, na, nb, d, scale, bias, chunk):
@@ -102,6 +106,7 @@ def test_softmax_fused(mod, na, nb, d, scale, bias, chunk):
             _close(x, y, abs(scale) + abs(bias), n)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("mod", MODS)
 @pytest.mark.parametrize("na,nb,d,scale,bias,chunk", CASES)
 def test_sigmoid_fused(mod, na, nb, d, scale, bias, chunk):
@@ -114,6 +119,7 @@ def test_sigmoid_fused(mod, na, nb, d, scale, bias, chunk):
                 _close(x, y, abs(scale) + abs(bias), f"{n} pos_offset={pos_offset} grad={need_grad}")
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("mod", MODS)
 def test_split_paths(mod, monkeypatch):
     """More programs than row blocks: column/row splits with partial buffers merged in order."""
@@ -201,6 +207,7 @@ def _confident_pairs(n=64, d=32, seed=0):
     return a.float(), b.float(), s64
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("mod", MODS)
 def test_confident_rows_precision(mod):
     """A confident row's loss ``row_lse − pos_logit`` (~1e-5) and its gradient (P − 1 ~ loss) are far
@@ -243,6 +250,7 @@ def test_confident_rows_precision(mod):
     assert bool((loss64 < 3e-6).any())  # the set holds rows with a loss ~1e-6
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("mod", MODS)
 def test_lse_split_infinite(mod):
     """+inf LSEs (masked columns / rows) give a zero term, never NaN, including at the positive."""

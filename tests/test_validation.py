@@ -120,3 +120,22 @@ def test_distributed_arguments():
         fastcon.SigLipLoss(dist_impl="ring")
     with pytest.raises(TypeError, match="local_loss"):
         FC.clip_loss(a, b, 1.0, local_loss=1)
+
+
+def test_cuda_half_gemm_needs_torch_2_8(monkeypatch):
+    from fastcon.kernels import _common
+
+    monkeypatch.setattr(_common, "_torch_version", lambda: (2, 7))
+    ok, reason = _common.cuda_half_gemm_ok()
+    assert not ok and "torch >= 2.8" in reason and "out_dtype" in reason
+    info = fastcon.backend_info()
+    assert info["gemm"]["cuda_half"].startswith("unavailable") and "torch >= 2.8" in info["gemm"]["cuda_half"]
+    monkeypatch.setattr(_common, "_torch_version", lambda: (2, 8))
+    assert _common.cuda_half_gemm_ok() == (True, None)
+
+
+def test_backend_info_names_the_engine_ops():
+    info = fastcon.backend_info()
+    for name in info["ops"]["custom_ops"] + info["ops"]["triton_ops"]:
+        ns, op = name.split("::")
+        assert hasattr(getattr(torch.ops, ns), op)

@@ -219,7 +219,7 @@ def run_case(case: dict) -> dict:
     # A warm-up outside the measurements: one-time costs (thread pools, library workspaces, Triton's
     # compilation) are not the loss's. torch.compile specialises on the shape, so it warms up on the
     # case itself; the others on a few rows.
-    warm = n if provider == "torch_compile" else min(n, 64)
+    warm = n if provider in ("torch_compile", "fastcon_compile") else min(n, 64)
     _step(fn, a[:warm], b[:warm], s, bias, mode)()
     step = _step(fn, a, b, s, bias, mode)
     with _PeakMemory(device) as mem:

@@ -14,7 +14,7 @@ from typing import Callable, Optional, Tuple
 LOSSES = ("clip", "siglip")
 FASTCON_BACKENDS = ("cpp", "torch", "triton", "triton_fused")
 PROVIDERS = ("fastcon",) + tuple(f"fastcon-{b}" for b in FASTCON_BACKENDS) + (
-    "reference", "open_clip", "inf_cl", "torch_compile")
+    "fastcon_compile", "reference", "open_clip", "inf_cl", "torch_compile")
 
 
 class ProviderUnavailable(RuntimeError):
@@ -62,9 +62,9 @@ def availability(provider: str, loss: str, device: str, world_size: int = 1) -> 
             return False, "inf_cl is not installed (pip install inf-cl)"
         if device != "cuda":
             return False, "inf_cl's Triton kernels need a CUDA GPU"
-    if provider == "torch_compile":
+    if provider in ("torch_compile", "fastcon_compile"):
         if world_size > 1:
-            return False, "torch_compile is a single-device provider"
+            return False, f"{provider} is a single-device provider"
         if device == "cpu" and not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
             return False, "torch.compile on CPU needs a C++ compiler"
     return True, None
@@ -104,6 +104,13 @@ def make_loss_fn(loss: str, provider: str, d: int) -> Callable:
     if backend is not None:
         fc = fastcon.functional.clip_loss if loss == "clip" else fastcon.functional.siglip_loss
         return lambda a, b, s, bias: fc(a, b, s, bias, backend=backend)
+    if provider == "fastcon_compile":
+        # fastcon's loss (backend="auto") compiled as one graph (fullgraph=True: a graph break is an
+        # error, not a silent fallback); benchmarks/compile_step.py times a whole normalise + loss step.
+        import torch
+
+        fc = fastcon.functional.clip_loss if loss == "clip" else fastcon.functional.siglip_loss
+        return torch.compile(lambda a, b, s, bias: fc(a, b, s, bias), fullgraph=True)
     ref = R.clip_loss_reference if loss == "clip" else R.siglip_loss_reference
     if provider == "reference":
         return lambda a, b, s, bias: ref(a, b, s, bias, upcast=False)

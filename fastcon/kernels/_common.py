@@ -1,7 +1,7 @@
 """Host-side pieces shared by the chunked backends (plain PyTorch and Triton)."""
 from __future__ import annotations
 
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -17,16 +17,34 @@ def row_chunks(n: int, chunk_rows: int):
         yield start, min(n, start + chunk_rows)
 
 
+_MIN_TORCH_OUT_DTYPE = (2, 8)  # torch.mm(..., out_dtype=torch.float32) for bf16/fp16 on CUDA
+
+
+def _torch_version() -> Tuple[int, int]:
+    return tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def cuda_half_gemm_ok() -> Tuple[bool, Optional[str]]:
+    """Whether this torch multiplies bf16/fp16 CUDA matrices into an fp32 result, and if not, why."""
+    if _torch_version() >= _MIN_TORCH_OUT_DTYPE:
+        return True, None
+    return False, (f"bf16/fp16 losses on CUDA need torch >= 2.8 (torch.mm with out_dtype=torch.float32, "
+                   f"tensor-core GEMMs with fp32 output); found torch {torch.__version__}. Upgrade torch, "
+                   "or pass float32 features")
+
+
 def mm_acc(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``x @ y`` in the accumulation dtype: bf16/fp16 go through tensor cores with an fp32 result on
-    CUDA (``out_dtype``), or are upcast elsewhere."""
+    """``x @ y`` in the accumulation dtype (called with autocast off). bf16/fp16 on CUDA: tensor-core
+    GEMMs with an fp32 result (``out_dtype``, torch >= 2.8; an older torch is an error, never a
+    silent fp32 GEMM). bf16/fp16 on the CPU, where torch has no such GEMM: the operands widened to
+    fp32, which gives the same exact products, accumulated in fp32."""
     if x.dtype in (torch.float32, torch.float64):
         return x @ y
     if x.is_cuda:
-        try:
-            return torch.mm(x, y, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):
-            pass
+        ok, reason = cuda_half_gemm_ok()
+        if not ok:
+            raise RuntimeError(f"fastcon: {reason}")
+        return torch.mm(x, y, out_dtype=torch.float32)
     return x.float() @ y.float()
 
 

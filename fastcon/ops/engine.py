@@ -1,17 +1,35 @@
-"""The engine as autograd functions: backend choice, chunk sizing, and the loss assembly that is the
-same for every backend.
+"""The engine as ``torch.library`` custom ops: backend choice, chunk sizing, autocast, and the loss
+assembly that is the same for every backend.
 
 A backend computes the O(N²) parts (LSE statistics, positive logits, softplus sums and their
 gradients, see ``fastcon/kernels/__init__.py``); the O(N·D) label-smoothing sums are plain autograd
 here, so that every backend shares them.
 
-Both losses compute their gradients inside the forward when any input requires grad ("gradient in
-forward"): the second pass needs the complete statistics of the first, so doing it at once costs no
-extra FLOPs, lets the CPU backend reuse the first pass's logits chunks, and leaves the backward a
-multiplication by the upstream gradient.
+Two operators carry the engine, each returning the loss and the gradient of every tensor input::
+
+    fastcon::softmax_loss(a, b, scale, bias, backend, pos_offset, label_smoothing, symmetric,
+                          chunk_size, need_grad, mm_dtype) -> (loss, grad_a, grad_b, grad_scale, grad_bias)
+    fastcon::sigmoid_loss(a, b, scale, bias, backend, pos_offset, chunk_size, need_grad, mm_dtype)
+                          -> (loss, grad_a, grad_b, grad_scale, grad_bias)
+
+(``fastcon::softmax_loss_triton`` and ``fastcon::sigmoid_loss_triton`` are the same operators for the
+Triton backends, registered with ``torch.library.triton_op`` where torch has it, so that
+``torch.compile`` traces into the kernel launches.) ``backend`` is a resolved backend name, never a
+Python object; the gradients are empty tensors when ``need_grad`` is false. The gradients are
+computed inside the forward ("gradient in forward"): the second pass needs the complete statistics
+of the first, so doing it at once costs no extra FLOPs, lets the CPU backend reuse the first pass's
+logits chunks, and leaves the registered backward a multiplication by the upstream gradient. Each op
+has a fake kernel (shapes and dtypes only) for FakeTensor, ``torch.compile`` and ``opcheck``.
+
+Autocast: the ops run with autocast disabled inside. Under ``torch.autocast`` the wrappers below pass
+the autocast dtype as ``mm_dtype``: the op rounds the features to it for the GEMMs (fp32
+accumulation; on the CPU the rounded values are multiplied in fp32, the same products), keeps every
+statistic in fp32/float64, and returns each gradient in its input's own dtype; the loss is fp32, as
+open_clip's under autocast.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import warnings
@@ -19,9 +37,13 @@ from types import ModuleType
 from typing import Optional, Tuple
 
 import torch
+from torch import Tensor
+
 from fastcon.kernels._common import acc_dtype
 
 BACKENDS = ("auto", "cpp", "triton", "triton_fused", "torch", "reference")
+TRITON_BACKENDS = ("triton", "triton_fused")
+_HALF = (torch.bfloat16, torch.float16)
 
 _MiB = 1 << 20
 _DEFAULT_CHUNK_BYTES = {"cpu": 32 * _MiB, "cuda": 256 * _MiB}
@@ -62,6 +84,9 @@ def chunk_rows_for(na: int, nb: int, device: torch.device, chunk_size: Optional[
     return max(1, min(na, chunk_bytes(device) // (4 * max(nb, 1))))
 
 
+# ---------------------------------------------------------------------------------------------------
+# Backend choice
+
 def _cpp_module() -> ModuleType:
     return importlib.import_module("fastcon.kernels.cpp")
 
@@ -76,8 +101,22 @@ def _triton_available(device: torch.device) -> Tuple[bool, Optional[str]]:
     return triton_backend.available(device)
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> Tuple[str, ModuleType]:
-    """Maps a ``backend=`` name to (name, module implementing the engine contract)."""
+def backend_module(name: str) -> ModuleType:
+    """The module implementing the engine contract for a resolved backend name."""
+    if name == "torch":
+        return importlib.import_module("fastcon.kernels.torch_chunked")
+    if name == "cpp":
+        return _cpp_module()
+    if name == "triton":
+        return importlib.import_module("fastcon.kernels.triton.chunked")
+    if name == "triton_fused":
+        return importlib.import_module("fastcon.kernels.triton.fused")
+    raise ValueError(f"not an engine backend: {name!r}")
+
+
+def resolve_name(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Maps a ``backend=`` name to the engine backend that runs tensors of ``device`` and ``dtype``
+    (the dtype the GEMMs see), with a clear error where that backend cannot run them."""
     global _warned_cpp_fallback
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -96,71 +135,108 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> T
                     warnings.warn(
                         f"fastcon: the C++ extension is unavailable ({cpp.REASON}); CPU losses use the "
                         "chunked PyTorch path, which is slower. See fastcon.backend_info().",
-                        RuntimeWarning, stacklevel=4)
+                        RuntimeWarning, stacklevel=5)
                     _warned_cpp_fallback = True
                 backend = "torch"
         else:
             backend = "torch"
     if backend == "torch":
-        from fastcon.kernels import torch_chunked
-        return backend, torch_chunked
+        return backend
     if backend == "cpp":
         if device.type != "cpu":
             raise ValueError(f"backend='cpp' runs on CPU tensors, got tensors on {device}")
         cpp = _cpp_module()
         if not cpp.AVAILABLE:
             raise RuntimeError(f"backend='cpp' is unavailable: {cpp.REASON}")
-        return backend, cpp
+        return backend
     # triton, triton_fused
     ok, reason = _triton_available(device)
     if not ok:
         raise RuntimeError(f"backend={backend!r} is unavailable on {device}: {reason}")
     if dtype == torch.float64:
         raise TypeError(f"backend={backend!r} supports float32, bfloat16 and float16 inputs, got float64")
-    if device.type == "cpu" and dtype != torch.float32:
-        raise TypeError(f"backend={backend!r} on CPU tensors (Triton interpreter) supports float32 only, got {dtype}")
-    module = importlib.import_module(
-        "fastcon.kernels.triton.fused" if backend == "triton_fused" else "fastcon.kernels.triton.chunked")
-    return backend, module
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        raise TypeError(f"backend={backend!r} on CPU tensors (Triton interpreter) supports float32 and float16; "
+                        "the interpreter has no bfloat16")
+    return backend
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> Tuple[str, ModuleType]:
+    """(name, module implementing the engine contract) for a ``backend=`` name."""
+    name = resolve_name(backend, device, dtype)
+    return name, backend_module(name)
+
+
+def _assume_constant(fn):
+    """``fn``'s result is a constant to ``torch.compile`` (it is called once at trace time), so its
+    imports, environment reads and warnings never break a graph."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "assume_constant_result"):
+        return compiler.assume_constant_result(fn)
+    return fn  # pragma: no cover - torch < 2.1 is not supported anyway
+
+
+@_assume_constant
+def _traced_backend_name(backend: str, device_type: str, dtype: torch.dtype) -> str:
+    return resolve_name(backend, torch.device(device_type), dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
-# O(N·D) helpers with fp32 accumulation that keep no fp32 copies of the inputs for the backward.
+# Autocast
 
-_ROW_CHUNK = 8192
+def autocast_gemm_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype that autocast asks the GEMMs of ``x`` to run in, or None (autocast off, float64
+    inputs, which autocast leaves alone, or inputs already in that dtype)."""
+    device_type = x.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    dtype = torch.get_autocast_dtype(device_type)
+    if x.dtype == torch.float64 or x.dtype == dtype:
+        return None
+    return dtype
 
 
-class _MatVec(torch.autograd.Function):
-    """y = a · v in the accumulation dtype (a: N×D in the input dtype, v: D in the accumulation dtype)."""
+def loss_dtype(x: Tensor) -> torch.dtype:
+    """Dtype of the returned loss: fp32 under autocast (open_clip's cross-entropy is an fp32 op
+    there), else the features' own dtype."""
+    device_type = x.device.type
+    if x.dtype != torch.float64 and device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.float32
+    return x.dtype
 
-    @staticmethod
-    def forward(ctx, a, v):
-        acc = v.dtype
-        out = torch.empty(a.shape[0], dtype=acc, device=a.device)
-        for r0 in range(0, a.shape[0], _ROW_CHUNK):
-            out[r0:r0 + _ROW_CHUNK] = a[r0:r0 + _ROW_CHUNK].to(acc) @ v
-        ctx.save_for_backward(a, v)
-        return out
 
-    @staticmethod
-    def backward(ctx, grad):
-        a, v = ctx.saved_tensors
-        grad_a = grad_v = None
-        if ctx.needs_input_grad[0]:
-            grad_a = (grad[:, None] * v[None, :]).to(a.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_v = torch.zeros_like(v)
-            for r0 in range(0, a.shape[0], _ROW_CHUNK):
-                grad_v += a[r0:r0 + _ROW_CHUNK].to(v.dtype).T @ grad[r0:r0 + _ROW_CHUNK]
-        return grad_a, grad_v
+def autocast_off(device_type: str):
+    """A context in which the engine's own products are not re-cast by an enclosing autocast."""
+    if device_type in ("cpu", "cuda"):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def backend_context(device_type: str):
+    """For callers that drive a backend directly on real tensors (the distributed ring): autocast
+    off, and Triton kernels launched as they are (see ``fastcon.kernels.triton.direct_launches``)."""
+    from fastcon.kernels.triton import direct_launches
+
+    with autocast_off(device_type), direct_launches():
+        yield
+
+
+def engine_operands(a: Tensor, b: Tensor, backend: str, mm_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor]:
+    """The features as the backend multiplies them: rounded to ``mm_dtype`` (autocast), widened to
+    fp32 for the C++ backend (which computes in fp32/float64), contiguous."""
+    if mm_dtype is not None:
+        a, b = a.to(mm_dtype), b.to(mm_dtype)
+    if backend == "cpp" and a.dtype in _HALF:
+        a, b = a.float(), b.float()
+    return a.contiguous(), b.contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------
-# The O(N²) parts.
+# Gradients
 
 def needs_grad(*tensors) -> bool:
-    """Whether the engine must produce gradients: grad mode is on (decided before ``Function.apply``,
-    inside which it is always off) and some input requires grad."""
+    """Whether the engine must produce gradients: grad mode is on and some input requires grad."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
@@ -175,10 +251,15 @@ def forbid_double_backward() -> None:
             "derivatives")
 
 
+def final_grads(inputs, grads, factor: float):
+    """``factor·grad`` for each input, multiplied in the accumulation dtype and rounded once to the
+    input's dtype, so that the backward of a unit upstream gradient is exact and no bf16 rounding
+    of a small factor like 1/(2N) biases the gradients."""
+    return tuple((g * factor).to(x.dtype) for x, g in zip(inputs, grads))
+
+
 def save_final_grads(ctx, inputs, grads, factor: float) -> None:
-    """Saves ``factor·grad`` for each input that needs a gradient: multiplied in the accumulation
-    dtype and rounded once to the input's dtype, so that the backward of a unit upstream gradient is
-    exact and no bf16 rounding of a small factor like 1/(2N) biases the gradients."""
+    """Saves ``final_grads`` on ``ctx`` for the inputs that need a gradient (None for the others)."""
     need = ctx.needs_input_grad
     ctx.save_for_backward(*[
         (g * factor).to(x.dtype) if need[k] and g is not None else None
@@ -197,107 +278,203 @@ def scaled_grads(saved, grad_output):
     return tuple(out)
 
 
-class _SoftmaxLSE(torch.autograd.Function):
-    """The symmetric InfoNCE: (1/(2·Na))·Σ_i [(row_lse_i − (1−ε)·S_{i,c0+i} − smooth_row_i)
-    + (col_lse_{c0+i} − (1−ε)·S_{i,c0+i} − smooth_col_i)] with c0 = ``pos_offset`` (only the first
-    bracket over Na, the row-wise cross-entropy, when not ``symmetric``). The positive logits come from
-    the same tiles as the LSEs (float64); the smoothing terms (O(N·D), or None) come from the caller."""
+def _no_grads(a: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return tuple(a.new_empty((0,)) for _ in range(4))
 
-    @staticmethod
-    def forward(ctx, a, b, scale, bias, smooth_row, smooth_col, impl, pos_offset, eps, chunk_rows, cache_bytes_,
-                symmetric, need_grad):
-        na = a.shape[0]
+
+def _grad_likes(a, b, scale, bias) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (a, b, scale, bias))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The operators
+
+def _backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype):
+    """(backend module, operands, scale and bias in the accumulation dtype, rows per chunk) of one
+    engine call, inside an op (autocast off)."""
+    x, y = engine_operands(a, b, backend, mm_dtype)
+    acc = acc_dtype(x.dtype)
+    chunk_rows = chunk_rows_for(x.shape[0], y.shape[0], x.device, chunk_size)
+    return backend_module(backend), x, y, scale.to(acc), bias.to(acc), chunk_rows
+
+
+def _softmax_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, backend: str, pos_offset: int,
+                  label_smoothing: float, symmetric: bool, chunk_size: int, need_grad: bool,
+                  mm_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The symmetric InfoNCE without smoothing sums, in float64:
+    (1/(2·Na))·Σ_i [(row_lse_i − (1−ε)·S_{i,c0+i}) + (col_lse_{c0+i} − (1−ε)·S_{i,c0+i})], c0 =
+    ``pos_offset`` (only the first bracket over Na when not ``symmetric``), and its gradients. The
+    positive logits come from the same tiles as the LSEs."""
+    with autocast_off(a.device.type):
+        impl, x, y, s, c, chunk_rows = _backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype)
+        na = x.shape[0]
         w_col = 1.0 if symmetric else 0.0
         denom = (2 if symmetric else 1) * na
+        eps = label_smoothing
         if need_grad:
             row_lse, col_lse, pos_logit, *grads = impl.softmax_fused(
-                a, b, scale, bias, pos_offset, 1.0, w_col, (1.0 + w_col) * (1.0 - eps), chunk_rows, cache_bytes_)
-            save_final_grads(ctx, (a, b, scale, bias), grads, 1.0 / denom)
+                x, y, s, c, pos_offset, 1.0, w_col, (1.0 + w_col) * (1.0 - eps), chunk_rows, cache_bytes(x.device))
         else:
-            row_lse, col_lse, pos_logit = impl.lse_stats(a, b, scale, bias, pos_offset, chunk_rows)
+            row_lse, col_lse, pos_logit = impl.lse_stats(x, y, s, c, pos_offset, chunk_rows)
         # Per-row differences in float64: each is small next to the LSE and the logit it subtracts.
         target = (1.0 - eps) * pos_logit.double()
         terms = row_lse - target
-        if smooth_row is not None:
-            terms = terms - smooth_row.double()
         if symmetric:
-            col_terms = col_lse[pos_offset:pos_offset + na] - target
-            if smooth_col is not None:
-                col_terms = col_terms - smooth_col.double()
-            terms = terms + col_terms
-        ctx.na, ctx.denom = na, denom
-        return (terms.sum() / denom).to(scale.dtype)
+            terms = terms + (col_lse[pos_offset:pos_offset + na] - target)
+        loss = terms.sum() / denom
+        if not need_grad:
+            return (loss,) + _no_grads(a)
+        return (loss,) + final_grads((a, b, scale, bias), grads, 1.0 / denom)
 
-    @staticmethod
-    def backward(ctx, grad_output):
+
+def _softmax_loss_fake(a, b, scale, bias, backend, pos_offset, label_smoothing, symmetric, chunk_size, need_grad,
+                       mm_dtype):
+    loss = a.new_empty((), dtype=torch.float64)
+    return (loss,) + (_grad_likes(a, b, scale, bias) if need_grad else _no_grads(a))
+
+
+def _sigmoid_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, backend: str, pos_offset: int,
+                  chunk_size: int, need_grad: bool,
+                  mm_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(1/Na)·Σ_ij softplus(−z_ij·S_ij), z = +1 only at j = i + pos_offset (``pos_offset >= Nb``: no
+    positives), in the accumulation dtype, and its gradients."""
+    with autocast_off(a.device.type):
+        impl, x, y, s, c, chunk_rows = _backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype)
+        na = x.shape[0]
+        loss_sum, *grads = impl.sigmoid_fused(x, y, s, c, pos_offset, 1.0, chunk_rows, need_grad)
+        loss = loss_sum / na
+        if not need_grad:
+            return (loss,) + _no_grads(a)
+        return (loss,) + final_grads((a, b, scale, bias), grads, 1.0 / na)
+
+
+def _sigmoid_loss_fake(a, b, scale, bias, backend, pos_offset, chunk_size, need_grad, mm_dtype):
+    loss = a.new_empty((), dtype=acc_dtype(a.dtype))
+    return (loss,) + (_grad_likes(a, b, scale, bias) if need_grad else _no_grads(a))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*output[1:])
+
+
+def _backward_of(n_other_args: int):
+    def backward(ctx, grad_loss, *_unused):
         forbid_double_backward()
-        grad_a, grad_b, grad_scale, grad_bias = scaled_grads(ctx.saved_tensors, grad_output)
-        minus = (-grad_output / ctx.denom).expand(ctx.na)
-        return (grad_a, grad_b, grad_scale, grad_bias,
-                minus if ctx.needs_input_grad[4] else None,
-                minus if ctx.needs_input_grad[5] else None,
-                None, None, None, None, None, None, None)
+        saved = ctx.saved_tensors
+        if saved[2].dim() == 1:  # the (0,)-shaped placeholders: a scale gradient is 0-d
+            raise RuntimeError("fastcon: the engine op was called with need_grad=False, so it computed no "
+                               "gradients; call it with need_grad=True when its inputs require grad")
+        return scaled_grads(saved, grad_loss) + (None,) * n_other_args
+    return backward
 
 
-class _SigmoidLoss(torch.autograd.Function):
-    """(1/Na)·Σ_ij softplus(−z_ij·S_ij), z = +1 only at j = i + pos_offset."""
+_SOFTMAX_OTHER_ARGS = 7  # backend, pos_offset, label_smoothing, symmetric, chunk_size, need_grad, mm_dtype
+_SIGMOID_OTHER_ARGS = 5  # backend, pos_offset, chunk_size, need_grad, mm_dtype
+HAS_TRITON_OP = hasattr(torch.library, "triton_op")
+
+
+def _register(name: str, fn, fake, n_other: int, triton: bool):
+    if triton and HAS_TRITON_OP:
+        # The body is traceable (torch ops and wrap_triton launches), so torch.compile derives the
+        # fake kernel by tracing it and sees the Triton kernels themselves.
+        op = torch.library.triton_op(name, fn, mutates_args=())
+    else:
+        op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_fake(fake)
+    op.register_autograd(_backward_of(n_other), setup_context=_setup_context)
+    return op
+
+
+softmax_loss = _register("fastcon::softmax_loss", _softmax_loss, _softmax_loss_fake, _SOFTMAX_OTHER_ARGS, False)
+sigmoid_loss = _register("fastcon::sigmoid_loss", _sigmoid_loss, _sigmoid_loss_fake, _SIGMOID_OTHER_ARGS, False)
+softmax_loss_triton = _register("fastcon::softmax_loss_triton", _softmax_loss, _softmax_loss_fake,
+                                _SOFTMAX_OTHER_ARGS, True)
+sigmoid_loss_triton = _register("fastcon::sigmoid_loss_triton", _sigmoid_loss, _sigmoid_loss_fake,
+                                _SIGMOID_OTHER_ARGS, True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# O(N·D) helper of label smoothing
+
+class _ColumnSum(torch.autograd.Function):
+    """Σ_i a_i in the accumulation dtype, of the rows as the GEMMs see them (rounded to ``mm_dtype``
+    under autocast), with the gradient of that sum passed straight to ``a`` in its own dtype (no
+    rounding of the gradient to the autocast dtype)."""
 
     @staticmethod
-    def forward(ctx, a, b, scale, bias, impl, pos_offset, chunk_rows, need_grad):
-        loss_sum, *grads = impl.sigmoid_fused(a, b, scale, bias, pos_offset, 1.0, chunk_rows, need_grad)
-        if need_grad:
-            save_final_grads(ctx, (a, b, scale, bias), grads, 1.0 / a.shape[0])
-        return loss_sum / a.shape[0]
+    def forward(ctx, a, acc, mm_dtype):
+        ctx.shape, ctx.dtype = a.shape, a.dtype
+        with autocast_off(a.device.type):
+            x = a if mm_dtype is None else a.to(mm_dtype)
+            return x.sum(dim=0, dtype=acc)
 
     @staticmethod
-    def backward(ctx, grad_output):
-        forbid_double_backward()
-        return scaled_grads(ctx.saved_tensors, grad_output) + (None, None, None, None)
+    def backward(ctx, grad):
+        return grad.expand(ctx.shape).to(ctx.dtype), None, None
+
+
+def engine_scalars(scale: Tensor, bias: Optional[Tensor], dtype: torch.dtype, device) -> Tuple[Tensor, Tensor]:
+    """``scale`` and ``bias`` as 0-d tensors of the accumulation dtype (bias 0 when None), keeping
+    their autograd history."""
+    scale = scale.to(device=device, dtype=dtype).reshape(())
+    if bias is None:
+        bias = torch.zeros((), dtype=dtype, device=device)
+    else:
+        bias = bias.to(device=device, dtype=dtype).reshape(())
+    return scale, bias
 
 
 def prepare_inputs(a, b, scale, bias, backend, chunk_size):
-    """(backend module, a, b, scale, bias, chunk_rows) ready for the engine contract."""
-    name, impl = resolve_backend(backend, a.device, a.dtype)
-    if name == "cpp" and a.dtype in (torch.bfloat16, torch.float16):
-        a, b = a.float(), b.float()
-    acc = acc_dtype(a.dtype)
-    a, b = a.contiguous(), b.contiguous()
-    scale = scale.to(device=a.device, dtype=acc).reshape(())
-    if bias is None:
-        bias = torch.zeros((), dtype=acc, device=a.device)
-    else:
-        bias = bias.to(device=a.device, dtype=acc).reshape(())
+    """(backend name, autocast GEMM dtype or None, a, b, scale, bias, chunk_rows) for callers that
+    drive a backend themselves (the distributed ring): they take ``engine_operands(a, b, name,
+    mm_dtype)`` inside their autograd function, so that the gradients of the features come back in
+    the features' own dtype, as the engine operators' do."""
+    mm_dtype = autocast_gemm_dtype(a)
+    name = resolve_name(backend, a.device, mm_dtype or a.dtype)
+    scale, bias = engine_scalars(scale, bias, acc_dtype(a.dtype), a.device)
     chunk_rows = chunk_rows_for(a.shape[0], b.shape[0], a.device, chunk_size)
-    return impl, a, b, scale, bias, chunk_rows
+    return name, mm_dtype, a, b, scale, bias, chunk_rows
 
 
 def clip_engine_loss(a, b, scale, bias, *, label_smoothing: float, pos_offset: int, backend: str,
                      chunk_size: Optional[int], symmetric: bool = True) -> torch.Tensor:
-    """Symmetric InfoNCE (LOSSES.md 1.1) on the engine; arguments already validated. With
+    """Symmetric InfoNCE (docs/losses.md §1.1) on the engine; arguments already validated. With
     ``symmetric=False`` only the row direction: (1/Na)·Σ_i CE(S_i·, pos_offset + i)."""
-    out_dtype = a.dtype
+    out_dtype = loss_dtype(a)
+    mm_dtype = autocast_gemm_dtype(a)
+    name = _traced_backend_name(backend, a.device.type, mm_dtype or a.dtype)
+    acc = acc_dtype(a.dtype)
+    scale, bias = engine_scalars(scale, bias, acc, a.device)
     na, nb = a.shape[0], b.shape[0]
-    impl, a, b, scale, bias, chunk_rows = prepare_inputs(a, b, scale, bias, backend, chunk_size)
     eps = label_smoothing
-    smooth_row = smooth_col = None
+    op = softmax_loss_triton if name in TRITON_BACKENDS else softmax_loss
+    loss, *_ = op(a, b, scale, bias, name, int(pos_offset), float(eps), bool(symmetric), int(chunk_size or 0),
+                  needs_grad(a, b, scale, bias), mm_dtype)
     if eps > 0:
-        acc = scale.dtype
-        # ε/Nb·Σ_j S_ij = ε/Nb·(s·a_i·Σ_j b_j + Nb·b), and likewise for the columns: no N×N needed.
-        smooth_row = (eps / nb) * (scale * _MatVec.apply(a, b.sum(dim=0, dtype=acc)) + nb * bias)
+        # The smoothing targets ε/Nb add −(ε/Nb)·Σ_ij S_ij to the row terms, and Σ_ij S_ij =
+        # s·(Σ_i a_i)·(Σ_j b_j) + Na·Nb·b; likewise ε/Na for the columns that own a positive. Two column
+        # sums, O(N·D), no N×N; their dot product in float64.
+        denom = (2 if symmetric else 1) * na
+        sum_a = _ColumnSum.apply(a, acc, mm_dtype).double()
+        sum_b = _ColumnSum.apply(b, acc, mm_dtype).double()
+        s64, b64 = scale.double(), bias.double()
+        total = (eps / nb) * (s64 * (sum_a @ sum_b) + na * nb * b64)
         if symmetric:
-            b_pos = b[pos_offset:pos_offset + na]
-            smooth_col = (eps / na) * (scale * _MatVec.apply(b_pos, a.sum(dim=0, dtype=acc)) + na * bias)
-    loss = _SoftmaxLSE.apply(a, b, scale, bias, smooth_row, smooth_col, impl, pos_offset, eps, chunk_rows,
-                             cache_bytes(a.device), symmetric, needs_grad(a, b, scale, bias))
-    return loss.to(out_dtype)
+            sum_b_pos = _ColumnSum.apply(b[pos_offset:pos_offset + na], acc, mm_dtype).double()
+            total = total + (eps / na) * (s64 * (sum_b_pos @ sum_a) + na * na * b64)
+        loss = loss - total / denom
+    return loss.to(acc).to(out_dtype)
 
 
 def siglip_engine_loss(a, b, scale, bias, *, pos_offset: Optional[int], backend: str,
                        chunk_size: Optional[int]) -> torch.Tensor:
-    """SigLIP (LOSSES.md 1.2) on the engine; ``pos_offset=None`` means negatives only."""
-    out_dtype = a.dtype
-    nb = b.shape[0]
-    impl, a, b, scale, bias, chunk_rows = prepare_inputs(a, b, scale, bias, backend, chunk_size)
-    offset = nb if pos_offset is None else pos_offset
-    loss = _SigmoidLoss.apply(a, b, scale, bias, impl, offset, chunk_rows, needs_grad(a, b, scale, bias))
+    """SigLIP (docs/losses.md §1.2) on the engine; ``pos_offset=None`` means negatives only."""
+    out_dtype = loss_dtype(a)
+    mm_dtype = autocast_gemm_dtype(a)
+    name = _traced_backend_name(backend, a.device.type, mm_dtype or a.dtype)
+    scale, bias = engine_scalars(scale, bias, acc_dtype(a.dtype), a.device)
+    offset = b.shape[0] if pos_offset is None else pos_offset
+    op = sigmoid_loss_triton if name in TRITON_BACKENDS else sigmoid_loss
+    loss, *_ = op(a, b, scale, bias, name, int(offset), int(chunk_size or 0), needs_grad(a, b, scale, bias),
+                  mm_dtype)
     return loss.to(out_dtype)

@@ -6,11 +6,16 @@ Two implementations of the four engine operations of ``fastcon/kernels/__init__.
   output), fused Triton epilogue kernels do the rest (any D).
 * ``fastcon.kernels.triton.fused``: tile kernels that keep ``S`` in registers (D <= 256).
 
+* ``fastcon.kernels.triton.gemm``: the in-place fp32-accumulating GEMM of the chunked path's
+  gradient of B.
+
 Importing this package imports neither triton nor touches CUDA; the submodules import triton and are
-imported only when used.
+imported only when used. Kernels are launched through ``launch(kernel)[grid](...)``: inside the
+``triton_op`` engine operators that lets ``torch.compile`` trace the launch.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -36,3 +41,25 @@ def available(device: torch.device) -> tuple[bool, str | None]:
             return False, f"triton cannot be imported: {exc}"
         return True, None
     return False, f"the Triton backend does not run on {device.type} tensors"
+
+
+def launch(kernel):
+    """``kernel`` through ``torch.library.wrap_triton`` (torch >= 2.6), so that its launch is traced
+    inside a ``triton_op`` under ``torch.compile`` and FakeTensor; in the eager body of a triton_op
+    (and under ``direct_launches``) wrap_triton gives back the kernel itself. The kernel itself where
+    torch has no wrapper or the Triton interpreter runs it (the wrapper knows compiled kernels only)."""
+    wrap = getattr(torch.library, "wrap_triton", None)
+    if wrap is None or os.environ.get("TRITON_INTERPRET") == "1":
+        return kernel
+    return wrap(kernel)
+
+
+def direct_launches():
+    """A context in which ``launch`` gives the kernels themselves: for callers that run the backend
+    on real tensors outside the engine's triton_op operators (the distributed ring), where the
+    traceable wrapper would send every launch through a dispatcher round trip."""
+    try:
+        from torch._library.triton import set_wrap_triton_enabled
+    except ImportError:  # torch < 2.6: launch never wraps
+        return contextlib.nullcontext()
+    return set_wrap_triton_enabled(False)

@@ -11,6 +11,11 @@ epilogue kernels read that chunk once:
            partials of ``Σ G·dot`` and ``Σ G`` summed in a fixed order at the end;
 * sigmoid: ``Σ softplus(−z·S)`` and ``G = w·(σ(S) − [positive])``.
 
+The gradient GEMMs: ``grad_a_c = s·G·B`` (``torch.mm`` with fp32 output for bf16/fp16, torch >= 2.8
+on CUDA) and ``grad_b += Gᵀ·A_c`` in place (fp32: ``addmm_``; bf16/fp16: the accumulating Triton
+GEMM of ``gemm.py``). An fp16 G is stored times a power of two (``grad_tile_scale``) whose inverse
+is folded into both products' α.
+
 Semantics, signatures and results match ``fastcon.kernels.torch_chunked`` (to fp32 rounding).
 Logits, maxima and LSE partials are in natural units; exponentials are ``exp2((x − m)·log2 e)``
 with the log2 factor applied after the subtraction, so that logits of size 100 lose no more than
@@ -36,7 +41,9 @@ import triton
 import triton.language as tl
 
 from .._common import mm_acc, row_chunks, stats_pass, two_pass_softmax
+from . import launch
 from .configs import SUPPORTED_DTYPES, chunked_config
+from .gemm import mm_accumulate
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -222,15 +229,17 @@ def _chunk_softmax_grad_kernel(
     dot_ptr, g_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_lse_ptr, part_ptr,
     R, N, tiles_per_split, num_programs, pos_col0,
     stride_dm, stride_dn, stride_gm, stride_gn,
-    w_row, w_col, w_pos,
+    w_row, w_col, w_pos, g_scale,
     HAS_COL_TERM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """G = w_row·e^(t − row_lse) + w_col·e^(t − col_lse) − w_pos·[j == i + pos_col0] for the tile
     range of program (m, s), with the float64 LSEs split into fp32 (hi, lo) and the positive's
     P − 1 formed with expm1 (module docstring);
-    G is stored to g_ptr (which may alias dot_ptr: each element is read before it is written by the
-    same program) in g_ptr's dtype. part[0, p] = Σ G·dot, part[1, p] = Σ G over the program."""
+    G·g_scale is stored to g_ptr (which may alias dot_ptr: each element is read before it is written
+    by the same program) in g_ptr's dtype; g_scale is a power of two (``grad_tile_scale``) that keeps
+    fp16 tiles above fp16's subnormals. part[0, p] = Σ G·dot, part[1, p] = Σ G over the program
+    (unscaled)."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
     pid = pid_m * tl.num_programs(1) + pid_s
@@ -262,7 +271,7 @@ def _chunk_softmax_grad_kernel(
         acc_gd += tl.sum(g * d, 1)
         acc_g += tl.sum(g, 1)
         tl.store(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
-                 g.to(g_ptr.dtype.element_ty), mask=mask)
+                 (g * g_scale).to(g_ptr.dtype.element_ty), mask=mask)
     tl.store(part_ptr + pid, tl.sum(acc_gd, 0))
     tl.store(part_ptr + num_programs + pid, tl.sum(acc_g, 0))
 
@@ -294,7 +303,7 @@ def _chunk_sigmoid_kernel(
     dot_ptr, g_ptr, scale_ptr, bias_ptr, part_ptr,
     R, N, row0, pos_offset, tiles_per_split, num_programs,
     stride_dm, stride_dn, stride_gm, stride_gn,
-    w,
+    w, g_scale,
     NEED_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -329,7 +338,7 @@ def _chunk_sigmoid_kernel(
             acc_gd += tl.sum(g * d, 1)
             acc_g += tl.sum(g, 1)
             tl.store(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
-                     g.to(g_ptr.dtype.element_ty), mask=mask)
+                     (g * g_scale).to(g_ptr.dtype.element_ty), mask=mask)
     tl.store(part_ptr + pid, tl.sum(acc_loss, 0))
     if NEED_GRAD:
         tl.store(part_ptr + num_programs + pid, tl.sum(acc_gd, 0))
@@ -366,7 +375,7 @@ def _merge(part: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
     cfg = chunked_config("merge")
     k, n = part.shape
     grid = (triton.cdiv(n, cfg.block_n),)
-    _merge_lse_kernel[grid](
+    launch(_merge_lse_kernel)[grid](
         part, out, k, n, part.stride(0), part.stride(1),
         ACCUMULATE=accumulate, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -381,7 +390,7 @@ def _chunk_stats(dot, scale, bias, row_lse_out, col_lse, pos_logit_out, pos_col0
     m_blocks, splits, per_split = _grid(r, n, cfg.block_m, cfg.block_n, dot.device)
     row_part = torch.empty((splits, r), dtype=torch.float64, device=dot.device)
     col_part = torch.empty((m_blocks, n), dtype=torch.float64, device=dot.device)
-    _chunk_stats_kernel[(m_blocks, splits)](
+    launch(_chunk_stats_kernel)[(m_blocks, splits)](
         dot, scale, bias, row_part, col_part, pos_logit_out,
         r, n, per_split, int(pos_col0),
         dot.stride(0), dot.stride(1), row_part.stride(0), col_part.stride(0),
@@ -412,13 +421,31 @@ def _g_buffer(a: torch.Tensor, rows: int, nb: int):
     return torch.empty((rows, nb), dtype=a.dtype, device=a.device)
 
 
-def _grad_gemms(g, a_c, b, scale, grad_a_c, grad_b) -> None:
-    """grad_a_c = s·G·B; grad_b += Gᵀ·A_c (fp32 accumulation; s applied to grad_b at the end)."""
-    torch.mul(mm_acc(g, b), scale, out=grad_a_c)
+_FP16_LIFT_LIMIT = 32768.0  # half of fp16's largest finite value (65504), rounded to a power of two
+
+
+def grad_tile_scale(dtype: torch.dtype, bound: float) -> float:
+    """The power of two that G (|G| <= ``bound``) is multiplied by before its cast to ``dtype`` for
+    the gradient GEMMs, whose inverse is folded into their α. Softmax gradients are about 1/N: at
+    N = 65,536 that is 1.5e-5, below fp16's smallest normal number (6.1e-5), where the cast would keep
+    few of its bits; lifted to just under fp16's range they keep all eleven. bf16 has fp32's exponent
+    range and fp32 no cast: 1 for both. The factor depends on the loss weights only, never on the
+    data, so results are deterministic and no device value is read."""
+    if dtype != torch.float16 or bound <= 0:
+        return 1.0
+    return float(2.0 ** math.floor(math.log2(_FP16_LIFT_LIMIT / bound)))
+
+
+def _grad_gemms(g, a_c, b, scale, grad_a_c, grad_b, g_scale: float) -> None:
+    """grad_a_c = s·G·B; grad_b += Gᵀ·A_c in place (fp32 accumulation; s applied to grad_b at the
+    end). ``g`` holds G·g_scale (a power of two), undone in the products' α."""
     if g.dtype == torch.float32:
+        torch.mul(g @ b, scale, out=grad_a_c)
         grad_b.addmm_(g.T, a_c)
-    else:
-        grad_b.add_(mm_acc(g.T, a_c))
+        return
+    inv = 1.0 / g_scale
+    torch.mul(mm_acc(g, b), scale * inv, out=grad_a_c)
+    mm_accumulate(g.T, a_c, grad_b, inv)
 
 
 def softmax_grad(a, b, scale, bias, row_lse, col_lse, pos_offset, w_row, w_col, w_pos, chunk_rows,
@@ -432,6 +459,7 @@ def softmax_grad(a, b, scale, bias, row_lse, col_lse, pos_offset, w_row, w_col, 
     row_lse = row_lse.to(torch.float64).contiguous()
     col_lse = col_lse.to(torch.float64).contiguous()
     g_buf = _g_buffer(a, min(chunk_rows, na), nb)
+    g_scale = grad_tile_scale(a.dtype, abs(w_row) + abs(w_col) + abs(w_pos))
     parts = []
     for k, (r0, r1) in enumerate(row_chunks(na, chunk_rows)):
         if _cached is not None and k < len(_cached):
@@ -443,16 +471,16 @@ def softmax_grad(a, b, scale, bias, row_lse, col_lse, pos_offset, w_row, w_col, 
         m_blocks, splits, per_split = _grid(r, nb, cfg.block_m, cfg.block_n, dev)
         nprog = m_blocks * splits
         part = torch.empty((2, nprog), dtype=torch.float32, device=dev)
-        _chunk_softmax_grad_kernel[(m_blocks, splits)](
+        launch(_chunk_softmax_grad_kernel)[(m_blocks, splits)](
             dot, g, scale, bias, row_lse[r0:r1], col_lse, part,
             r, nb, per_split, nprog, r0 + int(pos_offset),
             dot.stride(0), dot.stride(1), g.stride(0), g.stride(1),
-            float(w_row), float(w_col), float(w_pos),
+            float(w_row), float(w_col), float(w_pos), g_scale,
             HAS_COL_TERM=w_col != 0,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         parts.append(part)
-        _grad_gemms(g, a[r0:r1], b, scale, grad_a[r0:r1], grad_b)
+        _grad_gemms(g, a[r0:r1], b, scale, grad_a[r0:r1], grad_b, g_scale)
     grad_b.mul_(scale)
     totals = torch.cat(parts, dim=1).sum(dim=1) if parts else torch.zeros(2, dtype=torch.float32, device=dev)
     return grad_a, grad_b, totals[0].clone(), totals[1].clone()
@@ -474,6 +502,7 @@ def sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad):
         grad_a = torch.empty(a.shape, dtype=torch.float32, device=dev)
         grad_b = torch.zeros(b.shape, dtype=torch.float32, device=dev)
         g_buf = _g_buffer(a, min(chunk_rows, na), nb)
+    g_scale = grad_tile_scale(a.dtype, abs(w))
     parts = []
     for r0, r1 in row_chunks(na, chunk_rows):
         dot = mm_acc(a[r0:r1], b.T)
@@ -482,17 +511,17 @@ def sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad):
         m_blocks, splits, per_split = _grid(r, nb, cfg.block_m, cfg.block_n, dev)
         nprog = m_blocks * splits
         part = torch.zeros((3, nprog), dtype=torch.float32, device=dev)
-        _chunk_sigmoid_kernel[(m_blocks, splits)](
+        launch(_chunk_sigmoid_kernel)[(m_blocks, splits)](
             dot, g, scale, bias, part,
             r, nb, r0, int(pos_offset), per_split, nprog,
             dot.stride(0), dot.stride(1), g.stride(0), g.stride(1),
-            float(w),
+            float(w), g_scale,
             NEED_GRAD=bool(need_grad),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         parts.append(part)
         if need_grad:
-            _grad_gemms(g, a[r0:r1], b, scale, grad_a[r0:r1], grad_b)
+            _grad_gemms(g, a[r0:r1], b, scale, grad_a[r0:r1], grad_b, g_scale)
     totals = torch.cat(parts, dim=1).sum(dim=1) if parts else torch.zeros(3, dtype=torch.float32, device=dev)
     if not need_grad:
         return totals[0].clone(), None, None, None, None
@@ -531,7 +560,7 @@ def compile_specs():
                    "row_lse_ptr": f64p, "col_lse_ptr": f64p, "part_ptr": f32p,
                    "R": i32, "N": i32, "tiles_per_split": i32, "num_programs": i32, "pos_col0": i32,
                    "stride_dm": i32, "stride_dn": "constexpr", "stride_gm": i32, "stride_gn": "constexpr",
-                   "w_row": "fp32", "w_col": "fp32", "w_pos": "fp32", "HAS_COL_TERM": "constexpr",
+                   "w_row": "fp32", "w_col": "fp32", "w_pos": "fp32", "g_scale": "fp32", "HAS_COL_TERM": "constexpr",
                    "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
             add(f"chunk_softmax_grad[col={col}]", _chunk_softmax_grad_kernel, sig,
                 {"stride_dn": 1, "stride_gn": 1, "HAS_COL_TERM": col, "BLOCK_M": cfg.block_m,
@@ -542,7 +571,7 @@ def compile_specs():
                    "part_ptr": f32p, "R": i32, "N": i32, "row0": i32, "pos_offset": i32,
                    "tiles_per_split": i32, "num_programs": i32,
                    "stride_dm": i32, "stride_dn": "constexpr", "stride_gm": i32, "stride_gn": "constexpr",
-                   "w": "fp32", "NEED_GRAD": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
+                   "w": "fp32", "g_scale": "fp32", "NEED_GRAD": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
             add(f"chunk_sigmoid[grad={need_grad}]", _chunk_sigmoid_kernel, sig,
                 {"stride_dn": 1, "stride_gn": 1, "NEED_GRAD": need_grad, "BLOCK_M": cfg.block_m,
                  "BLOCK_N": cfg.block_n}, cfg, dtype)

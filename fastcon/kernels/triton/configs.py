@@ -79,6 +79,30 @@ FUSED_CONFIGS: dict[tuple[str, str, int], Config] = {
     ("cols", "float32", 256): Config(block_m=32, block_n=32, num_warps=8, num_stages=2, block_k=32),
 }
 
+# ------------------------------------------------------------------------------------------- gemm
+class GemmConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+# ``grad_b += α·Gᵀ·A_c`` in place (gemm.py), bf16/fp16 operands, fp32 accumulator: 128×128 output
+# tiles (64 fp32 accumulators per thread at 8 warps), three stages of 128×64 + 64×128 half tiles
+# (96 KiB of shared memory, within sm_80's 163 KiB).
+GEMM_CONFIGS: dict[str, GemmConfig] = {
+    "half": GemmConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3),
+    # fp32 operands (used only by the interpreter tests and explicit calls): smaller K slices
+    "float32": GemmConfig(block_m=64, block_n=64, block_k=32, group_m=8, num_warps=4, num_stages=2),
+}
+
+
+def gemm_config(dtype_name: str) -> GemmConfig:
+    return GEMM_CONFIGS[dtype_class(dtype_name)]
+
+
 # Dot-product precision of fp32 inputs in the fused kernels ("ieee" would avoid tensor cores).
 FUSED_FP32_PRECISION = "tf32x3"
 

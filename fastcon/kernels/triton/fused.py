@@ -29,7 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunked import (LN2, LOG2E, _check, _expm1, _softmax_grad_tile, _lse64, _log1p, _merge_lse_kernel, _online_rows,
+from . import launch
+
+from .chunked import (LN2, LOG2E, _check, _expm1, grad_tile_scale, _softmax_grad_tile, _lse64, _log1p, _merge_lse_kernel, _online_rows,
                       _sigmoid_terms, _split_lse, _tile_lse_parts)
 from .configs import FUSED_FP32_PRECISION, SUPPORTED_DTYPES, chunked_config, fused_config
 from .configs import FUSED_CONFIGS
@@ -125,7 +127,7 @@ def _fused_rows_kernel(
     a_ptr, b_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_lse_ptr, grad_a_ptr, part_ptr,
     Na, Nb, D, tiles_per_split, num_programs, pos_offset,
     stride_am, stride_ad, stride_bn, stride_bd, stride_gs, stride_gm, stride_gd,
-    w_row, w_col, w_pos,
+    w_row, w_col, w_pos, g_scale,
     SIGMOID: tl.constexpr, HAS_COL_TERM: tl.constexpr, NEED_GRAD: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -183,14 +185,15 @@ def _fused_rows_kernel(
             g = tl.where(mask, g, 0.0)
             acc_gd += tl.sum(g * dot, 1)
             acc_g += tl.sum(g, 1)
-            acc = tl.dot(g.to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
+            # G lifted by the power of two g_scale before its cast (fp16 keeps its bits), undone below
+            acc = tl.dot((g * g_scale).to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
     if SIGMOID:
         tl.store(part_ptr + pid, tl.sum(acc_loss, 0))
     if NEED_GRAD:
         tl.store(part_ptr + num_programs + pid, tl.sum(acc_gd, 0))
         tl.store(part_ptr + 2 * num_programs + pid, tl.sum(acc_g, 0))
         out = grad_a_ptr + pid_s * stride_gs + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd
-        tl.store(out, acc * scale, mask=mask_m[:, None] & mask_d[None, :])
+        tl.store(out, acc * (scale / g_scale), mask=mask_m[:, None] & mask_d[None, :])
 
 
 @triton.jit
@@ -198,7 +201,7 @@ def _fused_cols_kernel(
     a_ptr, b_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_lse_ptr, grad_b_ptr,
     Na, Nb, D, tiles_per_split, pos_offset,
     stride_am, stride_ad, stride_bn, stride_bd, stride_gs, stride_gn, stride_gd,
-    w_row, w_col, w_pos,
+    w_row, w_col, w_pos, g_scale,
     SIGMOID: tl.constexpr, HAS_COL_TERM: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -261,9 +264,9 @@ def _fused_cols_kernel(
                 g_pos += w_row * _expm1((t_pos - pr_hi) - pr_lo)
                 g = tl.where(is_t, g_pos[:, None], g)
         g = tl.where(mask, g, 0.0)
-        acc = tl.dot(g.to(a.dtype), a, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot((g * g_scale).to(a.dtype), a, acc, input_precision=INPUT_PRECISION)
     out = grad_b_ptr + pid_s * stride_gs + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd
-    tl.store(out, acc * scale, mask=mask_n[:, None] & mask_d[None, :])
+    tl.store(out, acc * (scale / g_scale), mask=mask_n[:, None] & mask_d[None, :])
 
 
 # ------------------------------------------------------------------------------------------- host
@@ -312,7 +315,7 @@ def lse_stats(a, b, scale, bias, pos_offset, chunk_rows):
     splits, per_split = _split(n_ct, groups, dev)
     row_part = torch.empty((splits, na), dtype=torch.float64, device=dev)
     col_part = torch.full((groups, nb), float("-inf"), dtype=torch.float64, device=dev)
-    _fused_lse_kernel[(groups, splits)](
+    launch(_fused_lse_kernel)[(groups, splits)](
         a, b, scale, bias, row_part, col_part, pos_logit,
         na, nb, d, per_group, per_split, int(pos_offset),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), row_part.stride(0), col_part.stride(0),
@@ -328,7 +331,7 @@ def lse_stats(a, b, scale, bias, pos_offset, chunk_rows):
 def _merge(part: torch.Tensor, out: torch.Tensor) -> None:
     cfg = chunked_config("merge")
     k, n = part.shape
-    _merge_lse_kernel[(triton.cdiv(n, cfg.block_n),)](
+    launch(_merge_lse_kernel)[(triton.cdiv(n, cfg.block_n),)](
         part, out, k, n, part.stride(0), part.stride(1),
         ACCUMULATE=False, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -342,6 +345,7 @@ def _gradients(a, b, scale, bias, row_lse, col_lse, w_row, w_col, w_pos, pos_off
     name = _dtype_name(a)
     prec = _precision(a)
     has_col = (not sigmoid) and w_col != 0
+    g_scale = grad_tile_scale(a.dtype, abs(w_row) + (abs(w_col) if has_col else 0.0) + abs(w_pos))
     dummy = scale  # unused pointer arguments
     dummy64 = torch.empty(1, dtype=torch.float64, device=dev)
     row_lse = dummy64 if row_lse is None else row_lse.to(torch.float64).contiguous()
@@ -354,12 +358,12 @@ def _gradients(a, b, scale, bias, row_lse, col_lse, w_row, w_col, w_pos, pos_off
     part = torch.zeros((3, nprog), dtype=torch.float32, device=dev)
     ga = torch.empty((splits, na, d), dtype=torch.float32, device=dev) if need_grad else dummy
     if na > 0 and nb > 0:
-        _fused_rows_kernel[(m_blocks, splits)](
+        launch(_fused_rows_kernel)[(m_blocks, splits)](
             a, b, scale, bias, row_lse, col_lse, ga, part,
             na, nb, d, per_split, nprog, int(pos_offset),
             a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             ga.stride(0) if need_grad else 0, ga.stride(1) if need_grad else 0, ga.stride(2) if need_grad else 0,
-            float(w_row), float(w_col), float(w_pos),
+            float(w_row), float(w_col), float(w_pos), g_scale,
             SIGMOID=sigmoid, HAS_COL_TERM=has_col, NEED_GRAD=need_grad, INPUT_PRECISION=prec,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_K=min(bd, cfg.block_k or bd),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -377,11 +381,11 @@ def _gradients(a, b, scale, bias, row_lse, col_lse, w_row, w_col, w_pos, pos_off
     splits, per_split = _split(m_rt, n_blocks, dev)
     gb = torch.empty((splits, nb, d), dtype=torch.float32, device=dev)
     if na > 0 and nb > 0:
-        _fused_cols_kernel[(n_blocks, splits)](
+        launch(_fused_cols_kernel)[(n_blocks, splits)](
             a, b, scale, bias, row_lse, col_lse, gb,
             na, nb, d, per_split, int(pos_offset),
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), gb.stride(0), gb.stride(1), gb.stride(2),
-            float(w_row), float(w_col), float(w_pos),
+            float(w_row), float(w_col), float(w_pos), g_scale,
             SIGMOID=sigmoid, HAS_COL_TERM=has_col, INPUT_PRECISION=prec,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_K=min(bd, cfg.block_k or bd),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -445,7 +449,7 @@ def compile_specs():
                        "pos_offset": "i32",
                        "stride_am": "i32", "stride_ad": "constexpr", "stride_bn": "i32", "stride_bd": "constexpr",
                        "stride_gs": "i32", "stride_gm": "i32", "stride_gd": "constexpr",
-                       "w_row": "fp32", "w_col": "fp32", "w_pos": "fp32"}
+                       "w_row": "fp32", "w_col": "fp32", "w_pos": "fp32", "g_scale": "fp32"}
                 common = dict(common, stride_gd=1)
                 variants = [
                     ("softmax", {"SIGMOID": False, "HAS_COL_TERM": True, "NEED_GRAD": True}),
@@ -460,7 +464,7 @@ def compile_specs():
                        "Na": "i32", "Nb": "i32", "D": "i32", "tiles_per_split": "i32", "pos_offset": "i32",
                        "stride_am": "i32", "stride_ad": "constexpr", "stride_bn": "i32", "stride_bd": "constexpr",
                        "stride_gs": "i32", "stride_gn": "i32", "stride_gd": "constexpr",
-                       "w_row": "fp32", "w_col": "fp32", "w_pos": "fp32"}
+                       "w_row": "fp32", "w_col": "fp32", "w_pos": "fp32", "g_scale": "fp32"}
                 common = dict(common, stride_gd=1)
                 variants = [
                     ("softmax", {"SIGMOID": False, "HAS_COL_TERM": True}),
