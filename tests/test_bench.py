@@ -62,6 +62,14 @@ def test_forward_and_backward_modes(tmp_path, mode):
     assert row["status"] == "ok" and row["mode"] == mode and row["max_rel_err"] <= 1e-5
 
 
+def test_compiled_fastcon_provider(tmp_path):
+    out = tmp_path / "rows.json"
+    assert bench.main(["--loss", "siglip", "--providers", "fastcon_compile", "--batch", "24", "--dim", "8",
+                       "--device", "cpu", "--repeat", "1", "--json", str(out)]) == 0
+    (row,) = _rows(out)
+    assert row["status"] == "ok" and row["max_rel_err"] <= 1e-5
+
+
 def test_failures_become_rows_not_crashes():
     case = dict(loss="clip", provider="fastcon-cpp", batch=0, dim=4, dtype="float32", mode="full", device="cpu")
     row = bench._run_in_subprocess(case, timeout=120)
