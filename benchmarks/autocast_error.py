@@ -6,7 +6,7 @@ same backend without autocast, and the same for open_clip's formulas (its loss m
 installed), so that the two deviations are read side by side. The Triton backends run through the
 interpreter (TRITON_INTERPRET=1), which has fp16 but no bf16.
 
-    TRITON_INTERPRET=1 python benchmarks/autocast_error.py --json benchmarks/results/cpu-autocast.json
+    TRITON_INTERPRET=1 python benchmarks/autocast_error.py --json benchmarks/results/training-loop/cpu-autocast.json
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ The step normalises the features (as CLIP and SigLIP models do before the loss) 
 the same step in eager mode, same inputs, interleaved rounds, median of ``--repeat`` timed calls
 after warm-up (compilation excluded). Also checks that both give the same loss and gradients.
 
-    python benchmarks/compile_step.py --batch 4096 --dim 512 --json benchmarks/results/cpu-compile-step.json
+    python benchmarks/compile_step.py --batch 4096 --dim 512 --json benchmarks/results/training-loop/cpu-compile-step.json
 """
 from __future__ import annotations
 

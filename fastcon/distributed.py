@@ -192,7 +192,7 @@ class _SigLipRing(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_output):
-        grad_a, grad_b, grad_scale, grad_bias = scaled_grads(ctx.saved_tensors, grad_output)
+        grad_a, grad_b, grad_scale, grad_bias = scaled_grads(ctx.saved_tensors, grad_output, ctx.grad_dtypes)
         weights = _upstream_weights(grad_output, ctx.group)
         if ctx.needs_input_grad[1] and not bool((weights == weights[0]).all()):
             # Every rank weights its contribution to each text shard by its own upstream gradient.
@@ -321,8 +321,8 @@ class _ClipGlobalRing(torch.autograd.Function):
             # gather_with_grad: each rank's features receive every rank's gradient of the same loss.
             g_features = grad_output.detach().clone()
             dist.all_reduce(g_features, group=ctx.group)
-        grad_a, grad_b, _, _ = scaled_grads(ctx.saved_tensors, g_features)
-        _, _, grad_scale, grad_bias = scaled_grads(ctx.saved_tensors, grad_output)
+        grad_a, grad_b, _, _ = scaled_grads(ctx.saved_tensors, g_features, ctx.grad_dtypes)
+        _, _, grad_scale, grad_bias = scaled_grads(ctx.saved_tensors, grad_output, ctx.grad_dtypes)
         return grad_a, grad_b, grad_scale, grad_bias, None, None, None, None, None, None, None
 
 

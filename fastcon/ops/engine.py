@@ -14,7 +14,8 @@ Two operators carry the engine, each returning the loss and the gradient of ever
 
 (``fastcon::softmax_loss_triton`` and ``fastcon::sigmoid_loss_triton`` are the same operators for the
 Triton backends, registered with ``torch.library.triton_op`` where torch has it, so that
-``torch.compile`` traces into the kernel launches.) ``backend`` is a resolved backend name, never a
+``torch.compile`` traces into the kernel launches; ``triton_ops()`` registers them when a Triton
+backend is first chosen.) ``backend`` is a resolved backend name, never a
 Python object; the gradients are empty tensors when ``need_grad`` is false. The gradients are
 computed inside the forward ("gradient in forward"): the second pass needs the complete statistics
 of the first, so doing it at once costs no extra FLOPs, lets the CPU backend reuse the first pass's
@@ -32,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import sys
 import warnings
 from types import ModuleType
 from typing import Optional, Tuple
@@ -158,6 +160,7 @@ def resolve_name(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     if device.type == "cpu" and dtype == torch.bfloat16:
         raise TypeError(f"backend={backend!r} on CPU tensors (Triton interpreter) supports float32 and float16; "
                         "the interpreter has no bfloat16")
+    triton_ops()
     return backend
 
 
@@ -167,13 +170,19 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> T
     return name, backend_module(name)
 
 
+_DYNAMO_CONSTANT_MARK = "_dynamo_marked_constant"
+
+
 def _assume_constant(fn):
     """``fn``'s result is a constant to ``torch.compile`` (it is called once at trace time), so its
-    imports, environment reads and warnings never break a graph."""
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "assume_constant_result"):
-        return compiler.assume_constant_result(fn)
-    return fn  # pragma: no cover - torch < 2.1 is not supported anyway
+    imports, environment reads and warnings never break a graph. ``torch.compiler.
+    assume_constant_result`` imports Dynamo (a second of import time) only to set one attribute on
+    ``fn``; while Dynamo is not loaded, the attribute is set here directly (tests/test_compile.py
+    checks that Dynamo still reads that attribute)."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    setattr(fn, _DYNAMO_CONSTANT_MARK, True)
+    return fn
 
 
 @_assume_constant
@@ -251,30 +260,33 @@ def forbid_double_backward() -> None:
             "derivatives")
 
 
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a gradient is kept in until the backward: fp32, or float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def final_grads(inputs, grads, factor: float):
-    """``factor·grad`` for each input, multiplied in the accumulation dtype and rounded once to the
-    input's dtype, so that the backward of a unit upstream gradient is exact and no bf16 rounding
-    of a small factor like 1/(2N) biases the gradients."""
-    return tuple((g * factor).to(x.dtype) for x, g in zip(inputs, grads))
+    """``factor·grad`` for each input, kept wide (fp32 or float64): the backward multiplies by the
+    upstream gradient first and rounds once to the input's dtype afterwards, so that neither a small
+    factor like 1/(2N) nor an fp16 loss scale meets a bf16/fp16 rounding in between."""
+    return tuple((g * factor).to(_wide(x.dtype)) for x, g in zip(inputs, grads))
 
 
 def save_final_grads(ctx, inputs, grads, factor: float) -> None:
-    """Saves ``final_grads`` on ``ctx`` for the inputs that need a gradient (None for the others)."""
+    """Saves ``final_grads`` on ``ctx`` for the inputs that need a gradient (None for the others),
+    and the inputs' dtypes for ``scaled_grads``."""
     need = ctx.needs_input_grad
+    ctx.grad_dtypes = tuple(x.dtype for x in inputs)
     ctx.save_for_backward(*[
-        (g * factor).to(x.dtype) if need[k] and g is not None else None
+        (g * factor).to(_wide(x.dtype)) if need[k] and g is not None else None
         for k, (x, g) in enumerate(zip(inputs, grads))])
 
 
-def scaled_grads(saved, grad_output):
-    """The saved gradients times the upstream gradient (multiplied in fp32 or better)."""
+def scaled_grads(saved, grad_output, dtypes):
+    """The saved (wide) gradients times the upstream gradient, each rounded once to its input's dtype."""
     out = []
-    for t in saved:
-        if t is None:
-            out.append(None)
-            continue
-        acc = torch.promote_types(t.dtype, torch.float32)
-        out.append((t.to(acc) * grad_output.to(acc)).to(t.dtype))
+    for t, dtype in zip(saved, dtypes):
+        out.append(None if t is None else (t * grad_output.to(t.dtype)).to(dtype))
     return tuple(out)
 
 
@@ -283,7 +295,8 @@ def _no_grads(a: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 def _grad_likes(a, b, scale, bias) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (a, b, scale, bias))
+    return tuple(torch.empty_like(t, dtype=_wide(t.dtype), memory_format=torch.contiguous_format)
+                 for t in (a, b, scale, bias))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -355,6 +368,7 @@ def _sigmoid_loss_fake(a, b, scale, bias, backend, pos_offset, chunk_size, need_
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*output[1:])
+    ctx.grad_dtypes = tuple(t.dtype for t in inputs[:4])
 
 
 def _backward_of(n_other_args: int):
@@ -364,7 +378,7 @@ def _backward_of(n_other_args: int):
         if saved[2].dim() == 1:  # the (0,)-shaped placeholders: a scale gradient is 0-d
             raise RuntimeError("fastcon: the engine op was called with need_grad=False, so it computed no "
                                "gradients; call it with need_grad=True when its inputs require grad")
-        return scaled_grads(saved, grad_loss) + (None,) * n_other_args
+        return scaled_grads(saved, grad_loss, ctx.grad_dtypes) + (None,) * n_other_args
     return backward
 
 
@@ -387,10 +401,38 @@ def _register(name: str, fn, fake, n_other: int, triton: bool):
 
 softmax_loss = _register("fastcon::softmax_loss", _softmax_loss, _softmax_loss_fake, _SOFTMAX_OTHER_ARGS, False)
 sigmoid_loss = _register("fastcon::sigmoid_loss", _sigmoid_loss, _sigmoid_loss_fake, _SIGMOID_OTHER_ARGS, False)
-softmax_loss_triton = _register("fastcon::softmax_loss_triton", _softmax_loss, _softmax_loss_fake,
-                                _SOFTMAX_OTHER_ARGS, True)
-sigmoid_loss_triton = _register("fastcon::sigmoid_loss_triton", _sigmoid_loss, _sigmoid_loss_fake,
-                                _SIGMOID_OTHER_ARGS, True)
+_TRITON_OPS: dict = {}
+
+
+def _shipped_triton_kernels() -> list:
+    """Every Triton kernel the Triton backends launch (through ``launch``, which torch's scan of a
+    triton_op's source does not see)."""
+    import triton
+
+    from fastcon.kernels.triton import chunked, fused, gemm
+
+    return [v for m in (chunked, fused, gemm) for v in vars(m).values()
+            if isinstance(v, triton.runtime.JITFunction)]
+
+
+def triton_ops():
+    """Registers ``fastcon::softmax_loss_triton`` and ``fastcon::sigmoid_loss_triton`` on first use
+    (registering a triton_op imports Inductor, a second of import time that CPU users need not pay).
+    Their kernels are recorded for torch.compile's cache key, so that edited kernels are recompiled."""
+    if not _TRITON_OPS:
+        _TRITON_OPS["softmax"] = _register("fastcon::softmax_loss_triton", _softmax_loss, _softmax_loss_fake,
+                                           _SOFTMAX_OTHER_ARGS, True)
+        _TRITON_OPS["sigmoid"] = _register("fastcon::sigmoid_loss_triton", _sigmoid_loss, _sigmoid_loss_fake,
+                                           _SIGMOID_OTHER_ARGS, True)
+        registry = getattr(getattr(torch._library, "triton", None), "triton_ops_to_kernels", None)
+        if HAS_TRITON_OP and isinstance(registry, dict):
+            try:
+                kernels = _shipped_triton_kernels()
+            except ImportError:  # triton missing: the backends report it when used
+                kernels = []
+            for name in ("fastcon::softmax_loss_triton", "fastcon::sigmoid_loss_triton"):
+                registry[name] = kernels
+    return _TRITON_OPS["softmax"], _TRITON_OPS["sigmoid"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -447,7 +489,7 @@ def clip_engine_loss(a, b, scale, bias, *, label_smoothing: float, pos_offset: i
     scale, bias = engine_scalars(scale, bias, acc, a.device)
     na, nb = a.shape[0], b.shape[0]
     eps = label_smoothing
-    op = softmax_loss_triton if name in TRITON_BACKENDS else softmax_loss
+    op = torch.ops.fastcon.softmax_loss_triton if name in TRITON_BACKENDS else softmax_loss
     loss, *_ = op(a, b, scale, bias, name, int(pos_offset), float(eps), bool(symmetric), int(chunk_size or 0),
                   needs_grad(a, b, scale, bias), mm_dtype)
     if eps > 0:
@@ -474,7 +516,7 @@ def siglip_engine_loss(a, b, scale, bias, *, pos_offset: Optional[int], backend:
     name = _traced_backend_name(backend, a.device.type, mm_dtype or a.dtype)
     scale, bias = engine_scalars(scale, bias, acc_dtype(a.dtype), a.device)
     offset = b.shape[0] if pos_offset is None else pos_offset
-    op = sigmoid_loss_triton if name in TRITON_BACKENDS else sigmoid_loss
+    op = torch.ops.fastcon.sigmoid_loss_triton if name in TRITON_BACKENDS else sigmoid_loss
     loss, *_ = op(a, b, scale, bias, name, int(offset), int(chunk_size or 0), needs_grad(a, b, scale, bias),
                   mm_dtype)
     return loss.to(out_dtype)

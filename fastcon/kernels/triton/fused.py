@@ -346,7 +346,7 @@ def _gradients(a, b, scale, bias, row_lse, col_lse, w_row, w_col, w_pos, pos_off
     prec = _precision(a)
     has_col = (not sigmoid) and w_col != 0
     g_scale = grad_tile_scale(a.dtype, abs(w_row) + (abs(w_col) if has_col else 0.0) + abs(w_pos))
-    dummy = scale  # unused pointer arguments
+    dummy = torch.empty(1, dtype=torch.float32, device=dev)  # unused pointer arguments (never an op input)
     dummy64 = torch.empty(1, dtype=torch.float64, device=dev)
     row_lse = dummy64 if row_lse is None else row_lse.to(torch.float64).contiguous()
     col_lse = dummy64 if col_lse is None else col_lse.to(torch.float64).contiguous()
