@@ -291,3 +291,157 @@ def siglip_loss_ranks_reference(
         return loss, images, texts, scale, bias
 
     return _rank_results(world_size, rank_graph, upstream)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The general target (docs/losses.md §1.1 multi-positive, §1.4, §2.1): the specification of the
+# engine's target description, materialised.
+
+def target_cross_entropy_reference(logits: torch.Tensor, positives: torch.Tensor, keep: Optional[torch.Tensor] = None,
+                                   *, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Row-wise cross-entropy with a set of positives per row, averaged over the rows.
+
+    ``positives`` and ``keep`` are boolean (R, C); the softmax of row ``i`` runs over its kept columns
+    ``K_i`` (every column without ``keep``; an excluded column is as if its logit were −∞), and its
+    target spreads ``1 − ε`` uniformly over its positives ``P_i ⊆ K_i`` and ``ε`` uniformly over
+    ``K_i``::
+
+        loss_i = −Σ_{j ∈ K_i} q_ij·log p_ij,   q_ij = (1−ε)·[j ∈ P_i]/|P_i| + ε/|K_i|
+
+    With ε = 0 this is SupCon's "outside" form, the mean over the positives of −log p_ip (the
+    denominator over every kept column, positives included); with one positive per row and every
+    column kept it is ``F.cross_entropy(logits, target, label_smoothing=ε)``. A row with no kept
+    positive is an error naming it.
+    """
+    if positives.shape != logits.shape or (keep is not None and keep.shape != logits.shape):
+        raise ValueError(f"positives {tuple(positives.shape)} and keep "
+                         f"{None if keep is None else tuple(keep.shape)} must have the logits' shape {tuple(logits.shape)}")
+    if keep is None:
+        keep = torch.ones_like(positives)
+    pos = positives & keep
+    n_pos = pos.sum(dim=1)
+    if bool((n_pos == 0).any()):
+        row = int(torch.nonzero(n_pos == 0)[0])
+        raise ValueError(f"row {row} has no positive among its kept columns")
+    masked = logits.masked_fill(~keep, float("-inf"))
+    log_p = masked - torch.logsumexp(masked, dim=1, keepdim=True)
+    log_p = log_p.masked_fill(~keep, 0.0)  # excluded columns carry no target (and no NaN from −∞·0)
+    q = (1.0 - label_smoothing) * pos.to(logits.dtype) / n_pos[:, None].to(logits.dtype)
+    if label_smoothing:
+        q = q + label_smoothing * keep.to(logits.dtype) / keep.sum(dim=1, keepdim=True).to(logits.dtype)
+    return -(q * log_p).sum(dim=1).mean()
+
+
+def _check_labels(labels, n, name="labels"):
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != n:
+        raise ValueError(f"{name} must be a 1-D tensor of {n} ids, got "
+                         f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer ids, got dtype {labels.dtype}")
+
+
+def multi_positive_clip_loss_reference(image_features, text_features, logit_scale, logit_bias=None, *, labels,
+                                       label_smoothing: float = 0.0, upcast: bool = True) -> torch.Tensor:
+    """CLIP over class ids (docs/losses.md §1.1, multi-positive): pairs that share an id are positives
+    of one another in both directions, ``L = ½[TCE(S, P) + TCE(Sᵀ, Pᵀ)]`` with ``P_ij = [labels_i ==
+    labels_j]`` and TCE ``target_cross_entropy_reference``. Unique ids give ``clip_loss_reference``."""
+    n = image_features.shape[0]
+    if text_features.shape[0] != n:
+        raise ValueError(f"labels need paired batches: {n} image rows, {text_features.shape[0]} text rows")
+    _check_labels(labels, n)
+    logits = _logits(image_features, text_features, logit_scale, logit_bias, upcast)
+    labels = labels.to(logits.device)
+    pos = labels[:, None] == labels[None, :]
+    return (target_cross_entropy_reference(logits, pos, label_smoothing=label_smoothing)
+            + target_cross_entropy_reference(logits.T, pos.T, label_smoothing=label_smoothing)) / 2
+
+
+def negatives_clip_loss_reference(image_features, text_features, negatives, logit_scale, logit_bias=None, *,
+                                  form: str = "global", negative_mask=None, false_negative_margin=None,
+                                  labels=None, label_smoothing: float = 0.0, upcast: bool = True) -> torch.Tensor:
+    """CLIP with K extra text negatives per image (docs/losses.md §2.1), materialised.
+
+    ``negatives`` (B, K, D), owner-major: ``negatives[i]`` are image ``i``'s hard negatives.
+
+    * ``form="global"``: columns ``[Y; N_flat]`` (B + B·K). Image→text: row ``i``'s positive is column
+      ``i`` (with ``labels``, every text column whose pair shares its id), every other column a
+      negative. Text→image over the B text columns and the B images (the negatives own no column
+      term). ``L = ½(L_i2t + L_t2i)``.
+    * ``form="own"``: row ``i`` against ``[y_i, n_i1..n_iK]`` only, target 0; ``L = L_i2t``.
+
+    ``negative_mask`` (B, K) bool: False drops that negative (a padded slot). ``false_negative_margin``
+    m (GISTEmbed's rule, in similarity units before the scale): a negative column ``j`` of row ``i`` is
+    dropped when ``x_i·c_j > x_i·y_i − m``. Dropped columns are as if their logits were −∞; a row keeps
+    at least its positive, so its loss is defined (0 with a single positive and every negative dropped).
+    """
+    b, d = image_features.shape
+    if negatives.dim() != 3 or negatives.shape[0] != b or negatives.shape[2] != d:
+        raise ValueError(f"negatives must be (B={b}, K, D={d}), got {tuple(negatives.shape)}")
+    k = negatives.shape[1]
+    if form not in ("global", "own"):
+        raise ValueError(f"form must be 'global' or 'own', got {form!r}")
+    if form == "own" and k == 0:
+        raise ValueError("form='own' needs K >= 1 negatives per image")
+    if negative_mask is not None and tuple(negative_mask.shape) != (b, k):
+        raise ValueError(f"negative_mask must be (B={b}, K={k}), got {tuple(negative_mask.shape)}")
+    if false_negative_margin is not None and false_negative_margin < 0:
+        raise ValueError(f"false_negative_margin must be >= 0, got {false_negative_margin}")
+    if labels is not None:
+        if form == "own":
+            raise ValueError("labels make in-batch texts positives: they apply to form='global' only")
+        _check_labels(labels, b)
+    acc = torch.promote_types(image_features.dtype, torch.float32) if upcast else image_features.dtype
+    x, y, neg = image_features.to(acc), text_features.to(acc), negatives.to(acc)
+    dev = x.device
+    slot_ok = torch.ones(b, k, dtype=torch.bool, device=dev) if negative_mask is None else negative_mask.to(dev)
+    if form == "own":
+        cols = torch.cat([y[:, None, :], neg], dim=1)            # (B, 1+K, D)
+        sim = torch.einsum("bd,bkd->bk", x, cols)
+        pos = torch.zeros_like(sim, dtype=torch.bool)
+        pos[:, 0] = True
+        keep = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=dev), slot_ok], dim=1)
+    else:
+        cols = torch.cat([y, neg.reshape(b * k, d)], dim=0)       # (B + B·K, D)
+        sim = x @ cols.T
+        pos = torch.zeros_like(sim, dtype=torch.bool)
+        if labels is None:
+            pos[torch.arange(b), torch.arange(b)] = True
+        else:
+            lab = labels.to(dev)
+            pos[:, :b] = lab[:, None] == lab[None, :]
+        # a slot's mask holds for every row: a padded negative is no column at all
+        keep = torch.cat([torch.ones(b, b, dtype=torch.bool, device=dev), slot_ok.reshape(1, b * k).expand(b, -1)],
+                         dim=1)
+    if false_negative_margin is not None:
+        own = sim[:, 0] if form == "own" else sim[torch.arange(b), torch.arange(b)]
+        keep = keep & (pos | (sim <= own[:, None] - false_negative_margin))
+    logits = _logits(x, cols, logit_scale, logit_bias, upcast) if form == "global" else None
+    if form == "own":
+        logits = torch.as_tensor(logit_scale, dtype=acc) * sim
+        if logit_bias is not None:
+            logits = logits + torch.as_tensor(logit_bias, dtype=acc)
+        return target_cross_entropy_reference(logits, pos, keep, label_smoothing=label_smoothing)
+    i2t = target_cross_entropy_reference(logits, pos, keep, label_smoothing=label_smoothing)
+    # text→image: the B text columns against the B images, the same positives transposed
+    t2i = target_cross_entropy_reference(logits[:, :b].T, pos[:, :b].T, label_smoothing=label_smoothing)
+    return (i2t + t2i) / 2
+
+
+def ntxent_loss_reference(out0: torch.Tensor, out1: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """NT-Xent (docs/losses.md §1.4; SimCLR, lightly's ``NTXentLoss`` without a memory bank):
+    ``Z = normalize([out0; out1])`` (2N×D), ``S = Z·Zᵀ/τ`` with the diagonal excluded, the positive of
+    row ``i`` is row ``(i + N) mod 2N``; CE averaged over the 2N rows."""
+    if out0.shape != out1.shape or out0.dim() != 2:
+        raise ValueError(f"out0 and out1 must be (N, D) of one shape, got {tuple(out0.shape)} and {tuple(out1.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    acc = torch.promote_types(out0.dtype, torch.float32)
+    z = F.normalize(torch.cat([out0, out1]).to(acc), dim=1)
+    n2 = z.shape[0]
+    n = n2 // 2
+    logits = z @ z.T / temperature
+    idx = torch.arange(n2, device=z.device)
+    pos = torch.zeros(n2, n2, dtype=torch.bool, device=z.device)
+    pos[idx, (idx + n) % n2] = True
+    keep = idx[:, None] != idx[None, :]
+    return target_cross_entropy_reference(logits, pos, keep)
