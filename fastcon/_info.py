@@ -24,7 +24,11 @@ def backend_info() -> dict:
         "python": platform.python_version(),
         "cuda_available": cuda,
         "backends": {},
-        "not_implemented": [],
+        "not_implemented": [
+            "general target (labels, hard negatives, self-contrast) in the cpp, triton and triton_fused backends: "
+            "NotImplementedError; backend='auto' runs it on the torch backend with a one-time warning",
+            "clip_loss(labels=...) and negatives_clip_loss with a process_group",
+        ],
     }
     for key, fn in (("chunk_bytes", engine.chunk_bytes), ("cache_bytes", engine.cache_bytes)):
         try:

@@ -84,3 +84,20 @@ def check_pos_offset(pos_offset: int, na: int, nb: int) -> int:
             f"pos_offset={pos_offset}: the positives of {na} rows occupy columns "
             f"[{pos_offset}, {pos_offset + na}), which must lie inside the {nb} columns")
     return pos_offset
+
+
+def check_labels(name: str, labels, n: int, device: torch.device) -> torch.Tensor:
+    """Integer class ids, one per row: a 1-D int tensor of length ``n`` on the features' device (CPU ids
+    are moved), every id >= 0."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a 1-D integer tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer ids, got dtype {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != n:
+        raise ValueError(f"{name} must have one id per row: shape ({n},), got {tuple(labels.shape)}")
+    if labels.device.type != "cpu" and labels.device != device:
+        raise ValueError(f"{name} is on {labels.device} but the features are on {device}")
+    labels = labels.to(device=device, dtype=torch.int64)
+    if labels.device.type == "cpu" and not _compiling() and n and int(labels.min()) < 0:
+        raise ValueError(f"{name} must be >= 0 (ids of classes), got a minimum of {int(labels.min())}")
+    return labels

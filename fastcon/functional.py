@@ -14,10 +14,11 @@ from typing import Optional
 import torch
 
 from . import reference
-from ._validation import check_features, check_label_smoothing, check_pos_offset, check_scalar
+from ._validation import check_features, check_label_smoothing, check_labels, check_pos_offset, check_scalar
 from .ops import clip_engine_loss, siglip_engine_loss
+from .ops.engine import target_engine_loss
 
-__all__ = ["clip_loss", "siglip_loss"]
+__all__ = ["clip_loss", "siglip_loss", "negatives_clip_loss", "ntxent_loss"]
 
 
 def _check_common(image_features, text_features, logit_scale, logit_bias, *, bias_required=False):
@@ -64,6 +65,7 @@ def clip_loss(
     *,
     label_smoothing: float = 0.0,
     pos_offset: int = 0,
+    labels: Optional[torch.Tensor] = None,
     local_loss: bool = False,
     gather_with_grad: bool = False,
     process_group=None,
@@ -79,7 +81,10 @@ def clip_loss(
 
     The column term runs over the Na columns that own a positive; with ``Na == Nb`` and
     ``pos_offset == 0`` this is open_clip's ``ClipLoss``. ``label_smoothing`` ε uses the targets
-    ``(1−ε)·onehot + ε/n_classes`` of ``F.cross_entropy``. Returns a 0-d tensor in the features' dtype
+    ``(1−ε)·onehot + ε/n_classes`` of ``F.cross_entropy``. ``labels`` (N integer class ids, paired
+    batches): pairs that share an id are positives of one another in both directions, and each row's
+    loss is the mean of −log p over its positives (SupCon's outside form, docs/losses.md §2.1; the
+    smoothing ε then spreads over the row's columns). Returns a 0-d tensor in the features' dtype
     (computed in fp32); gradients reach both feature tensors, ``logit_scale`` and ``logit_bias``.
     Memory: O((Na + Nb)·D + chunk·Nb).
 
@@ -98,6 +103,19 @@ def clip_loss(
     for name, value in (("local_loss", local_loss), ("gather_with_grad", gather_with_grad)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    if labels is not None:
+        n = image_features.shape[0]
+        if text_features.shape[0] != n or pos_offset != 0:
+            raise ValueError(f"labels need paired batches with pos_offset=0: image_features has {n} rows, "
+                             f"text_features {text_features.shape[0]}, pos_offset={pos_offset}")
+        labels = check_labels("labels", labels, n, image_features.device)
+        if process_group is not None:
+            raise NotImplementedError("clip_loss(labels=...) with a process_group is not implemented yet")
+        if backend == "reference":
+            return reference.multi_positive_clip_loss_reference(
+                image_features, text_features, scale, bias, labels=labels, label_smoothing=eps).to(image_features.dtype)
+        return target_engine_loss(image_features, text_features, scale, bias, row_ids=labels, col_ids=labels,
+                                  label_smoothing=eps, backend=backend, chunk_size=chunk_size)
     group = _distributed_setup(process_group, image_features, text_features, backend)
     if group is not None:
         from . import distributed
@@ -162,3 +180,149 @@ def siglip_loss(
     return siglip_engine_loss(image_features, text_features, scale, bias,
                               pos_offset=None if negative_only else pos_offset,
                               backend=backend, chunk_size=chunk_size)
+
+
+def negatives_clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    negatives: torch.Tensor,
+    logit_scale,
+    logit_bias=None,
+    *,
+    form: str = "global",
+    negative_mask: Optional[torch.Tensor] = None,
+    false_negative_margin: Optional[float] = None,
+    labels: Optional[torch.Tensor] = None,
+    label_smoothing: float = 0.0,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+    process_group=None,
+) -> torch.Tensor:
+    """CLIP with K extra text negatives per image (NegCLIP, DeGLA, HQ-CLIP; docs/losses.md §2.1).
+
+    ``image_features`` X (B, D), ``text_features`` Y (B, D), ``negatives`` N (B, K, D) owner-major
+    (``negatives[i]`` are image i's), ``S = s·X·Cᵀ + b``:
+
+    * ``form="global"``: the columns are ``C = [Y; N_flat]`` (B + B·K). Image→text: row i's
+      positive is column i (with ``labels``, every text column whose pair shares its id); text→image
+      over the B text columns; ``L = ½(L_i2t + L_t2i)``. The engine never forms B×B(1+K).
+    * ``form="own"``: row i against ``[y_i, n_i1..n_iK]`` only, target 0 (a B×(1+K) matrix).
+
+    ``negative_mask`` (B, K) bool: False drops that negative slot (padding). ``false_negative_margin``
+    m: a negative column j of row i is dropped when ``x_i·c_j > x_i·y_i − m`` (GISTEmbed's rule, in
+    similarity units before the scale; in both directions; never a positive). A row whose negatives are
+    all dropped keeps its positive (loss 0 for it, never NaN). ``label_smoothing`` spreads ε over each
+    row's kept columns. Returns a 0-d tensor in the features' dtype (fp32 under autocast).
+    """
+    scale, bias = _check_common(image_features, text_features, logit_scale, logit_bias)
+    eps = check_label_smoothing(label_smoothing)
+    chunk_size = _check_chunk_size(chunk_size)
+    b, d = image_features.shape
+    if text_features.shape[0] != b:
+        raise ValueError(f"negatives_clip_loss needs paired batches: image_features has {b} rows, "
+                         f"text_features {text_features.shape[0]}")
+    if not isinstance(negatives, torch.Tensor):
+        raise TypeError(f"negatives must be a (B, K, D) tensor, got {type(negatives).__name__}")
+    if negatives.dim() != 3 or negatives.shape[0] != b or negatives.shape[2] != d:
+        raise ValueError(f"negatives must be (B={b}, K, D={d}), owner-major, got shape {tuple(negatives.shape)}")
+    if negatives.dtype != image_features.dtype or negatives.device != image_features.device:
+        raise TypeError(f"negatives ({negatives.dtype}, {negatives.device}) must match image_features "
+                        f"({image_features.dtype}, {image_features.device})")
+    k = negatives.shape[1]
+    if form not in ("global", "own"):
+        raise ValueError(f"form must be 'global' or 'own', got {form!r}")
+    if form == "own" and k == 0:
+        raise ValueError("form='own' needs at least one negative per image (negatives has K=0)")
+    if negative_mask is not None:
+        if not isinstance(negative_mask, torch.Tensor) or negative_mask.dtype != torch.bool:
+            raise TypeError("negative_mask must be a boolean tensor (False drops a negative)")
+        if tuple(negative_mask.shape) != (b, k):
+            raise ValueError(f"negative_mask must be (B={b}, K={k}), got {tuple(negative_mask.shape)}")
+        negative_mask = negative_mask.to(image_features.device)
+    if false_negative_margin is not None:
+        if isinstance(false_negative_margin, bool) or not isinstance(false_negative_margin, (int, float)):
+            raise TypeError(f"false_negative_margin must be a float, got {type(false_negative_margin).__name__}")
+        if not false_negative_margin >= 0:
+            raise ValueError(f"false_negative_margin must be >= 0, got {false_negative_margin}")
+    if labels is not None:
+        if form == "own":
+            raise ValueError("labels make in-batch texts positives: they apply to form='global' only")
+        labels = check_labels("labels", labels, b, image_features.device)
+    if process_group is not None:
+        raise NotImplementedError("negatives_clip_loss with a process_group is not implemented yet")
+    if backend == "reference":
+        return reference.negatives_clip_loss_reference(
+            image_features, text_features, negatives, scale, bias, form=form, negative_mask=negative_mask,
+            false_negative_margin=false_negative_margin, labels=labels,
+            label_smoothing=eps).to(image_features.dtype)
+    if form == "own":
+        return _own_negatives_loss(image_features, text_features, negatives, scale, bias, negative_mask,
+                                   false_negative_margin, eps)
+    dev = image_features.device
+    ids = torch.arange(b, device=dev) if labels is None else labels
+    columns = torch.cat([text_features, negatives.reshape(b * k, d)])
+    col_ids = torch.cat([ids, torch.full((b * k,), -1, dtype=torch.int64, device=dev)])
+    col_keep = None
+    if negative_mask is not None:
+        col_keep = torch.cat([torch.ones(b, dtype=torch.bool, device=dev), negative_mask.reshape(b * k)])
+    pos_dot = None
+    if false_negative_margin is not None:
+        pos_dot = (image_features.detach().float() * text_features.detach().float()).sum(dim=1)
+    return target_engine_loss(image_features, columns, scale, bias, row_ids=ids, col_ids=col_ids, col_keep=col_keep,
+                              pos_dot=pos_dot, margin=false_negative_margin, label_smoothing=eps,
+                              backend=backend, chunk_size=chunk_size)
+
+
+def _own_negatives_loss(x, y, negatives, scale, bias, negative_mask, margin, eps):
+    """The own form: a B×(1+K) logits matrix (nothing quadratic to avoid), CE with target 0 over each
+    row's kept entries."""
+    from .ops.engine import autocast_off, loss_dtype
+
+    out_dtype = loss_dtype(x)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    with autocast_off(x.device.type):
+        sim = torch.cat([(x.to(acc) * y.to(acc)).sum(dim=1, keepdim=True),
+                         torch.einsum("bd,bkd->bk", x.to(acc), negatives.to(acc))], dim=1)
+        keep = torch.ones_like(sim, dtype=torch.bool)
+        if negative_mask is not None:
+            keep[:, 1:] = negative_mask
+        if margin is not None:
+            keep[:, 1:] &= sim[:, 1:].detach() <= sim[:, :1].detach() - margin
+        logits = scale.to(acc) * sim + (0.0 if bias is None else bias.to(acc))
+        log_p = torch.log_softmax(logits.masked_fill(~keep, float("-inf")), dim=1)
+        row = -(1.0 - eps) * log_p[:, 0]
+        if eps:
+            row = row - eps * torch.where(keep, log_p, 0.0).sum(dim=1) / keep.sum(dim=1)
+        return row.mean().to(out_dtype)
+
+
+def ntxent_loss(
+    out0: torch.Tensor,
+    out1: torch.Tensor,
+    *,
+    temperature: float = 0.5,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """NT-Xent (SimCLR, SimCSE; lightly's ``NTXentLoss`` without a memory bank; docs/losses.md §1.4).
+
+    ``Z = normalize([out0; out1])`` (2N, D), ``S = Z·Zᵀ/τ`` with the diagonal excluded, the positive of
+    row i is row ``(i + N) mod 2N``; the cross-entropy averaged over the 2N rows. The engine never
+    forms the 2N×2N matrix. Returns a 0-d tensor in the inputs' dtype (fp32 under autocast).
+    """
+    check_features("out0", out0, "out1", out1)
+    if out0.shape != out1.shape:
+        raise ValueError(f"out0 and out1 must have one shape, got {tuple(out0.shape)} and {tuple(out1.shape)}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    if not (temperature > 0 and temperature < float("inf")):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    chunk_size = _check_chunk_size(chunk_size)
+    if backend == "reference":
+        return reference.ntxent_loss_reference(out0, out1, temperature=temperature).to(out0.dtype)
+    n = out0.shape[0]
+    z = torch.nn.functional.normalize(torch.cat([out0, out1]), dim=1)
+    ids = torch.arange(n, device=z.device).repeat(2)
+    inv_t = torch.tensor(1.0 / temperature, dtype=torch.float64, device=z.device)
+    return target_engine_loss(z, z, inv_t, None, row_ids=ids, col_ids=ids, exclude_offset=0,
+                              symmetric=False, backend=backend, chunk_size=chunk_size)

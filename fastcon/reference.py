@@ -371,7 +371,8 @@ def negatives_clip_loss_reference(image_features, text_features, negatives, logi
 
     ``negative_mask`` (B, K) bool: False drops that negative (a padded slot). ``false_negative_margin``
     m (GISTEmbed's rule, in similarity units before the scale): a negative column ``j`` of row ``i`` is
-    dropped when ``x_i·c_j > x_i·y_i − m``. Dropped columns are as if their logits were −∞; a row keeps
+    dropped when ``x_i·c_j > x_i·y_i − m`` (for a text column, in both directions). Dropped columns are
+    as if their logits were −∞; a row keeps
     at least its positive, so its loss is defined (0 with a single positive and every negative dropped).
     """
     b, d = image_features.shape
@@ -422,8 +423,9 @@ def negatives_clip_loss_reference(image_features, text_features, negatives, logi
             logits = logits + torch.as_tensor(logit_bias, dtype=acc)
         return target_cross_entropy_reference(logits, pos, keep, label_smoothing=label_smoothing)
     i2t = target_cross_entropy_reference(logits, pos, keep, label_smoothing=label_smoothing)
-    # text→image: the B text columns against the B images, the same positives transposed
-    t2i = target_cross_entropy_reference(logits[:, :b].T, pos[:, :b].T, label_smoothing=label_smoothing)
+    # text→image: the B text columns against the B images, the same positives and dropped pairs
+    # transposed (a false negative is one in both directions)
+    t2i = target_cross_entropy_reference(logits[:, :b].T, pos[:, :b].T, keep[:, :b].T, label_smoothing=label_smoothing)
     return (i2t + t2i) / 2
 
 

@@ -90,3 +90,90 @@ def sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad):
     if need_grad:
         grad_b.mul_(scale)
     return total, grad_a, grad_b, grad_scale, grad_bias
+
+
+# ---------------------------------------------------------------------------------------------------
+# The general target (fastcon/kernels/targets.py): positives by id, dropped pairs, label smoothing.
+
+def target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, need_grad):
+    """Softmax loss of a general ``target`` and its gradients, in two chunked passes::
+
+        L = w_r·Σ_i [LSE_{K_i} S_i − (1−ε)·mean_{P_i} S_i − ε·mean_{K_i} S_i]
+          + w_c·Σ_{j owning a positive} [the same over column j's kept rows]
+
+    with w_r = 1/Na (½ of it and w_c = 1/(2·#owning columns) when ``symmetric``, else w_c = 0).
+    Returns (loss float64, grad_a, grad_b, grad_scale, grad_bias), the gradients None without
+    ``need_grad``. A row with no positive is a ValueError naming it."""
+    from .targets import chunk_masks
+
+    acc = acc_dtype(a.dtype)
+    f64 = torch.float64
+    na, nb = a.shape[0], b.shape[0]
+    dev = a.device
+    row_lse = torch.empty(na, dtype=f64, device=dev)
+    row_pos = torch.empty(na, dtype=f64, device=dev)      # |P_i|
+    row_keep = torch.empty(na, dtype=f64, device=dev)     # |K_i|
+    row_sum_pos = torch.empty(na, dtype=f64, device=dev)  # Σ_{P_i} S
+    row_sum_keep = torch.empty(na, dtype=f64, device=dev)
+    col_lse = torch.full((nb,), float("-inf"), dtype=f64, device=dev)
+    col_pos = torch.zeros(nb, dtype=f64, device=dev)
+    col_keep = torch.zeros(nb, dtype=f64, device=dev)
+    col_sum_pos = torch.zeros(nb, dtype=f64, device=dev)
+    col_sum_keep = torch.zeros(nb, dtype=f64, device=dev)
+    for r0, r1 in row_chunks(na, chunk_rows):
+        dot = mm_acc(a[r0:r1], b.T)
+        s_c = dot * scale + bias
+        pos, keep = chunk_masks(target, dot, r0, r1)
+        masked = s_c.masked_fill(~keep, float("-inf"))
+        row_lse[r0:r1] = lse_parts(masked, dim=1)
+        col_lse.copy_(torch.logaddexp(col_lse, lse_parts(masked, dim=0)))
+        s_pos = torch.where(pos, s_c, 0.0).double()
+        s_keep = torch.where(keep, s_c, 0.0).double()
+        row_pos[r0:r1], row_keep[r0:r1] = pos.sum(1), keep.sum(1)
+        row_sum_pos[r0:r1], row_sum_keep[r0:r1] = s_pos.sum(1), s_keep.sum(1)
+        col_pos += pos.sum(0)
+        col_keep += keep.sum(0)
+        col_sum_pos += s_pos.sum(0)
+        col_sum_keep += s_keep.sum(0)
+    if bool((row_pos == 0).any()):
+        row = int(torch.nonzero(row_pos == 0)[0])
+        raise ValueError(f"row {row} of the loss has no positive among its kept columns")
+    owned = col_pos > 0
+    w_r = (0.5 if symmetric else 1.0) / na
+    w_c = 0.5 / max(int(owned.sum()), 1) if symmetric else 0.0
+
+    def terms(lse, n_pos, n_keep, sum_pos, sum_keep):
+        return lse - (1.0 - eps) * sum_pos / n_pos - eps * sum_keep / n_keep
+
+    loss = w_r * terms(row_lse, row_pos, row_keep, row_sum_pos, row_sum_keep).sum()
+    if symmetric:
+        loss = loss + w_c * terms(col_lse, col_pos, col_keep, col_sum_pos, col_sum_keep)[owned].sum()
+    if not need_grad:
+        return loss, None, None, None, None
+
+    b_acc = b.to(acc)
+    grad_a = torch.empty(a.shape, dtype=acc, device=dev)
+    grad_b = torch.zeros(b.shape, dtype=acc, device=dev)
+    grad_scale = torch.zeros((), dtype=acc, device=dev)
+    grad_bias = torch.zeros((), dtype=acc, device=dev)
+    safe_col_pos, safe_col_keep = col_pos.clamp_min(1), col_keep.clamp_min(1)
+    for r0, r1 in row_chunks(na, chunk_rows):
+        dot = mm_acc(a[r0:r1], b.T)
+        s_c = dot * scale + bias
+        pos, keep = chunk_masks(target, dot, r0, r1)
+        masked = s_c.double().masked_fill(~keep, float("-inf"))
+        pos64, keep64 = pos.double(), keep.double()
+        # G = w_r·(P_row − Q_row) + w_c·(P_col − Q_col), differences in float64, zero where dropped
+        q_row = (1.0 - eps) * pos64 / row_pos[r0:r1, None] + eps * keep64 / row_keep[r0:r1, None]
+        g = w_r * (torch.exp(masked - row_lse[r0:r1, None]) - q_row)
+        if symmetric:
+            p_col = torch.where(owned[None, :], torch.exp(masked - torch.where(owned, col_lse, 0.0)[None, :]), 0.0)
+            q_col = (1.0 - eps) * pos64 / safe_col_pos[None, :] + eps * keep64 / safe_col_keep[None, :]
+            g = g + w_c * torch.where(owned[None, :], p_col - q_col, 0.0)
+        g = g.to(acc)
+        grad_scale += (g * dot).sum()
+        grad_bias += g.sum()
+        grad_a[r0:r1] = (g @ b_acc).mul_(scale)
+        grad_b.addmm_(g.T, a[r0:r1].to(acc))
+    grad_b.mul_(scale)
+    return loss, grad_a, grad_b, grad_scale, grad_bias

@@ -520,3 +520,86 @@ def siglip_engine_loss(a, b, scale, bias, *, pos_offset: Optional[int], backend:
     loss, *_ = op(a, b, scale, bias, name, int(offset), int(chunk_size or 0), needs_grad(a, b, scale, bias),
                   mm_dtype)
     return loss.to(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The general target (fastcon/kernels/targets.py). Its executable statement is the torch backend's;
+# the C++ and Triton epilogues of it are not written yet.
+
+TARGET_BACKENDS = ("torch",)
+TARGET_NOT_IMPLEMENTED = ("cpp", "triton", "triton_fused")
+_warned_target_fallback = False
+
+
+def resolve_target_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend of a general-target loss: ``auto`` takes the torch backend (warning once that it is
+    the slower path); the C++ and Triton backends raise NotImplementedError."""
+    global _warned_target_fallback
+    name = resolve_name(backend, device, dtype)
+    if backend == "auto" and name in TARGET_NOT_IMPLEMENTED:
+        if not _warned_target_fallback:
+            warnings.warn(
+                "fastcon: labels, hard negatives and self-contrast run on the chunked PyTorch backend for now "
+                f"(the {name} kernels of the general target are not implemented yet); see fastcon.backend_info()",
+                RuntimeWarning, stacklevel=5)
+            _warned_target_fallback = True
+        return "torch"
+    if name in TARGET_NOT_IMPLEMENTED:
+        raise NotImplementedError(
+            f"backend={name!r} has no kernel for labels, hard negatives or self-contrast yet; use backend='torch' "
+            "(or 'auto')")
+    return name
+
+
+@_assume_constant
+def _traced_target_backend(backend: str, device_type: str, dtype: torch.dtype) -> str:
+    return resolve_target_backend(backend, torch.device(device_type), dtype)
+
+
+def _target_softmax_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, row_ids: Tensor, col_ids: Tensor,
+                         col_keep: Optional[Tensor], pos_dot: Optional[Tensor], backend: str,
+                         exclude_offset: Optional[int], margin: Optional[float], label_smoothing: float,
+                         symmetric: bool, chunk_size: int, need_grad: bool,
+                         mm_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The softmax loss of a general target (``fastcon.kernels.torch_chunked.target_softmax_fused``) in
+    float64, and its gradients."""
+    from fastcon.kernels.targets import Target
+
+    with autocast_off(a.device.type):
+        impl, x, y, s, c, chunk_rows = _backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype)
+        target = Target(row_ids, col_ids, exclude_offset, col_keep,
+                        None if pos_dot is None else pos_dot.to(acc_dtype(x.dtype)), margin)
+        loss, *grads = impl.target_softmax_fused(x, y, s, c, target, label_smoothing, symmetric, chunk_rows,
+                                                 need_grad)
+        if not need_grad:
+            return (loss,) + _no_grads(a)
+        return (loss,) + final_grads((a, b, scale, bias), grads, 1.0)
+
+
+def _target_softmax_loss_fake(a, b, scale, bias, row_ids, col_ids, col_keep, pos_dot, backend, exclude_offset,
+                              margin, label_smoothing, symmetric, chunk_size, need_grad, mm_dtype):
+    loss = a.new_empty((), dtype=torch.float64)
+    return (loss,) + (_grad_likes(a, b, scale, bias) if need_grad else _no_grads(a))
+
+
+target_softmax_loss = torch.library.custom_op("fastcon::target_softmax_loss", _target_softmax_loss, mutates_args=())
+target_softmax_loss.register_fake(_target_softmax_loss_fake)
+target_softmax_loss.register_autograd(_backward_of(12), setup_context=_setup_context)  # 12 args after a, b, scale, bias
+
+
+def target_engine_loss(a, b, scale, bias, *, row_ids, col_ids, col_keep=None, pos_dot=None, exclude_offset=None,
+                       margin=None, label_smoothing: float = 0.0, symmetric: bool = True, backend: str = "auto",
+                       chunk_size: Optional[int] = None) -> torch.Tensor:
+    """A general-target softmax loss on the engine (``fastcon/kernels/targets.py``); arguments already
+    validated. Returns the fp32 (float64 for float64 inputs) loss in ``loss_dtype(a)``."""
+    out_dtype = loss_dtype(a)
+    mm_dtype = autocast_gemm_dtype(a)
+    name = _traced_target_backend(backend, a.device.type, mm_dtype or a.dtype)
+    scale, bias = engine_scalars(scale, bias, acc_dtype(a.dtype), a.device)
+    if pos_dot is not None:
+        pos_dot = pos_dot.detach()
+    loss, *_ = target_softmax_loss(a, b, scale, bias, row_ids, col_ids, col_keep, pos_dot, name,
+                                   None if exclude_offset is None else int(exclude_offset),
+                                   None if margin is None else float(margin), float(label_smoothing),
+                                   bool(symmetric), int(chunk_size or 0), needs_grad(a, b, scale, bias), mm_dtype)
+    return loss.to(acc_dtype(a.dtype)).to(out_dtype)

@@ -1,0 +1,223 @@
+"""The general target on the engine: multi-positive CLIP over ids, CLIP with hard negatives (global and
+own forms, slot masks, GIST margin), NT-Xent; every engine path against the float64 reference, loss
+and the gradient of every input that requires grad."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastcon
+import fastcon.functional as FC
+from fastcon import reference as R
+from fastcon.ops import engine
+from helpers import assert_close_rel, make_features
+
+BACKENDS = ["torch", "auto"]
+
+
+def _negatives(b, k, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(b, k, d, generator=g, dtype=torch.float64), dim=-1).float()
+
+
+def _check(fn, ref, tensors, *, rtol=2e-5, **kw):
+    """fn and ref on leaves of ``tensors`` (fp32 for fn, float64 for ref): loss and every gradient."""
+    ours = [t.detach().clone().requires_grad_() for t in tensors]
+    truth = [t.detach().double().requires_grad_() for t in tensors]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the auto backend's one-time fallback notice
+        out = fn(*ours, **kw)
+    expected = ref(*truth)
+    assert out.dtype == tensors[0].dtype and out.shape == ()
+    assert_close_rel(out, expected, rtol=rtol, atol=1e-6, name="loss")
+    grads = torch.autograd.grad(out, ours)
+    expected_grads = torch.autograd.grad(expected, truth)
+    for i, (g, e) in enumerate(zip(grads, expected_grads)):
+        assert g.dtype == ours[i].dtype and g.shape == ours[i].shape
+        if g.numel():  # (K = 0 negatives have an empty gradient)
+            # an absolute floor for gradients that cancel to ~0 (a CLIP bias, one class for all rows)
+            assert_close_rel(g, e, rtol=rtol, atol=1e-6, name=f"grad of input {i}")
+
+
+LABEL_SETS = {
+    "unique": lambda n: torch.arange(n),
+    "shared": lambda n: torch.arange(n) % max(1, n // 3),
+    "one_class": lambda n: torch.zeros(n, dtype=torch.long),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("labels", list(LABEL_SETS))
+@pytest.mark.parametrize("n,d,eps,chunk", [(1, 3, 0.0, None), (37, 16, 0.1, 5), (130, 64, 0.0, 33)])
+def test_multi_positive_clip(backend, labels, n, d, eps, chunk):
+    a, b = make_features(n, n, d)
+    ids = LABEL_SETS[labels](n)
+    s, bias = torch.tensor(30.0), torch.tensor(-1.5)
+    _check(lambda x, y, t, c: FC.clip_loss(x, y, t, c, labels=ids, label_smoothing=eps, backend=backend,
+                                           chunk_size=chunk),
+           lambda x, y, t, c: R.multi_positive_clip_loss_reference(x, y, t, c, labels=ids, label_smoothing=eps),
+           [a, b, s, bias])
+
+
+def test_unique_labels_give_clip():
+    a, b = make_features(50, 50, 16)
+    s = torch.tensor(100.0)
+    plain = FC.clip_loss(a, b, s, backend="torch")
+    assert_close_rel(FC.clip_loss(a, b, s, labels=torch.arange(50), backend="torch"), plain, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [
+    dict(b=1, k=1, d=3),
+    dict(b=9, k=0, d=8),
+    dict(b=17, k=3, d=16, eps=0.1),
+    dict(b=17, k=3, d=16, mask=True),
+    dict(b=17, k=3, d=16, margin=0.05),
+    dict(b=24, k=2, d=16, labels=True, margin=0.1, eps=0.1, chunk=7),
+    dict(b=33, k=7, d=64, mask=True, margin=0.0, chunk=10),
+], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_global_negatives(backend, case):
+    b, k, d = case["b"], case["k"], case["d"]
+    x, y = make_features(b, b, d)
+    negs = _negatives(b, k, d, seed=b + k)
+    if case.get("margin") is not None and b > 1 and k > 0:
+        negs[0, 0] = y[0]  # a false negative the margin must drop
+    mask = (torch.arange(b * k).reshape(b, k) % 3 != 1) if case.get("mask") else None
+    ids = (torch.arange(b) % 5) if case.get("labels") else None
+    kw = dict(negative_mask=mask, false_negative_margin=case.get("margin"), labels=ids,
+              label_smoothing=case.get("eps", 0.0))
+    s, bias = torch.tensor(20.0), torch.tensor(0.5)
+    _check(lambda x_, y_, n_, t, c: FC.negatives_clip_loss(x_, y_, n_, t, c, backend=backend,
+                                                           chunk_size=case.get("chunk"), **kw),
+           lambda x_, y_, n_, t, c: R.negatives_clip_loss_reference(x_, y_, n_, t, c, **kw),
+           [x, y, negs, s, bias])
+
+
+@pytest.mark.parametrize("case", [dict(), dict(mask=True), dict(margin=0.05), dict(eps=0.1, mask=True)])
+def test_own_negatives(case):
+    b, k, d = 21, 4, 16
+    x, y = make_features(b, b, d)
+    negs = _negatives(b, k, d, seed=3)
+    negs[2, 1] = y[2]
+    mask = (torch.arange(b * k).reshape(b, k) % 4 != 0) if case.get("mask") else None
+    kw = dict(form="own", negative_mask=mask, false_negative_margin=case.get("margin"),
+              label_smoothing=case.get("eps", 0.0))
+    _check(lambda x_, y_, n_, t: FC.negatives_clip_loss(x_, y_, n_, t, **kw),
+           lambda x_, y_, n_, t: R.negatives_clip_loss_reference(x_, y_, n_, t, **kw),
+           [x, y, negs, torch.tensor(14.3)])
+
+
+def test_every_negative_dropped_is_zero_and_finite():
+    b, k, d = 6, 3, 8
+    x, y = make_features(b, b, d)
+    negs = _negatives(b, k, d).requires_grad_()
+    xg = x.clone().requires_grad_()
+    out = FC.negatives_clip_loss(xg, y, negs, 14.3, form="own", negative_mask=torch.zeros(b, k, dtype=torch.bool))
+    out.backward()
+    assert out.item() == 0.0 and torch.isfinite(xg.grad).all() and torch.isfinite(negs.grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,d,t,chunk", [(1, 3, 0.5, None), (2, 8, 0.1, None), (45, 32, 0.5, 11), (100, 256, 0.07, 64)])
+def test_ntxent(backend, n, d, t, chunk):
+    g = torch.Generator().manual_seed(n)
+    out0, out1 = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    _check(lambda p, q: FC.ntxent_loss(p, q, temperature=t, backend=backend, chunk_size=chunk),
+           lambda p, q: R.ntxent_loss_reference(p, q, temperature=t), [out0, out1])
+
+
+def test_bf16_inputs_keep_their_dtype_and_budget():
+    a, b = make_features(64, 64, 32, dtype=torch.bfloat16)
+    ids = torch.arange(64) % 10
+    out = FC.clip_loss(a, b, 14.3, labels=ids, backend="torch")
+    truth = R.multi_positive_clip_loss_reference(a.double(), b.double(), 14.3, labels=ids)
+    low = R.multi_positive_clip_loss_reference(a, b, 14.3, labels=ids, upcast=False)
+    assert out.dtype == torch.bfloat16
+    assert abs(out.double() - truth) <= abs(low.double() - truth) + 1e-2 * abs(truth)
+
+
+def test_under_autocast_the_loss_is_fp32():
+    a, b = make_features(30, 30, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = FC.clip_loss(a, b, 14.3, labels=torch.arange(30) % 4, backend="torch")
+    exact = R.multi_positive_clip_loss_reference(a.bfloat16().double(), b.bfloat16().double(), 14.3,
+                                                 labels=torch.arange(30) % 4)
+    assert out.dtype == torch.float32 and abs(out.item() - exact.item()) <= 1e-5 * exact.item()
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "triton_fused"])
+def test_unwritten_kernels_raise_not_implemented(backend):
+    if backend == "cpp" and not fastcon.backend_info()["backends"]["cpp"]["available"]:
+        pytest.skip("the C++ extension is not built")
+    if backend.startswith("triton") and not fastcon.backend_info()["backends"][backend]["available"]:
+        pytest.skip("triton cannot run here")
+    a, b = make_features(8, 8, 4)
+    with pytest.raises(NotImplementedError, match="labels, hard negatives"):
+        FC.clip_loss(a, b, 10.0, labels=torch.arange(8), backend=backend)
+    assert any("general target" in line for line in fastcon.backend_info()["not_implemented"])
+
+
+def test_auto_warns_once_when_it_takes_the_torch_path(monkeypatch):
+    if engine.resolve_name("auto", torch.device("cpu"), torch.float32) == "torch":
+        pytest.skip("auto is the torch backend here anyway")
+    monkeypatch.setattr(engine, "_warned_target_fallback", False)
+    a, b = make_features(8, 8, 4)
+    with pytest.warns(RuntimeWarning, match="PyTorch backend for now"):
+        FC.ntxent_loss(a, b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FC.ntxent_loss(a, b)
+
+
+def test_bad_input_names_the_argument():
+    x, y = make_features(4, 4, 8)
+    negs = torch.zeros(4, 2, 8)
+    with pytest.raises(ValueError, match=r"negatives must be \(B=4, K, D=8\)"):
+        FC.negatives_clip_loss(x, y, torch.zeros(4, 2, 7), 10.0)
+    with pytest.raises(ValueError, match=r"negatives must be \(B=4"):
+        FC.negatives_clip_loss(x, y, torch.zeros(3, 2, 8), 10.0)
+    with pytest.raises(ValueError, match="K=0"):
+        FC.negatives_clip_loss(x, y, negs[:, :0], 10.0, form="own")
+    with pytest.raises(ValueError, match=r"negative_mask must be \(B=4, K=2\)"):
+        FC.negatives_clip_loss(x, y, negs, 10.0, negative_mask=torch.ones(4, 3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="boolean"):
+        FC.negatives_clip_loss(x, y, negs, 10.0, negative_mask=torch.ones(4, 2))
+    with pytest.raises(ValueError, match="false_negative_margin must be >= 0"):
+        FC.negatives_clip_loss(x, y, negs, 10.0, false_negative_margin=-0.1)
+    with pytest.raises(ValueError, match="form must be"):
+        FC.negatives_clip_loss(x, y, negs, 10.0, form="local")
+    with pytest.raises(ValueError, match=r"labels must have one id per row: shape \(4,\)"):
+        FC.clip_loss(x, y, 10.0, labels=torch.arange(5))
+    with pytest.raises(TypeError, match="integer ids"):
+        FC.clip_loss(x, y, 10.0, labels=torch.arange(4.0))
+    with pytest.raises(ValueError, match=">= 0"):
+        FC.clip_loss(x, y, 10.0, labels=torch.tensor([0, 1, -1, 2]))
+    with pytest.raises(ValueError, match="paired"):
+        FC.clip_loss(x, torch.zeros(6, 8), 10.0, labels=torch.arange(4))
+    with pytest.raises(ValueError, match="temperature must be a positive"):
+        FC.ntxent_loss(x, y, temperature=-0.5)
+    with pytest.raises(ValueError, match="one shape"):
+        FC.ntxent_loss(x, torch.zeros(5, 8))
+
+
+def test_target_op_compiles_and_passes_opcheck():
+    torch._dynamo.reset()
+    x, y = make_features(20, 20, 8)
+    ids = torch.arange(20) % 6
+    step = lambda p, q, t: FC.clip_loss(F.normalize(p, dim=-1), F.normalize(q, dim=-1), t.exp(),  # noqa: E731
+                                        labels=ids, backend="torch")
+    leaves = [(2 * x).requires_grad_(), y.clone().requires_grad_(), torch.tensor(2.0, requires_grad=True)]
+    eager = step(*leaves)
+    eager_grads = torch.autograd.grad(eager, leaves)
+    out = torch.compile(step, fullgraph=True)(*leaves)
+    grads = torch.autograd.grad(out, leaves)
+    assert_close_rel(out, eager, rtol=1e-6)
+    for g, e in zip(grads, eager_grads):
+        assert_close_rel(g, e, rtol=1e-5, atol=1e-8)
+    a, b = make_features(9, 12, 8)
+    args = (a.requires_grad_(), b.requires_grad_(), torch.tensor(14.3, requires_grad=True),
+            torch.tensor(0.5, requires_grad=True), torch.arange(9) % 3,
+            torch.cat([torch.arange(9) % 3, torch.full((3,), -1)]),
+            torch.tensor([True] * 10 + [False, True]), torch.rand(9), "torch", 0, 0.1, 0.1, True, 4, True, None)
+    torch.library.opcheck(torch.ops.fastcon.target_softmax_loss.default, args)
