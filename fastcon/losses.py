@@ -66,7 +66,9 @@ class ClipLoss(nn.Module):
     ``fastcon.functional.clip_loss``. ``cache_labels`` is accepted for compatibility (there are no
     labels to cache); ``use_horovod=True`` is a ``ValueError`` (use torch.distributed).
     Keyword-only extras: ``label_smoothing``, ``backend`` (see ``fastcon.functional``), ``chunk_size``,
-    ``process_group`` (default: the world group when ``world_size > 1``).
+    ``process_group`` (default: the world group when ``world_size > 1``); and of ``forward``,
+    ``labels`` (N integer class ids: pairs sharing an id are positives of one another, see
+    ``fastcon.functional.clip_loss``; one process only for now).
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
@@ -88,9 +90,10 @@ class ClipLoss(nn.Module):
         self.backend = backend
         self.chunk_size = chunk_size
 
-    def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False):
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False, *,
+                labels=None):
         _check_paired(self, image_features, text_features)
-        loss = FC.clip_loss(image_features, text_features, logit_scale, logit_bias,
+        loss = FC.clip_loss(image_features, text_features, logit_scale, logit_bias, labels=labels,
                             label_smoothing=self.label_smoothing, local_loss=self.local_loss,
                             gather_with_grad=self.gather_with_grad, process_group=_group_for(self, self.process_group),
                             backend=self.backend, chunk_size=self.chunk_size)

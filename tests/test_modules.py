@@ -41,7 +41,7 @@ def test_constructor_signatures_match_open_clip(name):
     cls = getattr(fastcon, name)
     assert _positional(cls.__init__) == OPEN_CLIP_INIT[name]
     assert _positional(cls.forward) == OPEN_CLIP_FORWARD[name]
-    assert not _keyword_only(cls.forward)
+    assert _keyword_only(cls.forward) == (["labels"] if name == "ClipLoss" else [])
     assert "chunk_size" in _keyword_only(cls.__init__) and "backend" in _keyword_only(cls.__init__)
 
 
@@ -102,8 +102,10 @@ def test_signatures_equal_installed_open_clip(name):
     # add keyword-only ones after them.
     assert _positional(ours.__init__) == [(p.name, p.default) for p in
                                           list(inspect.signature(oc.__init__).parameters.values())[1:]]
-    assert [(p.name, p.default, p.kind) for p in inspect.signature(ours.forward).parameters.values()] == \
-        [(p.name, p.default, p.kind) for p in inspect.signature(oc.forward).parameters.values()]
+    # forward: open_clip's parameters, kinds and defaults; ours may add keyword-only ones after them
+    ours_fwd = [(p.name, p.default, p.kind) for p in inspect.signature(ours.forward).parameters.values()
+                if p.kind != inspect.Parameter.KEYWORD_ONLY]
+    assert ours_fwd == [(p.name, p.default, p.kind) for p in inspect.signature(oc.forward).parameters.values()]
 
 
 @pytest.mark.parametrize("bias", [None, -3.0])
@@ -266,3 +268,11 @@ def test_missing_extension_falls_back_to_torch_with_one_warning(monkeypatch):
     info = fastcon.backend_info()
     assert info["backends"]["cpp"] == {"available": False, "reason": reason, "devices": ["cpu"]}
     assert info["auto"]["cpu"] == "torch"
+
+
+def test_clip_module_takes_labels_keyword_only():
+    a, b = make_features(24, 24, 16)
+    ids = torch.arange(24) % 5
+    out = fastcon.ClipLoss(backend="torch")(a, b, torch.tensor(14.3), labels=ids)
+    ref = R.multi_positive_clip_loss_reference(a.double(), b.double(), 14.3, labels=ids)
+    assert_close_rel(out, ref, rtol=1e-5)
