@@ -221,3 +221,20 @@ def test_target_op_compiles_and_passes_opcheck():
             torch.cat([torch.arange(9) % 3, torch.full((3,), -1)]),
             torch.tensor([True] * 10 + [False, True]), torch.rand(9), "torch", 0, 0.1, 0.1, True, 4, True, None)
     torch.library.opcheck(torch.ops.fastcon.target_softmax_loss.default, args)
+
+
+def test_large_logits_on_columns_without_a_positive_stay_finite():
+    """s = 100 and each image as its own hard negative: logits of 100 on columns that own no positive
+    (and on dropped pairs) must contribute 0 to G, not exp(100)·0 = NaN."""
+    b, k, d = 10, 2, 16
+    x, y = make_features(b, b, d)
+    negs = _negatives(b, k, d, seed=9)
+    negs[:, 0] = x  # logits of 100, above every positive's
+    for kw in (dict(), dict(false_negative_margin=0.01)):
+        _check(lambda x_, y_, n_, t: FC.negatives_clip_loss(x_, y_, n_, t, backend="torch", **kw),
+               lambda x_, y_, n_, t: R.negatives_clip_loss_reference(x_, y_, n_, t, **kw),
+               [x, y, negs, torch.tensor(100.0)], rtol=1e-4)
+    g = torch.Generator().manual_seed(0)
+    z0, z1 = torch.randn(12, 8, generator=g), torch.randn(12, 8, generator=g)
+    _check(lambda p, q: FC.ntxent_loss(p, q, temperature=0.01, backend="torch"),
+           lambda p, q: R.ntxent_loss_reference(p, q, temperature=0.01), [z0, z1], rtol=1e-4)

@@ -95,15 +95,17 @@ def sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad):
 # ---------------------------------------------------------------------------------------------------
 # The general target (fastcon/kernels/targets.py): positives by id, dropped pairs, label smoothing.
 
-def target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, need_grad):
+def target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, need_grad, cache_bytes=0):
     """Softmax loss of a general ``target`` and its gradients, in two chunked passes::
 
         L = w_r·Σ_i [LSE_{K_i} S_i − (1−ε)·mean_{P_i} S_i − ε·mean_{K_i} S_i]
           + w_c·Σ_{j owning a positive} [the same over column j's kept rows]
 
-    with w_r = 1/Na (½ of it and w_c = 1/(2·#owning columns) when ``symmetric``, else w_c = 0).
-    Returns (loss float64, grad_a, grad_b, grad_scale, grad_bias), the gradients None without
-    ``need_grad``. A row with no positive is a ValueError naming it."""
+    with w_r = 1/Na (½ of it and w_c = 1/(2·#owning columns) when ``symmetric``, else w_c = 0), and
+    ``G = w_r·(P_row − Q_row) + w_c·(P_col − Q_col)`` on the kept pairs (Q: the targets). Logits
+    chunks of the first pass are kept for the second while they fit ``cache_bytes``. Returns (loss
+    float64, grad_a, grad_b, grad_scale, grad_bias), the gradients None without ``need_grad``. A row
+    with no positive is a ValueError naming it."""
     from .targets import chunk_masks
 
     acc = acc_dtype(a.dtype)
@@ -111,15 +113,16 @@ def target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, 
     na, nb = a.shape[0], b.shape[0]
     dev = a.device
     row_lse = torch.empty(na, dtype=f64, device=dev)
-    row_pos = torch.empty(na, dtype=f64, device=dev)      # |P_i|
-    row_keep = torch.empty(na, dtype=f64, device=dev)     # |K_i|
+    row_pos = torch.empty(na, dtype=acc, device=dev)      # |P_i|
+    row_keep = torch.empty(na, dtype=acc, device=dev)     # |K_i|
     row_sum_pos = torch.empty(na, dtype=f64, device=dev)  # Σ_{P_i} S
     row_sum_keep = torch.empty(na, dtype=f64, device=dev)
     col_lse = torch.full((nb,), float("-inf"), dtype=f64, device=dev)
-    col_pos = torch.zeros(nb, dtype=f64, device=dev)
-    col_keep = torch.zeros(nb, dtype=f64, device=dev)
+    col_pos = torch.zeros(nb, dtype=acc, device=dev)
+    col_keep = torch.zeros(nb, dtype=acc, device=dev)
     col_sum_pos = torch.zeros(nb, dtype=f64, device=dev)
     col_sum_keep = torch.zeros(nb, dtype=f64, device=dev)
+    cached, kept = [], 0
     for r0, r1 in row_chunks(na, chunk_rows):
         dot = mm_acc(a[r0:r1], b.T)
         s_c = dot * scale + bias
@@ -127,14 +130,18 @@ def target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, 
         masked = s_c.masked_fill(~keep, float("-inf"))
         row_lse[r0:r1] = lse_parts(masked, dim=1)
         col_lse.copy_(torch.logaddexp(col_lse, lse_parts(masked, dim=0)))
-        s_pos = torch.where(pos, s_c, 0.0).double()
-        s_keep = torch.where(keep, s_c, 0.0).double()
+        s_pos = torch.where(pos, s_c, 0.0)
+        s_keep = masked.masked_fill_(~keep, 0.0)  # (masked is not needed any more)
         row_pos[r0:r1], row_keep[r0:r1] = pos.sum(1), keep.sum(1)
         row_sum_pos[r0:r1], row_sum_keep[r0:r1] = s_pos.sum(1), s_keep.sum(1)
         col_pos += pos.sum(0)
         col_keep += keep.sum(0)
         col_sum_pos += s_pos.sum(0)
         col_sum_keep += s_keep.sum(0)
+        size = dot.numel() * dot.element_size()
+        if need_grad and len(cached) * chunk_rows == r0 and kept + size <= cache_bytes:
+            cached.append(dot)
+            kept += size
     if bool((row_pos == 0).any()):
         row = int(torch.nonzero(row_pos == 0)[0])
         raise ValueError(f"row {row} of the loss has no positive among its kept columns")
@@ -143,7 +150,7 @@ def target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, 
     w_c = 0.5 / max(int(owned.sum()), 1) if symmetric else 0.0
 
     def terms(lse, n_pos, n_keep, sum_pos, sum_keep):
-        return lse - (1.0 - eps) * sum_pos / n_pos - eps * sum_keep / n_keep
+        return lse - (1.0 - eps) * sum_pos / n_pos.double() - eps * sum_keep / n_keep.double()
 
     loss = w_r * terms(row_lse, row_pos, row_keep, row_sum_pos, row_sum_keep).sum()
     if symmetric:
@@ -156,21 +163,29 @@ def target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, 
     grad_b = torch.zeros(b.shape, dtype=acc, device=dev)
     grad_scale = torch.zeros((), dtype=acc, device=dev)
     grad_bias = torch.zeros((), dtype=acc, device=dev)
-    safe_col_pos, safe_col_keep = col_pos.clamp_min(1), col_keep.clamp_min(1)
-    for r0, r1 in row_chunks(na, chunk_rows):
-        dot = mm_acc(a[r0:r1], b.T)
+    row_hi, row_lo = split_lse(row_lse, acc)
+    # the target weights of one positive / one kept column, per row and per owning column
+    q_row_pos, q_row_keep = (1.0 - eps) / row_pos, eps / row_keep
+    if symmetric:
+        # +inf for the columns without a positive: their column softmax term vanishes (exp(−inf) = 0)
+        col_hi, col_lo = split_lse(torch.where(owned, col_lse, float("inf")), acc)
+        q_col_pos = torch.where(owned, (1.0 - eps) / col_pos.clamp_min(1), 0.0)
+        q_col_keep = torch.where(owned, eps / col_keep.clamp_min(1), 0.0)
+        w_owned = w_c * owned.to(acc)
+    for k, (r0, r1) in enumerate(row_chunks(na, chunk_rows)):
+        dot = cached[k] if k < len(cached) else mm_acc(a[r0:r1], b.T)
         s_c = dot * scale + bias
         pos, keep = chunk_masks(target, dot, r0, r1)
-        masked = s_c.double().masked_fill(~keep, float("-inf"))
-        pos64, keep64 = pos.double(), keep.double()
-        # G = w_r·(P_row − Q_row) + w_c·(P_col − Q_col), differences in float64, zero where dropped
-        q_row = (1.0 - eps) * pos64 / row_pos[r0:r1, None] + eps * keep64 / row_keep[r0:r1, None]
-        g = w_r * (torch.exp(masked - row_lse[r0:r1, None]) - q_row)
+        # P − Q on the kept pairs (zero on the dropped ones, whose logits are −∞ here: a dropped logit
+        # above the row's LSE would overflow), in fp32 with the float64 LSEs split in (hi, lo) as the
+        # other backends do
+        s_c.masked_fill_(~keep, float("-inf"))
+        p_row = (s_c - row_hi[r0:r1, None]).sub_(row_lo[r0:r1, None]).exp_()
+        g = p_row.sub_(pos * q_row_pos[r0:r1, None]).sub_(q_row_keep[r0:r1, None]).mul_(w_r)
         if symmetric:
-            p_col = torch.where(owned[None, :], torch.exp(masked - torch.where(owned, col_lse, 0.0)[None, :]), 0.0)
-            q_col = (1.0 - eps) * pos64 / safe_col_pos[None, :] + eps * keep64 / safe_col_keep[None, :]
-            g = g + w_c * torch.where(owned[None, :], p_col - q_col, 0.0)
-        g = g.to(acc)
+            p_col = (s_c - col_hi[None, :]).sub_(col_lo[None, :]).exp_()
+            g.add_(p_col.sub_(pos * q_col_pos[None, :]).sub_(q_col_keep[None, :]).mul_(w_owned[None, :]))
+        g.masked_fill_(~keep, 0.0)
         grad_scale += (g * dot).sum()
         grad_bias += g.sum()
         grad_a[r0:r1] = (g @ b_acc).mul_(scale)

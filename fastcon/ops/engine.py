@@ -570,7 +570,7 @@ def _target_softmax_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, row_
         target = Target(row_ids, col_ids, exclude_offset, col_keep,
                         None if pos_dot is None else pos_dot.to(acc_dtype(x.dtype)), margin)
         loss, *grads = impl.target_softmax_fused(x, y, s, c, target, label_smoothing, symmetric, chunk_rows,
-                                                 need_grad)
+                                                 need_grad, cache_bytes(x.device))
         if not need_grad:
             return (loss,) + _no_grads(a)
         return (loss,) + final_grads((a, b, scale, bias), grads, 1.0)
