@@ -97,7 +97,8 @@ def check_labels(name: str, labels, n: int, device: torch.device) -> torch.Tenso
         raise ValueError(f"{name} must have one id per row: shape ({n},), got {tuple(labels.shape)}")
     if labels.device.type != "cpu" and labels.device != device:
         raise ValueError(f"{name} is on {labels.device} but the features are on {device}")
-    labels = labels.to(device=device, dtype=torch.int64)
-    if labels.device.type == "cpu" and not _compiling() and n and int(labels.min()) < 0:
+    # (on a GPU this reads one number back: a negative id would otherwise surface later as a row
+    # without a positive)
+    if not _compiling() and n and int(labels.min()) < 0:
         raise ValueError(f"{name} must be >= 0 (ids of classes), got a minimum of {int(labels.min())}")
-    return labels
+    return labels.to(device=device, dtype=torch.int64)

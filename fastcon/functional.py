@@ -16,6 +16,7 @@ import torch
 from . import reference
 from ._validation import check_features, check_label_smoothing, check_labels, check_pos_offset, check_scalar
 from .ops import clip_engine_loss, siglip_engine_loss
+from .ops.engine import BACKENDS as _BACKENDS
 from .ops.engine import target_engine_loss
 
 __all__ = ["clip_loss", "siglip_loss", "negatives_clip_loss", "ntxent_loss"]
@@ -242,8 +243,8 @@ def negatives_clip_loss(
     if false_negative_margin is not None:
         if isinstance(false_negative_margin, bool) or not isinstance(false_negative_margin, (int, float)):
             raise TypeError(f"false_negative_margin must be a float, got {type(false_negative_margin).__name__}")
-        if not false_negative_margin >= 0:
-            raise ValueError(f"false_negative_margin must be >= 0, got {false_negative_margin}")
+        if not 0 <= false_negative_margin < float("inf"):
+            raise ValueError(f"false_negative_margin must be finite and >= 0, got {false_negative_margin}")
     if labels is not None:
         if form == "own":
             raise ValueError("labels make in-batch texts positives: they apply to form='global' only")
@@ -256,6 +257,8 @@ def negatives_clip_loss(
             false_negative_margin=false_negative_margin, labels=labels,
             label_smoothing=eps).to(image_features.dtype)
     if form == "own":
+        if not isinstance(backend, str) or backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         return _own_negatives_loss(image_features, text_features, negatives, scale, bias, negative_mask,
                                    false_negative_margin, eps)
     dev = image_features.device
@@ -265,11 +268,8 @@ def negatives_clip_loss(
     col_keep = None
     if negative_mask is not None:
         col_keep = torch.cat([torch.ones(b, dtype=torch.bool, device=dev), negative_mask.reshape(b * k)])
-    pos_dot = None
-    if false_negative_margin is not None:
-        pos_dot = (image_features.detach().float() * text_features.detach().float()).sum(dim=1)
     return target_engine_loss(image_features, columns, scale, bias, row_ids=ids, col_ids=col_ids, col_keep=col_keep,
-                              pos_dot=pos_dot, margin=false_negative_margin, label_smoothing=eps,
+                              pair_offset=0, margin=false_negative_margin, label_smoothing=eps,
                               backend=backend, chunk_size=chunk_size)
 
 
@@ -281,8 +281,8 @@ def _own_negatives_loss(x, y, negatives, scale, bias, negative_mask, margin, eps
     out_dtype = loss_dtype(x)
     acc = torch.promote_types(x.dtype, torch.float32)
     with autocast_off(x.device.type):
-        sim = torch.cat([(x.to(acc) * y.to(acc)).sum(dim=1, keepdim=True),
-                         torch.einsum("bd,bkd->bk", x.to(acc), negatives.to(acc))], dim=1)
+        # one product for the positive and the negatives, so that the margin compares like with like
+        sim = torch.einsum("bd,bkd->bk", x.to(acc), torch.cat([y[:, None, :], negatives], dim=1).to(acc))
         keep = torch.ones_like(sim, dtype=torch.bool)
         if negative_mask is not None:
             keep[:, 1:] = negative_mask

@@ -183,7 +183,7 @@ def test_bad_input_names_the_argument():
         FC.negatives_clip_loss(x, y, negs, 10.0, negative_mask=torch.ones(4, 3, dtype=torch.bool))
     with pytest.raises(TypeError, match="boolean"):
         FC.negatives_clip_loss(x, y, negs, 10.0, negative_mask=torch.ones(4, 2))
-    with pytest.raises(ValueError, match="false_negative_margin must be >= 0"):
+    with pytest.raises(ValueError, match="false_negative_margin must be finite and >= 0"):
         FC.negatives_clip_loss(x, y, negs, 10.0, false_negative_margin=-0.1)
     with pytest.raises(ValueError, match="form must be"):
         FC.negatives_clip_loss(x, y, negs, 10.0, form="local")
@@ -219,7 +219,7 @@ def test_target_op_compiles_and_passes_opcheck():
     args = (a.requires_grad_(), b.requires_grad_(), torch.tensor(14.3, requires_grad=True),
             torch.tensor(0.5, requires_grad=True), torch.arange(9) % 3,
             torch.cat([torch.arange(9) % 3, torch.full((3,), -1)]),
-            torch.tensor([True] * 10 + [False, True]), torch.rand(9), "torch", 0, 0.1, 0.1, True, 4, True, None)
+            torch.tensor([True] * 10 + [False, True]), "torch", 0, 0, 0.1, 0.1, True, 4, True, None)
     torch.library.opcheck(torch.ops.fastcon.target_softmax_loss.default, args)
 
 
@@ -238,3 +238,41 @@ def test_large_logits_on_columns_without_a_positive_stay_finite():
     z0, z1 = torch.randn(12, 8, generator=g), torch.randn(12, 8, generator=g)
     _check(lambda p, q: FC.ntxent_loss(p, q, temperature=0.01, backend="torch"),
            lambda p, q: R.ntxent_loss_reference(p, q, temperature=0.01), [z0, z1], rtol=1e-4)
+
+
+@pytest.mark.parametrize("form", ["global", "own"])
+def test_margin_ties_are_exact_in_float64(form):
+    """A negative equal to the positive (and, in the global form, a duplicated in-batch text) at margin
+    0: both similarities come from one product, so the tie keeps the column, as in the reference."""
+    b, k, d = 12, 3, 16
+    x, y = make_features(b, b, d, dtype=torch.float64)
+    negs = _negatives(b, k, d, seed=11).double()
+    negs[:, 0] = y
+    if form == "global":
+        y[5] = y[4]
+    for margin in (0.0, 0.05):
+        kw = dict(form=form, false_negative_margin=margin)
+        got = FC.negatives_clip_loss(x, y, negs, 14.3, backend="torch", **kw)
+        expected = R.negatives_clip_loss_reference(x, y, negs, 14.3, **kw)
+        assert abs(got.item() - expected.item()) <= 1e-12 * abs(expected.item()), (margin, got, expected)
+
+
+def test_margin_under_autocast_reads_the_rounded_similarities():
+    b, k, d = 64, 2, 32
+    x, y = make_features(b, b, d)
+    negs = _negatives(b, k, d, seed=12)
+    negs[:, 1] = F.normalize(y + 0.02 * negs[:, 0], dim=-1)  # near the threshold
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = FC.negatives_clip_loss(x, y, negs, 14.3, false_negative_margin=0.01, backend="torch")
+    expected = R.negatives_clip_loss_reference(x.bfloat16().double(), y.bfloat16().double(),
+                                               negs.bfloat16().double(), 14.3, false_negative_margin=0.01)
+    assert abs(got.item() - expected.item()) <= 1e-5 * abs(expected.item())
+
+
+def test_own_form_checks_its_arguments_too():
+    x, y = make_features(4, 4, 8)
+    negs = torch.zeros(4, 2, 8)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        FC.negatives_clip_loss(x, y, negs, 10.0, form="own", backend="bogus")
+    with pytest.raises(ValueError, match="finite"):
+        FC.negatives_clip_loss(x, y, negs, 10.0, false_negative_margin=float("inf"))

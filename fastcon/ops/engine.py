@@ -557,8 +557,8 @@ def _traced_target_backend(backend: str, device_type: str, dtype: torch.dtype) -
 
 
 def _target_softmax_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, row_ids: Tensor, col_ids: Tensor,
-                         col_keep: Optional[Tensor], pos_dot: Optional[Tensor], backend: str,
-                         exclude_offset: Optional[int], margin: Optional[float], label_smoothing: float,
+                         col_keep: Optional[Tensor], backend: str, exclude_offset: Optional[int], pair_offset: int,
+                         margin: Optional[float], label_smoothing: float,
                          symmetric: bool, chunk_size: int, need_grad: bool,
                          mm_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The softmax loss of a general target (``fastcon.kernels.torch_chunked.target_softmax_fused``) in
@@ -567,8 +567,7 @@ def _target_softmax_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, row_
 
     with autocast_off(a.device.type):
         impl, x, y, s, c, chunk_rows = _backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype)
-        target = Target(row_ids, col_ids, exclude_offset, col_keep,
-                        None if pos_dot is None else pos_dot.to(acc_dtype(x.dtype)), margin)
+        target = Target(row_ids, col_ids, exclude_offset, col_keep, pair_offset, margin)
         loss, *grads = impl.target_softmax_fused(x, y, s, c, target, label_smoothing, symmetric, chunk_rows,
                                                  need_grad, cache_bytes(x.device))
         if not need_grad:
@@ -576,7 +575,7 @@ def _target_softmax_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, row_
         return (loss,) + final_grads((a, b, scale, bias), grads, 1.0)
 
 
-def _target_softmax_loss_fake(a, b, scale, bias, row_ids, col_ids, col_keep, pos_dot, backend, exclude_offset,
+def _target_softmax_loss_fake(a, b, scale, bias, row_ids, col_ids, col_keep, backend, exclude_offset, pair_offset,
                               margin, label_smoothing, symmetric, chunk_size, need_grad, mm_dtype):
     loss = a.new_empty((), dtype=torch.float64)
     return (loss,) + (_grad_likes(a, b, scale, bias) if need_grad else _no_grads(a))
@@ -587,7 +586,7 @@ target_softmax_loss.register_fake(_target_softmax_loss_fake)
 target_softmax_loss.register_autograd(_backward_of(12), setup_context=_setup_context)  # 12 args after a, b, scale, bias
 
 
-def target_engine_loss(a, b, scale, bias, *, row_ids, col_ids, col_keep=None, pos_dot=None, exclude_offset=None,
+def target_engine_loss(a, b, scale, bias, *, row_ids, col_ids, col_keep=None, exclude_offset=None, pair_offset=0,
                        margin=None, label_smoothing: float = 0.0, symmetric: bool = True, backend: str = "auto",
                        chunk_size: Optional[int] = None) -> torch.Tensor:
     """A general-target softmax loss on the engine (``fastcon/kernels/targets.py``); arguments already
@@ -596,10 +595,8 @@ def target_engine_loss(a, b, scale, bias, *, row_ids, col_ids, col_keep=None, po
     mm_dtype = autocast_gemm_dtype(a)
     name = _traced_target_backend(backend, a.device.type, mm_dtype or a.dtype)
     scale, bias = engine_scalars(scale, bias, acc_dtype(a.dtype), a.device)
-    if pos_dot is not None:
-        pos_dot = pos_dot.detach()
-    loss, *_ = target_softmax_loss(a, b, scale, bias, row_ids, col_ids, col_keep, pos_dot, name,
-                                   None if exclude_offset is None else int(exclude_offset),
+    loss, *_ = target_softmax_loss(a, b, scale, bias, row_ids, col_ids, col_keep, name,
+                                   None if exclude_offset is None else int(exclude_offset), int(pair_offset),
                                    None if margin is None else float(margin), float(label_smoothing),
                                    bool(symmetric), int(chunk_size or 0), needs_grad(a, b, scale, bias), mm_dtype)
     return loss.to(acc_dtype(a.dtype)).to(out_dtype)
