@@ -41,4 +41,10 @@ precision of its parts (the row maximum, an exact logit, plus the log of an fp32
 
 The CLIP targets and label smoothing are O(N·D) terms added by ``fastcon.ops`` with plain autograd,
 identically for every backend.
+
+The general target (``fastcon/kernels/targets.py``: positives by id, dropped pairs, label smoothing
+over the kept columns) is a fifth operation, so far of the torch backend only::
+
+    target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, need_grad, cache_bytes)
+            -> (loss float64, grad_a, grad_b, grad_scale, grad_bias)
 """

@@ -581,9 +581,9 @@ def _target_softmax_loss_fake(a, b, scale, bias, row_ids, col_ids, col_keep, bac
     return (loss,) + (_grad_likes(a, b, scale, bias) if need_grad else _no_grads(a))
 
 
-target_softmax_loss = torch.library.custom_op("fastcon::target_softmax_loss", _target_softmax_loss, mutates_args=())
-target_softmax_loss.register_fake(_target_softmax_loss_fake)
-target_softmax_loss.register_autograd(_backward_of(12), setup_context=_setup_context)  # 12 args after a, b, scale, bias
+_TARGET_OTHER_ARGS = 12  # row_ids .. mm_dtype: the arguments after a, b, scale, bias
+target_softmax_loss = _register("fastcon::target_softmax_loss", _target_softmax_loss, _target_softmax_loss_fake,
+                                _TARGET_OTHER_ARGS, False)
 
 
 def target_engine_loss(a, b, scale, bias, *, row_ids, col_ids, col_keep=None, exclude_offset=None, pair_offset=0,
