@@ -447,3 +447,51 @@ def ntxent_loss_reference(out0: torch.Tensor, out1: torch.Tensor, temperature: f
     pos[idx, (idx + n) % n2] = True
     keep = idx[:, None] != idx[None, :]
     return target_cross_entropy_reference(logits, pos, keep)
+
+
+MNRL_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+
+
+def mnrl_loss_reference(queries: torch.Tensor, docs, scale: float = 20.0, *, similarity: str = "cos",
+                        directions=("query_to_doc",), partition_mode: str = "joint",
+                        hardness_mode: Optional[str] = None, hardness_strength: float = 0.0) -> torch.Tensor:
+    """Multiple-negatives ranking (docs/losses.md §2.4), materialising every block: queries Q (B, D),
+    ``docs`` a list [P, N_1, .., N_m] of (B, D), candidates C = [P; N_1; ..; N_m].
+
+    The blocks of row i: query_to_doc ``Q_i·C`` (the positive: P_i), query_to_query ``Q_i·Q`` without
+    ``Q_i·Q_i``, doc_to_query ``P_i·Q``, doc_to_doc ``P_i·C`` without query i's own documents. Logits:
+    ``scale·sim`` plus ``strength·sg(sim)`` on the query_to_doc negatives that ``hardness_mode`` names.
+    joint: ``L_i = LSE(all blocks of row i) − S_{i,P_i}``; per_direction: the mean over the blocks of
+    their LSEs instead. The loss is the mean over the B rows."""
+    acc = torch.promote_types(queries.dtype, torch.float32)
+    q = queries.to(acc)
+    ds = [d.to(acc) for d in docs]
+    if similarity == "cos":
+        q, ds = F.normalize(q, dim=1), [F.normalize(d, dim=1) for d in ds]
+    b, n_docs = q.shape[0], len(ds)
+    c = torch.cat(ds)
+    p = ds[0]
+    idx = torch.arange(b, device=q.device)
+    owner = idx.repeat(n_docs)
+    own = idx[:, None] == owner[None, :]  # (B, B·n_docs): query i's own documents
+    blocks = {"query_to_doc": q @ c.T}
+    if "query_to_query" in directions:
+        blocks["query_to_query"] = (q @ q.T).masked_fill(torch.eye(b, dtype=torch.bool, device=q.device),
+                                                         float("-inf"))
+    if "doc_to_query" in directions:
+        blocks["doc_to_query"] = p @ q.T
+    if "doc_to_doc" in directions:
+        blocks["doc_to_doc"] = (p @ c.T).masked_fill(own, float("-inf"))
+    raw = blocks["query_to_doc"]
+    logits = {k: scale * v for k, v in blocks.items()}
+    if hardness_mode is not None and hardness_strength > 0:
+        positive = own & (torch.arange(b * n_docs, device=q.device)[None, :] < b)
+        chosen = {"in_batch_negatives": ~own, "hard_negatives": own & ~positive,
+                  "all_negatives": ~positive}[hardness_mode]
+        logits["query_to_doc"] = logits["query_to_doc"] + hardness_strength * torch.where(chosen, raw.detach(), 0.0)
+    pos = logits["query_to_doc"][idx, idx]
+    if partition_mode == "joint":
+        log_z = torch.logsumexp(torch.cat(list(logits.values()), dim=1), dim=1)
+    else:
+        log_z = torch.stack([torch.logsumexp(v, dim=1) for v in logits.values()]).mean(0)
+    return (log_z - pos).mean()

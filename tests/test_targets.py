@@ -219,7 +219,9 @@ def test_target_op_compiles_and_passes_opcheck():
     args = (a.requires_grad_(), b.requires_grad_(), torch.tensor(14.3, requires_grad=True),
             torch.tensor(0.5, requires_grad=True), torch.arange(9) % 3,
             torch.cat([torch.arange(9) % 3, torch.full((3,), -1)]),
-            torch.tensor([True] * 10 + [False, True]), "torch", 0, 0, 0.1, 0.1, True, 4, True, None)
+            torch.tensor([True] * 10 + [False, True]))
+    tensors = [args[4], args[5], None, args[6]] + [None] * 8
+    args = args[:4] + (tensors, "torch", 0, 0.1, 0.0, 0, 0.1, True, 4, True, None)
     torch.library.opcheck(torch.ops.fastcon.target_softmax_loss.default, args)
 
 

@@ -1,54 +1,147 @@
 """The engine's general target, and its executable statement on row chunks (the torch backend).
 
 A target says, for every pair (row i, column j) of ``S = s·A·Bᵀ + b``, whether column j is kept for
-row i (a dropped pair is as if its logit were −∞, in both directions) and whether it is a positive.
-It is described with O(N) memory::
+row i (a dropped pair is as if its logit were −∞, in both directions), whether it is a positive, and
+which softmax row i belongs to. Everything but the optional dense mask is O(N) memory::
 
-    Target(row_ids, col_ids, exclude_offset, col_keep, pair_offset, margin)
+    Target(row_ids, col_ids, exclude_col, col_keep, pair_offset, margin,
+           row_group, row_owner, col_owner, own_rule, col_range,
+           penalty, penalty_cols, penalty_mode, mask, penalty_rows)
 
-* positives by id: ``row_ids`` (Na, int64 >= 0) and ``col_ids`` (Nb, int64; −1: never a positive):
-  column j is a positive of row i when ``col_ids[j] == row_ids[i]`` (several per row: duplicates and
-  pairs of one class are not negatives);
-* ``exclude_offset``: column ``i + exclude_offset`` is dropped from row i (self-contrast, NT-Xent);
+* positives by id: ``row_ids`` (Na, int64; −1: the row has no positive of its own) and ``col_ids``
+  (Nb, int64; −1: never a positive): column j is a positive of row i when ``col_ids[j] ==
+  row_ids[i] >= 0`` (several per row: duplicates and pairs of one class are not negatives);
+* ``exclude_col`` (Na, int64; −1: none): column ``exclude_col[i]`` is dropped from row i (its own
+  similarity in self-contrast: NT-Xent, sentence-transformers' query_to_query);
 * ``col_keep`` (Nb, bool): False drops column j from every row (a padded negative slot);
 * ``margin`` with ``pair_offset``: GISTEmbed's false-negative rule, a non-positive column j is dropped
   from row i when ``A_i·B_j > A_i·B_{i + pair_offset} − margin`` (similarity units, before the scale;
   column ``i + pair_offset`` holds row i's own pair). Both similarities are read from the same chunk of
-  dot products, so that ties are decided exactly.
+  dot products, so that ties are decided exactly;
+* ownership: ``row_owner`` (Na) and ``col_owner`` (Nb, int64, −1: nobody's) say which item a row and a
+  column belong to (a query and its documents); ``own_rule`` (Na, int64) drops from row i every column
+  of its own item (1: sentence-transformers' doc_to_doc) or every column of another item (2: a
+  memory-bank loss, where row i keeps its own view and the bank's unowned columns); 0 drops nothing;
+* ``col_range`` (Na, 2): row i keeps only the columns ``[lo_i, hi_i)`` (a row block of a stacked
+  product); backends skip the dot products of columns no row of a chunk keeps;
+* the hardness penalty: ``penalty`` α adds ``α·sg(A_i·B_j)`` to the logit of the penalised negatives:
+  non-positive kept pairs of the rows with ``penalty_rows[i]`` and the columns with ``penalty_cols[j]``
+  (None: all of them) and, by ``penalty_mode``, every such pair (0), only those of the row's own item
+  (1) or only those of other items (2);
+* ``mask`` (Na, Nb, bool): a dense keep mask, the one O(N²) input, for users who have one;
+* ``row_group`` (Na, int64 in [0, G)): rows of one group share one softmax (a joint partition over
+  several products stacked as rows); None: every row is its own group.
 
-Positives are kept columns by definition (a dropped column is never a positive). The loss of a row
-(docs/losses.md §2.1) is ``LSE_{K_i}(S_i) − (1−ε)·mean_{P_i} S − ε·mean_{K_i} S``; the column
-direction is the same on the transposed masks, over the columns that own a positive.
+Positives are kept columns by definition (a dropped column is never a positive). The loss of a group g
+(docs/losses.md §2.1) is ``LSE_{K_g}(S) − (1−ε)·mean_{P_g} S − ε·mean_{K_g} S`` over the kept pairs
+``K_g`` and positives ``P_g`` of its rows; the column direction is the same on the transposed masks,
+over the columns that own a positive (without groups).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
+
+PENALTY_MODES = {"all": 0, "own": 1, "other": 2}
 
 
 class Target(NamedTuple):
     row_ids: torch.Tensor
     col_ids: torch.Tensor
-    exclude_offset: Optional[int] = None
+    exclude_col: Optional[torch.Tensor] = None
     col_keep: Optional[torch.Tensor] = None
     pair_offset: int = 0
     margin: Optional[float] = None
+    row_group: Optional[torch.Tensor] = None
+    row_owner: Optional[torch.Tensor] = None
+    col_owner: Optional[torch.Tensor] = None
+    own_rule: Optional[torch.Tensor] = None
+    col_range: Optional[torch.Tensor] = None
+    penalty: float = 0.0
+    penalty_cols: Optional[torch.Tensor] = None
+    penalty_mode: int = 0
+    mask: Optional[torch.Tensor] = None
+    penalty_rows: Optional[torch.Tensor] = None
 
 
-def chunk_masks(target: Target, dot: torch.Tensor, r0: int, r1: int):
-    """(positives, kept) boolean masks of rows [r0, r1) of the chunk ``dot = A_c·Bᵀ`` (unscaled)."""
+# How a Target travels through a custom op: its tensors as one ``Tensor?[]`` argument, its numbers as
+# plain arguments.
+TENSOR_FIELDS = ("row_ids", "col_ids", "exclude_col", "col_keep", "row_group", "row_owner", "col_owner", "own_rule",
+                 "col_range", "penalty_cols", "mask", "penalty_rows")
+
+
+def target_tensors(target: Target) -> List[Optional[torch.Tensor]]:
+    return [getattr(target, f) for f in TENSOR_FIELDS]
+
+
+def target_from(tensors, pair_offset, margin, penalty, penalty_mode) -> Target:
+    fields = dict(zip(TENSOR_FIELDS, tensors))
+    return Target(pair_offset=pair_offset, margin=margin, penalty=penalty,
+                  penalty_mode=penalty_mode, **fields)
+
+
+def column_span(target: Target, r0: int, r1: int, nb: int):
+    """The columns [c0, c1) that some row of [r0, r1) may keep (all of them when a margin needs the
+    row's own pair, which may lie outside its range)."""
+    if target.col_range is None or target.margin is not None:
+        return 0, nb
+    rng = target.col_range[r0:r1]
+    c0, c1 = int(rng[:, 0].min()), int(rng[:, 1].max())
+    c0 = min(max(c0, 0), nb)
+    return c0, max(c0, min(c1, nb))
+
+
+def chunk_masks(target: Target, dot: torch.Tensor, r0: int, r1: int, c0: int = 0):
+    """(positives, kept, penalised or None) boolean masks of rows [r0, r1) and columns [c0, c0 + w) of
+    the chunk ``dot = A_c·B[c0:c0+w]ᵀ`` (unscaled)."""
+    dev = dot.device
+    c1 = c0 + dot.shape[1]
     rows = target.row_ids[r0:r1]
-    pos = (rows[:, None] == target.col_ids[None, :]) & (target.col_ids[None, :] >= 0)
+    col_ids = target.col_ids[c0:c1]
+    pos = (rows[:, None] == col_ids[None, :]) & (col_ids[None, :] >= 0)
     keep = torch.ones_like(pos)
-    if target.exclude_offset is not None:
-        cols = torch.arange(r0, r1, device=dot.device) + target.exclude_offset
-        inside = (cols >= 0) & (cols < dot.shape[1])
-        keep[torch.arange(r1 - r0, device=dot.device)[inside], cols[inside]] = False
+    local = torch.arange(r1 - r0, device=dev)
+    if target.exclude_col is not None:
+        cols = target.exclude_col[r0:r1] - c0
+        inside = (target.exclude_col[r0:r1] >= 0) & (cols >= 0) & (cols < dot.shape[1])
+        keep[local[inside], cols[inside]] = False
     if target.col_keep is not None:
-        keep &= target.col_keep[None, :]
+        keep &= target.col_keep[None, c0:c1]
+    if target.col_range is not None:
+        cols = torch.arange(c0, c1, device=dev)[None, :]
+        rng = target.col_range[r0:r1]
+        keep &= (cols >= rng[:, :1]) & (cols < rng[:, 1:])
+    own = None
+    if target.col_owner is not None and target.row_owner is not None:
+        col_owner = target.col_owner[c0:c1]
+        own = (target.row_owner[r0:r1, None] == col_owner[None, :]) & (col_owner[None, :] >= 0)
+        if target.own_rule is not None:
+            rule = target.own_rule[r0:r1, None]
+            keep &= ~((own & (rule == 1)) | (~own & (col_owner[None, :] >= 0) & (rule == 2)))
+    if target.mask is not None:
+        keep &= target.mask[r0:r1, c0:c1]
     if target.margin is not None:
-        local = torch.arange(r1 - r0, device=dot.device)
-        own = dot[local, local + r0 + target.pair_offset]
-        keep &= pos | (dot <= own[:, None] - target.margin)
-    return pos & keep, keep
+        pair = dot[local, local + r0 + target.pair_offset - c0]
+        keep &= pos | (dot <= pair[:, None] - target.margin)
+    pos &= keep
+    penalised = None
+    if target.penalty != 0.0:
+        penalised = keep & ~pos
+        if target.penalty_cols is not None:
+            penalised &= target.penalty_cols[None, c0:c1]
+        if target.penalty_rows is not None:
+            penalised &= target.penalty_rows[r0:r1, None]
+        if target.penalty_mode != 0:
+            if own is None:
+                raise ValueError("a hardness penalty by ownership needs row_owner and col_owner")
+            penalised &= own if target.penalty_mode == 1 else ~own
+    return pos, keep, penalised
+
+
+def chunk_logits(target: Target, dot: torch.Tensor, scale, bias, penalised) -> torch.Tensor:
+    """``s·dot + b`` plus the stop-gradient hardness penalty ``α·dot`` on the penalised pairs."""
+    s_c = dot * scale + bias
+    if penalised is not None:
+        s_c.add_(torch.where(penalised, dot, 0.0), alpha=target.penalty)
+    return s_c

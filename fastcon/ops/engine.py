@@ -36,7 +36,7 @@ import os
 import sys
 import warnings
 from types import ModuleType
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -556,18 +556,18 @@ def _traced_target_backend(backend: str, device_type: str, dtype: torch.dtype) -
     return resolve_target_backend(backend, torch.device(device_type), dtype)
 
 
-def _target_softmax_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, row_ids: Tensor, col_ids: Tensor,
-                         col_keep: Optional[Tensor], backend: str, exclude_offset: Optional[int], pair_offset: int,
-                         margin: Optional[float], label_smoothing: float,
-                         symmetric: bool, chunk_size: int, need_grad: bool,
+def _target_softmax_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, target_tensors: List[Optional[Tensor]],
+                         backend: str, pair_offset: int, margin: Optional[float],
+                         penalty: float, penalty_mode: int, label_smoothing: float, symmetric: bool,
+                         chunk_size: int, need_grad: bool,
                          mm_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The softmax loss of a general target (``fastcon.kernels.torch_chunked.target_softmax_fused``) in
-    float64, and its gradients."""
-    from fastcon.kernels.targets import Target
+    float64, and its gradients. The target's tensors come as one list (``targets.TENSOR_FIELDS``)."""
+    from fastcon.kernels.targets import target_from
 
     with autocast_off(a.device.type):
         impl, x, y, s, c, chunk_rows = _backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype)
-        target = Target(row_ids, col_ids, exclude_offset, col_keep, pair_offset, margin)
+        target = target_from(target_tensors, pair_offset, margin, penalty, penalty_mode)
         loss, *grads = impl.target_softmax_fused(x, y, s, c, target, label_smoothing, symmetric, chunk_rows,
                                                  need_grad, cache_bytes(x.device))
         if not need_grad:
@@ -575,28 +575,32 @@ def _target_softmax_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, row_
         return (loss,) + final_grads((a, b, scale, bias), grads, 1.0)
 
 
-def _target_softmax_loss_fake(a, b, scale, bias, row_ids, col_ids, col_keep, backend, exclude_offset, pair_offset,
-                              margin, label_smoothing, symmetric, chunk_size, need_grad, mm_dtype):
+def _target_softmax_loss_fake(a, b, scale, bias, target_tensors, backend, pair_offset, margin,
+                              penalty, penalty_mode, label_smoothing, symmetric, chunk_size, need_grad, mm_dtype):
     loss = a.new_empty((), dtype=torch.float64)
     return (loss,) + (_grad_likes(a, b, scale, bias) if need_grad else _no_grads(a))
 
 
-_TARGET_OTHER_ARGS = 12  # row_ids .. mm_dtype: the arguments after a, b, scale, bias
+_TARGET_OTHER_ARGS = 11  # target_tensors .. mm_dtype: the arguments after a, b, scale, bias
 target_softmax_loss = _register("fastcon::target_softmax_loss", _target_softmax_loss, _target_softmax_loss_fake,
                                 _TARGET_OTHER_ARGS, False)
 
 
-def target_engine_loss(a, b, scale, bias, *, row_ids, col_ids, col_keep=None, exclude_offset=None, pair_offset=0,
-                       margin=None, label_smoothing: float = 0.0, symmetric: bool = True, backend: str = "auto",
-                       chunk_size: Optional[int] = None) -> torch.Tensor:
-    """A general-target softmax loss on the engine (``fastcon/kernels/targets.py``); arguments already
-    validated. Returns the fp32 (float64 for float64 inputs) loss in ``loss_dtype(a)``."""
+def target_engine_loss(a, b, scale, bias, target, *, label_smoothing: float = 0.0, symmetric: bool = True,
+                       backend: str = "auto", chunk_size: Optional[int] = None) -> torch.Tensor:
+    """A general-target softmax loss on the engine (``target``: a ``fastcon.kernels.targets.Target``);
+    arguments already validated. Returns the fp32 (float64 for float64 inputs) loss in
+    ``loss_dtype(a)``."""
+    from fastcon.kernels.targets import target_tensors
+
     out_dtype = loss_dtype(a)
     mm_dtype = autocast_gemm_dtype(a)
     name = _traced_target_backend(backend, a.device.type, mm_dtype or a.dtype)
     scale, bias = engine_scalars(scale, bias, acc_dtype(a.dtype), a.device)
-    loss, *_ = target_softmax_loss(a, b, scale, bias, row_ids, col_ids, col_keep, name,
-                                   None if exclude_offset is None else int(exclude_offset), int(pair_offset),
-                                   None if margin is None else float(margin), float(label_smoothing),
-                                   bool(symmetric), int(chunk_size or 0), needs_grad(a, b, scale, bias), mm_dtype)
+    t = target
+    loss, *_ = target_softmax_loss(a, b, scale, bias, target_tensors(t), name,
+                                   int(t.pair_offset),
+                                   None if t.margin is None else float(t.margin), float(t.penalty),
+                                   int(t.penalty_mode), float(label_smoothing), bool(symmetric),
+                                   int(chunk_size or 0), needs_grad(a, b, scale, bias), mm_dtype)
     return loss.to(acc_dtype(a.dtype)).to(out_dtype)
