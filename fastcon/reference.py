@@ -341,10 +341,13 @@ def _check_labels(labels, n, name="labels"):
 
 
 def multi_positive_clip_loss_reference(image_features, text_features, logit_scale, logit_bias=None, *, labels,
-                                       label_smoothing: float = 0.0, upcast: bool = True) -> torch.Tensor:
+                                       label_smoothing: float = 0.0, pair_mask=None,
+                                       upcast: bool = True) -> torch.Tensor:
     """CLIP over class ids (docs/losses.md §1.1, multi-positive): pairs that share an id are positives
     of one another in both directions, ``L = ½[TCE(S, P) + TCE(Sᵀ, Pᵀ)]`` with ``P_ij = [labels_i ==
-    labels_j]`` and TCE ``target_cross_entropy_reference``. Unique ids give ``clip_loss_reference``."""
+    labels_j]`` and TCE ``target_cross_entropy_reference``. Unique ids give ``clip_loss_reference``.
+    ``pair_mask`` (N, N) bool drops the pairs where it is False from both directions; a column whose
+    positives are all dropped has no column term (the mean runs over the other columns)."""
     n = image_features.shape[0]
     if text_features.shape[0] != n:
         raise ValueError(f"labels need paired batches: {n} image rows, {text_features.shape[0]} text rows")
@@ -352,8 +355,14 @@ def multi_positive_clip_loss_reference(image_features, text_features, logit_scal
     logits = _logits(image_features, text_features, logit_scale, logit_bias, upcast)
     labels = labels.to(logits.device)
     pos = labels[:, None] == labels[None, :]
-    return (target_cross_entropy_reference(logits, pos, label_smoothing=label_smoothing)
-            + target_cross_entropy_reference(logits.T, pos.T, label_smoothing=label_smoothing)) / 2
+    if pair_mask is None:
+        return (target_cross_entropy_reference(logits, pos, label_smoothing=label_smoothing)
+                + target_cross_entropy_reference(logits.T, pos.T, label_smoothing=label_smoothing)) / 2
+    keep = pair_mask.to(logits.device)
+    owned = (pos & keep).any(dim=0)
+    return (target_cross_entropy_reference(logits, pos, keep, label_smoothing=label_smoothing)
+            + target_cross_entropy_reference(logits.T[owned], pos.T[owned], keep.T[owned],
+                                             label_smoothing=label_smoothing)) / 2
 
 
 def negatives_clip_loss_reference(image_features, text_features, negatives, logit_scale, logit_bias=None, *,
@@ -495,3 +504,15 @@ def mnrl_loss_reference(queries: torch.Tensor, docs, scale: float = 20.0, *, sim
     else:
         log_z = torch.stack([torch.logsumexp(v, dim=1) for v in logits.values()]).mean(0)
     return (log_z - pos).mean()
+
+
+def ntxent_bank_loss_reference(out0: torch.Tensor, out1: torch.Tensor, negatives: torch.Tensor,
+                               temperature: float = 0.5) -> torch.Tensor:
+    """NT-Xent with a memory bank (docs/losses.md §1.4, lightly's ``NTXentLoss(memory_bank_size>0)``):
+    ``z = normalize(out·)``, row i's logits ``[z0_i·z1_i, z0_i·negativesᵀ]/τ`` (the bank used as given,
+    without gradient), CE with target 0, the mean over the N rows."""
+    acc = torch.promote_types(out0.dtype, torch.float32)
+    z0, z1 = F.normalize(out0.to(acc), dim=1), F.normalize(out1.to(acc), dim=1)
+    pos = (z0 * z1).sum(dim=1, keepdim=True)
+    logits = torch.cat([pos, z0 @ negatives.detach().to(acc).T], dim=1) / temperature
+    return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()

@@ -278,3 +278,164 @@ def test_own_form_checks_its_arguments_too():
         FC.negatives_clip_loss(x, y, negs, 10.0, form="own", backend="bogus")
     with pytest.raises(ValueError, match="finite"):
         FC.negatives_clip_loss(x, y, negs, 10.0, false_negative_margin=float("inf"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Multiple-negatives ranking (sentence-transformers' MNRL): row groups, column ranges, ownership
+# rules and the hardness penalty of the target
+
+MNRL_DIRECTION_SETS = [("query_to_doc",), ("query_to_doc", "doc_to_query"), ("query_to_doc", "query_to_query"),
+                       ("query_to_doc", "doc_to_doc"), R.MNRL_DIRECTIONS]
+
+
+def _mnrl_configs():
+    for dirs in MNRL_DIRECTION_SETS:
+        for mode in ("joint", "per_direction"):
+            if mode == "per_direction" and set(dirs) & {"query_to_query", "doc_to_doc"}:
+                continue
+            for hardness in (None, "in_batch_negatives", "hard_negatives", "all_negatives"):
+                yield dirs, mode, hardness
+
+
+@pytest.mark.parametrize("dirs,mode,hardness", list(_mnrl_configs()))
+@pytest.mark.parametrize("similarity,chunk", [("cos", 4), ("dot", None)])
+def test_mnrl_against_reference(dirs, mode, hardness, similarity, chunk):
+    b, m, d = 11, 2, 8
+    g = torch.Generator().manual_seed(len(dirs))
+    q = torch.randn(b, d, generator=g, dtype=torch.float64)
+    docs = [q + torch.randn(b, d, generator=g, dtype=torch.float64) for _ in range(1 + m)]
+    kw = dict(scale=20.0 if similarity == "cos" else 0.7, similarity=similarity, directions=dirs,
+              partition_mode=mode, hardness_mode=hardness, hardness_strength=4.0 if hardness else 0.0)
+    leaves = [t.clone().requires_grad_() for t in [q] + docs]
+    out = FC.multiple_negatives_ranking_loss(leaves[0], leaves[1:], backend="torch", chunk_size=chunk, **kw)
+    truth = [t.clone().requires_grad_() for t in [q] + docs]
+    expected = R.mnrl_loss_reference(truth[0], truth[1:], **kw)
+    assert_close_rel(out, expected, rtol=1e-12, name="loss")
+    for i, (gr, e) in enumerate(zip(torch.autograd.grad(out, leaves), torch.autograd.grad(expected, truth))):
+        assert_close_rel(gr, e, rtol=1e-11, atol=1e-14, name=f"grad of column {i}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mnrl_fp32_and_stacked_docs(backend):
+    q, p = make_features(40, 40, 16)
+    negs = _negatives(40, 3, 16, seed=4)
+    docs = torch.cat([p[:, None], negs], dim=1)  # (B, 1+m, D)
+    kw = dict(directions=R.MNRL_DIRECTIONS, hardness_mode="in_batch_negatives", hardness_strength=9.0)
+    _check(lambda q_, d_: FC.multiple_negatives_ranking_loss(q_, d_, backend=backend, chunk_size=7, **kw),
+           lambda q_, d_: R.mnrl_loss_reference(q_, list(d_.unbind(1)), **kw), [q, docs], rtol=2e-5)
+
+
+def test_mnrl_bad_input():
+    q, p = make_features(6, 6, 8)
+    mnrl = FC.multiple_negatives_ranking_loss
+    with pytest.raises(ValueError, match="query_to_doc"):
+        mnrl(q, [p], directions=("doc_to_query",))
+    with pytest.raises(ValueError, match="directions"):
+        mnrl(q, [p], directions=("query_to_doc", "sideways"))
+    with pytest.raises(ValueError, match="per_direction"):
+        mnrl(q, [p], directions=("query_to_doc", "query_to_query"), partition_mode="per_direction")
+    with pytest.raises(ValueError, match="hardness_mode"):
+        mnrl(q, [p], hardness_mode="hardest")
+    with pytest.raises(ValueError, match="hardness_strength"):
+        mnrl(q, [p], hardness_mode="hard_negatives", hardness_strength=-1.0)
+    with pytest.raises(ValueError, match="scale"):
+        mnrl(q, [p], scale=0.0)
+    with pytest.raises(ValueError, match="similarity"):
+        mnrl(q, [p], similarity="l2")
+    with pytest.raises(ValueError, match=r"docs\[1\]"):
+        mnrl(q, [p, p[:5]])
+    with pytest.raises(ValueError, match="at least the positives"):
+        mnrl(q, [])
+
+
+# ---------------------------------------------------------------------------------------------------
+# NT-Xent with memory-bank negatives; the module's bank
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,k,chunk", [(1, 5, None), (9, 30, 4), (20, 3, None)])
+def test_ntxent_bank_against_reference(backend, n, k, chunk):
+    x, y = make_features(n, n, 12)
+    bank = F.normalize(torch.randn(k, 12, generator=torch.Generator().manual_seed(k)), dim=1)
+    _check(lambda a, b: FC.ntxent_loss(a, b, temperature=0.2, negatives=bank, backend=backend, chunk_size=chunk),
+           lambda a, b: R.ntxent_bank_loss_reference(a, b, bank.double(), temperature=0.2), [x, y])
+
+
+def test_ntxent_module_bank_is_a_fifo_of_normalised_views():
+    torch.manual_seed(0)
+    loss = fastcon.NTXentLoss(temperature=0.3, memory_bank_size=(10, 4), backend="torch")
+    assert loss.memory_bank.bank.shape == (10, 4)
+    assert torch.allclose(loss.memory_bank.bank.norm(dim=1), torch.ones(10))
+    expected_bank = loss.memory_bank.bank.clone()
+    ptr = 0
+    for step, (n, train) in enumerate([(4, True), (4, False), (4, True), (4, True), (3, True)]):
+        x, y = torch.randn(n, 4, requires_grad=train), torch.randn(n, 4)
+        value = loss(x, y)
+        expected = R.ntxent_bank_loss_reference(x.detach().double(), y.double(), expected_bank.double(),
+                                                temperature=0.3)
+        assert_close_rel(value, expected, rtol=2e-6, name=f"loss at step {step}")
+        if train:
+            z = F.normalize(y, dim=1)
+            if ptr + n >= 10:
+                expected_bank[ptr:] = z[:10 - ptr]
+                ptr = 0
+            else:
+                expected_bank[ptr:ptr + n] = z
+                ptr += n
+        assert int(loss.memory_bank.bank_ptr) == ptr
+        assert torch.equal(loss.memory_bank.bank, expected_bank)
+
+
+def test_ntxent_module_and_bank_bad_input():
+    with pytest.raises(ValueError, match="dim"):
+        fastcon.NTXentLoss(memory_bank_size=16)
+    with pytest.raises(ValueError, match="temperature"):
+        fastcon.NTXentLoss(temperature=-0.5)
+    with pytest.raises(TypeError, match="memory_bank_size"):
+        fastcon.NTXentLoss(memory_bank_size="big")
+    loss = fastcon.NTXentLoss(memory_bank_size=(8, 4))
+    with pytest.raises(ValueError, match="dim 4"):
+        loss(torch.randn(3, 5), torch.randn(3, 5))
+    x, y = make_features(4, 4, 6)
+    with pytest.raises(ValueError, match=r"negatives must be \(K, D=6\)"):
+        FC.ntxent_loss(x, y, negatives=torch.randn(3, 5))
+    assert fastcon.NTXentLoss()(x, y).shape == ()
+
+
+# ---------------------------------------------------------------------------------------------------
+# clip_loss with a dense pair mask (the one O(N²) input)
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("labels", ["unique", "shared"])
+def test_clip_pair_mask_against_reference(backend, labels):
+    n = 23
+    a, b = make_features(n, n, 16)
+    ids = LABEL_SETS[labels](n)
+    mask = torch.rand(n, n, generator=torch.Generator().manual_seed(1)) > 0.3
+    mask |= torch.eye(n, dtype=torch.bool)  # every row keeps its own pair
+    _check(lambda x, y, t: FC.clip_loss(x, y, t, labels=ids, pair_mask=mask, backend=backend, chunk_size=6),
+           lambda x, y, t: R.multi_positive_clip_loss_reference(x, y, t, labels=ids, pair_mask=mask),
+           [a, b, torch.tensor(12.0)])
+
+
+def test_clip_pair_mask_bad_input():
+    a, b = make_features(5, 5, 8)
+    with pytest.raises(ValueError, match=r"pair_mask must be \(N=5, N=5\)"):
+        FC.clip_loss(a, b, 10.0, pair_mask=torch.ones(5, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="boolean"):
+        FC.clip_loss(a, b, 10.0, pair_mask=torch.ones(5, 5))
+    with pytest.raises(ValueError, match="no positive"):
+        FC.clip_loss(a, b, 10.0, pair_mask=~torch.eye(5, dtype=torch.bool), backend="torch")
+
+
+def test_opcheck_general_target():
+    a, b = make_features(8, 14, 8)
+    args = (a.requires_grad_(), b.requires_grad_(), torch.tensor(9.0, requires_grad=True),
+            torch.tensor(0.0, requires_grad=True))
+    idx = torch.arange(8)
+    tensors = [idx % 4, torch.arange(14) % 4, (idx + 3) % 14, None, idx // 2, idx, torch.arange(14) % 7,
+               (idx % 3 == 0).long(), torch.stack([torch.zeros(8, dtype=torch.long), torch.full((8,), 12)], 1),
+               torch.arange(14) < 10, torch.rand(8, 14, generator=torch.Generator().manual_seed(0)) > 0.2,
+               idx < 6]
+    # row groups of two rows; the hardness penalty on other items' columns; a margin
+    torch.library.opcheck(torch.ops.fastcon.target_softmax_loss.default,
+                          args + (tensors, "torch", 0, 0.5, 3.0, 2, 0.0, False, 3, True, None))
