@@ -92,42 +92,59 @@ def column_span(target: Target, r0: int, r1: int, nb: int):
     return c0, max(c0, min(c1, nb))
 
 
+def _keys(ids: torch.Tensor, none: int) -> torch.Tensor:
+    """Ids with −1 (no id) replaced by ``none``, so that one comparison decides a match."""
+    return torch.where(ids >= 0, ids, none)
+
+
+def _and(mask: Optional[torch.Tensor], other: torch.Tensor) -> torch.Tensor:
+    return other if mask is None else mask & other
+
+
 def chunk_masks(target: Target, dot: torch.Tensor, r0: int, r1: int, c0: int = 0):
-    """(positives, kept, penalised or None) boolean masks of rows [r0, r1) and columns [c0, c0 + w) of
-    the chunk ``dot = A_c·B[c0:c0+w]ᵀ`` (unscaled)."""
+    """(positives, kept, penalised) boolean masks of rows [r0, r1) and columns [c0, c0 + w) of the chunk
+    ``dot = A_c·B[c0:c0+w]ᵀ`` (unscaled); ``kept`` is None when every pair of the chunk is kept and
+    ``penalised`` None without a penalty."""
     dev = dot.device
-    c1 = c0 + dot.shape[1]
-    rows = target.row_ids[r0:r1]
-    col_ids = target.col_ids[c0:c1]
-    pos = (rows[:, None] == col_ids[None, :]) & (col_ids[None, :] >= 0)
-    keep = torch.ones_like(pos)
+    w = dot.shape[1]
+    c1 = c0 + w
+    pos = _keys(target.row_ids[r0:r1], -2)[:, None] == _keys(target.col_ids[c0:c1], -3)[None, :]
+    keep = None
     local = torch.arange(r1 - r0, device=dev)
     if target.exclude_col is not None:
         cols = target.exclude_col[r0:r1] - c0
-        inside = (target.exclude_col[r0:r1] >= 0) & (cols >= 0) & (cols < dot.shape[1])
-        keep[local[inside], cols[inside]] = False
+        inside = (target.exclude_col[r0:r1] >= 0) & (cols >= 0) & (cols < w)
+        if bool(inside.any()):
+            keep = torch.ones_like(pos)
+            keep[local[inside], cols[inside]] = False
     if target.col_keep is not None:
-        keep &= target.col_keep[None, c0:c1]
+        keep = _and(keep, target.col_keep[None, c0:c1])
     if target.col_range is not None:
-        cols = torch.arange(c0, c1, device=dev)[None, :]
         rng = target.col_range[r0:r1]
-        keep &= (cols >= rng[:, :1]) & (cols < rng[:, 1:])
+        if not bool(((rng[:, 0] <= c0) & (rng[:, 1] >= c1)).all()):  # some row keeps less than the span
+            cols = torch.arange(c0, c1, device=dev)[None, :]
+            keep = _and(keep, (cols >= rng[:, :1]) & (cols < rng[:, 1:]))
     own = None
     if target.col_owner is not None and target.row_owner is not None:
         col_owner = target.col_owner[c0:c1]
-        own = (target.row_owner[r0:r1, None] == col_owner[None, :]) & (col_owner[None, :] >= 0)
+        own = _keys(target.row_owner[r0:r1], -2)[:, None] == _keys(col_owner, -3)[None, :]
         if target.own_rule is not None:
-            rule = target.own_rule[r0:r1, None]
-            keep &= ~((own & (rule == 1)) | (~own & (col_owner[None, :] >= 0) & (rule == 2)))
+            rule = target.own_rule[r0:r1]
+            if bool((rule == 1).any()):
+                keep = _and(keep, ~(own & (rule == 1)[:, None]))
+            if bool((rule == 2).any()):
+                other = ~own & (col_owner >= 0)[None, :]
+                keep = _and(keep, ~(other & (rule == 2)[:, None]))
     if target.mask is not None:
-        keep &= target.mask[r0:r1, c0:c1]
+        keep = _and(keep, target.mask[r0:r1, c0:c1])
     if target.margin is not None:
         pair = dot[local, local + r0 + target.pair_offset - c0]
-        keep &= pos | (dot <= pair[:, None] - target.margin)
-    pos &= keep
+        keep = _and(keep, pos | (dot <= pair[:, None] - target.margin))
+    if keep is not None:
+        pos &= keep
     penalised = None
     if target.penalty != 0.0:
-        penalised = keep & ~pos
+        penalised = ~pos if keep is None else keep & ~pos
         if target.penalty_cols is not None:
             penalised &= target.penalty_cols[None, c0:c1]
         if target.penalty_rows is not None:

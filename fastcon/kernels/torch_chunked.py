@@ -147,17 +147,22 @@ def target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, 
         dot = mm_acc(a[r0:r1], b[c0:c1].T)
         pos, keep, pen = chunk_masks(target, dot, r0, r1, c0)
         s_c = chunk_logits(target, dot, scale, bias, pen)
-        masked = s_c.masked_fill(~keep, float("-inf"))
+        masked = s_c if keep is None else s_c.masked_fill(~keep, float("-inf"))
         row_lse[r0:r1] = lse_parts(masked, dim=1)
-        col_lse[c0:c1] = torch.logaddexp(col_lse[c0:c1], lse_parts(masked, dim=0))
         s_pos = torch.where(pos, s_c, 0.0)
-        s_keep = masked.masked_fill_(~keep, 0.0)  # (masked is not needed any more)
-        row_pos[r0:r1], row_keep[r0:r1] = pos.sum(1), keep.sum(1)
-        row_sum_pos[r0:r1], row_sum_keep[r0:r1] = s_pos.sum(1), s_keep.sum(1)
-        col_pos[c0:c1] += pos.sum(0)
-        col_keep[c0:c1] += keep.sum(0)
-        col_sum_pos[c0:c1] += s_pos.sum(0)
-        col_sum_keep[c0:c1] += s_keep.sum(0)
+        row_pos[r0:r1] = pos.sum(1)
+        row_sum_pos[r0:r1] = s_pos.sum(1)
+        if symmetric:
+            col_lse[c0:c1] = torch.logaddexp(col_lse[c0:c1], lse_parts(masked, dim=0))
+            col_pos[c0:c1] += pos.sum(0)
+            col_sum_pos[c0:c1] += s_pos.sum(0)
+        if eps:  # the smoothing term's counts and sums of the kept logits
+            s_keep = s_c if keep is None else torch.where(keep, s_c, 0.0)
+            row_keep[r0:r1] = c1 - c0 if keep is None else keep.sum(1)
+            row_sum_keep[r0:r1] = s_keep.sum(1)
+            if symmetric:
+                col_keep[c0:c1] += r1 - r0 if keep is None else keep.sum(0)
+                col_sum_keep[c0:c1] += s_keep.sum(0)
         size = dot.numel() * dot.element_size()
         if need_grad and len(cached) * chunk_rows == r0 and kept + size <= cache_bytes:
             cached.append(dot)
@@ -180,7 +185,8 @@ def target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, 
     w_c = 0.5 / max(int(owned.sum()), 1) if symmetric else 0.0
 
     def terms(lse, n_pos, n_keep, sum_pos, sum_keep):
-        return lse - (1.0 - eps) * sum_pos / n_pos.double() - eps * sum_keep / n_keep.double()
+        out = lse - (1.0 - eps) * sum_pos / n_pos.double()
+        return out - eps * sum_keep / n_keep.double() if eps else out
 
     loss = w_r * terms(g_lse, g_pos, g_keep, g_sum_pos, g_sum_keep).sum()
     if symmetric:
@@ -211,14 +217,20 @@ def target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, 
         # P − Q on the kept pairs (zero on the dropped ones, whose logits are −∞ here: a dropped logit
         # above the row's LSE would overflow), in fp32 with the float64 LSEs split in (hi, lo) as the
         # other backends do
-        s_c.masked_fill_(~keep, float("-inf"))
+        if keep is not None:
+            s_c.masked_fill_(~keep, float("-inf"))
         p_row = (s_c - row_hi[r0:r1, None]).sub_(row_lo[r0:r1, None]).exp_()
-        g = p_row.sub_(pos * q_row_pos[r0:r1, None]).sub_(q_row_keep[r0:r1, None]).mul_(w_r)
+        g = p_row.sub_(pos * q_row_pos[r0:r1, None])
+        if eps:
+            g.sub_(q_row_keep[r0:r1, None])
+        g.mul_(w_r)
         if symmetric:
-            p_col = (s_c - col_hi[None, c0:c1]).sub_(col_lo[None, c0:c1]).exp_()
-            g.add_(p_col.sub_(pos * q_col_pos[None, c0:c1]).sub_(q_col_keep[None, c0:c1])
-                   .mul_(w_owned[None, c0:c1]))
-        g.masked_fill_(~keep, 0.0)
+            p_col = (s_c - col_hi[None, c0:c1]).sub_(col_lo[None, c0:c1]).exp_().sub_(pos * q_col_pos[None, c0:c1])
+            if eps:
+                p_col.sub_(q_col_keep[None, c0:c1])
+            g.add_(p_col.mul_(w_owned[None, c0:c1]))
+        if keep is not None:
+            g.masked_fill_(~keep, 0.0)
         grad_scale += (g * dot).sum()
         grad_bias += g.sum()
         grad_a[r0:r1] = (g @ b[c0:c1].to(acc)).mul_(scale)
