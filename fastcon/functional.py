@@ -424,6 +424,7 @@ def multiple_negatives_ranking_loss(
     rank_offset: int = 0,
     world_queries: Optional[torch.Tensor] = None,
     world_docs=None,
+    cache_limit: Optional[int] = None,
 ) -> torch.Tensor:
     """sentence-transformers' MultipleNegativesRankingLoss on the engine (docs/losses.md §2.4).
 
@@ -446,7 +447,8 @@ def multiple_negatives_ranking_loss(
 
     For a gathered batch (``gather_across_devices``), ``world_queries``/``world_docs`` are every
     rank's rows (this rank's at ``rank_offset``) and ``queries``/``docs`` are this rank's; the loss is
-    the mean over this rank's queries.
+    the mean over this rank's queries. ``cache_limit``: bytes of first-pass logits kept for the
+    gradient pass (None: the default; 0 for the least memory).
     """
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
@@ -532,4 +534,4 @@ def multiple_negatives_ranking_loss(
                     penalty_rows=penalty_rows)
     scale_t = torch.tensor(float(scale), dtype=torch.float64, device=dev)
     return target_engine_loss(rows, cols, scale_t, None, target, symmetric=False, backend=backend,
-                              chunk_size=chunk_size)
+                              chunk_size=chunk_size, cache_limit=cache_limit)

@@ -13,7 +13,7 @@ from fastcon import reference as R
 from fastcon.ops import engine
 from helpers import assert_close_rel, make_features
 
-BACKENDS = ["torch", "auto"]
+BACKENDS = ["torch", "cpp", "auto"]
 
 
 def _negatives(b, k, d, seed=0):
@@ -146,10 +146,8 @@ def test_under_autocast_the_loss_is_fp32():
     assert out.dtype == torch.float32 and abs(out.item() - exact.item()) <= 1e-5 * exact.item()
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton", "triton_fused"])
+@pytest.mark.parametrize("backend", ["triton", "triton_fused"])
 def test_unwritten_kernels_raise_not_implemented(backend):
-    if backend == "cpp" and not fastcon.backend_info()["backends"]["cpp"]["available"]:
-        pytest.skip("the C++ extension is not built")
     if backend.startswith("triton") and not fastcon.backend_info()["backends"][backend]["available"]:
         pytest.skip("triton cannot run here")
     a, b = make_features(8, 8, 4)
@@ -159,8 +157,9 @@ def test_unwritten_kernels_raise_not_implemented(backend):
 
 
 def test_auto_warns_once_when_it_takes_the_torch_path(monkeypatch):
-    if engine.resolve_name("auto", torch.device("cpu"), torch.float32) == "torch":
-        pytest.skip("auto is the torch backend here anyway")
+    # where auto picks a backend without the target's kernels (Triton on a GPU), it warns and takes torch
+    resolve = engine.resolve_name
+    monkeypatch.setattr(engine, "resolve_name", lambda name, *a: "triton" if name == "auto" else resolve(name, *a))
     monkeypatch.setattr(engine, "_warned_target_fallback", False)
     a, b = make_features(8, 8, 4)
     with pytest.warns(RuntimeWarning, match="PyTorch backend for now"):
@@ -221,7 +220,7 @@ def test_target_op_compiles_and_passes_opcheck():
             torch.cat([torch.arange(9) % 3, torch.full((3,), -1)]),
             torch.tensor([True] * 10 + [False, True]))
     tensors = [args[4], args[5], None, args[6]] + [None] * 8
-    args = args[:4] + (tensors, "torch", 0, 0.1, 0.0, 0, 0.1, True, 4, True, None)
+    args = args[:4] + (tensors, "torch", 0, 0.1, 0.0, 0, 0.1, True, 4, -1, True, None)
     torch.library.opcheck(torch.ops.fastcon.target_softmax_loss.default, args)
 
 
@@ -299,7 +298,8 @@ def _mnrl_configs():
 
 @pytest.mark.parametrize("dirs,mode,hardness", list(_mnrl_configs()))
 @pytest.mark.parametrize("similarity,chunk", [("cos", 4), ("dot", None)])
-def test_mnrl_against_reference(dirs, mode, hardness, similarity, chunk):
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_mnrl_against_reference(dirs, mode, hardness, similarity, chunk, backend):
     b, m, d = 11, 2, 8
     g = torch.Generator().manual_seed(len(dirs))
     q = torch.randn(b, d, generator=g, dtype=torch.float64)
@@ -307,7 +307,7 @@ def test_mnrl_against_reference(dirs, mode, hardness, similarity, chunk):
     kw = dict(scale=20.0 if similarity == "cos" else 0.7, similarity=similarity, directions=dirs,
               partition_mode=mode, hardness_mode=hardness, hardness_strength=4.0 if hardness else 0.0)
     leaves = [t.clone().requires_grad_() for t in [q] + docs]
-    out = FC.multiple_negatives_ranking_loss(leaves[0], leaves[1:], backend="torch", chunk_size=chunk, **kw)
+    out = FC.multiple_negatives_ranking_loss(leaves[0], leaves[1:], backend=backend, chunk_size=chunk, **kw)
     truth = [t.clone().requires_grad_() for t in [q] + docs]
     expected = R.mnrl_loss_reference(truth[0], truth[1:], **kw)
     assert_close_rel(out, expected, rtol=1e-12, name="loss")
@@ -438,4 +438,4 @@ def test_opcheck_general_target():
                idx < 6]
     # row groups of two rows; the hardness penalty on other items' columns; a margin
     torch.library.opcheck(torch.ops.fastcon.target_softmax_loss.default,
-                          args + (tensors, "torch", 0, 0.5, 3.0, 2, 0.0, False, 3, True, None))
+                          args + (tensors, "torch", 0, 0.5, 3.0, 2, 0.0, False, 3, 0, True, None))

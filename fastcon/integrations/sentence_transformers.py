@@ -63,7 +63,7 @@ def _world(queries, docs, gather: bool):
             dist.get_rank() * queries.shape[0])
 
 
-def _engine_loss(loss, embeddings, backend, chunk_size):
+def _engine_loss(loss, embeddings, backend, chunk_size, cache_limit=None):
     from fastcon.functional import multiple_negatives_ranking_loss
 
     if len(embeddings) < 2:
@@ -79,7 +79,7 @@ def _engine_loss(loss, embeddings, backend, chunk_size):
         directions=loss.directions, partition_mode=loss.partition_mode, hardness_mode=loss.hardness_mode,
         hardness_strength=float(loss.hardness_strength), backend=backend, chunk_size=chunk_size,
         rank_offset=offset, world_queries=world_q if world_q is not queries else None,
-        world_docs=world_d if world_q is not queries else None)
+        world_docs=world_d if world_q is not queries else None, cache_limit=cache_limit)
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,7 +110,8 @@ def _classes():
                    f"the mini-batch gradient caching of the embeddings kept) with the loss computed at once on "
                    f"fastcon's engine instead of per mini-batch of rows. Extra keyword-only options: "
                    f"``backend`` and ``chunk_size`` (default: ``mini_batch_size`` rows of the stacked "
-                   f"product per chunk, the working memory of theirs).")
+                   f"product per chunk, no logits kept between the two passes: at most the working memory of "
+                   f"theirs).")
 
         def __init__(self, model, scale: float = 20.0, similarity_fct=cos_sim, mini_batch_size: int = 32,
                      mini_batch_num_tokens=None, gather_across_devices: bool = False, directions=("query_to_doc",),
@@ -126,8 +127,10 @@ def _classes():
 
         def compute_loss_from_embeddings(self, embeddings, labels=None) -> torch.Tensor:
             """The loss of whole-batch embeddings (no gradient caching), as the uncached loss's."""
+            # chunks of mini_batch_size rows and no logits kept between the passes: the working memory
+            # of theirs at most
             chunk = self.chunk_size if self.chunk_size is not None else self.mini_batch_size
-            return _engine_loss(self, list(embeddings), self.backend, chunk)
+            return _engine_loss(self, list(embeddings), self.backend, chunk, cache_limit=0)
 
         def calculate_loss(self, reps, labels=None, *, with_backward: bool = False) -> torch.Tensor:
             loss = self.compute_loss_from_embeddings([torch.cat(r) for r in reps], labels)

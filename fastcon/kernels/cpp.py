@@ -69,6 +69,38 @@ def sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad):
     return loss, grad_a, grad_b, grad_scale, grad_bias
 
 
+# ---------------------------------------------------------------------------------------------------
+# The general target (fastcon/kernels/targets.py): pass 1 and pass 2 as C++ operators
+
+def _target_args(target):
+    from .targets import target_tensors
+
+    return (target_tensors(target), int(target.pair_offset), None if target.margin is None else float(target.margin),
+            float(target.penalty), int(target.penalty_mode))
+
+
+def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes):
+    from .targets import TargetStats
+
+    out = torch.ops.fastcon.target_stats(a, b, _scalar(scale, a), _scalar(bias, a), *_target_args(target),
+                                         bool(symmetric), bool(smoothing), int(chunk_rows), int(cache_bytes))
+    return TargetStats(*out[:10]), list(out[10:])
+
+
+def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
+    w = weights
+    return torch.ops.fastcon.target_grad(
+        a, b, _scalar(scale, a), _scalar(bias, a), *_target_args(target), w.row_lse, w.q_row_pos, w.q_row_keep,
+        float(w.w_row), w.col_lse, w.q_col_pos, w.q_col_keep, w.w_col, int(chunk_rows), list(cached))
+
+
+def target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, need_grad, cache_bytes=0):
+    from .targets import two_pass_target
+
+    return two_pass_target(target_stats, target_grad, a, b, scale, bias, target, eps, symmetric, chunk_rows,
+                           need_grad, cache_bytes)
+
+
 def _register_fakes() -> None:
     """Output shapes and dtypes for FakeTensor / torch.compile / opcheck (outputs are in a's dtype,
     except the LSEs: float64)."""

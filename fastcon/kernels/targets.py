@@ -162,3 +162,114 @@ def chunk_logits(target: Target, dot: torch.Tensor, scale, bias, penalised) -> t
     if penalised is not None:
         s_c.add_(torch.where(penalised, dot, 0.0), alpha=target.penalty)
     return s_c
+
+
+# ---------------------------------------------------------------------------------------------------
+# Between the two passes, for every backend: statistics → row groups → loss and target weights
+
+class TargetStats(NamedTuple):
+    """Pass 1's statistics: per row and per column (the columns only for a symmetric loss) the
+    float64 LSE over the kept pairs, the number of positives and their summed logits (float64), and
+    with label smoothing the number of kept pairs and their summed logits."""
+    row_lse: torch.Tensor
+    row_pos: torch.Tensor
+    row_keep: torch.Tensor
+    row_sum_pos: torch.Tensor
+    row_sum_keep: torch.Tensor
+    col_lse: torch.Tensor
+    col_pos: torch.Tensor
+    col_keep: torch.Tensor
+    col_sum_pos: torch.Tensor
+    col_sum_keep: torch.Tensor
+
+
+class TargetWeights(NamedTuple):
+    """What pass 2 needs: ``G = w_row·(exp(S − row_lse_i) − q_row_pos_i·[pos] − q_row_keep_i)
+    + w_col_j·(exp(S − col_lse_j) − q_col_pos_j·[pos] − q_col_keep_j)`` on the kept pairs. ``row_lse``
+    is the LSE of each row's group (float64); the column terms are None without a column direction
+    (col_lse +inf and w_col 0 on the columns that own no positive)."""
+    row_lse: torch.Tensor
+    q_row_pos: torch.Tensor
+    q_row_keep: torch.Tensor
+    w_row: float
+    col_lse: Optional[torch.Tensor] = None
+    q_col_pos: Optional[torch.Tensor] = None
+    q_col_keep: Optional[torch.Tensor] = None
+    w_col: Optional[torch.Tensor] = None
+
+
+def _group_sum(values, groups, n_groups):
+    return torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(0, groups, values)
+
+
+def group_lse(row_lse, groups, n_groups):
+    """float64 LSE over the rows of each group of their row LSEs (−inf rows contribute nothing)."""
+    peak = torch.full((n_groups,), float("-inf"), dtype=row_lse.dtype, device=row_lse.device)
+    peak = peak.scatter_reduce(0, groups, row_lse, "amax")
+    shift = torch.where(torch.isfinite(peak), peak, 0.0)
+    return torch.log(_group_sum(torch.exp(row_lse - shift[groups]), groups, n_groups)) + shift
+
+
+def loss_and_weights(target: Target, st: TargetStats, eps: float, symmetric: bool, acc: torch.dtype):
+    """The float64 loss of the statistics and the weights of pass 2::
+
+        L = w_r·Σ_g [LSE_{K_g} S − (1−ε)·mean_{P_g} S − ε·mean_{K_g} S]
+          + w_c·Σ_{j owning a positive} [the same over column j's kept rows]
+
+    over the groups g of rows (each row its own group without ``row_group``), w_r = 1/G (½ of it and
+    w_c = 1/(2·#owning columns) when ``symmetric``, else w_c = 0). A group with no positive is a
+    ValueError naming it."""
+    na = st.row_lse.shape[0]
+    dev = st.row_lse.device
+    if symmetric and target.row_group is not None:
+        raise ValueError("a target with row groups has no column direction (symmetric=False)")
+    if target.row_group is None:
+        groups, n_groups = torch.arange(na, device=dev), na
+    else:
+        groups = target.row_group
+        n_groups = int(groups.max()) + 1 if na else 0
+    g_lse = group_lse(st.row_lse, groups, n_groups)
+    g_pos, g_keep = _group_sum(st.row_pos, groups, n_groups), _group_sum(st.row_keep, groups, n_groups)
+    g_sum_pos = _group_sum(st.row_sum_pos, groups, n_groups)
+    g_sum_keep = _group_sum(st.row_sum_keep, groups, n_groups)
+    if bool((g_pos == 0).any()):
+        g = int(torch.nonzero(g_pos == 0)[0])
+        what = f"row {g}" if target.row_group is None else f"row group {g}"
+        raise ValueError(f"{what} of the loss has no positive among its kept columns")
+    owned = st.col_pos > 0
+    w_r = (0.5 if symmetric else 1.0) / n_groups
+    w_c = 0.5 / max(int(owned.sum()), 1) if symmetric else 0.0
+
+    def terms(lse, n_pos, n_keep, sum_pos, sum_keep):
+        out = lse - (1.0 - eps) * sum_pos / n_pos.double()
+        return out - eps * sum_keep / n_keep.double() if eps else out
+
+    loss = w_r * terms(g_lse, g_pos, g_keep, g_sum_pos, g_sum_keep).sum()
+    if symmetric:
+        loss = loss + w_c * terms(st.col_lse, st.col_pos, st.col_keep, st.col_sum_pos, st.col_sum_keep)[owned].sum()
+    zeros = torch.zeros(na, dtype=acc, device=dev)
+    weights = TargetWeights(g_lse[groups], ((1.0 - eps) / g_pos)[groups].to(acc),
+                            (eps / g_keep.clamp_min(1))[groups].to(acc) if eps else zeros, w_r)
+    if symmetric:
+        # +inf for the columns without a positive: their column softmax term vanishes (exp(−inf) = 0)
+        weights = weights._replace(
+            col_lse=torch.where(owned, st.col_lse, float("inf")),
+            q_col_pos=torch.where(owned, (1.0 - eps) / st.col_pos.clamp_min(1), 0.0).to(acc),
+            q_col_keep=torch.where(owned, eps / st.col_keep.clamp_min(1), 0.0).to(acc),
+            w_col=(w_c * owned).to(acc))
+    return loss, weights
+
+
+def two_pass_target(stats_fn, grad_fn, a, b, scale, bias, target, eps, symmetric, chunk_rows, need_grad,
+                    cache_bytes=0):
+    """The softmax loss of a general target on a backend's two passes (``stats_fn``: pass 1,
+    ``grad_fn``: pass 2, reusing pass 1's cached chunks of dot products). Returns (loss float64,
+    grad_a, grad_b, grad_scale, grad_bias), the gradients None without ``need_grad``."""
+    from ._common import acc_dtype
+
+    st, cached = stats_fn(a, b, scale, bias, target, symmetric, bool(eps), chunk_rows,
+                          cache_bytes if need_grad else 0)
+    loss, weights = loss_and_weights(target, st, eps, symmetric, acc_dtype(a.dtype))
+    if not need_grad:
+        return loss, None, None, None, None
+    return (loss,) + tuple(grad_fn(a, b, scale, bias, target, weights, chunk_rows, cached))

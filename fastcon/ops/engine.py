@@ -524,10 +524,10 @@ def siglip_engine_loss(a, b, scale, bias, *, pos_offset: Optional[int], backend:
 
 # ---------------------------------------------------------------------------------------------------
 # The general target (fastcon/kernels/targets.py). Its executable statement is the torch backend's;
-# the C++ and Triton epilogues of it are not written yet.
+# the C++ backend has its two passes; the Triton epilogues of it are not written yet.
 
-TARGET_BACKENDS = ("torch",)
-TARGET_NOT_IMPLEMENTED = ("cpp", "triton", "triton_fused")
+TARGET_BACKENDS = ("torch", "cpp")
+TARGET_NOT_IMPLEMENTED = ("triton", "triton_fused")
 _warned_target_fallback = False
 
 
@@ -559,38 +559,43 @@ def _traced_target_backend(backend: str, device_type: str, dtype: torch.dtype) -
 def _target_softmax_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, target_tensors: List[Optional[Tensor]],
                          backend: str, pair_offset: int, margin: Optional[float],
                          penalty: float, penalty_mode: int, label_smoothing: float, symmetric: bool,
-                         chunk_size: int, need_grad: bool,
+                         chunk_size: int, cache_limit: int, need_grad: bool,
                          mm_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The softmax loss of a general target (``fastcon.kernels.torch_chunked.target_softmax_fused``) in
-    float64, and its gradients. The target's tensors come as one list (``targets.TENSOR_FIELDS``)."""
+    float64, and its gradients. The target's tensors come as one list (``targets.TENSOR_FIELDS``);
+    ``cache_limit`` bounds the bytes of pass-1 logits kept for pass 2 (−1: ``cache_bytes()``)."""
     from fastcon.kernels.targets import target_from
 
     with autocast_off(a.device.type):
         impl, x, y, s, c, chunk_rows = _backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype)
         target = target_from(target_tensors, pair_offset, margin, penalty, penalty_mode)
+        limit = cache_bytes(x.device) if cache_limit < 0 else cache_limit
         loss, *grads = impl.target_softmax_fused(x, y, s, c, target, label_smoothing, symmetric, chunk_rows,
-                                                 need_grad, cache_bytes(x.device))
+                                                 need_grad, limit)
         if not need_grad:
             return (loss,) + _no_grads(a)
         return (loss,) + final_grads((a, b, scale, bias), grads, 1.0)
 
 
 def _target_softmax_loss_fake(a, b, scale, bias, target_tensors, backend, pair_offset, margin,
-                              penalty, penalty_mode, label_smoothing, symmetric, chunk_size, need_grad, mm_dtype):
+                              penalty, penalty_mode, label_smoothing, symmetric, chunk_size, cache_limit, need_grad,
+                              mm_dtype):
     loss = a.new_empty((), dtype=torch.float64)
     return (loss,) + (_grad_likes(a, b, scale, bias) if need_grad else _no_grads(a))
 
 
-_TARGET_OTHER_ARGS = 11  # target_tensors .. mm_dtype: the arguments after a, b, scale, bias
+_TARGET_OTHER_ARGS = 12  # target_tensors .. mm_dtype: the arguments after a, b, scale, bias
 target_softmax_loss = _register("fastcon::target_softmax_loss", _target_softmax_loss, _target_softmax_loss_fake,
                                 _TARGET_OTHER_ARGS, False)
 
 
 def target_engine_loss(a, b, scale, bias, target, *, label_smoothing: float = 0.0, symmetric: bool = True,
-                       backend: str = "auto", chunk_size: Optional[int] = None) -> torch.Tensor:
+                       backend: str = "auto", chunk_size: Optional[int] = None,
+                       cache_limit: Optional[int] = None) -> torch.Tensor:
     """A general-target softmax loss on the engine (``target``: a ``fastcon.kernels.targets.Target``);
-    arguments already validated. Returns the fp32 (float64 for float64 inputs) loss in
-    ``loss_dtype(a)``."""
+    arguments already validated. ``cache_limit``: bytes of pass-1 logits kept for pass 2 (None: the
+    backend's default, ``FASTCON_CACHE_BYTES``). Returns the fp32 (float64 for float64 inputs) loss
+    in ``loss_dtype(a)``."""
     from fastcon.kernels.targets import target_tensors
 
     out_dtype = loss_dtype(a)
@@ -602,5 +607,6 @@ def target_engine_loss(a, b, scale, bias, target, *, label_smoothing: float = 0.
                                    int(t.pair_offset),
                                    None if t.margin is None else float(t.margin), float(t.penalty),
                                    int(t.penalty_mode), float(label_smoothing), bool(symmetric),
-                                   int(chunk_size or 0), needs_grad(a, b, scale, bias), mm_dtype)
+                                   int(chunk_size or 0), -1 if cache_limit is None else int(cache_limit),
+                                   needs_grad(a, b, scale, bias), mm_dtype)
     return loss.to(acc_dtype(a.dtype)).to(out_dtype)

@@ -1,0 +1,471 @@
+// The general target of the engine (fastcon/kernels/targets.py) on the CPU: its two passes as the
+// operators target_stats and target_grad. Between them, fastcon/kernels/targets.py combines the
+// statistics (row groups, the loss, the target weights) for every backend alike.
+//
+// Pass 1 (target_stats), per row chunk: the GEMM of the chunk's dot products (over the columns some
+// row of the chunk keeps), then one epilogue per row that decides every pair (kept, positive,
+// penalised) from the target's O(N) vectors and writes the logit, or −inf for a dropped pair, into a
+// logits buffer while counting and summing the positives (and, with label smoothing, the kept
+// pairs); the row LSEs and, for a symmetric loss, the column LSEs then come from that buffer through
+// the column statistics of the CLIP engine. Pass 2 (target_grad) decides every pair again and turns
+// the dot products into G in place, for the two GEMMs of the gradients.
+//
+// Determinism as in engine.cpp: each row is computed by one thread; column sums are per thread (a fixed
+// block of rows of every chunk) and merged in thread order.
+#include <torch/library.h>
+
+#include <memory>
+#include <tuple>
+#include <vector>
+
+#include "engine.h"
+
+namespace fastcon {
+namespace cpu {
+namespace {
+
+// The target's tensors, in the order of TENSOR_FIELDS in fastcon/kernels/targets.py.
+enum Field {
+  kRowIds, kColIds, kExcludeCol, kColKeep, kRowGroup, kRowOwner, kColOwner, kOwnRule, kColRange, kPenaltyCols,
+  kMask, kPenaltyRows, kFields
+};
+
+struct TargetView {
+  const int64_t* row_ids = nullptr;
+  const int64_t* col_ids = nullptr;
+  const int64_t* exclude_col = nullptr;
+  const bool* col_keep = nullptr;
+  const int64_t* row_owner = nullptr;
+  const int64_t* col_owner = nullptr;
+  const int64_t* own_rule = nullptr;
+  const int64_t* col_range = nullptr;  // (Na, 2)
+  const bool* penalty_cols = nullptr;
+  const bool* mask = nullptr;  // (Na, Nb)
+  const bool* penalty_rows = nullptr;
+  int64_t na = 0, nb = 0;
+  int64_t pair_offset = 0;
+  bool has_margin = false;
+  double margin = 0.0;
+  double penalty = 0.0;
+  int64_t penalty_mode = 0;
+};
+
+const Tensor* field(const c10::List<std::optional<Tensor>>& tensors, int k, std::vector<Tensor>& keep) {
+  if (size_t(k) >= tensors.size()) return nullptr;
+  const std::optional<Tensor> t = tensors.get(k);
+  if (!t.has_value() || !t->defined()) return nullptr;
+  keep.push_back(*t);
+  return &keep.back();
+}
+
+TargetView make_view(const char* op, const c10::List<std::optional<Tensor>>& tensors, int64_t na, int64_t nb,
+                     int64_t pair_offset, std::optional<double> margin, double penalty, int64_t penalty_mode,
+                     std::vector<Tensor>& keep) {
+  TORCH_CHECK(tensors.size() == kFields, "fastcon::", op, ": the target has ", int(kFields), " tensors, got ",
+              tensors.size());
+  keep.reserve(kFields);
+  TargetView v;
+  v.na = na;
+  v.nb = nb;
+  auto ints = [&](int k, const char* name, int64_t n0, int64_t n1, bool required) -> const int64_t* {
+    const Tensor* t = field(tensors, k, keep);
+    if (t == nullptr) {
+      TORCH_CHECK(!required, "fastcon::", op, ": the target needs ", name);
+      return nullptr;
+    }
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->device().is_cpu() && t->is_contiguous(), "fastcon::", op, ": ",
+                name, " must be a contiguous int64 CPU tensor");
+    TORCH_CHECK(t->numel() == n0 * n1, "fastcon::", op, ": ", name, " must have ", n0 * n1, " entries, got ",
+                t->numel());
+    return t->data_ptr<int64_t>();
+  };
+  auto bools = [&](int k, const char* name, int64_t n) -> const bool* {
+    const Tensor* t = field(tensors, k, keep);
+    if (t == nullptr) return nullptr;
+    TORCH_CHECK(t->scalar_type() == at::kBool && t->device().is_cpu() && t->is_contiguous(), "fastcon::", op, ": ",
+                name, " must be a contiguous bool CPU tensor");
+    TORCH_CHECK(t->numel() == n, "fastcon::", op, ": ", name, " must have ", n, " entries, got ", t->numel());
+    return t->data_ptr<bool>();
+  };
+  v.row_ids = ints(kRowIds, "row_ids", na, 1, true);
+  v.col_ids = ints(kColIds, "col_ids", nb, 1, true);
+  v.exclude_col = ints(kExcludeCol, "exclude_col", na, 1, false);
+  v.col_keep = bools(kColKeep, "col_keep", nb);
+  v.row_owner = ints(kRowOwner, "row_owner", na, 1, false);
+  v.col_owner = ints(kColOwner, "col_owner", nb, 1, false);
+  v.own_rule = ints(kOwnRule, "own_rule", na, 1, false);
+  v.col_range = ints(kColRange, "col_range", na, 2, false);
+  v.penalty_cols = bools(kPenaltyCols, "penalty_cols", nb);
+  v.mask = bools(kMask, "mask", na * nb);
+  v.penalty_rows = bools(kPenaltyRows, "penalty_rows", na);
+  v.pair_offset = pair_offset;
+  v.has_margin = margin.has_value();
+  v.margin = margin.value_or(0.0);
+  v.penalty = penalty;
+  v.penalty_mode = penalty_mode;
+  TORCH_CHECK(penalty_mode == 0 || (v.row_owner != nullptr && v.col_owner != nullptr), "fastcon::", op,
+              ": a hardness penalty by ownership needs row_owner and col_owner");
+  return v;
+}
+
+// The columns [c0, c1) that some row of [r0, r1) may keep (as column_span in targets.py).
+std::pair<int64_t, int64_t> span(const TargetView& t, int64_t r0, int64_t r1) {
+  if (t.col_range == nullptr || t.has_margin) return {0, t.nb};
+  int64_t c0 = std::numeric_limits<int64_t>::max(), c1 = std::numeric_limits<int64_t>::min();
+  for (int64_t i = r0; i < r1; ++i) {
+    c0 = std::min(c0, t.col_range[2 * i]);
+    c1 = std::max(c1, t.col_range[2 * i + 1]);
+  }
+  c0 = std::min(std::max<int64_t>(c0, 0), t.nb);
+  return {c0, std::max(c0, std::min(c1, t.nb))};
+}
+
+// Everything about row i that its pairs' decisions read, once per row.
+template <typename T>
+struct RowCtx {
+  int64_t id, exclude, lo, hi, owner, rule;
+  bool pen_row;
+  T pair_bound;  // A_i·B_pair − margin, in T as the torch backend forms it
+};
+
+template <typename T>
+RowCtx<T> row_ctx(const TargetView& t, int64_t i, const T* dot_row, int64_t c0) {
+  RowCtx<T> r;
+  r.id = t.row_ids[i];
+  r.exclude = t.exclude_col ? t.exclude_col[i] : -1;
+  r.lo = t.col_range ? t.col_range[2 * i] : 0;
+  r.hi = t.col_range ? t.col_range[2 * i + 1] : t.nb;
+  r.owner = t.row_owner ? t.row_owner[i] : -1;
+  r.rule = t.own_rule ? t.own_rule[i] : 0;
+  r.pen_row = t.penalty != 0.0 && (t.penalty_rows == nullptr || t.penalty_rows[i]);
+  r.pair_bound = t.has_margin ? T(dot_row[i + t.pair_offset - c0] - T(t.margin)) : T(0);
+  return r;
+}
+
+// The decision about pair (i, j) and its logit: returns false for a dropped pair; else sets *pos and
+// the logit *v = s·d + b (+ α·d when penalised).
+template <typename T>
+FC_INLINE bool decide(const TargetView& t, const RowCtx<T>& r, int64_t i, int64_t j, T d, T s, T b, bool* pos,
+                      T* v) {
+  const int64_t cid = t.col_ids[j];
+  bool p = cid >= 0 && cid == r.id;
+  if (j == r.exclude || j < r.lo || j >= r.hi) return false;
+  if (t.col_keep && !t.col_keep[j]) return false;
+  bool own = false, owned = false;
+  if (t.col_owner && t.row_owner) {
+    const int64_t co = t.col_owner[j];
+    owned = co >= 0;
+    own = owned && co == r.owner;
+    if ((r.rule == 1 && own) || (r.rule == 2 && owned && !own)) return false;
+  }
+  if (t.mask && !t.mask[i * t.nb + j]) return false;
+  if (t.has_margin && !p && !(d <= r.pair_bound)) return false;
+  T logit = d * s + b;
+  if (r.pen_row && !p && (t.penalty_cols == nullptr || t.penalty_cols[j]) &&
+      (t.penalty_mode == 0 || (t.penalty_mode == 1 ? own : !own))) {
+    logit = logit + T(t.penalty) * d;
+  }
+  *pos = p;
+  *v = logit;
+  return true;
+}
+
+// Per-thread column sums of the positives (and kept pairs), merged in thread order.
+struct ColSums {
+  int64_t nb;
+  int nt;
+  std::vector<double> data;  // per thread: n_pos, sum_pos, n_keep, sum_keep (nb each)
+  ColSums(int64_t nb_, int nt_) : nb(nb_), nt(nt_), data(size_t(nt_) * 4 * size_t(nb_), 0.0) {}
+  double* at(int t, int k) { return data.data() + (size_t(t) * 4 + size_t(k)) * size_t(nb); }
+};
+
+template <typename T>
+std::vector<Tensor> target_stats_impl(const Tensor& a, const Tensor& b, T s, T bb, const TargetView& t,
+                                      bool symmetric, bool smoothing, int64_t chunk_rows, int64_t cache_bytes) {
+  const int64_t na = a.size(0), nb = b.size(0);
+  const int nt = team_threads();
+  auto f64 = a.options().dtype(at::kDouble);
+  Tensor row_lse = at::full({na}, -inf<double>(), f64);
+  Tensor row_pos = at::zeros({na}, a.options()), row_keep = at::zeros({na}, a.options());
+  Tensor row_sum_pos = at::zeros({na}, f64), row_sum_keep = at::zeros({na}, f64);
+  Tensor col_lse = at::full({nb}, -inf<double>(), f64);
+  Tensor col_pos = at::zeros({nb}, a.options()), col_keep = at::zeros({nb}, a.options());
+  Tensor col_sum_pos = at::zeros({nb}, f64), col_sum_keep = at::zeros({nb}, f64);
+  TORCH_CHECK(!symmetric || t.col_range == nullptr, "fastcon::target_stats: a symmetric loss keeps every column span");
+  std::vector<Tensor> cache;
+  int64_t kept_bytes = 0;
+  bool caching = true;
+  Tensor buf, logits;
+  ColStats<T>* cs = nullptr;
+  std::unique_ptr<ColStats<T>> cs_owner;
+  if (symmetric) {
+    cs_owner.reset(new ColStats<T>(nb, nt));
+    cs = cs_owner.get();
+  }
+  ColSums sums(symmetric ? nb : 0, nt);
+  T* rp = row_pos.data_ptr<T>();
+  T* rk = row_keep.data_ptr<T>();
+  double* rsp = row_sum_pos.data_ptr<double>();
+  double* rsk = row_sum_keep.data_ptr<double>();
+  double* rl = row_lse.data_ptr<double>();
+  for (int64_t r0 = 0; r0 < na; r0 += chunk_rows) {
+    const int64_t r1 = std::min(na, r0 + chunk_rows), rows = r1 - r0;
+    const auto sp = span(t, r0, r1);
+    const int64_t c0 = sp.first, w = sp.second - sp.first;
+    if (w == 0) {
+      caching = false;
+      continue;
+    }
+    Tensor dot;
+    const int64_t bytes = rows * w * int64_t(sizeof(T));
+    if (caching && kept_bytes + bytes <= cache_bytes) {
+      dot = at::empty({rows, w}, a.options());
+      cache.push_back(dot);
+      kept_bytes += bytes;
+    } else {
+      caching = false;
+      if (!buf.defined() || buf.numel() < rows * w) buf = at::empty({chunk_rows * w}, a.options());
+      dot = buf.narrow(0, 0, rows * w).view({rows, w});
+    }
+    at::mm_out(dot, a.narrow(0, r0, rows), b.narrow(0, c0, w).t());
+    if (!logits.defined() || logits.numel() < rows * w) logits = at::empty({chunk_rows * w}, a.options());
+    T* lg = logits.data_ptr<T>();
+    const T* dp = dot.data_ptr<T>();
+#pragma omp parallel num_threads(nt) if (rows * w >= kMinParallelWork)
+    {
+      const int tid = omp_tid(), team = omp_team();
+      const int64_t i0 = rows * tid / team, i1 = rows * (tid + 1) / team;
+      double* cnp = symmetric ? sums.at(tid, 0) + c0 : nullptr;
+      double* csp = symmetric ? sums.at(tid, 1) + c0 : nullptr;
+      double* cnk = symmetric ? sums.at(tid, 2) + c0 : nullptr;
+      double* csk = symmetric ? sums.at(tid, 3) + c0 : nullptr;
+      for (int64_t li = i0; li < i1; ++li) {
+        const int64_t i = r0 + li;
+        const T* d = dp + li * w;
+        T* L = lg + li * w;
+        const RowCtx<T> rc = row_ctx<T>(t, i, d, c0);
+        T n_pos = 0, n_keep = 0;
+        double s_pos = 0, s_keep = 0;
+        T m = -inf<T>();
+        for (int64_t jj = 0; jj < w; ++jj) {
+          bool p = false;
+          T v;
+          if (!decide<T>(t, rc, i, c0 + jj, d[jj], s, bb, &p, &v)) {
+            L[jj] = -inf<T>();
+            continue;
+          }
+          L[jj] = v;
+          m = v > m ? v : m;
+          if (p) {
+            n_pos += T(1);
+            s_pos += double(v);
+            if (symmetric) {
+              cnp[jj] += 1.0;
+              csp[jj] += double(v);
+            }
+          }
+          if (smoothing) {
+            n_keep += T(1);
+            s_keep += double(v);
+            if (symmetric) {
+              cnk[jj] += 1.0;
+              csk[jj] += double(v);
+            }
+          }
+        }
+        rp[i] = n_pos;
+        rk[i] = n_keep;
+        rsp[i] = s_pos;
+        rsk[i] = s_keep;
+        if (!symmetric) {  // the row LSE here (else from the column statistics below, in one sweep)
+          const T sh = lse_shift(m);
+          T cnt = 0, acc = 0;
+#pragma omp simd reduction(+ : cnt, acc)
+          for (int64_t jj = 0; jj < w; ++jj) {
+            const T x = L[jj];
+            const bool at_shift = x == sh;
+            cnt += at_shift ? T(1) : T(0);
+            acc += at_shift ? T(0) : Math<T>::exp(x - sh);
+          }
+          rl[i] = lse_from_parts(double(sh), double(cnt), double(acc));
+        }
+      }
+    }
+    if (symmetric) cs->add_chunk(lg, rows, T(1), T(0), rl + r0);
+  }
+  if (symmetric) {
+    cs->finish(col_lse.data_ptr<double>());
+    T* cp = col_pos.data_ptr<T>();
+    T* ck = col_keep.data_ptr<T>();
+    double* csp = col_sum_pos.data_ptr<double>();
+    double* csk = col_sum_keep.data_ptr<double>();
+    for (int th = 0; th < nt; ++th) {
+      for (int64_t j = 0; j < nb; ++j) {
+        cp[j] += T(sums.at(th, 0)[j]);
+        csp[j] += sums.at(th, 1)[j];
+        ck[j] += T(sums.at(th, 2)[j]);
+        csk[j] += sums.at(th, 3)[j];
+      }
+    }
+  }
+  std::vector<Tensor> out = {row_lse, row_pos, row_keep, row_sum_pos, row_sum_keep,
+                             col_lse, col_pos, col_keep, col_sum_pos, col_sum_keep};
+  for (auto& c : cache) out.push_back(c);
+  return out;
+}
+
+// A vector of weights for the columns, or null when absent.
+template <typename T>
+const T* opt_vec(const std::optional<Tensor>& v, const char* name, int64_t n) {
+  if (!v.has_value() || !v->defined()) return nullptr;
+  TORCH_CHECK(v->dim() == 1 && v->size(0) == n && v->is_contiguous() && v->device().is_cpu(),
+              "fastcon::target_grad: ", name, " must be a contiguous CPU vector of length ", n);
+  return v->data_ptr<T>();
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad_impl(
+    const Tensor& a, const Tensor& b, T s, T bb, const TargetView& t, const Tensor& row_lse, const Tensor& q_row_pos,
+    const Tensor& q_row_keep, double w_row, const std::optional<Tensor>& col_lse,
+    const std::optional<Tensor>& q_col_pos, const std::optional<Tensor>& q_col_keep,
+    const std::optional<Tensor>& w_col, int64_t chunk_rows, const std::vector<Tensor>& cache) {
+  const int64_t na = a.size(0), nb = b.size(0), dim = a.size(1);
+  const int nt = team_threads();
+  check_lse("target_grad", "row_lse", row_lse, na);
+  const bool symmetric = col_lse.has_value() && col_lse->defined();
+  if (symmetric) check_lse("target_grad", "col_lse", *col_lse, nb);
+  const T* qrp = opt_vec<T>(q_row_pos, "q_row_pos", na);
+  const T* qrk = opt_vec<T>(q_row_keep, "q_row_keep", na);
+  TORCH_CHECK(qrp != nullptr && qrk != nullptr, "fastcon::target_grad: q_row_pos and q_row_keep are required");
+  const T* qcp = symmetric ? opt_vec<T>(q_col_pos, "q_col_pos", nb) : nullptr;
+  const T* qck = symmetric ? opt_vec<T>(q_col_keep, "q_col_keep", nb) : nullptr;
+  const T* wc = symmetric ? opt_vec<T>(w_col, "w_col", nb) : nullptr;
+  TORCH_CHECK(!symmetric || (qcp && qck && wc), "fastcon::target_grad: a symmetric loss needs the column weights");
+  const SplitLse<T> rls(row_lse.data_ptr<double>(), na);
+  std::unique_ptr<SplitLse<T>> cls;
+  if (symmetric) cls.reset(new SplitLse<T>(col_lse->data_ptr<double>(), nb));
+  const T* chi = symmetric ? cls->hi.data() : nullptr;
+  const T* clo = symmetric ? cls->lo.data() : nullptr;
+  const T wr = T(w_row);
+  Tensor grad_a = at::zeros({na, dim}, a.options());
+  Tensor grad_b = at::zeros({nb, dim}, a.options());
+  std::vector<double> gs_rows(size_t(na), 0.0), gb_rows(size_t(na), 0.0);
+  Tensor buf;
+  size_t k = 0;  // the next cached chunk
+  bool cached_prefix = true;
+  for (int64_t r0 = 0; r0 < na; r0 += chunk_rows) {
+    const int64_t r1 = std::min(na, r0 + chunk_rows), rows = r1 - r0;
+    const auto sp = span(t, r0, r1);
+    const int64_t c0 = sp.first, w = sp.second - sp.first;
+    if (w == 0) {
+      cached_prefix = false;
+      continue;
+    }
+    Tensor dot;
+    if (cached_prefix && k < cache.size()) {
+      dot = cache[k++];
+      TORCH_CHECK(dot.size(0) == rows && dot.size(1) == w, "fastcon::target_grad: cached chunk of shape ",
+                  dot.sizes(), " where (", rows, ", ", w, ") was expected");
+      dot = dot.clone();  // G is written in place; the cache stays the caller's
+    } else {
+      cached_prefix = false;
+      if (!buf.defined() || buf.numel() < rows * w) buf = at::empty({chunk_rows * w}, a.options());
+      dot = buf.narrow(0, 0, rows * w).view({rows, w});
+      at::mm_out(dot, a.narrow(0, r0, rows), b.narrow(0, c0, w).t());
+    }
+    T* dp = dot.data_ptr<T>();
+#pragma omp parallel for schedule(static) num_threads(nt) if (rows * w >= kMinParallelWork)
+    for (int64_t li = 0; li < rows; ++li) {
+      const int64_t i = r0 + li;
+      T* d = dp + li * w;
+      const RowCtx<T> rc = row_ctx<T>(t, i, d, c0);
+      const T rhi = rls.hi[i], rlo = rls.lo[i];
+      const T qp = qrp[i], qk = qrk[i];
+      T gs = 0, gb = 0;
+      for (int64_t jj = 0; jj < w; ++jj) {
+        const int64_t j = c0 + jj;
+        const T dv = d[jj];
+        bool p = false;
+        T v;
+        T g = T(0);
+        if (decide<T>(t, rc, i, j, dv, s, bb, &p, &v)) {
+          g = wr * (Math<T>::exp((v - rhi) - rlo) - (p ? qp : T(0)) - qk);
+          if (symmetric && wc[j] != T(0)) {
+            g += wc[j] * (Math<T>::exp((v - chi[j]) - clo[j]) - (p ? qcp[j] : T(0)) - qck[j]);
+          }
+        }
+        gs += g * dv;
+        gb += g;
+        d[jj] = g;
+      }
+      gs_rows[size_t(i)] = double(gs);
+      gb_rows[size_t(i)] = double(gb);
+    }
+    Tensor ga = grad_a.narrow(0, r0, rows);
+    at::addmm_out(ga, ga, dot, b.narrow(0, c0, w), /*beta=*/0, /*alpha=*/double(s));
+    Tensor gbm = grad_b.narrow(0, c0, w);
+    gbm.addmm_(dot.t(), a.narrow(0, r0, rows), /*beta=*/1, /*alpha=*/double(s));
+  }
+  return {grad_a, grad_b, scalar_tensor(ordered_sum(gs_rows), a), scalar_tensor(ordered_sum(gb_rows), a)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dispatcher entry points
+
+std::vector<Tensor> target_stats(const Tensor& a, const Tensor& b, const Tensor& scale, const Tensor& bias,
+                                 const c10::List<std::optional<Tensor>>& target, int64_t pair_offset,
+                                 std::optional<double> margin, double penalty, int64_t penalty_mode, bool symmetric,
+                                 bool smoothing, int64_t chunk_rows, int64_t cache_bytes) {
+  check_pair("target_stats", a, b, scale, bias, chunk_rows);
+  std::vector<Tensor> keep;
+  const TargetView t = make_view("target_stats", target, a.size(0), b.size(0), pair_offset, margin, penalty,
+                                 penalty_mode, keep);
+  if (a.scalar_type() == at::kDouble)
+    return target_stats_impl<double>(a, b, scalar_of<double>(scale), scalar_of<double>(bias), t, symmetric,
+                                     smoothing, chunk_rows, cache_bytes);
+  return target_stats_impl<float>(a, b, scalar_of<float>(scale), scalar_of<float>(bias), t, symmetric, smoothing,
+                                  chunk_rows, cache_bytes);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad(
+    const Tensor& a, const Tensor& b, const Tensor& scale, const Tensor& bias,
+    const c10::List<std::optional<Tensor>>& target, int64_t pair_offset, std::optional<double> margin,
+    double penalty, int64_t penalty_mode, const Tensor& row_lse, const Tensor& q_row_pos, const Tensor& q_row_keep,
+    double w_row, const std::optional<Tensor>& col_lse, const std::optional<Tensor>& q_col_pos,
+    const std::optional<Tensor>& q_col_keep, const std::optional<Tensor>& w_col, int64_t chunk_rows,
+    at::TensorList cache) {
+  check_pair("target_grad", a, b, scale, bias, chunk_rows);
+  std::vector<Tensor> keep;
+  const TargetView t = make_view("target_grad", target, a.size(0), b.size(0), pair_offset, margin, penalty,
+                                 penalty_mode, keep);
+  const std::vector<Tensor> chunks(cache.begin(), cache.end());
+  for (const Tensor* v : {&q_row_pos, &q_row_keep}) {
+    TORCH_CHECK(v->scalar_type() == a.scalar_type(), "fastcon::target_grad: the row weights must have a's dtype");
+  }
+  if (a.scalar_type() == at::kDouble)
+    return target_grad_impl<double>(a, b, scalar_of<double>(scale), scalar_of<double>(bias), t, row_lse, q_row_pos,
+                                    q_row_keep, w_row, col_lse, q_col_pos, q_col_keep, w_col, chunk_rows, chunks);
+  return target_grad_impl<float>(a, b, scalar_of<float>(scale), scalar_of<float>(bias), t, row_lse, q_row_pos,
+                                 q_row_keep, w_row, col_lse, q_col_pos, q_col_keep, w_col, chunk_rows, chunks);
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastcon
+
+TORCH_LIBRARY_FRAGMENT(fastcon, m) {
+  m.def(
+      "target_stats(Tensor a, Tensor b, Tensor scale, Tensor bias, Tensor?[] target, int pair_offset, "
+      "float? margin, float penalty, int penalty_mode, bool symmetric, bool smoothing, int chunk_rows, "
+      "int cache_bytes) -> Tensor[]");
+  m.def(
+      "target_grad(Tensor a, Tensor b, Tensor scale, Tensor bias, Tensor?[] target, int pair_offset, "
+      "float? margin, float penalty, int penalty_mode, Tensor row_lse, Tensor q_row_pos, Tensor q_row_keep, "
+      "float w_row, Tensor? col_lse, Tensor? q_col_pos, Tensor? q_col_keep, Tensor? w_col, int chunk_rows, "
+      "Tensor[] cache) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastcon, CPU, m) {
+  m.impl("target_stats", &fastcon::cpu::target_stats);
+  m.impl("target_grad", &fastcon::cpu::target_grad);
+}
