@@ -25,8 +25,8 @@ def backend_info() -> dict:
         "cuda_available": cuda,
         "backends": {},
         "not_implemented": [
-            "general target (labels, hard negatives, self-contrast, MNRL) in the triton and triton_fused backends: "
-            "NotImplementedError; backend='auto' runs it on the torch backend there with a one-time warning",
+            "general target (labels, hard negatives, self-contrast, MNRL) in the triton_fused backend: "
+            "NotImplementedError; backend='auto' runs it on the chunked triton backend there",
             "clip_loss(labels=...) and negatives_clip_loss with a process_group",
         ],
     }

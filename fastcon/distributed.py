@@ -27,7 +27,8 @@ from .ops.engine import (backend_context, backend_module, engine_operands, forbi
                          needs_grad, prepare_inputs, save_final_grads, scaled_grads)
 
 __all__ = ["all_gather_with_grad", "all_gather_no_grad", "group_rank_and_size", "check_equal_batch",
-           "clip_loss_ring", "clip_loss_local", "siglip_loss_ring"]
+           "clip_loss_ring", "clip_loss_local", "siglip_loss_ring", "target_loss_global", "mean_over_ranks",
+           "shared_parameter"]
 
 
 # --------------------------------------------------------------------------------------- groups
@@ -354,3 +355,154 @@ def clip_loss_local(image_features, text_features, scale, bias, *, group, gather
               symmetric=False)
     return (clip_engine_loss(image_features, all_text, scale, bias, **kw)
             + clip_engine_loss(text_features, all_image, scale, bias, **kw)) / 2
+
+
+# --------------------------------------------------------------------------------------- general target
+def _target_passes(backend: str):
+    """(target_stats, target_grad) of a backend: its two passes of the general target."""
+    if backend == "triton":
+        from .kernels.triton import target as impl
+    else:
+        impl = backend_module(backend)
+    return impl.target_stats, impl.target_grad
+
+
+def _all_reduce_col_stats(st, group):
+    """The column statistics of every rank's rows: the LSEs merged in rank order (float64), the
+    counts and sums added."""
+    world = dist.get_world_size(group)
+    lse = all_gather_no_grad(st.col_lse, group).view(world, -1)
+    sums = torch.stack([st.col_pos.double(), st.col_sum_pos, st.col_keep.double(), st.col_sum_keep])
+    dist.all_reduce(sums, group=group)
+    return st._replace(col_lse=torch.logsumexp(lse, dim=0), col_pos=sums[0].to(st.col_pos.dtype),
+                       col_sum_pos=sums[1], col_keep=sums[2].to(st.col_keep.dtype), col_sum_keep=sums[3])
+
+
+class _TargetGlobal(torch.autograd.Function):
+    """A general-target loss whose rows are split over the ranks: every rank returns the loss of all
+    ranks' rows, computed from its own rows against the gathered columns (1/W of the work), with the
+    column statistics merged across ranks between the passes; each input receives the gradient of
+    that loss for its own rows and columns."""
+
+    @staticmethod
+    def forward(ctx, a_in, scale, bias, target, backend, mm_dtype, group, eps, symmetric, chunk_rows, cache,
+                sum_upstream, need_grad, *parts_in):
+        from .kernels.targets import RowShard, loss_and_weights, rows_of
+
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        n = a_in.shape[0]
+        a, _ = engine_operands(a_in, a_in[:0], backend, mm_dtype)
+        parts = [engine_operands(p, p[:0], backend, mm_dtype)[0] for p in parts_in]
+        gathered = [all_gather_no_grad(p, group) for p in parts]
+        cols = torch.cat(gathered)
+        local = rows_of(target, rank * n, (rank + 1) * n)
+        stats_fn, grad_fn = _target_passes(backend)
+        st, cached = stats_fn(a, cols, scale, bias, local, symmetric, bool(eps), chunk_rows,
+                              cache if need_grad else 0)
+        if symmetric:
+            st = _all_reduce_col_stats(st, group)
+        shard = RowShard(rank * n, world * n,
+                         lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group),
+                         lambda t: dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group))
+        loss, weights = loss_and_weights(local, st, eps, symmetric, scale.dtype, shard)
+        if need_grad:
+            grad_a, grad_cols, grad_scale, grad_bias = grad_fn(a, cols, scale, bias, local, weights, chunk_rows,
+                                                               cached)
+            dist.all_reduce(grad_cols, group=group)
+            grad_parts, base = [], 0
+            for p, g in zip(parts, gathered):  # this rank's block of each part of the columns
+                grad_parts.append(grad_cols[base + rank * p.shape[0]:base + (rank + 1) * p.shape[0]])
+                base += g.shape[0]
+            scalars = torch.stack([grad_scale, grad_bias])
+            dist.all_reduce(scalars, group=group)
+            inputs = (a_in, scale, bias) + tuple(parts_in)
+            grads = (grad_a, scalars[0], scalars[1]) + tuple(grad_parts)
+            need = ctx.needs_input_grad[:3] + ctx.needs_input_grad[13:]
+            ctx.grad_dtypes = tuple(x.dtype for x in inputs)
+            ctx.save_for_backward(*[g.to(torch.promote_types(x.dtype, torch.float32)) if need[k] else None
+                                    for k, (x, g) in enumerate(zip(inputs, grads))])
+        ctx.sum_upstream, ctx.group = sum_upstream, group
+        return loss.to(scale.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        forbid_double_backward()
+        g_features = grad_output
+        if ctx.sum_upstream:
+            # gather_with_grad: each rank's features receive every rank's gradient of the same loss
+            g_features = grad_output.detach().clone()
+            dist.all_reduce(g_features, group=ctx.group)
+        saved = ctx.saved_tensors
+        feats = scaled_grads(saved[:1] + saved[3:], g_features, ctx.grad_dtypes[:1] + ctx.grad_dtypes[3:])
+        scalars = scaled_grads(saved[1:3], grad_output, ctx.grad_dtypes[1:3])
+        return (feats[0],) + scalars + (None,) * 10 + tuple(feats[1:])
+
+
+def target_loss_global(rows, col_parts, scale, bias, target, *, group, label_smoothing: float, symmetric: bool,
+                       backend: str, chunk_size, gather_with_grad: bool = False):
+    """The general-target loss of W ranks' rows as one batch: ``rows`` (n, D) this rank's rows,
+    ``col_parts`` this rank's blocks of the columns, the global columns being each part gathered in
+    rank order, then concatenated; ``target`` describes the global loss (every rank's rows, the
+    global columns). Every rank returns the global loss; each input receives its slice of the
+    gradient of that loss (the features times the sum of the ranks' upstream gradients with
+    ``gather_with_grad``, as open_clip's all_gather with autograd gives)."""
+    from .ops.engine import _traced_target_backend, cache_bytes, chunk_rows_for
+
+    out_dtype = loss_dtype(rows)
+    ref = col_parts[0]
+    name, mm_dtype, a, _, scale, bias, _ = prepare_inputs(rows, ref, scale, bias, backend, chunk_size)
+    name = _traced_target_backend(backend, a.device.type, mm_dtype or a.dtype)
+    world = dist.get_world_size(group)
+    n_cols = world * sum(p.shape[0] for p in col_parts)
+    chunk_rows = chunk_rows_for(a.shape[0], n_cols, a.device, chunk_size)
+    with backend_context(a.device.type):
+        loss = _TargetGlobal.apply(a, scale, bias, target, name, mm_dtype, group, float(label_smoothing),
+                                   bool(symmetric), chunk_rows, cache_bytes(a.device), bool(gather_with_grad),
+                                   needs_grad(a, scale, bias, *col_parts), *col_parts)
+    return loss.to(out_dtype)
+
+
+class _MeanOverRanks(torch.autograd.Function):
+    """The mean over the ranks of a per-rank loss (every rank returns it); the backward hands each
+    rank's loss 1/W of the upstream gradient: its share of the mean, with no communication."""
+
+    @staticmethod
+    def forward(ctx, loss, group):
+        ctx.world = dist.get_world_size(group)
+        total = loss.detach().clone().reshape(1)
+        dist.all_reduce(total, group=group)
+        return total[0] / ctx.world
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad / ctx.world, None
+
+
+class _SumGradOverRanks(torch.autograd.Function):
+    """The identity, whose backward sums the gradient over the ranks: for a parameter every rank holds
+    a copy of (a logit scale) used in a loss of this rank's rows only, so that each copy receives the
+    gradient of the loss of all ranks' rows."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = grad.detach().clone()
+        dist.all_reduce(total, group=ctx.group)
+        return total, None
+
+
+def shared_parameter(x: Optional[torch.Tensor], group) -> Optional[torch.Tensor]:
+    """``x`` (a replicated scalar) for a per-rank term of a loss over all ranks (see _SumGradOverRanks)."""
+    if x is None or not x.requires_grad:
+        return x
+    return _SumGradOverRanks.apply(x, group)
+
+
+def mean_over_ranks(loss: torch.Tensor, group) -> torch.Tensor:
+    """The loss of a batch split over ranks whose rows are independent (the mean of per-row terms):
+    the mean of the ranks' equal-sized local losses."""
+    return _MeanOverRanks.apply(loss, group)

@@ -116,14 +116,18 @@ def clip_loss(
         if labels is None:
             labels = torch.arange(n, device=image_features.device)
         labels = check_labels("labels", labels, n, image_features.device)
+        group = _distributed_setup(process_group, image_features, text_features, backend)
         if pair_mask is not None:
             if not isinstance(pair_mask, torch.Tensor) or pair_mask.dtype != torch.bool:
                 raise TypeError("pair_mask must be a boolean tensor (False drops a pair)")
-            if tuple(pair_mask.shape) != (n, n):
+            if group is None and tuple(pair_mask.shape) != (n, n):
                 raise ValueError(f"pair_mask must be (N={n}, N={n}), got {tuple(pair_mask.shape)}")
             pair_mask = pair_mask.to(image_features.device)
-        if process_group is not None:
-            raise NotImplementedError("clip_loss(labels=..., pair_mask=...) with a process_group is not implemented yet")
+        if group is not None:
+            return _multi_positive_distributed(image_features, text_features, scale, bias, labels, pair_mask, eps,
+                                               group=group, local_loss=local_loss,
+                                               gather_with_grad=gather_with_grad, backend=backend,
+                                               chunk_size=chunk_size)
         if backend == "reference":
             return reference.multi_positive_clip_loss_reference(
                 image_features, text_features, scale, bias, labels=labels, label_smoothing=eps,
@@ -262,8 +266,11 @@ def negatives_clip_loss(
         if form == "own":
             raise ValueError("labels make in-batch texts positives: they apply to form='global' only")
         labels = check_labels("labels", labels, b, image_features.device)
-    if process_group is not None:
-        raise NotImplementedError("negatives_clip_loss with a process_group is not implemented yet")
+    group = _distributed_setup(process_group, image_features, text_features, backend)
+    if group is not None:
+        return _negatives_distributed(image_features, text_features, negatives, scale, bias, form, negative_mask,
+                                      false_negative_margin, labels, eps, group=group, backend=backend,
+                                      chunk_size=chunk_size)
     if backend == "reference":
         return reference.negatives_clip_loss_reference(
             image_features, text_features, negatives, scale, bias, form=form, negative_mask=negative_mask,
@@ -277,13 +284,81 @@ def negatives_clip_loss(
     dev = image_features.device
     ids = torch.arange(b, device=dev) if labels is None else labels
     columns = torch.cat([text_features, negatives.reshape(b * k, d)])
-    col_ids = torch.cat([ids, torch.full((b * k,), -1, dtype=torch.int64, device=dev)])
-    col_keep = None
-    if negative_mask is not None:
-        col_keep = torch.cat([torch.ones(b, dtype=torch.bool, device=dev), negative_mask.reshape(b * k)])
-    target = Target(ids, col_ids, col_keep=col_keep, pair_offset=0, margin=false_negative_margin)
+    target = _negatives_target(ids, b, k, negative_mask, false_negative_margin, dev)
     return target_engine_loss(image_features, columns, scale, bias, target, label_smoothing=eps,
                               backend=backend, chunk_size=chunk_size)
+
+
+def _global_ids(local_ids, group):
+    from .distributed import all_gather_no_grad
+
+    return all_gather_no_grad(local_ids, group)
+
+
+def _negatives_target(ids, b, k, negative_mask, margin, device):
+    """The global form's target: columns [Y; N_flat], row i's positives the texts sharing its id."""
+    col_ids = torch.cat([ids, torch.full((b * k,), -1, dtype=torch.int64, device=device)])
+    col_keep = None
+    if negative_mask is not None:
+        col_keep = torch.cat([torch.ones(b, dtype=torch.bool, device=device), negative_mask.reshape(b * k)])
+    return Target(ids, col_ids, col_keep=col_keep, pair_offset=0, margin=margin)
+
+
+def _negatives_distributed(x, y, negatives, scale, bias, form, negative_mask, margin, labels, eps, *, group,
+                           backend, chunk_size):
+    """negatives_clip_loss of the W ranks' batches as one batch (every rank returns it; each rank's
+    inputs receive their slice of its gradient): the global form from this rank's rows against the
+    gathered texts and negatives (each rank's negatives travel with its texts); the own form, whose
+    rows are independent, as the mean of the ranks' own losses."""
+    from .distributed import (all_gather_no_grad, group_rank_and_size, mean_over_ranks, shared_parameter,
+                              target_loss_global)
+
+    b, d = x.shape
+    k = negatives.shape[1]
+    if form == "own":
+        if not isinstance(backend, str) or backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        scale, bias = shared_parameter(scale, group), shared_parameter(bias, group)
+        return mean_over_ranks(_own_negatives_loss(x, y, negatives, scale, bias, negative_mask, margin, eps), group)
+    rank, world = group_rank_and_size(group)
+    dev = x.device
+    local_ids = labels if labels is not None else torch.arange(b, device=dev) + rank * b
+    ids = _global_ids(local_ids, group)
+    mask = None if negative_mask is None else all_gather_no_grad(negative_mask.to(torch.uint8), group).bool()
+    target = _negatives_target(ids, world * b, k, mask, margin, dev)
+    return target_loss_global(x, [y, negatives.reshape(b * k, d)], scale, bias, target, group=group,
+                              label_smoothing=eps, symmetric=True, backend=backend, chunk_size=chunk_size)
+
+
+def _multi_positive_distributed(x, y, scale, bias, labels, pair_mask, eps, *, group, local_loss, gather_with_grad,
+                                backend, chunk_size):
+    """clip_loss(labels=...) on W ranks, in open_clip's modes: ``local_loss=False``, the loss of all
+    ranks' pairs on every rank (from this rank's rows, the column statistics merged across ranks);
+    ``local_loss=True``, ½[TCE(s·X_r·Y_allᵀ) + TCE(s·Y_r·X_allᵀ)] over this rank's rows. ``labels``
+    are this rank's; ``pair_mask`` is the global (N, N) mask, the same on every rank."""
+    from .distributed import (all_gather_no_grad, all_gather_with_grad, group_rank_and_size,
+                              target_loss_global)
+
+    rank, world = group_rank_and_size(group)
+    n = x.shape[0]
+    ids = _global_ids(labels, group)
+    if pair_mask is not None and tuple(pair_mask.shape) != (world * n, world * n):
+        raise ValueError(f"with a process_group pair_mask is the global (N={world * n}, N={world * n}) mask, "
+                         f"got {tuple(pair_mask.shape)}")
+    if not local_loss:
+        return target_loss_global(x, [y], scale, bias, Target(ids, ids, mask=pair_mask), group=group,
+                                  label_smoothing=eps, symmetric=True, backend=backend, chunk_size=chunk_size,
+                                  gather_with_grad=gather_with_grad)
+    from .kernels.targets import rows_of
+
+    gather = all_gather_with_grad if gather_with_grad else all_gather_no_grad
+    all_x, all_y = gather(x, group), gather(y, group)
+    rows = slice(rank * n, (rank + 1) * n)
+    i2t = rows_of(Target(ids, ids, mask=pair_mask), rows.start, rows.stop)
+    t2i = rows_of(Target(ids, ids, mask=None if pair_mask is None else pair_mask.T.contiguous()), rows.start,
+                  rows.stop)
+    kw = dict(label_smoothing=eps, symmetric=False, backend=backend, chunk_size=chunk_size)
+    return (target_engine_loss(x, all_y, scale, bias, i2t, **kw) + target_engine_loss(y, all_x, scale, bias, t2i, **kw)) / 2
 
 
 def _own_negatives_loss(x, y, negatives, scale, bias, negative_mask, margin, eps):

@@ -53,6 +53,26 @@ def test_sweep_writes_checked_rows_and_every_output(tmp_path):
                      "siglip-D-8-float32-full-memory.png", "siglip-D-8-float32-full-time.png"]
 
 
+def test_general_target_losses_against_their_references_and_peers(tmp_path):
+    """clip_labels, ntxent and mnrl: fastcon and the reference checked against the float64 reference;
+    the peers run where installed (sentence-transformers is, in make test's environment) and are
+    skipped with a reason where they are not or have no such loss."""
+    pytest.importorskip("sentence_transformers")
+    out = tmp_path / "rows.json"
+    assert bench.main(["--loss", "clip_labels,ntxent,mnrl", "--providers",
+                       "fastcon-cpp,fastcon-torch,reference,sentence_transformers,lightly",
+                       "--batch", "24", "--dim", "8", "--device", "cpu", "--repeat", "1", "--json", str(out)]) == 0
+    rows = {(r["loss"], r["provider"]): r for r in _rows(out)}
+    for loss in ("clip_labels", "ntxent", "mnrl"):
+        for provider in ("fastcon-cpp", "fastcon-torch", "reference"):
+            r = rows[(loss, provider)]
+            assert r["status"] == "ok" and r["max_rel_err"] <= 1e-4, r
+    assert rows[("mnrl", "sentence_transformers")]["status"] == "ok"
+    assert rows[("mnrl", "sentence_transformers")]["max_rel_err"] <= 1e-4
+    assert rows[("ntxent", "sentence_transformers")]["status"] == "skipped"
+    assert rows[("clip_labels", "lightly")]["status"] == "skipped"
+
+
 @pytest.mark.parametrize("mode", ["fwd", "bwd"])
 def test_forward_and_backward_modes(tmp_path, mode):
     out = tmp_path / "rows.json"
@@ -88,7 +108,7 @@ def test_peak(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [
-    ["--batch", "12x"], ["--batch", "0"], ["--providers", "fastcon,nope"], ["--loss", "ntxent"],
+    ["--batch", "12x"], ["--batch", "0"], ["--providers", "fastcon,nope"], ["--loss", "nope"],
     ["--world-size", "2", "--mode", "fwd", "--device", "cpu"], ["--dtype", "int8"],
     ["compare", "a.json"], ["summary"],
 ])

@@ -13,7 +13,7 @@ from fastcon import reference as R
 from fastcon.ops import engine
 from helpers import assert_close_rel, make_features
 
-BACKENDS = ["torch", "cpp", "auto"]
+BACKENDS = ["torch", "cpp", pytest.param("triton", marks=pytest.mark.interpreter), "auto"]
 
 
 def _negatives(b, k, d, seed=0):
@@ -146,7 +146,7 @@ def test_under_autocast_the_loss_is_fp32():
     assert out.dtype == torch.float32 and abs(out.item() - exact.item()) <= 1e-5 * exact.item()
 
 
-@pytest.mark.parametrize("backend", ["triton", "triton_fused"])
+@pytest.mark.parametrize("backend", ["triton_fused"])
 def test_unwritten_kernels_raise_not_implemented(backend):
     if backend.startswith("triton") and not fastcon.backend_info()["backends"][backend]["available"]:
         pytest.skip("triton cannot run here")
@@ -156,17 +156,13 @@ def test_unwritten_kernels_raise_not_implemented(backend):
     assert any("general target" in line for line in fastcon.backend_info()["not_implemented"])
 
 
-def test_auto_warns_once_when_it_takes_the_torch_path(monkeypatch):
-    # where auto picks a backend without the target's kernels (Triton on a GPU), it warns and takes torch
+def test_auto_takes_the_chunked_triton_path_where_it_would_pick_the_fused_one(monkeypatch):
     resolve = engine.resolve_name
-    monkeypatch.setattr(engine, "resolve_name", lambda name, *a: "triton" if name == "auto" else resolve(name, *a))
-    monkeypatch.setattr(engine, "_warned_target_fallback", False)
-    a, b = make_features(8, 8, 4)
-    with pytest.warns(RuntimeWarning, match="PyTorch backend for now"):
-        FC.ntxent_loss(a, b)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        FC.ntxent_loss(a, b)
+    monkeypatch.setattr(engine, "resolve_name",
+                        lambda name, *a: "triton_fused" if name == "auto" else resolve(name, *a))
+    assert engine.resolve_target_backend("auto", torch.device("cpu"), torch.float32) == "triton"
+    with pytest.raises(NotImplementedError, match="labels, hard negatives"):
+        engine.resolve_target_backend("triton_fused", torch.device("cpu"), torch.float32)
 
 
 def test_bad_input_names_the_argument():
@@ -224,7 +220,8 @@ def test_target_op_compiles_and_passes_opcheck():
     torch.library.opcheck(torch.ops.fastcon.target_softmax_loss.default, args)
 
 
-def test_large_logits_on_columns_without_a_positive_stay_finite():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_logits_on_columns_without_a_positive_stay_finite(backend):
     """s = 100 and each image as its own hard negative: logits of 100 on columns that own no positive
     (and on dropped pairs) must contribute 0 to G, not exp(100)·0 = NaN."""
     b, k, d = 10, 2, 16
@@ -232,17 +229,18 @@ def test_large_logits_on_columns_without_a_positive_stay_finite():
     negs = _negatives(b, k, d, seed=9)
     negs[:, 0] = x  # logits of 100, above every positive's
     for kw in (dict(), dict(false_negative_margin=0.01)):
-        _check(lambda x_, y_, n_, t: FC.negatives_clip_loss(x_, y_, n_, t, backend="torch", **kw),
+        _check(lambda x_, y_, n_, t: FC.negatives_clip_loss(x_, y_, n_, t, backend=backend, **kw),
                lambda x_, y_, n_, t: R.negatives_clip_loss_reference(x_, y_, n_, t, **kw),
                [x, y, negs, torch.tensor(100.0)], rtol=1e-4)
     g = torch.Generator().manual_seed(0)
     z0, z1 = torch.randn(12, 8, generator=g), torch.randn(12, 8, generator=g)
-    _check(lambda p, q: FC.ntxent_loss(p, q, temperature=0.01, backend="torch"),
+    _check(lambda p, q: FC.ntxent_loss(p, q, temperature=0.01, backend=backend),
            lambda p, q: R.ntxent_loss_reference(p, q, temperature=0.01), [z0, z1], rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
 @pytest.mark.parametrize("form", ["global", "own"])
-def test_margin_ties_are_exact_in_float64(form):
+def test_margin_ties_are_exact_in_float64(form, backend):
     """A negative equal to the positive (and, in the global form, a duplicated in-batch text) at margin
     0: both similarities come from one product, so the tie keeps the column, as in the reference."""
     b, k, d = 12, 3, 16
@@ -253,18 +251,19 @@ def test_margin_ties_are_exact_in_float64(form):
         y[5] = y[4]
     for margin in (0.0, 0.05):
         kw = dict(form=form, false_negative_margin=margin)
-        got = FC.negatives_clip_loss(x, y, negs, 14.3, backend="torch", **kw)
+        got = FC.negatives_clip_loss(x, y, negs, 14.3, backend=backend, **kw)
         expected = R.negatives_clip_loss_reference(x, y, negs, 14.3, **kw)
         assert abs(got.item() - expected.item()) <= 1e-12 * abs(expected.item()), (margin, got, expected)
 
 
-def test_margin_under_autocast_reads_the_rounded_similarities():
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_margin_under_autocast_reads_the_rounded_similarities(backend):
     b, k, d = 64, 2, 32
     x, y = make_features(b, b, d)
     negs = _negatives(b, k, d, seed=12)
     negs[:, 1] = F.normalize(y + 0.02 * negs[:, 0], dim=-1)  # near the threshold
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = FC.negatives_clip_loss(x, y, negs, 14.3, false_negative_margin=0.01, backend="torch")
+        got = FC.negatives_clip_loss(x, y, negs, 14.3, false_negative_margin=0.01, backend=backend)
     expected = R.negatives_clip_loss_reference(x.bfloat16().double(), y.bfloat16().double(),
                                                negs.bfloat16().double(), 14.3, false_negative_margin=0.01)
     assert abs(got.item() - expected.item()) <= 1e-5 * abs(expected.item())
@@ -298,7 +297,7 @@ def _mnrl_configs():
 
 @pytest.mark.parametrize("dirs,mode,hardness", list(_mnrl_configs()))
 @pytest.mark.parametrize("similarity,chunk", [("cos", 4), ("dot", None)])
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("backend", ["torch", "cpp"])  # (float64: the Triton path is in the fp32 test below)
 def test_mnrl_against_reference(dirs, mode, hardness, similarity, chunk, backend):
     b, m, d = 11, 2, 8
     g = torch.Generator().manual_seed(len(dirs))

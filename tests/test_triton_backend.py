@@ -264,3 +264,31 @@ def test_lse_split_infinite(mod):
     want = 100.0 * g64 @ b.double()
     assert bool(torch.isfinite(grad_a).all() and torch.isfinite(grad_b).all())
     assert (grad_a.double() - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+
+
+def _expm1_kernel():
+    """A kernel applying the chunked path's _expm1 (module-level names: Triton resolves a kernel's
+    globals in its module)."""
+    import triton
+    import triton.language as tl
+
+    from fastcon.kernels.triton import chunked
+
+    @triton.jit
+    def kernel(x_ptr, out_ptr, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        tl.store(out_ptr + offs, EXPM1(tl.load(x_ptr + offs)))
+
+    globals()["EXPM1"] = chunked._expm1
+    return kernel
+
+
+@pytest.mark.interpreter
+def test_expm1_is_minus_one_where_exp_is_subnormal():
+    """P − 1 at a positive far below its row's LSE (s = 100): exp(x) is a subnormal fp32 number for
+    x in (−103.3, −87.3), whose log is inexact; expm1 must still give −1 there (and be accurate near 0)."""
+    x = torch.tensor([-200.0, -103.0, -100.0, -95.0, -90.0, -87.5, -50.0, -5.78, -1e-5, 0.0, 1e-5, 3.0,
+                      float("-inf"), -1e-3, 1e-3, 0.5])
+    out = torch.empty_like(x)
+    _expm1_kernel()[(1,)](x, out, N=16)
+    assert torch.allclose(out, torch.expm1(x.double()).float(), rtol=2e-6, atol=0.0)

@@ -132,8 +132,10 @@ def make_scalars(loss, device):
     """open_clip's trained CLIP scale (14.3) without bias; SigLIP's initial scale 10 and bias −10."""
     import torch
 
-    s = torch.tensor(14.3 if loss == "clip" else 10.0, device=device, requires_grad=True)
-    bias = None if loss == "clip" else torch.tensor(-10.0, device=device, requires_grad=True)
+    if loss in ("ntxent", "mnrl"):  # their temperature / scale is a constant of the loss
+        return torch.tensor(1.0, device=device), None
+    s = torch.tensor(10.0 if loss == "siglip" else 14.3, device=device, requires_grad=True)
+    bias = torch.tensor(-10.0, device=device, requires_grad=True) if loss == "siglip" else None
     return s, bias
 
 
@@ -143,16 +145,22 @@ def max_rel_err(loss, fn, n, d, dtype, device) -> float:
     import torch
     from fastcon import reference as R
 
+    from .providers import reference_fn
+
     a, b = make_inputs(n, d, dtype, device, seed=1)
     s, bias = make_scalars(loss, device)
-    ref = R.clip_loss_reference if loss == "clip" else R.siglip_loss_reference
+    ref = reference_fn(loss)
     outs = []
     for f64 in (False, True):
         cast = (lambda t: None if t is None else t.detach().double()) if f64 else (lambda t: t)
-        leaves = [cast(t).detach().clone().requires_grad_() for t in (a, b, s) + ((bias,) if bias is not None else ())]
+        leaves = [cast(t).detach().clone().requires_grad_(t.requires_grad)
+                  for t in (a, b, s) + ((bias,) if bias is not None else ())]
+        leaves[0].requires_grad_()
+        leaves[1].requires_grad_()
         xbias = leaves[3] if bias is not None else None
-        val = ref(*leaves[:3], xbias, upcast=False) if f64 else fn(*leaves[:3], xbias)
-        outs.append([val.detach().double()] + [g.double() for g in torch.autograd.grad(val, leaves)])
+        val = ref(*leaves[:3], xbias) if f64 else fn(*leaves[:3], xbias)
+        wrt = [t for t in leaves if t.requires_grad]
+        outs.append([val.detach().double()] + [g.double() for g in torch.autograd.grad(val, wrt)])
     return max(((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item() for x, y in zip(*outs))
 
 
@@ -249,7 +257,8 @@ def run_case(case: dict) -> dict:
         step()  # one call to settle the heap
         times = wall_times(step, case.get("repeat", 3))
     row.update(time_fields(times))
-    row["tflops"] = 2 * GEMMS[mode] * n * n * d / (row["median_ms"] / 1e3) / 1e12
+    rows_cols = (2 * n) ** 2 if loss == "ntxent" else n * n  # NT-Xent: the 2N×2N product of both views
+    row["tflops"] = 2 * GEMMS[mode] * rows_cols * d / (row["median_ms"] / 1e3) / 1e12
     row["device_name"] = device_name(device)
     row["threads"] = torch.get_num_threads()
     return row

@@ -11,10 +11,19 @@ import os
 import shutil
 from typing import Callable, Optional, Tuple
 
-LOSSES = ("clip", "siglip")
+# clip_labels: CLIP over class ids (4 consecutive pairs per class); ntxent: NT-Xent of the two views
+# a, b (τ = 0.5, lightly's default); mnrl: sentence-transformers' MNRL with queries a and positives b
+# (scale 20, cos_sim). The last three run on the engine's general target.
+LOSSES = ("clip", "siglip", "clip_labels", "ntxent", "mnrl")
+TARGET_LOSSES = ("clip_labels", "ntxent", "mnrl")
 FASTCON_BACKENDS = ("cpp", "torch", "triton", "triton_fused")
 PROVIDERS = ("fastcon",) + tuple(f"fastcon-{b}" for b in FASTCON_BACKENDS) + (
-    "fastcon_compile", "reference", "open_clip", "inf_cl", "torch_compile")
+    "fastcon_compile", "reference", "open_clip", "inf_cl", "torch_compile", "lightly", "sentence_transformers")
+# the peer each loss is compared with, beside the reference
+PEER_OF = {"clip": ("open_clip", "inf_cl"), "siglip": ("open_clip",), "clip_labels": (), "ntxent": ("lightly",),
+           "mnrl": ("sentence_transformers",)}
+NTXENT_TEMPERATURE = 0.5
+MNRL_SCALE = 20.0
 
 
 class ProviderUnavailable(RuntimeError):
@@ -42,8 +51,14 @@ def availability(provider: str, loss: str, device: str, world_size: int = 1) -> 
         raise ValueError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
+    if world_size > 1 and loss in TARGET_LOSSES:
+        return False, f"the distributed benchmark runs clip and siglip; {loss} is single-device here"
+    if provider in ("open_clip", "inf_cl", "lightly", "sentence_transformers") and provider not in PEER_OF[loss]:
+        return False, f"{provider} has no {loss} loss to compare with"
     backend = fastcon_backend(provider)
     if backend is not None:
+        if backend == "triton_fused" and loss in TARGET_LOSSES:
+            return False, "the fused Triton tile kernels have no general-target kernel yet"
         if backend == "cpp" and device != "cpu":
             return False, "the C++ backend runs on CPU tensors"
         if backend.startswith("triton"):
@@ -53,9 +68,11 @@ def availability(provider: str, loss: str, device: str, world_size: int = 1) -> 
                 return False, "Triton on CPU tensors needs TRITON_INTERPRET=1"
     if provider == "open_clip" and not _find("open_clip"):
         return False, "open_clip is not installed (pip install --no-deps open-clip-torch)"
+    if provider == "lightly" and not _find("lightly"):
+        return False, "lightly is not installed (its loss module imports torchvision)"
+    if provider == "sentence_transformers" and not _find("sentence_transformers"):
+        return False, "sentence-transformers is not installed"
     if provider == "inf_cl":
-        if loss != "clip":
-            return False, "inf_cl has no sigmoid loss"
         if world_size > 1:
             return False, "inf_cl's ring loss has no open_clip mode to compare with"
         if not _find("inf_cl"):
@@ -95,11 +112,79 @@ def _inf_cl_head_dim(d: int) -> int:
     return head
 
 
+def class_ids(n: int, device):
+    """The clip_labels case's classes: 4 consecutive pairs per class."""
+    import torch
+
+    return torch.arange(n, device=device) // 4
+
+
+def _target_loss_fn(loss: str, provider: str) -> Callable:
+    """``fn(a, b, logit_scale, logit_bias)`` of a general-target loss (the scale and bias are clip_labels'
+    only: NT-Xent has its temperature, MNRL its scale)."""
+    import fastcon
+    from fastcon import reference as R
+
+    FC = fastcon.functional
+    backend = fastcon_backend(provider)
+    if provider == "fastcon_compile":
+        import torch
+
+        inner = _target_loss_fn(loss, "fastcon")
+        return torch.compile(inner, fullgraph=True)
+    if backend is not None:
+        if loss == "clip_labels":
+            return lambda a, b, s, bias: FC.clip_loss(a, b, s, bias, labels=class_ids(a.shape[0], a.device),
+                                                      backend=backend)
+        if loss == "ntxent":
+            return lambda a, b, s, bias: FC.ntxent_loss(a, b, temperature=NTXENT_TEMPERATURE, backend=backend)
+        return lambda a, b, s, bias: FC.multiple_negatives_ranking_loss(a, [b], scale=MNRL_SCALE, backend=backend)
+    if provider in ("reference", "torch_compile"):
+        if loss == "clip_labels":
+            def ref(a, b, s, bias):
+                return R.multi_positive_clip_loss_reference(a, b, s, bias, labels=class_ids(a.shape[0], a.device),
+                                                            upcast=False)
+        elif loss == "ntxent":
+            def ref(a, b, s, bias):
+                return R.ntxent_loss_reference(a, b, temperature=NTXENT_TEMPERATURE)
+        else:
+            def ref(a, b, s, bias):
+                return R.mnrl_loss_reference(a, [b], MNRL_SCALE)
+        if provider == "torch_compile":
+            import torch
+
+            return torch.compile(ref)
+        return ref
+    if provider == "lightly":
+        from lightly.loss import NTXentLoss
+
+        module = NTXentLoss(temperature=NTXENT_TEMPERATURE)
+        return lambda a, b, s, bias: module(a, b)
+    if provider == "sentence_transformers":
+        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+        module = MultipleNegativesRankingLoss(None, scale=MNRL_SCALE)
+        return lambda a, b, s, bias: module.compute_loss_from_embeddings([a, b], None)
+    raise ProviderUnavailable(f"{provider} has no {loss} loss")
+
+
+def reference_fn(loss: str) -> Callable:
+    """The float64 reference of a loss, ``fn(a, b, logit_scale, logit_bias)``, for the error check."""
+    from fastcon import reference as R
+
+    if loss in TARGET_LOSSES:
+        return _target_loss_fn(loss, "reference")
+    ref = R.clip_loss_reference if loss == "clip" else R.siglip_loss_reference
+    return lambda a, b, s, bias: ref(a, b, s, bias, upcast=False)
+
+
 def make_loss_fn(loss: str, provider: str, d: int) -> Callable:
     """``fn(a, b, logit_scale, logit_bias)`` for one device; ``d`` is the feature dimension."""
     import fastcon
     from fastcon import reference as R
 
+    if loss in TARGET_LOSSES:
+        return _target_loss_fn(loss, provider)
     backend = fastcon_backend(provider)
     if backend is not None:
         fc = fastcon.functional.clip_loss if loss == "clip" else fastcon.functional.siglip_loss

@@ -196,6 +196,7 @@ class TargetWeights(NamedTuple):
     q_col_pos: Optional[torch.Tensor] = None
     q_col_keep: Optional[torch.Tensor] = None
     w_col: Optional[torch.Tensor] = None
+    w_col_max: float = 0.0  # the largest w_col (a bound for the backends that scale G), known on the host
 
 
 def _group_sum(values, groups, n_groups):
@@ -210,7 +211,17 @@ def group_lse(row_lse, groups, n_groups):
     return torch.log(_group_sum(torch.exp(row_lse - shift[groups]), groups, n_groups)) + shift
 
 
-def loss_and_weights(target: Target, st: TargetStats, eps: float, symmetric: bool, acc: torch.dtype):
+class RowShard(NamedTuple):
+    """This rank's rows of a loss whose rows are split over ranks (``fastcon.distributed``): their
+    global offset, the number of rows of all ranks, and collectives over the ranks (in place)."""
+    offset: int
+    total_rows: int
+    all_reduce_sum: object
+    all_reduce_min: object
+
+
+def loss_and_weights(target: Target, st: TargetStats, eps: float, symmetric: bool, acc: torch.dtype,
+                     shard: Optional[RowShard] = None):
     """The float64 loss of the statistics and the weights of pass 2::
 
         L = w_r·Σ_g [LSE_{K_g} S − (1−ε)·mean_{P_g} S − ε·mean_{K_g} S]
@@ -218,11 +229,14 @@ def loss_and_weights(target: Target, st: TargetStats, eps: float, symmetric: boo
 
     over the groups g of rows (each row its own group without ``row_group``), w_r = 1/G (½ of it and
     w_c = 1/(2·#owning columns) when ``symmetric``, else w_c = 0). A group with no positive is a
-    ValueError naming it."""
+    ValueError naming it. With a ``shard`` the rows are this rank's (no row groups), the column
+    statistics already every rank's, and the loss the one of all ranks' rows."""
     na = st.row_lse.shape[0]
     dev = st.row_lse.device
     if symmetric and target.row_group is not None:
         raise ValueError("a target with row groups has no column direction (symmetric=False)")
+    if shard is not None and target.row_group is not None:
+        raise ValueError("row groups do not span ranks")
     if target.row_group is None:
         groups, n_groups = torch.arange(na, device=dev), na
     else:
@@ -232,12 +246,16 @@ def loss_and_weights(target: Target, st: TargetStats, eps: float, symmetric: boo
     g_pos, g_keep = _group_sum(st.row_pos, groups, n_groups), _group_sum(st.row_keep, groups, n_groups)
     g_sum_pos = _group_sum(st.row_sum_pos, groups, n_groups)
     g_sum_keep = _group_sum(st.row_sum_keep, groups, n_groups)
-    if bool((g_pos == 0).any()):
-        g = int(torch.nonzero(g_pos == 0)[0])
-        what = f"row {g}" if target.row_group is None else f"row group {g}"
+    bad = torch.nonzero(g_pos == 0).reshape(-1)
+    offset, total = (0, n_groups) if shard is None else (shard.offset, shard.total_rows)
+    first_bad = torch.tensor([int(bad[0]) + offset if bad.numel() else total], dtype=torch.int64, device=dev)
+    if shard is not None:
+        shard.all_reduce_min(first_bad)  # every rank raises, or none
+    if int(first_bad) < total:
+        what = f"row {int(first_bad)}" if target.row_group is None else f"row group {int(first_bad)}"
         raise ValueError(f"{what} of the loss has no positive among its kept columns")
     owned = st.col_pos > 0
-    w_r = (0.5 if symmetric else 1.0) / n_groups
+    w_r = (0.5 if symmetric else 1.0) / total
     w_c = 0.5 / max(int(owned.sum()), 1) if symmetric else 0.0
 
     def terms(lse, n_pos, n_keep, sum_pos, sum_keep):
@@ -245,6 +263,10 @@ def loss_and_weights(target: Target, st: TargetStats, eps: float, symmetric: boo
         return out - eps * sum_keep / n_keep.double() if eps else out
 
     loss = w_r * terms(g_lse, g_pos, g_keep, g_sum_pos, g_sum_keep).sum()
+    if shard is not None:
+        loss = loss.reshape(1).clone()
+        shard.all_reduce_sum(loss)
+        loss = loss[0]
     if symmetric:
         loss = loss + w_c * terms(st.col_lse, st.col_pos, st.col_keep, st.col_sum_pos, st.col_sum_keep)[owned].sum()
     zeros = torch.zeros(na, dtype=acc, device=dev)
@@ -256,8 +278,15 @@ def loss_and_weights(target: Target, st: TargetStats, eps: float, symmetric: boo
             col_lse=torch.where(owned, st.col_lse, float("inf")),
             q_col_pos=torch.where(owned, (1.0 - eps) / st.col_pos.clamp_min(1), 0.0).to(acc),
             q_col_keep=torch.where(owned, eps / st.col_keep.clamp_min(1), 0.0).to(acc),
-            w_col=(w_c * owned).to(acc))
+            w_col=owned.to(acc) * w_c, w_col_max=w_c)  # (w_c · a bool tensor would be fp32)
     return loss, weights
+
+
+def rows_of(target: Target, r0: int, r1: int) -> Target:
+    """The target of rows [r0, r1) only (its columns unchanged): a rank's share of a global target."""
+    row_fields = ("row_ids", "exclude_col", "row_group", "row_owner", "own_rule", "col_range", "mask", "penalty_rows")
+    return target._replace(**{f: getattr(target, f)[r0:r1] for f in row_fields if getattr(target, f) is not None},
+                           pair_offset=target.pair_offset + r0)
 
 
 def two_pass_target(stats_fn, grad_fn, a, b, scale, bias, target, eps, symmetric, chunk_rows, need_grad,

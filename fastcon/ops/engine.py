@@ -409,9 +409,9 @@ def _shipped_triton_kernels() -> list:
     triton_op's source does not see)."""
     import triton
 
-    from fastcon.kernels.triton import chunked, fused, gemm
+    from fastcon.kernels.triton import chunked, fused, gemm, target
 
-    return [v for m in (chunked, fused, gemm) for v in vars(m).values()
+    return [v for m in (chunked, fused, gemm, target) for v in vars(m).values()
             if isinstance(v, triton.runtime.JITFunction)]
 
 
@@ -524,29 +524,23 @@ def siglip_engine_loss(a, b, scale, bias, *, pos_offset: Optional[int], backend:
 
 # ---------------------------------------------------------------------------------------------------
 # The general target (fastcon/kernels/targets.py). Its executable statement is the torch backend's;
-# the C++ backend has its two passes; the Triton epilogues of it are not written yet.
+# the C++ backend and the chunked Triton path have its two passes; the fused Triton tile kernels not
+# yet (``auto`` takes the chunked Triton path where it would pick them).
 
-TARGET_BACKENDS = ("torch", "cpp")
-TARGET_NOT_IMPLEMENTED = ("triton", "triton_fused")
-_warned_target_fallback = False
+TARGET_BACKENDS = ("torch", "cpp", "triton")
+TARGET_NOT_IMPLEMENTED = ("triton_fused",)
 
 
 def resolve_target_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend of a general-target loss: ``auto`` takes the torch backend (warning once that it is
-    the slower path); the C++ and Triton backends raise NotImplementedError."""
-    global _warned_target_fallback
+    """The backend of a general-target loss: ``auto`` as for the other losses, except that where it
+    would pick the fused Triton tile kernels it takes the chunked Triton path (the fused kernels of
+    the general target are not written yet; ``backend="triton_fused"`` raises NotImplementedError)."""
     name = resolve_name(backend, device, dtype)
     if backend == "auto" and name in TARGET_NOT_IMPLEMENTED:
-        if not _warned_target_fallback:
-            warnings.warn(
-                "fastcon: labels, hard negatives and self-contrast run on the chunked PyTorch backend for now "
-                f"(the {name} kernels of the general target are not implemented yet); see fastcon.backend_info()",
-                RuntimeWarning, stacklevel=5)
-            _warned_target_fallback = True
-        return "torch"
+        return "triton"
     if name in TARGET_NOT_IMPLEMENTED:
         raise NotImplementedError(
-            f"backend={name!r} has no kernel for labels, hard negatives or self-contrast yet; use backend='torch' "
+            f"backend={name!r} has no kernel for labels, hard negatives or self-contrast yet; use backend='triton' "
             "(or 'auto')")
     return name
 
@@ -566,7 +560,7 @@ def _target_softmax_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, targ
     ``cache_limit`` bounds the bytes of pass-1 logits kept for pass 2 (−1: ``cache_bytes()``)."""
     from fastcon.kernels.targets import target_from
 
-    with autocast_off(a.device.type):
+    with backend_context(a.device.type):
         impl, x, y, s, c, chunk_rows = _backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype)
         target = target_from(target_tensors, pair_offset, margin, penalty, penalty_mode)
         limit = cache_bytes(x.device) if cache_limit < 0 else cache_limit

@@ -65,10 +65,11 @@ def _log1p(x):
 @triton.jit
 def _expm1(x):
     """exp(x) − 1 in fp32, accurate for small |x| (Kahan: (u − 1)·x/log(u), u = e^x, which stays
-    accurate with an approximate exp2); −inf gives −1."""
+    accurate with an approximate exp2); −inf gives −1. Where u is below fp32's smallest normal number
+    (x < −87.3: a subnormal u, whose log is inexact, or 0) the result is u − 1 = −1 itself."""
     u = tl.exp2(x * LOG2E)
     um1 = u - 1.0
-    plain = (u == 0.0) | (u == float("inf"))
+    plain = (u < 1.1754944e-38) | (u == float("inf"))
     r = um1 * (x / tl.where((u == 1.0) | plain, 1.0, tl.log(u)))
     return tl.where(u == 1.0, x, tl.where(plain, um1, r))
 
@@ -527,6 +528,13 @@ def sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad):
         return totals[0].clone(), None, None, None, None
     grad_b.mul_(scale)
     return totals[0].clone(), grad_a, grad_b, totals[1].clone(), totals[2].clone()
+
+
+def target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, need_grad, cache_bytes=0):
+    """The general target's loss on this path (its epilogues live in ``target.py``)."""
+    from .target import target_softmax_fused as fused
+
+    return fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, need_grad, cache_bytes)
 
 
 # ------------------------------------------------------------------------------------ compile gate

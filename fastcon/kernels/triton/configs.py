@@ -42,6 +42,11 @@ CHUNKED_CONFIGS: dict[str, Config] = {
     "softmax_grad": Config(block_m=32, block_n=64, num_warps=4, num_stages=1),
     # Σ softplus(−z·S) and (optionally) G = w·(σ(S) − [positive]).
     "sigmoid": Config(block_m=32, block_n=128, num_warps=8, num_stages=1),
+    # The general target's epilogues (target.py): the pair decisions keep several int64 and boolean
+    # tiles live beside the logits, hence smaller tiles than the CLIP epilogues' (no register spills on
+    # sm_80 / sm_90 in any shipped variant: tests/test_triton_compile.py).
+    "target_stats": Config(block_m=32, block_n=32, num_warps=8, num_stages=1),
+    "target_grad": Config(block_m=16, block_n=64, num_warps=4, num_stages=1),
     # Deterministic merge of LSE partials along their leading axis (block_m unused).
     "merge": Config(block_m=1, block_n=256, num_warps=4, num_stages=1),
 }

@@ -1,0 +1,89 @@
+"""fastcon-bench of two (or more) revisions of fastcon in one run, interleaved case by case, so that a
+change can be checked for speed regressions on the same machine at the same time.
+
+    python benchmarks/compare_revisions.py --rev ef35398 --rev HEAD --loss clip,siglip \
+        --batch 4096,16384 --dim 512 --out benchmarks/results/...json
+
+Each revision is checked out into a temporary worktree with its C++ extension built in place (by this
+Python, against this torch); every case then runs ``python -m fastcon.bench`` once per revision,
+alternating, with the revision first on ``PYTHONPATH``. Prints a table of the median times and their
+ratio to the first revision.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _sha(rev: str) -> str:
+    return subprocess.check_output(["git", "rev-parse", "--short", rev], cwd=ROOT, text=True).strip()
+
+
+def _checkout(rev: str, base: str) -> str:
+    path = os.path.join(base, _sha(rev))
+    subprocess.check_call(["git", "worktree", "add", "--detach", "-f", path, rev], cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.check_call([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=path,
+                          stdout=subprocess.DEVNULL)
+    return path
+
+
+def _run(path: str, loss: str, n: int, d: int, repeat: int) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    env = dict(os.environ, PYTHONPATH=path + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    subprocess.check_call([sys.executable, "-m", "fastcon.bench", "--loss", loss, "--providers", "fastcon",
+                           "--batch", str(n), "--dim", str(d), "--device", "cpu", "--repeat", str(repeat),
+                           "--json", out], cwd=path, env=env, stdout=subprocess.DEVNULL)
+    with open(out) as f:
+        (row,) = json.load(f)
+    os.unlink(out)
+    if row["status"] != "ok":
+        raise SystemExit(f"{loss} N={n} at {path}: {row}")
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rev", action="append", required=True, help="a git revision (give two or more)")
+    p.add_argument("--loss", default="clip,siglip")
+    p.add_argument("--batch", default="4096,16384")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    base = tempfile.mkdtemp(prefix="fastcon-revs-")
+    paths = {}
+    try:
+        for rev in args.rev:
+            paths[rev] = _checkout(rev, base)
+        rows = []
+        for loss in args.loss.split(","):
+            for n in (int(x) for x in args.batch.split(",")):
+                times = {}
+                for rev in args.rev:
+                    row = _run(paths[rev], loss, n, args.dim, args.repeat)
+                    row["revision"] = _sha(rev)
+                    rows.append(row)
+                    times[rev] = row["median_ms"]
+                first = times[args.rev[0]]
+                cells = "  ".join(f"{_sha(r)} {t:9.1f} ms ({t / first:.3f}x)" for r, t in times.items())
+                print(f"{loss:7s} N={n:6d} D={args.dim}: {cells}", flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=1)
+    finally:
+        for path in paths.values():
+            subprocess.call(["git", "worktree", "remove", "--force", path], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
