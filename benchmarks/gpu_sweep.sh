@@ -10,8 +10,9 @@
 # them on a machine without network, download their wheels beforehand
 # (pip download --no-deps -d WHEELS open-clip-torch inf-cl) and pass WHEELS=that/folder.
 # Environment: PYTHON (default python3), WHEELS, SWEEP_BATCH (default 8192,32768,65536),
-# SWEEP_DIM (768), TEST_TIMEOUT (seconds for the tests of `make test-gpu`, 420).
-# Output (six files): env.txt, cuda-tests.log, gpu-peak.json, gpu-bf16.json, gpu-bf16.md, gpu-summary.md.
+# SWEEP_DIM (768), TARGET_BATCH (8192,32768), TEST_TIMEOUT (seconds for the tests of `make test-gpu`, 420).
+# Output (eight files): env.txt, cuda-tests.log, gpu-peak.json, gpu-bf16.json, gpu-bf16.md,
+# gpu-targets-bf16.json, gpu-targets-bf16.md, gpu-summary.md.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_sweep.sh OUT_DIR}
 cd "$(dirname "$0")/.."
@@ -41,6 +42,11 @@ tail -n 3 "$out/cuda-tests.log"
 "$py" -m fastcon.bench --device cuda --loss clip,siglip --providers fastcon,reference,open_clip,inf_cl \
   --batch "${SWEEP_BATCH:-8192,32768,65536}" --dim "${SWEEP_DIM:-768}" --dtype bfloat16 \
   --json "$out/gpu-bf16.json" --markdown "$out/gpu-bf16.md" || status=1
+# The general-target losses (class ids, NT-Xent, MNRL) against their references and installed peers.
+"$py" -m fastcon.bench --device cuda --loss clip_labels,ntxent,mnrl \
+  --providers fastcon,reference,lightly,sentence_transformers --batch "${TARGET_BATCH:-8192,32768}" \
+  --dim "${SWEEP_DIM:-768}" --dtype bfloat16 --json "$out/gpu-targets-bf16.json" \
+  --markdown "$out/gpu-targets-bf16.md" || status=1
 "$py" -m fastcon.bench summary "$out/gpu-peak.json" "$out/gpu-bf16.json" >"$out/gpu-summary.md" || status=1
 cat "$out/gpu-summary.md"
 exit $status

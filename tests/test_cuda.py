@@ -251,3 +251,69 @@ def test_cuda_half_gemm_on_old_torch_is_a_clear_error(monkeypatch):
     a, b = make_features(64, 64, 32)
     with pytest.raises(RuntimeError, match="torch >= 2.8"):
         FC.clip_loss(a.cuda().bfloat16(), b.cuda().bfloat16(), 10.0, backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The general target on the GPU (the chunked Triton path's target epilogues, compiled)
+
+TARGET_CASES = {
+    "labels": (lambda x, y, s, **kw: FC.clip_loss(x, y, s, labels=torch.arange(x.shape[0], device=x.device) % 7, **kw),
+               lambda x, y, s: R.multi_positive_clip_loss_reference(
+                   x, y, s, labels=torch.arange(x.shape[0], device=x.device) % 7)),
+    "negatives-margin": (lambda x, y, s, **kw: FC.negatives_clip_loss(x, y, _roll_negatives(y), s,
+                                                                      false_negative_margin=0.05, **kw),
+                         lambda x, y, s: R.negatives_clip_loss_reference(x, y, _roll_negatives(y), s,
+                                                                         false_negative_margin=0.05)),
+    "ntxent": (lambda x, y, s, **kw: FC.ntxent_loss(x, y, temperature=0.1, **kw),
+               lambda x, y, s: R.ntxent_loss_reference(x, y, temperature=0.1)),
+    "mnrl-all": (lambda x, y, s, **kw: FC.multiple_negatives_ranking_loss(
+        x, [y, _roll_negatives(y)[:, 0]], directions=R.MNRL_DIRECTIONS, hardness_mode="in_batch_negatives",
+        hardness_strength=9.0, **kw),
+                 lambda x, y, s: R.mnrl_loss_reference(x, [y, _roll_negatives(y)[:, 0]],
+                                                       directions=R.MNRL_DIRECTIONS,
+                                                       hardness_mode="in_batch_negatives", hardness_strength=9.0)),
+}
+
+
+def _roll_negatives(y, k=3):
+    """Hard negatives mined from the batch: image i's are the texts of i+1 .. i+k."""
+    return torch.stack([y.roll(-(j + 1), dims=0) for j in range(k)], dim=1)
+
+
+@pytest.mark.parametrize("case", list(TARGET_CASES))
+@pytest.mark.parametrize("backend", ["auto", "triton", "torch"])
+def test_cuda_general_target_fp32_matches_reference(case, backend):
+    fn, ref = TARGET_CASES[case]
+    a, b = make_features(700, 700, 64)
+    a, b = a.cuda(), b.cuda()
+    s = torch.tensor(30.0, device="cuda")
+    leaves = [a.clone().requires_grad_(), b.clone().requires_grad_()]
+    out = fn(*leaves, s, backend=backend)
+    grads = torch.autograd.grad(out, leaves)
+    truth = [t.double().requires_grad_() for t in (a, b)]
+    expected = ref(*truth, s.double())
+    expected_grads = torch.autograd.grad(expected, truth)
+    for got, want in zip([out] + list(grads), [expected] + list(expected_grads)):
+        err = ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+        assert err <= 1e-4, (case, err)
+
+
+@pytest.mark.parametrize("case", ["labels", "negatives-margin", "ntxent"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_general_target_low_precision_budget(case, dtype):
+    """bf16/fp16 features: no worse than the reference computed in fp32 from the rounded features, by
+    more than the dtype's tolerance (the engine's statistics stay fp32/float64)."""
+    fn, ref = TARGET_CASES[case]
+    a, b = make_features(2048, 2048, 256)
+    a, b = a.cuda().to(dtype), b.cuda().to(dtype)
+    s = torch.tensor(30.0, device="cuda")
+    leaves = [a.clone().requires_grad_(), b.clone().requires_grad_()]
+    out = fn(*leaves, s, backend="triton")
+    grads = torch.autograd.grad(out, leaves)
+    truth = [t.double().requires_grad_() for t in (a, b)]
+    expected = ref(*truth, s.double())
+    expected_grads = torch.autograd.grad(expected, truth)
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
+    for got, want in zip([out] + list(grads), [expected] + list(expected_grads)):
+        err = ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+        assert err <= tol, (case, dtype, err)
