@@ -275,6 +275,17 @@ def _clip_grad_lap(ring, impl, a, b, scale, bias, row_lse, col_lse, w, w_pos, ch
     return grad_a, grad_b, grad_scale, grad_bias
 
 
+def _feature_upstream(grad_output: torch.Tensor, sum_upstream: bool, group) -> torch.Tensor:
+    """The upstream gradient the features of a global loss are scaled by: this rank's, or with
+    ``gather_with_grad`` (``sum_upstream``) the sum of every rank's, as all_gather's backward gives
+    each rank's features every rank's gradient of the same loss."""
+    if not sum_upstream:
+        return grad_output
+    total = grad_output.detach().clone()
+    dist.all_reduce(total, group=group)
+    return total
+
+
 class _ClipGlobalRing(torch.autograd.Function):
     """open_clip's global ClipLoss (local_loss=False) on every rank, from 1/W of the logits matrix."""
 
@@ -317,11 +328,7 @@ class _ClipGlobalRing(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         forbid_double_backward()
-        g_features = grad_output
-        if ctx.sum_upstream:
-            # gather_with_grad: each rank's features receive every rank's gradient of the same loss.
-            g_features = grad_output.detach().clone()
-            dist.all_reduce(g_features, group=ctx.group)
+        g_features = _feature_upstream(grad_output, ctx.sum_upstream, ctx.group)
         grad_a, grad_b, _, _ = scaled_grads(ctx.saved_tensors, g_features, ctx.grad_dtypes)
         _, _, grad_scale, grad_bias = scaled_grads(ctx.saved_tensors, grad_output, ctx.grad_dtypes)
         return grad_a, grad_b, grad_scale, grad_bias, None, None, None, None, None, None, None
@@ -427,11 +434,7 @@ class _TargetGlobal(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         forbid_double_backward()
-        g_features = grad_output
-        if ctx.sum_upstream:
-            # gather_with_grad: each rank's features receive every rank's gradient of the same loss
-            g_features = grad_output.detach().clone()
-            dist.all_reduce(g_features, group=ctx.group)
+        g_features = _feature_upstream(grad_output, ctx.sum_upstream, ctx.group)
         saved = ctx.saved_tensors
         feats = scaled_grads(saved[:1] + saved[3:], g_features, ctx.grad_dtypes[:1] + ctx.grad_dtypes[3:])
         scalars = scaled_grads(saved[1:3], grad_output, ctx.grad_dtypes[1:3])

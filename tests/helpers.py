@@ -37,3 +37,32 @@ def assert_close_rel(actual, expected, *, rtol, atol=0.0, name="value"):
         raise AssertionError(
             f"{name}: max error {err.max().item():.3g} > bound {bound:.3g} (rtol={rtol}, atol={atol}); "
             f"first mismatches: {details}")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_gloo(worker, world: int, *args, timeout: float = 300):
+    """Runs ``worker(rank, world, port, queue, *args)`` in ``world`` spawned processes (a gloo group on
+    127.0.0.1:port, initialised by the worker) and returns {rank: what the worker put on the queue as
+    (rank, value)}, after checking that every process exited cleanly."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=worker, args=(r, world, port, out) + tuple(args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        results = dict(out.get(timeout=timeout) for _ in range(world))
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return results

@@ -8,14 +8,12 @@ torch 2.14.1 with torchvision 0.29.1) with FASTCON_REQUIRE_PEERS=1, which makes 
 error instead of a skip.
 """
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import fastcon
-from helpers import assert_close_rel
+from helpers import assert_close_rel, run_gloo
 
 if os.environ.get("FASTCON_REQUIRE_PEERS") == "1":
     from lightly.loss import NTXentLoss as LightlyNTXent
@@ -93,12 +91,6 @@ def test_constructor_checks_as_lightly():
 # ---------------------------------------------------------------------------------------------------
 # gather_distributed on gloo: every rank, ours against lightly in the same process
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gather_worker(rank, world, port, out):
     import torch.distributed as dist
 
@@ -118,15 +110,5 @@ def _gather_worker(rank, world, port, out):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_gather_distributed_on_gloo(world):
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_gather_worker, args=(r, world, port, out)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = dict(out.get(timeout=300) for _ in range(world))
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    for rank, errs in results.items():
+    for rank, errs in run_gloo(_gather_worker, world).items():
         assert max(errs) < 1e-12, (rank, errs)

@@ -5,15 +5,13 @@ same weights, the constructors, and gather_across_devices on gloo ranks."""
 import importlib
 import inspect
 import os
-import socket
 import sys
 import warnings
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from helpers import assert_close_rel
+from helpers import assert_close_rel, run_gloo
 
 st = pytest.importorskip("sentence_transformers")
 from sentence_transformers import util as st_util  # noqa: E402
@@ -180,12 +178,6 @@ def test_training_step_on_all_minilm(model, config, cached):
 # ---------------------------------------------------------------------------------------------------
 # gather_across_devices on gloo: every rank, ours against theirs in the same process
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gather_worker(rank, world, port, out):
     import torch.distributed as dist
 
@@ -213,15 +205,5 @@ def _gather_worker(rank, world, port, out):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_gather_across_devices_on_gloo(world):
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_gather_worker, args=(r, world, port, out)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = dict(out.get(timeout=300) for _ in range(world))
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    for rank, errs in results.items():
+    for rank, errs in run_gloo(_gather_worker, world).items():
         assert max(errs) < 1e-10, (rank, errs)

@@ -10,12 +10,11 @@ the gradients of its inputs against a single-process float64 computation on the 
   and ``local_loss=True`` (this rank's rows against the gathered batch, the gathered features with or
   without gradient); with a global pair mask.
 """
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from helpers import run_gloo
 
 B, K, D = 5, 2, 8
 BACKENDS = ["torch", "cpp"]
@@ -147,35 +146,18 @@ def _worker(rank, world, port, out):
                 errs = [_err(got, expected)] + [_err(g, e) for g, e in zip(grads, expected_grads)]
                 results[f"{name}/{backend}"] = max(errs)
         out.put((rank, results))
-    except Exception as exc:  # report, so that the parent does not wait for a result that never comes
+    except Exception as exc:  # reported to the test, which fails on it
         out.put((rank, {"error": repr(exc)}))
-        raise
     finally:
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_rank_against_one_process(world):
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, out)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = dict(out.get(timeout=600) for _ in range(world))
-    for p in procs:
-        p.join(timeout=60)
-    for rank, res in results.items():
+    for rank, res in run_gloo(_worker, world, timeout=600).items():
         assert "error" not in res, (rank, res)
         bad = {k: v for k, v in res.items() if not v < 1e-11}
         assert not bad, (rank, bad)
-    assert all(p.exitcode == 0 for p in procs)
 
 
 def test_a_row_without_positive_is_an_error_on_every_rank():

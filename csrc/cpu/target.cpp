@@ -120,6 +120,27 @@ std::pair<int64_t, int64_t> span(const TargetView& t, int64_t r0, int64_t r1) {
   return {c0, std::max(c0, std::min(c1, t.nb))};
 }
 
+// The row chunks [r0, r0 + rows) of a pass and the columns [c0, c0 + w) each keeps: body(r0, rows, c0, w);
+// skip() for a chunk that keeps no column.
+template <typename Body, typename Skip>
+void for_each_chunk(const TargetView& t, int64_t chunk_rows, Body&& body, Skip&& skip) {
+  for (int64_t r0 = 0; r0 < t.na; r0 += chunk_rows) {
+    const int64_t r1 = std::min(t.na, r0 + chunk_rows);
+    const auto sp = span(t, r0, r1);
+    if (sp.second == sp.first) {
+      skip();
+      continue;
+    }
+    body(r0, r1 - r0, sp.first, sp.second - sp.first);
+  }
+}
+
+// A rows × w view of a scratch buffer of chunk_rows × w, (re)allocated when too small.
+Tensor scratch(Tensor& buf, int64_t chunk_rows, int64_t rows, int64_t w, const at::TensorOptions& options) {
+  if (!buf.defined() || buf.numel() < rows * w) buf = at::empty({chunk_rows * w}, options);
+  return buf.narrow(0, 0, rows * w).view({rows, w});
+}
+
 // Everything about row i that its pairs' decisions read, once per row.
 template <typename T>
 struct RowCtx {
@@ -208,14 +229,7 @@ std::vector<Tensor> target_stats_impl(const Tensor& a, const Tensor& b, T s, T b
   double* rsp = row_sum_pos.data_ptr<double>();
   double* rsk = row_sum_keep.data_ptr<double>();
   double* rl = row_lse.data_ptr<double>();
-  for (int64_t r0 = 0; r0 < na; r0 += chunk_rows) {
-    const int64_t r1 = std::min(na, r0 + chunk_rows), rows = r1 - r0;
-    const auto sp = span(t, r0, r1);
-    const int64_t c0 = sp.first, w = sp.second - sp.first;
-    if (w == 0) {
-      caching = false;
-      continue;
-    }
+  for_each_chunk(t, chunk_rows, [&](int64_t r0, int64_t rows, int64_t c0, int64_t w) {
     Tensor dot;
     const int64_t bytes = rows * w * int64_t(sizeof(T));
     if (caching && kept_bytes + bytes <= cache_bytes) {
@@ -224,12 +238,10 @@ std::vector<Tensor> target_stats_impl(const Tensor& a, const Tensor& b, T s, T b
       kept_bytes += bytes;
     } else {
       caching = false;
-      if (!buf.defined() || buf.numel() < rows * w) buf = at::empty({chunk_rows * w}, a.options());
-      dot = buf.narrow(0, 0, rows * w).view({rows, w});
+      dot = scratch(buf, chunk_rows, rows, w, a.options());
     }
     at::mm_out(dot, a.narrow(0, r0, rows), b.narrow(0, c0, w).t());
-    if (!logits.defined() || logits.numel() < rows * w) logits = at::empty({chunk_rows * w}, a.options());
-    T* lg = logits.data_ptr<T>();
+    T* lg = scratch(logits, chunk_rows, rows, w, a.options()).data_ptr<T>();
     const T* dp = dot.data_ptr<T>();
 #pragma omp parallel num_threads(nt) if (rows * w >= kMinParallelWork)
     {
@@ -292,7 +304,7 @@ std::vector<Tensor> target_stats_impl(const Tensor& a, const Tensor& b, T s, T b
       }
     }
     if (symmetric) cs->add_chunk(lg, rows, T(1), T(0), rl + r0);
-  }
+  }, [&] { caching = false; });
   if (symmetric) {
     cs->finish(col_lse.data_ptr<double>());
     T* cp = col_pos.data_ptr<T>();
@@ -353,14 +365,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad_impl(
   Tensor buf;
   size_t k = 0;  // the next cached chunk
   bool cached_prefix = true;
-  for (int64_t r0 = 0; r0 < na; r0 += chunk_rows) {
-    const int64_t r1 = std::min(na, r0 + chunk_rows), rows = r1 - r0;
-    const auto sp = span(t, r0, r1);
-    const int64_t c0 = sp.first, w = sp.second - sp.first;
-    if (w == 0) {
-      cached_prefix = false;
-      continue;
-    }
+  for_each_chunk(t, chunk_rows, [&](int64_t r0, int64_t rows, int64_t c0, int64_t w) {
     Tensor dot;
     if (cached_prefix && k < cache.size()) {
       dot = cache[k++];
@@ -369,8 +374,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad_impl(
       dot = dot.clone();  // G is written in place; the cache stays the caller's
     } else {
       cached_prefix = false;
-      if (!buf.defined() || buf.numel() < rows * w) buf = at::empty({chunk_rows * w}, a.options());
-      dot = buf.narrow(0, 0, rows * w).view({rows, w});
+      dot = scratch(buf, chunk_rows, rows, w, a.options());
       at::mm_out(dot, a.narrow(0, r0, rows), b.narrow(0, c0, w).t());
     }
     T* dp = dot.data_ptr<T>();
@@ -405,7 +409,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad_impl(
     at::addmm_out(ga, ga, dot, b.narrow(0, c0, w), /*beta=*/0, /*alpha=*/double(s));
     Tensor gbm = grad_b.narrow(0, c0, w);
     gbm.addmm_(dot.t(), a.narrow(0, r0, rows), /*beta=*/1, /*alpha=*/double(s));
-  }
+  }, [&] { cached_prefix = false; });
   return {grad_a, grad_b, scalar_tensor(ordered_sum(gs_rows), a), scalar_tensor(ordered_sum(gb_rows), a)};
 }
 

@@ -143,7 +143,6 @@ def max_rel_err(loss, fn, n, d, dtype, device) -> float:
     """Largest error of the loss and of each gradient, relative to the largest value of that output,
     against the float64 reference on the same (rounded) inputs."""
     import torch
-    from fastcon import reference as R
 
     from .providers import reference_fn
 

@@ -21,16 +21,15 @@ import functools
 
 import torch
 
-__all__ = ["MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss"]
+__all__ = ["MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss"]  # noqa: F822 (built lazily)
 
 _INSTALL = "pip install 'fastcon[sentence-transformers]' (or pip install sentence-transformers)"
 
 
 def _import_st():
     try:
-        import sentence_transformers  # noqa: F401
-        from sentence_transformers.sentence_transformer import losses
         from sentence_transformers import util
+        from sentence_transformers.sentence_transformer import losses
     except ImportError as err:
         raise ImportError(f"fastcon.integrations.sentence_transformers needs sentence-transformers: {_INSTALL}") \
             from err
@@ -106,12 +105,12 @@ def _classes():
             return _engine_loss(self, list(embeddings), self.backend, self.chunk_size)
 
     class CachedMultipleNegativesRankingLoss(losses.CachedMultipleNegativesRankingLoss):
-        __doc__ = (f"sentence-transformers' CachedMultipleNegativesRankingLoss (same constructor and forward; "
-                   f"the mini-batch gradient caching of the embeddings kept) with the loss computed at once on "
-                   f"fastcon's engine instead of per mini-batch of rows. Extra keyword-only options: "
-                   f"``backend`` and ``chunk_size`` (default: ``mini_batch_size`` rows of the stacked "
-                   f"product per chunk, no logits kept between the two passes: at most the working memory of "
-                   f"theirs).")
+        __doc__ = ("sentence-transformers' CachedMultipleNegativesRankingLoss (same constructor and forward; "
+                   "the mini-batch gradient caching of the embeddings kept) with the loss computed at once on "
+                   "fastcon's engine instead of per mini-batch of rows. Extra keyword-only options: "
+                   "``backend`` and ``chunk_size`` (default: ``mini_batch_size`` rows of the stacked "
+                   "product per chunk, no logits kept between the two passes: at most the working memory of "
+                   "theirs).")
 
         def __init__(self, model, scale: float = 20.0, similarity_fct=cos_sim, mini_batch_size: int = 32,
                      mini_batch_num_tokens=None, gather_across_devices: bool = False, directions=("query_to_doc",),

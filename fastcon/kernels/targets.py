@@ -182,6 +182,22 @@ class TargetStats(NamedTuple):
     col_sum_pos: torch.Tensor
     col_sum_keep: torch.Tensor
 
+    @classmethod
+    def empty(cls, na: int, nb: int, count_dtype: torch.dtype, device) -> "TargetStats":
+        """Statistics before any pair: LSEs −inf, counts and sums 0 (counts in ``count_dtype``, the
+        rest float64)."""
+        f64 = torch.float64
+        return cls(row_lse=torch.full((na,), float("-inf"), dtype=f64, device=device),
+                   row_pos=torch.zeros(na, dtype=count_dtype, device=device),
+                   row_keep=torch.zeros(na, dtype=count_dtype, device=device),
+                   row_sum_pos=torch.zeros(na, dtype=f64, device=device),
+                   row_sum_keep=torch.zeros(na, dtype=f64, device=device),
+                   col_lse=torch.full((nb,), float("-inf"), dtype=f64, device=device),
+                   col_pos=torch.zeros(nb, dtype=count_dtype, device=device),
+                   col_keep=torch.zeros(nb, dtype=count_dtype, device=device),
+                   col_sum_pos=torch.zeros(nb, dtype=f64, device=device),
+                   col_sum_keep=torch.zeros(nb, dtype=f64, device=device))
+
 
 class TargetWeights(NamedTuple):
     """What pass 2 needs: ``G = w_row·(exp(S − row_lse_i) − q_row_pos_i·[pos] − q_row_keep_i)

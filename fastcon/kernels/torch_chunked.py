@@ -103,17 +103,8 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
     ``targets.TargetStats``, the leading chunks of dot products that fit ``cache_bytes``)."""
     from .targets import TargetStats, chunk_logits, chunk_masks, column_span
 
-    acc = acc_dtype(a.dtype)
-    f64 = torch.float64
     na, nb = a.shape[0], b.shape[0]
-    dev = a.device
-    st = TargetStats(
-        row_lse=torch.full((na,), float("-inf"), dtype=f64, device=dev),
-        row_pos=torch.zeros(na, dtype=acc, device=dev), row_keep=torch.zeros(na, dtype=acc, device=dev),
-        row_sum_pos=torch.zeros(na, dtype=f64, device=dev), row_sum_keep=torch.zeros(na, dtype=f64, device=dev),
-        col_lse=torch.full((nb,), float("-inf"), dtype=f64, device=dev),
-        col_pos=torch.zeros(nb, dtype=acc, device=dev), col_keep=torch.zeros(nb, dtype=acc, device=dev),
-        col_sum_pos=torch.zeros(nb, dtype=f64, device=dev), col_sum_keep=torch.zeros(nb, dtype=f64, device=dev))
+    st = TargetStats.empty(na, nb, acc_dtype(a.dtype), a.device)
     cached, kept = [], 0
     for r0, r1 in row_chunks(na, chunk_rows):
         c0, c1 = column_span(target, r0, r1, nb)

@@ -84,6 +84,26 @@ def target_tile(d, rows, cols, mask_m, mask_n, row_info_ptr, col_info_ptr, row_f
 
 
 @triton.jit
+def _program(scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_per_split, HAS_MARGIN: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What program (m, s) of an epilogue over a chunk of R rows × W columns works on: (m, s), its
+    rows (local offsets, mask, global indices), their margin bounds, the scale and bias, and its
+    column tiles [t0, t1)."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < R
+    if HAS_MARGIN:
+        bound = tl.load(bound_ptr + offs_m, mask=mask_m, other=0.0)
+    else:
+        bound = tl.zeros([BLOCK_M], tl.float32)
+    t0 = pid_s * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(W, BLOCK_N))
+    return (pid_m, pid_s, offs_m, mask_m, row0 + offs_m, bound, tl.load(scale_ptr).to(tl.float32),
+            tl.load(bias_ptr).to(tl.float32), t0, t1)
+
+
+@triton.jit
 def _target_stats_kernel(
     dot_ptr, scale_ptr, bias_ptr, row_info_ptr, col_info_ptr, row_flag_ptr, col_flag_ptr, dense_ptr, bound_ptr,
     row_part_ptr, row_sums_ptr, col_part_ptr, col_sums_ptr,
@@ -96,20 +116,8 @@ def _target_stats_kernel(
     row_part[s, rows] (float64 LSE over the split's kept pairs), row_sums[s, k, rows] (k = 0: number
     of positives, 1: their summed logits, 2 and 3 the same of the kept pairs with SMOOTHING) and, when
     SYMMETRIC, col_part[m, cols] and col_sums[m, k, cols], the same per column over the row block."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(1).to(tl.int64)
-    scale = tl.load(scale_ptr).to(tl.float32)
-    bias = tl.load(bias_ptr).to(tl.float32)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < R
-    rows = row0 + offs_m
-    if HAS_MARGIN:
-        bound = tl.load(bound_ptr + offs_m, mask=mask_m, other=0.0)
-    else:
-        bound = tl.zeros([BLOCK_M], tl.float32)
-    n_tiles = tl.cdiv(W, BLOCK_N)
-    t0 = pid_s * tiles_per_split
-    t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
+    pid_m, pid_s, offs_m, mask_m, rows, bound, scale, bias, t0, t1 = _program(
+        scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_per_split, HAS_MARGIN, BLOCK_M, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     r_i = tl.zeros([BLOCK_M], tl.float32)
     n_pos = tl.zeros([BLOCK_M], tl.float32)
@@ -166,24 +174,12 @@ def _target_grad_kernel(
     − q_col_keep)]``, the float64 LSEs split into fp32 (hi, lo), ``exp(x) − q`` at a positive with
     q > ½ formed as ``expm1(x) + (1 − q)``. G·g_scale is stored to g_ptr (which may alias dot_ptr: each element is read
     before the same program writes it); part[0, p] = Σ G·dot, part[1, p] = Σ G (unscaled)."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(1).to(tl.int64)
+    pid_m, pid_s, offs_m, mask_m, rows, bound, scale, bias, t0, t1 = _program(
+        scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_per_split, HAS_MARGIN, BLOCK_M, BLOCK_N)
     pid = pid_m * tl.num_programs(1) + pid_s
-    scale = tl.load(scale_ptr).to(tl.float32)
-    bias = tl.load(bias_ptr).to(tl.float32)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < R
-    rows = row0 + offs_m
-    if HAS_MARGIN:
-        bound = tl.load(bound_ptr + offs_m, mask=mask_m, other=0.0)
-    else:
-        bound = tl.zeros([BLOCK_M], tl.float32)
     row_hi, row_lo = _split_lse(tl.load(row_lse_ptr + offs_m, mask=mask_m, other=float("inf")))
     qp = tl.load(q_row_pos_ptr + offs_m, mask=mask_m, other=0.0)
     qk = tl.load(q_row_keep_ptr + offs_m, mask=mask_m, other=0.0)
-    n_tiles = tl.cdiv(W, BLOCK_N)
-    t0 = pid_s * tiles_per_split
-    t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
     acc_gd = tl.zeros([BLOCK_M], tl.float32)
     acc_g = tl.zeros([BLOCK_M], tl.float32)
     for ct in range(t0, t1):
@@ -283,13 +279,7 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
     dev = a.device
     f32, f64 = torch.float32, torch.float64
     packed = _Packed(target, na, nb, dev)
-    st = TargetStats(
-        row_lse=torch.full((na,), float("-inf"), dtype=f64, device=dev),
-        row_pos=torch.zeros(na, dtype=f32, device=dev), row_keep=torch.zeros(na, dtype=f32, device=dev),
-        row_sum_pos=torch.zeros(na, dtype=f64, device=dev), row_sum_keep=torch.zeros(na, dtype=f64, device=dev),
-        col_lse=torch.full((nb,), float("-inf"), dtype=f64, device=dev),
-        col_pos=torch.zeros(nb, dtype=f32, device=dev), col_keep=torch.zeros(nb, dtype=f32, device=dev),
-        col_sum_pos=torch.zeros(nb, dtype=f64, device=dev), col_sum_keep=torch.zeros(nb, dtype=f64, device=dev))
+    st = TargetStats.empty(na, nb, f32, dev)
     cached, kept = [], 0
     dummy = torch.zeros(1, dtype=f64, device=dev)
     for r0, r1 in row_chunks(na, chunk_rows):
