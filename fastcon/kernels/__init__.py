@@ -42,8 +42,19 @@ precision of its parts (the row maximum, an exact logit, plus the log of an fp32
 The CLIP targets and label smoothing are O(N·D) terms added by ``fastcon.ops`` with plain autograd,
 identically for every backend.
 
-The general target (``fastcon/kernels/targets.py``: positives by id, dropped pairs, label smoothing
-over the kept columns) is a fifth operation, so far of the torch backend only::
+The general target (``fastcon/kernels/targets.py``: positives by id, dropped pairs, ownership rules,
+column ranges, row groups, the hardness penalty, a dense mask, label smoothing over the kept columns)
+is two more operations, of the torch, C++ and chunked Triton backends (``triton/target.py``; the
+fused tile kernels have none yet)::
+
+    target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes)
+            -> (targets.TargetStats, cached chunks of dot products)
+    target_grad(a, b, scale, bias, target, weights, chunk_rows, cached)
+            -> (grad_a, grad_b, grad_scale, grad_bias)
+
+Between them ``targets.loss_and_weights`` forms the loss and the pass-2 weights (``TargetWeights``)
+for every backend alike (and, across ranks, ``fastcon.distributed`` merges the column statistics
+first); ``targets.two_pass_target`` chains the three as each backend's::
 
     target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, need_grad, cache_bytes)
             -> (loss float64, grad_a, grad_b, grad_scale, grad_bias)
