@@ -6,6 +6,7 @@ these functions; tests compare the fused paths against them.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -516,3 +517,93 @@ def ntxent_bank_loss_reference(out0: torch.Tensor, out1: torch.Tensor, negatives
     pos = (z0 * z1).sum(dim=1, keepdim=True)
     logits = torch.cat([pos, z0 @ negatives.detach().to(acc).T], dim=1) / temperature
     return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Soft targets and regularisers (docs/losses.md §1.3, §1.5)
+
+DISTILL_KINDS = ("clip", "hycd", "cwcl")
+
+
+def _soft_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(1/R)·Σ_i [−Σ_j targets_ij · log softmax_j(logits_i)]: a soft cross-entropy over the rows."""
+    return -(targets * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def distill_loss_reference(image_features, text_features, logit_scale, teacher_image_features,
+                           teacher_text_features, teacher_logit_scale, *, kind: str = "clip", alpha: float = 0.5,
+                           temperature: float = 1.0) -> torch.Tensor:
+    """The distillation term between a student ``S = s·X·Yᵀ`` and a teacher (docs/losses.md §1.3),
+    materialised, in at least fp32; the teacher's inputs carry no gradient. Both directions, averaged:
+
+    * ``clip`` (open_clip's DistillClipLoss): ``½[softCE(S, softmax_row(T)) + softCE(Sᵀ,
+      softmax_row(Tᵀ))]``, ``T = s_t·X̃·Ỹᵀ``;
+    * ``hycd``: on the similarities without the logit scales (``S = X·Yᵀ``, ``T = X̃·Ỹᵀ``; the scale
+      arguments are not used), ``P = α·I + (1−α)·softmax(T/τ)`` per direction and
+      ``τ²·KL(P ‖ softmax(S/τ))`` with batchmean (the sum over the matrix divided by B);
+    * ``cwcl``: the image side is trained against the frozen text modality, whose features are
+      ``teacher_text_features`` q (``teacher_image_features`` and ``teacher_logit_scale`` are not
+      used): ``w_ij = ½ + ½·q̂_i·q̂_j`` (q̂ = q normalised), image→text ``softCE(S, w / (Σ_j w_ij + 1e-8))``
+      over each row, and our reverse term text→image ``softCE(Sᵀ, wᵀ / (Σ_i w_ij + 1e-8))`` (text j
+      against the images, with the same weights, normalised over the images; w is symmetric)."""
+    if kind not in DISTILL_KINDS:
+        raise ValueError(f"kind must be one of {DISTILL_KINDS}, got {kind!r}")
+    acc = torch.promote_types(image_features.dtype, torch.float32)
+    x, y = image_features.to(acc), text_features.to(acc)
+    tx, ty = teacher_image_features.detach().to(acc), teacher_text_features.detach().to(acc)
+    b = x.shape[0]
+    if kind == "clip":
+        s = _logits(x, y, logit_scale, None, True)
+        t = _logits(tx, ty, torch.as_tensor(teacher_logit_scale).detach(), None, True)
+        return (_soft_ce(s, torch.softmax(t, dim=1)) + _soft_ce(s.T, torch.softmax(t.T, dim=1))) / 2
+    if kind == "hycd":
+        s, t = x @ y.T / temperature, tx @ ty.T / temperature
+        eye = torch.eye(b, dtype=acc, device=x.device)
+
+        def kl(student, teacher):
+            p = alpha * eye + (1 - alpha) * torch.softmax(teacher, dim=1)
+            return (torch.xlogy(p, p) - p * torch.log_softmax(student, dim=1)).sum() / b * temperature ** 2
+        return (kl(s, t) + kl(s.T, t.T)) / 2
+    s = _logits(x, y, logit_scale, None, True)
+    q = F.normalize(ty, dim=1)
+    w = 0.5 + 0.5 * (q @ q.T)
+    rows = w / (w.sum(dim=1, keepdim=True) + 1e-8)
+    cols = w.T / (w.sum(dim=0)[:, None] + 1e-8)
+    return (_soft_ce(s, rows) + _soft_ce(s.T, cols)) / 2
+
+
+def distill_clip_loss_reference(image_features, text_features, logit_scale, dist_image_features,
+                                dist_text_features, dist_logit_scale):
+    """open_clip's DistillClipLoss on one process: (contrastive_loss, distill_loss), the CLIP loss of the
+    student and the ``clip`` distillation term."""
+    return (clip_loss_reference(image_features, text_features, logit_scale),
+            distill_loss_reference(image_features, text_features, logit_scale, dist_image_features,
+                                   dist_text_features, dist_logit_scale, kind="clip"))
+
+
+def align_uniform_loss_reference(x: torch.Tensor, y: torch.Tensor, *, alpha: float = 2.0, t: float = 2.0,
+                                 cross: bool = False, return_terms: bool = False):
+    """Alignment and uniformity (docs/losses.md §1.5) from pairwise distances of the normalised rows,
+    materialised, in at least fp32:
+
+    * ``align = mean_i ‖x_i − y_i‖^α``;
+    * ``uniform = ½[log mean_{i<j} exp(−t‖x_i − x_j‖²) + the same of y]``;
+    * ``cross_uniform = log mean_{i≠j} exp(−t‖x_i − y_j‖²)`` (ordered pairs), with ``cross``;
+    * ``total`` = their sum. Returns ``total``, or a dict of the terms with ``return_terms``."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    x, y = F.normalize(x.to(acc), dim=1), F.normalize(y.to(acc), dim=1)
+    n = x.shape[0]
+    align = (x - y).norm(dim=1).pow(alpha).mean()
+
+    def unif(z):
+        d2 = torch.cdist(z, z).pow(2)
+        iu = torch.triu_indices(n, n, offset=1, device=z.device)
+        return torch.logsumexp(-t * d2[iu[0], iu[1]], dim=0) - math.log(n * (n - 1) / 2)
+
+    terms = {"align": align, "uniform": (unif(x) + unif(y)) / 2}
+    if cross:
+        d2 = torch.cdist(x, y).pow(2)
+        off = ~torch.eye(n, dtype=torch.bool, device=x.device)
+        terms["cross_uniform"] = torch.logsumexp(-t * d2[off], dim=0) - math.log(n * (n - 1))
+    terms["total"] = sum(v for k, v in terms.items())
+    return terms if return_terms else terms["total"]
