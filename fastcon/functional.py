@@ -610,3 +610,175 @@ def multiple_negatives_ranking_loss(
     scale_t = torch.tensor(float(scale), dtype=torch.float64, device=dev)
     return target_engine_loss(rows, cols, scale_t, None, target, symmetric=False, backend=backend,
                               chunk_size=chunk_size, cache_limit=cache_limit)
+
+
+DISTILL_KINDS = reference.DISTILL_KINDS
+
+
+def _check_teacher(name, teacher, student):
+    """A teacher feature tensor of the student's shape, dtype and device, detached (with a warning when
+    it required grad: a teacher is not trained by the distillation term)."""
+    import warnings
+
+    if not isinstance(teacher, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(teacher).__name__}")
+    if teacher.shape != student.shape:
+        raise ValueError(f"{name} must have the student's shape {tuple(student.shape)}, got {tuple(teacher.shape)}")
+    if teacher.device != student.device or not teacher.is_floating_point():
+        raise TypeError(f"{name} ({teacher.dtype}, {teacher.device}) must be floating point on the student's device "
+                        f"({student.device})")
+    if teacher.requires_grad and torch.is_grad_enabled():
+        warnings.warn(f"fastcon: {name} requires grad; the distillation term treats the teacher as fixed and "
+                      "detaches it", UserWarning, stacklevel=3)
+    return teacher.detach().to(student.dtype)
+
+
+def distill_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale,
+    teacher_image_features: torch.Tensor,
+    teacher_text_features: torch.Tensor,
+    teacher_logit_scale=None,
+    *,
+    kind: str = "clip",
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """The distillation term between the student ``S = s·X·Yᵀ`` and a teacher, without the B×B
+    matrices (docs/losses.md §1.3), both directions averaged (the teacher never receives a gradient):
+
+    * ``"clip"`` (open_clip's DistillClipLoss): ``½[softCE(S, softmax_row(T)) + softCE(Sᵀ,
+      softmax_row(Tᵀ))]`` with ``T = s_t·X̃·Ỹᵀ``;
+    * ``"hycd"``: ``P = α·I + (1−α)·softmax(T/τ)`` and ``τ²·KL(P ‖ softmax(S/τ))`` (batchmean) per
+      direction, on the similarities without the logit scales: ``logit_scale`` and
+      ``teacher_logit_scale`` are not used by this kind;
+    * ``"cwcl"``: the image side is trained against the frozen text modality ``teacher_text_features``
+      (it may be the student's own ``text_features``): weights ``½ + ½·q̂_i·q̂_j``, image→text over each
+      row normalised over the texts, and our reverse term text→image normalised over the images
+      (``teacher_image_features`` and ``teacher_logit_scale`` are not used).
+
+    The teacher's tile is computed beside the student's in each chunk (torch backend; the C++ and
+    Triton backends have no teacher producer yet and raise NotImplementedError, ``auto`` takes the
+    torch backend). Returns a 0-d tensor in the features' dtype.
+    """
+    if kind not in DISTILL_KINDS:
+        raise ValueError(f"kind must be one of {DISTILL_KINDS}, got {kind!r}")
+    for name, value in (("alpha", alpha), ("temperature", temperature)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if not 0.0 < temperature < float("inf"):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    chunk_size = _check_chunk_size(chunk_size)
+    if kind == "hycd":
+        scale, _ = _check_common(image_features, text_features, 1.0, None)
+    else:
+        scale, _ = _check_common(image_features, text_features, logit_scale, None)
+    if image_features.shape[0] != text_features.shape[0]:
+        raise ValueError(f"distill_loss needs paired batches: image_features has {image_features.shape[0]} rows, "
+                         f"text_features {text_features.shape[0]}")
+    tx = _check_teacher("teacher_image_features", teacher_image_features, image_features) if kind != "cwcl" \
+        else None
+    ty = _check_teacher("teacher_text_features", teacher_text_features, text_features)
+    if kind == "clip":
+        teacher_scale = check_scalar("teacher_logit_scale", teacher_logit_scale, image_features.device)
+    if backend == "reference":
+        return reference.distill_loss_reference(
+            image_features, text_features, scale, tx if tx is not None else ty, ty,
+            teacher_logit_scale if kind == "clip" else None, kind=kind, alpha=alpha,
+            temperature=temperature).to(image_features.dtype)
+    if backend == "auto":
+        backend = "torch"  # the one backend with the teacher producer
+    n = image_features.shape[0]
+    dev = image_features.device
+    ids = torch.arange(n, device=dev)
+    acc = torch.promote_types(image_features.dtype, torch.float32)
+    if kind == "clip":
+        target = Target(ids, ids, teacher_a=tx, teacher_b=ty,
+                        teacher_scale=teacher_scale.detach().to(device=dev, dtype=acc).reshape(()), soft=1.0)
+        return target_engine_loss(image_features, text_features, scale, None, target, symmetric=True,
+                                  backend=backend, chunk_size=chunk_size)
+    if kind == "hycd":
+        inv_t = torch.tensor(1.0 / temperature, dtype=acc, device=dev)
+        target = Target(ids, ids, teacher_a=tx, teacher_b=ty, teacher_scale=inv_t, soft=1.0 - alpha, hard=alpha,
+                        entropy=True)
+        loss = target_engine_loss(image_features, text_features, inv_t, None, target, symmetric=True,
+                                  backend=backend, chunk_size=chunk_size)
+        return loss * temperature ** 2
+    q = torch.nn.functional.normalize(ty, dim=1)
+    target = Target(ids, ids, teacher_a=q, teacher_b=q, soft=1.0, teacher_kind=1, teacher_c0=0.5, teacher_c1=0.5,
+                    teacher_eps=1e-8)
+    return target_engine_loss(image_features, text_features, scale, None, target, symmetric=True, backend=backend,
+                              chunk_size=chunk_size)
+
+
+def align_uniform_loss(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    alpha: float = 2.0,
+    t: float = 2.0,
+    cross: bool = False,
+    return_terms: bool = False,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+):
+    """Alignment and uniformity (Wang & Isola; the contrastive-gap paper; docs/losses.md §1.5), the rows
+    normalised inside:
+
+    * ``align = mean_i ‖x_i − y_i‖^α``;
+    * ``uniform = ½[U(x) + U(y)]``, ``U(z) = log mean_{i<j} exp(−t‖z_i − z_j‖²)``;
+    * with ``cross``, ``cross_uniform = log mean_{i≠j} exp(−t‖x_i − y_j‖²)`` (ordered pairs).
+
+    Returns ``total`` (the sum of the terms), or with ``return_terms`` a dict of the terms and ``total``,
+    in the inputs' dtype (computed in fp32 at least, the rows normalised in fp32).
+    Each uniformity is one LSE of ``2t·a·b`` over the pairs on the engine (a single group of rows with
+    the diagonal excluded, no targets), in fp32 from the dot products, never from ``2 − 2·cos`` in
+    low precision: ``‖a − b‖² = 2 − 2a·b`` for unit rows, so ``U = LSE_{i≠j}(2t·a_i·a_j) − 2t −
+    log(n(n−1))`` (the mean over i<j equals the mean over ordered pairs).
+    """
+    check_features("x", x, "y", y)
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    for name, value in (("alpha", alpha), ("t", t)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not 0.0 < t < float("inf"):
+        raise ValueError(f"t must be a positive finite number, got {t}")
+    if not 0.0 < alpha < float("inf"):
+        raise ValueError(f"alpha must be a positive finite number, got {alpha}")
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError(f"uniformity needs at least 2 rows, got {n}")
+    chunk_size = _check_chunk_size(chunk_size)
+    if backend == "reference":
+        return reference.align_uniform_loss_reference(x, y, alpha=alpha, t=t, cross=cross, return_terms=return_terms)
+    import math
+
+    dev = x.device
+    acc = torch.promote_types(x.dtype, torch.float32)
+    # normalised in fp32 (at least): bf16 unit rows would be rounded again before the dot products
+    xn, yn = torch.nn.functional.normalize(x.to(acc), dim=1), torch.nn.functional.normalize(y.to(acc), dim=1)
+    two_t = torch.tensor(2.0 * t, dtype=acc, device=dev)
+    idx = torch.arange(n, device=dev)
+    none = torch.full((n,), -1, dtype=torch.int64, device=dev)
+    one_group = torch.zeros(n, dtype=torch.int64, device=dev)
+    offset = 2.0 * t + math.log(n * (n - 1))
+
+    def lse_pairs(a, b, exclude):
+        # one group of every row, no positives or soft targets: the loss is the LSE over the kept pairs
+        target = Target(none, none, exclude_col=idx if exclude else None, row_group=one_group, hard=0.0)
+        return target_engine_loss(a, b, two_t, None, target, symmetric=False, backend=backend,
+                                  chunk_size=chunk_size)
+
+    terms = {"align": (xn - yn).norm(dim=1).pow(alpha).mean(),
+             "uniform": (lse_pairs(xn, xn, True) + lse_pairs(yn, yn, True)) / 2 - offset}
+    if cross:  # x_i against y_j, i ≠ j
+        terms["cross_uniform"] = lse_pairs(xn, yn, True) - offset
+    terms["total"] = sum(v for v in terms.values())
+    terms = {k: v.to(x.dtype) for k, v in terms.items()}
+    return terms if return_terms else terms["total"]

@@ -215,8 +215,9 @@ def test_target_op_compiles_and_passes_opcheck():
             torch.tensor(0.5, requires_grad=True), torch.arange(9) % 3,
             torch.cat([torch.arange(9) % 3, torch.full((3,), -1)]),
             torch.tensor([True] * 10 + [False, True]))
-    tensors = [args[4], args[5], None, args[6]] + [None] * 8
-    args = args[:4] + (tensors, "torch", 0, 0.1, 0.0, 0, 0.1, True, 4, -1, True, None)
+    tensors = [args[4], args[5], None, args[6]] + [None] * 11
+    numbers = [0.0, 0, 0.0, float("nan"), 0, 0.0, 1.0, 0.0, 0]
+    args = args[:4] + (tensors, "torch", 0, 0.1, numbers, 0.1, True, 4, -1, True, None)
     torch.library.opcheck(torch.ops.fastcon.target_softmax_loss.default, args)
 
 
@@ -434,7 +435,8 @@ def test_opcheck_general_target():
     tensors = [idx % 4, torch.arange(14) % 4, (idx + 3) % 14, None, idx // 2, idx, torch.arange(14) % 7,
                (idx % 3 == 0).long(), torch.stack([torch.zeros(8, dtype=torch.long), torch.full((8,), 12)], 1),
                torch.arange(14) < 10, torch.rand(8, 14, generator=torch.Generator().manual_seed(0)) > 0.2,
-               idx < 6]
+               idx < 6, None, None, None]
     # row groups of two rows; the hardness penalty on other items' columns; a margin
+    numbers = [3.0, 2, 0.0, float("nan"), 0, 0.0, 1.0, 0.0, 0]
     torch.library.opcheck(torch.ops.fastcon.target_softmax_loss.default,
-                          args + (tensors, "torch", 0, 0.5, 3.0, 2, 0.0, False, 3, 0, True, None))
+                          args + (tensors, "torch", 0, 0.5, numbers, 0.0, False, 3, 0, True, None))

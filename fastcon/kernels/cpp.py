@@ -72,15 +72,20 @@ def sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad):
 # ---------------------------------------------------------------------------------------------------
 # The general target (fastcon/kernels/targets.py): pass 1 and pass 2 as C++ operators
 
+_CPP_TARGET_TENSORS = 12  # the fields of TENSOR_FIELDS the operators read (not the teacher's)
+
+
 def _target_args(target):
     from .targets import target_tensors
 
-    return (target_tensors(target), int(target.pair_offset), None if target.margin is None else float(target.margin),
+    return (target_tensors(target)[:_CPP_TARGET_TENSORS], int(target.pair_offset), None if target.margin is None else float(target.margin),
             float(target.penalty), int(target.penalty_mode))
 
 
 def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes):
-    from .targets import TargetStats
+    from .targets import TargetStats, require_hard_targets
+
+    require_hard_targets(target, "cpp")
 
     out = torch.ops.fastcon.target_stats(a, b, _scalar(scale, a), _scalar(bias, a), *_target_args(target),
                                          bool(symmetric), bool(smoothing), int(chunk_rows), int(cache_bytes))

@@ -39,6 +39,7 @@ over the columns that own a positive (without groups).
 """
 from __future__ import annotations
 
+import math
 from typing import List, NamedTuple, Optional
 
 import torch
@@ -63,22 +64,68 @@ class Target(NamedTuple):
     penalty_mode: int = 0
     mask: Optional[torch.Tensor] = None
     penalty_rows: Optional[torch.Tensor] = None
+    # soft targets from a teacher tile (torch backend): Q = hard·[pos]/|P| + ε/|K| + soft·Qt
+    teacher_a: Optional[torch.Tensor] = None
+    teacher_b: Optional[torch.Tensor] = None
+    teacher_scale: Optional[torch.Tensor] = None
+    soft: float = 0.0
+    hard: Optional[float] = None
+    teacher_kind: int = 0
+    teacher_c0: float = 0.0
+    teacher_c1: float = 1.0
+    teacher_eps: float = 0.0
+    entropy: bool = False
 
 
 # How a Target travels through a custom op: its tensors as one ``Tensor?[]`` argument, its numbers as
 # plain arguments.
 TENSOR_FIELDS = ("row_ids", "col_ids", "exclude_col", "col_keep", "row_group", "row_owner", "col_owner", "own_rule",
-                 "col_range", "penalty_cols", "mask", "penalty_rows")
+                 "col_range", "penalty_cols", "mask", "penalty_rows", "teacher_a", "teacher_b", "teacher_scale")
+NUMBER_FIELDS = ("penalty", "penalty_mode", "soft", "hard", "teacher_kind", "teacher_c0", "teacher_c1",
+                 "teacher_eps", "entropy")
+TEACHER_SOFTMAX, TEACHER_LINEAR = 0, 1
 
 
 def target_tensors(target: Target) -> List[Optional[torch.Tensor]]:
     return [getattr(target, f) for f in TENSOR_FIELDS]
 
 
-def target_from(tensors, pair_offset, margin, penalty, penalty_mode) -> Target:
+def target_numbers(target: Target):
+    """The target's numbers as floats (``hard`` None as NaN), in the order of NUMBER_FIELDS."""
+    return [float("nan") if getattr(target, f) is None else float(getattr(target, f)) for f in NUMBER_FIELDS]
+
+
+def target_from(tensors, pair_offset, margin, numbers) -> Target:
     fields = dict(zip(TENSOR_FIELDS, tensors))
-    return Target(pair_offset=pair_offset, margin=margin, penalty=penalty,
-                  penalty_mode=penalty_mode, **fields)
+    nums = dict(zip(NUMBER_FIELDS, numbers))
+    nums["hard"] = None if math.isnan(nums["hard"]) else nums["hard"]
+    for f in ("penalty_mode", "teacher_kind"):
+        nums[f] = int(nums[f])
+    nums["entropy"] = bool(nums["entropy"])
+    return Target(pair_offset=pair_offset, margin=margin, **nums, **fields)
+
+
+def hard_weight(target: Target, eps: float) -> float:
+    """The weight of the hard positives in Q: ``hard``, or what smoothing and soft targets leave."""
+    return (1.0 - eps - target.soft) if target.hard is None else target.hard
+
+
+def require_hard_targets(target: Target, backend: str) -> None:
+    """NotImplementedError for soft targets on a backend without the teacher producer."""
+    if target.soft != 0.0:
+        raise NotImplementedError(f"the {backend} backend has no soft-target (teacher) kernels yet; use "
+                                  "backend='torch'")
+
+
+def teacher_chunk(target: Target, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+    """The teacher's tile of rows [r0, r1) × columns [c0, c1) (no gradient): logits
+    ``s_t·A_t·B_tᵀ`` (softmax teacher) or weights ``c0 + c1·A_t·B_tᵀ`` (linear teacher)."""
+    from ._common import mm_acc
+
+    dot = mm_acc(target.teacher_a[r0:r1], target.teacher_b[c0:c1].T)
+    if target.teacher_kind == TEACHER_LINEAR:
+        return dot.mul_(target.teacher_c1).add_(target.teacher_c0)
+    return dot.mul_(target.teacher_scale)
 
 
 def column_span(target: Target, r0: int, r1: int, nb: int):
@@ -181,6 +228,14 @@ class TargetStats(NamedTuple):
     col_keep: torch.Tensor
     col_sum_pos: torch.Tensor
     col_sum_keep: torch.Tensor
+    # with soft targets: the teacher's normalisers per row and column (LSE of a softmax teacher, sum of
+    # a linear one plus its eps), the cross terms Σ Qt·S, and with ``entropy`` Σ Q·log Q
+    t_row_norm: Optional[torch.Tensor] = None
+    t_col_norm: Optional[torch.Tensor] = None
+    cross_row: Optional[torch.Tensor] = None
+    cross_col: Optional[torch.Tensor] = None
+    ent_row: Optional[torch.Tensor] = None
+    ent_col: Optional[torch.Tensor] = None
 
     @classmethod
     def empty(cls, na: int, nb: int, count_dtype: torch.dtype, device) -> "TargetStats":
@@ -213,6 +268,12 @@ class TargetWeights(NamedTuple):
     q_col_keep: Optional[torch.Tensor] = None
     w_col: Optional[torch.Tensor] = None
     w_col_max: float = 0.0  # the largest w_col (a bound for the backends that scale G), known on the host
+    t_row_norm: Optional[torch.Tensor] = None  # soft targets: the teacher's normalisers (TargetStats)
+    t_col_norm: Optional[torch.Tensor] = None
+    # the total target mass of each row (column) where it is not 1 (a linear teacher's eps):
+    # ∂/∂S of −Σ_j Q_ij·log p_ij is (Σ_k Q_ik)·p_ij − Q_ij
+    row_mass: Optional[torch.Tensor] = None
+    col_mass: Optional[torch.Tensor] = None
 
 
 def _group_sum(values, groups, n_groups):
@@ -262,7 +323,12 @@ def loss_and_weights(target: Target, st: TargetStats, eps: float, symmetric: boo
     g_pos, g_keep = _group_sum(st.row_pos, groups, n_groups), _group_sum(st.row_keep, groups, n_groups)
     g_sum_pos = _group_sum(st.row_sum_pos, groups, n_groups)
     g_sum_keep = _group_sum(st.row_sum_keep, groups, n_groups)
-    bad = torch.nonzero(g_pos == 0).reshape(-1)
+    h = hard_weight(target, eps)
+    soft = target.soft
+    if soft and target.row_group is not None:
+        raise ValueError("soft targets do not combine with row groups")
+    # a group needs a positive only where the hard targets have weight
+    bad = torch.nonzero(g_pos == 0).reshape(-1) if h != 0 else g_pos.new_zeros(0, dtype=torch.int64)
     offset, total = (0, n_groups) if shard is None else (shard.offset, shard.total_rows)
     first_bad = torch.tensor([int(bad[0]) + offset if bad.numel() else total], dtype=torch.int64, device=dev)
     if shard is not None:
@@ -274,25 +340,41 @@ def loss_and_weights(target: Target, st: TargetStats, eps: float, symmetric: boo
     w_r = (0.5 if symmetric else 1.0) / total
     w_c = 0.5 / max(int(owned.sum()), 1) if symmetric else 0.0
 
-    def terms(lse, n_pos, n_keep, sum_pos, sum_keep):
-        out = lse - (1.0 - eps) * sum_pos / n_pos.double()
-        return out - eps * sum_keep / n_keep.double() if eps else out
+    # a linear teacher normalised with an eps leaves each row's soft mass 1 − eps/norm
+    row_mass = col_mass = None
+    if soft and target.teacher_kind == TEACHER_LINEAR and target.teacher_eps:
+        row_mass = 1.0 - soft * target.teacher_eps / st.t_row_norm
+        col_mass = None if st.t_col_norm is None else 1.0 - soft * target.teacher_eps / st.t_col_norm
 
-    loss = w_r * terms(g_lse, g_pos, g_keep, g_sum_pos, g_sum_keep).sum()
+    def terms(lse, n_pos, n_keep, sum_pos, sum_keep, cross=None, ent=None, mass=None):
+        out = lse if mass is None else lse * mass
+        if h != 0:
+            out = out - h * sum_pos / n_pos.double()
+        if eps:
+            out = out - eps * sum_keep / n_keep.double()
+        if soft:
+            out = out - soft * cross
+        return out if ent is None else out + ent
+
+    loss = w_r * terms(g_lse, g_pos, g_keep, g_sum_pos, g_sum_keep, st.cross_row, st.ent_row, row_mass).sum()
     if shard is not None:
         loss = loss.reshape(1).clone()
         shard.all_reduce_sum(loss)
         loss = loss[0]
     if symmetric:
-        loss = loss + w_c * terms(st.col_lse, st.col_pos, st.col_keep, st.col_sum_pos, st.col_sum_keep)[owned].sum()
+        loss = loss + w_c * terms(st.col_lse, st.col_pos, st.col_keep, st.col_sum_pos, st.col_sum_keep,
+                                  st.cross_col, st.ent_col, col_mass)[owned].sum()
     zeros = torch.zeros(na, dtype=acc, device=dev)
-    weights = TargetWeights(g_lse[groups], ((1.0 - eps) / g_pos)[groups].to(acc),
-                            (eps / g_keep.clamp_min(1))[groups].to(acc) if eps else zeros, w_r)
+    weights = TargetWeights(g_lse[groups], (h / g_pos.clamp_min(1))[groups].to(acc),
+                            (eps / g_keep.clamp_min(1))[groups].to(acc) if eps else zeros, w_r,
+                            t_row_norm=st.t_row_norm, t_col_norm=st.t_col_norm,
+                            row_mass=None if row_mass is None else row_mass.to(acc),
+                            col_mass=None if col_mass is None else col_mass.to(acc))
     if symmetric:
         # +inf for the columns without a positive: their column softmax term vanishes (exp(−inf) = 0)
         weights = weights._replace(
             col_lse=torch.where(owned, st.col_lse, float("inf")),
-            q_col_pos=torch.where(owned, (1.0 - eps) / st.col_pos.clamp_min(1), 0.0).to(acc),
+            q_col_pos=torch.where(owned, h / st.col_pos.clamp_min(1), 0.0).to(acc),
             q_col_keep=torch.where(owned, eps / st.col_keep.clamp_min(1), 0.0).to(acc),
             w_col=owned.to(acc) * w_c, w_col_max=w_c)  # (w_c · a bool tensor would be fp32)
     return loss, weights

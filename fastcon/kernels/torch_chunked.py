@@ -105,6 +105,9 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
 
     na, nb = a.shape[0], b.shape[0]
     st = TargetStats.empty(na, nb, acc_dtype(a.dtype), a.device)
+    counts = None
+    if target.soft:
+        st, counts = _teacher_pass(target, st, symmetric, chunk_rows, na, nb)
     cached, kept = [], 0
     for r0, r1 in row_chunks(na, chunk_rows):
         c0, c1 = column_span(target, r0, r1, nb)
@@ -122,6 +125,8 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
             st.col_lse[c0:c1] = torch.logaddexp(st.col_lse[c0:c1], lse_parts(masked, dim=0))
             st.col_pos[c0:c1] += pos.sum(0)
             st.col_sum_pos[c0:c1] += s_pos.sum(0)
+        if target.soft:
+            _soft_terms(target, st, counts, s_c, pos, keep, symmetric, r0, r1, c0, c1)
         if smoothing:  # the smoothing term's counts and sums of the kept logits
             s_keep = s_c if keep is None else torch.where(keep, s_c, 0.0)
             st.row_keep[r0:r1] = c1 - c0 if keep is None else keep.sum(1)
@@ -134,6 +139,96 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
             cached.append(dot)
             kept += size
     return st, cached
+
+
+def _teacher_pass(target, st, symmetric, chunk_rows, na, nb):
+    """Soft targets, before pass 1: the teacher's normaliser of each row (and column) over the kept
+    pairs, a softmax teacher's float64 LSE or a linear teacher's sum plus its eps, and the counts of
+    positives that the targets' entropy needs."""
+    from .targets import TEACHER_LINEAR, chunk_masks, column_span, teacher_chunk
+
+    if target.margin is not None:
+        raise ValueError("soft targets do not combine with the margin rule (it reads the student's similarities)")
+    f64 = torch.float64
+    dev = st.row_lse.device
+    linear = target.teacher_kind == TEACHER_LINEAR
+    row_norm = torch.zeros(na, dtype=f64, device=dev) if linear else torch.full((na,), float("-inf"), dtype=f64,
+                                                                                 device=dev)
+    col_norm = torch.zeros(nb, dtype=f64, device=dev) if linear else torch.full((nb,), float("-inf"), dtype=f64,
+                                                                                 device=dev)
+    row_pos, col_pos = torch.zeros_like(st.row_pos), torch.zeros_like(st.col_pos)
+    for r0, r1 in row_chunks(na, chunk_rows):
+        c0, c1 = column_span(target, r0, r1, nb)
+        if c1 == c0:
+            continue
+        t = teacher_chunk(target, r0, r1, c0, c1)
+        pos, keep, _ = chunk_masks(target, t, r0, r1, c0)
+        kept = torch.ones_like(pos) if keep is None else keep
+        row_pos[r0:r1] = pos.sum(1)
+        col_pos[c0:c1] += pos.sum(0)
+        if linear:
+            w = torch.where(kept, t, 0.0)
+            row_norm[r0:r1] = w.sum(1, dtype=f64)
+            col_norm[c0:c1] += w.sum(0, dtype=f64)
+        else:
+            masked = t.masked_fill(~kept, float("-inf"))
+            row_norm[r0:r1] = lse_parts(masked, dim=1)
+            col_norm[c0:c1] = torch.logaddexp(col_norm[c0:c1], lse_parts(masked, dim=0))
+    if linear:
+        row_norm += target.teacher_eps
+        col_norm += target.teacher_eps
+    zeros = dict(cross_row=torch.zeros(na, dtype=f64, device=dev), cross_col=torch.zeros(nb, dtype=f64, device=dev))
+    if target.entropy:
+        zeros.update(ent_row=torch.zeros(na, dtype=f64, device=dev), ent_col=torch.zeros(nb, dtype=f64, device=dev))
+    st = st._replace(t_row_norm=row_norm, t_col_norm=col_norm if symmetric else None, **zeros)
+    # pass 1 counts the same again; the entropy of each chunk's targets needs the totals before it
+    return st, (row_pos, col_pos)
+
+
+def teacher_probs(target, t, keep, row_norm, col_norm):
+    """The teacher's row (and column) target probabilities of a chunk ``t`` on its kept pairs (0 on the
+    dropped ones)."""
+    from .targets import TEACHER_LINEAR
+
+    linear = target.teacher_kind == TEACHER_LINEAR
+    f32 = t.dtype
+    if linear:
+        row = t / row_norm[:, None].to(f32)
+        col = None if col_norm is None else t / col_norm[None, :].to(f32)
+    else:
+        hi, lo = split_lse(row_norm, f32)
+        row = (t - hi[:, None]).sub_(lo[:, None]).exp_()
+        col = None
+        if col_norm is not None:
+            chi, clo = split_lse(col_norm, f32)
+            col = (t - chi[None, :]).sub_(clo[None, :]).exp_()
+    if keep is not None:
+        row = row.masked_fill_(~keep, 0.0)
+        col = None if col is None else col.masked_fill_(~keep, 0.0)
+    return row, col
+
+
+def _soft_terms(target, st, counts, s_c, pos, keep, symmetric, r0, r1, c0, c1):
+    """Pass 1 with soft targets: the cross terms Σ Qt·S and, with ``entropy``, Σ Q·log Q of the mixed
+    targets Q = hard·[pos]/|P| + soft·Qt (no smoothing), for rows [r0, r1) × columns [c0, c1)."""
+    from .targets import hard_weight, teacher_chunk
+
+    f64 = torch.float64
+    t = teacher_chunk(target, r0, r1, c0, c1)
+    q_row, q_col = teacher_probs(target, t, keep, st.t_row_norm[r0:r1],
+                                 st.t_col_norm[c0:c1] if symmetric else None)
+    s_kept = s_c if keep is None else torch.where(keep, s_c, 0.0)
+    st.cross_row[r0:r1] = (q_row * s_kept).sum(1, dtype=f64)
+    if symmetric:
+        st.cross_col[c0:c1] += (q_col * s_kept).sum(0, dtype=f64)
+    if target.entropy:
+        h = hard_weight(target, 0.0)
+        row_pos, col_pos = counts
+        mix = q_row.mul(target.soft).add_(pos * (h / row_pos[r0:r1].clamp_min(1))[:, None])
+        st.ent_row[r0:r1] = torch.xlogy(mix, mix).sum(1, dtype=f64)
+        if symmetric:
+            mix = q_col.mul(target.soft).add_(pos * (h / col_pos[c0:c1].clamp_min(1))[None, :])
+            st.ent_col[c0:c1] += torch.xlogy(mix, mix).sum(0, dtype=f64)
 
 
 def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
@@ -168,14 +263,29 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
         # other backends do
         if keep is not None:
             s_c.masked_fill_(~keep, float("-inf"))
-        g = (s_c - row_hi[r0:r1, None]).sub_(row_lo[r0:r1, None]).exp_().sub_(pos * w.q_row_pos[r0:r1, None])
+        g = (s_c - row_hi[r0:r1, None]).sub_(row_lo[r0:r1, None]).exp_()
+        if w.row_mass is not None:
+            g.mul_(w.row_mass[r0:r1, None])
+        g.sub_(pos * w.q_row_pos[r0:r1, None])
         if smoothing:
             g.sub_(w.q_row_keep[r0:r1, None])
+        q_row = q_col = None
+        if target.soft:
+            from .targets import teacher_chunk
+
+            q_row, q_col = teacher_probs(target, teacher_chunk(target, r0, r1, c0, c1), keep,
+                                         w.t_row_norm[r0:r1], w.t_col_norm[c0:c1] if symmetric else None)
+            g.sub_(q_row, alpha=target.soft)
         g.mul_(w.w_row)
         if symmetric:
-            p_col = (s_c - col_hi[None, c0:c1]).sub_(col_lo[None, c0:c1]).exp_().sub_(pos * w.q_col_pos[None, c0:c1])
+            p_col = (s_c - col_hi[None, c0:c1]).sub_(col_lo[None, c0:c1]).exp_()
+            if w.col_mass is not None:
+                p_col.mul_(w.col_mass[None, c0:c1])
+            p_col.sub_(pos * w.q_col_pos[None, c0:c1])
             if smoothing:
                 p_col.sub_(w.q_col_keep[None, c0:c1])
+            if q_col is not None:
+                p_col.sub_(q_col, alpha=target.soft)
             g.add_(p_col.mul_(w.w_col[None, c0:c1]))
         if keep is not None:
             g.masked_fill_(~keep, 0.0)

@@ -552,17 +552,17 @@ def _traced_target_backend(backend: str, device_type: str, dtype: torch.dtype) -
 
 def _target_softmax_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, target_tensors: List[Optional[Tensor]],
                          backend: str, pair_offset: int, margin: Optional[float],
-                         penalty: float, penalty_mode: int, label_smoothing: float, symmetric: bool,
+                         numbers: List[float], label_smoothing: float, symmetric: bool,
                          chunk_size: int, cache_limit: int, need_grad: bool,
                          mm_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The softmax loss of a general target (``fastcon.kernels.torch_chunked.target_softmax_fused``) in
-    float64, and its gradients. The target's tensors come as one list (``targets.TENSOR_FIELDS``);
-    ``cache_limit`` bounds the bytes of pass-1 logits kept for pass 2 (−1: ``cache_bytes()``)."""
+    float64, and its gradients. The target's tensors come as one list (``targets.TENSOR_FIELDS``), its
+    numbers as another (``targets.NUMBER_FIELDS``); ``cache_limit`` bounds the bytes of pass-1 logits kept for pass 2 (−1: ``cache_bytes()``)."""
     from fastcon.kernels.targets import target_from
 
     with backend_context(a.device.type):
         impl, x, y, s, c, chunk_rows = _backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype)
-        target = target_from(target_tensors, pair_offset, margin, penalty, penalty_mode)
+        target = target_from(target_tensors, pair_offset, margin, numbers)
         limit = cache_bytes(x.device) if cache_limit < 0 else cache_limit
         loss, *grads = impl.target_softmax_fused(x, y, s, c, target, label_smoothing, symmetric, chunk_rows,
                                                  need_grad, limit)
@@ -571,14 +571,13 @@ def _target_softmax_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, targ
         return (loss,) + final_grads((a, b, scale, bias), grads, 1.0)
 
 
-def _target_softmax_loss_fake(a, b, scale, bias, target_tensors, backend, pair_offset, margin,
-                              penalty, penalty_mode, label_smoothing, symmetric, chunk_size, cache_limit, need_grad,
-                              mm_dtype):
+def _target_softmax_loss_fake(a, b, scale, bias, target_tensors, backend, pair_offset, margin, numbers,
+                              label_smoothing, symmetric, chunk_size, cache_limit, need_grad, mm_dtype):
     loss = a.new_empty((), dtype=torch.float64)
     return (loss,) + (_grad_likes(a, b, scale, bias) if need_grad else _no_grads(a))
 
 
-_TARGET_OTHER_ARGS = 12  # target_tensors .. mm_dtype: the arguments after a, b, scale, bias
+_TARGET_OTHER_ARGS = 11  # target_tensors .. mm_dtype: the arguments after a, b, scale, bias
 target_softmax_loss = _register("fastcon::target_softmax_loss", _target_softmax_loss, _target_softmax_loss_fake,
                                 _TARGET_OTHER_ARGS, False)
 
@@ -590,7 +589,7 @@ def target_engine_loss(a, b, scale, bias, target, *, label_smoothing: float = 0.
     arguments already validated. ``cache_limit``: bytes of pass-1 logits kept for pass 2 (None: the
     backend's default, ``FASTCON_CACHE_BYTES``). Returns the fp32 (float64 for float64 inputs) loss
     in ``loss_dtype(a)``."""
-    from fastcon.kernels.targets import target_tensors
+    from fastcon.kernels.targets import target_numbers, target_tensors
 
     out_dtype = loss_dtype(a)
     mm_dtype = autocast_gemm_dtype(a)
@@ -599,8 +598,8 @@ def target_engine_loss(a, b, scale, bias, target, *, label_smoothing: float = 0.
     t = target
     loss, *_ = target_softmax_loss(a, b, scale, bias, target_tensors(t), name,
                                    int(t.pair_offset),
-                                   None if t.margin is None else float(t.margin), float(t.penalty),
-                                   int(t.penalty_mode), float(label_smoothing), bool(symmetric),
+                                   None if t.margin is None else float(t.margin), target_numbers(t),
+                                   float(label_smoothing), bool(symmetric),
                                    int(chunk_size or 0), -1 if cache_limit is None else int(cache_limit),
                                    needs_grad(a, b, scale, bias), mm_dtype)
     return loss.to(acc_dtype(a.dtype)).to(out_dtype)

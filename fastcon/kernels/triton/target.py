@@ -271,9 +271,10 @@ def _bounds(target, dot, r0: int, r1: int, c0: int):
 
 def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes):
     """Pass 1 of the general target (the contract of ``torch_chunked.target_stats``)."""
-    from ..targets import TargetStats, column_span
+    from ..targets import TargetStats, column_span, require_hard_targets
 
     _check(a, b)
+    require_hard_targets(target, "triton")
     cfg = chunked_config("target_stats")
     na, nb = a.shape[0], b.shape[0]
     dev = a.device

@@ -1,0 +1,130 @@
+"""Soft targets and regularisers on the engine (issue 9 so far): FC.distill_loss (clip, hycd, cwcl: the
+teacher's tile beside the student's, torch backend) and FC.align_uniform_loss (one LSE over the pairs,
+every backend), against the float64 references, loss and every gradient."""
+import warnings
+
+import pytest
+import torch
+
+import fastcon.functional as FC
+from fastcon import reference as R
+from helpers import assert_close_rel, make_features
+
+UNIFORM_BACKENDS = ["torch", "cpp", pytest.param("triton", marks=pytest.mark.interpreter), "auto"]
+
+
+def _teacher(n, d, seed=4, dtype=torch.float32):
+    return make_features(n, n, d, seed=seed, dtype=dtype)
+
+
+def _check(fn, ref, tensors, *, rtol, atol=1e-7):
+    ours = [t.detach().clone().requires_grad_() for t in tensors]
+    truth = [t.detach().double().requires_grad_() for t in tensors]
+    out = fn(*ours)
+    expected = ref(*truth)
+    assert out.dtype == tensors[0].dtype and out.shape == ()
+    assert_close_rel(out, expected, rtol=rtol, atol=atol, name="loss")
+    for i, (g, e) in enumerate(zip(torch.autograd.grad(out, ours), torch.autograd.grad(expected, truth))):
+        assert g.dtype == tensors[i].dtype
+        assert_close_rel(g, e, rtol=rtol, atol=1e-8, name=f"grad {i}")
+
+
+@pytest.mark.parametrize("kind,kw", [("clip", {}), ("hycd", {}), ("hycd", dict(alpha=0.2, temperature=0.4)),
+                                     ("hycd", dict(alpha=1.0)), ("cwcl", {})])
+@pytest.mark.parametrize("n,d,chunk", [(1, 4, None), (37, 16, 5), (130, 32, None)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_distill_loss_against_reference(kind, kw, n, d, chunk, dtype):
+    x, y = make_features(n, n, d, dtype=dtype)
+    tx, ty = _teacher(n, d, dtype=dtype)
+    s = torch.tensor(14.3, dtype=dtype)
+    # fp32: a loss near 0 is a difference of logits of size s, rounded at ulp(s)
+    rtol, atol = (1e-11, 1e-12) if dtype == torch.float64 else (2e-5, 2e-6)
+    if kind == "hycd":  # the logit scales are not used by this kind
+        _check(lambda a, b: FC.distill_loss(a, b, 99.0, tx, ty, 7.0, kind=kind, chunk_size=chunk, **kw),
+               lambda a, b: R.distill_loss_reference(a, b, 99.0, tx.double(), ty.double(), 7.0, kind=kind, **kw),
+               [x, y], rtol=rtol, atol=atol)
+        return
+    _check(lambda a, b, c: FC.distill_loss(a, b, c, tx, ty, 20.0, kind=kind, chunk_size=chunk, **kw),
+           lambda a, b, c: R.distill_loss_reference(a, b, c, tx.double(), ty.double(), 20.0, kind=kind, **kw),
+           [x, y, s], rtol=rtol, atol=atol)
+
+
+def test_distill_teacher_scale_as_a_tensor_gets_no_gradient():
+    x, y = make_features(20, 20, 8)
+    tx, ty = _teacher(20, 8)
+    st = torch.tensor(30.0, requires_grad=True)
+    leaves = [x.clone().requires_grad_(), y.clone().requires_grad_()]
+    out = FC.distill_loss(*leaves, 10.0, tx, ty, st, kind="clip")
+    out.backward()
+    assert st.grad is None and leaves[0].grad is not None
+
+
+def test_cwcl_with_the_students_own_text_features():
+    """The frozen modality may be the student's own text features: no gradient through the weights."""
+    x, y = make_features(25, 25, 8, dtype=torch.float64)
+    _check(lambda a, b: FC.distill_loss(a, b, 12.0, None, b, kind="cwcl"),
+           lambda a, b: R.distill_loss_reference(a, b, 12.0, a, b.detach(), None, kind="cwcl"), [x, y], rtol=1e-11)
+
+
+def test_distill_backends_without_the_teacher_producer_raise():
+    x, y = make_features(8, 8, 4)
+    tx, ty = _teacher(8, 4)
+    with pytest.raises(NotImplementedError, match="soft-target"):
+        FC.distill_loss(x, y, 10.0, tx, ty, 10.0, backend="cpp")
+
+
+def test_distill_bad_input():
+    x, y = make_features(8, 8, 4)
+    tx, ty = _teacher(8, 4)
+    with pytest.raises(ValueError, match="teacher_image_features must have the student's shape"):
+        FC.distill_loss(x, y, 10.0, tx[:5], ty, 10.0)
+    with pytest.raises(ValueError, match="teacher_text_features must have the student's shape"):
+        FC.distill_loss(x, y, 10.0, tx, ty[:, :3], 10.0)
+    with pytest.raises(ValueError, match="alpha must be in"):
+        FC.distill_loss(x, y, 10.0, tx, ty, 10.0, kind="hycd", alpha=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        FC.distill_loss(x, y, 10.0, tx, ty, 10.0, kind="hycd", temperature=0.0)
+    with pytest.raises(ValueError, match="kind"):
+        FC.distill_loss(x, y, 10.0, tx, ty, 10.0, kind="kd")
+    with pytest.raises(ValueError, match="teacher_logit_scale is required"):
+        FC.distill_loss(x, y, 10.0, tx, ty, None, kind="clip")
+    with pytest.warns(UserWarning, match="requires grad"):
+        FC.distill_loss(x, y, 10.0, tx.clone().requires_grad_(), ty, 10.0)
+
+
+@pytest.mark.parametrize("backend", UNIFORM_BACKENDS)
+@pytest.mark.parametrize("cross", [False, True])
+@pytest.mark.parametrize("n,d,chunk,alpha,t", [(2, 3, None, 2.0, 2.0), (33, 16, 7, 2.0, 2.0), (64, 8, None, 1.0, 0.5)])
+def test_align_uniform_against_reference(backend, cross, n, d, chunk, alpha, t):
+    x, y = make_features(n, n, d, seed=n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _check(lambda a, b: FC.align_uniform_loss(a, b, alpha=alpha, t=t, cross=cross, backend=backend,
+                                                  chunk_size=chunk),
+               lambda a, b: R.align_uniform_loss_reference(a, b, alpha=alpha, t=t, cross=cross), [x, y], rtol=2e-5)
+
+
+def test_align_uniform_terms_and_low_precision():
+    x, y = make_features(200, 200, 32)
+    terms = FC.align_uniform_loss(x, y, cross=True, return_terms=True)
+    expected = R.align_uniform_loss_reference(x.double(), y.double(), cross=True, return_terms=True)
+    assert set(terms) == set(expected)
+    for k in terms:
+        assert_close_rel(terms[k], expected[k], rtol=1e-5, atol=1e-6, name=k)
+    # bf16 features: the uniformity comes from the fp32 dot products of the rounded rows
+    xb, yb = x.bfloat16(), y.bfloat16()
+    got = FC.align_uniform_loss(xb, yb, return_terms=True)["uniform"]
+    exact = R.align_uniform_loss_reference(xb.double(), yb.double(), return_terms=True)["uniform"]
+    assert abs(got.float().item() - exact.item()) <= 1e-2 * abs(exact.item())
+
+
+def test_align_uniform_bad_input():
+    x, y = make_features(6, 6, 4)
+    with pytest.raises(ValueError, match="t must be"):
+        FC.align_uniform_loss(x, y, t=0.0)
+    with pytest.raises(ValueError, match="alpha must be"):
+        FC.align_uniform_loss(x, y, alpha=-1.0)
+    with pytest.raises(ValueError, match="one shape"):
+        FC.align_uniform_loss(x, y[:5])
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        FC.align_uniform_loss(x[:1], y[:1])
