@@ -5,10 +5,14 @@ in a fresh process, all of one case in one run.
     python benchmarks/target_peers.py --case negatives        # vs the materialising reference
     python benchmarks/target_peers.py --case mnrl             # vs sentence-transformers' MNRL, CachedMNRL
     python benchmarks/target_peers.py --case ntxent           # vs lightly (needs lightly: .venv-peers)
+    python benchmarks/target_peers.py --case distill          # vs open_clip's DistillClipLoss
+    python benchmarks/target_peers.py --case align_uniform    # vs the materialised formula
 
 Cases (fp32): negatives_clip_loss B=8192, K=7, D=512; MNRL with 3 hard negatives B=8192, D=384 (the
 loss alone, embeddings given; the cached losses from mini-batches of 32 embeddings, as their
-``calculate_loss``); NTXentLoss N=8192, D=256. ``--scale 0.25`` runs each at a quarter of the batch.
+``calculate_loss``); NTXentLoss N=8192, D=256; DistillClipLoss N=16384, D=512 against open_clip's (the
+sum of its two outputs); align_uniform_loss (with the cross term) N=16384, D=512 against the
+materialised formula. ``--scale 0.25`` runs each at a quarter of the batch.
 Writes a JSON list of rows to ``--out`` (default: print only).
 """
 from __future__ import annotations
@@ -26,6 +30,8 @@ CASES = {
     "mnrl": dict(batch=8192, dim=384, k=3, providers=["fastcon", "sentence_transformers", "fastcon_cached",
                                                       "sentence_transformers_cached"]),
     "ntxent": dict(batch=8192, dim=256, k=0, providers=["fastcon", "lightly"]),
+    "distill": dict(batch=16384, dim=512, k=0, providers=["fastcon", "open_clip"]),
+    "align_uniform": dict(batch=16384, dim=512, k=0, providers=["fastcon", "reference"]),
 }
 MINI_BATCH = 32
 
@@ -87,6 +93,33 @@ def build(case: str, provider: str, b: int, d: int, k: int):
 
             loss = NTXentLoss()
         fn = lambda: loss(*leaves)  # noqa: E731
+    elif case == "distill":
+        x = _unit(torch.randn(b, d, generator=g))
+        y = _unit(x + 0.8 * _unit(torch.randn(b, d, generator=g)))
+        tx = _unit(x + 0.3 * _unit(torch.randn(b, d, generator=g)))
+        ty = _unit(y + 0.3 * _unit(torch.randn(b, d, generator=g)))
+        scale, t_scale = torch.tensor(14.3, requires_grad=True), torch.tensor(25.0)
+        leaves = [t.requires_grad_() for t in (x, y)] + [scale]
+        if provider == "fastcon":
+            import fastcon
+
+            loss = fastcon.DistillClipLoss()
+        else:
+            from fastcon.bench.providers import _load_open_clip_loss
+
+            loss = _load_open_clip_loss().DistillClipLoss()
+        fn = lambda: sum(loss(leaves[0], leaves[1], leaves[2], tx, ty, t_scale))  # noqa: E731
+    elif case == "align_uniform":
+        import fastcon.functional as FC
+        from fastcon import reference as R
+
+        x = torch.randn(b, d, generator=g)
+        y = x + 0.8 * torch.randn(b, d, generator=g)
+        leaves = [t.requires_grad_() for t in (x, y)]
+        if provider == "fastcon":
+            fn = lambda: FC.align_uniform_loss(*leaves, cross=True)  # noqa: E731
+        else:
+            fn = lambda: R.align_uniform_loss_reference(*leaves, cross=True)  # noqa: E731
     else:
         raise ValueError(case)
 

@@ -27,7 +27,9 @@ def backend_info() -> dict:
         "not_implemented": [
             "general target (labels, hard negatives, self-contrast, MNRL) in the triton_fused backend: "
             "NotImplementedError; backend='auto' runs it on the chunked triton backend there",
-            "clip_loss(labels=...) and negatives_clip_loss with a process_group",
+            "soft targets (distill_loss, DistillClipLoss's distillation term) in the cpp, triton and triton_fused "
+            "backends: NotImplementedError; backend='auto' runs them on the torch backend",
+            "DistillClipLoss with world_size > 1",
         ],
     }
     for key, fn in (("chunk_bytes", engine.chunk_bytes), ("cache_bytes", engine.cache_bytes)):

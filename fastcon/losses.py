@@ -100,6 +100,38 @@ class ClipLoss(nn.Module):
         return {"contrastive_loss": loss} if output_dict else loss
 
 
+class DistillClipLoss(ClipLoss):
+    """Drop-in for open_clip's ``DistillClipLoss`` (its constructor, ClipLoss's): the student's CLIP loss
+    and the distillation term against a teacher, at O(N·D) memory.
+
+    ``forward(image_features, text_features, logit_scale, dist_image_features, dist_text_features,
+    dist_logit_scale, output_dict=False)`` returns ``(contrastive_loss, distill_loss)``, or a dict with
+    those keys: the contrastive loss as ``ClipLoss``, the distillation term
+    ``½[softCE(S, softmax_row(T)) + softCE(Sᵀ, softmax_row(Tᵀ))]`` with ``T = s_t·X̃·Ỹᵀ`` (the teacher
+    detached; ``fastcon.functional.distill_loss(kind="clip")``, docs/losses.md §1.3). One process only
+    for now: ``world_size > 1`` raises NotImplementedError.
+    """
+
+    def forward(self, image_features, text_features, logit_scale, dist_image_features, dist_text_features,
+                dist_logit_scale, output_dict: bool = False):
+        if self.world_size > 1:
+            raise NotImplementedError("DistillClipLoss across ranks is not implemented yet; run it with world_size=1")
+        _check_paired(self, image_features, text_features)
+        contrastive = FC.clip_loss(image_features, text_features, logit_scale, label_smoothing=self.label_smoothing,
+                                   backend=self.backend, chunk_size=self.chunk_size)
+        distill = FC.distill_loss(image_features, text_features, logit_scale, dist_image_features, dist_text_features,
+                                  dist_logit_scale, kind="clip", backend=_distill_backend(self.backend),
+                                  chunk_size=self.chunk_size)
+        if output_dict:
+            return {"contrastive_loss": contrastive, "distill_loss": distill}
+        return contrastive, distill
+
+
+def _distill_backend(backend: str) -> str:
+    """The distillation term's backend: the module's, where it has the teacher producer (torch for now)."""
+    return "auto" if backend in ("auto", "cpp", "triton", "triton_fused") else backend
+
+
 class SigLipLoss(nn.Module):
     """Drop-in for open_clip's ``SigLipLoss``: the sigmoid loss at O(N·D) memory.
 

@@ -128,3 +128,42 @@ def test_align_uniform_bad_input():
         FC.align_uniform_loss(x, y[:5])
     with pytest.raises(ValueError, match="at least 2 rows"):
         FC.align_uniform_loss(x[:1], y[:1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# DistillClipLoss, the module
+
+def _open_clip_loss_module():
+    import importlib.util
+
+    if importlib.util.find_spec("open_clip") is None:
+        pytest.skip("open_clip is not installed (pip install --no-deps open-clip-torch; make test does)")
+    from fastcon.bench.providers import _load_open_clip_loss
+
+    return _load_open_clip_loss()
+
+
+def test_distill_clip_loss_module_against_open_clip():
+    import inspect
+
+    import fastcon
+
+    theirs_cls = _open_clip_loss_module().DistillClipLoss
+    assert list(inspect.signature(fastcon.DistillClipLoss.forward).parameters) == \
+        list(inspect.signature(theirs_cls.forward).parameters)
+    x, y = make_features(50, 50, 16)
+    tx, ty = _teacher(50, 16)
+    s, st = torch.tensor(14.3), torch.tensor(25.0)
+    ours_mod, theirs_mod = fastcon.DistillClipLoss(), theirs_cls()
+    for k, key in enumerate(("contrastive_loss", "distill_loss")):
+        leaves_o = [x.clone().requires_grad_(), y.clone().requires_grad_(), s.clone().requires_grad_()]
+        leaves_t = [x.clone().requires_grad_(), y.clone().requires_grad_(), s.clone().requires_grad_()]
+        out_o = ours_mod(*leaves_o, tx, ty, st)[k]
+        out_t = theirs_mod(*leaves_t, tx, ty, st)[k]
+        assert_close_rel(out_o, out_t, rtol=2e-6, name=key)
+        for g, e in zip(torch.autograd.grad(out_o, leaves_o), torch.autograd.grad(out_t, leaves_t)):
+            assert_close_rel(g, e, rtol=2e-5, atol=1e-8, name=f"{key} grad")
+    as_dict = ours_mod(x, y, s, tx, ty, st, output_dict=True)
+    assert set(as_dict) == {"contrastive_loss", "distill_loss"}
+    with pytest.raises(NotImplementedError, match="across ranks"):
+        fastcon.DistillClipLoss(world_size=2, rank=0)(x, y, s, tx, ty, st)
