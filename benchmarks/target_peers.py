@@ -133,7 +133,8 @@ def build(case: str, provider: str, b: int, d: int, k: int):
 def run_one(case: str, provider: str, scale: float, repeat: int) -> dict:
     import torch
 
-    from fastcon.bench.measure import GLIBC_SETTLED, _PeakMemory, cpu_name, set_malloc_thresholds, time_fields
+    from fastcon.bench.measure import (GLIBC_SETTLED, _PeakMemory, cpu_name, set_malloc_thresholds, time_fields,
+                                       wall_times)
 
     cfg = CASES[case]
     b, d, k = max(1, int(cfg["batch"] * scale)), cfg["dim"], cfg["k"]
@@ -149,11 +150,8 @@ def run_one(case: str, provider: str, scale: float, repeat: int) -> dict:
     set_malloc_thresholds(*GLIBC_SETTLED)
     times = [first] if first > 60 else []
     if not times:
-        step()
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
+        step()  # one call to settle the heap
+        times = wall_times(step, repeat)
     row = dict(case=case, provider=provider, batch=b, dim=d, k=k, dtype="float32",
                working_mib=max(mem.peak - grads, 0) / 2**20, memory_method=mem.method + ", less the gradients",
                device_name=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__)

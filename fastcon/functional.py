@@ -691,8 +691,6 @@ def distill_loss(
             image_features, text_features, scale, tx if tx is not None else ty, ty,
             teacher_logit_scale if kind == "clip" else None, kind=kind, alpha=alpha,
             temperature=temperature).to(image_features.dtype)
-    if backend == "auto":
-        backend = "torch"  # the one backend with the teacher producer
     n = image_features.shape[0]
     dev = image_features.device
     ids = torch.arange(n, device=dev)

@@ -527,14 +527,17 @@ def siglip_engine_loss(a, b, scale, bias, *, pos_offset: Optional[int], backend:
 # the C++ backend and the chunked Triton path have its two passes; the fused Triton tile kernels not
 # yet (``auto`` takes the chunked Triton path where it would pick them).
 
-TARGET_BACKENDS = ("torch", "cpp", "triton")
 TARGET_NOT_IMPLEMENTED = ("triton_fused",)
 
 
-def resolve_target_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+def resolve_target_backend(backend: str, device: torch.device, dtype: torch.dtype, soft: bool = False) -> str:
     """The backend of a general-target loss: ``auto`` as for the other losses, except that where it
     would pick the fused Triton tile kernels it takes the chunked Triton path (the fused kernels of
-    the general target are not written yet; ``backend="triton_fused"`` raises NotImplementedError)."""
+    the general target are not written yet; ``backend="triton_fused"`` raises NotImplementedError),
+    and that soft targets (a teacher's tiles) take the torch backend, the one with the teacher
+    producer (the others raise NotImplementedError for them when named)."""
+    if soft and backend == "auto":
+        return "torch"
     name = resolve_name(backend, device, dtype)
     if backend == "auto" and name in TARGET_NOT_IMPLEMENTED:
         return "triton"
@@ -546,8 +549,8 @@ def resolve_target_backend(backend: str, device: torch.device, dtype: torch.dtyp
 
 
 @_assume_constant
-def _traced_target_backend(backend: str, device_type: str, dtype: torch.dtype) -> str:
-    return resolve_target_backend(backend, torch.device(device_type), dtype)
+def _traced_target_backend(backend: str, device_type: str, dtype: torch.dtype, soft: bool = False) -> str:
+    return resolve_target_backend(backend, torch.device(device_type), dtype, soft)
 
 
 def _target_softmax_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, target_tensors: List[Optional[Tensor]],
@@ -593,7 +596,7 @@ def target_engine_loss(a, b, scale, bias, target, *, label_smoothing: float = 0.
 
     out_dtype = loss_dtype(a)
     mm_dtype = autocast_gemm_dtype(a)
-    name = _traced_target_backend(backend, a.device.type, mm_dtype or a.dtype)
+    name = _traced_target_backend(backend, a.device.type, mm_dtype or a.dtype, target.soft != 0.0)
     scale, bias = engine_scalars(scale, bias, acc_dtype(a.dtype), a.device)
     t = target
     loss, *_ = target_softmax_loss(a, b, scale, bias, target_tensors(t), name,
