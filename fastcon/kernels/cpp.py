@@ -82,7 +82,7 @@ def _target_args(target):
             float(target.penalty), int(target.penalty_mode))
 
 
-def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes):
+def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes, teacher=None):
     from .targets import TargetStats, require_hard_targets
 
     require_hard_targets(target, "cpp")

@@ -382,20 +382,82 @@ def loss_and_weights(target: Target, st: TargetStats, eps: float, symmetric: boo
 
 def rows_of(target: Target, r0: int, r1: int) -> Target:
     """The target of rows [r0, r1) only (its columns unchanged): a rank's share of a global target."""
-    row_fields = ("row_ids", "exclude_col", "row_group", "row_owner", "own_rule", "col_range", "mask", "penalty_rows")
+    row_fields = ("row_ids", "exclude_col", "row_group", "row_owner", "own_rule", "col_range", "mask", "penalty_rows",
+                  "teacher_a")
     return target._replace(**{f: getattr(target, f)[r0:r1] for f in row_fields if getattr(target, f) is not None},
                            pair_offset=target.pair_offset + r0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Soft targets: the teacher's own pass, on a backend's pass 1
+
+class TeacherNorms(NamedTuple):
+    """The teacher's normaliser of each row and column over the kept pairs (float64: the LSE of a
+    softmax teacher, the sum of a linear one plus its eps; ``col_norm`` None without a column
+    direction) and the number of positives of each row and column (the targets' entropy needs them
+    before pass 1 ends)."""
+    row_norm: torch.Tensor
+    col_norm: Optional[torch.Tensor]
+    row_pos: torch.Tensor
+    col_pos: torch.Tensor
+
+
+def teacher_target(target: Target) -> Target:
+    """The target of the teacher's pass: the student's kept pairs and positives, without the hardness
+    penalty (a teacher's logits are its own) and without soft fields."""
+    return target._replace(penalty=0.0, teacher_a=None, teacher_b=None, teacher_scale=None, soft=0.0, hard=None,
+                           entropy=False)
+
+
+def teacher_stats(stats_fn, target: Target, symmetric: bool, chunk_rows: int) -> TargetStats:
+    """The teacher's pass as a backend's own pass 1 (``stats_fn``) over the teacher's features: the
+    LSEs of a softmax teacher's logits ``s_t·A_t·B_tᵀ``, or the kept sums (the label-smoothing
+    statistics) of a linear teacher's weights ``c0 + c1·A_t·B_tᵀ``, and the positives' counts."""
+    from ._common import acc_dtype
+
+    if target.margin is not None:
+        raise ValueError("soft targets do not combine with the margin rule (it reads the student's similarities)")
+    ta = target.teacher_a
+    acc = acc_dtype(ta.dtype)
+    linear = target.teacher_kind == TEACHER_LINEAR
+    number = lambda v: torch.tensor(float(v), dtype=acc, device=ta.device)  # noqa: E731
+    scale = number(target.teacher_c1) if linear else target.teacher_scale.to(acc).reshape(())
+    bias = number(target.teacher_c0 if linear else 0.0)
+    st, _ = stats_fn(ta, target.teacher_b, scale, bias, teacher_target(target), symmetric, linear, chunk_rows, 0)
+    return st
+
+
+def teacher_norms(target: Target, st: TargetStats, symmetric: bool) -> TeacherNorms:
+    """The teacher's normalisers from its pass's statistics (``teacher_stats``, with the columns of
+    every rank merged in a distributed loss)."""
+    f64 = torch.float64
+    if target.teacher_kind == TEACHER_LINEAR:
+        row, col = st.row_sum_keep.to(f64) + target.teacher_eps, st.col_sum_keep.to(f64) + target.teacher_eps
+    else:
+        row, col = st.row_lse, st.col_lse
+    return TeacherNorms(row, col if symmetric else None, st.row_pos, st.col_pos)
+
+
+def with_teacher(st: TargetStats, teacher: TeacherNorms, cross_row, cross_col, ent_row=None,
+                 ent_col=None) -> TargetStats:
+    """Pass 1's statistics with the soft targets' terms (``ent_*`` only with ``entropy``)."""
+    return st._replace(t_row_norm=teacher.row_norm, t_col_norm=teacher.col_norm, cross_row=cross_row,
+                       cross_col=cross_col, ent_row=ent_row, ent_col=ent_col)
 
 
 def two_pass_target(stats_fn, grad_fn, a, b, scale, bias, target, eps, symmetric, chunk_rows, need_grad,
                     cache_bytes=0):
     """The softmax loss of a general target on a backend's two passes (``stats_fn``: pass 1,
-    ``grad_fn``: pass 2, reusing pass 1's cached chunks of dot products). Returns (loss float64,
-    grad_a, grad_b, grad_scale, grad_bias), the gradients None without ``need_grad``."""
+    ``grad_fn``: pass 2, reusing pass 1's cached chunks of dot products); with soft targets the
+    teacher's pass (``teacher_stats``) runs first. Returns (loss float64, grad_a, grad_b, grad_scale,
+    grad_bias), the gradients None without ``need_grad``."""
     from ._common import acc_dtype
 
+    teacher = None
+    if target.soft:
+        teacher = teacher_norms(target, teacher_stats(stats_fn, target, symmetric, chunk_rows), symmetric)
     st, cached = stats_fn(a, b, scale, bias, target, symmetric, bool(eps), chunk_rows,
-                          cache_bytes if need_grad else 0)
+                          cache_bytes if need_grad else 0, teacher)
     loss, weights = loss_and_weights(target, st, eps, symmetric, acc_dtype(a.dtype))
     if not need_grad:
         return loss, None, None, None, None

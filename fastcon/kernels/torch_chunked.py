@@ -96,18 +96,23 @@ def sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad):
 # The general target (fastcon/kernels/targets.py): positives by id, dropped pairs, groups of rows
 # sharing one softmax, the hardness penalty, label smoothing.
 
-def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes):
+def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes, teacher=None):
     """Pass 1 of a general target: per row (and, when ``symmetric``, per column) the LSE over the kept
     pairs (float64), the number of positives and their summed logits, and with ``smoothing`` the
-    number of kept pairs and their summed logits. Returns (the ten statistics of
-    ``targets.TargetStats``, the leading chunks of dot products that fit ``cache_bytes``)."""
-    from .targets import TargetStats, chunk_logits, chunk_masks, column_span
+    number of kept pairs and their summed logits; with soft targets (``teacher``: the
+    ``targets.TeacherNorms`` of the teacher's pass) also the cross terms and, with ``entropy``, the
+    targets' Σ Q·log Q. Returns (a ``targets.TargetStats``, the leading chunks of dot products that
+    fit ``cache_bytes``)."""
+    from .targets import TargetStats, chunk_logits, chunk_masks, column_span, with_teacher
 
     na, nb = a.shape[0], b.shape[0]
     st = TargetStats.empty(na, nb, acc_dtype(a.dtype), a.device)
     counts = None
     if target.soft:
-        st, counts = _teacher_pass(target, st, symmetric, chunk_rows, na, nb)
+        f64, dev = torch.float64, a.device
+        zeros = lambda n: torch.zeros(n, dtype=f64, device=dev)  # noqa: E731
+        st = with_teacher(st, teacher, zeros(na), zeros(nb), *((zeros(na), zeros(nb)) if target.entropy else ()))
+        counts = (teacher.row_pos, teacher.col_pos)
     cached, kept = [], 0
     for r0, r1 in row_chunks(na, chunk_rows):
         c0, c1 = column_span(target, r0, r1, nb)
@@ -139,50 +144,6 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
             cached.append(dot)
             kept += size
     return st, cached
-
-
-def _teacher_pass(target, st, symmetric, chunk_rows, na, nb):
-    """Soft targets, before pass 1: the teacher's normaliser of each row (and column) over the kept
-    pairs, a softmax teacher's float64 LSE or a linear teacher's sum plus its eps, and the counts of
-    positives that the targets' entropy needs."""
-    from .targets import TEACHER_LINEAR, chunk_masks, column_span, teacher_chunk
-
-    if target.margin is not None:
-        raise ValueError("soft targets do not combine with the margin rule (it reads the student's similarities)")
-    f64 = torch.float64
-    dev = st.row_lse.device
-    linear = target.teacher_kind == TEACHER_LINEAR
-    row_norm = torch.zeros(na, dtype=f64, device=dev) if linear else torch.full((na,), float("-inf"), dtype=f64,
-                                                                                 device=dev)
-    col_norm = torch.zeros(nb, dtype=f64, device=dev) if linear else torch.full((nb,), float("-inf"), dtype=f64,
-                                                                                 device=dev)
-    row_pos, col_pos = torch.zeros_like(st.row_pos), torch.zeros_like(st.col_pos)
-    for r0, r1 in row_chunks(na, chunk_rows):
-        c0, c1 = column_span(target, r0, r1, nb)
-        if c1 == c0:
-            continue
-        t = teacher_chunk(target, r0, r1, c0, c1)
-        pos, keep, _ = chunk_masks(target, t, r0, r1, c0)
-        kept = torch.ones_like(pos) if keep is None else keep
-        row_pos[r0:r1] = pos.sum(1)
-        col_pos[c0:c1] += pos.sum(0)
-        if linear:
-            w = torch.where(kept, t, 0.0)
-            row_norm[r0:r1] = w.sum(1, dtype=f64)
-            col_norm[c0:c1] += w.sum(0, dtype=f64)
-        else:
-            masked = t.masked_fill(~kept, float("-inf"))
-            row_norm[r0:r1] = lse_parts(masked, dim=1)
-            col_norm[c0:c1] = torch.logaddexp(col_norm[c0:c1], lse_parts(masked, dim=0))
-    if linear:
-        row_norm += target.teacher_eps
-        col_norm += target.teacher_eps
-    zeros = dict(cross_row=torch.zeros(na, dtype=f64, device=dev), cross_col=torch.zeros(nb, dtype=f64, device=dev))
-    if target.entropy:
-        zeros.update(ent_row=torch.zeros(na, dtype=f64, device=dev), ent_col=torch.zeros(nb, dtype=f64, device=dev))
-    st = st._replace(t_row_norm=row_norm, t_col_norm=col_norm if symmetric else None, **zeros)
-    # pass 1 counts the same again; the entropy of each chunk's targets needs the totals before it
-    return st, (row_pos, col_pos)
 
 
 def teacher_probs(target, t, keep, row_norm, col_norm):

@@ -269,7 +269,7 @@ def _bounds(target, dot, r0: int, r1: int, c0: int):
     return (dot[local, local + r0 + target.pair_offset - c0] - target.margin).contiguous()
 
 
-def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes):
+def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes, teacher=None):
     """Pass 1 of the general target (the contract of ``torch_chunked.target_stats``)."""
     from ..targets import TargetStats, column_span, require_hard_targets
 
