@@ -376,13 +376,19 @@ def _target_passes(backend: str):
 
 def _all_reduce_col_stats(st, group):
     """The column statistics of every rank's rows: the LSEs merged in rank order (float64), the
-    counts and sums added."""
+    counts and sums added (with soft targets also the cross terms and the entropy)."""
     world = dist.get_world_size(group)
     lse = all_gather_no_grad(st.col_lse, group).view(world, -1)
-    sums = torch.stack([st.col_pos.double(), st.col_sum_pos, st.col_keep.double(), st.col_sum_keep])
+    extra = [v for v in (st.cross_col, st.ent_col) if v is not None]
+    sums = torch.stack([st.col_pos.double(), st.col_sum_pos, st.col_keep.double(), st.col_sum_keep] + extra)
     dist.all_reduce(sums, group=group)
+    soft = {}
+    if st.cross_col is not None:
+        soft["cross_col"] = sums[4]
+    if st.ent_col is not None:
+        soft["ent_col"] = sums[5]
     return st._replace(col_lse=torch.logsumexp(lse, dim=0), col_pos=sums[0].to(st.col_pos.dtype),
-                       col_sum_pos=sums[1], col_keep=sums[2].to(st.col_keep.dtype), col_sum_keep=sums[3])
+                       col_sum_pos=sums[1], col_keep=sums[2].to(st.col_keep.dtype), col_sum_keep=sums[3], **soft)
 
 
 class _TargetGlobal(torch.autograd.Function):
@@ -394,7 +400,7 @@ class _TargetGlobal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a_in, scale, bias, target, backend, mm_dtype, group, eps, symmetric, chunk_rows, cache,
                 sum_upstream, need_grad, *parts_in):
-        from .kernels.targets import RowShard, loss_and_weights, rows_of
+        from .kernels.targets import RowShard, loss_and_weights, rows_of, teacher_norms, teacher_stats
 
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         n = a_in.shape[0]
@@ -404,8 +410,12 @@ class _TargetGlobal(torch.autograd.Function):
         cols = torch.cat(gathered)
         local = rows_of(target, rank * n, (rank + 1) * n)
         stats_fn, grad_fn = _target_passes(backend)
+        teacher = None
+        if local.soft:  # the teacher's pass over this rank's rows, its columns merged like the student's
+            t_st = teacher_stats(stats_fn, local, symmetric, chunk_rows)
+            teacher = teacher_norms(local, _all_reduce_col_stats(t_st, group) if symmetric else t_st, symmetric)
         st, cached = stats_fn(a, cols, scale, bias, local, symmetric, bool(eps), chunk_rows,
-                              cache if need_grad else 0)
+                              cache if need_grad else 0, teacher)
         if symmetric:
             st = _all_reduce_col_stats(st, group)
         shard = RowShard(rank * n, world * n,
@@ -454,7 +464,7 @@ def target_loss_global(rows, col_parts, scale, bias, target, *, group, label_smo
     out_dtype = loss_dtype(rows)
     ref = col_parts[0]
     name, mm_dtype, a, _, scale, bias, _ = prepare_inputs(rows, ref, scale, bias, backend, chunk_size)
-    name = _traced_target_backend(backend, a.device.type, mm_dtype or a.dtype)
+    name = _traced_target_backend(backend, a.device.type, mm_dtype or a.dtype, target.soft != 0.0)
     world = dist.get_world_size(group)
     n_cols = world * sum(p.shape[0] for p in col_parts)
     chunk_rows = chunk_rows_for(a.shape[0], n_cols, a.device, chunk_size)

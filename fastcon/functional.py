@@ -615,9 +615,10 @@ def multiple_negatives_ranking_loss(
 DISTILL_KINDS = reference.DISTILL_KINDS
 
 
-def _check_teacher(name, teacher, student):
+def _check_teacher(name, teacher, student, *, own=False):
     """A teacher feature tensor of the student's shape, dtype and device, detached (with a warning when
-    it required grad: a teacher is not trained by the distillation term)."""
+    it required grad: a teacher is not trained by the distillation term; none when it is the
+    student's own tensor, ``own``, as CWCL's frozen modality may be)."""
     import warnings
 
     if not isinstance(teacher, torch.Tensor):
@@ -627,7 +628,7 @@ def _check_teacher(name, teacher, student):
     if teacher.device != student.device or not teacher.is_floating_point():
         raise TypeError(f"{name} ({teacher.dtype}, {teacher.device}) must be floating point on the student's device "
                         f"({student.device})")
-    if teacher.requires_grad and torch.is_grad_enabled():
+    if teacher.requires_grad and torch.is_grad_enabled() and not own:
         warnings.warn(f"fastcon: {name} requires grad; the distillation term treats the teacher as fixed and "
                       "detaches it", UserWarning, stacklevel=3)
     return teacher.detach().to(student.dtype)
@@ -644,6 +645,9 @@ def distill_loss(
     kind: str = "clip",
     alpha: float = 0.5,
     temperature: float = 1.0,
+    local_loss: bool = False,
+    gather_with_grad: bool = False,
+    process_group=None,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
 ) -> torch.Tensor:
@@ -660,9 +664,17 @@ def distill_loss(
       row normalised over the texts, and our reverse term text→image normalised over the images
       (``teacher_image_features`` and ``teacher_logit_scale`` are not used).
 
-    The teacher's tile is computed beside the student's in each chunk (torch backend; the C++ and
-    Triton backends have no teacher producer yet and raise NotImplementedError, ``auto`` takes the
-    torch backend). Returns a 0-d tensor in the features' dtype.
+    The teacher's tile is computed beside the student's in each chunk, from the teacher's features
+    (a pass of its own gives the teacher's normalisers first): memory O(N·D + chunk·N). Returns a 0-d
+    tensor in the features' dtype.
+
+    With ``process_group`` (W ranks, each passing its local n pairs and its teacher's n pairs) this is
+    open_clip's distributed DistillClipLoss term on each rank: ``local_loss=False`` returns the loss
+    of the global batch of N = W·n pairs (each rank computes its own rows against the gathered
+    columns; the student's and the teacher's column statistics are merged across ranks);
+    ``local_loss=True`` returns ½[softCE of this rank's image rows over all N texts + of its text rows
+    over all N images], as open_clip's local form. ``gather_with_grad`` as in ``clip_loss``. Every
+    kind takes these modes, with the same meaning of rows and columns.
     """
     if kind not in DISTILL_KINDS:
         raise ValueError(f"kind must be one of {DISTILL_KINDS}, got {kind!r}")
@@ -673,6 +685,9 @@ def distill_loss(
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if not 0.0 < temperature < float("inf"):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    for name, value in (("local_loss", local_loss), ("gather_with_grad", gather_with_grad)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     chunk_size = _check_chunk_size(chunk_size)
     if kind == "hycd":
         scale, _ = _check_common(image_features, text_features, 1.0, None)
@@ -683,35 +698,61 @@ def distill_loss(
                          f"text_features {text_features.shape[0]}")
     tx = _check_teacher("teacher_image_features", teacher_image_features, image_features) if kind != "cwcl" \
         else None
-    ty = _check_teacher("teacher_text_features", teacher_text_features, text_features)
+    ty = _check_teacher("teacher_text_features", teacher_text_features, text_features,
+                        own=kind == "cwcl" and teacher_text_features is text_features)
     if kind == "clip":
         teacher_scale = check_scalar("teacher_logit_scale", teacher_logit_scale, image_features.device)
+    group = _distributed_setup(process_group, image_features, text_features, backend)
     if backend == "reference":
         return reference.distill_loss_reference(
             image_features, text_features, scale, tx if tx is not None else ty, ty,
             teacher_logit_scale if kind == "clip" else None, kind=kind, alpha=alpha,
             temperature=temperature).to(image_features.dtype)
-    n = image_features.shape[0]
-    dev = image_features.device
-    ids = torch.arange(n, device=dev)
     acc = torch.promote_types(image_features.dtype, torch.float32)
+    dev = image_features.device
+    numbers = {}  # the target's numbers and the teacher's scale, by kind
     if kind == "clip":
-        target = Target(ids, ids, teacher_a=tx, teacher_b=ty,
-                        teacher_scale=teacher_scale.detach().to(device=dev, dtype=acc).reshape(()), soft=1.0)
-        return target_engine_loss(image_features, text_features, scale, None, target, symmetric=True,
-                                  backend=backend, chunk_size=chunk_size)
-    if kind == "hycd":
-        inv_t = torch.tensor(1.0 / temperature, dtype=acc, device=dev)
-        target = Target(ids, ids, teacher_a=tx, teacher_b=ty, teacher_scale=inv_t, soft=1.0 - alpha, hard=alpha,
-                        entropy=True)
-        loss = target_engine_loss(image_features, text_features, inv_t, None, target, symmetric=True,
-                                  backend=backend, chunk_size=chunk_size)
-        return loss * temperature ** 2
-    q = torch.nn.functional.normalize(ty, dim=1)
-    target = Target(ids, ids, teacher_a=q, teacher_b=q, soft=1.0, teacher_kind=1, teacher_c0=0.5, teacher_c1=0.5,
-                    teacher_eps=1e-8)
-    return target_engine_loss(image_features, text_features, scale, None, target, symmetric=True, backend=backend,
-                              chunk_size=chunk_size)
+        numbers = dict(teacher_scale=teacher_scale.detach().to(device=dev, dtype=acc).reshape(()), soft=1.0)
+    elif kind == "hycd":
+        scale = torch.tensor(1.0 / temperature, dtype=acc, device=dev)
+        numbers = dict(teacher_scale=scale, soft=1.0 - alpha, hard=alpha, entropy=True)
+    else:  # CWCL's weights between the frozen modality's (unit) rows, for both directions
+        tx = ty = torch.nn.functional.normalize(ty, dim=1)
+        numbers = dict(teacher_kind=1, teacher_c0=0.5, teacher_c1=0.5, teacher_eps=1e-8, soft=1.0)
+    post = temperature ** 2 if kind == "hycd" else 1.0
+    if group is not None:
+        return post * _distill_distributed(image_features, text_features, scale, tx, ty, numbers, group=group,
+                                           local_loss=local_loss, gather_with_grad=gather_with_grad,
+                                           backend=backend, chunk_size=chunk_size)
+    ids = torch.arange(image_features.shape[0], device=dev)
+    target = Target(ids, ids, teacher_a=tx, teacher_b=ty, **numbers)
+    return post * target_engine_loss(image_features, text_features, scale, None, target, symmetric=True,
+                                     backend=backend, chunk_size=chunk_size)
+
+
+def _distill_distributed(x, y, scale, tx, ty, numbers, *, group, local_loss, gather_with_grad, backend, chunk_size):
+    """distill_loss on W ranks in open_clip's modes: ``local_loss=False``, the loss of the global batch
+    on every rank (this rank's rows against the gathered columns, the column statistics of the
+    student and of the teacher merged across ranks); ``local_loss=True``, open_clip's local form
+    ½[soft CE of this rank's image rows over all texts + of its text rows over all images]."""
+    from .distributed import all_gather_no_grad, all_gather_with_grad, group_rank_and_size, target_loss_global
+    from .kernels.targets import rows_of
+
+    rank, world = group_rank_and_size(group)
+    n = x.shape[0]
+    ids = torch.arange(world * n, device=x.device)
+    all_tx, all_ty = all_gather_no_grad(tx, group), all_gather_no_grad(ty, group)
+    if not local_loss:
+        target = Target(ids, ids, teacher_a=all_tx, teacher_b=all_ty, **numbers)
+        return target_loss_global(x, [y], scale, None, target, group=group, label_smoothing=0.0, symmetric=True,
+                                  backend=backend, chunk_size=chunk_size, gather_with_grad=gather_with_grad)
+    gather = all_gather_with_grad if gather_with_grad else all_gather_no_grad
+    all_x, all_y = gather(x, group), gather(y, group)
+    r0, r1 = rank * n, (rank + 1) * n
+    i2t = rows_of(Target(ids, ids, teacher_a=all_tx, teacher_b=all_ty, **numbers), r0, r1)
+    t2i = rows_of(Target(ids, ids, teacher_a=all_ty, teacher_b=all_tx, **numbers), r0, r1)
+    kw = dict(symmetric=False, backend=backend, chunk_size=chunk_size)
+    return (target_engine_loss(x, all_y, scale, None, i2t, **kw) + target_engine_loss(y, all_x, scale, None, t2i, **kw)) / 2
 
 
 def align_uniform_loss(

@@ -47,7 +47,7 @@ def _check_paired(module, image_features, text_features):
         raise ValueError(
             f"{name} needs paired batches: image_features has {image_features.shape[0]} rows but "
             f"text_features has {text_features.shape[0]} (open_clip's {name} takes N matched pairs). "
-            f"For a rectangular batch use fastcon.functional.{'clip_loss' if name == 'ClipLoss' else 'siglip_loss'}"
+            f"For a rectangular batch use fastcon.functional.{'clip_loss' if isinstance(module, ClipLoss) else 'siglip_loss'}"
             f" with an explicit pos_offset (text row pos_offset + i is image row i's positive).")
 
 
@@ -108,28 +108,22 @@ class DistillClipLoss(ClipLoss):
     dist_logit_scale, output_dict=False)`` returns ``(contrastive_loss, distill_loss)``, or a dict with
     those keys: the contrastive loss as ``ClipLoss``, the distillation term
     ``½[softCE(S, softmax_row(T)) + softCE(Sᵀ, softmax_row(Tᵀ))]`` with ``T = s_t·X̃·Ỹᵀ`` (the teacher
-    detached; ``fastcon.functional.distill_loss(kind="clip")``, docs/losses.md §1.3). One process only
-    for now: ``world_size > 1`` raises NotImplementedError.
+    detached; ``fastcon.functional.distill_loss(kind="clip")``, docs/losses.md §1.3). With
+    ``world_size > 1`` both terms follow open_clip's ``(local_loss, gather_with_grad)`` modes: each rank
+    gets open_clip's losses and gradients (the teacher's features are gathered without gradient).
     """
 
     def forward(self, image_features, text_features, logit_scale, dist_image_features, dist_text_features,
                 dist_logit_scale, output_dict: bool = False):
-        if self.world_size > 1:
-            raise NotImplementedError("DistillClipLoss across ranks is not implemented yet; run it with world_size=1")
-        _check_paired(self, image_features, text_features)
-        contrastive = FC.clip_loss(image_features, text_features, logit_scale, label_smoothing=self.label_smoothing,
-                                   backend=self.backend, chunk_size=self.chunk_size)
+        contrastive = super().forward(image_features, text_features, logit_scale)
         distill = FC.distill_loss(image_features, text_features, logit_scale, dist_image_features, dist_text_features,
-                                  dist_logit_scale, kind="clip", backend=_distill_backend(self.backend),
+                                  dist_logit_scale, kind="clip", local_loss=self.local_loss,
+                                  gather_with_grad=self.gather_with_grad,
+                                  process_group=_group_for(self, self.process_group), backend=self.backend,
                                   chunk_size=self.chunk_size)
         if output_dict:
             return {"contrastive_loss": contrastive, "distill_loss": distill}
         return contrastive, distill
-
-
-def _distill_backend(backend: str) -> str:
-    """The distillation term's backend: the module's, where it has the teacher producer (torch for now)."""
-    return "auto" if backend in ("auto", "cpp", "triton", "triton_fused") else backend
 
 
 class SigLipLoss(nn.Module):
@@ -281,3 +275,98 @@ class NTXentLoss(nn.Module):
             if dist.is_initialized() and dist.get_world_size() > 1:
                 group = dist.group.WORLD
         return FC.ntxent_loss(out0, out1, process_group=group, **kw)
+
+
+def _check_coca_weight(name, value):
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number (int or float), got {type(value).__name__}")
+    return value
+
+
+def _check_caption(logits, labels):
+    """CoCa's captioning inputs: logits (B, T, V) floating, labels (B, T) integer token ids (cast to int64,
+    which cross_entropy needs)."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a tensor of shape (B, T, V), got {type(logits).__name__}")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be an integer tensor of shape (B, T), got {type(labels).__name__}")
+    if logits.dim() != 3:
+        raise ValueError(f"logits must have shape (B, T, V) (batch, tokens, vocabulary), got {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point tensor, got {logits.dtype}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be integer token ids, got {labels.dtype}")
+    if labels.dim() != 2:
+        raise ValueError(f"labels must have shape (B, T) (batch, tokens), got {tuple(labels.shape)}")
+    if labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"batch sizes differ: logits has {logits.shape[0]} rows (shape {tuple(logits.shape)}) but "
+                         f"labels has {labels.shape[0]} (shape {tuple(labels.shape)})")
+    if labels.shape[1] != logits.shape[1]:
+        raise ValueError(f"token counts differ: logits has T={logits.shape[1]} (shape {tuple(logits.shape)}) but "
+                         f"labels has T={labels.shape[1]} (shape {tuple(labels.shape)})")
+    return labels if labels.dtype == torch.long else labels.long()
+
+
+class CoCaLoss(ClipLoss):
+    """Drop-in for open_clip's ``CoCaLoss`` (its constructor, ``forward`` and return types): the CLIP loss
+    on the engine, at O(N·D) memory, beside CoCa's captioning cross-entropy.
+
+    ``forward(image_features (N, D), text_features (N, D), logits (B, T, V), labels (B, T), logit_scale,
+    output_dict=False)`` returns ``(w_clip·L_clip, w_cap·L_cap)``, or ``{"contrastive_loss": w_clip·L_clip,
+    "caption_loss": w_cap·L_cap}``, with ``w_clip = clip_loss_weight``, ``w_cap = caption_loss_weight``:
+
+    - ``L_clip = ½·[CE(S, i) + CE(Sᵀ, i)]``, ``S = s·X·Yᵀ``: ``ClipLoss.forward(image_features,
+      text_features, logit_scale)``, so every ``(local_loss, gather_with_grad)`` mode and the keyword-only
+      extras (``label_smoothing``, ``backend``, ``chunk_size``, ``process_group``) act as in ``ClipLoss``;
+    - ``L_cap = −(1/|M|)·Σ_{(b,t)∈M} log softmax(z_bt)[y_bt]`` over the tokens
+      ``M = {(b, t) : y_bt ≠ pad_id}``, ``z = logits``, ``y = labels``: open_clip's
+      ``nn.CrossEntropyLoss(ignore_index=pad_id)`` on ``logits.permute(0, 2, 1)`` (the ``caption_loss``
+      attribute, as there), materialised as there (B·T·V) and computed on each rank's own batch; NaN when
+      every token is ``pad_id``, as in torch. ``label_smoothing`` does not apply to it (open_clip has none).
+
+    With a falsy ``clip_loss_weight`` the contrastive loss is not computed (no collective runs, the
+    features are not read) and is ``torch.tensor(0, device=logits.device)``: an **int64** 0-d zero, exactly
+    open_clip's value (a sum with the float caption loss is float). ``labels`` of any integer dtype are
+    accepted (cast to int64; open_clip's cross-entropy takes int64 only). Bad inputs are a ``TypeError`` or
+    ``ValueError`` naming the argument: ``logits`` not (B, T, V) floating, ``labels`` not (B, T) integer,
+    batch or token counts that differ, ``pad_id`` not an int, weights not numbers. docs/losses.md §1.6.
+    """
+
+    def __init__(self, caption_loss_weight, clip_loss_weight, pad_id: int = 0, local_loss: bool = False,
+                 gather_with_grad: bool = False, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
+                 use_horovod: bool = False, *, label_smoothing: float = 0.0, backend: str = "auto",
+                 chunk_size: Optional[int] = None, process_group=None):
+        import numbers
+
+        _check_coca_weight("caption_loss_weight", caption_loss_weight)
+        _check_coca_weight("clip_loss_weight", clip_loss_weight)
+        if isinstance(pad_id, bool) or not isinstance(pad_id, numbers.Integral):
+            raise TypeError(f"pad_id must be an int (the padding token id), got {type(pad_id).__name__}")
+        super().__init__(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=cache_labels,
+                         rank=rank, world_size=world_size, use_horovod=use_horovod, label_smoothing=label_smoothing,
+                         backend=backend, chunk_size=chunk_size, process_group=process_group)
+        self.clip_loss_weight = clip_loss_weight
+        self.caption_loss_weight = caption_loss_weight
+        self.caption_loss = nn.CrossEntropyLoss(ignore_index=int(pad_id))
+
+    def forward(self, image_features, text_features, logits, labels, logit_scale, output_dict: bool = False):
+        labels = _check_caption(logits, labels)
+        if self.clip_loss_weight:
+            if (isinstance(image_features, torch.Tensor) and isinstance(text_features, torch.Tensor)
+                    and image_features.dim() == 2 and text_features.dim() == 2
+                    and image_features.shape[0] != text_features.shape[0]):
+                raise ValueError(
+                    f"CoCaLoss needs paired batches: image_features has {image_features.shape[0]} rows but "
+                    f"text_features has {text_features.shape[0]} (open_clip's CoCaLoss takes N matched pairs). "
+                    f"For a rectangular batch use fastcon.functional.clip_loss with an explicit pos_offset.")
+            clip_loss = super().forward(image_features, text_features, logit_scale)
+            clip_loss = self.clip_loss_weight * clip_loss
+        else:
+            clip_loss = torch.tensor(0, device=logits.device)  # open_clip's int64 zero
+        caption_loss = self.caption_loss(logits.permute(0, 2, 1), labels)
+        caption_loss = caption_loss * self.caption_loss_weight
+        if output_dict:
+            return {"contrastive_loss": clip_loss, "caption_loss": caption_loss}
+        return clip_loss, caption_loss

@@ -33,18 +33,21 @@ def _check(fn, ref, tensors, *, rtol, atol=1e-7):
                                      ("hycd", dict(alpha=1.0)), ("cwcl", {})])
 @pytest.mark.parametrize("n,d,chunk", [(1, 4, None), (37, 16, 5), (130, 32, None)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_distill_loss_against_reference(kind, kw, n, d, chunk, dtype):
+@pytest.mark.parametrize("backend", ["torch", "cpp", "auto"])
+def test_distill_loss_against_reference(kind, kw, n, d, chunk, dtype, backend):
     x, y = make_features(n, n, d, dtype=dtype)
     tx, ty = _teacher(n, d, dtype=dtype)
     s = torch.tensor(14.3, dtype=dtype)
     # fp32: a loss near 0 is a difference of logits of size s, rounded at ulp(s)
     rtol, atol = (1e-11, 1e-12) if dtype == torch.float64 else (2e-5, 2e-6)
     if kind == "hycd":  # the logit scales are not used by this kind
-        _check(lambda a, b: FC.distill_loss(a, b, 99.0, tx, ty, 7.0, kind=kind, chunk_size=chunk, **kw),
+        _check(lambda a, b: FC.distill_loss(a, b, 99.0, tx, ty, 7.0, kind=kind, chunk_size=chunk, backend=backend,
+                                            **kw),
                lambda a, b: R.distill_loss_reference(a, b, 99.0, tx.double(), ty.double(), 7.0, kind=kind, **kw),
                [x, y], rtol=rtol, atol=atol)
         return
-    _check(lambda a, b, c: FC.distill_loss(a, b, c, tx, ty, 20.0, kind=kind, chunk_size=chunk, **kw),
+    _check(lambda a, b, c: FC.distill_loss(a, b, c, tx, ty, 20.0, kind=kind, chunk_size=chunk, backend=backend,
+                                           **kw),
            lambda a, b, c: R.distill_loss_reference(a, b, c, tx.double(), ty.double(), 20.0, kind=kind, **kw),
            [x, y, s], rtol=rtol, atol=atol)
 
@@ -66,11 +69,11 @@ def test_cwcl_with_the_students_own_text_features():
            lambda a, b: R.distill_loss_reference(a, b, 12.0, a, b.detach(), None, kind="cwcl"), [x, y], rtol=1e-11)
 
 
-def test_distill_backends_without_the_teacher_producer_raise():
+def test_distill_on_the_fused_tile_kernels_raises():
     x, y = make_features(8, 8, 4)
     tx, ty = _teacher(8, 4)
-    with pytest.raises(NotImplementedError, match="soft-target"):
-        FC.distill_loss(x, y, 10.0, tx, ty, 10.0, backend="cpp")
+    with pytest.raises(NotImplementedError, match="triton"):
+        FC.distill_loss(x, y, 10.0, tx, ty, 10.0, backend="triton_fused")
 
 
 def test_distill_bad_input():
@@ -165,5 +168,36 @@ def test_distill_clip_loss_module_against_open_clip():
             assert_close_rel(g, e, rtol=2e-5, atol=1e-8, name=f"{key} grad")
     as_dict = ours_mod(x, y, s, tx, ty, st, output_dict=True)
     assert set(as_dict) == {"contrastive_loss", "distill_loss"}
-    with pytest.raises(NotImplementedError, match="across ranks"):
-        fastcon.DistillClipLoss(world_size=2, rank=0)(x, y, s, tx, ty, st)
+
+
+@pytest.mark.parametrize("teacher_kind", [0, 1])
+@pytest.mark.parametrize("entropy", [False, True])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_soft_target_with_dropped_pairs_matches_the_torch_backend(teacher_kind, entropy, symmetric):
+    """The C++ teacher producer against the torch backend's (the executable spec) on a soft target with
+    dropped pairs (an excluded column in some rows, dropped extra columns), a hard share and the
+    entropy: loss and every gradient, float64 (equal to rounding) and fp32."""
+    from fastcon.kernels.targets import Target
+    from fastcon.ops.engine import target_engine_loss
+
+    n, extra, d = 29, 6, 12
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
+        x, y = make_features(n, n + extra, d, dtype=dtype)
+        tx, ty = make_features(n, n + extra, d, seed=4, dtype=dtype)
+        ids = torch.arange(n)
+        col_ids = torch.cat([ids, torch.full((extra,), -1)])  # the extra columns are negatives only
+        exclude = torch.where(ids % 3 == 0, (ids + 1) % n, -1)  # never a row's own positive
+        col_keep = torch.arange(n + extra) % 4 != 1
+        col_keep[:n] = True
+        kw = dict(teacher_kind=1, teacher_c0=0.5, teacher_c1=0.5, teacher_eps=1e-3) if teacher_kind \
+            else dict(teacher_scale=torch.tensor(9.0, dtype=dtype))
+        target = Target(ids, col_ids, exclude_col=exclude, col_keep=col_keep, teacher_a=tx, teacher_b=ty, soft=0.6,
+                        hard=0.4, entropy=entropy, **kw)
+        out = []
+        for backend in ("torch", "cpp"):
+            leaves = [x.clone().requires_grad_(), y.clone().requires_grad_(),
+                      torch.tensor(11.0, dtype=dtype, requires_grad=True)]
+            loss = target_engine_loss(*leaves, None, target, symmetric=symmetric, backend=backend, chunk_size=8)
+            out.append([loss] + list(torch.autograd.grad(loss, leaves)))
+        for k, (p, q) in enumerate(zip(*out)):
+            assert_close_rel(q, p, rtol=tol, atol=tol * 0.1, name=f"{dtype} output {k}")

@@ -5,6 +5,27 @@
 namespace fastcon {
 namespace cpu {
 
+// The eight instantiations of k_soft_stats, by (linear teacher, column direction, entropy).
+#define FC_SOFT_STATS_ONE(T, LIN, COL, ENT) k_soft_stats<T, LIN, COL, ENT>(L, P, td, n, r, c, xcol, ecol, xrow, erow);
+#define FC_SOFT_STATS_ENT(T, LIN, COL)      \
+  if (ent) {                                \
+    FC_SOFT_STATS_ONE(T, LIN, COL, true)    \
+  } else {                                  \
+    FC_SOFT_STATS_ONE(T, LIN, COL, false)   \
+  }
+#define FC_SOFT_STATS_COL(T, LIN) \
+  if (col) {                      \
+    FC_SOFT_STATS_ENT(T, LIN, true)  \
+  } else {                        \
+    FC_SOFT_STATS_ENT(T, LIN, false) \
+  }
+#define FC_SOFT_STATS(T, linear, col, ent) \
+  if (linear) {                            \
+    FC_SOFT_STATS_COL(T, true)             \
+  } else {                                 \
+    FC_SOFT_STATS_COL(T, false)            \
+  }
+
 #define FC_DEFINE(T)                                                                                        \
   FC_CLONES T fc_rowmax_colmax(const T* d, int64_t n, T s, T b, T* cmax) {                                   \
     return k_rowmax_colmax<T>(d, n, s, b, cmax);                                                             \
@@ -29,6 +50,22 @@ namespace cpu {
       k_sigmoid<T, true>(d, g, n, s, b, w, loss, gs, gb);                                                    \
     else                                                                                                     \
       k_sigmoid<T, false>(d, g, n, s, b, w, loss, gs, gb);                                                   \
+  }                                                                                                          \
+  FC_CLONES void fc_soft_stats(const T* L, const uint8_t* P, const T* td, int64_t n, const SoftRow<T>& r,    \
+                               const SoftCols<T>& c, bool linear, bool col, bool ent, double* xcol,          \
+                               double* ecol, double* xrow, double* erow) {                                   \
+    FC_SOFT_STATS(T, linear, col, ent)                                                                       \
+  }                                                                                                          \
+  FC_CLONES void fc_soft_grad(const T* d, T* g, const T* L, const uint8_t* P, const T* td, int64_t n,        \
+                              const SoftRow<T>& r, const SoftCols<T>& c, bool linear, bool col, T* gs,       \
+                              T* gb) {                                                                       \
+    if (linear) {                                                                                            \
+      if (col) k_soft_grad<T, true, true>(d, g, L, P, td, n, r, c, gs, gb);                                  \
+      else k_soft_grad<T, true, false>(d, g, L, P, td, n, r, c, gs, gb);                                     \
+    } else {                                                                                                 \
+      if (col) k_soft_grad<T, false, true>(d, g, L, P, td, n, r, c, gs, gb);                                 \
+      else k_soft_grad<T, false, false>(d, g, L, P, td, n, r, c, gs, gb);                                    \
+    }                                                                                                        \
   }
 
 FC_DEFINE(float)

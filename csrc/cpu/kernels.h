@@ -37,6 +37,7 @@ struct Math<double> {
   static FC_INLINE double exp(double x) { return std::exp(x); }
   // log(1 + t) for t in [0, 1].
   static FC_INLINE double log1p_unit(double t) { return std::log1p(t); }
+  static FC_INLINE double log(double x) { return std::log(x); }
 };
 
 FC_INLINE int32_t fc_bits(float f) {
@@ -100,6 +101,14 @@ struct Math<float> {
     p = p * u2 + 1.0f / 3.0f;
     p = p * u2 + 1.0f;
     return 2.0f * u * p;
+  }
+
+  // log(x) for a normal x > 0: x = m·2^e with m in [1, 2), log x = e·ln 2 + log1p_unit(m − 1).
+  static FC_INLINE float log(float x) {
+    const int32_t bits = fc_bits(x);
+    const int32_t e = ((bits >> 23) & 0xff) - 127;
+    const float m = fc_float((bits & 0x007fffff) | 0x3f800000);
+    return float(e) * 0.693147180559945309f + log1p_unit(m - 1.0f);
   }
 };
 
@@ -226,6 +235,104 @@ FC_INLINE void k_sigmoid(const T* d, T* g, int64_t n, T s, T b, T w, T* out_loss
   }
 }
 
+// ---- soft targets (a teacher's tile beside the student's, fastcon/kernels/targets.py). A row of the
+// student's logits L comes with −inf on its dropped pairs and P marking its positives; td holds the
+// teacher's dot products of the row. The teacher's value of a pair is t = c1·td + c0 (a linear
+// teacher) or t = s_t·td (softmax), its row probability t / n_i or exp(t − n_i) and its column one
+// t / n_j or exp(t − n_j), the float64 normalisers n split in (hi, lo) as the LSEs of k_grad are.
+
+// x·log x (0 at 0; subnormal x, whose term is below 1e-37, count as 0).
+template <typename T>
+FC_INLINE T xlogx(T x) {
+  return x >= std::numeric_limits<T>::min() ? T(x * Math<T>::log(x)) : T(0);
+}
+
+template <typename T>
+struct SoftRow {
+  T soft, ts, c0, c1;  // the teacher's share of the targets, its scale, a linear teacher's c0, c1
+  T rhi, rlo;          // the teacher's row normaliser
+  T hr;                // with the entropy: the hard targets' share at a positive of the row
+  T wr, shi, slo, mass, qp, qk;  // pass 2: the row weight, the student's row LSE, the row's target
+                                 // mass and its hard and smoothing targets
+};
+
+template <typename T>
+struct SoftCols {
+  const T* thi;  // the teacher's column normalisers
+  const T* tlo;
+  const T* hc;   // entropy: the hard share at a positive of each column
+  const T* shi;  // pass 2: the student's column LSEs, masses, targets and weights
+  const T* slo;
+  const T* mass;
+  const T* qcp;
+  const T* qck;
+  const T* wc;
+};
+
+template <typename T, bool kLinear>
+FC_INLINE T soft_value(T td, const SoftRow<T>& r) {
+  return kLinear ? T(td * r.c1 + r.c0) : T(td * r.ts);
+}
+
+template <typename T, bool kLinear>
+FC_INLINE T soft_prob(T t, T hi, T lo) {
+  return kLinear ? T(t / hi) : Math<T>::exp((t - hi) - lo);
+}
+
+// Pass 1: adds Σ Qt·S (and with kEnt Σ Q·log Q of Q = soft·Qt + hard·[pos]/|P|) of the row to
+// *xrow (*erow) and, with kCol, of each column to xcol[j] (ecol[j]), all in float64.
+template <typename T, bool kLinear, bool kCol, bool kEnt>
+FC_INLINE void k_soft_stats(const T* __restrict L, const uint8_t* __restrict P, const T* __restrict td, int64_t n,
+                            const SoftRow<T>& r, const SoftCols<T>& c, double* __restrict xcol,
+                            double* __restrict ecol, double* xrow, double* erow) {
+  double xr = 0, er = 0;
+#pragma omp simd reduction(+ : xr, er)
+  for (int64_t j = 0; j < n; ++j) {
+    const T v = L[j];
+    const bool kept = v != -inf<T>();
+    const T vk = kept ? v : T(0);
+    const T t = soft_value<T, kLinear>(td[j], r);
+    const T qr = kept ? soft_prob<T, kLinear>(t, r.rhi, r.rlo) : T(0);
+    xr += double(qr * vk);
+    if (kEnt) er += double(xlogx<T>(r.soft * qr + (P[j] ? r.hr : T(0))));
+    if (kCol) {
+      const T qc = kept ? soft_prob<T, kLinear>(t, c.thi[j], c.tlo[j]) : T(0);
+      xcol[j] += double(qc * vk);
+      if (kEnt) ecol[j] += double(xlogx<T>(r.soft * qc + (P[j] ? c.hc[j] : T(0))));
+    }
+  }
+  *xrow += xr;
+  if (kEnt) *erow += er;
+}
+
+// Pass 2, in place (g may equal d): G = w_r·(P_row·mass − q_pos·[pos] − q_keep − soft·Qt_row)
+// [+ w_c·(the same of the column)] on the kept pairs, 0 on the dropped ones; returns Σ G·d, Σ G.
+template <typename T, bool kLinear, bool kCol>
+FC_INLINE void k_soft_grad(const T* d, T* g, const T* __restrict L, const uint8_t* __restrict P,
+                           const T* __restrict td, int64_t n, const SoftRow<T>& r, const SoftCols<T>& c, T* out_gs,
+                           T* out_gb) {
+  T as = 0, ab = 0;
+#pragma omp simd reduction(+ : as, ab)
+  for (int64_t j = 0; j < n; ++j) {
+    const T dv = d[j];
+    const T v = L[j];
+    const bool pos = P[j] != 0;
+    const T t = soft_value<T, kLinear>(td[j], r);
+    T e = r.wr * (Math<T>::exp((v - r.shi) - r.slo) * r.mass - (pos ? r.qp : T(0)) - r.qk -
+                  r.soft * soft_prob<T, kLinear>(t, r.rhi, r.rlo));
+    if (kCol) {
+      e += c.wc[j] * (Math<T>::exp((v - c.shi[j]) - c.slo[j]) * c.mass[j] - (pos ? c.qcp[j] : T(0)) - c.qck[j] -
+                      r.soft * soft_prob<T, kLinear>(t, c.thi[j], c.tlo[j]));
+    }
+    e = v != -inf<T>() ? e : T(0);
+    as += e * dv;
+    ab += e;
+    g[j] = e;
+  }
+  *out_gs = as;
+  *out_gb = ab;
+}
+
 // Exported (multi-versioned) entry points, defined in kernels.cpp.
 #define FC_DECLARE(T)                                                                                      \
   T fc_rowmax_colmax(const T* d, int64_t n, T s, T b, T* cmax);                                             \
@@ -233,7 +340,12 @@ FC_INLINE void k_sigmoid(const T* d, T* g, int64_t n, T s, T b, T w, T* out_loss
   void fc_rescale(T* cmax, T* csum, T* csh, const T* tmax, int64_t n);                                      \
   void fc_grad(const T* d, T* g, int64_t n, T s, T b, T rhi, T rlo, T wr, const T* chi, const T* clo, T wc, \
                bool use_col, T* gs, T* gb);                                                                 \
-  void fc_sigmoid(const T* d, T* g, int64_t n, T s, T b, T w, bool need_grad, T* loss, T* gs, T* gb);
+  void fc_sigmoid(const T* d, T* g, int64_t n, T s, T b, T w, bool need_grad, T* loss, T* gs, T* gb);       \
+  void fc_soft_stats(const T* L, const uint8_t* P, const T* td, int64_t n, const SoftRow<T>& r,              \
+                     const SoftCols<T>& c, bool linear, bool col, bool ent, double* xcol, double* ecol,      \
+                     double* xrow, double* erow);                                                            \
+  void fc_soft_grad(const T* d, T* g, const T* L, const uint8_t* P, const T* td, int64_t n,                  \
+                    const SoftRow<T>& r, const SoftCols<T>& c, bool linear, bool col, T* gs, T* gb);
 
 FC_DECLARE(float)
 FC_DECLARE(double)

@@ -45,6 +45,7 @@ struct TargetView {
   int64_t na = 0, nb = 0;
   int64_t pair_offset = 0;
   bool has_margin = false;
+  bool plain = false;  // positives by id only: every pair is kept (the loops take a vectorised path)
   double margin = 0.0;
   double penalty = 0.0;
   int64_t penalty_mode = 0;
@@ -103,6 +104,8 @@ TargetView make_view(const char* op, const c10::List<std::optional<Tensor>>& ten
   v.margin = margin.value_or(0.0);
   v.penalty = penalty;
   v.penalty_mode = penalty_mode;
+  v.plain = !v.exclude_col && !v.col_keep && !v.row_owner && !v.col_owner && !v.own_rule && !v.col_range && !v.mask &&
+            !v.has_margin && penalty == 0.0;
   TORCH_CHECK(penalty_mode == 0 || (v.row_owner != nullptr && v.col_owner != nullptr), "fastcon::", op,
               ": a hardness penalty by ownership needs row_owner and col_owner");
   return v;
@@ -118,6 +121,125 @@ std::pair<int64_t, int64_t> span(const TargetView& t, int64_t r0, int64_t r1) {
   }
   c0 = std::min(std::max<int64_t>(c0, 0), t.nb);
   return {c0, std::max(c0, std::min(c1, t.nb))};
+}
+
+// Soft targets (targets.py: a teacher's tile beside the student's). The operators take the teacher's
+// tensors as one list: teacher_a, teacher_b, the float64 row and column normalisers of the teacher's
+// pass, the positives' counts of each row and column (the targets' entropy), and each row's and
+// column's target mass (pass 2, where it is not 1); and its numbers as another: soft, linear (0/1),
+// the teacher's scale, c0, c1, the hard targets' weight, entropy (0/1).
+enum SoftField { kTeacherA, kTeacherB, kRowNorm, kColNorm, kSoftRowPos, kSoftColPos, kRowMass, kColMass, kSoftFields };
+
+template <typename T>
+struct SoftView {
+  bool on = false, linear = false, entropy = false;
+  Tensor ta, tb;
+  T soft = 0, tscale = 1, c0 = 0, c1 = 1, hard = 0;
+  std::vector<T> rhi, rlo, chi, clo;  // the normalisers, split as SplitLse (linear: hi only)
+  const T* row_pos = nullptr;
+  const T* col_pos = nullptr;
+  const T* row_mass = nullptr;
+  const T* col_mass = nullptr;
+
+  std::vector<T> hc, ones;  // entropy: the hard share at each column's positives; a mass of 1
+
+  // The kernels' view of row i (kernels.h: SoftRow; pass 2 fills in its weights).
+  SoftRow<T> row(int64_t i) const {
+    SoftRow<T> r{};
+    r.soft = soft;
+    r.ts = tscale;
+    r.c0 = c0;
+    r.c1 = c1;
+    r.rhi = rhi[size_t(i)];
+    r.rlo = rlo[size_t(i)];
+    r.mass = row_mass ? row_mass[i] : T(1);
+    return r;
+  }
+  // ... and of the columns from c0 on.
+  SoftCols<T> cols(int64_t col0) const {
+    SoftCols<T> c{};
+    if (chi.empty()) return c;
+    c.thi = chi.data() + col0;
+    c.tlo = clo.data() + col0;
+    c.hc = hc.empty() ? nullptr : hc.data() + col0;
+    c.mass = (col_mass ? col_mass : ones.data()) + col0;
+    return c;
+  }
+};
+
+template <typename T>
+void split_norms(const Tensor& v, const char* op, const char* name, int64_t n, bool linear, std::vector<T>& hi,
+                 std::vector<T>& lo) {
+  check_lse(op, name, v, n);
+  const double* p = v.data_ptr<double>();
+  hi.resize(size_t(n));
+  lo.resize(size_t(n));
+  for (int64_t i = 0; i < n; ++i) {
+    const T h = T(p[i]);
+    hi[i] = h;
+    lo[i] = (!linear && std::isfinite(h)) ? T(p[i] - double(h)) : T(0);
+  }
+}
+
+template <typename T>
+SoftView<T> make_soft(const char* op, const Tensor& a, const Tensor& b, const c10::List<std::optional<Tensor>>& soft,
+                      const std::vector<double>& numbers, bool symmetric, std::vector<Tensor>& keep) {
+  SoftView<T> v;
+  if (soft.size() == 0) return v;
+  TORCH_CHECK(soft.size() == kSoftFields, "fastcon::", op, ": the soft targets have ", int(kSoftFields),
+              " tensors, got ", soft.size());
+  TORCH_CHECK(numbers.size() == 7, "fastcon::", op, ": the soft targets have 7 numbers, got ", numbers.size());
+  keep.reserve(kSoftFields);  // field() hands out pointers into it
+  v.on = true;
+  v.soft = T(numbers[0]);
+  v.linear = numbers[1] != 0.0;
+  v.tscale = T(numbers[2]);
+  v.c0 = T(numbers[3]);
+  v.c1 = T(numbers[4]);
+  v.hard = T(numbers[5]);
+  v.entropy = numbers[6] != 0.0;
+  const Tensor* ta = field(soft, kTeacherA, keep);
+  const Tensor* tb = field(soft, kTeacherB, keep);
+  TORCH_CHECK(ta && tb, "fastcon::", op, ": soft targets need teacher_a and teacher_b");
+  for (const Tensor* t : {ta, tb}) {
+    TORCH_CHECK(t->dim() == 2 && t->size(1) == a.size(1) && t->scalar_type() == a.scalar_type() &&
+                    t->device().is_cpu() && t->is_contiguous(),
+                "fastcon::", op, ": the teacher's features must be contiguous CPU tensors of a's dtype and dim");
+  }
+  TORCH_CHECK(ta->size(0) == a.size(0) && tb->size(0) == b.size(0), "fastcon::", op,
+              ": the teacher's features must have the student's rows: ", a.size(0), " and ", b.size(0));
+  v.ta = *ta;
+  v.tb = *tb;
+  const Tensor* rn = field(soft, kRowNorm, keep);
+  TORCH_CHECK(rn, "fastcon::", op, ": soft targets need the teacher's row normalisers");
+  split_norms<T>(*rn, op, "the teacher's row normalisers", a.size(0), v.linear, v.rhi, v.rlo);
+  if (symmetric) {
+    const Tensor* cn = field(soft, kColNorm, keep);
+    TORCH_CHECK(cn, "fastcon::", op, ": a symmetric loss with soft targets needs the teacher's column normalisers");
+    split_norms<T>(*cn, op, "the teacher's column normalisers", b.size(0), v.linear, v.chi, v.clo);
+  }
+  auto vec = [&](int k, const char* name, int64_t n) -> const T* {
+    const Tensor* t = field(soft, k, keep);
+    if (t == nullptr) return nullptr;
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->scalar_type() == a.scalar_type() && t->is_contiguous() &&
+                    t->device().is_cpu(),
+                "fastcon::", op, ": ", name, " must be a contiguous CPU vector of a's dtype of length ", n);
+    return t->data_ptr<T>();
+  };
+  v.row_pos = vec(kSoftRowPos, "the rows' positive counts", a.size(0));
+  v.col_pos = vec(kSoftColPos, "the columns' positive counts", b.size(0));
+  v.row_mass = vec(kRowMass, "row_mass", a.size(0));
+  v.col_mass = vec(kColMass, "col_mass", b.size(0));
+  TORCH_CHECK(!v.entropy || (v.row_pos && (!symmetric || v.col_pos)), "fastcon::", op,
+              ": the targets' entropy needs the positives' counts");
+  if (symmetric) {
+    v.ones.assign(size_t(b.size(0)), T(1));
+    if (v.entropy) {  // as the torch backend forms it: hard / max(|P_j|, 1)
+      v.hc.resize(size_t(b.size(0)));
+      for (int64_t j = 0; j < b.size(0); ++j) v.hc[size_t(j)] = T(v.hard / std::max(v.col_pos[j], T(1)));
+    }
+  }
+  return v;
 }
 
 // The row chunks [r0, r0 + rows) of a pass and the columns [c0, c0 + w) each keeps: body(r0, rows, c0, w);
@@ -195,14 +317,16 @@ FC_INLINE bool decide(const TargetView& t, const RowCtx<T>& r, int64_t i, int64_
 struct ColSums {
   int64_t nb;
   int nt;
-  std::vector<double> data;  // per thread: n_pos, sum_pos, n_keep, sum_keep (nb each)
-  ColSums(int64_t nb_, int nt_) : nb(nb_), nt(nt_), data(size_t(nt_) * 4 * size_t(nb_), 0.0) {}
-  double* at(int t, int k) { return data.data() + (size_t(t) * 4 + size_t(k)) * size_t(nb); }
+  std::vector<double> data;  // per thread: n_pos, sum_pos, n_keep, sum_keep, cross, entropy (nb each)
+  static constexpr int kSums = 6;
+  ColSums(int64_t nb_, int nt_) : nb(nb_), nt(nt_), data(size_t(nt_) * kSums * size_t(nb_), 0.0) {}
+  double* at(int t, int k) { return data.data() + (size_t(t) * kSums + size_t(k)) * size_t(nb); }
 };
 
 template <typename T>
 std::vector<Tensor> target_stats_impl(const Tensor& a, const Tensor& b, T s, T bb, const TargetView& t,
-                                      bool symmetric, bool smoothing, int64_t chunk_rows, int64_t cache_bytes) {
+                                      const SoftView<T>& sv, bool symmetric, bool smoothing, int64_t chunk_rows,
+                                      int64_t cache_bytes) {
   const int64_t na = a.size(0), nb = b.size(0);
   const int nt = team_threads();
   auto f64 = a.options().dtype(at::kDouble);
@@ -212,11 +336,16 @@ std::vector<Tensor> target_stats_impl(const Tensor& a, const Tensor& b, T s, T b
   Tensor col_lse = at::full({nb}, -inf<double>(), f64);
   Tensor col_pos = at::zeros({nb}, a.options()), col_keep = at::zeros({nb}, a.options());
   Tensor col_sum_pos = at::zeros({nb}, f64), col_sum_keep = at::zeros({nb}, f64);
+  // soft targets: the cross terms Σ Qt·S and the targets' Σ Q·log Q, per row and column
+  Tensor cross_row = at::zeros({sv.on ? na : 0}, f64), ent_row = at::zeros({sv.entropy ? na : 0}, f64);
+  Tensor cross_col = at::zeros({sv.on ? nb : 0}, f64), ent_col = at::zeros({sv.entropy ? nb : 0}, f64);
+  double* xr = sv.on ? cross_row.data_ptr<double>() : nullptr;
+  double* er = sv.entropy ? ent_row.data_ptr<double>() : nullptr;
   TORCH_CHECK(!symmetric || t.col_range == nullptr, "fastcon::target_stats: a symmetric loss keeps every column span");
   std::vector<Tensor> cache;
   int64_t kept_bytes = 0;
   bool caching = true;
-  Tensor buf, logits;
+  Tensor buf, logits, tbuf;
   ColStats<T>* cs = nullptr;
   std::unique_ptr<ColStats<T>> cs_owner;
   if (symmetric) {
@@ -243,6 +372,12 @@ std::vector<Tensor> target_stats_impl(const Tensor& a, const Tensor& b, T s, T b
     at::mm_out(dot, a.narrow(0, r0, rows), b.narrow(0, c0, w).t());
     T* lg = scratch(logits, chunk_rows, rows, w, a.options()).data_ptr<T>();
     const T* dp = dot.data_ptr<T>();
+    const T* tp = nullptr;  // the teacher's dot products of the chunk
+    if (sv.on) {
+      Tensor tdot = scratch(tbuf, chunk_rows, rows, w, a.options());
+      at::mm_out(tdot, sv.ta.narrow(0, r0, rows), sv.tb.narrow(0, c0, w).t());
+      tp = tdot.data_ptr<T>();
+    }
 #pragma omp parallel num_threads(nt) if (rows * w >= kMinParallelWork)
     {
       const int tid = omp_tid(), team = omp_team();
@@ -251,23 +386,65 @@ std::vector<Tensor> target_stats_impl(const Tensor& a, const Tensor& b, T s, T b
       double* csp = symmetric ? sums.at(tid, 1) + c0 : nullptr;
       double* cnk = symmetric ? sums.at(tid, 2) + c0 : nullptr;
       double* csk = symmetric ? sums.at(tid, 3) + c0 : nullptr;
+      double* cxc = symmetric ? sums.at(tid, 4) + c0 : nullptr;
+      double* cen = symmetric ? sums.at(tid, 5) + c0 : nullptr;
+      std::vector<uint8_t> pos_row(static_cast<size_t>(w));  // the positives of a row
+      uint8_t* P = pos_row.data();
+      const SoftCols<T> cols = sv.cols(c0);
       for (int64_t li = i0; li < i1; ++li) {
         const int64_t i = r0 + li;
         const T* d = dp + li * w;
+        const T* td = sv.on ? tp + li * w : nullptr;
         T* L = lg + li * w;
         const RowCtx<T> rc = row_ctx<T>(t, i, d, c0);
         T n_pos = 0, n_keep = 0;
         double s_pos = 0, s_keep = 0;
+        // the hard targets' share of a positive, as the torch backend forms it (|P| at least 1)
+        const T h_row = sv.entropy ? T(sv.hard / std::max(sv.row_pos[i], T(1))) : T(0);
         T m = -inf<T>();
-        for (int64_t jj = 0; jj < w; ++jj) {
+        if (t.plain) {  // every pair kept, positives by id: one vectorised sweep
+          const int64_t rid = t.row_ids[i];
+          const int64_t* cids = t.col_ids + c0;
+          T np = 0, mm = -inf<T>();
+          double sp = 0, sk = 0;
+#pragma omp simd reduction(max : mm) reduction(+ : np, sp, sk)
+          for (int64_t jj = 0; jj < w; ++jj) {
+            const T v = d[jj] * s + bb;
+            const bool p = rid >= 0 && cids[jj] == rid;
+            L[jj] = v;
+            P[jj] = p;
+            mm = v > mm ? v : mm;
+            np += p ? T(1) : T(0);
+            sp += p ? double(v) : 0.0;
+            sk += double(v);
+            if (symmetric) {
+              cnp[jj] += p ? 1.0 : 0.0;
+              csp[jj] += p ? double(v) : 0.0;
+              if (smoothing) {
+                cnk[jj] += 1.0;
+                csk[jj] += double(v);
+              }
+            }
+          }
+          m = mm;
+          n_pos = np;
+          s_pos = sp;
+          if (smoothing) {
+            n_keep = T(w);
+            s_keep = sk;
+          }
+        }
+        for (int64_t jj = 0; jj < w && !t.plain; ++jj) {
           bool p = false;
           T v;
           if (!decide<T>(t, rc, i, c0 + jj, d[jj], s, bb, &p, &v)) {
             L[jj] = -inf<T>();
+            P[jj] = 0;
             continue;
           }
           L[jj] = v;
           m = v > m ? v : m;
+          P[jj] = p;
           if (p) {
             n_pos += T(1);
             s_pos += double(v);
@@ -287,6 +464,11 @@ std::vector<Tensor> target_stats_impl(const Tensor& a, const Tensor& b, T s, T b
         }
         rp[i] = n_pos;
         rk[i] = n_keep;
+        if (sv.on) {
+          SoftRow<T> r = sv.row(i);
+          r.hr = h_row;
+          fc_soft_stats(L, P, td, w, r, cols, sv.linear, symmetric, sv.entropy, cxc, cen, xr + i, er ? er + i : nullptr);
+        }
         rsp[i] = s_pos;
         rsk[i] = s_keep;
         if (!symmetric) {  // the row LSE here (else from the column statistics below, in one sweep)
@@ -311,17 +493,22 @@ std::vector<Tensor> target_stats_impl(const Tensor& a, const Tensor& b, T s, T b
     T* ck = col_keep.data_ptr<T>();
     double* csp = col_sum_pos.data_ptr<double>();
     double* csk = col_sum_keep.data_ptr<double>();
+    double* cxc = sv.on ? cross_col.data_ptr<double>() : nullptr;
+    double* cen = sv.entropy ? ent_col.data_ptr<double>() : nullptr;
     for (int th = 0; th < nt; ++th) {
       for (int64_t j = 0; j < nb; ++j) {
         cp[j] += T(sums.at(th, 0)[j]);
         csp[j] += sums.at(th, 1)[j];
         ck[j] += T(sums.at(th, 2)[j]);
         csk[j] += sums.at(th, 3)[j];
+        if (cxc) cxc[j] += sums.at(th, 4)[j];
+        if (cen) cen[j] += sums.at(th, 5)[j];
       }
     }
   }
   std::vector<Tensor> out = {row_lse, row_pos, row_keep, row_sum_pos, row_sum_keep,
                              col_lse, col_pos, col_keep, col_sum_pos, col_sum_keep};
+  if (sv.on) out.insert(out.end(), {cross_row, cross_col, ent_row, ent_col});
   for (auto& c : cache) out.push_back(c);
   return out;
 }
@@ -335,9 +522,68 @@ const T* opt_vec(const std::optional<Tensor>& v, const char* name, int64_t n) {
   return v->data_ptr<T>();
 }
 
+// Pass 2 with soft targets for rows [r0, r0 + rows): the pairs decided into a row of logits (−inf
+// where dropped) and positives, then G in place of the dot products by the vectorised kernel.
+template <typename T>
+void soft_grad_rows(const TargetView& t, const SoftView<T>& sv, T* dp, const T* tp, int64_t r0, int64_t rows,
+                    int64_t c0, int64_t w, T s, T bb, const SplitLse<T>& rls, const T* qrp, const T* qrk, T wr,
+                    const T* chi, const T* clo, const T* qcp, const T* qck, const T* wc, int nt,
+                    std::vector<double>& gs_rows, std::vector<double>& gb_rows) {
+  const bool symmetric = chi != nullptr;
+#pragma omp parallel num_threads(nt) if (rows * w >= kMinParallelWork)
+  {
+    std::vector<T> logits(static_cast<size_t>(w));
+    std::vector<uint8_t> pos(static_cast<size_t>(w));
+    SoftCols<T> c = sv.cols(c0);
+    if (symmetric) {
+      c.shi = chi + c0;
+      c.slo = clo + c0;
+      c.qcp = qcp + c0;
+      c.qck = qck + c0;
+      c.wc = wc + c0;
+    }
+#pragma omp for schedule(static)
+    for (int64_t li = 0; li < rows; ++li) {
+      const int64_t i = r0 + li;
+      T* d = dp + li * w;
+      if (t.plain) {
+        const int64_t rid = t.row_ids[i];
+        const int64_t* cids = t.col_ids + c0;
+        T* L = logits.data();
+        uint8_t* P = pos.data();
+#pragma omp simd
+        for (int64_t jj = 0; jj < w; ++jj) {
+          L[jj] = d[jj] * s + bb;
+          P[jj] = rid >= 0 && cids[jj] == rid;
+        }
+      } else {
+        const RowCtx<T> rc = row_ctx<T>(t, i, d, c0);
+        for (int64_t jj = 0; jj < w; ++jj) {
+          bool p = false;
+          T v;
+          const bool kept = decide<T>(t, rc, i, c0 + jj, d[jj], s, bb, &p, &v);
+          logits[size_t(jj)] = kept ? v : -inf<T>();
+          pos[size_t(jj)] = kept && p;
+        }
+      }
+      SoftRow<T> r = sv.row(i);
+      r.wr = wr;
+      r.shi = rls.hi[size_t(i)];
+      r.slo = rls.lo[size_t(i)];
+      r.qp = qrp[i];
+      r.qk = qrk[i];
+      T gs = 0, gb = 0;
+      fc_soft_grad(d, d, logits.data(), pos.data(), tp + li * w, w, r, c, sv.linear, symmetric, &gs, &gb);
+      gs_rows[size_t(i)] = double(gs);
+      gb_rows[size_t(i)] = double(gb);
+    }
+  }
+}
+
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad_impl(
-    const Tensor& a, const Tensor& b, T s, T bb, const TargetView& t, const Tensor& row_lse, const Tensor& q_row_pos,
+    const Tensor& a, const Tensor& b, T s, T bb, const TargetView& t, const SoftView<T>& sv, const Tensor& row_lse,
+    const Tensor& q_row_pos,
     const Tensor& q_row_keep, double w_row, const std::optional<Tensor>& col_lse,
     const std::optional<Tensor>& q_col_pos, const std::optional<Tensor>& q_col_keep,
     const std::optional<Tensor>& w_col, int64_t chunk_rows, const std::vector<Tensor>& cache) {
@@ -362,7 +608,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad_impl(
   Tensor grad_a = at::zeros({na, dim}, a.options());
   Tensor grad_b = at::zeros({nb, dim}, a.options());
   std::vector<double> gs_rows(size_t(na), 0.0), gb_rows(size_t(na), 0.0);
-  Tensor buf;
+  Tensor buf, tbuf;
   size_t k = 0;  // the next cached chunk
   bool cached_prefix = true;
   for_each_chunk(t, chunk_rows, [&](int64_t r0, int64_t rows, int64_t c0, int64_t w) {
@@ -378,6 +624,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad_impl(
       at::mm_out(dot, a.narrow(0, r0, rows), b.narrow(0, c0, w).t());
     }
     T* dp = dot.data_ptr<T>();
+    const T* tp = nullptr;  // the teacher's dot products of the chunk
+    if (sv.on) {
+      Tensor tdot = scratch(tbuf, chunk_rows, rows, w, a.options());
+      at::mm_out(tdot, sv.ta.narrow(0, r0, rows), sv.tb.narrow(0, c0, w).t());
+      tp = tdot.data_ptr<T>();
+    }
+    if (sv.on) {
+      soft_grad_rows<T>(t, sv, dp, tp, r0, rows, c0, w, s, bb, rls, qrp, qrk, wr, symmetric ? chi : nullptr, clo,
+                        qcp, qck, wc, nt, gs_rows, gb_rows);
+    } else {
 #pragma omp parallel for schedule(static) num_threads(nt) if (rows * w >= kMinParallelWork)
     for (int64_t li = 0; li < rows; ++li) {
       const int64_t i = r0 + li;
@@ -405,6 +661,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad_impl(
       gs_rows[size_t(i)] = double(gs);
       gb_rows[size_t(i)] = double(gb);
     }
+    }
     Tensor ga = grad_a.narrow(0, r0, rows);
     at::addmm_out(ga, ga, dot, b.narrow(0, c0, w), /*beta=*/0, /*alpha=*/double(s));
     Tensor gbm = grad_b.narrow(0, c0, w);
@@ -418,23 +675,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad_impl(
 
 std::vector<Tensor> target_stats(const Tensor& a, const Tensor& b, const Tensor& scale, const Tensor& bias,
                                  const c10::List<std::optional<Tensor>>& target, int64_t pair_offset,
-                                 std::optional<double> margin, double penalty, int64_t penalty_mode, bool symmetric,
-                                 bool smoothing, int64_t chunk_rows, int64_t cache_bytes) {
+                                 std::optional<double> margin, double penalty, int64_t penalty_mode,
+                                 const c10::List<std::optional<Tensor>>& soft, at::ArrayRef<double> soft_numbers,
+                                 bool symmetric, bool smoothing, int64_t chunk_rows, int64_t cache_bytes) {
   check_pair("target_stats", a, b, scale, bias, chunk_rows);
-  std::vector<Tensor> keep;
+  std::vector<Tensor> keep, soft_keep;
   const TargetView t = make_view("target_stats", target, a.size(0), b.size(0), pair_offset, margin, penalty,
                                  penalty_mode, keep);
+  const std::vector<double> numbers(soft_numbers.begin(), soft_numbers.end());
   if (a.scalar_type() == at::kDouble)
-    return target_stats_impl<double>(a, b, scalar_of<double>(scale), scalar_of<double>(bias), t, symmetric,
-                                     smoothing, chunk_rows, cache_bytes);
-  return target_stats_impl<float>(a, b, scalar_of<float>(scale), scalar_of<float>(bias), t, symmetric, smoothing,
-                                  chunk_rows, cache_bytes);
+    return target_stats_impl<double>(a, b, scalar_of<double>(scale), scalar_of<double>(bias), t,
+                                     make_soft<double>("target_stats", a, b, soft, numbers, symmetric, soft_keep),
+                                     symmetric, smoothing, chunk_rows, cache_bytes);
+  return target_stats_impl<float>(a, b, scalar_of<float>(scale), scalar_of<float>(bias), t,
+                                  make_soft<float>("target_stats", a, b, soft, numbers, symmetric, soft_keep),
+                                  symmetric, smoothing, chunk_rows, cache_bytes);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad(
     const Tensor& a, const Tensor& b, const Tensor& scale, const Tensor& bias,
     const c10::List<std::optional<Tensor>>& target, int64_t pair_offset, std::optional<double> margin,
-    double penalty, int64_t penalty_mode, const Tensor& row_lse, const Tensor& q_row_pos, const Tensor& q_row_keep,
+    double penalty, int64_t penalty_mode, const c10::List<std::optional<Tensor>>& soft,
+    at::ArrayRef<double> soft_numbers, const Tensor& row_lse, const Tensor& q_row_pos, const Tensor& q_row_keep,
     double w_row, const std::optional<Tensor>& col_lse, const std::optional<Tensor>& q_col_pos,
     const std::optional<Tensor>& q_col_keep, const std::optional<Tensor>& w_col, int64_t chunk_rows,
     at::TensorList cache) {
@@ -446,11 +708,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad(
   for (const Tensor* v : {&q_row_pos, &q_row_keep}) {
     TORCH_CHECK(v->scalar_type() == a.scalar_type(), "fastcon::target_grad: the row weights must have a's dtype");
   }
+  std::vector<Tensor> soft_keep;
+  const std::vector<double> numbers(soft_numbers.begin(), soft_numbers.end());
+  const bool symmetric = col_lse.has_value() && col_lse->defined();
   if (a.scalar_type() == at::kDouble)
-    return target_grad_impl<double>(a, b, scalar_of<double>(scale), scalar_of<double>(bias), t, row_lse, q_row_pos,
-                                    q_row_keep, w_row, col_lse, q_col_pos, q_col_keep, w_col, chunk_rows, chunks);
-  return target_grad_impl<float>(a, b, scalar_of<float>(scale), scalar_of<float>(bias), t, row_lse, q_row_pos,
-                                 q_row_keep, w_row, col_lse, q_col_pos, q_col_keep, w_col, chunk_rows, chunks);
+    return target_grad_impl<double>(a, b, scalar_of<double>(scale), scalar_of<double>(bias), t,
+                                    make_soft<double>("target_grad", a, b, soft, numbers, symmetric, soft_keep),
+                                    row_lse, q_row_pos, q_row_keep, w_row, col_lse, q_col_pos, q_col_keep, w_col,
+                                    chunk_rows, chunks);
+  return target_grad_impl<float>(a, b, scalar_of<float>(scale), scalar_of<float>(bias), t,
+                                 make_soft<float>("target_grad", a, b, soft, numbers, symmetric, soft_keep), row_lse,
+                                 q_row_pos, q_row_keep, w_row, col_lse, q_col_pos, q_col_keep, w_col, chunk_rows,
+                                 chunks);
 }
 
 }  // namespace
@@ -460,11 +729,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad(
 TORCH_LIBRARY_FRAGMENT(fastcon, m) {
   m.def(
       "target_stats(Tensor a, Tensor b, Tensor scale, Tensor bias, Tensor?[] target, int pair_offset, "
-      "float? margin, float penalty, int penalty_mode, bool symmetric, bool smoothing, int chunk_rows, "
-      "int cache_bytes) -> Tensor[]");
+      "float? margin, float penalty, int penalty_mode, Tensor?[] soft, float[] soft_numbers, bool symmetric, "
+      "bool smoothing, int chunk_rows, int cache_bytes) -> Tensor[]");
   m.def(
       "target_grad(Tensor a, Tensor b, Tensor scale, Tensor bias, Tensor?[] target, int pair_offset, "
-      "float? margin, float penalty, int penalty_mode, Tensor row_lse, Tensor q_row_pos, Tensor q_row_keep, "
+      "float? margin, float penalty, int penalty_mode, Tensor?[] soft, float[] soft_numbers, Tensor row_lse, "
+      "Tensor q_row_pos, Tensor q_row_keep, "
       "float w_row, Tensor? col_lse, Tensor? q_col_pos, Tensor? q_col_keep, Tensor? w_col, int chunk_rows, "
       "Tensor[] cache) -> (Tensor, Tensor, Tensor, Tensor)");
 }

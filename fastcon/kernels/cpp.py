@@ -72,7 +72,7 @@ def sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad):
 # ---------------------------------------------------------------------------------------------------
 # The general target (fastcon/kernels/targets.py): pass 1 and pass 2 as C++ operators
 
-_CPP_TARGET_TENSORS = 12  # the fields of TENSOR_FIELDS the operators read (not the teacher's)
+_CPP_TARGET_TENSORS = 12  # the fields of TENSOR_FIELDS before the teacher's (which travel with the soft args)
 
 
 def _target_args(target):
@@ -82,21 +82,46 @@ def _target_args(target):
             float(target.penalty), int(target.penalty_mode))
 
 
+def _soft_args(a, target, teacher_norms=None, row_mass=None, col_mass=None, counts=None):
+    """The soft targets' tensors and numbers as the operators read them (empty lists without them;
+    the teacher's features contiguous in the GEMMs' dtype, ``a``'s)."""
+    from .targets import TEACHER_LINEAR, hard_weight
+
+    if not target.soft:
+        return [], []
+    norms = (None, None) if teacher_norms is None else teacher_norms
+    entropy = bool(target.entropy) and counts is not None  # pass 1's term (pass 2 has no use for it)
+    counts = (None, None) if counts is None else counts
+    teacher = [t.to(a.dtype).contiguous() for t in (target.teacher_a, target.teacher_b)]
+    tensors = [*teacher, *norms, *counts, row_mass, col_mass]
+    linear = target.teacher_kind == TEACHER_LINEAR
+    scale = 1.0 if linear else float(target.teacher_scale)
+    numbers = [float(target.soft), float(linear), scale, float(target.teacher_c0), float(target.teacher_c1),
+               float(hard_weight(target, 0.0)), float(entropy)]
+    return tensors, numbers
+
+
 def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes, teacher=None):
-    from .targets import TargetStats, require_hard_targets
+    from .targets import TargetStats, with_teacher
 
-    require_hard_targets(target, "cpp")
-
-    out = torch.ops.fastcon.target_stats(a, b, _scalar(scale, a), _scalar(bias, a), *_target_args(target),
+    soft = _soft_args(a, target, None if teacher is None else (teacher.row_norm, teacher.col_norm),
+                      counts=None if teacher is None else (teacher.row_pos, teacher.col_pos))
+    out = torch.ops.fastcon.target_stats(a, b, _scalar(scale, a), _scalar(bias, a), *_target_args(target), *soft,
                                          bool(symmetric), bool(smoothing), int(chunk_rows), int(cache_bytes))
-    return TargetStats(*out[:10]), list(out[10:])
+    st = TargetStats(*out[:10])
+    if not target.soft:
+        return st, list(out[10:])
+    cross_row, cross_col, ent_row, ent_col = out[10:14]
+    entropy = (ent_row, ent_col) if target.entropy else ()
+    return with_teacher(st, teacher, cross_row, cross_col, *entropy), list(out[14:])
 
 
 def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
     w = weights
+    soft = _soft_args(a, target, (w.t_row_norm, w.t_col_norm), w.row_mass, w.col_mass)
     return torch.ops.fastcon.target_grad(
-        a, b, _scalar(scale, a), _scalar(bias, a), *_target_args(target), w.row_lse, w.q_row_pos, w.q_row_keep,
-        float(w.w_row), w.col_lse, w.q_col_pos, w.q_col_keep, w.w_col, int(chunk_rows), list(cached))
+        a, b, _scalar(scale, a), _scalar(bias, a), *_target_args(target), *soft, w.row_lse, w.q_row_pos,
+        w.q_row_keep, float(w.w_row), w.col_lse, w.q_col_pos, w.q_col_keep, w.w_col, int(chunk_rows), list(cached))
 
 
 def target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, need_grad, cache_bytes=0):

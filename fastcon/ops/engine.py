@@ -528,23 +528,27 @@ def siglip_engine_loss(a, b, scale, bias, *, pos_offset: Optional[int], backend:
 # yet (``auto`` takes the chunked Triton path where it would pick them).
 
 TARGET_NOT_IMPLEMENTED = ("triton_fused",)
+SOFT_NOT_IMPLEMENTED = ("triton",)  # backends without the teacher's tile producer (soft targets)
 
 
 def resolve_target_backend(backend: str, device: torch.device, dtype: torch.dtype, soft: bool = False) -> str:
     """The backend of a general-target loss: ``auto`` as for the other losses, except that where it
     would pick the fused Triton tile kernels it takes the chunked Triton path (the fused kernels of
     the general target are not written yet; ``backend="triton_fused"`` raises NotImplementedError),
-    and that soft targets (a teacher's tiles) take the torch backend, the one with the teacher
-    producer (the others raise NotImplementedError for them when named)."""
-    if soft and backend == "auto":
-        return "torch"
+    and that soft targets (a teacher's tiles) take the torch backend where the chosen one has no
+    teacher producer (``SOFT_NOT_IMPLEMENTED``; named explicitly, such a backend raises
+    NotImplementedError)."""
     name = resolve_name(backend, device, dtype)
     if backend == "auto" and name in TARGET_NOT_IMPLEMENTED:
-        return "triton"
+        name = "triton"
     if name in TARGET_NOT_IMPLEMENTED:
         raise NotImplementedError(
             f"backend={name!r} has no kernel for labels, hard negatives or self-contrast yet; use backend='triton' "
             "(or 'auto')")
+    if soft and name in SOFT_NOT_IMPLEMENTED:
+        if backend == "auto":
+            return "torch"
+        raise NotImplementedError(f"the {name} backend has no soft-target (teacher) kernels yet; use backend='torch'")
     return name
 
 
