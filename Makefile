@@ -8,7 +8,7 @@ TRITON_SPEC ?= triton
 STAMP := $(VENV)/.fastcon-installed
 EXT_SOURCES := $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: install test test-peers test-gpu bench bench-ci wheel-check clean
+.PHONY: install test test-avx2 test-peers test-gpu bench bench-ci wheel-check clean
 
 $(VENV)/.deps-installed:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,17 @@ TRITON_INTERPRET ?= 1
 test: $(STAMP)
 	TRITON_INTERPRET=$(TRITON_INTERPRET) HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests --ignore=tests/test_lightly.py
 	$(MAKE) test-peers
+
+# The C++ tests on the AVX2 clone of the epilogue kernels (what an AVX2-only CPU runs), on any x86-64
+# machine: a copy of the tree built with FASTCON_CPU_ISA=avx2 in $(AVX2_DIR).
+AVX2_DIR ?= /tmp/fastcon-avx2
+test-avx2: $(STAMP)
+	rm -rf $(AVX2_DIR) && mkdir -p $(AVX2_DIR) && cp -r setup.py pyproject.toml csrc fastcon tests $(AVX2_DIR)/
+	rm -f $(AVX2_DIR)/fastcon/*.so
+	cd $(AVX2_DIR) && FASTCON_CPU_ISA=avx2 $(abspath $(PY)) setup.py -q build_ext --inplace
+	cd $(AVX2_DIR) && PYTHONPATH=$(AVX2_DIR) TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 $(abspath $(PY)) -m pytest -q \
+		-p no:cacheprovider -k "cpp or auto" tests/test_cpp_ops.py tests/test_backends.py tests/test_targets.py \
+		tests/test_soft_targets.py
 
 # lightly's loss module imports torchvision, and PyPI's torchvision does not import beside the torch
 # 2.13.0 CPU build: tests/test_lightly.py runs in a second environment with a matching pair (torch

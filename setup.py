@@ -2,6 +2,8 @@
 pyproject.toml (name, version and metadata live there).
 
 ``FASTCON_SKIP_EXT=1`` gives a pure-Python install (the torch_chunked / Triton backends only).
+``FASTCON_CPU_ISA=avx2`` builds the epilogue kernels without their AVX-512 clone, so that an AVX-512
+machine runs the AVX2 path (``make test-avx2``).
 The build makes no network, git or GPU queries.
 """
 import glob
@@ -34,6 +36,8 @@ def _extensions():
         # statistics, the positives and the gradient epilogue); an FMA in one place and not in another
         # shifts P = exp(S − LSE) by an ulp of S, which the cancellation in P − 1 amplifies.
         cxx_flags, link_flags = ["-O3", "-fopenmp", "-ffp-contract=off"], ["-fopenmp"]
+        if os.environ.get("FASTCON_CPU_ISA", "").strip().lower() == "avx2":
+            cxx_flags.append("-DFC_ISA_AVX2")  # the kernels without their AVX-512 clone (make test-avx2)
     ext = CppExtension(
         name="fastcon._C",
         sources=sources,

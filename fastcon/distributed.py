@@ -464,7 +464,7 @@ def target_loss_global(rows, col_parts, scale, bias, target, *, group, label_smo
     out_dtype = loss_dtype(rows)
     ref = col_parts[0]
     name, mm_dtype, a, _, scale, bias, _ = prepare_inputs(rows, ref, scale, bias, backend, chunk_size)
-    name = _traced_target_backend(backend, a.device.type, mm_dtype or a.dtype, target.soft != 0.0)
+    name = _traced_target_backend(backend, a.device.type, mm_dtype or a.dtype)
     world = dist.get_world_size(group)
     n_cols = world * sum(p.shape[0] for p in col_parts)
     chunk_rows = chunk_rows_for(a.shape[0], n_cols, a.device, chunk_size)

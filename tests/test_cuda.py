@@ -317,3 +317,52 @@ def test_cuda_general_target_low_precision_budget(case, dtype):
     for got, want in zip([out] + list(grads), [expected] + list(expected_grads)):
         err = ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
         assert err <= tol, (case, dtype, err)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Soft targets (distillation) on the chunked Triton path: the teacher's tile beside the student's
+
+DISTILL_CASES = {"clip": dict(kind="clip"), "hycd": dict(kind="hycd", alpha=0.2, temperature=0.4),
+                 "cwcl": dict(kind="cwcl")}
+
+
+def _distill_errors(case, dtype, n=1024, d=256):
+    """Relative errors (loss, grad image, grad text[, grad scale]) of FC.distill_loss on the Triton path
+    with ``dtype`` features against the float64 reference of the same (rounded) features."""
+    kw = DISTILL_CASES[case]
+    x, y = make_features(n, n, d)
+    tx, ty = make_features(n, n, d, seed=4)
+    x, y, tx, ty = (t.cuda().to(dtype) for t in (x, y, tx, ty))
+    s = torch.tensor(30.0, device="cuda")
+    uses_scale = case != "hycd"  # hycd works on the similarities without the logit scales
+    leaves = [x.clone().requires_grad_(), y.clone().requires_grad_()]
+    truth = [x.double().requires_grad_(), y.double().requires_grad_()]
+    if uses_scale:
+        leaves.append(s.clone().requires_grad_())
+        truth.append(s.double().requires_grad_())
+    out = FC.distill_loss(leaves[0], leaves[1], leaves[2] if uses_scale else 99.0, tx, ty, 50.0, backend="triton",
+                          **kw)
+    assert out.dtype == dtype
+    grads = torch.autograd.grad(out, leaves)
+    expected = R.distill_loss_reference(truth[0], truth[1], truth[2] if uses_scale else 99.0, tx.double(),
+                                        ty.double(), 50.0, **kw)
+    expected_grads = torch.autograd.grad(expected, truth)
+    return [((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+            for got, want in zip([out] + list(grads), [expected] + list(expected_grads))]
+
+
+@pytest.mark.parametrize("case", list(DISTILL_CASES))
+def test_cuda_distill_triton_fp32_matches_reference(case):
+    errs = _distill_errors(case, torch.float32)
+    assert max(errs) <= 1e-4, (case, errs)
+
+
+@pytest.mark.parametrize("case", list(DISTILL_CASES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_distill_triton_low_precision_budget(case, dtype):
+    """bf16/fp16 features: within the dtype's tolerance of the float64 reference of the rounded features
+    (the statistics stay fp32/float64; G is rounded to the dtype for the gradient GEMMs, fp16 lifted by
+    grad_tile_scale)."""
+    errs = _distill_errors(case, dtype)
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
+    assert max(errs) <= tol, (case, dtype, errs)

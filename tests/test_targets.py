@@ -11,6 +11,8 @@ import fastcon
 import fastcon.functional as FC
 from fastcon import reference as R
 from fastcon.ops import engine
+from fastcon.kernels.targets import Target
+from fastcon.ops.engine import target_engine_loss
 from helpers import assert_close_rel, make_features
 
 BACKENDS = ["torch", "cpp", pytest.param("triton", marks=pytest.mark.interpreter), "auto"]
@@ -440,3 +442,31 @@ def test_opcheck_general_target():
     numbers = [3.0, 2, 0.0, float("nan"), 0, 0.0, 1.0, 0.0, 0]
     torch.library.opcheck(torch.ops.fastcon.target_softmax_loss.default,
                           args + (tensors, "torch", 0, 0.5, numbers, 0.0, False, 3, 0, True, None))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_dropped_columns_count_once_per_row_in_the_column_smoothing(backend):
+    """A column mask alone (col_keep, no other rule) is a (1, w) mask in the torch spec's chunks: the
+    column direction's kept-pair counts must still count every row (label smoothing reads them)."""
+    n, extra, d = 12, 4, 8
+    dtype, tol = (torch.float32, 2e-5) if backend == "triton" else (torch.float64, 1e-11)
+    x, y = make_features(n, n + extra, d, dtype=dtype)
+    ids = torch.arange(n)
+    col_ids = torch.cat([ids, torch.full((extra,), -1)])
+    col_keep = torch.arange(n + extra) != n + 1
+    target = Target(ids, col_ids, col_keep=col_keep)
+    leaves = [x.clone().requires_grad_(), y.clone().requires_grad_()]
+    loss = target_engine_loss(*leaves, torch.tensor(9.0, dtype=dtype), None, target, label_smoothing=0.2,
+                              symmetric=True, backend=backend, chunk_size=5)
+    truth = [x.double().requires_grad_(), y.double().requires_grad_()]
+    s = 9.0 * truth[0] @ truth[1].T
+    s = s.masked_fill(~col_keep[None, :], float("-inf"))
+    # rows: each over its kept columns; columns: each owning column over all rows
+    row = -(0.8 * torch.log_softmax(s, 1)[ids, ids]
+            + 0.2 * torch.where(col_keep[None, :], torch.log_softmax(s, 1), 0.0).sum(1) / col_keep.sum())
+    col_ls = torch.log_softmax(s[:, :n], 0)
+    col = -(0.8 * col_ls[ids, ids] + 0.2 * col_ls.mean(0))
+    expected = (row.mean() + col.mean()) / 2
+    assert_close_rel(loss, expected, rtol=tol, name="loss")
+    for g, e in zip(torch.autograd.grad(loss, leaves), torch.autograd.grad(expected, truth)):
+        assert_close_rel(g, e, rtol=tol, atol=tol * 1e-2, name="grad")

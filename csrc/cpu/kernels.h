@@ -14,7 +14,10 @@
 #include <cstring>
 #include <limits>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && defined(FC_ISA_AVX2)
+// A build for checking the AVX2 path on an AVX-512 machine (FASTCON_CPU_ISA=avx2, `make test-avx2`).
+#define FC_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
 #define FC_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FC_CLONES
@@ -270,35 +273,37 @@ struct SoftCols {
 };
 
 template <typename T, bool kLinear>
-FC_INLINE T soft_value(T td, const SoftRow<T>& r) {
-  return kLinear ? T(td * r.c1 + r.c0) : T(td * r.ts);
-}
-
-template <typename T, bool kLinear>
 FC_INLINE T soft_prob(T t, T hi, T lo) {
   return kLinear ? T(t / hi) : Math<T>::exp((t - hi) - lo);
 }
 
 // Pass 1: adds Σ Qt·S (and with kEnt Σ Q·log Q of Q = soft·Qt + hard·[pos]/|P|) of the row to
-// *xrow (*erow) and, with kCol, of each column to xcol[j] (ecol[j]), all in float64.
+// *xrow (*erow) and, with kCol, of each column to xcol[j] (ecol[j]), all in float64. (The row's
+// numbers are copied to locals first: read through the reference, they could alias the stores and
+// keep the loop from vectorising.)
 template <typename T, bool kLinear, bool kCol, bool kEnt>
 FC_INLINE void k_soft_stats(const T* __restrict L, const uint8_t* __restrict P, const T* __restrict td, int64_t n,
                             const SoftRow<T>& r, const SoftCols<T>& c, double* __restrict xcol,
                             double* __restrict ecol, double* xrow, double* erow) {
+  const T soft = r.soft, ts = r.ts, c0 = r.c0, c1 = r.c1, rhi = r.rhi, rlo = r.rlo, hr = r.hr;
+  const T* __restrict thi = c.thi;
+  const T* __restrict tlo = c.tlo;
+  const T* __restrict hc = c.hc;
   double xr = 0, er = 0;
 #pragma omp simd reduction(+ : xr, er)
   for (int64_t j = 0; j < n; ++j) {
     const T v = L[j];
     const bool kept = v != -inf<T>();
     const T vk = kept ? v : T(0);
-    const T t = soft_value<T, kLinear>(td[j], r);
-    const T qr = kept ? soft_prob<T, kLinear>(t, r.rhi, r.rlo) : T(0);
+    const T t = kLinear ? T(td[j] * c1 + c0) : T(td[j] * ts);
+    const T qr = kept ? soft_prob<T, kLinear>(t, rhi, rlo) : T(0);
     xr += double(qr * vk);
-    if (kEnt) er += double(xlogx<T>(r.soft * qr + (P[j] ? r.hr : T(0))));
+    const T pos = P[j] != 0 ? T(1) : T(0);
+    if (kEnt) er += double(xlogx<T>(soft * qr + pos * hr));
     if (kCol) {
-      const T qc = kept ? soft_prob<T, kLinear>(t, c.thi[j], c.tlo[j]) : T(0);
+      const T qc = kept ? soft_prob<T, kLinear>(t, thi[j], tlo[j]) : T(0);
       xcol[j] += double(qc * vk);
-      if (kEnt) ecol[j] += double(xlogx<T>(r.soft * qc + (P[j] ? c.hc[j] : T(0))));
+      if (kEnt) ecol[j] += double(xlogx<T>(soft * qc + pos * hc[j]));
     }
   }
   *xrow += xr;
@@ -311,18 +316,27 @@ template <typename T, bool kLinear, bool kCol>
 FC_INLINE void k_soft_grad(const T* d, T* g, const T* __restrict L, const uint8_t* __restrict P,
                            const T* __restrict td, int64_t n, const SoftRow<T>& r, const SoftCols<T>& c, T* out_gs,
                            T* out_gb) {
+  const T soft = r.soft, ts = r.ts, c0 = r.c0, c1 = r.c1, rhi = r.rhi, rlo = r.rlo;
+  const T wr = r.wr, shi = r.shi, slo = r.slo, mass = r.mass, qp = r.qp, qk = r.qk;
+  const T* __restrict thi = c.thi;
+  const T* __restrict tlo = c.tlo;
+  const T* __restrict cshi = c.shi;
+  const T* __restrict cslo = c.slo;
+  const T* __restrict cmass = c.mass;
+  const T* __restrict qcp = c.qcp;
+  const T* __restrict qck = c.qck;
+  const T* __restrict wc = c.wc;
   T as = 0, ab = 0;
 #pragma omp simd reduction(+ : as, ab)
   for (int64_t j = 0; j < n; ++j) {
     const T dv = d[j];
     const T v = L[j];
-    const bool pos = P[j] != 0;
-    const T t = soft_value<T, kLinear>(td[j], r);
-    T e = r.wr * (Math<T>::exp((v - r.shi) - r.slo) * r.mass - (pos ? r.qp : T(0)) - r.qk -
-                  r.soft * soft_prob<T, kLinear>(t, r.rhi, r.rlo));
+    const T pos = P[j] != 0 ? T(1) : T(0);
+    const T t = kLinear ? T(td[j] * c1 + c0) : T(td[j] * ts);
+    T e = wr * (Math<T>::exp((v - shi) - slo) * mass - pos * qp - qk - soft * soft_prob<T, kLinear>(t, rhi, rlo));
     if (kCol) {
-      e += c.wc[j] * (Math<T>::exp((v - c.shi[j]) - c.slo[j]) * c.mass[j] - (pos ? c.qcp[j] : T(0)) - c.qck[j] -
-                      r.soft * soft_prob<T, kLinear>(t, c.thi[j], c.tlo[j]));
+      e += wc[j] * (Math<T>::exp((v - cshi[j]) - cslo[j]) * cmass[j] - pos * qcp[j] - qck[j] -
+                    soft * soft_prob<T, kLinear>(t, thi[j], tlo[j]));
     }
     e = v != -inf<T>() ? e : T(0);
     as += e * dv;

@@ -13,17 +13,20 @@ from typing import Callable, Optional, Tuple
 
 # clip_labels: CLIP over class ids (4 consecutive pairs per class); ntxent: NT-Xent of the two views
 # a, b (τ = 0.5, lightly's default); mnrl: sentence-transformers' MNRL with queries a and positives b
-# (scale 20, cos_sim). The last three run on the engine's general target.
-LOSSES = ("clip", "siglip", "clip_labels", "ntxent", "mnrl")
-TARGET_LOSSES = ("clip_labels", "ntxent", "mnrl")
+# (scale 20, cos_sim); distill: open_clip's DistillClipLoss, the sum of its two outputs, against a
+# teacher made from the inputs (see distill_teacher); align_uniform: alignment, uniformity and the
+# cross-modal uniformity of a, b. The last five run on the engine's general target.
+LOSSES = ("clip", "siglip", "clip_labels", "ntxent", "mnrl", "distill", "align_uniform")
+TARGET_LOSSES = ("clip_labels", "ntxent", "mnrl", "distill", "align_uniform")
 FASTCON_BACKENDS = ("cpp", "torch", "triton", "triton_fused")
 PROVIDERS = ("fastcon",) + tuple(f"fastcon-{b}" for b in FASTCON_BACKENDS) + (
     "fastcon_compile", "reference", "open_clip", "inf_cl", "torch_compile", "lightly", "sentence_transformers")
 # the peer each loss is compared with, beside the reference
 PEER_OF = {"clip": ("open_clip", "inf_cl"), "siglip": ("open_clip",), "clip_labels": (), "ntxent": ("lightly",),
-           "mnrl": ("sentence_transformers",)}
+           "mnrl": ("sentence_transformers",), "distill": ("open_clip",), "align_uniform": ()}
 NTXENT_TEMPERATURE = 0.5
 MNRL_SCALE = 20.0
+DISTILL_TEACHER_SCALE = 30.0
 
 
 class ProviderUnavailable(RuntimeError):
@@ -119,6 +122,23 @@ def class_ids(n: int, device):
     return torch.arange(n, device=device) // 4
 
 
+def distill_teacher(a, b):
+    """The distill case's teacher: the inputs' features reversed along D and normalised, without
+    gradient (another embedding of the same batch, correlated with the student's pairs)."""
+    import torch
+
+    return (torch.nn.functional.normalize(a.detach().flip(1), dim=1),
+            torch.nn.functional.normalize(b.detach().flip(1), dim=1))
+
+
+def _distill_fn(module):
+    """``fn(a, b, s, bias)``: the sum of a DistillClipLoss module's two outputs against distill_teacher."""
+    def fn(a, b, s, bias):
+        contrastive, distill = module(a, b, s, *distill_teacher(a, b), DISTILL_TEACHER_SCALE)
+        return contrastive + distill
+    return fn
+
+
 def _target_loss_fn(loss: str, provider: str) -> Callable:
     """``fn(a, b, logit_scale, logit_bias)`` of a general-target loss (the scale and bias are clip_labels'
     only: NT-Xent has its temperature, MNRL its scale)."""
@@ -138,6 +158,10 @@ def _target_loss_fn(loss: str, provider: str) -> Callable:
                                                       backend=backend)
         if loss == "ntxent":
             return lambda a, b, s, bias: FC.ntxent_loss(a, b, temperature=NTXENT_TEMPERATURE, backend=backend)
+        if loss == "distill":
+            return _distill_fn(fastcon.DistillClipLoss(backend=backend))
+        if loss == "align_uniform":
+            return lambda a, b, s, bias: FC.align_uniform_loss(a, b, cross=True, backend=backend)
         return lambda a, b, s, bias: FC.multiple_negatives_ranking_loss(a, [b], scale=MNRL_SCALE, backend=backend)
     if provider in ("reference", "torch_compile"):
         if loss == "clip_labels":
@@ -147,6 +171,12 @@ def _target_loss_fn(loss: str, provider: str) -> Callable:
         elif loss == "ntxent":
             def ref(a, b, s, bias):
                 return R.ntxent_loss_reference(a, b, temperature=NTXENT_TEMPERATURE)
+        elif loss == "distill":
+            def ref(a, b, s, bias):
+                return sum(R.distill_clip_loss_reference(a, b, s, *distill_teacher(a, b), DISTILL_TEACHER_SCALE))
+        elif loss == "align_uniform":
+            def ref(a, b, s, bias):
+                return R.align_uniform_loss_reference(a, b, cross=True)
         else:
             def ref(a, b, s, bias):
                 return R.mnrl_loss_reference(a, [b], MNRL_SCALE)
@@ -155,6 +185,8 @@ def _target_loss_fn(loss: str, provider: str) -> Callable:
 
             return torch.compile(ref)
         return ref
+    if provider == "open_clip" and loss == "distill":
+        return _distill_fn(_load_open_clip_loss().DistillClipLoss())
     if provider == "lightly":
         from lightly.loss import NTXentLoss
 

@@ -110,13 +110,6 @@ def hard_weight(target: Target, eps: float) -> float:
     return (1.0 - eps - target.soft) if target.hard is None else target.hard
 
 
-def require_hard_targets(target: Target, backend: str) -> None:
-    """NotImplementedError for soft targets on a backend without the teacher producer."""
-    if target.soft != 0.0:
-        raise NotImplementedError(f"the {backend} backend has no soft-target (teacher) kernels yet; use "
-                                  "backend='torch'")
-
-
 def teacher_chunk(target: Target, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
     """The teacher's tile of rows [r0, r1) × columns [c0, c1) (no gradient): logits
     ``s_t·A_t·B_tᵀ`` (softmax teacher) or weights ``c0 + c1·A_t·B_tᵀ`` (linear teacher)."""
@@ -188,6 +181,7 @@ def chunk_masks(target: Target, dot: torch.Tensor, r0: int, r1: int, c0: int = 0
         pair = dot[local, local + r0 + target.pair_offset - c0]
         keep = _and(keep, pos | (dot <= pair[:, None] - target.margin))
     if keep is not None:
+        keep = keep.expand(pos.shape)  # a column mask alone is (1, w): the column counts need every row
         pos &= keep
     penalised = None
     if target.penalty != 0.0:

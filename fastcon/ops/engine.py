@@ -528,33 +528,26 @@ def siglip_engine_loss(a, b, scale, bias, *, pos_offset: Optional[int], backend:
 # yet (``auto`` takes the chunked Triton path where it would pick them).
 
 TARGET_NOT_IMPLEMENTED = ("triton_fused",)
-SOFT_NOT_IMPLEMENTED = ("triton",)  # backends without the teacher's tile producer (soft targets)
 
 
-def resolve_target_backend(backend: str, device: torch.device, dtype: torch.dtype, soft: bool = False) -> str:
-    """The backend of a general-target loss: ``auto`` as for the other losses, except that where it
-    would pick the fused Triton tile kernels it takes the chunked Triton path (the fused kernels of
-    the general target are not written yet; ``backend="triton_fused"`` raises NotImplementedError),
-    and that soft targets (a teacher's tiles) take the torch backend where the chosen one has no
-    teacher producer (``SOFT_NOT_IMPLEMENTED``; named explicitly, such a backend raises
-    NotImplementedError)."""
+def resolve_target_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend of a general-target loss (soft targets included): ``auto`` as for the other
+    losses, except that where it would pick the fused Triton tile kernels it takes the chunked Triton
+    path (the fused kernels of the general target are not written yet; ``backend="triton_fused"``
+    raises NotImplementedError)."""
     name = resolve_name(backend, device, dtype)
     if backend == "auto" and name in TARGET_NOT_IMPLEMENTED:
-        name = "triton"
+        return "triton"
     if name in TARGET_NOT_IMPLEMENTED:
         raise NotImplementedError(
-            f"backend={name!r} has no kernel for labels, hard negatives or self-contrast yet; use backend='triton' "
-            "(or 'auto')")
-    if soft and name in SOFT_NOT_IMPLEMENTED:
-        if backend == "auto":
-            return "torch"
-        raise NotImplementedError(f"the {name} backend has no soft-target (teacher) kernels yet; use backend='torch'")
+            f"backend={name!r} has no kernel for labels, hard negatives, self-contrast or soft targets yet; use "
+            "backend='triton' (or 'auto')")
     return name
 
 
 @_assume_constant
-def _traced_target_backend(backend: str, device_type: str, dtype: torch.dtype, soft: bool = False) -> str:
-    return resolve_target_backend(backend, torch.device(device_type), dtype, soft)
+def _traced_target_backend(backend: str, device_type: str, dtype: torch.dtype) -> str:
+    return resolve_target_backend(backend, torch.device(device_type), dtype)
 
 
 def _target_softmax_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, target_tensors: List[Optional[Tensor]],
@@ -600,7 +593,7 @@ def target_engine_loss(a, b, scale, bias, target, *, label_smoothing: float = 0.
 
     out_dtype = loss_dtype(a)
     mm_dtype = autocast_gemm_dtype(a)
-    name = _traced_target_backend(backend, a.device.type, mm_dtype or a.dtype, target.soft != 0.0)
+    name = _traced_target_backend(backend, a.device.type, mm_dtype or a.dtype)
     scale, bias = engine_scalars(scale, bias, acc_dtype(a.dtype), a.device)
     t = target
     loss, *_ = target_softmax_loss(a, b, scale, bias, target_tensors(t), name,

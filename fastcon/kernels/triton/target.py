@@ -15,6 +15,14 @@ the target's O(N) vectors, it returns which pairs are kept, which are positives,
   place (fp32) or in a bf16/fp16 buffer for the gradient GEMMs, and per-program partials of ``Σ G·dot``
   and ``Σ G``.
 
+Soft targets (distillation, ``Target.soft``): ``torch.mm`` also writes the teacher's chunk of dot
+products ``A_t·B_tᵀ`` and a second tile function, ``teacher_tile``, turns a tile of it into the
+teacher's row and column target probabilities (a softmax teacher ``exp(s_t·A_t·B_t − norm)``, a linear
+one ``(c0 + c1·A_t·B_t) / norm``, with the normalisers of the teacher's own pass, ``targets.TeacherNorms``;
+0 on the dropped pairs). Pass 1 adds the cross terms ``Σ Qt·S`` and, with ``entropy``, the mixed targets'
+``Σ Q·log Q`` to its per-row and per-column sums; pass 2 forms ``G = w·(P·mass − Q_hard − ε/|K| −
+soft·Qt)`` per direction (``mass``: a linear teacher's total target mass where it is not 1).
+
 The target's vectors travel packed: per row (id, excluded column, range lo, range hi, owner, own rule)
 as int64 and the penalty flag, per column (id, owner) as int64 and (kept, penalised) flags, with the
 defaults of absent fields filled in; the margin enters as each row's bound ``A_i·B_pair − margin``
@@ -84,6 +92,48 @@ def target_tile(d, rows, cols, mask_m, mask_n, row_info_ptr, col_info_ptr, row_f
 
 
 @triton.jit
+def teacher_tile(td, keep, t_scale, t_c0, t_c1, t_row_hi, t_row_lo, t_col_hi, t_col_lo,
+                 TEACHER_LINEAR: tl.constexpr, COLS: tl.constexpr):
+    """The teacher's target probabilities (q_row, q_col) of a tile ``td`` of its dot products
+    A_t,i·B_t,j (fp32) on the kept pairs ``keep`` (0 elsewhere, the tile's padding included). Softmax
+    teacher: logits ``T = t_scale·td`` and ``exp(T − norm)`` with each row's (column's) float64
+    normaliser as fp32 (hi, lo) (``chunked._split_lse``); linear teacher (TEACHER_LINEAR): weights
+    ``T = t_c0 + t_c1·td`` and ``T·(1/norm)``: for a linear teacher the vectors hold the normalisers'
+    reciprocals (hi; lo unused), within an ulp of torch's ``T / norm`` without a division in the
+    kernel (whose slow path costs registers). q_col only with COLS (zeros otherwise). As
+    ``torch_chunked.teacher_probs``."""
+    if TEACHER_LINEAR:
+        t = td * t_c1 + t_c0
+        q_row = t * t_row_hi[:, None]
+    else:
+        t = td * t_scale
+        q_row = tl.exp2(((t - t_row_hi[:, None]) - t_row_lo[:, None]) * LOG2E)
+    q_row = tl.where(keep, q_row, 0.0)
+    q_col = tl.zeros_like(q_row)
+    if COLS:
+        if TEACHER_LINEAR:
+            q_col = t * t_col_hi[None, :]
+        else:
+            q_col = tl.exp2(((t - t_col_hi[None, :]) - t_col_lo[None, :]) * LOG2E)
+        q_col = tl.where(keep, q_col, 0.0)
+    return q_row, q_col
+
+
+@triton.jit
+def _xlogx(x):
+    """x·log(x), 0 at x = 0 (torch.xlogy(x, x))."""
+    zero = x == 0.0
+    return tl.where(zero, 0.0, x * tl.log(tl.where(zero, 1.0, x)))
+
+
+@triton.jit
+def _teacher_norms(norm_ptr, offs, mask):
+    """fp32 (hi, lo) of the teacher's float64 normalisers at offs (+inf outside mask, whose pairs the
+    keep mask drops)."""
+    return _split_lse(tl.load(norm_ptr + offs, mask=mask, other=float("inf")))
+
+
+@triton.jit
 def _program(scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_per_split, HAS_MARGIN: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """What program (m, s) of an epilogue over a chunk of R rows × W columns works on: (m, s), its
@@ -106,16 +156,22 @@ def _program(scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_per_split, HAS_MA
 @triton.jit
 def _target_stats_kernel(
     dot_ptr, scale_ptr, bias_ptr, row_info_ptr, col_info_ptr, row_flag_ptr, col_flag_ptr, dense_ptr, bound_ptr,
+    tdot_ptr, t_scale_ptr, t_row_ptr, t_col_ptr, t_row_hw_ptr, t_col_hw_ptr,
     row_part_ptr, row_sums_ptr, col_part_ptr, col_sums_ptr,
     R, W, row0, col0, tiles_per_split,
-    stride_dm, stride_dense, stride_rp, stride_rs, stride_cp, stride_cs, penalty,
+    stride_dm, stride_tm, stride_dense, stride_rp, stride_rs, stride_cp, stride_cs, penalty, t_c0, t_c1, soft,
     SYMMETRIC: tl.constexpr, SMOOTHING: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_PENALTY: tl.constexpr,
-    PENALTY_MODE: tl.constexpr, HAS_DENSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PENALTY_MODE: tl.constexpr, HAS_DENSE: tl.constexpr, SOFT: tl.constexpr, ENTROPY: tl.constexpr,
+    TEACHER_LINEAR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Program (m, s): rows [m·BM, (m+1)·BM) of the chunk × the column tiles of split s. Writes
     row_part[s, rows] (float64 LSE over the split's kept pairs), row_sums[s, k, rows] (k = 0: number
     of positives, 1: their summed logits, 2 and 3 the same of the kept pairs with SMOOTHING) and, when
-    SYMMETRIC, col_part[m, cols] and col_sums[m, k, cols], the same per column over the row block."""
+    SYMMETRIC, col_part[m, cols] and col_sums[m, k, cols], the same per column over the row block.
+    With SOFT (the teacher's chunk of dot products at tdot, its normalisers of the chunk's rows at t_row
+    and of its columns at t_col, float64; its scale at t_scale_ptr), k = 4: the cross term Σ Qt·S over
+    the kept pairs and, with ENTROPY, k = 5: Σ xlogy(mix, mix) of mix = soft·Qt + [pos]·hw, hw the
+    hard weight of each row (t_row_hw) or column (t_col_hw) per positive."""
     pid_m, pid_s, offs_m, mask_m, rows, bound, scale, bias, t0, t1 = _program(
         scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_per_split, HAS_MARGIN, BLOCK_M, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -124,6 +180,8 @@ def _target_stats_kernel(
     s_pos = tl.zeros([BLOCK_M], tl.float32)
     n_keep = tl.zeros([BLOCK_M], tl.float32)
     s_keep = tl.zeros([BLOCK_M], tl.float32)
+    x_row = tl.zeros([BLOCK_M], tl.float32)
+    e_row = tl.zeros([BLOCK_M], tl.float32)
     for ct in range(t0, t1):
         offs_n = ct * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < W
@@ -150,6 +208,32 @@ def _target_stats_kernel(
             if SMOOTHING:
                 tl.store(base + 2 * W, tl.sum(keep.to(tl.float32), 0), mask=mask_n)
                 tl.store(base + 3 * W, tl.sum(t_keep, 0), mask=mask_n)
+        if SOFT:
+            # the teacher's terms last (its row vectors and scale read per tile, from L1: fewer live registers)
+            t_scale = 1.0
+            if not TEACHER_LINEAR:
+                t_scale = tl.load(t_scale_ptr).to(tl.float32)
+            t_row_hi, t_row_lo = _teacher_norms(t_row_ptr, offs_m, mask_m)
+            td = tl.load(tdot_ptr + offs_m[:, None] * stride_tm + offs_n[None, :],
+                         mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+            if SYMMETRIC:
+                t_col_hi, t_col_lo = _teacher_norms(t_col_ptr, offs_n, mask_n)
+            else:
+                t_col_hi, t_col_lo = t_row_hi, t_row_lo  # unused
+            q_row, q_col = teacher_tile(td, keep, t_scale, t_c0, t_c1, t_row_hi, t_row_lo, t_col_hi, t_col_lo,
+                                        TEACHER_LINEAR, SYMMETRIC)
+            x_row += tl.sum(q_row * t_keep, 1)
+            if ENTROPY:
+                hw_row = tl.load(t_row_hw_ptr + offs_m, mask=mask_m, other=0.0)
+                mix = q_row * soft + tl.where(pos, hw_row[:, None], 0.0)
+                e_row += tl.sum(_xlogx(mix), 1)
+            if SYMMETRIC:
+                base = col_sums_ptr + pid_m * stride_cs + offs_n
+                tl.store(base + 4 * W, tl.sum(q_col * t_keep, 0), mask=mask_n)
+                if ENTROPY:
+                    hw_col = tl.load(t_col_hw_ptr + offs_n, mask=mask_n, other=0.0)
+                    mix = q_col * soft + tl.where(pos, hw_col[None, :], 0.0)
+                    tl.store(base + 5 * W, tl.sum(_xlogx(mix), 0), mask=mask_n)
     tl.store(row_part_ptr + pid_s * stride_rp + offs_m, _lse64(m_i, r_i), mask=mask_m)
     base = row_sums_ptr + pid_s * stride_rs + offs_m
     tl.store(base, n_pos, mask=mask_m)
@@ -157,29 +241,45 @@ def _target_stats_kernel(
     if SMOOTHING:
         tl.store(base + 2 * R, n_keep, mask=mask_m)
         tl.store(base + 3 * R, s_keep, mask=mask_m)
+    if SOFT:
+        tl.store(base + 4 * R, x_row, mask=mask_m)
+        if ENTROPY:
+            tl.store(base + 5 * R, e_row, mask=mask_m)
 
 
 @triton.jit
 def _target_grad_kernel(
     dot_ptr, g_ptr, scale_ptr, bias_ptr, row_info_ptr, col_info_ptr, row_flag_ptr, col_flag_ptr, dense_ptr,
     bound_ptr, row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, col_lse_ptr, q_col_pos_ptr, q_col_keep_ptr, w_col_ptr,
-    part_ptr,
+    tdot_ptr, t_scale_ptr, t_row_ptr, t_col_ptr, row_mass_ptr, col_mass_ptr, part_ptr,
     R, W, row0, col0, tiles_per_split, num_programs,
-    stride_dm, stride_gm, stride_dense, penalty, w_row, g_scale,
+    stride_dm, stride_gm, stride_tm, stride_dense, penalty, w_row, g_scale, t_c0, t_c1, soft,
     SYMMETRIC: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_PENALTY: tl.constexpr, PENALTY_MODE: tl.constexpr,
-    HAS_DENSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DENSE: tl.constexpr, SOFT: tl.constexpr, TEACHER_LINEAR: tl.constexpr, HAS_MASS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """G of program (m, s)'s tiles on the kept pairs (0 elsewhere):
     ``w_row·(exp(t − row_lse) − q_row_pos·[pos] − q_row_keep) [+ w_col·(exp(t − col_lse) − q_col_pos·[pos]
     − q_col_keep)]``, the float64 LSEs split into fp32 (hi, lo), ``exp(x) − q`` at a positive with
-    q > ½ formed as ``expm1(x) + (1 − q)``. G·g_scale is stored to g_ptr (which may alias dot_ptr: each element is read
-    before the same program writes it); part[0, p] = Σ G·dot, part[1, p] = Σ G (unscaled)."""
+    q > ½ formed as ``expm1(x) + (1 − q)``. With SOFT each direction also subtracts ``soft·Qt`` (the
+    teacher's probabilities of its chunk of dot products at tdot, ``teacher_tile``) and with HAS_MASS its
+    softmax term is ``mass·exp(x)`` (at such a positive ``mass·expm1(x) + (mass − q)``), the row's mass
+    at row_mass, the column's at col_mass. G·g_scale is stored to g_ptr (which may alias dot_ptr: each
+    element is read before the same program writes it); part[0, p] = Σ G·dot, part[1, p] = Σ G
+    (unscaled)."""
     pid_m, pid_s, offs_m, mask_m, rows, bound, scale, bias, t0, t1 = _program(
         scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_per_split, HAS_MARGIN, BLOCK_M, BLOCK_N)
     pid = pid_m * tl.num_programs(1) + pid_s
     row_hi, row_lo = _split_lse(tl.load(row_lse_ptr + offs_m, mask=mask_m, other=float("inf")))
     qp = tl.load(q_row_pos_ptr + offs_m, mask=mask_m, other=0.0)
     qk = tl.load(q_row_keep_ptr + offs_m, mask=mask_m, other=0.0)
+    if HAS_MASS:
+        mass = tl.load(row_mass_ptr + offs_m, mask=mask_m, other=0.0)
+    if SOFT:
+        t_scale = 1.0
+        if not TEACHER_LINEAR:
+            t_scale = tl.load(t_scale_ptr).to(tl.float32)
+        t_row_hi, t_row_lo = _teacher_norms(t_row_ptr, offs_m, mask_m)
     acc_gd = tl.zeros([BLOCK_M], tl.float32)
     acc_g = tl.zeros([BLOCK_M], tl.float32)
     for ct in range(t0, t1):
@@ -190,12 +290,29 @@ def _target_grad_kernel(
         keep, pos, t = target_tile(d, rows, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr,
                                    row_flag_ptr, col_flag_ptr, dense_ptr, stride_dense, bound, scale, bias, penalty,
                                    HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE)
+        if SOFT:
+            td = tl.load(tdot_ptr + offs_m[:, None] * stride_tm + offs_n[None, :], mask=mask, other=0.0)
+            if SYMMETRIC:
+                t_col_hi, t_col_lo = _teacher_norms(t_col_ptr, offs_n, mask_n)
+            else:
+                t_col_hi, t_col_lo = t_row_hi, t_row_lo  # unused
+            q_row, q_col = teacher_tile(td, keep, t_scale, t_c0, t_c1, t_row_hi, t_row_lo, t_col_hi, t_col_lo,
+                                        TEACHER_LINEAR, SYMMETRIC)
         x = (t - row_hi[:, None]) - row_lo[:, None]
         e = tl.exp2(x * LOG2E)
         # at a positive, P − q: for q near 1 (a single positive) as expm1(x) + (1 − q), which keeps the
-        # precision of a confident P ≈ 1; for smaller q directly
-        g = tl.where(pos, tl.where(qp[:, None] > 0.5, _expm1(x) + (1.0 - qp[:, None]), e - qp[:, None]), e)
-        g = w_row * (g - qk[:, None])
+        # precision of a confident P ≈ 1; for smaller q directly (with a mass m ≠ 1: m·P − q as
+        # m·expm1(x) + (m − q))
+        if HAS_MASS:
+            m2 = mass[:, None]
+            g = tl.where(pos, tl.where(qp[:, None] > 0.5, m2 * _expm1(x) + (m2 - qp[:, None]), e * m2 - qp[:, None]),
+                         e * m2)
+        else:
+            g = tl.where(pos, tl.where(qp[:, None] > 0.5, _expm1(x) + (1.0 - qp[:, None]), e - qp[:, None]), e)
+        g = g - qk[:, None]
+        if SOFT:
+            g = g - soft * q_row
+        g = w_row * g
         if SYMMETRIC:
             col_hi, col_lo = _split_lse(tl.load(col_lse_ptr + offs_n, mask=mask_n, other=float("inf")))
             qcp = tl.load(q_col_pos_ptr + offs_n, mask=mask_n, other=0.0)
@@ -203,8 +320,15 @@ def _target_grad_kernel(
             wc = tl.load(w_col_ptr + offs_n, mask=mask_n, other=0.0)
             xc = (t - col_hi[None, :]) - col_lo[None, :]
             ec = tl.exp2(xc * LOG2E)
-            gc = tl.where(pos, tl.where(qcp[None, :] > 0.5, _expm1(xc) + (1.0 - qcp[None, :]), ec - qcp[None, :]),
-                          ec) - qck[None, :]
+            if HAS_MASS:
+                mc = tl.load(col_mass_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+                gc = tl.where(pos, tl.where(qcp[None, :] > 0.5, mc * _expm1(xc) + (mc - qcp[None, :]),
+                                            ec * mc - qcp[None, :]), ec * mc) - qck[None, :]
+            else:
+                gc = tl.where(pos, tl.where(qcp[None, :] > 0.5, _expm1(xc) + (1.0 - qcp[None, :]), ec - qcp[None, :]),
+                              ec) - qck[None, :]
+            if SOFT:
+                gc = gc - soft * q_col
             g += tl.where(wc[None, :] != 0.0, wc[None, :] * gc, 0.0)
         g = tl.where(keep, g, 0.0)
         acc_gd += tl.sum(g * d, 1)
@@ -261,6 +385,18 @@ class _Packed:
                     HAS_DENSE=self.has_dense)
 
 
+def _q_bound(target) -> float:
+    """A bound of |P·mass − Q| per direction from the target's numbers alone (never the data): P <= 1
+    and 0 <= mass <= 1, Q = hard·[pos]/|P| + ε/|K| + soft·Qt >= 0 with Qt <= 1, so |P·mass − Q| <=
+    max(1, |hard| + ε + |soft|), ε < 1 and |hard| <= 1 + |soft| when it is what ε and soft leave. 1
+    without soft targets (Q <= 1)."""
+    if not target.soft:
+        return 1.0
+    soft = abs(float(target.soft))
+    hard = abs(float(target.hard)) if target.hard is not None else 1.0 + soft
+    return max(1.0, hard + 1.0 + soft)
+
+
 def _bounds(target, dot, r0: int, r1: int, c0: int):
     """Each row's A_i·B_pair − margin from the chunk's own dot products (fp32), or a dummy."""
     if target.margin is None:
@@ -269,18 +405,79 @@ def _bounds(target, dot, r0: int, r1: int, c0: int):
     return (dot[local, local + r0 + target.pair_offset - c0] - target.margin).contiguous()
 
 
+class _Teacher:
+    """The soft targets' inputs of the epilogues: the teacher's chunks of dot products, its scale (a
+    softmax teacher's, on the device: no host read), its normalisers (float64; a linear teacher's as
+    their reciprocals, see ``teacher_tile``) and its numbers; dummies without soft targets."""
+
+    def __init__(self, target, row_norm, col_norm, device):
+        from ..targets import TEACHER_LINEAR
+
+        self.soft = bool(target.soft)
+        self.linear = self.soft and target.teacher_kind == TEACHER_LINEAR
+        self.dummy = torch.zeros(1, dtype=torch.float32, device=device)
+        self.dummy64 = self.dummy.double()
+        self.target = target
+        if not self.soft:
+            self.scale, self.row_norm, self.col_norm = self.dummy, self.dummy64, self.dummy64
+            self.numbers = (0.0, 1.0, 0.0)
+            return
+        self.scale = (self.dummy if self.linear
+                      else target.teacher_scale.detach().to(device=device, dtype=torch.float32).reshape(1))
+        prep = (lambda v: v.to(torch.float64).reciprocal().contiguous()) if self.linear else \
+            (lambda v: v.to(torch.float64).contiguous())
+        self.row_norm = prep(row_norm)
+        self.col_norm = self.dummy64 if col_norm is None else prep(col_norm)
+        self.has_cols = col_norm is not None
+        self.numbers = (float(target.teacher_c0), float(target.teacher_c1), float(target.soft))
+
+    def chunk(self, r0, r1, c0, c1):
+        """The teacher's dot products of rows [r0, r1) × columns [c0, c1) (fp32), or a dummy."""
+        if not self.soft:
+            return self.dummy.reshape(1, 1)
+        t = self.target
+        return mm_acc(t.teacher_a[r0:r1], t.teacher_b[c0:c1].T).float()
+
+    def rows(self, r0, r1):
+        return self.row_norm[r0:r1] if self.soft else self.row_norm
+
+    def cols(self, c0, c1):
+        return self.col_norm[c0:c1] if (self.soft and self.has_cols) else self.col_norm
+
+    def flags(self):
+        return dict(SOFT=self.soft, TEACHER_LINEAR=self.linear)
+
+
 def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes, teacher=None):
-    """Pass 1 of the general target (the contract of ``torch_chunked.target_stats``)."""
-    from ..targets import TargetStats, column_span, require_hard_targets
+    """Pass 1 of the general target (the contract of ``torch_chunked.target_stats``; with soft
+    targets ``teacher`` is the ``targets.TeacherNorms`` of the teacher's pass)."""
+    from ..targets import TargetStats, column_span, hard_weight, with_teacher
 
     _check(a, b)
-    require_hard_targets(target, "triton")
     cfg = chunked_config("target_stats")
     na, nb = a.shape[0], b.shape[0]
     dev = a.device
     f32, f64 = torch.float32, torch.float64
     packed = _Packed(target, na, nb, dev)
     st = TargetStats.empty(na, nb, f32, dev)
+    soft = bool(target.soft)
+    if soft and teacher is None:
+        raise ValueError("soft targets need the teacher's normalisers (targets.teacher_norms)")
+    tch = _Teacher(target, teacher.row_norm if soft else None,
+                   teacher.col_norm if (soft and symmetric) else None, dev)
+    entropy = soft and bool(target.entropy)
+    n_sums = 6 if soft else 4
+    if soft:
+        cross_row, cross_col = torch.zeros(na, dtype=f64, device=dev), torch.zeros(nb, dtype=f64, device=dev)
+        ent_row, ent_col = ((torch.zeros(na, dtype=f64, device=dev), torch.zeros(nb, dtype=f64, device=dev))
+                            if entropy else (None, None))
+    hw_row = hw_col = tch.dummy
+    if entropy:  # the hard targets' weight per positive, as torch_chunked forms it (fp32)
+        h = hard_weight(target, 0.0)
+        hw_row = (h / teacher.row_pos.float().clamp_min(1)).float().contiguous()
+        if symmetric:
+            hw_col = (h / teacher.col_pos.float().clamp_min(1)).float().contiguous()
+    t_c0, t_c1, t_soft = tch.numbers
     cached, kept = [], 0
     dummy = torch.zeros(1, dtype=f64, device=dev)
     for r0, r1 in row_chunks(na, chunk_rows):
@@ -288,25 +485,34 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
         if c1 == c0:
             continue
         dot = mm_acc(a[r0:r1], b[c0:c1].T)
+        tdot = tch.chunk(r0, r1, c0, c1)
         r, w = r1 - r0, c1 - c0
         m_blocks, splits, per_split = _grid(r, w, cfg.block_m, cfg.block_n, dev)
         row_part = torch.empty((splits, r), dtype=f64, device=dev)
-        row_sums = torch.zeros((splits, 4, r), dtype=f32, device=dev)
+        row_sums = torch.zeros((splits, n_sums, r), dtype=f32, device=dev)
         col_part = torch.empty((m_blocks, w), dtype=f64, device=dev) if symmetric else dummy
-        col_sums = torch.zeros((m_blocks, 4, w), dtype=f32, device=dev) if symmetric else dummy.float()
+        col_sums = torch.zeros((m_blocks, n_sums, w), dtype=f32, device=dev) if symmetric else dummy.float()
         launch(_target_stats_kernel)[(m_blocks, splits)](
             dot, scale, bias, *packed.args(), _bounds(target, dot, r0, r1, c0),
+            tdot, tch.scale, tch.rows(r0, r1), tch.cols(c0, c1),
+            hw_row[r0:r1] if entropy else hw_row, hw_col[c0:c1] if (entropy and symmetric) else hw_col,
             row_part, row_sums, col_part, col_sums,
             r, w, r0, c0, per_split,
-            dot.stride(0), packed.dense.stride(0), row_part.stride(0), row_sums.stride(0),
+            dot.stride(0), tdot.stride(0), packed.dense.stride(0), row_part.stride(0), row_sums.stride(0),
             col_part.stride(0) if symmetric else 0, col_sums.stride(0) if symmetric else 0, packed.penalty,
-            SYMMETRIC=bool(symmetric), SMOOTHING=bool(smoothing), **packed.flags(),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            t_c0, t_c1, t_soft,
+            SYMMETRIC=bool(symmetric), SMOOTHING=bool(smoothing), **packed.flags(), **tch.flags(),
+            ENTROPY=entropy, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )
         _merge(row_part, st.row_lse[r0:r1], accumulate=False)
         totals = row_sums.double().sum(dim=0)
         st.row_pos[r0:r1], st.row_sum_pos[r0:r1] = totals[0].float(), totals[1]
         st.row_keep[r0:r1], st.row_sum_keep[r0:r1] = totals[2].float(), totals[3]
+        if soft:
+            cross_row[r0:r1] = totals[4]
+            if entropy:
+                ent_row[r0:r1] = totals[5]
         if symmetric:
             _merge(col_part, st.col_lse[c0:c1], accumulate=True)
             ctot = col_sums.double().sum(dim=0)
@@ -314,10 +520,16 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
             st.col_sum_pos[c0:c1] += ctot[1]
             st.col_keep[c0:c1] += ctot[2].float()
             st.col_sum_keep[c0:c1] += ctot[3]
+            if soft:
+                cross_col[c0:c1] += ctot[4]
+                if entropy:
+                    ent_col[c0:c1] += ctot[5]
         size = dot.numel() * dot.element_size()
         if len(cached) * chunk_rows == r0 and kept + size <= cache_bytes:
             cached.append(dot)
             kept += size
+    if soft:
+        st = with_teacher(st, teacher, cross_row, cross_col, ent_row, ent_col)
     return st, cached
 
 
@@ -343,8 +555,19 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
         w_col = w8.w_col.float().contiguous()
     else:
         col_lse, q_col_pos, q_col_keep, w_col = dummy.double(), dummy, dummy, dummy
-    # |G| <= w_row + max w_col: the bound of the fp16 lift, from the loss weights, not from the data
-    g_scale = grad_tile_scale(a.dtype, abs(float(w8.w_row)) + (float(w8.w_col_max) if symmetric else 0.0))
+    soft = bool(target.soft)
+    tch = _Teacher(target, w8.t_row_norm, w8.t_col_norm if symmetric else None, dev)
+    has_mass = soft and w8.row_mass is not None
+    row_mass = col_mass = dummy
+    if has_mass:
+        row_mass = w8.row_mass.float().contiguous()
+        if symmetric:
+            col_mass = (w8.col_mass.float().contiguous() if w8.col_mass is not None
+                        else torch.ones(nb, dtype=torch.float32, device=dev))
+    t_c0, t_c1, t_soft = tch.numbers
+    # |G| <= (w_row + max w_col)·q_bound: the bound of the fp16 lift, from the loss weights, not from the data
+    g_scale = grad_tile_scale(a.dtype, (abs(float(w8.w_row)) + (float(w8.w_col_max) if symmetric else 0.0))
+                              * _q_bound(target))
     parts = []
     for k, (r0, r1) in enumerate(row_chunks(na, chunk_rows)):
         c0, c1 = column_span(target, r0, r1, nb)
@@ -353,6 +576,7 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
         dot = cached[k] if k < len(cached) else mm_acc(a[r0:r1], b[c0:c1].T)
         if k < len(cached):
             dot = dot.clone()  # G is written in place
+        tdot = tch.chunk(r0, r1, c0, c1)
         r, w = r1 - r0, c1 - c0
         g_buf = _g_buffer(a, r, w)
         g = dot if g_buf is None else g_buf
@@ -364,10 +588,13 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
             dot, g, scale, bias, *packed.args(), _bounds(target, dot, r0, r1, c0),
             row_lse[r0:r1], q_row_pos[r0:r1], q_row_keep[r0:r1],
             col_lse[sl] if symmetric else col_lse, q_col_pos[sl] if symmetric else q_col_pos,
-            q_col_keep[sl] if symmetric else q_col_keep, w_col[sl] if symmetric else w_col, part,
+            q_col_keep[sl] if symmetric else q_col_keep, w_col[sl] if symmetric else w_col,
+            tdot, tch.scale, tch.rows(r0, r1), tch.cols(c0, c1), row_mass[r0:r1] if has_mass else row_mass,
+            col_mass[sl] if (has_mass and symmetric) else col_mass, part,
             r, w, r0, c0, per_split, nprog,
-            dot.stride(0), g.stride(0), packed.dense.stride(0), packed.penalty, float(w8.w_row), g_scale,
-            SYMMETRIC=symmetric, **packed.flags(),
+            dot.stride(0), g.stride(0), tdot.stride(0), packed.dense.stride(0), packed.penalty, float(w8.w_row),
+            g_scale, t_c0, t_c1, t_soft,
+            SYMMETRIC=symmetric, **packed.flags(), **tch.flags(), HAS_MASS=has_mass,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         parts.append(part)
@@ -399,38 +626,65 @@ def compile_specs():
     margin = dict(none, HAS_MARGIN=True)
     penalty = dict(none, HAS_PENALTY=True, PENALTY_MODE=2)
     everything = dict(HAS_MARGIN=True, HAS_PENALTY=True, PENALTY_MODE=1, HAS_DENSE=True)
+    # soft targets (the margin rule does not combine with them): a softmax teacher with the targets'
+    # entropy (clip, hycd), a linear one (cwcl), and the pair rules and smoothing beside a softmax teacher
+    hard = dict(SOFT=False, ENTROPY=False, TEACHER_LINEAR=False)
+    soft_max = dict(SOFT=True, ENTROPY=True, TEACHER_LINEAR=False)
+    soft_lin = dict(SOFT=True, ENTROPY=False, TEACHER_LINEAR=True)
+    rules = dict(everything, HAS_MARGIN=False)
+    teacher_sig = {"tdot_ptr": f32p, "t_scale_ptr": f32p, "t_row_ptr": f64p, "t_col_ptr": f64p}
+
+    def soft_tag(soft):
+        if not soft["SOFT"]:
+            return ""
+        return ",soft=" + ("linear" if soft["TEACHER_LINEAR"] else "softmax") + (",entropy" if soft["ENTROPY"] else "")
+
     cfg = chunked_config("target_stats")
-    for flags, sym, smooth in ((none, False, False), (margin, False, False), (penalty, False, True),
-                               (none, True, False), (everything, True, True)):
-        sig = {"dot_ptr": f32p, "scale_ptr": f32p, "bias_ptr": f32p, **target_sig,
+    for flags, sym, smooth, soft in ((none, False, False, hard), (margin, False, False, hard),
+                                     (penalty, False, True, hard), (none, True, False, hard),
+                                     (everything, True, True, hard), (none, True, False, soft_max),
+                                     (none, True, False, soft_lin), (rules, True, True, soft_max)):
+        sig = {"dot_ptr": f32p, "scale_ptr": f32p, "bias_ptr": f32p, **target_sig, **teacher_sig,
+               "t_row_hw_ptr": f32p, "t_col_hw_ptr": f32p,
                "row_part_ptr": f64p, "row_sums_ptr": f32p, "col_part_ptr": f64p, "col_sums_ptr": f32p,
                "R": i32, "W": i32, "row0": i32, "col0": i32, "tiles_per_split": i32,
-               "stride_dm": i32, "stride_dense": i32, "stride_rp": i32, "stride_rs": i32, "stride_cp": i32,
-               "stride_cs": i32, "penalty": "fp32", "SYMMETRIC": "constexpr", "SMOOTHING": "constexpr",
+               "stride_dm": i32, "stride_tm": i32, "stride_dense": i32, "stride_rp": i32, "stride_rs": i32,
+               "stride_cp": i32, "stride_cs": i32, "penalty": "fp32", "t_c0": "fp32", "t_c1": "fp32", "soft": "fp32",
+               "SYMMETRIC": "constexpr", "SMOOTHING": "constexpr",
                "HAS_MARGIN": "constexpr", "HAS_PENALTY": "constexpr", "PENALTY_MODE": "constexpr",
-               "HAS_DENSE": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
-        consts = dict(SYMMETRIC=sym, SMOOTHING=smooth, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags)
+               "HAS_DENSE": "constexpr", "SOFT": "constexpr", "ENTROPY": "constexpr", "TEACHER_LINEAR": "constexpr",
+               "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
+        consts = dict(SYMMETRIC=sym, SMOOTHING=smooth, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags, **soft)
         tag = ",".join(k for k, v in flags.items() if v and k != "PENALTY_MODE") or "plain"
-        specs.append(dict(name=f"target_stats[{tag},sym={sym},smooth={smooth}]", fn=_target_stats_kernel,
-                          signature=sig, constexprs=consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                          uses_dot=False, dtype="float32", config=cfg))
+        specs.append(dict(name=f"target_stats[{tag},sym={sym},smooth={smooth}{soft_tag(soft)}]",
+                          fn=_target_stats_kernel, signature=sig, constexprs=consts, num_warps=cfg.num_warps,
+                          num_stages=cfg.num_stages, uses_dot=False, dtype="float32", config=cfg))
     cfg = chunked_config("target_grad")
+    g_hard = dict(SOFT=False, TEACHER_LINEAR=False, HAS_MASS=False)
+    g_soft_max = dict(SOFT=True, TEACHER_LINEAR=False, HAS_MASS=False)
+    g_soft_lin = dict(SOFT=True, TEACHER_LINEAR=True, HAS_MASS=True)
     for dtype in SUPPORTED_DTYPES:
-        variants = [(none, False), (everything, True)]
+        variants = [(none, False, g_hard), (everything, True, g_hard), (none, True, g_soft_max),
+                    (none, True, g_soft_lin)]
         if dtype == "float32":
-            variants += [(margin, False), (penalty, False), (none, True)]
-        for flags, sym in variants:
+            variants += [(margin, False, g_hard), (penalty, False, g_hard), (none, True, g_hard),
+                         (rules, True, g_soft_max), (none, False, g_soft_max)]
+        for flags, sym, soft in variants:
             sig = {"dot_ptr": f32p, "g_ptr": "*" + tri[dtype], "scale_ptr": f32p, "bias_ptr": f32p, **target_sig,
                    "row_lse_ptr": f64p, "q_row_pos_ptr": f32p, "q_row_keep_ptr": f32p, "col_lse_ptr": f64p,
-                   "q_col_pos_ptr": f32p, "q_col_keep_ptr": f32p, "w_col_ptr": f32p, "part_ptr": f32p,
+                   "q_col_pos_ptr": f32p, "q_col_keep_ptr": f32p, "w_col_ptr": f32p, **teacher_sig,
+                   "row_mass_ptr": f32p, "col_mass_ptr": f32p, "part_ptr": f32p,
                    "R": i32, "W": i32, "row0": i32, "col0": i32, "tiles_per_split": i32, "num_programs": i32,
-                   "stride_dm": i32, "stride_gm": i32, "stride_dense": i32, "penalty": "fp32", "w_row": "fp32",
-                   "g_scale": "fp32", "SYMMETRIC": "constexpr", "HAS_MARGIN": "constexpr",
+                   "stride_dm": i32, "stride_gm": i32, "stride_tm": i32, "stride_dense": i32, "penalty": "fp32",
+                   "w_row": "fp32", "g_scale": "fp32", "t_c0": "fp32", "t_c1": "fp32", "soft": "fp32",
+                   "SYMMETRIC": "constexpr", "HAS_MARGIN": "constexpr",
                    "HAS_PENALTY": "constexpr", "PENALTY_MODE": "constexpr", "HAS_DENSE": "constexpr",
+                   "SOFT": "constexpr", "TEACHER_LINEAR": "constexpr", "HAS_MASS": "constexpr",
                    "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
-            consts = dict(SYMMETRIC=sym, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags)
+            consts = dict(SYMMETRIC=sym, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags, **soft)
             tag = ",".join(k for k, v in flags.items() if v and k != "PENALTY_MODE") or "plain"
-            specs.append(dict(name=f"target_grad[{tag},sym={sym}]", fn=_target_grad_kernel, signature=sig,
+            stag = soft_tag(dict(soft, ENTROPY=False)) + (",mass" if soft["HAS_MASS"] else "")
+            specs.append(dict(name=f"target_grad[{tag},sym={sym}{stag}]", fn=_target_grad_kernel, signature=sig,
                               constexprs=consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                               uses_dot=False, dtype=dtype, config=cfg))
     return specs
