@@ -42,9 +42,10 @@ tail -n 3 "$out/cuda-tests.log"
 "$py" -m fastcon.bench --device cuda --loss clip,siglip --providers fastcon,reference,open_clip,inf_cl \
   --batch "${SWEEP_BATCH:-8192,32768,65536}" --dim "${SWEEP_DIM:-768}" --dtype bfloat16 \
   --json "$out/gpu-bf16.json" --markdown "$out/gpu-bf16.md" || status=1
-# The general-target losses (class ids, NT-Xent, MNRL) against their references and installed peers.
-"$py" -m fastcon.bench --device cuda --loss clip_labels,ntxent,mnrl \
-  --providers fastcon,reference,lightly,sentence_transformers --batch "${TARGET_BATCH:-8192,32768}" \
+# The general-target losses (class ids, NT-Xent, MNRL, DistillClipLoss, alignment/uniformity) against
+# their references and installed peers.
+"$py" -m fastcon.bench --device cuda --loss clip_labels,ntxent,mnrl,distill,align_uniform \
+  --providers fastcon,reference,open_clip,lightly,sentence_transformers --batch "${TARGET_BATCH:-8192,32768}" \
   --dim "${SWEEP_DIM:-768}" --dtype bfloat16 --json "$out/gpu-targets-bf16.json" \
   --markdown "$out/gpu-targets-bf16.md" || status=1
 "$py" -m fastcon.bench summary "$out/gpu-peak.json" "$out/gpu-bf16.json" >"$out/gpu-summary.md" || status=1

@@ -730,6 +730,32 @@ def distill_loss(
                                      backend=backend, chunk_size=chunk_size)
 
 
+def distill_clip_losses(image_features, text_features, logit_scale, teacher_image_features, teacher_text_features,
+                        teacher_logit_scale, *, label_smoothing: float = 0.0, backend: str = "auto",
+                        chunk_size: Optional[int] = None):
+    """(``clip_loss``, ``distill_loss(kind="clip")``) of one process from one engine pass: both share the
+    student's LSEs, the teacher's pass and pass 1 run once, and pass 2 once in the backward for the
+    gradient of any weighting of the two (open_clip's DistillClipLoss on one process)."""
+    from .ops.engine import target_pair_engine_loss
+
+    scale, _ = _check_common(image_features, text_features, logit_scale, None)
+    eps = check_label_smoothing(label_smoothing)
+    chunk_size = _check_chunk_size(chunk_size)
+    if image_features.shape[0] != text_features.shape[0]:
+        raise ValueError(f"distillation needs paired batches: image_features has {image_features.shape[0]} rows, "
+                         f"text_features {text_features.shape[0]}")
+    tx = _check_teacher("teacher_image_features", teacher_image_features, image_features)
+    ty = _check_teacher("teacher_text_features", teacher_text_features, text_features)
+    teacher_scale = check_scalar("teacher_logit_scale", teacher_logit_scale, image_features.device)
+    dev = image_features.device
+    acc = torch.promote_types(image_features.dtype, torch.float32)
+    ids = torch.arange(image_features.shape[0], device=dev)
+    target = Target(ids, ids, teacher_a=tx, teacher_b=ty,
+                    teacher_scale=teacher_scale.detach().to(device=dev, dtype=acc).reshape(()), soft=1.0)
+    return target_pair_engine_loss(image_features, text_features, scale, None, target, label_smoothing=eps,
+                                   backend=backend, chunk_size=chunk_size)
+
+
 def _distill_distributed(x, y, scale, tx, ty, numbers, *, group, local_loss, gather_with_grad, backend, chunk_size):
     """distill_loss on W ranks in open_clip's modes: ``local_loss=False``, the loss of the global batch
     on every rank (this rank's rows against the gathered columns, the column statistics of the

@@ -110,17 +110,27 @@ class DistillClipLoss(ClipLoss):
     ``½[softCE(S, softmax_row(T)) + softCE(Sᵀ, softmax_row(Tᵀ))]`` with ``T = s_t·X̃·Ỹᵀ`` (the teacher
     detached; ``fastcon.functional.distill_loss(kind="clip")``, docs/losses.md §1.3). With
     ``world_size > 1`` both terms follow open_clip's ``(local_loss, gather_with_grad)`` modes: each rank
-    gets open_clip's losses and gradients (the teacher's features are gathered without gradient).
+    gets open_clip's losses and gradients (the teacher's features are gathered without gradient). On
+    one process both come from one engine pass (``fastcon.functional.distill_clip_losses``): they share
+    the student's LSEs, and the gradient pass runs once in the backward for any weighting of the two.
     """
 
     def forward(self, image_features, text_features, logit_scale, dist_image_features, dist_text_features,
                 dist_logit_scale, output_dict: bool = False):
+        group = _group_for(self, self.process_group)
+        if group is None and self.backend != "reference":  # one engine pass for both
+            _check_paired(self, image_features, text_features)
+            contrastive, distill = FC.distill_clip_losses(
+                image_features, text_features, logit_scale, dist_image_features, dist_text_features, dist_logit_scale,
+                label_smoothing=self.label_smoothing, backend=self.backend, chunk_size=self.chunk_size)
+            if output_dict:
+                return {"contrastive_loss": contrastive, "distill_loss": distill}
+            return contrastive, distill
         contrastive = super().forward(image_features, text_features, logit_scale)
         distill = FC.distill_loss(image_features, text_features, logit_scale, dist_image_features, dist_text_features,
                                   dist_logit_scale, kind="clip", local_loss=self.local_loss,
                                   gather_with_grad=self.gather_with_grad,
-                                  process_group=_group_for(self, self.process_group), backend=self.backend,
-                                  chunk_size=self.chunk_size)
+                                  process_group=group, backend=self.backend, chunk_size=self.chunk_size)
         if output_dict:
             return {"contrastive_loss": contrastive, "distill_loss": distill}
         return contrastive, distill

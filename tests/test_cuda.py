@@ -7,6 +7,7 @@ fp32 ground truth on the same inputs, plus a small tolerance.
 import pytest
 import torch
 
+import fastcon
 import fastcon.functional as FC
 from fastcon import reference as R
 from helpers import make_features
@@ -366,3 +367,25 @@ def test_cuda_distill_triton_low_precision_budget(case, dtype):
     errs = _distill_errors(case, dtype)
     tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
     assert max(errs) <= tol, (case, dtype, errs)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_cuda_distill_clip_pair_from_one_pass(dtype, tol):
+    """DistillClipLoss on one process (both losses from one engine pass, pass 2 in the backward) on the
+    Triton path: each loss and the gradients of a weighted sum against the float64 references."""
+    n, d = 1024, 256
+    x, y = make_features(n, n, d)
+    tx, ty = make_features(n, n, d, seed=4)
+    x, y, tx, ty = (t.cuda().to(dtype) for t in (x, y, tx, ty))
+    leaves = [x.clone().requires_grad_(), y.clone().requires_grad_(), torch.tensor(30.0, device="cuda",
+                                                                               requires_grad=True)]
+    truth = [x.double().requires_grad_(), y.double().requires_grad_(), torch.tensor(30.0, device="cuda",
+                                                                                  dtype=torch.float64,
+                                                                                  requires_grad=True)]
+    c, dl = fastcon.DistillClipLoss()(*leaves, tx, ty, 50.0)
+    c_ref, d_ref = R.distill_clip_loss_reference(*truth, tx.double(), ty.double(), 50.0)
+    grads = torch.autograd.grad(c + 0.5 * dl, leaves)
+    expected = torch.autograd.grad(c_ref + 0.5 * d_ref, truth)
+    errs = [((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+            for got, want in zip([c, dl] + list(grads), [c_ref, d_ref] + list(expected))]
+    assert max(errs) <= tol, errs

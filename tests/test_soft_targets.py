@@ -146,7 +146,8 @@ def _open_clip_loss_module():
     return _load_open_clip_loss()
 
 
-def test_distill_clip_loss_module_against_open_clip():
+@pytest.mark.parametrize("backend", ["auto", "torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_distill_clip_loss_module_against_open_clip(backend):
     import inspect
 
     import fastcon
@@ -157,7 +158,7 @@ def test_distill_clip_loss_module_against_open_clip():
     x, y = make_features(50, 50, 16)
     tx, ty = _teacher(50, 16)
     s, st = torch.tensor(14.3), torch.tensor(25.0)
-    ours_mod, theirs_mod = fastcon.DistillClipLoss(), theirs_cls()
+    ours_mod, theirs_mod = fastcon.DistillClipLoss(backend=backend), theirs_cls()
     for k, key in enumerate(("contrastive_loss", "distill_loss")):
         leaves_o = [x.clone().requires_grad_(), y.clone().requires_grad_(), s.clone().requires_grad_()]
         leaves_t = [x.clone().requires_grad_(), y.clone().requires_grad_(), s.clone().requires_grad_()]
@@ -201,3 +202,61 @@ def test_soft_target_with_dropped_pairs_matches_the_torch_backend(teacher_kind, 
             out.append([loss] + list(torch.autograd.grad(loss, leaves)))
         for k, (p, q) in enumerate(zip(*out)):
             assert_close_rel(q, p, rtol=tol, atol=tol * 0.1, name=f"{dtype} output {k}")
+
+
+PAIR_BACKENDS = ["torch", "cpp", pytest.param("triton", marks=pytest.mark.interpreter)]
+
+
+@pytest.mark.parametrize("backend", PAIR_BACKENDS)
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (0.3, 2.0), (1.0, 0.0), (0.0, 1.0), (1.0, -1.0), None])
+def test_distill_clip_losses_any_weighting(backend, weights):
+    """The pair from one engine pass (pass 2 in the backward, once): each loss equals its own
+    reference and the gradient of any weighting of the two (one output alone, opposite weights,
+    None: only the distillation term backpropagated) equals the reference's; label smoothing on the
+    contrastive part."""
+    dtype, rtol = (torch.float32, 2e-5) if backend == "triton" else (torch.float64, 1e-11)
+    n, d = 29, 16
+    x, y = make_features(n, n, d, dtype=dtype)
+    tx, ty = _teacher(n, d, dtype=dtype)
+    leaves = [x.clone().requires_grad_(), y.clone().requires_grad_(), torch.tensor(14.3, dtype=dtype,
+                                                                               requires_grad=True)]
+    truth = [x.double().requires_grad_(), y.double().requires_grad_(), torch.tensor(14.3, dtype=torch.float64,
+                                                                                  requires_grad=True)]
+    c, dl = FC.distill_clip_losses(*leaves, tx, ty, 20.0, label_smoothing=0.1, backend=backend, chunk_size=8)
+    c_ref = FC.clip_loss(*truth, label_smoothing=0.1, backend="reference")
+    d_ref = FC.distill_loss(*truth, tx.double(), ty.double(), 20.0, backend="reference")
+    assert c.dtype == dtype and dl.dtype == dtype
+    assert_close_rel(c, c_ref, rtol=rtol, name="contrastive")
+    assert_close_rel(dl, d_ref, rtol=rtol, name="distill")
+    out, expected = (dl, d_ref) if weights is None else (weights[0] * c + weights[1] * dl,
+                                                          weights[0] * c_ref + weights[1] * d_ref)
+    for i, (g, e) in enumerate(zip(torch.autograd.grad(out, leaves), torch.autograd.grad(expected, truth))):
+        assert_close_rel(g, e, rtol=rtol, atol=rtol * 1e-3, name=f"grad {i}")
+
+
+def test_distill_clip_losses_compile_and_opcheck():
+    """The pair's two ops (pass 1 in the forward, pass 2 in the backward) under torch.compile
+    (fullgraph) and opcheck."""
+    from fastcon.kernels.targets import Target, target_numbers, target_tensors
+
+    torch._dynamo.reset()
+    x, y = make_features(20, 20, 8)
+    tx, ty = _teacher(20, 8)
+
+    def step(p, q, s):
+        c, dl = FC.distill_clip_losses(torch.nn.functional.normalize(p, dim=-1), q, s.exp(), tx, ty, 25.0,
+                                       backend="torch")
+        return c + 0.5 * dl
+
+    leaves = [(2 * x).requires_grad_(), y.clone().requires_grad_(), torch.tensor(2.0, requires_grad=True)]
+    eager = step(*leaves)
+    eager_grads = torch.autograd.grad(eager, leaves)
+    out = torch.compile(step, fullgraph=True)(*leaves)
+    assert_close_rel(out, eager, rtol=1e-6)
+    for g, e in zip(torch.autograd.grad(out, leaves), eager_grads):
+        assert_close_rel(g, e, rtol=1e-5, atol=1e-8)
+    ids = torch.arange(20)
+    target = Target(ids, ids, teacher_a=tx, teacher_b=ty, teacher_scale=torch.tensor(25.0), soft=1.0)
+    args = (x.clone().requires_grad_(), y.clone().requires_grad_(), torch.tensor(14.3, requires_grad=True),
+            torch.tensor(0.0), target_tensors(target), "cpp", 0, target_numbers(target), 0.1, True, 6, None)
+    torch.library.opcheck(torch.ops.fastcon.target_pair_loss.default, args)

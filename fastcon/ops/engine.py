@@ -603,3 +603,159 @@ def target_engine_loss(a, b, scale, bias, target, *, label_smoothing: float = 0.
                                    int(chunk_size or 0), -1 if cache_limit is None else int(cache_limit),
                                    needs_grad(a, b, scale, bias), mm_dtype)
     return loss.to(acc_dtype(a.dtype)).to(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A soft target's two losses from one pass: the contrastive loss of its hard targets and the soft
+# cross-entropy against the teacher share the student's LSEs (open_clip's DistillClipLoss returns the
+# two). Pass 1 runs in the forward; pass 2 runs in the backward, once, for the gradient of
+# g_hard·L_hard + g_soft·L_soft (G = P − (g_hard·Q_hard + g_soft·Q_soft)/(g_hard + g_soft), times the
+# sum), so the pair costs the GEMMs of one loss.
+
+_PAIR_STATS = ("row_lse", "row_pos", "row_keep", "col_lse", "col_pos", "col_keep", "t_row_norm", "t_col_norm")
+
+
+def _pair_passes(backend: str):
+    """(target_stats, target_grad) of a resolved backend."""
+    if backend == "triton":
+        from fastcon.kernels.triton import target as impl
+    else:
+        impl = backend_module(backend)
+    return impl.target_stats, impl.target_grad
+
+
+def _pair_targets(target, eps: float):
+    """(the hard part, the soft part) of a soft target: Q_hard = (1−ε)·[pos]/|P| + ε/|K|, Q_soft = Qt."""
+    return target._replace(soft=0.0, hard=None, entropy=False), target._replace(hard=0.0, entropy=False)
+
+
+def _target_pair_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, target_tensors: List[Optional[Tensor]],
+                      backend: str, pair_offset: int, numbers: List[float], label_smoothing: float, symmetric: bool,
+                      chunk_size: int, mm_dtype: Optional[torch.dtype]) -> List[Tensor]:
+    """[L_hard, L_soft (float64), then the statistics pass 2 needs (``_PAIR_STATS``)]: the teacher's
+    pass and pass 1 of a soft target, both losses from the same LSEs."""
+    from fastcon.kernels.targets import loss_and_weights, target_from, teacher_norms, teacher_stats
+
+    with backend_context(a.device.type):
+        _, x, y, s, c, chunk_rows = _backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype)
+        target = target_from(target_tensors, pair_offset, None, numbers)
+        stats_fn, _ = _pair_passes(backend)
+        teacher = teacher_norms(target, teacher_stats(stats_fn, target, symmetric, chunk_rows), symmetric)
+        st, _ = stats_fn(x, y, s, c, target, symmetric, bool(label_smoothing), chunk_rows, 0, teacher)
+        hard, soft = _pair_targets(target, label_smoothing)
+        l_hard, _ = loss_and_weights(hard, st, label_smoothing, symmetric, s.dtype)
+        l_soft, _ = loss_and_weights(soft, st, 0.0, symmetric, s.dtype)
+        empty = a.new_empty((0,), dtype=torch.float64)
+        out = [l_hard.double(), l_soft.double()]
+        for f in _PAIR_STATS:
+            v = getattr(st, f) if f != "t_col_norm" else teacher.col_norm
+            out.append(empty if v is None or (f.startswith("col") and not symmetric) else v)
+        return out
+
+
+def _target_pair_loss_fake(a, b, scale, bias, target_tensors, backend, pair_offset, numbers, label_smoothing,
+                           symmetric, chunk_size, mm_dtype):
+    na, nb = a.shape[0], b.shape[0]
+    acc = acc_dtype(a.dtype)
+    f64 = torch.float64
+    cols = nb if symmetric else 0
+    return [a.new_empty((), dtype=f64), a.new_empty((), dtype=f64),
+            a.new_empty((na,), dtype=f64), a.new_empty((na,), dtype=acc), a.new_empty((na,), dtype=acc),
+            a.new_empty((cols,), dtype=f64), a.new_empty((cols,), dtype=acc), a.new_empty((cols,), dtype=acc),
+            a.new_empty((na,), dtype=f64), a.new_empty((cols,), dtype=f64)]
+
+
+def _target_pair_grad(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, target_tensors: List[Optional[Tensor]],
+                      backend: str, pair_offset: int, numbers: List[float], label_smoothing: float, symmetric: bool,
+                      chunk_size: int, mm_dtype: Optional[torch.dtype], stats: List[Tensor],
+                      upstream: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Pass 2 of ``_target_pair_loss`` for the upstream gradients ``upstream = (g_hard, g_soft)``: the
+    (wide) gradients of g_hard·L_hard + g_soft·L_soft with respect to a, b, scale and bias."""
+    from fastcon.kernels.targets import TargetStats, loss_and_weights, target_from
+
+    with backend_context(a.device.type):
+        _, x, y, s, c, chunk_rows = _backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype)
+        target = target_from(target_tensors, pair_offset, None, numbers)
+        _, grad_fn = _pair_passes(backend)
+        st = dict(zip(_PAIR_STATS, stats))
+        na, nb = x.shape[0], y.shape[0]
+        zeros = lambda n: torch.zeros(n, dtype=torch.float64, device=x.device)  # noqa: E731
+        if not symmetric:
+            st.update(col_lse=torch.full((nb,), float("-inf"), dtype=torch.float64, device=x.device),
+                      col_pos=torch.zeros(nb, dtype=st["row_pos"].dtype, device=x.device),
+                      col_keep=torch.zeros(nb, dtype=st["row_pos"].dtype, device=x.device), t_col_norm=None)
+        full = TargetStats(row_sum_pos=zeros(na), row_sum_keep=zeros(na), col_sum_pos=zeros(nb), col_sum_keep=zeros(nb),
+                           cross_row=zeros(na), cross_col=zeros(nb), **st)
+        g_hard, g_soft = (float(v) for v in upstream.double().cpu())
+        eps = label_smoothing
+        hard, soft = _pair_targets(target, eps)
+        total = g_hard + g_soft
+        if total != 0.0:  # one pass: P − Q of the mixed targets, times the sum
+            u, v = g_hard / total, g_soft / total
+            parts = [(total, target._replace(hard=u * (1.0 - eps), soft=v * target.soft, entropy=False), u * eps)]
+        else:  # g_soft = −g_hard: no softmax term is left, the two parts apart
+            parts = [(g_hard, hard, eps), (g_soft, soft, 0.0)]
+        grads = None
+        for factor, t, e in parts:
+            _, weights = loss_and_weights(t, full, e, symmetric, s.dtype)
+            g = grad_fn(x, y, s, c, t, weights, chunk_rows)
+            g = [factor * v for v in g]
+            grads = g if grads is None else [p + q for p, q in zip(grads, g)]
+        return final_grads((a, b, scale, bias), grads, 1.0)
+
+
+def _target_pair_grad_fake(a, b, scale, bias, target_tensors, backend, pair_offset, numbers, label_smoothing,
+                           symmetric, chunk_size, mm_dtype, stats, upstream):
+    return _grad_likes(a, b, scale, bias)
+
+
+_PAIR_OTHER = ("target_tensors", "backend", "pair_offset", "numbers", "label_smoothing", "symmetric", "chunk_size",
+               "mm_dtype")
+
+
+def _pair_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4], *output[2:], *[t for t in inputs[4] if t is not None])
+    ctx.present = [t is not None for t in inputs[4]]
+    ctx.other = inputs[5:]
+
+
+def _pair_backward(ctx, grads_out):
+    forbid_double_backward()
+    saved = ctx.saved_tensors
+    a, b, scale, bias = saved[:4]
+    stats = list(saved[4:4 + len(_PAIR_STATS)])
+    rest = iter(saved[4 + len(_PAIR_STATS):])
+    tensors = [next(rest) if p else None for p in ctx.present]
+    g = [torch.zeros((), dtype=torch.float64, device=a.device) if t is None else t.reshape(()) for t in grads_out[:2]]
+    upstream = torch.stack([t.to(device=a.device, dtype=torch.float64) for t in g])
+    wide = target_pair_grad(a, b, scale, bias, tensors, *ctx.other, stats, upstream)
+    out = [None if not ctx.needs_input_grad[k] else w.to(x.dtype) for k, (x, w) in enumerate(zip((a, b, scale, bias),
+                                                                                                 wide))]
+    return tuple(out) + (None,) * len(_PAIR_OTHER)
+
+
+target_pair_loss = torch.library.custom_op("fastcon::target_pair_loss", _target_pair_loss, mutates_args=())
+target_pair_loss.register_fake(_target_pair_loss_fake)
+target_pair_grad = torch.library.custom_op("fastcon::target_pair_grad", _target_pair_grad, mutates_args=())
+target_pair_grad.register_fake(_target_pair_grad_fake)
+target_pair_loss.register_autograd(_pair_backward, setup_context=_pair_setup)
+
+
+def target_pair_engine_loss(a, b, scale, bias, target, *, label_smoothing: float = 0.0, symmetric: bool = True,
+                            backend: str = "auto", chunk_size: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """(L_hard, L_soft) of a soft ``target`` (a ``fastcon.kernels.targets.Target`` with a teacher,
+    no margin, no entropy term) from one engine pass: the contrastive loss of its hard positives (with
+    ``label_smoothing``) and the soft cross-entropy against the teacher, each with its own gradient
+    (pass 2 in the backward, once for both). Returns the two losses in ``loss_dtype(a)``."""
+    from fastcon.kernels.targets import target_numbers, target_tensors
+
+    if target.margin is not None or target.entropy or not target.soft:
+        raise ValueError("target_pair_engine_loss takes a soft target without margin or entropy term")
+    out_dtype = loss_dtype(a)
+    mm_dtype = autocast_gemm_dtype(a)
+    name = _traced_target_backend(backend, a.device.type, mm_dtype or a.dtype)
+    scale, bias = engine_scalars(scale, bias, acc_dtype(a.dtype), a.device)
+    out = target_pair_loss(a, b, scale, bias, target_tensors(target), name, int(target.pair_offset),
+                           target_numbers(target), float(label_smoothing), bool(symmetric), int(chunk_size or 0),
+                           mm_dtype)
+    return tuple(v.to(acc_dtype(a.dtype)).to(out_dtype) for v in out[:2])
