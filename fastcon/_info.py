@@ -25,11 +25,9 @@ def backend_info() -> dict:
         "cuda_available": cuda,
         "backends": {},
         "not_implemented": [
-            "general target (labels, hard negatives, self-contrast, MNRL) in the triton_fused backend: "
-            "NotImplementedError; backend='auto' runs it on the chunked triton backend there",
-            "soft targets (distill_loss, DistillClipLoss's distillation term) in the cpp, triton and triton_fused "
-            "backends: NotImplementedError; backend='auto' runs them on the torch backend",
-            "DistillClipLoss with world_size > 1",
+            "general target (labels, hard negatives, self-contrast, MNRL, soft targets: distill_loss, "
+            "DistillClipLoss) in the triton_fused backend: NotImplementedError; backend='auto' runs it on the "
+            "chunked triton backend there",
         ],
     }
     for key, fn in (("chunk_bytes", engine.chunk_bytes), ("cache_bytes", engine.cache_bytes)):
@@ -63,7 +61,8 @@ def backend_info() -> dict:
         "fp16_grad_lift": "G times a power of two before its fp16 cast, undone in the GEMMs' alpha",
     }
     info["ops"] = {
-        "custom_ops": ["fastcon::softmax_loss", "fastcon::sigmoid_loss"],
+        "custom_ops": ["fastcon::softmax_loss", "fastcon::sigmoid_loss", "fastcon::target_softmax_loss",
+                       "fastcon::target_pair_loss", "fastcon::target_pair_grad"],
         "triton_ops": ["fastcon::softmax_loss_triton", "fastcon::sigmoid_loss_triton"],
         "triton_op_registration": "torch.library.triton_op" if engine.HAS_TRITON_OP else "torch.library.custom_op",
         "autocast": "features rounded to the autocast dtype for the GEMMs; statistics fp32/float64; fp32 loss",
