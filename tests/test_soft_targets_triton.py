@@ -10,20 +10,9 @@ from fastcon import reference as R
 from fastcon.kernels import targets as T
 from fastcon.kernels import torch_chunked
 from helpers import assert_close_rel, make_features
+from test_soft_targets import _check
 
 pytestmark = pytest.mark.interpreter
-
-
-def _check(fn, ref, tensors, *, rtol, atol):
-    ours = [t.detach().clone().requires_grad_() for t in tensors]
-    truth = [t.detach().double().requires_grad_() for t in tensors]
-    out = fn(*ours)
-    expected = ref(*truth)
-    assert out.dtype == tensors[0].dtype and out.shape == ()
-    assert_close_rel(out, expected, rtol=rtol, atol=atol, name="loss")
-    for i, (g, e) in enumerate(zip(torch.autograd.grad(out, ours), torch.autograd.grad(expected, truth))):
-        assert g.dtype == tensors[i].dtype
-        assert_close_rel(g, e, rtol=rtol, atol=1e-8, name=f"grad {i}")
 
 
 @pytest.mark.parametrize("kind,kw", [("clip", {}), ("hycd", {}), ("hycd", dict(alpha=0.2, temperature=0.4)),

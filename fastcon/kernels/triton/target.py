@@ -134,6 +134,21 @@ def _teacher_norms(norm_ptr, offs, mask):
 
 
 @triton.jit
+def _teacher_chunk_tile(tdot_ptr, stride_tm, offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr, t_scale, t_c0, t_c1,
+                        t_row_hi, t_row_lo, TEACHER_LINEAR: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """``teacher_tile`` of a tile of the teacher's chunk of dot products in memory (the producer of the
+    chunked path), its column normalisers read here."""
+    td = tl.load(tdot_ptr + offs_m[:, None] * stride_tm + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :],
+                 other=0.0)
+    if SYMMETRIC:
+        t_col_hi, t_col_lo = _teacher_norms(t_col_ptr, offs_n, mask_n)
+    else:
+        t_col_hi, t_col_lo = t_row_hi, t_row_lo  # unused
+    return teacher_tile(td, keep, t_scale, t_c0, t_c1, t_row_hi, t_row_lo, t_col_hi, t_col_lo, TEACHER_LINEAR,
+                        SYMMETRIC)
+
+
+@triton.jit
 def _program(scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_per_split, HAS_MARGIN: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """What program (m, s) of an epilogue over a chunk of R rows × W columns works on: (m, s), its
@@ -214,14 +229,8 @@ def _target_stats_kernel(
             if not TEACHER_LINEAR:
                 t_scale = tl.load(t_scale_ptr).to(tl.float32)
             t_row_hi, t_row_lo = _teacher_norms(t_row_ptr, offs_m, mask_m)
-            td = tl.load(tdot_ptr + offs_m[:, None] * stride_tm + offs_n[None, :],
-                         mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-            if SYMMETRIC:
-                t_col_hi, t_col_lo = _teacher_norms(t_col_ptr, offs_n, mask_n)
-            else:
-                t_col_hi, t_col_lo = t_row_hi, t_row_lo  # unused
-            q_row, q_col = teacher_tile(td, keep, t_scale, t_c0, t_c1, t_row_hi, t_row_lo, t_col_hi, t_col_lo,
-                                        TEACHER_LINEAR, SYMMETRIC)
+            q_row, q_col = _teacher_chunk_tile(tdot_ptr, stride_tm, offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr,
+                                               t_scale, t_c0, t_c1, t_row_hi, t_row_lo, TEACHER_LINEAR, SYMMETRIC)
             x_row += tl.sum(q_row * t_keep, 1)
             if ENTROPY:
                 hw_row = tl.load(t_row_hw_ptr + offs_m, mask=mask_m, other=0.0)
@@ -291,13 +300,8 @@ def _target_grad_kernel(
                                    row_flag_ptr, col_flag_ptr, dense_ptr, stride_dense, bound, scale, bias, penalty,
                                    HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE)
         if SOFT:
-            td = tl.load(tdot_ptr + offs_m[:, None] * stride_tm + offs_n[None, :], mask=mask, other=0.0)
-            if SYMMETRIC:
-                t_col_hi, t_col_lo = _teacher_norms(t_col_ptr, offs_n, mask_n)
-            else:
-                t_col_hi, t_col_lo = t_row_hi, t_row_lo  # unused
-            q_row, q_col = teacher_tile(td, keep, t_scale, t_c0, t_c1, t_row_hi, t_row_lo, t_col_hi, t_col_lo,
-                                        TEACHER_LINEAR, SYMMETRIC)
+            q_row, q_col = _teacher_chunk_tile(tdot_ptr, stride_tm, offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr,
+                                               t_scale, t_c0, t_c1, t_row_hi, t_row_lo, TEACHER_LINEAR, SYMMETRIC)
         x = (t - row_hi[:, None]) - row_lo[:, None]
         e = tl.exp2(x * LOG2E)
         # at a positive, P − q: for q near 1 (a single positive) as expm1(x) + (1 − q), which keeps the
