@@ -51,12 +51,12 @@ namespace cpu {
     else                                                                                                     \
       k_sigmoid<T, false>(d, g, n, s, b, w, loss, gs, gb);                                                   \
   }                                                                                                          \
-  FC_CLONES void fc_soft_stats(const T* L, const uint8_t* P, const T* td, int64_t n, const SoftRow<T>& r,    \
+  FC_CLONES void fc_soft_stats(const T* L, const T* P, const T* td, int64_t n, const SoftRow<T>& r,    \
                                const SoftCols<T>& c, bool linear, bool col, bool ent, double* xcol,          \
                                double* ecol, double* xrow, double* erow) {                                   \
     FC_SOFT_STATS(T, linear, col, ent)                                                                       \
   }                                                                                                          \
-  FC_CLONES void fc_soft_grad(const T* d, T* g, const T* L, const uint8_t* P, const T* td, int64_t n,        \
+  FC_CLONES void fc_soft_grad(const T* d, T* g, const T* L, const T* P, const T* td, int64_t n,        \
                               const SoftRow<T>& r, const SoftCols<T>& c, bool linear, bool col, T* gs,       \
                               T* gb) {                                                                       \
     if (linear) {                                                                                            \

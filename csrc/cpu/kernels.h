@@ -247,7 +247,9 @@ FC_INLINE void k_sigmoid(const T* d, T* g, int64_t n, T s, T b, T w, T* out_loss
 // x·log x (0 at 0; subnormal x, whose term is below 1e-37, count as 0).
 template <typename T>
 FC_INLINE T xlogx(T x) {
-  return x >= std::numeric_limits<T>::min() ? T(x * Math<T>::log(x)) : T(0);
+  const bool normal = x >= std::numeric_limits<T>::min();
+  const T l = Math<T>::log(normal ? x : T(1));  // computed for every lane, then selected: no branch
+  return normal ? T(x * l) : T(0);
 }
 
 template <typename T>
@@ -279,10 +281,11 @@ FC_INLINE T soft_prob(T t, T hi, T lo) {
 
 // Pass 1: adds Σ Qt·S (and with kEnt Σ Q·log Q of Q = soft·Qt + hard·[pos]/|P|) of the row to
 // *xrow (*erow) and, with kCol, of each column to xcol[j] (ecol[j]), all in float64. (The row's
-// numbers are copied to locals first: read through the reference, they could alias the stores and
-// keep the loop from vectorising.)
+// numbers are copied to locals first, and the probabilities computed for every pair then selected:
+// read through the reference, or behind a condition, they keep gcc from vectorising the loop; so do
+// positives as bytes, hence P in T.)
 template <typename T, bool kLinear, bool kCol, bool kEnt>
-FC_INLINE void k_soft_stats(const T* __restrict L, const uint8_t* __restrict P, const T* __restrict td, int64_t n,
+FC_INLINE void k_soft_stats(const T* __restrict L, const T* __restrict P, const T* __restrict td, int64_t n,
                             const SoftRow<T>& r, const SoftCols<T>& c, double* __restrict xcol,
                             double* __restrict ecol, double* xrow, double* erow) {
   const T soft = r.soft, ts = r.ts, c0 = r.c0, c1 = r.c1, rhi = r.rhi, rlo = r.rlo, hr = r.hr;
@@ -293,15 +296,16 @@ FC_INLINE void k_soft_stats(const T* __restrict L, const uint8_t* __restrict P, 
 #pragma omp simd reduction(+ : xr, er)
   for (int64_t j = 0; j < n; ++j) {
     const T v = L[j];
-    const bool kept = v != -inf<T>();
-    const T vk = kept ? v : T(0);
+    const T vk = v != -inf<T>() ? v : T(0);
     const T t = kLinear ? T(td[j] * c1 + c0) : T(td[j] * ts);
-    const T qr = kept ? soft_prob<T, kLinear>(t, rhi, rlo) : T(0);
+    T qr = soft_prob<T, kLinear>(t, rhi, rlo);
+    qr = v != -inf<T>() ? qr : T(0);
     xr += double(qr * vk);
-    const T pos = P[j] != 0 ? T(1) : T(0);
+    const T pos = P[j];
     if (kEnt) er += double(xlogx<T>(soft * qr + pos * hr));
     if (kCol) {
-      const T qc = kept ? soft_prob<T, kLinear>(t, thi[j], tlo[j]) : T(0);
+      T qc = soft_prob<T, kLinear>(t, thi[j], tlo[j]);
+      qc = v != -inf<T>() ? qc : T(0);
       xcol[j] += double(qc * vk);
       if (kEnt) ecol[j] += double(xlogx<T>(soft * qc + pos * hc[j]));
     }
@@ -313,7 +317,7 @@ FC_INLINE void k_soft_stats(const T* __restrict L, const uint8_t* __restrict P, 
 // Pass 2, in place (g may equal d): G = w_r·(P_row·mass − q_pos·[pos] − q_keep − soft·Qt_row)
 // [+ w_c·(the same of the column)] on the kept pairs, 0 on the dropped ones; returns Σ G·d, Σ G.
 template <typename T, bool kLinear, bool kCol>
-FC_INLINE void k_soft_grad(const T* d, T* g, const T* __restrict L, const uint8_t* __restrict P,
+FC_INLINE void k_soft_grad(const T* d, T* g, const T* __restrict L, const T* __restrict P,
                            const T* __restrict td, int64_t n, const SoftRow<T>& r, const SoftCols<T>& c, T* out_gs,
                            T* out_gb) {
   const T soft = r.soft, ts = r.ts, c0 = r.c0, c1 = r.c1, rhi = r.rhi, rlo = r.rlo;
@@ -331,7 +335,7 @@ FC_INLINE void k_soft_grad(const T* d, T* g, const T* __restrict L, const uint8_
   for (int64_t j = 0; j < n; ++j) {
     const T dv = d[j];
     const T v = L[j];
-    const T pos = P[j] != 0 ? T(1) : T(0);
+    const T pos = P[j];
     const T t = kLinear ? T(td[j] * c1 + c0) : T(td[j] * ts);
     T e = wr * (Math<T>::exp((v - shi) - slo) * mass - pos * qp - qk - soft * soft_prob<T, kLinear>(t, rhi, rlo));
     if (kCol) {
@@ -355,10 +359,10 @@ FC_INLINE void k_soft_grad(const T* d, T* g, const T* __restrict L, const uint8_
   void fc_grad(const T* d, T* g, int64_t n, T s, T b, T rhi, T rlo, T wr, const T* chi, const T* clo, T wc, \
                bool use_col, T* gs, T* gb);                                                                 \
   void fc_sigmoid(const T* d, T* g, int64_t n, T s, T b, T w, bool need_grad, T* loss, T* gs, T* gb);       \
-  void fc_soft_stats(const T* L, const uint8_t* P, const T* td, int64_t n, const SoftRow<T>& r,              \
+  void fc_soft_stats(const T* L, const T* P, const T* td, int64_t n, const SoftRow<T>& r,              \
                      const SoftCols<T>& c, bool linear, bool col, bool ent, double* xcol, double* ecol,      \
                      double* xrow, double* erow);                                                            \
-  void fc_soft_grad(const T* d, T* g, const T* L, const uint8_t* P, const T* td, int64_t n,                  \
+  void fc_soft_grad(const T* d, T* g, const T* L, const T* P, const T* td, int64_t n,                  \
                     const SoftRow<T>& r, const SoftCols<T>& c, bool linear, bool col, T* gs, T* gb);
 
 FC_DECLARE(float)

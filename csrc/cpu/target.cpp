@@ -388,8 +388,8 @@ std::vector<Tensor> target_stats_impl(const Tensor& a, const Tensor& b, T s, T b
       double* csk = symmetric ? sums.at(tid, 3) + c0 : nullptr;
       double* cxc = symmetric ? sums.at(tid, 4) + c0 : nullptr;
       double* cen = symmetric ? sums.at(tid, 5) + c0 : nullptr;
-      std::vector<uint8_t> pos_row(static_cast<size_t>(w));  // the positives of a row
-      uint8_t* P = pos_row.data();
+      std::vector<T> pos_row(static_cast<size_t>(w));  // the positives of a row (1 or 0)
+      T* P = pos_row.data();
       const SoftCols<T> cols = sv.cols(c0);
       for (int64_t li = i0; li < i1; ++li) {
         const int64_t i = r0 + li;
@@ -412,7 +412,7 @@ std::vector<Tensor> target_stats_impl(const Tensor& a, const Tensor& b, T s, T b
             const T v = d[jj] * s + bb;
             const bool p = rid >= 0 && cids[jj] == rid;
             L[jj] = v;
-            P[jj] = p;
+            P[jj] = p ? T(1) : T(0);
             mm = v > mm ? v : mm;
             np += p ? T(1) : T(0);
             sp += p ? double(v) : 0.0;
@@ -439,12 +439,12 @@ std::vector<Tensor> target_stats_impl(const Tensor& a, const Tensor& b, T s, T b
           T v;
           if (!decide<T>(t, rc, i, c0 + jj, d[jj], s, bb, &p, &v)) {
             L[jj] = -inf<T>();
-            P[jj] = 0;
+            P[jj] = T(0);
             continue;
           }
           L[jj] = v;
           m = v > m ? v : m;
-          P[jj] = p;
+          P[jj] = p ? T(1) : T(0);
           if (p) {
             n_pos += T(1);
             s_pos += double(v);
@@ -533,7 +533,7 @@ void soft_grad_rows(const TargetView& t, const SoftView<T>& sv, T* dp, const T* 
 #pragma omp parallel num_threads(nt) if (rows * w >= kMinParallelWork)
   {
     std::vector<T> logits(static_cast<size_t>(w));
-    std::vector<uint8_t> pos(static_cast<size_t>(w));
+    std::vector<T> pos(static_cast<size_t>(w));
     SoftCols<T> c = sv.cols(c0);
     if (symmetric) {
       c.shi = chi + c0;
@@ -550,11 +550,11 @@ void soft_grad_rows(const TargetView& t, const SoftView<T>& sv, T* dp, const T* 
         const int64_t rid = t.row_ids[i];
         const int64_t* cids = t.col_ids + c0;
         T* L = logits.data();
-        uint8_t* P = pos.data();
+        T* P = pos.data();
 #pragma omp simd
         for (int64_t jj = 0; jj < w; ++jj) {
           L[jj] = d[jj] * s + bb;
-          P[jj] = rid >= 0 && cids[jj] == rid;
+          P[jj] = (rid >= 0 && cids[jj] == rid) ? T(1) : T(0);
         }
       } else {
         const RowCtx<T> rc = row_ctx<T>(t, i, d, c0);
@@ -563,7 +563,7 @@ void soft_grad_rows(const TargetView& t, const SoftView<T>& sv, T* dp, const T* 
           T v;
           const bool kept = decide<T>(t, rc, i, c0 + jj, d[jj], s, bb, &p, &v);
           logits[size_t(jj)] = kept ? v : -inf<T>();
-          pos[size_t(jj)] = kept && p;
+          pos[size_t(jj)] = (kept && p) ? T(1) : T(0);
         }
       }
       SoftRow<T> r = sv.row(i);
