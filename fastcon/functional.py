@@ -847,3 +847,121 @@ def align_uniform_loss(
     terms["total"] = sum(v for v in terms.values())
     terms = {k: v.to(x.dtype) for k, v in terms.items()}
     return terms if return_terms else terms["total"]
+
+
+def _slerp_eps(dtype: torch.dtype) -> float:
+    """The clamp of the cosine in ``slerp``: sin θ stays >= sqrt(2·eps) (about 1.4e-3 in fp32)."""
+    return 1e-6 if dtype in (torch.float32, torch.bfloat16, torch.float16) else 1e-12
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, lam) -> torch.Tensor:
+    """Spherical interpolation of unit rows ``a``, ``b`` (..., D) (docs/losses.md §2.3)::
+
+        slerp(a, b; λ) = [sin(λθ)·a + sin((1−λ)θ)·b] / sin θ,   θ = arccos(a·b)
+
+    (λ weighs ``a``: λ = 1 gives ``a``). The cosine is clamped to [−1+ε, 1−ε] (ε = 1e-6 in fp32 and
+    below, 1e-12 in float64), and where ``a·b > 1−ε`` (θ → 0) the rows are interpolated linearly and
+    normalised instead: the value and its gradient stay finite at θ → 0 and θ → π. ``lam``: a float
+    in [0, 1] or a tensor broadcasting against (..., 1) (it may require grad). Returns (..., D) in the
+    inputs' dtype, computed in at least fp32."""
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        raise TypeError("slerp takes tensors a and b")
+    if a.shape != b.shape or a.dim() < 1:
+        raise ValueError(f"slerp needs a and b of one shape (..., D), got {tuple(a.shape)} and {tuple(b.shape)}")
+    if not a.is_floating_point() or a.dtype != b.dtype:
+        raise TypeError(f"slerp needs floating-point a and b of one dtype, got {a.dtype} and {b.dtype}")
+    if isinstance(lam, bool) or not isinstance(lam, (int, float, torch.Tensor)):
+        raise TypeError(f"lam must be a float or a tensor, got {type(lam).__name__}")
+    if not isinstance(lam, torch.Tensor) and not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must be in [0, 1], got {lam}")
+    acc = torch.promote_types(a.dtype, torch.float32)
+    x, y = a.to(acc), b.to(acc)
+    lam = lam.to(acc) if isinstance(lam, torch.Tensor) else lam
+    eps = _slerp_eps(a.dtype)
+    dot = (x * y).sum(-1, keepdim=True)
+    tiny = dot > 1.0 - eps
+    theta = torch.acos(dot.clamp(-1.0 + eps, 1.0 - eps))
+    arc = (torch.sin(lam * theta) * x + torch.sin((1 - lam) * theta) * y) / torch.sin(theta)
+    line = torch.nn.functional.normalize(lam * x + (1 - lam) * y, dim=-1)
+    return torch.where(tiny, line, arc).to(a.dtype)
+
+
+def _m2mix_direction(rows, mixed, pos_logit, scale, *, backend, chunk_size):
+    """CE over rows i of ``[rows_i·mixed_j·scale (j ≠ i), pos_logit_i]``, target the last: each row's LSE
+    over the mixed columns but its own (the engine's row LSE), joined with its positive logit given
+    from outside the tile (O(N) autograd)."""
+    from .ops.engine import target_row_lse
+
+    n = rows.shape[0]
+    idx = torch.arange(n, device=rows.device)
+    none = torch.full((n,), -1, dtype=torch.int64, device=rows.device)
+    lse = target_row_lse(rows, mixed, scale, None, Target(none, none, exclude_col=idx), backend=backend,
+                         chunk_size=chunk_size)
+    return (torch.logaddexp(lse, pos_logit) - pos_logit).mean()
+
+
+def m2mix_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    *,
+    lam=None,
+    beta: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+    temperature: float = 0.07,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """m²-mix, geodesic multimodal mixup (docs/losses.md §2.3), without the N×N matrices::
+
+        m_j = slerp(x_j, y_j; λ)
+        A_ij = x_i·m_j,  C_ij = y_i·m_j  (i ≠ j);  A_ii = C_ii = x_i·y_i
+        L = CE(A/τ, i) + CE(C/τ, i)      (a sum, as the paper's code; each CE the mean over rows)
+
+    ``image_features`` x and ``text_features`` y (N, D) are unit rows (normalise them first, as CLIP
+    does). The gradients flow through the interpolation into x and y. ``lam``: a float in [0, 1] or a
+    0-d tensor; with ``lam=None`` one ``λ ~ Beta(beta, beta)`` is drawn per call from ``generator`` (or
+    torch's global generator), and ``beta`` is required. The paper adds ``w·L`` (w = 0.01) to the CLIP
+    loss. On the engine each CE is the row LSE over the mixed columns but the row's own
+    (``ops.engine.target_row_lse``: one N×N pass of GEMMs, memory O(N·D)), joined in O(N) with the
+    positive logit ``x_i·y_i/τ`` given from outside the tile. Returns a 0-d tensor in the features'
+    dtype.
+    """
+    check_features("image_features", image_features, "text_features", text_features)
+    if image_features.shape != text_features.shape:
+        raise ValueError(f"m2mix_loss needs paired batches of one shape, got {tuple(image_features.shape)} and "
+                         f"{tuple(text_features.shape)}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    if not 0.0 < temperature < float("inf"):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    chunk_size = _check_chunk_size(chunk_size)
+    if lam is None:
+        if beta is None:
+            raise ValueError("m2mix_loss(lam=None) draws λ ~ Beta(beta, beta): pass beta (the paper's code uses "
+                             "0.1 to 1), or a fixed lam")
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 < beta < float("inf"):
+            raise ValueError(f"beta must be a positive finite number, got {beta!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            lam = float(torch.distributions.Beta(float(beta), float(beta)).sample())
+    elif isinstance(lam, torch.Tensor):
+        if lam.dim() != 0 or not lam.is_floating_point():
+            raise ValueError(f"lam must be a 0-d floating-point tensor, got shape {tuple(lam.shape)}, {lam.dtype}")
+    elif isinstance(lam, bool) or not isinstance(lam, (int, float)):
+        raise TypeError(f"lam must be a float in [0, 1] or a 0-d tensor, got {type(lam).__name__}")
+    elif not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must be in [0, 1], got {lam}")
+    x, y = image_features, text_features
+    if backend == "reference":
+        return reference.m2mix_loss_reference(x, y, lam, temperature=temperature, slerp=slerp)
+    m = slerp(x, y, lam)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    scale = torch.tensor(1.0 / temperature, dtype=acc, device=x.device)
+    # the replaced diagonal of both products, in float64 beside the float64 row LSEs (the loss cancels)
+    pos = (x.double() * y.double()).sum(1) / temperature
+    loss = (_m2mix_direction(x, m, pos, scale, backend=backend, chunk_size=chunk_size)
+            + _m2mix_direction(y, m, pos, scale, backend=backend, chunk_size=chunk_size))
+    return loss.to(x.dtype)

@@ -607,3 +607,27 @@ def align_uniform_loss_reference(x: torch.Tensor, y: torch.Tensor, *, alpha: flo
         terms["cross_uniform"] = torch.logsumexp(-t * d2[off], dim=0) - math.log(n * (n - 1))
     terms["total"] = sum(v for k, v in terms.items())
     return terms if return_terms else terms["total"]
+
+
+def slerp_reference(a: torch.Tensor, b: torch.Tensor, lam) -> torch.Tensor:
+    """Spherical interpolation of unit rows (docs/losses.md §2.3), the formula as written:
+    ``[sin(λθ)·a + sin((1−λ)θ)·b] / sin θ`` with ``θ = arccos(a·b)`` (λ weighs ``a``); defined for
+    0 < θ < π only (no clamp, no fallback: the oracle away from the ends)."""
+    theta = torch.acos((a * b).sum(-1, keepdim=True))
+    return (torch.sin(lam * theta) * a + torch.sin((1 - lam) * theta) * b) / torch.sin(theta)
+
+
+def m2mix_loss_reference(image_features: torch.Tensor, text_features: torch.Tensor, lam, *,
+                         temperature: float = 0.07, slerp=None) -> torch.Tensor:
+    """m²-mix (docs/losses.md §2.3), materialised: ``m_j = slerp(x_j, y_j; λ)``, ``A_ij = x_i·m_j`` and
+    ``C_ij = y_i·m_j`` off the diagonal, both diagonals ``x_i·y_i``; ``CE(A/τ, i) + CE(C/τ, i)`` (a sum),
+    the gradients through the interpolation. ``slerp`` defaults to ``slerp_reference``."""
+    x, y = image_features, text_features
+    m = (slerp or slerp_reference)(x, y, lam)
+    n = x.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=x.device)
+    diag = (x * y).sum(-1)
+    a = torch.where(eye, torch.diag_embed(diag), x @ m.T) / temperature
+    c = torch.where(eye, torch.diag_embed(diag), y @ m.T) / temperature
+    labels = torch.arange(n, device=x.device)
+    return F.cross_entropy(a, labels) + F.cross_entropy(c, labels)

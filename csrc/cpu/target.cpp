@@ -190,6 +190,20 @@ SoftView<T> make_soft(const char* op, const Tensor& a, const Tensor& b, const c1
               " tensors, got ", soft.size());
   TORCH_CHECK(numbers.size() == 7, "fastcon::", op, ": the soft targets have 7 numbers, got ", numbers.size());
   keep.reserve(kSoftFields);  // field() hands out pointers into it
+  auto vec = [&](int k, const char* name, int64_t n) -> const T* {
+    const Tensor* t = field(soft, k, keep);
+    if (t == nullptr) return nullptr;
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->scalar_type() == a.scalar_type() && t->is_contiguous() &&
+                    t->device().is_cpu(),
+                "fastcon::", op, ": ", name, " must be a contiguous CPU vector of a's dtype of length ", n);
+    return t->data_ptr<T>();
+  };
+  v.row_mass = vec(kRowMass, "row_mass", a.size(0));
+  v.col_mass = vec(kColMass, "col_mass", b.size(0));
+  if (symmetric) v.ones.assign(size_t(b.size(0)), T(1));
+  if (!soft.get(kTeacherA).has_value() && !soft.get(kTeacherB).has_value()) {
+    return v;  // hard targets with a target mass per row (column): no teacher
+  }
   v.on = true;
   v.soft = T(numbers[0]);
   v.linear = numbers[1] != 0.0;
@@ -218,22 +232,11 @@ SoftView<T> make_soft(const char* op, const Tensor& a, const Tensor& b, const c1
     TORCH_CHECK(cn, "fastcon::", op, ": a symmetric loss with soft targets needs the teacher's column normalisers");
     split_norms<T>(*cn, op, "the teacher's column normalisers", b.size(0), v.linear, v.chi, v.clo);
   }
-  auto vec = [&](int k, const char* name, int64_t n) -> const T* {
-    const Tensor* t = field(soft, k, keep);
-    if (t == nullptr) return nullptr;
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->scalar_type() == a.scalar_type() && t->is_contiguous() &&
-                    t->device().is_cpu(),
-                "fastcon::", op, ": ", name, " must be a contiguous CPU vector of a's dtype of length ", n);
-    return t->data_ptr<T>();
-  };
   v.row_pos = vec(kSoftRowPos, "the rows' positive counts", a.size(0));
   v.col_pos = vec(kSoftColPos, "the columns' positive counts", b.size(0));
-  v.row_mass = vec(kRowMass, "row_mass", a.size(0));
-  v.col_mass = vec(kColMass, "col_mass", b.size(0));
   TORCH_CHECK(!v.entropy || (v.row_pos && (!symmetric || v.col_pos)), "fastcon::", op,
               ": the targets' entropy needs the positives' counts");
   if (symmetric) {
-    v.ones.assign(size_t(b.size(0)), T(1));
     if (v.entropy) {  // as the torch backend forms it: hard / max(|P_j|, 1)
       v.hc.resize(size_t(b.size(0)));
       for (int64_t j = 0; j < b.size(0); ++j) v.hc[size_t(j)] = T(v.hard / std::max(v.col_pos[j], T(1)));
@@ -641,6 +644,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad_impl(
       const RowCtx<T> rc = row_ctx<T>(t, i, d, c0);
       const T rhi = rls.hi[i], rlo = rls.lo[i];
       const T qp = qrp[i], qk = qrk[i];
+      const T rmass = sv.row_mass ? sv.row_mass[i] : T(1);  // a target mass (a row-LSE's upstream weight)
       T gs = 0, gb = 0;
       for (int64_t jj = 0; jj < w; ++jj) {
         const int64_t j = c0 + jj;
@@ -649,9 +653,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad_impl(
         T v;
         T g = T(0);
         if (decide<T>(t, rc, i, j, dv, s, bb, &p, &v)) {
-          g = wr * (Math<T>::exp((v - rhi) - rlo) - (p ? qp : T(0)) - qk);
+          g = wr * (Math<T>::exp((v - rhi) - rlo) * rmass - (p ? qp : T(0)) - qk);
           if (symmetric && wc[j] != T(0)) {
-            g += wc[j] * (Math<T>::exp((v - chi[j]) - clo[j]) - (p ? qcp[j] : T(0)) - qck[j]);
+            const T cmass = sv.col_mass ? sv.col_mass[j] : T(1);
+            g += wc[j] * (Math<T>::exp((v - chi[j]) - clo[j]) * cmass - (p ? qcp[j] : T(0)) - qck[j]);
           }
         }
         gs += g * dv;

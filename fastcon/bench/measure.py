@@ -132,7 +132,7 @@ def make_scalars(loss, device):
     """open_clip's trained CLIP scale (14.3) without bias; SigLIP's initial scale 10 and bias −10."""
     import torch
 
-    if loss in ("ntxent", "mnrl", "align_uniform"):  # their temperature / scale is a constant of the loss
+    if loss in ("ntxent", "mnrl", "align_uniform", "m2mix"):  # their temperature / scale is a constant of the loss
         return torch.tensor(1.0, device=device), None
     s = torch.tensor(10.0 if loss == "siglip" else 14.3, device=device, requires_grad=True)
     bias = torch.tensor(-10.0, device=device, requires_grad=True) if loss == "siglip" else None
@@ -257,8 +257,9 @@ def run_case(case: dict) -> dict:
         times = wall_times(step, case.get("repeat", 3))
     row.update(time_fields(times))
     # NT-Xent: the 2N×2N product of both views; alignment/uniformity: three N×N products (x·x, y·y, x·y);
-    # distill: the student's N×N (the nominal CLIP count; the teacher's products are not counted)
-    rows_cols = {"ntxent": (2 * n) ** 2, "align_uniform": 3 * n * n}.get(loss, n * n)
+    # distill: the student's N×N (the nominal CLIP count; the teacher's products are not counted); m²-mix:
+    # two N×N products (x·m, y·m)
+    rows_cols = {"ntxent": (2 * n) ** 2, "align_uniform": 3 * n * n, "m2mix": 2 * n * n}.get(loss, n * n)
     row["tflops"] = 2 * GEMMS[mode] * rows_cols * d / (row["median_ms"] / 1e3) / 1e12
     row["device_name"] = device_name(device)
     row["threads"] = torch.get_num_threads()

@@ -15,18 +15,21 @@ from typing import Callable, Optional, Tuple
 # a, b (τ = 0.5, lightly's default); mnrl: sentence-transformers' MNRL with queries a and positives b
 # (scale 20, cos_sim); distill: open_clip's DistillClipLoss, the sum of its two outputs, against a
 # teacher made from the inputs (see distill_teacher); align_uniform: alignment, uniformity and the
-# cross-modal uniformity of a, b. The last five run on the engine's general target.
-LOSSES = ("clip", "siglip", "clip_labels", "ntxent", "mnrl", "distill", "align_uniform")
-TARGET_LOSSES = ("clip_labels", "ntxent", "mnrl", "distill", "align_uniform")
+# cross-modal uniformity of a, b; m2mix: m²-mix at λ = M2MIX_LAM, τ = 0.07. The last six run on the
+# engine's general target.
+LOSSES = ("clip", "siglip", "clip_labels", "ntxent", "mnrl", "distill", "align_uniform", "m2mix")
+TARGET_LOSSES = ("clip_labels", "ntxent", "mnrl", "distill", "align_uniform", "m2mix")
 FASTCON_BACKENDS = ("cpp", "torch", "triton", "triton_fused")
 PROVIDERS = ("fastcon",) + tuple(f"fastcon-{b}" for b in FASTCON_BACKENDS) + (
     "fastcon_compile", "reference", "open_clip", "inf_cl", "torch_compile", "lightly", "sentence_transformers")
 # the peer each loss is compared with, beside the reference
 PEER_OF = {"clip": ("open_clip", "inf_cl"), "siglip": ("open_clip",), "clip_labels": (), "ntxent": ("lightly",),
-           "mnrl": ("sentence_transformers",), "distill": ("open_clip",), "align_uniform": ()}
+           "mnrl": ("sentence_transformers",), "distill": ("open_clip",), "align_uniform": (),
+           "m2mix": ()}
 NTXENT_TEMPERATURE = 0.5
 MNRL_SCALE = 20.0
 DISTILL_TEACHER_SCALE = 30.0
+M2MIX_LAM = 0.3
 
 
 class ProviderUnavailable(RuntimeError):
@@ -162,6 +165,8 @@ def _target_loss_fn(loss: str, provider: str) -> Callable:
             return _distill_fn(fastcon.DistillClipLoss(backend=backend))
         if loss == "align_uniform":
             return lambda a, b, s, bias: FC.align_uniform_loss(a, b, cross=True, backend=backend)
+        if loss == "m2mix":
+            return lambda a, b, s, bias: FC.m2mix_loss(a, b, lam=M2MIX_LAM, backend=backend)
         return lambda a, b, s, bias: FC.multiple_negatives_ranking_loss(a, [b], scale=MNRL_SCALE, backend=backend)
     if provider in ("reference", "torch_compile"):
         if loss == "clip_labels":
@@ -177,6 +182,9 @@ def _target_loss_fn(loss: str, provider: str) -> Callable:
         elif loss == "align_uniform":
             def ref(a, b, s, bias):
                 return R.align_uniform_loss_reference(a, b, cross=True)
+        elif loss == "m2mix":
+            def ref(a, b, s, bias):
+                return R.m2mix_loss_reference(a, b, M2MIX_LAM)
         else:
             def ref(a, b, s, bias):
                 return R.mnrl_loss_reference(a, [b], MNRL_SCALE)

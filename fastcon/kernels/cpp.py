@@ -87,8 +87,10 @@ def _soft_args(a, target, teacher_norms=None, row_mass=None, col_mass=None, coun
     the teacher's features contiguous in the GEMMs' dtype, ``a``'s)."""
     from .targets import TEACHER_LINEAR, hard_weight
 
-    if not target.soft:
-        return [], []
+    if not target.soft:  # hard targets: at most a target mass per row (column)
+        if row_mass is None and col_mass is None:
+            return [], []
+        return [None] * 6 + [row_mass, col_mass], [0.0] * 7
     norms = (None, None) if teacher_norms is None else teacher_norms
     entropy = bool(target.entropy) and counts is not None  # pass 1's term (pass 2 has no use for it)
     counts = (None, None) if counts is None else counts

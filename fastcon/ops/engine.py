@@ -759,3 +759,105 @@ def target_pair_engine_loss(a, b, scale, bias, target, *, label_smoothing: float
                            target_numbers(target), float(label_smoothing), bool(symmetric), int(chunk_size or 0),
                            mm_dtype)
     return tuple(v.to(acc_dtype(a.dtype)).to(out_dtype) for v in out[:2])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Each row's LSE over its kept pairs, differentiable: for losses whose rows meet logits from outside
+# the tiles (a positive given apart, synthetic negatives), combined with them in O(N) autograd. Pass 1
+# in the forward; pass 2 in the backward with the upstream gradient u_i of each row's LSE as the row's
+# target mass: G_ij = u_i·exp(S_ij − LSE_i) on the kept pairs.
+
+def _lse_target(target):
+    return target._replace(soft=0.0, hard=0.0, entropy=False, teacher_a=None, teacher_b=None, teacher_scale=None)
+
+
+def _target_row_lse(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, target_tensors: List[Optional[Tensor]],
+                    backend: str, pair_offset: int, numbers: List[float], chunk_size: int,
+                    mm_dtype: Optional[torch.dtype]) -> Tensor:
+    """(Na,) float64: the LSE of each row of ``s·A·Bᵀ + b`` over the target's kept pairs (−inf where
+    none is kept)."""
+    from fastcon.kernels.targets import target_from
+
+    with backend_context(a.device.type):
+        _, x, y, s, c, chunk_rows = _backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype)
+        target = _lse_target(target_from(target_tensors, pair_offset, None, numbers))
+        stats_fn, _ = _pair_passes(backend)
+        st, _ = stats_fn(x, y, s, c, target, False, False, chunk_rows, 0)
+        return st.row_lse.clone()
+
+
+def _target_row_lse_fake(a, b, scale, bias, target_tensors, backend, pair_offset, numbers, chunk_size, mm_dtype):
+    return a.new_empty((a.shape[0],), dtype=torch.float64)
+
+
+def _target_row_lse_grad(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, target_tensors: List[Optional[Tensor]],
+                         backend: str, pair_offset: int, numbers: List[float], chunk_size: int,
+                         mm_dtype: Optional[torch.dtype], row_lse: Tensor,
+                         upstream: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The (wide) gradients of Σ_i u_i·LSE_i (``upstream`` = u) with respect to a, b, scale and bias."""
+    from fastcon.kernels.targets import TargetWeights, target_from
+
+    with backend_context(a.device.type):
+        _, x, y, s, c, chunk_rows = _backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype)
+        target = _lse_target(target_from(target_tensors, pair_offset, None, numbers))
+        _, grad_fn = _pair_passes(backend)
+        u = upstream.to(torch.float64)
+        peak = float(u.abs().max()) if u.numel() else 0.0
+        if peak == 0.0 or not peak < float("inf"):
+            if peak != 0.0:
+                raise ValueError("the upstream gradient of a row LSE is not finite")
+            return tuple(torch.zeros_like(t, dtype=_wide(t.dtype)) for t in (a, b, scale, bias))
+        acc = s.dtype
+        zeros = torch.zeros(x.shape[0], dtype=acc, device=x.device)
+        # |mass| <= 1 (the bound the Triton path's fp16 lift assumes); the peak is the row weight
+        weights = TargetWeights(row_lse, zeros, zeros, peak, row_mass=(u / peak).to(acc))
+        grads = grad_fn(x, y, s, c, target, weights, chunk_rows)
+        return final_grads((a, b, scale, bias), grads, 1.0)
+
+
+def _target_row_lse_grad_fake(a, b, scale, bias, target_tensors, backend, pair_offset, numbers, chunk_size,
+                              mm_dtype, row_lse, upstream):
+    return _grad_likes(a, b, scale, bias)
+
+
+_ROW_LSE_OTHER = 6  # target_tensors, backend, pair_offset, numbers, chunk_size, mm_dtype
+
+
+def _row_lse_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4], output, *[t for t in inputs[4] if t is not None])
+    ctx.present = [t is not None for t in inputs[4]]
+    ctx.other = inputs[5:]
+
+
+def _row_lse_backward(ctx, grad):
+    forbid_double_backward()
+    saved = ctx.saved_tensors
+    a, b, scale, bias, row_lse = saved[:5]
+    rest = iter(saved[5:])
+    tensors = [next(rest) if p else None for p in ctx.present]
+    wide = target_row_lse_grad(a, b, scale, bias, tensors, *ctx.other, row_lse, grad.to(torch.float64))
+    out = [None if not ctx.needs_input_grad[k] else w.to(x.dtype) for k, (x, w) in enumerate(zip((a, b, scale, bias),
+                                                                                                 wide))]
+    return tuple(out) + (None,) * _ROW_LSE_OTHER
+
+
+target_row_lse_op = torch.library.custom_op("fastcon::target_row_lse", _target_row_lse, mutates_args=())
+target_row_lse_op.register_fake(_target_row_lse_fake)
+target_row_lse_grad = torch.library.custom_op("fastcon::target_row_lse_grad", _target_row_lse_grad, mutates_args=())
+target_row_lse_grad.register_fake(_target_row_lse_grad_fake)
+target_row_lse_op.register_autograd(_row_lse_backward, setup_context=_row_lse_setup)
+
+
+def target_row_lse(a, b, scale, bias, target, *, backend: str = "auto", chunk_size: Optional[int] = None) -> Tensor:
+    """(Na,) float64: each row's LSE of ``S = s·A·Bᵀ + b`` over the kept pairs of ``target`` (its
+    positives and soft fields are not used), with the gradient of any weighting of the rows (pass 2 in
+    the backward). float64, so that a caller who subtracts a logit of its own (LSE − S_pos cancels to
+    a small loss) keeps the precision of the engine's float64 LSE. Memory O((Na + Nb)·D + chunk·Nb)."""
+    from fastcon.kernels.targets import target_numbers, target_tensors
+
+    mm_dtype = autocast_gemm_dtype(a)
+    name = _traced_target_backend(backend, a.device.type, mm_dtype or a.dtype)
+    scale, bias = engine_scalars(scale, bias, acc_dtype(a.dtype), a.device)
+    target = _lse_target(target)
+    return target_row_lse_op(a, b, scale, bias, target_tensors(target), name, int(target.pair_offset),
+                             target_numbers(target), int(chunk_size or 0), mm_dtype)

@@ -561,7 +561,7 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
         col_lse, q_col_pos, q_col_keep, w_col = dummy.double(), dummy, dummy, dummy
     soft = bool(target.soft)
     tch = _Teacher(target, w8.t_row_norm, w8.t_col_norm if symmetric else None, dev)
-    has_mass = soft and w8.row_mass is not None
+    has_mass = w8.row_mass is not None  # a linear teacher's eps, or a row LSE's upstream weights
     row_mass = col_mass = dummy
     if has_mass:
         row_mass = w8.row_mass.float().contiguous()
@@ -667,9 +667,10 @@ def compile_specs():
     g_hard = dict(SOFT=False, TEACHER_LINEAR=False, HAS_MASS=False)
     g_soft_max = dict(SOFT=True, TEACHER_LINEAR=False, HAS_MASS=False)
     g_soft_lin = dict(SOFT=True, TEACHER_LINEAR=True, HAS_MASS=True)
+    g_mass = dict(SOFT=False, TEACHER_LINEAR=False, HAS_MASS=True)  # a row LSE's upstream weights
     for dtype in SUPPORTED_DTYPES:
         variants = [(none, False, g_hard), (everything, True, g_hard), (none, True, g_soft_max),
-                    (none, True, g_soft_lin)]
+                    (none, True, g_soft_lin), (rules, False, g_mass)]
         if dtype == "float32":
             variants += [(margin, False, g_hard), (penalty, False, g_hard), (none, True, g_hard),
                          (rules, True, g_soft_max), (none, False, g_soft_max)]
