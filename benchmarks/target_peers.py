@@ -7,12 +7,16 @@ in a fresh process, all of one case in one run.
     python benchmarks/target_peers.py --case ntxent           # vs lightly (needs lightly: .venv-peers)
     python benchmarks/target_peers.py --case distill          # vs open_clip's DistillClipLoss
     python benchmarks/target_peers.py --case align_uniform    # vs the materialised formula
+    python benchmarks/target_peers.py --case mochi            # vs the materialising reference
+    python benchmarks/target_peers.py --case m2mix            # vs the materialising reference
 
 Cases (fp32): negatives_clip_loss B=8192, K=7, D=512; MNRL with 3 hard negatives B=8192, D=384 (the
 loss alone, embeddings given; the cached losses from mini-batches of 32 embeddings, as their
 ``calculate_loss``); NTXentLoss N=8192, D=256; DistillClipLoss N=16384, D=512 against open_clip's (the
 sum of its two outputs); align_uniform_loss (with the cross term) N=16384, D=512 against the
-materialised formula. ``--scale 0.25`` runs each at a quarter of the batch.
+materialised formula; MoCHi B=4096, K=65536, D=256, (N, s, s′) = (1024, 1024, 128), one set of draws;
+m²-mix B=8192, D=512, λ = 0.3, both against their materialising references. ``--scale 0.25`` runs each
+at a quarter of the batch.
 Writes a JSON list of rows to ``--out`` (default: print only).
 """
 from __future__ import annotations
@@ -32,7 +36,10 @@ CASES = {
     "ntxent": dict(batch=8192, dim=256, k=0, providers=["fastcon", "lightly"]),
     "distill": dict(batch=16384, dim=512, k=0, providers=["fastcon", "open_clip"]),
     "align_uniform": dict(batch=16384, dim=512, k=0, providers=["fastcon", "reference"]),
+    "mochi": dict(batch=4096, dim=256, k=65536, providers=["fastcon", "reference"]),
+    "m2mix": dict(batch=8192, dim=512, k=0, providers=["fastcon", "reference"]),
 }
+MOCHI = dict(top_n=1024, n_mix=1024, n_query_mix=128)
 MINI_BATCH = 32
 
 
@@ -120,6 +127,30 @@ def build(case: str, provider: str, b: int, d: int, k: int):
             fn = lambda: FC.align_uniform_loss(*leaves, cross=True)  # noqa: E731
         else:
             fn = lambda: R.align_uniform_loss_reference(*leaves, cross=True)  # noqa: E731
+    elif case == "mochi":
+        import fastcon.functional as FC
+        from fastcon import reference as R
+
+        q = _unit(torch.randn(b, d, generator=g))
+        key = _unit(q + 0.5 * _unit(torch.randn(b, d, generator=g)))
+        queue = _unit(torch.randn(k, d, generator=g))
+        mixes = FC._draw_mixes(b, MOCHI["top_n"], MOCHI["n_mix"], MOCHI["n_query_mix"], g, q.device)
+        leaves = [q.requires_grad_()]
+        if provider == "fastcon":
+            fn = lambda: FC.mochi_loss(q, key, queue, **MOCHI, mixes=mixes)  # noqa: E731
+        else:
+            fn = lambda: R.mochi_loss_reference(q, key, queue, mixes, top_n=MOCHI["top_n"])  # noqa: E731
+    elif case == "m2mix":
+        import fastcon.functional as FC
+        from fastcon import reference as R
+
+        x = _unit(torch.randn(b, d, generator=g))
+        y = _unit(x + 0.8 * _unit(torch.randn(b, d, generator=g)))
+        leaves = [t.requires_grad_() for t in (x, y)]
+        if provider == "fastcon":
+            fn = lambda: FC.m2mix_loss(*leaves, lam=0.3)  # noqa: E731
+        else:
+            fn = lambda: R.m2mix_loss_reference(*leaves, 0.3)  # noqa: E731
     else:
         raise ValueError(case)
 

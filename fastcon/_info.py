@@ -62,7 +62,8 @@ def backend_info() -> dict:
     }
     info["ops"] = {
         "custom_ops": ["fastcon::softmax_loss", "fastcon::sigmoid_loss", "fastcon::target_softmax_loss",
-                       "fastcon::target_pair_loss", "fastcon::target_pair_grad"],
+                       "fastcon::target_pair_loss", "fastcon::target_pair_grad", "fastcon::target_row_lse",
+                       "fastcon::target_row_lse_grad"],
         "triton_ops": ["fastcon::softmax_loss_triton", "fastcon::sigmoid_loss_triton"],
         "triton_op_registration": "torch.library.triton_op" if engine.HAS_TRITON_OP else "torch.library.custom_op",
         "autocast": "features rounded to the autocast dtype for the GEMMs; statistics fp32/float64; fp32 loss",

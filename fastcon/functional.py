@@ -965,3 +965,156 @@ def m2mix_loss(
     loss = (_m2mix_direction(x, m, pos, scale, backend=backend, chunk_size=chunk_size)
             + _m2mix_direction(y, m, pos, scale, backend=backend, chunk_size=chunk_size))
     return loss.to(x.dtype)
+
+
+_MIX_KEYS = ("pair_ranks", "alpha", "query_ranks", "beta")
+
+
+def _check_count(name, value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _draw_mixes(b, top_n, n_mix, n_query_mix, generator, device):
+    """MoCHi's draws: ranks uniform over the top-N (with replacement), α ~ U(0, 1), β ~ U(0, 0.5)."""
+    gen_dev = generator.device if generator is not None else torch.device("cpu")
+    kw = dict(generator=generator, device=gen_dev)
+    high = max(top_n, 1)
+    mixes = {"pair_ranks": torch.randint(high, (b, n_mix, 2), **kw), "alpha": torch.rand((b, n_mix), **kw),
+             "query_ranks": torch.randint(high, (b, n_query_mix), **kw),
+             "beta": 0.5 * torch.rand((b, n_query_mix), **kw)}
+    return {k: v.to(device) for k, v in mixes.items()}
+
+
+def _check_mixes(mixes, b, top_n, n_mix, n_query_mix, device):
+    if not isinstance(mixes, dict) or set(mixes) != set(_MIX_KEYS):
+        raise ValueError(f"mixes must be a dict with the keys {_MIX_KEYS}")
+    shapes = {"pair_ranks": (b, n_mix, 2), "alpha": (b, n_mix), "query_ranks": (b, n_query_mix),
+              "beta": (b, n_query_mix)}
+    out = {}
+    for key, shape in shapes.items():
+        v = mixes[key]
+        if not isinstance(v, torch.Tensor) or tuple(v.shape) != shape:
+            raise ValueError(f"mixes[{key!r}] must be a tensor of shape {shape}, got "
+                             f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
+        if key.endswith("ranks"):
+            if v.dtype != torch.int64:
+                raise TypeError(f"mixes[{key!r}] must be int64, got {v.dtype}")
+            if v.numel() and (int(v.min()) < 0 or int(v.max()) >= top_n):
+                raise ValueError(f"mixes[{key!r}] must be ranks in [0, top_n={top_n})")
+        else:
+            if not v.is_floating_point():
+                raise TypeError(f"mixes[{key!r}] must be floating point, got {v.dtype}")
+            if v.numel() and not bool(torch.isfinite(v).all()):
+                raise ValueError(f"mixes[{key!r}] must be finite")
+        out[key] = v.to(device)
+    return out
+
+
+def mochi_loss(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    queue: Optional[torch.Tensor] = None,
+    *,
+    temperature: float = 0.2,
+    top_n: int = 1024,
+    n_mix: int = 1024,
+    n_query_mix: int = 128,
+    generator: Optional[torch.Generator] = None,
+    mixes: Optional[dict] = None,
+    return_mixes: bool = False,
+    in_batch: bool = False,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+):
+    """MoCHi, hard negative mixing (docs/losses.md §2.2), without the B×K similarity matrix or the
+    synthetic points of the whole batch::
+
+        top_i   = the top_n negatives n of query i by q_i·n, hardest first (ties: the lower index)
+        h_im    = normalize(α_im·n_a + (1−α_im)·n_b),  a, b = top_i[pair_ranks_im]  (m < n_mix)
+        h′_im   = normalize(β_im·sg(q_i) + (1−β_im)·n_c), c = top_i[query_ranks_im]  (m < n_query_mix)
+        L       = mean_i CE([q_i·k_i, q_i·Nᵀ, q_i·h_i·ᵀ, q_i·h′_i·ᵀ]/τ, 0)
+
+    ``q`` (B, D) the queries (with gradient); ``k`` (B, D) their positive keys and ``queue`` (K, D) the
+    negatives N, both used without gradient (detached) and as given (MoCo normalises them first); the
+    synthetic points are normalised after mixing (``F.normalize``'s eps 1e-12), detached and never
+    enqueued. With ``in_batch=True`` the negatives are the batch's own keys (``queue`` must be None)
+    and each query's own key is left out of its negatives and its top-N.
+
+    The draws (ranks uniform over the top-N with replacement, α ~ U(0, 1), β ~ U(0, 0.5)) come from
+    ``generator`` (or torch's global generator), or are given in ``mixes``: ``pair_ranks`` (B, n_mix, 2)
+    and ``query_ranks`` (B, n_query_mix) int64, ``alpha`` (B, n_mix), ``beta`` (B, n_query_mix). With
+    ``return_mixes`` the result is ``(loss, mixes)``. ``top_n``, ``n_mix`` or ``n_query_mix`` of 0 turn
+    their part off (``top_n=0`` with mixing asked for is an error).
+
+    What is materialised: the top-N indices and similarities (B, top_n), the logits and norms of the
+    synthetic points (B, n_mix + n_query_mix), and for a chunk of queries at a time its gathered rows
+    (about 32 MiB): no synthetic point is formed, ``q·h`` and its norm come from the dot products
+    ``q·n_a``, ``q·n_b``, ``n_a·n_b`` (``ops.mixing.mixed_logits``), and q's gradient is a combination of
+    its top-N rows. The LSE over the
+    queue is the engine's row LSE (``ops.engine.target_row_lse``: memory O((B + K)·D + chunk·K)); the
+    top-N selection runs as chunked matrix products and sorts (``ops.mixing.top_negatives``) on every
+    backend. Returns a 0-d tensor in q's dtype.
+    """
+    from .ops.engine import target_row_lse
+    from .ops.mixing import mixed_logits, top_negatives
+
+    if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
+        raise TypeError("q and k must be tensors")
+    check_features("q", q, "k", k)
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have one shape (B, D), got {tuple(q.shape)} and {tuple(k.shape)}")
+    if not isinstance(in_batch, bool):
+        raise TypeError(f"in_batch must be a bool, got {type(in_batch).__name__}")
+    if in_batch:
+        if queue is not None:
+            raise ValueError("in_batch=True takes the batch's own keys as the negatives: pass queue=None")
+        negatives = k
+    else:
+        if queue is None:
+            raise ValueError("mochi_loss needs a queue of negatives (K, D), or in_batch=True")
+        check_features("q", q, "queue", queue)
+        negatives = queue
+    for name, value in (("temperature", temperature),):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < float("inf"):
+            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    top_n, n_mix, n_query_mix = (_check_count(n, v) for n, v in
+                                 (("top_n", top_n), ("n_mix", n_mix), ("n_query_mix", n_query_mix)))
+    available = negatives.shape[0] - (1 if in_batch else 0)
+    if top_n == 0 and (n_mix or n_query_mix):
+        raise ValueError(f"top_n=0 turns mixing off, but n_mix={n_mix} and n_query_mix={n_query_mix} ask for it")
+    if top_n > available:
+        what = "the other keys of the batch" if in_batch else "the queue's K"
+        raise ValueError(f"top_n={top_n} is more than {what}: {available} negatives")
+    chunk_size = _check_chunk_size(chunk_size)
+    b, dev = q.shape[0], q.device
+    k_d, neg_d = k.detach(), negatives.detach()
+    if mixes is None:
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        mixes = _draw_mixes(b, top_n, n_mix, n_query_mix, generator, dev)
+    else:
+        mixes = _check_mixes(mixes, b, top_n, n_mix, n_query_mix, dev)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    if backend == "reference":
+        loss = reference.mochi_loss_reference(q.to(acc), k_d.to(acc), None if in_batch else neg_d.to(acc),
+                                              mixes, temperature=temperature, top_n=top_n,
+                                              in_batch=in_batch).to(q.dtype)
+        return (loss, mixes) if return_mixes else loss
+    scale = torch.tensor(1.0 / temperature, dtype=acc, device=dev)
+    none = torch.full((b,), -1, dtype=torch.int64, device=dev)
+    target = Target(none, torch.full((neg_d.shape[0],), -1, dtype=torch.int64, device=dev),
+                    exclude_col=torch.arange(b, device=dev) if in_batch else None)
+    lse_neg = target_row_lse(q, neg_d, scale, None, target, backend=backend, chunk_size=chunk_size)
+    pos = (q.double() * k_d.double()).sum(1) / temperature
+    extra = [pos[:, None]]
+    if top_n and (n_mix or n_query_mix):
+        top, top_vals = top_negatives(q, neg_d, top_n, exclude_own=in_batch)
+        extra.append(mixed_logits(q, neg_d, top, top_vals, mixes["pair_ranks"], mixes["alpha"], mixes["query_ranks"],
+                                  mixes["beta"]).double() / temperature)
+    lse = torch.logaddexp(lse_neg, torch.logsumexp(torch.cat(extra, dim=1), dim=1))
+    loss = (lse - pos).mean().to(q.dtype)
+    return (loss, mixes) if return_mixes else loss

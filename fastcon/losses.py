@@ -380,3 +380,27 @@ class CoCaLoss(ClipLoss):
         if output_dict:
             return {"contrastive_loss": clip_loss, "caption_loss": caption_loss}
         return clip_loss, caption_loss
+
+
+class MoCHiLoss(nn.Module):
+    """MoCHi's hard negative mixing (docs/losses.md §2.2) as a module: ``forward(q, k, queue=None, *,
+    generator=None, mixes=None, return_mixes=False)`` returns
+    ``fastcon.functional.mochi_loss(q, k, queue, ...)`` with this module's settings: the InfoNCE of the
+    queries ``q`` (B, D) against their keys ``k`` (B, D), the queue (K, D) and, per query, ``n_mix``
+    synthetic negatives mixed from pairs of its ``top_n`` hardest and ``n_query_mix`` mixed from itself
+    and one of them, at ``temperature``. Defaults are the paper's (N, s, s′) = (1024, 1024, 128) and
+    MoCo v2's τ = 0.2. ``in_batch=True`` takes the batch's other keys as the negatives (no queue)."""
+
+    def __init__(self, temperature: float = 0.2, top_n: int = 1024, n_mix: int = 1024, n_query_mix: int = 128, *,
+                 in_batch: bool = False, backend: str = "auto", chunk_size: Optional[int] = None):
+        super().__init__()
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0.0 < temperature:
+            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        self.temperature, self.top_n, self.n_mix, self.n_query_mix = temperature, top_n, n_mix, n_query_mix
+        self.in_batch, self.backend, self.chunk_size = in_batch, backend, chunk_size
+
+    def forward(self, q, k, queue=None, *, generator=None, mixes=None, return_mixes: bool = False):
+        return FC.mochi_loss(q, k, queue, temperature=self.temperature, top_n=self.top_n, n_mix=self.n_mix,
+                             n_query_mix=self.n_query_mix, generator=generator, mixes=mixes,
+                             return_mixes=return_mixes, in_batch=self.in_batch, backend=self.backend,
+                             chunk_size=self.chunk_size)

@@ -631,3 +631,47 @@ def m2mix_loss_reference(image_features: torch.Tensor, text_features: torch.Tens
     c = torch.where(eye, torch.diag_embed(diag), y @ m.T) / temperature
     labels = torch.arange(n, device=x.device)
     return F.cross_entropy(a, labels) + F.cross_entropy(c, labels)
+
+
+def mochi_top_indices(q: torch.Tensor, negatives: torch.Tensor, top_n: int, *, in_batch: bool = False) -> torch.Tensor:
+    """(B, top_n) int64: each query's ``top_n`` hardest negatives by ``q·n``, hardest first, ties by the
+    lower index (a stable descending sort of the materialised B×K matrix); with ``in_batch`` the
+    query's own row i of ``negatives`` is left out."""
+    sim = q @ negatives.T
+    if in_batch:
+        sim = sim.masked_fill(torch.eye(q.shape[0], dtype=torch.bool, device=q.device), float("-inf"))
+    return torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :top_n]
+
+
+def mochi_loss_reference(q: torch.Tensor, k: torch.Tensor, queue: Optional[torch.Tensor], mixes, *,
+                         temperature: float = 0.2, top_n: int = 1024, in_batch: bool = False,
+                         eps: float = 1e-12) -> torch.Tensor:
+    """MoCHi (docs/losses.md §2.2), materialised: per query the top-N negatives (``mochi_top_indices``),
+    the synthetic ``h = normalize(α·n_a + (1−α)·n_b)`` (``mixes["pair_ranks"]``, ``mixes["alpha"]``) and
+    ``h′ = normalize(β·sg(q) + (1−β)·n_c)`` (``query_ranks``, ``beta``), detached, normalised as
+    ``F.normalize`` with ``eps``; logits ``[q·k, q·Nᵀ, q·h, q·h′]/τ`` (N the queue, or with ``in_batch``
+    the other keys), CE with target 0, the mean over queries."""
+    negatives = k if in_batch else queue
+    b = q.shape[0]
+    rows = torch.arange(b, device=q.device)
+    parts = [(q * k).sum(1, keepdim=True)]
+    neg = q @ negatives.T
+    if in_batch:
+        neg = neg.masked_fill(torch.eye(b, dtype=torch.bool, device=q.device), float("-inf"))
+    parts.append(neg)
+    if top_n:
+        top = mochi_top_indices(q.detach(), negatives, top_n, in_batch=in_batch)
+        pr, alpha = mixes["pair_ranks"], mixes["alpha"].to(q.dtype)  # the coefficients in q's precision
+        if pr.shape[1]:
+            n_a = negatives[top[rows[:, None], pr[..., 0]]]
+            n_b = negatives[top[rows[:, None], pr[..., 1]]]
+            h = F.normalize(alpha[..., None] * n_a + (1 - alpha[..., None]) * n_b, dim=-1, eps=eps).detach()
+            parts.append(torch.einsum("bd,bsd->bs", q, h))
+        qr, beta = mixes["query_ranks"], mixes["beta"].to(q.dtype)
+        if qr.shape[1]:
+            n_c = negatives[top[rows[:, None], qr]]
+            h2 = F.normalize(beta[..., None] * q.detach()[:, None, :] + (1 - beta[..., None]) * n_c, dim=-1,
+                             eps=eps).detach()
+            parts.append(torch.einsum("bd,bsd->bs", q, h2))
+    logits = torch.cat(parts, dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(b, dtype=torch.int64, device=q.device))

@@ -154,19 +154,19 @@ def test_readme_summary_is_generated_from_the_committed_results(monkeypatch):
         f"fastcon-bench summary {' '.join(files)} --update README.md")
 
 
-def test_distill_align_uniform_and_m2mix_cases(tmp_path):
-    """distill (DistillClipLoss's two outputs summed), align_uniform and m2mix: fastcon's backends, the
+def test_distill_align_uniform_m2mix_and_mochi_cases(tmp_path):
+    """distill (DistillClipLoss's two outputs summed), align_uniform, m2mix and mochi: fastcon's backends, the
     reference and open_clip's DistillClipLoss against the float64 reference."""
     import importlib.util
 
     if importlib.util.find_spec("open_clip") is None:
         pytest.skip("open_clip is not installed (make test installs it with --no-deps)")
     out = tmp_path / "rows.json"
-    assert bench.main(["--loss", "distill,align_uniform,m2mix", "--providers",
+    assert bench.main(["--loss", "distill,align_uniform,m2mix,mochi", "--providers",
                        "fastcon-cpp,fastcon-torch,reference,open_clip",
                        "--batch", "24", "--dim", "8", "--device", "cpu", "--repeat", "1", "--json", str(out)]) == 0
     rows = {(r["loss"], r["provider"]): r for r in _rows(out)}
-    for loss in ("distill", "align_uniform", "m2mix"):
+    for loss in ("distill", "align_uniform", "m2mix", "mochi"):
         for provider in ("fastcon-cpp", "fastcon-torch", "reference"):
             r = rows[(loss, provider)]
             assert r["status"] == "ok" and r["max_rel_err"] <= 1e-4, r

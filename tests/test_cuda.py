@@ -389,3 +389,36 @@ def test_cuda_distill_clip_pair_from_one_pass(dtype, tol):
     errs = [((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
             for got, want in zip([c, dl] + list(grads), [c_ref, d_ref] + list(expected))]
     assert max(errs) <= tol, errs
+
+
+# ---------------------------------------------------------------------------------------------------
+# Mixing losses (MoCHi, m²-mix) on the Triton path: the engine's row LSE beside O(N) autograd
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_cuda_mochi_matches_reference(dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, generator=g), dim=-1)  # noqa: E731
+    q, k, queue = (t.cuda().to(dtype) for t in (unit(512, 128), unit(512, 128), unit(8192, 128)))
+    leaf = q.clone().requires_grad_()
+    loss, mixes = FC.mochi_loss(leaf, k, queue, top_n=256, n_mix=256, n_query_mix=32, backend="triton",
+                                generator=torch.Generator(device="cuda").manual_seed(1), return_mixes=True)
+    truth = q.double().requires_grad_()
+    want = R.mochi_loss_reference(truth, k.double(), queue.double(), mixes, top_n=256)
+    (grad,), (expected,) = torch.autograd.grad(loss, [leaf]), torch.autograd.grad(want, [truth])
+    errs = [abs(loss.double().item() - want.item()) / abs(want.item()),
+            ((grad.double() - expected).abs().max() / expected.abs().max()).item()]
+    assert max(errs) <= tol, errs
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_cuda_m2mix_matches_reference(dtype, tol):
+    x, y = make_features(1024, 1024, 256)
+    x, y = x.cuda().to(dtype), y.cuda().to(dtype)
+    leaves = [x.clone().requires_grad_(), y.clone().requires_grad_()]
+    truth = [x.double().requires_grad_(), y.double().requires_grad_()]
+    loss = FC.m2mix_loss(*leaves, lam=0.3, backend="triton")
+    want = R.m2mix_loss_reference(*truth, 0.3)
+    grads, expected = torch.autograd.grad(loss, leaves), torch.autograd.grad(want, truth)
+    errs = [abs(loss.double().item() - want.item()) / abs(want.item())] + [
+        ((a.double() - b).abs().max() / b.abs().max()).item() for a, b in zip(grads, expected)]
+    assert max(errs) <= tol, errs

@@ -132,7 +132,7 @@ def make_scalars(loss, device):
     """open_clip's trained CLIP scale (14.3) without bias; SigLIP's initial scale 10 and bias −10."""
     import torch
 
-    if loss in ("ntxent", "mnrl", "align_uniform", "m2mix"):  # their temperature / scale is a constant of the loss
+    if loss in ("ntxent", "mnrl", "align_uniform", "m2mix", "mochi"):  # their temperature / scale is a constant
         return torch.tensor(1.0, device=device), None
     s = torch.tensor(10.0 if loss == "siglip" else 14.3, device=device, requires_grad=True)
     bias = torch.tensor(-10.0, device=device, requires_grad=True) if loss == "siglip" else None
@@ -159,7 +159,10 @@ def max_rel_err(loss, fn, n, d, dtype, device) -> float:
         xbias = leaves[3] if bias is not None else None
         val = ref(*leaves[:3], xbias) if f64 else fn(*leaves[:3], xbias)
         wrt = [t for t in leaves if t.requires_grad]
-        outs.append([val.detach().double()] + [g.double() for g in torch.autograd.grad(val, wrt)])
+        # (MoCHi's keys get no gradient: a zero one, in both)
+        grads = torch.autograd.grad(val, wrt, allow_unused=True)
+        outs.append([val.detach().double()] + [torch.zeros_like(t, dtype=torch.float64) if g is None else g.double()
+                                               for t, g in zip(wrt, grads)])
     return max(((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item() for x, y in zip(*outs))
 
 
@@ -258,8 +261,9 @@ def run_case(case: dict) -> dict:
     row.update(time_fields(times))
     # NT-Xent: the 2N×2N product of both views; alignment/uniformity: three N×N products (x·x, y·y, x·y);
     # distill: the student's N×N (the nominal CLIP count; the teacher's products are not counted); m²-mix:
-    # two N×N products (x·m, y·m)
-    rows_cols = {"ntxent": (2 * n) ** 2, "align_uniform": 3 * n * n, "m2mix": 2 * n * n}.get(loss, n * n)
+    # two N×N products (x·m, y·m); MoCHi: the N×4N product with the queue
+    rows_cols = {"ntxent": (2 * n) ** 2, "align_uniform": 3 * n * n, "m2mix": 2 * n * n, "mochi": 4 * n * n}.get(
+        loss, n * n)
     row["tflops"] = 2 * GEMMS[mode] * rows_cols * d / (row["median_ms"] / 1e3) / 1e12
     row["device_name"] = device_name(device)
     row["threads"] = torch.get_num_threads()

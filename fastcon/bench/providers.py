@@ -15,17 +15,18 @@ from typing import Callable, Optional, Tuple
 # a, b (τ = 0.5, lightly's default); mnrl: sentence-transformers' MNRL with queries a and positives b
 # (scale 20, cos_sim); distill: open_clip's DistillClipLoss, the sum of its two outputs, against a
 # teacher made from the inputs (see distill_teacher); align_uniform: alignment, uniformity and the
-# cross-modal uniformity of a, b; m2mix: m²-mix at λ = M2MIX_LAM, τ = 0.07. The last six run on the
-# engine's general target.
-LOSSES = ("clip", "siglip", "clip_labels", "ntxent", "mnrl", "distill", "align_uniform", "m2mix")
-TARGET_LOSSES = ("clip_labels", "ntxent", "mnrl", "distill", "align_uniform", "m2mix")
+# cross-modal uniformity of a, b; m2mix: m²-mix at λ = M2MIX_LAM, τ = 0.07; mochi: MoCHi with queries a,
+# keys b and a queue of 4N rows made from b (see mochi_inputs). The last seven run on the engine's
+# general target.
+LOSSES = ("clip", "siglip", "clip_labels", "ntxent", "mnrl", "distill", "align_uniform", "m2mix", "mochi")
+TARGET_LOSSES = ("clip_labels", "ntxent", "mnrl", "distill", "align_uniform", "m2mix", "mochi")
 FASTCON_BACKENDS = ("cpp", "torch", "triton", "triton_fused")
 PROVIDERS = ("fastcon",) + tuple(f"fastcon-{b}" for b in FASTCON_BACKENDS) + (
     "fastcon_compile", "reference", "open_clip", "inf_cl", "torch_compile", "lightly", "sentence_transformers")
 # the peer each loss is compared with, beside the reference
 PEER_OF = {"clip": ("open_clip", "inf_cl"), "siglip": ("open_clip",), "clip_labels": (), "ntxent": ("lightly",),
            "mnrl": ("sentence_transformers",), "distill": ("open_clip",), "align_uniform": (),
-           "m2mix": ()}
+           "m2mix": (), "mochi": ()}
 NTXENT_TEMPERATURE = 0.5
 MNRL_SCALE = 20.0
 DISTILL_TEACHER_SCALE = 30.0
@@ -134,6 +135,21 @@ def distill_teacher(a, b):
             torch.nn.functional.normalize(b.detach().flip(1), dim=1))
 
 
+def mochi_inputs(a, b):
+    """The mochi case's queue (4N rows: b with its features rotated by 1..4, normalised, no gradient),
+    its (N, s, s′) (the paper's (1024, 1024, 128), capped by N) and one fixed set of draws."""
+    import torch
+
+    import fastcon.functional as FC
+
+    queue = torch.nn.functional.normalize(torch.cat([b.detach().roll(r, dims=1) for r in (1, 2, 3, 4)]), dim=1)
+    top_n = min(1024, b.shape[0])
+    sizes = dict(top_n=top_n, n_mix=top_n, n_query_mix=max(1, top_n // 8))
+    mixes = FC._draw_mixes(a.shape[0], sizes["top_n"], sizes["n_mix"], sizes["n_query_mix"],
+                           torch.Generator().manual_seed(0), a.device)
+    return queue, sizes, mixes
+
+
 def _distill_fn(module):
     """``fn(a, b, s, bias)``: the sum of a DistillClipLoss module's two outputs against distill_teacher."""
     def fn(a, b, s, bias):
@@ -167,6 +183,11 @@ def _target_loss_fn(loss: str, provider: str) -> Callable:
             return lambda a, b, s, bias: FC.align_uniform_loss(a, b, cross=True, backend=backend)
         if loss == "m2mix":
             return lambda a, b, s, bias: FC.m2mix_loss(a, b, lam=M2MIX_LAM, backend=backend)
+        if loss == "mochi":
+            def mochi(a, b, s, bias):
+                queue, sizes, mixes = mochi_inputs(a, b)
+                return FC.mochi_loss(a, b, queue, **sizes, mixes=mixes, backend=backend)
+            return mochi
         return lambda a, b, s, bias: FC.multiple_negatives_ranking_loss(a, [b], scale=MNRL_SCALE, backend=backend)
     if provider in ("reference", "torch_compile"):
         if loss == "clip_labels":
@@ -185,6 +206,10 @@ def _target_loss_fn(loss: str, provider: str) -> Callable:
         elif loss == "m2mix":
             def ref(a, b, s, bias):
                 return R.m2mix_loss_reference(a, b, M2MIX_LAM)
+        elif loss == "mochi":
+            def ref(a, b, s, bias):
+                queue, sizes, mixes = mochi_inputs(a, b)
+                return R.mochi_loss_reference(a, b.detach(), queue, mixes, top_n=sizes["top_n"])
         else:
             def ref(a, b, s, bias):
                 return R.mnrl_loss_reference(a, [b], MNRL_SCALE)

@@ -559,7 +559,6 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
         w_col = w8.w_col.float().contiguous()
     else:
         col_lse, q_col_pos, q_col_keep, w_col = dummy.double(), dummy, dummy, dummy
-    soft = bool(target.soft)
     tch = _Teacher(target, w8.t_row_norm, w8.t_col_norm if symmetric else None, dev)
     has_mass = w8.row_mass is not None  # a linear teacher's eps, or a row LSE's upstream weights
     row_mass = col_mass = dummy
