@@ -39,6 +39,17 @@ def assert_close_rel(actual, expected, *, rtol, atol=0.0, name="value"):
             f"first mismatches: {details}")
 
 
+def assert_compiles_like_eager(step, leaves):
+    """``torch.compile(step, fullgraph=True)`` gives eager's value and the gradients of every leaf."""
+    torch._dynamo.reset()
+    eager = step(*leaves)
+    eager_grads = torch.autograd.grad(eager, leaves)
+    out = torch.compile(step, fullgraph=True)(*leaves)
+    assert_close_rel(out, eager, rtol=1e-6, name="compiled value")
+    for g, e in zip(torch.autograd.grad(out, leaves), eager_grads):
+        assert_close_rel(g, e, rtol=1e-5, atol=1e-8, name="compiled gradient")
+
+
 def free_port() -> int:
     import socket
 
