@@ -9,14 +9,16 @@ in a fresh process, all of one case in one run.
     python benchmarks/target_peers.py --case align_uniform    # vs the materialised formula
     python benchmarks/target_peers.py --case mochi            # vs the materialising reference
     python benchmarks/target_peers.py --case m2mix            # vs the materialising reference
+    python benchmarks/target_peers.py --case topk             # vs a chunked torch.topk loop (forward only)
 
 Cases (fp32): negatives_clip_loss B=8192, K=7, D=512; MNRL with 3 hard negatives B=8192, D=384 (the
 loss alone, embeddings given; the cached losses from mini-batches of 32 embeddings, as their
 ``calculate_loss``); NTXentLoss N=8192, D=256; DistillClipLoss N=16384, D=512 against open_clip's (the
 sum of its two outputs); align_uniform_loss (with the cross term) N=16384, D=512 against the
 materialised formula; MoCHi B=4096, K=65536, D=256, (N, s, s′) = (1024, 1024, 128), one set of draws;
-m²-mix B=8192, D=512, λ = 0.3, both against their materialising references. ``--scale 0.25`` runs each
-at a quarter of the batch.
+m²-mix B=8192, D=512, λ = 0.3, both against their materialising references; topk_similarity
+N=M=262144, D=512, k=10 against a loop of torch.topk over blocks of 1024 rows (no gradient).
+``--scale 0.25`` runs each at a quarter of the batch.
 Writes a JSON list of rows to ``--out`` (default: print only).
 """
 from __future__ import annotations
@@ -38,7 +40,9 @@ CASES = {
     "align_uniform": dict(batch=16384, dim=512, k=0, providers=["fastcon", "reference"]),
     "mochi": dict(batch=4096, dim=256, k=65536, providers=["fastcon", "reference"]),
     "m2mix": dict(batch=8192, dim=512, k=0, providers=["fastcon", "reference"]),
+    "topk": dict(batch=262144, dim=512, k=10, providers=["fastcon", "torch_topk"]),
 }
+TOPK_BLOCK = 1024
 MOCHI = dict(top_n=1024, n_mix=1024, n_query_mix=128)
 MINI_BATCH = 32
 
@@ -151,6 +155,19 @@ def build(case: str, provider: str, b: int, d: int, k: int):
             fn = lambda: FC.m2mix_loss(*leaves, lam=0.3)  # noqa: E731
         else:
             fn = lambda: R.m2mix_loss_reference(*leaves, 0.3)  # noqa: E731
+    elif case == "topk":
+        import fastcon.functional as FC
+
+        x = _unit(torch.randn(b, d, generator=g))
+        y = _unit(x + 0.8 * _unit(torch.randn(b, d, generator=g)))
+        leaves = []
+        if provider == "fastcon":
+            return (lambda: FC.topk_similarity(x, y, k)), leaves
+
+        def chunked_topk():
+            out = [torch.topk(x[r0:r0 + TOPK_BLOCK] @ y.T, k, dim=1) for r0 in range(0, b, TOPK_BLOCK)]
+            return torch.cat([o.values for o in out]), torch.cat([o.indices for o in out])
+        return chunked_topk, leaves
     else:
         raise ValueError(case)
 

@@ -1118,3 +1118,116 @@ def mochi_loss(
     lse = torch.logaddexp(lse_neg, torch.logsumexp(torch.cat(extra, dim=1), dim=1))
     loss = (lse - pos).mean().to(q.dtype)
     return (loss, mixes) if return_mixes else loss
+
+
+def pooled_alignment_loss(
+    visual_tokens: torch.Tensor,
+    word_embeddings: torch.Tensor,
+    *,
+    word_mask: Optional[torch.Tensor] = None,
+    pool_size: Optional[int] = None,
+    temperature: float = 0.07,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Pooled patch-token alignment (CG-VLM; docs/losses.md §3.2)::
+
+        v̄_ik = the visual tokens (B, M, D) average-pooled to K = pool_size tokens (adaptive average
+               pooling over the token axis, as F.adaptive_avg_pool1d; K = 1 without pool_size)
+        S_ij = mean_k masked-mean_l cos(v̄_ik, e_jl)        (words e: (B, L, D), word_mask (B, L))
+        L    = ½[CE(S/τ, i) + CE(Sᵀ/τ, i)]
+
+    Cosines of unit rows are dot products, and the means pass through them: ``S_ij = a_i·c_j`` with
+    ``a_i = mean_k v̂_ik`` and ``c_j = masked-mean_l ê_jl`` (hats: rows normalised). So the loss is one
+    CLIP loss of the engine on the two means, ``clip_loss(a, c, 1/τ)``: no B×K×B×L tensor, and
+    memory O(B·(M + L)·D). ``word_mask`` is True for real words; a caption without one is an error.
+    Returns a 0-d tensor in the features' dtype (computed in at least fp32)."""
+    for name, t in (("visual_tokens", visual_tokens), ("word_embeddings", word_embeddings)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point (B, tokens, D) tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    b, m, d = visual_tokens.shape
+    if word_embeddings.shape[0] != b or word_embeddings.shape[2] != d:
+        raise ValueError(f"word_embeddings must be (B={b}, L, D={d}), got {tuple(word_embeddings.shape)}")
+    if pool_size is not None:
+        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or not 1 <= pool_size <= m:
+            raise ValueError(f"pool_size must be an int in [1, {m}] (the number of visual tokens), got {pool_size!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0.0 < temperature < float("inf"):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    acc = torch.promote_types(visual_tokens.dtype, torch.float32)
+    v, e = visual_tokens.to(acc), word_embeddings.to(acc)
+    if word_mask is not None:
+        if not isinstance(word_mask, torch.Tensor) or word_mask.dtype != torch.bool or \
+                tuple(word_mask.shape) != tuple(e.shape[:2]):
+            raise ValueError(f"word_mask must be a bool tensor of shape {tuple(e.shape[:2])}")
+        counts = word_mask.sum(1)
+        if bool((counts == 0).any()):
+            raise ValueError(f"caption {int(torch.nonzero(counts == 0)[0])} has no word (its word_mask is all False)")
+    if backend == "reference":
+        return reference.pooled_alignment_loss_reference(v, e, word_mask=word_mask, pool_size=pool_size,
+                                                         temperature=temperature).to(visual_tokens.dtype)
+    k = 1 if pool_size is None else pool_size
+    pooled = torch.nn.functional.adaptive_avg_pool1d(v.transpose(1, 2), k).transpose(1, 2)
+    a = torch.nn.functional.normalize(pooled, dim=-1).mean(1)
+    words = torch.nn.functional.normalize(e, dim=-1)
+    if word_mask is None:
+        c = words.mean(1)
+    else:
+        w = word_mask.to(acc)[..., None]
+        c = (words * w).sum(1) / w.sum(1)
+    loss = clip_loss(a, c, 1.0 / temperature, backend=backend, chunk_size=chunk_size)
+    return loss.to(visual_tokens.dtype)
+
+
+def topk_similarity(x: torch.Tensor, y: torch.Tensor, k: int, *, chunk_size: Optional[int] = None):
+    """(values, indices), each (N, k): the ``k`` largest entries of each row of ``x·yᵀ`` (x (N, D),
+    y (M, D)) and their columns, largest first, without the N×M matrix (docs/losses.md §4): rows in
+    blocks, columns streamed in chunks, each block's running top-k merged with a chunk's candidates
+    by a stable sort, so that exact ties in the computed values go to the lower index. Equal to
+    ``torch.topk`` of the materialised matrix on data without near-ties. Memory O(N·k + block·chunk);
+    no gradient. Values in at least fp32."""
+    from .ops.mixing import top_negatives
+
+    check_features("x", x, "y", y)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= y.shape[0]:
+        raise ValueError(f"k must be an int in [1, {y.shape[0]}] (y's rows), got {k!r}")
+    chunk_size = _check_chunk_size(chunk_size)
+    n = x.shape[0]
+    cols = max(k + 1, chunk_size or 8192)  # columns per chunk
+    block = max(1, (32 << 20) // (4 * cols))  # rows per block: a 32 MiB chunk of similarities
+    values, indices = [], []
+    with torch.no_grad():
+        for r0 in range(0, n, block):
+            idx, vals = top_negatives(x[r0:r0 + block], y, k, chunk_cols=cols)
+            values.append(vals)
+            indices.append(idx)
+    if not values:
+        return x.new_empty((0, k), dtype=torch.promote_types(x.dtype, torch.float32)), \
+            torch.empty((0, k), dtype=torch.int64, device=x.device)
+    return torch.cat(values), torch.cat(indices)
+
+
+def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor, ks=(1, 5, 10), *,
+                     chunk_size: Optional[int] = None) -> dict:
+    """Recall@k of paired sets in both directions (image i's match is text i): ``{"image_to_text":
+    {k: fraction of images whose text is among the k most similar texts, ...}, "text_to_image": {...}}``,
+    from ``topk_similarity`` (no N×N matrix; a tie at the k-th place goes to the lower index, which can
+    count a match that a tie-breaking by chance would not). Similarities are the dot products of the
+    features as given (normalise them first for cosine)."""
+    check_features("image_features", image_features, "text_features", text_features)
+    if image_features.shape != text_features.shape:
+        raise ValueError(f"retrieval_recall needs paired sets of one shape, got {tuple(image_features.shape)} and "
+                         f"{tuple(text_features.shape)}")
+    ks = tuple(ks)
+    n = image_features.shape[0]
+    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n for k in ks):
+        raise ValueError(f"ks must be ints in [1, {n}] (the number of pairs), got {ks}")
+    top = max(ks)
+    target = torch.arange(n, device=image_features.device)[:, None]
+    out = {}
+    for name, (a, b) in (("image_to_text", (image_features, text_features)),
+                         ("text_to_image", (text_features, image_features))):
+        _, idx = topk_similarity(a, b, top, chunk_size=chunk_size)
+        hit = idx == target
+        out[name] = {k: float(hit[:, :k].any(1).double().mean()) for k in ks}
+    return out

@@ -68,7 +68,7 @@ class ClipLoss(nn.Module):
     Keyword-only extras: ``label_smoothing``, ``backend`` (see ``fastcon.functional``), ``chunk_size``,
     ``process_group`` (default: the world group when ``world_size > 1``); and of ``forward``,
     ``labels`` (N integer class ids: pairs sharing an id are positives of one another, see
-    ``fastcon.functional.clip_loss``; one process only for now).
+    ``fastcon.functional.clip_loss``; with ``world_size > 1`` each rank passes the ids of its own pairs).
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,

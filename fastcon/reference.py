@@ -675,3 +675,21 @@ def mochi_loss_reference(q: torch.Tensor, k: torch.Tensor, queue: Optional[torch
             parts.append(torch.einsum("bd,bsd->bs", q, h2))
     logits = torch.cat(parts, dim=1) / temperature
     return F.cross_entropy(logits, torch.zeros(b, dtype=torch.int64, device=q.device))
+
+
+def pooled_alignment_loss_reference(visual_tokens: torch.Tensor, word_embeddings: torch.Tensor, *, word_mask=None,
+                                    pool_size=None, temperature: float = 0.07) -> torch.Tensor:
+    """Pooled patch-token alignment (docs/losses.md §3.2), materialised: the visual tokens average-pooled
+    to K tokens (``F.adaptive_avg_pool1d`` over the token axis; K = 1 without ``pool_size``),
+    ``S_ij = mean_k masked-mean_l cos(v̄_ik, e_jl)`` from the B×K×B×L tensor of cosines, and
+    ``½[CE(S/τ, i) + CE(Sᵀ/τ, i)]``."""
+    b, _, _ = visual_tokens.shape
+    k = 1 if pool_size is None else pool_size
+    pooled = F.adaptive_avg_pool1d(visual_tokens.transpose(1, 2), k).transpose(1, 2)  # (B, K, D)
+    cos = torch.einsum("ikd,jld->ikjl", F.normalize(pooled, dim=-1), F.normalize(word_embeddings, dim=-1))
+    if word_mask is None:
+        word_mask = torch.ones(word_embeddings.shape[:2], dtype=torch.bool, device=word_embeddings.device)
+    w = word_mask.to(cos.dtype)
+    s = ((cos * w[None, None]).sum(-1) / w.sum(-1)[None, None]).mean(1)  # (B, B)
+    labels = torch.arange(b, device=s.device)
+    return (F.cross_entropy(s / temperature, labels) + F.cross_entropy(s.T / temperature, labels)) / 2

@@ -36,11 +36,10 @@ def top_negatives(q: torch.Tensor, negatives: torch.Tensor, top_n: int, *, exclu
     largest ``q·n`` over the rows of ``negatives``, hardest first, ties by the lower index; with
     ``exclude_own`` row i of ``negatives`` is not a negative of query i. No gradient.
 
-    Per chunk of negatives only the similarities above each row's N-th value so far can enter (a
-    later index loses a tie): the chunk's top-k, for k the largest such count of a row, in index
-    order, are appended to the candidates (−inf where a row has fewer); when the candidates reach
-    2·top_n they are cut back to the top_n by a stable descending sort, which keeps the index order of
-    ties (the candidates are in index order)."""
+    Per chunk of negatives the chunk's own top_n (with every entry tied at its top_n-th place) that lie
+    above each row's top_n-th value so far (a later index loses a tie) are appended to the
+    candidates in index order (−inf where a row has fewer); when the candidates reach 2·top_n they are
+    cut back to the top_n by a stable descending sort, which keeps the index order of ties."""
     b, k = q.shape[0], negatives.shape[0]
     dev = q.device
     q = q.detach()
@@ -52,20 +51,31 @@ def top_negatives(q: torch.Tensor, negatives: torch.Tensor, top_n: int, *, exclu
     rows = torch.arange(b, device=dev)
     for c0 in range(0, k, chunk_cols):
         c1 = min(k, c0 + chunk_cols)
-        sim = mm_acc(q, negatives[c0:c1].detach().T)
+        cols = negatives[c0:c1].detach()
+        if c1 - c0 < chunk_cols and k > chunk_cols:  # the last chunk at the others' width: one GEMM shape,
+            pad = cols.new_zeros((chunk_cols - (c1 - c0), cols.shape[1]))  # so equal rows give equal values
+            sim = mm_acc(q, torch.cat([cols, pad]).T)[:, :c1 - c0]
+        else:
+            sim = mm_acc(q, cols.T)
         if exclude_own:
             own = (rows >= c0) & (rows < c1)
             sim[rows[own], rows[own] - c0] = float("-inf")
-        if thr is None:  # no full list yet: every similarity is a candidate
-            take = c1 - c0
-        else:
-            above = sim > thr
-            take = int(above.sum(1).max())
-            if take == 0:
+        # the chunk's top_n (an entry below them cannot be in the result), or where an entry ties with
+        # the top_n-th, every entry tied with it (the lower index of a tie must not be cut)
+        kk = min(c1 - c0, top_n + 1)
+        cv, ci = torch.topk(sim, kk, dim=1)
+        if kk > top_n:
+            if bool((cv[:, top_n] == cv[:, top_n - 1]).any()):
+                bound = cv[:, top_n - 1:top_n]
+                cv, ci = torch.topk(sim, int((sim >= bound).sum(1).max()), dim=1)
+                cv = torch.where(cv >= bound, cv, float("-inf"))
+            else:
+                cv, ci = cv[:, :top_n], ci[:, :top_n]
+        if thr is not None:  # above the current top_n-th only (a later index loses a tie); −inf pads
+            keep = cv > thr
+            if not bool(keep.any()):
                 continue
-        cv, ci = torch.topk(sim, take, dim=1)
-        if thr is not None:
-            cv = torch.where(cv > thr, cv, float("-inf"))  # the rows with fewer: padding
+            cv = torch.where(keep, cv, float("-inf"))
         ci, order = torch.sort(ci, dim=1)  # index order
         vals = torch.cat([vals, cv.gather(1, order)], dim=1)
         idx = torch.cat([idx, ci + c0], dim=1)
