@@ -50,6 +50,17 @@ def assert_compiles_like_eager(step, leaves):
         assert_close_rel(g, e, rtol=1e-5, atol=1e-8, name="compiled gradient")
 
 
+def close_gloo() -> None:
+    """Ends a gloo worker's group: a barrier first, so that no rank tears its connections down while
+    another still uses them (a rank's exit during a peer's last collective can abort the process)."""
+    import torch.distributed as dist
+
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def free_port() -> int:
     import socket
 

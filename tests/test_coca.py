@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcon
-from helpers import assert_close_rel, make_features, run_gloo
+from helpers import assert_close_rel, close_gloo, make_features, run_gloo
 
 MODES = [(False, False), (False, True), (True, False), (True, True)]
 RTOL = 1e-5  # fp32, relative to the largest entry
@@ -262,7 +262,7 @@ def _gloo_worker(rank, world, port, out):
     except Exception:
         out.put((rank, traceback.format_exc()))
     finally:
-        dist.destroy_process_group()
+        close_gloo()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 
 import fastcon
 import fastcon.functional as FC
-from helpers import make_features, run_gloo
+from helpers import close_gloo, make_features, run_gloo
 
 MODES = [(False, False), (False, True), (True, False), (True, True)]
 KINDS = ["clip", "hycd", "cwcl"]
@@ -76,7 +76,7 @@ def _worker(rank, world, port, out, backend):
     except Exception:
         out.put((rank, traceback.format_exc()))
     finally:
-        dist.destroy_process_group()
+        close_gloo()
 
 
 @pytest.fixture(scope="module", params=["cpp", "torch"])

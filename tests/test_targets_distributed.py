@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import run_gloo
+from helpers import close_gloo, run_gloo
 
 B, K, D = 5, 2, 8
 BACKENDS = ["torch", "cpp"]
@@ -149,7 +149,7 @@ def _worker(rank, world, port, out):
     except Exception as exc:  # reported to the test, which fails on it
         out.put((rank, {"error": repr(exc)}))
     finally:
-        dist.destroy_process_group()
+        close_gloo()
 
 
 @pytest.mark.parametrize("world", [2, 3])
