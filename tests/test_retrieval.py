@@ -13,7 +13,8 @@ def _unit(*shape, seed, dtype=torch.float32):
     return torch.nn.functional.normalize(torch.randn(*shape, generator=g, dtype=dtype), dim=-1)
 
 
-@pytest.mark.parametrize("n,m,k,chunk", [(1, 1, 1, None), (37, 50, 5, 7), (64, 300, 10, None), (20, 33, 33, 4)])
+@pytest.mark.parametrize("n,m,k,chunk", [(1, 1, 1, None), (37, 50, 5, 7), (64, 300, 10, None), (20, 33, 33, 4),
+                                         (30, 700, 70, 90)])
 def test_topk_similarity_equals_topk_of_the_matrix(n, m, k, chunk):
     x, y = _unit(n, 16, seed=1, dtype=torch.float64), _unit(m, 16, seed=2, dtype=torch.float64)
     values, indices = FC.topk_similarity(x, y, k, chunk_size=chunk)
@@ -31,6 +32,10 @@ def test_topk_similarity_ties_go_to_the_lower_index():
     _, indices = FC.topk_similarity(x, y, 7, chunk_size=4)
     order = torch.sort(x @ y.T, dim=1, descending=True, stable=True).indices[:, :7]
     assert torch.equal(indices, order)
+    # a long list (its later chunks' candidates counted above the running k-th): many exact ties
+    y = torch.randint(-1, 2, (600, 8), generator=g).float()
+    _, indices = FC.topk_similarity(x, y, 80, chunk_size=90)
+    assert torch.equal(indices, torch.sort(x @ y.T, dim=1, descending=True, stable=True).indices[:, :80])
 
 
 def test_retrieval_recall_both_directions():

@@ -22,12 +22,43 @@ import torch
 from fastcon.kernels._common import acc_dtype, mm_acc
 
 _MIX_CHUNK_BYTES = 32 << 20
+_COUNT_ABOVE = 64  # top_n above which a chunk's candidates are counted rather than taken as its top_n
 
 
 def _keep_top(vals, idx, top_n):
     """The top_n of candidate lists in index order (padding −inf), hardest first, ties by the lower index."""
     sv, order = torch.sort(vals, dim=1, descending=True, stable=True)
     return sv[:, :top_n], idx.gather(1, order[:, :top_n])
+
+
+def _chunk_candidates(sim, top_n, thr):
+    """(values, columns) of a chunk's entries that may enter the top_n, −inf where a row has fewer; None
+    when none can (``thr``: each row's top_n-th so far, None before the list is full)."""
+    if thr is not None and top_n > _COUNT_ABOVE:
+        # a long list: after the first chunks few entries beat its top_n-th, so count them and take
+        # that many (cheaper than the chunk's own top_n)
+        take = int((sim > thr).sum(1).max())
+        if take == 0:
+            return None
+        cv, ci = torch.topk(sim, take, dim=1)
+        return torch.where(cv > thr, cv, float("-inf")), ci
+    # the chunk's own top_n (an entry below them cannot be in the result), or where an entry ties with
+    # the top_n-th, every entry tied with it (the lower index of a tie must not be cut)
+    kk = min(sim.shape[1], top_n + 1)
+    cv, ci = torch.topk(sim, kk, dim=1)
+    if kk > top_n:
+        if bool((cv[:, top_n] == cv[:, top_n - 1]).any()):
+            bound = cv[:, top_n - 1:top_n]
+            cv, ci = torch.topk(sim, int((sim >= bound).sum(1).max()), dim=1)
+            cv = torch.where(cv >= bound, cv, float("-inf"))
+        else:
+            cv, ci = cv[:, :top_n], ci[:, :top_n]
+    if thr is not None:  # above the current top_n-th only (a later index loses a tie)
+        keep = cv > thr
+        if not bool(keep.any()):
+            return None
+        cv = torch.where(keep, cv, float("-inf"))
+    return cv, ci
 
 
 def top_negatives(q: torch.Tensor, negatives: torch.Tensor, top_n: int, *, exclude_own: bool = False,
@@ -60,22 +91,10 @@ def top_negatives(q: torch.Tensor, negatives: torch.Tensor, top_n: int, *, exclu
         if exclude_own:
             own = (rows >= c0) & (rows < c1)
             sim[rows[own], rows[own] - c0] = float("-inf")
-        # the chunk's top_n (an entry below them cannot be in the result), or where an entry ties with
-        # the top_n-th, every entry tied with it (the lower index of a tie must not be cut)
-        kk = min(c1 - c0, top_n + 1)
-        cv, ci = torch.topk(sim, kk, dim=1)
-        if kk > top_n:
-            if bool((cv[:, top_n] == cv[:, top_n - 1]).any()):
-                bound = cv[:, top_n - 1:top_n]
-                cv, ci = torch.topk(sim, int((sim >= bound).sum(1).max()), dim=1)
-                cv = torch.where(cv >= bound, cv, float("-inf"))
-            else:
-                cv, ci = cv[:, :top_n], ci[:, :top_n]
-        if thr is not None:  # above the current top_n-th only (a later index loses a tie); −inf pads
-            keep = cv > thr
-            if not bool(keep.any()):
-                continue
-            cv = torch.where(keep, cv, float("-inf"))
+        cand = _chunk_candidates(sim, top_n, thr)
+        if cand is None:
+            continue
+        cv, ci = cand
         ci, order = torch.sort(ci, dim=1)  # index order
         vals = torch.cat([vals, cv.gather(1, order)], dim=1)
         idx = torch.cat([idx, ci + c0], dim=1)
