@@ -624,7 +624,7 @@ def _pair_passes(backend: str):
     return impl.target_stats, impl.target_grad
 
 
-def _pair_targets(target, eps: float):
+def _pair_targets(target):
     """(the hard part, the soft part) of a soft target: Q_hard = (1−ε)·[pos]/|P| + ε/|K|, Q_soft = Qt."""
     return target._replace(soft=0.0, hard=None, entropy=False), target._replace(hard=0.0, entropy=False)
 
@@ -642,7 +642,7 @@ def _target_pair_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, target_
         stats_fn, _ = _pair_passes(backend)
         teacher = teacher_norms(target, teacher_stats(stats_fn, target, symmetric, chunk_rows), symmetric)
         st, _ = stats_fn(x, y, s, c, target, symmetric, bool(label_smoothing), chunk_rows, 0, teacher)
-        hard, soft = _pair_targets(target, label_smoothing)
+        hard, soft = _pair_targets(target)
         l_hard, _ = loss_and_weights(hard, st, label_smoothing, symmetric, s.dtype)
         l_soft, _ = loss_and_weights(soft, st, 0.0, symmetric, s.dtype)
         empty = a.new_empty((0,), dtype=torch.float64)
@@ -688,7 +688,7 @@ def _target_pair_grad(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, target_
                            cross_row=zeros(na), cross_col=zeros(nb), **st)
         g_hard, g_soft = (float(v) for v in upstream.double().cpu())
         eps = label_smoothing
-        hard, soft = _pair_targets(target, eps)
+        hard, soft = _pair_targets(target)
         total = g_hard + g_soft
         if total != 0.0:  # one pass: P − Q of the mixed targets, times the sum
             u, v = g_hard / total, g_soft / total
