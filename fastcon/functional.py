@@ -1231,3 +1231,77 @@ def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor, 
         hit = idx == target
         out[name] = {k: float(hit[:, :k].any(1).double().mean()) for k in ks}
     return out
+
+
+def patch_nce_loss(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    temperature: float = 0.07,
+    detach: Optional[str] = "key",
+    pos_mask: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Dense patch InfoNCE (PatchNCE of CUT, contrastive denoising score, PixContrast; docs/losses.md
+    §3.3), batched per image: ``q``, ``k`` (B, P, D) sampled at the same P positions of each image,
+    ``S_b = q_b·k_bᵀ/τ`` (P×P per image), the other patches of the same image the negatives::
+
+        L = mean_{b,i} CE(S_b[i], i)                                      (pos_mask None)
+        L = mean_{b,i with a positive} −log(Σ_{j∈pos} e^{S_b,ij} / Σ_j e^{S_b,ij})   (pos_mask (B, P, P))
+
+    ``detach``: "key" (CUT: the key side gets no gradient), "query" (the anchor, as contrastive
+    denoising score) or None. On the engine: the images' patches stacked as rows against their
+    stacked keys, each row keeping only its own image's block of columns (the target's column ranges:
+    the GEMMs skip the other images' blocks), the diagonal the positive; with ``pos_mask`` the
+    denominator is the engine's row LSE over the block, the numerator an LSE over the positive pairs
+    alone (their dot products gathered: O(#positives·D)). No B·P × B·P matrix. Returns a 0-d tensor
+    in q's dtype. A ``pos_mask`` without any positive is an error."""
+    from .ops.engine import target_row_lse
+
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point (B, P, D) tensor")
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have one shape (B, P, D), got {tuple(q.shape)} and {tuple(k.shape)}")
+    if detach not in ("key", "query", None):
+        raise ValueError(f"detach must be 'key', 'query' or None, got {detach!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0.0 < temperature < float("inf"):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    b, p, d = q.shape
+    if pos_mask is not None:
+        if not isinstance(pos_mask, torch.Tensor) or pos_mask.dtype != torch.bool or tuple(pos_mask.shape) != (b, p, p):
+            raise ValueError(f"pos_mask must be a bool tensor of shape {(b, p, p)}")
+        if not bool(pos_mask.any()):
+            raise ValueError("pos_mask has no positive pair")
+    chunk_size = _check_chunk_size(chunk_size)
+    if backend == "reference":
+        return reference.patch_nce_loss_reference(q, k, temperature=temperature, detach=detach,
+                                                  pos_mask=pos_mask).to(q.dtype)
+    if detach == "key":
+        k = k.detach()
+    elif detach == "query":
+        q = q.detach()
+    rows, cols = q.reshape(b * p, d), k.reshape(b * p, d)
+    dev = q.device
+    ids = torch.arange(b * p, device=dev)
+    lo = (ids // p) * p
+    block = torch.stack([lo, lo + p], dim=1)  # each row's image: its block of columns
+    acc = torch.promote_types(q.dtype, torch.float32)
+    scale = torch.tensor(1.0 / temperature, dtype=acc, device=dev)
+    if pos_mask is None:
+        target = Target(ids, ids, col_range=block)
+        return target_engine_loss(rows, cols, scale, None, target, symmetric=False, backend=backend,
+                                  chunk_size=chunk_size)
+    none = torch.full((b * p,), -1, dtype=torch.int64, device=dev)
+    lse_all = target_row_lse(rows, cols, scale, None, Target(none, none, col_range=block), backend=backend,
+                             chunk_size=chunk_size)
+    img, i, j = torch.nonzero(pos_mask, as_tuple=True)
+    r, c = img * p + i, img * p + j
+    s_pos = (rows[r].double() * cols[c].double()).sum(1) / temperature  # float64 beside the float64 LSE
+    peak = torch.full((b * p,), float("-inf"), dtype=torch.float64, device=dev)
+    peak = peak.scatter_reduce(0, r, s_pos.detach(), "amax")
+    sums = torch.zeros(b * p, dtype=torch.float64, device=dev).index_add(0, r, torch.exp(s_pos - peak[r]))
+    has = pos_mask.reshape(b * p, p).any(1)
+    lse_pos = torch.log(sums[has]) + peak[has]
+    return (lse_all[has] - lse_pos).mean().to(q.dtype)

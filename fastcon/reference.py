@@ -693,3 +693,24 @@ def pooled_alignment_loss_reference(visual_tokens: torch.Tensor, word_embeddings
     s = ((cos * w[None, None]).sum(-1) / w.sum(-1)[None, None]).mean(1)  # (B, B)
     labels = torch.arange(b, device=s.device)
     return (F.cross_entropy(s / temperature, labels) + F.cross_entropy(s.T / temperature, labels)) / 2
+
+
+def patch_nce_loss_reference(q: torch.Tensor, k: torch.Tensor, *, temperature: float = 0.07, detach="key",
+                             pos_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Dense patch InfoNCE (docs/losses.md §3.3), materialised per image: ``S_b = q_b·k_bᵀ/τ`` (P×P);
+    without ``pos_mask`` CE with the diagonal as the positive, the mean over patches and images; with
+    it (B, P, P), ``−log(Σ_pos e^S / Σ_all e^S)`` over the rows with at least one positive, their mean.
+    ``detach``: "key", "query" or None (which side gets no gradient)."""
+    if detach == "key":
+        k = k.detach()
+    elif detach == "query":
+        q = q.detach()
+    s = torch.einsum("bpd,bqd->bpq", q, k) / temperature
+    b, p, _ = s.shape
+    if pos_mask is None:
+        labels = torch.arange(p, device=s.device).repeat(b)
+        return F.cross_entropy(s.reshape(b * p, p), labels)
+    lse_all = torch.logsumexp(s, dim=-1)
+    lse_pos = torch.logsumexp(s.masked_fill(~pos_mask, float("-inf")), dim=-1)
+    has = pos_mask.any(-1)
+    return (lse_all - lse_pos)[has].mean()
