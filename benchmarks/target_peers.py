@@ -10,6 +10,7 @@ in a fresh process, all of one case in one run.
     python benchmarks/target_peers.py --case mochi            # vs the materialising reference
     python benchmarks/target_peers.py --case m2mix            # vs the materialising reference
     python benchmarks/target_peers.py --case topk             # vs a chunked torch.topk loop (forward only)
+    python benchmarks/target_peers.py --case filip            # vs the materialising reference
 
 Cases (fp32): negatives_clip_loss B=8192, K=7, D=512; MNRL with 3 hard negatives B=8192, D=384 (the
 loss alone, embeddings given; the cached losses from mini-batches of 32 embeddings, as their
@@ -41,7 +42,9 @@ CASES = {
     "mochi": dict(batch=4096, dim=256, k=65536, providers=["fastcon", "reference"]),
     "m2mix": dict(batch=8192, dim=512, k=0, providers=["fastcon", "reference"]),
     "topk": dict(batch=262144, dim=512, k=10, providers=["fastcon", "torch_topk"]),
+    "filip": dict(batch=128, dim=256, k=0, providers=["fastcon", "reference"]),
 }
+FILIP_TOKENS = (196, 77)  # patches, caption tokens
 TOPK_BLOCK = 1024
 MOCHI = dict(top_n=1024, n_mix=1024, n_query_mix=128)
 MINI_BATCH = 32
@@ -155,6 +158,20 @@ def build(case: str, provider: str, b: int, d: int, k: int):
             fn = lambda: FC.m2mix_loss(*leaves, lam=0.3)  # noqa: E731
         else:
             fn = lambda: R.m2mix_loss_reference(*leaves, 0.3)  # noqa: E731
+    elif case == "filip":
+        import fastcon.functional as FC
+        from fastcon import reference as R
+
+        n1, n2 = FILIP_TOKENS
+        p = _unit(torch.randn(b, n1, d, generator=g))
+        t = _unit(torch.randn(b, n2, d, generator=g))
+        tm = torch.arange(n2)[None, :] < torch.randint(8, n2 + 1, (b,), generator=g)[:, None]
+        scale = torch.tensor(14.3, requires_grad=True)
+        leaves = [p.requires_grad_(), t.requires_grad_(), scale]
+        if provider == "fastcon":
+            fn = lambda: FC.filip_loss(p, t, scale, token_mask=tm)  # noqa: E731
+        else:
+            fn = lambda: R.filip_loss_reference(p, t, scale, token_mask=tm)  # noqa: E731
     elif case == "topk":
         import fastcon.functional as FC
 

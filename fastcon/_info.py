@@ -28,6 +28,8 @@ def backend_info() -> dict:
             "general target (labels, hard negatives, self-contrast, MNRL, soft targets: distill_loss, "
             "DistillClipLoss) in the triton_fused backend: NotImplementedError; backend='auto' runs it on the "
             "chunked triton backend there",
+            "FILIP (filip_loss, filip_similarities) in the cpp, triton and triton_fused backends: "
+            "NotImplementedError; backend='auto' runs the torch backend (image blocks, each checkpointed)",
         ],
     }
     for key, fn in (("chunk_bytes", engine.chunk_bytes), ("cache_bytes", engine.cache_bytes)):

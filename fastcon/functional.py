@@ -1305,3 +1305,83 @@ def patch_nce_loss(
     has = pos_mask.reshape(b * p, p).any(1)
     lse_pos = torch.log(sums[has]) + peak[has]
     return (lse_all[has] - lse_pos).mean().to(q.dtype)
+
+
+def _filip_block(p, tokens, pm, tm):
+    """(sI rows, sT columns) of a block of images against every text: the block's c×n₁×B×n₂ tile of
+    ``p_ik·t_jr``, padding −inf, the max over tokens (ties: torch.max's first, the lowest index) and the
+    masked mean over patches, and the other way round."""
+    a = torch.einsum("ikd,jrd->ikjr", p, tokens)
+    a = a.masked_fill(~tm[None, None], float("-inf")).masked_fill(~pm[:, :, None, None], float("-inf"))
+    img = a.max(dim=3).values
+    s_i = torch.where(pm[:, :, None], img, 0.0).sum(1) / pm.sum(1)[:, None]
+    txt = a.max(dim=1).values
+    s_t = torch.where(tm[None], txt, 0.0).sum(2) / tm.sum(1)[None, :]
+    return s_i, s_t
+
+
+def filip_similarities(patches, tokens, *, token_mask=None, patch_mask=None, backend: str = "auto",
+                       chunk_size: Optional[int] = None):
+    """FILIP's token-wise similarity matrices (docs/losses.md §3.1) without the B×B×n₁×n₂ tensor:
+    ``sI[i, j] = mean_{k real} max_{r real} p_ik·t_jr`` (image → text, (B, B)) and
+    ``sT[j, i] = mean_{r real} max_{k real} p_ik·t_jr`` (text → image, (B, B); not the transpose of sI).
+    The torch backend works on blocks of images (``chunk_size`` images, default: a 64 MiB tile), each
+    block checkpointed: its tile is formed again in the backward, so memory stays one tile; the
+    gradient of each max goes to its first maximal index (the lowest), deterministically. The fused
+    C++ and Triton kernels are not written yet: ``backend="cpp"``, ``"triton"`` and ``"triton_fused"``
+    raise NotImplementedError; ``auto`` takes the torch backend."""
+    from torch.utils.checkpoint import checkpoint
+
+    for name, t in (("patches", patches), ("tokens", tokens)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point (B, n, D) tensor")
+    b, n1, d = patches.shape
+    if tokens.shape[0] != b or tokens.shape[2] != d:
+        raise ValueError(f"tokens must be (B={b}, n2, D={d}), got {tuple(tokens.shape)}")
+    if backend in ("cpp", "triton", "triton_fused"):
+        raise NotImplementedError(f"FILIP has no fused {backend} kernel yet; use backend='torch' (or 'auto')")
+    if backend not in ("auto", "torch", "reference"):
+        raise ValueError(f"backend must be one of ('auto', 'torch', 'reference', 'cpp', 'triton', 'triton_fused'), "
+                         f"got {backend!r}")
+    dev = patches.device
+    masks = []
+    for name, mask, shape in (("token_mask", token_mask, tokens.shape[:2]), ("patch_mask", patch_mask, (b, n1))):
+        if mask is None:
+            mask = torch.ones(shape, dtype=torch.bool, device=dev)
+        elif not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(shape):
+            raise ValueError(f"{name} must be a bool tensor of shape {tuple(shape)} (True: real)")
+        empty = torch.nonzero(~mask.any(1))
+        if empty.numel():
+            raise ValueError(f"{name}: row {int(empty[0])} has no real entry (FILIP's mean over it is undefined)")
+        masks.append(mask.to(dev))
+    tm, pm = masks
+    if backend == "reference":
+        return reference.filip_similarities_reference(patches, tokens, token_mask=tm, patch_mask=pm)
+    chunk_size = _check_chunk_size(chunk_size)
+    step = chunk_size or max(1, (64 << 20) // (4 * n1 * b * tokens.shape[1]))
+    s_i, s_t = [], []
+    for i0 in range(0, b, step):
+        i1 = min(b, i0 + step)
+        si, st = checkpoint(_filip_block, patches[i0:i1], tokens, pm[i0:i1], tm, use_reentrant=False)
+        s_i.append(si)
+        s_t.append(st)
+    return torch.cat(s_i), torch.cat(s_t).T
+
+
+def filip_loss(patches, tokens, logit_scale, *, token_mask=None, patch_mask=None, label_smoothing: float = 0.0,
+               backend: str = "auto", chunk_size: Optional[int] = None):
+    """FILIP's token-wise late-interaction loss (docs/losses.md §3.1)::
+
+        L = ½[CE(s·sI, i) + CE(s·sT, i)]
+
+    with ``sI``, ``sT`` from ``filip_similarities`` (patches (B, n₁, D), tokens (B, n₂, D), used as given:
+    FILIP normalises them before; masks True for real tokens and patches; padding never wins a max).
+    ``logit_scale`` s is the exponentiated scale. Returns a 0-d tensor in the features' dtype."""
+    scale = check_scalar("logit_scale", logit_scale, patches.device if isinstance(patches, torch.Tensor) else None)
+    eps = check_label_smoothing(label_smoothing)
+    s_i, s_t = filip_similarities(patches, tokens, token_mask=token_mask, patch_mask=patch_mask, backend=backend,
+                                  chunk_size=chunk_size)
+    labels = torch.arange(s_i.shape[0], device=s_i.device)
+    ce = torch.nn.functional.cross_entropy
+    return ((ce(scale * s_i, labels, label_smoothing=eps) + ce(scale * s_t, labels, label_smoothing=eps)) / 2).to(
+        patches.dtype)

@@ -404,3 +404,17 @@ class MoCHiLoss(nn.Module):
                              n_query_mix=self.n_query_mix, generator=generator, mixes=mixes,
                              return_mixes=return_mixes, in_batch=self.in_batch, backend=self.backend,
                              chunk_size=self.chunk_size)
+
+
+class FILIPLoss(nn.Module):
+    """FILIP's token-wise late-interaction loss as a module: ``forward(patches, tokens, logit_scale,
+    token_mask=None, patch_mask=None)`` returns ``fastcon.functional.filip_loss`` (docs/losses.md §3.1)
+    with this module's ``label_smoothing``, ``backend`` and ``chunk_size``."""
+
+    def __init__(self, *, label_smoothing: float = 0.0, backend: str = "auto", chunk_size: Optional[int] = None):
+        super().__init__()
+        self.label_smoothing, self.backend, self.chunk_size = label_smoothing, backend, chunk_size
+
+    def forward(self, patches, tokens, logit_scale, token_mask=None, patch_mask=None):
+        return FC.filip_loss(patches, tokens, logit_scale, token_mask=token_mask, patch_mask=patch_mask,
+                             label_smoothing=self.label_smoothing, backend=self.backend, chunk_size=self.chunk_size)

@@ -714,3 +714,28 @@ def patch_nce_loss_reference(q: torch.Tensor, k: torch.Tensor, *, temperature: f
     lse_pos = torch.logsumexp(s.masked_fill(~pos_mask, float("-inf")), dim=-1)
     has = pos_mask.any(-1)
     return (lse_all - lse_pos)[has].mean()
+
+
+def filip_similarities_reference(patches, tokens, *, token_mask=None, patch_mask=None):
+    """FILIP's two similarity matrices (docs/losses.md §3.1) from the materialised B×n₁×B×n₂ tensor
+    ``a[i, k, j, r] = p_ik·t_jr``: ``sI[i, j] = mean_{k real} max_{r real} a`` (image → text) and
+    ``sT[j, i] = mean_{r real} max_{k real} a`` (text → image); padding masked to −inf before the max."""
+    a = torch.einsum("ikd,jrd->ikjr", patches, tokens)
+    b1, n1, b2, n2 = a.shape
+    tm = torch.ones(b2, n2, dtype=torch.bool, device=a.device) if token_mask is None else token_mask
+    pm = torch.ones(b1, n1, dtype=torch.bool, device=a.device) if patch_mask is None else patch_mask
+    a = a.masked_fill(~tm[None, None], float("-inf")).masked_fill(~pm[:, :, None, None], float("-inf"))
+    img = a.max(dim=3).values  # (i, k, j)
+    s_i = torch.where(pm[:, :, None], img, 0.0).sum(1) / pm.sum(1)[:, None]
+    txt = a.max(dim=1).values  # (i, j, r)
+    s_t = (torch.where(tm[None], txt, 0.0).sum(2) / tm.sum(1)[None, :]).T
+    return s_i, s_t
+
+
+def filip_loss_reference(patches, tokens, logit_scale, *, token_mask=None, patch_mask=None,
+                         label_smoothing: float = 0.0):
+    """FILIP's loss ``½[CE(s·sI, i) + CE(s·sT, i)]`` on the materialised similarities."""
+    s_i, s_t = filip_similarities_reference(patches, tokens, token_mask=token_mask, patch_mask=patch_mask)
+    labels = torch.arange(s_i.shape[0], device=s_i.device)
+    return (F.cross_entropy(logit_scale * s_i, labels, label_smoothing=label_smoothing)
+            + F.cross_entropy(logit_scale * s_t, labels, label_smoothing=label_smoothing)) / 2
