@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .ops.engine import (backend_context, backend_module, engine_operands, forbid_double_backward, loss_dtype,
-                         needs_grad, prepare_inputs, save_final_grads, scaled_grads)
+                         needs_grad, prepare_inputs, save_final_grads, scaled_grads, target_passes)
 
 __all__ = ["all_gather_with_grad", "all_gather_no_grad", "group_rank_and_size", "check_equal_batch",
            "clip_loss_ring", "clip_loss_local", "siglip_loss_ring", "target_loss_global", "mean_over_ranks",
@@ -365,15 +365,6 @@ def clip_loss_local(image_features, text_features, scale, bias, *, group, gather
 
 
 # --------------------------------------------------------------------------------------- general target
-def _target_passes(backend: str):
-    """(target_stats, target_grad) of a backend: its two passes of the general target."""
-    if backend == "triton":
-        from .kernels.triton import target as impl
-    else:
-        impl = backend_module(backend)
-    return impl.target_stats, impl.target_grad
-
-
 def _all_reduce_col_stats(st, group):
     """The column statistics of every rank's rows: the LSEs merged in rank order (float64), the
     counts and sums added (with soft targets also the cross terms and the entropy)."""
@@ -409,7 +400,7 @@ class _TargetGlobal(torch.autograd.Function):
         gathered = [all_gather_no_grad(p, group) for p in parts]
         cols = torch.cat(gathered)
         local = rows_of(target, rank * n, (rank + 1) * n)
-        stats_fn, grad_fn = _target_passes(backend)
+        stats_fn, grad_fn = target_passes(backend)
         teacher = None
         if local.soft:  # the teacher's pass over this rank's rows, its columns merged like the student's
             t_st = teacher_stats(stats_fn, local, symmetric, chunk_rows)

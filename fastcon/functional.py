@@ -39,6 +39,13 @@ def _check_chunk_size(chunk_size):
     return chunk_size or None
 
 
+def _check_modes(local_loss, gather_with_grad):
+    """open_clip's two distributed flags, bools."""
+    for name, value in (("local_loss", local_loss), ("gather_with_grad", gather_with_grad)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
 def _distributed_setup(process_group, image_features, text_features, backend):
     """None for a single-process call (no group, or a group of one); else the group, after checking
     that every rank holds the same number of pairs."""
@@ -105,9 +112,7 @@ def clip_loss(
     eps = check_label_smoothing(label_smoothing)
     check_pos_offset(pos_offset, image_features.shape[0], text_features.shape[0])
     chunk_size = _check_chunk_size(chunk_size)
-    for name, value in (("local_loss", local_loss), ("gather_with_grad", gather_with_grad)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    _check_modes(local_loss, gather_with_grad)
     if labels is not None or pair_mask is not None:
         n = image_features.shape[0]
         if text_features.shape[0] != n or pos_offset != 0:
@@ -685,9 +690,7 @@ def distill_loss(
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if not 0.0 < temperature < float("inf"):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
-    for name, value in (("local_loss", local_loss), ("gather_with_grad", gather_with_grad)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    _check_modes(local_loss, gather_with_grad)
     chunk_size = _check_chunk_size(chunk_size)
     if kind == "hycd":
         scale, _ = _check_common(image_features, text_features, 1.0, None)
