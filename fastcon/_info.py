@@ -28,8 +28,9 @@ def backend_info() -> dict:
             "general target (labels, hard negatives, self-contrast, MNRL, soft targets: distill_loss, "
             "DistillClipLoss) in the triton_fused backend: NotImplementedError; backend='auto' runs it on the "
             "chunked triton backend there",
-            "FILIP (filip_loss, filip_similarities) in the cpp, triton and triton_fused backends: "
-            "NotImplementedError; backend='auto' runs the torch backend (image blocks, each checkpointed)",
+            "late interaction (filip_loss, maxsim_scores, maxsim_loss) in the triton backends when both token "
+            "counts exceed 256 (one set must fit on chip): NotImplementedError; backend='auto' runs the torch "
+            "backend there",
         ],
     }
     for key, fn in (("chunk_bytes", engine.chunk_bytes), ("cache_bytes", engine.cache_bytes)):
@@ -65,10 +66,13 @@ def backend_info() -> dict:
     info["ops"] = {
         "custom_ops": ["fastcon::softmax_loss", "fastcon::sigmoid_loss", "fastcon::target_softmax_loss",
                        "fastcon::target_pair_loss", "fastcon::target_pair_grad", "fastcon::target_row_lse",
-                       "fastcon::target_row_lse_grad"],
+                       "fastcon::target_row_lse_grad", "fastcon::late_interaction", "fastcon::late_interaction_grad"],
         "triton_ops": ["fastcon::softmax_loss_triton", "fastcon::sigmoid_loss_triton"],
         "triton_op_registration": "torch.library.triton_op" if engine.HAS_TRITON_OP else "torch.library.custom_op",
         "autocast": "features rounded to the autocast dtype for the GEMMs; statistics fp32/float64; fp32 loss",
+        "late_interaction": "token-level family (FILIP, MaxSim): torch spec fastcon/kernels/late.py, C++ "
+                            "csrc/cpu/late.cpp, Triton fastcon/kernels/triton/late.py (triton and triton_fused name "
+                            "the same kernels)",
     }
     info["auto"] = {
         "cpu": "cpp" if cpp.AVAILABLE else "torch",

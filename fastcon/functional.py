@@ -14,9 +14,10 @@ from typing import Optional
 import torch
 
 from . import reference
-from ._validation import check_features, check_label_smoothing, check_labels, check_pos_offset, check_scalar
+from ._validation import _compiling, check_features, check_label_smoothing, check_labels, check_pos_offset, check_scalar
 from .ops import clip_engine_loss, siglip_engine_loss
 from .ops.engine import BACKENDS as _BACKENDS
+from .ops.engine import loss_dtype as _loss_dtype
 from .ops.engine import target_engine_loss
 from .kernels.targets import Target
 
@@ -1310,17 +1311,33 @@ def patch_nce_loss(
     return (lse_all[has] - lse_pos).mean().to(q.dtype)
 
 
-def _filip_block(p, tokens, pm, tm):
-    """(sI rows, sT columns) of a block of images against every text: the block's c×n₁×B×n₂ tile of
-    ``p_ik·t_jr``, padding −inf, the max over tokens (ties: torch.max's first, the lowest index) and the
-    masked mean over patches, and the other way round."""
-    a = torch.einsum("ikd,jrd->ikjr", p, tokens)
-    a = a.masked_fill(~tm[None, None], float("-inf")).masked_fill(~pm[:, :, None, None], float("-inf"))
-    img = a.max(dim=3).values
-    s_i = torch.where(pm[:, :, None], img, 0.0).sum(1) / pm.sum(1)[:, None]
-    txt = a.max(dim=1).values
-    s_t = torch.where(tm[None], txt, 0.0).sum(2) / tm.sum(1)[None, :]
-    return s_i, s_t
+def _token_sets(pairs, backend: str):
+    """Checks (name, features) pairs of (B, n, D) token sets and (name, mask, features) masks; returns
+    the masks (all True where None), each item with at least one real token."""
+    if not isinstance(backend, str) or backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    masks = []
+    first = None
+    for name, t, mask_name, mask in pairs:
+        if not isinstance(t, torch.Tensor) or t.dim() != 3 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point (B, n, D) tensor")
+        if first is None:
+            first = (name, t)
+        elif t.dtype != first[1].dtype or t.device != first[1].device:
+            raise TypeError(f"{name} ({t.dtype}, {t.device}) must have the dtype and device of {first[0]} "
+                            f"({first[1].dtype}, {first[1].device})")
+        shape = tuple(t.shape[:2])
+        if mask is None:
+            mask = torch.ones(shape, dtype=torch.bool, device=t.device)
+        elif not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != shape:
+            raise ValueError(f"{mask_name} must be a bool tensor of shape {shape} (True: real)")
+        if not _compiling():  # a data-dependent check: eager only (as check_scalar's finiteness check)
+            empty = torch.nonzero(~mask.any(1))
+            if empty.numel():
+                raise ValueError(f"{mask_name}: item {int(empty[0])} has no real token (its max or mean is "
+                                 "undefined)")
+        masks.append(mask.to(t.device))
+    return masks
 
 
 def filip_similarities(patches, tokens, *, token_mask=None, patch_mask=None, backend: str = "auto",
@@ -1328,47 +1345,92 @@ def filip_similarities(patches, tokens, *, token_mask=None, patch_mask=None, bac
     """FILIP's token-wise similarity matrices (docs/losses.md §3.1) without the B×B×n₁×n₂ tensor:
     ``sI[i, j] = mean_{k real} max_{r real} p_ik·t_jr`` (image → text, (B, B)) and
     ``sT[j, i] = mean_{r real} max_{k real} p_ik·t_jr`` (text → image, (B, B); not the transpose of sI).
-    The torch backend works on blocks of images (``chunk_size`` images, default: a 64 MiB tile), each
-    block checkpointed: its tile is formed again in the backward, so memory stays one tile; the
-    gradient of each max goes to its first maximal index (the lowest), deterministically. The fused
-    C++ and Triton kernels are not written yet: ``backend="cpp"``, ``"triton"`` and ``"triton_fused"``
-    raise NotImplementedError; ``auto`` takes the torch backend."""
-    from torch.utils.checkpoint import checkpoint
 
-    for name, t in (("patches", patches), ("tokens", tokens)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 3 or not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point (B, n, D) tensor")
-    b, n1, d = patches.shape
+    Both come from one pass of the token-level engine (``fastcon.ops.late``): on the C++ backend blocks
+    of ``chunk_size`` images form one GEMM tile against every caption (default: a
+    ``fastcon.backend_info()["chunk_bytes"]`` tile), on the Triton backends each pair's tile stays on
+    chip; the backward forms the tiles again and sends the gradient of each max to its first maximal
+    index (the lowest), deterministically. Padding is −inf before every max (never zero), the means
+    run over real tokens and patches; an item without any is a ValueError. Returns fp32 matrices for
+    half inputs."""
+    from fastcon.ops.late import late_interaction
+
+    pm, tm = _token_sets((("patches", patches, "patch_mask", patch_mask),
+                          ("tokens", tokens, "token_mask", token_mask)), backend)
+    b, _, d = patches.shape
     if tokens.shape[0] != b or tokens.shape[2] != d:
         raise ValueError(f"tokens must be (B={b}, n2, D={d}), got {tuple(tokens.shape)}")
-    if backend in ("cpp", "triton", "triton_fused"):
-        raise NotImplementedError(f"FILIP has no fused {backend} kernel yet; use backend='torch' (or 'auto')")
-    if backend not in ("auto", "torch", "reference"):
-        raise ValueError(f"backend must be one of ('auto', 'torch', 'reference', 'cpp', 'triton', 'triton_fused'), "
-                         f"got {backend!r}")
-    dev = patches.device
-    masks = []
-    for name, mask, shape in (("token_mask", token_mask, tokens.shape[:2]), ("patch_mask", patch_mask, (b, n1))):
-        if mask is None:
-            mask = torch.ones(shape, dtype=torch.bool, device=dev)
-        elif not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(shape):
-            raise ValueError(f"{name} must be a bool tensor of shape {tuple(shape)} (True: real)")
-        empty = torch.nonzero(~mask.any(1))
-        if empty.numel():
-            raise ValueError(f"{name}: row {int(empty[0])} has no real entry (FILIP's mean over it is undefined)")
-        masks.append(mask.to(dev))
-    tm, pm = masks
     if backend == "reference":
         return reference.filip_similarities_reference(patches, tokens, token_mask=tm, patch_mask=pm)
     chunk_size = _check_chunk_size(chunk_size)
-    step = chunk_size or max(1, (64 << 20) // (4 * n1 * b * tokens.shape[1]))
-    s_i, s_t = [], []
-    for i0 in range(0, b, step):
-        i1 = min(b, i0 + step)
-        si, st = checkpoint(_filip_block, patches[i0:i1], tokens, pm[i0:i1], tm, use_reentrant=False)
-        s_i.append(si)
-        s_t.append(st)
-    return torch.cat(s_i), torch.cat(s_t).T
+    sx, sy = late_interaction(patches, tokens, pm, tm, backend=backend, chunk_size=chunk_size)
+    return sx / pm.sum(1, keepdim=True).to(sx.dtype), (sy / tm.sum(1)[None, :].to(sy.dtype)).T
+
+
+def maxsim_scores(queries, docs, *, query_mask=None, doc_mask=None, backend: str = "auto",
+                  chunk_size: Optional[int] = None):
+    """ColBERT/ColPali MaxSim scores (docs/losses.md §3.4), (B_q, B_d)::
+
+        score[q, d] = Σ_{r real in q} max_{k real in d} q_r·d_k
+
+    queries (B_q, n_q, D), docs (B_d, n_d, D), masks True for real tokens (an item without one is a
+    ValueError). The token-level engine's x → y statistic (``fastcon.ops.late``): no
+    B_q×B_d×n_q×n_d tensor; the backward sends each query token's gradient to its argmax document
+    token (ties: the lowest index). ``chunk_size``: queries per block. fp32 for half inputs."""
+    from fastcon.ops.late import late_interaction
+
+    qm, dm = _token_sets((("queries", queries, "query_mask", query_mask),
+                          ("docs", docs, "doc_mask", doc_mask)), backend)
+    if docs.shape[2] != queries.shape[2]:
+        raise ValueError(f"queries and docs must have the same feature dimension, got {tuple(queries.shape)} "
+                         f"and {tuple(docs.shape)}")
+    if backend == "reference":
+        return reference.maxsim_scores_reference(queries, docs, query_mask=qm, doc_mask=dm)
+    chunk_size = _check_chunk_size(chunk_size)
+    sx, _ = late_interaction(queries, docs, qm, dm, want_y=False, backend=backend, chunk_size=chunk_size)
+    return sx
+
+
+def maxsim_loss(queries, docs, *, query_mask=None, doc_mask=None, scale=1.0, negatives=None, negatives_mask=None,
+                backend: str = "auto", chunk_size: Optional[int] = None):
+    """The in-batch contrastive MaxSim loss of PyLate and colpali (docs/losses.md §3.4)::
+
+        L = CE(scale·score(Q, [D; N]), i)
+
+    query i's positive is document i (B_q == B_d); ``negatives`` (M, n_d', D) are extra documents
+    appended to the columns (with their own ``negatives_mask``; n_d' may differ from n_d: the shorter
+    set is padded to the longer). ``scale`` is a float or 0-d tensor (PyLate's 1/temperature). Returns a 0-d tensor
+    in the queries' dtype (fp32 under autocast)."""
+    if not isinstance(docs, torch.Tensor) or not isinstance(queries, torch.Tensor) or docs.dim() != 3 or \
+            queries.dim() != 3:
+        raise ValueError("queries and docs must be (B, n, D) tensors")
+    if docs.shape[0] != queries.shape[0]:
+        raise ValueError(f"query i's positive is document i: B_q and B_d must be equal, got {queries.shape[0]} "
+                         f"and {docs.shape[0]}")
+    s = check_scalar("scale", scale, queries.device)
+    if negatives is not None:
+        (dm, nm) = _token_sets((("docs", docs, "doc_mask", doc_mask),
+                                ("negatives", negatives, "negatives_mask", negatives_mask)), backend)
+        if negatives.shape[2] != docs.shape[2]:
+            raise ValueError(f"negatives must be (M, n, D={docs.shape[2]}), got {tuple(negatives.shape)}")
+        n = max(docs.shape[1], negatives.shape[1])
+
+        def pad(t, m):
+            extra = n - t.shape[1]
+            if extra == 0:
+                return t, m
+            return (torch.nn.functional.pad(t, (0, 0, 0, extra)),
+                    torch.nn.functional.pad(m, (0, extra), value=False))
+
+        (docs, dm), (negatives, nm) = pad(docs, dm), pad(negatives, nm)
+        docs, doc_mask = torch.cat([docs, negatives]), torch.cat([dm, nm])
+    elif negatives_mask is not None:
+        raise ValueError("negatives_mask is given without negatives")
+    scores = maxsim_scores(queries, docs, query_mask=query_mask, doc_mask=doc_mask, backend=backend,
+                           chunk_size=chunk_size)
+    labels = torch.arange(queries.shape[0], device=scores.device)
+    out = torch.nn.functional.cross_entropy(s.to(scores.dtype) * scores, labels)
+    return out.to(_loss_dtype(queries))
 
 
 def filip_loss(patches, tokens, logit_scale, *, token_mask=None, patch_mask=None, label_smoothing: float = 0.0,
@@ -1379,7 +1441,8 @@ def filip_loss(patches, tokens, logit_scale, *, token_mask=None, patch_mask=None
 
     with ``sI``, ``sT`` from ``filip_similarities`` (patches (B, n₁, D), tokens (B, n₂, D), used as given:
     FILIP normalises them before; masks True for real tokens and patches; padding never wins a max).
-    ``logit_scale`` s is the exponentiated scale. Returns a 0-d tensor in the features' dtype."""
+    ``logit_scale`` s is the exponentiated scale. Returns a 0-d tensor in the features' dtype (fp32
+    under autocast)."""
     scale = check_scalar("logit_scale", logit_scale, patches.device if isinstance(patches, torch.Tensor) else None)
     eps = check_label_smoothing(label_smoothing)
     s_i, s_t = filip_similarities(patches, tokens, token_mask=token_mask, patch_mask=patch_mask, backend=backend,
@@ -1387,4 +1450,4 @@ def filip_loss(patches, tokens, logit_scale, *, token_mask=None, patch_mask=None
     labels = torch.arange(s_i.shape[0], device=s_i.device)
     ce = torch.nn.functional.cross_entropy
     return ((ce(scale * s_i, labels, label_smoothing=eps) + ce(scale * s_t, labels, label_smoothing=eps)) / 2).to(
-        patches.dtype)
+        _loss_dtype(patches))

@@ -418,3 +418,19 @@ class FILIPLoss(nn.Module):
     def forward(self, patches, tokens, logit_scale, token_mask=None, patch_mask=None):
         return FC.filip_loss(patches, tokens, logit_scale, token_mask=token_mask, patch_mask=patch_mask,
                              label_smoothing=self.label_smoothing, backend=self.backend, chunk_size=self.chunk_size)
+
+
+class MaxSimLoss(nn.Module):
+    """The in-batch contrastive MaxSim loss of ColBERT/ColPali training (PyLate's ``Contrastive`` on
+    precomputed embeddings) as a module: ``forward(queries, docs, query_mask=None, doc_mask=None,
+    negatives=None, negatives_mask=None)`` returns ``fastcon.functional.maxsim_loss`` (docs/losses.md
+    §3.4) with ``scale`` = 1/temperature (PyLate's default temperature is 1)."""
+
+    def __init__(self, *, scale: float = 1.0, backend: str = "auto", chunk_size: Optional[int] = None):
+        super().__init__()
+        self.scale, self.backend, self.chunk_size = scale, backend, chunk_size
+
+    def forward(self, queries, docs, query_mask=None, doc_mask=None, negatives=None, negatives_mask=None):
+        return FC.maxsim_loss(queries, docs, query_mask=query_mask, doc_mask=doc_mask, scale=self.scale,
+                              negatives=negatives, negatives_mask=negatives_mask, backend=self.backend,
+                              chunk_size=self.chunk_size)

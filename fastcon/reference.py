@@ -739,3 +739,24 @@ def filip_loss_reference(patches, tokens, logit_scale, *, token_mask=None, patch
     labels = torch.arange(s_i.shape[0], device=s_i.device)
     return (F.cross_entropy(logit_scale * s_i, labels, label_smoothing=label_smoothing)
             + F.cross_entropy(logit_scale * s_t, labels, label_smoothing=label_smoothing)) / 2
+
+
+def maxsim_scores_reference(queries, docs, *, query_mask=None, doc_mask=None):
+    """MaxSim (docs/losses.md §3.4) from the materialised B_q×n_q×B_d×n_d tensor:
+    ``score[q, d] = Σ_{r real} max_{k real} q_r·d_k``, padding −inf before the max."""
+    a = torch.einsum("qrd,jkd->qrjk", queries, docs)
+    qm = torch.ones(queries.shape[:2], dtype=torch.bool, device=a.device) if query_mask is None else query_mask
+    dm = torch.ones(docs.shape[:2], dtype=torch.bool, device=a.device) if doc_mask is None else doc_mask
+    best = a.masked_fill(~dm[None, None], float("-inf")).max(dim=3).values  # (q, r, j)
+    return torch.where(qm[:, :, None], best, 0.0).sum(1)
+
+
+def maxsim_loss_reference(queries, docs, *, query_mask=None, doc_mask=None, scale=1.0, negatives=None,
+                          negatives_mask=None):
+    """``CE(scale·score(Q, [D; N]), i)`` on the materialised scores, each document set scored apart."""
+    scores = maxsim_scores_reference(queries, docs, query_mask=query_mask, doc_mask=doc_mask)
+    if negatives is not None:
+        scores = torch.cat([scores, maxsim_scores_reference(queries, negatives, query_mask=query_mask,
+                                                            doc_mask=negatives_mask)], dim=1)
+    labels = torch.arange(queries.shape[0], device=scores.device)
+    return torch.nn.functional.cross_entropy(scale * scores, labels)

@@ -1,8 +1,8 @@
 """GPU compile gate for the Triton backend (no GPU needed).
 
 Every shipped launch configuration (``fastcon/kernels/triton/configs.py``, enumerated through
-``chunked.compile_specs()``, ``fused.compile_specs()``, ``gemm.compile_specs()`` and
-``target.compile_specs()``) is compiled with
+``chunked.compile_specs()``, ``fused.compile_specs()``, ``gemm.compile_specs()``,
+``target.compile_specs()`` and ``late.compile_specs()``) is compiled with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32))`` for sm_80 and sm_90 and each
 supported dtype, then its cubin is read with Triton's bundled ``cuobjdump``:
 
@@ -37,9 +37,10 @@ WORKERS = 2
 
 # ------------------------------------------------------------------------------------ worker side
 def _load_specs():
-    from fastcon.kernels.triton import chunked, fused, gemm, target
+    from fastcon.kernels.triton import chunked, fused, gemm, late, target
 
-    return chunked.compile_specs() + fused.compile_specs() + gemm.compile_specs() + target.compile_specs()
+    return (chunked.compile_specs() + fused.compile_specs() + gemm.compile_specs() + target.compile_specs()
+            + late.compile_specs())
 
 
 def _spec_id(spec) -> str:

@@ -66,7 +66,12 @@ namespace cpu {
       if (col) k_soft_grad<T, false, true>(d, g, L, P, td, n, r, c, gs, gb);                                 \
       else k_soft_grad<T, false, false>(d, g, L, P, td, n, r, c, gs, gb);                                    \
     }                                                                                                        \
-  }
+  }                                                                                                          \
+  FC_CLONES T fc_late_row(const T* d, const T* madd, int64_t n, T* cmax, int32_t* carg, int32_t k,        \
+                          bool* nan) {                                                                       \
+    return k_late_row<T>(d, madd, n, cmax, carg, k, nan);                                                    \
+  }                                                                                                          \
+  FC_CLONES void fc_axpy(T* dst, const T* src, int64_t n, T g) { k_axpy<T>(dst, src, n, g); }
 
 FC_DEFINE(float)
 FC_DEFINE(double)

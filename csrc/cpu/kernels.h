@@ -351,6 +351,56 @@ FC_INLINE void k_soft_grad(const T* d, T* g, const T* __restrict L, const T* __r
   *out_gb = ab;
 }
 
+// ---- late interaction (csrc/cpu/late.cpp): one row k of a pair's tile of dot products p_k·t_r.
+// madd[r] is 0 for a real token r and −inf for padding (so v = d[r] + madd[r] is −inf there, or NaN
+// for a NaN or +inf product, which the max ignores either way). Returns the max over r of v; when cmax
+// is given, cmax[r] = max(cmax[r], v), and when carg is given too, carg[r] = k where the row raises it
+// strictly (a tie keeps the lowest k). *nan is set when a real entry is NaN (a comparison would drop
+// it; the caller returns NaN). An add and a float flag: an 8-bit mask and a select cost AVX2 four
+// times as much here.
+template <typename T>
+FC_INLINE T k_late_row(const T* __restrict d, const T* __restrict madd, int64_t n, T* __restrict cmax,
+                       int32_t* __restrict carg, int32_t k, bool* nan) {
+  T m = -inf<T>();
+  T bad = 0;
+  if (cmax == nullptr) {
+#pragma omp simd reduction(max : m) reduction(+ : bad)
+    for (int64_t r = 0; r < n; ++r) {
+      const T v = d[r] + madd[r];
+      m = v > m ? v : m;
+      bad += (v != v && madd[r] == T(0)) ? T(1) : T(0);
+    }
+  } else if (carg == nullptr) {
+#pragma omp simd reduction(max : m) reduction(+ : bad)
+    for (int64_t r = 0; r < n; ++r) {
+      const T v = d[r] + madd[r];
+      m = v > m ? v : m;
+      bad += (v != v && madd[r] == T(0)) ? T(1) : T(0);
+      const T c = cmax[r];
+      cmax[r] = v > c ? v : c;
+    }
+  } else {
+#pragma omp simd reduction(max : m) reduction(+ : bad)
+    for (int64_t r = 0; r < n; ++r) {
+      const T v = d[r] + madd[r];
+      m = v > m ? v : m;
+      bad += (v != v && madd[r] == T(0)) ? T(1) : T(0);
+      const bool up = v > cmax[r];
+      cmax[r] = up ? v : cmax[r];
+      carg[r] = up ? k : carg[r];
+    }
+  }
+  if (bad != T(0)) *nan = true;
+  return m;
+}
+
+// dst[0:n] += g · src[0:n]
+template <typename T>
+FC_INLINE void k_axpy(T* __restrict dst, const T* __restrict src, int64_t n, T g) {
+#pragma omp simd
+  for (int64_t e = 0; e < n; ++e) dst[e] += g * src[e];
+}
+
 // Exported (multi-versioned) entry points, defined in kernels.cpp.
 #define FC_DECLARE(T)                                                                                      \
   T fc_rowmax_colmax(const T* d, int64_t n, T s, T b, T* cmax);                                             \
@@ -363,7 +413,9 @@ FC_INLINE void k_soft_grad(const T* d, T* g, const T* __restrict L, const T* __r
                      const SoftCols<T>& c, bool linear, bool col, bool ent, double* xcol, double* ecol,      \
                      double* xrow, double* erow);                                                            \
   void fc_soft_grad(const T* d, T* g, const T* L, const T* P, const T* td, int64_t n,                  \
-                    const SoftRow<T>& r, const SoftCols<T>& c, bool linear, bool col, T* gs, T* gb);
+                    const SoftRow<T>& r, const SoftCols<T>& c, bool linear, bool col, T* gs, T* gb);   \
+  T fc_late_row(const T* d, const T* madd, int64_t n, T* cmax, int32_t* carg, int32_t k, bool* nan);   \
+  void fc_axpy(T* dst, const T* src, int64_t n, T g);
 
 FC_DECLARE(float)
 FC_DECLARE(double)

@@ -179,3 +179,16 @@ if AVAILABLE:
     except RuntimeError as exc:  # pragma: no cover - e.g. registered twice on a module reload
         if "already" not in str(exc):
             raise
+
+
+# ---------------------------------------------------------------------------------------------------
+# Late interaction (the token-level family, fastcon/kernels/late.py): csrc/cpu/late.cpp
+
+def late_stats(x, y, x_mask, y_mask, want_x, want_y, block):
+    sx, sy = torch.ops.fastcon.late_stats(x, y, x_mask, y_mask, bool(want_x), bool(want_y), int(block))
+    return sx, sy
+
+
+def late_grad(x, y, x_mask, y_mask, grad_x, grad_y, block):
+    dx, dy = torch.ops.fastcon.late_grad(x, y, x_mask, y_mask, grad_x, grad_y, int(block))
+    return dx, dy
