@@ -8,11 +8,13 @@
 # Runs from the source tree (PYTHONPATH, no build: the GPU paths need no C++ extension) with the
 # machine's python3, torch and triton. Peers that are not installed are reported as skipped; to add
 # them on a machine without network, download their wheels beforehand
-# (pip download --no-deps -d WHEELS open-clip-torch inf-cl) and pass WHEELS=that/folder.
+# (pip download --no-deps -d WHEELS open-clip-torch inf-cl pylate flash-maxsim late-interaction-kernels)
+# and pass WHEELS=that/folder.
 # Environment: PYTHON (default python3), WHEELS, SWEEP_BATCH (default 8192,32768,65536),
-# SWEEP_DIM (768), TARGET_BATCH (8192,32768), TEST_TIMEOUT (seconds for the tests of `make test-gpu`, 420).
-# Output (eight files): env.txt, cuda-tests.log, gpu-peak.json, gpu-bf16.json, gpu-bf16.md,
-# gpu-targets-bf16.json, gpu-targets-bf16.md, gpu-summary.md.
+# SWEEP_DIM (768), TARGET_BATCH (8192,32768), TOKEN_BATCH (512), TEST_TIMEOUT (seconds for the tests of
+# `make test-gpu`, 420).
+# Output (ten files): env.txt, cuda-tests.log, gpu-peak.json, gpu-bf16.json, gpu-bf16.md,
+# gpu-targets-bf16.json, gpu-targets-bf16.md, gpu-tokens-bf16.json, gpu-tokens-bf16.md, gpu-summary.md.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_sweep.sh OUT_DIR}
 cd "$(dirname "$0")/.."
@@ -42,12 +44,17 @@ tail -n 3 "$out/cuda-tests.log"
 "$py" -m fastcon.bench --device cuda --loss clip,siglip --providers fastcon,reference,open_clip,inf_cl \
   --batch "${SWEEP_BATCH:-8192,32768,65536}" --dim "${SWEEP_DIM:-768}" --dtype bfloat16 \
   --json "$out/gpu-bf16.json" --markdown "$out/gpu-bf16.md" || status=1
-# The general-target losses (class ids, NT-Xent, MNRL, DistillClipLoss, alignment/uniformity) against
-# their references and installed peers.
-"$py" -m fastcon.bench --device cuda --loss clip_labels,ntxent,mnrl,distill,align_uniform \
+# The general-target losses (class ids, NT-Xent, MNRL, DistillClipLoss, alignment/uniformity, MoCHi,
+# m²-mix) against their references and installed peers.
+"$py" -m fastcon.bench --device cuda --loss clip_labels,ntxent,mnrl,distill,align_uniform,mochi,m2mix \
   --providers fastcon,reference,open_clip,lightly,sentence_transformers --batch "${TARGET_BATCH:-8192,32768}" \
   --dim "${SWEEP_DIM:-768}" --dtype bfloat16 --json "$out/gpu-targets-bf16.json" \
   --markdown "$out/gpu-targets-bf16.md" || status=1
+# The token-level losses: FILIP (196 patches x 77 tokens) and MaxSim (32 x 180) at B=512, D=256, against
+# the materialising reference and PyLate's scores (its torch path, flash-maxsim, late-interaction-kernels).
+"$py" -m fastcon.bench --device cuda --loss filip,maxsim \
+  --providers fastcon,reference,pylate,flash_maxsim,late_interaction_kernels --batch "${TOKEN_BATCH:-512}" \
+  --dim 256 --dtype bfloat16 --json "$out/gpu-tokens-bf16.json" --markdown "$out/gpu-tokens-bf16.md" || status=1
 "$py" -m fastcon.bench summary "$out/gpu-peak.json" "$out/gpu-bf16.json" >"$out/gpu-summary.md" || status=1
 cat "$out/gpu-summary.md"
 exit $status

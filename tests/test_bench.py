@@ -172,3 +172,25 @@ def test_distill_align_uniform_m2mix_and_mochi_cases(tmp_path):
             assert r["status"] == "ok" and r["max_rel_err"] <= 1e-4, r
     assert rows[("distill", "open_clip")]["status"] == "ok" and rows[("distill", "open_clip")]["max_rel_err"] <= 1e-4
     assert rows[("align_uniform", "open_clip")]["status"] == "skipped"
+
+
+def test_token_level_cases(tmp_path):
+    """filip and maxsim on (B, n, D) token sets: fastcon's backends and the reference against the float64
+    reference, PyLate's MaxSim scores as the maxsim peer (skipped for filip), the GPU-only MaxSim kernels
+    skipped on the CPU."""
+    import importlib.util
+
+    out = tmp_path / "rows.json"
+    assert bench.main(["--loss", "filip,maxsim", "--providers",
+                       "fastcon-cpp,fastcon-torch,reference,pylate,flash_maxsim",
+                       "--batch", "6", "--dim", "8", "--device", "cpu", "--repeat", "1", "--json", str(out)]) == 0
+    rows = {(r["loss"], r["provider"]): r for r in _rows(out)}
+    for loss in ("filip", "maxsim"):
+        for provider in ("fastcon-cpp", "fastcon-torch", "reference"):
+            r = rows[(loss, provider)]
+            assert r["status"] == "ok" and r["max_rel_err"] <= 1e-4 and r["tflops"] > 0, r
+        assert rows[(loss, "flash_maxsim")]["status"] == "skipped"
+    assert rows[("filip", "pylate")]["status"] == "skipped"
+    if importlib.util.find_spec("pylate") is not None:
+        r = rows[("maxsim", "pylate")]
+        assert r["status"] == "ok" and r["max_rel_err"] <= 1e-4, r

@@ -15,7 +15,7 @@ import platform
 import statistics
 import time
 
-from .providers import make_dist_loss_fn, make_loss_fn
+from .providers import TOKEN_SHAPES, make_dist_loss_fn, make_loss_fn
 
 # Forward+backward FLOPs in units of 2·Na·Nb·D (one GEMM-equivalent): the minimal O(N)-memory engine
 # computes S once for the statistics, then S again and two products for the gradients.
@@ -117,12 +117,20 @@ class _PeakMemory:
         return False
 
 
-def make_inputs(n, d, dtype, device, seed=0):
-    """Unit rows, each text row correlated with its image row (a trained model's batch)."""
+def make_inputs(n, d, dtype, device, seed=0, loss=None):
+    """Unit rows, each text row correlated with its image row (a trained model's batch); for a
+    token-level loss, n items of ``TOKEN_SHAPES[loss]`` unit tokens each, item i of b made from the
+    tokens of item i of a (cycled to b's count) plus twice as much noise (a loss well above 0)."""
     import torch
     import torch.nn.functional as F
 
     g = torch.Generator(device="cpu").manual_seed(seed)
+    if loss in TOKEN_SHAPES:
+        n1, n2 = TOKEN_SHAPES[loss]
+        a = F.normalize(torch.randn(n, n1, d, generator=g), dim=-1)
+        src = a[:, torch.arange(n2) % n1]
+        b = F.normalize(src + 2.0 * F.normalize(torch.randn(n, n2, d, generator=g), dim=-1), dim=-1)
+        return a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
     a = F.normalize(torch.randn(n, d, generator=g), dim=-1)
     b = F.normalize(a + 0.8 * F.normalize(torch.randn(n, d, generator=g), dim=-1), dim=-1)
     return a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
@@ -132,7 +140,7 @@ def make_scalars(loss, device):
     """open_clip's trained CLIP scale (14.3) without bias; SigLIP's initial scale 10 and bias −10."""
     import torch
 
-    if loss in ("ntxent", "mnrl", "align_uniform", "m2mix", "mochi"):  # their temperature / scale is a constant
+    if loss in ("ntxent", "mnrl", "align_uniform", "m2mix", "mochi", "maxsim"):  # a constant temperature / scale
         return torch.tensor(1.0, device=device), None
     s = torch.tensor(10.0 if loss == "siglip" else 14.3, device=device, requires_grad=True)
     bias = torch.tensor(-10.0, device=device, requires_grad=True) if loss == "siglip" else None
@@ -146,7 +154,7 @@ def max_rel_err(loss, fn, n, d, dtype, device) -> float:
 
     from .providers import reference_fn
 
-    a, b = make_inputs(n, d, dtype, device, seed=1)
+    a, b = make_inputs(n, d, dtype, device, seed=1, loss=loss)
     s, bias = make_scalars(loss, device)
     ref = reference_fn(loss)
     outs = []
@@ -224,7 +232,7 @@ def run_case(case: dict) -> dict:
     cuda = device.type == "cuda"
     row = dict(case)
     fn = make_loss_fn(loss, provider, d)
-    a, b = make_inputs(n, d, dtype, device)
+    a, b = make_inputs(n, d, dtype, device, loss=loss)
     s, bias = make_scalars(loss, device)
     # A warm-up outside the measurements: one-time costs (thread pools, library workspaces, Triton's
     # compilation) are not the loss's. torch.compile specialises on the shape, so it warms up on the
@@ -236,12 +244,12 @@ def run_case(case: dict) -> dict:
         t0 = time.perf_counter()
         step()
         first = time.perf_counter() - t0
-    peak = mem.peak - (2 * n * d * a.element_size() if mode != "fwd" else 0)
+    peak = mem.peak - ((a.numel() + b.numel()) * a.element_size() if mode != "fwd" else 0)
     row["memory_method"] = mem.method
     row["peak_mib"] = max(peak, 0) / 2**20
 
     # Correctness before timing (after the memory call, so that its buffers cannot hide in the baseline).
-    check_rows = min(n, case.get("check_rows", 2048))
+    check_rows = min(n, case.get("check_rows", 16 if loss in TOKEN_SHAPES else 2048))
     row["check_rows"] = check_rows
     row["max_rel_err"] = max_rel_err(loss, fn, check_rows, d, dtype, device)
 
@@ -262,8 +270,9 @@ def run_case(case: dict) -> dict:
     # NT-Xent: the 2N×2N product of both views; alignment/uniformity: three N×N products (x·x, y·y, x·y);
     # distill: the student's N×N (the nominal CLIP count; the teacher's products are not counted); m²-mix:
     # two N×N products (x·m, y·m); MoCHi: the N×4N product with the queue
+    # the token-level losses: B² pairs of n₁×n₂ token products (FILIP's and MaxSim's counts)
     rows_cols = {"ntxent": (2 * n) ** 2, "align_uniform": 3 * n * n, "m2mix": 2 * n * n, "mochi": 4 * n * n}.get(
-        loss, n * n)
+        loss, n * n) * (TOKEN_SHAPES[loss][0] * TOKEN_SHAPES[loss][1] if loss in TOKEN_SHAPES else 1)
     row["tflops"] = 2 * GEMMS[mode] * rows_cols * d / (row["median_ms"] / 1e3) / 1e12
     row["device_name"] = device_name(device)
     row["threads"] = torch.get_num_threads()

@@ -17,16 +17,25 @@ from typing import Callable, Optional, Tuple
 # teacher made from the inputs (see distill_teacher); align_uniform: alignment, uniformity and the
 # cross-modal uniformity of a, b; m2mix: m²-mix at λ = M2MIX_LAM, τ = 0.07; mochi: MoCHi with queries a,
 # keys b and a queue of 4N rows made from b (see mochi_inputs). The last seven run on the engine's
-# general target.
-LOSSES = ("clip", "siglip", "clip_labels", "ntxent", "mnrl", "distill", "align_uniform", "m2mix", "mochi")
+# general target. filip and maxsim are token-level (fastcon/ops/late.py): each batch item is a set of
+# TOKEN_SHAPES tokens (see make_token_inputs); filip: FILIP with patches a, tokens b (ragged captions),
+# maxsim: ColBERT's in-batch MaxSim loss with queries a, documents b (ragged documents), scale 1.
+LOSSES = ("clip", "siglip", "clip_labels", "ntxent", "mnrl", "distill", "align_uniform", "m2mix", "mochi",
+          "filip", "maxsim")
+TOKEN_LOSSES = ("filip", "maxsim")
+# (tokens per item of a, of b): ViT-B/16 patches and CLIP's caption length; ColBERT's query and document
+TOKEN_SHAPES = {"filip": (196, 77), "maxsim": (32, 180)}
 TARGET_LOSSES = ("clip_labels", "ntxent", "mnrl", "distill", "align_uniform", "m2mix", "mochi")
 FASTCON_BACKENDS = ("cpp", "torch", "triton", "triton_fused")
 PROVIDERS = ("fastcon",) + tuple(f"fastcon-{b}" for b in FASTCON_BACKENDS) + (
-    "fastcon_compile", "reference", "open_clip", "inf_cl", "torch_compile", "lightly", "sentence_transformers")
+    "fastcon_compile", "reference", "open_clip", "inf_cl", "torch_compile", "lightly", "sentence_transformers",
+    "pylate", "flash_maxsim", "late_interaction_kernels")
+# MaxSim peers, each through PyLate's colbert_scores backend of that name
+_PYLATE_BACKEND = {"pylate": "torch", "flash_maxsim": "flash", "late_interaction_kernels": "lik"}
 # the peer each loss is compared with, beside the reference
 PEER_OF = {"clip": ("open_clip", "inf_cl"), "siglip": ("open_clip",), "clip_labels": (), "ntxent": ("lightly",),
            "mnrl": ("sentence_transformers",), "distill": ("open_clip",), "align_uniform": (),
-           "m2mix": (), "mochi": ()}
+           "m2mix": (), "mochi": (), "filip": (), "maxsim": ("pylate", "flash_maxsim", "late_interaction_kernels")}
 NTXENT_TEMPERATURE = 0.5
 MNRL_SCALE = 20.0
 DISTILL_TEACHER_SCALE = 30.0
@@ -60,8 +69,22 @@ def availability(provider: str, loss: str, device: str, world_size: int = 1) -> 
         raise ValueError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
     if world_size > 1 and loss in TARGET_LOSSES:
         return False, f"the distributed benchmark runs clip and siglip; {loss} is single-device here"
-    if provider in ("open_clip", "inf_cl", "lightly", "sentence_transformers") and provider not in PEER_OF[loss]:
+    if world_size > 1 and loss in TOKEN_LOSSES:
+        return False, f"the distributed benchmark runs clip and siglip; {loss} is single-device here"
+    if provider in ("open_clip", "inf_cl", "lightly", "sentence_transformers") + tuple(_PYLATE_BACKEND) and \
+            provider not in PEER_OF[loss]:
         return False, f"{provider} has no {loss} loss to compare with"
+    if provider in _PYLATE_BACKEND:
+        if not _find("pylate"):
+            return False, "pylate is not installed (pip install --no-deps pylate)"
+        module = {"flash_maxsim": "flash_maxsim", "late_interaction_kernels": "late_interaction_kernels"}.get(provider)
+        if module is not None:
+            if device != "cuda":
+                return False, f"{provider}'s Triton kernels need a CUDA GPU"
+            if not _find(module):
+                return False, f"{provider} is not installed (pip install {provider.replace('_', '-')})"
+    if provider == "torch_compile" and loss in TOKEN_LOSSES:
+        return False, "the token-level cases compare with the reference and the peers only"
     backend = fastcon_backend(provider)
     if backend is not None:
         if backend == "triton_fused" and loss in TARGET_LOSSES:
@@ -239,8 +262,79 @@ def reference_fn(loss: str) -> Callable:
 
     if loss in TARGET_LOSSES:
         return _target_loss_fn(loss, "reference")
+    if loss in TOKEN_LOSSES:
+        return _token_loss_fn(loss, "reference")
     ref = R.clip_loss_reference if loss == "clip" else R.siglip_loss_reference
     return lambda a, b, s, bias: ref(a, b, s, bias, upcast=False)
+
+
+def token_mask(b: int, n: int, device):
+    """The ragged side's mask of a token-level case: item i keeps n − (7·i mod ⌈n/2⌉) tokens."""
+    import torch
+
+    keep = n - (torch.arange(b, device=device) * 7) % ((n + 1) // 2)
+    return torch.arange(n, device=device)[None, :] < keep[:, None]
+
+
+def load_pylate_scores():
+    """PyLate's ``colbert_scores``, its scoring module loaded without the package's ``__init__`` (which
+    imports the datasets library)."""
+    import sys
+    import types
+
+    spec = importlib.util.find_spec("pylate")
+    if spec is None or not spec.submodule_search_locations:
+        raise ProviderUnavailable("pylate is not installed (pip install --no-deps pylate)")
+    root = list(spec.submodule_search_locations)[0]
+    added = []
+    try:
+        for name in ("pylate", "pylate.utils", "pylate.scores"):
+            if name not in sys.modules:
+                stub = types.ModuleType(name)
+                stub.__path__ = [os.path.join(root, *name.split(".")[1:])]
+                sys.modules[name] = stub
+                added.append(name)
+        from pylate.scores.colbert import colbert_scores
+    finally:
+        for name in added:
+            sys.modules.pop(name, None)
+    return colbert_scores
+
+
+def _token_loss_fn(loss: str, provider: str) -> Callable:
+    """``fn(a, b, logit_scale, logit_bias)`` of a token-level loss on (B, n, D) token sets."""
+    import torch
+
+    import fastcon
+    from fastcon import reference as R
+
+    FC = fastcon.functional
+    backend = fastcon_backend(provider)
+    if provider == "fastcon_compile":
+        return torch.compile(_token_loss_fn(loss, "fastcon"), fullgraph=True)
+    if loss == "filip":
+        if backend is not None:
+            return lambda a, b, s, bias: FC.filip_loss(a, b, s, token_mask=token_mask(*b.shape[:2], b.device),
+                                                       backend=backend)
+        if provider == "reference":
+            return lambda a, b, s, bias: R.filip_loss_reference(a, b, s, token_mask=token_mask(*b.shape[:2], b.device))
+        raise ProviderUnavailable(f"{provider} has no filip loss")
+    if backend is not None:
+        return lambda a, b, s, bias: FC.maxsim_loss(a, b, doc_mask=token_mask(*b.shape[:2], b.device), scale=s,
+                                                    backend=backend)
+    if provider == "reference":
+        return lambda a, b, s, bias: R.maxsim_loss_reference(a, b, doc_mask=token_mask(*b.shape[:2], b.device),
+                                                             scale=s)
+    if provider in _PYLATE_BACKEND:
+        colbert_scores = load_pylate_scores()
+        which = _PYLATE_BACKEND[provider]
+
+        def pylate_loss(a, b, s, bias):  # PyLate's Contrastive loss: CE over the in-batch scores
+            scores = colbert_scores(a, b, documents_mask=token_mask(*b.shape[:2], b.device).to(a.dtype),
+                                    backend=which)
+            return torch.nn.functional.cross_entropy(s * scores, torch.arange(a.shape[0], device=a.device))
+        return pylate_loss
+    raise ProviderUnavailable(f"{provider} has no maxsim loss")
 
 
 def make_loss_fn(loss: str, provider: str, d: int) -> Callable:
@@ -250,6 +344,8 @@ def make_loss_fn(loss: str, provider: str, d: int) -> Callable:
 
     if loss in TARGET_LOSSES:
         return _target_loss_fn(loss, provider)
+    if loss in TOKEN_LOSSES:
+        return _token_loss_fn(loss, provider)
     backend = fastcon_backend(provider)
     if backend is not None:
         fc = fastcon.functional.clip_loss if loss == "clip" else fastcon.functional.siglip_loss
