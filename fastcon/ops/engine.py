@@ -269,7 +269,7 @@ def final_grads(inputs, grads, factor: float):
     """``factor·grad`` for each input, kept wide (fp32 or float64): the backward multiplies by the
     upstream gradient first and rounds once to the input's dtype afterwards, so that neither a small
     factor like 1/(2N) nor an fp16 loss scale meets a bf16/fp16 rounding in between."""
-    return tuple((g * factor).to(_wide(x.dtype)) for x, g in zip(inputs, grads))
+    return tuple((g if factor == 1.0 else g * factor).to(_wide(x.dtype)) for x, g in zip(inputs, grads))
 
 
 def save_final_grads(ctx, inputs, grads, factor: float) -> None:
@@ -282,11 +282,20 @@ def save_final_grads(ctx, inputs, grads, factor: float) -> None:
         for k, (x, g) in enumerate(zip(inputs, grads))])
 
 
+def _is_unit(grad_output: Tensor) -> bool:
+    """An eager CPU upstream gradient of exactly 1 (``loss.backward()``), read without a device sync;
+    never under tracing, where the value is not known."""
+    return (type(grad_output) is Tensor and grad_output.device.type == "cpu" and grad_output.numel() == 1
+            and not torch.compiler.is_compiling() and float(grad_output) == 1.0)
+
+
 def scaled_grads(saved, grad_output, dtypes):
-    """The saved (wide) gradients times the upstream gradient, each rounded once to its input's dtype."""
+    """The saved (wide) gradients times the upstream gradient, each rounded once to its input's dtype
+    (an upstream gradient of 1 multiplies nothing)."""
+    unit = _is_unit(grad_output)
     out = []
     for t, dtype in zip(saved, dtypes):
-        out.append(None if t is None else (t * grad_output.to(t.dtype)).to(dtype))
+        out.append(None if t is None else (t if unit else t * grad_output.to(t.dtype)).to(dtype))
     return tuple(out)
 
 
@@ -324,9 +333,13 @@ def _softmax_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, backend: st
         w_col = 1.0 if symmetric else 0.0
         denom = (2 if symmetric else 1) * na
         eps = label_smoothing
+        # The C++ kernels (fp32/float64, no fp16 lift) take the loss's 1/denom into their weights, which
+        # spares two passes over each gradient; the other backends scale their gradients afterwards.
+        fold = 1.0 / denom if backend == "cpp" else 1.0
         if need_grad:
             row_lse, col_lse, pos_logit, *grads = impl.softmax_fused(
-                x, y, s, c, pos_offset, 1.0, w_col, (1.0 + w_col) * (1.0 - eps), chunk_rows, cache_bytes(x.device))
+                x, y, s, c, pos_offset, fold, w_col * fold, (1.0 + w_col) * (1.0 - eps) * fold, chunk_rows,
+                cache_bytes(x.device))
         else:
             row_lse, col_lse, pos_logit = impl.lse_stats(x, y, s, c, pos_offset, chunk_rows)
         # Per-row differences in float64: each is small next to the LSE and the logit it subtracts.
@@ -337,7 +350,7 @@ def _softmax_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, backend: st
         loss = terms.sum() / denom
         if not need_grad:
             return (loss,) + _no_grads(a)
-        return (loss,) + final_grads((a, b, scale, bias), grads, 1.0 / denom)
+        return (loss,) + final_grads((a, b, scale, bias), grads, 1.0 / denom / fold)
 
 
 def _softmax_loss_fake(a, b, scale, bias, backend, pos_offset, label_smoothing, symmetric, chunk_size, need_grad,
@@ -354,11 +367,12 @@ def _sigmoid_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, backend: st
     with autocast_off(a.device.type):
         impl, x, y, s, c, chunk_rows = _backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype)
         na = x.shape[0]
-        loss_sum, *grads = impl.sigmoid_fused(x, y, s, c, pos_offset, 1.0, chunk_rows, need_grad)
+        fold = 1.0 / na if backend == "cpp" else 1.0  # as in _softmax_loss
+        loss_sum, *grads = impl.sigmoid_fused(x, y, s, c, pos_offset, fold, chunk_rows, need_grad)
         loss = loss_sum / na
         if not need_grad:
             return (loss,) + _no_grads(a)
-        return (loss,) + final_grads((a, b, scale, bias), grads, 1.0 / na)
+        return (loss,) + final_grads((a, b, scale, bias), grads, 1.0 / na / fold)
 
 
 def _sigmoid_loss_fake(a, b, scale, bias, backend, pos_offset, chunk_size, need_grad, mm_dtype):
@@ -478,6 +492,43 @@ def prepare_inputs(a, b, scale, bias, backend, chunk_size):
     return name, mm_dtype, a, b, scale, bias, chunk_rows
 
 
+# ---------------------------------------------------------------------------------------------------
+# Direct calls: a small problem on the CPU (at most SMALL_LOGITS logits, one chunk) runs the operator's
+# body through a plain autograd function instead of the torch.library dispatcher. Same kernels, same
+# numbers, same saved gradients; what it skips is the dispatcher's fixed cost (about 0.2 ms a call,
+# which is most of the time below a few hundred rows, where the materialised formula would otherwise
+# be faster). Under torch.compile, and for tensor subclasses (FakeTensor), the registered operator runs.
+
+SMALL_LOGITS = 1 << 17
+
+
+def direct_call(name: str, a: Tensor, b: Tensor) -> bool:
+    """Whether this engine call may skip the dispatcher (see above)."""
+    if name not in ("cpp", "torch") or a.device.type != "cpu" or a.shape[0] * b.shape[0] > SMALL_LOGITS:
+        return False
+    if type(a) not in (Tensor, torch.nn.Parameter) or type(b) not in (Tensor, torch.nn.Parameter):
+        return False
+    return not torch.compiler.is_compiling()
+
+
+class _Direct(torch.autograd.Function):
+    """``body(a, b, scale, bias, *other) -> (loss, grad_a, grad_b, grad_scale, grad_bias)`` (an engine
+    operator's body) as an autograd function: the loss, and in the backward the saved gradients times
+    the upstream gradient (``scaled_grads``), as the registered operator's autograd does."""
+
+    @staticmethod
+    def forward(ctx, body, a, b, scale, bias, *other):
+        loss, *grads = body(a, b, scale, bias, *other)
+        ctx.save_for_backward(*grads)
+        ctx.grad_dtypes = tuple(t.dtype for t in (a, b, scale, bias))
+        ctx.n_other = len(other)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return (None,) + _backward_of(ctx.n_other)(ctx, grad_loss)
+
+
 def clip_engine_loss(a, b, scale, bias, *, label_smoothing: float, pos_offset: int, backend: str,
                      chunk_size: Optional[int], symmetric: bool = True) -> torch.Tensor:
     """Symmetric InfoNCE (docs/losses.md §1.1) on the engine; arguments already validated. With
@@ -489,9 +540,13 @@ def clip_engine_loss(a, b, scale, bias, *, label_smoothing: float, pos_offset: i
     scale, bias = engine_scalars(scale, bias, acc, a.device)
     na, nb = a.shape[0], b.shape[0]
     eps = label_smoothing
-    op = torch.ops.fastcon.softmax_loss_triton if name in TRITON_BACKENDS else softmax_loss
-    loss, *_ = op(a, b, scale, bias, name, int(pos_offset), float(eps), bool(symmetric), int(chunk_size or 0),
-                  needs_grad(a, b, scale, bias), mm_dtype)
+    args = (name, int(pos_offset), float(eps), bool(symmetric), int(chunk_size or 0), needs_grad(a, b, scale, bias),
+            mm_dtype)
+    if direct_call(name, a, b):
+        loss = _Direct.apply(_softmax_loss, a, b, scale, bias, *args)
+    else:
+        op = torch.ops.fastcon.softmax_loss_triton if name in TRITON_BACKENDS else softmax_loss
+        loss, *_ = op(a, b, scale, bias, *args)
     if eps > 0:
         # The smoothing targets ε/Nb add −(ε/Nb)·Σ_ij S_ij to the row terms, and Σ_ij S_ij =
         # s·(Σ_i a_i)·(Σ_j b_j) + Na·Nb·b; likewise ε/Na for the columns that own a positive. Two column
@@ -516,9 +571,12 @@ def siglip_engine_loss(a, b, scale, bias, *, pos_offset: Optional[int], backend:
     name = _traced_backend_name(backend, a.device.type, mm_dtype or a.dtype)
     scale, bias = engine_scalars(scale, bias, acc_dtype(a.dtype), a.device)
     offset = b.shape[0] if pos_offset is None else pos_offset
-    op = torch.ops.fastcon.sigmoid_loss_triton if name in TRITON_BACKENDS else sigmoid_loss
-    loss, *_ = op(a, b, scale, bias, name, int(offset), int(chunk_size or 0), needs_grad(a, b, scale, bias),
-                  mm_dtype)
+    args = (name, int(offset), int(chunk_size or 0), needs_grad(a, b, scale, bias), mm_dtype)
+    if direct_call(name, a, b):
+        loss = _Direct.apply(_sigmoid_loss, a, b, scale, bias, *args)
+    else:
+        op = torch.ops.fastcon.sigmoid_loss_triton if name in TRITON_BACKENDS else sigmoid_loss
+        loss, *_ = op(a, b, scale, bias, *args)
     return loss.to(out_dtype)
 
 
