@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from fastcon import bench
 from fastcon.bench import classify_failure, compare as C
@@ -194,3 +195,35 @@ def test_token_level_cases(tmp_path):
     if importlib.util.find_spec("pylate") is not None:
         r = rows[("maxsim", "pylate")]
         assert r["status"] == "ok" and r["max_rel_err"] <= 1e-4, r
+
+
+def test_profile_splits_a_call_into_gemms_and_the_rest(tmp_path, capsys):
+    """--profile: the C++ engine's GEMMs (called from C++) and the reference's are counted; the two parts
+    are positive and sum to the profiled call; the table grows two columns."""
+    out = tmp_path / "rows.json"
+    assert bench.main(["--loss", "clip", "--providers", "fastcon-cpp,reference", "--batch", "256", "--dim", "64",
+                       "--device", "cpu", "--repeat", "1", "--profile", "--json", str(out)]) == 0
+    assert "GEMM ms" in capsys.readouterr().out
+    for row in _rows(out):
+        assert row["status"] == "ok", row
+        assert row["gemm_ms"] > 0 and row["epilogue_ms"] >= 0
+        assert abs(row["gemm_ms"] + row["epilogue_ms"] - row["profile_wall_ms"]) < 1e-6 * row["profile_wall_ms"] + 1e-9
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_plan_traces_the_engine(capsys, loss):
+    """fastcon-bench plan: the chunked Triton backend's own calls on meta tensors. CLIP's products add
+    up to the 8·N²·D that the benchmark counts (pass 1, its recomputation in pass 2, the two gradient
+    products), SigLIP's to 6·N²·D; the chunks are the engine's."""
+    from fastcon.bench import plan
+    from fastcon.ops import engine
+
+    n, d = 4096, 256
+    p = plan.plan(loss, n, d, "bfloat16", "h200")
+    assert p["chunk_rows"] == engine.chunk_rows_for(n, n, torch.device("cuda"), None)
+    assert p["total_flops"] == pytest.approx((8 if loss == "clip" else 6) * n * n * d)
+    assert p["total_ms"] > 0 and 0 < p["peak_fraction"] <= 1
+    assert bench.main(["plan", "--loss", loss, "--batch", "4096", "--dim", "256", "--device", "a100"]) == 0
+    assert "ESTIMATE" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["plan", "--device", "tpu"])

@@ -4,6 +4,7 @@
     fastcon-bench compare OLD NEW       regressions between two --json files (--fail-if median:5%)
     fastcon-bench summary FILES         the README's fastcon-vs-peers tables from --json files
     fastcon-bench peak                  the device's dense matrix-product throughput
+    fastcon-bench plan                  the engine's chunk plan on a GPU and its roofline time (an estimate)
 
 Each case runs in a fresh subprocess, so that one case's memory cannot hide in another's and an
 out-of-memory case becomes a row (status ``oom``) instead of ending the sweep. In it: one call whose
@@ -226,6 +227,9 @@ def _run_main(argv: List[str]) -> int:
     p.add_argument("--repeat", type=int, default=3, help="timed calls per case on CPU")
     p.add_argument("--check-rows", type=int, default=2048, help="rows of the correctness check")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per case")
+    p.add_argument("--profile", action="store_true",
+                   help="also split one call into matrix products and the rest (torch.profiler): columns GEMM ms "
+                        "and epilogue ms")
     _output_options(p)
     p.add_argument("--from-json", nargs="+", default=None, metavar="FILE",
                    help="run nothing: print (and write) the rows of earlier --json files")
@@ -262,7 +266,7 @@ def _run_main(argv: List[str]) -> int:
 
     meta = _meta(device)
     cases = [dict(loss=loss, provider=provider, batch=n, dim=d, dtype=dtype, mode=args.mode, device=device,
-                  repeat=args.repeat, check_rows=args.check_rows)
+                  repeat=args.repeat, check_rows=args.check_rows, profile=args.profile)
              for loss in losses for n in batches for d in dims for provider in providers]
     progress = _Progress(len(cases))
     rows = []
@@ -352,4 +356,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _summary_main(argv[1:])
     if command == "peak":
         return _peak_main(argv[1:])
+    if command == "plan":
+        from .plan import main as plan_main
+
+        return plan_main(argv[1:])
     return _run_main(argv[1:] if command == "run" else argv)

@@ -223,6 +223,40 @@ def time_fields(times_s) -> dict:
                 p80_ms=_quantile(ms, 0.8), samples=len(ms))
 
 
+# The matrix products of a CPU profile, out of place or in place (addmm_): their self time is the BLAS
+# kernel's; on a GPU, the kernels whose names say so (cuBLAS, CUTLASS, and fastcon's own GEMM kernels).
+CPU_GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::addmv", "aten::mv",
+                "aten::dot")
+GPU_GEMM_WORDS = ("gemm", "xmma", "cutlass", "_mm_")
+
+
+def profile_split(step, cuda: bool) -> dict:
+    """One call of ``step`` under ``torch.profiler``: ``gemm_ms``, the time in matrix products (the self
+    time of aten::mm, addmm, addmm_, bmm, … on the CPU; on a GPU the device time of the kernels named like
+    GEMMs), and ``epilogue_ms``, the rest of the call (on the CPU its wall time less the GEMMs: the
+    epilogues, autograd and Python; on a GPU the device time of every other kernel)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    events = prof.key_averages()
+    if cuda:
+        def device_us(e):
+            return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
+
+        kernels = [(e.key.lower(), device_us(e)) for e in events if device_us(e) > 0]
+        gemm = sum(t for name, t in kernels if any(w in name for w in GPU_GEMM_WORDS)) / 1e3
+        return {"gemm_ms": gemm, "epilogue_ms": sum(t for _, t in kernels) / 1e3 - gemm, "profile_wall_ms": wall_ms}
+    gemm = sum(e.self_cpu_time_total for e in events if e.key.rstrip("_") in CPU_GEMM_OPS) / 1e3
+    return {"gemm_ms": gemm, "epilogue_ms": max(wall_ms - gemm, 0.0), "profile_wall_ms": wall_ms}
+
+
 def run_case(case: dict) -> dict:
     import torch
 
@@ -235,9 +269,11 @@ def run_case(case: dict) -> dict:
     a, b = make_inputs(n, d, dtype, device, loss=loss)
     s, bias = make_scalars(loss, device)
     # A warm-up outside the measurements: one-time costs (thread pools, library workspaces, Triton's
-    # compilation) are not the loss's. torch.compile specialises on the shape, so it warms up on the
-    # case itself; the others on a few rows.
-    warm = n if provider in ("torch_compile", "fastcon_compile") else min(n, 64)
+    # compilation, the first call of a torch.library operator) are not the loss's. torch.compile
+    # specialises on the shape, so it warms up on the case itself; the others on up to 512 rows, enough
+    # for the engine's registered operators (below 2^17 logits the engine calls their bodies directly,
+    # ops.engine.direct_call), or 64 items of a token-level case.
+    warm = n if provider in ("torch_compile", "fastcon_compile") else min(n, 64 if loss in TOKEN_SHAPES else 512)
     _step(fn, a[:warm], b[:warm], s, bias, mode)()
     step = _step(fn, a, b, s, bias, mode)
     with _PeakMemory(device) as mem:
@@ -267,6 +303,8 @@ def run_case(case: dict) -> dict:
         step()  # one call to settle the heap
         times = wall_times(step, case.get("repeat", 3))
     row.update(time_fields(times))
+    if case.get("profile"):
+        row.update(profile_split(step, cuda))
     # NT-Xent: the 2N×2N product of both views; alignment/uniformity: three N×N products (x·x, y·y, x·y);
     # distill: the student's N×N (the nominal CLIP count; the teacher's products are not counted); m²-mix:
     # two N×N products (x·m, y·m); MoCHi: the N×4N product with the queue

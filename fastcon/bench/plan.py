@@ -1,0 +1,219 @@
+"""``fastcon-bench plan``: what the engine would run for one loss on a GPU, and the roofline time that
+implies. An estimate, never a measurement.
+
+The plan is the engine's own. The chunk size comes from ``ops.engine.chunk_rows_for`` for a CUDA
+device, and the chunked Triton backend's functions (``fastcon/kernels/triton/chunked.py``) run on
+meta tensors (shapes only: nothing is allocated and no GPU is needed), taking their CUDA branches (the
+fp32-output tensor-core GEMM of ``mm_acc``, the CUDA grid size). A dispatch mode records every tensor
+op they issue: the cuBLAS GEMMs, copies, fills and in-place updates. The Triton launches are recorded
+instead of run. For each call:
+
+* FLOPs: 2·M·N·K for a matrix product (cuBLAS or fastcon's in-place Triton GEMM), 0 for the rest
+  (the epilogues' exponentials are not counted);
+* bytes: each tensor argument and result once. A kernel streaming its operands once moves that much;
+  a GEMM re-reading tiles from HBM moves more;
+* time: max(FLOPs / peak, bytes / bandwidth) with the device's spec-sheet peaks (dense bf16/fp16 for
+  half inputs, fp32 for fp32 inputs: torch.mm leaves TF32 off by default).
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from typing import Dict, List, NamedTuple, Optional
+
+# Spec-sheet peaks (dense, no sparsity): TFLOP/s by dtype class, HBM TB/s, memory GiB.
+DEVICES: Dict[str, dict] = {
+    "h100": dict(name="NVIDIA H100 SXM5 80GB", half=989.4, float32=66.9, hbm=3.35, memory_gib=80),
+    "h200": dict(name="NVIDIA H200 141GB", half=989.4, float32=66.9, hbm=4.8, memory_gib=141),
+    "a100": dict(name="NVIDIA A100 SXM4 80GB", half=312.0, float32=19.5, hbm=2.039, memory_gib=80),
+}
+PLAN_LOSSES = ("clip", "siglip")
+_VIEWS = {"view", "_unsafe_view", "t", "transpose", "slice", "select", "as_strided", "alias", "detach",
+          "expand", "reshape", "unsqueeze", "squeeze", "permute", "narrow", "empty", "empty_strided",
+          "empty_like", "lift_fresh", "_to_copy_meta"}
+
+
+class Call(NamedTuple):
+    kind: str  # "torch" (an aten op: cuBLAS or an elementwise kernel) or "triton"
+    name: str
+    flops: float
+    bytes: float
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def _tensors(values):
+    import torch
+
+    seen, out = set(), []
+    for v in values:
+        for t in (v if isinstance(v, (list, tuple)) else (v,)):
+            if isinstance(t, torch.Tensor) and id(t) not in seen:
+                seen.add(id(t))
+                out.append(t)
+    return out
+
+
+def _gemm_flops(name: str, args) -> float:
+    def dims(x, y):
+        return 2.0 * x.shape[0] * x.shape[1] * y.shape[-1]
+
+    if name in ("mm", "matmul"):
+        return dims(args[0], args[1])
+    if name in ("addmm", "addmm_"):
+        return dims(args[1], args[2])
+    return 0.0
+
+
+@contextlib.contextmanager
+def _recording(calls: List[Call]):
+    """Record every aten op (below FakeTensorMode) and every Triton launch of the chunked backend."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastcon.kernels.triton import chunked, gemm
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name not in _VIEWS:
+                outs = [] if name.endswith("_") else _tensors([out])  # in place: the result is an input
+                moved = sum(_nbytes(t) for t in _tensors(list(args) + list((kwargs or {}).values())) + outs)
+                calls.append(Call("torch", name, _gemm_flops(name, args), float(moved)))
+            return out
+
+    def launch(kernel):
+        name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "triton")
+
+        class Grid:
+            def __getitem__(self, grid):
+                def run(*args, **kwargs):
+                    flops = 0.0
+                    if name == "_mm_accumulate_kernel":  # (x, y, out, alpha, M, N, K, ...)
+                        flops = 2.0 * args[4] * args[5] * args[6]
+                    calls.append(Call("triton", name, flops, float(sum(_nbytes(t) for t in _tensors(args)))))
+                return run
+        return Grid()
+
+    from fastcon.kernels import _common
+
+    def mm_acc_cuda(x, y):  # mm_acc's CUDA branch (meta tensors are not CUDA tensors)
+        if x.dtype in (torch.float32, torch.float64):
+            return x @ y
+        return torch.mm(x, y, out_dtype=torch.float32)
+
+    saved = (chunked.launch, gemm.launch, chunked.mm_acc, _common.mm_acc, chunked._target_programs)
+    chunked.launch = gemm.launch = launch
+    chunked.mm_acc = _common.mm_acc = mm_acc_cuda
+    chunked._target_programs = lambda device: chunked._TARGET_PROGRAMS_CUDA
+    try:
+        with Recorder():
+            yield
+    finally:
+        chunked.launch, gemm.launch, chunked.mm_acc, _common.mm_acc, chunked._target_programs = saved
+
+
+def trace(loss: str, n: int, d: int, dtype: str) -> tuple:
+    """(chunk_rows, calls) of one forward+backward of ``loss`` at N×N, D on the chunked Triton backend."""
+    import torch
+
+    from fastcon.kernels.triton import chunked
+    from fastcon.ops import engine
+
+    if loss not in PLAN_LOSSES:
+        raise ValueError(f"plan covers {', '.join(PLAN_LOSSES)}, got {loss!r}")
+    cuda, meta = torch.device("cuda"), torch.device("meta")
+    chunk_rows = engine.chunk_rows_for(n, n, cuda, None)
+    calls: List[Call] = []
+    a = torch.empty(n, d, dtype=getattr(torch, dtype), device=meta)
+    b = torch.empty(n, d, dtype=getattr(torch, dtype), device=meta)
+    s = torch.empty((), dtype=torch.float32, device=meta)
+    c = torch.empty((), dtype=torch.float32, device=meta)
+    with _recording(calls):
+        if loss == "clip":  # the weights of the symmetric loss, as ops.engine passes them
+            chunked.softmax_fused(a, b, s, c, 0, 1.0, 1.0, 2.0, chunk_rows, engine.cache_bytes(cuda))
+        else:
+            chunked.sigmoid_fused(a, b, s, c, 0, 1.0, chunk_rows, True)
+    return chunk_rows, calls
+
+
+def plan(loss: str, n: int, d: int, dtype: str, device: str) -> dict:
+    """The plan of one case: per kernel (calls, FLOPs, bytes, estimated ms) and the totals."""
+    spec = DEVICES[resolve_device(device)]
+    peak = (spec["half"] if dtype in ("bfloat16", "float16") else spec["float32"]) * 1e12
+    bandwidth = spec["hbm"] * 1e12
+    chunk_rows, calls = trace(loss, n, d, dtype)
+    kernels: "OrderedDict[str, dict]" = OrderedDict()
+    for call in calls:
+        k = kernels.setdefault(f"{call.kind}:{call.name}", dict(calls=0, flops=0.0, bytes=0.0, ms=0.0))
+        k["calls"] += 1
+        k["flops"] += call.flops
+        k["bytes"] += call.bytes
+        k["ms"] += max(call.flops / peak, call.bytes / bandwidth) * 1e3
+    total_ms = sum(k["ms"] for k in kernels.values())
+    # the work fastcon-bench counts: 8·N²·D for CLIP (pass 1, its recomputation, the two gradient
+    # products), 6·N²·D for SigLIP (one pass and the two gradient products)
+    minimal = (8.0 if loss == "clip" else 6.0) * n * n * d
+    return dict(loss=loss, batch=n, dim=d, dtype=dtype, device=spec["name"], chunk_rows=chunk_rows,
+                chunks=-(-n // chunk_rows), kernels=kernels, total_ms=total_ms,
+                total_flops=sum(k["flops"] for k in kernels.values()),
+                total_bytes=sum(k["bytes"] for k in kernels.values()),
+                peak_fraction=(minimal / peak * 1e3) / total_ms if total_ms else 0.0,
+                note="from the engine's own plan on meta tensors and spec-sheet peaks; not a measurement")
+
+
+def resolve_device(device: str) -> str:
+    """A DEVICES key for ``device`` (h100, h200, a100, or local: the CUDA device here, by its name)."""
+    if device in DEVICES:
+        return device
+    if device != "local":
+        raise ValueError(f"--device must be one of {', '.join(DEVICES)} or local, got {device!r}")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("--device local: no CUDA device here; name one of " + ", ".join(DEVICES))
+    name = torch.cuda.get_device_name().lower()
+    for key in DEVICES:
+        if key in name:
+            return key
+    raise ValueError(f"--device local: no spec-sheet peaks for {name!r}; name one of {', '.join(DEVICES)}")
+
+
+def format_plan(p: dict) -> str:
+    lines = [f"{p['loss']} N={p['batch']} D={p['dim']} {p['dtype']} on {p['device']} (ESTIMATE: {p['note']})",
+             f"chunk plan: {p['chunks']} chunks of {p['chunk_rows']} rows",
+             f"{'kernel':44s} {'calls':>6s} {'GFLOP':>10s} {'GB moved':>10s} {'est. ms':>9s}"]
+    for name, k in p["kernels"].items():
+        lines.append(f"{name:44s} {k['calls']:6d} {k['flops'] / 1e9:10.1f} {k['bytes'] / 1e9:10.2f} {k['ms']:9.2f}")
+    lines.append(f"{'total':44s} {'':6s} {p['total_flops'] / 1e9:10.1f} {p['total_bytes'] / 1e9:10.2f} "
+                 f"{p['total_ms']:9.2f}")
+    lines.append(f"the minimal products at the dense peak take {100 * p['peak_fraction']:.0f}% of that estimate")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="fastcon-bench plan", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--loss", default="clip", choices=PLAN_LOSSES)
+    ap.add_argument("--batch", type=int, default=65536, help="N")
+    ap.add_argument("--dim", type=int, default=768, help="D")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    ap.add_argument("--device", default="h100", help=f"{', '.join(DEVICES)} or local")
+    ap.add_argument("--json", default=None, help="write the plan to this JSON file")
+    args = ap.parse_args(argv)
+    if args.batch < 1 or args.dim < 1:
+        ap.error("--batch and --dim must be positive")
+    try:
+        p = plan(args.loss, args.batch, args.dim, args.dtype, args.device)
+    except ValueError as exc:
+        ap.error(str(exc))
+    print(format_plan(p))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(p, f, indent=1)
+    return 0
