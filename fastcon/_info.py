@@ -28,9 +28,6 @@ def backend_info() -> dict:
             "general target (labels, hard negatives, self-contrast, MNRL, soft targets: distill_loss, "
             "DistillClipLoss) in the triton_fused backend: NotImplementedError; backend='auto' runs it on the "
             "chunked triton backend there",
-            "late interaction (filip_loss, maxsim_scores, maxsim_loss) in the triton backends when both token "
-            "counts exceed 256 (one set must fit on chip): NotImplementedError; backend='auto' runs the torch "
-            "backend there",
         ],
     }
     for key, fn in (("chunk_bytes", engine.chunk_bytes), ("cache_bytes", engine.cache_bytes)):

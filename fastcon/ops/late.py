@@ -9,6 +9,7 @@ every backend::
 The forward keeps nothing but its inputs; the backward forms each tile again and takes the argmaxes
 (ties: the lowest index). Memory: one block of tiles on the torch and C++ backends, none on the
 Triton backend (its tiles stay on chip; its backward keeps the block's argmaxes, O(c·By·(nx + ny))).
+Any token counts run on every backend.
 """
 from __future__ import annotations
 
@@ -32,34 +33,18 @@ def _late_module(name: str):
     return importlib.import_module("fastcon.kernels.triton.late")
 
 
-def triton_fits(nx: int, ny: int) -> bool:
-    """Whether the Triton kernels take this shape: one of the two token counts fits one on-chip block."""
-    from fastcon.kernels.triton.late import MAX_SHORT_SIDE
-
-    return min(nx, ny) <= MAX_SHORT_SIDE
-
-
 @engine._assume_constant
-def _traced_late_backend(backend: str, device_type: str, dtype: torch.dtype, nx: int, ny: int) -> str:
+def _traced_late_backend(backend: str, device_type: str, dtype: torch.dtype) -> str:
     name = engine.resolve_name(backend, torch.device(device_type), dtype)
-    if name in engine.TRITON_BACKENDS:
-        if not triton_fits(nx, ny):
-            from fastcon.kernels.triton.late import MAX_SHORT_SIDE
-
-            if backend == "auto":
-                return "torch"
-            raise NotImplementedError(
-                f"the Triton late-interaction kernels keep the shorter token set on chip: min(nx, ny) <= "
-                f"{MAX_SHORT_SIDE}, got nx={nx}, ny={ny}; use backend='torch'")
-        return "triton"  # one Triton family for token sets: triton and triton_fused name the same kernels
-    return name
+    # one Triton family for token sets: triton and triton_fused name the same kernels
+    return "triton" if name in engine.TRITON_BACKENDS else name
 
 
-def resolve_late_backend(backend: str, device: torch.device, dtype: torch.dtype, nx: int, ny: int) -> str:
-    """The backend that runs late interaction of ``nx`` against ``ny`` tokens for ``backend=``."""
+def resolve_late_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs late interaction for ``backend=``."""
     if backend == "reference":
         raise ValueError("backend='reference' is handled by fastcon.functional, not by the engine")
-    return _traced_late_backend(backend, device.type, dtype, int(nx), int(ny))
+    return _traced_late_backend(backend, device.type, dtype)
 
 
 def block_items(backend: str, device: torch.device, nx: int, by: int, ny: int, chunk_size: Optional[int]) -> int:
@@ -153,6 +138,6 @@ def late_interaction(x: Tensor, y: Tensor, x_mask: Tensor, y_mask: Tensor, *, wa
     An unwanted statistic is a (0, By) tensor. Differentiable in x and y (the gradient of each max
     goes to its lowest maximal index); ``chunk_size``: items of x per block."""
     mm_dtype = engine.autocast_gemm_dtype(x)
-    name = resolve_late_backend(backend, x.device, mm_dtype or x.dtype, x.shape[1], y.shape[1])
+    name = resolve_late_backend(backend, x.device, mm_dtype or x.dtype)
     block = block_items(name, x.device, x.shape[1], y.shape[0], y.shape[1], chunk_size)
     return late_interaction_op(x, y, x_mask, y_mask, name, bool(want_x), bool(want_y), int(block), mm_dtype)

@@ -12,6 +12,9 @@ statistics of a swapped call are the transposes of the other direction's).
 * ``_late_tiles_kernel`` (``ARGS=True``), the backward's first pass: the same tiles again, each row's
   argmax r* and each column's argmax k* (ties: the lowest index; the running column maximum moves only
   on a strict increase) for a block of x items, O(c·By·(nx + ny)) int32.
+* ``_late_rows_kernel``, where neither set fits (both longer than ``MAX_SHORT_SIDE``): one direction
+  with y walked in tiles too (the running row maxima and argmaxes), the other direction the same
+  kernel on the swapped pair.
 * ``_late_dx_kernel``: dx_i[k-tile] = Σ_j W_ij·y_j with the pair's one-hot weights
   ``W_kr = gx_ij·[r = r*(k)] + gy_ij·[k = k*(r)]``, formed in registers from the argmaxes for
   ``BLOCK_R`` y tokens at a time, the products on the tensor cores. Each program owns its rows and
@@ -44,6 +47,8 @@ def late_config(kernel: str, dtype_name: str, block_y: int = 0) -> Config:
     fp32 runs as TF32x3 (three products per ``tl.dot``), so its tiles are smaller."""
     half = dtype_class(dtype_name) == "half"
     block_d = 64 if half else 32
+    if kernel == "rows":  # both token sets longer than MAX_SHORT_SIDE: y walked in tiles too
+        return Config(block_m=64 if half else 16, block_n=64, num_warps=4, num_stages=1, block_k=block_d)
     if kernel == "tiles":
         block_x = (64 if block_y <= 128 else 32) if half else 32
         warps = 8 if block_x * block_y >= 4096 else 4
@@ -121,6 +126,47 @@ def _late_tiles_kernel(x_ptr, y_ptr, xm_ptr, ym_ptr, sx_ptr, sy_ptr, rarg_ptr, c
             tl.store(sx_ptr + i * By + j, sx + nan)
         if WANT_Y:
             tl.store(sy_ptr + i * By + j, tl.sum(tl.where(ym, col_max, 0.0), axis=0) + nan)
+
+
+@triton.jit
+def _late_rows_kernel(x_ptr, y_ptr, xm_ptr, ym_ptr, sx_ptr, rarg_ptr, i0, By, NX, NY, D,
+                      stride_xb, stride_xn, stride_yb, stride_yn,
+                      ARGS: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_X: tl.constexpr,
+                      BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The x statistic alone (``ARGS``: its argmaxes r*) for token sets of any length: each x tile's
+    row maxima run over y's tiles (a strict increase moves the argmax, so a tie keeps the lowest r).
+    The y statistic is this kernel on the swapped pair."""
+    p = tl.program_id(0).to(tl.int64)  # the block's pair (i0 + p // By, p % By)
+    i = i0 + p // By
+    j = p % By
+    sx = tl.zeros((), dtype=tl.float32)
+    bad = tl.zeros((), dtype=tl.int32)
+    for k0 in range(0, NX, BLOCK_X):
+        kx = k0 + tl.arange(0, BLOCK_X)
+        xm = (tl.load(xm_ptr + i * NX + kx, mask=kx < NX, other=0) != 0) & (kx < NX)
+        row_max = tl.full((BLOCK_X,), float("-inf"), dtype=tl.float32)
+        row_arg = tl.full((BLOCK_X,), -1, dtype=tl.int32)
+        for r0 in range(0, NY, BLOCK_Y):
+            offs_r = r0 + tl.arange(0, BLOCK_Y)
+            ym = (tl.load(ym_ptr + j * NY + offs_r, mask=offs_r < NY, other=0) != 0) & (offs_r < NY)
+            t = _pair_tile(x_ptr, y_ptr, i, j, kx, offs_r, NX, NY, D, stride_xb, stride_xn, stride_yb, stride_yn,
+                           INPUT_PRECISION, BLOCK_X, BLOCK_Y, BLOCK_D)
+            t = tl.where(ym[None, :], t, float("-inf"))
+            if ARGS:
+                b_max, b_arg = tl.max(t, axis=1, return_indices=True, return_indices_tie_break_left=True)
+                up = b_max > row_max
+                row_arg = tl.where(up, b_arg.to(tl.int32) + r0, row_arg)
+                row_max = tl.where(up, b_max, row_max)
+            else:
+                tc = tl.where(xm[:, None], t, float("-inf"))
+                bad += tl.sum(tl.where(tc != tc, 1, 0))
+                row_max = tl.maximum(row_max, tl.max(t, axis=1))
+        if ARGS:
+            tl.store(rarg_ptr + p * NX + kx, tl.where(xm, row_arg, -1), mask=kx < NX)
+        else:
+            sx += tl.sum(tl.where(xm, row_max, 0.0), axis=0)
+    if not ARGS:
+        tl.store(sx_ptr + i * By + j, sx + tl.where(bad > 0, float("nan"), 0.0))
 
 
 @triton.jit
@@ -212,10 +258,22 @@ def _swap(nx: int, ny: int, dtype_name: str) -> bool:
 
 
 def _check(x, y):
-    if min(x.shape[1], y.shape[1]) > MAX_SHORT_SIDE:
-        raise NotImplementedError(f"the Triton late-interaction kernels need min(nx, ny) <= {MAX_SHORT_SIDE}, "
-                                  f"got {x.shape[1]} and {y.shape[1]}")
     dtype_class(_dtype_name(x))  # a clear TypeError for float64
+
+
+def _long(x, y) -> bool:
+    """Neither token set fits on chip: the one-direction kernel on each orientation."""
+    return min(x.shape[1], y.shape[1]) > MAX_SHORT_SIDE
+
+
+def _rows(x, y, xm, ym, i0, c, out, args):
+    """``_late_rows_kernel`` over x items [i0, i0 + c) against every y item: into ``out`` (sx, (Bx, By),
+    or the block's argmaxes r*, (c·By·nx))."""
+    cfg = late_config("rows", _dtype_name(x))
+    launch(_late_rows_kernel)[(c * y.shape[0],)](
+        x, y, xm, ym, out, out, i0, y.shape[0], x.shape[1], y.shape[1], x.shape[2], x.stride(0), x.stride(1),
+        y.stride(0), y.stride(1), ARGS=args, INPUT_PRECISION=_precision(x), BLOCK_X=cfg.block_m,
+        BLOCK_Y=cfg.block_n, BLOCK_D=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _stats(x, y, xm, ym, want_x, want_y):
@@ -224,6 +282,14 @@ def _stats(x, y, xm, ym, want_x, want_y):
     sx = torch.empty((bx if want_x else 0, by), dtype=torch.float32, device=x.device)
     sy = torch.empty((bx if want_y else 0, by), dtype=torch.float32, device=x.device)
     if bx == 0 or by == 0 or not (want_x or want_y):
+        return sx, sy
+    if _long(x, y):
+        if want_x:
+            _rows(x, y, xm, ym, 0, bx, sx, False)
+        if want_y:
+            sy_t = torch.empty((by, bx), dtype=torch.float32, device=x.device)
+            _rows(y, x, ym, xm, 0, by, sy_t, False)
+            sy.copy_(sy_t.T)
         return sx, sy
     cfg = late_config("tiles", _dtype_name(x), _block_y(ny))
     launch(_late_tiles_kernel)[(bx * by,)](
@@ -242,7 +308,8 @@ def _grad(x, y, xm, ym, gx, gy, block):
     if bx == 0 or by == 0 or (gx is None and gy is None):
         return dx, dy
     name, prec = _dtype_name(x), _precision(x)
-    tiles, cdx, cdy = late_config("tiles", name, _block_y(ny)), late_config("dx", name), late_config("dy", name)
+    tiles = late_config("tiles", name, min(_block_y(ny), MAX_SHORT_SIDE))
+    cdx, cdy = late_config("dx", name), late_config("dy", name)
     has_gx, has_gy = gx is not None, gy is not None
     gx_arg = gx if has_gx else dx
     gy_arg = gy if has_gy else dx
@@ -250,10 +317,19 @@ def _grad(x, y, xm, ym, gx, gy, block):
         c = min(block, bx - i0)
         rarg = torch.empty((c * by * nx if has_gx else 1,), dtype=torch.int32, device=x.device)
         carg = torch.empty((c * by * ny if has_gy else 1,), dtype=torch.int32, device=x.device)
-        launch(_late_tiles_kernel)[(c * by,)](
-            x, y, xm, ym, dx, dx, rarg, carg, i0, by, nx, ny, d, x.stride(0), x.stride(1), y.stride(0),
-            y.stride(1), WANT_X=has_gx, WANT_Y=has_gy, ARGS=True, INPUT_PRECISION=prec, BLOCK_X=tiles.block_m,
-            BLOCK_Y=tiles.block_n, BLOCK_D=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        if _long(x, y):
+            if has_gx:
+                _rows(x, y, xm, ym, i0, c, rarg, True)
+            if has_gy:  # k*(r) is the swapped pair's r*: y items against the block's x items, transposed
+                swapped = torch.empty((by * c * ny,), dtype=torch.int32, device=x.device)
+                _rows(y, x.narrow(0, i0, c), ym, xm.narrow(0, i0, c), 0, by, swapped, True)
+                carg = swapped.view(by, c, ny).transpose(0, 1).reshape(-1)
+        else:
+            launch(_late_tiles_kernel)[(c * by,)](
+                x, y, xm, ym, dx, dx, rarg, carg, i0, by, nx, ny, d, x.stride(0), x.stride(1), y.stride(0),
+                y.stride(1), WANT_X=has_gx, WANT_Y=has_gy, ARGS=True, INPUT_PRECISION=prec, BLOCK_X=tiles.block_m,
+                BLOCK_Y=tiles.block_n, BLOCK_D=tiles.block_k, num_warps=tiles.num_warps,
+                num_stages=tiles.num_stages)
         launch(_late_dx_kernel)[(c, triton.cdiv(nx, cdx.block_m), triton.cdiv(d, cdx.block_k))](
             y, rarg, carg, gx_arg, gy_arg, dx, i0, by, nx, ny, d, y.stride(0), y.stride(1), dx.stride(0),
             dx.stride(1), HAS_GX=has_gx, HAS_GY=has_gy, INPUT_PRECISION=prec, BLOCK_X=cdx.block_m,
@@ -321,7 +397,8 @@ def _late_grad_oriented(x, y, x_mask, y_mask, grad_x, grad_y, block):
 def compile_specs():
     """Every (kernel, constexprs, launch config) of this module (tests/test_triton_compile.py): the
     tile kernel for each dtype and BLOCK_Y (one-direction variants at BLOCK_Y = 32, MaxSim's query
-    length), the gradient products for each dtype and gradient variant."""
+    length), the kernel for two long sets, and the gradient products for each dtype and gradient
+    variant."""
     specs = []
     tri = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
     i32 = "i32"
@@ -345,6 +422,17 @@ def compile_specs():
                 specs.append(dict(name=f"late_tiles[args={args},x={want_x},y={want_y}]", fn=_late_tiles_kernel,
                                   signature=sig, constexprs=consts, num_warps=cfg.num_warps,
                                   num_stages=cfg.num_stages, uses_dot=True, dtype=dtype, config=cfg))
+        cfg = late_config("rows", dtype)
+        for args in (False, True):
+            sig = {"x_ptr": fp, "y_ptr": fp, "xm_ptr": "*u8", "ym_ptr": "*u8", "sx_ptr": "*fp32", "rarg_ptr": "*i32",
+                   "i0": i32, "By": i32, "NX": i32, "NY": i32, "D": i32, "stride_xb": i32, "stride_xn": i32,
+                   "stride_yb": i32, "stride_yn": i32, "ARGS": "constexpr", "INPUT_PRECISION": "constexpr",
+                   "BLOCK_X": "constexpr", "BLOCK_Y": "constexpr", "BLOCK_D": "constexpr"}
+            consts = dict(ARGS=args, INPUT_PRECISION=prec, BLOCK_X=cfg.block_m, BLOCK_Y=cfg.block_n,
+                          BLOCK_D=cfg.block_k)
+            specs.append(dict(name=f"late_rows[args={args}]", fn=_late_rows_kernel, signature=sig, constexprs=consts,
+                              num_warps=cfg.num_warps, num_stages=cfg.num_stages, uses_dot=True, dtype=dtype,
+                              config=cfg))
         for kernel, fn in (("dx", _late_dx_kernel), ("dy", _late_dy_kernel)):
             cfg = late_config(kernel, dtype)
             other = "y" if kernel == "dx" else "x"
