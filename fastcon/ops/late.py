@@ -22,9 +22,6 @@ from torch import Tensor
 from fastcon.kernels._common import acc_dtype
 from fastcon.ops import engine
 
-_HALF = (torch.bfloat16, torch.float16)
-
-
 def _late_module(name: str):
     if name == "torch":
         return importlib.import_module("fastcon.kernels.late")
@@ -58,19 +55,11 @@ def block_items(backend: str, device: torch.device, nx: int, by: int, ny: int, c
     return max(1, budget // max(1, per_item))
 
 
-def _operands(x: Tensor, y: Tensor, backend: str, mm_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor]:
-    if mm_dtype is not None:
-        x, y = x.to(mm_dtype), y.to(mm_dtype)
-    if backend == "cpp" and x.dtype in _HALF:
-        x, y = x.float(), y.float()
-    return x.contiguous(), y.contiguous()
-
-
 def _late(x: Tensor, y: Tensor, x_mask: Tensor, y_mask: Tensor, backend: str, want_x: bool, want_y: bool,
           block: int, mm_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor]:
     acc = acc_dtype(x.dtype)
     with engine.backend_context(x.device.type):
-        xx, yy = _operands(x, y, backend, mm_dtype)
+        xx, yy = engine.engine_operands(x, y, backend, mm_dtype)
         sx, sy = _late_module(backend).late_stats(xx, yy, x_mask.contiguous(), y_mask.contiguous(), want_x, want_y,
                                                   block)
         return sx.to(acc), sy.to(acc)
@@ -88,7 +77,7 @@ def _late_grad(x: Tensor, y: Tensor, x_mask: Tensor, y_mask: Tensor, grad_x: Opt
                mm_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor]:
     acc = acc_dtype(x.dtype)
     with engine.backend_context(x.device.type):
-        xx, yy = _operands(x, y, backend, mm_dtype)
+        xx, yy = engine.engine_operands(x, y, backend, mm_dtype)
         work = torch.float64 if xx.dtype == torch.float64 else torch.float32
         gx = None if grad_x is None else grad_x.to(work).contiguous()
         gy = None if grad_y is None else grad_y.to(work).contiguous()
