@@ -30,7 +30,7 @@ DEVICES: Dict[str, dict] = {
 PLAN_LOSSES = ("clip", "siglip")
 _VIEWS = {"view", "_unsafe_view", "t", "transpose", "slice", "select", "as_strided", "alias", "detach",
           "expand", "reshape", "unsqueeze", "squeeze", "permute", "narrow", "empty", "empty_strided",
-          "empty_like", "lift_fresh", "_to_copy_meta"}
+          "empty_like", "lift_fresh"}
 
 
 class Call(NamedTuple):

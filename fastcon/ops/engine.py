@@ -493,7 +493,7 @@ def prepare_inputs(a, b, scale, bias, backend, chunk_size):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Direct calls: a small problem on the CPU (at most SMALL_LOGITS logits, one chunk) runs the operator's
+# Direct calls: a small problem on the CPU (at most SMALL_LOGITS logits) runs the operator's
 # body through a plain autograd function instead of the torch.library dispatcher. Same kernels, same
 # numbers, same saved gradients; what it skips is the dispatcher's fixed cost (about 0.2 ms a call,
 # which is most of the time below a few hundred rows, where the materialised formula would otherwise
@@ -529,6 +529,14 @@ class _Direct(torch.autograd.Function):
         return (None,) + _backward_of(ctx.n_other)(ctx, grad_loss)
 
 
+def _engine_loss(body, op, a, b, scale, bias, name: str, *other) -> Tensor:
+    """The loss of one engine operator call: ``body`` directly where ``direct_call`` allows, else the
+    registered operator ``op``."""
+    if direct_call(name, a, b):
+        return _Direct.apply(body, a, b, scale, bias, name, *other)
+    return op(a, b, scale, bias, name, *other)[0]
+
+
 def clip_engine_loss(a, b, scale, bias, *, label_smoothing: float, pos_offset: int, backend: str,
                      chunk_size: Optional[int], symmetric: bool = True) -> torch.Tensor:
     """Symmetric InfoNCE (docs/losses.md §1.1) on the engine; arguments already validated. With
@@ -540,13 +548,9 @@ def clip_engine_loss(a, b, scale, bias, *, label_smoothing: float, pos_offset: i
     scale, bias = engine_scalars(scale, bias, acc, a.device)
     na, nb = a.shape[0], b.shape[0]
     eps = label_smoothing
-    args = (name, int(pos_offset), float(eps), bool(symmetric), int(chunk_size or 0), needs_grad(a, b, scale, bias),
-            mm_dtype)
-    if direct_call(name, a, b):
-        loss = _Direct.apply(_softmax_loss, a, b, scale, bias, *args)
-    else:
-        op = torch.ops.fastcon.softmax_loss_triton if name in TRITON_BACKENDS else softmax_loss
-        loss, *_ = op(a, b, scale, bias, *args)
+    op = torch.ops.fastcon.softmax_loss_triton if name in TRITON_BACKENDS else softmax_loss
+    loss = _engine_loss(_softmax_loss, op, a, b, scale, bias, name, int(pos_offset), float(eps), bool(symmetric),
+                        int(chunk_size or 0), needs_grad(a, b, scale, bias), mm_dtype)
     if eps > 0:
         # The smoothing targets ε/Nb add −(ε/Nb)·Σ_ij S_ij to the row terms, and Σ_ij S_ij =
         # s·(Σ_i a_i)·(Σ_j b_j) + Na·Nb·b; likewise ε/Na for the columns that own a positive. Two column
@@ -571,12 +575,9 @@ def siglip_engine_loss(a, b, scale, bias, *, pos_offset: Optional[int], backend:
     name = _traced_backend_name(backend, a.device.type, mm_dtype or a.dtype)
     scale, bias = engine_scalars(scale, bias, acc_dtype(a.dtype), a.device)
     offset = b.shape[0] if pos_offset is None else pos_offset
-    args = (name, int(offset), int(chunk_size or 0), needs_grad(a, b, scale, bias), mm_dtype)
-    if direct_call(name, a, b):
-        loss = _Direct.apply(_sigmoid_loss, a, b, scale, bias, *args)
-    else:
-        op = torch.ops.fastcon.sigmoid_loss_triton if name in TRITON_BACKENDS else sigmoid_loss
-        loss, *_ = op(a, b, scale, bias, *args)
+    op = torch.ops.fastcon.sigmoid_loss_triton if name in TRITON_BACKENDS else sigmoid_loss
+    loss = _engine_loss(_sigmoid_loss, op, a, b, scale, bias, name, int(offset), int(chunk_size or 0),
+                        needs_grad(a, b, scale, bias), mm_dtype)
     return loss.to(out_dtype)
 
 
