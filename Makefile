@@ -8,7 +8,7 @@ TRITON_SPEC ?= triton
 STAMP := $(VENV)/.fastcon-installed
 EXT_SOURCES := $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: install test test-avx2 test-peers test-gpu bench bench-ci wheel-check clean
+.PHONY: install test test-avx2 test-peers test-gpu gpu-wheels bench bench-ci wheel-check clean
 
 $(VENV)/.deps-installed:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -90,6 +90,13 @@ bench-ci: $(STAMP)
 		compare="--benchmark-compare --benchmark-compare-fail=min:15%"; fi; \
 	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-storage=file://.benchmarks --benchmark-autosave \
 		--benchmark-columns=median,iqr,min,max,rounds $$compare
+
+# The peers' wheels for benchmarks/gpu_sweep.sh on a GPU machine without network (WHEELS=that folder
+# there); --no-deps: the machine's own torch and triton stay.
+GPU_PEERS = open-clip-torch inf-cl siglip-kernel pylate flash-maxsim late-interaction-kernels
+WHEELS ?= wheels
+gpu-wheels:
+	$(PY) -m pip download -q --no-deps -d $(WHEELS) $(GPU_PEERS)
 
 # Builds the wheel (with the compiled CPU extension) and the sdist, installs the wheel into a fresh
 # virtual environment away from the source tree, and runs a loss on the C++ backend there.

@@ -32,7 +32,10 @@ def backend_info() -> dict:
     }
     for key, fn in (("chunk_bytes", engine.chunk_bytes), ("cache_bytes", engine.cache_bytes)):
         try:
-            info[key] = {"cpu": fn(cpu), "cuda": fn(torch.device("cuda"))}
+            # without a GPU here, the GPU budget is stated as the rule (it scales with the device)
+            fixed = cuda or key == "cache_bytes" or os.environ.get("FASTCON_CHUNK_BYTES")
+            gpu = fn(torch.device("cuda")) if fixed else engine.GPU_CHUNK_RULE
+            info[key] = {"cpu": fn(cpu), "cuda": gpu}
         except ValueError as exc:  # a malformed FASTCON_* variable: report it, the losses will raise it
             info[key] = {"error": str(exc)}
     backends = info["backends"]

@@ -216,14 +216,48 @@ def test_plan_traces_the_engine(capsys, loss):
     up to the 8·N²·D that the benchmark counts (pass 1, its recomputation in pass 2, the two gradient
     products), SigLIP's to 6·N²·D; the chunks are the engine's."""
     from fastcon.bench import plan
-    from fastcon.ops import engine
+    from fastcon.kernels._common import gpu_chunk_bytes
+    from fastcon.kernels.triton import chunked
 
     n, d = 4096, 256
     p = plan.plan(loss, n, d, "bfloat16", "h200")
-    assert p["chunk_rows"] == engine.chunk_rows_for(n, n, torch.device("cuda"), None)
+    budget = gpu_chunk_bytes(141 << 30)
+    mm = chunked.matmul_plan(n, n, torch.bfloat16, n, budget)
+    assert p["chunks"]["producer"] == "matmul" and p["chunks"]["budget_bytes"] == budget
+    assert (p["chunks"]["stats_rows"], p["chunks"]["grad_rows"], p["chunks"]["grad_cols"]) == tuple(mm)
+    # the epilogue kernels form their own tiles: pass 1 (CLIP) and pass 2 are 2·N²·D each
+    assert p["kernels"]["triton:_chunk_sigmoid_kernel[matmul]" if loss == "siglip"
+                        else "triton:_chunk_softmax_grad_kernel[matmul]"]["flops"] == pytest.approx(2 * n * n * d)
     assert p["total_flops"] == pytest.approx((8 if loss == "clip" else 6) * n * n * d)
     assert p["total_ms"] > 0 and 0 < p["peak_fraction"] <= 1
     assert bench.main(["plan", "--loss", loss, "--batch", "4096", "--dim", "256", "--device", "a100"]) == 0
     assert "ESTIMATE" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench.main(["plan", "--device", "tpu"])
+
+
+def test_cases_beyond_the_device_memory_are_skipped_by_size(tmp_path):
+    """A materialising provider at an N whose N×N buffers alone exceed the machine's memory becomes a
+    ``skipped`` row computed from its size, before anything runs; the O(N) providers are not
+    predicted (they run, or fail into a row)."""
+    from fastcon.bench import providers
+
+    n = 1 << 20
+    assert providers.predicted_bytes("reference", "clip", n, 8) == 3 * 4 * n * n
+    assert providers.predicted_bytes("fastcon", "clip", n, 8) is None
+    out = tmp_path / "rows.json"
+    assert bench.main(["--loss", "clip,siglip", "--providers", "reference,open_clip", "--batch", str(n), "--dim", "8",
+                       "--device", "cpu", "--repeat", "1", "--json", str(out)]) == 0
+    rows = _rows(out)
+    assert len(rows) == 4 and all(r["status"] == "skipped" for r in rows)
+    assert all("N x N buffers" in r["error"] and "GiB" in r["error"] for r in rows)
+
+
+def test_siglip_kernel_is_a_gpu_siglip_peer():
+    from fastcon.bench import providers
+
+    assert "siglip_kernel" in providers.PEER_OF["siglip"]
+    ok, why = providers.availability("siglip_kernel", "clip", "cuda")
+    assert not ok and "no clip loss" in why
+    ok, why = providers.availability("siglip_kernel", "siglip", "cpu")
+    assert not ok and ("GPU" in why or "not installed" in why)

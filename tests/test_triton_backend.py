@@ -1,5 +1,7 @@
-"""Triton backend (``fastcon.kernels.triton.chunked`` and ``.fused``) against the plain-PyTorch
-statement of the contract, ``fastcon.kernels.torch_chunked``.
+"""Triton backend (``fastcon.kernels.triton.chunked`` with each producer of its tiles, and ``.fused``)
+against the plain-PyTorch statement of the contract, ``fastcon.kernels.torch_chunked``. ``"matmul"``
+is the chunked module with ``FASTCON_TRITON_PRODUCER=matmul``: its epilogue kernels form their tiles
+with tl.dot (``chunked.dot_tile``) instead of reading torch.mm's chunks.
 
 On CPU the kernels run under the Triton interpreter (conftest.py sets TRITON_INTERPRET=1 before
 triton is imported): fp32, small shapes; those tests are marked ``interpreter`` and skipped when
@@ -19,11 +21,18 @@ from fastcon.kernels import torch_chunked as ref
 
 pytest.importorskip("triton")
 
-MODS = ["chunked", "fused"]
+MODS = ["chunked", "fused", "matmul"]
 
 
 def _mod(name):
-    return importlib.import_module(f"fastcon.kernels.triton.{name}")
+    return importlib.import_module(f"fastcon.kernels.triton.{'chunked' if name == 'matmul' else name}")
+
+
+@pytest.fixture(autouse=True)
+def _producer(request, monkeypatch):
+    """The chunked module's producer for this test's ``mod``: cuBLAS chunks, or the matmul producer."""
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    monkeypatch.setenv("FASTCON_TRITON_PRODUCER", "matmul" if params.get("mod") == "matmul" else "cublas")
 
 
 def _inputs(na, nb, d, scale, bias, dtype=torch.float32, device="cpu", seed=0):
@@ -136,7 +145,82 @@ def test_split_paths(mod, monkeypatch):
         _close(x, y, 24.3, n)
 
 
-def test_fused_rejects_large_d():
+@pytest.mark.interpreter
+@pytest.mark.parametrize("budget", [3000, 20000])
+def test_matmul_blocks_within_a_budget(budget, monkeypatch):
+    """The matmul producer under a small chunk budget: pass 1 in several row chunks (their float64
+    column partials within the budget), pass 2 in row × column blocks (G within the budget), the
+    gradient of A accumulated over the column blocks; the same results as the contract's."""
+    from fastcon.kernels.triton import chunked
+
+    monkeypatch.setenv("FASTCON_TRITON_PRODUCER", "matmul")
+    monkeypatch.setenv("FASTCON_CHUNK_BYTES", str(budget))
+    na, nb = 70, 300
+    plan = chunked.matmul_plan(na, nb, torch.float32, na, budget)
+    assert plan.grad_rows < na and plan.grad_cols < nb and (plan.stats_rows < na or budget > 3000)
+    a, b, s, bb = _inputs(na, nb, 40, 14.3, -10.0)
+    for pos in (0, 100, 299):
+        got = chunked.softmax_fused(a, b, s, bb, pos, 0.5, 0.5, 1.0, na, 0)
+        want = ref.softmax_fused(a, b, s, bb, pos, 0.5, 0.5, 1.0, na, 0)
+        for n, x, y in zip(("row_lse", "col_lse", "pos_logit", "ga", "gb", "gs", "gbias"), got, want):
+            _close(x, y, 24.3, f"{n} pos={pos}")
+        got = chunked.sigmoid_fused(a, b, s, bb, pos, 0.7, na, True)
+        want = ref.sigmoid_fused(a, b, s, bb, pos, 0.7, na, True)
+        for n, x, y in zip(("loss", "ga", "gb", "gs", "gbias"), got, want):
+            _close(x, y, 24.3, f"{n} pos={pos}")
+
+
+@pytest.mark.parametrize("n,dtype,memory", [(65536, torch.bfloat16, 80 << 30), (1 << 20, torch.bfloat16, 141 << 30),
+                                            (1 << 20, torch.float16, 40 << 30), (300, torch.bfloat16, 80 << 30)])
+def test_matmul_plan(n, dtype, memory):
+    """The matmul producer's chunks: the G block and pass 1's float64 column partials fit the device's
+    budget, and at N = 1M the blocks are thousands of rows (B and the gradients are re-read
+    N / rows times, not N / 64)."""
+    from fastcon.kernels._common import gpu_chunk_bytes
+    from fastcon.kernels.triton import chunked, configs
+
+    budget = gpu_chunk_bytes(memory)
+    assert budget == max(64 << 20, min(1 << 30, memory // 256 // (1 << 20) * (1 << 20)))
+    plan = chunked.matmul_plan(n, n, dtype, n, budget)
+    cfg = configs.matmul_config("stats", "bfloat16")
+    assert plan.grad_rows * plan.grad_cols * 2 <= budget
+    assert -(-plan.stats_rows // cfg.block_m) * n * 8 <= budget or plan.stats_rows == cfg.block_m
+    if n >= 65536:
+        assert plan.stats_rows >= 2048 and plan.grad_rows >= 4096 and plan.grad_cols >= 4096
+    else:
+        assert plan == (n, n, n)
+    assert chunked.matmul_plan(n, n, dtype, 1000, budget).grad_rows <= 1000  # chunk_size= caps the rows
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_matmul_producer_through_the_engine(loss, monkeypatch):
+    """The public losses on the Triton backend with the matmul producer, against the materialising
+    reference: the loss and the gradients of every input (the engine offers the backend all rows and
+    the backend chunks them)."""
+    import fastcon.functional as FC
+    from fastcon import reference as R
+
+    monkeypatch.setenv("FASTCON_TRITON_PRODUCER", "matmul")
+    monkeypatch.setenv("FASTCON_CHUNK_BYTES", "6000")
+    a, b, s, bb = (t.clone().requires_grad_() for t in _inputs(61, 61, 24, 20.0, -5.0))
+    if loss == "clip":
+        fns = (lambda: FC.clip_loss(a, b, s, backend="triton"), lambda: R.clip_loss_reference(a, b, s))
+        leaves = (a, b, s)
+    else:
+        fns = (lambda: FC.siglip_loss(a, b, s, bb, backend="triton"), lambda: R.siglip_loss_reference(a, b, s, bb))
+        leaves = (a, b, s, bb)
+    results = []
+    for f in fns:
+        value = f()
+        results.append((value, torch.autograd.grad(value, leaves)))
+    (got, g_got), (want, g_want) = results
+    _close(got.detach().double(), want.detach().double(), 25.0, "loss")
+    for name, x, y in zip(("a", "b", "scale", "bias"), g_got, g_want):
+        _close(x, y, 25.0, f"grad {name}")
+
+
+
     a, b, s, bb = _inputs(4, 4, 257, 1.0, 0.0)
     with pytest.raises(ValueError, match="D=257"):
         _mod("fused").lse_stats(a, b, s, bb, 0, 4)

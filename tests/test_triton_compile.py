@@ -9,7 +9,12 @@ supported dtype, then its cubin is read with Triton's bundled ``cuobjdump``:
 * no local memory / stack (register spills),
 * shared memory within the chip's per-block limit (sm_80: 163 KiB, sm_90: 227 KiB),
 * tensor-core instructions in the SASS of every kernel that uses ``tl.dot``
-  (HMMA on sm_80; HGMMA or HMMA on sm_90).
+  (HMMA on sm_80; HGMMA or HMMA on sm_90), and HGMMA (wgmma) on sm_90 for the bf16/fp16 matmul
+  producer of the epilogue kernels (``chunked.dot_tile``);
+* for the matmul producer: its K loop pipelined (cp.async in the PTX; compiled with D divisible by
+  16, as the runtime specialises D = 512, 768, ...), and registers and shared memory within the
+  programs per SM that its configuration states (``Config.occupancy``: registers·threads·occupancy
+  <= 64 Ki, (shared memory + 1 KiB)·occupancy <= the SM's 164 KiB on sm_80, 228 KiB on sm_90).
 
 conftest.py sets TRITON_INTERPRET=1, under which ``@triton.jit`` gives interpreter objects, so the
 compilation runs in two worker subprocesses with TRITON_INTERPRET removed from their environment.
@@ -32,6 +37,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPS = (80, 90)
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+SMEM_PER_SM = {80: 164 * 1024, 90: 228 * 1024}
+SMEM_RESERVED = 1024  # per resident block, by the driver
+REGS_PER_SM = 65536
 WORKERS = 2
 
 
@@ -74,7 +82,8 @@ def _compile_one(spec, cap: int) -> dict:
         kind = sig.get(name)
         if kind is None or kind == "constexpr":
             continue
-        if kind.startswith("*") or (name.startswith("stride_") and kind.startswith("i")):
+        if (kind.startswith("*") or (name.startswith("stride_") and kind.startswith("i"))
+                or name in spec.get("divisible", ())):
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, spec["constexprs"], attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", cap, 32),
@@ -97,6 +106,9 @@ def _compile_one(spec, cap: int) -> dict:
         "static_shared": usage.get("SHARED", 0), "dyn_shared": int(kernel.metadata.shared),
         "hmma": sass.count("HMMA"), "hgmma": sass.count("HGMMA"),
         "ptx_wgmma": "wgmma" in kernel.asm["ptx"],
+        "cp_async": kernel.asm["ptx"].count("cp.async"),
+        "threads": 32 * spec["num_warps"], "occupancy": getattr(spec["config"], "occupancy", 0),
+        "pipelined": bool(spec.get("pipelined")), "wgmma_required": bool(spec.get("wgmma_required")),
     }
 
 
@@ -163,6 +175,18 @@ def test_compiles_for_gpu(compiled, spec_id, cap):
             assert r["hmma"] > 0, f"no HMMA in the sm_80 SASS of {spec_id}"
         else:
             assert r["hgmma"] > 0 or r["hmma"] > 0, f"no HGMMA/HMMA in the sm_90 SASS of {spec_id}"
+    if r["wgmma_required"] and cap == 90:
+        assert r["hgmma"] > 0, f"no HGMMA (wgmma) in the sm_90 SASS of {spec_id}: {r}"
+    if r["pipelined"]:
+        assert r["cp_async"] > 0, f"the K loop of {spec_id} is not pipelined on sm_{cap} (no cp.async): {r}"
+    if r["occupancy"]:
+        # the persistent grid runs `occupancy` programs per SM: registers and shared memory must allow it
+        regs = r["regs"] * r["threads"] * r["occupancy"]
+        assert regs <= REGS_PER_SM, (f"{spec_id}: {r['regs']} registers x {r['threads']} threads x "
+                                     f"{r['occupancy']} programs > {REGS_PER_SM} on sm_{cap}")
+        smem = (shared + SMEM_RESERVED) * r["occupancy"]
+        assert smem <= SMEM_PER_SM[cap], (f"{spec_id}: {shared} B of shared memory x {r['occupancy']} programs "
+                                          f"> {SMEM_PER_SM[cap]} B on sm_{cap}")
 
 
 def test_configs_table_is_enumerated():
@@ -173,6 +197,10 @@ def test_configs_table_is_enumerated():
         assert f"fused_{kernel}" in ids and f"D{bd}" in ids
     for kernel in configs.CHUNKED_CONFIGS:
         assert kernel.split("_")[0] in ids
+    for (family, _cls), cfg in configs.MATMUL_CONFIGS.items():
+        kernels = [k for k, f in configs.MATMUL_FAMILY.items() if f == family]
+        tag = f"m{cfg.block_m}n{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}k{cfg.block_k}"
+        assert any(f"[mm" in i and tag in i and any(k.split("_")[0] in i for k in kernels) for i in _IDS), (family, tag)
 
 
 def _print_table():

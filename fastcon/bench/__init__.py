@@ -29,7 +29,7 @@ import subprocess
 import sys
 from typing import List, Optional
 
-from .providers import LOSSES, PROVIDERS, availability
+from .providers import LOSSES, PROVIDERS, availability, predicted_bytes
 from .report import format_markdown, format_table, write_csv, write_plots
 
 __all__ = ["main"]
@@ -275,14 +275,41 @@ def _run_main(argv: List[str]) -> int:
             case.update(world_size=args.world_size, local_loss=bool(args.local_loss))
         label = f"{case['loss']} {case['provider']} N={case['batch']} D={case['dim']}"
         ok, reason = availability(case["provider"], case["loss"], device, args.world_size)
+        if ok:
+            ok, reason = _fits(case, device)
         progress.start(label)
         row = _run_in_subprocess(case, args.timeout) if ok else dict(case, status="skipped", error=reason)
         row = dict(row, **meta)
         rows.append(row)
         progress.finish(label, row)
+        if args.json:  # the rows so far, so that a sweep stopped by a time limit keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
     _fill_distributed_agreement(rows)
     _write_outputs(args, rows)
     return 0
+
+
+def _device_memory(device: str) -> int:
+    import torch
+
+    if device == "cuda":
+        return int(torch.cuda.get_device_properties(0).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _fits(case: dict, device: str):
+    """(True, None), or (False, why) for a case whose O(N²) buffers alone exceed the device's memory:
+    it becomes a ``skipped`` row computed from its size, before anything runs."""
+    need = predicted_bytes(case["provider"], case["loss"], case["batch"], case["dim"])
+    if need is None:
+        return True, None
+    have = _device_memory(device)
+    if need <= have:
+        return True, None
+    gib = 1 << 30
+    return False, (f"needs at least {need / gib:.0f} GiB for its N x N buffers at N={case['batch']}; "
+                   f"the {device} device has {have / gib:.0f} GiB")
 
 
 def _peak_main(argv: List[str]) -> int:

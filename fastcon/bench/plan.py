@@ -1,19 +1,23 @@
 """``fastcon-bench plan``: what the engine would run for one loss on a GPU, and the roofline time that
 implies. An estimate, never a measurement.
 
-The plan is the engine's own. The chunk size comes from ``ops.engine.chunk_rows_for`` for a CUDA
-device, and the chunked Triton backend's functions (``fastcon/kernels/triton/chunked.py``) run on
-meta tensors (shapes only: nothing is allocated and no GPU is needed), taking their CUDA branches (the
-fp32-output tensor-core GEMM of ``mm_acc``, the CUDA grid size). A dispatch mode records every tensor
-op they issue: the cuBLAS GEMMs, copies, fills and in-place updates. The Triton launches are recorded
-instead of run. For each call:
+The plan is the engine's own. The chunked Triton backend's functions (``fastcon/kernels/triton/
+chunked.py``) run on meta tensors (shapes only: nothing is allocated and no GPU is needed), taking
+their CUDA branches: the producer a GPU would use (``chunked.producer_for``: the matmul producer for
+bf16/fp16, cuBLAS for fp32), the chunk budget of the named device's memory (``gpu_chunk_bytes``), its
+SM count for the persistent grids, and, for the cuBLAS producer, the fp32-output tensor-core GEMM of
+``mm_acc``. A dispatch mode records every tensor op they issue: the cuBLAS GEMMs, copies, fills and
+in-place updates. The Triton launches are recorded instead of run. For each call:
 
-* FLOPs: 2·M·N·K for a matrix product (cuBLAS or fastcon's in-place Triton GEMM), 0 for the rest
-  (the epilogues' exponentials are not counted);
+* FLOPs: 2·M·N·K for a matrix product (cuBLAS, fastcon's in-place Triton GEMM, or the tiles an
+  epilogue kernel forms itself with the matmul producer), 0 for the rest (the epilogues'
+  exponentials are not counted);
 * bytes: each tensor argument and result once. A kernel streaming its operands once moves that much;
   a GEMM re-reading tiles from HBM moves more;
-* time: max(FLOPs / peak, bytes / bandwidth) with the device's spec-sheet peaks (dense bf16/fp16 for
-  half inputs, fp32 for fp32 inputs: torch.mm leaves TF32 off by default).
+* transcendentals: per logit of an epilogue kernel, its exp2/log/reciprocal count (``SFU_PER_LOGIT``);
+* time: max(FLOPs / peak, bytes / bandwidth, transcendentals / SFU rate) with the device's spec-sheet
+  peaks (dense bf16/fp16 for half inputs, fp32 for fp32 inputs: torch.mm leaves TF32 off by
+  default). A kernel whose tensor-core and special-function work do not overlap takes longer.
 """
 from __future__ import annotations
 
@@ -21,11 +25,18 @@ import contextlib
 from collections import OrderedDict
 from typing import Dict, List, NamedTuple, Optional
 
-# Spec-sheet peaks (dense, no sparsity): TFLOP/s by dtype class, HBM TB/s, memory GiB.
+# Spec-sheet peaks (dense, no sparsity): TFLOP/s by dtype class, HBM TB/s, memory GiB, SMs, and the
+# special-function units' rate in T ops/s (16 a clock per SM at the boost clock: exp2, log2, rcp).
+# Transcendentals per logit of each epilogue kernel (exp2 of the row and column terms, the log and
+# the reciprocal of the sigmoid's softplus and σ), counted from the kernels; the merge kernels' are
+# O(N).
+SFU_PER_LOGIT = {"_chunk_stats_kernel": 2, "_chunk_softmax_grad_kernel": 2, "_chunk_sigmoid_kernel": 3}
 DEVICES: Dict[str, dict] = {
-    "h100": dict(name="NVIDIA H100 SXM5 80GB", half=989.4, float32=66.9, hbm=3.35, memory_gib=80),
-    "h200": dict(name="NVIDIA H200 141GB", half=989.4, float32=66.9, hbm=4.8, memory_gib=141),
-    "a100": dict(name="NVIDIA A100 SXM4 80GB", half=312.0, float32=19.5, hbm=2.039, memory_gib=80),
+    "h100": dict(name="NVIDIA H100 SXM5 80GB", half=989.4, float32=66.9, hbm=3.35, memory_gib=80, sms=132,
+                 sfu=4.18),
+    "h200": dict(name="NVIDIA H200 141GB", half=989.4, float32=66.9, hbm=4.8, memory_gib=141, sms=132, sfu=4.18),
+    "a100": dict(name="NVIDIA A100 SXM4 80GB", half=312.0, float32=19.5, hbm=2.039, memory_gib=80, sms=108,
+                 sfu=2.44),
 }
 PLAN_LOSSES = ("clip", "siglip")
 _VIEWS = {"view", "_unsafe_view", "t", "transpose", "slice", "select", "as_strided", "alias", "detach",
@@ -38,6 +49,7 @@ class Call(NamedTuple):
     name: str
     flops: float
     bytes: float
+    sfu: float = 0.0  # transcendental operations
 
 
 def _nbytes(t) -> int:
@@ -68,8 +80,9 @@ def _gemm_flops(name: str, args) -> float:
 
 
 @contextlib.contextmanager
-def _recording(calls: List[Call]):
-    """Record every aten op (below FakeTensorMode) and every Triton launch of the chunked backend."""
+def _recording(calls: List[Call], budget: int, sms: int):
+    """Record every aten op (below FakeTensorMode) and every Triton launch of the chunked backend, as on
+    a GPU with a chunk budget of ``budget`` bytes and ``sms`` SMs."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -91,10 +104,15 @@ def _recording(calls: List[Call]):
         class Grid:
             def __getitem__(self, grid):
                 def run(*args, **kwargs):
+                    named = dict(zip(kernel.arg_names, args))
                     flops = 0.0
-                    if name == "_mm_accumulate_kernel":  # (x, y, out, alpha, M, N, K, ...)
-                        flops = 2.0 * args[4] * args[5] * args[6]
-                    calls.append(Call("triton", name, flops, float(sum(_nbytes(t) for t in _tensors(args)))))
+                    if name == "_mm_accumulate_kernel":
+                        flops = 2.0 * named["M"] * named["N"] * named["K"]
+                    elif kwargs.get("MATMUL"):  # an epilogue kernel forming its own tiles
+                        flops = 2.0 * named["R"] * named["N"] * named["D"]
+                    sfu = SFU_PER_LOGIT.get(name, 0) * float(named.get("R", 0)) * float(named.get("N", 0))
+                    calls.append(Call("triton", name + ("[matmul]" if kwargs.get("MATMUL") else ""), flops,
+                                      float(sum(_nbytes(t) for t in _tensors(args))), sfu))
                 return run
         return Grid()
 
@@ -105,60 +123,102 @@ def _recording(calls: List[Call]):
             return x @ y
         return torch.mm(x, y, out_dtype=torch.float32)
 
-    saved = (chunked.launch, gemm.launch, chunked.mm_acc, _common.mm_acc, chunked._target_programs)
+    names = ("launch", "mm_acc", "_target_programs", "producer", "chunk_bytes", "sm_count")
+    saved = [getattr(chunked, k) for k in names] + [gemm.launch, _common.mm_acc]
     chunked.launch = gemm.launch = launch
     chunked.mm_acc = _common.mm_acc = mm_acc_cuda
     chunked._target_programs = lambda device: chunked._TARGET_PROGRAMS_CUDA
+    chunked.producer = lambda a: chunked.producer_for(a.dtype, True)
+    chunked.chunk_bytes = lambda device: budget
+    chunked.sm_count = lambda device: sms
     try:
         with Recorder():
             yield
     finally:
-        chunked.launch, gemm.launch, chunked.mm_acc, _common.mm_acc, chunked._target_programs = saved
+        for k, v in zip(names, saved):
+            setattr(chunked, k, v)
+        gemm.launch, _common.mm_acc = saved[-2:]
 
 
-def trace(loss: str, n: int, d: int, dtype: str) -> tuple:
-    """(chunk_rows, calls) of one forward+backward of ``loss`` at N×N, D on the chunked Triton backend."""
+def chunk_plan(n: int, d: int, dtype: str, device: str) -> dict:
+    """The chunks the engine would take for N×N at D on ``device`` (a DEVICES key): the producer, the
+    budget, and the rows (and pass-2 columns) per chunk."""
+    import torch
+
+    from fastcon.kernels._common import gpu_chunk_bytes
+    from fastcon.kernels.triton import chunked
+
+    spec = DEVICES[device]
+    budget_env = _common_env_budget()
+    budget = budget_env or gpu_chunk_bytes(int(spec["memory_gib"] * (1 << 30)))
+    tdtype = getattr(torch, dtype)
+    prod = chunked.producer_for(tdtype, True)
+    out = dict(producer=prod, budget_bytes=budget)
+    if prod == "matmul":
+        p = chunked.matmul_plan(n, n, tdtype, n, budget)
+        elt = torch.empty((), dtype=tdtype).element_size()
+        out.update(stats_rows=p.stats_rows, grad_rows=p.grad_rows, grad_cols=p.grad_cols,
+                   g_block_bytes=p.grad_rows * p.grad_cols * elt)
+    else:
+        rows = max(1, min(n, budget // (4 * n)))
+        out.update(stats_rows=rows, grad_rows=rows, grad_cols=n, g_block_bytes=rows * n * 4)
+    return out
+
+
+def _common_env_budget():
+    from fastcon.kernels._common import _env_bytes
+
+    return _env_bytes("FASTCON_CHUNK_BYTES")
+
+
+def trace(loss: str, n: int, d: int, dtype: str, device: str = "h100") -> tuple:
+    """(chunk plan, calls) of one forward+backward of ``loss`` at N×N, D on the chunked Triton backend
+    as ``device`` (a DEVICES key) would run it."""
     import torch
 
     from fastcon.kernels.triton import chunked
-    from fastcon.ops import engine
 
     if loss not in PLAN_LOSSES:
         raise ValueError(f"plan covers {', '.join(PLAN_LOSSES)}, got {loss!r}")
-    cuda, meta = torch.device("cuda"), torch.device("meta")
-    chunk_rows = engine.chunk_rows_for(n, n, cuda, None)
+    meta = torch.device("meta")
+    chunks = chunk_plan(n, d, dtype, device)
     calls: List[Call] = []
     a = torch.empty(n, d, dtype=getattr(torch, dtype), device=meta)
     b = torch.empty(n, d, dtype=getattr(torch, dtype), device=meta)
     s = torch.empty((), dtype=torch.float32, device=meta)
     c = torch.empty((), dtype=torch.float32, device=meta)
-    with _recording(calls):
+    with _recording(calls, chunks["budget_bytes"], DEVICES[device]["sms"]):
+        # the engine's Triton call: all rows offered, the backend chunks within the budget
         if loss == "clip":  # the weights of the symmetric loss, as ops.engine passes them
-            chunked.softmax_fused(a, b, s, c, 0, 1.0, 1.0, 2.0, chunk_rows, engine.cache_bytes(cuda))
+            chunked.softmax_fused(a, b, s, c, 0, 1.0, 1.0, 2.0, n, 0)
         else:
-            chunked.sigmoid_fused(a, b, s, c, 0, 1.0, chunk_rows, True)
-    return chunk_rows, calls
+            chunked.sigmoid_fused(a, b, s, c, 0, 1.0, n, True)
+    return chunks, calls
 
 
 def plan(loss: str, n: int, d: int, dtype: str, device: str) -> dict:
     """The plan of one case: per kernel (calls, FLOPs, bytes, estimated ms) and the totals."""
-    spec = DEVICES[resolve_device(device)]
+    key = resolve_device(device)
+    spec = DEVICES[key]
     peak = (spec["half"] if dtype in ("bfloat16", "float16") else spec["float32"]) * 1e12
     bandwidth = spec["hbm"] * 1e12
-    chunk_rows, calls = trace(loss, n, d, dtype)
+    sfu_rate = spec["sfu"] * 1e12
+    chunks, calls = trace(loss, n, d, dtype, key)
     kernels: "OrderedDict[str, dict]" = OrderedDict()
     for call in calls:
-        k = kernels.setdefault(f"{call.kind}:{call.name}", dict(calls=0, flops=0.0, bytes=0.0, ms=0.0))
+        k = kernels.setdefault(f"{call.kind}:{call.name}", dict(calls=0, flops=0.0, bytes=0.0, sfu=0.0, ms=0.0))
         k["calls"] += 1
         k["flops"] += call.flops
         k["bytes"] += call.bytes
-        k["ms"] += max(call.flops / peak, call.bytes / bandwidth) * 1e3
+        k["sfu"] += call.sfu
+        # a roofline of three roofs: the tensor cores, HBM and the special-function units
+        k["ms"] += max(call.flops / peak, call.bytes / bandwidth, call.sfu / sfu_rate) * 1e3
     total_ms = sum(k["ms"] for k in kernels.values())
     # the work fastcon-bench counts: 8·N²·D for CLIP (pass 1, its recomputation, the two gradient
     # products), 6·N²·D for SigLIP (one pass and the two gradient products)
     minimal = (8.0 if loss == "clip" else 6.0) * n * n * d
-    return dict(loss=loss, batch=n, dim=d, dtype=dtype, device=spec["name"], chunk_rows=chunk_rows,
-                chunks=-(-n // chunk_rows), kernels=kernels, total_ms=total_ms,
+    return dict(loss=loss, batch=n, dim=d, dtype=dtype, device=spec["name"], chunks=chunks,
+                chunk_rows=chunks["grad_rows"], kernels=kernels, total_ms=total_ms,
                 total_flops=sum(k["flops"] for k in kernels.values()),
                 total_bytes=sum(k["bytes"] for k in kernels.values()),
                 peak_fraction=(minimal / peak * 1e3) / total_ms if total_ms else 0.0,
@@ -184,14 +244,23 @@ def resolve_device(device: str) -> str:
 
 def format_plan(p: dict) -> str:
     lines = [f"{p['loss']} N={p['batch']} D={p['dim']} {p['dtype']} on {p['device']} (ESTIMATE: {p['note']})",
-             f"chunk plan: {p['chunks']} chunks of {p['chunk_rows']} rows",
-             f"{'kernel':44s} {'calls':>6s} {'GFLOP':>10s} {'GB moved':>10s} {'est. ms':>9s}"]
+             _format_chunks(p["chunks"], p["batch"]),
+             f"{'kernel':44s} {'calls':>6s} {'GFLOP':>10s} {'GB moved':>10s} {'G transc.':>10s} {'est. ms':>9s}"]
     for name, k in p["kernels"].items():
-        lines.append(f"{name:44s} {k['calls']:6d} {k['flops'] / 1e9:10.1f} {k['bytes'] / 1e9:10.2f} {k['ms']:9.2f}")
-    lines.append(f"{'total':44s} {'':6s} {p['total_flops'] / 1e9:10.1f} {p['total_bytes'] / 1e9:10.2f} "
+        lines.append(f"{name:44s} {k['calls']:6d} {k['flops'] / 1e9:10.1f} {k['bytes'] / 1e9:10.2f} "
+                     f"{k['sfu'] / 1e9:10.1f} {k['ms']:9.2f}")
+    lines.append(f"{'total':44s} {'':6s} {p['total_flops'] / 1e9:10.1f} {p['total_bytes'] / 1e9:10.2f} {'':10s} "
                  f"{p['total_ms']:9.2f}")
     lines.append(f"the minimal products at the dense peak take {100 * p['peak_fraction']:.0f}% of that estimate")
     return "\n".join(lines)
+
+
+def _format_chunks(c: dict, n: int) -> str:
+    mib = 1 << 20
+    return (f"chunk plan ({c['producer']} producer, budget {c['budget_bytes'] / mib:.0f} MiB): pass 1 in "
+            f"{-(-n // c['stats_rows'])} chunks of {c['stats_rows']} rows; pass 2 in blocks of {c['grad_rows']} x "
+            f"{c['grad_cols']} ({-(-n // c['grad_rows']) * -(-n // c['grad_cols'])} blocks, G "
+            f"{c['g_block_bytes'] / mib:.0f} MiB)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -28,12 +28,12 @@ TOKEN_SHAPES = {"filip": (196, 77), "maxsim": (32, 180)}
 TARGET_LOSSES = ("clip_labels", "ntxent", "mnrl", "distill", "align_uniform", "m2mix", "mochi")
 FASTCON_BACKENDS = ("cpp", "torch", "triton", "triton_fused")
 PROVIDERS = ("fastcon",) + tuple(f"fastcon-{b}" for b in FASTCON_BACKENDS) + (
-    "fastcon_compile", "reference", "open_clip", "inf_cl", "torch_compile", "lightly", "sentence_transformers",
-    "pylate", "flash_maxsim", "late_interaction_kernels")
+    "fastcon_compile", "reference", "open_clip", "inf_cl", "siglip_kernel", "torch_compile", "lightly",
+    "sentence_transformers", "pylate", "flash_maxsim", "late_interaction_kernels")
 # MaxSim peers, each through PyLate's colbert_scores backend of that name
 _PYLATE_BACKEND = {"pylate": "torch", "flash_maxsim": "flash", "late_interaction_kernels": "lik"}
 # the peer each loss is compared with, beside the reference
-PEER_OF = {"clip": ("open_clip", "inf_cl"), "siglip": ("open_clip",), "clip_labels": (), "ntxent": ("lightly",),
+PEER_OF = {"clip": ("open_clip", "inf_cl"), "siglip": ("open_clip", "siglip_kernel"), "clip_labels": (), "ntxent": ("lightly",),
            "mnrl": ("sentence_transformers",), "distill": ("open_clip",), "align_uniform": (),
            "m2mix": (), "mochi": (), "filip": (), "maxsim": ("pylate", "flash_maxsim", "late_interaction_kernels")}
 NTXENT_TEMPERATURE = 0.5
@@ -71,7 +71,7 @@ def availability(provider: str, loss: str, device: str, world_size: int = 1) -> 
         return False, f"the distributed benchmark runs clip and siglip; {loss} is single-device here"
     if world_size > 1 and loss in TOKEN_LOSSES:
         return False, f"the distributed benchmark runs clip and siglip; {loss} is single-device here"
-    if provider in ("open_clip", "inf_cl", "lightly", "sentence_transformers") + tuple(_PYLATE_BACKEND) and \
+    if provider in ("open_clip", "inf_cl", "siglip_kernel", "lightly", "sentence_transformers") + tuple(_PYLATE_BACKEND) and \
             provider not in PEER_OF[loss]:
         return False, f"{provider} has no {loss} loss to compare with"
     if provider in _PYLATE_BACKEND:
@@ -109,6 +109,13 @@ def availability(provider: str, loss: str, device: str, world_size: int = 1) -> 
             return False, "inf_cl is not installed (pip install inf-cl)"
         if device != "cuda":
             return False, "inf_cl's Triton kernels need a CUDA GPU"
+    if provider == "siglip_kernel":
+        if world_size > 1:
+            return False, "siglip_kernel's distributed loss has no open_clip mode to compare with"
+        if not _find("siglip_kernel"):
+            return False, "siglip-kernel is not installed (pip install --no-deps siglip-kernel)"
+        if device != "cuda":
+            return False, "siglip-kernel queries the GPU at import: a CUDA GPU only"
     if provider in ("torch_compile", "fastcon_compile"):
         if world_size > 1:
             return False, f"{provider} is a single-device provider"
@@ -385,7 +392,28 @@ def make_loss_fn(loss: str, provider: str, d: int) -> Callable:
             # One direction per call; the symmetric loss is the mean of both (as Inf-CLIP's own loss).
             return (cal_inf_loss(a, b, scale=s, head_dim=head) + cal_inf_loss(b, a, scale=s, head_dim=head)) / 2
         return inf_cl_clip
+    if provider == "siglip_kernel":
+        if loss != "siglip":
+            raise ProviderUnavailable("siglip_kernel has no softmax loss")
+        import torch
+        from siglip_kernel import fused_siglip_loss
+
+        # its scale is exp(log_temperature); its loss −Σ log σ(z·S) / N is open_clip's SigLipLoss
+        return lambda a, b, s, bias: fused_siglip_loss(a, b, torch.log(s), bias)
     raise ValueError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
+
+
+# Providers that materialise the N×N logits, with the full-precision N×N buffers one forward+backward
+# of theirs holds at its peak (logits, their softmax or sigmoid, the gradient), for the size check.
+MATERIALISING = {"reference": 3, "open_clip": 3, "torch_compile": 2}
+
+
+def predicted_bytes(provider: str, loss: str, n: int, d: int) -> Optional[int]:
+    """A lower bound of a case's peak memory where it is O(N²) (None where it is not): the
+    materialising providers hold ``MATERIALISING[provider]`` fp32 N×N buffers."""
+    if loss in TOKEN_LOSSES or provider not in MATERIALISING:
+        return None
+    return MATERIALISING[provider] * 4 * n * n
 
 
 def make_dist_loss_fn(loss: str, provider: str, rank: int, world: int, local_loss: bool) -> Callable:

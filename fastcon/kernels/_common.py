@@ -1,9 +1,68 @@
 """Host-side pieces shared by the chunked backends (plain PyTorch and Triton)."""
 from __future__ import annotations
 
+import functools
+import os
 from typing import Callable, List, Optional, Tuple
 
 import torch
+
+_MiB = 1 << 20
+_DEFAULT_CHUNK_BYTES_CPU = 32 * _MiB
+_DEFAULT_CACHE_BYTES = {"cpu": 96 * _MiB, "cuda": 0}
+# On a GPU the chunk budget is this share of the device's total memory (never of what happens to be
+# free, so that a run's chunk plan, and with it its rounding, is the same every time), within bounds:
+# 80 GB gives 320 MiB, 141 GB (H200) 564 MiB.
+GPU_CHUNK_SHARE = 256
+GPU_CHUNK_BYTES_MIN = 64 * _MiB
+GPU_CHUNK_BYTES_MAX = 1024 * _MiB
+GPU_CHUNK_RULE = (f"1/{GPU_CHUNK_SHARE} of the GPU's total memory, {GPU_CHUNK_BYTES_MIN // _MiB} to "
+                  f"{GPU_CHUNK_BYTES_MAX // _MiB} MiB (FASTCON_CHUNK_BYTES overrides)")
+
+
+def _env_bytes(name: str) -> Optional[int]:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(float(raw))
+    except ValueError:
+        raise ValueError(f"{name} must be a number of bytes, got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def gpu_chunk_bytes(total_memory: int) -> int:
+    """The default chunk budget of a GPU with ``total_memory`` bytes: 1/GPU_CHUNK_SHARE of it, in
+    whole MiB, within [GPU_CHUNK_BYTES_MIN, GPU_CHUNK_BYTES_MAX]."""
+    share = (int(total_memory) // GPU_CHUNK_SHARE) // _MiB * _MiB
+    return max(GPU_CHUNK_BYTES_MIN, min(GPU_CHUNK_BYTES_MAX, share))
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_total_memory(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).total_memory)
+
+
+def chunk_bytes(device: torch.device) -> int:
+    """The engine's working-memory budget per chunk (``FASTCON_CHUNK_BYTES``; default 32 MiB on CPU,
+    ``gpu_chunk_bytes`` of the device's total memory on a GPU)."""
+    value = _env_bytes("FASTCON_CHUNK_BYTES")
+    if value:
+        return value
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return gpu_chunk_bytes(_cuda_total_memory(index))
+    return _DEFAULT_CHUNK_BYTES_CPU
+
+
+def cache_bytes(device: torch.device) -> int:
+    """Bytes of first-pass logits kept for the gradient pass (``FASTCON_CACHE_BYTES``; default 96 MiB
+    on CPU, where it saves a matrix product, 0 on GPU, where recomputing is cheaper than the traffic)."""
+    value = _env_bytes("FASTCON_CACHE_BYTES")
+    return value if value is not None else _DEFAULT_CACHE_BYTES.get(torch.device(device).type, 0)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

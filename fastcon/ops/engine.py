@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
 import sys
 import warnings
 from types import ModuleType
@@ -41,48 +40,25 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastcon.kernels._common import acc_dtype
+from fastcon.kernels._common import (GPU_CHUNK_RULE, acc_dtype, cache_bytes,  # noqa: F401 (re-exported)
+                                     chunk_bytes)
 
 BACKENDS = ("auto", "cpp", "triton", "triton_fused", "torch", "reference")
 TRITON_BACKENDS = ("triton", "triton_fused")
 _HALF = (torch.bfloat16, torch.float16)
 
-_MiB = 1 << 20
-_DEFAULT_CHUNK_BYTES = {"cpu": 32 * _MiB, "cuda": 256 * _MiB}
-_DEFAULT_CACHE_BYTES = {"cpu": 96 * _MiB, "cuda": 0}
 _warned_cpp_fallback = False
 
 
-def _env_bytes(name: str) -> Optional[int]:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return None
-    try:
-        value = int(float(raw))
-    except ValueError:
-        raise ValueError(f"{name} must be a number of bytes, got {raw!r}") from None
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
-
-
-def chunk_bytes(device: torch.device) -> int:
-    """Bytes of one logits chunk (``FASTCON_CHUNK_BYTES``; default 32 MiB on CPU, 256 MiB on GPU)."""
-    value = _env_bytes("FASTCON_CHUNK_BYTES")
-    return value if value else _DEFAULT_CHUNK_BYTES.get(device.type, 256 * _MiB)
-
-
-def cache_bytes(device: torch.device) -> int:
-    """Bytes of first-pass logits kept for the gradient pass (``FASTCON_CACHE_BYTES``; default 96 MiB
-    on CPU, where it saves a matrix product, 0 on GPU, where recomputing is cheaper than the traffic)."""
-    value = _env_bytes("FASTCON_CACHE_BYTES")
-    return value if value is not None else _DEFAULT_CACHE_BYTES.get(device.type, 0)
-
-
-def chunk_rows_for(na: int, nb: int, device: torch.device, chunk_size: Optional[int]) -> int:
-    """Rows per chunk: ``chunk_size`` if given, else what fits ``chunk_bytes`` at fp32."""
+def chunk_rows_for(na: int, nb: int, device: torch.device, chunk_size: Optional[int],
+                   backend: Optional[str] = None) -> int:
+    """Rows per chunk: ``chunk_size`` if given; else, for the Triton backends, all of them (they plan
+    their chunks within ``chunk_bytes`` themselves, by pass: ``kernels/triton/chunked.py``); else
+    what fits ``chunk_bytes`` at fp32."""
     if chunk_size:
         return max(1, min(int(chunk_size), na))
+    if backend in TRITON_BACKENDS:
+        return max(1, na)
     return max(1, min(na, chunk_bytes(device) // (4 * max(nb, 1))))
 
 
@@ -316,7 +292,7 @@ def _backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype):
     engine call, inside an op (autocast off)."""
     x, y = engine_operands(a, b, backend, mm_dtype)
     acc = acc_dtype(x.dtype)
-    chunk_rows = chunk_rows_for(x.shape[0], y.shape[0], x.device, chunk_size)
+    chunk_rows = chunk_rows_for(x.shape[0], y.shape[0], x.device, chunk_size, backend)
     return backend_module(backend), x, y, scale.to(acc), bias.to(acc), chunk_rows
 
 
@@ -488,7 +464,7 @@ def prepare_inputs(a, b, scale, bias, backend, chunk_size):
     mm_dtype = autocast_gemm_dtype(a)
     name = resolve_name(backend, a.device, mm_dtype or a.dtype)
     scale, bias = engine_scalars(scale, bias, acc_dtype(a.dtype), a.device)
-    chunk_rows = chunk_rows_for(a.shape[0], b.shape[0], a.device, chunk_size)
+    chunk_rows = chunk_rows_for(a.shape[0], b.shape[0], a.device, chunk_size, name)
     return name, mm_dtype, a, b, scale, bias, chunk_rows
 
 

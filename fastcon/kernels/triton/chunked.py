@@ -34,15 +34,18 @@ of ``exp(x) − 1``, which would round at ulp(1) as well.
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .._common import mm_acc, row_chunks, stats_pass, two_pass_softmax
+from .._common import chunk_bytes, mask_columns_without_positive, mm_acc, row_chunks, stats_pass
 from . import launch
-from .configs import SUPPORTED_DTYPES, chunked_config
+from .configs import FUSED_FP32_PRECISION, SUPPORTED_DTYPES, chunked_config, matmul_config
 from .gemm import mm_accumulate
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -158,44 +161,103 @@ def _merge_lse_kernel(
 
 
 @triton.jit
+def dot_tile(dot_ptr, stride_dm, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m, offs_n, mask_m, mask_n,
+             MATMUL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The producer of the engine's tiles: the fp32 dot products A_i·B_j of rows ``offs_m`` of a chunk
+    of A and rows ``offs_n`` of B, 0 outside ``mask_m × mask_n``. With MATMUL formed here, ``tl.dot``
+    over D in BLOCK_K slices of A (row stride stride_am) and B (stride_bn), fp32 accumulation (wgmma on
+    sm_90, mma on sm_80); else read from a chunk of dot products in memory (row stride stride_dm),
+    written by ``torch.mm``. Every operand has a unit inner stride. Both passes of a loss call it with
+    the same BLOCK_K, so a logit is the same number in each."""
+    if MATMUL:
+        d = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < D
+            x = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :],
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            y = tl.load(b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn + offs_k[None, :],
+                        mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            d = tl.dot(x, tl.trans(y), d, input_precision=INPUT_PRECISION)
+    else:
+        d = tl.load(dot_ptr + offs_m[:, None] * stride_dm + offs_n[None, :],
+                    mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+    return d
+
+
+@triton.jit
+def _items_end(n_items, PERSISTENT: tl.constexpr):
+    """End of a program's loop over work items: all of them for a persistent grid (the matmul
+    producer, whose configurations state an occupancy: ``_items``), else its own one (a loop the
+    compiler sees run once: no loop-carried registers)."""
+    if PERSISTENT:
+        end = n_items
+    else:
+        end = tl.program_id(0) + 1
+    return end
+
+
+@triton.jit
+def _items_step(PERSISTENT: tl.constexpr):
+    if PERSISTENT:
+        step = tl.num_programs(0)
+    else:
+        step = 1
+    return step
+
+
+@triton.jit
+def _work_item(item, m_blocks, tiles_per_split, R, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Work item ``item`` of an epilogue over R rows × N columns: row block m (fastest, so that the
+    programs running at once walk the same column tiles of B and share them in L2) and column
+    split s. Returns (m, its local row offsets as int64 and their mask, its column tiles [t0, t1))."""
+    pid_m = item % m_blocks
+    pid_s = item // m_blocks
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    t0 = pid_s * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(N, BLOCK_N))
+    return pid_m, offs_m, offs_m < R, t0, t1
+
+
+@triton.jit
 def _chunk_stats_kernel(
-    dot_ptr, scale_ptr, bias_ptr, row_part_ptr, col_part_ptr, pos_logit_ptr,
-    R, N, tiles_per_split, pos_col0,
-    stride_dm, stride_dn, stride_rp, stride_cp,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    dot_ptr, a_ptr, b_ptr, scale_ptr, bias_ptr, row_part_ptr, col_part_ptr, pos_logit_ptr,
+    R, N, D, m_blocks, n_items, tiles_per_split, pos_col0,
+    stride_dm, stride_am, stride_bn, stride_rp, stride_cp,
+    MATMUL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Program (m, s): rows [m·BM, (m+1)·BM) of the chunk × column tiles of split s.
-    Writes row_part[s, rows] (LSE over the split's columns), col_part[m, cols] (LSE of
-    each column over the row block) and pos_logit[i] = S[i, i + pos_col0] for the rows whose positive
-    column lies in this split (one writer per row)."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(1).to(tl.int64)
+    """Pass 1 of the softmax losses. Work item (m, s) (``_work_item``; the programs take items
+    p, p + P, ...: persistent): rows [m·BM, (m+1)·BM) of the chunk × the column tiles of split s, the
+    tiles from ``dot_tile``. Writes row_part[s, rows] (LSE over the split's columns), col_part[m, cols]
+    (LSE of each column over the row block) and pos_logit[i] = S[i, i + pos_col0] for the rows whose
+    positive column lies in this split (one writer per row). No logit goes to memory."""
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < R
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    t0 = pid_s * tiles_per_split
-    t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
-    target = offs_m + pos_col0
-    pos_d = tl.zeros([BLOCK_M], tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    r_i = tl.zeros([BLOCK_M], tl.float32)  # Σ exp(t − m_i) − 1
-    for ct in range(t0, t1):
-        offs_n = ct * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        mask = mask_m[:, None] & mask_n[None, :]
-        d = tl.load(dot_ptr + offs_m[:, None] * stride_dm + offs_n[None, :] * stride_dn, mask=mask, other=0.0)
-        t = tl.where(mask, d * scale + bias, float("-inf"))
-        pos_d += tl.sum(tl.where(mask & (offs_n[None, :] == target[:, None]), d, 0.0), 1)
-        # row statistics, online over the split's columns
-        m_i, r_i = _online_rows(m_i, r_i, t)
-        # column statistics of this row block (float64 partial)
-        c_m, c_r = _tile_lse_parts(t, 0)
-        tl.store(col_part_ptr + pid_m * stride_cp + offs_n, _lse64(c_m, c_r), mask=mask_n)
-    tl.store(row_part_ptr + pid_s * stride_rp + offs_m, _lse64(m_i, r_i), mask=mask_m)
-    mine = mask_m & (target >= t0 * BLOCK_N) & (target < tl.minimum(t1 * BLOCK_N, N))
-    tl.store(pos_logit_ptr + offs_m, pos_d * scale + bias, mask=mine)
+    for item in range(tl.program_id(0), _items_end(n_items, MATMUL), _items_step(MATMUL)):
+        pid_m, offs_m, mask_m, t0, t1 = _work_item(item, m_blocks, tiles_per_split, R, N, BLOCK_M, BLOCK_N)
+        pid_s = item // m_blocks
+        target = offs_m + pos_col0
+        pos_d = tl.zeros([BLOCK_M], tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        r_i = tl.zeros([BLOCK_M], tl.float32)  # Σ exp(t − m_i) − 1
+        for ct in range(t0, t1):
+            offs_n = ct * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            mask = mask_m[:, None] & mask_n[None, :]
+            d = dot_tile(dot_ptr, stride_dm, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m, offs_n, mask_m, mask_n,
+                         MATMUL, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+            t = tl.where(mask, d * scale + bias, float("-inf"))
+            pos_d += tl.sum(tl.where(mask & (offs_n[None, :] == target[:, None]), d, 0.0), 1)
+            # row statistics, online over the split's columns
+            m_i, r_i = _online_rows(m_i, r_i, t)
+            # column statistics of this row block (float64 partial)
+            c_m, c_r = _tile_lse_parts(t, 0)
+            tl.store(col_part_ptr + pid_m * stride_cp + offs_n, _lse64(c_m, c_r), mask=mask_n)
+        tl.store(row_part_ptr + pid_s * stride_rp + offs_m, _lse64(m_i, r_i), mask=mask_m)
+        mine = mask_m & (target >= t0 * BLOCK_N) & (target < tl.minimum(t1 * BLOCK_N, N))
+        tl.store(pos_logit_ptr + offs_m, pos_d * scale + bias, mask=mine)
 
 
 @triton.jit
@@ -217,7 +279,7 @@ def _softmax_grad_tile(t, ct, offs_n, mask_n, mask_m, target, first_target, N, r
         # against w_tgt before the small row term is added
         g_pos = w_tgt
         if HAS_COL_TERM:  # column LSE of each row's positive column
-            pc_hi, pc_lo = _split_lse(tl.load(col_lse_ptr + target, mask=mask_m & (target < N),
+            pc_hi, pc_lo = _split_lse(tl.load(col_lse_ptr + target, mask=mask_m & (target >= 0) & (target < N),
                                               other=float("inf")))
             g_pos += w_col * _expm1((t_pos - pc_hi) - pc_lo)
         g_pos += w_row * _expm1((t_pos - row_hi) - row_lo)
@@ -227,54 +289,50 @@ def _softmax_grad_tile(t, ct, offs_n, mask_n, mask_m, target, first_target, N, r
 
 @triton.jit
 def _chunk_softmax_grad_kernel(
-    dot_ptr, g_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_lse_ptr, part_ptr,
-    R, N, tiles_per_split, num_programs, pos_col0,
-    stride_dm, stride_dn, stride_gm, stride_gn,
+    dot_ptr, a_ptr, b_ptr, g_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_lse_ptr, part_ptr,
+    R, N, D, m_blocks, n_items, tiles_per_split, pos_col0,
+    stride_dm, stride_am, stride_bn, stride_gm,
     w_row, w_col, w_pos, g_scale,
-    HAS_COL_TERM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_COL_TERM: tl.constexpr, MATMUL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """G = w_row·e^(t − row_lse) + w_col·e^(t − col_lse) − w_pos·[j == i + pos_col0] for the tile
-    range of program (m, s), with the float64 LSEs split into fp32 (hi, lo) and the positive's
-    P − 1 formed with expm1 (module docstring);
-    G·g_scale is stored to g_ptr (which may alias dot_ptr: each element is read before it is written
-    by the same program) in g_ptr's dtype; g_scale is a power of two (``grad_tile_scale``) that keeps
-    fp16 tiles above fp16's subnormals. part[0, p] = Σ G·dot, part[1, p] = Σ G over the program
-    (unscaled)."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(1).to(tl.int64)
-    pid = pid_m * tl.num_programs(1) + pid_s
+    """Pass 2 of the softmax losses over a block of R rows × N columns (the columns' LSEs at
+    col_lse_ptr; a row's positive is its local column row + pos_col0, which may lie outside the
+    block), work items as in ``_chunk_stats_kernel``: G = w_row·e^(t − row_lse) + w_col·e^(t −
+    col_lse) − w_pos·[positive] (``_softmax_grad_tile``: the float64 LSEs split into fp32 (hi, lo),
+    the positive's P − 1 with expm1). G·g_scale is stored to g_ptr (which may alias dot_ptr: each
+    element is read before it is written by the same program) in g_ptr's dtype; g_scale is a power of
+    two (``grad_tile_scale``) that keeps fp16 tiles above fp16's subnormals. part[0, item] = Σ G·dot,
+    part[1, item] = Σ G over the item (unscaled)."""
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < R
-    row_hi, row_lo = _split_lse(tl.load(row_lse_ptr + offs_m, mask=mask_m, other=float("inf")))
-    target = offs_m + pos_col0
-    first_target = pid_m * BLOCK_M + pos_col0
     if HAS_COL_TERM:
         w_tgt = (w_row + w_col) - w_pos
     else:
         w_tgt = w_row - w_pos
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    t0 = pid_s * tiles_per_split
-    t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
-    acc_gd = tl.zeros([BLOCK_M], tl.float32)
-    acc_g = tl.zeros([BLOCK_M], tl.float32)
-    for ct in range(t0, t1):
-        offs_n = ct * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        mask = mask_m[:, None] & mask_n[None, :]
-        d = tl.load(dot_ptr + offs_m[:, None] * stride_dm + offs_n[None, :] * stride_dn, mask=mask, other=0.0)
-        t = d * scale + bias
-        g = _softmax_grad_tile(t, ct, offs_n, mask_n, mask_m, target, first_target, N, row_hi, row_lo, col_lse_ptr,
-                               w_row, w_col, w_tgt, HAS_COL_TERM, BLOCK_M, BLOCK_N)
-        g = tl.where(mask, g, 0.0)
-        acc_gd += tl.sum(g * d, 1)
-        acc_g += tl.sum(g, 1)
-        tl.store(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
-                 (g * g_scale).to(g_ptr.dtype.element_ty), mask=mask)
-    tl.store(part_ptr + pid, tl.sum(acc_gd, 0))
-    tl.store(part_ptr + num_programs + pid, tl.sum(acc_g, 0))
+    for item in range(tl.program_id(0), _items_end(n_items, MATMUL), _items_step(MATMUL)):
+        pid_m, offs_m, mask_m, t0, t1 = _work_item(item, m_blocks, tiles_per_split, R, N, BLOCK_M, BLOCK_N)
+        row_hi, row_lo = _split_lse(tl.load(row_lse_ptr + offs_m, mask=mask_m, other=float("inf")))
+        target = offs_m + pos_col0
+        first_target = pid_m * BLOCK_M + pos_col0
+        acc_gd = tl.zeros([BLOCK_M], tl.float32)
+        acc_g = tl.zeros([BLOCK_M], tl.float32)
+        for ct in range(t0, t1):
+            offs_n = ct * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            mask = mask_m[:, None] & mask_n[None, :]
+            d = dot_tile(dot_ptr, stride_dm, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m, offs_n, mask_m, mask_n,
+                         MATMUL, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+            t = d * scale + bias
+            g = _softmax_grad_tile(t, ct, offs_n, mask_n, mask_m, target, first_target, N, row_hi, row_lo,
+                                   col_lse_ptr, w_row, w_col, w_tgt, HAS_COL_TERM, BLOCK_M, BLOCK_N)
+            g = tl.where(mask, g, 0.0)
+            acc_gd += tl.sum(g * d, 1)
+            acc_g += tl.sum(g, 1)
+            tl.store(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :],
+                     (g * g_scale).to(g_ptr.dtype.element_ty), mask=mask)
+        tl.store(part_ptr + item, tl.sum(acc_gd, 0))
+        tl.store(part_ptr + n_items + item, tl.sum(acc_g, 0))
 
 
 @triton.jit
@@ -301,49 +359,43 @@ def _sigmoid_terms(s, is_pos):
 
 @triton.jit
 def _chunk_sigmoid_kernel(
-    dot_ptr, g_ptr, scale_ptr, bias_ptr, part_ptr,
-    R, N, row0, pos_offset, tiles_per_split, num_programs,
-    stride_dm, stride_dn, stride_gm, stride_gn,
+    dot_ptr, a_ptr, b_ptr, g_ptr, scale_ptr, bias_ptr, part_ptr,
+    R, N, D, m_blocks, n_items, tiles_per_split, pos_col0,
+    stride_dm, stride_am, stride_bn, stride_gm,
     w, g_scale,
-    NEED_GRAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NEED_GRAD: tl.constexpr, MATMUL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """part[0, p] = Σ softplus(−z·S); with NEED_GRAD G = w·(σ(S) − [pos]) is stored (g_ptr may alias
-    dot_ptr) and part[1, p] = Σ G·dot, part[2, p] = Σ G. Positives: global row row0 + i, column
-    j == row0 + i + pos_offset."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(1).to(tl.int64)
-    pid = pid_m * tl.num_programs(1) + pid_s
+    """SigLIP over a block of R rows × N columns, work items as in ``_chunk_stats_kernel``:
+    part[0, item] = Σ softplus(−z·S); with NEED_GRAD G = w·(σ(S) − [pos]) is stored (g_ptr may alias
+    dot_ptr) and part[1, item] = Σ G·dot, part[2, item] = Σ G. A row's positive is its local column
+    row + pos_col0 (z = +1 there, −1 elsewhere)."""
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < R
-    target = offs_m + row0 + pos_offset  # positive column of each row
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    t0 = pid_s * tiles_per_split
-    t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
-    acc_loss = tl.zeros([BLOCK_M], tl.float32)
-    acc_gd = tl.zeros([BLOCK_M], tl.float32)
-    acc_g = tl.zeros([BLOCK_M], tl.float32)
-    for ct in range(t0, t1):
-        offs_n = ct * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        mask = mask_m[:, None] & mask_n[None, :]
-        d = tl.load(dot_ptr + offs_m[:, None] * stride_dm + offs_n[None, :] * stride_dn, mask=mask, other=0.0)
-        s = d * scale + bias
-        is_pos = offs_n[None, :] == target[:, None]
-        loss, g = _sigmoid_terms(s, is_pos)
-        acc_loss += tl.sum(tl.where(mask, loss, 0.0), 1)
+    for item in range(tl.program_id(0), _items_end(n_items, MATMUL), _items_step(MATMUL)):
+        pid_m, offs_m, mask_m, t0, t1 = _work_item(item, m_blocks, tiles_per_split, R, N, BLOCK_M, BLOCK_N)
+        target = offs_m + pos_col0
+        acc_loss = tl.zeros([BLOCK_M], tl.float32)
+        acc_gd = tl.zeros([BLOCK_M], tl.float32)
+        acc_g = tl.zeros([BLOCK_M], tl.float32)
+        for ct in range(t0, t1):
+            offs_n = ct * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            mask = mask_m[:, None] & mask_n[None, :]
+            d = dot_tile(dot_ptr, stride_dm, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m, offs_n, mask_m, mask_n,
+                         MATMUL, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+            loss, g = _sigmoid_terms(d * scale + bias, offs_n[None, :] == target[:, None])
+            acc_loss += tl.sum(tl.where(mask, loss, 0.0), 1)
+            if NEED_GRAD:
+                g = tl.where(mask, w * g, 0.0)
+                acc_gd += tl.sum(g * d, 1)
+                acc_g += tl.sum(g, 1)
+                tl.store(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :],
+                         (g * g_scale).to(g_ptr.dtype.element_ty), mask=mask)
+        tl.store(part_ptr + item, tl.sum(acc_loss, 0))
         if NEED_GRAD:
-            g = tl.where(mask, w * g, 0.0)
-            acc_gd += tl.sum(g * d, 1)
-            acc_g += tl.sum(g, 1)
-            tl.store(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
-                     (g * g_scale).to(g_ptr.dtype.element_ty), mask=mask)
-    tl.store(part_ptr + pid, tl.sum(acc_loss, 0))
-    if NEED_GRAD:
-        tl.store(part_ptr + num_programs + pid, tl.sum(acc_gd, 0))
-        tl.store(part_ptr + 2 * num_programs + pid, tl.sum(acc_g, 0))
+            tl.store(part_ptr + n_items + item, tl.sum(acc_gd, 0))
+            tl.store(part_ptr + 2 * n_items + item, tl.sum(acc_g, 0))
 
 
 # ------------------------------------------------------------------------------------------- host
@@ -358,8 +410,42 @@ def _check(a: torch.Tensor, b: torch.Tensor) -> None:
         raise ValueError("a and b must have the same dtype and device")
 
 
+PRODUCERS = ("auto", "matmul", "cublas")
+
+
+def producer(a: torch.Tensor) -> str:
+    """Where this call's tiles of dot products come from (``FASTCON_TRITON_PRODUCER``): ``"matmul"``,
+    the epilogue kernels form them with tl.dot (``dot_tile``: no logit in memory), or ``"cublas"``,
+    ``torch.mm`` writes each chunk and the kernels read it. ``auto`` (the default): the matmul
+    producer for bf16/fp16 on a GPU; cuBLAS for fp32 (its fp32 GEMM has no TF32 rounding) and in the
+    interpreter."""
+    return producer_for(a.dtype, a.is_cuda)
+
+
+def producer_for(dtype: torch.dtype, on_gpu: bool) -> str:
+    """``producer`` of inputs of ``dtype`` on a GPU (``on_gpu``) or in the interpreter."""
+    choice = os.environ.get("FASTCON_TRITON_PRODUCER", "auto") or "auto"
+    if choice not in PRODUCERS:
+        raise ValueError(f"FASTCON_TRITON_PRODUCER must be one of {', '.join(PRODUCERS)}, got {choice!r}")
+    if choice == "auto":
+        return "matmul" if on_gpu and dtype in (torch.bfloat16, torch.float16) else "cublas"
+    return choice
+
+
 def _target_programs(device: torch.device) -> int:
     return _TARGET_PROGRAMS_CUDA if device.type == "cuda" else _TARGET_PROGRAMS_CPU
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (1 for the interpreter, which runs programs in turn)."""
+    if device.type != "cuda":
+        return 1
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _grid(rows: int, cols: int, block_m: int, block_n: int, device: torch.device):
@@ -372,6 +458,70 @@ def _grid(rows: int, cols: int, block_m: int, block_n: int, device: torch.device
     return m_blocks, splits, per_split
 
 
+class _Items(NamedTuple):
+    """The work items of one epilogue launch (row blocks × column splits) and its grid."""
+    m_blocks: int
+    splits: int
+    per_split: int
+    n_items: int
+    grid: tuple
+
+
+def _items(rows: int, cols: int, cfg, device: torch.device) -> _Items:
+    """Work items of an epilogue over rows × cols; a persistent configuration (``cfg.occupancy``)
+    launches ``occupancy`` programs per SM that take the items in turn, any other one program each."""
+    m_blocks, splits, per_split = _grid(rows, cols, cfg.block_m, cfg.block_n, device)
+    n_items = m_blocks * splits
+    programs = n_items if not cfg.occupancy else min(n_items, cfg.occupancy * sm_count(device))
+    return _Items(m_blocks, splits, per_split, n_items, (max(1, programs),))
+
+
+class _Producer(NamedTuple):
+    """How an epilogue launch gets its tiles: the keyword arguments of ``dot_tile``'s constexprs and
+    the launch configuration."""
+    matmul: bool
+    cfg: object
+
+    def consts(self, a: torch.Tensor) -> dict:
+        prec = FUSED_FP32_PRECISION if self.matmul and a.dtype == torch.float32 else "ieee"
+        return dict(MATMUL=self.matmul, INPUT_PRECISION=prec, BLOCK_M=self.cfg.block_m, BLOCK_N=self.cfg.block_n,
+                    BLOCK_K=self.cfg.block_k or 16, num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages)
+
+
+def _producer_for(a: torch.Tensor, kernel: str) -> _Producer:
+    if producer(a) == "matmul":
+        return _Producer(True, matmul_config(kernel, str(a.dtype).replace("torch.", "")))
+    return _Producer(False, chunked_config(kernel))
+
+
+def memory_rows(na: int, nb: int, chunk_rows: int, device: torch.device) -> int:
+    """Rows per chunk of the cuBLAS producer: at most ``chunk_rows``, and an fp32 chunk of dot
+    products over ``nb`` columns within ``chunk_bytes``."""
+    return max(1, min(na, chunk_rows, chunk_bytes(device) // (4 * max(nb, 1))))
+
+
+class MatmulPlan(NamedTuple):
+    """The chunks of the matmul producer within a budget of bytes: pass 1 (statistics) in chunks of
+    ``stats_rows`` rows, whose float64 column partials (one row per row block) fit; pass 2 (G and the
+    gradient products) in blocks of ``grad_rows`` × ``grad_cols``, whose G in the gradient dtype
+    fits. Both at most ``chunk_rows`` rows, the pass-2 block about square: the gradient of B is read
+    and written once per row block (N/grad_rows times) and that of A once per column block, which at
+    thousands of rows is far below the products' own time."""
+    stats_rows: int
+    grad_rows: int
+    grad_cols: int
+
+
+def matmul_plan(na: int, nb: int, dtype: torch.dtype, chunk_rows: int, budget: int) -> MatmulPlan:
+    cfg = matmul_config("stats", str(dtype).replace("torch.", ""))
+    elt = torch.empty((), dtype=dtype).element_size()
+    stats_rows = max(cfg.block_m, budget // (8 * max(nb, 1)) * cfg.block_m)
+    side = max(cfg.block_m, math.isqrt(budget // elt) // cfg.block_m * cfg.block_m)
+    grad_rows = max(1, min(na, chunk_rows, side))
+    grad_cols = max(cfg.block_n, budget // (elt * grad_rows) // cfg.block_n * cfg.block_n)
+    return MatmulPlan(max(1, min(na, chunk_rows, stats_rows)), grad_rows, max(1, min(nb, grad_cols)))
+
+
 def _merge(part: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
     cfg = chunked_config("merge")
     k, n = part.shape
@@ -382,20 +532,32 @@ def _merge(part: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
     )
 
 
-def _chunk_stats(dot, scale, bias, row_lse_out, col_lse, pos_logit_out, pos_col0: int,
+def _operands(dot, a_c, b):
+    """(dot, a, b) pointers of an epilogue launch: the unused side is a stand-in (never read)."""
+    if dot is None:
+        return a_c, a_c, b
+    return dot, dot, dot
+
+
+def _chunk_stats(dot, a_c, b, scale, bias, row_lse_out, col_lse, pos_logit_out, pos_col0: int,
                  accumulate_cols: bool) -> None:
     """row_lse_out[:] = row LSE of the chunk; col_lse ⊕= column LSE of the chunk;
-    pos_logit_out[i] = S[i, i + pos_col0] where that column exists (left untouched elsewhere)."""
-    cfg = chunked_config("stats")
-    r, n = dot.shape
-    m_blocks, splits, per_split = _grid(r, n, cfg.block_m, cfg.block_n, dot.device)
-    row_part = torch.empty((splits, r), dtype=torch.float64, device=dot.device)
-    col_part = torch.empty((m_blocks, n), dtype=torch.float64, device=dot.device)
-    launch(_chunk_stats_kernel)[(m_blocks, splits)](
-        dot, scale, bias, row_part, col_part, pos_logit_out,
-        r, n, per_split, int(pos_col0),
-        dot.stride(0), dot.stride(1), row_part.stride(0), col_part.stride(0),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    pos_logit_out[i] = S[i, i + pos_col0] where that column exists (left untouched elsewhere). The
+    chunk's dot products are ``dot`` (cuBLAS producer) or, with ``dot`` None, formed from a_c and b."""
+    if dot is None:
+        prod, (r, d), n = _producer_for(a_c, "stats"), a_c.shape, b.shape[0]
+    else:
+        prod, (r, n), d = _Producer(False, chunked_config("stats")), dot.shape, 0
+    dev = row_lse_out.device
+    it = _items(r, n, prod.cfg, dev)
+    row_part = torch.empty((it.splits, r), dtype=torch.float64, device=dev)
+    col_part = torch.empty((it.m_blocks, n), dtype=torch.float64, device=dev)
+    d_ptr, a_ptr, b_ptr = _operands(dot, a_c, b)
+    launch(_chunk_stats_kernel)[it.grid](
+        d_ptr, a_ptr, b_ptr, scale, bias, row_part, col_part, pos_logit_out,
+        r, n, d, it.m_blocks, it.n_items, it.per_split, int(pos_col0),
+        d_ptr.stride(0), a_ptr.stride(0), b_ptr.stride(0), row_part.stride(0), col_part.stride(0),
+        **prod.consts(d_ptr),
     )
     _merge(row_part, row_lse_out, accumulate=False)
     _merge(col_part, col_lse, accumulate=accumulate_cols)
@@ -403,15 +565,37 @@ def _chunk_stats(dot, scale, bias, row_lse_out, col_lse, pos_logit_out, pos_col0
 
 # ---------------------------------------------------------------------------------------- contract
 def _stats_epilogue(scale, bias, pos_offset):
+    """The statistics epilogue of ``_common.stats_pass`` (the cuBLAS producer's chunks)."""
     def chunk_stats(dot, r0, r1, row_lse, col_lse, pos_logit):
-        _chunk_stats(dot, scale, bias, row_lse[r0:r1], col_lse, pos_logit[r0:r1], r0 + pos_offset,
+        _chunk_stats(dot, None, None, scale, bias, row_lse[r0:r1], col_lse, pos_logit[r0:r1], r0 + pos_offset,
                      accumulate_cols=r0 > 0)
     return chunk_stats
 
 
+def _matmul_stats(a, b, scale, bias, pos_offset, rows):
+    """Pass 1 with the matmul producer: (row_lse, col_lse, pos_logit), no dot products in memory."""
+    na, nb = a.shape[0], b.shape[0]
+    row_lse = torch.empty(na, dtype=torch.float64, device=a.device)
+    pos_logit = torch.zeros(na, dtype=torch.float32, device=a.device)
+    col_lse = torch.full((nb,), float("-inf"), dtype=torch.float64, device=a.device)
+    for r0, r1 in row_chunks(na, rows):
+        _chunk_stats(None, a[r0:r1], b, scale, bias, row_lse[r0:r1], col_lse, pos_logit[r0:r1], r0 + pos_offset,
+                     accumulate_cols=r0 > 0)
+    return row_lse, col_lse, pos_logit
+
+
+def _stats_pass(a, b, scale, bias, pos_offset, chunk_rows, cache_bytes):
+    """(row_lse, col_lse, pos_logit, cached dot-product chunks) of pass 1 by this call's producer."""
+    if producer(a) == "matmul":
+        plan = matmul_plan(a.shape[0], b.shape[0], a.dtype, chunk_rows, chunk_bytes(a.device))
+        return _matmul_stats(a, b, scale, bias, pos_offset, plan.stats_rows) + ([],)
+    rows = memory_rows(a.shape[0], b.shape[0], chunk_rows, a.device)
+    return stats_pass(a, b, rows, cache_bytes, _stats_epilogue(scale, bias, pos_offset))
+
+
 def lse_stats(a, b, scale, bias, pos_offset, chunk_rows):
     _check(a, b)
-    row_lse, col_lse, pos_logit, _ = stats_pass(a, b, chunk_rows, 0, _stats_epilogue(scale, bias, pos_offset))
+    row_lse, col_lse, pos_logit, _ = _stats_pass(a, b, scale, bias, pos_offset, chunk_rows, 0)
     return row_lse, col_lse, pos_logit
 
 
@@ -437,93 +621,134 @@ def grad_tile_scale(dtype: torch.dtype, bound: float) -> float:
     return float(2.0 ** math.floor(math.log2(_FP16_LIFT_LIMIT / bound)))
 
 
-def _grad_gemms(g, a_c, b, scale, grad_a_c, grad_b, g_scale: float) -> None:
-    """grad_a_c = s·G·B; grad_b += Gᵀ·A_c in place (fp32 accumulation; s applied to grad_b at the
-    end). ``g`` holds G·g_scale (a power of two), undone in the products' α."""
-    if g.dtype == torch.float32:
-        torch.mul(g @ b, scale, out=grad_a_c)
-        grad_b.addmm_(g.T, a_c)
-        return
+def _grad_gemms(g, a_c, b, scale, grad_a_c, grad_b, g_scale: float, accumulate_a: bool = False) -> None:
+    """grad_a_c = s·G·B (``accumulate_a``: +=, the device scale read by the GEMM); grad_b += Gᵀ·A_c in
+    place (fp32 accumulation; s applied to grad_b at the end). ``g`` holds G·g_scale (a power of
+    two), undone in the products' α."""
     inv = 1.0 / g_scale
-    torch.mul(mm_acc(g, b), scale * inv, out=grad_a_c)
-    mm_accumulate(g.T, a_c, grad_b, inv)
+    if accumulate_a:
+        mm_accumulate(g, b, grad_a_c, inv, alpha=scale)
+    elif g.dtype == torch.float32:
+        torch.mul(g @ b, scale, out=grad_a_c)
+    else:
+        torch.mul(mm_acc(g, b), scale * inv, out=grad_a_c)
+    if g.dtype == torch.float32:
+        grad_b.addmm_(g.T, a_c)
+    else:
+        mm_accumulate(g.T, a_c, grad_b, inv)
+
+
+def _blocks(a, b, chunk_rows, need_g: bool):
+    """(row chunk, column block) pairs of pass 2, the G buffer they share (None: G in place of the
+    dot products, or no G) and the rows per chunk. The cuBLAS producer: row chunks over all columns,
+    G in place of the fp32 dot products or in a half buffer; the matmul producer: ``matmul_plan``'s
+    blocks, G in its buffer (without G, whole row chunks: nothing but per-item partials is stored)."""
+    na, nb = a.shape[0], b.shape[0]
+    if producer(a) == "matmul":
+        if need_g:
+            plan = matmul_plan(na, nb, a.dtype, chunk_rows, chunk_bytes(a.device))
+            rows, cols = plan.grad_rows, plan.grad_cols
+            g_buf = torch.empty((rows, cols), dtype=a.dtype, device=a.device)
+        else:
+            rows, cols, g_buf = chunk_rows, nb, None
+    else:
+        rows, cols = memory_rows(na, nb, chunk_rows, a.device), nb
+        g_buf = _g_buffer(a, min(rows, na), nb) if need_g else None
+    pairs = [(r0, r1, c0, c1) for r0, r1 in row_chunks(na, rows) for c0, c1 in row_chunks(nb, cols)]
+    return pairs, g_buf, rows
+
+
+def _pass2(a, b, scale, grad_a, grad_b, g_scale, chunk_rows, n_parts, launch_block, cached=None):
+    """The blocks of pass 2: for each, its dot products (a cached chunk, cuBLAS, or none with the
+    matmul producer), ``launch_block(dot, a_c, b_k, g, r0, c0)`` writing G (into ``g``) and returning
+    the block's partials, then the gradient products (with ``grad_a``; else ``g`` is a stand-in that
+    is never written). Returns the partials summed over the blocks in a fixed order."""
+    need_g = grad_a is not None
+    matmul = producer(a) == "matmul"
+    pairs, g_buf, rows = _blocks(a, b, chunk_rows, need_g)
+    parts = []
+    for r0, r1, c0, c1 in pairs:
+        a_c, b_k = a[r0:r1], b[c0:c1]
+        dot = None
+        if not matmul:
+            k = r0 // rows
+            dot = cached[k] if cached is not None and k < len(cached) else mm_acc(a_c, b_k.T)
+        if not need_g:
+            g = dot if dot is not None else a_c
+        else:
+            g = dot if g_buf is None else g_buf[:r1 - r0, :c1 - c0]
+        parts.append(launch_block(dot, a_c, b_k, g, r0, c0))
+        if need_g:
+            _grad_gemms(g, a_c, b_k, scale, grad_a[r0:r1], grad_b[c0:c1], g_scale, accumulate_a=c0 > 0)
+    if not parts:
+        return torch.zeros(n_parts, dtype=torch.float32, device=a.device)
+    return torch.cat(parts, dim=1).sum(dim=1)
 
 
 def softmax_grad(a, b, scale, bias, row_lse, col_lse, pos_offset, w_row, w_col, w_pos, chunk_rows,
                  _cached=None):
     _check(a, b)
-    cfg = chunked_config("softmax_grad")
-    na, nb = a.shape[0], b.shape[0]
     dev = a.device
     grad_a = torch.empty(a.shape, dtype=torch.float32, device=dev)
     grad_b = torch.zeros(b.shape, dtype=torch.float32, device=dev)
     row_lse = row_lse.to(torch.float64).contiguous()
     col_lse = col_lse.to(torch.float64).contiguous()
-    g_buf = _g_buffer(a, min(chunk_rows, na), nb)
     g_scale = grad_tile_scale(a.dtype, abs(w_row) + abs(w_col) + abs(w_pos))
-    parts = []
-    for k, (r0, r1) in enumerate(row_chunks(na, chunk_rows)):
-        if _cached is not None and k < len(_cached):
-            dot = _cached[k]
-        else:
-            dot = mm_acc(a[r0:r1], b.T)
-        r = r1 - r0
-        g = dot if g_buf is None else g_buf[:r]
-        m_blocks, splits, per_split = _grid(r, nb, cfg.block_m, cfg.block_n, dev)
-        nprog = m_blocks * splits
-        part = torch.empty((2, nprog), dtype=torch.float32, device=dev)
-        launch(_chunk_softmax_grad_kernel)[(m_blocks, splits)](
-            dot, g, scale, bias, row_lse[r0:r1], col_lse, part,
-            r, nb, per_split, nprog, r0 + int(pos_offset),
-            dot.stride(0), dot.stride(1), g.stride(0), g.stride(1),
+    prod = _producer_for(a, "softmax_grad")
+
+    def launch_block(dot, a_c, b_k, g, r0, c0):
+        r, n = a_c.shape[0], b_k.shape[0]
+        it = _items(r, n, prod.cfg, dev)
+        part = torch.empty((2, it.n_items), dtype=torch.float32, device=dev)
+        d_ptr, a_ptr, b_ptr = _operands(dot, a_c, b_k)
+        launch(_chunk_softmax_grad_kernel)[it.grid](
+            d_ptr, a_ptr, b_ptr, g, scale, bias, row_lse[r0:], col_lse[c0:], part,
+            r, n, a_c.shape[1], it.m_blocks, it.n_items, it.per_split, r0 + int(pos_offset) - c0,
+            d_ptr.stride(0), a_ptr.stride(0), b_ptr.stride(0), g.stride(0),
             float(w_row), float(w_col), float(w_pos), g_scale,
-            HAS_COL_TERM=w_col != 0,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            HAS_COL_TERM=w_col != 0, **prod.consts(a),
         )
-        parts.append(part)
-        _grad_gemms(g, a[r0:r1], b, scale, grad_a[r0:r1], grad_b, g_scale)
+        return part
+
+    totals = _pass2(a, b, scale, grad_a, grad_b, g_scale, chunk_rows, 2, launch_block, _cached)
     grad_b.mul_(scale)
-    totals = torch.cat(parts, dim=1).sum(dim=1) if parts else torch.zeros(2, dtype=torch.float32, device=dev)
     return grad_a, grad_b, totals[0].clone(), totals[1].clone()
 
 
 def softmax_fused(a, b, scale, bias, pos_offset, w_row, w_col, w_pos, chunk_rows, cache_bytes):
     _check(a, b)
-    return two_pass_softmax(a, b, scale, bias, pos_offset, w_row, w_col, w_pos, chunk_rows, cache_bytes,
-                            _stats_epilogue(scale, bias, pos_offset), softmax_grad)
+    row_lse, col_lse, pos_logit, cached = _stats_pass(a, b, scale, bias, pos_offset, chunk_rows, cache_bytes)
+    mask_columns_without_positive(col_lse, pos_offset, a.shape[0])
+    grads = softmax_grad(a, b, scale, bias, row_lse, col_lse, pos_offset, w_row, w_col, w_pos, chunk_rows,
+                         _cached=cached)
+    return (row_lse, col_lse, pos_logit) + grads
 
 
 def sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad):
     _check(a, b)
-    cfg = chunked_config("sigmoid")
-    na, nb = a.shape[0], b.shape[0]
     dev = a.device
     grad_a = grad_b = None
     if need_grad:
         grad_a = torch.empty(a.shape, dtype=torch.float32, device=dev)
         grad_b = torch.zeros(b.shape, dtype=torch.float32, device=dev)
-        g_buf = _g_buffer(a, min(chunk_rows, na), nb)
     g_scale = grad_tile_scale(a.dtype, abs(w))
-    parts = []
-    for r0, r1 in row_chunks(na, chunk_rows):
-        dot = mm_acc(a[r0:r1], b.T)
-        r = r1 - r0
-        g = dot if (not need_grad or g_buf is None) else g_buf[:r]
-        m_blocks, splits, per_split = _grid(r, nb, cfg.block_m, cfg.block_n, dev)
-        nprog = m_blocks * splits
-        part = torch.zeros((3, nprog), dtype=torch.float32, device=dev)
-        launch(_chunk_sigmoid_kernel)[(m_blocks, splits)](
-            dot, g, scale, bias, part,
-            r, nb, r0, int(pos_offset), per_split, nprog,
-            dot.stride(0), dot.stride(1), g.stride(0), g.stride(1),
+    prod = _producer_for(a, "sigmoid")
+
+    def launch_block(dot, a_c, b_k, g, r0, c0):
+        r, n = a_c.shape[0], b_k.shape[0]
+        it = _items(r, n, prod.cfg, dev)
+        part = torch.zeros((3, it.n_items), dtype=torch.float32, device=dev)
+        d_ptr, a_ptr, b_ptr = _operands(dot, a_c, b_k)
+        launch(_chunk_sigmoid_kernel)[it.grid](
+            d_ptr, a_ptr, b_ptr, g, scale, bias, part,
+            r, n, a_c.shape[1], it.m_blocks, it.n_items, it.per_split, r0 + int(pos_offset) - c0,
+            d_ptr.stride(0), a_ptr.stride(0), b_ptr.stride(0), g.stride(0),
             float(w), g_scale,
-            NEED_GRAD=bool(need_grad),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            NEED_GRAD=bool(need_grad), **prod.consts(a),
         )
-        parts.append(part)
-        if need_grad:
-            _grad_gemms(g, a[r0:r1], b, scale, grad_a[r0:r1], grad_b, g_scale)
-    totals = torch.cat(parts, dim=1).sum(dim=1) if parts else torch.zeros(3, dtype=torch.float32, device=dev)
+        return part
+
+    totals = _pass2(a, b, scale, grad_a, grad_b, g_scale, chunk_rows, 3, launch_block)
     if not need_grad:
         return totals[0].clone(), None, None, None, None
     grad_b.mul_(scale)
@@ -540,47 +765,64 @@ def target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, 
 # ------------------------------------------------------------------------------------ compile gate
 def compile_specs():
     """Every (kernel, constexprs, launch config) this module ships, for each supported input dtype,
-    as dicts for ``triton.compile(ASTSource(...))`` (used by tests/test_triton_compile.py)."""
+    as dicts for ``triton.compile(ASTSource(...))`` (used by tests/test_triton_compile.py): the
+    epilogue kernels with both producers (``dot_tile``), the matmul one at ``MATMUL_CONFIGS``."""
+
     specs = []
     i32, f32p, f64p = "i32", "*fp32", "*fp64"
     tri = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
-    def add(name, fn, sig, consts, cfg, dtype):
+    def add(name, fn, sig, consts, cfg, dtype, matmul=False):
+        """A spec; the matmul producer's are compiled with D divisible by 16 (as the runtime
+        specialises D = 512, 768, 1152, ...: its K loop is then pipelined, which the gate checks)
+        and must use wgmma on sm_90 for bf16/fp16."""
+        sig = dict(sig)
+        for key in consts:
+            sig[key] = "constexpr"
         specs.append(dict(name=name, fn=fn, signature=sig, constexprs=consts, num_warps=cfg.num_warps,
-                          num_stages=cfg.num_stages, uses_dot=False, dtype=dtype, config=cfg))
+                          num_stages=cfg.num_stages, uses_dot=matmul, dtype=dtype, config=cfg,
+                          divisible=("D",) if matmul else (), pipelined=matmul,
+                          wgmma_required=matmul and dtype != "float32"))
 
     cfg = chunked_config("merge")
     for acc in (False, True):
-        sig = {"part_ptr": f64p, "out_ptr": f64p, "K": i32, "N": i32, "stride_pk": i32, "stride_pn": "constexpr",
-               "ACCUMULATE": "constexpr", "BLOCK_N": "constexpr"}
+        sig = {"part_ptr": f64p, "out_ptr": f64p, "K": i32, "N": i32, "stride_pk": i32, "stride_pn": i32}
         add(f"merge[acc={acc}]", _merge_lse_kernel, sig,
             {"stride_pn": 1, "ACCUMULATE": acc, "BLOCK_N": cfg.block_n}, cfg, "float32")
-    cfg = chunked_config("stats")
-    sig = {"dot_ptr": f32p, "scale_ptr": f32p, "bias_ptr": f32p, "row_part_ptr": f64p, "col_part_ptr": f64p,
-           "pos_logit_ptr": f32p, "R": i32, "N": i32, "tiles_per_split": i32, "pos_col0": i32, "stride_dm": i32, "stride_dn": "constexpr",
-           "stride_rp": i32, "stride_cp": i32, "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
-    add("chunk_stats", _chunk_stats_kernel, sig,
-        {"stride_dn": 1, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}, cfg, "float32")
+
+    def producers(dtype, kernel):
+        """(label, producer constexprs, config, operand pointer type) of each producer of ``kernel``."""
+        mm = matmul_config(kernel, dtype)
+        prec = FUSED_FP32_PRECISION if dtype == "float32" else "ieee"
+        out = [("mm", dict(MATMUL=True, INPUT_PRECISION=prec, BLOCK_M=mm.block_m, BLOCK_N=mm.block_n,
+                           BLOCK_K=mm.block_k), mm, "*" + tri[dtype])]
+        if kernel != "stats" or dtype == "float32":  # the cuBLAS producer's chunk is fp32 in any case
+            c = chunked_config(kernel)
+            out.append(("cublas", dict(MATMUL=False, INPUT_PRECISION="ieee", BLOCK_M=c.block_m,
+                                       BLOCK_N=c.block_n, BLOCK_K=16), c, f32p))
+        return out
+
+    items = {"R": i32, "N": i32, "D": i32, "m_blocks": i32, "n_items": i32, "tiles_per_split": i32,
+             "pos_col0": i32, "stride_dm": i32, "stride_am": i32, "stride_bn": i32}
     for dtype in SUPPORTED_DTYPES:
-        cfg = chunked_config("softmax_grad")
-        for col in (False, True):
-            sig = {"dot_ptr": f32p, "g_ptr": "*" + tri[dtype], "scale_ptr": f32p, "bias_ptr": f32p,
-                   "row_lse_ptr": f64p, "col_lse_ptr": f64p, "part_ptr": f32p,
-                   "R": i32, "N": i32, "tiles_per_split": i32, "num_programs": i32, "pos_col0": i32,
-                   "stride_dm": i32, "stride_dn": "constexpr", "stride_gm": i32, "stride_gn": "constexpr",
-                   "w_row": "fp32", "w_col": "fp32", "w_pos": "fp32", "g_scale": "fp32", "HAS_COL_TERM": "constexpr",
-                   "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
-            add(f"chunk_softmax_grad[col={col}]", _chunk_softmax_grad_kernel, sig,
-                {"stride_dn": 1, "stride_gn": 1, "HAS_COL_TERM": col, "BLOCK_M": cfg.block_m,
-                 "BLOCK_N": cfg.block_n}, cfg, dtype)
-        cfg = chunked_config("sigmoid")
-        for need_grad in (False, True):
-            sig = {"dot_ptr": f32p, "g_ptr": "*" + tri[dtype], "scale_ptr": f32p, "bias_ptr": f32p,
-                   "part_ptr": f32p, "R": i32, "N": i32, "row0": i32, "pos_offset": i32,
-                   "tiles_per_split": i32, "num_programs": i32,
-                   "stride_dm": i32, "stride_dn": "constexpr", "stride_gm": i32, "stride_gn": "constexpr",
-                   "w": "fp32", "g_scale": "fp32", "NEED_GRAD": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
-            add(f"chunk_sigmoid[grad={need_grad}]", _chunk_sigmoid_kernel, sig,
-                {"stride_dn": 1, "stride_gn": 1, "NEED_GRAD": need_grad, "BLOCK_M": cfg.block_m,
-                 "BLOCK_N": cfg.block_n}, cfg, dtype)
+        for label, consts, cfg, op in producers(dtype, "stats"):
+            sig = dict({"dot_ptr": f32p, "a_ptr": op, "b_ptr": op, "scale_ptr": f32p, "bias_ptr": f32p,
+                        "row_part_ptr": f64p, "col_part_ptr": f64p, "pos_logit_ptr": f32p},
+                       **items, stride_rp=i32, stride_cp=i32)
+            add(f"chunk_stats[{label}]", _chunk_stats_kernel, sig, consts, cfg, dtype, consts["MATMUL"])
+        for label, consts, cfg, op in producers(dtype, "softmax_grad"):
+            for col in (False, True):
+                sig = dict({"dot_ptr": f32p, "a_ptr": op, "b_ptr": op, "g_ptr": "*" + tri[dtype],
+                            "scale_ptr": f32p, "bias_ptr": f32p, "row_lse_ptr": f64p, "col_lse_ptr": f64p,
+                            "part_ptr": f32p}, **items, stride_gm=i32,
+                           w_row="fp32", w_col="fp32", w_pos="fp32", g_scale="fp32")
+                add(f"chunk_softmax_grad[{label},col={col}]", _chunk_softmax_grad_kernel, sig,
+                    dict(consts, HAS_COL_TERM=col), cfg, dtype, consts["MATMUL"])
+        for label, consts, cfg, op in producers(dtype, "sigmoid"):
+            for need_grad in (False, True):
+                sig = dict({"dot_ptr": f32p, "a_ptr": op, "b_ptr": op, "g_ptr": "*" + tri[dtype],
+                            "scale_ptr": f32p, "bias_ptr": f32p, "part_ptr": f32p}, **items, stride_gm=i32,
+                           w="fp32", g_scale="fp32")
+                add(f"chunk_sigmoid[{label},grad={need_grad}]", _chunk_sigmoid_kernel, sig,
+                    dict(consts, NEED_GRAD=need_grad), cfg, dtype, consts["MATMUL"])
     return specs

@@ -30,8 +30,12 @@ class Config(NamedTuple):
     num_stages: int
     # fused kernels only: 0 keeps the A (or B) tile resident for the whole loop (one tl.dot over
     # BLOCK_D); otherwise S is formed over D in block_k slices re-read from L1/L2, which bounds the
-    # registers of the TF32x3 fp32 path.
+    # registers of the TF32x3 fp32 path. The matmul producer: the K slice of its tl.dot loop.
     block_k: int = 0
+    # persistent kernels (the matmul producer): programs per SM the configuration is designed for.
+    # The grid is that many programs per SM, and the compile gate checks that registers and shared
+    # memory allow it (registers·threads·occupancy <= 64 Ki, shared memory·occupancy <= the SM's).
+    occupancy: int = 0
 
 
 # ---------------------------------------------------------------------------------------- chunked
@@ -50,6 +54,37 @@ CHUNKED_CONFIGS: dict[str, Config] = {
     # Deterministic merge of LSE partials along their leading axis (block_m unused).
     "merge": Config(block_m=1, block_n=256, num_warps=4, num_stages=1),
 }
+
+# The matmul producer (``chunked.dot_tile`` with MATMUL): the epilogue kernels above form their own
+# tiles of dot products with tl.dot over D (any D), so that no logit goes to memory. One
+# configuration per dtype class serves every kernel of a loss: the two passes of a softmax loss must
+# accumulate each logit in the same order (same block_k and instruction shape) for P − 1 of a
+# confident positive to come out exact. ``occupancy`` is the number of programs per SM (persistent
+# grid) that the configuration was designed for; the compile gate holds it to that.
+MATMUL_CONFIGS: dict[tuple[str, str], Config] = {
+    # (loss family, dtype class). "softmax": the statistics and gradient kernels of CLIP-style losses
+    # (one configuration for both passes); "sigmoid": SigLIP's one pass.
+    # bf16/fp16 softmax: a 128×64 fp32 accumulator over 8 warps (32 registers a thread), the K loop
+    # in 64-wide slices pipelined over three stages of 128×64 + 64×64 half tiles (72 KiB of shared
+    # memory on sm_90); the epilogue's tiles take the registers to about 240, so one program per SM.
+    # 128×128 tiles (half the L2 traffic per FLOP) spill in every softmax kernel.
+    ("softmax", "half"): Config(block_m=128, block_n=64, num_warps=8, num_stages=3, block_k=64, occupancy=1),
+    # bf16/fp16 sigmoid: 64×64 over 4 warps (about 240 registers a thread in the gradient kernel, 128
+    # threads), two programs per SM; 128×64 spills its gradient kernel on sm_90.
+    ("sigmoid", "half"): Config(block_m=64, block_n=64, num_warps=4, num_stages=3, block_k=64, occupancy=2),
+    # fp32 (the interpreter's tests; on a GPU fp32 inputs keep the cuBLAS producer unless
+    # FASTCON_TRITON_PRODUCER=matmul, with TF32x3 dots): small tiles
+    ("softmax", "float32"): Config(block_m=32, block_n=32, num_warps=4, num_stages=2, block_k=32, occupancy=2),
+    ("sigmoid", "float32"): Config(block_m=32, block_n=32, num_warps=4, num_stages=2, block_k=32, occupancy=2),
+}
+MATMUL_FAMILY = {"stats": "softmax", "softmax_grad": "softmax", "sigmoid": "sigmoid"}
+
+
+def matmul_config(kernel: str, dtype_name: str) -> Config:
+    """The matmul producer's configuration of an epilogue kernel (``stats``, ``softmax_grad``,
+    ``sigmoid``): the one of its loss family."""
+    return MATMUL_CONFIGS[(MATMUL_FAMILY[kernel], dtype_class(dtype_name))]
+
 
 # Input dtypes each path accepts (names as in torch).
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")

@@ -38,7 +38,7 @@ import triton.language as tl
 from .._common import mm_acc, row_chunks
 from . import launch
 from .chunked import (LOG2E, _check, _expm1, _g_buffer, _grad_gemms, _grid, _lse64, _merge, _online_rows,
-                      _split_lse, _tile_lse_parts, grad_tile_scale)
+                      _split_lse, _tile_lse_parts, grad_tile_scale, memory_rows)
 from .configs import SUPPORTED_DTYPES, chunked_config
 
 ROW_FIELDS = 6  # id, excluded column, range lo, range hi, owner, own rule
@@ -484,6 +484,7 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
     t_c0, t_c1, t_soft = tch.numbers
     cached, kept = [], 0
     dummy = torch.zeros(1, dtype=f64, device=dev)
+    chunk_rows = memory_rows(na, nb, chunk_rows, dev)
     for r0, r1 in row_chunks(na, chunk_rows):
         c0, c1 = column_span(target, r0, r1, nb)
         if c1 == c0:
@@ -572,6 +573,7 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
     g_scale = grad_tile_scale(a.dtype, (abs(float(w8.w_row)) + (float(w8.w_col_max) if symmetric else 0.0))
                               * _q_bound(target))
     parts = []
+    chunk_rows = memory_rows(na, nb, chunk_rows, dev)  # as target_stats, whose cached chunks these are
     for k, (r0, r1) in enumerate(row_chunks(na, chunk_rows)):
         c0, c1 = column_span(target, r0, r1, nb)
         if c1 == c0:
