@@ -417,6 +417,9 @@ def teacher_stats(stats_fn, target: Target, symmetric: bool, chunk_rows: int) ->
     number = lambda v: torch.tensor(float(v), dtype=acc, device=ta.device)  # noqa: E731
     scale = number(target.teacher_c1) if linear else target.teacher_scale.to(acc).reshape(())
     bias = number(target.teacher_c0 if linear else 0.0)
+    # a backend whose soft pass reads the teacher's logits differently from its plain pass 1 names the
+    # pass that gives the same logits (``teacher_pass``: the Triton backend's cuBLAS producer)
+    stats_fn = getattr(stats_fn, "teacher_pass", stats_fn)
     st, _ = stats_fn(ta, target.teacher_b, scale, bias, teacher_target(target), symmetric, linear, chunk_rows, 0)
     return st
 

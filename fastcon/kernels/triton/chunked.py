@@ -1,8 +1,17 @@
-"""Chunked-GEMM Triton path of the fastcon engine (any D).
+"""Chunked Triton path of the fastcon engine (any D).
 
-For each chunk of ``chunk_rows`` rows of A, ``torch.mm`` writes the fp32 dot products
-``dot = A_c·Bᵀ`` (tensor cores for bf16/fp16 through ``out_dtype=torch.float32``), then fused Triton
-epilogue kernels read that chunk once:
+The epilogue kernels below work on tiles of dot products ``A_i·B_j`` from one of two producers
+(``dot_tile``, chosen per call by ``producer``):
+
+* the matmul producer (bf16/fp16 on a GPU): each kernel forms its tiles with ``tl.dot`` over D (wgmma
+  on sm_90), so that no logit goes to memory; pass 1 runs in row chunks whose column partials fit the
+  chunk budget, pass 2 in row × column blocks whose G fits it (``matmul_plan``); the kernels are
+  persistent, each program taking work items (row block × column range) in turn;
+* the cuBLAS producer (fp32, the interpreter): for each chunk of rows of A, ``torch.mm`` writes the
+  fp32 dot products ``dot = A_c·Bᵀ`` (tensor cores for bf16/fp16 through ``out_dtype=torch.float32``)
+  and the kernels read that chunk once.
+
+The epilogues:
 
 * stats:   ``S = s·dot + b``; row-LSE partials per column split and column-LSE partials per row
            block, merged deterministically by ``_merge_lse_kernel`` (no float atomics);
@@ -512,10 +521,13 @@ class MatmulPlan(NamedTuple):
     grad_cols: int
 
 
-def matmul_plan(na: int, nb: int, dtype: torch.dtype, chunk_rows: int, budget: int) -> MatmulPlan:
+def matmul_plan(na: int, nb: int, dtype: torch.dtype, chunk_rows: int, budget: int,
+                col_bytes: int = 8) -> MatmulPlan:
+    """``MatmulPlan`` of Na × Nb within ``budget`` bytes; ``col_bytes``: pass 1's partials per row
+    block and column (a float64 LSE for the CLIP losses; the general target adds its fp32 sums)."""
     cfg = matmul_config("stats", str(dtype).replace("torch.", ""))
     elt = torch.empty((), dtype=dtype).element_size()
-    stats_rows = max(cfg.block_m, budget // (8 * max(nb, 1)) * cfg.block_m)
+    stats_rows = max(cfg.block_m, budget // (col_bytes * max(nb, 1)) * cfg.block_m)
     side = max(cfg.block_m, math.isqrt(budget // elt) // cfg.block_m * cfg.block_m)
     grad_rows = max(1, min(na, chunk_rows, side))
     grad_cols = max(cfg.block_n, budget // (elt * grad_rows) // cfg.block_n * cfg.block_n)

@@ -77,7 +77,17 @@ MATMUL_CONFIGS: dict[tuple[str, str], Config] = {
     ("softmax", "float32"): Config(block_m=32, block_n=32, num_warps=4, num_stages=2, block_k=32, occupancy=2),
     ("sigmoid", "float32"): Config(block_m=32, block_n=32, num_warps=4, num_stages=2, block_k=32, occupancy=2),
 }
-MATMUL_FAMILY = {"stats": "softmax", "softmax_grad": "softmax", "sigmoid": "sigmoid"}
+MATMUL_CONFIGS.update({
+    # The general target with hard targets (target.py; soft targets keep the cuBLAS producer: with a
+    # second, teacher, tile formed beside the student's, every configuration tried spilled): its pair
+    # decisions keep int64 and boolean tiles beside the logits; 64×64 over 8 warps (up to about 220
+    # registers a thread in the heaviest variant: all pair rules, symmetric, smoothing), one program
+    # per SM. 64×32 spills there at 4 or 8 warps.
+    ("target", "half"): Config(block_m=64, block_n=64, num_warps=8, num_stages=3, block_k=64, occupancy=1),
+    ("target", "float32"): Config(block_m=32, block_n=32, num_warps=4, num_stages=2, block_k=32, occupancy=1),
+})
+MATMUL_FAMILY = {"stats": "softmax", "softmax_grad": "softmax", "sigmoid": "sigmoid", "target_stats": "target",
+                 "target_grad": "target"}
 
 
 def matmul_config(kernel: str, dtype_name: str) -> Config:

@@ -35,11 +35,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import mm_acc, row_chunks
+from .._common import chunk_bytes, mm_acc, row_chunks
 from . import launch
-from .chunked import (LOG2E, _check, _expm1, _g_buffer, _grad_gemms, _grid, _lse64, _merge, _online_rows,
-                      _split_lse, _tile_lse_parts, grad_tile_scale, memory_rows)
-from .configs import SUPPORTED_DTYPES, chunked_config
+from .chunked import (LOG2E, _Producer, _check, _expm1, _g_buffer, _grad_gemms, _items, _items_end, _items_step,
+                      _lse64, _merge, _online_rows, _split_lse, _tile_lse_parts, dot_tile,
+                      grad_tile_scale, matmul_plan, memory_rows, producer)
+from .configs import FUSED_FP32_PRECISION, SUPPORTED_DTYPES, chunked_config, matmul_config
 
 ROW_FIELDS = 6  # id, excluded column, range lo, range hi, owner, own rule
 COL_FIELDS = 2  # id, owner
@@ -134,12 +135,38 @@ def _teacher_norms(norm_ptr, offs, mask):
 
 
 @triton.jit
-def _teacher_chunk_tile(tdot_ptr, stride_tm, offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr, t_scale, t_c0, t_c1,
-                        t_row_hi, t_row_lo, TEACHER_LINEAR: tl.constexpr, SYMMETRIC: tl.constexpr):
-    """``teacher_tile`` of a tile of the teacher's chunk of dot products in memory (the producer of the
-    chunked path), its column normalisers read here."""
-    td = tl.load(tdot_ptr + offs_m[:, None] * stride_tm + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :],
-                 other=0.0)
+def _program(item, m_blocks, scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_per_split, HAS_MARGIN: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What work item ``item`` (row block m = item % m_blocks, column split s = item // m_blocks:
+    ``chunked._work_item``) of an epilogue over a chunk of R rows × W columns works on: (m, s), its
+    rows (local offsets, mask, global indices), their margin bounds, the scale and bias, and its
+    column tiles [t0, t1)."""
+    wide = tl.zeros([], tl.int64)  # the item's indices in int64, as the addresses are
+    pid_m = item % m_blocks + wide
+    pid_s = item // m_blocks + wide
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < R
+    t0 = pid_s * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(W, BLOCK_N))
+    if HAS_MARGIN:
+        bound = tl.load(bound_ptr + offs_m, mask=mask_m, other=0.0)
+    else:
+        bound = tl.zeros([BLOCK_M], tl.float32)
+    return (pid_m, pid_s, offs_m, mask_m, row0 + offs_m, bound, tl.load(scale_ptr).to(tl.float32),
+            tl.load(bias_ptr).to(tl.float32), t0, t1)
+
+
+@triton.jit
+def _teacher_dot_tile(tdot_ptr, stride_tm, ta_ptr, stride_tam, tb_ptr, stride_tbn, TD, offs_m, offs_n, mask_m,
+                      mask_n, keep, t_col_ptr, t_scale, t_c0, t_c1, t_row_hi, t_row_lo,
+                      TEACHER_LINEAR: tl.constexpr, SYMMETRIC: tl.constexpr, MATMUL: tl.constexpr,
+                      T_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """``teacher_tile`` of a tile of the teacher's dot products, from the same producer as the
+    student's (``chunked.dot_tile``: its chunk in memory, or formed from its features), its column
+    normalisers read here."""
+    td = dot_tile(tdot_ptr, stride_tm, ta_ptr, stride_tam, tb_ptr, stride_tbn, TD, offs_m, offs_n, mask_m, mask_n,
+                  MATMUL, T_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     if SYMMETRIC:
         t_col_hi, t_col_lo = _teacher_norms(t_col_ptr, offs_n, mask_n)
     else:
@@ -149,35 +176,17 @@ def _teacher_chunk_tile(tdot_ptr, stride_tm, offs_m, offs_n, mask_m, mask_n, kee
 
 
 @triton.jit
-def _program(scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_per_split, HAS_MARGIN: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """What program (m, s) of an epilogue over a chunk of R rows × W columns works on: (m, s), its
-    rows (local offsets, mask, global indices), their margin bounds, the scale and bias, and its
-    column tiles [t0, t1)."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < R
-    if HAS_MARGIN:
-        bound = tl.load(bound_ptr + offs_m, mask=mask_m, other=0.0)
-    else:
-        bound = tl.zeros([BLOCK_M], tl.float32)
-    t0 = pid_s * tiles_per_split
-    t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(W, BLOCK_N))
-    return (pid_m, pid_s, offs_m, mask_m, row0 + offs_m, bound, tl.load(scale_ptr).to(tl.float32),
-            tl.load(bias_ptr).to(tl.float32), t0, t1)
-
-
-@triton.jit
 def _target_stats_kernel(
-    dot_ptr, scale_ptr, bias_ptr, row_info_ptr, col_info_ptr, row_flag_ptr, col_flag_ptr, dense_ptr, bound_ptr,
-    tdot_ptr, t_scale_ptr, t_row_ptr, t_col_ptr, t_row_hw_ptr, t_col_hw_ptr,
+    dot_ptr, a_ptr, b_ptr, scale_ptr, bias_ptr, row_info_ptr, col_info_ptr, row_flag_ptr, col_flag_ptr, dense_ptr,
+    bound_ptr, tdot_ptr, ta_ptr, tb_ptr, t_scale_ptr, t_row_ptr, t_col_ptr, t_row_hw_ptr, t_col_hw_ptr,
     row_part_ptr, row_sums_ptr, col_part_ptr, col_sums_ptr,
-    R, W, row0, col0, tiles_per_split,
-    stride_dm, stride_tm, stride_dense, stride_rp, stride_rs, stride_cp, stride_cs, penalty, t_c0, t_c1, soft,
+    R, W, D, TD, row0, col0, m_blocks, n_items, tiles_per_split,
+    stride_dm, stride_am, stride_bn, stride_tm, stride_tam, stride_tbn, stride_dense, stride_rp, stride_rs,
+    stride_cp, stride_cs, penalty, t_c0, t_c1, soft,
     SYMMETRIC: tl.constexpr, SMOOTHING: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_PENALTY: tl.constexpr,
     PENALTY_MODE: tl.constexpr, HAS_DENSE: tl.constexpr, SOFT: tl.constexpr, ENTROPY: tl.constexpr,
-    TEACHER_LINEAR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TEACHER_LINEAR: tl.constexpr, MATMUL: tl.constexpr, INPUT_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Program (m, s): rows [m·BM, (m+1)·BM) of the chunk × the column tiles of split s. Writes
     row_part[s, rows] (float64 LSE over the split's kept pairs), row_sums[s, k, rows] (k = 0: number
@@ -186,9 +195,38 @@ def _target_stats_kernel(
     With SOFT (the teacher's chunk of dot products at tdot, its normalisers of the chunk's rows at t_row
     and of its columns at t_col, float64; its scale at t_scale_ptr), k = 4: the cross term Σ Qt·S over
     the kept pairs and, with ENTROPY, k = 5: Σ xlogy(mix, mix) of mix = soft·Qt + [pos]·hw, hw the
-    hard weight of each row (t_row_hw) or column (t_col_hw) per positive."""
+    hard weight of each row (t_row_hw) or column (t_col_hw) per positive. The tiles of dot products
+    (the student's and the teacher's) come from ``chunked.dot_tile``: the chunks in memory, or with
+    MATMUL formed here from the features (a_ptr, b_ptr; ta_ptr, tb_ptr, D and TD wide), the
+    programs then taking the work items in turn (persistent)."""
+    for item in range(tl.program_id(0), _items_end(n_items, MATMUL), _items_step(MATMUL)):
+        _target_stats_item(
+            item, m_blocks, dot_ptr, a_ptr, b_ptr, scale_ptr, bias_ptr, row_info_ptr, col_info_ptr, row_flag_ptr,
+            col_flag_ptr, dense_ptr, bound_ptr, tdot_ptr, ta_ptr, tb_ptr, t_scale_ptr, t_row_ptr, t_col_ptr,
+            t_row_hw_ptr, t_col_hw_ptr, row_part_ptr, row_sums_ptr, col_part_ptr, col_sums_ptr,
+            R, W, D, TD, row0, col0, tiles_per_split,
+            stride_dm, stride_am, stride_bn, stride_tm, stride_tam, stride_tbn, stride_dense, stride_rp, stride_rs,
+            stride_cp, stride_cs, penalty, t_c0, t_c1, soft,
+            SYMMETRIC, SMOOTHING, HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE, SOFT, ENTROPY, TEACHER_LINEAR,
+            MATMUL, INPUT_PRECISION, T_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _target_stats_item(
+    item, m_blocks, dot_ptr, a_ptr, b_ptr, scale_ptr, bias_ptr, row_info_ptr, col_info_ptr, row_flag_ptr,
+    col_flag_ptr, dense_ptr, bound_ptr, tdot_ptr, ta_ptr, tb_ptr, t_scale_ptr, t_row_ptr, t_col_ptr,
+    t_row_hw_ptr, t_col_hw_ptr, row_part_ptr, row_sums_ptr, col_part_ptr, col_sums_ptr,
+    R, W, D, TD, row0, col0, tiles_per_split,
+    stride_dm, stride_am, stride_bn, stride_tm, stride_tam, stride_tbn, stride_dense, stride_rp, stride_rs,
+    stride_cp, stride_cs, penalty, t_c0, t_c1, soft,
+    SYMMETRIC: tl.constexpr, SMOOTHING: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_PENALTY: tl.constexpr,
+    PENALTY_MODE: tl.constexpr, HAS_DENSE: tl.constexpr, SOFT: tl.constexpr, ENTROPY: tl.constexpr,
+    TEACHER_LINEAR: tl.constexpr, MATMUL: tl.constexpr, INPUT_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One work item of ``_target_stats_kernel``."""
     pid_m, pid_s, offs_m, mask_m, rows, bound, scale, bias, t0, t1 = _program(
-        scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_per_split, HAS_MARGIN, BLOCK_M, BLOCK_N)
+        item, m_blocks, scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_per_split, HAS_MARGIN, BLOCK_M, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     r_i = tl.zeros([BLOCK_M], tl.float32)
     n_pos = tl.zeros([BLOCK_M], tl.float32)
@@ -200,8 +238,8 @@ def _target_stats_kernel(
     for ct in range(t0, t1):
         offs_n = ct * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < W
-        d = tl.load(dot_ptr + offs_m[:, None] * stride_dm + offs_n[None, :],
-                    mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        d = dot_tile(dot_ptr, stride_dm, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m, offs_n, mask_m, mask_n,
+                     MATMUL, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         keep, pos, t = target_tile(d, rows, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr,
                                    row_flag_ptr, col_flag_ptr, dense_ptr, stride_dense, bound, scale, bias, penalty,
                                    HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE)
@@ -229,8 +267,10 @@ def _target_stats_kernel(
             if not TEACHER_LINEAR:
                 t_scale = tl.load(t_scale_ptr).to(tl.float32)
             t_row_hi, t_row_lo = _teacher_norms(t_row_ptr, offs_m, mask_m)
-            q_row, q_col = _teacher_chunk_tile(tdot_ptr, stride_tm, offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr,
-                                               t_scale, t_c0, t_c1, t_row_hi, t_row_lo, TEACHER_LINEAR, SYMMETRIC)
+            q_row, q_col = _teacher_dot_tile(tdot_ptr, stride_tm, ta_ptr, stride_tam, tb_ptr, stride_tbn, TD,
+                                             offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr, t_scale, t_c0, t_c1,
+                                             t_row_hi, t_row_lo, TEACHER_LINEAR, SYMMETRIC, MATMUL, T_PRECISION,
+                                             BLOCK_M, BLOCK_N, BLOCK_K)
             x_row += tl.sum(q_row * t_keep, 1)
             if ENTROPY:
                 hw_row = tl.load(t_row_hw_ptr + offs_m, mask=mask_m, other=0.0)
@@ -258,14 +298,16 @@ def _target_stats_kernel(
 
 @triton.jit
 def _target_grad_kernel(
-    dot_ptr, g_ptr, scale_ptr, bias_ptr, row_info_ptr, col_info_ptr, row_flag_ptr, col_flag_ptr, dense_ptr,
-    bound_ptr, row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, col_lse_ptr, q_col_pos_ptr, q_col_keep_ptr, w_col_ptr,
-    tdot_ptr, t_scale_ptr, t_row_ptr, t_col_ptr, row_mass_ptr, col_mass_ptr, part_ptr,
-    R, W, row0, col0, tiles_per_split, num_programs,
-    stride_dm, stride_gm, stride_tm, stride_dense, penalty, w_row, g_scale, t_c0, t_c1, soft,
+    dot_ptr, a_ptr, b_ptr, g_ptr, scale_ptr, bias_ptr, row_info_ptr, col_info_ptr, row_flag_ptr, col_flag_ptr,
+    dense_ptr, bound_ptr, row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, col_lse_ptr, q_col_pos_ptr, q_col_keep_ptr,
+    w_col_ptr, tdot_ptr, ta_ptr, tb_ptr, t_scale_ptr, t_row_ptr, t_col_ptr, row_mass_ptr, col_mass_ptr, part_ptr,
+    R, W, D, TD, row0, col0, m_blocks, n_items, tiles_per_split,
+    stride_dm, stride_am, stride_bn, stride_gm, stride_tm, stride_tam, stride_tbn, stride_dense,
+    penalty, w_row, g_scale, t_c0, t_c1, soft,
     SYMMETRIC: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_PENALTY: tl.constexpr, PENALTY_MODE: tl.constexpr,
     HAS_DENSE: tl.constexpr, SOFT: tl.constexpr, TEACHER_LINEAR: tl.constexpr, HAS_MASS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MATMUL: tl.constexpr, INPUT_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """G of program (m, s)'s tiles on the kept pairs (0 elsewhere):
     ``w_row·(exp(t − row_lse) − q_row_pos·[pos] − q_row_keep) [+ w_col·(exp(t − col_lse) − q_col_pos·[pos]
@@ -275,10 +317,47 @@ def _target_grad_kernel(
     softmax term is ``mass·exp(x)`` (at such a positive ``mass·expm1(x) + (mass − q)``), the row's mass
     at row_mass, the column's at col_mass. G·g_scale is stored to g_ptr (which may alias dot_ptr: each
     element is read before the same program writes it); part[0, p] = Σ G·dot, part[1, p] = Σ G
-    (unscaled)."""
+    (unscaled), p the work item. The tiles come from ``chunked.dot_tile`` as in
+    ``_target_stats_kernel``."""
+    if MATMUL:  # persistent: the programs take the work items in turn
+        for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
+            _target_grad_item(
+                item, m_blocks, dot_ptr, a_ptr, b_ptr, g_ptr, scale_ptr, bias_ptr, row_info_ptr, col_info_ptr,
+                row_flag_ptr, col_flag_ptr, dense_ptr, bound_ptr, row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, col_lse_ptr,
+                q_col_pos_ptr, q_col_keep_ptr, w_col_ptr, tdot_ptr, ta_ptr, tb_ptr, t_scale_ptr, t_row_ptr, t_col_ptr,
+                row_mass_ptr, col_mass_ptr, part_ptr, R, W, D, TD, row0, col0, n_items, tiles_per_split,
+                stride_dm, stride_am, stride_bn, stride_gm, stride_tm, stride_tam, stride_tbn, stride_dense,
+                penalty, w_row, g_scale, t_c0, t_c1, soft,
+                SYMMETRIC, HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE, SOFT, TEACHER_LINEAR, HAS_MASS,
+                MATMUL, INPUT_PRECISION, T_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:  # one work item per program
+        _target_grad_item(
+            tl.program_id(0), m_blocks, dot_ptr, a_ptr, b_ptr, g_ptr, scale_ptr, bias_ptr, row_info_ptr,
+            col_info_ptr, row_flag_ptr, col_flag_ptr, dense_ptr, bound_ptr, row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, col_lse_ptr,
+            q_col_pos_ptr, q_col_keep_ptr, w_col_ptr, tdot_ptr, ta_ptr, tb_ptr, t_scale_ptr, t_row_ptr, t_col_ptr,
+            row_mass_ptr, col_mass_ptr, part_ptr, R, W, D, TD, row0, col0, n_items, tiles_per_split,
+            stride_dm, stride_am, stride_bn, stride_gm, stride_tm, stride_tam, stride_tbn, stride_dense,
+            penalty, w_row, g_scale, t_c0, t_c1, soft,
+            SYMMETRIC, HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE, SOFT, TEACHER_LINEAR, HAS_MASS,
+            MATMUL, INPUT_PRECISION, T_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _target_grad_item(
+    item, m_blocks, dot_ptr, a_ptr, b_ptr, g_ptr, scale_ptr, bias_ptr, row_info_ptr, col_info_ptr,
+    row_flag_ptr, col_flag_ptr, dense_ptr, bound_ptr, row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, col_lse_ptr,
+    q_col_pos_ptr, q_col_keep_ptr, w_col_ptr, tdot_ptr, ta_ptr, tb_ptr, t_scale_ptr, t_row_ptr, t_col_ptr,
+    row_mass_ptr, col_mass_ptr, part_ptr, R, W, D, TD, row0, col0, n_items, tiles_per_split,
+    stride_dm, stride_am, stride_bn, stride_gm, stride_tm, stride_tam, stride_tbn, stride_dense,
+    penalty, w_row, g_scale, t_c0, t_c1, soft,
+    SYMMETRIC: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_PENALTY: tl.constexpr, PENALTY_MODE: tl.constexpr,
+    HAS_DENSE: tl.constexpr, SOFT: tl.constexpr, TEACHER_LINEAR: tl.constexpr, HAS_MASS: tl.constexpr,
+    MATMUL: tl.constexpr, INPUT_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One work item of ``_target_grad_kernel``."""
     pid_m, pid_s, offs_m, mask_m, rows, bound, scale, bias, t0, t1 = _program(
-        scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_per_split, HAS_MARGIN, BLOCK_M, BLOCK_N)
-    pid = pid_m * tl.num_programs(1) + pid_s
+        item, m_blocks, scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_per_split, HAS_MARGIN, BLOCK_M, BLOCK_N)
     row_hi, row_lo = _split_lse(tl.load(row_lse_ptr + offs_m, mask=mask_m, other=float("inf")))
     qp = tl.load(q_row_pos_ptr + offs_m, mask=mask_m, other=0.0)
     qk = tl.load(q_row_keep_ptr + offs_m, mask=mask_m, other=0.0)
@@ -295,13 +374,16 @@ def _target_grad_kernel(
         offs_n = ct * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < W
         mask = mask_m[:, None] & mask_n[None, :]
-        d = tl.load(dot_ptr + offs_m[:, None] * stride_dm + offs_n[None, :], mask=mask, other=0.0)
+        d = dot_tile(dot_ptr, stride_dm, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m, offs_n, mask_m, mask_n,
+                     MATMUL, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         keep, pos, t = target_tile(d, rows, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr,
                                    row_flag_ptr, col_flag_ptr, dense_ptr, stride_dense, bound, scale, bias, penalty,
                                    HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE)
         if SOFT:
-            q_row, q_col = _teacher_chunk_tile(tdot_ptr, stride_tm, offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr,
-                                               t_scale, t_c0, t_c1, t_row_hi, t_row_lo, TEACHER_LINEAR, SYMMETRIC)
+            q_row, q_col = _teacher_dot_tile(tdot_ptr, stride_tm, ta_ptr, stride_tam, tb_ptr, stride_tbn, TD,
+                                             offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr, t_scale, t_c0, t_c1,
+                                             t_row_hi, t_row_lo, TEACHER_LINEAR, SYMMETRIC, MATMUL, T_PRECISION,
+                                             BLOCK_M, BLOCK_N, BLOCK_K)
         x = (t - row_hi[:, None]) - row_lo[:, None]
         e = tl.exp2(x * LOG2E)
         # at a positive, P − q: for q near 1 (a single positive) as expm1(x) + (1 − q), which keeps the
@@ -339,8 +421,33 @@ def _target_grad_kernel(
         acc_g += tl.sum(g, 1)
         tl.store(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :], (g * g_scale).to(g_ptr.dtype.element_ty),
                  mask=mask)
-    tl.store(part_ptr + pid, tl.sum(acc_gd, 0))
-    tl.store(part_ptr + num_programs + pid, tl.sum(acc_g, 0))
+    tl.store(part_ptr + item, tl.sum(acc_gd, 0))
+    tl.store(part_ptr + n_items + item, tl.sum(acc_g, 0))
+
+
+@triton.jit
+def _pair_dots_kernel(a_ptr, b_ptr, out_ptr, R, W, D, pair_col0, stride_am, stride_bn,
+                      INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """out[i] = A_i·B_(i + pair_col0) for the R rows of a chunk over W columns (local indices), for the
+    margin rule of the matmul producer: taken from ``dot_tile``'s tiles at the epilogue kernels'
+    alignment (row blocks and column tiles at multiples of BLOCK_M, BLOCK_N), so that each value is
+    bitwise the logit the epilogues compare with it."""
+    pid = tl.program_id(0)
+    offs_m = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    mask_m = offs_m < R
+    target = offs_m + pair_col0
+    first = pid * BLOCK_M + pair_col0
+    t0 = tl.maximum(first, 0) // BLOCK_N
+    t1 = tl.minimum(tl.cdiv(first + BLOCK_M, BLOCK_N), tl.cdiv(W, BLOCK_N))
+    acc = tl.zeros([BLOCK_M], tl.float32)
+    for ct in range(t0, t1):
+        offs_n = ct * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < W
+        d = dot_tile(a_ptr, stride_am, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m, offs_n, mask_m, mask_n,
+                     True, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc += tl.sum(tl.where(offs_n[None, :] == target[:, None], d, 0.0), 1)
+    tl.store(out_ptr + offs_m, acc, mask=mask_m)
 
 
 # ------------------------------------------------------------------------------------------ host side
@@ -452,13 +559,76 @@ class _Teacher:
         return dict(SOFT=self.soft, TEACHER_LINEAR=self.linear)
 
 
-def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes, teacher=None):
+# Soft targets on the matmul producer: the kernels take the teacher's features and form its tiles
+# beside the student's (``_teacher_dot_tile``), but no configuration tried compiles without register
+# spills on sm_80 / sm_90 (two pipelined K loops beside the soft epilogue), so they keep the cuBLAS
+# producer until one does. ``FASTCON_TRITON_PRODUCER=matmul`` does not change that.
+SOFT_ON_MATMUL = False
+
+
+class _Tiles:
+    """The producer of the target epilogues' tiles for one call (``chunked.producer``): the cuBLAS
+    chunks of dot products (the student's, and the teacher's with soft targets), or the matmul
+    producer, which forms them from the features in the kernels (hard targets: ``SOFT_ON_MATMUL``).
+    The teacher's features must then have a dtype tl.dot takes."""
+
+    def __init__(self, a, target, kernel: str, cublas: bool = False):
+        t = target
+        teacher_ok = not t.soft or (SOFT_ON_MATMUL and t.teacher_a.dtype == t.teacher_b.dtype
+                                    and str(t.teacher_a.dtype).replace("torch.", "") in SUPPORTED_DTYPES)
+        self.matmul = not cublas and producer(a) == "matmul" and teacher_ok
+        name = str(a.dtype).replace("torch.", "")
+        self.cfg = matmul_config(kernel, name) if self.matmul else chunked_config(kernel)
+        self.target = target
+        self.prod = _Producer(self.matmul, self.cfg)
+        self.t_prec = "ieee"
+        if self.matmul and t.soft and t.teacher_a.dtype == torch.float32:
+            self.t_prec = FUSED_FP32_PRECISION
+
+    def operands(self, a, b, tch, r0, r1, c0, c1):
+        """(dot, a_c, b_k, tdot, ta_c, tb_k) of rows [r0, r1) × columns [c0, c1): the chunks in memory
+        (cuBLAS) with stand-ins for the features, or the features with stand-ins for the chunks."""
+        if not self.matmul:
+            dot = mm_acc(a[r0:r1], b[c0:c1].T)
+            tdot = tch.chunk(r0, r1, c0, c1)
+            return dot, dot, dot, tdot, tdot, tdot
+        a_c, b_k = a[r0:r1], b[c0:c1]
+        if self.target.soft:
+            ta, tb = self.target.teacher_a[r0:r1].contiguous(), self.target.teacher_b[c0:c1].contiguous()
+        else:
+            ta = tb = tch.dummy.reshape(1, 1)
+        return a_c, a_c, b_k, ta, ta, tb
+
+    def consts(self, a):
+        return dict(self.prod.consts(a), T_PRECISION=self.t_prec)
+
+
+def _feature_bounds(tiles, target, a, b, r0: int, r1: int, c0: int, c1: int):
+    """Each row's A_i·B_pair − margin for the matmul producer (which has no chunk of dot products to
+    read it from): the pair's logit from the producer's own tiles (``_pair_dots_kernel``) over the
+    chunk's columns [c0, c1), or a dummy."""
+    if target.margin is None:
+        return a.new_zeros(1, dtype=torch.float32)
+    cfg = tiles.cfg
+    r = r1 - r0
+    out = torch.empty(r, dtype=torch.float32, device=a.device)
+    a_c, b_k = a[r0:r1], b[c0:c1]
+    launch(_pair_dots_kernel)[(triton.cdiv(r, cfg.block_m),)](
+        a_c, b_k, out, r, c1 - c0, a.shape[1], r0 + int(target.pair_offset) - c0, a_c.stride(0), b_k.stride(0),
+        INPUT_PRECISION=tiles.consts(a)["INPUT_PRECISION"], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return (out - target.margin).contiguous()
+
+
+def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes, teacher=None,
+                 cublas=False):
     """Pass 1 of the general target (the contract of ``torch_chunked.target_stats``; with soft
-    targets ``teacher`` is the ``targets.TeacherNorms`` of the teacher's pass)."""
+    targets ``teacher`` is the ``targets.TeacherNorms`` of the teacher's pass). ``cublas``: the
+    cuBLAS producer whatever ``chunked.producer`` says (the teacher's pass, ``teacher_pass``)."""
     from ..targets import TargetStats, column_span, hard_weight, with_teacher
 
     _check(a, b)
-    cfg = chunked_config("target_stats")
     na, nb = a.shape[0], b.shape[0]
     dev = a.device
     f32, f64 = torch.float32, torch.float64
@@ -484,31 +654,38 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
     t_c0, t_c1, t_soft = tch.numbers
     cached, kept = [], 0
     dummy = torch.zeros(1, dtype=f64, device=dev)
-    chunk_rows = memory_rows(na, nb, chunk_rows, dev)
+    tiles = _Tiles(a, target, "target_stats", cublas)
+    cfg = tiles.cfg
+    if tiles.matmul:  # the float64 LSE and fp32 sums of each (row block, column) within the budget
+        chunk_rows = matmul_plan(na, nb, a.dtype, chunk_rows, chunk_bytes(dev),
+                                 col_bytes=(8 + 4 * n_sums) if symmetric else 1).stats_rows
+    else:
+        chunk_rows = memory_rows(na, nb, chunk_rows, dev)
     for r0, r1 in row_chunks(na, chunk_rows):
         c0, c1 = column_span(target, r0, r1, nb)
         if c1 == c0:
             continue
-        dot = mm_acc(a[r0:r1], b[c0:c1].T)
-        tdot = tch.chunk(r0, r1, c0, c1)
+        dot, a_c, b_k, tdot, ta, tb = tiles.operands(a, b, tch, r0, r1, c0, c1)
         r, w = r1 - r0, c1 - c0
-        m_blocks, splits, per_split = _grid(r, w, cfg.block_m, cfg.block_n, dev)
-        row_part = torch.empty((splits, r), dtype=f64, device=dev)
-        row_sums = torch.zeros((splits, n_sums, r), dtype=f32, device=dev)
-        col_part = torch.empty((m_blocks, w), dtype=f64, device=dev) if symmetric else dummy
-        col_sums = torch.zeros((m_blocks, n_sums, w), dtype=f32, device=dev) if symmetric else dummy.float()
-        launch(_target_stats_kernel)[(m_blocks, splits)](
-            dot, scale, bias, *packed.args(), _bounds(target, dot, r0, r1, c0),
-            tdot, tch.scale, tch.rows(r0, r1), tch.cols(c0, c1),
+        it = _items(r, w, cfg, dev)
+        row_part = torch.empty((it.splits, r), dtype=f64, device=dev)
+        row_sums = torch.zeros((it.splits, n_sums, r), dtype=f32, device=dev)
+        col_part = torch.empty((it.m_blocks, w), dtype=f64, device=dev) if symmetric else dummy
+        col_sums = torch.zeros((it.m_blocks, n_sums, w), dtype=f32, device=dev) if symmetric else dummy.float()
+        bound = (_feature_bounds(tiles, target, a, b, r0, r1, c0, c1) if tiles.matmul
+                 else _bounds(target, dot, r0, r1, c0))
+        launch(_target_stats_kernel)[it.grid](
+            dot, a_c, b_k, scale, bias, *packed.args(), bound,
+            tdot, ta, tb, tch.scale, tch.rows(r0, r1), tch.cols(c0, c1),
             hw_row[r0:r1] if entropy else hw_row, hw_col[c0:c1] if (entropy and symmetric) else hw_col,
             row_part, row_sums, col_part, col_sums,
-            r, w, r0, c0, per_split,
-            dot.stride(0), tdot.stride(0), packed.dense.stride(0), row_part.stride(0), row_sums.stride(0),
+            r, w, a.shape[1], ta.shape[1], r0, c0, it.m_blocks, it.n_items, it.per_split,
+            dot.stride(0), a_c.stride(0), b_k.stride(0), tdot.stride(0), ta.stride(0), tb.stride(0),
+            packed.dense.stride(0), row_part.stride(0), row_sums.stride(0),
             col_part.stride(0) if symmetric else 0, col_sums.stride(0) if symmetric else 0, packed.penalty,
             t_c0, t_c1, t_soft,
             SYMMETRIC=bool(symmetric), SMOOTHING=bool(smoothing), **packed.flags(), **tch.flags(),
-            ENTROPY=entropy, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
+            ENTROPY=entropy, **tiles.consts(a),
         )
         _merge(row_part, st.row_lse[r0:r1], accumulate=False)
         totals = row_sums.double().sum(dim=0)
@@ -530,7 +707,7 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
                 if entropy:
                     ent_col[c0:c1] += ctot[5]
         size = dot.numel() * dot.element_size()
-        if len(cached) * chunk_rows == r0 and kept + size <= cache_bytes:
+        if not tiles.matmul and len(cached) * chunk_rows == r0 and kept + size <= cache_bytes:
             cached.append(dot)
             kept += size
     if soft:
@@ -538,12 +715,21 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
     return st, cached
 
 
+def _teacher_pass(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes, teacher=None):
+    """The teacher's pass (``targets.teacher_stats``) on the producer of the soft pass's teacher tiles
+    (``SOFT_ON_MATMUL``), so that its normalisers come from the same logits those tiles hold."""
+    return target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes, teacher,
+                        cublas=not SOFT_ON_MATMUL)
+
+
+target_stats.teacher_pass = _teacher_pass
+
+
 def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
     """Pass 2 of the general target (the contract of ``torch_chunked.target_grad``)."""
     from ..targets import column_span
 
     _check(a, b)
-    cfg = chunked_config("target_grad")
     na, nb = a.shape[0], b.shape[0]
     dev = a.device
     w8 = weights
@@ -573,37 +759,53 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
     g_scale = grad_tile_scale(a.dtype, (abs(float(w8.w_row)) + (float(w8.w_col_max) if symmetric else 0.0))
                               * _q_bound(target))
     parts = []
-    chunk_rows = memory_rows(na, nb, chunk_rows, dev)  # as target_stats, whose cached chunks these are
+    tiles = _Tiles(a, target, "target_grad")
+    cfg = tiles.cfg
+    if tiles.matmul:  # blocks of rows × columns whose G fits the budget
+        plan = matmul_plan(na, nb, a.dtype, chunk_rows, chunk_bytes(dev))
+        chunk_rows, block_cols = plan.grad_rows, plan.grad_cols
+        g_buf = torch.empty((chunk_rows, block_cols), dtype=a.dtype, device=dev)
+    else:
+        chunk_rows, block_cols = memory_rows(na, nb, chunk_rows, dev), nb  # as target_stats: its cached chunks
     for k, (r0, r1) in enumerate(row_chunks(na, chunk_rows)):
-        c0, c1 = column_span(target, r0, r1, nb)
-        if c1 == c0:
-            continue
-        dot = cached[k] if k < len(cached) else mm_acc(a[r0:r1], b[c0:c1].T)
-        if k < len(cached):
-            dot = dot.clone()  # G is written in place
-        tdot = tch.chunk(r0, r1, c0, c1)
-        r, w = r1 - r0, c1 - c0
-        g_buf = _g_buffer(a, r, w)
-        g = dot if g_buf is None else g_buf
-        m_blocks, splits, per_split = _grid(r, w, cfg.block_m, cfg.block_n, dev)
-        nprog = m_blocks * splits
-        part = torch.empty((2, nprog), dtype=torch.float32, device=dev)
-        sl = slice(c0, c1)
-        launch(_target_grad_kernel)[(m_blocks, splits)](
-            dot, g, scale, bias, *packed.args(), _bounds(target, dot, r0, r1, c0),
-            row_lse[r0:r1], q_row_pos[r0:r1], q_row_keep[r0:r1],
-            col_lse[sl] if symmetric else col_lse, q_col_pos[sl] if symmetric else q_col_pos,
-            q_col_keep[sl] if symmetric else q_col_keep, w_col[sl] if symmetric else w_col,
-            tdot, tch.scale, tch.rows(r0, r1), tch.cols(c0, c1), row_mass[r0:r1] if has_mass else row_mass,
-            col_mass[sl] if (has_mass and symmetric) else col_mass, part,
-            r, w, r0, c0, per_split, nprog,
-            dot.stride(0), g.stride(0), tdot.stride(0), packed.dense.stride(0), packed.penalty, float(w8.w_row),
-            g_scale, t_c0, t_c1, t_soft,
-            SYMMETRIC=symmetric, **packed.flags(), **tch.flags(), HAS_MASS=has_mass,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-        parts.append(part)
-        _grad_gemms(g, a[r0:r1], b[c0:c1], scale, grad_a[r0:r1], grad_b[c0:c1], g_scale)
+        span0, span1 = column_span(target, r0, r1, nb)
+        # the margin bounds at pass 1's alignment (its chunk's columns from span0)
+        bound = (_feature_bounds(tiles, target, a, b, r0, r1, span0, span1) if tiles.matmul and span1 > span0
+                 else None)
+        for c0 in range(span0, span1, block_cols):
+            c1 = min(span1, c0 + block_cols)
+            if not tiles.matmul and k < len(cached):
+                dot = cached[k].clone()  # G is written in place
+                tdot = tch.chunk(r0, r1, c0, c1)
+                a_c = b_k = ta = tb = dot
+            else:
+                dot, a_c, b_k, tdot, ta, tb = tiles.operands(a, b, tch, r0, r1, c0, c1)
+            r, w = r1 - r0, c1 - c0
+            if tiles.matmul:
+                g = g_buf[:r, :w]
+            else:
+                g_chunk = _g_buffer(a, r, w)
+                g = dot if g_chunk is None else g_chunk
+            it = _items(r, w, cfg, dev)
+            part = torch.empty((2, it.n_items), dtype=torch.float32, device=dev)
+            sl = slice(c0, c1)
+            if not tiles.matmul:
+                bound = _bounds(target, dot, r0, r1, c0)
+            launch(_target_grad_kernel)[it.grid](
+                dot, a_c, b_k, g, scale, bias, *packed.args(), bound,
+                row_lse[r0:r1], q_row_pos[r0:r1], q_row_keep[r0:r1],
+                col_lse[sl] if symmetric else col_lse, q_col_pos[sl] if symmetric else q_col_pos,
+                q_col_keep[sl] if symmetric else q_col_keep, w_col[sl] if symmetric else w_col,
+                tdot, ta, tb, tch.scale, tch.rows(r0, r1), tch.cols(c0, c1), row_mass[r0:r1] if has_mass else row_mass,
+                col_mass[sl] if (has_mass and symmetric) else col_mass, part,
+                r, w, a.shape[1], ta.shape[1], r0, c0, it.m_blocks, it.n_items, it.per_split,
+                dot.stride(0), a_c.stride(0), b_k.stride(0), g.stride(0), tdot.stride(0), ta.stride(0),
+                tb.stride(0), packed.dense.stride(0), packed.penalty, float(w8.w_row), g_scale, t_c0, t_c1, t_soft,
+                SYMMETRIC=symmetric, **packed.flags(), **tch.flags(), HAS_MASS=has_mass, **tiles.consts(a),
+            )
+            parts.append(part)
+            _grad_gemms(g, a[r0:r1], b[c0:c1], scale, grad_a[r0:r1], grad_b[c0:c1], g_scale,
+                        accumulate_a=c0 > span0)
     grad_b.mul_(scale)
     totals = torch.cat(parts, dim=1).sum(dim=1) if parts else torch.zeros(2, dtype=torch.float32, device=dev)
     return grad_a, grad_b, totals[0].clone(), totals[1].clone()
@@ -621,7 +823,9 @@ def target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, 
 # ------------------------------------------------------------------------------------ compile gate
 def compile_specs():
     """Every (kernel, constexprs, launch config) this module ships, for each supported input dtype
-    (see ``chunked.compile_specs``; used by tests/test_triton_compile.py)."""
+    (see ``chunked.compile_specs``; used by tests/test_triton_compile.py): the epilogue kernels with
+    the cuBLAS producer in each shipped variant, and with the matmul producer (hard targets) in the
+    heaviest variants (all pair rules; the row LSE's masses) and the margin rule's pair kernel."""
     specs = []
     i32, f32p, f64p, i64p, u8p = "i32", "*fp32", "*fp64", "*i64", "*u8"
     tri = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -637,60 +841,81 @@ def compile_specs():
     soft_max = dict(SOFT=True, ENTROPY=True, TEACHER_LINEAR=False)
     soft_lin = dict(SOFT=True, ENTROPY=False, TEACHER_LINEAR=True)
     rules = dict(everything, HAS_MARGIN=False)
-    teacher_sig = {"tdot_ptr": f32p, "t_scale_ptr": f32p, "t_row_ptr": f64p, "t_col_ptr": f64p}
+    scalars = {"R": i32, "W": i32, "D": i32, "TD": i32, "row0": i32, "col0": i32, "m_blocks": i32, "n_items": i32,
+               "tiles_per_split": i32, "stride_dm": i32, "stride_am": i32, "stride_bn": i32}
+    teacher_strides = {"stride_tm": i32, "stride_tam": i32, "stride_tbn": i32}
 
     def soft_tag(soft):
         if not soft["SOFT"]:
             return ""
         return ",soft=" + ("linear" if soft["TEACHER_LINEAR"] else "softmax") + (",entropy" if soft["ENTROPY"] else "")
 
-    cfg = chunked_config("target_stats")
-    for flags, sym, smooth, soft in ((none, False, False, hard), (margin, False, False, hard),
-                                     (penalty, False, True, hard), (none, True, False, hard),
-                                     (everything, True, True, hard), (none, True, False, soft_max),
-                                     (none, True, False, soft_lin), (rules, True, True, soft_max)):
-        sig = {"dot_ptr": f32p, "scale_ptr": f32p, "bias_ptr": f32p, **target_sig, **teacher_sig,
-               "t_row_hw_ptr": f32p, "t_col_hw_ptr": f32p,
+    def producer_consts(matmul, dtype, kernel):
+        cfg = matmul_config(kernel, dtype) if matmul else chunked_config(kernel)
+        prec = FUSED_FP32_PRECISION if matmul and dtype == "float32" else "ieee"
+        return cfg, dict(MATMUL=matmul, INPUT_PRECISION=prec, T_PRECISION=prec, BLOCK_M=cfg.block_m,
+                         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k or 16)
+
+    def add(name, fn, sig, consts, cfg, dtype, matmul):
+        sig = dict(sig)
+        for key in consts:
+            sig[key] = "constexpr"
+        specs.append(dict(name=name + ("[mm]" if matmul else ""), fn=fn, signature=sig, constexprs=consts,
+                          num_warps=cfg.num_warps, num_stages=cfg.num_stages, uses_dot=matmul, dtype=dtype,
+                          config=cfg, divisible=("D", "TD") if matmul else (), pipelined=matmul,
+                          wgmma_required=matmul and dtype != "float32"))
+
+    cublas_stats = [(none, False, False, hard), (margin, False, False, hard), (penalty, False, True, hard),
+                    (none, True, False, hard), (everything, True, True, hard), (none, True, False, soft_max),
+                    (none, True, False, soft_lin), (rules, True, True, soft_max)]
+    mm_stats = [(everything, True, True, hard), (margin, False, False, hard)]
+    stats_runs = [(False, "float32", v) for v in cublas_stats]
+    stats_runs += [(True, dtype, v) for dtype in SUPPORTED_DTYPES for v in mm_stats]
+    for matmul, dtype, (flags, sym, smooth, soft) in stats_runs:
+        op = "*" + tri[dtype] if matmul else f32p
+        sig = {"dot_ptr": f32p, "a_ptr": op, "b_ptr": op, "scale_ptr": f32p, "bias_ptr": f32p, **target_sig,
+               "tdot_ptr": f32p, "ta_ptr": op, "tb_ptr": op, "t_scale_ptr": f32p, "t_row_ptr": f64p,
+               "t_col_ptr": f64p, "t_row_hw_ptr": f32p, "t_col_hw_ptr": f32p,
                "row_part_ptr": f64p, "row_sums_ptr": f32p, "col_part_ptr": f64p, "col_sums_ptr": f32p,
-               "R": i32, "W": i32, "row0": i32, "col0": i32, "tiles_per_split": i32,
-               "stride_dm": i32, "stride_tm": i32, "stride_dense": i32, "stride_rp": i32, "stride_rs": i32,
-               "stride_cp": i32, "stride_cs": i32, "penalty": "fp32", "t_c0": "fp32", "t_c1": "fp32", "soft": "fp32",
-               "SYMMETRIC": "constexpr", "SMOOTHING": "constexpr",
-               "HAS_MARGIN": "constexpr", "HAS_PENALTY": "constexpr", "PENALTY_MODE": "constexpr",
-               "HAS_DENSE": "constexpr", "SOFT": "constexpr", "ENTROPY": "constexpr", "TEACHER_LINEAR": "constexpr",
-               "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
-        consts = dict(SYMMETRIC=sym, SMOOTHING=smooth, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags, **soft)
+               **scalars, **teacher_strides, "stride_dense": i32, "stride_rp": i32, "stride_rs": i32,
+               "stride_cp": i32, "stride_cs": i32, "penalty": "fp32", "t_c0": "fp32", "t_c1": "fp32", "soft": "fp32"}
+        cfg, prod = producer_consts(matmul, dtype, "target_stats")
+        consts = dict(SYMMETRIC=sym, SMOOTHING=smooth, **flags, **soft, **prod)
         tag = ",".join(k for k, v in flags.items() if v and k != "PENALTY_MODE") or "plain"
-        specs.append(dict(name=f"target_stats[{tag},sym={sym},smooth={smooth}{soft_tag(soft)}]",
-                          fn=_target_stats_kernel, signature=sig, constexprs=consts, num_warps=cfg.num_warps,
-                          num_stages=cfg.num_stages, uses_dot=False, dtype="float32", config=cfg))
-    cfg = chunked_config("target_grad")
+        add(f"target_stats[{tag},sym={sym},smooth={smooth}{soft_tag(soft)}]", _target_stats_kernel, sig, consts,
+            cfg, dtype, matmul)
     g_hard = dict(SOFT=False, TEACHER_LINEAR=False, HAS_MASS=False)
     g_soft_max = dict(SOFT=True, TEACHER_LINEAR=False, HAS_MASS=False)
     g_soft_lin = dict(SOFT=True, TEACHER_LINEAR=True, HAS_MASS=True)
     g_mass = dict(SOFT=False, TEACHER_LINEAR=False, HAS_MASS=True)  # a row LSE's upstream weights
+    grad_runs = []
     for dtype in SUPPORTED_DTYPES:
         variants = [(none, False, g_hard), (everything, True, g_hard), (none, True, g_soft_max),
                     (none, True, g_soft_lin), (rules, False, g_mass)]
         if dtype == "float32":
             variants += [(margin, False, g_hard), (penalty, False, g_hard), (none, True, g_hard),
                          (rules, True, g_soft_max), (none, False, g_soft_max)]
-        for flags, sym, soft in variants:
-            sig = {"dot_ptr": f32p, "g_ptr": "*" + tri[dtype], "scale_ptr": f32p, "bias_ptr": f32p, **target_sig,
-                   "row_lse_ptr": f64p, "q_row_pos_ptr": f32p, "q_row_keep_ptr": f32p, "col_lse_ptr": f64p,
-                   "q_col_pos_ptr": f32p, "q_col_keep_ptr": f32p, "w_col_ptr": f32p, **teacher_sig,
-                   "row_mass_ptr": f32p, "col_mass_ptr": f32p, "part_ptr": f32p,
-                   "R": i32, "W": i32, "row0": i32, "col0": i32, "tiles_per_split": i32, "num_programs": i32,
-                   "stride_dm": i32, "stride_gm": i32, "stride_tm": i32, "stride_dense": i32, "penalty": "fp32",
-                   "w_row": "fp32", "g_scale": "fp32", "t_c0": "fp32", "t_c1": "fp32", "soft": "fp32",
-                   "SYMMETRIC": "constexpr", "HAS_MARGIN": "constexpr",
-                   "HAS_PENALTY": "constexpr", "PENALTY_MODE": "constexpr", "HAS_DENSE": "constexpr",
-                   "SOFT": "constexpr", "TEACHER_LINEAR": "constexpr", "HAS_MASS": "constexpr",
-                   "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
-            consts = dict(SYMMETRIC=sym, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags, **soft)
-            tag = ",".join(k for k, v in flags.items() if v and k != "PENALTY_MODE") or "plain"
-            stag = soft_tag(dict(soft, ENTROPY=False)) + (",mass" if soft["HAS_MASS"] else "")
-            specs.append(dict(name=f"target_grad[{tag},sym={sym}{stag}]", fn=_target_grad_kernel, signature=sig,
-                              constexprs=consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                              uses_dot=False, dtype=dtype, config=cfg))
+        grad_runs += [(False, dtype, v) for v in variants]
+        grad_runs += [(True, dtype, v) for v in ((everything, True, g_hard), (rules, False, g_mass))]
+    for matmul, dtype, (flags, sym, soft) in grad_runs:
+        op = "*" + tri[dtype] if matmul else f32p
+        sig = {"dot_ptr": f32p, "a_ptr": op, "b_ptr": op, "g_ptr": "*" + tri[dtype], "scale_ptr": f32p,
+               "bias_ptr": f32p, **target_sig, "row_lse_ptr": f64p, "q_row_pos_ptr": f32p, "q_row_keep_ptr": f32p,
+               "col_lse_ptr": f64p, "q_col_pos_ptr": f32p, "q_col_keep_ptr": f32p, "w_col_ptr": f32p,
+               "tdot_ptr": f32p, "ta_ptr": op, "tb_ptr": op, "t_scale_ptr": f32p, "t_row_ptr": f64p,
+               "t_col_ptr": f64p, "row_mass_ptr": f32p, "col_mass_ptr": f32p, "part_ptr": f32p,
+               **scalars, "stride_gm": i32, **teacher_strides, "stride_dense": i32, "penalty": "fp32",
+               "w_row": "fp32", "g_scale": "fp32", "t_c0": "fp32", "t_c1": "fp32", "soft": "fp32"}
+        cfg, prod = producer_consts(matmul, dtype, "target_grad")
+        consts = dict(SYMMETRIC=sym, **flags, **soft, **prod)
+        tag = ",".join(k for k, v in flags.items() if v and k != "PENALTY_MODE") or "plain"
+        stag = soft_tag(dict(soft, ENTROPY=False)) + (",mass" if soft["HAS_MASS"] else "")
+        add(f"target_grad[{tag},sym={sym}{stag}]", _target_grad_kernel, sig, consts, cfg, dtype, matmul)
+    for dtype in SUPPORTED_DTYPES:
+        op = "*" + tri[dtype]
+        cfg, prod = producer_consts(True, dtype, "target_stats")
+        sig = {"a_ptr": op, "b_ptr": op, "out_ptr": f32p, "R": i32, "W": i32, "D": i32, "pair_col0": i32,
+               "stride_am": i32, "stride_bn": i32}
+        consts = {k: prod[k] for k in ("INPUT_PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K")}
+        add("target_pair_dots", _pair_dots_kernel, sig, consts, cfg, dtype, True)
     return specs
