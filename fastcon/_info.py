@@ -62,6 +62,10 @@ def backend_info() -> dict:
         "cpu_half": ("operands widened to fp32 (torch has no bf16/fp16 GEMM with fp32 output on the CPU): "
                      "the same exact products, accumulated in fp32"),
         "fp16_grad_lift": "G times a power of two before its fp16 cast, undone in the GEMMs' alpha",
+        "triton_producer": ("FASTCON_TRITON_PRODUCER=" + (os.environ.get("FASTCON_TRITON_PRODUCER") or "auto") +
+                            ": auto takes the matmul producer (the epilogue kernels form their tiles with tl.dot, "
+                            "no logit in memory) for bf16/fp16 on a GPU, except soft targets; cuBLAS chunks with "
+                            "fp32 output otherwise"),
     }
     info["ops"] = {
         "custom_ops": ["fastcon::softmax_loss", "fastcon::sigmoid_loss", "fastcon::target_softmax_loss",

@@ -376,3 +376,46 @@ def test_expm1_is_minus_one_where_exp_is_subnormal():
     out = torch.empty_like(x)
     _expm1_kernel()[(1,)](x, out, N=16)
     assert torch.allclose(out, torch.expm1(x.double()).float(), rtol=2e-6, atol=0.0)
+
+
+@pytest.mark.interpreter
+def test_autotuning_is_opt_in_and_keeps_both_passes_on_one_configuration(monkeypatch):
+    """FASTCON_TRITON_AUTOTUNE=1: the first call of a key times each candidate once (here a timer that
+    prefers the second), both passes then take the chosen configuration, and the results are the
+    contract's; without the variable the fixed configuration runs and nothing is timed."""
+    from fastcon.kernels.triton import chunked, configs
+
+    fixed = configs.MATMUL_CONFIGS[("softmax", "float32")]
+    other = configs.Config(block_m=16, block_n=32, num_warps=4, num_stages=2, block_k=16, occupancy=1)
+    monkeypatch.setitem(configs.MATMUL_CANDIDATES, ("softmax", "float32"), [fixed, other])
+    monkeypatch.setitem(configs.MATMUL_CANDIDATES, ("sigmoid", "float32"), [fixed, other])
+    monkeypatch.setenv("FASTCON_TRITON_PRODUCER", "matmul")
+    monkeypatch.setattr(chunked, "_TUNED", {})
+    timed = []
+
+    def fake_time(run):
+        run()
+        timed.append(1)
+        return float(len(timed) % 2)  # the second candidate of each family is the fastest
+
+    monkeypatch.setattr(chunked, "_time", fake_time)
+    a, b, s, bb = _inputs(40, 50, 24, 14.3, -10.0)
+
+    monkeypatch.delenv("FASTCON_TRITON_AUTOTUNE", raising=False)
+    chunked.softmax_fused(a, b, s, bb, 3, 0.5, 0.5, 1.0, 40, 0)
+    assert not timed and not chunked._TUNED
+
+    monkeypatch.setenv("FASTCON_TRITON_AUTOTUNE", "1")
+    for _ in range(2):  # the second call reuses the choice
+        got = chunked.softmax_fused(a, b, s, bb, 3, 0.5, 0.5, 1.0, 40, 0)
+        want = ref.softmax_fused(a, b, s, bb, 3, 0.5, 0.5, 1.0, 40, 0)
+        for n, x, y in zip(("row_lse", "col_lse", "pos_logit", "ga", "gb", "gs", "gbias"), got, want):
+            _close(x, y, 24.3, n)
+        got = chunked.sigmoid_fused(a, b, s, bb, 3, 0.7, 40, True)
+        want = ref.sigmoid_fused(a, b, s, bb, 3, 0.7, 40, True)
+        for n, x, y in zip(("loss", "ga", "gb", "gs", "gbias"), got, want):
+            _close(x, y, 24.3, n)
+    assert len(timed) == 4  # two candidates of two families, once
+    assert sorted(k[0] for k in chunked._TUNED) == ["sigmoid", "softmax"]
+    assert all(cfg == other for cfg in chunked._TUNED.values())
+    assert chunked.tuned_config("stats", a) == chunked.tuned_config("softmax_grad", a) == other

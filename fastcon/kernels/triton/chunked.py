@@ -46,6 +46,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import time
 from typing import NamedTuple
 
 import torch
@@ -54,7 +55,8 @@ import triton.language as tl
 
 from .._common import chunk_bytes, mask_columns_without_positive, mm_acc, row_chunks, stats_pass
 from . import launch
-from .configs import FUSED_FP32_PRECISION, SUPPORTED_DTYPES, chunked_config, matmul_config
+from .configs import (FUSED_FP32_PRECISION, MATMUL_FAMILY, SUPPORTED_DTYPES, chunked_config, dtype_class,
+                      matmul_candidates, matmul_config)
 from .gemm import mm_accumulate
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -499,8 +501,82 @@ class _Producer(NamedTuple):
 
 def _producer_for(a: torch.Tensor, kernel: str) -> _Producer:
     if producer(a) == "matmul":
-        return _Producer(True, matmul_config(kernel, str(a.dtype).replace("torch.", "")))
+        return _Producer(True, tuned_config(kernel, a))
     return _Producer(False, chunked_config(kernel))
+
+
+# ---------------------------------------------------------------------------------- autotuning
+AUTOTUNE_ENV = "FASTCON_TRITON_AUTOTUNE"
+_TUNED: dict = {}
+
+
+def _tune_key(family: str, a: torch.Tensor) -> tuple:
+    """Tuning is per loss family, dtype class, D (rounded up to a power of two) and device."""
+    name = torch.cuda.get_device_name(a.device) if a.is_cuda else str(a.device)
+    d = max(16, 1 << max(0, int(a.shape[1]) - 1).bit_length())
+    return family, dtype_class(str(a.dtype).replace("torch.", "")), d, name
+
+
+def tuned_config(kernel: str, a: torch.Tensor):
+    """The matmul producer's configuration of ``kernel`` for inputs like ``a``: the family's fixed one,
+    or with ``FASTCON_TRITON_AUTOTUNE=1`` the one ``autotune`` chose for this key."""
+    fixed = matmul_config(kernel, str(a.dtype).replace("torch.", ""))
+    if os.environ.get(AUTOTUNE_ENV) != "1":
+        return fixed
+    return _TUNED.get(_tune_key(MATMUL_FAMILY[kernel], a), fixed)
+
+
+def _time(run) -> float:
+    """Milliseconds of ``run()``: CUDA events through triton.testing.do_bench on a GPU, one timed call
+    after a warm-up elsewhere (the interpreter: tuning there only exercises the logic)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return float(triton.testing.do_bench(run, warmup=5, rep=20))
+    run()
+    t0 = time.perf_counter()
+    run()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def autotune(family: str, a: torch.Tensor, run) -> None:
+    """With ``FASTCON_TRITON_AUTOTUNE=1``, the first call of a key (``_tune_key``) times ``run(cfg)``
+    (a launch of the family's heaviest kernel on a sample of the call's own inputs) for each of the
+    family's candidates (``configs.MATMUL_CANDIDATES``) and keeps the fastest for the rest of the
+    process; both passes of a loss then take that one configuration. Off (the default), every call
+    takes the fixed configuration: results never depend on timing."""
+    if os.environ.get(AUTOTUNE_ENV) != "1" or torch.compiler.is_compiling():
+        return  # (under torch.compile the traced launches take what was chosen before, or the fixed one)
+    key = _tune_key(family, a)
+    if key in _TUNED:
+        return
+    candidates = matmul_candidates(family, key[1])
+    times = [(_time(lambda c=cfg: run(c)), i) for i, cfg in enumerate(candidates)]
+    _TUNED[key] = candidates[min(times)[1]]
+
+
+TUNE_ROWS, TUNE_COLS = 4096, 8192  # the sample block autotuning times
+
+
+def _tuning_run(family: str, a, b, scale, bias):
+    """``run(cfg)`` for ``autotune``: the family's gradient kernel with configuration ``cfg`` on the
+    first TUNE_ROWS × TUNE_COLS block of the call's inputs (G into a scratch buffer)."""
+    r, n = min(a.shape[0], TUNE_ROWS), min(b.shape[0], TUNE_COLS)
+    a_s, b_s = a[:r], b[:n]
+    g = torch.empty((r, n), dtype=a.dtype, device=a.device)
+    lse = torch.zeros(max(r, n), dtype=torch.float64, device=a.device)
+
+    def run(cfg):
+        consts = _Producer(True, cfg).consts(a)
+        it = _items(r, n, cfg, a.device)
+        part = torch.empty((3, it.n_items), dtype=torch.float32, device=a.device)
+        common = (r, n, a.shape[1], it.m_blocks, it.n_items, it.per_split, 0,
+                  a_s.stride(0), a_s.stride(0), b_s.stride(0), g.stride(0))
+        if family == "softmax":
+            launch(_chunk_softmax_grad_kernel)[it.grid](a_s, a_s, b_s, g, scale, bias, lse, lse, part, *common,
+                                                        1.0, 1.0, 2.0, 1.0, HAS_COL_TERM=True, **consts)
+        else:
+            launch(_chunk_sigmoid_kernel)[it.grid](a_s, a_s, b_s, g, scale, bias, part, *common, 1.0, 1.0,
+                                                   NEED_GRAD=True, **consts)
+    return run
 
 
 def memory_rows(na: int, nb: int, chunk_rows: int, device: torch.device) -> int:
@@ -599,6 +675,8 @@ def _matmul_stats(a, b, scale, bias, pos_offset, rows):
 def _stats_pass(a, b, scale, bias, pos_offset, chunk_rows, cache_bytes):
     """(row_lse, col_lse, pos_logit, cached dot-product chunks) of pass 1 by this call's producer."""
     if producer(a) == "matmul":
+        if a.shape[0] and b.shape[0]:
+            autotune("softmax", a, _tuning_run("softmax", a, b, scale, bias))
         plan = matmul_plan(a.shape[0], b.shape[0], a.dtype, chunk_rows, chunk_bytes(a.device))
         return _matmul_stats(a, b, scale, bias, pos_offset, plan.stats_rows) + ([],)
     rows = memory_rows(a.shape[0], b.shape[0], chunk_rows, a.device)
@@ -744,6 +822,8 @@ def sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad):
         grad_a = torch.empty(a.shape, dtype=torch.float32, device=dev)
         grad_b = torch.zeros(b.shape, dtype=torch.float32, device=dev)
     g_scale = grad_tile_scale(a.dtype, abs(w))
+    if producer(a) == "matmul" and a.shape[0] and b.shape[0]:
+        autotune("sigmoid", a, _tuning_run("sigmoid", a, b, scale, bias))
     prod = _producer_for(a, "sigmoid")
 
     def launch_block(dot, a_c, b_k, g, r0, c0):
@@ -803,11 +883,15 @@ def compile_specs():
             {"stride_pn": 1, "ACCUMULATE": acc, "BLOCK_N": cfg.block_n}, cfg, "float32")
 
     def producers(dtype, kernel):
-        """(label, producer constexprs, config, operand pointer type) of each producer of ``kernel``."""
-        mm = matmul_config(kernel, dtype)
+        """(label, producer constexprs, config, operand pointer type) of each producer of ``kernel``:
+        the matmul producer at its fixed configuration and at every autotuning candidate."""
+        fixed = matmul_config(kernel, dtype)
         prec = FUSED_FP32_PRECISION if dtype == "float32" else "ieee"
-        out = [("mm", dict(MATMUL=True, INPUT_PRECISION=prec, BLOCK_M=mm.block_m, BLOCK_N=mm.block_n,
-                           BLOCK_K=mm.block_k), mm, "*" + tri[dtype])]
+        out = []
+        for mm in [fixed] + [c for c in matmul_candidates(MATMUL_FAMILY[kernel], dtype_class(dtype)) if c != fixed]:
+            label = "mm" if mm == fixed else "mm,candidate"
+            out.append((label, dict(MATMUL=True, INPUT_PRECISION=prec, BLOCK_M=mm.block_m, BLOCK_N=mm.block_n,
+                                    BLOCK_K=mm.block_k), mm, "*" + tri[dtype]))
         if kernel != "stats" or dtype == "float32":  # the cuBLAS producer's chunk is fp32 in any case
             c = chunked_config(kernel)
             out.append(("cublas", dict(MATMUL=False, INPUT_PRECISION="ieee", BLOCK_M=c.block_m,

@@ -90,6 +90,27 @@ MATMUL_FAMILY = {"stats": "softmax", "softmax_grad": "softmax", "sigmoid": "sigm
                  "target_grad": "target"}
 
 
+# Autotuning (opt-in, ``FASTCON_TRITON_AUTOTUNE=1``: ``chunked.autotune``): the configurations a family
+# may take instead of its fixed one, each compile-gated like it (tests/test_triton_compile.py). Every
+# candidate's block_m divides 128 and its block_n divides 64, the alignment of the chunks that
+# ``chunked.matmul_plan`` forms from the fixed "softmax" configuration.
+MATMUL_CANDIDATES: dict[tuple[str, str], list] = {
+    ("softmax", "half"): [MATMUL_CONFIGS[("softmax", "half")],
+                          Config(block_m=128, block_n=64, num_warps=8, num_stages=4, block_k=64, occupancy=1),
+                          Config(block_m=64, block_n=64, num_warps=4, num_stages=3, block_k=64, occupancy=2),
+                          Config(block_m=64, block_n=64, num_warps=4, num_stages=4, block_k=64, occupancy=2)],
+    ("sigmoid", "half"): [MATMUL_CONFIGS[("sigmoid", "half")],
+                          Config(block_m=64, block_n=64, num_warps=4, num_stages=2, block_k=64, occupancy=2),
+                          Config(block_m=128, block_n=64, num_warps=8, num_stages=2, block_k=64, occupancy=1)],
+}
+
+
+def matmul_candidates(family: str, cls: str) -> list:
+    """The configurations autotuning may choose from for a family and dtype class ("half" or
+    "float32"): its candidates, or its fixed configuration alone."""
+    return MATMUL_CANDIDATES.get((family, cls), [MATMUL_CONFIGS[(family, cls)]])
+
+
 def matmul_config(kernel: str, dtype_name: str) -> Config:
     """The matmul producer's configuration of an epilogue kernel (``stats``, ``softmax_grad``,
     ``sigmoid``): the one of its loss family."""
