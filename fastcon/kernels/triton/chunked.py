@@ -198,6 +198,19 @@ def dot_tile(dot_ptr, stride_dm, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m, 
 
 
 @triton.jit
+def column_tile(ct, dot_ptr, stride_dm, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m, mask_m, N,
+                MATMUL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Column tile ``ct`` of a row block (local rows ``offs_m``) of an epilogue over N columns: its
+    column offsets, their mask and its dot products (``dot_tile``)."""
+    offs_n = ct * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    d = dot_tile(dot_ptr, stride_dm, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m, offs_n, mask_m, mask_n,
+                 MATMUL, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    return offs_n, mask_n, d
+
+
+@triton.jit
 def _items_end(n_items, PERSISTENT: tl.constexpr):
     """End of a program's loop over work items: all of them for a persistent grid (the matmul
     producer, whose configurations state an occupancy: ``_items``), else its own one (a loop the
@@ -254,11 +267,9 @@ def _chunk_stats_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         r_i = tl.zeros([BLOCK_M], tl.float32)  # Σ exp(t − m_i) − 1
         for ct in range(t0, t1):
-            offs_n = ct * BLOCK_N + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < N
+            offs_n, mask_n, d = column_tile(ct, dot_ptr, stride_dm, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m,
+                                           mask_m, N, MATMUL, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
             mask = mask_m[:, None] & mask_n[None, :]
-            d = dot_tile(dot_ptr, stride_dm, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m, offs_n, mask_m, mask_n,
-                         MATMUL, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
             t = tl.where(mask, d * scale + bias, float("-inf"))
             pos_d += tl.sum(tl.where(mask & (offs_n[None, :] == target[:, None]), d, 0.0), 1)
             # row statistics, online over the split's columns
@@ -329,11 +340,9 @@ def _chunk_softmax_grad_kernel(
         acc_gd = tl.zeros([BLOCK_M], tl.float32)
         acc_g = tl.zeros([BLOCK_M], tl.float32)
         for ct in range(t0, t1):
-            offs_n = ct * BLOCK_N + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < N
+            offs_n, mask_n, d = column_tile(ct, dot_ptr, stride_dm, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m,
+                                           mask_m, N, MATMUL, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
             mask = mask_m[:, None] & mask_n[None, :]
-            d = dot_tile(dot_ptr, stride_dm, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m, offs_n, mask_m, mask_n,
-                         MATMUL, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
             t = d * scale + bias
             g = _softmax_grad_tile(t, ct, offs_n, mask_n, mask_m, target, first_target, N, row_hi, row_lo,
                                    col_lse_ptr, w_row, w_col, w_tgt, HAS_COL_TERM, BLOCK_M, BLOCK_N)
@@ -390,11 +399,9 @@ def _chunk_sigmoid_kernel(
         acc_gd = tl.zeros([BLOCK_M], tl.float32)
         acc_g = tl.zeros([BLOCK_M], tl.float32)
         for ct in range(t0, t1):
-            offs_n = ct * BLOCK_N + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < N
+            offs_n, mask_n, d = column_tile(ct, dot_ptr, stride_dm, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m,
+                                           mask_m, N, MATMUL, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
             mask = mask_m[:, None] & mask_n[None, :]
-            d = dot_tile(dot_ptr, stride_dm, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m, offs_n, mask_m, mask_n,
-                         MATMUL, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
             loss, g = _sigmoid_terms(d * scale + bias, offs_n[None, :] == target[:, None])
             acc_loss += tl.sum(tl.where(mask, loss, 0.0), 1)
             if NEED_GRAD:

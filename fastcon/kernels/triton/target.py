@@ -38,7 +38,7 @@ import triton.language as tl
 from .._common import chunk_bytes, mm_acc, row_chunks
 from . import launch
 from .chunked import (LOG2E, _Producer, _check, _expm1, _g_buffer, _grad_gemms, _items, _items_end, _items_step,
-                      _lse64, _merge, _online_rows, _split_lse, _tile_lse_parts, dot_tile,
+                      _lse64, _merge, _online_rows, _split_lse, _tile_lse_parts, column_tile, dot_tile,
                       grad_tile_scale, matmul_plan, memory_rows, producer)
 from .configs import FUSED_FP32_PRECISION, SUPPORTED_DTYPES, chunked_config, matmul_config
 
@@ -200,100 +200,74 @@ def _target_stats_kernel(
     MATMUL formed here from the features (a_ptr, b_ptr; ta_ptr, tb_ptr, D and TD wide), the
     programs then taking the work items in turn (persistent)."""
     for item in range(tl.program_id(0), _items_end(n_items, MATMUL), _items_step(MATMUL)):
-        _target_stats_item(
-            item, m_blocks, dot_ptr, a_ptr, b_ptr, scale_ptr, bias_ptr, row_info_ptr, col_info_ptr, row_flag_ptr,
-            col_flag_ptr, dense_ptr, bound_ptr, tdot_ptr, ta_ptr, tb_ptr, t_scale_ptr, t_row_ptr, t_col_ptr,
-            t_row_hw_ptr, t_col_hw_ptr, row_part_ptr, row_sums_ptr, col_part_ptr, col_sums_ptr,
-            R, W, D, TD, row0, col0, tiles_per_split,
-            stride_dm, stride_am, stride_bn, stride_tm, stride_tam, stride_tbn, stride_dense, stride_rp, stride_rs,
-            stride_cp, stride_cs, penalty, t_c0, t_c1, soft,
-            SYMMETRIC, SMOOTHING, HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE, SOFT, ENTROPY, TEACHER_LINEAR,
-            MATMUL, INPUT_PRECISION, T_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-
-
-@triton.jit
-def _target_stats_item(
-    item, m_blocks, dot_ptr, a_ptr, b_ptr, scale_ptr, bias_ptr, row_info_ptr, col_info_ptr, row_flag_ptr,
-    col_flag_ptr, dense_ptr, bound_ptr, tdot_ptr, ta_ptr, tb_ptr, t_scale_ptr, t_row_ptr, t_col_ptr,
-    t_row_hw_ptr, t_col_hw_ptr, row_part_ptr, row_sums_ptr, col_part_ptr, col_sums_ptr,
-    R, W, D, TD, row0, col0, tiles_per_split,
-    stride_dm, stride_am, stride_bn, stride_tm, stride_tam, stride_tbn, stride_dense, stride_rp, stride_rs,
-    stride_cp, stride_cs, penalty, t_c0, t_c1, soft,
-    SYMMETRIC: tl.constexpr, SMOOTHING: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_PENALTY: tl.constexpr,
-    PENALTY_MODE: tl.constexpr, HAS_DENSE: tl.constexpr, SOFT: tl.constexpr, ENTROPY: tl.constexpr,
-    TEACHER_LINEAR: tl.constexpr, MATMUL: tl.constexpr, INPUT_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """One work item of ``_target_stats_kernel``."""
-    pid_m, pid_s, offs_m, mask_m, rows, bound, scale, bias, t0, t1 = _program(
-        item, m_blocks, scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_per_split, HAS_MARGIN, BLOCK_M, BLOCK_N)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    r_i = tl.zeros([BLOCK_M], tl.float32)
-    n_pos = tl.zeros([BLOCK_M], tl.float32)
-    s_pos = tl.zeros([BLOCK_M], tl.float32)
-    n_keep = tl.zeros([BLOCK_M], tl.float32)
-    s_keep = tl.zeros([BLOCK_M], tl.float32)
-    x_row = tl.zeros([BLOCK_M], tl.float32)
-    e_row = tl.zeros([BLOCK_M], tl.float32)
-    for ct in range(t0, t1):
-        offs_n = ct * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < W
-        d = dot_tile(dot_ptr, stride_dm, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m, offs_n, mask_m, mask_n,
-                     MATMUL, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        keep, pos, t = target_tile(d, rows, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr,
-                                   row_flag_ptr, col_flag_ptr, dense_ptr, stride_dense, bound, scale, bias, penalty,
-                                   HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE)
-        t = tl.where(keep, t, float("-inf"))
-        m_i, r_i = _online_rows(m_i, r_i, t)
-        t_pos = tl.where(pos, t, 0.0)
-        n_pos += tl.sum(pos.to(tl.float32), 1)
-        s_pos += tl.sum(t_pos, 1)
-        t_keep = tl.where(keep, t, 0.0)
-        if SMOOTHING:
-            n_keep += tl.sum(keep.to(tl.float32), 1)
-            s_keep += tl.sum(t_keep, 1)
-        if SYMMETRIC:
-            c_m, c_r = _tile_lse_parts(t, 0)
-            tl.store(col_part_ptr + pid_m * stride_cp + offs_n, _lse64(c_m, c_r), mask=mask_n)
-            base = col_sums_ptr + pid_m * stride_cs + offs_n
-            tl.store(base, tl.sum(pos.to(tl.float32), 0), mask=mask_n)
-            tl.store(base + W, tl.sum(t_pos, 0), mask=mask_n)
+        pid_m, pid_s, offs_m, mask_m, rows, bound, scale, bias, t0, t1 = _program(
+            item, m_blocks, scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_per_split, HAS_MARGIN, BLOCK_M, BLOCK_N)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        r_i = tl.zeros([BLOCK_M], tl.float32)
+        n_pos = tl.zeros([BLOCK_M], tl.float32)
+        s_pos = tl.zeros([BLOCK_M], tl.float32)
+        n_keep = tl.zeros([BLOCK_M], tl.float32)
+        s_keep = tl.zeros([BLOCK_M], tl.float32)
+        x_row = tl.zeros([BLOCK_M], tl.float32)
+        e_row = tl.zeros([BLOCK_M], tl.float32)
+        for ct in range(t0, t1):
+            offs_n, mask_n, d = column_tile(ct, dot_ptr, stride_dm, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m,
+                                           mask_m, W, MATMUL, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+            keep, pos, t = target_tile(d, rows, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr,
+                                       row_flag_ptr, col_flag_ptr, dense_ptr, stride_dense, bound, scale, bias, penalty,
+                                       HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE)
+            t = tl.where(keep, t, float("-inf"))
+            m_i, r_i = _online_rows(m_i, r_i, t)
+            t_pos = tl.where(pos, t, 0.0)
+            n_pos += tl.sum(pos.to(tl.float32), 1)
+            s_pos += tl.sum(t_pos, 1)
+            t_keep = tl.where(keep, t, 0.0)
             if SMOOTHING:
-                tl.store(base + 2 * W, tl.sum(keep.to(tl.float32), 0), mask=mask_n)
-                tl.store(base + 3 * W, tl.sum(t_keep, 0), mask=mask_n)
-        if SOFT:
-            # the teacher's terms last (its row vectors and scale read per tile, from L1: fewer live registers)
-            t_scale = 1.0
-            if not TEACHER_LINEAR:
-                t_scale = tl.load(t_scale_ptr).to(tl.float32)
-            t_row_hi, t_row_lo = _teacher_norms(t_row_ptr, offs_m, mask_m)
-            q_row, q_col = _teacher_dot_tile(tdot_ptr, stride_tm, ta_ptr, stride_tam, tb_ptr, stride_tbn, TD,
-                                             offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr, t_scale, t_c0, t_c1,
-                                             t_row_hi, t_row_lo, TEACHER_LINEAR, SYMMETRIC, MATMUL, T_PRECISION,
-                                             BLOCK_M, BLOCK_N, BLOCK_K)
-            x_row += tl.sum(q_row * t_keep, 1)
-            if ENTROPY:
-                hw_row = tl.load(t_row_hw_ptr + offs_m, mask=mask_m, other=0.0)
-                mix = q_row * soft + tl.where(pos, hw_row[:, None], 0.0)
-                e_row += tl.sum(_xlogx(mix), 1)
+                n_keep += tl.sum(keep.to(tl.float32), 1)
+                s_keep += tl.sum(t_keep, 1)
             if SYMMETRIC:
+                c_m, c_r = _tile_lse_parts(t, 0)
+                tl.store(col_part_ptr + pid_m * stride_cp + offs_n, _lse64(c_m, c_r), mask=mask_n)
                 base = col_sums_ptr + pid_m * stride_cs + offs_n
-                tl.store(base + 4 * W, tl.sum(q_col * t_keep, 0), mask=mask_n)
+                tl.store(base, tl.sum(pos.to(tl.float32), 0), mask=mask_n)
+                tl.store(base + W, tl.sum(t_pos, 0), mask=mask_n)
+                if SMOOTHING:
+                    tl.store(base + 2 * W, tl.sum(keep.to(tl.float32), 0), mask=mask_n)
+                    tl.store(base + 3 * W, tl.sum(t_keep, 0), mask=mask_n)
+            if SOFT:
+                # the teacher's terms last (its row vectors and scale read per tile, from L1: fewer live registers)
+                t_scale = 1.0
+                if not TEACHER_LINEAR:
+                    t_scale = tl.load(t_scale_ptr).to(tl.float32)
+                t_row_hi, t_row_lo = _teacher_norms(t_row_ptr, offs_m, mask_m)
+                q_row, q_col = _teacher_dot_tile(tdot_ptr, stride_tm, ta_ptr, stride_tam, tb_ptr, stride_tbn, TD,
+                                                 offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr, t_scale, t_c0, t_c1,
+                                                 t_row_hi, t_row_lo, TEACHER_LINEAR, SYMMETRIC, MATMUL, T_PRECISION,
+                                                 BLOCK_M, BLOCK_N, BLOCK_K)
+                x_row += tl.sum(q_row * t_keep, 1)
                 if ENTROPY:
-                    hw_col = tl.load(t_col_hw_ptr + offs_n, mask=mask_n, other=0.0)
-                    mix = q_col * soft + tl.where(pos, hw_col[None, :], 0.0)
-                    tl.store(base + 5 * W, tl.sum(_xlogx(mix), 0), mask=mask_n)
-    tl.store(row_part_ptr + pid_s * stride_rp + offs_m, _lse64(m_i, r_i), mask=mask_m)
-    base = row_sums_ptr + pid_s * stride_rs + offs_m
-    tl.store(base, n_pos, mask=mask_m)
-    tl.store(base + R, s_pos, mask=mask_m)
-    if SMOOTHING:
-        tl.store(base + 2 * R, n_keep, mask=mask_m)
-        tl.store(base + 3 * R, s_keep, mask=mask_m)
-    if SOFT:
-        tl.store(base + 4 * R, x_row, mask=mask_m)
-        if ENTROPY:
-            tl.store(base + 5 * R, e_row, mask=mask_m)
+                    hw_row = tl.load(t_row_hw_ptr + offs_m, mask=mask_m, other=0.0)
+                    mix = q_row * soft + tl.where(pos, hw_row[:, None], 0.0)
+                    e_row += tl.sum(_xlogx(mix), 1)
+                if SYMMETRIC:
+                    base = col_sums_ptr + pid_m * stride_cs + offs_n
+                    tl.store(base + 4 * W, tl.sum(q_col * t_keep, 0), mask=mask_n)
+                    if ENTROPY:
+                        hw_col = tl.load(t_col_hw_ptr + offs_n, mask=mask_n, other=0.0)
+                        mix = q_col * soft + tl.where(pos, hw_col[None, :], 0.0)
+                        tl.store(base + 5 * W, tl.sum(_xlogx(mix), 0), mask=mask_n)
+        tl.store(row_part_ptr + pid_s * stride_rp + offs_m, _lse64(m_i, r_i), mask=mask_m)
+        base = row_sums_ptr + pid_s * stride_rs + offs_m
+        tl.store(base, n_pos, mask=mask_m)
+        tl.store(base + R, s_pos, mask=mask_m)
+        if SMOOTHING:
+            tl.store(base + 2 * R, n_keep, mask=mask_m)
+            tl.store(base + 3 * R, s_keep, mask=mask_m)
+        if SOFT:
+            tl.store(base + 4 * R, x_row, mask=mask_m)
+            if ENTROPY:
+                tl.store(base + 5 * R, e_row, mask=mask_m)
+
 
 
 @triton.jit
@@ -319,110 +293,73 @@ def _target_grad_kernel(
     element is read before the same program writes it); part[0, p] = Σ G·dot, part[1, p] = Σ G
     (unscaled), p the work item. The tiles come from ``chunked.dot_tile`` as in
     ``_target_stats_kernel``."""
-    if MATMUL:  # persistent: the programs take the work items in turn
-        for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
-            _target_grad_item(
-                item, m_blocks, dot_ptr, a_ptr, b_ptr, g_ptr, scale_ptr, bias_ptr, row_info_ptr, col_info_ptr,
-                row_flag_ptr, col_flag_ptr, dense_ptr, bound_ptr, row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, col_lse_ptr,
-                q_col_pos_ptr, q_col_keep_ptr, w_col_ptr, tdot_ptr, ta_ptr, tb_ptr, t_scale_ptr, t_row_ptr, t_col_ptr,
-                row_mass_ptr, col_mass_ptr, part_ptr, R, W, D, TD, row0, col0, n_items, tiles_per_split,
-                stride_dm, stride_am, stride_bn, stride_gm, stride_tm, stride_tam, stride_tbn, stride_dense,
-                penalty, w_row, g_scale, t_c0, t_c1, soft,
-                SYMMETRIC, HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE, SOFT, TEACHER_LINEAR, HAS_MASS,
-                MATMUL, INPUT_PRECISION, T_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-    else:  # one work item per program
-        _target_grad_item(
-            tl.program_id(0), m_blocks, dot_ptr, a_ptr, b_ptr, g_ptr, scale_ptr, bias_ptr, row_info_ptr,
-            col_info_ptr, row_flag_ptr, col_flag_ptr, dense_ptr, bound_ptr, row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, col_lse_ptr,
-            q_col_pos_ptr, q_col_keep_ptr, w_col_ptr, tdot_ptr, ta_ptr, tb_ptr, t_scale_ptr, t_row_ptr, t_col_ptr,
-            row_mass_ptr, col_mass_ptr, part_ptr, R, W, D, TD, row0, col0, n_items, tiles_per_split,
-            stride_dm, stride_am, stride_bn, stride_gm, stride_tm, stride_tam, stride_tbn, stride_dense,
-            penalty, w_row, g_scale, t_c0, t_c1, soft,
-            SYMMETRIC, HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE, SOFT, TEACHER_LINEAR, HAS_MASS,
-            MATMUL, INPUT_PRECISION, T_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-
-
-@triton.jit
-def _target_grad_item(
-    item, m_blocks, dot_ptr, a_ptr, b_ptr, g_ptr, scale_ptr, bias_ptr, row_info_ptr, col_info_ptr,
-    row_flag_ptr, col_flag_ptr, dense_ptr, bound_ptr, row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, col_lse_ptr,
-    q_col_pos_ptr, q_col_keep_ptr, w_col_ptr, tdot_ptr, ta_ptr, tb_ptr, t_scale_ptr, t_row_ptr, t_col_ptr,
-    row_mass_ptr, col_mass_ptr, part_ptr, R, W, D, TD, row0, col0, n_items, tiles_per_split,
-    stride_dm, stride_am, stride_bn, stride_gm, stride_tm, stride_tam, stride_tbn, stride_dense,
-    penalty, w_row, g_scale, t_c0, t_c1, soft,
-    SYMMETRIC: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_PENALTY: tl.constexpr, PENALTY_MODE: tl.constexpr,
-    HAS_DENSE: tl.constexpr, SOFT: tl.constexpr, TEACHER_LINEAR: tl.constexpr, HAS_MASS: tl.constexpr,
-    MATMUL: tl.constexpr, INPUT_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """One work item of ``_target_grad_kernel``."""
-    pid_m, pid_s, offs_m, mask_m, rows, bound, scale, bias, t0, t1 = _program(
-        item, m_blocks, scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_per_split, HAS_MARGIN, BLOCK_M, BLOCK_N)
-    row_hi, row_lo = _split_lse(tl.load(row_lse_ptr + offs_m, mask=mask_m, other=float("inf")))
-    qp = tl.load(q_row_pos_ptr + offs_m, mask=mask_m, other=0.0)
-    qk = tl.load(q_row_keep_ptr + offs_m, mask=mask_m, other=0.0)
-    if HAS_MASS:
-        mass = tl.load(row_mass_ptr + offs_m, mask=mask_m, other=0.0)
-    if SOFT:
-        t_scale = 1.0
-        if not TEACHER_LINEAR:
-            t_scale = tl.load(t_scale_ptr).to(tl.float32)
-        t_row_hi, t_row_lo = _teacher_norms(t_row_ptr, offs_m, mask_m)
-    acc_gd = tl.zeros([BLOCK_M], tl.float32)
-    acc_g = tl.zeros([BLOCK_M], tl.float32)
-    for ct in range(t0, t1):
-        offs_n = ct * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < W
-        mask = mask_m[:, None] & mask_n[None, :]
-        d = dot_tile(dot_ptr, stride_dm, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m, offs_n, mask_m, mask_n,
-                     MATMUL, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        keep, pos, t = target_tile(d, rows, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr,
-                                   row_flag_ptr, col_flag_ptr, dense_ptr, stride_dense, bound, scale, bias, penalty,
-                                   HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE)
-        if SOFT:
-            q_row, q_col = _teacher_dot_tile(tdot_ptr, stride_tm, ta_ptr, stride_tam, tb_ptr, stride_tbn, TD,
-                                             offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr, t_scale, t_c0, t_c1,
-                                             t_row_hi, t_row_lo, TEACHER_LINEAR, SYMMETRIC, MATMUL, T_PRECISION,
-                                             BLOCK_M, BLOCK_N, BLOCK_K)
-        x = (t - row_hi[:, None]) - row_lo[:, None]
-        e = tl.exp2(x * LOG2E)
-        # at a positive, P − q: for q near 1 (a single positive) as expm1(x) + (1 − q), which keeps the
-        # precision of a confident P ≈ 1; for smaller q directly (with a mass m ≠ 1: m·P − q as
-        # m·expm1(x) + (m − q))
+    for item in range(tl.program_id(0), _items_end(n_items, MATMUL), _items_step(MATMUL)):
+        pid_m, pid_s, offs_m, mask_m, rows, bound, scale, bias, t0, t1 = _program(
+            item, m_blocks, scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_per_split, HAS_MARGIN, BLOCK_M, BLOCK_N)
+        row_hi, row_lo = _split_lse(tl.load(row_lse_ptr + offs_m, mask=mask_m, other=float("inf")))
+        qp = tl.load(q_row_pos_ptr + offs_m, mask=mask_m, other=0.0)
+        qk = tl.load(q_row_keep_ptr + offs_m, mask=mask_m, other=0.0)
         if HAS_MASS:
-            m2 = mass[:, None]
-            g = tl.where(pos, tl.where(qp[:, None] > 0.5, m2 * _expm1(x) + (m2 - qp[:, None]), e * m2 - qp[:, None]),
-                         e * m2)
-        else:
-            g = tl.where(pos, tl.where(qp[:, None] > 0.5, _expm1(x) + (1.0 - qp[:, None]), e - qp[:, None]), e)
-        g = g - qk[:, None]
+            mass = tl.load(row_mass_ptr + offs_m, mask=mask_m, other=0.0)
         if SOFT:
-            g = g - soft * q_row
-        g = w_row * g
-        if SYMMETRIC:
-            col_hi, col_lo = _split_lse(tl.load(col_lse_ptr + offs_n, mask=mask_n, other=float("inf")))
-            qcp = tl.load(q_col_pos_ptr + offs_n, mask=mask_n, other=0.0)
-            qck = tl.load(q_col_keep_ptr + offs_n, mask=mask_n, other=0.0)
-            wc = tl.load(w_col_ptr + offs_n, mask=mask_n, other=0.0)
-            xc = (t - col_hi[None, :]) - col_lo[None, :]
-            ec = tl.exp2(xc * LOG2E)
-            if HAS_MASS:
-                mc = tl.load(col_mass_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-                gc = tl.where(pos, tl.where(qcp[None, :] > 0.5, mc * _expm1(xc) + (mc - qcp[None, :]),
-                                            ec * mc - qcp[None, :]), ec * mc) - qck[None, :]
-            else:
-                gc = tl.where(pos, tl.where(qcp[None, :] > 0.5, _expm1(xc) + (1.0 - qcp[None, :]), ec - qcp[None, :]),
-                              ec) - qck[None, :]
+            t_scale = 1.0
+            if not TEACHER_LINEAR:
+                t_scale = tl.load(t_scale_ptr).to(tl.float32)
+            t_row_hi, t_row_lo = _teacher_norms(t_row_ptr, offs_m, mask_m)
+        acc_gd = tl.zeros([BLOCK_M], tl.float32)
+        acc_g = tl.zeros([BLOCK_M], tl.float32)
+        for ct in range(t0, t1):
+            offs_n, mask_n, d = column_tile(ct, dot_ptr, stride_dm, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m,
+                                           mask_m, W, MATMUL, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+            mask = mask_m[:, None] & mask_n[None, :]
+            keep, pos, t = target_tile(d, rows, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr,
+                                       row_flag_ptr, col_flag_ptr, dense_ptr, stride_dense, bound, scale, bias, penalty,
+                                       HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE)
             if SOFT:
-                gc = gc - soft * q_col
-            g += tl.where(wc[None, :] != 0.0, wc[None, :] * gc, 0.0)
-        g = tl.where(keep, g, 0.0)
-        acc_gd += tl.sum(g * d, 1)
-        acc_g += tl.sum(g, 1)
-        tl.store(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :], (g * g_scale).to(g_ptr.dtype.element_ty),
-                 mask=mask)
-    tl.store(part_ptr + item, tl.sum(acc_gd, 0))
-    tl.store(part_ptr + n_items + item, tl.sum(acc_g, 0))
+                q_row, q_col = _teacher_dot_tile(tdot_ptr, stride_tm, ta_ptr, stride_tam, tb_ptr, stride_tbn, TD,
+                                                 offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr, t_scale, t_c0, t_c1,
+                                                 t_row_hi, t_row_lo, TEACHER_LINEAR, SYMMETRIC, MATMUL, T_PRECISION,
+                                                 BLOCK_M, BLOCK_N, BLOCK_K)
+            x = (t - row_hi[:, None]) - row_lo[:, None]
+            e = tl.exp2(x * LOG2E)
+            # at a positive, P − q: for q near 1 (a single positive) as expm1(x) + (1 − q), which keeps the
+            # precision of a confident P ≈ 1; for smaller q directly (with a mass m ≠ 1: m·P − q as
+            # m·expm1(x) + (m − q))
+            if HAS_MASS:
+                m2 = mass[:, None]
+                g = tl.where(pos, tl.where(qp[:, None] > 0.5, m2 * _expm1(x) + (m2 - qp[:, None]), e * m2 - qp[:, None]),
+                             e * m2)
+            else:
+                g = tl.where(pos, tl.where(qp[:, None] > 0.5, _expm1(x) + (1.0 - qp[:, None]), e - qp[:, None]), e)
+            g = g - qk[:, None]
+            if SOFT:
+                g = g - soft * q_row
+            g = w_row * g
+            if SYMMETRIC:
+                col_hi, col_lo = _split_lse(tl.load(col_lse_ptr + offs_n, mask=mask_n, other=float("inf")))
+                qcp = tl.load(q_col_pos_ptr + offs_n, mask=mask_n, other=0.0)
+                qck = tl.load(q_col_keep_ptr + offs_n, mask=mask_n, other=0.0)
+                wc = tl.load(w_col_ptr + offs_n, mask=mask_n, other=0.0)
+                xc = (t - col_hi[None, :]) - col_lo[None, :]
+                ec = tl.exp2(xc * LOG2E)
+                if HAS_MASS:
+                    mc = tl.load(col_mass_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+                    gc = tl.where(pos, tl.where(qcp[None, :] > 0.5, mc * _expm1(xc) + (mc - qcp[None, :]),
+                                                ec * mc - qcp[None, :]), ec * mc) - qck[None, :]
+                else:
+                    gc = tl.where(pos, tl.where(qcp[None, :] > 0.5, _expm1(xc) + (1.0 - qcp[None, :]), ec - qcp[None, :]),
+                                  ec) - qck[None, :]
+                if SOFT:
+                    gc = gc - soft * q_col
+                g += tl.where(wc[None, :] != 0.0, wc[None, :] * gc, 0.0)
+            g = tl.where(keep, g, 0.0)
+            acc_gd += tl.sum(g * d, 1)
+            acc_g += tl.sum(g, 1)
+            tl.store(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :], (g * g_scale).to(g_ptr.dtype.element_ty),
+                     mask=mask)
+        tl.store(part_ptr + item, tl.sum(acc_gd, 0))
+        tl.store(part_ptr + n_items + item, tl.sum(acc_g, 0))
+
 
 
 @triton.jit
