@@ -68,15 +68,17 @@ def _contract_grads(a, b, scale, w_row, w_col, w_pos):
     return scale * g @ b, scale * g.T @ a, row.squeeze(1), col.squeeze(0)
 
 
-@pytest.mark.parametrize("path", ["chunked", "fused"])
+@pytest.mark.parametrize("path", ["chunked", "fused", "matmul"])
 @pytest.mark.parametrize("lift", [True, False])
 def test_fp16_gradient_keeps_its_bits(path, lift, monkeypatch):
     """With the weights of one rank's shard in a ring over N = 65,536 pairs, w = 1/(2N), the fp16
     gradients stay within a few fp16 ulps of the float64 truth; without the lift (monkeypatched off)
-    they do not: the test sees the subnormals."""
+    they do not: the test sees the subnormals. ``matmul``: the chunked path with the matmul producer
+    (its fp16 G block), the GPU's default for fp16."""
     import importlib
 
-    mod = importlib.import_module(f"fastcon.kernels.triton.{path}")
+    monkeypatch.setenv("FASTCON_TRITON_PRODUCER", "matmul" if path == "matmul" else "cublas")
+    mod = importlib.import_module(f"fastcon.kernels.triton.{'chunked' if path == 'matmul' else path}")
     if not lift:
         monkeypatch.setattr(mod, "grad_tile_scale", lambda dtype, bound: 1.0)
     n, d = 192, 64
@@ -86,7 +88,7 @@ def test_fp16_gradient_keeps_its_bits(path, lift, monkeypatch):
     ga_ref, gb_ref, row, col = _contract_grads(a, b, s, w, w, 2 * w)
     scale = torch.tensor(s)
     bias = torch.tensor(0.0)
-    kw = dict(chunk_rows=70) if path == "chunked" else dict(chunk_rows=n)
+    kw = dict(chunk_rows=n) if path == "fused" else dict(chunk_rows=70)
     ga, gb, _, _ = mod.softmax_grad(a, b, scale, bias, row, col, 0, w, w, 2 * w, **kw)
     err = max(((ga.double() - ga_ref).abs().max() / ga_ref.abs().max()).item(),
               ((gb.double() - gb_ref).abs().max() / gb_ref.abs().max()).item())
