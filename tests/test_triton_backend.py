@@ -190,6 +190,10 @@ def test_matmul_plan(n, dtype, memory):
     else:
         assert plan == (n, n, n)
     assert chunked.matmul_plan(n, n, dtype, 1000, budget).grad_rows <= 1000  # chunk_size= caps the rows
+    # the general target's partials: 32 bytes per column for each 64-row block of its kernels
+    target = chunked.matmul_plan(n, n, dtype, n, budget, col_bytes=32, partial_rows=64)
+    assert -(-target.stats_rows // 64) * n * 32 <= budget or target.stats_rows == cfg.block_m
+    assert target.stats_rows % cfg.block_m == 0 or target.stats_rows == n
 
 
 @pytest.mark.interpreter

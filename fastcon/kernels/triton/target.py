@@ -595,7 +595,7 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
     cfg = tiles.cfg
     if tiles.matmul:  # the float64 LSE and fp32 sums of each (row block, column) within the budget
         chunk_rows = matmul_plan(na, nb, a.dtype, chunk_rows, chunk_bytes(dev),
-                                 col_bytes=(8 + 4 * n_sums) if symmetric else 1).stats_rows
+                                 col_bytes=(8 + 4 * n_sums) if symmetric else 1, partial_rows=cfg.block_m).stats_rows
     else:
         chunk_rows = memory_rows(na, nb, chunk_rows, dev)
     for r0, r1 in row_chunks(na, chunk_rows):
