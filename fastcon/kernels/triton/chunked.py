@@ -466,11 +466,12 @@ def sm_count(device: torch.device) -> int:
     return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _grid(rows: int, cols: int, block_m: int, block_n: int, device: torch.device):
-    """(row blocks, column splits, column tiles per split) aiming at about _target_programs."""
+def _grid(rows: int, cols: int, block_m: int, block_n: int, device: torch.device, target: int = 0):
+    """(row blocks, column splits, column tiles per split) aiming at about ``target`` work items
+    (default _target_programs)."""
     m_blocks = triton.cdiv(rows, block_m)
     n_tiles = triton.cdiv(cols, block_n)
-    splits = max(1, min(n_tiles, triton.cdiv(_target_programs(device), m_blocks)))
+    splits = max(1, min(n_tiles, triton.cdiv(target or _target_programs(device), m_blocks)))
     per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, per_split)
     return m_blocks, splits, per_split
@@ -485,12 +486,18 @@ class _Items(NamedTuple):
     grid: tuple
 
 
+ITEMS_PER_PROGRAM = 8  # a persistent grid's work items per program: the last round idles at most 1/8
+
+
 def _items(rows: int, cols: int, cfg, device: torch.device) -> _Items:
     """Work items of an epilogue over rows × cols; a persistent configuration (``cfg.occupancy``)
-    launches ``occupancy`` programs per SM that take the items in turn, any other one program each."""
-    m_blocks, splits, per_split = _grid(rows, cols, cfg.block_m, cfg.block_n, device)
+    launches ``occupancy`` programs per SM that take the items in turn (about ITEMS_PER_PROGRAM each,
+    where the shape allows), any other one program each."""
+    programs = cfg.occupancy * sm_count(device) if cfg.occupancy else 0
+    m_blocks, splits, per_split = _grid(rows, cols, cfg.block_m, cfg.block_n, device,
+                                        max(_target_programs(device), ITEMS_PER_PROGRAM * programs))
     n_items = m_blocks * splits
-    programs = n_items if not cfg.occupancy else min(n_items, cfg.occupancy * sm_count(device))
+    programs = n_items if not cfg.occupancy else min(n_items, programs)
     return _Items(m_blocks, splits, per_split, n_items, (max(1, programs),))
 
 
