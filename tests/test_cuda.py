@@ -72,18 +72,23 @@ def test_cuda_fp32_matches_reference(loss, backend, n, d):
         assert e <= 1e-4
 
 
-def test_cuda_memory_is_linear_in_n(monkeypatch):
-    """At a chunk budget of 256 MiB the working memory of N = 16,384 stays below half of one fp32 N x N
-    logits matrix (the default budget scales with the GPU: FASTCON_CHUNK_BYTES pins it here)."""
-    monkeypatch.setenv("FASTCON_CHUNK_BYTES", str(256 << 20))
-    a, b = make_features(16384, 16384, 256)
+def _extra_memory_of_a_clip_step(n: int, d: int) -> int:
+    """Bytes one bf16 CLIP forward+backward at N = n, D = d allocates beyond its inputs, at its peak."""
+    a, b = make_features(n, n, d)
     a, b = a.cuda().bfloat16().requires_grad_(), b.cuda().bfloat16().requires_grad_()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     FC.clip_loss(a, b, torch.tensor(14.3, device="cuda")).backward()
     torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base
+    return torch.cuda.max_memory_allocated() - base
+
+
+def test_cuda_memory_is_linear_in_n(monkeypatch):
+    """At a chunk budget of 256 MiB the working memory of N = 16,384 stays below half of one fp32 N x N
+    logits matrix (the default budget scales with the GPU: FASTCON_CHUNK_BYTES pins it here)."""
+    monkeypatch.setenv("FASTCON_CHUNK_BYTES", str(256 << 20))
+    extra = _extra_memory_of_a_clip_step(16384, 256)
     assert extra < 16384 * 16384 * 4 // 2, f"{extra / 2**20:.0f} MiB: half of one 16k x 16k fp32 logits matrix is 512 MiB"
 
 
@@ -93,17 +98,10 @@ def test_cuda_working_memory_follows_the_device_budget():
     from fastcon.kernels._common import chunk_bytes
 
     n, d = 32768, 512
-    a, b = make_features(n, n, d)
-    a, b = a.cuda().bfloat16().requires_grad_(), b.cuda().bfloat16().requires_grad_()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    FC.clip_loss(a, b, torch.tensor(14.3, device="cuda")).backward()
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base
+    extra = _extra_memory_of_a_clip_step(n, d)
+    budget = chunk_bytes(torch.device("cuda"))
     per_row = 6 * d * 4  # fp32 gradients and their bf16 copies of both sides, the LSEs and partials
-    assert extra <= chunk_bytes(a.device) + n * per_row + (64 << 20), (
-        f"{extra / 2**20:.0f} MiB at a budget of {chunk_bytes(a.device) / 2**20:.0f} MiB")
+    assert extra <= budget + n * per_row + (64 << 20), f"{extra / 2**20:.0f} MiB at a budget of {budget / 2**20:.0f} MiB"
 
 
 # ---------------------------------------------------------------------------------------------------
