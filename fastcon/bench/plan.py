@@ -4,7 +4,7 @@ implies. An estimate, never a measurement.
 The plan is the engine's own. The chunked Triton backend's functions (``fastcon/kernels/triton/
 chunked.py``) run on meta tensors (shapes only: nothing is allocated and no GPU is needed), taking
 their CUDA branches: the producer a GPU would use (``chunked.producer_for``: the matmul producer for
-bf16/fp16, cuBLAS for fp32), the chunk budget of the named device's memory (``gpu_chunk_bytes``), its
+bf16/fp16, cuBLAS for fp32), the chunk budget of the named device's memory (``gpu_budget``), its
 SM count for the persistent grids, and, for the cuBLAS producer, the fp32-output tensor-core GEMM of
 ``mm_acc``. A dispatch mode records every tensor op they issue: the cuBLAS GEMMs, copies, fills and
 in-place updates. The Triton launches are recorded instead of run. For each call:
@@ -145,12 +145,11 @@ def chunk_plan(n: int, d: int, dtype: str, device: str) -> dict:
     budget, and the rows (and pass-2 columns) per chunk."""
     import torch
 
-    from fastcon.kernels._common import gpu_chunk_bytes
+    from fastcon.kernels._common import gpu_budget
     from fastcon.kernels.triton import chunked
 
     spec = DEVICES[device]
-    budget_env = _common_env_budget()
-    budget = budget_env or gpu_chunk_bytes(int(spec["memory_gib"] * (1 << 30)))
+    budget = gpu_budget(int(spec["memory_gib"] * (1 << 30)))
     tdtype = getattr(torch, dtype)
     prod = chunked.producer_for(tdtype, True)
     out = dict(producer=prod, budget_bytes=budget)
@@ -160,15 +159,9 @@ def chunk_plan(n: int, d: int, dtype: str, device: str) -> dict:
         out.update(stats_rows=p.stats_rows, grad_rows=p.grad_rows, grad_cols=p.grad_cols,
                    g_block_bytes=p.grad_rows * p.grad_cols * elt)
     else:
-        rows = max(1, min(n, budget // (4 * n)))
+        rows = chunked.memory_rows(n, n, n, budget)
         out.update(stats_rows=rows, grad_rows=rows, grad_cols=n, g_block_bytes=rows * n * 4)
     return out
-
-
-def _common_env_budget():
-    from fastcon.kernels._common import _env_bytes
-
-    return _env_bytes("FASTCON_CHUNK_BYTES")
 
 
 def trace(loss: str, n: int, d: int, dtype: str, device: str = "h100") -> tuple:

@@ -45,17 +45,20 @@ def _cuda_total_memory(index: int) -> int:
     return int(torch.cuda.get_device_properties(index).total_memory)
 
 
+def gpu_budget(total_memory: int) -> int:
+    """The chunk budget of a GPU with ``total_memory`` bytes: ``FASTCON_CHUNK_BYTES`` if set, else
+    ``gpu_chunk_bytes`` (also for a named device that is not here: ``fastcon-bench plan``)."""
+    return _env_bytes("FASTCON_CHUNK_BYTES") or gpu_chunk_bytes(total_memory)
+
+
 def chunk_bytes(device: torch.device) -> int:
     """The engine's working-memory budget per chunk (``FASTCON_CHUNK_BYTES``; default 32 MiB on CPU,
-    ``gpu_chunk_bytes`` of the device's total memory on a GPU)."""
-    value = _env_bytes("FASTCON_CHUNK_BYTES")
-    if value:
-        return value
+    ``gpu_budget`` of the device's total memory on a GPU)."""
     device = torch.device(device)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        return gpu_chunk_bytes(_cuda_total_memory(index))
-    return _DEFAULT_CHUNK_BYTES_CPU
+        return gpu_budget(_cuda_total_memory(index))
+    return _env_bytes("FASTCON_CHUNK_BYTES") or _DEFAULT_CHUNK_BYTES_CPU
 
 
 def cache_bytes(device: torch.device) -> int:

@@ -593,10 +593,10 @@ def _tuning_run(family: str, a, b, scale, bias):
     return run
 
 
-def memory_rows(na: int, nb: int, chunk_rows: int, device: torch.device) -> int:
+def memory_rows(na: int, nb: int, chunk_rows: int, budget: int) -> int:
     """Rows per chunk of the cuBLAS producer: at most ``chunk_rows``, and an fp32 chunk of dot
-    products over ``nb`` columns within ``chunk_bytes``."""
-    return max(1, min(na, chunk_rows, chunk_bytes(device) // (4 * max(nb, 1))))
+    products over ``nb`` columns within ``budget`` bytes (``chunk_bytes`` of the device)."""
+    return max(1, min(na, chunk_rows, budget // (4 * max(nb, 1))))
 
 
 class MatmulPlan(NamedTuple):
@@ -697,7 +697,7 @@ def _stats_pass(a, b, scale, bias, pos_offset, chunk_rows, cache_bytes):
             autotune("softmax", a, _tuning_run("softmax", a, b, scale, bias))
         plan = matmul_plan(a.shape[0], b.shape[0], a.dtype, chunk_rows, chunk_bytes(a.device))
         return _matmul_stats(a, b, scale, bias, pos_offset, plan.stats_rows) + ([],)
-    rows = memory_rows(a.shape[0], b.shape[0], chunk_rows, a.device)
+    rows = memory_rows(a.shape[0], b.shape[0], chunk_rows, chunk_bytes(a.device))
     return stats_pass(a, b, rows, cache_bytes, _stats_epilogue(scale, bias, pos_offset))
 
 
@@ -760,7 +760,7 @@ def _blocks(a, b, chunk_rows, need_g: bool):
         else:
             rows, cols, g_buf = chunk_rows, nb, None
     else:
-        rows, cols = memory_rows(na, nb, chunk_rows, a.device), nb
+        rows, cols = memory_rows(na, nb, chunk_rows, chunk_bytes(a.device)), nb
         g_buf = _g_buffer(a, min(rows, na), nb) if need_g else None
     pairs = [(r0, r1, c0, c1) for r0, r1 in row_chunks(na, rows) for c0, c1 in row_chunks(nb, cols)]
     return pairs, g_buf, rows

@@ -597,7 +597,7 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
         chunk_rows = matmul_plan(na, nb, a.dtype, chunk_rows, chunk_bytes(dev),
                                  col_bytes=(8 + 4 * n_sums) if symmetric else 1, partial_rows=cfg.block_m).stats_rows
     else:
-        chunk_rows = memory_rows(na, nb, chunk_rows, dev)
+        chunk_rows = memory_rows(na, nb, chunk_rows, chunk_bytes(dev))
     for r0, r1 in row_chunks(na, chunk_rows):
         c0, c1 = column_span(target, r0, r1, nb)
         if c1 == c0:
@@ -703,7 +703,7 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
         chunk_rows, block_cols = plan.grad_rows, plan.grad_cols
         g_buf = torch.empty((chunk_rows, block_cols), dtype=a.dtype, device=dev)
     else:
-        chunk_rows, block_cols = memory_rows(na, nb, chunk_rows, dev), nb  # as target_stats: its cached chunks
+        chunk_rows, block_cols = memory_rows(na, nb, chunk_rows, chunk_bytes(dev)), nb
     for k, (r0, r1) in enumerate(row_chunks(na, chunk_rows)):
         span0, span1 = column_span(target, r0, r1, nb)
         # the margin bounds at pass 1's alignment (its chunk's columns from span0)
