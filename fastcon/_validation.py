@@ -62,9 +62,10 @@ def check_scalar(name: str, value, device: torch.device, *, required: bool = Tru
     # there (a device-to-host copy would synchronise every step); on GPU a NaN scale gives a NaN loss.
     # Under torch.compile the check would be a data-dependent branch (a graph break): it is left out
     # there, as on the GPU.
-    if (value.device.type == "cpu" and not _compiling()
-            and not torch.isfinite(value.detach()).all()):
-        raise ValueError(f"{name} must be finite, got {value.detach().reshape(()).item()}")
+    if value.device.type == "cpu" and not _compiling():
+        number = value.item()  # one element on the host: a read, not a kernel
+        if not math.isfinite(number):
+            raise ValueError(f"{name} must be finite, got {number}")
     return value
 
 

@@ -61,3 +61,127 @@ def test_direct_call_only_for_small_real_cpu_tensors():
     with FakeTensorMode() as mode:
         fa = mode.from_tensor(a)
     assert not engine.direct_call("cpp", fa, b)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The C++ backend's direct loss (fastcon::direct_loss): the whole loss and its autograd node in C++.
+
+cpp = pytest.importorskip("fastcon.kernels.cpp")
+needs_cpp = pytest.mark.skipif(not cpp.AVAILABLE, reason="the C++ extension is not built")
+
+
+def _scalars(kind, dtype, need):
+    """(scale, bias) of each kind of argument a user passes: 0-d, one-element of another shape, a
+    Python number, with and without a gradient; bias None."""
+    if kind == "0d":
+        return leaf(torch.tensor(9.0, dtype=dtype), need), leaf(torch.tensor(-4.0, dtype=dtype), need)
+    if kind == "shaped":
+        return leaf(torch.full((1,), 9.0, dtype=dtype), need), leaf(torch.full((1, 1), -4.0, dtype=dtype), need)
+    if kind == "number":
+        return 9.0, -4.0
+    return leaf(torch.tensor(9.0, dtype=dtype), need), None  # "no_bias"
+
+
+def _run_case(loss, dtype, scalars, grad_of, upstream, **kw):
+    a, b = make_features(10, 13, 8, seed=3)
+    xa, xb = leaf(a.to(dtype), "a" in grad_of), leaf(b.to(dtype), "b" in grad_of)
+    s, bias = _scalars(scalars, torch.float32, "s" in grad_of)
+    if loss == "siglip":
+        out = FC.siglip_loss(xa, xb, s, bias, **kw)
+    elif loss == "siglip_neg":
+        out = FC.siglip_loss(xa, xb, s, bias, negative_only=True, **kw)
+    elif loss == "clip_smooth":
+        out = FC.clip_loss(xa, xb, s, bias, label_smoothing=0.2, pos_offset=2, **kw)
+    else:
+        out = FC.clip_loss(xa, xb[:10], s, bias, **kw)
+    leaves = [t for t in (xa, xb, s, bias) if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = torch.autograd.grad(upstream * out, leaves) if leaves else []
+    return [out.detach()] + list(grads)
+
+
+@needs_cpp
+@pytest.mark.parametrize("loss", ["clip", "clip_smooth", "siglip", "siglip_neg"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scalars,grad_of", [("0d", "abs"), ("shaped", "abs"), ("number", "ab"), ("no_bias", "as"),
+                                             ("0d", "b"), ("0d", "")])
+@pytest.mark.parametrize("chunk", [None, 3], ids=["one-chunk", "chunks"])
+def test_cpp_direct_loss_equals_the_registered_operator(monkeypatch, loss, dtype, scalars, grad_of, chunk):
+    """Every kind of scale and bias, every input dtype, every subset of inputs with a gradient, one
+    chunk or several (``chunk_size=3``, nothing cached for pass 2): the direct loss returns what the
+    registered operator's path returns (loss, gradients, their shapes and dtypes), under an upstream
+    gradient of 0.75."""
+    if chunk:
+        monkeypatch.setenv("FASTCON_CACHE_BYTES", "0")
+    calls = []
+    real = cpp.direct_loss
+    monkeypatch.setattr(cpp, "direct_loss", lambda *args: calls.append(args[-2:]) or real(*args))
+    direct = _run_case(loss, dtype, scalars, grad_of, 0.75, backend="cpp", chunk_size=chunk)
+    assert calls, "the small CPU call did not take the direct loss"
+    assert calls[0][0] == (chunk or 10) and (chunk is None or calls[0][1] == 0)
+    _registered(monkeypatch)
+    registered = _run_case(loss, dtype, scalars, grad_of, 0.75, backend="cpp", chunk_size=chunk)
+    assert len(direct) == len(registered)
+    rtol = 2e-7 if dtype in (torch.float32, torch.float64) else 0  # half: the same fp32 numbers, one rounding
+    for x, y in zip(direct, registered):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        torch.testing.assert_close(x, y, rtol=rtol, atol=1e-12 if dtype == torch.float64 else 0)
+
+
+@needs_cpp
+@pytest.mark.parametrize("loss", ["clip", "clip_smooth", "siglip"])
+def test_cpp_direct_loss_against_float64(loss):
+    """The direct loss in fp32 against the float64 reference, gradients included, at an upstream
+    gradient of −2."""
+    a, b = make_features(24, 30, 16, seed=5)
+    s, bias = torch.tensor(12.0), torch.tensor(-6.0)
+
+    def run(fn, dtype):
+        xa, xb, xs, xbias = leaf(a.to(dtype)), leaf(b.to(dtype)), leaf(s.to(dtype)), leaf(bias.to(dtype))
+        if loss == "siglip":
+            out = fn["siglip"](xa, xb, xs, xbias)
+        elif loss == "clip_smooth":
+            out = fn["clip"](xa, xb, xs, xbias, label_smoothing=0.1, pos_offset=4)
+        else:
+            out = fn["clip"](xa, xb[:24], xs, xbias)
+        return [out] + list(torch.autograd.grad(-2.0 * out, [xa, xb, xs, xbias]))
+
+    got = run({"clip": FC.clip_loss, "siglip": FC.siglip_loss}, torch.float32)
+    want = run({"clip": R.clip_loss_reference, "siglip": R.siglip_loss_reference}, torch.float64)
+    for name, x, y in zip(["loss", "a", "b", "scale", "bias"], got, want):
+        # the softmax does not see the bias: its gradient is 0 up to fp32's sum of probabilities − 1
+        atol = 1e-6 if name == "bias" and loss != "siglip" else 0.0
+        assert_close_rel(x, y, rtol=2e-6, atol=atol, name=f"{loss} {name}")
+
+
+@needs_cpp
+def test_cpp_direct_loss_without_gradients_and_double_backward():
+    a, b = make_features(6, 6, 4)
+    want = FC.clip_loss(a, b, 5.0, backend="cpp")
+    with torch.no_grad():
+        assert FC.clip_loss(leaf(a), leaf(b), 5.0, backend="cpp") == want
+    with torch.inference_mode():
+        assert FC.siglip_loss(a, b, 5.0, -2.0, backend="cpp").isfinite()
+        assert FC.clip_loss(a, b, 5.0, backend="cpp") == want
+    xa = leaf(a)
+    out = FC.clip_loss(xa, b, 5.0, backend="cpp")
+    assert out.grad_fn is not None
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out, xa, create_graph=True)
+
+
+@needs_cpp
+def test_cpp_direct_loss_rejects_bad_calls():
+    a, b = torch.randn(4, 3), torch.randn(4, 3)
+    s = torch.tensor(1.0)
+    with pytest.raises(RuntimeError, match="kind"):
+        cpp.direct_loss(a, b, s, None, 7, 0, True, 0.0, 4, 0)
+    with pytest.raises(RuntimeError, match="pos_offset"):
+        cpp.direct_loss(a, b, s, None, cpp.DIRECT_SOFTMAX, 1, True, 0.0, 4, 0)
+    with pytest.raises(RuntimeError, match="one element"):
+        cpp.direct_loss(a, b, torch.ones(2), None, cpp.DIRECT_SOFTMAX, 0, True, 0.0, 4, 0)
+    with pytest.raises(RuntimeError, match="label_smoothing"):
+        cpp.direct_loss(a, b, s, None, cpp.DIRECT_SIGMOID, 0, True, 0.1, 4, 0)
+    with pytest.raises(RuntimeError, match="share a floating dtype"):
+        cpp.direct_loss(a, b.double(), s, None, cpp.DIRECT_SOFTMAX, 0, True, 0.0, 4, 0)
+    with pytest.raises(RuntimeError, match="chunk_rows"):
+        cpp.direct_loss(a, b, s, None, cpp.DIRECT_SOFTMAX, 0, True, 0.0, 0, 0)

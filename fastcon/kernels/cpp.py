@@ -69,6 +69,20 @@ def sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad):
     return loss, grad_a, grad_b, grad_scale, grad_bias
 
 
+DIRECT_SOFTMAX, DIRECT_SIGMOID = 0, 1  # the kinds of fastcon::direct_loss
+
+
+def direct_loss(a, b, scale, bias, kind, pos_offset, symmetric, label_smoothing, chunk_rows, cache_bytes):
+    """The whole loss of a small problem, CLIP's (``kind=DIRECT_SOFTMAX``, with ``symmetric`` and
+    ``label_smoothing``) or SigLIP's (``DIRECT_SIGMOID``), as one operator with its own autograd node,
+    in the features' dtype: the numbers of ``softmax_fused``/``sigmoid_fused`` (same chunks, same
+    cache) assembled as ``fastcon.ops.engine`` assembles them. ``scale`` and ``bias`` are one-element
+    tensors of any float dtype (``bias`` may be None); their gradients come back in their own shapes
+    and dtypes."""
+    return torch.ops.fastcon.direct_loss(a, b, scale, bias, int(kind), int(pos_offset), bool(symmetric),
+                                         float(label_smoothing), int(chunk_rows), int(cache_bytes))
+
+
 # ---------------------------------------------------------------------------------------------------
 # The general target (fastcon/kernels/targets.py): pass 1 and pass 2 as C++ operators
 

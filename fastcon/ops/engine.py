@@ -469,13 +469,16 @@ def prepare_inputs(a, b, scale, bias, backend, chunk_size):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Direct calls: a small problem on the CPU (at most SMALL_LOGITS logits) runs the operator's
-# body through a plain autograd function instead of the torch.library dispatcher. Same kernels, same
-# numbers, same saved gradients; what it skips is the dispatcher's fixed cost (about 0.2 ms a call,
-# which is most of the time below a few hundred rows, where the materialised formula would otherwise
-# be faster). Under torch.compile, and for tensor subclasses (FakeTensor), the registered operator runs.
+# Direct calls: a small problem on the CPU (at most SMALL_LOGITS logits, N = 1,024 square) skips the torch.library
+# dispatcher. On the C++ backend outside autocast the whole loss is one C++ operator with its own
+# autograd node (``kernels.cpp.direct_loss``: CLIP with its smoothing, SigLIP), which also spares the
+# Python glue of the operator's body; elsewhere (the torch backend, autocast) the body runs through a
+# plain autograd function. Same kernels, same numbers (tests/test_direct_calls.py), same saved
+# gradients; what it skips is a fixed cost of 0.1 to 0.3 ms a call, most of the time below a few
+# hundred rows, where the materialised formula would otherwise be faster. Under torch.compile, and
+# for tensor subclasses (FakeTensor), the registered operator runs.
 
-SMALL_LOGITS = 1 << 17
+SMALL_LOGITS = 1 << 20
 
 
 def direct_call(name: str, a: Tensor, b: Tensor) -> bool:
@@ -505,6 +508,13 @@ class _Direct(torch.autograd.Function):
         return (None,) + _backward_of(ctx.n_other)(ctx, grad_loss)
 
 
+def _cpp_direct(name: str, a: Tensor, b: Tensor, mm_dtype: Optional[torch.dtype]) -> bool:
+    """Whether this call may go to the C++ backend's own direct loss (``kernels.cpp.direct_loss``),
+    which also spares the Python glue of the operator's body: a direct call on the C++ backend
+    outside autocast (which would change the GEMMs' dtype or the loss's)."""
+    return name == "cpp" and mm_dtype is None and loss_dtype(a) == a.dtype and direct_call(name, a, b)
+
+
 def _engine_loss(body, op, a, b, scale, bias, name: str, *other) -> Tensor:
     """The loss of one engine operator call: ``body`` directly where ``direct_call`` allows, else the
     registered operator ``op``."""
@@ -517,13 +527,18 @@ def clip_engine_loss(a, b, scale, bias, *, label_smoothing: float, pos_offset: i
                      chunk_size: Optional[int], symmetric: bool = True) -> torch.Tensor:
     """Symmetric InfoNCE (docs/losses.md §1.1) on the engine; arguments already validated. With
     ``symmetric=False`` only the row direction: (1/Na)·Σ_i CE(S_i·, pos_offset + i)."""
-    out_dtype = loss_dtype(a)
     mm_dtype = autocast_gemm_dtype(a)
     name = _traced_backend_name(backend, a.device.type, mm_dtype or a.dtype)
+    eps = label_smoothing
+    if _cpp_direct(name, a, b, mm_dtype):
+        cpp = _cpp_module()
+        return cpp.direct_loss(a, b, scale, bias, cpp.DIRECT_SOFTMAX, pos_offset, symmetric, eps,
+                               chunk_rows_for(a.shape[0], b.shape[0], a.device, chunk_size, name),
+                               cache_bytes(a.device))
+    out_dtype = loss_dtype(a)
     acc = acc_dtype(a.dtype)
     scale, bias = engine_scalars(scale, bias, acc, a.device)
     na, nb = a.shape[0], b.shape[0]
-    eps = label_smoothing
     op = torch.ops.fastcon.softmax_loss_triton if name in TRITON_BACKENDS else softmax_loss
     loss = _engine_loss(_softmax_loss, op, a, b, scale, bias, name, int(pos_offset), float(eps), bool(symmetric),
                         int(chunk_size or 0), needs_grad(a, b, scale, bias), mm_dtype)
@@ -546,11 +561,15 @@ def clip_engine_loss(a, b, scale, bias, *, label_smoothing: float, pos_offset: i
 def siglip_engine_loss(a, b, scale, bias, *, pos_offset: Optional[int], backend: str,
                        chunk_size: Optional[int]) -> torch.Tensor:
     """SigLIP (docs/losses.md §1.2) on the engine; ``pos_offset=None`` means negatives only."""
-    out_dtype = loss_dtype(a)
     mm_dtype = autocast_gemm_dtype(a)
     name = _traced_backend_name(backend, a.device.type, mm_dtype or a.dtype)
-    scale, bias = engine_scalars(scale, bias, acc_dtype(a.dtype), a.device)
     offset = b.shape[0] if pos_offset is None else pos_offset
+    if _cpp_direct(name, a, b, mm_dtype):
+        cpp = _cpp_module()
+        return cpp.direct_loss(a, b, scale, bias, cpp.DIRECT_SIGMOID, offset, True, 0.0,
+                               chunk_rows_for(a.shape[0], b.shape[0], a.device, chunk_size, name), 0)
+    out_dtype = loss_dtype(a)
+    scale, bias = engine_scalars(scale, bias, acc_dtype(a.dtype), a.device)
     op = torch.ops.fastcon.sigmoid_loss_triton if name in TRITON_BACKENDS else sigmoid_loss
     loss = _engine_loss(_sigmoid_loss, op, a, b, scale, bias, name, int(offset), int(chunk_size or 0),
                         needs_grad(a, b, scale, bias), mm_dtype)
