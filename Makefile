@@ -52,6 +52,9 @@ test-avx2: $(STAMP)
 # lightly's loss module imports torchvision, and PyPI's torchvision does not import beside the torch
 # 2.13.0 CPU build: tests/test_lightly.py runs in a second environment with a matching pair (torch
 # 2.14.1 and torchvision 0.29.1, a CUDA build that runs on the CPU), fastcon from this source tree.
+# Its C++ extension, built against the main environment's torch, does not load beside that torch (an
+# extension loads only beside the torch it was built with; that wheel ships no headers to build one
+# against), so fastcon says so once and these tests run on its torch backend.
 PEERS_VENV ?= .venv-peers
 PEERS_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 $(PEERS_VENV)/.deps-installed:

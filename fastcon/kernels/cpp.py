@@ -30,6 +30,9 @@ except ModuleNotFoundError as exc:  # not built
         REASON = f"importing fastcon._C failed: {exc}"
 except (ImportError, OSError) as exc:  # built, but does not load (e.g. built against another torch)
     REASON = f"importing fastcon._C failed: {type(exc).__name__}: {exc}"
+    if "undefined symbol" in str(exc):
+        REASON = (f"fastcon._C was built against another torch than the torch {torch.__version__} it was "
+                  f"loaded beside (rebuild it: pip install --no-build-isolation .); {REASON}")
 
 if AVAILABLE and not hasattr(torch.ops.fastcon, "lse_stats"):  # pragma: no cover - defensive
     AVAILABLE = False
