@@ -469,8 +469,8 @@ def prepare_inputs(a, b, scale, bias, backend, chunk_size):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Direct calls: a small problem on the CPU (at most SMALL_LOGITS logits, N = 1,024 square) skips the torch.library
-# dispatcher. On the C++ backend outside autocast the whole loss is one C++ operator with its own
+# Direct calls: a small problem on the CPU (at most SMALL_LOGITS logits, N = 1,024 square) skips
+# the torch.library dispatcher. On the C++ backend outside autocast the whole loss is one C++ operator with its own
 # autograd node (``kernels.cpp.direct_loss``: CLIP with its smoothing, SigLIP), which also spares the
 # Python glue of the operator's body; elsewhere (the torch backend, autocast) the body runs through a
 # plain autograd function. Same kernels, same numbers (tests/test_direct_calls.py), same saved
@@ -515,6 +515,17 @@ def _cpp_direct(name: str, a: Tensor, b: Tensor, mm_dtype: Optional[torch.dtype]
     return name == "cpp" and mm_dtype is None and loss_dtype(a) == a.dtype and direct_call(name, a, b)
 
 
+def _cpp_direct_loss(kind: str, a, b, scale, bias, pos_offset: int, chunk_size: Optional[int], *,
+                     symmetric: bool = True, label_smoothing: float = 0.0) -> Tensor:
+    """``kernels.cpp.direct_loss`` of ``kind`` ("softmax" or "sigmoid") with the chunk rows and the
+    pass-1 cache the registered operator would get (the sigmoid loss keeps no cache)."""
+    cpp = _cpp_module()
+    kinds = {"softmax": cpp.DIRECT_SOFTMAX, "sigmoid": cpp.DIRECT_SIGMOID}
+    cache = cache_bytes(a.device) if kind == "softmax" else 0
+    return cpp.direct_loss(a, b, scale, bias, kinds[kind], pos_offset, symmetric, label_smoothing,
+                           chunk_rows_for(a.shape[0], b.shape[0], a.device, chunk_size, "cpp"), cache)
+
+
 def _engine_loss(body, op, a, b, scale, bias, name: str, *other) -> Tensor:
     """The loss of one engine operator call: ``body`` directly where ``direct_call`` allows, else the
     registered operator ``op``."""
@@ -531,10 +542,8 @@ def clip_engine_loss(a, b, scale, bias, *, label_smoothing: float, pos_offset: i
     name = _traced_backend_name(backend, a.device.type, mm_dtype or a.dtype)
     eps = label_smoothing
     if _cpp_direct(name, a, b, mm_dtype):
-        cpp = _cpp_module()
-        return cpp.direct_loss(a, b, scale, bias, cpp.DIRECT_SOFTMAX, pos_offset, symmetric, eps,
-                               chunk_rows_for(a.shape[0], b.shape[0], a.device, chunk_size, name),
-                               cache_bytes(a.device))
+        return _cpp_direct_loss("softmax", a, b, scale, bias, pos_offset, chunk_size, symmetric=symmetric,
+                                label_smoothing=eps)
     out_dtype = loss_dtype(a)
     acc = acc_dtype(a.dtype)
     scale, bias = engine_scalars(scale, bias, acc, a.device)
@@ -565,9 +574,7 @@ def siglip_engine_loss(a, b, scale, bias, *, pos_offset: Optional[int], backend:
     name = _traced_backend_name(backend, a.device.type, mm_dtype or a.dtype)
     offset = b.shape[0] if pos_offset is None else pos_offset
     if _cpp_direct(name, a, b, mm_dtype):
-        cpp = _cpp_module()
-        return cpp.direct_loss(a, b, scale, bias, cpp.DIRECT_SIGMOID, offset, True, 0.0,
-                               chunk_rows_for(a.shape[0], b.shape[0], a.device, chunk_size, name), 0)
+        return _cpp_direct_loss("sigmoid", a, b, scale, bias, offset, chunk_size)
     out_dtype = loss_dtype(a)
     scale, bias = engine_scalars(scale, bias, acc_dtype(a.dtype), a.device)
     op = torch.ops.fastcon.sigmoid_loss_triton if name in TRITON_BACKENDS else sigmoid_loss
