@@ -24,11 +24,7 @@ def backend_info() -> dict:
         "python": platform.python_version(),
         "cuda_available": cuda,
         "backends": {},
-        "not_implemented": [
-            "general target (labels, hard negatives, self-contrast, MNRL, soft targets: distill_loss, "
-            "DistillClipLoss) in the triton_fused backend: NotImplementedError; backend='auto' runs it on the "
-            "chunked triton backend there",
-        ],
+        "not_implemented": [],
     }
     for key, fn in (("chunk_bytes", engine.chunk_bytes), ("cache_bytes", engine.cache_bytes)):
         try:

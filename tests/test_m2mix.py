@@ -7,7 +7,8 @@ import fastcon.functional as FC
 from fastcon import reference as R
 from helpers import assert_close_rel, make_features
 
-BACKENDS = ["torch", "cpp", pytest.param("triton", marks=pytest.mark.interpreter), "auto"]
+BACKENDS = ["torch", "cpp", pytest.param("triton", marks=pytest.mark.interpreter),
+            pytest.param("triton_fused", marks=pytest.mark.interpreter), "auto"]
 
 
 def _unit(n, d, seed, dtype=torch.float64):
@@ -50,7 +51,7 @@ def test_slerp_value_and_gradient_are_finite_at_the_ends(dtype, end):
 @pytest.mark.parametrize("lam", [0.0, 0.5, 1.0, 0.3])
 @pytest.mark.parametrize("n,d,chunk", [(2, 4, None), (33, 16, 7), (64, 8, None)])
 def test_m2mix_against_reference(backend, lam, n, d, chunk):
-    dtype, rtol = (torch.float32, 2e-5) if backend == "triton" else (torch.float64, 1e-11)
+    dtype, rtol = (torch.float32, 2e-5) if backend.startswith("triton") else (torch.float64, 1e-11)
     x, y = make_features(n, n, d, dtype=dtype)
     leaves = [x.clone().requires_grad_(), y.clone().requires_grad_()]
     truth = [x.double().requires_grad_(), y.double().requires_grad_()]

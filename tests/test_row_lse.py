@@ -8,7 +8,8 @@ from fastcon.kernels.targets import Target
 from fastcon.ops.engine import target_row_lse
 from helpers import assert_close_rel, assert_compiles_like_eager, make_features
 
-BACKENDS = ["torch", "cpp", pytest.param("triton", marks=pytest.mark.interpreter)]
+BACKENDS = ["torch", "cpp", pytest.param("triton", marks=pytest.mark.interpreter),
+            pytest.param("triton_fused", marks=pytest.mark.interpreter)]
 
 
 def _case(n, m, d, dtype):
@@ -25,7 +26,7 @@ def _case(n, m, d, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n,m,d,chunk", [(1, 3, 4, None), (23, 31, 8, 5), (40, 40, 16, None)])
 def test_row_lse_and_weighted_gradients(backend, n, m, d, chunk):
-    dtype, rtol = (torch.float32, 2e-6) if backend == "triton" else (torch.float64, 1e-12)
+    dtype, rtol = (torch.float32, 2e-6) if backend.startswith("triton") else (torch.float64, 1e-12)
     x, y, target, keep = _case(n, m, d, dtype)
     s = torch.tensor(7.5, dtype=dtype)
     u = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(5))

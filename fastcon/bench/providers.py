@@ -87,8 +87,6 @@ def availability(provider: str, loss: str, device: str, world_size: int = 1) -> 
         return False, "the token-level cases compare with the reference and the peers only"
     backend = fastcon_backend(provider)
     if backend is not None:
-        if backend == "triton_fused" and loss in TARGET_LOSSES:
-            return False, "the fused Triton tile kernels have no general-target kernel yet"
         if backend == "cpp" and device != "cpu":
             return False, "the C++ backend runs on CPU tensors"
         if backend.startswith("triton"):

@@ -585,25 +585,12 @@ def siglip_engine_loss(a, b, scale, bias, *, pos_offset: Optional[int], backend:
 
 # ---------------------------------------------------------------------------------------------------
 # The general target (fastcon/kernels/targets.py). Its executable statement is the torch backend's;
-# the C++ backend and the chunked Triton path have its two passes; the fused Triton tile kernels not
-# yet (``auto`` takes the chunked Triton path where it would pick them).
-
-TARGET_NOT_IMPLEMENTED = ("triton_fused",)
-
+# the C++ backend, the chunked Triton path and the fused Triton tile kernels (D <= 256) have its two
+# passes.
 
 def resolve_target_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend of a general-target loss (soft targets included): ``auto`` as for the other
-    losses, except that where it would pick the fused Triton tile kernels it takes the chunked Triton
-    path (the fused kernels of the general target are not written yet; ``backend="triton_fused"``
-    raises NotImplementedError)."""
-    name = resolve_name(backend, device, dtype)
-    if backend == "auto" and name in TARGET_NOT_IMPLEMENTED:
-        return "triton"
-    if name in TARGET_NOT_IMPLEMENTED:
-        raise NotImplementedError(
-            f"backend={name!r} has no kernel for labels, hard negatives, self-contrast or soft targets yet; use "
-            "backend='triton' (or 'auto')")
-    return name
+    """The backend of a general-target loss (soft targets included): as for the other losses."""
+    return resolve_name(backend, device, dtype)
 
 
 @_assume_constant

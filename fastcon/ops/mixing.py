@@ -70,7 +70,9 @@ def top_negatives(q: torch.Tensor, negatives: torch.Tensor, top_n: int, *, exclu
     Per chunk of negatives the chunk's own top_n (with every entry tied at its top_n-th place) that lie
     above each row's top_n-th value so far (a later index loses a tie) are appended to the
     candidates in index order (−inf where a row has fewer); when the candidates reach 2·top_n they are
-    cut back to the top_n by a stable descending sort, which keeps the index order of ties."""
+    cut back to the top_n by a stable descending sort, which keeps the index order of ties. A tie is
+    one of the computed similarities: every chunk is one GEMM shape, but a BLAS may still round a
+    duplicate row's products differently at another column (MKL on AMD EPYC does, by an ulp)."""
     b, k = q.shape[0], negatives.shape[0]
     dev = q.device
     q = q.detach()

@@ -6,7 +6,8 @@ Two implementations of the four engine operations of ``fastcon/kernels/__init__.
   kernels over tiles of dot products, any D, from one of two producers (``chunked.dot_tile``): the
   kernels form the tiles themselves with tl.dot (the matmul producer: bf16/fp16 on a GPU, no logit in
   memory), or ``torch.mm`` writes row chunks with fp32 output that the kernels read.
-* ``fastcon.kernels.triton.fused``: tile kernels that keep ``S`` in registers (D <= 256).
+* ``fastcon.kernels.triton.fused``: tile kernels that keep ``S`` in registers (D <= 256), the general
+  target's among them (G in registers too).
 
 * ``fastcon.kernels.triton.gemm``: the in-place fp32-accumulating GEMM of the chunked path's
   gradient of B.

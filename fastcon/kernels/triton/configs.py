@@ -32,6 +32,9 @@ class Config(NamedTuple):
     # BLOCK_D); otherwise S is formed over D in block_k slices re-read from L1/L2, which bounds the
     # registers of the TF32x3 fp32 path. The matmul producer: the K slice of its tl.dot loop.
     block_k: int = 0
+    # the general target's fused kernels: the width of pass 2's gradient accumulators (D in slices of
+    # it, each slice forming the tiles again); 0: the whole BLOCK_D.
+    block_d: int = 0
     # persistent kernels (the matmul producer): programs per SM the configuration is designed for.
     # The grid is that many programs per SM, and the compile gate checks that registers and shared
     # memory allow it (registers·threads·occupancy <= 64 Ki, shared memory·occupancy <= the SM's).
@@ -148,6 +151,24 @@ FUSED_CONFIGS: dict[tuple[str, str, int], Config] = {
     ("cols", "float32", 64): Config(block_m=32, block_n=32, num_warps=4, num_stages=2, block_k=32),
     ("cols", "float32", 128): Config(block_m=32, block_n=32, num_warps=8, num_stages=2, block_k=32),
     ("cols", "float32", 256): Config(block_m=32, block_n=32, num_warps=8, num_stages=2, block_k=32),
+    # --- the general target (fused.py: pass 1 on target._target_stats_kernel with the matmul producer,
+    #     pass 2 on the target rows/cols kernels): one configuration per dtype class serves all of
+    #     them, so that each logit is accumulated in the same order in both passes. Tiles are formed
+    #     over D in block_k slices (never a resident operand); pass 2's gradient accumulators are
+    #     block_d wide, D taken in slices of it (each slice forms its tiles again). Chosen on the
+    #     compile gate (D = 256, every shipped variant): with the pair rules' int64 and boolean tiles
+    #     and a soft target's teacher tile beside the logits, 128-wide accumulators spilled in some
+    #     variant at every half tile tried (64×64, 64×32, 32×64, 32×32; 4 or 8 warps: 8 B to 1.4 KiB);
+    #     32-row tiles compile clean but take mma, not wgmma, on sm_90; 64×32 over 8 warps, k32, with
+    #     64-wide slices is clean and takes wgmma (k64 spills 80 B in the heaviest rows kernel on sm_80).
+    #     fp32 (TF32x3, three products per dot): 32×16 over 4 warps with 32-wide slices (16×32 and
+    #     16×16 spill 8 B in some variant; 32×32 up to 900 B).
+    ("target", "half", 64): Config(block_m=64, block_n=32, num_warps=8, num_stages=3, block_k=32, block_d=64),
+    ("target", "half", 128): Config(block_m=64, block_n=32, num_warps=8, num_stages=3, block_k=32, block_d=64),
+    ("target", "half", 256): Config(block_m=64, block_n=32, num_warps=8, num_stages=3, block_k=32, block_d=64),
+    ("target", "float32", 64): Config(block_m=32, block_n=16, num_warps=4, num_stages=2, block_k=32, block_d=32),
+    ("target", "float32", 128): Config(block_m=32, block_n=16, num_warps=4, num_stages=2, block_k=32, block_d=32),
+    ("target", "float32", 256): Config(block_m=32, block_n=16, num_warps=4, num_stages=2, block_k=32, block_d=32),
 }
 
 # ------------------------------------------------------------------------------------------- gemm

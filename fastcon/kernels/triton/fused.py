@@ -15,6 +15,21 @@ Kernels (launch configurations in ``configs.FUSED_CONFIGS``):
 
 With several splits the gradient partials go to a [splits, N, D] fp32 buffer summed in order.
 
+The general target (``fastcon/kernels/targets.py``; the host side is ``target_stats``,
+``target_grad`` and ``target_softmax_fused`` below):
+
+* pass 1 is ``target._target_stats_kernel`` with the matmul producer (``chunked.dot_tile`` forming
+  each tile with tl.dot) at ``FUSED_CONFIGS["target", …]``;
+* ``_fused_target_rows_kernel``: grid (row blocks × column splits). Forms each tile with the same
+  producer and blocks, the target's decisions (``target.target_tile``) and G
+  (``target.target_grad_tile``), and accumulates ``G·B`` in registers, with partials of Σ G·dot and Σ G;
+* ``_fused_target_cols_kernel``: grid (column blocks × row splits). Forms the same tiles in the same
+  orientation and accumulates ``Gᵀ·A`` (the transposed tile fed to tl.dot).
+
+Both passes form a tile with the same blocks and K order, so pass 2 sees bitwise pass 1's logits.
+Soft targets read the teacher's tile from its fp32 chunk of dot products (cuBLAS, row chunks within
+``chunk_bytes``), whose pass runs on the same producer.
+
 LSEs are float64 (row_lse, col_lse, the partials, the lse kernel's column slots and the merge), formed
 from fp32 parts as in ``chunked.py`` (max plus log1p of the excess over the max's own term); the
 gradient kernels split each float64 LSE once per tile into fp32 (hi, lo), form ((t − hi) − lo)·log2 e
@@ -31,10 +46,11 @@ import triton.language as tl
 
 from . import launch
 
-from .chunked import (LN2, LOG2E, _check, _expm1, grad_tile_scale, _softmax_grad_tile, _lse64, _log1p, _merge_lse_kernel, _online_rows,
-                      _sigmoid_terms, _split_lse, _tile_lse_parts)
+from .chunked import (LN2, LOG2E, _check, _expm1, column_tile, dot_tile, grad_tile_scale, _softmax_grad_tile, _lse64,
+                      _log1p, _merge_lse_kernel, _online_rows, _sigmoid_terms, _split_lse, _tile_lse_parts)
 from .configs import FUSED_FP32_PRECISION, SUPPORTED_DTYPES, chunked_config, fused_config
 from .configs import FUSED_CONFIGS
+from .target import _program, _teacher_dot_tile, _teacher_rows, grad_row_vectors, target_grad_tile, target_tile
 
 _TARGET_PROGRAMS_CUDA = 528
 _TARGET_PROGRAMS_CPU = 2
@@ -269,6 +285,127 @@ def _fused_cols_kernel(
     tl.store(out, acc * (scale / g_scale), mask=mask_n[:, None] & mask_d[None, :])
 
 
+@triton.jit
+def _fused_target_rows_kernel(
+    a_ptr, b_ptr, scale_ptr, bias_ptr, row_info_ptr, col_info_ptr, row_flag_ptr, col_flag_ptr, dense_ptr,
+    bound_ptr, row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, col_lse_ptr, q_col_pos_ptr, q_col_keep_ptr, w_col_ptr,
+    tdot_ptr, t_scale_ptr, t_row_ptr, t_col_ptr, row_mass_ptr, col_mass_ptr, grad_a_ptr, part_ptr,
+    R, W, D, row0, col0, m_blocks, n_items, tiles_per_split,
+    stride_am, stride_bn, stride_tm, stride_dense, stride_gs, stride_gm,
+    penalty, w_row, g_scale, t_c0, t_c1, soft,
+    SYMMETRIC: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_PENALTY: tl.constexpr, PENALTY_MODE: tl.constexpr,
+    HAS_DENSE: tl.constexpr, SOFT: tl.constexpr, TEACHER_LINEAR: tl.constexpr, HAS_MASS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Pass 2 of the general target, rows: program (m, s) of a chunk of R rows (a_ptr) × W columns
+    (b_ptr) forms each tile of dot products as pass 1 did (``chunked.dot_tile``, same blocks), its G
+    (``target.target_tile`` → ``target.target_grad_tile``) and accumulates ``G·B`` in a BLOCK_M ×
+    BLOCK_D fp32 accumulator: grad_a[s, rows, D slice] = s·Σ_j G_ij·B_j over D slice ``program_id //
+    n_items`` of BLOCK_D features (each slice forms the tiles again); part[0, p] = Σ G·dot, part[1, p] = Σ
+    G (slice 0). G never leaves registers. Soft targets read the teacher's tile from its chunk of dot products
+    (tdot, fp32)."""
+    item = tl.program_id(0) % n_items
+    d_slice = tl.program_id(0) // n_items
+    pid_m, pid_s, offs_m, mask_m, rows, bound, scale, bias, t0, t1 = _program(
+        item, m_blocks, scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_per_split, HAS_MARGIN, BLOCK_M, BLOCK_N)
+    row_hi, row_lo, qp, qk, mass = grad_row_vectors(row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, row_mass_ptr,
+                                                    offs_m, mask_m, HAS_MASS)
+    t_scale, t_row_hi, t_row_lo = _teacher_rows(t_scale_ptr, t_row_ptr, offs_m, mask_m, SOFT, TEACHER_LINEAR)
+    offs_d = d_slice * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc_gd = tl.zeros([BLOCK_M], tl.float32)
+    acc_g = tl.zeros([BLOCK_M], tl.float32)
+    for ct in range(t0, t1):
+        offs_n, mask_n, d = column_tile(ct, a_ptr, 0, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m, mask_m, W,
+                                        True, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        keep, pos, t = target_tile(d, rows, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr, row_flag_ptr,
+                                   col_flag_ptr, dense_ptr, stride_dense, bound, scale, bias, penalty,
+                                   HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE)
+        q_row, q_col = t, t  # (unused without SOFT)
+        if SOFT:
+            q_row, q_col = _teacher_dot_tile(tdot_ptr, stride_tm, tdot_ptr, 0, tdot_ptr, 0, 0, offs_m, offs_n, mask_m,
+                                             mask_n, keep, t_col_ptr, t_scale, t_c0, t_c1, t_row_hi, t_row_lo,
+                                             TEACHER_LINEAR, SYMMETRIC, False, "ieee", BLOCK_M, BLOCK_N, BLOCK_K)
+        g = target_grad_tile(t, keep, pos, row_hi, row_lo, qp, qk, mass, q_row, q_col, offs_n, mask_n, col_lse_ptr,
+                             q_col_pos_ptr, q_col_keep_ptr, w_col_ptr, col_mass_ptr, w_row, soft,
+                             SYMMETRIC, SOFT, HAS_MASS)
+        acc_gd += tl.sum(g * d, 1)
+        acc_g += tl.sum(g, 1)
+        bt = tl.load(b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn + offs_d[None, :],
+                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        # G lifted by the power of two g_scale before its cast (fp16 keeps its bits), undone below
+        acc = tl.dot((g * g_scale).to(bt.dtype), bt, acc, input_precision=INPUT_PRECISION)
+    out = grad_a_ptr + pid_s * stride_gs + offs_m[:, None] * stride_gm + offs_d[None, :]
+    tl.store(out, acc * (scale / g_scale), mask=mask_m[:, None] & mask_d[None, :])
+    if d_slice == 0:
+        tl.store(part_ptr + item, tl.sum(acc_gd, 0))
+        tl.store(part_ptr + n_items + item, tl.sum(acc_g, 0))
+
+
+@triton.jit
+def _fused_target_cols_kernel(
+    a_ptr, b_ptr, scale_ptr, bias_ptr, row_info_ptr, col_info_ptr, row_flag_ptr, col_flag_ptr, dense_ptr,
+    bound_ptr, row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, col_lse_ptr, q_col_pos_ptr, q_col_keep_ptr, w_col_ptr,
+    tdot_ptr, t_scale_ptr, t_row_ptr, t_col_ptr, row_mass_ptr, col_mass_ptr, grad_b_ptr,
+    R, W, D, row0, col0, n_blocks, tiles_per_split,
+    stride_am, stride_bn, stride_tm, stride_dense, stride_gs, stride_gn,
+    penalty, w_row, g_scale, t_c0, t_c1, soft,
+    SYMMETRIC: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_PENALTY: tl.constexpr, PENALTY_MODE: tl.constexpr,
+    HAS_DENSE: tl.constexpr, SOFT: tl.constexpr, TEACHER_LINEAR: tl.constexpr, HAS_MASS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Pass 2 of the general target, columns: program (n, s) takes column block n of the chunk and the
+    row tiles of split s, forms each tile of dot products in the rows kernel's orientation and blocks
+    (so G is bitwise the rows kernel's) and accumulates ``Gᵀ·A`` in a BLOCK_N × BLOCK_D fp32
+    accumulator: grad_b[s, cols, D slice] = s·Σ_i G_ij·A_i, D sliced as in the rows kernel."""
+    n_items = n_blocks * tl.cdiv(tl.cdiv(R, BLOCK_M), tiles_per_split)
+    item = tl.program_id(0) % n_items
+    d_slice = tl.program_id(0) // n_items
+    wide = tl.zeros([], tl.int64)
+    pid_n = item % n_blocks + wide
+    pid_s = item // n_blocks + wide
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < W
+    offs_d = d_slice * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    rt0 = pid_s * tiles_per_split
+    rt1 = tl.minimum(rt0 + tiles_per_split, tl.cdiv(R, BLOCK_M))
+    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for rt in range(rt0, rt1):
+        offs_m = (rt * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        mask_m = offs_m < R
+        if HAS_MARGIN:
+            bound = tl.load(bound_ptr + offs_m, mask=mask_m, other=0.0)
+        else:
+            bound = tl.zeros([BLOCK_M], tl.float32)
+        d = dot_tile(a_ptr, 0, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m, offs_n, mask_m, mask_n,
+                     True, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        keep, pos, t = target_tile(d, row0 + offs_m, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr,
+                                   row_flag_ptr, col_flag_ptr, dense_ptr, stride_dense, bound, scale, bias, penalty,
+                                   HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE)
+        row_hi, row_lo, qp, qk, mass = grad_row_vectors(row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, row_mass_ptr,
+                                                        offs_m, mask_m, HAS_MASS)
+        q_row, q_col = t, t  # (unused without SOFT)
+        if SOFT:
+            t_scale, t_row_hi, t_row_lo = _teacher_rows(t_scale_ptr, t_row_ptr, offs_m, mask_m, SOFT, TEACHER_LINEAR)
+            q_row, q_col = _teacher_dot_tile(tdot_ptr, stride_tm, tdot_ptr, 0, tdot_ptr, 0, 0, offs_m, offs_n, mask_m,
+                                             mask_n, keep, t_col_ptr, t_scale, t_c0, t_c1, t_row_hi, t_row_lo,
+                                             TEACHER_LINEAR, SYMMETRIC, False, "ieee", BLOCK_M, BLOCK_N, BLOCK_K)
+        g = target_grad_tile(t, keep, pos, row_hi, row_lo, qp, qk, mass, q_row, q_col, offs_n, mask_n, col_lse_ptr,
+                             q_col_pos_ptr, q_col_keep_ptr, w_col_ptr, col_mass_ptr, w_row, soft,
+                             SYMMETRIC, SOFT, HAS_MASS)
+        at = tl.load(a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_d[None, :],
+                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        acc = tl.dot(tl.trans((g * g_scale).to(at.dtype)), at, acc, input_precision=INPUT_PRECISION)
+    out = grad_b_ptr + pid_s * stride_gs + offs_n[:, None] * stride_gn + offs_d[None, :]
+    tl.store(out, acc * (scale / g_scale), mask=mask_n[:, None] & mask_d[None, :])
+
+
 # ------------------------------------------------------------------------------------------- host
 def _target_programs(device: torch.device) -> int:
     return _TARGET_PROGRAMS_CUDA if device.type == "cuda" else _TARGET_PROGRAMS_CPU
@@ -418,6 +555,111 @@ def sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad):
                       need_grad=bool(need_grad))
 
 
+# ------------------------------------------------------------------------------- general target
+# Pass 1 is the general target's statistics kernel (``target._target_stats_kernel``) on the matmul
+# producer at this path's configuration (``configs.FUSED_CONFIGS["target", ...]``), so no logit goes
+# to memory; pass 2 is the two kernels above, which form every tile with the same blocks and K order
+# (a confident positive's P − 1 needs the identical logit) and keep G in registers. Soft targets
+# read the teacher's tiles from its cuBLAS chunks of dot products (its pass runs on that producer).
+
+def _target_tiles(a, target):
+    from .target import _Tiles
+
+    cfg, _ = fused_config("target", _dtype_name(a), a.shape[1])
+    return _Tiles(a, target, "target_stats", cfg=cfg)
+
+
+def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes, teacher=None):
+    """Pass 1 of the general target (the contract of ``torch_chunked.target_stats``); D <= 256."""
+    from .target import target_stats as stats
+
+    _check_fused(a, b)
+    return stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, 0, teacher,
+                 tiles=_target_tiles(a, target))
+
+
+def _teacher_pass(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes, teacher=None):
+    """The teacher's pass on the cuBLAS producer, whose chunks the soft pass's teacher tiles read."""
+    from .target import target_stats as stats
+
+    return stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, 0, teacher, cublas=True)
+
+
+target_stats.teacher_pass = _teacher_pass
+
+
+def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
+    """Pass 2 of the general target (the contract of ``torch_chunked.target_grad``): grad_a = s·G·B and
+    grad_b = s·Gᵀ·A with G formed in the kernels' registers, and Σ G·dot, Σ G. Row chunks of
+    ``chunk_rows`` (with soft targets also within ``chunk_bytes``: the teacher's chunk is in memory)."""
+    from .._common import chunk_bytes, row_chunks
+    from ..targets import column_span
+    from .chunked import memory_rows
+    from .target import _GradVectors, _Packed, _feature_bounds
+
+    _check_fused(a, b)
+    na, nb, d = a.shape[0], b.shape[0], a.shape[1]
+    dev = a.device
+    packed = _Packed(target, na, nb, dev)
+    tiles = _target_tiles(a, target)
+    cfg, bd = fused_config("target", _dtype_name(a), d)
+    slice_d = cfg.block_d or bd  # the accumulators' width: D in slices of it, the tiles formed per slice
+    d_slices = triton.cdiv(d, slice_d)
+    f32 = torch.float32
+    vec = _GradVectors(a, target, weights, nb)
+    tch = vec.tch
+    t_c0, t_c1, t_soft = tch.numbers
+    grad_a = torch.zeros(a.shape, dtype=f32, device=dev)
+    grad_b = torch.zeros(b.shape, dtype=f32, device=dev)
+    totals = torch.zeros(2, dtype=torch.float64, device=dev)
+    rows = memory_rows(na, nb, chunk_rows, chunk_bytes(dev)) if target.soft else max(1, min(na, chunk_rows))
+    prec = _precision(a)
+    flags = dict(**vec.flags(), **packed.flags(), INPUT_PRECISION=prec,
+                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=slice_d,
+                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    for r0, r1 in row_chunks(na, rows):
+        c0, c1 = column_span(target, r0, r1, nb)
+        if c1 == c0:
+            continue
+        r, w = r1 - r0, c1 - c0
+        a_c, b_k = a[r0:r1], b[c0:c1]
+        bound = _feature_bounds(tiles, target, a, b, r0, r1, c0, c1)
+        tdot = tch.chunk(r0, r1, c0, c1)
+        common = (a_c, b_k, scale, bias, *packed.args(), bound, *vec.rows(r0, r1), *vec.cols(c0, c1),
+                  tdot, tch.scale, tch.rows(r0, r1), tch.cols(c0, c1), *vec.masses(r0, r1, c0, c1))
+        numbers = (packed.penalty, float(weights.w_row), vec.g_scale, t_c0, t_c1, t_soft)
+        m_blocks, n_ct = triton.cdiv(r, cfg.block_m), triton.cdiv(w, cfg.block_n)
+        splits, per_split = _split(n_ct, m_blocks, dev)
+        n_items = m_blocks * splits
+        ga = torch.empty((splits, r, d), dtype=f32, device=dev)
+        part = torch.empty((2, n_items), dtype=f32, device=dev)
+        launch(_fused_target_rows_kernel)[(n_items * d_slices,)](
+            *common, ga, part, r, w, d, r0, c0, m_blocks, n_items, per_split,
+            a_c.stride(0), b_k.stride(0), tdot.stride(0), packed.dense.stride(0), ga.stride(0), ga.stride(1),
+            *numbers, **flags)
+        grad_a[r0:r1] = ga.sum(dim=0)
+        totals += part.double().sum(dim=1)
+        n_blocks, m_rt = triton.cdiv(w, cfg.block_n), triton.cdiv(r, cfg.block_m)
+        splits, per_split = _split(m_rt, n_blocks, dev)
+        gb = torch.empty((splits, w, d), dtype=f32, device=dev)
+        launch(_fused_target_cols_kernel)[(n_blocks * splits * d_slices,)](
+            *common, gb, r, w, d, r0, c0, n_blocks, per_split,
+            a_c.stride(0), b_k.stride(0), tdot.stride(0), packed.dense.stride(0), gb.stride(0), gb.stride(1),
+            *numbers, **flags)
+        grad_b[c0:c1] += gb.sum(dim=0)
+    return grad_a, grad_b, totals[0].float(), totals[1].float()
+
+
+def target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, need_grad, cache_bytes=0):
+    """Softmax loss of a general target and its gradients on the fused tile kernels
+    (``targets.two_pass_target`` over ``target_stats`` and ``target_grad``); D <= 256."""
+    from ..targets import two_pass_target
+
+    _check_fused(a, b)
+    return two_pass_target(target_stats, target_grad, a, b, scale, bias, target, eps, symmetric, chunk_rows,
+                           need_grad, 0)
+
+
 # ------------------------------------------------------------------------------------ compile gate
 def compile_specs():
     """Every (kernel, constexpr flags, shipped launch config) of this module for each supported
@@ -425,6 +667,8 @@ def compile_specs():
     tri = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
     specs = []
     for (kernel, cls, bd), cfg in FUSED_CONFIGS.items():
+        if kernel == "target":
+            continue  # _target_specs
         dtypes = ("float32",) if cls == "float32" else ("bfloat16", "float16")
         for dtype in dtypes:
             p = "*" + tri[dtype]
@@ -480,7 +724,100 @@ def compile_specs():
                 specs.append(dict(name=label, fn=fn, signature=full_sig, constexprs=consts,
                                   num_warps=cfg.num_warps, num_stages=cfg.num_stages, uses_dot=True,
                                   dtype=dtype, config=cfg, block_d=bd))
+    return specs + _target_specs()
+
+
+_FP64_PTRS = ("row_lse_ptr", "col_lse_ptr", "t_row_ptr", "t_col_ptr", "row_part_ptr", "col_part_ptr")
+_POINTER_TYPES = dict({name: "*fp64" for name in _FP64_PTRS}, row_info_ptr="*i64", col_info_ptr="*i64",
+                      row_flag_ptr="*u8", col_flag_ptr="*u8", dense_ptr="*u8")
+_FLOAT_ARGS = ("penalty", "w_row", "g_scale", "t_c0", "t_c1", "soft")
+
+
+def _target_signature(fn, features: str, consts: dict) -> dict:
+    """The argument types of a general-target kernel of this path from its argument names: the
+    features (a_ptr, b_ptr) of type ``features``, the teacher's chunk and every other pointer fp32
+    unless named in _POINTER_TYPES, the numbers in _FLOAT_ARGS fp32, the rest i32."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ("a_ptr", "b_ptr"):
+            sig[name] = features
+        elif name.endswith("_ptr"):
+            sig[name] = _POINTER_TYPES.get(name, "*fp32")
+        else:
+            sig[name] = "fp32" if name in _FLOAT_ARGS else "i32"
+    return sig
+
+
+def _target_specs():
+    """The general target on this path: pass 1 (``target._target_stats_kernel`` with the matmul
+    producer and the teacher's tiles from memory), the margin's pair kernel, and pass 2's rows and
+    columns kernels, once per distinct kernel of the ``FUSED_CONFIGS["target", ...]`` entries (entries
+    that share blocks and accumulator width compile to the same kernels): every variant in bfloat16,
+    the heaviest (all pair rules, symmetric; smoothing in pass 1; a softmax teacher with the targets'
+    entropy) in float16."""
+    from .target import _pair_dots_kernel, _target_stats_kernel
+
+    tri = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+    none = dict(HAS_MARGIN=False, HAS_PENALTY=False, PENALTY_MODE=0, HAS_DENSE=False)
+    everything = dict(HAS_MARGIN=True, HAS_PENALTY=True, PENALTY_MODE=1, HAS_DENSE=True)
+    rules = dict(everything, HAS_MARGIN=False)
+    hard = dict(SOFT=False, TEACHER_LINEAR=False)
+    soft_max = dict(SOFT=True, TEACHER_LINEAR=False)
+    soft_lin = dict(SOFT=True, TEACHER_LINEAR=True)
+    # (pair rules, symmetric, soft, mass)
+    grad_heavy = [(everything, True, hard, False), (rules, True, soft_max, False)]
+    grad_variants = grad_heavy + [(rules, False, hard, True), (none, True, soft_max, False),
+                                  (none, True, soft_lin, True)]
+    # (pair rules, symmetric, smoothing, soft, entropy)
+    stats_heavy = [(everything, True, True, hard, False), (rules, True, True, soft_max, True)]
+    stats_variants = stats_heavy + [(dict(none, HAS_MARGIN=True), False, False, hard, False),
+                                    (none, True, False, soft_max, True), (none, True, False, soft_lin, False)]
+    specs, seen = [], set()
+
+    def add(name, fn, features, consts, cfg, dtype, bd):
+        specs.append(dict(name=name, fn=fn, signature=_target_signature(fn, features, consts), constexprs=consts,
+                          num_warps=cfg.num_warps, num_stages=cfg.num_stages, uses_dot=True, dtype=dtype,
+                          config=cfg, block_d=bd, divisible=("D",), pipelined=True,
+                          wgmma_required=dtype != "float32"))
+
+    def tag(rules_, sym, soft, extra=""):
+        out = ",".join(k for k, v in rules_.items() if v and k != "PENALTY_MODE") or "plain"
+        out += f",sym={sym}{extra}"
+        if soft["SOFT"]:
+            out += ",soft=" + ("linear" if soft["TEACHER_LINEAR"] else "softmax")
+        return out
+
+    for (kernel, cls, bd), cfg in FUSED_CONFIGS.items():
+        if kernel != "target":
+            continue
+        for dtype in (("float32",) if cls == "float32" else ("bfloat16", "float16")):
+            width = cfg.block_d or bd
+            key = (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.block_k, dtype)
+            if (key, width) in seen:
+                continue
+            op = "*" + tri[dtype]
+            prec = FUSED_FP32_PRECISION if dtype == "float32" else "ieee"
+            blocks = dict(INPUT_PRECISION=prec, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+            every = dtype != "float16"
+            for rules_, sym, soft, mass in (grad_variants if every else grad_heavy):
+                consts = dict(SYMMETRIC=sym, **rules_, **soft, HAS_MASS=mass, **blocks, BLOCK_D=width)
+                name = tag(rules_, sym, soft) + (",mass" if mass else "")
+                add(f"fused_target_rows[{name}]", _fused_target_rows_kernel, op, consts, cfg, dtype, width)
+                add(f"fused_target_cols[{name}]", _fused_target_cols_kernel, op, consts, cfg, dtype, width)
+            seen.add((key, width))
+            if key in seen:
+                continue
+            seen.add(key)
+            for rules_, sym, smooth, soft, entropy in (stats_variants if every else stats_heavy):
+                consts = dict(SYMMETRIC=sym, SMOOTHING=smooth, **rules_, **soft, ENTROPY=entropy, MATMUL=True,
+                              T_MATMUL=False, T_PRECISION="ieee", **blocks)
+                name = tag(rules_, sym, soft, f",smooth={smooth}") + (",entropy" if entropy else "")
+                add(f"fused_target_stats[{name}]", _target_stats_kernel, op, consts, cfg, dtype, bd)
+            add("fused_target_pair_dots", _pair_dots_kernel, op, dict(blocks), cfg, dtype, bd)
     return specs
 
 
-__all__ = ["lse_stats", "softmax_grad", "softmax_fused", "sigmoid_fused", "SUPPORTED_DTYPES", "LN2"]
+__all__ = ["lse_stats", "softmax_grad", "softmax_fused", "sigmoid_fused", "target_stats", "target_grad",
+           "target_softmax_fused", "SUPPORTED_DTYPES", "LN2"]

@@ -135,6 +135,78 @@ def _teacher_norms(norm_ptr, offs, mask):
 
 
 @triton.jit
+def grad_row_vectors(row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, row_mass_ptr, offs_m, mask_m,
+                     HAS_MASS: tl.constexpr):
+    """Pass 2's per-row inputs of ``target_grad_tile`` at rows ``offs_m``: the float64 row LSE as fp32
+    (hi, lo), the target mass at a positive and on every kept pair, and (HAS_MASS) the softmax term's
+    mass (``qp`` stands in for it otherwise)."""
+    row_hi, row_lo = _split_lse(tl.load(row_lse_ptr + offs_m, mask=mask_m, other=float("inf")))
+    qp = tl.load(q_row_pos_ptr + offs_m, mask=mask_m, other=0.0)
+    qk = tl.load(q_row_keep_ptr + offs_m, mask=mask_m, other=0.0)
+    mass = qp
+    if HAS_MASS:
+        mass = tl.load(row_mass_ptr + offs_m, mask=mask_m, other=0.0)
+    return row_hi, row_lo, qp, qk, mass
+
+
+@triton.jit
+def _teacher_rows(t_scale_ptr, t_row_ptr, offs_m, mask_m, SOFT: tl.constexpr, TEACHER_LINEAR: tl.constexpr):
+    """(scale, row normalisers hi, lo) of the teacher at rows ``offs_m`` (dummies without SOFT)."""
+    t_scale = 1.0
+    if SOFT:
+        if not TEACHER_LINEAR:
+            t_scale = tl.load(t_scale_ptr).to(tl.float32)
+        t_row_hi, t_row_lo = _teacher_norms(t_row_ptr, offs_m, mask_m)
+    else:
+        t_row_hi = tl.zeros(offs_m.shape, tl.float32)
+        t_row_lo = t_row_hi
+    return t_scale, t_row_hi, t_row_lo
+
+
+@triton.jit
+def _p_minus_q(x, pos, qp, mass, HAS_MASS: tl.constexpr):
+    """``mass·exp(x) − q·[pos]`` of one direction (``qp``, ``mass`` broadcast to the tile): at a
+    positive with q > ½ (a single confident one) as ``mass·expm1(x) + (mass − q)``, which keeps the
+    precision of P ≈ 1; elsewhere directly. Without HAS_MASS the mass is 1."""
+    e = tl.exp2(x * LOG2E)
+    if HAS_MASS:
+        g = tl.where(pos, tl.where(qp > 0.5, mass * _expm1(x) + (mass - qp), e * mass - qp), e * mass)
+    else:
+        g = tl.where(pos, tl.where(qp > 0.5, _expm1(x) + (1.0 - qp), e - qp), e)
+    return g
+
+
+@triton.jit
+def target_grad_tile(t, keep, pos, row_hi, row_lo, qp, qk, mass, q_row, q_col, offs_n, mask_n,
+                     col_lse_ptr, q_col_pos_ptr, q_col_keep_ptr, w_col_ptr, col_mass_ptr, w_row, soft,
+                     SYMMETRIC: tl.constexpr, SOFT: tl.constexpr, HAS_MASS: tl.constexpr):
+    """G = ∂L/∂S of a tile of logits ``t`` (``target_tile``: its kept pairs and positives), 0 off the kept
+    pairs: ``w_row·(mass·P_row − q_pos·[pos] − q_keep − soft·Qt_row)`` with the row vectors of
+    ``grad_row_vectors`` (the float64 LSE as fp32 hi, lo), plus with SYMMETRIC ``w_col·(…)`` of the
+    same form per column, its vectors read here at the tile's local columns ``offs_n``. Soft targets
+    (SOFT): the teacher's probabilities ``q_row``, ``q_col`` (``teacher_tile``). Every producer of a
+    tile calls it: the chunked and matmul epilogues (``_target_grad_kernel``) and the fused tile
+    kernels (``fused.py``), so that G is one formula."""
+    g = _p_minus_q((t - row_hi[:, None]) - row_lo[:, None], pos, qp[:, None], mass[:, None], HAS_MASS) - qk[:, None]
+    if SOFT:
+        g = g - soft * q_row
+    g = w_row * g
+    if SYMMETRIC:
+        col_hi, col_lo = _split_lse(tl.load(col_lse_ptr + offs_n, mask=mask_n, other=float("inf")))
+        qcp = tl.load(q_col_pos_ptr + offs_n, mask=mask_n, other=0.0)
+        qck = tl.load(q_col_keep_ptr + offs_n, mask=mask_n, other=0.0)
+        wc = tl.load(w_col_ptr + offs_n, mask=mask_n, other=0.0)
+        mc = qcp
+        if HAS_MASS:
+            mc = tl.load(col_mass_ptr + offs_n, mask=mask_n, other=0.0)
+        gc = _p_minus_q((t - col_hi[None, :]) - col_lo[None, :], pos, qcp[None, :], mc[None, :], HAS_MASS) - qck[None, :]
+        if SOFT:
+            gc = gc - soft * q_col
+        g += tl.where(wc[None, :] != 0.0, wc[None, :] * gc, 0.0)
+    return tl.where(keep, g, 0.0)
+
+
+@triton.jit
 def _program(item, m_blocks, scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_per_split, HAS_MARGIN: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """What work item ``item`` (row block m = item % m_blocks, column split s = item // m_blocks:
@@ -159,14 +231,13 @@ def _program(item, m_blocks, scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_p
 @triton.jit
 def _teacher_dot_tile(tdot_ptr, stride_tm, ta_ptr, stride_tam, tb_ptr, stride_tbn, TD, offs_m, offs_n, mask_m,
                       mask_n, keep, t_col_ptr, t_scale, t_c0, t_c1, t_row_hi, t_row_lo,
-                      TEACHER_LINEAR: tl.constexpr, SYMMETRIC: tl.constexpr, MATMUL: tl.constexpr,
+                      TEACHER_LINEAR: tl.constexpr, SYMMETRIC: tl.constexpr, T_MATMUL: tl.constexpr,
                       T_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr):
-    """``teacher_tile`` of a tile of the teacher's dot products, from the same producer as the
-    student's (``chunked.dot_tile``: its chunk in memory, or formed from its features), its column
-    normalisers read here."""
+    """``teacher_tile`` of a tile of the teacher's dot products from its producer (``chunked.dot_tile``:
+    its chunk in memory, or with T_MATMUL formed from its features), its column normalisers read here."""
     td = dot_tile(tdot_ptr, stride_tm, ta_ptr, stride_tam, tb_ptr, stride_tbn, TD, offs_m, offs_n, mask_m, mask_n,
-                  MATMUL, T_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                  T_MATMUL, T_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     if SYMMETRIC:
         t_col_hi, t_col_lo = _teacher_norms(t_col_ptr, offs_n, mask_n)
     else:
@@ -185,8 +256,8 @@ def _target_stats_kernel(
     stride_cp, stride_cs, penalty, t_c0, t_c1, soft,
     SYMMETRIC: tl.constexpr, SMOOTHING: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_PENALTY: tl.constexpr,
     PENALTY_MODE: tl.constexpr, HAS_DENSE: tl.constexpr, SOFT: tl.constexpr, ENTROPY: tl.constexpr,
-    TEACHER_LINEAR: tl.constexpr, MATMUL: tl.constexpr, INPUT_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TEACHER_LINEAR: tl.constexpr, MATMUL: tl.constexpr, T_MATMUL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    T_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Program (m, s): rows [m·BM, (m+1)·BM) of the chunk × the column tiles of split s. Writes
     row_part[s, rows] (float64 LSE over the split's kept pairs), row_sums[s, k, rows] (k = 0: number
@@ -242,7 +313,7 @@ def _target_stats_kernel(
                 t_row_hi, t_row_lo = _teacher_norms(t_row_ptr, offs_m, mask_m)
                 q_row, q_col = _teacher_dot_tile(tdot_ptr, stride_tm, ta_ptr, stride_tam, tb_ptr, stride_tbn, TD,
                                                  offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr, t_scale, t_c0, t_c1,
-                                                 t_row_hi, t_row_lo, TEACHER_LINEAR, SYMMETRIC, MATMUL, T_PRECISION,
+                                                 t_row_hi, t_row_lo, TEACHER_LINEAR, SYMMETRIC, T_MATMUL, T_PRECISION,
                                                  BLOCK_M, BLOCK_N, BLOCK_K)
                 x_row += tl.sum(q_row * t_keep, 1)
                 if ENTROPY:
@@ -280,7 +351,7 @@ def _target_grad_kernel(
     penalty, w_row, g_scale, t_c0, t_c1, soft,
     SYMMETRIC: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_PENALTY: tl.constexpr, PENALTY_MODE: tl.constexpr,
     HAS_DENSE: tl.constexpr, SOFT: tl.constexpr, TEACHER_LINEAR: tl.constexpr, HAS_MASS: tl.constexpr,
-    MATMUL: tl.constexpr, INPUT_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
+    MATMUL: tl.constexpr, T_MATMUL: tl.constexpr, INPUT_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """G of program (m, s)'s tiles on the kept pairs (0 elsewhere):
@@ -296,16 +367,9 @@ def _target_grad_kernel(
     for item in range(tl.program_id(0), _items_end(n_items, MATMUL), _items_step(MATMUL)):
         pid_m, pid_s, offs_m, mask_m, rows, bound, scale, bias, t0, t1 = _program(
             item, m_blocks, scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_per_split, HAS_MARGIN, BLOCK_M, BLOCK_N)
-        row_hi, row_lo = _split_lse(tl.load(row_lse_ptr + offs_m, mask=mask_m, other=float("inf")))
-        qp = tl.load(q_row_pos_ptr + offs_m, mask=mask_m, other=0.0)
-        qk = tl.load(q_row_keep_ptr + offs_m, mask=mask_m, other=0.0)
-        if HAS_MASS:
-            mass = tl.load(row_mass_ptr + offs_m, mask=mask_m, other=0.0)
-        if SOFT:
-            t_scale = 1.0
-            if not TEACHER_LINEAR:
-                t_scale = tl.load(t_scale_ptr).to(tl.float32)
-            t_row_hi, t_row_lo = _teacher_norms(t_row_ptr, offs_m, mask_m)
+        row_hi, row_lo, qp, qk, mass = grad_row_vectors(row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, row_mass_ptr,
+                                                        offs_m, mask_m, HAS_MASS)
+        t_scale, t_row_hi, t_row_lo = _teacher_rows(t_scale_ptr, t_row_ptr, offs_m, mask_m, SOFT, TEACHER_LINEAR)
         acc_gd = tl.zeros([BLOCK_M], tl.float32)
         acc_g = tl.zeros([BLOCK_M], tl.float32)
         for ct in range(t0, t1):
@@ -315,51 +379,21 @@ def _target_grad_kernel(
             keep, pos, t = target_tile(d, rows, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr,
                                        row_flag_ptr, col_flag_ptr, dense_ptr, stride_dense, bound, scale, bias, penalty,
                                        HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE)
+            q_row, q_col = t, t  # (unused without SOFT)
             if SOFT:
                 q_row, q_col = _teacher_dot_tile(tdot_ptr, stride_tm, ta_ptr, stride_tam, tb_ptr, stride_tbn, TD,
                                                  offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr, t_scale, t_c0, t_c1,
-                                                 t_row_hi, t_row_lo, TEACHER_LINEAR, SYMMETRIC, MATMUL, T_PRECISION,
+                                                 t_row_hi, t_row_lo, TEACHER_LINEAR, SYMMETRIC, T_MATMUL, T_PRECISION,
                                                  BLOCK_M, BLOCK_N, BLOCK_K)
-            x = (t - row_hi[:, None]) - row_lo[:, None]
-            e = tl.exp2(x * LOG2E)
-            # at a positive, P − q: for q near 1 (a single positive) as expm1(x) + (1 − q), which keeps the
-            # precision of a confident P ≈ 1; for smaller q directly (with a mass m ≠ 1: m·P − q as
-            # m·expm1(x) + (m − q))
-            if HAS_MASS:
-                m2 = mass[:, None]
-                g = tl.where(pos, tl.where(qp[:, None] > 0.5, m2 * _expm1(x) + (m2 - qp[:, None]), e * m2 - qp[:, None]),
-                             e * m2)
-            else:
-                g = tl.where(pos, tl.where(qp[:, None] > 0.5, _expm1(x) + (1.0 - qp[:, None]), e - qp[:, None]), e)
-            g = g - qk[:, None]
-            if SOFT:
-                g = g - soft * q_row
-            g = w_row * g
-            if SYMMETRIC:
-                col_hi, col_lo = _split_lse(tl.load(col_lse_ptr + offs_n, mask=mask_n, other=float("inf")))
-                qcp = tl.load(q_col_pos_ptr + offs_n, mask=mask_n, other=0.0)
-                qck = tl.load(q_col_keep_ptr + offs_n, mask=mask_n, other=0.0)
-                wc = tl.load(w_col_ptr + offs_n, mask=mask_n, other=0.0)
-                xc = (t - col_hi[None, :]) - col_lo[None, :]
-                ec = tl.exp2(xc * LOG2E)
-                if HAS_MASS:
-                    mc = tl.load(col_mass_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-                    gc = tl.where(pos, tl.where(qcp[None, :] > 0.5, mc * _expm1(xc) + (mc - qcp[None, :]),
-                                                ec * mc - qcp[None, :]), ec * mc) - qck[None, :]
-                else:
-                    gc = tl.where(pos, tl.where(qcp[None, :] > 0.5, _expm1(xc) + (1.0 - qcp[None, :]), ec - qcp[None, :]),
-                                  ec) - qck[None, :]
-                if SOFT:
-                    gc = gc - soft * q_col
-                g += tl.where(wc[None, :] != 0.0, wc[None, :] * gc, 0.0)
-            g = tl.where(keep, g, 0.0)
+            g = target_grad_tile(t, keep, pos, row_hi, row_lo, qp, qk, mass, q_row, q_col, offs_n, mask_n,
+                                 col_lse_ptr, q_col_pos_ptr, q_col_keep_ptr, w_col_ptr, col_mass_ptr, w_row, soft,
+                                 SYMMETRIC, SOFT, HAS_MASS)
             acc_gd += tl.sum(g * d, 1)
             acc_g += tl.sum(g, 1)
             tl.store(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :], (g * g_scale).to(g_ptr.dtype.element_ty),
                      mask=mask)
         tl.store(part_ptr + item, tl.sum(acc_gd, 0))
         tl.store(part_ptr + n_items + item, tl.sum(acc_g, 0))
-
 
 
 @triton.jit
@@ -511,19 +545,25 @@ class _Tiles:
     """The producer of the target epilogues' tiles for one call (``chunked.producer``): the cuBLAS
     chunks of dot products (the student's, and the teacher's with soft targets), or the matmul
     producer, which forms them from the features in the kernels (hard targets: ``SOFT_ON_MATMUL``).
-    The teacher's features must then have a dtype tl.dot takes."""
+    The teacher's features must then have a dtype tl.dot takes. ``cfg`` given (the fused tile
+    kernels, ``fused.py``): the matmul producer at that configuration for the student's tiles, the
+    teacher's read from its cuBLAS chunks (``teacher_chunks``)."""
 
-    def __init__(self, a, target, kernel: str, cublas: bool = False):
+    def __init__(self, a, target, kernel: str, cublas: bool = False, cfg=None):
         t = target
-        teacher_ok = not t.soft or (SOFT_ON_MATMUL and t.teacher_a.dtype == t.teacher_b.dtype
-                                    and str(t.teacher_a.dtype).replace("torch.", "") in SUPPORTED_DTYPES)
-        self.matmul = not cublas and producer(a) == "matmul" and teacher_ok
         name = str(a.dtype).replace("torch.", "")
-        self.cfg = matmul_config(kernel, name) if self.matmul else chunked_config(kernel)
         self.target = target
+        if cfg is not None:
+            self.matmul, self.t_matmul, self.cfg = True, False, cfg
+        else:
+            teacher_ok = not t.soft or (SOFT_ON_MATMUL and t.teacher_a.dtype == t.teacher_b.dtype
+                                        and str(t.teacher_a.dtype).replace("torch.", "") in SUPPORTED_DTYPES)
+            self.matmul = not cublas and producer(a) == "matmul" and teacher_ok
+            self.t_matmul = self.matmul
+            self.cfg = matmul_config(kernel, name) if self.matmul else chunked_config(kernel)
         self.prod = _Producer(self.matmul, self.cfg)
         self.t_prec = "ieee"
-        if self.matmul and t.soft and t.teacher_a.dtype == torch.float32:
+        if self.t_matmul and t.soft and t.teacher_a.dtype == torch.float32:
             self.t_prec = FUSED_FP32_PRECISION
 
     def operands(self, a, b, tch, r0, r1, c0, c1):
@@ -534,6 +574,9 @@ class _Tiles:
             tdot = tch.chunk(r0, r1, c0, c1)
             return dot, dot, dot, tdot, tdot, tdot
         a_c, b_k = a[r0:r1], b[c0:c1]
+        if not self.t_matmul:
+            tdot = tch.chunk(r0, r1, c0, c1)
+            return a_c, a_c, b_k, tdot, tdot, tdot
         if self.target.soft:
             ta, tb = self.target.teacher_a[r0:r1].contiguous(), self.target.teacher_b[c0:c1].contiguous()
         else:
@@ -541,7 +584,7 @@ class _Tiles:
         return a_c, a_c, b_k, ta, ta, tb
 
     def consts(self, a):
-        return dict(self.prod.consts(a), T_PRECISION=self.t_prec)
+        return dict(self.prod.consts(a), T_MATMUL=self.t_matmul, T_PRECISION=self.t_prec)
 
 
 def _feature_bounds(tiles, target, a, b, r0: int, r1: int, c0: int, c1: int):
@@ -563,10 +606,12 @@ def _feature_bounds(tiles, target, a, b, r0: int, r1: int, c0: int, c1: int):
 
 
 def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes, teacher=None,
-                 cublas=False):
+                 cublas=False, tiles=None):
     """Pass 1 of the general target (the contract of ``torch_chunked.target_stats``; with soft
     targets ``teacher`` is the ``targets.TeacherNorms`` of the teacher's pass). ``cublas``: the
-    cuBLAS producer whatever ``chunked.producer`` says (the teacher's pass, ``teacher_pass``)."""
+    cuBLAS producer whatever ``chunked.producer`` says (the teacher's pass, ``teacher_pass``);
+    ``tiles``: the producer (a ``_Tiles``) to use instead of ``chunked.producer``'s (the fused kernels'
+    pass 1, ``fused.target_stats``)."""
     from ..targets import TargetStats, column_span, hard_weight, with_teacher
 
     _check(a, b)
@@ -595,11 +640,13 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
     t_c0, t_c1, t_soft = tch.numbers
     cached, kept = [], 0
     dummy = torch.zeros(1, dtype=f64, device=dev)
-    tiles = _Tiles(a, target, "target_stats", cublas)
+    tiles = tiles or _Tiles(a, target, "target_stats", cublas)
     cfg = tiles.cfg
     if tiles.matmul:  # the float64 LSE and fp32 sums of each (row block, column) within the budget
         chunk_rows = matmul_plan(na, nb, a.dtype, chunk_rows, chunk_bytes(dev),
                                  col_bytes=(8 + 4 * n_sums) if symmetric else 1, partial_rows=cfg.block_m).stats_rows
+        if soft and not tiles.t_matmul:  # the teacher's fp32 chunks within the budget too
+            chunk_rows = memory_rows(na, nb, chunk_rows, chunk_bytes(dev))
     else:
         chunk_rows = memory_rows(na, nb, chunk_rows, chunk_bytes(dev))
     for r0, r1 in row_chunks(na, chunk_rows):
@@ -666,6 +713,56 @@ def _teacher_pass(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, c
 target_stats.teacher_pass = _teacher_pass
 
 
+class _GradVectors:
+    """Pass 2's O(N) inputs of ``target_grad_tile`` from the weights of ``targets.loss_and_weights``,
+    as the kernels read them (fp32, the LSEs float64; dummies where a direction or mass is absent), the
+    teacher's (``_Teacher``) and the bound of the fp16 lift of G."""
+
+    def __init__(self, a, target, w8, nb: int):
+        dev = a.device
+        self.symmetric = symmetric = w8.col_lse is not None
+        dummy = torch.zeros(1, dtype=torch.float32, device=dev)
+        self.row_lse = w8.row_lse.to(torch.float64).contiguous()
+        self.q_row_pos, self.q_row_keep = w8.q_row_pos.float().contiguous(), w8.q_row_keep.float().contiguous()
+        if symmetric:
+            self.col_lse = w8.col_lse.to(torch.float64).contiguous()
+            self.q_col_pos, self.q_col_keep = w8.q_col_pos.float().contiguous(), w8.q_col_keep.float().contiguous()
+            self.w_col = w8.w_col.float().contiguous()
+        else:
+            self.col_lse, self.q_col_pos, self.q_col_keep, self.w_col = dummy.double(), dummy, dummy, dummy
+        self.tch = _Teacher(target, w8.t_row_norm, w8.t_col_norm if symmetric else None, dev)
+        self.has_mass = w8.row_mass is not None  # a linear teacher's eps, or a row LSE's upstream weights
+        self.row_mass = self.col_mass = dummy
+        if self.has_mass:
+            self.row_mass = w8.row_mass.float().contiguous()
+            if symmetric:
+                self.col_mass = (w8.col_mass.float().contiguous() if w8.col_mass is not None
+                                 else torch.ones(nb, dtype=torch.float32, device=dev))
+        # |G| <= (w_row + max w_col)·q_bound: the bound of the fp16 lift, from the loss weights, not the data
+        self.g_scale = grad_tile_scale(a.dtype, (abs(float(w8.w_row)) + (float(w8.w_col_max) if symmetric else 0.0))
+                                       * _q_bound(target))
+
+    def rows(self, r0: int, r1: int):
+        """(row LSE, q at a positive, q on every kept pair) of rows [r0, r1)."""
+        return self.row_lse[r0:r1], self.q_row_pos[r0:r1], self.q_row_keep[r0:r1]
+
+    def cols(self, c0: int, c1: int):
+        """(column LSE, q at a positive, q on every kept pair, column weight) of columns [c0, c1)."""
+        if not self.symmetric:
+            return self.col_lse, self.q_col_pos, self.q_col_keep, self.w_col
+        sl = slice(c0, c1)
+        return self.col_lse[sl], self.q_col_pos[sl], self.q_col_keep[sl], self.w_col[sl]
+
+    def masses(self, r0: int, r1: int, c0: int, c1: int):
+        """(row masses of [r0, r1), column masses of [c0, c1)), or dummies."""
+        if not self.has_mass:
+            return self.row_mass, self.col_mass
+        return self.row_mass[r0:r1], self.col_mass[c0:c1] if self.symmetric else self.col_mass
+
+    def flags(self):
+        return dict(SYMMETRIC=self.symmetric, **self.tch.flags(), HAS_MASS=self.has_mass)
+
+
 def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
     """Pass 2 of the general target (the contract of ``torch_chunked.target_grad``)."""
     from ..targets import column_span
@@ -673,32 +770,12 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
     _check(a, b)
     na, nb = a.shape[0], b.shape[0]
     dev = a.device
-    w8 = weights
-    symmetric = w8.col_lse is not None
     packed = _Packed(target, na, nb, dev)
     grad_a = torch.zeros(a.shape, dtype=torch.float32, device=dev)
     grad_b = torch.zeros(b.shape, dtype=torch.float32, device=dev)
-    row_lse = w8.row_lse.to(torch.float64).contiguous()
-    q_row_pos, q_row_keep = w8.q_row_pos.float().contiguous(), w8.q_row_keep.float().contiguous()
-    dummy = torch.zeros(1, dtype=torch.float32, device=dev)
-    if symmetric:
-        col_lse = w8.col_lse.to(torch.float64).contiguous()
-        q_col_pos, q_col_keep = w8.q_col_pos.float().contiguous(), w8.q_col_keep.float().contiguous()
-        w_col = w8.w_col.float().contiguous()
-    else:
-        col_lse, q_col_pos, q_col_keep, w_col = dummy.double(), dummy, dummy, dummy
-    tch = _Teacher(target, w8.t_row_norm, w8.t_col_norm if symmetric else None, dev)
-    has_mass = w8.row_mass is not None  # a linear teacher's eps, or a row LSE's upstream weights
-    row_mass = col_mass = dummy
-    if has_mass:
-        row_mass = w8.row_mass.float().contiguous()
-        if symmetric:
-            col_mass = (w8.col_mass.float().contiguous() if w8.col_mass is not None
-                        else torch.ones(nb, dtype=torch.float32, device=dev))
+    vec = _GradVectors(a, target, weights, nb)
+    tch, g_scale = vec.tch, vec.g_scale
     t_c0, t_c1, t_soft = tch.numbers
-    # |G| <= (w_row + max w_col)·q_bound: the bound of the fp16 lift, from the loss weights, not from the data
-    g_scale = grad_tile_scale(a.dtype, (abs(float(w8.w_row)) + (float(w8.w_col_max) if symmetric else 0.0))
-                              * _q_bound(target))
     parts = []
     tiles = _Tiles(a, target, "target_grad")
     cfg = tiles.cfg
@@ -729,20 +806,15 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
                 g = dot if g_chunk is None else g_chunk
             it = _items(r, w, cfg, dev)
             part = torch.empty((2, it.n_items), dtype=torch.float32, device=dev)
-            sl = slice(c0, c1)
             if not tiles.matmul:
                 bound = _bounds(target, dot, r0, r1, c0)
             launch(_target_grad_kernel)[it.grid](
-                dot, a_c, b_k, g, scale, bias, *packed.args(), bound,
-                row_lse[r0:r1], q_row_pos[r0:r1], q_row_keep[r0:r1],
-                col_lse[sl] if symmetric else col_lse, q_col_pos[sl] if symmetric else q_col_pos,
-                q_col_keep[sl] if symmetric else q_col_keep, w_col[sl] if symmetric else w_col,
-                tdot, ta, tb, tch.scale, tch.rows(r0, r1), tch.cols(c0, c1), row_mass[r0:r1] if has_mass else row_mass,
-                col_mass[sl] if (has_mass and symmetric) else col_mass, part,
+                dot, a_c, b_k, g, scale, bias, *packed.args(), bound, *vec.rows(r0, r1), *vec.cols(c0, c1),
+                tdot, ta, tb, tch.scale, tch.rows(r0, r1), tch.cols(c0, c1), *vec.masses(r0, r1, c0, c1), part,
                 r, w, a.shape[1], ta.shape[1], r0, c0, it.m_blocks, it.n_items, it.per_split,
                 dot.stride(0), a_c.stride(0), b_k.stride(0), g.stride(0), tdot.stride(0), ta.stride(0),
-                tb.stride(0), packed.dense.stride(0), packed.penalty, float(w8.w_row), g_scale, t_c0, t_c1, t_soft,
-                SYMMETRIC=symmetric, **packed.flags(), **tch.flags(), HAS_MASS=has_mass, **tiles.consts(a),
+                tb.stride(0), packed.dense.stride(0), packed.penalty, float(weights.w_row), g_scale, t_c0, t_c1,
+                t_soft, **packed.flags(), **vec.flags(), **tiles.consts(a),
             )
             parts.append(part)
             _grad_gemms(g, a[r0:r1], b[c0:c1], scale, grad_a[r0:r1], grad_b[c0:c1], g_scale,
@@ -794,7 +866,7 @@ def compile_specs():
     def producer_consts(matmul, dtype, kernel):
         cfg = matmul_config(kernel, dtype) if matmul else chunked_config(kernel)
         prec = FUSED_FP32_PRECISION if matmul and dtype == "float32" else "ieee"
-        return cfg, dict(MATMUL=matmul, INPUT_PRECISION=prec, T_PRECISION=prec, BLOCK_M=cfg.block_m,
+        return cfg, dict(MATMUL=matmul, T_MATMUL=matmul, INPUT_PRECISION=prec, T_PRECISION=prec, BLOCK_M=cfg.block_m,
                          BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k or 16)
 
     def add(name, fn, sig, consts, cfg, dtype, matmul):
