@@ -52,14 +52,19 @@ bench "${SWEEP_TIMEOUT:-150}" --loss clip,siglip --providers fastcon,reference,o
   --batch "${SWEEP_BATCH:-8192,65536,262144}" --dim "${SWEEP_DIM:-768}" \
   --json "$out/gpu-bf16.json" --markdown "$out/gpu-bf16.md" || status=1
 # D from 512 to 1152 at one N, fastcon against the O(N)-memory peers
-bench "${DIMS_TIMEOUT:-60}" --loss clip,siglip --providers fastcon,inf_cl,siglip_kernel --batch "${DIM_BATCH:-65536}" \
+bench "${DIMS_TIMEOUT:-50}" --loss clip,siglip --providers fastcon,inf_cl,siglip_kernel --batch "${DIM_BATCH:-65536}" \
   --dim "${DIM_SWEEP:-512,1152}" --json "$out/gpu-dims-bf16.json" --markdown "$out/gpu-dims-bf16.md" || status=1
 # The general-target losses (class ids, NT-Xent, MNRL, DistillClipLoss, alignment/uniformity, MoCHi,
 # m²-mix) against their references and installed peers.
-bench "${TARGET_TIMEOUT:-60}" --loss clip_labels,ntxent,mnrl,distill,align_uniform,mochi,m2mix \
+bench "${TARGET_TIMEOUT:-50}" --loss clip_labels,ntxent,mnrl,distill,align_uniform,mochi,m2mix \
   --providers fastcon,reference,open_clip,lightly,sentence_transformers --batch "${TARGET_BATCH:-8192,32768}" \
   --dim "${SWEEP_DIM:-768}" --json "$out/gpu-targets-bf16.json" \
   --markdown "$out/gpu-targets-bf16.md" || status=1
+# The general target at D = 256 on the fused tile kernels (G in registers) against the chunked path:
+# where the explicit choice wins (auto takes the chunked path until this says otherwise).
+bench "${FUSED_TIMEOUT:-25}" --loss clip_labels,ntxent,distill --providers fastcon-triton,fastcon-triton_fused \
+  --batch "${FUSED_BATCH:-32768}" --dim 256 --json "$out/gpu-fused-targets-bf16.json" \
+  --markdown "$out/gpu-fused-targets-bf16.md" || status=1
 # The token-level losses: FILIP (196 patches x 77 tokens) and MaxSim (32 x 180) at B=512, D=256, against
 # the materialising reference and PyLate's scores (its torch path, flash-maxsim, late-interaction-kernels).
 bench "${TOKEN_TIMEOUT:-45}" --loss filip,maxsim \

@@ -302,7 +302,7 @@ def _roll_negatives(y, k=3):
 
 
 @pytest.mark.parametrize("case", list(TARGET_CASES))
-@pytest.mark.parametrize("backend", ["auto", "triton", "torch"])
+@pytest.mark.parametrize("backend", ["auto", "triton", "triton_fused", "torch"])
 def test_cuda_general_target_fp32_matches_reference(case, backend):
     fn, ref = TARGET_CASES[case]
     a, b = make_features(700, 700, 64)
@@ -321,7 +321,8 @@ def test_cuda_general_target_fp32_matches_reference(case, backend):
 
 @pytest.mark.parametrize("case", ["labels", "negatives-margin", "ntxent"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_general_target_low_precision_budget(case, dtype):
+@pytest.mark.parametrize("backend", ["triton", "triton_fused"])
+def test_cuda_general_target_low_precision_budget(case, dtype, backend):
     """bf16/fp16 features: no worse than the reference computed in fp32 from the rounded features, by
     more than the dtype's tolerance (the engine's statistics stay fp32/float64)."""
     fn, ref = TARGET_CASES[case]
@@ -329,7 +330,7 @@ def test_cuda_general_target_low_precision_budget(case, dtype):
     a, b = a.cuda().to(dtype), b.cuda().to(dtype)
     s = torch.tensor(30.0, device="cuda")
     leaves = [a.clone().requires_grad_(), b.clone().requires_grad_()]
-    out = fn(*leaves, s, backend="triton")
+    out = fn(*leaves, s, backend=backend)
     grads = torch.autograd.grad(out, leaves)
     truth = [t.double().requires_grad_() for t in (a, b)]
     expected = ref(*truth, s.double())
@@ -341,13 +342,13 @@ def test_cuda_general_target_low_precision_budget(case, dtype):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Soft targets (distillation) on the chunked Triton path: the teacher's tile beside the student's
+# Soft targets (distillation) on the Triton paths: the teacher's tile beside the student's
 
 DISTILL_CASES = {"clip": dict(kind="clip"), "hycd": dict(kind="hycd", alpha=0.2, temperature=0.4),
                  "cwcl": dict(kind="cwcl")}
 
 
-def _distill_errors(case, dtype, n=1024, d=256):
+def _distill_errors(case, dtype, n=1024, d=256, backend="triton"):
     """Relative errors (loss, grad image, grad text[, grad scale]) of FC.distill_loss on the Triton path
     with ``dtype`` features against the float64 reference of the same (rounded) features."""
     kw = DISTILL_CASES[case]
@@ -361,7 +362,7 @@ def _distill_errors(case, dtype, n=1024, d=256):
     if uses_scale:
         leaves.append(s.clone().requires_grad_())
         truth.append(s.double().requires_grad_())
-    out = FC.distill_loss(leaves[0], leaves[1], leaves[2] if uses_scale else 99.0, tx, ty, 50.0, backend="triton",
+    out = FC.distill_loss(leaves[0], leaves[1], leaves[2] if uses_scale else 99.0, tx, ty, 50.0, backend=backend,
                           **kw)
     assert out.dtype == dtype
     grads = torch.autograd.grad(out, leaves)
@@ -373,18 +374,20 @@ def _distill_errors(case, dtype, n=1024, d=256):
 
 
 @pytest.mark.parametrize("case", list(DISTILL_CASES))
-def test_cuda_distill_triton_fp32_matches_reference(case):
-    errs = _distill_errors(case, torch.float32)
+@pytest.mark.parametrize("backend", ["triton", "triton_fused"])
+def test_cuda_distill_triton_fp32_matches_reference(case, backend):
+    errs = _distill_errors(case, torch.float32, backend=backend)
     assert max(errs) <= 1e-4, (case, errs)
 
 
 @pytest.mark.parametrize("case", list(DISTILL_CASES))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_distill_triton_low_precision_budget(case, dtype):
+@pytest.mark.parametrize("backend", ["triton", "triton_fused"])
+def test_cuda_distill_triton_low_precision_budget(case, dtype, backend):
     """bf16/fp16 features: within the dtype's tolerance of the float64 reference of the rounded features
     (the statistics stay fp32/float64; G is rounded to the dtype for the gradient GEMMs, fp16 lifted by
     grad_tile_scale)."""
-    errs = _distill_errors(case, dtype)
+    errs = _distill_errors(case, dtype, backend=backend)
     tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
     assert max(errs) <= tol, (case, dtype, errs)
 

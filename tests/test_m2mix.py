@@ -7,8 +7,7 @@ import fastcon.functional as FC
 from fastcon import reference as R
 from helpers import assert_close_rel, make_features
 
-BACKENDS = ["torch", "cpp", pytest.param("triton", marks=pytest.mark.interpreter),
-            pytest.param("triton_fused", marks=pytest.mark.interpreter), "auto"]
+BACKENDS = ["torch", "cpp", pytest.param("triton", marks=pytest.mark.interpreter), "auto"]
 
 
 def _unit(n, d, seed, dtype=torch.float64):
@@ -61,6 +60,11 @@ def test_m2mix_against_reference(backend, lam, n, d, chunk):
     assert_close_rel(out, want, rtol=rtol, name="loss")
     for g, e in zip(torch.autograd.grad(out, leaves), torch.autograd.grad(want, truth)):
         assert_close_rel(g, e, rtol=rtol, atol=rtol * 1e-3, name="grad")
+
+
+@pytest.mark.interpreter
+def test_m2mix_on_the_fused_tile_kernels():
+    test_m2mix_against_reference("triton_fused", 0.3, 33, 16, 7)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])

@@ -10,8 +10,7 @@ from fastcon import reference as R
 from fastcon.ops.mixing import top_negatives
 from helpers import assert_close_rel
 
-BACKENDS = ["torch", "cpp", pytest.param("triton", marks=pytest.mark.interpreter),
-            pytest.param("triton_fused", marks=pytest.mark.interpreter), "auto"]
+BACKENDS = ["torch", "cpp", pytest.param("triton", marks=pytest.mark.interpreter), "auto"]
 
 
 def _unit(*shape, seed, dtype=torch.float64):
@@ -47,6 +46,12 @@ def test_mochi_against_reference(backend, in_batch, sizes):
     top_n, n_mix, n_query_mix = sizes
     _compare(backend, q, k, None if in_batch else queue, in_batch=in_batch, top_n=top_n, n_mix=n_mix,
              n_query_mix=n_query_mix, rtol=rtol)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("in_batch", [False, True])
+def test_mochi_on_the_fused_tile_kernels(in_batch):
+    test_mochi_against_reference("triton_fused", in_batch, (19, 40, 8))
 
 
 def test_mochi_fp32_and_the_module():

@@ -7,8 +7,7 @@ import fastcon.functional as FC
 from fastcon import reference as R
 from helpers import assert_close_rel
 
-BACKENDS = ["torch", "cpp", pytest.param("triton", marks=pytest.mark.interpreter),
-            pytest.param("triton_fused", marks=pytest.mark.interpreter), "auto"]
+BACKENDS = ["torch", "cpp", pytest.param("triton", marks=pytest.mark.interpreter), "auto"]
 
 
 def _data(b, p, d, dtype, seed=0):
@@ -45,6 +44,14 @@ def test_patch_nce_against_reference(backend, detach, multi, b, p, d, chunk):
             assert g_ is None and e is None
         else:
             assert_close_rel(g_, e, rtol=rtol, atol=atol, name=f"grad {name}")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("multi", [False, True])
+def test_patch_nce_on_the_fused_tile_kernels(multi):
+    """The fused Triton tile kernels (each row's image block as a column range of the general target),
+    one shape per form of the positives."""
+    test_patch_nce_against_reference("triton_fused", "key", multi, 3, 17, 8, 10)
 
 
 def test_patch_nce_bad_input():

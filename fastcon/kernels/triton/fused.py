@@ -756,7 +756,8 @@ def _target_specs():
     columns kernels, once per distinct kernel of the ``FUSED_CONFIGS["target", ...]`` entries (entries
     that share blocks and accumulator width compile to the same kernels): every variant in bfloat16,
     the heaviest (all pair rules, symmetric; smoothing in pass 1; a softmax teacher with the targets'
-    entropy) in float16."""
+    entropy) in float16 (the same kernels but for the operands' type) and float32 (TF32x3, the
+    interpreter's dtype)."""
     from .target import _pair_dots_kernel, _target_stats_kernel
 
     tri = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -800,7 +801,7 @@ def _target_specs():
             op = "*" + tri[dtype]
             prec = FUSED_FP32_PRECISION if dtype == "float32" else "ieee"
             blocks = dict(INPUT_PRECISION=prec, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
-            every = dtype != "float16"
+            every = dtype == "bfloat16"
             for rules_, sym, soft, mass in (grad_variants if every else grad_heavy):
                 consts = dict(SYMMETRIC=sym, **rules_, **soft, HAS_MASS=mass, **blocks, BLOCK_D=width)
                 name = tag(rules_, sym, soft) + (",mass" if mass else "")
