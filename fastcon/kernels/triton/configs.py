@@ -17,6 +17,8 @@ and ``BLOCK_D``, the feature dimension padded to a power of two (one of ``FUSED_
 * ``rows``: gradient of A (and the scalar partials / sigmoid loss); A tile and a
   ``block_m × BLOCK_D`` fp32 accumulator resident, loops over B tiles.
 * ``cols``: gradient of B; B tile and a ``block_n × BLOCK_D`` accumulator resident, loops over A tiles.
+* ``target``: the general target's three kernels (pass 1's statistics, pass 2's rows and columns),
+  one configuration for all of them; ``block_d`` is the width of pass 2's accumulators.
 """
 from __future__ import annotations
 
