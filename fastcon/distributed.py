@@ -450,12 +450,12 @@ def target_loss_global(rows, col_parts, scale, bias, target, *, group, label_smo
     global columns). Every rank returns the global loss; each input receives its slice of the
     gradient of that loss (the features times the sum of the ranks' upstream gradients with
     ``gather_with_grad``, as open_clip's all_gather with autograd gives)."""
-    from .ops.engine import _traced_target_backend, cache_bytes, chunk_rows_for
+    from .ops.engine import _traced_backend_name, cache_bytes, chunk_rows_for
 
     out_dtype = loss_dtype(rows)
     ref = col_parts[0]
     name, mm_dtype, a, _, scale, bias, _ = prepare_inputs(rows, ref, scale, bias, backend, chunk_size)
-    name = _traced_target_backend(backend, a.device.type, mm_dtype or a.dtype)
+    name = _traced_backend_name(backend, a.device.type, mm_dtype or a.dtype)
     world = dist.get_world_size(group)
     n_cols = world * sum(p.shape[0] for p in col_parts)
     chunk_rows = chunk_rows_for(a.shape[0], n_cols, a.device, chunk_size)

@@ -586,17 +586,7 @@ def siglip_engine_loss(a, b, scale, bias, *, pos_offset: Optional[int], backend:
 # ---------------------------------------------------------------------------------------------------
 # The general target (fastcon/kernels/targets.py). Its executable statement is the torch backend's;
 # the C++ backend, the chunked Triton path and the fused Triton tile kernels (D <= 256) have its two
-# passes.
-
-def resolve_target_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend of a general-target loss (soft targets included): as for the other losses."""
-    return resolve_name(backend, device, dtype)
-
-
-@_assume_constant
-def _traced_target_backend(backend: str, device_type: str, dtype: torch.dtype) -> str:
-    return resolve_target_backend(backend, torch.device(device_type), dtype)
-
+# passes; its backend is chosen as for the other losses (``_traced_backend_name``).
 
 def _target_softmax_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, target_tensors: List[Optional[Tensor]],
                          backend: str, pair_offset: int, margin: Optional[float],
@@ -641,7 +631,7 @@ def target_engine_loss(a, b, scale, bias, target, *, label_smoothing: float = 0.
 
     out_dtype = loss_dtype(a)
     mm_dtype = autocast_gemm_dtype(a)
-    name = _traced_target_backend(backend, a.device.type, mm_dtype or a.dtype)
+    name = _traced_backend_name(backend, a.device.type, mm_dtype or a.dtype)
     scale, bias = engine_scalars(scale, bias, acc_dtype(a.dtype), a.device)
     t = target
     loss, *_ = target_softmax_loss(a, b, scale, bias, target_tensors(t), name,
@@ -801,7 +791,7 @@ def target_pair_engine_loss(a, b, scale, bias, target, *, label_smoothing: float
         raise ValueError("target_pair_engine_loss takes a soft target without margin or entropy term")
     out_dtype = loss_dtype(a)
     mm_dtype = autocast_gemm_dtype(a)
-    name = _traced_target_backend(backend, a.device.type, mm_dtype or a.dtype)
+    name = _traced_backend_name(backend, a.device.type, mm_dtype or a.dtype)
     scale, bias = engine_scalars(scale, bias, acc_dtype(a.dtype), a.device)
     out = target_pair_loss(a, b, scale, bias, target_tensors(target), name, int(target.pair_offset),
                            target_numbers(target), float(label_smoothing), bool(symmetric), int(chunk_size or 0),
@@ -904,7 +894,7 @@ def target_row_lse(a, b, scale, bias, target, *, backend: str = "auto", chunk_si
     from fastcon.kernels.targets import target_numbers, target_tensors
 
     mm_dtype = autocast_gemm_dtype(a)
-    name = _traced_target_backend(backend, a.device.type, mm_dtype or a.dtype)
+    name = _traced_backend_name(backend, a.device.type, mm_dtype or a.dtype)
     scale, bias = engine_scalars(scale, bias, acc_dtype(a.dtype), a.device)
     target = _lse_target(target)
     return target_row_lse_op(a, b, scale, bias, target_tensors(target), name, int(target.pair_offset),

@@ -48,9 +48,10 @@ from . import launch
 
 from .chunked import (LN2, LOG2E, _check, _expm1, column_tile, dot_tile, grad_tile_scale, _softmax_grad_tile, _lse64,
                       _log1p, _merge_lse_kernel, _online_rows, _sigmoid_terms, _split_lse, _tile_lse_parts)
-from .configs import FUSED_FP32_PRECISION, SUPPORTED_DTYPES, chunked_config, fused_config
+from .configs import FUSED_FP32_PRECISION, SUPPORTED_DTYPES, chunked_config, fused_block_d, fused_config
 from .configs import FUSED_CONFIGS
-from .target import _program, _teacher_dot_tile, _teacher_rows, grad_row_vectors, target_grad_tile, target_tile
+from .target import (_program, _teacher_dot_tile, _teacher_rows, grad_row_vectors, row_bounds, target_grad_tile,
+                     target_tile)
 
 _TARGET_PROGRAMS_CUDA = 528
 _TARGET_PROGRAMS_CPU = 2
@@ -379,10 +380,7 @@ def _fused_target_cols_kernel(
     for rt in range(rt0, rt1):
         offs_m = (rt * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         mask_m = offs_m < R
-        if HAS_MARGIN:
-            bound = tl.load(bound_ptr + offs_m, mask=mask_m, other=0.0)
-        else:
-            bound = tl.zeros([BLOCK_M], tl.float32)
+        bound = row_bounds(bound_ptr, offs_m, mask_m, HAS_MARGIN, BLOCK_M)
         d = dot_tile(a_ptr, 0, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m, offs_n, mask_m, mask_n,
                      True, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         keep, pos, t = target_tile(d, row0 + offs_m, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr,
@@ -563,6 +561,7 @@ def sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad):
 # read the teacher's tiles from its cuBLAS chunks of dot products (its pass runs on that producer).
 
 def _target_tiles(a, target):
+    """The producer of this path's general-target tiles (``target._Tiles`` at its configuration)."""
     from .target import _Tiles
 
     cfg, _ = fused_config("target", _dtype_name(a), a.shape[1])
@@ -602,8 +601,8 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
     dev = a.device
     packed = _Packed(target, na, nb, dev)
     tiles = _target_tiles(a, target)
-    cfg, bd = fused_config("target", _dtype_name(a), d)
-    slice_d = cfg.block_d or bd  # the accumulators' width: D in slices of it, the tiles formed per slice
+    cfg = tiles.cfg
+    slice_d = cfg.block_d or fused_block_d(d)  # the accumulators' width: D in slices of it, the tiles formed per slice
     d_slices = triton.cdiv(d, slice_d)
     f32 = torch.float32
     vec = _GradVectors(a, target, weights, nb)
@@ -655,7 +654,7 @@ def target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, 
     (``targets.two_pass_target`` over ``target_stats`` and ``target_grad``); D <= 256."""
     from ..targets import two_pass_target
 
-    _check_fused(a, b)
+    _check_fused(a, b)  # before the teacher's pass, which runs on any D
     return two_pass_target(target_stats, target_grad, a, b, scale, bias, target, eps, symmetric, chunk_rows,
                            need_grad, 0)
 

@@ -207,6 +207,17 @@ def target_grad_tile(t, keep, pos, row_hi, row_lo, qp, qk, mass, q_row, q_col, o
 
 
 @triton.jit
+def row_bounds(bound_ptr, offs_m, mask_m, HAS_MARGIN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Each row's margin bound ``A_i·B_pair − margin`` at local rows ``offs_m`` (zeros without
+    HAS_MARGIN)."""
+    if HAS_MARGIN:
+        bound = tl.load(bound_ptr + offs_m, mask=mask_m, other=0.0)
+    else:
+        bound = tl.zeros([BLOCK_M], tl.float32)
+    return bound
+
+
+@triton.jit
 def _program(item, m_blocks, scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_per_split, HAS_MARGIN: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """What work item ``item`` (row block m = item % m_blocks, column split s = item // m_blocks:
@@ -220,10 +231,7 @@ def _program(item, m_blocks, scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_p
     mask_m = offs_m < R
     t0 = pid_s * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(W, BLOCK_N))
-    if HAS_MARGIN:
-        bound = tl.load(bound_ptr + offs_m, mask=mask_m, other=0.0)
-    else:
-        bound = tl.zeros([BLOCK_M], tl.float32)
+    bound = row_bounds(bound_ptr, offs_m, mask_m, HAS_MARGIN, BLOCK_M)
     return (pid_m, pid_s, offs_m, mask_m, row0 + offs_m, bound, tl.load(scale_ptr).to(tl.float32),
             tl.load(bias_ptr).to(tl.float32), t0, t1)
 
@@ -307,10 +315,8 @@ def _target_stats_kernel(
                     tl.store(base + 3 * W, tl.sum(t_keep, 0), mask=mask_n)
             if SOFT:
                 # the teacher's terms last (its row vectors and scale read per tile, from L1: fewer live registers)
-                t_scale = 1.0
-                if not TEACHER_LINEAR:
-                    t_scale = tl.load(t_scale_ptr).to(tl.float32)
-                t_row_hi, t_row_lo = _teacher_norms(t_row_ptr, offs_m, mask_m)
+                t_scale, t_row_hi, t_row_lo = _teacher_rows(t_scale_ptr, t_row_ptr, offs_m, mask_m, SOFT,
+                                                            TEACHER_LINEAR)
                 q_row, q_col = _teacher_dot_tile(tdot_ptr, stride_tm, ta_ptr, stride_tam, tb_ptr, stride_tbn, TD,
                                                  offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr, t_scale, t_c0, t_c1,
                                                  t_row_hi, t_row_lo, TEACHER_LINEAR, SYMMETRIC, T_MATMUL, T_PRECISION,
