@@ -1,9 +1,10 @@
 """Soft targets (distillation) on the Triton backends, in the Triton interpreter: the chunked path
-(fastcon/kernels/triton/target.py: the teacher's tile beside the student's in both epilogues) and the
-fused tile kernels (fastcon/kernels/triton/fused.py: the student's tiles formed with tl.dot, G in
-registers, the teacher's tiles read from its chunks). FC.distill_loss on backend="triton" and
-"triton_fused" against the float64 reference, and each backend's two passes against torch_chunked's
-on soft targets with dropped pairs, smoothing and the hardness penalty."""
+(fastcon/kernels/triton/target.py: the teacher's tile beside the student's in both epilogues) with
+each producer of the student's tiles (its cuBLAS chunks; "triton-matmul": formed with tl.dot in the
+epilogue kernels), and the fused tile kernels (fastcon/kernels/triton/fused.py: the student's tiles
+formed with tl.dot, G in registers). The teacher's tiles are read from its cuBLAS chunks on every
+path. FC.distill_loss on each against the float64 reference, and each one's two passes against
+torch_chunked's on soft targets with dropped pairs, smoothing and the hardness penalty."""
 import pytest
 import torch
 
@@ -15,7 +16,15 @@ from helpers import assert_close_rel, make_features
 from test_soft_targets import _check
 
 pytestmark = pytest.mark.interpreter
-TRITON = ["triton", "triton_fused"]
+
+
+@pytest.fixture(params=["triton", "triton-matmul", "triton_fused"])
+def backend(request, monkeypatch):
+    """The backend name to call: "triton-matmul" is backend="triton" on the matmul producer."""
+    if request.param == "triton-matmul":
+        monkeypatch.setenv("FASTCON_TRITON_PRODUCER", "matmul")
+        return "triton"
+    return request.param
 
 
 def _impl(backend):
@@ -29,7 +38,6 @@ def _impl(backend):
 @pytest.mark.parametrize("kind,kw", [("clip", {}), ("hycd", {}), ("hycd", dict(alpha=0.2, temperature=0.4)),
                                      ("hycd", dict(alpha=1.0)), ("cwcl", {})])
 @pytest.mark.parametrize("n,d,chunk", [(1, 4, None), (37, 16, 5)])
-@pytest.mark.parametrize("backend", TRITON)
 def test_distill_loss_triton_against_reference(kind, kw, n, d, chunk, backend):
     x, y = make_features(n, n, d)
     tx, ty = make_features(n, n, d, seed=4)
@@ -46,7 +54,6 @@ def test_distill_loss_triton_against_reference(kind, kw, n, d, chunk, backend):
            [x, y, s], rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("backend", TRITON)
 def test_distill_loss_triton_confident_teacher_and_uneven_chunks(backend):
     """A teacher sure of the diagonal (Q ≈ 1 there) and chunks that split the rows unevenly."""
     x, y = make_features(40, 40, 8, seed=2)
@@ -100,7 +107,6 @@ def _passes(impl, a, b, scale, bias, target, eps, symmetric, chunk, teacher, wei
 @pytest.mark.parametrize("kind", ["softmax", "linear"])
 @pytest.mark.parametrize("case,symmetric,eps", [("exclude", True, 0.0), ("labels", True, 0.1), ("penalty", False, 0.0),
                                                 ("exclude", False, 0.1)])
-@pytest.mark.parametrize("backend", TRITON)
 def test_soft_target_passes_match_torch(kind, case, symmetric, eps, backend):
     TT = _impl(backend)
     n, d, chunk = 30, 8, 7
@@ -134,7 +140,6 @@ def test_soft_target_passes_match_torch(kind, case, symmetric, eps, backend):
         assert_close_rel(g, w, rtol=1e-5, atol=1e-7 if g.dim() else budget, name=name)
 
 
-@pytest.mark.parametrize("backend", TRITON)
 def test_soft_target_grad_through_the_engine_matches_torch(backend):
     """The whole loss of a soft target with dropped pairs (two_pass_target) on both backends, fp32."""
     TT = _impl(backend)

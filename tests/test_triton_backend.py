@@ -194,6 +194,12 @@ def test_matmul_plan(n, dtype, memory):
     target = chunked.matmul_plan(n, n, dtype, n, budget, col_bytes=32, partial_rows=64)
     assert -(-target.stats_rows // 64) * n * 32 <= budget or target.stats_rows == cfg.block_m
     assert target.stats_rows % cfg.block_m == 0 or target.stats_rows == n
+    # soft targets: the teacher's fp32 chunk beside G in each pass-2 block, whose blocks stay aligned
+    soft = chunked.matmul_plan(n, n, dtype, n, budget, block_bytes=2 + 4)
+    assert soft.grad_rows * soft.grad_cols * 6 <= budget
+    assert soft.grad_cols % cfg.block_n == 0 or soft.grad_cols == n
+    if n >= 65536:
+        assert soft.grad_rows >= 2048 and soft.grad_cols >= 2048
 
 
 @pytest.mark.interpreter

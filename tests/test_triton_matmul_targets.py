@@ -1,9 +1,10 @@
 """The general target on the Triton backend's matmul producer (``FASTCON_TRITON_PRODUCER=matmul``:
 the epilogue kernels form their tiles with tl.dot, ``fastcon/kernels/triton/target.py``), under a
 small chunk budget so that pass 1 runs in several row chunks and pass 2 in row × column blocks; against
-the float64 references, the loss and the gradient of every input. Soft targets keep the cuBLAS
-producer (``target.SOFT_ON_MATMUL``): their case checks that the two producers do not mix. Under the
-Triton interpreter (fp32)."""
+the float64 references, the loss and the gradient of every input. With soft targets the teacher's
+tiles come from its cuBLAS chunks beside the student's formed ones (their case checks which kernel
+took which producer; tests/test_soft_targets_triton.py has the rest). Under the Triton interpreter
+(fp32)."""
 import pytest
 import torch
 
@@ -65,9 +66,35 @@ def test_ntxent(n, d, t):
            lambda p, q: R.ntxent_loss_reference(p, q, temperature=t), [x, y])
 
 
-def test_soft_targets_keep_the_cublas_producer():
+@pytest.mark.parametrize("kind", ["clip", "cwcl"])
+def test_soft_targets_form_the_students_tiles(kind, monkeypatch):
+    """Distillation: both passes' epilogue kernels form the student's tiles (MATMUL), the teacher's
+    come from its cuBLAS chunks, and the teacher's own pass runs on that producer: no torch.mm
+    takes rows of the student's features (CWCL's teacher is a transform of its text features)."""
+    from fastcon.kernels.triton import target
+
+    launched, mm = [], []
+    real = target.launch
+
+    def spy(kernel):
+        grid_of = real(kernel)
+        name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+
+        class _Grid:
+            def __getitem__(self, grid):
+                run = grid_of[grid]
+                return lambda *a, **k: launched.append((name, k.get("MATMUL"))) or run(*a, **k)
+        return _Grid()
+
+    monkeypatch.setattr(target, "launch", spy)
+    monkeypatch.setattr(target, "mm_acc", lambda p, q: mm.append(tuple(p[0].tolist())) or torch.mm(p, q))
     x, y = make_features(37, 37, 16)
     tx, ty = make_features(37, 37, 16, seed=4)
-    _check(lambda a, b, c: FC.distill_loss(a, b, c, tx, ty, 20.0, kind="clip", backend="triton"),
-           lambda a, b, c: R.distill_loss_reference(a, b, c, tx.double(), ty.double(), 20.0, kind="clip"),
+    _check(lambda a, b, c: FC.distill_loss(a, b, c, tx, ty, 20.0, kind=kind, backend="triton"),
+           lambda a, b, c: R.distill_loss_reference(a, b, c, tx.double(), ty.double(), 20.0, kind=kind),
            [x, y, torch.tensor(14.3)], rtol=2e-5)
+    assert {("_target_stats_kernel", True), ("_target_grad_kernel", True), ("_target_stats_kernel", False)} \
+        <= set(launched)
+    assert ("_target_grad_kernel", False) not in launched
+    rows = lambda *m: {tuple(r.tolist()) for t in m for r in t}  # noqa: E731
+    assert mm and not set(mm) & rows(x, y)

@@ -612,14 +612,16 @@ class MatmulPlan(NamedTuple):
 
 
 def matmul_plan(na: int, nb: int, dtype: torch.dtype, chunk_rows: int, budget: int,
-                col_bytes: int = 8, partial_rows: int = 0) -> MatmulPlan:
+                col_bytes: int = 8, partial_rows: int = 0, block_bytes: int = 0) -> MatmulPlan:
     """``MatmulPlan`` of Na × Nb within ``budget`` bytes; ``col_bytes``: pass 1's partials per row
     block and column (a float64 LSE for the CLIP losses; the general target adds its fp32 sums), one
     row block per ``partial_rows`` rows (its kernel's block_m; by default the CLIP statistics
-    kernel's). The chunks are multiples of that kernel's block_m and block_n, which every matmul
-    configuration divides, so that each logit sits at the same place of its tile in both passes."""
+    kernel's); ``block_bytes``: the bytes per element of a pass-2 block (by default G's, in
+    ``dtype``; soft targets add the teacher's fp32 chunk beside it). The chunks are multiples of that
+    kernel's block_m and block_n, which every matmul configuration divides, so that each logit sits at
+    the same place of its tile in both passes."""
     cfg = matmul_config("stats", str(dtype).replace("torch.", ""))
-    elt = torch.empty((), dtype=dtype).element_size()
+    elt = block_bytes or torch.empty((), dtype=dtype).element_size()
     blocks = budget // (col_bytes * max(nb, 1))  # row blocks of partials that fit
     stats_rows = max(cfg.block_m, blocks * (partial_rows or cfg.block_m) // cfg.block_m * cfg.block_m)
     side = max(cfg.block_m, math.isqrt(budget // elt) // cfg.block_m * cfg.block_m)

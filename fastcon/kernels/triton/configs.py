@@ -83,13 +83,21 @@ MATMUL_CONFIGS: dict[tuple[str, str], Config] = {
     ("sigmoid", "float32"): Config(block_m=32, block_n=32, num_warps=4, num_stages=2, block_k=32, occupancy=2),
 }
 MATMUL_CONFIGS.update({
-    # The general target with hard targets (target.py; soft targets keep the cuBLAS producer: with a
-    # second, teacher, tile formed beside the student's, every configuration tried spilled): its pair
+    # The general target with hard targets (target.py; soft targets are the "target_soft" family): its pair
     # decisions keep int64 and boolean tiles beside the logits; 64×64 over 8 warps (up to about 220
     # registers a thread in the heaviest variant: all pair rules, symmetric, smoothing), one program
     # per SM. 64×32 spills there at 4 or 8 warps.
     ("target", "half"): Config(block_m=64, block_n=64, num_warps=8, num_stages=3, block_k=64, occupancy=1),
     ("target", "float32"): Config(block_m=32, block_n=32, num_warps=4, num_stages=2, block_k=32, occupancy=1),
+    # Soft targets (distillation): the student's tile formed with tl.dot, the teacher's read from its
+    # fp32 chunk beside it, the soft epilogue's teacher probabilities and cross terms on top of the pair
+    # decisions. 64×64 spills in the soft variants; 64×32 over 8 warps with k32 is clean in every
+    # variant on sm_80 and sm_90 (k64 spills in the heaviest), with wgmma on sm_90 (32-row tiles take
+    # mma), up to 255 registers a thread. fp32 (TF32x3): 32×16 over 8 warps is clean in every soft
+    # variant (up to 226 registers); at 4 warps a linear teacher's gradient kernel spills 8 B on sm_80,
+    # 16×32 the same, 32×32 up to 296 B.
+    ("target_soft", "half"): Config(block_m=64, block_n=32, num_warps=8, num_stages=3, block_k=32, occupancy=1),
+    ("target_soft", "float32"): Config(block_m=32, block_n=16, num_warps=8, num_stages=2, block_k=32, occupancy=1),
 })
 MATMUL_FAMILY = {"stats": "softmax", "softmax_grad": "softmax", "sigmoid": "sigmoid", "target_stats": "target",
                  "target_grad": "target"}
@@ -116,10 +124,16 @@ def matmul_candidates(family: str, cls: str) -> list:
     return MATMUL_CANDIDATES.get((family, cls), [MATMUL_CONFIGS[(family, cls)]])
 
 
-def matmul_config(kernel: str, dtype_name: str) -> Config:
+def matmul_config(kernel: str, dtype_name: str, soft: bool = False) -> Config:
     """The matmul producer's configuration of an epilogue kernel (``stats``, ``softmax_grad``,
-    ``sigmoid``): the one of its loss family."""
-    return MATMUL_CONFIGS[(MATMUL_FAMILY[kernel], dtype_class(dtype_name))]
+    ``sigmoid``, ``target_stats``, ``target_grad``): the one of its loss family (with ``soft``, the
+    general target's soft-target family)."""
+    family = MATMUL_FAMILY[kernel]
+    if soft:
+        if family != "target":
+            raise ValueError(f"soft targets are a variant of the general target's kernels, not of {kernel!r}")
+        family = "target_soft"
+    return MATMUL_CONFIGS[(family, dtype_class(dtype_name))]
 
 
 # Input dtypes each path accepts (names as in torch).

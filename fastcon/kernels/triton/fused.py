@@ -51,7 +51,7 @@ from .chunked import (LN2, LOG2E, _check, _expm1, column_tile, dot_tile, grad_ti
 from .configs import FUSED_FP32_PRECISION, SUPPORTED_DTYPES, chunked_config, fused_block_d, fused_config
 from .configs import FUSED_CONFIGS
 from .target import (_program, _teacher_dot_tile, _teacher_rows, grad_row_vectors, row_bounds, target_grad_tile,
-                     target_tile)
+                     target_signature, target_tile)
 
 _TARGET_PROGRAMS_CUDA = 528
 _TARGET_PROGRAMS_CPU = 2
@@ -326,9 +326,8 @@ def _fused_target_rows_kernel(
                                    HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE)
         q_row, q_col = t, t  # (unused without SOFT)
         if SOFT:
-            q_row, q_col = _teacher_dot_tile(tdot_ptr, stride_tm, tdot_ptr, 0, tdot_ptr, 0, 0, offs_m, offs_n, mask_m,
-                                             mask_n, keep, t_col_ptr, t_scale, t_c0, t_c1, t_row_hi, t_row_lo,
-                                             TEACHER_LINEAR, SYMMETRIC, False, "ieee", BLOCK_M, BLOCK_N, BLOCK_K)
+            q_row, q_col = _teacher_dot_tile(tdot_ptr, stride_tm, offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr,
+                                             t_scale, t_c0, t_c1, t_row_hi, t_row_lo, TEACHER_LINEAR, SYMMETRIC)
         g = target_grad_tile(t, keep, pos, row_hi, row_lo, qp, qk, mass, q_row, q_col, offs_n, mask_n, col_lse_ptr,
                              q_col_pos_ptr, q_col_keep_ptr, w_col_ptr, col_mass_ptr, w_row, soft,
                              SYMMETRIC, SOFT, HAS_MASS)
@@ -391,9 +390,8 @@ def _fused_target_cols_kernel(
         q_row, q_col = t, t  # (unused without SOFT)
         if SOFT:
             t_scale, t_row_hi, t_row_lo = _teacher_rows(t_scale_ptr, t_row_ptr, offs_m, mask_m, SOFT, TEACHER_LINEAR)
-            q_row, q_col = _teacher_dot_tile(tdot_ptr, stride_tm, tdot_ptr, 0, tdot_ptr, 0, 0, offs_m, offs_n, mask_m,
-                                             mask_n, keep, t_col_ptr, t_scale, t_c0, t_c1, t_row_hi, t_row_lo,
-                                             TEACHER_LINEAR, SYMMETRIC, False, "ieee", BLOCK_M, BLOCK_N, BLOCK_K)
+            q_row, q_col = _teacher_dot_tile(tdot_ptr, stride_tm, offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr,
+                                             t_scale, t_c0, t_c1, t_row_hi, t_row_lo, TEACHER_LINEAR, SYMMETRIC)
         g = target_grad_tile(t, keep, pos, row_hi, row_lo, qp, qk, mass, q_row, q_col, offs_n, mask_n, col_lse_ptr,
                              q_col_pos_ptr, q_col_keep_ptr, w_col_ptr, col_mass_ptr, w_row, soft,
                              SYMMETRIC, SOFT, HAS_MASS)
@@ -726,29 +724,6 @@ def compile_specs():
     return specs + _target_specs()
 
 
-_FP64_PTRS = ("row_lse_ptr", "col_lse_ptr", "t_row_ptr", "t_col_ptr", "row_part_ptr", "col_part_ptr")
-_POINTER_TYPES = dict({name: "*fp64" for name in _FP64_PTRS}, row_info_ptr="*i64", col_info_ptr="*i64",
-                      row_flag_ptr="*u8", col_flag_ptr="*u8", dense_ptr="*u8")
-_FLOAT_ARGS = ("penalty", "w_row", "g_scale", "t_c0", "t_c1", "soft")
-
-
-def _target_signature(fn, features: str, consts: dict) -> dict:
-    """The argument types of a general-target kernel of this path from its argument names: the
-    features (a_ptr, b_ptr) of type ``features``, the teacher's chunk and every other pointer fp32
-    unless named in _POINTER_TYPES, the numbers in _FLOAT_ARGS fp32, the rest i32."""
-    sig = {}
-    for name in fn.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name in ("a_ptr", "b_ptr"):
-            sig[name] = features
-        elif name.endswith("_ptr"):
-            sig[name] = _POINTER_TYPES.get(name, "*fp32")
-        else:
-            sig[name] = "fp32" if name in _FLOAT_ARGS else "i32"
-    return sig
-
-
 def _target_specs():
     """The general target on this path: pass 1 (``target._target_stats_kernel`` with the matmul
     producer and the teacher's tiles from memory), the margin's pair kernel, and pass 2's rows and
@@ -777,7 +752,7 @@ def _target_specs():
     specs, seen = [], set()
 
     def add(name, fn, features, consts, cfg, dtype, bd):
-        specs.append(dict(name=name, fn=fn, signature=_target_signature(fn, features, consts), constexprs=consts,
+        specs.append(dict(name=name, fn=fn, signature=target_signature(fn, consts, features), constexprs=consts,
                           num_warps=cfg.num_warps, num_stages=cfg.num_stages, uses_dot=True, dtype=dtype,
                           config=cfg, block_d=bd, divisible=("D",), pipelined=True,
                           wgmma_required=dtype != "float32"))
@@ -812,7 +787,7 @@ def _target_specs():
             seen.add(key)
             for rules_, sym, smooth, soft, entropy in (stats_variants if every else stats_heavy):
                 consts = dict(SYMMETRIC=sym, SMOOTHING=smooth, **rules_, **soft, ENTROPY=entropy, MATMUL=True,
-                              T_MATMUL=False, T_PRECISION="ieee", **blocks)
+                              **blocks)
                 name = tag(rules_, sym, soft, f",smooth={smooth}") + (",entropy" if entropy else "")
                 add(f"fused_target_stats[{name}]", _target_stats_kernel, op, consts, cfg, dtype, bd)
             add("fused_target_pair_dots", _pair_dots_kernel, op, dict(blocks), cfg, dtype, bd)

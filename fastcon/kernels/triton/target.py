@@ -237,15 +237,12 @@ def _program(item, m_blocks, scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_p
 
 
 @triton.jit
-def _teacher_dot_tile(tdot_ptr, stride_tm, ta_ptr, stride_tam, tb_ptr, stride_tbn, TD, offs_m, offs_n, mask_m,
-                      mask_n, keep, t_col_ptr, t_scale, t_c0, t_c1, t_row_hi, t_row_lo,
-                      TEACHER_LINEAR: tl.constexpr, SYMMETRIC: tl.constexpr, T_MATMUL: tl.constexpr,
-                      T_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
-    """``teacher_tile`` of a tile of the teacher's dot products from its producer (``chunked.dot_tile``:
-    its chunk in memory, or with T_MATMUL formed from its features), its column normalisers read here."""
-    td = dot_tile(tdot_ptr, stride_tm, ta_ptr, stride_tam, tb_ptr, stride_tbn, TD, offs_m, offs_n, mask_m, mask_n,
-                  T_MATMUL, T_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+def _teacher_dot_tile(tdot_ptr, stride_tm, offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr, t_scale, t_c0, t_c1,
+                      t_row_hi, t_row_lo, TEACHER_LINEAR: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """``teacher_tile`` of a tile of the teacher's dot products, read from its fp32 chunk in memory
+    (whatever the student's producer), its column normalisers read here."""
+    td = tl.load(tdot_ptr + offs_m[:, None] * stride_tm + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :],
+                 other=0.0)
     if SYMMETRIC:
         t_col_hi, t_col_lo = _teacher_norms(t_col_ptr, offs_n, mask_n)
     else:
@@ -257,15 +254,15 @@ def _teacher_dot_tile(tdot_ptr, stride_tm, ta_ptr, stride_tam, tb_ptr, stride_tb
 @triton.jit
 def _target_stats_kernel(
     dot_ptr, a_ptr, b_ptr, scale_ptr, bias_ptr, row_info_ptr, col_info_ptr, row_flag_ptr, col_flag_ptr, dense_ptr,
-    bound_ptr, tdot_ptr, ta_ptr, tb_ptr, t_scale_ptr, t_row_ptr, t_col_ptr, t_row_hw_ptr, t_col_hw_ptr,
+    bound_ptr, tdot_ptr, t_scale_ptr, t_row_ptr, t_col_ptr, t_row_hw_ptr, t_col_hw_ptr,
     row_part_ptr, row_sums_ptr, col_part_ptr, col_sums_ptr,
-    R, W, D, TD, row0, col0, m_blocks, n_items, tiles_per_split,
-    stride_dm, stride_am, stride_bn, stride_tm, stride_tam, stride_tbn, stride_dense, stride_rp, stride_rs,
+    R, W, D, row0, col0, m_blocks, n_items, tiles_per_split,
+    stride_dm, stride_am, stride_bn, stride_tm, stride_dense, stride_rp, stride_rs,
     stride_cp, stride_cs, penalty, t_c0, t_c1, soft,
     SYMMETRIC: tl.constexpr, SMOOTHING: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_PENALTY: tl.constexpr,
     PENALTY_MODE: tl.constexpr, HAS_DENSE: tl.constexpr, SOFT: tl.constexpr, ENTROPY: tl.constexpr,
-    TEACHER_LINEAR: tl.constexpr, MATMUL: tl.constexpr, T_MATMUL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    T_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TEACHER_LINEAR: tl.constexpr, MATMUL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Program (m, s): rows [m·BM, (m+1)·BM) of the chunk × the column tiles of split s. Writes
     row_part[s, rows] (float64 LSE over the split's kept pairs), row_sums[s, k, rows] (k = 0: number
@@ -274,10 +271,10 @@ def _target_stats_kernel(
     With SOFT (the teacher's chunk of dot products at tdot, its normalisers of the chunk's rows at t_row
     and of its columns at t_col, float64; its scale at t_scale_ptr), k = 4: the cross term Σ Qt·S over
     the kept pairs and, with ENTROPY, k = 5: Σ xlogy(mix, mix) of mix = soft·Qt + [pos]·hw, hw the
-    hard weight of each row (t_row_hw) or column (t_col_hw) per positive. The tiles of dot products
-    (the student's and the teacher's) come from ``chunked.dot_tile``: the chunks in memory, or with
-    MATMUL formed here from the features (a_ptr, b_ptr; ta_ptr, tb_ptr, D and TD wide), the
-    programs then taking the work items in turn (persistent)."""
+    hard weight of each row (t_row_hw) or column (t_col_hw) per positive. The student's tiles of dot
+    products come from ``chunked.dot_tile``: its chunk in memory, or with MATMUL formed here from the
+    features (a_ptr, b_ptr, D wide), the programs then taking the work items in turn (persistent); the
+    teacher's are always read from its chunk (``_teacher_dot_tile``)."""
     for item in range(tl.program_id(0), _items_end(n_items, MATMUL), _items_step(MATMUL)):
         pid_m, pid_s, offs_m, mask_m, rows, bound, scale, bias, t0, t1 = _program(
             item, m_blocks, scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_per_split, HAS_MARGIN, BLOCK_M, BLOCK_N)
@@ -317,10 +314,8 @@ def _target_stats_kernel(
                 # the teacher's terms last (its row vectors and scale read per tile, from L1: fewer live registers)
                 t_scale, t_row_hi, t_row_lo = _teacher_rows(t_scale_ptr, t_row_ptr, offs_m, mask_m, SOFT,
                                                             TEACHER_LINEAR)
-                q_row, q_col = _teacher_dot_tile(tdot_ptr, stride_tm, ta_ptr, stride_tam, tb_ptr, stride_tbn, TD,
-                                                 offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr, t_scale, t_c0, t_c1,
-                                                 t_row_hi, t_row_lo, TEACHER_LINEAR, SYMMETRIC, T_MATMUL, T_PRECISION,
-                                                 BLOCK_M, BLOCK_N, BLOCK_K)
+                q_row, q_col = _teacher_dot_tile(tdot_ptr, stride_tm, offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr,
+                                                 t_scale, t_c0, t_c1, t_row_hi, t_row_lo, TEACHER_LINEAR, SYMMETRIC)
                 x_row += tl.sum(q_row * t_keep, 1)
                 if ENTROPY:
                     hw_row = tl.load(t_row_hw_ptr + offs_m, mask=mask_m, other=0.0)
@@ -351,13 +346,13 @@ def _target_stats_kernel(
 def _target_grad_kernel(
     dot_ptr, a_ptr, b_ptr, g_ptr, scale_ptr, bias_ptr, row_info_ptr, col_info_ptr, row_flag_ptr, col_flag_ptr,
     dense_ptr, bound_ptr, row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, col_lse_ptr, q_col_pos_ptr, q_col_keep_ptr,
-    w_col_ptr, tdot_ptr, ta_ptr, tb_ptr, t_scale_ptr, t_row_ptr, t_col_ptr, row_mass_ptr, col_mass_ptr, part_ptr,
-    R, W, D, TD, row0, col0, m_blocks, n_items, tiles_per_split,
-    stride_dm, stride_am, stride_bn, stride_gm, stride_tm, stride_tam, stride_tbn, stride_dense,
+    w_col_ptr, tdot_ptr, t_scale_ptr, t_row_ptr, t_col_ptr, row_mass_ptr, col_mass_ptr, part_ptr,
+    R, W, D, row0, col0, m_blocks, n_items, tiles_per_split,
+    stride_dm, stride_am, stride_bn, stride_gm, stride_tm, stride_dense,
     penalty, w_row, g_scale, t_c0, t_c1, soft,
     SYMMETRIC: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_PENALTY: tl.constexpr, PENALTY_MODE: tl.constexpr,
     HAS_DENSE: tl.constexpr, SOFT: tl.constexpr, TEACHER_LINEAR: tl.constexpr, HAS_MASS: tl.constexpr,
-    MATMUL: tl.constexpr, T_MATMUL: tl.constexpr, INPUT_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
+    MATMUL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """G of program (m, s)'s tiles on the kept pairs (0 elsewhere):
@@ -387,10 +382,8 @@ def _target_grad_kernel(
                                        HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE)
             q_row, q_col = t, t  # (unused without SOFT)
             if SOFT:
-                q_row, q_col = _teacher_dot_tile(tdot_ptr, stride_tm, ta_ptr, stride_tam, tb_ptr, stride_tbn, TD,
-                                                 offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr, t_scale, t_c0, t_c1,
-                                                 t_row_hi, t_row_lo, TEACHER_LINEAR, SYMMETRIC, T_MATMUL, T_PRECISION,
-                                                 BLOCK_M, BLOCK_N, BLOCK_K)
+                q_row, q_col = _teacher_dot_tile(tdot_ptr, stride_tm, offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr,
+                                                 t_scale, t_c0, t_c1, t_row_hi, t_row_lo, TEACHER_LINEAR, SYMMETRIC)
             g = target_grad_tile(t, keep, pos, row_hi, row_lo, qp, qk, mass, q_row, q_col, offs_n, mask_n,
                                  col_lse_ptr, q_col_pos_ptr, q_col_keep_ptr, w_col_ptr, col_mass_ptr, w_row, soft,
                                  SYMMETRIC, SOFT, HAS_MASS)
@@ -536,61 +529,44 @@ class _Teacher:
         return dict(SOFT=self.soft, TEACHER_LINEAR=self.linear)
 
 
-# Soft targets on the matmul producer: the kernels take the teacher's features and form its tiles
-# beside the student's (``_teacher_dot_tile``), but no configuration compiles every soft variant
-# without register spills on sm_80 / sm_90 (two pipelined K loops beside the soft epilogue). At the
-# target family's 64×64, 8 warps, 3 stages, k64 the bf16/fp16 kernels sit at the 255-register cap:
-# the heaviest variants compile clean, a lighter one (a linear teacher without the pair rules) spills
-# 8 bytes on sm_80; k32, 2 stages, 64×32 at 4 warps, and forming the teacher's tile before the
-# student's each spill elsewhere (up to 2 KiB of stack). So they keep the cuBLAS producer until a
-# configuration passes for all of them. ``FASTCON_TRITON_PRODUCER=matmul`` does not change that.
-SOFT_ON_MATMUL = False
-
-
+# Soft targets on the matmul producer: the student's tiles are formed in the kernels, the teacher's
+# read from its fp32 cuBLAS chunks (``_Teacher.chunk``), at the configuration of their own family
+# (``configs.MATMUL_CONFIGS["target_soft", ...]``). Forming the teacher's tile with tl.dot beside the
+# student's spilled registers at every configuration tried (two pipelined K loops beside the soft
+# epilogue: 8 B to 2 KiB of stack on sm_80 / sm_90), so the teacher keeps one producer everywhere, and
+# its own pass (``_teacher_pass``) runs on it: its normalisers come from the logits its tiles hold.
 class _Tiles:
     """The producer of the target epilogues' tiles for one call (``chunked.producer``): the cuBLAS
-    chunks of dot products (the student's, and the teacher's with soft targets), or the matmul
-    producer, which forms them from the features in the kernels (hard targets: ``SOFT_ON_MATMUL``).
-    The teacher's features must then have a dtype tl.dot takes. ``cfg`` given (the fused tile
-    kernels, ``fused.py``): the matmul producer at that configuration for the student's tiles, the
-    teacher's read from its cuBLAS chunks (``teacher_chunks``)."""
+    chunks of dot products, or the matmul producer, which forms the student's tiles from the features
+    in the kernels. The teacher's tiles (soft targets) are always read from its cuBLAS chunks
+    (``teacher_chunks``). ``cfg`` given (the fused tile kernels, ``fused.py``): the matmul producer at
+    that configuration."""
 
     def __init__(self, a, target, kernel: str, cublas: bool = False, cfg=None):
-        t = target
         name = str(a.dtype).replace("torch.", "")
         self.target = target
         if cfg is not None:
-            self.matmul, self.t_matmul, self.cfg = True, False, cfg
+            self.matmul, self.cfg = True, cfg
         else:
-            teacher_ok = not t.soft or (SOFT_ON_MATMUL and t.teacher_a.dtype == t.teacher_b.dtype
-                                        and str(t.teacher_a.dtype).replace("torch.", "") in SUPPORTED_DTYPES)
-            self.matmul = not cublas and producer(a) == "matmul" and teacher_ok
-            self.t_matmul = self.matmul
-            self.cfg = matmul_config(kernel, name) if self.matmul else chunked_config(kernel)
+            self.matmul = not cublas and producer(a) == "matmul"
+            self.cfg = (matmul_config(kernel, name, soft=bool(target.soft)) if self.matmul
+                        else chunked_config(kernel))
         self.prod = _Producer(self.matmul, self.cfg)
-        self.t_prec = "ieee"
-        if self.t_matmul and t.soft and t.teacher_a.dtype == torch.float32:
-            self.t_prec = FUSED_FP32_PRECISION
+        self.teacher_chunks = bool(target.soft)
 
     def operands(self, a, b, tch, r0, r1, c0, c1):
-        """(dot, a_c, b_k, tdot, ta_c, tb_k) of rows [r0, r1) × columns [c0, c1): the chunks in memory
-        (cuBLAS) with stand-ins for the features, or the features with stand-ins for the chunks."""
+        """(dot, a_c, b_k, tdot) of rows [r0, r1) × columns [c0, c1): the student's chunk in memory
+        (cuBLAS) with stand-ins for the features, or the features with a stand-in for the chunk; the
+        teacher's chunk (or a dummy)."""
+        tdot = tch.chunk(r0, r1, c0, c1)
         if not self.matmul:
             dot = mm_acc(a[r0:r1], b[c0:c1].T)
-            tdot = tch.chunk(r0, r1, c0, c1)
-            return dot, dot, dot, tdot, tdot, tdot
-        a_c, b_k = a[r0:r1], b[c0:c1]
-        if not self.t_matmul:
-            tdot = tch.chunk(r0, r1, c0, c1)
-            return a_c, a_c, b_k, tdot, tdot, tdot
-        if self.target.soft:
-            ta, tb = self.target.teacher_a[r0:r1].contiguous(), self.target.teacher_b[c0:c1].contiguous()
-        else:
-            ta = tb = tch.dummy.reshape(1, 1)
-        return a_c, a_c, b_k, ta, ta, tb
+            return dot, dot, dot, tdot
+        a_c = a[r0:r1]
+        return a_c, a_c, b[c0:c1], tdot
 
     def consts(self, a):
-        return dict(self.prod.consts(a), T_MATMUL=self.t_matmul, T_PRECISION=self.t_prec)
+        return self.prod.consts(a)
 
 
 def _feature_bounds(tiles, target, a, b, r0: int, r1: int, c0: int, c1: int):
@@ -651,7 +627,7 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
     if tiles.matmul:  # the float64 LSE and fp32 sums of each (row block, column) within the budget
         chunk_rows = matmul_plan(na, nb, a.dtype, chunk_rows, chunk_bytes(dev),
                                  col_bytes=(8 + 4 * n_sums) if symmetric else 1, partial_rows=cfg.block_m).stats_rows
-        if soft and not tiles.t_matmul:  # the teacher's fp32 chunks within the budget too
+        if soft:  # the teacher's fp32 chunks within the budget too
             chunk_rows = memory_rows(na, nb, chunk_rows, chunk_bytes(dev))
     else:
         chunk_rows = memory_rows(na, nb, chunk_rows, chunk_bytes(dev))
@@ -659,7 +635,7 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
         c0, c1 = column_span(target, r0, r1, nb)
         if c1 == c0:
             continue
-        dot, a_c, b_k, tdot, ta, tb = tiles.operands(a, b, tch, r0, r1, c0, c1)
+        dot, a_c, b_k, tdot = tiles.operands(a, b, tch, r0, r1, c0, c1)
         r, w = r1 - r0, c1 - c0
         it = _items(r, w, cfg, dev)
         row_part = torch.empty((it.splits, r), dtype=f64, device=dev)
@@ -670,11 +646,11 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
                  else _bounds(target, dot, r0, r1, c0))
         launch(_target_stats_kernel)[it.grid](
             dot, a_c, b_k, scale, bias, *packed.args(), bound,
-            tdot, ta, tb, tch.scale, tch.rows(r0, r1), tch.cols(c0, c1),
+            tdot, tch.scale, tch.rows(r0, r1), tch.cols(c0, c1),
             hw_row[r0:r1] if entropy else hw_row, hw_col[c0:c1] if (entropy and symmetric) else hw_col,
             row_part, row_sums, col_part, col_sums,
-            r, w, a.shape[1], ta.shape[1], r0, c0, it.m_blocks, it.n_items, it.per_split,
-            dot.stride(0), a_c.stride(0), b_k.stride(0), tdot.stride(0), ta.stride(0), tb.stride(0),
+            r, w, a.shape[1], r0, c0, it.m_blocks, it.n_items, it.per_split,
+            dot.stride(0), a_c.stride(0), b_k.stride(0), tdot.stride(0),
             packed.dense.stride(0), row_part.stride(0), row_sums.stride(0),
             col_part.stride(0) if symmetric else 0, col_sums.stride(0) if symmetric else 0, packed.penalty,
             t_c0, t_c1, t_soft,
@@ -710,10 +686,10 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
 
 
 def _teacher_pass(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes, teacher=None):
-    """The teacher's pass (``targets.teacher_stats``) on the producer of the soft pass's teacher tiles
-    (``SOFT_ON_MATMUL``), so that its normalisers come from the same logits those tiles hold."""
+    """The teacher's pass (``targets.teacher_stats``) on the cuBLAS producer, whose chunks the soft
+    pass's teacher tiles read (``_Teacher.chunk``), so that its normalisers come from the same logits."""
     return target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes, teacher,
-                        cublas=not SOFT_ON_MATMUL)
+                        cublas=True)
 
 
 target_stats.teacher_pass = _teacher_pass
@@ -785,8 +761,9 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
     parts = []
     tiles = _Tiles(a, target, "target_grad")
     cfg = tiles.cfg
-    if tiles.matmul:  # blocks of rows × columns whose G fits the budget
-        plan = matmul_plan(na, nb, a.dtype, chunk_rows, chunk_bytes(dev))
+    if tiles.matmul:  # blocks of rows × columns whose G (and the teacher's fp32 chunk) fit the budget
+        plan = matmul_plan(na, nb, a.dtype, chunk_rows, chunk_bytes(dev),
+                           block_bytes=a.element_size() + (4 if target.soft else 0))
         chunk_rows, block_cols = plan.grad_rows, plan.grad_cols
         g_buf = torch.empty((chunk_rows, block_cols), dtype=a.dtype, device=dev)
     else:
@@ -801,9 +778,9 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
             if not tiles.matmul and k < len(cached):
                 dot = cached[k].clone()  # G is written in place
                 tdot = tch.chunk(r0, r1, c0, c1)
-                a_c = b_k = ta = tb = dot
+                a_c = b_k = dot
             else:
-                dot, a_c, b_k, tdot, ta, tb = tiles.operands(a, b, tch, r0, r1, c0, c1)
+                dot, a_c, b_k, tdot = tiles.operands(a, b, tch, r0, r1, c0, c1)
             r, w = r1 - r0, c1 - c0
             if tiles.matmul:
                 g = g_buf[:r, :w]
@@ -816,10 +793,10 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
                 bound = _bounds(target, dot, r0, r1, c0)
             launch(_target_grad_kernel)[it.grid](
                 dot, a_c, b_k, g, scale, bias, *packed.args(), bound, *vec.rows(r0, r1), *vec.cols(c0, c1),
-                tdot, ta, tb, tch.scale, tch.rows(r0, r1), tch.cols(c0, c1), *vec.masses(r0, r1, c0, c1), part,
-                r, w, a.shape[1], ta.shape[1], r0, c0, it.m_blocks, it.n_items, it.per_split,
-                dot.stride(0), a_c.stride(0), b_k.stride(0), g.stride(0), tdot.stride(0), ta.stride(0),
-                tb.stride(0), packed.dense.stride(0), packed.penalty, float(weights.w_row), g_scale, t_c0, t_c1,
+                tdot, tch.scale, tch.rows(r0, r1), tch.cols(c0, c1), *vec.masses(r0, r1, c0, c1), part,
+                r, w, a.shape[1], r0, c0, it.m_blocks, it.n_items, it.per_split,
+                dot.stride(0), a_c.stride(0), b_k.stride(0), g.stride(0), tdot.stride(0),
+                packed.dense.stride(0), packed.penalty, float(weights.w_row), g_scale, t_c0, t_c1,
                 t_soft, **packed.flags(), **vec.flags(), **tiles.consts(a),
             )
             parts.append(part)
@@ -840,16 +817,42 @@ def target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, 
 
 
 # ------------------------------------------------------------------------------------ compile gate
+_FP64_PTRS = ("row_lse_ptr", "col_lse_ptr", "t_row_ptr", "t_col_ptr", "row_part_ptr", "col_part_ptr")
+_POINTER_TYPES = dict({name: "*fp64" for name in _FP64_PTRS}, row_info_ptr="*i64", col_info_ptr="*i64",
+                      row_flag_ptr="*u8", col_flag_ptr="*u8", dense_ptr="*u8")
+_FLOAT_ARGS = ("penalty", "w_row", "g_scale", "t_c0", "t_c1", "soft")
+
+
+def target_signature(fn, consts: dict, features: str, grad: str = "*fp32") -> dict:
+    """The argument types of a general-target kernel (this module's and ``fused.py``'s) from its
+    argument names, for the compile gate: the features (a_ptr, b_ptr) of type ``features`` (stand-ins
+    of the chunk's type with the cuBLAS producer), G (g_ptr) of type ``grad``, every other pointer fp32
+    unless named in _POINTER_TYPES (the chunks of dot products among them), the numbers in _FLOAT_ARGS
+    fp32, the rest i32; the names in ``consts`` constexpr."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ("a_ptr", "b_ptr"):
+            sig[name] = features
+        elif name == "g_ptr":
+            sig[name] = grad
+        elif name.endswith("_ptr"):
+            sig[name] = _POINTER_TYPES.get(name, "*fp32")
+        else:
+            sig[name] = "fp32" if name in _FLOAT_ARGS else "i32"
+    return sig
+
+
 def compile_specs():
     """Every (kernel, constexprs, launch config) this module ships, for each supported input dtype
     (see ``chunked.compile_specs``; used by tests/test_triton_compile.py): the epilogue kernels with
-    the cuBLAS producer in each shipped variant, and with the matmul producer (hard targets) in the
-    heaviest variants (all pair rules; the row LSE's masses) and the margin rule's pair kernel."""
+    the cuBLAS producer in each shipped variant; with the matmul producer, hard targets in the
+    heaviest variants (all pair rules; the row LSE's masses) and the margin rule's pair kernel, and
+    soft targets (the "target_soft" configuration, the teacher's tiles from its chunk) in every soft
+    variant in bfloat16 and the heaviest in float16 and float32."""
     specs = []
-    i32, f32p, f64p, i64p, u8p = "i32", "*fp32", "*fp64", "*i64", "*u8"
     tri = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-    target_sig = {"row_info_ptr": i64p, "col_info_ptr": i64p, "row_flag_ptr": u8p, "col_flag_ptr": u8p,
-                  "dense_ptr": u8p, "bound_ptr": f32p}
     none = dict(HAS_MARGIN=False, HAS_PENALTY=False, PENALTY_MODE=0, HAS_DENSE=False)
     margin = dict(none, HAS_MARGIN=True)
     penalty = dict(none, HAS_PENALTY=True, PENALTY_MODE=2)
@@ -860,53 +863,46 @@ def compile_specs():
     soft_max = dict(SOFT=True, ENTROPY=True, TEACHER_LINEAR=False)
     soft_lin = dict(SOFT=True, ENTROPY=False, TEACHER_LINEAR=True)
     rules = dict(everything, HAS_MARGIN=False)
-    scalars = {"R": i32, "W": i32, "D": i32, "TD": i32, "row0": i32, "col0": i32, "m_blocks": i32, "n_items": i32,
-               "tiles_per_split": i32, "stride_dm": i32, "stride_am": i32, "stride_bn": i32}
-    teacher_strides = {"stride_tm": i32, "stride_tam": i32, "stride_tbn": i32}
 
     def soft_tag(soft):
         if not soft["SOFT"]:
             return ""
         return ",soft=" + ("linear" if soft["TEACHER_LINEAR"] else "softmax") + (",entropy" if soft["ENTROPY"] else "")
 
-    def producer_consts(matmul, dtype, kernel):
-        cfg = matmul_config(kernel, dtype) if matmul else chunked_config(kernel)
+    def add(name, fn, consts, dtype, matmul, soft, kernel):
+        cfg = matmul_config(kernel, dtype, soft=soft) if matmul else chunked_config(kernel)
         prec = FUSED_FP32_PRECISION if matmul and dtype == "float32" else "ieee"
-        return cfg, dict(MATMUL=matmul, T_MATMUL=matmul, INPUT_PRECISION=prec, T_PRECISION=prec, BLOCK_M=cfg.block_m,
-                         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k or 16)
-
-    def add(name, fn, sig, consts, cfg, dtype, matmul):
-        sig = dict(sig)
-        for key in consts:
-            sig[key] = "constexpr"
-        specs.append(dict(name=name + ("[mm]" if matmul else ""), fn=fn, signature=sig, constexprs=consts,
+        consts = dict(consts, INPUT_PRECISION=prec, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                      BLOCK_K=cfg.block_k or 16)
+        if "MATMUL" in fn.arg_names:
+            consts["MATMUL"] = matmul
+        features = "*" + tri[dtype] if matmul else "*fp32"
+        specs.append(dict(name=name + ("[mm]" if matmul else ""), fn=fn,
+                          signature=target_signature(fn, consts, features, "*" + tri[dtype]), constexprs=consts,
                           num_warps=cfg.num_warps, num_stages=cfg.num_stages, uses_dot=matmul, dtype=dtype,
-                          config=cfg, divisible=("D", "TD") if matmul else (), pipelined=matmul,
+                          config=cfg, divisible=("D",) if matmul else (), pipelined=matmul,
                           wgmma_required=matmul and dtype != "float32"))
 
     cublas_stats = [(none, False, False, hard), (margin, False, False, hard), (penalty, False, True, hard),
                     (none, True, False, hard), (everything, True, True, hard), (none, True, False, soft_max),
                     (none, True, False, soft_lin), (rules, True, True, soft_max)]
     mm_stats = [(everything, True, True, hard), (margin, False, False, hard)]
+    mm_soft_stats = [(rules, True, True, soft_max), (none, True, False, soft_lin), (none, False, False, soft_max)]
     stats_runs = [(False, "float32", v) for v in cublas_stats]
-    stats_runs += [(True, dtype, v) for dtype in SUPPORTED_DTYPES for v in mm_stats]
+    for dtype in SUPPORTED_DTYPES:
+        stats_runs += [(True, dtype, v) for v in mm_stats]
+        stats_runs += [(True, dtype, v) for v in (mm_soft_stats if dtype == "bfloat16" else mm_soft_stats[:1])]
     for matmul, dtype, (flags, sym, smooth, soft) in stats_runs:
-        op = "*" + tri[dtype] if matmul else f32p
-        sig = {"dot_ptr": f32p, "a_ptr": op, "b_ptr": op, "scale_ptr": f32p, "bias_ptr": f32p, **target_sig,
-               "tdot_ptr": f32p, "ta_ptr": op, "tb_ptr": op, "t_scale_ptr": f32p, "t_row_ptr": f64p,
-               "t_col_ptr": f64p, "t_row_hw_ptr": f32p, "t_col_hw_ptr": f32p,
-               "row_part_ptr": f64p, "row_sums_ptr": f32p, "col_part_ptr": f64p, "col_sums_ptr": f32p,
-               **scalars, **teacher_strides, "stride_dense": i32, "stride_rp": i32, "stride_rs": i32,
-               "stride_cp": i32, "stride_cs": i32, "penalty": "fp32", "t_c0": "fp32", "t_c1": "fp32", "soft": "fp32"}
-        cfg, prod = producer_consts(matmul, dtype, "target_stats")
-        consts = dict(SYMMETRIC=sym, SMOOTHING=smooth, **flags, **soft, **prod)
+        consts = dict(SYMMETRIC=sym, SMOOTHING=smooth, **flags, **soft)
         tag = ",".join(k for k, v in flags.items() if v and k != "PENALTY_MODE") or "plain"
-        add(f"target_stats[{tag},sym={sym},smooth={smooth}{soft_tag(soft)}]", _target_stats_kernel, sig, consts,
-            cfg, dtype, matmul)
+        add(f"target_stats[{tag},sym={sym},smooth={smooth}{soft_tag(soft)}]", _target_stats_kernel, consts,
+            dtype, matmul, soft["SOFT"], "target_stats")
     g_hard = dict(SOFT=False, TEACHER_LINEAR=False, HAS_MASS=False)
     g_soft_max = dict(SOFT=True, TEACHER_LINEAR=False, HAS_MASS=False)
     g_soft_lin = dict(SOFT=True, TEACHER_LINEAR=True, HAS_MASS=True)
     g_mass = dict(SOFT=False, TEACHER_LINEAR=False, HAS_MASS=True)  # a row LSE's upstream weights
+    mm_soft_grad = [(rules, True, g_soft_max), (none, True, g_soft_lin), (none, True, g_soft_max),
+                    (none, False, g_soft_max)]
     grad_runs = []
     for dtype in SUPPORTED_DTYPES:
         variants = [(none, False, g_hard), (everything, True, g_hard), (none, True, g_soft_max),
@@ -916,25 +912,13 @@ def compile_specs():
                          (rules, True, g_soft_max), (none, False, g_soft_max)]
         grad_runs += [(False, dtype, v) for v in variants]
         grad_runs += [(True, dtype, v) for v in ((everything, True, g_hard), (rules, False, g_mass))]
+        grad_runs += [(True, dtype, v) for v in (mm_soft_grad if dtype == "bfloat16" else mm_soft_grad[:2])]
     for matmul, dtype, (flags, sym, soft) in grad_runs:
-        op = "*" + tri[dtype] if matmul else f32p
-        sig = {"dot_ptr": f32p, "a_ptr": op, "b_ptr": op, "g_ptr": "*" + tri[dtype], "scale_ptr": f32p,
-               "bias_ptr": f32p, **target_sig, "row_lse_ptr": f64p, "q_row_pos_ptr": f32p, "q_row_keep_ptr": f32p,
-               "col_lse_ptr": f64p, "q_col_pos_ptr": f32p, "q_col_keep_ptr": f32p, "w_col_ptr": f32p,
-               "tdot_ptr": f32p, "ta_ptr": op, "tb_ptr": op, "t_scale_ptr": f32p, "t_row_ptr": f64p,
-               "t_col_ptr": f64p, "row_mass_ptr": f32p, "col_mass_ptr": f32p, "part_ptr": f32p,
-               **scalars, "stride_gm": i32, **teacher_strides, "stride_dense": i32, "penalty": "fp32",
-               "w_row": "fp32", "g_scale": "fp32", "t_c0": "fp32", "t_c1": "fp32", "soft": "fp32"}
-        cfg, prod = producer_consts(matmul, dtype, "target_grad")
-        consts = dict(SYMMETRIC=sym, **flags, **soft, **prod)
+        consts = dict(SYMMETRIC=sym, **flags, **soft)
         tag = ",".join(k for k, v in flags.items() if v and k != "PENALTY_MODE") or "plain"
         stag = soft_tag(dict(soft, ENTROPY=False)) + (",mass" if soft["HAS_MASS"] else "")
-        add(f"target_grad[{tag},sym={sym}{stag}]", _target_grad_kernel, sig, consts, cfg, dtype, matmul)
-    for dtype in SUPPORTED_DTYPES:
-        op = "*" + tri[dtype]
-        cfg, prod = producer_consts(True, dtype, "target_stats")
-        sig = {"a_ptr": op, "b_ptr": op, "out_ptr": f32p, "R": i32, "W": i32, "D": i32, "pair_col0": i32,
-               "stride_am": i32, "stride_bn": i32}
-        consts = {k: prod[k] for k in ("INPUT_PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K")}
-        add("target_pair_dots", _pair_dots_kernel, sig, consts, cfg, dtype, True)
+        add(f"target_grad[{tag},sym={sym}{stag}]", _target_grad_kernel, consts, dtype, matmul, soft["SOFT"],
+            "target_grad")
+    for dtype in SUPPORTED_DTYPES:  # (the margin rule does not combine with soft targets)
+        add("target_pair_dots", _pair_dots_kernel, {}, dtype, True, False, "target_stats")
     return specs
