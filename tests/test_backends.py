@@ -43,6 +43,20 @@ def _case_id(c):
     return f"{na}x{nb}x{d}-off{off}-s{s}-b{bias}-ls{eps}-c{chunk}"
 
 
+def _pairs():
+    """(backend, case) of every backend and case, but the fused tile kernels at N = 1,000 only in the
+    chunked case (the interpreter runs them slowest; 257 rows already span several of their tiles)."""
+    out = []
+    for case in CASES:
+        for backend in BACKENDS:
+            name = getattr(backend, "values", (backend,))[0]
+            if name == "triton_fused" and case[0] == case[1] == 1000 and case[7] is None:
+                continue
+            marks = getattr(backend, "marks", ())
+            out.append(pytest.param(name, case, marks=marks, id=f"{_case_id(case)}-{name}"))
+    return out
+
+
 def _backend_ready(backend):
     if backend == "cpp":
         cpp = importlib.import_module("fastcon.kernels.cpp")
@@ -78,8 +92,7 @@ def _compare(loss, grads, ref_loss, ref_grads, scale, na):
         assert_close_rel(g, r, rtol=1e-5, atol=floor, name=name)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("backend,case", _pairs())
 def test_clip_backend_matches_reference(backend, case):
     _backend_ready(backend)
     na, nb, d, off, s, bias, eps, chunk = case
@@ -96,8 +109,7 @@ def test_clip_backend_matches_reference(backend, case):
     _compare(loss, grads, ref_loss, ref_grads, s, na)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("backend,case", _pairs())
 def test_siglip_backend_matches_reference(backend, case):
     _backend_ready(backend)
     na, nb, d, off, s, bias, eps, chunk = case
