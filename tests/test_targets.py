@@ -124,7 +124,7 @@ def test_every_negative_dropped_is_zero_and_finite():
 @pytest.mark.parametrize("n,d,t,chunk", [(1, 3, 0.5, None), (2, 8, 0.1, None), (45, 32, 0.5, 11), (100, 256, 0.07, 64)])
 def test_ntxent(backend, n, d, t, chunk):
     if backend == "triton_fused" and d > 64:
-        # the interpreter forms the fused kernels' tiles once per 32-wide slice of D: fewer rows there
+        # the interpreter forms the fused kernels' tiles once per 128-wide slice of D: fewer rows there
         n, chunk = 24, 16
     g = torch.Generator().manual_seed(n)
     out0, out1 = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
@@ -175,6 +175,11 @@ def test_the_fused_tile_kernels_run_the_general_target(monkeypatch):
            lambda x, y: R.multi_positive_clip_loss_reference(x, y, 10.0, labels=ids), [a, b])
     assert {"_target_stats_kernel", "_fused_target_rows_kernel", "_fused_target_cols_kernel"} <= set(launched)
     assert "_target_grad_kernel" not in launched and not mm
+    # D = 200: pass 2's accumulators take D in two slices (configs.FUSED_CONFIGS), the second partial
+    a, b = make_features(12, 12, 200)
+    ids = torch.arange(12) % 4
+    _check(lambda x, y: FC.clip_loss(x, y, 10.0, labels=ids, backend="triton_fused"),
+           lambda x, y: R.multi_positive_clip_loss_reference(x, y, 10.0, labels=ids), [a, b])
     assert fastcon.backend_info()["not_implemented"] == []
     wide, _ = make_features(8, 8, 300)
     with pytest.raises(ValueError, match="D <= 256"):

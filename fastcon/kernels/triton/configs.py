@@ -171,20 +171,21 @@ FUSED_CONFIGS: dict[tuple[str, str, int], Config] = {
     #     pass 2 on the target rows/cols kernels): one configuration per dtype class serves all of
     #     them, so that each logit is accumulated in the same order in both passes. Tiles are formed
     #     over D in block_k slices (never a resident operand); pass 2's gradient accumulators are
-    #     block_d wide, D taken in slices of it (each slice forms its tiles again). Chosen on the
-    #     compile gate (D = 256, every shipped variant): with the pair rules' int64 and boolean tiles
-    #     and a soft target's teacher tile beside the logits, 128-wide accumulators spilled in some
-    #     variant at every half tile tried (64×64, 64×32, 32×64, 32×32; 4 or 8 warps: 8 B to 1.4 KiB);
-    #     32-row tiles compile clean but take mma, not wgmma, on sm_90; 64×32 over 8 warps, k32, with
-    #     64-wide slices is clean and takes wgmma (k64 spills 80 B in the heaviest rows kernel on sm_80).
-    #     fp32 (TF32x3, three products per dot): 32×16 over 4 warps with 32-wide slices (16×32 and
-    #     16×16 spill 8 B in some variant; 32×32 up to 900 B).
+    #     block_d wide, D taken in slices of it (each slice forms its tiles again: at D = 256, two
+    #     slices). Chosen on the compile gate (every shipped variant, sm_80 and sm_90): 64×32 over 8
+    #     warps, k32, 128-wide slices is clean in every variant, with wgmma on sm_90 (up to 255
+    #     registers in the soft ones); 256-wide spills 32-72 B in the soft rows and columns kernels
+    #     on sm_80; 64×64 and 32×64 spill with 128-wide accumulators, 32-row tiles take mma, not
+    #     wgmma, on sm_90, and k64 spills 80 B in the heaviest rows kernel on sm_80. fp32 (TF32x3,
+    #     three products per dot): 32×16 over 8 warps with 128-wide slices is clean in every variant
+    #     (up to 235 registers); at 4 warps the same spills 8 B (a row LSE's masses on sm_90), 32×32
+    #     up to 900 B, 16×16 and 16×32 8 B in some variant.
     ("target", "half", 64): Config(block_m=64, block_n=32, num_warps=8, num_stages=3, block_k=32, block_d=64),
-    ("target", "half", 128): Config(block_m=64, block_n=32, num_warps=8, num_stages=3, block_k=32, block_d=64),
-    ("target", "half", 256): Config(block_m=64, block_n=32, num_warps=8, num_stages=3, block_k=32, block_d=64),
-    ("target", "float32", 64): Config(block_m=32, block_n=16, num_warps=4, num_stages=2, block_k=32, block_d=32),
-    ("target", "float32", 128): Config(block_m=32, block_n=16, num_warps=4, num_stages=2, block_k=32, block_d=32),
-    ("target", "float32", 256): Config(block_m=32, block_n=16, num_warps=4, num_stages=2, block_k=32, block_d=32),
+    ("target", "half", 128): Config(block_m=64, block_n=32, num_warps=8, num_stages=3, block_k=32, block_d=128),
+    ("target", "half", 256): Config(block_m=64, block_n=32, num_warps=8, num_stages=3, block_k=32, block_d=128),
+    ("target", "float32", 64): Config(block_m=32, block_n=16, num_warps=8, num_stages=2, block_k=32, block_d=64),
+    ("target", "float32", 128): Config(block_m=32, block_n=16, num_warps=8, num_stages=2, block_k=32, block_d=128),
+    ("target", "float32", 256): Config(block_m=32, block_n=16, num_warps=8, num_stages=2, block_k=32, block_d=128),
 }
 
 # ------------------------------------------------------------------------------------------- gemm
