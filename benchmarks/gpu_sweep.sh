@@ -18,9 +18,11 @@
 # `make test-gpu`, 150), SWEEP_TIMEOUT, DIMS_TIMEOUT, TARGET_TIMEOUT, TOKEN_TIMEOUT (seconds for each
 # benchmark command: 150, 60, 60, 45; the JSON rows are written after every case, so a command stopped
 # by its limit keeps what it measured). About 8 minutes in all.
-# Output (twelve files): env.txt, cuda-tests.log, gpu-peak.json, gpu-bf16.json, gpu-bf16.md,
-# gpu-dims-bf16.json, gpu-dims-bf16.md, gpu-targets-bf16.json, gpu-targets-bf16.md, gpu-tokens-bf16.json,
-# gpu-tokens-bf16.md, gpu-summary.md.
+# FUSED_TIMEOUT and SOFT_TIMEOUT (25 and 20) bound the two cases on the general target's producers.
+# Output (sixteen files): env.txt, cuda-tests.log, gpu-peak.json, gpu-bf16.json, gpu-bf16.md,
+# gpu-dims-bf16.json, gpu-dims-bf16.md, gpu-targets-bf16.json, gpu-targets-bf16.md,
+# gpu-fused-targets-bf16.json, gpu-fused-targets-bf16.md, gpu-distill-producers-bf16.json,
+# gpu-distill-producers-bf16.md, gpu-tokens-bf16.json, gpu-tokens-bf16.md, gpu-summary.md.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_sweep.sh OUT_DIR}
 cd "$(dirname "$0")/.."
@@ -65,6 +67,11 @@ bench "${TARGET_TIMEOUT:-50}" --loss clip_labels,ntxent,mnrl,distill,align_unifo
 bench "${FUSED_TIMEOUT:-25}" --loss clip_labels,ntxent,distill --providers fastcon-triton,fastcon-triton_fused \
   --batch "${FUSED_BATCH:-32768}" --dim 256 --json "$out/gpu-fused-targets-bf16.json" \
   --markdown "$out/gpu-fused-targets-bf16.md" || status=1
+# Distillation's student tiles from cuBLAS chunks (FASTCON_TRITON_PRODUCER=cublas) against the default,
+# formed in the epilogue kernels (its fastcon row in gpu-targets-bf16.json, same N and D).
+FASTCON_TRITON_PRODUCER=cublas bench "${SOFT_TIMEOUT:-20}" --loss distill --providers fastcon-triton \
+  --batch "${FUSED_BATCH:-32768}" --dim "${SWEEP_DIM:-768}" --json "$out/gpu-distill-producers-bf16.json" \
+  --markdown "$out/gpu-distill-producers-bf16.md" || status=1
 # The token-level losses: FILIP (196 patches x 77 tokens) and MaxSim (32 x 180) at B=512, D=256, against
 # the materialising reference and PyLate's scores (its torch path, flash-maxsim, late-interaction-kernels).
 bench "${TOKEN_TIMEOUT:-45}" --loss filip,maxsim \
