@@ -67,9 +67,9 @@ bench "${TARGET_TIMEOUT:-50}" --loss clip_labels,ntxent,mnrl,distill,align_unifo
 bench "${FUSED_TIMEOUT:-25}" --loss clip_labels,ntxent,distill --providers fastcon-triton,fastcon-triton_fused \
   --batch "${FUSED_BATCH:-32768}" --dim 256 --json "$out/gpu-fused-targets-bf16.json" \
   --markdown "$out/gpu-fused-targets-bf16.md" || status=1
-# Distillation's student tiles from cuBLAS chunks (FASTCON_TRITON_PRODUCER=cublas) against the default,
-# formed in the epilogue kernels (its fastcon row in gpu-targets-bf16.json, same N and D).
-FASTCON_TRITON_PRODUCER=cublas bench "${SOFT_TIMEOUT:-20}" --loss distill --providers fastcon-triton \
+# Distillation with the student's tiles formed in the epilogue kernels (FASTCON_TRITON_PRODUCER=matmul)
+# against the default, from cuBLAS chunks (its fastcon row in gpu-targets-bf16.json, same N and D).
+FASTCON_TRITON_PRODUCER=matmul bench "${SOFT_TIMEOUT:-20}" --loss distill --providers fastcon-triton \
   --batch "${FUSED_BATCH:-32768}" --dim "${SWEEP_DIM:-768}" --json "$out/gpu-distill-producers-bf16.json" \
   --markdown "$out/gpu-distill-producers-bf16.md" || status=1
 # The token-level losses: FILIP (196 patches x 77 tokens) and MaxSim (32 x 180) at B=512, D=256, against

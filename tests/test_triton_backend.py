@@ -202,6 +202,27 @@ def test_matmul_plan(n, dtype, memory):
         assert soft.grad_rows >= 2048 and soft.grad_cols >= 2048
 
 
+def test_producer_choice(monkeypatch):
+    """auto: the matmul producer for bf16/fp16 on a GPU, but not for soft targets, fp32 or the
+    interpreter; an explicit choice applies to all; a bad one names the variable."""
+    from fastcon.kernels.triton import chunked
+
+    monkeypatch.delenv("FASTCON_TRITON_PRODUCER", raising=False)
+    half = (torch.bfloat16, torch.float16)
+    assert all(chunked.producer_for(dt, True) == "matmul" for dt in half)
+    assert all(chunked.producer_for(dt, True, soft=True) == "cublas" for dt in half)
+    assert chunked.producer_for(torch.float32, True) == "cublas"
+    assert chunked.producer_for(torch.bfloat16, False) == "cublas"
+    monkeypatch.setenv("FASTCON_TRITON_PRODUCER", "matmul")
+    assert chunked.producer_for(torch.bfloat16, True, soft=True) == "matmul"
+    assert chunked.producer_for(torch.float32, False, soft=True) == "matmul"
+    monkeypatch.setenv("FASTCON_TRITON_PRODUCER", "cublas")
+    assert chunked.producer_for(torch.bfloat16, True) == "cublas"
+    monkeypatch.setenv("FASTCON_TRITON_PRODUCER", "tma")
+    with pytest.raises(ValueError, match="FASTCON_TRITON_PRODUCER"):
+        chunked.producer_for(torch.bfloat16, True)
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
 def test_matmul_producer_through_the_engine(loss, monkeypatch):

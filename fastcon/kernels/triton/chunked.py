@@ -431,22 +431,24 @@ def _check(a: torch.Tensor, b: torch.Tensor) -> None:
 PRODUCERS = ("auto", "matmul", "cublas")
 
 
-def producer(a: torch.Tensor) -> str:
+def producer(a: torch.Tensor, soft: bool = False) -> str:
     """Where this call's tiles of dot products come from (``FASTCON_TRITON_PRODUCER``): ``"matmul"``,
     the epilogue kernels form them with tl.dot (``dot_tile``: no logit in memory), or ``"cublas"``,
     ``torch.mm`` writes each chunk and the kernels read it. ``auto`` (the default): the matmul
-    producer for bf16/fp16 on a GPU; cuBLAS for fp32 (its fp32 GEMM has no TF32 rounding) and in the
-    interpreter."""
-    return producer_for(a.dtype, a.is_cuda)
+    producer for bf16/fp16 on a GPU; cuBLAS for fp32 (its fp32 GEMM has no TF32 rounding), in the
+    interpreter, and for soft targets (``soft``: distillation, whose teacher's chunk is in memory
+    either way; ``matmul`` forms the student's tiles there too, until a GPU measurement says which
+    wins: benchmarks/gpu_sweep.sh)."""
+    return producer_for(a.dtype, a.is_cuda, soft)
 
 
-def producer_for(dtype: torch.dtype, on_gpu: bool) -> str:
+def producer_for(dtype: torch.dtype, on_gpu: bool, soft: bool = False) -> str:
     """``producer`` of inputs of ``dtype`` on a GPU (``on_gpu``) or in the interpreter."""
     choice = os.environ.get("FASTCON_TRITON_PRODUCER", "auto") or "auto"
     if choice not in PRODUCERS:
         raise ValueError(f"FASTCON_TRITON_PRODUCER must be one of {', '.join(PRODUCERS)}, got {choice!r}")
     if choice == "auto":
-        return "matmul" if on_gpu and dtype in (torch.bfloat16, torch.float16) else "cublas"
+        return "matmul" if on_gpu and dtype in (torch.bfloat16, torch.float16) and not soft else "cublas"
     return choice
 
 

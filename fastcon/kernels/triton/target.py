@@ -531,10 +531,12 @@ class _Teacher:
 
 # Soft targets on the matmul producer: the student's tiles are formed in the kernels, the teacher's
 # read from its fp32 cuBLAS chunks (``_Teacher.chunk``), at the configuration of their own family
-# (``configs.MATMUL_CONFIGS["target_soft", ...]``). Forming the teacher's tile with tl.dot beside the
-# student's spilled registers at every configuration tried (two pipelined K loops beside the soft
-# epilogue: 8 B to 2 KiB of stack on sm_80 / sm_90), so the teacher keeps one producer everywhere, and
-# its own pass (``_teacher_pass``) runs on it: its normalisers come from the logits its tiles hold.
+# (``configs.MATMUL_CONFIGS["target_soft", ...]``), with ``FASTCON_TRITON_PRODUCER=matmul`` (``auto``
+# keeps the cuBLAS producer for them until measured: ``chunked.producer``). Forming the teacher's tile
+# with tl.dot beside the student's spilled registers at every configuration tried (two pipelined K
+# loops beside the soft epilogue: 8 B to 2 KiB of stack on sm_80 / sm_90), so the teacher keeps one
+# producer everywhere, and its own pass (``_teacher_pass``) runs on it: its normalisers come from the
+# logits its tiles hold.
 class _Tiles:
     """The producer of the target epilogues' tiles for one call (``chunked.producer``): the cuBLAS
     chunks of dot products, or the matmul producer, which forms the student's tiles from the features
@@ -548,7 +550,7 @@ class _Tiles:
         if cfg is not None:
             self.matmul, self.cfg = True, cfg
         else:
-            self.matmul = not cublas and producer(a) == "matmul"
+            self.matmul = not cublas and producer(a, soft=bool(target.soft)) == "matmul"
             self.cfg = (matmul_config(kernel, name, soft=bool(target.soft)) if self.matmul
                         else chunked_config(kernel))
         self.prod = _Producer(self.matmul, self.cfg)
