@@ -541,7 +541,7 @@ class _Tiles:
     """The producer of the target epilogues' tiles for one call (``chunked.producer``): the cuBLAS
     chunks of dot products, or the matmul producer, which forms the student's tiles from the features
     in the kernels. The teacher's tiles (soft targets) are always read from its cuBLAS chunks
-    (``teacher_chunks``). ``cfg`` given (the fused tile kernels, ``fused.py``): the matmul producer at
+    (``_Teacher.chunk``). ``cfg`` given (the fused tile kernels, ``fused.py``): the matmul producer at
     that configuration."""
 
     def __init__(self, a, target, kernel: str, cublas: bool = False, cfg=None):
@@ -554,7 +554,6 @@ class _Tiles:
             self.cfg = (matmul_config(kernel, name, soft=bool(target.soft)) if self.matmul
                         else chunked_config(kernel))
         self.prod = _Producer(self.matmul, self.cfg)
-        self.teacher_chunks = bool(target.soft)
 
     def operands(self, a, b, tch, r0, r1, c0, c1):
         """(dot, a_c, b_k, tdot) of rows [r0, r1) × columns [c0, c1): the student's chunk in memory
