@@ -200,6 +200,9 @@ def test_matmul_plan(n, dtype, memory):
     assert soft.grad_cols % cfg.block_n == 0 or soft.grad_cols == n
     if n >= 65536:
         assert soft.grad_rows >= 2048 and soft.grad_cols >= 2048
+    # and pass 1's rows of the teacher's chunk, aligned as the plan's (at least one row block)
+    rows = chunked.aligned_memory_rows(n, n, n, budget, dtype)
+    assert rows == n or (rows % cfg.block_m == 0 and (rows * n * 4 <= budget or rows == cfg.block_m))
 
 
 def test_producer_choice(monkeypatch):

@@ -69,11 +69,12 @@ def test_ntxent(n, d, t):
 @pytest.mark.parametrize("kind", ["clip", "cwcl"])
 def test_soft_targets_form_the_students_tiles(kind, monkeypatch):
     """Distillation: both passes' epilogue kernels form the student's tiles (MATMUL), the teacher's
-    come from its cuBLAS chunks, and the teacher's own pass runs on that producer: no torch.mm
-    takes rows of the student's features (CWCL's teacher is a transform of its text features)."""
+    come from its cuBLAS chunks, both passes in the same row chunks, and the teacher's own pass runs
+    on that producer: no torch.mm takes rows of the student's features (CWCL's teacher is a transform
+    of its text features)."""
     from fastcon.kernels.triton import target
 
-    launched, mm = [], []
+    launched, mm, starts = [], [], {}
     real = target.launch
 
     def spy(kernel):
@@ -83,7 +84,13 @@ def test_soft_targets_form_the_students_tiles(kind, monkeypatch):
         class _Grid:
             def __getitem__(self, grid):
                 run = grid_of[grid]
-                return lambda *a, **k: launched.append((name, k.get("MATMUL"))) or run(*a, **k)
+
+                def call(*a, **k):
+                    launched.append((name, k.get("MATMUL")))
+                    if k.get("MATMUL"):  # the row chunks of each pass
+                        starts.setdefault(name, set()).add(dict(zip(kernel.arg_names, a))["row0"])
+                    return run(*a, **k)
+                return call
         return _Grid()
 
     monkeypatch.setattr(target, "launch", spy)
@@ -96,5 +103,7 @@ def test_soft_targets_form_the_students_tiles(kind, monkeypatch):
     assert {("_target_stats_kernel", True), ("_target_grad_kernel", True), ("_target_stats_kernel", False)} \
         <= set(launched)
     assert ("_target_grad_kernel", False) not in launched
+    # both passes chunk the rows alike (the teacher's chunk within the budget in each)
+    assert starts["_target_stats_kernel"] == starts["_target_grad_kernel"]
     rows = lambda *m: {tuple(r.tolist()) for t in m for r in t}  # noqa: E731
     assert mm and not set(mm) & rows(x, y)

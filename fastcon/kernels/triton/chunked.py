@@ -601,6 +601,19 @@ def memory_rows(na: int, nb: int, chunk_rows: int, budget: int) -> int:
     return max(1, min(na, chunk_rows, budget // (4 * max(nb, 1))))
 
 
+def aligned_memory_rows(na: int, nb: int, chunk_rows: int, budget: int, dtype: torch.dtype) -> int:
+    """``memory_rows`` for a pass of the matmul producer that holds an fp32 chunk over ``nb`` columns
+    beside the tiles it forms (a soft target's teacher): where the budget is what splits the rows,
+    rounded down to a multiple of ``matmul_plan``'s row alignment (the CLIP statistics kernel's
+    block_m, which every matmul configuration's divides), so that its chunks start where that plan's
+    do."""
+    rows = memory_rows(na, nb, chunk_rows, budget)
+    if rows >= min(na, chunk_rows):
+        return rows
+    unit = matmul_config("stats", str(dtype).replace("torch.", "")).block_m
+    return max(unit, rows // unit * unit)
+
+
 class MatmulPlan(NamedTuple):
     """The chunks of the matmul producer within a budget of bytes: pass 1 (statistics) in chunks of
     ``stats_rows`` rows, whose float64 column partials (one row per row block) fit; pass 2 (G and the

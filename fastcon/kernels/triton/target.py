@@ -3,7 +3,7 @@
 As in ``chunked.py``, ``torch.mm`` writes each row chunk of dot products (over the columns some row
 of the chunk keeps) and Triton epilogue kernels read it once per pass. The target's decisions are
 one tile function, ``target_tile``: given a tile of dot products however it was produced (a chunk in
-memory here; a matmul kernel's accumulator later), the global row and column indices of the tile and
+memory, or a matmul kernel's accumulator: the matmul producer, ``chunked.dot_tile``), the global row and column indices of the tile and
 the target's O(N) vectors, it returns which pairs are kept, which are positives, and their logits
 (with the hardness penalty). The two epilogues around it:
 
@@ -38,8 +38,8 @@ import triton.language as tl
 from .._common import chunk_bytes, mm_acc, row_chunks
 from . import launch
 from .chunked import (LOG2E, _Producer, _check, _expm1, _g_buffer, _grad_gemms, _items, _items_end, _items_step,
-                      _lse64, _merge, _online_rows, _split_lse, _tile_lse_parts, column_tile, dot_tile,
-                      grad_tile_scale, matmul_plan, memory_rows, producer)
+                      _lse64, _merge, _online_rows, _split_lse, _tile_lse_parts, aligned_memory_rows, column_tile,
+                      dot_tile, grad_tile_scale, matmul_plan, memory_rows, producer)
 from .configs import FUSED_FP32_PRECISION, SUPPORTED_DTYPES, chunked_config, matmul_config
 
 ROW_FIELDS = 6  # id, excluded column, range lo, range hi, owner, own rule
@@ -536,7 +536,8 @@ class _Teacher:
 # with tl.dot beside the student's spilled registers at every configuration tried (two pipelined K
 # loops beside the soft epilogue: 8 B to 2 KiB of stack on sm_80 / sm_90), so the teacher keeps one
 # producer everywhere, and its own pass (``_teacher_pass``) runs on it: its normalisers come from the
-# logits its tiles hold.
+# same GEMMs of its features (to the rounding of a cuBLAS chunk of another shape, where the passes'
+# chunks differ).
 class _Tiles:
     """The producer of the target epilogues' tiles for one call (``chunked.producer``): the cuBLAS
     chunks of dot products, or the matmul producer, which forms the student's tiles from the features
@@ -628,8 +629,8 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
     if tiles.matmul:  # the float64 LSE and fp32 sums of each (row block, column) within the budget
         chunk_rows = matmul_plan(na, nb, a.dtype, chunk_rows, chunk_bytes(dev),
                                  col_bytes=(8 + 4 * n_sums) if symmetric else 1, partial_rows=cfg.block_m).stats_rows
-        if soft:  # the teacher's fp32 chunks within the budget too
-            chunk_rows = memory_rows(na, nb, chunk_rows, chunk_bytes(dev))
+        if soft:  # the teacher's fp32 chunks within the budget too, the chunks aligned as pass 2's
+            chunk_rows = aligned_memory_rows(na, nb, chunk_rows, chunk_bytes(dev), a.dtype)
     else:
         chunk_rows = memory_rows(na, nb, chunk_rows, chunk_bytes(dev))
     for r0, r1 in row_chunks(na, chunk_rows):
@@ -688,7 +689,8 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
 
 def _teacher_pass(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes, teacher=None):
     """The teacher's pass (``targets.teacher_stats``) on the cuBLAS producer, whose chunks the soft
-    pass's teacher tiles read (``_Teacher.chunk``), so that its normalisers come from the same logits."""
+    pass's teacher tiles read (``_Teacher.chunk``), so that its normalisers come from the same GEMMs
+    of the teacher's features."""
     return target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes, teacher,
                         cublas=True)
 
@@ -888,7 +890,8 @@ def compile_specs():
                     (none, True, False, hard), (everything, True, True, hard), (none, True, False, soft_max),
                     (none, True, False, soft_lin), (rules, True, True, soft_max)]
     mm_stats = [(everything, True, True, hard), (margin, False, False, hard)]
-    mm_soft_stats = [(rules, True, True, soft_max), (none, True, False, soft_lin), (none, False, False, soft_max)]
+    mm_soft_stats = [(rules, True, True, soft_max), (none, True, False, soft_max), (none, True, False, soft_lin),
+                     (none, False, False, soft_max)]
     stats_runs = [(False, "float32", v) for v in cublas_stats]
     for dtype in SUPPORTED_DTYPES:
         stats_runs += [(True, dtype, v) for v in mm_stats]
