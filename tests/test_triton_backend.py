@@ -203,6 +203,8 @@ def test_matmul_plan(n, dtype, memory):
     # and pass 1's rows of the teacher's chunk, aligned as the plan's (at least one row block)
     rows = chunked.aligned_memory_rows(n, n, n, budget, dtype)
     assert rows == n or (rows % cfg.block_m == 0 and (rows * n * 4 <= budget or rows == cfg.block_m))
+    beside = chunked.aligned_memory_rows(n, n, n, budget, dtype, partial_bytes=0.5)  # with partials beside it
+    assert beside <= rows and (beside == n or beside * n * 4.5 <= budget or beside == cfg.block_m)
 
 
 def test_producer_choice(monkeypatch):

@@ -601,13 +601,15 @@ def memory_rows(na: int, nb: int, chunk_rows: int, budget: int) -> int:
     return max(1, min(na, chunk_rows, budget // (4 * max(nb, 1))))
 
 
-def aligned_memory_rows(na: int, nb: int, chunk_rows: int, budget: int, dtype: torch.dtype) -> int:
+def aligned_memory_rows(na: int, nb: int, chunk_rows: int, budget: int, dtype: torch.dtype,
+                        partial_bytes: float = 0.0) -> int:
     """``memory_rows`` for a pass of the matmul producer that holds an fp32 chunk over ``nb`` columns
-    beside the tiles it forms (a soft target's teacher): where the budget is what splits the rows,
-    rounded down to a multiple of ``matmul_plan``'s row alignment (the CLIP statistics kernel's
+    beside the tiles it forms (a soft target's teacher), and ``partial_bytes`` per element of that
+    chunk beside it (pass 1's column partials, per row block): where the budget is what splits the
+    rows, rounded down to a multiple of ``matmul_plan``'s row alignment (the CLIP statistics kernel's
     block_m, which every matmul configuration's divides), so that its chunks start where that plan's
     do."""
-    rows = memory_rows(na, nb, chunk_rows, budget)
+    rows = max(1, min(na, chunk_rows, int(budget // ((4 + partial_bytes) * max(nb, 1)))))
     if rows >= min(na, chunk_rows):
         return rows
     unit = matmul_config("stats", str(dtype).replace("torch.", "")).block_m

@@ -94,8 +94,8 @@ MATMUL_CONFIGS.update({
     # decisions. 64×64 spills in the soft variants; 64×32 over 8 warps with k32 is clean in every
     # variant on sm_80 and sm_90 (k64 spills in the heaviest), with wgmma on sm_90 (32-row tiles take
     # mma), up to 255 registers a thread. fp32 (TF32x3): 32×16 over 8 warps is clean in every soft
-    # variant of a sweep (up to 226 registers; the gate compiles the heaviest); at 4 warps a linear teacher's gradient kernel spills 8 B on sm_80,
-    # 16×32 the same, 32×32 up to 296 B.
+    # variant of a sweep (up to 226 registers; the gate compiles the heaviest); at 4 warps a linear
+    # teacher's gradient kernel spills 8 B on sm_80, 16×32 the same, 32×32 up to 296 B.
     ("target_soft", "half"): Config(block_m=64, block_n=32, num_warps=8, num_stages=3, block_k=32, occupancy=1),
     ("target_soft", "float32"): Config(block_m=32, block_n=16, num_warps=8, num_stages=2, block_k=32, occupancy=1),
 })

@@ -3,9 +3,9 @@
 As in ``chunked.py``, ``torch.mm`` writes each row chunk of dot products (over the columns some row
 of the chunk keeps) and Triton epilogue kernels read it once per pass. The target's decisions are
 one tile function, ``target_tile``: given a tile of dot products however it was produced (a chunk in
-memory, or a matmul kernel's accumulator: the matmul producer, ``chunked.dot_tile``), the global row and column indices of the tile and
-the target's O(N) vectors, it returns which pairs are kept, which are positives, and their logits
-(with the hardness penalty). The two epilogues around it:
+memory, or a matmul kernel's accumulator: the matmul producer, ``chunked.dot_tile``), the global row
+and column indices of the tile and the target's O(N) vectors, it returns which pairs are kept, which
+are positives, and their logits (with the hardness penalty). The two epilogues around it:
 
 * ``_target_stats_kernel``: per row (and, for a symmetric loss, per row block of each column) the
   LSE over the kept pairs as float64 partials (merged by ``chunked._merge_lse_kernel``), and the
@@ -627,10 +627,12 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
     tiles = tiles or _Tiles(a, target, "target_stats", cublas)
     cfg = tiles.cfg
     if tiles.matmul:  # the float64 LSE and fp32 sums of each (row block, column) within the budget
-        chunk_rows = matmul_plan(na, nb, a.dtype, chunk_rows, chunk_bytes(dev),
-                                 col_bytes=(8 + 4 * n_sums) if symmetric else 1, partial_rows=cfg.block_m).stats_rows
-        if soft:  # the teacher's fp32 chunks within the budget too, the chunks aligned as pass 2's
-            chunk_rows = aligned_memory_rows(na, nb, chunk_rows, chunk_bytes(dev), a.dtype)
+        col_bytes = (8 + 4 * n_sums) if symmetric else 1
+        chunk_rows = matmul_plan(na, nb, a.dtype, chunk_rows, chunk_bytes(dev), col_bytes=col_bytes,
+                                 partial_rows=cfg.block_m).stats_rows
+        if soft:  # the teacher's fp32 chunks beside them within the budget too, the chunks aligned as pass 2's
+            chunk_rows = aligned_memory_rows(na, nb, chunk_rows, chunk_bytes(dev), a.dtype,
+                                             partial_bytes=col_bytes / cfg.block_m)
     else:
         chunk_rows = memory_rows(na, nb, chunk_rows, chunk_bytes(dev))
     for r0, r1 in row_chunks(na, chunk_rows):
