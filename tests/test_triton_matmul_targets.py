@@ -66,6 +66,34 @@ def test_ntxent(n, d, t):
            lambda p, q: R.ntxent_loss_reference(p, q, temperature=t), [x, y])
 
 
+def _record_launches(monkeypatch, *modules):
+    """Spy on the kernels the modules launch: [(name, MATMUL)], and per kernel the row0 of each launch
+    that forms its tiles (the row chunks of its pass)."""
+    launched, starts = [], {}
+
+    def spy_on(real):
+        def spy(kernel):
+            grid_of = real(kernel)
+            name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+
+            class _Grid:
+                def __getitem__(self, grid):
+                    run = grid_of[grid]
+
+                    def call(*a, **k):
+                        launched.append((name, k.get("MATMUL")))
+                        if k.get("MATMUL") or name.startswith("_fused_target"):
+                            starts.setdefault(name, set()).add(dict(zip(kernel.arg_names, a))["row0"])
+                        return run(*a, **k)
+                    return call
+            return _Grid()
+        return spy
+
+    for mod in modules:
+        monkeypatch.setattr(mod, "launch", spy_on(mod.launch))
+    return launched, starts
+
+
 @pytest.mark.parametrize("kind", ["clip", "cwcl"])
 def test_soft_targets_form_the_students_tiles(kind, monkeypatch):
     """Distillation: both passes' epilogue kernels form the student's tiles (MATMUL), the teacher's
@@ -74,26 +102,8 @@ def test_soft_targets_form_the_students_tiles(kind, monkeypatch):
     of its text features)."""
     from fastcon.kernels.triton import target
 
-    launched, mm, starts = [], [], {}
-    real = target.launch
-
-    def spy(kernel):
-        grid_of = real(kernel)
-        name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
-
-        class _Grid:
-            def __getitem__(self, grid):
-                run = grid_of[grid]
-
-                def call(*a, **k):
-                    launched.append((name, k.get("MATMUL")))
-                    if k.get("MATMUL"):  # the row chunks of each pass
-                        starts.setdefault(name, set()).add(dict(zip(kernel.arg_names, a))["row0"])
-                    return run(*a, **k)
-                return call
-        return _Grid()
-
-    monkeypatch.setattr(target, "launch", spy)
+    launched, starts = _record_launches(monkeypatch, target)
+    mm = []
     monkeypatch.setattr(target, "mm_acc", lambda p, q: mm.append(tuple(p[0].tolist())) or torch.mm(p, q))
     x, y = make_features(37, 37, 16)
     tx, ty = make_features(37, 37, 16, seed=4)
@@ -107,3 +117,17 @@ def test_soft_targets_form_the_students_tiles(kind, monkeypatch):
     assert starts["_target_stats_kernel"] == starts["_target_grad_kernel"]
     rows = lambda *m: {tuple(r.tolist()) for t in m for r in t}  # noqa: E731
     assert mm and not set(mm) & rows(x, y)
+
+
+def test_soft_targets_on_the_fused_kernels_chunk_both_passes_alike(monkeypatch):
+    """backend="triton_fused" with a teacher: pass 2's rows and columns kernels take pass 1's row chunks
+    (the teacher's chunk and pass 1's partials within the budget)."""
+    from fastcon.kernels.triton import fused, target
+
+    _, starts = _record_launches(monkeypatch, target, fused)
+    x, y = make_features(37, 37, 16)
+    tx, ty = make_features(37, 37, 16, seed=4)
+    _check(lambda a, b, c: FC.distill_loss(a, b, c, tx, ty, 20.0, kind="clip", backend="triton_fused"),
+           lambda a, b, c: R.distill_loss_reference(a, b, c, tx.double(), ty.double(), 20.0, kind="clip"),
+           [x, y, torch.tensor(14.3)], rtol=2e-5)
+    assert starts["_target_stats_kernel"] == starts["_fused_target_rows_kernel"] == starts["_fused_target_cols_kernel"]

@@ -595,10 +595,11 @@ def _tuning_run(family: str, a, b, scale, bias):
     return run
 
 
-def memory_rows(na: int, nb: int, chunk_rows: int, budget: int) -> int:
+def memory_rows(na: int, nb: int, chunk_rows: int, budget: int, elt_bytes: float = 4) -> int:
     """Rows per chunk of the cuBLAS producer: at most ``chunk_rows``, and an fp32 chunk of dot
-    products over ``nb`` columns within ``budget`` bytes (``chunk_bytes`` of the device)."""
-    return max(1, min(na, chunk_rows, budget // (4 * max(nb, 1))))
+    products over ``nb`` columns within ``budget`` bytes (``chunk_bytes`` of the device); ``elt_bytes``:
+    the bytes held per element of that chunk, when more than its own 4 sit beside it."""
+    return max(1, min(na, chunk_rows, int(budget // (elt_bytes * max(nb, 1)))))
 
 
 def aligned_memory_rows(na: int, nb: int, chunk_rows: int, budget: int, dtype: torch.dtype,
@@ -609,7 +610,7 @@ def aligned_memory_rows(na: int, nb: int, chunk_rows: int, budget: int, dtype: t
     rows, rounded down to a multiple of ``matmul_plan``'s row alignment (the CLIP statistics kernel's
     block_m, which every matmul configuration's divides), so that its chunks start where that plan's
     do."""
-    rows = max(1, min(na, chunk_rows, int(budget // ((4 + partial_bytes) * max(nb, 1)))))
+    rows = memory_rows(na, nb, chunk_rows, budget, 4 + partial_bytes)
     if rows >= min(na, chunk_rows):
         return rows
     unit = matmul_config("stats", str(dtype).replace("torch.", "")).block_m

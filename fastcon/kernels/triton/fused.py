@@ -591,8 +591,7 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
     ``chunk_rows`` (with soft targets also within ``chunk_bytes``: the teacher's chunk is in memory)."""
     from .._common import chunk_bytes, row_chunks
     from ..targets import column_span
-    from .chunked import aligned_memory_rows
-    from .target import _GradVectors, _Packed, _feature_bounds
+    from .target import _GradVectors, _Packed, _feature_bounds, matmul_stats_rows
 
     _check_fused(a, b)
     na, nb, d = a.shape[0], b.shape[0], a.shape[1]
@@ -610,8 +609,8 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
     grad_b = torch.zeros(b.shape, dtype=f32, device=dev)
     totals = torch.zeros(2, dtype=torch.float64, device=dev)
     # with soft targets the teacher's chunks within the budget, in pass 1's row chunks
-    rows = (aligned_memory_rows(na, nb, chunk_rows, chunk_bytes(dev), a.dtype) if target.soft
-            else max(1, min(na, chunk_rows)))
+    rows = (matmul_stats_rows(target, na, nb, chunk_rows, chunk_bytes(dev), a.dtype, vec.symmetric, cfg)
+            if target.soft else max(1, min(na, chunk_rows)))
     prec = _precision(a)
     flags = dict(**vec.flags(), **packed.flags(), INPUT_PRECISION=prec,
                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=slice_d,

@@ -589,6 +589,19 @@ def _feature_bounds(tiles, target, a, b, r0: int, r1: int, c0: int, c1: int):
     return (out - target.margin).contiguous()
 
 
+def matmul_stats_rows(target, na: int, nb: int, chunk_rows: int, budget: int, dtype: torch.dtype, symmetric: bool,
+                      cfg) -> int:
+    """Pass 1's rows per chunk on the matmul producer (configuration ``cfg``): the float64 LSE and fp32
+    sums of each (row block, column) within ``budget`` bytes, and with soft targets the teacher's fp32
+    chunk beside them, the chunks aligned as ``matmul_plan``'s (``fused.target_grad`` takes the same
+    rows for its teacher's chunks)."""
+    col_bytes = (8 + 4 * (6 if target.soft else 4)) if symmetric else 1
+    rows = matmul_plan(na, nb, dtype, chunk_rows, budget, col_bytes=col_bytes, partial_rows=cfg.block_m).stats_rows
+    if target.soft:
+        rows = aligned_memory_rows(na, nb, rows, budget, dtype, partial_bytes=col_bytes / cfg.block_m)
+    return rows
+
+
 def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes, teacher=None,
                  cublas=False, tiles=None):
     """Pass 1 of the general target (the contract of ``torch_chunked.target_stats``; with soft
@@ -626,13 +639,8 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
     dummy = torch.zeros(1, dtype=f64, device=dev)
     tiles = tiles or _Tiles(a, target, "target_stats", cublas)
     cfg = tiles.cfg
-    if tiles.matmul:  # the float64 LSE and fp32 sums of each (row block, column) within the budget
-        col_bytes = (8 + 4 * n_sums) if symmetric else 1
-        chunk_rows = matmul_plan(na, nb, a.dtype, chunk_rows, chunk_bytes(dev), col_bytes=col_bytes,
-                                 partial_rows=cfg.block_m).stats_rows
-        if soft:  # the teacher's fp32 chunks beside them within the budget too, the chunks aligned as pass 2's
-            chunk_rows = aligned_memory_rows(na, nb, chunk_rows, chunk_bytes(dev), a.dtype,
-                                             partial_bytes=col_bytes / cfg.block_m)
+    if tiles.matmul:
+        chunk_rows = matmul_stats_rows(target, na, nb, chunk_rows, chunk_bytes(dev), a.dtype, symmetric, cfg)
     else:
         chunk_rows = memory_rows(na, nb, chunk_rows, chunk_bytes(dev))
     for r0, r1 in row_chunks(na, chunk_rows):
