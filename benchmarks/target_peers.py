@@ -141,7 +141,7 @@ def build(case: str, provider: str, b: int, d: int, k: int):
         q = _unit(torch.randn(b, d, generator=g))
         key = _unit(q + 0.5 * _unit(torch.randn(b, d, generator=g)))
         queue = _unit(torch.randn(k, d, generator=g))
-        mixes = FC._draw_mixes(b, MOCHI["top_n"], MOCHI["n_mix"], MOCHI["n_query_mix"], g, q.device)
+        mixes = FC.draw_mixes(b, MOCHI["top_n"], MOCHI["n_mix"], MOCHI["n_query_mix"], g, q.device)
         leaves = [q.requires_grad_()]
         if provider == "fastcon":
             fn = lambda: FC.mochi_loss(q, key, queue, **MOCHI, mixes=mixes)  # noqa: E731

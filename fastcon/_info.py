@@ -8,7 +8,7 @@ import platform
 import torch
 
 from ._version import __version__
-from .ops import engine
+from .ops import engine, registry
 
 
 def backend_info() -> dict:
@@ -44,7 +44,7 @@ def backend_info() -> dict:
             entry = {"available": False, "reason": "triton is not installed (pip install triton)"}
         else:
             device = torch.device("cuda") if cuda else cpu
-            ok, reason = engine._triton_available(device)
+            ok, reason = engine.triton_available(device)
             entry = {"available": ok, "reason": reason, "device": str(device),
                      "interpreter": os.environ.get("TRITON_INTERPRET") == "1"}
         backends[name] = entry
@@ -64,11 +64,11 @@ def backend_info() -> dict:
                             "fp32 output otherwise"),
     }
     info["ops"] = {
-        "custom_ops": ["fastcon::softmax_loss", "fastcon::sigmoid_loss", "fastcon::target_softmax_loss",
-                       "fastcon::target_pair_loss", "fastcon::target_pair_grad", "fastcon::target_row_lse",
-                       "fastcon::target_row_lse_grad", "fastcon::late_interaction", "fastcon::late_interaction_grad"],
-        "triton_ops": ["fastcon::softmax_loss_triton", "fastcon::sigmoid_loss_triton"],
-        "triton_op_registration": "torch.library.triton_op" if engine.HAS_TRITON_OP else "torch.library.custom_op",
+        "custom_ops": [op.name for op in registry.OPS.values() if not op.triton],
+        "triton_ops": [op.name for op in registry.OPS.values() if op.triton],
+        "triton_op_registration": "torch.library.triton_op" if registry.HAS_TRITON_OP else "torch.library.custom_op",
+        "eager_calls": ("plain tensors outside torch.compile run each operator's body through an autograd "
+                        "function; the registered operators run under torch.compile and for tensor subclasses"),
         "autocast": "features rounded to the autocast dtype for the GEMMs; statistics fp32/float64; fp32 loss",
         "late_interaction": "token-level family (FILIP, MaxSim): torch spec fastcon/kernels/late.py, C++ "
                             "csrc/cpu/late.cpp, Triton fastcon/kernels/triton/late.py (triton and triton_fused name "

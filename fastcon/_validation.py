@@ -10,7 +10,8 @@ import torch
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def _compiling() -> bool:
+def compiling() -> bool:
+    """True while torch.compile traces (a data-dependent check there would break the graph)."""
     compiler = getattr(torch, "compiler", None)
     return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
@@ -62,7 +63,7 @@ def check_scalar(name: str, value, device: torch.device, *, required: bool = Tru
     # there (a device-to-host copy would synchronise every step); on GPU a NaN scale gives a NaN loss.
     # Under torch.compile the check would be a data-dependent branch (a graph break): it is left out
     # there, as on the GPU.
-    if value.device.type == "cpu" and not _compiling():
+    if value.device.type == "cpu" and not compiling():
         number = value.item()  # one element on the host: a read, not a kernel
         if not math.isfinite(number):
             raise ValueError(f"{name} must be finite, got {number}")
@@ -100,6 +101,6 @@ def check_labels(name: str, labels, n: int, device: torch.device) -> torch.Tenso
         raise ValueError(f"{name} is on {labels.device} but the features are on {device}")
     # (on a GPU this reads one number back: a negative id would otherwise surface later as a row
     # without a positive)
-    if not _compiling() and n and int(labels.min()) < 0:
+    if not compiling() and n and int(labels.min()) < 0:
         raise ValueError(f"{name} must be >= 0 (ids of classes), got a minimum of {int(labels.min())}")
     return labels.to(device=device, dtype=torch.int64)

@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from .ops.engine import (backend_context, backend_module, engine_operands, forbid_double_backward, loss_dtype,
-                         needs_grad, prepare_inputs, save_final_grads, scaled_grads, target_passes)
+                         needs_grad, prepare_inputs, save_final_grads, scaled_grads)
+from .ops.target import target_passes
 
 __all__ = ["all_gather_with_grad", "all_gather_no_grad", "group_rank_and_size", "check_equal_batch",
            "clip_loss_ring", "clip_loss_local", "siglip_loss_ring", "target_loss_global", "mean_over_ranks",
@@ -352,7 +353,7 @@ def clip_loss_local(image_features, text_features, scale, bias, *, group, gather
                     backend, chunk_size):
     """open_clip's ClipLoss with ``local_loss=True``: ½[CE(s·X_r·Y_allᵀ, r·n + i) + CE(s·Y_r·X_allᵀ, r·n + i)],
     the gathered features with or without gradient."""
-    from .ops.engine import clip_engine_loss
+    from .ops.softmax import clip_engine_loss
 
     rank, _ = group_rank_and_size(group)
     n = image_features.shape[0]
@@ -450,12 +451,12 @@ def target_loss_global(rows, col_parts, scale, bias, target, *, group, label_smo
     global columns). Every rank returns the global loss; each input receives its slice of the
     gradient of that loss (the features times the sum of the ranks' upstream gradients with
     ``gather_with_grad``, as open_clip's all_gather with autograd gives)."""
-    from .ops.engine import _traced_backend_name, cache_bytes, chunk_rows_for
+    from .ops.engine import cache_bytes, chunk_rows_for, traced_backend_name
 
     out_dtype = loss_dtype(rows)
     ref = col_parts[0]
     name, mm_dtype, a, _, scale, bias, _ = prepare_inputs(rows, ref, scale, bias, backend, chunk_size)
-    name = _traced_backend_name(backend, a.device.type, mm_dtype or a.dtype)
+    name = traced_backend_name(backend, a.device.type, mm_dtype or a.dtype)
     world = dist.get_world_size(group)
     n_cols = world * sum(p.shape[0] for p in col_parts)
     chunk_rows = chunk_rows_for(a.shape[0], n_cols, a.device, chunk_size)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcon
-from fastcon.ops import engine
+from fastcon.ops import engine, registry, softmax
 from helpers import assert_close_rel, make_features
 
 CPU_BACKENDS = ["cpp", "torch"]
@@ -88,7 +88,7 @@ def _op_args(backend, need_grad, mm_dtype=None, n=(9, 13), d=8, softmax=True):
     return (a, b, scale, bias, backend, 2, 4, need_grad, mm_dtype)
 
 
-engine.triton_ops()
+softmax.triton_ops()
 _OPS = {
     "softmax": (torch.ops.fastcon.softmax_loss.default, torch.ops.fastcon.softmax_loss_triton.default),
     "sigmoid": (torch.ops.fastcon.sigmoid_loss.default, torch.ops.fastcon.sigmoid_loss_triton.default),
@@ -155,23 +155,23 @@ def test_backend_resolution_is_a_constant_to_dynamo():
 
     probe = torch._dynamo.assume_constant_result(lambda: 0)
     assert getattr(probe, engine._DYNAMO_CONSTANT_MARK, False) is True
-    assert getattr(engine._traced_backend_name, engine._DYNAMO_CONSTANT_MARK, False) is True
+    assert getattr(engine.traced_backend_name, engine._DYNAMO_CONSTANT_MARK, False) is True
 
 
 def test_triton_ops_record_their_kernels_for_the_compile_cache():
     """torch.compile's cache key lists a triton_op's kernels; fastcon's are launched through a helper
     that torch's source scan does not see, so they are recorded explicitly."""
     pytest.importorskip("triton")
-    if not engine.HAS_TRITON_OP:
+    if not registry.HAS_TRITON_OP:
         pytest.skip("torch has no triton_op")
     import subprocess
     import sys
 
     # compiled kernels (JITFunction): a process without the interpreter
     code = ("from torch._library.triton import get_triton_kernels_for_op as get\n"
-            "from fastcon.ops import engine\n"
+            "from fastcon.ops import softmax\n"
             "from fastcon.kernels.triton import chunked, fused, gemm\n"
-            "engine.triton_ops()\n"
+            "softmax.triton_ops()\n"
             "kernels = get('fastcon::softmax_loss_triton')\n"
             "print(all(k in kernels for k in (chunked._chunk_softmax_grad_kernel, fused._fused_rows_kernel,\n"
             "                                 gemm._mm_accumulate_kernel)), len(kernels))\n")

@@ -1,18 +1,21 @@
-"""Small CPU problems run the engine operator's body through a plain autograd function (ops.engine
-``direct_call``): the same loss and gradients as the registered operator, to the last bit, and as the float64 reference,
-for CLIP (with smoothing and a rectangular offset) and SigLIP, under an upstream gradient other than 1;
-the operator everywhere else."""
+"""Eager calls run the engine operator's body through a plain autograd function (``ops.registry``),
+and small CPU problems on the C++ backend the whole loss as one C++ operator (``ops.engine.direct_call``):
+the same loss and gradients as the registered operator, to the last bit, and as the float64
+reference, for CLIP (with smoothing and a rectangular offset) and SigLIP, under an upstream gradient
+other than 1; the registered operator under torch.compile and for tensor subclasses. A fresh
+process's first call imports no compiler."""
 import pytest
 import torch
 
 import fastcon.functional as FC
 from fastcon import reference as R
-from fastcon.ops import engine
+from fastcon.ops import engine, registry
 from helpers import assert_close_rel, leaf, make_features
 
 
 def _registered(monkeypatch):
     monkeypatch.setattr(engine, "direct_call", lambda *args: False)
+    monkeypatch.setattr(registry, "eager_call", lambda args: False)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "torch", "auto"])
@@ -185,3 +188,47 @@ def test_cpp_direct_loss_rejects_bad_calls():
         cpp.direct_loss(a, b.double(), s, None, cpp.DIRECT_SOFTMAX, 0, True, 0.0, 4, 0)
     with pytest.raises(RuntimeError, match="chunk_rows"):
         cpp.direct_loss(a, b, s, None, cpp.DIRECT_SOFTMAX, 0, True, 0.0, 0, 0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Eager calls stay off torch.library's dispatch, which imports the compiler on its first call.
+
+_FIRST_CALLS = r"""
+import resource, sys, torch
+import fastcon, fastcon.functional as FC
+from fastcon.kernels._common import cache_bytes, chunk_bytes
+
+n, d = 1500, 64  # 2.25M logits: above the direct C++ call's threshold, so the operators run
+g = torch.Generator().manual_seed(0)
+a = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_()
+b = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_()
+s = torch.tensor(10.0, requires_grad=True)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+FC.clip_loss(a, b, s, backend=BACKEND).backward()
+rise = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+FC.siglip_loss(a, b, s, torch.tensor(-10.0)).backward()
+FC.ntxent_loss(a[:200], b[:200]).backward()
+FC.distill_loss(a[:200], b[:200], s, a[:200].detach(), b[:200].detach(), s.detach()).backward()
+FC.filip_loss(torch.randn(4, 5, 8, requires_grad=True), torch.randn(4, 6, 8), torch.tensor(10.0)).backward()
+FC.maxsim_loss(torch.randn(4, 5, 8, requires_grad=True), torch.randn(4, 6, 8)).backward()
+FC.mochi_loss(a[:64], b[:64].detach(), b[64:400].detach(), temperature=0.2, top_n=16, n_mix=8, n_query_mix=4,
+              generator=torch.Generator().manual_seed(1)).backward()
+bound = 2 * 2 * (2 * n * d * 4) + min(cache_bytes(a.device), n * n * 4) + chunk_bytes(a.device) + (32 << 20)
+print(" ".join(m for m in ("torch._dynamo", "torch._inductor") if m in sys.modules) or "none", rise, bound)
+"""
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_a_fresh_process_pays_for_no_compiler(backend):
+    """The first eager calls of a fresh process (CLIP above the direct call's size, SigLIP, NT-Xent,
+    distillation, FILIP, MaxSim, MoCHi) import neither Dynamo nor Inductor, and CLIP's first call
+    holds its peak RSS rise to the gradients (wide), the pass-1 cache, one chunk and a margin: the
+    compiler's import alone is about 160 MiB."""
+    import subprocess
+    import sys
+
+    code = _FIRST_CALLS.replace("BACKEND", repr(backend))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    imported, rise, bound = out.stdout.split()
+    assert imported == "none", f"a first eager call imported {imported}"
+    assert int(rise) <= int(bound), f"CLIP's first call raised the peak RSS by {int(rise) >> 20} MiB"

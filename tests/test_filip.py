@@ -122,12 +122,13 @@ def test_filip_compiles(backend):
 
 
 def test_late_interaction_op_passes_opcheck():
-    from fastcon.ops.late import late_interaction_op
+    import fastcon.ops  # noqa: F401  (registers the operators)
 
     p, t, tm, pm = _data(3, 4, 5, 8)
     for backend in ("torch", "cpp"):
-        torch.library.opcheck(late_interaction_op, (p.clone().requires_grad_(), t.clone().requires_grad_(), pm, tm,
-                                                    backend, True, True, 2, None))
+        torch.library.opcheck(torch.ops.fastcon.late_interaction.default,
+                              (p.clone().requires_grad_(), t.clone().requires_grad_(), pm, tm, backend, True, True, 2,
+                               None))
 
 
 def test_filip_module_and_bad_input():

@@ -1,11 +1,11 @@
-"""The engine's differentiable row LSE (fastcon.ops.engine.target_row_lse): each row's LSE over the
+"""The engine's differentiable row LSE (fastcon.ops.target.target_row_lse): each row's LSE over the
 target's kept pairs, the gradient of any weighting of the rows (pass 2 in the backward, the upstream
 gradient as each row's target mass), on every backend against torch.logsumexp of the masked matrix."""
 import pytest
 import torch
 
 from fastcon.kernels.targets import Target
-from fastcon.ops.engine import target_row_lse
+from fastcon.ops import target_row_lse
 from helpers import assert_close_rel, assert_compiles_like_eager, make_features
 
 BACKENDS = ["torch", "cpp", pytest.param("triton", marks=pytest.mark.interpreter),

@@ -1,4 +1,4 @@
-"""Soft targets and regularisers on the engine (issue 9 so far): FC.distill_loss (clip, hycd, cwcl: the
+"""Soft targets and regularisers on the engine: FC.distill_loss (clip, hycd, cwcl: the
 teacher's tile beside the student's, torch backend) and FC.align_uniform_loss (one LSE over the pairs,
 every backend), against the float64 references, loss and every gradient."""
 import warnings
@@ -182,7 +182,7 @@ def test_soft_target_with_dropped_pairs_matches_the_torch_backend(teacher_kind, 
     dropped pairs (an excluded column in some rows, dropped extra columns), a hard share and the
     entropy: loss and every gradient, float64 (equal to rounding) and fp32."""
     from fastcon.kernels.targets import Target
-    from fastcon.ops.engine import target_engine_loss
+    from fastcon.ops import target_engine_loss
 
     n, extra, d = 29, 6, 12
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):

@@ -11,7 +11,7 @@ import fastcon
 import fastcon.functional as FC
 from fastcon import reference as R
 from fastcon.kernels.targets import Target
-from fastcon.ops.engine import target_engine_loss
+from fastcon.ops import target_engine_loss
 from helpers import assert_close_rel, make_features
 
 BACKENDS = ["torch", "cpp", pytest.param("triton", marks=pytest.mark.interpreter),

@@ -135,9 +135,9 @@ def test_cuda_half_gemm_needs_torch_2_8(monkeypatch):
 
 
 def test_backend_info_names_the_engine_ops():
-    from fastcon.ops import engine
+    from fastcon.ops import softmax
 
-    engine.triton_ops()
+    softmax.triton_ops()
     info = fastcon.backend_info()
     for name in info["ops"]["custom_ops"] + info["ops"]["triton_ops"]:
         ns, op = name.split("::")

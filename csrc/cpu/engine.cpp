@@ -328,7 +328,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sigmoid_fused(const Tensor& a
 
 // ---------------------------------------------------------------------------------------------
 // Direct losses: the whole loss of a small CPU problem in one operator with its own autograd node
-// (fastcon/ops/engine.py, "Direct calls"). The loss is assembled here as the ops layer assembles it
+// (fastcon/ops/engine.py, "The direct C++ loss"). The loss is assembled here as the ops layer assembles it
 // from the operators above (clip_engine_loss and siglip_engine_loss there, label smoothing's two
 // column sums included), in the same chunks; the backward multiplies the
 // gradients the forward computed by the upstream gradient and rounds once to each input's dtype,

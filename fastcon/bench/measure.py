@@ -269,11 +269,15 @@ def run_case(case: dict) -> dict:
     a, b = make_inputs(n, d, dtype, device, loss=loss)
     s, bias = make_scalars(loss, device)
     # A warm-up outside the measurements: one-time costs (thread pools, library workspaces, Triton's
-    # compilation, the first call of a torch.library operator) are not the loss's. torch.compile
-    # specialises on the shape, so it warms up on the case itself; the others on up to 512 rows, enough
-    # for the engine's registered operators (below 2^17 logits the engine calls their bodies directly,
-    # ops.engine.direct_call), or 64 items of a token-level case.
-    warm = n if provider in ("torch_compile", "fastcon_compile") else min(n, 64 if loss in TOKEN_SHAPES else 512)
+    # compilation, imports) are not the loss's. It runs through the path of the measured call:
+    # torch.compile specialises on the shape, so it warms up on the case itself; up to 1,024 rows
+    # the engine's C++ backend takes one direct call (ops.engine.direct_call, at most 2^20 logits),
+    # so the case warms up on itself, and above on 1,025 rows, the operator's path; a token-level
+    # case on 64 items.
+    if provider in ("torch_compile", "fastcon_compile") or (loss not in TOKEN_SHAPES and n <= 1024):
+        warm = n
+    else:
+        warm = min(n, 64 if loss in TOKEN_SHAPES else 1025)
     _step(fn, a[:warm], b[:warm], s, bias, mode)()
     step = _step(fn, a, b, s, bias, mode)
     with _PeakMemory(device) as mem:

@@ -173,7 +173,7 @@ def mochi_inputs(a, b):
     queue = torch.nn.functional.normalize(torch.cat([b.detach().roll(r, dims=1) for r in (1, 2, 3, 4)]), dim=1)
     top_n = min(1024, b.shape[0])
     sizes = dict(top_n=top_n, n_mix=top_n, n_query_mix=max(1, top_n // 8))
-    mixes = FC._draw_mixes(a.shape[0], sizes["top_n"], sizes["n_mix"], sizes["n_query_mix"],
+    mixes = FC.draw_mixes(a.shape[0], sizes["top_n"], sizes["n_mix"], sizes["n_query_mix"],
                            torch.Generator().manual_seed(0), a.device)
     return queue, sizes, mixes
 

@@ -79,7 +79,7 @@ def direct_loss(a, b, scale, bias, kind, pos_offset, symmetric, label_smoothing,
     """The whole loss of a small problem, CLIP's (``kind=DIRECT_SOFTMAX``, with ``symmetric`` and
     ``label_smoothing``) or SigLIP's (``DIRECT_SIGMOID``), as one operator with its own autograd node,
     in the features' dtype: the numbers of ``softmax_fused``/``sigmoid_fused`` (same chunks, same
-    cache) assembled as ``fastcon.ops.engine`` assembles them. ``scale`` and ``bias`` are one-element
+    cache) assembled as ``fastcon.ops.softmax`` assembles them. ``scale`` and ``bias`` are one-element
     tensors of any float dtype (``bias`` may be None); their gradients come back in their own shapes
     and dtypes."""
     return torch.ops.fastcon.direct_loss(a, b, scale, bias, int(kind), int(pos_offset), bool(symmetric),

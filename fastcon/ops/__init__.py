@@ -1,5 +1,11 @@
-"""Engine operations as ``torch.library`` custom ops, each dispatching to one backend."""
-from . import late  # noqa: F401  (registers fastcon::late_interaction and its gradient with the package)
-from .engine import clip_engine_loss, resolve_backend, siglip_engine_loss
+"""The engine's operations as ``torch.library`` operators, each dispatching to one backend:
+``engine`` (dispatch: backend choice, autocast, gradient conventions), ``registry`` (how an operator
+is defined), and the operators by family: ``softmax`` (CLIP, SigLIP), ``target`` (the general
+target), ``late`` (late interaction)."""
+from .engine import resolve_backend
+from .late import late_interaction
+from .softmax import clip_engine_loss, siglip_engine_loss
+from .target import target_engine_loss, target_pair_engine_loss, target_row_lse
 
-__all__ = ["clip_engine_loss", "siglip_engine_loss", "resolve_backend"]
+__all__ = ["clip_engine_loss", "siglip_engine_loss", "target_engine_loss", "target_pair_engine_loss", "target_row_lse",
+           "late_interaction", "resolve_backend"]

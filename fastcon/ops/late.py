@@ -21,16 +21,17 @@ from torch import Tensor
 
 from fastcon.kernels._common import acc_dtype
 from fastcon.ops import engine
+from fastcon.ops.registry import EngineOp
 
 def _late_module(name: str):
     if name == "torch":
         return importlib.import_module("fastcon.kernels.late")
     if name == "cpp":
-        return engine._cpp_module()
+        return engine.cpp_module()
     return importlib.import_module("fastcon.kernels.triton.late")
 
 
-@engine._assume_constant
+@engine.assume_constant
 def _traced_late_backend(backend: str, device_type: str, dtype: torch.dtype) -> str:
     name = engine.resolve_name(backend, torch.device(device_type), dtype)
     # one Triton family for token sets: triton and triton_fused name the same kernels
@@ -95,6 +96,7 @@ def _late_setup(ctx, inputs, output):
     ctx.save_for_backward(x, y, x_mask, y_mask)
     ctx.other = (backend, block, mm_dtype)
     ctx.wants = (want_x, want_y)
+    ctx.n_inputs = len(inputs)
 
 
 def _late_backward(ctx, grad_sx, grad_sy):
@@ -103,17 +105,15 @@ def _late_backward(ctx, grad_sx, grad_sy):
     backend, block, mm_dtype = ctx.other
     grads = [g if (want and g is not None) else None for g, want in zip((grad_sx, grad_sy), ctx.wants)]
     if grads[0] is None and grads[1] is None:
-        return (None,) * 9
+        return engine.input_grads(ctx, ())
     dx, dy = late_interaction_grad(x, y, x_mask, y_mask, grads[0], grads[1], backend, block, mm_dtype)
-    return (dx.to(x.dtype) if ctx.needs_input_grad[0] else None,
-            dy.to(y.dtype) if ctx.needs_input_grad[1] else None) + (None,) * 7
+    return engine.input_grads(ctx, (dx.to(x.dtype) if ctx.needs_input_grad[0] else None,
+                                    dy.to(y.dtype) if ctx.needs_input_grad[1] else None))
 
 
-late_interaction_op = torch.library.custom_op("fastcon::late_interaction", _late, mutates_args=())
-late_interaction_op.register_fake(_late_fake)
-late_interaction_grad = torch.library.custom_op("fastcon::late_interaction_grad", _late_grad, mutates_args=())
-late_interaction_grad.register_fake(_late_grad_fake)
-late_interaction_op.register_autograd(_late_backward, setup_context=_late_setup)
+late_interaction_grad = EngineOp("late_interaction_grad", _late_grad, _late_grad_fake)
+late_interaction_op = EngineOp("late_interaction", _late, _late_fake, setup_context=_late_setup,
+                               backward=_late_backward)
 
 
 def late_interaction(x: Tensor, y: Tensor, x_mask: Tensor, y_mask: Tensor, *, want_x: bool = True,
