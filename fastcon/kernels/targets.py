@@ -44,9 +44,6 @@ from typing import List, NamedTuple, Optional
 
 import torch
 
-PENALTY_MODES = {"all": 0, "own": 1, "other": 2}
-
-
 class Target(NamedTuple):
     row_ids: torch.Tensor
     col_ids: torch.Tensor
@@ -83,7 +80,7 @@ TENSOR_FIELDS = ("row_ids", "col_ids", "exclude_col", "col_keep", "row_group", "
                  "col_range", "penalty_cols", "mask", "penalty_rows", "teacher_a", "teacher_b", "teacher_scale")
 NUMBER_FIELDS = ("penalty", "penalty_mode", "soft", "hard", "teacher_kind", "teacher_c0", "teacher_c1",
                  "teacher_eps", "entropy")
-TEACHER_SOFTMAX, TEACHER_LINEAR = 0, 1
+TEACHER_LINEAR = 1  # teacher_kind: 0 a softmax teacher, 1 a linear one
 
 
 def target_tensors(target: Target) -> List[Optional[torch.Tensor]]:
