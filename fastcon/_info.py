@@ -8,6 +8,7 @@ import platform
 import torch
 
 from ._version import __version__
+from .kernels import contract
 from .ops import engine, registry
 
 
@@ -74,6 +75,13 @@ def backend_info() -> dict:
                             "csrc/cpu/late.cpp, Triton fastcon/kernels/triton/late.py (triton and triton_fused name "
                             "the same kernels)",
     }
+    for name, entry in backends.items():  # the contract's operations of each usable backend
+        if name == "reference" or not entry["available"]:
+            continue
+        missing = contract.missing_operations(name)
+        entry["operations"] = [op for op in contract.OPERATIONS if op not in missing]
+        entry["missing_operations"] = missing
+        info["not_implemented"] += [f"{name}.{op}: {why}" for op, why in missing.items()]
     info["auto"] = {
         "cpu": "cpp" if cpp.AVAILABLE else "torch",
         "cuda": "triton" if backends["triton"]["available"] and cuda else "torch",

@@ -401,10 +401,10 @@ class _TargetGlobal(torch.autograd.Function):
         gathered = [all_gather_no_grad(p, group) for p in parts]
         cols = torch.cat(gathered)
         local = rows_of(target, rank * n, (rank + 1) * n)
-        stats_fn, grad_fn = target_passes(backend)
+        stats_fn, grad_fn, teacher_fn = target_passes(backend)
         teacher = None
         if local.soft:  # the teacher's pass over this rank's rows, its columns merged like the student's
-            t_st = teacher_stats(stats_fn, local, symmetric, chunk_rows)
+            t_st = teacher_stats(teacher_fn, local, symmetric, chunk_rows)
             teacher = teacher_norms(local, _all_reduce_col_stats(t_st, group) if symmetric else t_st, symmetric)
         st, cached = stats_fn(a, cols, scale, bias, local, symmetric, bool(eps), chunk_rows,
                               cache if need_grad else 0, teacher)

@@ -1,7 +1,7 @@
 """Soft targets (distillation) on the Triton backends, in the Triton interpreter: the chunked path
 (fastcon/kernels/triton/target.py: the teacher's tile beside the student's in both epilogues) with
 each producer of the student's tiles (its cuBLAS chunks; "triton-matmul": formed with tl.dot in the
-epilogue kernels), and the fused tile kernels (fastcon/kernels/triton/fused.py: the student's tiles
+epilogue kernels), and the fused tile kernels (fastcon/kernels/triton/fused_target.py: the student's tiles
 formed with tl.dot, G in registers). The teacher's tiles are read from its cuBLAS chunks on every
 path. FC.distill_loss on each against the float64 reference, and each one's two passes against
 torch_chunked's on soft targets with dropped pairs, smoothing and the hardness penalty."""

@@ -156,24 +156,25 @@ def test_the_fused_tile_kernels_run_the_general_target(monkeypatch):
     """backend="triton_fused" runs the general target on its own kernels (pass 1 on the matmul
     producer, pass 2 on the fused rows and columns kernels, no chunk of logits in memory), and says
     where D is too wide for them."""
-    from fastcon.kernels.triton import fused, target
+    from fastcon.kernels.triton import fused_target, plan, target
 
     launched = []
-    real = fused.launch
+    real = fused_target.launch
 
     def spy(kernel):
         launched.append(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__)
         return real(kernel)
 
-    monkeypatch.setattr(fused, "launch", spy)
+    monkeypatch.setattr(fused_target, "launch", spy)
     monkeypatch.setattr(target, "launch", spy)
     mm = []
-    monkeypatch.setattr(target, "mm_acc", lambda *a: mm.append(1) or torch.mm(*a))
+    for mod in (plan, target):
+        monkeypatch.setattr(mod, "mm_acc", lambda *a: mm.append(1) or torch.mm(*a))
     a, b = make_features(20, 20, 8)
     ids = torch.arange(20) % 6
     _check(lambda x, y: FC.clip_loss(x, y, 10.0, labels=ids, backend="triton_fused"),
            lambda x, y: R.multi_positive_clip_loss_reference(x, y, 10.0, labels=ids), [a, b])
-    assert {"_target_stats_kernel", "_fused_target_rows_kernel", "_fused_target_cols_kernel"} <= set(launched)
+    assert {"target_stats_kernel", "_fused_target_rows_kernel", "_fused_target_cols_kernel"} <= set(launched)
     assert "_target_grad_kernel" not in launched and not mm
     # D = 200: pass 2's accumulators take D in two slices (configs.FUSED_CONFIGS), the second partial
     a, b = make_features(12, 12, 200)

@@ -1,7 +1,7 @@
 """Triton backend (``fastcon.kernels.triton.chunked`` with each producer of its tiles, and ``.fused``)
 against the plain-PyTorch statement of the contract, ``fastcon.kernels.torch_chunked``. ``"matmul"``
 is the chunked module with ``FASTCON_TRITON_PRODUCER=matmul``: its epilogue kernels form their tiles
-with tl.dot (``chunked.dot_tile``) instead of reading torch.mm's chunks.
+with tl.dot (``tiles.dot_tile``) instead of reading torch.mm's chunks.
 
 On CPU the kernels run under the Triton interpreter (conftest.py sets TRITON_INTERPRET=1 before
 triton is imported): fp32, small shapes; those tests are marked ``interpreter`` and skipped when
@@ -132,8 +132,10 @@ def test_sigmoid_fused(mod, na, nb, d, scale, bias, chunk):
 @pytest.mark.parametrize("mod", MODS)
 def test_split_paths(mod, monkeypatch):
     """More programs than row blocks: column/row splits with partial buffers merged in order."""
+    from fastcon.kernels.triton import plan as tplan
+
     m = _mod(mod)
-    monkeypatch.setattr(m, "_TARGET_PROGRAMS_CPU", 64)
+    monkeypatch.setattr(tplan, "PROGRAMS_PER_LAUNCH_CPU", 64)
     a, b, s, bb = _inputs(70, 300, 40, 14.3, -10.0)
     got = m.softmax_fused(a, b, s, bb, 100, 0.5, 0.5, 1.0, 33, 0)
     want = ref.softmax_fused(a, b, s, bb, 100, 0.5, 0.5, 1.0, 33, 0)
@@ -152,11 +154,12 @@ def test_matmul_blocks_within_a_budget(budget, monkeypatch):
     column partials within the budget), pass 2 in row × column blocks (G within the budget), the
     gradient of A accumulated over the column blocks; the same results as the contract's."""
     from fastcon.kernels.triton import chunked
+    from fastcon.kernels.triton import plan as tplan
 
     monkeypatch.setenv("FASTCON_TRITON_PRODUCER", "matmul")
     monkeypatch.setenv("FASTCON_CHUNK_BYTES", str(budget))
     na, nb = 70, 300
-    plan = chunked.matmul_plan(na, nb, torch.float32, na, budget)
+    plan = tplan.matmul_plan(na, nb, torch.float32, na, budget)
     assert plan.grad_rows < na and plan.grad_cols < nb and (plan.stats_rows < na or budget > 3000)
     a, b, s, bb = _inputs(na, nb, 40, 14.3, -10.0)
     for pos in (0, 100, 299):
@@ -177,11 +180,12 @@ def test_matmul_plan(n, dtype, memory):
     budget, and at N = 1M the blocks are thousands of rows (B and the gradients are re-read
     N / rows times, not N / 64)."""
     from fastcon.kernels._common import gpu_chunk_bytes
-    from fastcon.kernels.triton import chunked, configs
+    from fastcon.kernels.triton import configs
+    from fastcon.kernels.triton import plan as tplan
 
     budget = gpu_chunk_bytes(memory)
     assert budget == max(64 << 20, min(1 << 30, memory // 256 // (1 << 20) * (1 << 20)))
-    plan = chunked.matmul_plan(n, n, dtype, n, budget)
+    plan = tplan.matmul_plan(n, n, dtype, n, budget)
     cfg = configs.matmul_config("stats", "bfloat16")
     assert plan.grad_rows * plan.grad_cols * 2 <= budget
     assert -(-plan.stats_rows // cfg.block_m) * n * 8 <= budget or plan.stats_rows == cfg.block_m
@@ -189,43 +193,43 @@ def test_matmul_plan(n, dtype, memory):
         assert plan.stats_rows >= 2048 and plan.grad_rows >= 4096 and plan.grad_cols >= 4096
     else:
         assert plan == (n, n, n)
-    assert chunked.matmul_plan(n, n, dtype, 1000, budget).grad_rows <= 1000  # chunk_size= caps the rows
+    assert tplan.matmul_plan(n, n, dtype, 1000, budget).grad_rows <= 1000  # chunk_size= caps the rows
     # the general target's partials: 32 bytes per column for each 64-row block of its kernels
-    target = chunked.matmul_plan(n, n, dtype, n, budget, col_bytes=32, partial_rows=64)
+    target = tplan.matmul_plan(n, n, dtype, n, budget, col_bytes=32, partial_rows=64)
     assert -(-target.stats_rows // 64) * n * 32 <= budget or target.stats_rows == cfg.block_m
     assert target.stats_rows % cfg.block_m == 0 or target.stats_rows == n
     # soft targets: the teacher's fp32 chunk beside G in each pass-2 block, whose blocks stay aligned
-    soft = chunked.matmul_plan(n, n, dtype, n, budget, block_bytes=2 + 4)
+    soft = tplan.matmul_plan(n, n, dtype, n, budget, block_bytes=2 + 4)
     assert soft.grad_rows * soft.grad_cols * 6 <= budget
     assert soft.grad_cols % cfg.block_n == 0 or soft.grad_cols == n
     if n >= 65536:
         assert soft.grad_rows >= 2048 and soft.grad_cols >= 2048
     # and pass 1's rows of the teacher's chunk, aligned as the plan's (at least one row block)
-    rows = chunked.aligned_memory_rows(n, n, n, budget, dtype)
+    rows = tplan.aligned_memory_rows(n, n, n, budget, dtype)
     assert rows == n or (rows % cfg.block_m == 0 and (rows * n * 4 <= budget or rows == cfg.block_m))
-    beside = chunked.aligned_memory_rows(n, n, n, budget, dtype, partial_bytes=0.5)  # with partials beside it
+    beside = tplan.aligned_memory_rows(n, n, n, budget, dtype, partial_bytes=0.5)  # with partials beside it
     assert beside <= rows and (beside == n or beside * n * 4.5 <= budget or beside == cfg.block_m)
 
 
 def test_producer_choice(monkeypatch):
     """auto: the matmul producer for bf16/fp16 on a GPU, but not for soft targets, fp32 or the
     interpreter; an explicit choice applies to all; a bad one names the variable."""
-    from fastcon.kernels.triton import chunked
+    from fastcon.kernels.triton import plan as tplan
 
     monkeypatch.delenv("FASTCON_TRITON_PRODUCER", raising=False)
     half = (torch.bfloat16, torch.float16)
-    assert all(chunked.producer_for(dt, True) == "matmul" for dt in half)
-    assert all(chunked.producer_for(dt, True, soft=True) == "cublas" for dt in half)
-    assert chunked.producer_for(torch.float32, True) == "cublas"
-    assert chunked.producer_for(torch.bfloat16, False) == "cublas"
+    assert all(tplan.producer_for(dt, True) == "matmul" for dt in half)
+    assert all(tplan.producer_for(dt, True, soft=True) == "cublas" for dt in half)
+    assert tplan.producer_for(torch.float32, True) == "cublas"
+    assert tplan.producer_for(torch.bfloat16, False) == "cublas"
     monkeypatch.setenv("FASTCON_TRITON_PRODUCER", "matmul")
-    assert chunked.producer_for(torch.bfloat16, True, soft=True) == "matmul"
-    assert chunked.producer_for(torch.float32, False, soft=True) == "matmul"
+    assert tplan.producer_for(torch.bfloat16, True, soft=True) == "matmul"
+    assert tplan.producer_for(torch.float32, False, soft=True) == "matmul"
     monkeypatch.setenv("FASTCON_TRITON_PRODUCER", "cublas")
-    assert chunked.producer_for(torch.bfloat16, True) == "cublas"
+    assert tplan.producer_for(torch.bfloat16, True) == "cublas"
     monkeypatch.setenv("FASTCON_TRITON_PRODUCER", "tma")
     with pytest.raises(ValueError, match="FASTCON_TRITON_PRODUCER"):
-        chunked.producer_for(torch.bfloat16, True)
+        tplan.producer_for(torch.bfloat16, True)
 
 
 @pytest.mark.interpreter
@@ -387,19 +391,19 @@ def test_lse_split_infinite(mod):
 
 
 def _expm1_kernel():
-    """A kernel applying the chunked path's _expm1 (module-level names: Triton resolves a kernel's
+    """A kernel applying the shared tiles' expm1 (module-level names: Triton resolves a kernel's
     globals in its module)."""
     import triton
     import triton.language as tl
 
-    from fastcon.kernels.triton import chunked
+    from fastcon.kernels.triton import tiles
 
     @triton.jit
     def kernel(x_ptr, out_ptr, N: tl.constexpr):
         offs = tl.arange(0, N)
         tl.store(out_ptr + offs, EXPM1(tl.load(x_ptr + offs)))
 
-    globals()["EXPM1"] = chunked._expm1
+    globals()["EXPM1"] = tiles.expm1
     return kernel
 
 
@@ -420,13 +424,14 @@ def test_autotuning_is_opt_in_and_keeps_both_passes_on_one_configuration(monkeyp
     prefers the second), both passes then take the chosen configuration, and the results are the
     contract's; without the variable the fixed configuration runs and nothing is timed."""
     from fastcon.kernels.triton import chunked, configs
+    from fastcon.kernels.triton import plan as tplan
 
     fixed = configs.MATMUL_CONFIGS[("softmax", "float32")]
     other = configs.Config(block_m=16, block_n=32, num_warps=4, num_stages=2, block_k=16, occupancy=1)
     monkeypatch.setitem(configs.MATMUL_CANDIDATES, ("softmax", "float32"), [fixed, other])
     monkeypatch.setitem(configs.MATMUL_CANDIDATES, ("sigmoid", "float32"), [fixed, other])
     monkeypatch.setenv("FASTCON_TRITON_PRODUCER", "matmul")
-    monkeypatch.setattr(chunked, "_TUNED", {})
+    monkeypatch.setattr(tplan, "_TUNED", {})
     timed = []
 
     def fake_time(run):
@@ -434,12 +439,12 @@ def test_autotuning_is_opt_in_and_keeps_both_passes_on_one_configuration(monkeyp
         timed.append(1)
         return float(len(timed) % 2)  # the second candidate of each family is the fastest
 
-    monkeypatch.setattr(chunked, "_time", fake_time)
+    monkeypatch.setattr(tplan, "_time", fake_time)
     a, b, s, bb = _inputs(40, 50, 24, 14.3, -10.0)
 
     monkeypatch.delenv("FASTCON_TRITON_AUTOTUNE", raising=False)
     chunked.softmax_fused(a, b, s, bb, 3, 0.5, 0.5, 1.0, 40, 0)
-    assert not timed and not chunked._TUNED
+    assert not timed and not tplan._TUNED
 
     monkeypatch.setenv("FASTCON_TRITON_AUTOTUNE", "1")
     for _ in range(2):  # the second call reuses the choice
@@ -452,6 +457,6 @@ def test_autotuning_is_opt_in_and_keeps_both_passes_on_one_configuration(monkeyp
         for n, x, y in zip(("loss", "ga", "gb", "gs", "gbias"), got, want):
             _close(x, y, 24.3, n)
     assert len(timed) == 4  # two candidates of two families, once
-    assert sorted(k[0] for k in chunked._TUNED) == ["sigmoid", "softmax"]
-    assert all(cfg == other for cfg in chunked._TUNED.values())
-    assert chunked.tuned_config("stats", a) == chunked.tuned_config("softmax_grad", a) == other
+    assert sorted(k[0] for k in tplan._TUNED) == ["sigmoid", "softmax"]
+    assert all(cfg == other for cfg in tplan._TUNED.values())
+    assert tplan.tuned_config("stats", a) == tplan.tuned_config("softmax_grad", a) == other

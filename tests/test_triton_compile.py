@@ -1,8 +1,8 @@
 """GPU compile gate for the Triton backend (no GPU needed).
 
 Every shipped launch configuration (``fastcon/kernels/triton/configs.py``, enumerated through
-``chunked.compile_specs()``, ``fused.compile_specs()``, ``gemm.compile_specs()``,
-``target.compile_specs()`` and ``late.compile_specs()``) is compiled with
+``chunked.compile_specs()``, ``fused.compile_specs()``, ``fused_target.compile_specs()``,
+``gemm.compile_specs()``, ``target.compile_specs()`` and ``late.compile_specs()``) is compiled with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32))`` for sm_80 and sm_90 and each
 supported dtype, then its cubin is read with Triton's bundled ``cuobjdump``:
 
@@ -10,7 +10,7 @@ supported dtype, then its cubin is read with Triton's bundled ``cuobjdump``:
 * shared memory within the chip's per-block limit (sm_80: 163 KiB, sm_90: 227 KiB),
 * tensor-core instructions in the SASS of every kernel that uses ``tl.dot``
   (HMMA on sm_80; HGMMA or HMMA on sm_90), and HGMMA (wgmma) on sm_90 for the bf16/fp16 matmul
-  producer of the epilogue kernels (``chunked.dot_tile``);
+  producer of the epilogue kernels (``tiles.dot_tile``);
 * for the matmul producer: its K loop pipelined (cp.async in the PTX; compiled with D divisible by
   16, as the runtime specialises D = 512, 768, ...), and registers and shared memory within the
   programs per SM that its configuration states (``Config.occupancy``: registers·threads·occupancy
@@ -45,10 +45,10 @@ WORKERS = 2
 
 # ------------------------------------------------------------------------------------ worker side
 def _load_specs():
-    from fastcon.kernels.triton import chunked, fused, gemm, late, target
+    from fastcon.kernels.triton import chunked, fused, fused_target, gemm, late, target
 
-    return (chunked.compile_specs() + fused.compile_specs() + gemm.compile_specs() + target.compile_specs()
-            + late.compile_specs())
+    return (chunked.compile_specs() + fused.compile_specs() + fused_target.compile_specs() + gemm.compile_specs()
+            + target.compile_specs() + late.compile_specs())
 
 
 def _spec_id(spec) -> str:

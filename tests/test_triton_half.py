@@ -48,7 +48,7 @@ def test_mm_accumulate_rejects_bad_operands():
 def test_grad_tile_scale_is_a_safe_power_of_two():
     import math
 
-    from fastcon.kernels.triton.chunked import grad_tile_scale
+    from fastcon.kernels.triton.gemm import grad_tile_scale
 
     assert grad_tile_scale(torch.bfloat16, 4.0) == 1.0 and grad_tile_scale(torch.float32, 4.0) == 1.0
     for bound in (4.0, 2.0, 1.0, 1e-3, 1.0 / (2 * 65536), 3.7):

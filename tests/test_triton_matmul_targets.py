@@ -23,9 +23,9 @@ def _matmul_producer(request, monkeypatch):
 
 
 def test_the_plan_splits_both_passes_at_the_small_budget():
-    from fastcon.kernels.triton import chunked
+    from fastcon.kernels.triton import plan as tplan
 
-    plan = chunked.matmul_plan(70, 70, torch.float32, 70, 3000, col_bytes=24)
+    plan = tplan.matmul_plan(70, 70, torch.float32, 70, 3000, col_bytes=24)
     assert plan.stats_rows < 70 and plan.grad_rows < 70 and plan.grad_cols < 70
 
 
@@ -44,7 +44,7 @@ def test_multi_positive_clip(labels, n, d, eps, chunk):
                                   dict(mask=True)], ids=["margin0-duplicate", "margin-labels-eps", "mask"])
 def test_global_negatives(case):
     """With margin 0 a negative equal to the row's positive ties with its bound: the bound must be
-    the very logit the kernels compare (``target._pair_dots_kernel``)."""
+    the very logit the kernels compare (``target.pair_dots_kernel``)."""
     b, k, d = 33, 5, 24
     x, y = make_features(b, b, d)
     negs = _negatives(b, k, d, seed=b + k)
@@ -100,21 +100,22 @@ def test_soft_targets_form_the_students_tiles(kind, monkeypatch):
     come from its cuBLAS chunks, both passes in the same row chunks, and the teacher's own pass runs
     on that producer: no torch.mm takes rows of the student's features (CWCL's teacher is a transform
     of its text features)."""
-    from fastcon.kernels.triton import target
+    from fastcon.kernels.triton import plan, target
 
     launched, starts = _record_launches(monkeypatch, target)
     mm = []
-    monkeypatch.setattr(target, "mm_acc", lambda p, q: mm.append(tuple(p[0].tolist())) or torch.mm(p, q))
+    for mod in (plan, target):  # the student's chunks (plan.TargetTiles), the teacher's (target)
+        monkeypatch.setattr(mod, "mm_acc", lambda p, q: mm.append(tuple(p[0].tolist())) or torch.mm(p, q))
     x, y = make_features(37, 37, 16)
     tx, ty = make_features(37, 37, 16, seed=4)
     _check(lambda a, b, c: FC.distill_loss(a, b, c, tx, ty, 20.0, kind=kind, backend="triton"),
            lambda a, b, c: R.distill_loss_reference(a, b, c, tx.double(), ty.double(), 20.0, kind=kind),
            [x, y, torch.tensor(14.3)], rtol=2e-5)
-    assert {("_target_stats_kernel", True), ("_target_grad_kernel", True), ("_target_stats_kernel", False)} \
+    assert {("target_stats_kernel", True), ("_target_grad_kernel", True), ("target_stats_kernel", False)} \
         <= set(launched)
     assert ("_target_grad_kernel", False) not in launched
     # both passes chunk the rows alike (the teacher's chunk within the budget in each)
-    assert starts["_target_stats_kernel"] == starts["_target_grad_kernel"]
+    assert starts["target_stats_kernel"] == starts["_target_grad_kernel"]
     rows = lambda *m: {tuple(r.tolist()) for t in m for r in t}  # noqa: E731
     assert mm and not set(mm) & rows(x, y)
 
@@ -122,12 +123,12 @@ def test_soft_targets_form_the_students_tiles(kind, monkeypatch):
 def test_soft_targets_on_the_fused_kernels_chunk_both_passes_alike(monkeypatch):
     """backend="triton_fused" with a teacher: pass 2's rows and columns kernels take pass 1's row chunks
     (the teacher's chunk and pass 1's partials within the budget)."""
-    from fastcon.kernels.triton import fused, target
+    from fastcon.kernels.triton import fused_target, target
 
-    _, starts = _record_launches(monkeypatch, target, fused)
+    _, starts = _record_launches(monkeypatch, target, fused_target)
     x, y = make_features(37, 37, 16)
     tx, ty = make_features(37, 37, 16, seed=4)
     _check(lambda a, b, c: FC.distill_loss(a, b, c, tx, ty, 20.0, kind="clip", backend="triton_fused"),
            lambda a, b, c: R.distill_loss_reference(a, b, c, tx.double(), ty.double(), 20.0, kind="clip"),
            [x, y, torch.tensor(14.3)], rtol=2e-5)
-    assert starts["_target_stats_kernel"] == starts["_fused_target_rows_kernel"] == starts["_fused_target_cols_kernel"]
+    assert starts["target_stats_kernel"] == starts["_fused_target_rows_kernel"] == starts["_fused_target_cols_kernel"]

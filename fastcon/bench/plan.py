@@ -2,12 +2,13 @@
 implies. An estimate, never a measurement.
 
 The plan is the engine's own. The chunked Triton backend's functions (``fastcon/kernels/triton/
-chunked.py``) run on meta tensors (shapes only: nothing is allocated and no GPU is needed), taking
-their CUDA branches: the producer a GPU would use (``chunked.producer_for``: the matmul producer for
-bf16/fp16, cuBLAS for fp32), the chunk budget of the named device's memory (``gpu_budget``), its
-SM count for the persistent grids, and, for the cuBLAS producer, the fp32-output tensor-core GEMM of
-``mm_acc``. A dispatch mode records every tensor op they issue: the cuBLAS GEMMs, copies, fills and
-in-place updates. The Triton launches are recorded instead of run. For each call:
+chunked.py``, with the host plans of ``triton/plan.py``) run on meta tensors (shapes only: nothing is
+allocated and no GPU is needed), taking their CUDA branches: the producer a GPU would use
+(``plan.producer_for``: the matmul producer for bf16/fp16, cuBLAS for fp32), the chunk budget of the
+named device's memory (``gpu_budget``), its SM count for the persistent grids, and, for the cuBLAS
+producer, the fp32-output tensor-core GEMM of ``mm_acc``. A dispatch mode records every tensor op
+they issue: the cuBLAS GEMMs, copies, fills and in-place updates. The Triton launches are recorded
+instead of run. For each call:
 
 * FLOPs: 2·M·N·K for a matrix product (cuBLAS, fastcon's in-place Triton GEMM, or the tiles an
   epilogue kernel forms itself with the matmul producer), 0 for the rest (the epilogues'
@@ -87,6 +88,7 @@ def _recording(calls: List[Call], budget: int, sms: int):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from fastcon.kernels.triton import chunked, gemm
+    from fastcon.kernels.triton import plan as tplan
 
     class Recorder(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -123,21 +125,24 @@ def _recording(calls: List[Call], budget: int, sms: int):
             return x @ y
         return torch.mm(x, y, out_dtype=torch.float32)
 
-    names = ("launch", "mm_acc", "_target_programs", "producer", "chunk_bytes", "sm_count")
-    saved = [getattr(chunked, k) for k in names] + [gemm.launch, _common.mm_acc]
-    chunked.launch = gemm.launch = launch
-    chunked.mm_acc = _common.mm_acc = mm_acc_cuda
-    chunked._target_programs = lambda device: chunked._TARGET_PROGRAMS_CUDA
-    chunked.producer = lambda a: chunked.producer_for(a.dtype, True)
-    chunked.chunk_bytes = lambda device: budget
-    chunked.sm_count = lambda device: sms
+    def on_gpu(a):  # the producer of ``a`` on a GPU
+        return tplan.producer_for(a.dtype, True)
+
+    # every module that reads each name (``from ... import`` binds it there too)
+    patches = [(m, "launch", launch) for m in (chunked, gemm, tplan)]
+    patches += [(m, "mm_acc", mm_acc_cuda) for m in (chunked, gemm, _common)]
+    patches += [(m, "producer", on_gpu) for m in (chunked, tplan)]
+    patches += [(chunked, "chunk_bytes", lambda device: budget), (tplan, "sm_count", lambda device: sms),
+                (tplan, "programs_per_launch", lambda device: tplan.PROGRAMS_PER_LAUNCH_CUDA)]
+    saved = [(m, k, getattr(m, k)) for m, k, _ in patches]
+    for m, k, v in patches:
+        setattr(m, k, v)
     try:
         with Recorder():
             yield
     finally:
-        for k, v in zip(names, saved):
-            setattr(chunked, k, v)
-        gemm.launch, _common.mm_acc = saved[-2:]
+        for m, k, v in saved:
+            setattr(m, k, v)
 
 
 def chunk_plan(n: int, d: int, dtype: str, device: str) -> dict:
@@ -146,20 +151,20 @@ def chunk_plan(n: int, d: int, dtype: str, device: str) -> dict:
     import torch
 
     from fastcon.kernels._common import gpu_budget
-    from fastcon.kernels.triton import chunked
+    from fastcon.kernels.triton import plan as tplan
 
     spec = DEVICES[device]
     budget = gpu_budget(int(spec["memory_gib"] * (1 << 30)))
     tdtype = getattr(torch, dtype)
-    prod = chunked.producer_for(tdtype, True)
+    prod = tplan.producer_for(tdtype, True)
     out = dict(producer=prod, budget_bytes=budget)
     if prod == "matmul":
-        p = chunked.matmul_plan(n, n, tdtype, n, budget)
+        p = tplan.matmul_plan(n, n, tdtype, n, budget)
         elt = torch.empty((), dtype=tdtype).element_size()
         out.update(stats_rows=p.stats_rows, grad_rows=p.grad_rows, grad_cols=p.grad_cols,
                    g_block_bytes=p.grad_rows * p.grad_cols * elt)
     else:
-        rows = chunked.memory_rows(n, n, n, budget)
+        rows = tplan.memory_rows(n, n, n, budget)
         out.update(stats_rows=rows, grad_rows=rows, grad_cols=n, g_block_bytes=rows * n * 4)
     return out
 
@@ -182,7 +187,7 @@ def trace(loss: str, n: int, d: int, dtype: str, device: str = "h100") -> tuple:
     c = torch.empty((), dtype=torch.float32, device=meta)
     with _recording(calls, chunks["budget_bytes"], DEVICES[device]["sms"]):
         # the engine's Triton call: all rows offered, the backend chunks within the budget
-        if loss == "clip":  # the weights of the symmetric loss, as ops.engine passes them
+        if loss == "clip":  # the weights of the symmetric loss, as ops.softmax passes them
             chunked.softmax_fused(a, b, s, c, 0, 1.0, 1.0, 2.0, n, 0)
         else:
             chunked.sigmoid_fused(a, b, s, c, 0, 1.0, n, True)

@@ -135,6 +135,9 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
     return with_teacher(st, teacher, cross_row, cross_col, *entropy), list(out[14:])
 
 
+
+teacher_stats = target_stats  # the teacher's pass (targets.teacher_stats) is this backend's pass 1
+
 def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
     w = weights
     soft = _soft_args(a, target, (w.t_row_norm, w.t_col_norm), w.row_mass, w.col_mass)

@@ -400,8 +400,9 @@ def teacher_target(target: Target) -> Target:
                            entropy=False)
 
 
-def teacher_stats(stats_fn, target: Target, symmetric: bool, chunk_rows: int) -> TargetStats:
-    """The teacher's pass as a backend's own pass 1 (``stats_fn``) over the teacher's features: the
+def teacher_stats(teacher_pass, target: Target, symmetric: bool, chunk_rows: int) -> TargetStats:
+    """The teacher's pass as a backend runs it (its ``teacher_stats`` operation, a pass 1 with the
+    signature of ``target_stats``) over the teacher's features: the
     LSEs of a softmax teacher's logits ``s_t·A_t·B_tᵀ``, or the kept sums (the label-smoothing
     statistics) of a linear teacher's weights ``c0 + c1·A_t·B_tᵀ``, and the positives' counts."""
     from ._common import acc_dtype
@@ -414,10 +415,7 @@ def teacher_stats(stats_fn, target: Target, symmetric: bool, chunk_rows: int) ->
     number = lambda v: torch.tensor(float(v), dtype=acc, device=ta.device)  # noqa: E731
     scale = number(target.teacher_c1) if linear else target.teacher_scale.to(acc).reshape(())
     bias = number(target.teacher_c0 if linear else 0.0)
-    # a backend whose soft pass reads the teacher's logits differently from its plain pass 1 names the
-    # pass that gives the same logits (``teacher_pass``: the Triton backend's cuBLAS producer)
-    stats_fn = getattr(stats_fn, "teacher_pass", stats_fn)
-    st, _ = stats_fn(ta, target.teacher_b, scale, bias, teacher_target(target), symmetric, linear, chunk_rows, 0)
+    st, _ = teacher_pass(ta, target.teacher_b, scale, bias, teacher_target(target), symmetric, linear, chunk_rows, 0)
     return st
 
 
@@ -440,16 +438,17 @@ def with_teacher(st: TargetStats, teacher: TeacherNorms, cross_row, cross_col, e
 
 
 def two_pass_target(stats_fn, grad_fn, a, b, scale, bias, target, eps, symmetric, chunk_rows, need_grad,
-                    cache_bytes=0):
+                    cache_bytes=0, teacher_pass=None):
     """The softmax loss of a general target on a backend's two passes (``stats_fn``: pass 1,
     ``grad_fn``: pass 2, reusing pass 1's cached chunks of dot products); with soft targets the
-    teacher's pass (``teacher_stats``) runs first. Returns (loss float64, grad_a, grad_b, grad_scale,
+    teacher's pass (``teacher_pass``, by default ``stats_fn``) runs first. Returns (loss float64, grad_a, grad_b, grad_scale,
     grad_bias), the gradients None without ``need_grad``."""
     from ._common import acc_dtype
 
     teacher = None
     if target.soft:
-        teacher = teacher_norms(target, teacher_stats(stats_fn, target, symmetric, chunk_rows), symmetric)
+        teacher = teacher_norms(target, teacher_stats(teacher_pass or stats_fn, target, symmetric, chunk_rows),
+                                symmetric)
     st, cached = stats_fn(a, b, scale, bias, target, symmetric, bool(eps), chunk_rows,
                           cache_bytes if need_grad else 0, teacher)
     loss, weights = loss_and_weights(target, st, eps, symmetric, acc_dtype(a.dtype))

@@ -192,6 +192,9 @@ def _soft_terms(target, st, counts, s_c, pos, keep, symmetric, r0, r1, c0, c1):
             st.ent_col[c0:c1] += torch.xlogy(mix, mix).sum(0, dtype=f64)
 
 
+
+teacher_stats = target_stats  # the teacher's pass (targets.teacher_stats) is this backend's pass 1
+
 def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
     """Pass 2 of a general target: ``G = w_r·(P_row − Q_row) + w_c·(P_col − Q_col)`` on the kept pairs
     (``weights``: a ``targets.TargetWeights``; P_row from each row's group LSE), reduced to

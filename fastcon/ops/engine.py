@@ -32,6 +32,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from fastcon.kernels import contract
+from fastcon.kernels.contract import Backend
 from fastcon.kernels._common import (GPU_CHUNK_RULE, acc_dtype, cache_bytes,  # noqa: F401 (re-exported)
                                      chunk_bytes)
 
@@ -71,17 +73,9 @@ def triton_available(device: torch.device) -> Tuple[bool, Optional[str]]:
     return triton_backend.available(device)
 
 
-def backend_module(name: str) -> ModuleType:
-    """The module implementing the engine contract for a resolved backend name."""
-    if name == "torch":
-        return importlib.import_module("fastcon.kernels.torch_chunked")
-    if name == "cpp":
-        return cpp_module()
-    if name == "triton":
-        return importlib.import_module("fastcon.kernels.triton.chunked")
-    if name == "triton_fused":
-        return importlib.import_module("fastcon.kernels.triton.fused")
-    raise ValueError(f"not an engine backend: {name!r}")
+def backend_module(name: str) -> Backend:
+    """The engine operations of a resolved backend name (``fastcon.kernels.contract``)."""
+    return contract.backend(name)
 
 
 def resolve_name(backend: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -131,8 +125,8 @@ def resolve_name(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     return backend
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> Tuple[str, ModuleType]:
-    """(name, module implementing the engine contract) for a ``backend=`` name."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> Tuple[str, Backend]:
+    """(name, its engine operations) for a ``backend=`` name."""
     name = resolve_name(backend, device, dtype)
     return name, backend_module(name)
 
@@ -278,7 +272,7 @@ def grad_likes(a, b, scale, bias) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
 # ---------------------------------------------------------------------------------------------------
 
 def backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype):
-    """(backend module, operands, scale and bias in the accumulation dtype, rows per chunk) of one
+    """(backend operations, operands, scale and bias in the accumulation dtype, rows per chunk) of one
     engine call, inside an op (autocast off)."""
     x, y = engine_operands(a, b, backend, mm_dtype)
     acc = acc_dtype(x.dtype)

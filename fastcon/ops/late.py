@@ -13,7 +13,6 @@ Any token counts run on every backend.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Optional, Tuple
 
 import torch
@@ -22,14 +21,6 @@ from torch import Tensor
 from fastcon.kernels._common import acc_dtype
 from fastcon.ops import engine
 from fastcon.ops.registry import EngineOp
-
-def _late_module(name: str):
-    if name == "torch":
-        return importlib.import_module("fastcon.kernels.late")
-    if name == "cpp":
-        return engine.cpp_module()
-    return importlib.import_module("fastcon.kernels.triton.late")
-
 
 @engine.assume_constant
 def _traced_late_backend(backend: str, device_type: str, dtype: torch.dtype) -> str:
@@ -61,7 +52,7 @@ def _late(x: Tensor, y: Tensor, x_mask: Tensor, y_mask: Tensor, backend: str, wa
     acc = acc_dtype(x.dtype)
     with engine.backend_context(x.device.type):
         xx, yy = engine.engine_operands(x, y, backend, mm_dtype)
-        sx, sy = _late_module(backend).late_stats(xx, yy, x_mask.contiguous(), y_mask.contiguous(), want_x, want_y,
+        sx, sy = engine.backend_module(backend).late_stats(xx, yy, x_mask.contiguous(), y_mask.contiguous(), want_x, want_y,
                                                   block)
         return sx.to(acc), sy.to(acc)
 
@@ -82,7 +73,7 @@ def _late_grad(x: Tensor, y: Tensor, x_mask: Tensor, y_mask: Tensor, grad_x: Opt
         work = torch.float64 if xx.dtype == torch.float64 else torch.float32
         gx = None if grad_x is None else grad_x.to(work).contiguous()
         gy = None if grad_y is None else grad_y.to(work).contiguous()
-        dx, dy = _late_module(backend).late_grad(xx, yy, x_mask.contiguous(), y_mask.contiguous(), gx, gy, block)
+        dx, dy = engine.backend_module(backend).late_grad(xx, yy, x_mask.contiguous(), y_mask.contiguous(), gx, gy, block)
         return dx.to(acc), dy.to(acc)
 
 

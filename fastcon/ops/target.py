@@ -92,12 +92,10 @@ _PAIR_STATS = ("row_lse", "row_pos", "row_keep", "col_lse", "col_pos", "col_keep
 
 
 def target_passes(backend: str):
-    """(target_stats, target_grad) of a resolved backend: its two passes of the general target."""
-    if backend == "triton":
-        from fastcon.kernels.triton import target as impl
-    else:
-        impl = backend_module(backend)
-    return impl.target_stats, impl.target_grad
+    """(target_stats, target_grad, teacher_stats) of a resolved backend: its two passes of the general
+    target and its teacher's pass."""
+    impl = backend_module(backend)
+    return impl.target_stats, impl.target_grad, impl.teacher_stats
 
 
 def _pair_targets(target):
@@ -115,8 +113,8 @@ def _target_pair_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, target_
     with backend_context(a.device.type):
         _, x, y, s, c, chunk_rows = backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype)
         target = target_from(target_tensors, pair_offset, None, numbers)
-        stats_fn, _ = target_passes(backend)
-        teacher = teacher_norms(target, teacher_stats(stats_fn, target, symmetric, chunk_rows), symmetric)
+        stats_fn, _, teacher_fn = target_passes(backend)
+        teacher = teacher_norms(target, teacher_stats(teacher_fn, target, symmetric, chunk_rows), symmetric)
         st, _ = stats_fn(x, y, s, c, target, symmetric, bool(label_smoothing), chunk_rows, 0, teacher)
         hard, soft = _pair_targets(target)
         l_hard, _ = loss_and_weights(hard, st, label_smoothing, symmetric, s.dtype)
@@ -152,7 +150,7 @@ def _target_pair_grad(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, target_
     with backend_context(a.device.type):
         _, x, y, s, c, chunk_rows = backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype)
         target = target_from(target_tensors, pair_offset, None, numbers)
-        _, grad_fn = target_passes(backend)
+        _, grad_fn, _ = target_passes(backend)
         st = dict(zip(_PAIR_STATS, stats))
         na, nb = x.shape[0], y.shape[0]
         zeros = lambda n: torch.zeros(n, dtype=torch.float64, device=x.device)  # noqa: E731
@@ -252,7 +250,7 @@ def _target_row_lse(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, target_te
     with backend_context(a.device.type):
         _, x, y, s, c, chunk_rows = backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype)
         target = _lse_target(target_from(target_tensors, pair_offset, None, numbers))
-        stats_fn, _ = target_passes(backend)
+        stats_fn, _, _ = target_passes(backend)
         st, _ = stats_fn(x, y, s, c, target, False, False, chunk_rows, 0)
         return st.row_lse.clone()
 
@@ -271,7 +269,7 @@ def _target_row_lse_grad(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, targ
     with backend_context(a.device.type):
         _, x, y, s, c, chunk_rows = backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype)
         target = _lse_target(target_from(target_tensors, pair_offset, None, numbers))
-        _, grad_fn = target_passes(backend)
+        _, grad_fn, _ = target_passes(backend)
         u = upstream.to(torch.float64)
         peak = float(u.abs().max()) if u.numel() else 0.0
         if peak == 0.0 or not peak < float("inf"):

@@ -1,16 +1,21 @@
 """Triton GPU backend of the fastcon engine.
 
-Two implementations of the four engine operations of ``fastcon/kernels/__init__.py``:
+Two implementations of the engine operations of ``fastcon/kernels/__init__.py``, and the modules
+they share, by role:
 
-* ``fastcon.kernels.triton.chunked`` (and ``target.py``, the general target): Triton epilogue
-  kernels over tiles of dot products, any D, from one of two producers (``chunked.dot_tile``): the
-  kernels form the tiles themselves with tl.dot (the matmul producer: bf16/fp16 on a GPU, no logit in
-  memory), or ``torch.mm`` writes row chunks with fp32 output that the kernels read.
-* ``fastcon.kernels.triton.fused``: tile kernels that keep ``S`` in registers (D <= 256), the general
-  target's among them (G in registers too).
-
-* ``fastcon.kernels.triton.gemm``: the in-place fp32-accumulating GEMM of the chunked path's
-  gradient of B.
+* ``chunked``: the ``"triton"`` backend (any D): CLIP's and SigLIP's epilogue kernels over tiles of
+  dot products from one of two producers: the kernels form the tiles themselves with tl.dot (the
+  matmul producer: bf16/fp16 on a GPU, no logit in memory), or ``torch.mm`` writes row chunks with
+  fp32 output that the kernels read; ``target``: the general target's epilogue kernels, launchers and
+  host classes on the same producers;
+* ``fused``: the ``"triton_fused"`` backend, tile kernels that keep ``S`` in registers (D <= 256);
+  ``fused_target``: the general target's (G in registers too);
+* ``tiles``: the ``@triton.jit`` tile maths the kernels of more than one module call (LSE parts, the
+  producer's tiles and work items, the softmax, sigmoid and general-target tiles);
+* ``plan``: the host side they share (input checks, producer choice, grids, chunk plans,
+  autotuning, the LSE merge launch);
+* ``gemm``: the gradient products (G's buffer and fp16 lift, the in-place fp32-accumulating GEMM);
+* ``configs``: the launch configurations (plain data); ``late``: late interaction's kernels.
 
 Importing this package imports neither triton nor touches CUDA; the submodules import triton and are
 imported only when used. Kernels are launched through ``launch(kernel)[grid](...)``: inside the

@@ -1,6 +1,6 @@
 """Every launch configuration the Triton backend ships, in one table.
 
-Nothing here imports triton: the table is plain data, read by ``chunked.py`` and ``fused.py`` at
+Nothing here imports triton: the table is plain data, read by the kernel modules and ``plan.py`` at
 launch time and enumerated by the compile gate (``tests/test_triton_compile.py``), which compiles
 each entry for sm_80 and sm_90 and checks registers, spills, shared memory and tensor-core use.
 
@@ -60,7 +60,7 @@ CHUNKED_CONFIGS: dict[str, Config] = {
     "merge": Config(block_m=1, block_n=256, num_warps=4, num_stages=1),
 }
 
-# The matmul producer (``chunked.dot_tile`` with MATMUL): the epilogue kernels above form their own
+# The matmul producer (``tiles.dot_tile`` with MATMUL): the epilogue kernels above form their own
 # tiles of dot products with tl.dot over D (any D), so that no logit goes to memory. One
 # configuration per dtype class serves every kernel of a loss: the two passes of a softmax loss must
 # accumulate each logit in the same order (same block_k and instruction shape) for P − 1 of a
@@ -103,10 +103,10 @@ MATMUL_FAMILY = {"stats": "softmax", "softmax_grad": "softmax", "sigmoid": "sigm
                  "target_grad": "target"}
 
 
-# Autotuning (opt-in, ``FASTCON_TRITON_AUTOTUNE=1``: ``chunked.autotune``): the configurations a family
+# Autotuning (opt-in, ``FASTCON_TRITON_AUTOTUNE=1``: ``plan.autotune``): the configurations a family
 # may take instead of its fixed one, each compile-gated like it (tests/test_triton_compile.py). Every
 # candidate's block_m divides 128 and its block_n divides 64, the alignment of the chunks that
-# ``chunked.matmul_plan`` forms from the fixed "softmax" configuration.
+# ``plan.matmul_plan`` forms from the fixed "softmax" configuration.
 MATMUL_CANDIDATES: dict[tuple[str, str], list] = {
     ("softmax", "half"): [MATMUL_CONFIGS[("softmax", "half")],
                           Config(block_m=128, block_n=64, num_warps=8, num_stages=4, block_k=64, occupancy=1),
@@ -167,7 +167,7 @@ FUSED_CONFIGS: dict[tuple[str, str, int], Config] = {
     ("cols", "float32", 64): Config(block_m=32, block_n=32, num_warps=4, num_stages=2, block_k=32),
     ("cols", "float32", 128): Config(block_m=32, block_n=32, num_warps=8, num_stages=2, block_k=32),
     ("cols", "float32", 256): Config(block_m=32, block_n=32, num_warps=8, num_stages=2, block_k=32),
-    # --- the general target (fused.py: pass 1 on target._target_stats_kernel with the matmul producer,
+    # --- the general target (fused_target.py: pass 1 on target.target_stats_kernel with the matmul producer,
     #     pass 2 on the target rows/cols kernels): one configuration per dtype class serves all of
     #     them, so that each logit is accumulated in the same order in both passes. Tiles are formed
     #     over D in block_k slices (never a resident operand); pass 2's gradient accumulators are

@@ -1,4 +1,6 @@
 """Fully fused Triton path of the fastcon engine: S = s·A·Bᵀ + b never leaves registers (D <= 256).
+This is the module of the engine's ``"triton_fused"`` backend: CLIP's and SigLIP's tile kernels and
+their launchers here, the general target's in ``fused_target.py``.
 
 Kernels (launch configurations in ``configs.FUSED_CONFIGS``):
 
@@ -6,7 +8,7 @@ Kernels (launch configurations in ``configs.FUSED_CONFIGS``):
   and loops over its row tiles × column tiles: row LSE online over the split's columns (partials per
   split), column LSE of each tile merged into the program's own slot of ``col_part[group, :]`` (read,
   merge, write; a barrier orders the slot's reuse). Partials are merged in a fixed order by
-  ``chunked._merge_lse_kernel``: deterministic, no float atomics, O((groups + splits)·N) memory.
+  ``plan.merge_lse``: deterministic, no float atomics, O((groups + splits)·N) memory.
 * ``_fused_rows_kernel``: grid (row blocks, column splits). Recomputes S per column tile, forms G
   in registers (softmax or sigmoid), accumulates ``G·B`` into a block_m × BLOCK_D fp32 accumulator
   and per-program partials of Σ G·dot, Σ G (and the sigmoid loss).
@@ -15,26 +17,11 @@ Kernels (launch configurations in ``configs.FUSED_CONFIGS``):
 
 With several splits the gradient partials go to a [splits, N, D] fp32 buffer summed in order.
 
-The general target (``fastcon/kernels/targets.py``; the host side is ``target_stats``,
-``target_grad`` and ``target_softmax_fused`` below):
-
-* pass 1 is ``target._target_stats_kernel`` with the matmul producer (``chunked.dot_tile`` forming
-  each tile with tl.dot) at ``FUSED_CONFIGS["target", …]``;
-* ``_fused_target_rows_kernel``: grid (row blocks × column splits). Forms each tile with the same
-  producer and blocks, the target's decisions (``target.target_tile``) and G
-  (``target.target_grad_tile``), and accumulates ``G·B`` in registers, with partials of Σ G·dot and Σ G;
-* ``_fused_target_cols_kernel``: grid (column blocks × row splits). Forms the same tiles in the same
-  orientation and accumulates ``Gᵀ·A`` (the transposed tile fed to tl.dot).
-
-Both passes form a tile with the same blocks and K order, so pass 2 sees bitwise pass 1's logits.
-Soft targets read the teacher's tile from its fp32 chunk of dot products (cuBLAS, row chunks within
-``chunk_bytes``), whose pass runs on the same producer.
-
 LSEs are float64 (row_lse, col_lse, the partials, the lse kernel's column slots and the merge), formed
-from fp32 parts as in ``chunked.py`` (max plus log1p of the excess over the max's own term); the
-gradient kernels split each float64 LSE once per tile into fp32 (hi, lo), form ((t − hi) − lo)·log2 e
-per element and the positive's P − 1 with expm1 (see the ``chunked`` module docstring). The positive
-must see bitwise the same S as the lse kernel for that to pay off on a confident row.
+from fp32 parts (max plus log1p of the excess over the max's own term, ``tiles.py``); the gradient
+kernels split each float64 LSE once per tile into fp32 (hi, lo), form ((t − hi) − lo)·log2 e per
+element and the positive's P − 1 with expm1. The positive must see bitwise the same S as the lse
+kernel for that to pay off on a confident row.
 fp32 inputs use TF32x3 dots (tensor cores, near-fp32 accuracy); bf16/fp16 inputs feed tensor cores
 directly and G is rounded to the input dtype for the gradient products, with fp32 accumulation.
 """
@@ -45,16 +32,16 @@ import triton
 import triton.language as tl
 
 from . import launch
+from .configs import FUSED_CONFIGS, FUSED_FP32_PRECISION, SUPPORTED_DTYPES, fused_config
+from .fused_target import target_grad, target_softmax_fused, target_stats, teacher_stats
+from .gemm import grad_tile_scale
+from .plan import check_fused_inputs, dot_precision, dtype_name, merge_lse, programs_per_launch, split_tiles
+from .tiles import (LOG2E, expm1, log1p, lse64, online_row_lse, sigmoid_terms, softmax_grad_tile, split_lse,
+                    tile_lse_parts)
 
-from .chunked import (LN2, LOG2E, _check, _expm1, column_tile, dot_tile, grad_tile_scale, _softmax_grad_tile, _lse64,
-                      _log1p, _merge_lse_kernel, _online_rows, _sigmoid_terms, _split_lse, _tile_lse_parts)
-from .configs import FUSED_FP32_PRECISION, SUPPORTED_DTYPES, chunked_config, fused_block_d, fused_config
-from .configs import FUSED_CONFIGS
-from .target import (_program, _teacher_dot_tile, _teacher_rows, grad_row_vectors, row_bounds, target_grad_tile,
-                     target_signature, target_tile)
+__all__ = ["lse_stats", "softmax_grad", "softmax_fused", "sigmoid_fused", "target_stats", "teacher_stats",
+           "target_grad", "target_softmax_fused", "SUPPORTED_DTYPES", "compile_specs"]
 
-_TARGET_PROGRAMS_CUDA = 528
-_TARGET_PROGRAMS_CPU = 2
 # The lse kernel keeps a column-LSE slot per row group: at most this many groups.
 _MAX_ROW_GROUPS = 32
 
@@ -119,21 +106,21 @@ def _fused_lse_kernel(
             t = tl.where(mask_m[:, None] & mask_n[None, :], dot * scale + bias, float("-inf"))
             pos_d += tl.sum(tl.where(offs_n[None, :] == target[:, None], dot, 0.0), 1)
             # rows: online over the split's columns, as (max, excess)
-            m_i, r_i = _online_rows(m_i, r_i, t)
+            m_i, r_i = online_row_lse(m_i, r_i, t)
             # columns: this tile's float64 LSE merged into the group's float64 slot
             # (few float64 values live at once: a column vector sliced from the dot layout is
             # replicated over many threads, and each float64 element takes two registers)
-            c_m, c_r = _tile_lse_parts(t, 0)
-            c_lse = c_m.to(tl.float64) + _log1p(c_r).to(tl.float64)  # finite in every unmasked column
+            c_m, c_r = tile_lse_parts(t, 0)
+            c_lse = c_m.to(tl.float64) + log1p(c_r).to(tl.float64)  # finite in every unmasked column
             slot = col_part_ptr + pid_g * stride_cp + offs_n
             old = tl.load(slot, mask=mask_n, other=float("-inf"))
             # old is -inf on a group's first row tile (gap -inf: new = c_lse); masked columns give
             # NaN here and are not stored. The gap in float64, its exp in fp32.
             gap = tl.abs((old - c_lse).to(tl.float32))
-            new = tl.maximum(old, c_lse) + _log1p(tl.exp2(-gap * LOG2E)).to(tl.float64)
+            new = tl.maximum(old, c_lse) + log1p(tl.exp2(-gap * LOG2E)).to(tl.float64)
             tl.store(slot, new, mask=mask_n)
             tl.debug_barrier()
-        tl.store(row_part_ptr + pid_s * stride_rp + offs_m, _lse64(m_i, r_i), mask=mask_m)
+        tl.store(row_part_ptr + pid_s * stride_rp + offs_m, lse64(m_i, r_i), mask=mask_m)
         # pos_logit: written by the one split whose columns hold the row's positive
         mine = mask_m & (target >= ct0 * BLOCK_N) & (target < tl.minimum(ct1 * BLOCK_N, Nb))
         tl.store(pos_logit_ptr + offs_m, pos_d * scale + bias, mask=mine)
@@ -168,7 +155,7 @@ def _fused_rows_kernel(
     target = offs_m + pos_offset
     first_target = pid_m * BLOCK_M + pos_offset
     if not SIGMOID:
-        row_hi, row_lo = _split_lse(tl.load(row_lse_ptr + offs_m, mask=mask_m, other=float("inf")))
+        row_hi, row_lo = split_lse(tl.load(row_lse_ptr + offs_m, mask=mask_m, other=float("inf")))
         if HAS_COL_TERM:
             w_tgt = (w_row + w_col) - w_pos
         else:
@@ -191,12 +178,12 @@ def _fused_rows_kernel(
             dot = _dot_k_loop(a_ptr, offs_m, mask_m, stride_am, stride_ad, b_ptr, offs_n, mask_n, stride_bn,
                               stride_bd, D, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
         if SIGMOID:
-            loss, g = _sigmoid_terms(dot * scale + bias, offs_n[None, :] == target[:, None])
+            loss, g = sigmoid_terms(dot * scale + bias, offs_n[None, :] == target[:, None])
             acc_loss += tl.sum(tl.where(mask, loss, 0.0), 1)
             g = w_row * g
         else:
             t = dot * scale + bias
-            g = _softmax_grad_tile(t, ct, offs_n, mask_n, mask_m, target, first_target, Nb, row_hi, row_lo,
+            g = softmax_grad_tile(t, ct, offs_n, mask_n, mask_m, target, first_target, Nb, row_hi, row_lo,
                                    col_lse_ptr, w_row, w_col, w_tgt, HAS_COL_TERM, BLOCK_M, BLOCK_N)
         if NEED_GRAD:
             g = tl.where(mask, g, 0.0)
@@ -240,7 +227,7 @@ def _fused_cols_kernel(
     first_prow = pid_n * BLOCK_N - pos_offset
     if not SIGMOID:
         if HAS_COL_TERM:
-            col_hi, col_lo = _split_lse(tl.load(col_lse_ptr + offs_n, mask=mask_n, other=float("inf")))
+            col_hi, col_lo = split_lse(tl.load(col_lse_ptr + offs_n, mask=mask_n, other=float("inf")))
             w_tgt = (w_row + w_col) - w_pos
         else:
             w_tgt = w_row - w_pos
@@ -259,11 +246,11 @@ def _fused_cols_kernel(
             dot_t = _dot_k_loop(b_ptr, offs_n, mask_n, stride_bn, stride_bd, a_ptr, offs_m, mask_m, stride_am,
                                 stride_ad, D, INPUT_PRECISION, BLOCK_N, BLOCK_M, BLOCK_D, BLOCK_K)
         if SIGMOID:
-            _, g = _sigmoid_terms(dot_t * scale + bias, offs_n[:, None] == offs_m[None, :] + pos_offset)
+            _, g = sigmoid_terms(dot_t * scale + bias, offs_n[:, None] == offs_m[None, :] + pos_offset)
             g = w_row * g
         else:
             t = dot_t * scale + bias
-            row_hi, row_lo = _split_lse(tl.load(row_lse_ptr + offs_m, mask=mask_m, other=float("inf")))
+            row_hi, row_lo = split_lse(tl.load(row_lse_ptr + offs_m, mask=mask_m, other=float("inf")))
             g = w_row * tl.exp2(((t - row_hi[None, :]) - row_lo[None, :]) * LOG2E)
             if HAS_COL_TERM:
                 g += w_col * tl.exp2(((t - col_hi[:, None]) - col_lo[:, None]) * LOG2E)
@@ -275,10 +262,10 @@ def _fused_cols_kernel(
                 # against w_tgt before the small row term is added
                 g_pos = w_tgt
                 if HAS_COL_TERM:
-                    g_pos += w_col * _expm1((t_pos - col_hi) - col_lo)
-                pr_hi, pr_lo = _split_lse(tl.load(row_lse_ptr + prow, mask=mask_n & (prow >= 0) & (prow < Na),
+                    g_pos += w_col * expm1((t_pos - col_hi) - col_lo)
+                pr_hi, pr_lo = split_lse(tl.load(row_lse_ptr + prow, mask=mask_n & (prow >= 0) & (prow < Na),
                                                   other=float("inf")))  # row LSE of each column's positive
-                g_pos += w_row * _expm1((t_pos - pr_hi) - pr_lo)
+                g_pos += w_row * expm1((t_pos - pr_hi) - pr_lo)
                 g = tl.where(is_t, g_pos[:, None], g)
         g = tl.where(mask, g, 0.0)
         acc = tl.dot((g * g_scale).to(a.dtype), a, acc, input_precision=INPUT_PRECISION)
@@ -286,151 +273,9 @@ def _fused_cols_kernel(
     tl.store(out, acc * (scale / g_scale), mask=mask_n[:, None] & mask_d[None, :])
 
 
-@triton.jit
-def _fused_target_rows_kernel(
-    a_ptr, b_ptr, scale_ptr, bias_ptr, row_info_ptr, col_info_ptr, row_flag_ptr, col_flag_ptr, dense_ptr,
-    bound_ptr, row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, col_lse_ptr, q_col_pos_ptr, q_col_keep_ptr, w_col_ptr,
-    tdot_ptr, t_scale_ptr, t_row_ptr, t_col_ptr, row_mass_ptr, col_mass_ptr, grad_a_ptr, part_ptr,
-    R, W, D, row0, col0, m_blocks, n_items, tiles_per_split,
-    stride_am, stride_bn, stride_tm, stride_dense, stride_gs, stride_gm,
-    penalty, w_row, g_scale, t_c0, t_c1, soft,
-    SYMMETRIC: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_PENALTY: tl.constexpr, PENALTY_MODE: tl.constexpr,
-    HAS_DENSE: tl.constexpr, SOFT: tl.constexpr, TEACHER_LINEAR: tl.constexpr, HAS_MASS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """Pass 2 of the general target, rows: program (m, s) of a chunk of R rows (a_ptr) × W columns
-    (b_ptr) forms each tile of dot products as pass 1 did (``chunked.dot_tile``, same blocks), its G
-    (``target.target_tile`` → ``target.target_grad_tile``) and accumulates ``G·B`` in a BLOCK_M ×
-    BLOCK_D fp32 accumulator: grad_a[s, rows, D slice] = s·Σ_j G_ij·B_j over D slice ``program_id //
-    n_items`` of BLOCK_D features (each slice forms the tiles again); part[0, p] = Σ G·dot, part[1, p] = Σ
-    G (slice 0). G never leaves registers. Soft targets read the teacher's tile from its chunk of dot products
-    (tdot, fp32)."""
-    item = tl.program_id(0) % n_items
-    d_slice = tl.program_id(0) // n_items
-    pid_m, pid_s, offs_m, mask_m, rows, bound, scale, bias, t0, t1 = _program(
-        item, m_blocks, scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_per_split, HAS_MARGIN, BLOCK_M, BLOCK_N)
-    row_hi, row_lo, qp, qk, mass = grad_row_vectors(row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, row_mass_ptr,
-                                                    offs_m, mask_m, HAS_MASS)
-    t_scale, t_row_hi, t_row_lo = _teacher_rows(t_scale_ptr, t_row_ptr, offs_m, mask_m, SOFT, TEACHER_LINEAR)
-    offs_d = d_slice * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    acc_gd = tl.zeros([BLOCK_M], tl.float32)
-    acc_g = tl.zeros([BLOCK_M], tl.float32)
-    for ct in range(t0, t1):
-        offs_n, mask_n, d = column_tile(ct, a_ptr, 0, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m, mask_m, W,
-                                        True, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        keep, pos, t = target_tile(d, rows, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr, row_flag_ptr,
-                                   col_flag_ptr, dense_ptr, stride_dense, bound, scale, bias, penalty,
-                                   HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE)
-        q_row, q_col = t, t  # (unused without SOFT)
-        if SOFT:
-            q_row, q_col = _teacher_dot_tile(tdot_ptr, stride_tm, offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr,
-                                             t_scale, t_c0, t_c1, t_row_hi, t_row_lo, TEACHER_LINEAR, SYMMETRIC)
-        g = target_grad_tile(t, keep, pos, row_hi, row_lo, qp, qk, mass, q_row, q_col, offs_n, mask_n, col_lse_ptr,
-                             q_col_pos_ptr, q_col_keep_ptr, w_col_ptr, col_mass_ptr, w_row, soft,
-                             SYMMETRIC, SOFT, HAS_MASS)
-        acc_gd += tl.sum(g * d, 1)
-        acc_g += tl.sum(g, 1)
-        bt = tl.load(b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn + offs_d[None, :],
-                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        # G lifted by the power of two g_scale before its cast (fp16 keeps its bits), undone below
-        acc = tl.dot((g * g_scale).to(bt.dtype), bt, acc, input_precision=INPUT_PRECISION)
-    out = grad_a_ptr + pid_s * stride_gs + offs_m[:, None] * stride_gm + offs_d[None, :]
-    tl.store(out, acc * (scale / g_scale), mask=mask_m[:, None] & mask_d[None, :])
-    if d_slice == 0:
-        tl.store(part_ptr + item, tl.sum(acc_gd, 0))
-        tl.store(part_ptr + n_items + item, tl.sum(acc_g, 0))
-
-
-@triton.jit
-def _fused_target_cols_kernel(
-    a_ptr, b_ptr, scale_ptr, bias_ptr, row_info_ptr, col_info_ptr, row_flag_ptr, col_flag_ptr, dense_ptr,
-    bound_ptr, row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, col_lse_ptr, q_col_pos_ptr, q_col_keep_ptr, w_col_ptr,
-    tdot_ptr, t_scale_ptr, t_row_ptr, t_col_ptr, row_mass_ptr, col_mass_ptr, grad_b_ptr,
-    R, W, D, row0, col0, n_blocks, tiles_per_split,
-    stride_am, stride_bn, stride_tm, stride_dense, stride_gs, stride_gn,
-    penalty, w_row, g_scale, t_c0, t_c1, soft,
-    SYMMETRIC: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_PENALTY: tl.constexpr, PENALTY_MODE: tl.constexpr,
-    HAS_DENSE: tl.constexpr, SOFT: tl.constexpr, TEACHER_LINEAR: tl.constexpr, HAS_MASS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """Pass 2 of the general target, columns: program (n, s) takes column block n of the chunk and the
-    row tiles of split s, forms each tile of dot products in the rows kernel's orientation and blocks
-    (so G is bitwise the rows kernel's) and accumulates ``Gᵀ·A`` in a BLOCK_N × BLOCK_D fp32
-    accumulator: grad_b[s, cols, D slice] = s·Σ_i G_ij·A_i, D sliced as in the rows kernel."""
-    n_items = n_blocks * tl.cdiv(tl.cdiv(R, BLOCK_M), tiles_per_split)
-    item = tl.program_id(0) % n_items
-    d_slice = tl.program_id(0) // n_items
-    wide = tl.zeros([], tl.int64)
-    pid_n = item % n_blocks + wide
-    pid_s = item // n_blocks + wide
-    scale = tl.load(scale_ptr).to(tl.float32)
-    bias = tl.load(bias_ptr).to(tl.float32)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < W
-    offs_d = d_slice * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    rt0 = pid_s * tiles_per_split
-    rt1 = tl.minimum(rt0 + tiles_per_split, tl.cdiv(R, BLOCK_M))
-    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for rt in range(rt0, rt1):
-        offs_m = (rt * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        mask_m = offs_m < R
-        bound = row_bounds(bound_ptr, offs_m, mask_m, HAS_MARGIN, BLOCK_M)
-        d = dot_tile(a_ptr, 0, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m, offs_n, mask_m, mask_n,
-                     True, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        keep, pos, t = target_tile(d, row0 + offs_m, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr,
-                                   row_flag_ptr, col_flag_ptr, dense_ptr, stride_dense, bound, scale, bias, penalty,
-                                   HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE)
-        row_hi, row_lo, qp, qk, mass = grad_row_vectors(row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, row_mass_ptr,
-                                                        offs_m, mask_m, HAS_MASS)
-        q_row, q_col = t, t  # (unused without SOFT)
-        if SOFT:
-            t_scale, t_row_hi, t_row_lo = _teacher_rows(t_scale_ptr, t_row_ptr, offs_m, mask_m, SOFT, TEACHER_LINEAR)
-            q_row, q_col = _teacher_dot_tile(tdot_ptr, stride_tm, offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr,
-                                             t_scale, t_c0, t_c1, t_row_hi, t_row_lo, TEACHER_LINEAR, SYMMETRIC)
-        g = target_grad_tile(t, keep, pos, row_hi, row_lo, qp, qk, mass, q_row, q_col, offs_n, mask_n, col_lse_ptr,
-                             q_col_pos_ptr, q_col_keep_ptr, w_col_ptr, col_mass_ptr, w_row, soft,
-                             SYMMETRIC, SOFT, HAS_MASS)
-        at = tl.load(a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_d[None, :],
-                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        acc = tl.dot(tl.trans((g * g_scale).to(at.dtype)), at, acc, input_precision=INPUT_PRECISION)
-    out = grad_b_ptr + pid_s * stride_gs + offs_n[:, None] * stride_gn + offs_d[None, :]
-    tl.store(out, acc * (scale / g_scale), mask=mask_n[:, None] & mask_d[None, :])
-
-
 # ------------------------------------------------------------------------------------------- host
-def _target_programs(device: torch.device) -> int:
-    return _TARGET_PROGRAMS_CUDA if device.type == "cuda" else _TARGET_PROGRAMS_CPU
-
-
-def _split(n_tiles: int, parallel: int, device: torch.device) -> tuple[int, int]:
-    """(splits, tiles per split) of n_tiles so that parallel × splits approaches the target."""
-    splits = max(1, min(n_tiles, triton.cdiv(_target_programs(device), max(parallel, 1))))
-    per = triton.cdiv(max(n_tiles, 1), splits)
-    return triton.cdiv(max(n_tiles, 1), per), per
-
-
-def _precision(a: torch.Tensor) -> str:
-    return FUSED_FP32_PRECISION if a.dtype == torch.float32 else "ieee"
-
-
-def _dtype_name(a: torch.Tensor) -> str:
-    return str(a.dtype).replace("torch.", "")
-
-
-def _check_fused(a, b):
-    _check(a, b)
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"a and b must have the same D, got {a.shape[1]} and {b.shape[1]}")
-    fused_config("lse", _dtype_name(a), a.shape[1])  # raises ValueError for D > 256
-
-
 def lse_stats(a, b, scale, bias, pos_offset, chunk_rows):
-    _check_fused(a, b)
+    check_fused_inputs(a, b)
     na, nb, d = a.shape[0], b.shape[0], a.shape[1]
     dev = a.device
     row_lse = torch.empty(na, dtype=torch.float64, device=dev)
@@ -440,34 +285,25 @@ def lse_stats(a, b, scale, bias, pos_offset, chunk_rows):
         row_lse.fill_(float("-inf"))
         col_lse.fill_(float("-inf"))
         return row_lse, col_lse, pos_logit
-    cfg, bd = fused_config("lse", _dtype_name(a), d)
+    cfg, bd = fused_config("lse", dtype_name(a), d)
     n_rt, n_ct = triton.cdiv(na, cfg.block_m), triton.cdiv(nb, cfg.block_n)
-    groups = min(n_rt, _MAX_ROW_GROUPS, _target_programs(dev))
+    groups = min(n_rt, _MAX_ROW_GROUPS, programs_per_launch(dev))
     per_group = triton.cdiv(n_rt, groups)
     groups = triton.cdiv(n_rt, per_group)
-    splits, per_split = _split(n_ct, groups, dev)
+    splits, per_split = split_tiles(n_ct, groups, dev)
     row_part = torch.empty((splits, na), dtype=torch.float64, device=dev)
     col_part = torch.full((groups, nb), float("-inf"), dtype=torch.float64, device=dev)
     launch(_fused_lse_kernel)[(groups, splits)](
         a, b, scale, bias, row_part, col_part, pos_logit,
         na, nb, d, per_group, per_split, int(pos_offset),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), row_part.stride(0), col_part.stride(0),
-        INPUT_PRECISION=_precision(a),
+        INPUT_PRECISION=dot_precision(a),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_K=min(bd, cfg.block_k or bd),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    _merge(row_part, row_lse)
-    _merge(col_part, col_lse)
+    merge_lse(row_part, row_lse)
+    merge_lse(col_part, col_lse)
     return row_lse, col_lse, pos_logit
-
-
-def _merge(part: torch.Tensor, out: torch.Tensor) -> None:
-    cfg = chunked_config("merge")
-    k, n = part.shape
-    launch(_merge_lse_kernel)[(triton.cdiv(n, cfg.block_n),)](
-        part, out, k, n, part.stride(0), part.stride(1),
-        ACCUMULATE=False, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
 
 
 def _gradients(a, b, scale, bias, row_lse, col_lse, w_row, w_col, w_pos, pos_offset, sigmoid, need_grad):
@@ -475,8 +311,8 @@ def _gradients(a, b, scale, bias, row_lse, col_lse, w_row, w_col, w_pos, pos_off
     (loss_sum, grad_a, grad_b, grad_scale, grad_bias) with None where not computed."""
     na, nb, d = a.shape[0], b.shape[0], a.shape[1]
     dev = a.device
-    name = _dtype_name(a)
-    prec = _precision(a)
+    name = dtype_name(a)
+    prec = dot_precision(a)
     has_col = (not sigmoid) and w_col != 0
     g_scale = grad_tile_scale(a.dtype, abs(w_row) + (abs(w_col) if has_col else 0.0) + abs(w_pos))
     dummy = torch.empty(1, dtype=torch.float32, device=dev)  # unused pointer arguments (never an op input)
@@ -486,7 +322,7 @@ def _gradients(a, b, scale, bias, row_lse, col_lse, w_row, w_col, w_pos, pos_off
 
     cfg, bd = fused_config("rows", name, d)
     m_blocks, n_ct = triton.cdiv(na, cfg.block_m), triton.cdiv(nb, cfg.block_n)
-    splits, per_split = _split(n_ct, m_blocks, dev)
+    splits, per_split = split_tiles(n_ct, m_blocks, dev)
     nprog = m_blocks * splits
     part = torch.zeros((3, nprog), dtype=torch.float32, device=dev)
     ga = torch.empty((splits, na, d), dtype=torch.float32, device=dev) if need_grad else dummy
@@ -511,7 +347,7 @@ def _gradients(a, b, scale, bias, row_lse, col_lse, w_row, w_col, w_pos, pos_off
 
     cfg, bd = fused_config("cols", name, d)
     n_blocks, m_rt = triton.cdiv(nb, cfg.block_n), triton.cdiv(na, cfg.block_m)
-    splits, per_split = _split(m_rt, n_blocks, dev)
+    splits, per_split = split_tiles(m_rt, n_blocks, dev)
     gb = torch.empty((splits, nb, d), dtype=torch.float32, device=dev)
     if na > 0 and nb > 0:
         launch(_fused_cols_kernel)[(n_blocks, splits)](
@@ -531,7 +367,7 @@ def _gradients(a, b, scale, bias, row_lse, col_lse, w_row, w_col, w_pos, pos_off
 
 # ---------------------------------------------------------------------------------------- contract
 def softmax_grad(a, b, scale, bias, row_lse, col_lse, pos_offset, w_row, w_col, w_pos, chunk_rows):
-    _check_fused(a, b)
+    check_fused_inputs(a, b)
     _, grad_a, grad_b, grad_scale, grad_bias = _gradients(
         a, b, scale, bias, row_lse, col_lse, w_row, w_col, w_pos, pos_offset, sigmoid=False, need_grad=True)
     return grad_a, grad_b, grad_scale, grad_bias
@@ -546,127 +382,21 @@ def softmax_fused(a, b, scale, bias, pos_offset, w_row, w_col, w_pos, chunk_rows
 
 
 def sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad):
-    _check_fused(a, b)
+    check_fused_inputs(a, b)
     return _gradients(a, b, scale, bias, None, None, w, 0.0, 0.0, pos_offset, sigmoid=True,
                       need_grad=bool(need_grad))
-
-
-# ------------------------------------------------------------------------------- general target
-# Pass 1 is the general target's statistics kernel (``target._target_stats_kernel``) on the matmul
-# producer at this path's configuration (``configs.FUSED_CONFIGS["target", ...]``), so no logit goes
-# to memory; pass 2 is the two kernels above, which form every tile with the same blocks and K order
-# (a confident positive's P − 1 needs the identical logit) and keep G in registers. Soft targets
-# read the teacher's tiles from its cuBLAS chunks of dot products (its pass runs on that producer).
-
-def _target_tiles(a, target):
-    """The producer of this path's general-target tiles (``target._Tiles`` at its configuration)."""
-    from .target import _Tiles
-
-    cfg, _ = fused_config("target", _dtype_name(a), a.shape[1])
-    return _Tiles(a, target, "target_stats", cfg=cfg)
-
-
-def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes, teacher=None):
-    """Pass 1 of the general target (the contract of ``torch_chunked.target_stats``); D <= 256."""
-    from .target import target_stats as stats
-
-    _check_fused(a, b)
-    return stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, 0, teacher,
-                 tiles=_target_tiles(a, target))
-
-
-def _teacher_pass(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes, teacher=None):
-    """The teacher's pass on the cuBLAS producer, whose chunks the soft pass's teacher tiles read."""
-    from .target import target_stats as stats
-
-    return stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, 0, teacher, cublas=True)
-
-
-target_stats.teacher_pass = _teacher_pass
-
-
-def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
-    """Pass 2 of the general target (the contract of ``torch_chunked.target_grad``): grad_a = s·G·B and
-    grad_b = s·Gᵀ·A with G formed in the kernels' registers, and Σ G·dot, Σ G. Row chunks of
-    ``chunk_rows`` (with soft targets also within ``chunk_bytes``: the teacher's chunk is in memory)."""
-    from .._common import chunk_bytes, row_chunks
-    from ..targets import column_span
-    from .target import _GradVectors, _Packed, _feature_bounds, matmul_stats_rows
-
-    _check_fused(a, b)
-    na, nb, d = a.shape[0], b.shape[0], a.shape[1]
-    dev = a.device
-    packed = _Packed(target, na, nb, dev)
-    tiles = _target_tiles(a, target)
-    cfg = tiles.cfg
-    slice_d = cfg.block_d or fused_block_d(d)  # the accumulators' width: D in slices of it, the tiles formed per slice
-    d_slices = triton.cdiv(d, slice_d)
-    f32 = torch.float32
-    vec = _GradVectors(a, target, weights, nb)
-    tch = vec.tch
-    t_c0, t_c1, t_soft = tch.numbers
-    grad_a = torch.zeros(a.shape, dtype=f32, device=dev)
-    grad_b = torch.zeros(b.shape, dtype=f32, device=dev)
-    totals = torch.zeros(2, dtype=torch.float64, device=dev)
-    # with soft targets the teacher's chunks within the budget, in pass 1's row chunks
-    rows = (matmul_stats_rows(target, na, nb, chunk_rows, chunk_bytes(dev), a.dtype, vec.symmetric, cfg)
-            if target.soft else max(1, min(na, chunk_rows)))
-    prec = _precision(a)
-    flags = dict(**vec.flags(), **packed.flags(), INPUT_PRECISION=prec,
-                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=slice_d,
-                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    for r0, r1 in row_chunks(na, rows):
-        c0, c1 = column_span(target, r0, r1, nb)
-        if c1 == c0:
-            continue
-        r, w = r1 - r0, c1 - c0
-        a_c, b_k = a[r0:r1], b[c0:c1]
-        bound = _feature_bounds(tiles, target, a, b, r0, r1, c0, c1)
-        tdot = tch.chunk(r0, r1, c0, c1)
-        common = (a_c, b_k, scale, bias, *packed.args(), bound, *vec.rows(r0, r1), *vec.cols(c0, c1),
-                  tdot, tch.scale, tch.rows(r0, r1), tch.cols(c0, c1), *vec.masses(r0, r1, c0, c1))
-        numbers = (packed.penalty, float(weights.w_row), vec.g_scale, t_c0, t_c1, t_soft)
-        m_blocks, n_ct = triton.cdiv(r, cfg.block_m), triton.cdiv(w, cfg.block_n)
-        splits, per_split = _split(n_ct, m_blocks, dev)
-        n_items = m_blocks * splits
-        ga = torch.empty((splits, r, d), dtype=f32, device=dev)
-        part = torch.empty((2, n_items), dtype=f32, device=dev)
-        launch(_fused_target_rows_kernel)[(n_items * d_slices,)](
-            *common, ga, part, r, w, d, r0, c0, m_blocks, n_items, per_split,
-            a_c.stride(0), b_k.stride(0), tdot.stride(0), packed.dense.stride(0), ga.stride(0), ga.stride(1),
-            *numbers, **flags)
-        grad_a[r0:r1] = ga.sum(dim=0)
-        totals += part.double().sum(dim=1)
-        n_blocks, m_rt = triton.cdiv(w, cfg.block_n), triton.cdiv(r, cfg.block_m)
-        splits, per_split = _split(m_rt, n_blocks, dev)
-        gb = torch.empty((splits, w, d), dtype=f32, device=dev)
-        launch(_fused_target_cols_kernel)[(n_blocks * splits * d_slices,)](
-            *common, gb, r, w, d, r0, c0, n_blocks, per_split,
-            a_c.stride(0), b_k.stride(0), tdot.stride(0), packed.dense.stride(0), gb.stride(0), gb.stride(1),
-            *numbers, **flags)
-        grad_b[c0:c1] += gb.sum(dim=0)
-    return grad_a, grad_b, totals[0].float(), totals[1].float()
-
-
-def target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, need_grad, cache_bytes=0):
-    """Softmax loss of a general target and its gradients on the fused tile kernels
-    (``targets.two_pass_target`` over ``target_stats`` and ``target_grad``); D <= 256."""
-    from ..targets import two_pass_target
-
-    _check_fused(a, b)  # before the teacher's pass, which runs on any D
-    return two_pass_target(target_stats, target_grad, a, b, scale, bias, target, eps, symmetric, chunk_rows,
-                           need_grad, 0)
 
 
 # ------------------------------------------------------------------------------------ compile gate
 def compile_specs():
     """Every (kernel, constexpr flags, shipped launch config) of this module for each supported
-    dtype, as dicts for ``triton.compile(ASTSource(...))`` (used by tests/test_triton_compile.py)."""
+    dtype, as dicts for ``triton.compile(ASTSource(...))`` (used by tests/test_triton_compile.py); the
+    ``FUSED_CONFIGS["target", ...]`` entries are ``fused_target.compile_specs``'."""
     tri = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
     specs = []
     for (kernel, cls, bd), cfg in FUSED_CONFIGS.items():
         if kernel == "target":
-            continue  # _target_specs
+            continue  # fused_target.compile_specs
         dtypes = ("float32",) if cls == "float32" else ("bfloat16", "float16")
         for dtype in dtypes:
             p = "*" + tri[dtype]
@@ -722,78 +452,4 @@ def compile_specs():
                 specs.append(dict(name=label, fn=fn, signature=full_sig, constexprs=consts,
                                   num_warps=cfg.num_warps, num_stages=cfg.num_stages, uses_dot=True,
                                   dtype=dtype, config=cfg, block_d=bd))
-    return specs + _target_specs()
-
-
-def _target_specs():
-    """The general target on this path: pass 1 (``target._target_stats_kernel`` with the matmul
-    producer and the teacher's tiles from memory), the margin's pair kernel, and pass 2's rows and
-    columns kernels, once per distinct kernel of the ``FUSED_CONFIGS["target", ...]`` entries (entries
-    that share blocks and accumulator width compile to the same kernels): every variant in bfloat16,
-    the heaviest (all pair rules, symmetric; smoothing in pass 1; a softmax teacher with the targets'
-    entropy) in float16 (the same kernels but for the operands' type) and float32 (TF32x3, the
-    interpreter's dtype)."""
-    from .target import _pair_dots_kernel, _target_stats_kernel
-
-    tri = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-    none = dict(HAS_MARGIN=False, HAS_PENALTY=False, PENALTY_MODE=0, HAS_DENSE=False)
-    everything = dict(HAS_MARGIN=True, HAS_PENALTY=True, PENALTY_MODE=1, HAS_DENSE=True)
-    rules = dict(everything, HAS_MARGIN=False)
-    hard = dict(SOFT=False, TEACHER_LINEAR=False)
-    soft_max = dict(SOFT=True, TEACHER_LINEAR=False)
-    soft_lin = dict(SOFT=True, TEACHER_LINEAR=True)
-    # (pair rules, symmetric, soft, mass)
-    grad_heavy = [(everything, True, hard, False), (rules, True, soft_max, False)]
-    grad_variants = grad_heavy + [(rules, False, hard, True), (none, True, soft_max, False),
-                                  (none, True, soft_lin, True)]
-    # (pair rules, symmetric, smoothing, soft, entropy)
-    stats_heavy = [(everything, True, True, hard, False), (rules, True, True, soft_max, True)]
-    stats_variants = stats_heavy + [(dict(none, HAS_MARGIN=True), False, False, hard, False),
-                                    (none, True, False, soft_max, True), (none, True, False, soft_lin, False)]
-    specs, seen = [], set()
-
-    def add(name, fn, features, consts, cfg, dtype, bd):
-        specs.append(dict(name=name, fn=fn, signature=target_signature(fn, consts, features), constexprs=consts,
-                          num_warps=cfg.num_warps, num_stages=cfg.num_stages, uses_dot=True, dtype=dtype,
-                          config=cfg, block_d=bd, divisible=("D",), pipelined=True,
-                          wgmma_required=dtype != "float32"))
-
-    def tag(rules_, sym, soft, extra=""):
-        out = ",".join(k for k, v in rules_.items() if v and k != "PENALTY_MODE") or "plain"
-        out += f",sym={sym}{extra}"
-        if soft["SOFT"]:
-            out += ",soft=" + ("linear" if soft["TEACHER_LINEAR"] else "softmax")
-        return out
-
-    for (kernel, cls, bd), cfg in FUSED_CONFIGS.items():
-        if kernel != "target":
-            continue
-        for dtype in (("float32",) if cls == "float32" else ("bfloat16", "float16")):
-            width = cfg.block_d or bd
-            key = (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.block_k, dtype)
-            if (key, width) in seen:
-                continue
-            op = "*" + tri[dtype]
-            prec = FUSED_FP32_PRECISION if dtype == "float32" else "ieee"
-            blocks = dict(INPUT_PRECISION=prec, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
-            every = dtype == "bfloat16"
-            for rules_, sym, soft, mass in (grad_variants if every else grad_heavy):
-                consts = dict(SYMMETRIC=sym, **rules_, **soft, HAS_MASS=mass, **blocks, BLOCK_D=width)
-                name = tag(rules_, sym, soft) + (",mass" if mass else "")
-                add(f"fused_target_rows[{name}]", _fused_target_rows_kernel, op, consts, cfg, dtype, width)
-                add(f"fused_target_cols[{name}]", _fused_target_cols_kernel, op, consts, cfg, dtype, width)
-            seen.add((key, width))
-            if key in seen:
-                continue
-            seen.add(key)
-            for rules_, sym, smooth, soft, entropy in (stats_variants if every else stats_heavy):
-                consts = dict(SYMMETRIC=sym, SMOOTHING=smooth, **rules_, **soft, ENTROPY=entropy, MATMUL=True,
-                              **blocks)
-                name = tag(rules_, sym, soft, f",smooth={smooth}") + (",entropy" if entropy else "")
-                add(f"fused_target_stats[{name}]", _target_stats_kernel, op, consts, cfg, dtype, bd)
-            add("fused_target_pair_dots", _pair_dots_kernel, op, dict(blocks), cfg, dtype, bd)
     return specs
-
-
-__all__ = ["lse_stats", "softmax_grad", "softmax_fused", "sigmoid_fused", "target_stats", "target_grad",
-           "target_softmax_fused", "SUPPORTED_DTYPES", "LN2"]

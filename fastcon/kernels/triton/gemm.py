@@ -1,21 +1,25 @@
-"""A GEMM with fp32 accumulation into an fp32 output, in place: ``C = α·X·Y (+ C)``.
+"""The GEMM glue of the gradient products: G's buffer and its fp16 lift, and ``grad_a = s·G·B``,
+``grad_b += Gᵀ·A`` (``grad_gemms``), the latter with an in-place fp32-accumulating GEMM,
+``C = α·X·Y (+ C)`` (``mm_accumulate``).
 
 The chunked Triton path accumulates the gradient of B over row chunks, ``grad_b += Gᵀ·A_c``, with G
 and A_c in bf16/fp16 and grad_b in fp32. cuBLAS through torch has no such in-place mixed-dtype
 product (``addmm`` with ``out_dtype`` wants the accumulator in the operands' dtype), and a product
 into a temporary followed by ``add_`` moves three Nb×D fp32 tensors through memory per chunk; this
 kernel reads and writes ``C`` once per chunk. X and Y are addressed by strides, so ``Gᵀ`` costs no
-copy. ``α`` is a host factor (the inverse of the power of two that G was lifted by before its cast;
-see ``chunked.py``), optionally times a device scalar.
+copy. ``α`` is a host factor (the inverse of the power of two that G was lifted by before its cast,
+``grad_tile_scale``), optionally times a device scalar.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from .._common import mm_acc
 from . import launch
 from .configs import gemm_config
 
@@ -92,6 +96,46 @@ def mm_accumulate(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, alpha_fac
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
+
+
+# ------------------------------------------------------------------------------ gradient products
+def grad_buffer(a: torch.Tensor, rows: int, nb: int):
+    """Buffer for G in the dtype of the gradient GEMMs (None for fp32: G is written in place)."""
+    if a.dtype == torch.float32:
+        return None
+    return torch.empty((rows, nb), dtype=a.dtype, device=a.device)
+
+
+_FP16_LIFT_LIMIT = 32768.0  # half of fp16's largest finite value (65504), rounded to a power of two
+
+
+def grad_tile_scale(dtype: torch.dtype, bound: float) -> float:
+    """The power of two that G (|G| <= ``bound``) is multiplied by before its cast to ``dtype`` for
+    the gradient GEMMs, whose inverse is folded into their α. Softmax gradients are about 1/N: at
+    N = 65,536 that is 1.5e-5, below fp16's smallest normal number (6.1e-5), where the cast would keep
+    few of its bits; lifted to just under fp16's range they keep all eleven. bf16 has fp32's exponent
+    range and fp32 no cast: 1 for both. The factor depends on the loss weights only, never on the
+    data, so results are deterministic and no device value is read."""
+    if dtype != torch.float16 or bound <= 0:
+        return 1.0
+    return float(2.0 ** math.floor(math.log2(_FP16_LIFT_LIMIT / bound)))
+
+
+def grad_gemms(g, a_c, b, scale, grad_a_c, grad_b, g_scale: float, accumulate_a: bool = False) -> None:
+    """grad_a_c = s·G·B (``accumulate_a``: +=, the device scale read by the GEMM); grad_b += Gᵀ·A_c in
+    place (fp32 accumulation; s applied to grad_b at the end). ``g`` holds G·g_scale (a power of
+    two), undone in the products' α."""
+    inv = 1.0 / g_scale
+    if accumulate_a:
+        mm_accumulate(g, b, grad_a_c, inv, alpha=scale)
+    elif g.dtype == torch.float32:
+        torch.mul(g @ b, scale, out=grad_a_c)
+    else:
+        torch.mul(mm_acc(g, b), scale * inv, out=grad_a_c)
+    if g.dtype == torch.float32:
+        grad_b.addmm_(g.T, a_c)
+    else:
+        mm_accumulate(g.T, a_c, grad_b, inv)
 
 
 def compile_specs():

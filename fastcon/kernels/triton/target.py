@@ -1,33 +1,33 @@
-"""The engine's general target (``fastcon/kernels/targets.py``) on the chunked Triton path.
+"""The engine's general target (``fastcon/kernels/targets.py``) on the Triton epilogues: their kernels,
+launchers and host classes, and the pass-1 kernel the fused path shares (``target_stats_kernel``).
 
-As in ``chunked.py``, ``torch.mm`` writes each row chunk of dot products (over the columns some row
-of the chunk keeps) and Triton epilogue kernels read it once per pass. The target's decisions are
-one tile function, ``target_tile``: given a tile of dot products however it was produced (a chunk in
-memory, or a matmul kernel's accumulator: the matmul producer, ``chunked.dot_tile``), the global row
-and column indices of the tile and the target's O(N) vectors, it returns which pairs are kept, which
-are positives, and their logits (with the hardness penalty). The two epilogues around it:
+The epilogue kernels take tiles of dot products from either producer (``plan.producer``): the cuBLAS
+producer, ``torch.mm`` writing each row chunk of dot products (over the columns some row of the chunk
+keeps) that the kernels read once per pass, or the matmul producer, the kernels forming each tile
+with ``tl.dot`` from the features (``tiles.dot_tile``), persistent over their work items. The
+target's decisions on a tile are ``tiles.target_tile`` (which pairs are kept, which are positives,
+their logits with the hardness penalty); around it:
 
-* ``_target_stats_kernel``: per row (and, for a symmetric loss, per row block of each column) the
-  LSE over the kept pairs as float64 partials (merged by ``chunked._merge_lse_kernel``), and the
-  number of positives and their summed logits (with label smoothing also of the kept pairs);
-* ``_target_grad_kernel``: ``G = w_row·(P_row − Q_row) + w_col·(P_col − Q_col)`` on the kept pairs,
-  with P − q at a single positive formed through expm1 (exact for a confident one), stored in
-  place (fp32) or in a bf16/fp16 buffer for the gradient GEMMs, and per-program partials of ``Σ G·dot``
-  and ``Σ G``.
+* ``target_stats_kernel``: per row (and, for a symmetric loss, per row block of each column) the
+  LSE over the kept pairs as float64 partials (merged by ``plan.merge_lse``), and the number of
+  positives and their summed logits (with label smoothing also of the kept pairs);
+* ``_target_grad_kernel``: ``G = w_row·(P_row − Q_row) + w_col·(P_col − Q_col)`` on the kept pairs
+  (``tiles.target_grad_tile``), stored in place (fp32) or in a bf16/fp16 buffer for the gradient
+  GEMMs, and per-program partials of ``Σ G·dot`` and ``Σ G``.
 
-Soft targets (distillation, ``Target.soft``): ``torch.mm`` also writes the teacher's chunk of dot
-products ``A_t·B_tᵀ`` and a second tile function, ``teacher_tile``, turns a tile of it into the
-teacher's row and column target probabilities (a softmax teacher ``exp(s_t·A_t·B_t − norm)``, a linear
-one ``(c0 + c1·A_t·B_t) / norm``, with the normalisers of the teacher's own pass, ``targets.TeacherNorms``;
-0 on the dropped pairs). Pass 1 adds the cross terms ``Σ Qt·S`` and, with ``entropy``, the mixed targets'
-``Σ Q·log Q`` to its per-row and per-column sums; pass 2 forms ``G = w·(P·mass − Q_hard − ε/|K| −
-soft·Qt)`` per direction (``mass``: a linear teacher's total target mass where it is not 1).
+Soft targets (distillation, ``Target.soft``): ``torch.mm`` writes the teacher's chunk of dot products
+``A_t·B_tᵀ`` whatever the student's producer, and ``tiles.teacher_tile`` turns a tile of it into the
+teacher's row and column target probabilities with the normalisers of the teacher's own pass
+(``targets.TeacherNorms``, from ``teacher_stats`` on the same cuBLAS chunks). Pass 1 adds the cross
+terms ``Σ Qt·S`` and, with ``entropy``, the mixed targets' ``Σ Q·log Q`` to its per-row and
+per-column sums; pass 2 forms ``G = w·(P·mass − Q_hard − ε/|K| − soft·Qt)`` per direction.
 
-The target's vectors travel packed: per row (id, excluded column, range lo, range hi, owner, own rule)
-as int64 and the penalty flag, per column (id, owner) as int64 and (kept, penalised) flags, with the
-defaults of absent fields filled in; the margin enters as each row's bound ``A_i·B_pair − margin``
-read from the same chunk of dot products. Semantics and results match ``torch_chunked`` (to fp32
-rounding); the loss and the weights between the passes are ``targets.loss_and_weights``.
+The target's vectors travel packed (``PackedTarget``): per row (id, excluded column, range lo, range
+hi, owner, own rule) as int64 and the penalty flag, per column (id, owner) as int64 and (kept,
+penalised) flags, with the defaults of absent fields filled in; the margin enters as each row's bound
+``A_i·B_pair − margin``, from the chunk of dot products or the producer's own tiles. Semantics and
+results match ``torch_chunked`` (to fp32 rounding); the loss and the weights between the passes are
+``targets.loss_and_weights``.
 """
 from __future__ import annotations
 
@@ -37,89 +37,17 @@ import triton.language as tl
 
 from .._common import chunk_bytes, mm_acc, row_chunks
 from . import launch
-from .chunked import (LOG2E, _Producer, _check, _expm1, _g_buffer, _grad_gemms, _items, _items_end, _items_step,
-                      _lse64, _merge, _online_rows, _split_lse, _tile_lse_parts, aligned_memory_rows, column_tile,
-                      dot_tile, grad_tile_scale, matmul_plan, memory_rows, producer)
 from .configs import FUSED_FP32_PRECISION, SUPPORTED_DTYPES, chunked_config, matmul_config
+from .gemm import grad_buffer, grad_gemms, grad_tile_scale
+from .plan import (TargetTiles, check_inputs, matmul_plan, matmul_stats_rows, memory_rows, merge_lse, work_items)
+from .tiles import (column_tile, dot_tile, grad_row_vectors, items_end, items_step, lse64, online_row_lse,
+                    target_grad_tile, target_tile, target_work_item, teacher_dot_tile, teacher_rows, tile_lse_parts)
 
 ROW_FIELDS = 6  # id, excluded column, range lo, range hi, owner, own rule
 COL_FIELDS = 2  # id, owner
 
 
 # ------------------------------------------------------------------------------------------ kernels
-@triton.jit
-def target_tile(d, rows, cols, mask_m, mask_n, row_info_ptr, col_info_ptr, row_flag_ptr, col_flag_ptr,
-                dense_ptr, stride_dense, bound, scale, bias, penalty,
-                HAS_MARGIN: tl.constexpr, HAS_PENALTY: tl.constexpr, PENALTY_MODE: tl.constexpr,
-                HAS_DENSE: tl.constexpr):
-    """(kept, positive, logits) of a tile ``d`` of dot products A_i·B_j (unscaled, fp32) whose global
-    row indices are ``rows`` and column indices ``cols`` (targets.py states the rules). Dropped pairs
-    and the tile's padding (outside mask_m × mask_n) are not kept; ``bound`` is each row's
-    ``A_i·B_pair − margin`` (used with HAS_MARGIN)."""
-    rid = tl.load(row_info_ptr + rows * 6 + 0, mask=mask_m, other=-2)
-    excl = tl.load(row_info_ptr + rows * 6 + 1, mask=mask_m, other=-1)
-    lo = tl.load(row_info_ptr + rows * 6 + 2, mask=mask_m, other=0)
-    hi = tl.load(row_info_ptr + rows * 6 + 3, mask=mask_m, other=0)
-    rown = tl.load(row_info_ptr + rows * 6 + 4, mask=mask_m, other=-1)
-    rule = tl.load(row_info_ptr + rows * 6 + 5, mask=mask_m, other=0)
-    cid = tl.load(col_info_ptr + cols * 2 + 0, mask=mask_n, other=-3)
-    cown = tl.load(col_info_ptr + cols * 2 + 1, mask=mask_n, other=-1)
-    ckeep = tl.load(col_flag_ptr + cols * 2 + 0, mask=mask_n, other=0)
-    c2 = cols[None, :]
-    pos = (cid[None, :] >= 0) & (cid[None, :] == rid[:, None])
-    keep = (mask_m[:, None] & mask_n[None, :]) & (ckeep[None, :] != 0)
-    keep = keep & (c2 != excl[:, None]) & (c2 >= lo[:, None]) & (c2 < hi[:, None])
-    owned = cown[None, :] >= 0
-    own = owned & (cown[None, :] == rown[:, None])
-    keep = keep & ~((rule[:, None] == 1) & own) & ~((rule[:, None] == 2) & owned & ~own)
-    if HAS_DENSE:
-        dense = tl.load(dense_ptr + rows[:, None].to(tl.int64) * stride_dense + c2,
-                        mask=mask_m[:, None] & mask_n[None, :], other=0)
-        keep = keep & (dense != 0)
-    if HAS_MARGIN:
-        keep = keep & (pos | (d <= bound[:, None]))
-    pos = pos & keep
-    t = d * scale + bias
-    if HAS_PENALTY:
-        prow = tl.load(row_flag_ptr + rows, mask=mask_m, other=0)
-        pcol = tl.load(col_flag_ptr + cols * 2 + 1, mask=mask_n, other=0)
-        pen = keep & ~pos & (prow[:, None] != 0) & (pcol[None, :] != 0)
-        if PENALTY_MODE == 1:
-            pen = pen & own
-        if PENALTY_MODE == 2:
-            pen = pen & ~own
-        t = tl.where(pen, t + penalty * d, t)
-    return keep, pos, t
-
-
-@triton.jit
-def teacher_tile(td, keep, t_scale, t_c0, t_c1, t_row_hi, t_row_lo, t_col_hi, t_col_lo,
-                 TEACHER_LINEAR: tl.constexpr, COLS: tl.constexpr):
-    """The teacher's target probabilities (q_row, q_col) of a tile ``td`` of its dot products
-    A_t,i·B_t,j (fp32) on the kept pairs ``keep`` (0 elsewhere, the tile's padding included). Softmax
-    teacher: logits ``T = t_scale·td`` and ``exp(T − norm)`` with each row's (column's) float64
-    normaliser as fp32 (hi, lo) (``chunked._split_lse``); linear teacher (TEACHER_LINEAR): weights
-    ``T = t_c0 + t_c1·td`` and ``T·(1/norm)``: for a linear teacher the vectors hold the normalisers'
-    reciprocals (hi; lo unused), within an ulp of torch's ``T / norm`` without a division in the
-    kernel (whose slow path costs registers). q_col only with COLS (zeros otherwise). As
-    ``torch_chunked.teacher_probs``."""
-    if TEACHER_LINEAR:
-        t = td * t_c1 + t_c0
-        q_row = t * t_row_hi[:, None]
-    else:
-        t = td * t_scale
-        q_row = tl.exp2(((t - t_row_hi[:, None]) - t_row_lo[:, None]) * LOG2E)
-    q_row = tl.where(keep, q_row, 0.0)
-    q_col = tl.zeros_like(q_row)
-    if COLS:
-        if TEACHER_LINEAR:
-            q_col = t * t_col_hi[None, :]
-        else:
-            q_col = tl.exp2(((t - t_col_hi[None, :]) - t_col_lo[None, :]) * LOG2E)
-        q_col = tl.where(keep, q_col, 0.0)
-    return q_row, q_col
-
-
 @triton.jit
 def _xlogx(x):
     """x·log(x), 0 at x = 0 (torch.xlogy(x, x))."""
@@ -128,131 +56,7 @@ def _xlogx(x):
 
 
 @triton.jit
-def _teacher_norms(norm_ptr, offs, mask):
-    """fp32 (hi, lo) of the teacher's float64 normalisers at offs (+inf outside mask, whose pairs the
-    keep mask drops)."""
-    return _split_lse(tl.load(norm_ptr + offs, mask=mask, other=float("inf")))
-
-
-@triton.jit
-def grad_row_vectors(row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, row_mass_ptr, offs_m, mask_m,
-                     HAS_MASS: tl.constexpr):
-    """Pass 2's per-row inputs of ``target_grad_tile`` at rows ``offs_m``: the float64 row LSE as fp32
-    (hi, lo), the target mass at a positive and on every kept pair, and (HAS_MASS) the softmax term's
-    mass (``qp`` stands in for it otherwise)."""
-    row_hi, row_lo = _split_lse(tl.load(row_lse_ptr + offs_m, mask=mask_m, other=float("inf")))
-    qp = tl.load(q_row_pos_ptr + offs_m, mask=mask_m, other=0.0)
-    qk = tl.load(q_row_keep_ptr + offs_m, mask=mask_m, other=0.0)
-    mass = qp
-    if HAS_MASS:
-        mass = tl.load(row_mass_ptr + offs_m, mask=mask_m, other=0.0)
-    return row_hi, row_lo, qp, qk, mass
-
-
-@triton.jit
-def _teacher_rows(t_scale_ptr, t_row_ptr, offs_m, mask_m, SOFT: tl.constexpr, TEACHER_LINEAR: tl.constexpr):
-    """(scale, row normalisers hi, lo) of the teacher at rows ``offs_m`` (dummies without SOFT)."""
-    t_scale = 1.0
-    if SOFT:
-        if not TEACHER_LINEAR:
-            t_scale = tl.load(t_scale_ptr).to(tl.float32)
-        t_row_hi, t_row_lo = _teacher_norms(t_row_ptr, offs_m, mask_m)
-    else:
-        t_row_hi = tl.zeros(offs_m.shape, tl.float32)
-        t_row_lo = t_row_hi
-    return t_scale, t_row_hi, t_row_lo
-
-
-@triton.jit
-def _p_minus_q(x, pos, qp, mass, HAS_MASS: tl.constexpr):
-    """``mass·exp(x) − q·[pos]`` of one direction (``qp``, ``mass`` broadcast to the tile): at a
-    positive with q > ½ (a single confident one) as ``mass·expm1(x) + (mass − q)``, which keeps the
-    precision of P ≈ 1; elsewhere directly. Without HAS_MASS the mass is 1."""
-    e = tl.exp2(x * LOG2E)
-    if HAS_MASS:
-        g = tl.where(pos, tl.where(qp > 0.5, mass * _expm1(x) + (mass - qp), e * mass - qp), e * mass)
-    else:
-        g = tl.where(pos, tl.where(qp > 0.5, _expm1(x) + (1.0 - qp), e - qp), e)
-    return g
-
-
-@triton.jit
-def target_grad_tile(t, keep, pos, row_hi, row_lo, qp, qk, mass, q_row, q_col, offs_n, mask_n,
-                     col_lse_ptr, q_col_pos_ptr, q_col_keep_ptr, w_col_ptr, col_mass_ptr, w_row, soft,
-                     SYMMETRIC: tl.constexpr, SOFT: tl.constexpr, HAS_MASS: tl.constexpr):
-    """G = ∂L/∂S of a tile of logits ``t`` (``target_tile``: its kept pairs and positives), 0 off the kept
-    pairs: ``w_row·(mass·P_row − q_pos·[pos] − q_keep − soft·Qt_row)`` with the row vectors of
-    ``grad_row_vectors`` (the float64 LSE as fp32 hi, lo), plus with SYMMETRIC ``w_col·(…)`` of the
-    same form per column, its vectors read here at the tile's local columns ``offs_n``. Soft targets
-    (SOFT): the teacher's probabilities ``q_row``, ``q_col`` (``teacher_tile``). Every producer of a
-    tile calls it: the chunked and matmul epilogues (``_target_grad_kernel``) and the fused tile
-    kernels (``fused.py``), so that G is one formula."""
-    g = _p_minus_q((t - row_hi[:, None]) - row_lo[:, None], pos, qp[:, None], mass[:, None], HAS_MASS) - qk[:, None]
-    if SOFT:
-        g = g - soft * q_row
-    g = w_row * g
-    if SYMMETRIC:
-        col_hi, col_lo = _split_lse(tl.load(col_lse_ptr + offs_n, mask=mask_n, other=float("inf")))
-        qcp = tl.load(q_col_pos_ptr + offs_n, mask=mask_n, other=0.0)
-        qck = tl.load(q_col_keep_ptr + offs_n, mask=mask_n, other=0.0)
-        wc = tl.load(w_col_ptr + offs_n, mask=mask_n, other=0.0)
-        mc = qcp
-        if HAS_MASS:
-            mc = tl.load(col_mass_ptr + offs_n, mask=mask_n, other=0.0)
-        gc = _p_minus_q((t - col_hi[None, :]) - col_lo[None, :], pos, qcp[None, :], mc[None, :], HAS_MASS) - qck[None, :]
-        if SOFT:
-            gc = gc - soft * q_col
-        g += tl.where(wc[None, :] != 0.0, wc[None, :] * gc, 0.0)
-    return tl.where(keep, g, 0.0)
-
-
-@triton.jit
-def row_bounds(bound_ptr, offs_m, mask_m, HAS_MARGIN: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Each row's margin bound ``A_i·B_pair − margin`` at local rows ``offs_m`` (zeros without
-    HAS_MARGIN)."""
-    if HAS_MARGIN:
-        bound = tl.load(bound_ptr + offs_m, mask=mask_m, other=0.0)
-    else:
-        bound = tl.zeros([BLOCK_M], tl.float32)
-    return bound
-
-
-@triton.jit
-def _program(item, m_blocks, scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_per_split, HAS_MARGIN: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """What work item ``item`` (row block m = item % m_blocks, column split s = item // m_blocks:
-    ``chunked._work_item``) of an epilogue over a chunk of R rows × W columns works on: (m, s), its
-    rows (local offsets, mask, global indices), their margin bounds, the scale and bias, and its
-    column tiles [t0, t1)."""
-    wide = tl.zeros([], tl.int64)  # the item's indices in int64, as the addresses are
-    pid_m = item % m_blocks + wide
-    pid_s = item // m_blocks + wide
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < R
-    t0 = pid_s * tiles_per_split
-    t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(W, BLOCK_N))
-    bound = row_bounds(bound_ptr, offs_m, mask_m, HAS_MARGIN, BLOCK_M)
-    return (pid_m, pid_s, offs_m, mask_m, row0 + offs_m, bound, tl.load(scale_ptr).to(tl.float32),
-            tl.load(bias_ptr).to(tl.float32), t0, t1)
-
-
-@triton.jit
-def _teacher_dot_tile(tdot_ptr, stride_tm, offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr, t_scale, t_c0, t_c1,
-                      t_row_hi, t_row_lo, TEACHER_LINEAR: tl.constexpr, SYMMETRIC: tl.constexpr):
-    """``teacher_tile`` of a tile of the teacher's dot products, read from its fp32 chunk in memory
-    (whatever the student's producer), its column normalisers read here."""
-    td = tl.load(tdot_ptr + offs_m[:, None] * stride_tm + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :],
-                 other=0.0)
-    if SYMMETRIC:
-        t_col_hi, t_col_lo = _teacher_norms(t_col_ptr, offs_n, mask_n)
-    else:
-        t_col_hi, t_col_lo = t_row_hi, t_row_lo  # unused
-    return teacher_tile(td, keep, t_scale, t_c0, t_c1, t_row_hi, t_row_lo, t_col_hi, t_col_lo, TEACHER_LINEAR,
-                        SYMMETRIC)
-
-
-@triton.jit
-def _target_stats_kernel(
+def target_stats_kernel(
     dot_ptr, a_ptr, b_ptr, scale_ptr, bias_ptr, row_info_ptr, col_info_ptr, row_flag_ptr, col_flag_ptr, dense_ptr,
     bound_ptr, tdot_ptr, t_scale_ptr, t_row_ptr, t_col_ptr, t_row_hw_ptr, t_col_hw_ptr,
     row_part_ptr, row_sums_ptr, col_part_ptr, col_sums_ptr,
@@ -272,11 +76,11 @@ def _target_stats_kernel(
     and of its columns at t_col, float64; its scale at t_scale_ptr), k = 4: the cross term Σ Qt·S over
     the kept pairs and, with ENTROPY, k = 5: Σ xlogy(mix, mix) of mix = soft·Qt + [pos]·hw, hw the
     hard weight of each row (t_row_hw) or column (t_col_hw) per positive. The student's tiles of dot
-    products come from ``chunked.dot_tile``: its chunk in memory, or with MATMUL formed here from the
+    products come from ``tiles.dot_tile``: its chunk in memory, or with MATMUL formed here from the
     features (a_ptr, b_ptr, D wide), the programs then taking the work items in turn (persistent); the
-    teacher's are always read from its chunk (``_teacher_dot_tile``)."""
-    for item in range(tl.program_id(0), _items_end(n_items, MATMUL), _items_step(MATMUL)):
-        pid_m, pid_s, offs_m, mask_m, rows, bound, scale, bias, t0, t1 = _program(
+    teacher's are always read from its chunk (``teacher_dot_tile``)."""
+    for item in range(tl.program_id(0), items_end(n_items, MATMUL), items_step(MATMUL)):
+        pid_m, pid_s, offs_m, mask_m, rows, bound, scale, bias, t0, t1 = target_work_item(
             item, m_blocks, scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_per_split, HAS_MARGIN, BLOCK_M, BLOCK_N)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         r_i = tl.zeros([BLOCK_M], tl.float32)
@@ -293,7 +97,7 @@ def _target_stats_kernel(
                                        row_flag_ptr, col_flag_ptr, dense_ptr, stride_dense, bound, scale, bias, penalty,
                                        HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE)
             t = tl.where(keep, t, float("-inf"))
-            m_i, r_i = _online_rows(m_i, r_i, t)
+            m_i, r_i = online_row_lse(m_i, r_i, t)
             t_pos = tl.where(pos, t, 0.0)
             n_pos += tl.sum(pos.to(tl.float32), 1)
             s_pos += tl.sum(t_pos, 1)
@@ -302,8 +106,8 @@ def _target_stats_kernel(
                 n_keep += tl.sum(keep.to(tl.float32), 1)
                 s_keep += tl.sum(t_keep, 1)
             if SYMMETRIC:
-                c_m, c_r = _tile_lse_parts(t, 0)
-                tl.store(col_part_ptr + pid_m * stride_cp + offs_n, _lse64(c_m, c_r), mask=mask_n)
+                c_m, c_r = tile_lse_parts(t, 0)
+                tl.store(col_part_ptr + pid_m * stride_cp + offs_n, lse64(c_m, c_r), mask=mask_n)
                 base = col_sums_ptr + pid_m * stride_cs + offs_n
                 tl.store(base, tl.sum(pos.to(tl.float32), 0), mask=mask_n)
                 tl.store(base + W, tl.sum(t_pos, 0), mask=mask_n)
@@ -312,9 +116,9 @@ def _target_stats_kernel(
                     tl.store(base + 3 * W, tl.sum(t_keep, 0), mask=mask_n)
             if SOFT:
                 # the teacher's terms last (its row vectors and scale read per tile, from L1: fewer live registers)
-                t_scale, t_row_hi, t_row_lo = _teacher_rows(t_scale_ptr, t_row_ptr, offs_m, mask_m, SOFT,
+                t_scale, t_row_hi, t_row_lo = teacher_rows(t_scale_ptr, t_row_ptr, offs_m, mask_m, SOFT,
                                                             TEACHER_LINEAR)
-                q_row, q_col = _teacher_dot_tile(tdot_ptr, stride_tm, offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr,
+                q_row, q_col = teacher_dot_tile(tdot_ptr, stride_tm, offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr,
                                                  t_scale, t_c0, t_c1, t_row_hi, t_row_lo, TEACHER_LINEAR, SYMMETRIC)
                 x_row += tl.sum(q_row * t_keep, 1)
                 if ENTROPY:
@@ -328,7 +132,7 @@ def _target_stats_kernel(
                         hw_col = tl.load(t_col_hw_ptr + offs_n, mask=mask_n, other=0.0)
                         mix = q_col * soft + tl.where(pos, hw_col[None, :], 0.0)
                         tl.store(base + 5 * W, tl.sum(_xlogx(mix), 0), mask=mask_n)
-        tl.store(row_part_ptr + pid_s * stride_rp + offs_m, _lse64(m_i, r_i), mask=mask_m)
+        tl.store(row_part_ptr + pid_s * stride_rp + offs_m, lse64(m_i, r_i), mask=mask_m)
         base = row_sums_ptr + pid_s * stride_rs + offs_m
         tl.store(base, n_pos, mask=mask_m)
         tl.store(base + R, s_pos, mask=mask_m)
@@ -339,7 +143,6 @@ def _target_stats_kernel(
             tl.store(base + 4 * R, x_row, mask=mask_m)
             if ENTROPY:
                 tl.store(base + 5 * R, e_row, mask=mask_m)
-
 
 
 @triton.jit
@@ -363,14 +166,14 @@ def _target_grad_kernel(
     softmax term is ``mass·exp(x)`` (at such a positive ``mass·expm1(x) + (mass − q)``), the row's mass
     at row_mass, the column's at col_mass. G·g_scale is stored to g_ptr (which may alias dot_ptr: each
     element is read before the same program writes it); part[0, p] = Σ G·dot, part[1, p] = Σ G
-    (unscaled), p the work item. The tiles come from ``chunked.dot_tile`` as in
-    ``_target_stats_kernel``."""
-    for item in range(tl.program_id(0), _items_end(n_items, MATMUL), _items_step(MATMUL)):
-        pid_m, pid_s, offs_m, mask_m, rows, bound, scale, bias, t0, t1 = _program(
+    (unscaled), p the work item. The tiles come from ``tiles.dot_tile`` as in
+    ``target_stats_kernel``."""
+    for item in range(tl.program_id(0), items_end(n_items, MATMUL), items_step(MATMUL)):
+        pid_m, pid_s, offs_m, mask_m, rows, bound, scale, bias, t0, t1 = target_work_item(
             item, m_blocks, scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_per_split, HAS_MARGIN, BLOCK_M, BLOCK_N)
         row_hi, row_lo, qp, qk, mass = grad_row_vectors(row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, row_mass_ptr,
                                                         offs_m, mask_m, HAS_MASS)
-        t_scale, t_row_hi, t_row_lo = _teacher_rows(t_scale_ptr, t_row_ptr, offs_m, mask_m, SOFT, TEACHER_LINEAR)
+        t_scale, t_row_hi, t_row_lo = teacher_rows(t_scale_ptr, t_row_ptr, offs_m, mask_m, SOFT, TEACHER_LINEAR)
         acc_gd = tl.zeros([BLOCK_M], tl.float32)
         acc_g = tl.zeros([BLOCK_M], tl.float32)
         for ct in range(t0, t1):
@@ -382,7 +185,7 @@ def _target_grad_kernel(
                                        HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE)
             q_row, q_col = t, t  # (unused without SOFT)
             if SOFT:
-                q_row, q_col = _teacher_dot_tile(tdot_ptr, stride_tm, offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr,
+                q_row, q_col = teacher_dot_tile(tdot_ptr, stride_tm, offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr,
                                                  t_scale, t_c0, t_c1, t_row_hi, t_row_lo, TEACHER_LINEAR, SYMMETRIC)
             g = target_grad_tile(t, keep, pos, row_hi, row_lo, qp, qk, mass, q_row, q_col, offs_n, mask_n,
                                  col_lse_ptr, q_col_pos_ptr, q_col_keep_ptr, w_col_ptr, col_mass_ptr, w_row, soft,
@@ -396,11 +199,11 @@ def _target_grad_kernel(
 
 
 @triton.jit
-def _pair_dots_kernel(a_ptr, b_ptr, out_ptr, R, W, D, pair_col0, stride_am, stride_bn,
+def pair_dots_kernel(a_ptr, b_ptr, out_ptr, R, W, D, pair_col0, stride_am, stride_bn,
                       INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr):
     """out[i] = A_i·B_(i + pair_col0) for the R rows of a chunk over W columns (local indices), for the
-    margin rule of the matmul producer: taken from ``dot_tile``'s tiles at the epilogue kernels'
+    margin rule of the matmul producer: taken from ``tiles.dot_tile``'s tiles at the epilogue kernels'
     alignment (row blocks and column tiles at multiples of BLOCK_M, BLOCK_N), so that each value is
     bitwise the logit the epilogues compare with it."""
     pid = tl.program_id(0)
@@ -421,7 +224,7 @@ def _pair_dots_kernel(a_ptr, b_ptr, out_ptr, R, W, D, pair_col0, stride_am, stri
 
 
 # ------------------------------------------------------------------------------------------ host side
-class _Packed:
+class PackedTarget:
     """The target's vectors as the kernels read them (defaults of absent fields filled in)."""
 
     def __init__(self, target, na: int, nb: int, device):
@@ -529,51 +332,9 @@ class _Teacher:
         return dict(SOFT=self.soft, TEACHER_LINEAR=self.linear)
 
 
-# Soft targets on the matmul producer: the student's tiles are formed in the kernels, the teacher's
-# read from its fp32 cuBLAS chunks (``_Teacher.chunk``), at the configuration of their own family
-# (``configs.MATMUL_CONFIGS["target_soft", ...]``), with ``FASTCON_TRITON_PRODUCER=matmul`` (``auto``
-# keeps the cuBLAS producer for them until measured: ``chunked.producer``). Forming the teacher's tile
-# with tl.dot beside the student's spilled registers at every configuration tried (two pipelined K
-# loops beside the soft epilogue: 8 B to 2 KiB of stack on sm_80 / sm_90), so the teacher keeps one
-# producer everywhere, and its own pass (``_teacher_pass``) runs on it: its normalisers come from the
-# same GEMMs of its features (to the rounding of a cuBLAS chunk of another shape, where the passes'
-# chunks differ).
-class _Tiles:
-    """The producer of the target epilogues' tiles for one call (``chunked.producer``): the cuBLAS
-    chunks of dot products, or the matmul producer, which forms the student's tiles from the features
-    in the kernels. The teacher's tiles (soft targets) are always read from its cuBLAS chunks
-    (``_Teacher.chunk``). ``cfg`` given (the fused tile kernels, ``fused.py``): the matmul producer at
-    that configuration."""
-
-    def __init__(self, a, target, kernel: str, cublas: bool = False, cfg=None):
-        name = str(a.dtype).replace("torch.", "")
-        self.target = target
-        if cfg is not None:
-            self.matmul, self.cfg = True, cfg
-        else:
-            self.matmul = not cublas and producer(a, soft=bool(target.soft)) == "matmul"
-            self.cfg = (matmul_config(kernel, name, soft=bool(target.soft)) if self.matmul
-                        else chunked_config(kernel))
-        self.prod = _Producer(self.matmul, self.cfg)
-
-    def operands(self, a, b, tch, r0, r1, c0, c1):
-        """(dot, a_c, b_k, tdot) of rows [r0, r1) × columns [c0, c1): the student's chunk in memory
-        (cuBLAS) with stand-ins for the features, or the features with a stand-in for the chunk; the
-        teacher's chunk (or a dummy)."""
-        tdot = tch.chunk(r0, r1, c0, c1)
-        if not self.matmul:
-            dot = mm_acc(a[r0:r1], b[c0:c1].T)
-            return dot, dot, dot, tdot
-        a_c = a[r0:r1]
-        return a_c, a_c, b[c0:c1], tdot
-
-    def consts(self, a):
-        return self.prod.consts(a)
-
-
-def _feature_bounds(tiles, target, a, b, r0: int, r1: int, c0: int, c1: int):
+def feature_margin_bounds(tiles, target, a, b, r0: int, r1: int, c0: int, c1: int):
     """Each row's A_i·B_pair − margin for the matmul producer (which has no chunk of dot products to
-    read it from): the pair's logit from the producer's own tiles (``_pair_dots_kernel``) over the
+    read it from): the pair's logit from the producer's own tiles (``pair_dots_kernel``) over the
     chunk's columns [c0, c1), or a dummy."""
     if target.margin is None:
         return a.new_zeros(1, dtype=torch.float32)
@@ -581,7 +342,7 @@ def _feature_bounds(tiles, target, a, b, r0: int, r1: int, c0: int, c1: int):
     r = r1 - r0
     out = torch.empty(r, dtype=torch.float32, device=a.device)
     a_c, b_k = a[r0:r1], b[c0:c1]
-    launch(_pair_dots_kernel)[(triton.cdiv(r, cfg.block_m),)](
+    launch(pair_dots_kernel)[(triton.cdiv(r, cfg.block_m),)](
         a_c, b_k, out, r, c1 - c0, a.shape[1], r0 + int(target.pair_offset) - c0, a_c.stride(0), b_k.stride(0),
         INPUT_PRECISION=tiles.consts(a)["INPUT_PRECISION"], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -589,33 +350,20 @@ def _feature_bounds(tiles, target, a, b, r0: int, r1: int, c0: int, c1: int):
     return (out - target.margin).contiguous()
 
 
-def matmul_stats_rows(target, na: int, nb: int, chunk_rows: int, budget: int, dtype: torch.dtype, symmetric: bool,
-                      cfg) -> int:
-    """Pass 1's rows per chunk on the matmul producer (configuration ``cfg``): the float64 LSE and fp32
-    sums of each (row block, column) within ``budget`` bytes, and with soft targets the teacher's fp32
-    chunk beside them, the chunks aligned as ``matmul_plan``'s (``fused.target_grad`` takes the same
-    rows for its teacher's chunks)."""
-    col_bytes = (8 + 4 * (6 if target.soft else 4)) if symmetric else 1
-    rows = matmul_plan(na, nb, dtype, chunk_rows, budget, col_bytes=col_bytes, partial_rows=cfg.block_m).stats_rows
-    if target.soft:
-        rows = aligned_memory_rows(na, nb, rows, budget, dtype, partial_bytes=col_bytes / cfg.block_m)
-    return rows
-
-
 def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes, teacher=None,
                  cublas=False, tiles=None):
     """Pass 1 of the general target (the contract of ``torch_chunked.target_stats``; with soft
     targets ``teacher`` is the ``targets.TeacherNorms`` of the teacher's pass). ``cublas``: the
-    cuBLAS producer whatever ``chunked.producer`` says (the teacher's pass, ``teacher_pass``);
-    ``tiles``: the producer (a ``_Tiles``) to use instead of ``chunked.producer``'s (the fused kernels'
-    pass 1, ``fused.target_stats``)."""
+    cuBLAS producer whatever ``plan.producer`` says (the teacher's pass, ``teacher_stats``); ``tiles``:
+    the producer (a ``plan.TargetTiles``) to use instead of ``plan.producer``'s (the fused kernels'
+    pass 1, ``fused_target.target_stats``)."""
     from ..targets import TargetStats, column_span, hard_weight, with_teacher
 
-    _check(a, b)
+    check_inputs(a, b)
     na, nb = a.shape[0], b.shape[0]
     dev = a.device
     f32, f64 = torch.float32, torch.float64
-    packed = _Packed(target, na, nb, dev)
+    packed = PackedTarget(target, na, nb, dev)
     st = TargetStats.empty(na, nb, f32, dev)
     soft = bool(target.soft)
     if soft and teacher is None:
@@ -637,7 +385,7 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
     t_c0, t_c1, t_soft = tch.numbers
     cached, kept = [], 0
     dummy = torch.zeros(1, dtype=f64, device=dev)
-    tiles = tiles or _Tiles(a, target, "target_stats", cublas)
+    tiles = tiles or TargetTiles(a, target, "target_stats", cublas)
     cfg = tiles.cfg
     if tiles.matmul:
         chunk_rows = matmul_stats_rows(target, na, nb, chunk_rows, chunk_bytes(dev), a.dtype, symmetric, cfg)
@@ -649,14 +397,14 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
             continue
         dot, a_c, b_k, tdot = tiles.operands(a, b, tch, r0, r1, c0, c1)
         r, w = r1 - r0, c1 - c0
-        it = _items(r, w, cfg, dev)
+        it = work_items(r, w, cfg, dev)
         row_part = torch.empty((it.splits, r), dtype=f64, device=dev)
         row_sums = torch.zeros((it.splits, n_sums, r), dtype=f32, device=dev)
         col_part = torch.empty((it.m_blocks, w), dtype=f64, device=dev) if symmetric else dummy
         col_sums = torch.zeros((it.m_blocks, n_sums, w), dtype=f32, device=dev) if symmetric else dummy.float()
-        bound = (_feature_bounds(tiles, target, a, b, r0, r1, c0, c1) if tiles.matmul
+        bound = (feature_margin_bounds(tiles, target, a, b, r0, r1, c0, c1) if tiles.matmul
                  else _bounds(target, dot, r0, r1, c0))
-        launch(_target_stats_kernel)[it.grid](
+        launch(target_stats_kernel)[it.grid](
             dot, a_c, b_k, scale, bias, *packed.args(), bound,
             tdot, tch.scale, tch.rows(r0, r1), tch.cols(c0, c1),
             hw_row[r0:r1] if entropy else hw_row, hw_col[c0:c1] if (entropy and symmetric) else hw_col,
@@ -669,7 +417,7 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
             SYMMETRIC=bool(symmetric), SMOOTHING=bool(smoothing), **packed.flags(), **tch.flags(),
             ENTROPY=entropy, **tiles.consts(a),
         )
-        _merge(row_part, st.row_lse[r0:r1], accumulate=False)
+        merge_lse(row_part, st.row_lse[r0:r1], accumulate=False)
         totals = row_sums.double().sum(dim=0)
         st.row_pos[r0:r1], st.row_sum_pos[r0:r1] = totals[0].float(), totals[1]
         st.row_keep[r0:r1], st.row_sum_keep[r0:r1] = totals[2].float(), totals[3]
@@ -678,7 +426,7 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
             if entropy:
                 ent_row[r0:r1] = totals[5]
         if symmetric:
-            _merge(col_part, st.col_lse[c0:c1], accumulate=True)
+            merge_lse(col_part, st.col_lse[c0:c1], accumulate=True)
             ctot = col_sums.double().sum(dim=0)
             st.col_pos[c0:c1] += ctot[0].float()
             st.col_sum_pos[c0:c1] += ctot[1]
@@ -697,18 +445,16 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
     return st, cached
 
 
-def _teacher_pass(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes, teacher=None):
-    """The teacher's pass (``targets.teacher_stats``) on the cuBLAS producer, whose chunks the soft
+def teacher_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes, teacher=None):
+    """The teacher's pass (the contract's ``teacher_stats``, run by ``targets.teacher_stats``) on the
+    cuBLAS producer, whose chunks the soft
     pass's teacher tiles read (``_Teacher.chunk``), so that its normalisers come from the same GEMMs
     of the teacher's features."""
     return target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes, teacher,
                         cublas=True)
 
 
-target_stats.teacher_pass = _teacher_pass
-
-
-class _GradVectors:
+class GradVectors:
     """Pass 2's O(N) inputs of ``target_grad_tile`` from the weights of ``targets.loss_and_weights``,
     as the kernels read them (fp32, the LSEs float64; dummies where a direction or mass is absent), the
     teacher's (``_Teacher``) and the bound of the fp16 lift of G."""
@@ -762,17 +508,17 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
     """Pass 2 of the general target (the contract of ``torch_chunked.target_grad``)."""
     from ..targets import column_span
 
-    _check(a, b)
+    check_inputs(a, b)
     na, nb = a.shape[0], b.shape[0]
     dev = a.device
-    packed = _Packed(target, na, nb, dev)
+    packed = PackedTarget(target, na, nb, dev)
     grad_a = torch.zeros(a.shape, dtype=torch.float32, device=dev)
     grad_b = torch.zeros(b.shape, dtype=torch.float32, device=dev)
-    vec = _GradVectors(a, target, weights, nb)
+    vec = GradVectors(a, target, weights, nb)
     tch, g_scale = vec.tch, vec.g_scale
     t_c0, t_c1, t_soft = tch.numbers
     parts = []
-    tiles = _Tiles(a, target, "target_grad")
+    tiles = TargetTiles(a, target, "target_grad")
     cfg = tiles.cfg
     if tiles.matmul:  # blocks of rows × columns whose G (and the teacher's fp32 chunk) fit the budget
         plan = matmul_plan(na, nb, a.dtype, chunk_rows, chunk_bytes(dev),
@@ -784,7 +530,7 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
     for k, (r0, r1) in enumerate(row_chunks(na, chunk_rows)):
         span0, span1 = column_span(target, r0, r1, nb)
         # the margin bounds at pass 1's alignment (its chunk's columns from span0)
-        bound = (_feature_bounds(tiles, target, a, b, r0, r1, span0, span1) if tiles.matmul and span1 > span0
+        bound = (feature_margin_bounds(tiles, target, a, b, r0, r1, span0, span1) if tiles.matmul and span1 > span0
                  else None)
         for c0 in range(span0, span1, block_cols):
             c1 = min(span1, c0 + block_cols)
@@ -798,9 +544,9 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
             if tiles.matmul:
                 g = g_buf[:r, :w]
             else:
-                g_chunk = _g_buffer(a, r, w)
+                g_chunk = grad_buffer(a, r, w)
                 g = dot if g_chunk is None else g_chunk
-            it = _items(r, w, cfg, dev)
+            it = work_items(r, w, cfg, dev)
             part = torch.empty((2, it.n_items), dtype=torch.float32, device=dev)
             if not tiles.matmul:
                 bound = _bounds(target, dot, r0, r1, c0)
@@ -813,7 +559,7 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
                 t_soft, **packed.flags(), **vec.flags(), **tiles.consts(a),
             )
             parts.append(part)
-            _grad_gemms(g, a[r0:r1], b[c0:c1], scale, grad_a[r0:r1], grad_b[c0:c1], g_scale,
+            grad_gemms(g, a[r0:r1], b[c0:c1], scale, grad_a[r0:r1], grad_b[c0:c1], g_scale,
                         accumulate_a=c0 > span0)
     grad_b.mul_(scale)
     totals = torch.cat(parts, dim=1).sum(dim=1) if parts else torch.zeros(2, dtype=torch.float32, device=dev)
@@ -826,7 +572,7 @@ def target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, 
     from ..targets import two_pass_target
 
     return two_pass_target(target_stats, target_grad, a, b, scale, bias, target, eps, symmetric, chunk_rows,
-                           need_grad, cache_bytes)
+                           need_grad, cache_bytes, teacher_pass=teacher_stats)
 
 
 # ------------------------------------------------------------------------------------ compile gate
@@ -837,7 +583,7 @@ _FLOAT_ARGS = ("penalty", "w_row", "g_scale", "t_c0", "t_c1", "soft")
 
 
 def target_signature(fn, consts: dict, features: str, grad: str = "*fp32") -> dict:
-    """The argument types of a general-target kernel (this module's and ``fused.py``'s) from its
+    """The argument types of a general-target kernel (this module's and ``fused_target.py``'s) from its
     argument names, for the compile gate: the features (a_ptr, b_ptr) of type ``features`` (stand-ins
     of the chunk's type with the cuBLAS producer), G (g_ptr) of type ``grad``, every other pointer fp32
     unless named in _POINTER_TYPES (the chunks of dot products among them), the numbers in _FLOAT_ARGS
@@ -909,7 +655,7 @@ def compile_specs():
     for matmul, dtype, (flags, sym, smooth, soft) in stats_runs:
         consts = dict(SYMMETRIC=sym, SMOOTHING=smooth, **flags, **soft)
         tag = ",".join(k for k, v in flags.items() if v and k != "PENALTY_MODE") or "plain"
-        add(f"target_stats[{tag},sym={sym},smooth={smooth}{soft_tag(soft)}]", _target_stats_kernel, consts,
+        add(f"target_stats[{tag},sym={sym},smooth={smooth}{soft_tag(soft)}]", target_stats_kernel, consts,
             dtype, matmul, soft["SOFT"], "target_stats")
     g_hard = dict(SOFT=False, TEACHER_LINEAR=False, HAS_MASS=False)
     g_soft_max = dict(SOFT=True, TEACHER_LINEAR=False, HAS_MASS=False)
@@ -934,5 +680,5 @@ def compile_specs():
         add(f"target_grad[{tag},sym={sym}{stag}]", _target_grad_kernel, consts, dtype, matmul, soft["SOFT"],
             "target_grad")
     for dtype in SUPPORTED_DTYPES:  # (the margin rule does not combine with soft targets)
-        add("target_pair_dots", _pair_dots_kernel, {}, dtype, True, False, "target_stats")
+        add("target_pair_dots", pair_dots_kernel, {}, dtype, True, False, "target_stats")
     return specs

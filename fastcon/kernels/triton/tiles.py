@@ -1,0 +1,456 @@
+"""The ``@triton.jit`` tile maths that the kernels of more than one module call.
+
+* LSE parts: a (partial) LSE is kept as its maximum ``m`` (an exact logit) and its *excess*
+  ``r = Σ exp(t − m) − 1`` (the max's own term, exactly 1, is never added) and formed as
+  ``float64(m) + float64(log1p(r))`` (``lse64``), so that a confident row's loss ``lse − S_pos =
+  log1p(r)`` keeps fp32 relative precision however small it is (``log(1 + r)`` with ``1 + r``
+  rounded in fp32 would lose everything below ulp(1) ≈ 1.2e-7); ``tile_lse_parts`` and
+  ``online_row_lse`` form the parts of a tile, ``merge_lse_kernel`` merges float64 partials in a
+  fixed order (no float atomics). A gradient kernel splits a float64 LSE once per tile into fp32
+  ``hi + lo`` (``split_lse``) and forms ``((t − hi) − lo)·log2 e`` per element; at a positive,
+  ``P − 1`` is formed with an accurate ``expm1`` instead of ``exp(x) − 1``, which would round at
+  ulp(1) as well.
+* The producer of the epilogues' tiles of dot products (``dot_tile``, ``column_tile``): ``tl.dot``
+  over D (the matmul producer) or a chunk in memory written by ``torch.mm`` (the cuBLAS producer),
+  and the work items (row block × column split) a program takes (``work_item``, ``items_end``,
+  ``items_step``).
+* CLIP and SigLIP: G of a softmax tile (``softmax_grad_tile``) and the sigmoid loss and G
+  (``sigmoid_terms``).
+* The general target (``fastcon/kernels/targets.py``): which pairs of a tile are kept and which are
+  positives (``target_tile``), the teacher's probabilities (``teacher_tile``, ``teacher_dot_tile``),
+  G (``target_grad_tile``) and the rows of a work item (``target_work_item``), called by the chunked
+  epilogues (``target.py``) and the fused tile kernels (``fused_target.py``) alike.
+
+Logits, maxima and LSEs are in natural units; exponentials are ``exp2((x − m)·log2 e)`` with the
+log2 factor applied after the subtraction, so that logits of size 100 lose no more than fp32
+rounding of the difference (folding log2 e into the scale would round both terms separately).
+"""
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+# ------------------------------------------------------------------------------------------ LSE parts
+@triton.jit
+def log1p(x):
+    """log(1 + x) in fp32 for x >= 0 (or -1 < x), accurate for small x: log(u)·x/(u − 1), u = 1 + x."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
+
+
+@triton.jit
+def expm1(x):
+    """exp(x) − 1 in fp32, accurate for small |x| (Kahan: (u − 1)·x/log(u), u = e^x, which stays
+    accurate with an approximate exp2); −inf gives −1. Where u is below fp32's smallest normal number
+    (x < −87.3: a subnormal u, whose log is inexact, or 0) the result is u − 1 = −1 itself."""
+    u = tl.exp2(x * LOG2E)
+    um1 = u - 1.0
+    plain = (u < 1.1754944e-38) | (u == float("inf"))
+    r = um1 * (x / tl.where((u == 1.0) | plain, 1.0, tl.log(u)))
+    return tl.where(u == 1.0, x, tl.where(plain, um1, r))
+
+
+@triton.jit
+def lse64(m, r):
+    """float64 LSE from its fp32 parts: the max m and the excess r = Σ exp(t − m) − 1 (−inf stays)."""
+    return tl.where(m == float("-inf"), float("-inf"), m.to(tl.float64) + log1p(r).to(tl.float64))
+
+
+@triton.jit
+def split_lse(lse):
+    """(hi, lo) fp32 parts of a float64 LSE, hi + lo = lse; an infinite LSE gives lo = 0 (not NaN)."""
+    hi = lse.to(tl.float32)
+    lo = (lse - hi.to(tl.float64)).to(tl.float32)
+    return hi, tl.where((hi == float("inf")) | (hi == float("-inf")), 0.0, lo)
+
+
+@triton.jit
+def tile_lse_parts(t, AXIS: tl.constexpr):
+    """(max, excess) of t along AXIS: Σ exp(t − max) = 1 + excess; ties to the max add exactly 1 each
+    beyond the first, the max's own term is never summed."""
+    mx = tl.max(t, AXIS)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    e = tl.exp2((t - tl.expand_dims(mx_safe, AXIS)) * LOG2E)
+    at_max = t == tl.expand_dims(mx, AXIS)
+    excl = tl.sum(tl.where(at_max, 0.0, e), AXIS)
+    n_eq = tl.sum(at_max.to(tl.float32), AXIS)
+    return mx, excl + (n_eq - 1.0)
+
+
+@triton.jit
+def online_row_lse(m_i, r_i, t):
+    """One column tile of an online row LSE kept as (max m_i, excess r_i): Σ_j exp(t_j − m_i) = 1 + r_i."""
+    tile_max = tl.max(t, 1)
+    m_new = tl.maximum(m_i, tile_max)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    e = tl.exp2((t - m_safe[:, None]) * LOG2E)
+    at_max = t == m_new[:, None]
+    excl = tl.sum(tl.where(at_max, 0.0, e), 1)
+    n_eq = tl.sum(at_max.to(tl.float32), 1)
+    alpha = tl.exp2((m_i - m_safe) * LOG2E)  # the old max's term; 0 for m_i = −inf
+    # the new max comes from this tile: the old max's term alpha joins the excess, one tile max is
+    # the new "1"; else every tile element (ties to the max included) is excess
+    r_new = r_i * alpha + excl + tl.where(tile_max > m_i, alpha + (n_eq - 1.0), n_eq)
+    return m_new, r_new
+
+
+@triton.jit
+def merge_lse_kernel(
+    part_ptr, out_ptr,
+    K, N,
+    stride_pk, stride_pn,
+    ACCUMULATE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """out[n] = ln(Σ_k e^part[k, n]) over float64 natural-unit partials, merged with the existing
+    ``out[n]`` when ACCUMULATE, in float64: M = max, then M + log1p(Σ_{k ≠ argmax} e^(part − M))
+    with the differences taken in float64 and exponentiated in fp32. Two passes over k in a fixed
+    order: deterministic."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = offs < N
+    if ACCUMULATE:
+        m = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+    else:
+        m = tl.full([BLOCK_N], float("-inf"), tl.float64)
+    prev = m
+    for k in range(0, K):
+        p = tl.load(part_ptr + k * stride_pk + offs * stride_pn, mask=mask, other=float("-inf")).to(tl.float64)
+        m = tl.maximum(m, p)
+    inf_m = (m == float("-inf")) | (m == float("inf"))
+    m_safe = tl.where(inf_m, 0.0, m)
+    acc = tl.zeros([BLOCK_N], tl.float32)   # Σ e^(p − M) over the partials below the max
+    cnt = tl.zeros([BLOCK_N], tl.float32)   # partials equal to the max
+    if ACCUMULATE:
+        acc += tl.where(prev == m, 0.0, tl.exp2((prev - m_safe).to(tl.float32) * LOG2E))
+        cnt += tl.where(prev == m, 1.0, 0.0)
+    for k in range(0, K):
+        p = tl.load(part_ptr + k * stride_pk + offs * stride_pn, mask=mask, other=float("-inf")).to(tl.float64)
+        acc += tl.where(p == m, 0.0, tl.exp2((p - m_safe).to(tl.float32) * LOG2E))
+        cnt += tl.where(p == m, 1.0, 0.0)
+    res = m_safe + log1p(acc + (cnt - 1.0)).to(tl.float64)
+    res = tl.where(inf_m, m, res)
+    tl.store(out_ptr + offs, res, mask=mask)
+
+
+# ---------------------------------------------------------------------------- tiles and work items
+@triton.jit
+def dot_tile(dot_ptr, stride_dm, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m, offs_n, mask_m, mask_n,
+             MATMUL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The producer of the engine's tiles: the fp32 dot products A_i·B_j of rows ``offs_m`` of a chunk
+    of A and rows ``offs_n`` of B, 0 outside ``mask_m × mask_n``. With MATMUL formed here, ``tl.dot``
+    over D in BLOCK_K slices of A (row stride stride_am) and B (stride_bn), fp32 accumulation (wgmma on
+    sm_90, mma on sm_80); else read from a chunk of dot products in memory (row stride stride_dm),
+    written by ``torch.mm``. Every operand has a unit inner stride. Both passes of a loss call it with
+    the same BLOCK_K, so a logit is the same number in each."""
+    if MATMUL:
+        d = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < D
+            x = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :],
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            y = tl.load(b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn + offs_k[None, :],
+                        mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            d = tl.dot(x, tl.trans(y), d, input_precision=INPUT_PRECISION)
+    else:
+        d = tl.load(dot_ptr + offs_m[:, None] * stride_dm + offs_n[None, :],
+                    mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+    return d
+
+
+@triton.jit
+def column_tile(ct, dot_ptr, stride_dm, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m, mask_m, N,
+                MATMUL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Column tile ``ct`` of a row block (local rows ``offs_m``) of an epilogue over N columns: its
+    column offsets, their mask and its dot products (``dot_tile``)."""
+    offs_n = ct * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    d = dot_tile(dot_ptr, stride_dm, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m, offs_n, mask_m, mask_n,
+                 MATMUL, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    return offs_n, mask_n, d
+
+
+@triton.jit
+def items_end(n_items, PERSISTENT: tl.constexpr):
+    """End of a program's loop over work items: all of them for a persistent grid (the matmul
+    producer, whose configurations state an occupancy: ``work_items``), else its own one (a loop the
+    compiler sees run once: no loop-carried registers)."""
+    if PERSISTENT:
+        end = n_items
+    else:
+        end = tl.program_id(0) + 1
+    return end
+
+
+@triton.jit
+def items_step(PERSISTENT: tl.constexpr):
+    if PERSISTENT:
+        step = tl.num_programs(0)
+    else:
+        step = 1
+    return step
+
+
+@triton.jit
+def work_item(item, m_blocks, tiles_per_split, R, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Work item ``item`` of an epilogue over R rows × N columns: row block m (fastest, so that the
+    programs running at once walk the same column tiles of B and share them in L2) and column
+    split s. Returns (m, its local row offsets as int64 and their mask, its column tiles [t0, t1))."""
+    pid_m = item % m_blocks
+    pid_s = item // m_blocks
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    t0 = pid_s * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(N, BLOCK_N))
+    return pid_m, offs_m, offs_m < R, t0, t1
+
+
+# ------------------------------------------------------------------------------------ CLIP, SigLIP
+@triton.jit
+def softmax_grad_tile(t, ct, offs_n, mask_n, mask_m, target, first_target, N, row_hi, row_lo, col_lse_ptr,
+                       w_row, w_col, w_tgt, HAS_COL_TERM: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """G of one tile of logits t (rows × column tile ct): w_row·exp(t − row_lse) [+ w_col·exp(t −
+    col_lse)], the LSEs as fp32 hi + lo; at the positives (column = target of the row) instead
+    w_tgt + w_col·(P_col − 1) + w_row·(P_row − 1) with expm1, w_tgt = w_row [+ w_col] − w_pos."""
+    g = w_row * tl.exp2(((t - row_hi[:, None]) - row_lo[:, None]) * LOG2E)
+    if HAS_COL_TERM:
+        col_hi, col_lo = split_lse(tl.load(col_lse_ptr + offs_n, mask=mask_n, other=float("inf")))
+        g += w_col * tl.exp2(((t - col_hi[None, :]) - col_lo[None, :]) * LOG2E)
+    if (ct * BLOCK_N < first_target + BLOCK_M) & (ct * BLOCK_N + BLOCK_N > first_target):
+        # this tile holds positives
+        is_t = offs_n[None, :] == target[:, None]
+        t_pos = tl.sum(tl.where(is_t, t, 0.0), 1)
+        # the O(1) parts first: a column LSE of +inf gives w_col·(−1), which must cancel
+        # against w_tgt before the small row term is added
+        g_pos = w_tgt
+        if HAS_COL_TERM:  # column LSE of each row's positive column
+            pc_hi, pc_lo = split_lse(tl.load(col_lse_ptr + target, mask=mask_m & (target >= 0) & (target < N),
+                                              other=float("inf")))
+            g_pos += w_col * expm1((t_pos - pc_hi) - pc_lo)
+        g_pos += w_row * expm1((t_pos - row_hi) - row_lo)
+        g = tl.where(is_t, g_pos[:, None], g)
+    return g
+
+
+@triton.jit
+def softplus(x):
+    """log(1 + e^x), stable, with an accurate log1p (log(u)·e/(u − 1), u = 1 + e)."""
+    e = tl.exp2(-tl.abs(x) * LOG2E)
+    u = 1.0 + e
+    l1p = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
+    return tl.maximum(x, 0.0) + l1p
+
+
+@triton.jit
+def sigmoid_terms(s, is_pos):
+    """(softplus(−z·S), σ(S) − [z = +1]) for z = +1 on positives, −1 elsewhere."""
+    x = tl.where(is_pos, -s, s)
+    loss = softplus(x)
+    e = tl.exp2(-tl.abs(s) * LOG2E)
+    inv = 1.0 / (1.0 + e)
+    sig = tl.where(s >= 0, inv, e * inv)          # σ(S)
+    sig_neg = tl.where(s >= 0, e * inv, inv)      # σ(−S) = 1 − σ(S)
+    g = tl.where(is_pos, -sig_neg, sig)
+    return loss, g
+
+
+# ------------------------------------------------------------------------------ the general target
+@triton.jit
+def target_tile(d, rows, cols, mask_m, mask_n, row_info_ptr, col_info_ptr, row_flag_ptr, col_flag_ptr,
+                dense_ptr, stride_dense, bound, scale, bias, penalty,
+                HAS_MARGIN: tl.constexpr, HAS_PENALTY: tl.constexpr, PENALTY_MODE: tl.constexpr,
+                HAS_DENSE: tl.constexpr):
+    """(kept, positive, logits) of a tile ``d`` of dot products A_i·B_j (unscaled, fp32) whose global
+    row indices are ``rows`` and column indices ``cols`` (targets.py states the rules). Dropped pairs
+    and the tile's padding (outside mask_m × mask_n) are not kept; ``bound`` is each row's
+    ``A_i·B_pair − margin`` (used with HAS_MARGIN)."""
+    rid = tl.load(row_info_ptr + rows * 6 + 0, mask=mask_m, other=-2)
+    excl = tl.load(row_info_ptr + rows * 6 + 1, mask=mask_m, other=-1)
+    lo = tl.load(row_info_ptr + rows * 6 + 2, mask=mask_m, other=0)
+    hi = tl.load(row_info_ptr + rows * 6 + 3, mask=mask_m, other=0)
+    rown = tl.load(row_info_ptr + rows * 6 + 4, mask=mask_m, other=-1)
+    rule = tl.load(row_info_ptr + rows * 6 + 5, mask=mask_m, other=0)
+    cid = tl.load(col_info_ptr + cols * 2 + 0, mask=mask_n, other=-3)
+    cown = tl.load(col_info_ptr + cols * 2 + 1, mask=mask_n, other=-1)
+    ckeep = tl.load(col_flag_ptr + cols * 2 + 0, mask=mask_n, other=0)
+    c2 = cols[None, :]
+    pos = (cid[None, :] >= 0) & (cid[None, :] == rid[:, None])
+    keep = (mask_m[:, None] & mask_n[None, :]) & (ckeep[None, :] != 0)
+    keep = keep & (c2 != excl[:, None]) & (c2 >= lo[:, None]) & (c2 < hi[:, None])
+    owned = cown[None, :] >= 0
+    own = owned & (cown[None, :] == rown[:, None])
+    keep = keep & ~((rule[:, None] == 1) & own) & ~((rule[:, None] == 2) & owned & ~own)
+    if HAS_DENSE:
+        dense = tl.load(dense_ptr + rows[:, None].to(tl.int64) * stride_dense + c2,
+                        mask=mask_m[:, None] & mask_n[None, :], other=0)
+        keep = keep & (dense != 0)
+    if HAS_MARGIN:
+        keep = keep & (pos | (d <= bound[:, None]))
+    pos = pos & keep
+    t = d * scale + bias
+    if HAS_PENALTY:
+        prow = tl.load(row_flag_ptr + rows, mask=mask_m, other=0)
+        pcol = tl.load(col_flag_ptr + cols * 2 + 1, mask=mask_n, other=0)
+        pen = keep & ~pos & (prow[:, None] != 0) & (pcol[None, :] != 0)
+        if PENALTY_MODE == 1:
+            pen = pen & own
+        if PENALTY_MODE == 2:
+            pen = pen & ~own
+        t = tl.where(pen, t + penalty * d, t)
+    return keep, pos, t
+
+
+@triton.jit
+def teacher_tile(td, keep, t_scale, t_c0, t_c1, t_row_hi, t_row_lo, t_col_hi, t_col_lo,
+                 TEACHER_LINEAR: tl.constexpr, COLS: tl.constexpr):
+    """The teacher's target probabilities (q_row, q_col) of a tile ``td`` of its dot products
+    A_t,i·B_t,j (fp32) on the kept pairs ``keep`` (0 elsewhere, the tile's padding included). Softmax
+    teacher: logits ``T = t_scale·td`` and ``exp(T − norm)`` with each row's (column's) float64
+    normaliser as fp32 (hi, lo) (``split_lse``); linear teacher (TEACHER_LINEAR): weights
+    ``T = t_c0 + t_c1·td`` and ``T·(1/norm)``: for a linear teacher the vectors hold the normalisers'
+    reciprocals (hi; lo unused), within an ulp of torch's ``T / norm`` without a division in the
+    kernel (whose slow path costs registers). q_col only with COLS (zeros otherwise). As
+    ``torch_chunked.teacher_probs``."""
+    if TEACHER_LINEAR:
+        t = td * t_c1 + t_c0
+        q_row = t * t_row_hi[:, None]
+    else:
+        t = td * t_scale
+        q_row = tl.exp2(((t - t_row_hi[:, None]) - t_row_lo[:, None]) * LOG2E)
+    q_row = tl.where(keep, q_row, 0.0)
+    q_col = tl.zeros_like(q_row)
+    if COLS:
+        if TEACHER_LINEAR:
+            q_col = t * t_col_hi[None, :]
+        else:
+            q_col = tl.exp2(((t - t_col_hi[None, :]) - t_col_lo[None, :]) * LOG2E)
+        q_col = tl.where(keep, q_col, 0.0)
+    return q_row, q_col
+
+
+@triton.jit
+def _teacher_norms(norm_ptr, offs, mask):
+    """fp32 (hi, lo) of the teacher's float64 normalisers at offs (+inf outside mask, whose pairs the
+    keep mask drops)."""
+    return split_lse(tl.load(norm_ptr + offs, mask=mask, other=float("inf")))
+
+
+@triton.jit
+def grad_row_vectors(row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, row_mass_ptr, offs_m, mask_m,
+                     HAS_MASS: tl.constexpr):
+    """Pass 2's per-row inputs of ``target_grad_tile`` at rows ``offs_m``: the float64 row LSE as fp32
+    (hi, lo), the target mass at a positive and on every kept pair, and (HAS_MASS) the softmax term's
+    mass (``qp`` stands in for it otherwise)."""
+    row_hi, row_lo = split_lse(tl.load(row_lse_ptr + offs_m, mask=mask_m, other=float("inf")))
+    qp = tl.load(q_row_pos_ptr + offs_m, mask=mask_m, other=0.0)
+    qk = tl.load(q_row_keep_ptr + offs_m, mask=mask_m, other=0.0)
+    mass = qp
+    if HAS_MASS:
+        mass = tl.load(row_mass_ptr + offs_m, mask=mask_m, other=0.0)
+    return row_hi, row_lo, qp, qk, mass
+
+
+@triton.jit
+def teacher_rows(t_scale_ptr, t_row_ptr, offs_m, mask_m, SOFT: tl.constexpr, TEACHER_LINEAR: tl.constexpr):
+    """(scale, row normalisers hi, lo) of the teacher at rows ``offs_m`` (dummies without SOFT)."""
+    t_scale = 1.0
+    if SOFT:
+        if not TEACHER_LINEAR:
+            t_scale = tl.load(t_scale_ptr).to(tl.float32)
+        t_row_hi, t_row_lo = _teacher_norms(t_row_ptr, offs_m, mask_m)
+    else:
+        t_row_hi = tl.zeros(offs_m.shape, tl.float32)
+        t_row_lo = t_row_hi
+    return t_scale, t_row_hi, t_row_lo
+
+
+@triton.jit
+def _p_minus_q(x, pos, qp, mass, HAS_MASS: tl.constexpr):
+    """``mass·exp(x) − q·[pos]`` of one direction (``qp``, ``mass`` broadcast to the tile): at a
+    positive with q > ½ (a single confident one) as ``mass·expm1(x) + (mass − q)``, which keeps the
+    precision of P ≈ 1; elsewhere directly. Without HAS_MASS the mass is 1."""
+    e = tl.exp2(x * LOG2E)
+    if HAS_MASS:
+        g = tl.where(pos, tl.where(qp > 0.5, mass * expm1(x) + (mass - qp), e * mass - qp), e * mass)
+    else:
+        g = tl.where(pos, tl.where(qp > 0.5, expm1(x) + (1.0 - qp), e - qp), e)
+    return g
+
+
+@triton.jit
+def target_grad_tile(t, keep, pos, row_hi, row_lo, qp, qk, mass, q_row, q_col, offs_n, mask_n,
+                     col_lse_ptr, q_col_pos_ptr, q_col_keep_ptr, w_col_ptr, col_mass_ptr, w_row, soft,
+                     SYMMETRIC: tl.constexpr, SOFT: tl.constexpr, HAS_MASS: tl.constexpr):
+    """G = ∂L/∂S of a tile of logits ``t`` (``target_tile``: its kept pairs and positives), 0 off the kept
+    pairs: ``w_row·(mass·P_row − q_pos·[pos] − q_keep − soft·Qt_row)`` with the row vectors of
+    ``grad_row_vectors`` (the float64 LSE as fp32 hi, lo), plus with SYMMETRIC ``w_col·(…)`` of the
+    same form per column, its vectors read here at the tile's local columns ``offs_n``. Soft targets
+    (SOFT): the teacher's probabilities ``q_row``, ``q_col`` (``teacher_tile``). Every producer of a
+    tile calls it: the epilogues of ``target.py`` (either producer) and the fused tile kernels
+    (``fused_target.py``), so that G is one formula."""
+    g = _p_minus_q((t - row_hi[:, None]) - row_lo[:, None], pos, qp[:, None], mass[:, None], HAS_MASS) - qk[:, None]
+    if SOFT:
+        g = g - soft * q_row
+    g = w_row * g
+    if SYMMETRIC:
+        col_hi, col_lo = split_lse(tl.load(col_lse_ptr + offs_n, mask=mask_n, other=float("inf")))
+        qcp = tl.load(q_col_pos_ptr + offs_n, mask=mask_n, other=0.0)
+        qck = tl.load(q_col_keep_ptr + offs_n, mask=mask_n, other=0.0)
+        wc = tl.load(w_col_ptr + offs_n, mask=mask_n, other=0.0)
+        mc = qcp
+        if HAS_MASS:
+            mc = tl.load(col_mass_ptr + offs_n, mask=mask_n, other=0.0)
+        gc = _p_minus_q((t - col_hi[None, :]) - col_lo[None, :], pos, qcp[None, :], mc[None, :], HAS_MASS) - qck[None, :]
+        if SOFT:
+            gc = gc - soft * q_col
+        g += tl.where(wc[None, :] != 0.0, wc[None, :] * gc, 0.0)
+    return tl.where(keep, g, 0.0)
+
+
+@triton.jit
+def row_bounds(bound_ptr, offs_m, mask_m, HAS_MARGIN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Each row's margin bound ``A_i·B_pair − margin`` at local rows ``offs_m`` (zeros without
+    HAS_MARGIN)."""
+    if HAS_MARGIN:
+        bound = tl.load(bound_ptr + offs_m, mask=mask_m, other=0.0)
+    else:
+        bound = tl.zeros([BLOCK_M], tl.float32)
+    return bound
+
+
+@triton.jit
+def target_work_item(item, m_blocks, scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_per_split,
+                     HAS_MARGIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What work item ``item`` (row block m = item % m_blocks, column split s = item // m_blocks:
+    ``work_item``) of an epilogue over a chunk of R rows × W columns works on: (m, s), its
+    rows (local offsets, mask, global indices), their margin bounds, the scale and bias, and its
+    column tiles [t0, t1)."""
+    wide = tl.zeros([], tl.int64)  # the item's indices in int64, as the addresses are
+    pid_m = item % m_blocks + wide
+    pid_s = item // m_blocks + wide
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < R
+    t0 = pid_s * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(W, BLOCK_N))
+    bound = row_bounds(bound_ptr, offs_m, mask_m, HAS_MARGIN, BLOCK_M)
+    return (pid_m, pid_s, offs_m, mask_m, row0 + offs_m, bound, tl.load(scale_ptr).to(tl.float32),
+            tl.load(bias_ptr).to(tl.float32), t0, t1)
+
+
+@triton.jit
+def teacher_dot_tile(tdot_ptr, stride_tm, offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr, t_scale, t_c0, t_c1,
+                     t_row_hi, t_row_lo, TEACHER_LINEAR: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """``teacher_tile`` of a tile of the teacher's dot products, read from its fp32 chunk in memory
+    (whatever the student's producer), its column normalisers read here."""
+    td = tl.load(tdot_ptr + offs_m[:, None] * stride_tm + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :],
+                 other=0.0)
+    if SYMMETRIC:
+        t_col_hi, t_col_lo = _teacher_norms(t_col_ptr, offs_n, mask_n)
+    else:
+        t_col_hi, t_col_lo = t_row_hi, t_row_lo  # unused
+    return teacher_tile(td, keep, t_scale, t_c0, t_c1, t_row_hi, t_row_lo, t_col_hi, t_col_lo, TEACHER_LINEAR,
+                        SYMMETRIC)
