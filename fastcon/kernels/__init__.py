@@ -1,10 +1,11 @@
 """Backends of the fastcon engine.
 
-Every backend module (``torch_chunked``, ``cpp``, ``triton``, ``triton.fused``) exposes the same four
-engine operations over ``S = s·A·Bᵀ + b`` (A: Na×D, B: Nb×D, same dtype and device, contiguous).
-``scale`` and ``bias`` are 0-d tensors on that device in the accumulation dtype (float64 for float64
-inputs, else float32); products, exponentials and reductions are done in that dtype and every output
-is in it. No Na×Nb tensor is allocated, only row chunks of at most ``chunk_rows`` rows (or tiles)::
+Every backend (``torch``, ``cpp``, ``triton``, ``triton_fused``) exposes the same engine operations,
+listed as code in ``contract.py`` (where each backend keeps them: ``contract.BACKEND_MODULES``).
+The CLIP and SigLIP operations work over ``S = s·A·Bᵀ + b`` (A: Na×D, B: Nb×D, same dtype and
+device, contiguous). ``scale`` and ``bias`` are 0-d tensors on that device in the accumulation dtype
+(float64 for float64 inputs, else float32); products, exponentials and reductions are done in that
+dtype and every output is in it. No Na×Nb tensor is allocated, only row chunks of at most ``chunk_rows`` rows (or tiles)::
 
     lse_stats(a, b, scale, bias, pos_offset, chunk_rows) -> (row_lse[Na], col_lse[Nb], pos_logit[Na])
         row_lse_i = logsumexp_j S_ij, col_lse_j = logsumexp_i S_ij, pos_logit_i = S_{i, i+pos_offset}
@@ -44,11 +45,12 @@ identically for every backend.
 
 The general target (``fastcon/kernels/targets.py``: positives by id, dropped pairs, ownership rules,
 column ranges, row groups, the hardness penalty, a dense mask, label smoothing over the kept columns)
-is two more operations, of the torch, C++ and chunked Triton backends (``triton/target.py``; the
-fused tile kernels have none yet)::
+is two more operations of every backend (the Triton ones in ``triton/target.py`` and
+``triton/fused_target.py``), with the teacher's pass of a soft target a third (``teacher_stats``)::
 
-    target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes)
+    target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes, teacher=None)
             -> (targets.TargetStats, cached chunks of dot products)
+    teacher_stats(the same arguments)   the teacher's pass over its own features
     target_grad(a, b, scale, bias, target, weights, chunk_rows, cached)
             -> (grad_a, grad_b, grad_scale, grad_bias)
 
