@@ -14,6 +14,7 @@
 // then adds g·y_{j,r*} to x_{ik} (and g·x_{i,k*} to y_{jr}) by gathers: O((nx + ny)·D) per pair
 // beside the tile's O(nx·ny·D). The x rows are owned by one thread in one pass and the y rows by one
 // thread in a second, each summing in a fixed order, so the result does not depend on the thread count.
+// Float gradients are summed wide: runs of float sums added in double (see kRun).
 #include <torch/library.h>
 
 #include "engine.h"
@@ -44,6 +45,52 @@ void check_late(const char* op, const Tensor& x, const Tensor& y, const Tensor& 
   }
   TORCH_CHECK(block >= 1, "fastcon::", op, ": block must be >= 1, got ", block);
 }
+
+// The gathered rows of late_grad_t are summed wide for float: a destination row takes its terms in runs
+// of kRun, summed in float in the row itself (the plain axpy), and each run's sum is added to a double
+// copy of the row. A row can take up to Bx·nx terms (a token that is the argmax of every token of every
+// item on the other side), and one float running sum over them all drifts by several times the error of
+// the materialised formula's GEMM, which sums in blocks. Runs of 8 keep the gradients within that error
+// at about half the extra time of a double add for every term.
+constexpr int32_t kRun = 8;
+
+// wide[0:n] += part[0:n] (wide = part for a row's first run), then part = 0.
+FC_CLONES void flush_run(double* __restrict wide, float* __restrict part, int64_t n, bool first) {
+  if (first) {
+#pragma omp simd
+    for (int64_t e = 0; e < n; ++e) wide[e] = double(part[e]);
+  } else {
+#pragma omp simd
+    for (int64_t e = 0; e < n; ++e) wide[e] += double(part[e]);
+  }
+#pragma omp simd
+  for (int64_t e = 0; e < n; ++e) part[e] = 0.0f;
+}
+
+// part[0:n] = wide[0:n] + part[0:n], rounded once.
+FC_CLONES void finish_row(float* __restrict part, const double* __restrict wide, int64_t n) {
+#pragma omp simd
+  for (int64_t e = 0; e < n; ++e) part[e] = float(wide[e] + double(part[e]));
+}
+
+// rows[q] += g·src, counting the row's terms in count[q] and ending a run at every kRun-th; a float64
+// row is summed in place.
+FC_INLINE void add_term(float* rows, double* wide, int32_t* count, int64_t q, const float* src, int64_t d, float g) {
+  fc_axpy(rows + q * d, src, d, g);
+  if (++count[q] % kRun == 0) flush_run(wide + q * d, rows + q * d, d, count[q] == kRun);
+}
+
+FC_INLINE void add_term(double* rows, double*, int32_t*, int64_t q, const double* src, int64_t d, double g) {
+  fc_axpy(rows + q * d, src, d, g);
+}
+
+// The sums of rows[0:n] with their double rows.
+FC_INLINE void finish_rows(float* rows, const double* wide, const int32_t* count, int64_t n, int64_t d) {
+  for (int64_t q = 0; q < n; ++q)
+    if (count[q] >= kRun) finish_row(rows + q * d, wide + q * d, d);
+}
+
+FC_INLINE void finish_rows(double*, const double*, const int32_t*, int64_t, int64_t) {}
 
 int64_t pair_grain(int64_t nx, int64_t ny) {
   return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, nx * ny));
@@ -139,6 +186,12 @@ std::vector<Tensor> late_grad_t(const Tensor& x, const Tensor& y, const Tensor& 
   const T* yp = y.data_ptr<T>();
   T* dxp = dx.data_ptr<T>();
   T* dyp = dy.data_ptr<T>();
+  // float: the double rows of dy (written by a row's first run) and every y row's term count
+  const bool two_level = x.scalar_type() == at::kFloat;
+  Tensor dy_wide = at::empty({two_level ? by * ny * d : 0}, y.options().dtype(at::kDouble));
+  Tensor dy_count = at::zeros({two_level ? by * ny : 0}, y.options().dtype(at::kInt));
+  double* dywp = dy_wide.data_ptr<double>();
+  int32_t* dycp = dy_count.data_ptr<int32_t>();
   // argmaxes of a block's pairs: rarg[p, k] = r*, carg[p, r] = k* (−1: padding)
   const int64_t block_items = std::min(block, bx);
   Tensor rarg = at::empty({block_items * by * nx}, x.options().dtype(at::kInt));
@@ -163,11 +216,14 @@ std::vector<Tensor> late_grad_t(const Tensor& x, const Tensor& y, const Tensor& 
     }
   };
   auto gradients = [&](int64_t i0, int64_t c) {
-    // x's gradient: each item of the block owns its rows
+    // x's gradient: each item of the block owns its rows (their double rows in a thread's scratch)
     at::parallel_for(0, c, 1, [&](int64_t l0, int64_t l1) {
+      std::vector<double> wide(static_cast<size_t>(two_level ? nx * d : 0));
+      std::vector<int32_t> count(static_cast<size_t>(nx));
       for (int64_t li = l0; li < l1; ++li) {
         const int64_t i = i0 + li;
         T* dxi = dxp + i * nx * d;
+        std::fill(count.begin(), count.end(), 0);
         for (int64_t j = 0; j < by; ++j) {
           const T g1 = hx ? gxp[i * by + j] : T(0), g2 = hy ? gyp[i * by + j] : T(0);
           const int32_t* ra = rap + (li * by + j) * nx;
@@ -175,17 +231,20 @@ std::vector<Tensor> late_grad_t(const Tensor& x, const Tensor& y, const Tensor& 
           const T* yj = yp + j * ny * d;
           if (g1 != T(0))
             for (int64_t k = 0; k < nx; ++k)
-              if (ra[k] >= 0) fc_axpy(dxi + k * d, yj + int64_t(ra[k]) * d, d, g1);
+              if (ra[k] >= 0) add_term(dxi, wide.data(), count.data(), k, yj + int64_t(ra[k]) * d, d, g1);
           if (g2 != T(0))
             for (int64_t r = 0; r < ny; ++r)
-              if (ca[r] >= 0) fc_axpy(dxi + int64_t(ca[r]) * d, yj + r * d, d, g2);
+              if (ca[r] >= 0) add_term(dxi, wide.data(), count.data(), ca[r], yj + r * d, d, g2);
         }
+        finish_rows(dxi, wide.data(), count.data(), nx, d);
       }
     });
     // y's gradient: each y item owns its rows and takes the block's items in order
     at::parallel_for(0, by, 1, [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
         T* dyj = dyp + j * ny * d;
+        double* wj = two_level ? dywp + j * ny * d : nullptr;
+        int32_t* cj = two_level ? dycp + j * ny : nullptr;
         for (int64_t li = 0; li < c; ++li) {
           const int64_t i = i0 + li;
           const T g1 = hx ? gxp[i * by + j] : T(0), g2 = hy ? gyp[i * by + j] : T(0);
@@ -194,15 +253,19 @@ std::vector<Tensor> late_grad_t(const Tensor& x, const Tensor& y, const Tensor& 
           const T* xi = xp + i * nx * d;
           if (g1 != T(0))
             for (int64_t k = 0; k < nx; ++k)
-              if (ra[k] >= 0) fc_axpy(dyj + int64_t(ra[k]) * d, xi + k * d, d, g1);
+              if (ra[k] >= 0) add_term(dyj, wj, cj, ra[k], xi + k * d, d, g1);
           if (g2 != T(0))
             for (int64_t r = 0; r < ny; ++r)
-              if (ca[r] >= 0) fc_axpy(dyj + r * d, xi + int64_t(ca[r]) * d, d, g2);
+              if (ca[r] >= 0) add_term(dyj, wj, cj, r, xi + int64_t(ca[r]) * d, d, g2);
         }
       }
     });
   };
   for_each_pair<T>(x, y, ym, block, pair, gradients);
+  if (two_level)
+    at::parallel_for(0, by, 1, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) finish_rows(dyp + j * ny * d, dywp + j * ny * d, dycp + j * ny, ny, d);
+    });
   return {dx, dy};
 }
 
