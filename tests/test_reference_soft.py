@@ -1,4 +1,4 @@
-"""The references of the soft-target losses and regularisers (fastcon/reference.py: distill_loss_reference,
+"""The references of the soft-target losses and regularisers (fastcon/reference/losses.py: distill_loss_reference,
 distill_clip_loss_reference, align_uniform_loss_reference; docs/losses.md §1.3, §1.5), each against
 open_clip's DistillClipLoss where it is installed and against formulations of their own (loops over
 rows, F.kl_div, distances from dot products), loss and gradients, in float64."""

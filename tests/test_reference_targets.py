@@ -1,4 +1,4 @@
-"""The general target's reference (fastcon/reference.py: target_cross_entropy_reference and the losses
+"""The general target's reference (fastcon/reference/losses.py: target_cross_entropy_reference and the losses
 on it), each against an independent formulation: F.cross_entropy on hand-built logits, or explicit
 loops over rows and positives. float64 throughout, so that agreement is to rounding."""
 import pytest
