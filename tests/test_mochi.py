@@ -7,7 +7,7 @@ import torch
 import fastcon
 import fastcon.functional as FC
 from fastcon import reference as R
-from fastcon.ops.mixing import top_negatives
+from fastcon.kernels.mixing import top_negatives
 from helpers import assert_close_rel
 
 BACKENDS = ["torch", "cpp", pytest.param("triton", marks=pytest.mark.interpreter), "auto"]

@@ -227,7 +227,7 @@ def mochi_loss(
     backend. Returns a 0-d tensor in q's dtype.
     """
     from ..ops import target_row_lse
-    from ..ops.mixing import mixed_logits, top_negatives
+    from ..kernels.mixing import mixed_logits, top_negatives
 
     if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
         raise TypeError("q and k must be tensors")

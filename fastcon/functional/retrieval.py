@@ -16,7 +16,7 @@ def topk_similarity(x: torch.Tensor, y: torch.Tensor, k: int, *, chunk_size: Opt
     by a stable sort, so that exact ties in the computed values go to the lower index. Equal to
     ``torch.topk`` of the materialised matrix on data without near-ties. Memory O(N·k + block·chunk);
     no gradient. Values in at least fp32."""
-    from ..ops.mixing import top_negatives
+    from ..kernels.mixing import top_negatives
 
     check_features("x", x, "y", y)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= y.shape[0]:

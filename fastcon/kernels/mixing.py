@@ -1,6 +1,7 @@
 """Hard negative mixing (MoCHi, docs/losses.md §2.2) beside the engine: each query's top-N hardest
 negatives by a streaming selection over the negatives, and the logits of the synthetic negatives mixed
-from them, with no B×K similarity matrix and no B×s×D tensor of synthetic points.
+from them, with no B×K similarity matrix and no B×s×D tensor of synthetic points. Plain PyTorch on
+every device (not an engine operation of the backends: the queue's LSE is the engine's row LSE).
 
 * ``top_negatives``: the negatives in column chunks; after each chunk the running top-N and the chunk's
   candidates (the similarities above a row's current N-th) are merged by a stable descending sort, so
@@ -19,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from fastcon.kernels._common import acc_dtype, mm_acc
+from ._common import acc_dtype, mm_acc
 
 _MIX_CHUNK_BYTES = 32 << 20
 _COUNT_ABOVE = 64  # top_n above which a chunk's candidates are counted rather than taken as its top_n
