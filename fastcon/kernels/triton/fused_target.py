@@ -35,7 +35,7 @@ from .tiles import (column_tile, dot_tile, grad_row_vectors, row_bounds, target_
 # ------------------------------------------------------------------------------------------ kernels
 @triton.jit
 def _fused_target_rows_kernel(
-    a_ptr, b_ptr, scale_ptr, bias_ptr, row_info_ptr, col_info_ptr, row_flag_ptr, col_flag_ptr, dense_ptr,
+    a_ptr, b_ptr, scale_ptr, bias_ptr, rows_ptr, cols_ptr, dense_ptr,
     bound_ptr, row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, col_lse_ptr, q_col_pos_ptr, q_col_keep_ptr, w_col_ptr,
     tdot_ptr, t_scale_ptr, t_row_ptr, t_col_ptr, row_mass_ptr, col_mass_ptr, grad_a_ptr, part_ptr,
     R, W, D, row0, col0, m_blocks, n_items, tiles_per_split,
@@ -68,9 +68,9 @@ def _fused_target_rows_kernel(
     for ct in range(t0, t1):
         offs_n, mask_n, d = column_tile(ct, a_ptr, 0, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m, mask_m, W,
                                         True, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        keep, pos, t = target_tile(d, rows, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr, row_flag_ptr,
-                                   col_flag_ptr, dense_ptr, stride_dense, bound, scale, bias, penalty,
-                                   HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE)
+        keep, pos, t = target_tile(d, rows, col0 + offs_n, mask_m, mask_n, rows_ptr, cols_ptr,
+                                   dense_ptr, stride_dense, bound, scale, bias, penalty, HAS_MARGIN, HAS_PENALTY,
+                                   PENALTY_MODE, HAS_DENSE)
         q_row, q_col = t, t  # (unused without SOFT)
         if SOFT:
             q_row, q_col = teacher_dot_tile(tdot_ptr, stride_tm, offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr,
@@ -93,7 +93,7 @@ def _fused_target_rows_kernel(
 
 @triton.jit
 def _fused_target_cols_kernel(
-    a_ptr, b_ptr, scale_ptr, bias_ptr, row_info_ptr, col_info_ptr, row_flag_ptr, col_flag_ptr, dense_ptr,
+    a_ptr, b_ptr, scale_ptr, bias_ptr, rows_ptr, cols_ptr, dense_ptr,
     bound_ptr, row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, col_lse_ptr, q_col_pos_ptr, q_col_keep_ptr, w_col_ptr,
     tdot_ptr, t_scale_ptr, t_row_ptr, t_col_ptr, row_mass_ptr, col_mass_ptr, grad_b_ptr,
     R, W, D, row0, col0, n_blocks, tiles_per_split,
@@ -129,9 +129,9 @@ def _fused_target_cols_kernel(
         bound = row_bounds(bound_ptr, offs_m, mask_m, HAS_MARGIN, BLOCK_M)
         d = dot_tile(a_ptr, 0, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m, offs_n, mask_m, mask_n,
                      True, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        keep, pos, t = target_tile(d, row0 + offs_m, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr,
-                                   row_flag_ptr, col_flag_ptr, dense_ptr, stride_dense, bound, scale, bias, penalty,
-                                   HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE)
+        keep, pos, t = target_tile(d, row0 + offs_m, col0 + offs_n, mask_m, mask_n, rows_ptr, cols_ptr,
+                                   dense_ptr, stride_dense, bound, scale, bias, penalty, HAS_MARGIN, HAS_PENALTY,
+                                   PENALTY_MODE, HAS_DENSE)
         row_hi, row_lo, qp, qk, mass = grad_row_vectors(row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, row_mass_ptr,
                                                         offs_m, mask_m, HAS_MASS)
         q_row, q_col = t, t  # (unused without SOFT)
@@ -181,7 +181,6 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
     f32 = torch.float32
     vec = GradVectors(a, target, weights, nb)
     tch = vec.tch
-    t_c0, t_c1, t_soft = tch.numbers
     grad_a = torch.zeros(a.shape, dtype=f32, device=dev)
     grad_b = torch.zeros(b.shape, dtype=f32, device=dev)
     totals = torch.zeros(2, dtype=torch.float64, device=dev)
@@ -200,27 +199,25 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
         a_c, b_k = a[r0:r1], b[c0:c1]
         bound = feature_margin_bounds(tiles, target, a, b, r0, r1, c0, c1)
         tdot = tch.chunk(r0, r1, c0, c1)
-        common = (a_c, b_k, scale, bias, *packed.args(), bound, *vec.rows(r0, r1), *vec.cols(c0, c1),
-                  tdot, tch.scale, tch.rows(r0, r1), tch.cols(c0, c1), *vec.masses(r0, r1, c0, c1))
-        numbers = (packed.penalty, float(weights.w_row), vec.g_scale, t_c0, t_c1, t_soft)
+        common = dict(a_ptr=a_c, b_ptr=b_k, scale_ptr=scale, bias_ptr=bias, bound_ptr=bound, R=r, W=w, D=d, row0=r0,
+                      col0=c0, stride_am=a_c.stride(0), stride_bn=b_k.stride(0), w_row=float(weights.w_row),
+                      **packed.kwargs(), **vec.kwargs(r0, r1, c0, c1), **tch.kwargs(r0, r1, c0, c1, tdot))
         m_blocks, n_ct = triton.cdiv(r, cfg.block_m), triton.cdiv(w, cfg.block_n)
         splits, per_split = split_tiles(n_ct, m_blocks, dev)
         n_items = m_blocks * splits
         ga = torch.empty((splits, r, d), dtype=f32, device=dev)
         part = torch.empty((2, n_items), dtype=f32, device=dev)
         launch(_fused_target_rows_kernel)[(n_items * d_slices,)](
-            *common, ga, part, r, w, d, r0, c0, m_blocks, n_items, per_split,
-            a_c.stride(0), b_k.stride(0), tdot.stride(0), packed.dense.stride(0), ga.stride(0), ga.stride(1),
-            *numbers, **flags)
+            grad_a_ptr=ga, part_ptr=part, m_blocks=m_blocks, n_items=n_items, tiles_per_split=per_split,
+            stride_gs=ga.stride(0), stride_gm=ga.stride(1), **common, **flags)
         grad_a[r0:r1] = ga.sum(dim=0)
         totals += part.double().sum(dim=1)
         n_blocks, m_rt = triton.cdiv(w, cfg.block_n), triton.cdiv(r, cfg.block_m)
         splits, per_split = split_tiles(m_rt, n_blocks, dev)
         gb = torch.empty((splits, w, d), dtype=f32, device=dev)
         launch(_fused_target_cols_kernel)[(n_blocks * splits * d_slices,)](
-            *common, gb, r, w, d, r0, c0, n_blocks, per_split,
-            a_c.stride(0), b_k.stride(0), tdot.stride(0), packed.dense.stride(0), gb.stride(0), gb.stride(1),
-            *numbers, **flags)
+            grad_b_ptr=gb, n_blocks=n_blocks, tiles_per_split=per_split, stride_gs=gb.stride(0),
+            stride_gn=gb.stride(1), **common, **flags)
         grad_b[c0:c1] += gb.sum(dim=0)
     return grad_a, grad_b, totals[0].float(), totals[1].float()
 
