@@ -35,7 +35,7 @@ from .tiles import (column_tile, dot_tile, grad_row_vectors, row_bounds, target_
 # ------------------------------------------------------------------------------------------ kernels
 @triton.jit
 def _fused_target_rows_kernel(
-    a_ptr, b_ptr, scale_ptr, bias_ptr, rows_ptr, cols_ptr, dense_ptr,
+    a_ptr, b_ptr, scale_ptr, bias_ptr, row_info_ptr, col_info_ptr, row_flag_ptr, col_flag_ptr, dense_ptr,
     bound_ptr, row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, col_lse_ptr, q_col_pos_ptr, q_col_keep_ptr, w_col_ptr,
     tdot_ptr, t_scale_ptr, t_row_ptr, t_col_ptr, row_mass_ptr, col_mass_ptr, grad_a_ptr, part_ptr,
     R, W, D, row0, col0, m_blocks, n_items, tiles_per_split,
@@ -68,9 +68,9 @@ def _fused_target_rows_kernel(
     for ct in range(t0, t1):
         offs_n, mask_n, d = column_tile(ct, a_ptr, 0, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m, mask_m, W,
                                         True, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        keep, pos, t = target_tile(d, rows, col0 + offs_n, mask_m, mask_n, rows_ptr, cols_ptr,
-                                   dense_ptr, stride_dense, bound, scale, bias, penalty, HAS_MARGIN, HAS_PENALTY,
-                                   PENALTY_MODE, HAS_DENSE)
+        keep, pos, t = target_tile(d, rows, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr, row_flag_ptr,
+                                   col_flag_ptr, dense_ptr, stride_dense, bound, scale, bias, penalty,
+                                   HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE)
         q_row, q_col = t, t  # (unused without SOFT)
         if SOFT:
             q_row, q_col = teacher_dot_tile(tdot_ptr, stride_tm, offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr,
@@ -93,7 +93,7 @@ def _fused_target_rows_kernel(
 
 @triton.jit
 def _fused_target_cols_kernel(
-    a_ptr, b_ptr, scale_ptr, bias_ptr, rows_ptr, cols_ptr, dense_ptr,
+    a_ptr, b_ptr, scale_ptr, bias_ptr, row_info_ptr, col_info_ptr, row_flag_ptr, col_flag_ptr, dense_ptr,
     bound_ptr, row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, col_lse_ptr, q_col_pos_ptr, q_col_keep_ptr, w_col_ptr,
     tdot_ptr, t_scale_ptr, t_row_ptr, t_col_ptr, row_mass_ptr, col_mass_ptr, grad_b_ptr,
     R, W, D, row0, col0, n_blocks, tiles_per_split,
@@ -129,9 +129,9 @@ def _fused_target_cols_kernel(
         bound = row_bounds(bound_ptr, offs_m, mask_m, HAS_MARGIN, BLOCK_M)
         d = dot_tile(a_ptr, 0, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m, offs_n, mask_m, mask_n,
                      True, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        keep, pos, t = target_tile(d, row0 + offs_m, col0 + offs_n, mask_m, mask_n, rows_ptr, cols_ptr,
-                                   dense_ptr, stride_dense, bound, scale, bias, penalty, HAS_MARGIN, HAS_PENALTY,
-                                   PENALTY_MODE, HAS_DENSE)
+        keep, pos, t = target_tile(d, row0 + offs_m, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr,
+                                   row_flag_ptr, col_flag_ptr, dense_ptr, stride_dense, bound, scale, bias, penalty,
+                                   HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE)
         row_hi, row_lo, qp, qk, mass = grad_row_vectors(row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, row_mass_ptr,
                                                         offs_m, mask_m, HAS_MASS)
         q_row, q_col = t, t  # (unused without SOFT)

@@ -22,9 +22,9 @@ teacher's row and column target probabilities with the normalisers of the teache
 terms ``Σ Qt·S`` and, with ``entropy``, the mixed targets' ``Σ Q·log Q`` to its per-row and
 per-column sums; pass 2 forms ``G = w·(P·mass − Q_hard − ε/|K| − soft·Qt)`` per direction.
 
-The kernels read the target in its wire format (``kernels.wire``, held by ``PackedTarget``): its
-int64 rows and cols with the defaults of absent fields filled in; the margin enters as each row's bound
-``A_i·B_pair − margin``, from the chunk of dot products or the producer's own tiles. Semantics and
+The kernels read the target's columns of its wire format (``kernels.wire``, as ``PackedTarget``
+lays them out for ``tiles.target_tile``), the defaults of absent fields filled in; the margin enters
+as each row's bound ``A_i·B_pair − margin``, from the chunk of dot products or the producer's own tiles. Semantics and
 results match ``torch_chunked`` (to fp32 rounding); the loss and the weights between the passes are
 ``targets.loss_and_weights``.
 """
@@ -36,6 +36,8 @@ import triton.language as tl
 
 from .._common import chunk_bytes, mm_acc, row_chunks
 from . import launch
+from ..wire import COL_ID, COL_KEEP, COL_OWNER, COL_PENALTY, ROW_EXCLUDE, ROW_HI, ROW_ID, ROW_LO, ROW_OWNER, \
+    ROW_PENALTY, ROW_RULE, pack
 from .configs import FUSED_FP32_PRECISION, SUPPORTED_DTYPES, chunked_config, matmul_config
 from .gemm import grad_buffer, grad_gemms, grad_tile_scale
 from .plan import (TargetTiles, check_inputs, matmul_plan, matmul_stats_rows, memory_rows, merge_lse, work_items)
@@ -54,7 +56,7 @@ def _xlogx(x):
 
 @triton.jit
 def target_stats_kernel(
-    dot_ptr, a_ptr, b_ptr, scale_ptr, bias_ptr, rows_ptr, cols_ptr, dense_ptr,
+    dot_ptr, a_ptr, b_ptr, scale_ptr, bias_ptr, row_info_ptr, col_info_ptr, row_flag_ptr, col_flag_ptr, dense_ptr,
     bound_ptr, tdot_ptr, t_scale_ptr, t_row_ptr, t_col_ptr, t_row_hw_ptr, t_col_hw_ptr,
     row_part_ptr, row_sums_ptr, col_part_ptr, col_sums_ptr,
     R, W, D, row0, col0, m_blocks, n_items, tiles_per_split,
@@ -90,9 +92,9 @@ def target_stats_kernel(
         for ct in range(t0, t1):
             offs_n, mask_n, d = column_tile(ct, dot_ptr, stride_dm, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m,
                                            mask_m, W, MATMUL, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-            keep, pos, t = target_tile(d, rows, col0 + offs_n, mask_m, mask_n, rows_ptr, cols_ptr,
-                                       dense_ptr, stride_dense, bound, scale, bias, penalty, HAS_MARGIN, HAS_PENALTY,
-                                       PENALTY_MODE, HAS_DENSE)
+            keep, pos, t = target_tile(d, rows, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr,
+                                       row_flag_ptr, col_flag_ptr, dense_ptr, stride_dense, bound, scale, bias, penalty,
+                                       HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE)
             t = tl.where(keep, t, float("-inf"))
             m_i, r_i = online_row_lse(m_i, r_i, t)
             t_pos = tl.where(pos, t, 0.0)
@@ -144,7 +146,7 @@ def target_stats_kernel(
 
 @triton.jit
 def _target_grad_kernel(
-    dot_ptr, a_ptr, b_ptr, g_ptr, scale_ptr, bias_ptr, rows_ptr, cols_ptr,
+    dot_ptr, a_ptr, b_ptr, g_ptr, scale_ptr, bias_ptr, row_info_ptr, col_info_ptr, row_flag_ptr, col_flag_ptr,
     dense_ptr, bound_ptr, row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, col_lse_ptr, q_col_pos_ptr, q_col_keep_ptr,
     w_col_ptr, tdot_ptr, t_scale_ptr, t_row_ptr, t_col_ptr, row_mass_ptr, col_mass_ptr, part_ptr,
     R, W, D, row0, col0, m_blocks, n_items, tiles_per_split,
@@ -177,9 +179,9 @@ def _target_grad_kernel(
             offs_n, mask_n, d = column_tile(ct, dot_ptr, stride_dm, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m,
                                            mask_m, W, MATMUL, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
             mask = mask_m[:, None] & mask_n[None, :]
-            keep, pos, t = target_tile(d, rows, col0 + offs_n, mask_m, mask_n, rows_ptr, cols_ptr,
-                                       dense_ptr, stride_dense, bound, scale, bias, penalty, HAS_MARGIN, HAS_PENALTY,
-                                       PENALTY_MODE, HAS_DENSE)
+            keep, pos, t = target_tile(d, rows, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr,
+                                       row_flag_ptr, col_flag_ptr, dense_ptr, stride_dense, bound, scale, bias, penalty,
+                                       HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE)
             q_row, q_col = t, t  # (unused without SOFT)
             if SOFT:
                 q_row, q_col = teacher_dot_tile(tdot_ptr, stride_tm, offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr,
@@ -225,12 +227,16 @@ class PackedTarget:
     """The target's vectors as the kernels read them (defaults of absent fields filled in)."""
 
     def __init__(self, target, na: int, nb: int, device):
-        from ..wire import pack
-
         if target.penalty_mode != 0 and (target.row_owner is None or target.col_owner is None):
             raise ValueError("a hardness penalty by ownership needs row_owner and col_owner")
         wired = pack(target, na, nb)
-        self.row, self.col = wired.rows.to(device), wired.cols.to(device)
+        rows, cols = wired.rows.to(device), wired.cols.to(device)
+        # the wire's columns as tiles.target_tile reads them: int64 per row (id, excluded column, range
+        # lo, range hi, owner, own rule) and per column (id, owner), the 0/1 flags as uint8
+        self.row = rows[:, [ROW_ID, ROW_EXCLUDE, ROW_LO, ROW_HI, ROW_OWNER, ROW_RULE]].contiguous()
+        self.col = cols[:, [COL_ID, COL_OWNER]].contiguous()
+        self.row_flag = rows[:, ROW_PENALTY].to(torch.uint8).contiguous()
+        self.col_flag = cols[:, [COL_KEEP, COL_PENALTY]].to(torch.uint8).contiguous()
         self.dense = (target.mask.to(torch.uint8).contiguous() if target.mask is not None
                       else torch.zeros((1, 1), dtype=torch.uint8, device=device))
         self.has_dense = target.mask is not None
@@ -240,8 +246,9 @@ class PackedTarget:
         self.penalty_mode = int(target.penalty_mode) if self.has_penalty else 0
 
     def kwargs(self):
-        """The target's arguments of a kernel, by name (the wire format's rows and cols, the dense mask)."""
-        return dict(rows_ptr=self.row, cols_ptr=self.col, dense_ptr=self.dense, stride_dense=self.dense.stride(0),
+        """The target's arguments of a kernel, by name (the wire format's columns, the dense mask)."""
+        return dict(row_info_ptr=self.row, col_info_ptr=self.col, row_flag_ptr=self.row_flag,
+                    col_flag_ptr=self.col_flag, dense_ptr=self.dense, stride_dense=self.dense.stride(0),
                     penalty=self.penalty)
 
     def flags(self):
@@ -554,8 +561,8 @@ def target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, 
 
 # ------------------------------------------------------------------------------------ compile gate
 _FP64_PTRS = ("row_lse_ptr", "col_lse_ptr", "t_row_ptr", "t_col_ptr", "row_part_ptr", "col_part_ptr")
-_POINTER_TYPES = dict({name: "*fp64" for name in _FP64_PTRS}, rows_ptr="*i64", cols_ptr="*i64",
-                      dense_ptr="*u8")
+_POINTER_TYPES = dict({name: "*fp64" for name in _FP64_PTRS}, row_info_ptr="*i64", col_info_ptr="*i64",
+                      row_flag_ptr="*u8", col_flag_ptr="*u8", dense_ptr="*u8")
 _FLOAT_ARGS = ("penalty", "w_row", "g_scale", "t_c0", "t_c1", "soft")
 
 

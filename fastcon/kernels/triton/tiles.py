@@ -28,16 +28,7 @@ rounding of the difference (folding log2 e into the scale would round both terms
 import triton
 import triton.language as tl
 
-from .. import wire
-
 LOG2E = tl.constexpr(1.4426950408889634)
-# the target's wire format (kernels.wire) as the kernels index it
-ROW_FIELDS, COL_FIELDS = tl.constexpr(wire.ROW_FIELDS), tl.constexpr(wire.COL_FIELDS)
-ROW_ID, ROW_EXCLUDE, ROW_LO, ROW_HI = (tl.constexpr(k) for k in (wire.ROW_ID, wire.ROW_EXCLUDE, wire.ROW_LO,
-                                                                 wire.ROW_HI))
-ROW_OWNER, ROW_RULE, ROW_PENALTY = (tl.constexpr(k) for k in (wire.ROW_OWNER, wire.ROW_RULE, wire.ROW_PENALTY))
-COL_ID, COL_OWNER, COL_KEEP, COL_PENALTY = (tl.constexpr(k) for k in (wire.COL_ID, wire.COL_OWNER, wire.COL_KEEP,
-                                                                      wire.COL_PENALTY))
 
 
 # ------------------------------------------------------------------------------------------ LSE parts
@@ -269,26 +260,23 @@ def sigmoid_terms(s, is_pos):
 
 # ------------------------------------------------------------------------------ the general target
 @triton.jit
-def target_tile(d, rows, cols, mask_m, mask_n, rows_ptr, cols_ptr,
+def target_tile(d, rows, cols, mask_m, mask_n, row_info_ptr, col_info_ptr, row_flag_ptr, col_flag_ptr,
                 dense_ptr, stride_dense, bound, scale, bias, penalty,
                 HAS_MARGIN: tl.constexpr, HAS_PENALTY: tl.constexpr, PENALTY_MODE: tl.constexpr,
                 HAS_DENSE: tl.constexpr):
     """(kept, positive, logits) of a tile ``d`` of dot products A_i·B_j (unscaled, fp32) whose global
-    row indices are ``rows`` and column indices ``cols`` (targets.py states the rules; ``rows_ptr``
-    and ``cols_ptr`` the target's wire format). Dropped pairs and the tile's padding (outside
-    mask_m × mask_n) are not kept; ``bound`` is each row's ``A_i·B_pair − margin`` (used with
-    HAS_MARGIN)."""
-    row_line = rows_ptr + rows * ROW_FIELDS
-    col_line = cols_ptr + cols * COL_FIELDS
-    rid = tl.load(row_line + ROW_ID, mask=mask_m, other=-2)
-    excl = tl.load(row_line + ROW_EXCLUDE, mask=mask_m, other=-1)
-    lo = tl.load(row_line + ROW_LO, mask=mask_m, other=0)
-    hi = tl.load(row_line + ROW_HI, mask=mask_m, other=0)
-    rown = tl.load(row_line + ROW_OWNER, mask=mask_m, other=-1)
-    rule = tl.load(row_line + ROW_RULE, mask=mask_m, other=0)
-    cid = tl.load(col_line + COL_ID, mask=mask_n, other=-3)
-    cown = tl.load(col_line + COL_OWNER, mask=mask_n, other=-1)
-    ckeep = tl.load(col_line + COL_KEEP, mask=mask_n, other=0)
+    row indices are ``rows`` and column indices ``cols`` (targets.py states the rules). Dropped pairs
+    and the tile's padding (outside mask_m × mask_n) are not kept; ``bound`` is each row's
+    ``A_i·B_pair − margin`` (used with HAS_MARGIN)."""
+    rid = tl.load(row_info_ptr + rows * 6 + 0, mask=mask_m, other=-2)
+    excl = tl.load(row_info_ptr + rows * 6 + 1, mask=mask_m, other=-1)
+    lo = tl.load(row_info_ptr + rows * 6 + 2, mask=mask_m, other=0)
+    hi = tl.load(row_info_ptr + rows * 6 + 3, mask=mask_m, other=0)
+    rown = tl.load(row_info_ptr + rows * 6 + 4, mask=mask_m, other=-1)
+    rule = tl.load(row_info_ptr + rows * 6 + 5, mask=mask_m, other=0)
+    cid = tl.load(col_info_ptr + cols * 2 + 0, mask=mask_n, other=-3)
+    cown = tl.load(col_info_ptr + cols * 2 + 1, mask=mask_n, other=-1)
+    ckeep = tl.load(col_flag_ptr + cols * 2 + 0, mask=mask_n, other=0)
     c2 = cols[None, :]
     pos = (cid[None, :] >= 0) & (cid[None, :] == rid[:, None])
     keep = (mask_m[:, None] & mask_n[None, :]) & (ckeep[None, :] != 0)
@@ -305,8 +293,8 @@ def target_tile(d, rows, cols, mask_m, mask_n, rows_ptr, cols_ptr,
     pos = pos & keep
     t = d * scale + bias
     if HAS_PENALTY:
-        prow = tl.load(row_line + ROW_PENALTY, mask=mask_m, other=0)
-        pcol = tl.load(col_line + COL_PENALTY, mask=mask_n, other=0)
+        prow = tl.load(row_flag_ptr + rows, mask=mask_m, other=0)
+        pcol = tl.load(col_flag_ptr + cols * 2 + 1, mask=mask_n, other=0)
         pen = keep & ~pos & (prow[:, None] != 0) & (pcol[None, :] != 0)
         if PENALTY_MODE == 1:
             pen = pen & own
