@@ -47,10 +47,10 @@ def test_row_lse_zero_upstream_and_opcheck():
     lse = target_row_lse(*leaves, torch.tensor(3.0), None, target, backend="cpp")
     grads = torch.autograd.grad(lse.sum() * 0.0, leaves)
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
-    from fastcon.kernels.targets import target_numbers, target_tensors
+    from fastcon.kernels.wire import wire_args
 
     args = (x.clone().requires_grad_(), y.clone().requires_grad_(), torch.tensor(3.0, requires_grad=True),
-            torch.tensor(0.0), target_tensors(target), "cpp", 0, target_numbers(target), 4, None)
+            torch.tensor(0.0), *wire_args(target, 12, 9), "cpp", 4, None)
     torch.library.opcheck(torch.ops.fastcon.target_row_lse.default, args)
 
 

@@ -241,7 +241,8 @@ def test_distill_clip_losses_any_weighting(backend, weights):
 def test_distill_clip_losses_compile_and_opcheck():
     """The pair's two ops (pass 1 in the forward, pass 2 in the backward) under torch.compile
     (fullgraph) and opcheck."""
-    from fastcon.kernels.targets import Target, target_numbers, target_tensors
+    from fastcon.kernels.targets import Target
+    from fastcon.kernels.wire import wire_args
 
     x, y = make_features(20, 20, 8)
     tx, ty = _teacher(20, 8)
@@ -256,5 +257,5 @@ def test_distill_clip_losses_compile_and_opcheck():
     ids = torch.arange(20)
     target = Target(ids, ids, teacher_a=tx, teacher_b=ty, teacher_scale=torch.tensor(25.0), soft=1.0)
     args = (x.clone().requires_grad_(), y.clone().requires_grad_(), torch.tensor(14.3, requires_grad=True),
-            torch.tensor(0.0), target_tensors(target), "cpp", 0, target_numbers(target), 0.1, True, 6, None)
+            torch.tensor(0.0), *wire_args(target, 20, 20), "cpp", 0.1, True, 6, None)
     torch.library.opcheck(torch.ops.fastcon.target_pair_loss.default, args)

@@ -11,6 +11,7 @@ import fastcon
 import fastcon.functional as FC
 from fastcon import reference as R
 from fastcon.kernels.targets import Target
+from fastcon.kernels.wire import wire_args
 from fastcon.ops import target_engine_loss
 from helpers import assert_close_rel, make_features
 
@@ -237,9 +238,8 @@ def test_target_op_compiles_and_passes_opcheck():
             torch.tensor(0.5, requires_grad=True), torch.arange(9) % 3,
             torch.cat([torch.arange(9) % 3, torch.full((3,), -1)]),
             torch.tensor([True] * 10 + [False, True]))
-    tensors = [args[4], args[5], None, args[6]] + [None] * 11
-    numbers = [0.0, 0, 0.0, float("nan"), 0, 0.0, 1.0, 0.0, 0]
-    args = args[:4] + (tensors, "torch", 0, 0.1, numbers, 0.1, True, 4, -1, True, None)
+    wired = wire_args(Target(args[4], args[5], col_keep=args[6], margin=0.1), 9, 12)
+    args = args[:4] + (*wired, "torch", 0.1, True, 4, -1, True, None)
     torch.library.opcheck(torch.ops.fastcon.target_softmax_loss.default, args)
 
 
@@ -454,14 +454,14 @@ def test_opcheck_general_target():
     args = (a.requires_grad_(), b.requires_grad_(), torch.tensor(9.0, requires_grad=True),
             torch.tensor(0.0, requires_grad=True))
     idx = torch.arange(8)
-    tensors = [idx % 4, torch.arange(14) % 4, (idx + 3) % 14, None, idx // 2, idx, torch.arange(14) % 7,
-               (idx % 3 == 0).long(), torch.stack([torch.zeros(8, dtype=torch.long), torch.full((8,), 12)], 1),
-               torch.arange(14) < 10, torch.rand(8, 14, generator=torch.Generator().manual_seed(0)) > 0.2,
-               idx < 6, None, None, None]
     # row groups of two rows; the hardness penalty on other items' columns; a margin
-    numbers = [3.0, 2, 0.0, float("nan"), 0, 0.0, 1.0, 0.0, 0]
+    target = Target(idx % 4, torch.arange(14) % 4, exclude_col=(idx + 3) % 14, margin=0.5, row_group=idx // 2,
+                    row_owner=idx, col_owner=torch.arange(14) % 7, own_rule=(idx % 3 == 0).long(),
+                    col_range=torch.stack([torch.zeros(8, dtype=torch.long), torch.full((8,), 12)], 1), penalty=3.0,
+                    penalty_cols=torch.arange(14) < 10, penalty_mode=2,
+                    mask=torch.rand(8, 14, generator=torch.Generator().manual_seed(0)) > 0.2, penalty_rows=idx < 6)
     torch.library.opcheck(torch.ops.fastcon.target_softmax_loss.default,
-                          args + (tensors, "torch", 0, 0.5, numbers, 0.0, False, 3, 0, True, None))
+                          args + (*wire_args(target, 8, 14), "torch", 0.0, False, 3, 0, True, None))
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp", pytest.param("triton", marks=pytest.mark.interpreter)])

@@ -83,7 +83,7 @@ def _record_launches(monkeypatch, *modules):
                     def call(*a, **k):
                         launched.append((name, k.get("MATMUL")))
                         if k.get("MATMUL") or name.startswith("_fused_target"):
-                            starts.setdefault(name, set()).add(dict(zip(kernel.arg_names, a))["row0"])
+                            starts.setdefault(name, set()).add(dict(zip(kernel.arg_names, a), **k)["row0"])
                         return run(*a, **k)
                     return call
             return _Grid()

@@ -19,36 +19,28 @@
 #include <vector>
 
 #include "engine.h"
+#include "target_format.h"
 
 namespace fastcon {
 namespace cpu {
 namespace {
 
-// The target's tensors, in the order of TENSOR_FIELDS in fastcon/kernels/targets.py.
-enum Field {
-  kRowIds, kColIds, kExcludeCol, kColKeep, kRowGroup, kRowOwner, kColOwner, kOwnRule, kColRange, kPenaltyCols,
-  kMask, kPenaltyRows, kFields
-};
-
+// The target as the wire format (target_format.h) carries it: per-row and per-column lines with
+// every default filled in; the presence flags say which checks a pair needs (``plain``: none).
 struct TargetView {
-  const int64_t* row_ids = nullptr;
-  const int64_t* col_ids = nullptr;
-  const int64_t* exclude_col = nullptr;
-  const bool* col_keep = nullptr;
-  const int64_t* row_owner = nullptr;
-  const int64_t* col_owner = nullptr;
-  const int64_t* own_rule = nullptr;
-  const int64_t* col_range = nullptr;  // (Na, 2)
-  const bool* penalty_cols = nullptr;
-  const bool* mask = nullptr;  // (Na, Nb)
-  const bool* penalty_rows = nullptr;
+  const int64_t* rows = nullptr;  // (na, wire::kRowFields)
+  const int64_t* cols = nullptr;  // (nb, wire::kColFields)
+  std::vector<int64_t> col_ids;   // cols[:, kColId], contiguous for the vectorised sweeps
+  const bool* mask = nullptr;     // (Na, Nb)
   int64_t na = 0, nb = 0;
   int64_t pair_offset = 0;
-  bool has_margin = false;
+  bool has_margin = false, has_range = false, has_keep = false, has_owners = false, has_penalty_cols = false;
   bool plain = false;  // positives by id only: every pair is kept (the loops take a vectorised path)
   double margin = 0.0;
   double penalty = 0.0;
   int64_t penalty_mode = 0;
+  int64_t row(int64_t i, int64_t k) const { return rows[i * wire::kRowFields + k]; }
+  int64_t col(int64_t j, int64_t k) const { return cols[j * wire::kColFields + k]; }
 };
 
 const Tensor* field(const c10::List<std::optional<Tensor>>& tensors, int k, std::vector<Tensor>& keep) {
@@ -59,65 +51,55 @@ const Tensor* field(const c10::List<std::optional<Tensor>>& tensors, int k, std:
   return &keep.back();
 }
 
-TargetView make_view(const char* op, const c10::List<std::optional<Tensor>>& tensors, int64_t na, int64_t nb,
-                     int64_t pair_offset, std::optional<double> margin, double penalty, int64_t penalty_mode,
-                     std::vector<Tensor>& keep) {
-  TORCH_CHECK(tensors.size() == kFields, "fastcon::", op, ": the target has ", int(kFields), " tensors, got ",
-              tensors.size());
-  keep.reserve(kFields);
+TargetView make_view(const char* op, const Tensor& rows, const Tensor& cols, at::ArrayRef<double> numbers,
+                     const std::optional<Tensor>& mask, int64_t na, int64_t nb) {
+  TORCH_CHECK(numbers.size() == size_t(wire::kNumberCount), "fastcon::", op, ": the target has ",
+              int64_t(wire::kNumberCount), " numbers, got ", numbers.size());
+  auto lines = [&](const Tensor& t, const char* name, int64_t n, int64_t width) {
+    TORCH_CHECK(t.scalar_type() == at::kLong && t.device().is_cpu() && t.is_contiguous() && t.dim() == 2 &&
+                    t.size(0) == n && t.size(1) == width,
+                "fastcon::", op, ": the target's ", name, " must be a contiguous int64 CPU tensor of shape (", n,
+                ", ", width, ")");
+    return t.data_ptr<int64_t>();
+  };
   TargetView v;
   v.na = na;
   v.nb = nb;
-  auto ints = [&](int k, const char* name, int64_t n0, int64_t n1, bool required) -> const int64_t* {
-    const Tensor* t = field(tensors, k, keep);
-    if (t == nullptr) {
-      TORCH_CHECK(!required, "fastcon::", op, ": the target needs ", name);
-      return nullptr;
-    }
-    TORCH_CHECK(t->scalar_type() == at::kLong && t->device().is_cpu() && t->is_contiguous(), "fastcon::", op, ": ",
-                name, " must be a contiguous int64 CPU tensor");
-    TORCH_CHECK(t->numel() == n0 * n1, "fastcon::", op, ": ", name, " must have ", n0 * n1, " entries, got ",
-                t->numel());
-    return t->data_ptr<int64_t>();
-  };
-  auto bools = [&](int k, const char* name, int64_t n) -> const bool* {
-    const Tensor* t = field(tensors, k, keep);
-    if (t == nullptr) return nullptr;
-    TORCH_CHECK(t->scalar_type() == at::kBool && t->device().is_cpu() && t->is_contiguous(), "fastcon::", op, ": ",
-                name, " must be a contiguous bool CPU tensor");
-    TORCH_CHECK(t->numel() == n, "fastcon::", op, ": ", name, " must have ", n, " entries, got ", t->numel());
-    return t->data_ptr<bool>();
-  };
-  v.row_ids = ints(kRowIds, "row_ids", na, 1, true);
-  v.col_ids = ints(kColIds, "col_ids", nb, 1, true);
-  v.exclude_col = ints(kExcludeCol, "exclude_col", na, 1, false);
-  v.col_keep = bools(kColKeep, "col_keep", nb);
-  v.row_owner = ints(kRowOwner, "row_owner", na, 1, false);
-  v.col_owner = ints(kColOwner, "col_owner", nb, 1, false);
-  v.own_rule = ints(kOwnRule, "own_rule", na, 1, false);
-  v.col_range = ints(kColRange, "col_range", na, 2, false);
-  v.penalty_cols = bools(kPenaltyCols, "penalty_cols", nb);
-  v.mask = bools(kMask, "mask", na * nb);
-  v.penalty_rows = bools(kPenaltyRows, "penalty_rows", na);
-  v.pair_offset = pair_offset;
-  v.has_margin = margin.has_value();
-  v.margin = margin.value_or(0.0);
-  v.penalty = penalty;
-  v.penalty_mode = penalty_mode;
-  v.plain = !v.exclude_col && !v.col_keep && !v.row_owner && !v.col_owner && !v.own_rule && !v.col_range && !v.mask &&
-            !v.has_margin && penalty == 0.0;
-  TORCH_CHECK(penalty_mode == 0 || (v.row_owner != nullptr && v.col_owner != nullptr), "fastcon::", op,
+  v.rows = lines(rows, "rows", na, wire::kRowFields);
+  v.cols = lines(cols, "cols", nb, wire::kColFields);
+  v.col_ids.resize(size_t(nb));
+  for (int64_t j = 0; j < nb; ++j) v.col_ids[size_t(j)] = v.col(j, wire::kColId);
+  if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->device().is_cpu() && mask->is_contiguous() &&
+                    mask->numel() == na * nb,
+                "fastcon::", op, ": mask must be a contiguous bool CPU tensor with ", na * nb, " entries");
+    v.mask = mask->data_ptr<bool>();
+  }
+  const int64_t flags = int64_t(numbers[wire::kNumFlags]);
+  v.pair_offset = int64_t(numbers[wire::kNumPairOffset]);
+  v.has_margin = !std::isnan(numbers[wire::kNumMargin]);
+  v.margin = v.has_margin ? numbers[wire::kNumMargin] : 0.0;
+  v.penalty = numbers[wire::kNumPenalty];
+  v.penalty_mode = int64_t(numbers[wire::kNumPenaltyMode]);
+  v.has_range = flags & wire::kHasRange;
+  v.has_keep = flags & wire::kHasKeep;
+  v.has_owners = (flags & wire::kHasRowOwner) && (flags & wire::kHasColOwner);
+  v.has_penalty_cols = flags & wire::kHasPenaltyCols;
+  const int64_t drops = wire::kHasExclude | wire::kHasKeep | wire::kHasRange | wire::kHasRowOwner |
+                        wire::kHasColOwner | wire::kHasRule;
+  v.plain = !(flags & drops) && !v.mask && !v.has_margin && v.penalty == 0.0;
+  TORCH_CHECK(v.penalty_mode == 0 || v.has_owners, "fastcon::", op,
               ": a hardness penalty by ownership needs row_owner and col_owner");
   return v;
 }
 
 // The columns [c0, c1) that some row of [r0, r1) may keep (as column_span in targets.py).
 std::pair<int64_t, int64_t> span(const TargetView& t, int64_t r0, int64_t r1) {
-  if (t.col_range == nullptr || t.has_margin) return {0, t.nb};
+  if (t.has_margin) return {0, t.nb};
   int64_t c0 = std::numeric_limits<int64_t>::max(), c1 = std::numeric_limits<int64_t>::min();
   for (int64_t i = r0; i < r1; ++i) {
-    c0 = std::min(c0, t.col_range[2 * i]);
-    c1 = std::max(c1, t.col_range[2 * i + 1]);
+    c0 = std::min(c0, t.row(i, wire::kRowLo));
+    c1 = std::max(c1, t.row(i, wire::kRowHi));
   }
   c0 = std::min(std::max<int64_t>(c0, 0), t.nb);
   return {c0, std::max(c0, std::min(c1, t.nb))};
@@ -277,13 +259,13 @@ struct RowCtx {
 template <typename T>
 RowCtx<T> row_ctx(const TargetView& t, int64_t i, const T* dot_row, int64_t c0) {
   RowCtx<T> r;
-  r.id = t.row_ids[i];
-  r.exclude = t.exclude_col ? t.exclude_col[i] : -1;
-  r.lo = t.col_range ? t.col_range[2 * i] : 0;
-  r.hi = t.col_range ? t.col_range[2 * i + 1] : t.nb;
-  r.owner = t.row_owner ? t.row_owner[i] : -1;
-  r.rule = t.own_rule ? t.own_rule[i] : 0;
-  r.pen_row = t.penalty != 0.0 && (t.penalty_rows == nullptr || t.penalty_rows[i]);
+  r.id = t.row(i, wire::kRowId);
+  r.exclude = t.row(i, wire::kRowExclude);
+  r.lo = t.row(i, wire::kRowLo);
+  r.hi = t.row(i, wire::kRowHi);
+  r.owner = t.row(i, wire::kRowOwner);
+  r.rule = t.has_owners ? t.row(i, wire::kRowRule) : 0;
+  r.pen_row = t.penalty != 0.0 && t.row(i, wire::kRowPenalty) != 0;
   r.pair_bound = t.has_margin ? T(dot_row[i + t.pair_offset - c0] - T(t.margin)) : T(0);
   return r;
 }
@@ -293,13 +275,13 @@ RowCtx<T> row_ctx(const TargetView& t, int64_t i, const T* dot_row, int64_t c0) 
 template <typename T>
 FC_INLINE bool decide(const TargetView& t, const RowCtx<T>& r, int64_t i, int64_t j, T d, T s, T b, bool* pos,
                       T* v) {
-  const int64_t cid = t.col_ids[j];
+  const int64_t cid = t.col_ids[size_t(j)];
   bool p = cid >= 0 && cid == r.id;
   if (j == r.exclude || j < r.lo || j >= r.hi) return false;
-  if (t.col_keep && !t.col_keep[j]) return false;
+  if (t.has_keep && t.col(j, wire::kColKeep) == 0) return false;
   bool own = false, owned = false;
-  if (t.col_owner && t.row_owner) {
-    const int64_t co = t.col_owner[j];
+  if (t.has_owners) {
+    const int64_t co = t.col(j, wire::kColOwner);
     owned = co >= 0;
     own = owned && co == r.owner;
     if ((r.rule == 1 && own) || (r.rule == 2 && owned && !own)) return false;
@@ -307,7 +289,7 @@ FC_INLINE bool decide(const TargetView& t, const RowCtx<T>& r, int64_t i, int64_
   if (t.mask && !t.mask[i * t.nb + j]) return false;
   if (t.has_margin && !p && !(d <= r.pair_bound)) return false;
   T logit = d * s + b;
-  if (r.pen_row && !p && (t.penalty_cols == nullptr || t.penalty_cols[j]) &&
+  if (r.pen_row && !p && (!t.has_penalty_cols || t.col(j, wire::kColPenalty) != 0) &&
       (t.penalty_mode == 0 || (t.penalty_mode == 1 ? own : !own))) {
     logit = logit + T(t.penalty) * d;
   }
@@ -344,7 +326,7 @@ std::vector<Tensor> target_stats_impl(const Tensor& a, const Tensor& b, T s, T b
   Tensor cross_col = at::zeros({sv.on ? nb : 0}, f64), ent_col = at::zeros({sv.entropy ? nb : 0}, f64);
   double* xr = sv.on ? cross_row.data_ptr<double>() : nullptr;
   double* er = sv.entropy ? ent_row.data_ptr<double>() : nullptr;
-  TORCH_CHECK(!symmetric || t.col_range == nullptr, "fastcon::target_stats: a symmetric loss keeps every column span");
+  TORCH_CHECK(!symmetric || !t.has_range, "fastcon::target_stats: a symmetric loss keeps every column span");
   std::vector<Tensor> cache;
   int64_t kept_bytes = 0;
   bool caching = true;
@@ -406,8 +388,8 @@ std::vector<Tensor> target_stats_impl(const Tensor& a, const Tensor& b, T s, T b
         const T h_row = sv.entropy ? T(sv.hard / std::max(sv.row_pos[i], T(1))) : T(0);
         T m = -inf<T>();
         if (t.plain) {  // every pair kept, positives by id: one vectorised sweep
-          const int64_t rid = t.row_ids[i];
-          const int64_t* cids = t.col_ids + c0;
+          const int64_t rid = t.row(i, wire::kRowId);
+          const int64_t* cids = t.col_ids.data() + c0;
           T np = 0, mm = -inf<T>();
           double sp = 0, sk = 0;
 #pragma omp simd reduction(max : mm) reduction(+ : np, sp, sk)
@@ -550,8 +532,8 @@ void soft_grad_rows(const TargetView& t, const SoftView<T>& sv, T* dp, const T* 
       const int64_t i = r0 + li;
       T* d = dp + li * w;
       if (t.plain) {
-        const int64_t rid = t.row_ids[i];
-        const int64_t* cids = t.col_ids + c0;
+        const int64_t rid = t.row(i, wire::kRowId);
+        const int64_t* cids = t.col_ids.data() + c0;
         T* L = logits.data();
         T* P = pos.data();
 #pragma omp simd
@@ -679,14 +661,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad_impl(
 // Dispatcher entry points
 
 std::vector<Tensor> target_stats(const Tensor& a, const Tensor& b, const Tensor& scale, const Tensor& bias,
-                                 const c10::List<std::optional<Tensor>>& target, int64_t pair_offset,
-                                 std::optional<double> margin, double penalty, int64_t penalty_mode,
+                                 const Tensor& rows, const Tensor& cols, at::ArrayRef<double> target_numbers,
+                                 const std::optional<Tensor>& mask,
                                  const c10::List<std::optional<Tensor>>& soft, at::ArrayRef<double> soft_numbers,
                                  bool symmetric, bool smoothing, int64_t chunk_rows, int64_t cache_bytes) {
   check_pair("target_stats", a, b, scale, bias, chunk_rows);
-  std::vector<Tensor> keep, soft_keep;
-  const TargetView t = make_view("target_stats", target, a.size(0), b.size(0), pair_offset, margin, penalty,
-                                 penalty_mode, keep);
+  std::vector<Tensor> soft_keep;
+  const TargetView t = make_view("target_stats", rows, cols, target_numbers, mask, a.size(0), b.size(0));
   const std::vector<double> numbers(soft_numbers.begin(), soft_numbers.end());
   if (a.scalar_type() == at::kDouble)
     return target_stats_impl<double>(a, b, scalar_of<double>(scale), scalar_of<double>(bias), t,
@@ -699,16 +680,14 @@ std::vector<Tensor> target_stats(const Tensor& a, const Tensor& b, const Tensor&
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad(
     const Tensor& a, const Tensor& b, const Tensor& scale, const Tensor& bias,
-    const c10::List<std::optional<Tensor>>& target, int64_t pair_offset, std::optional<double> margin,
-    double penalty, int64_t penalty_mode, const c10::List<std::optional<Tensor>>& soft,
+    const Tensor& rows, const Tensor& cols, at::ArrayRef<double> target_numbers,
+    const std::optional<Tensor>& mask, const c10::List<std::optional<Tensor>>& soft,
     at::ArrayRef<double> soft_numbers, const Tensor& row_lse, const Tensor& q_row_pos, const Tensor& q_row_keep,
     double w_row, const std::optional<Tensor>& col_lse, const std::optional<Tensor>& q_col_pos,
     const std::optional<Tensor>& q_col_keep, const std::optional<Tensor>& w_col, int64_t chunk_rows,
     at::TensorList cache) {
   check_pair("target_grad", a, b, scale, bias, chunk_rows);
-  std::vector<Tensor> keep;
-  const TargetView t = make_view("target_grad", target, a.size(0), b.size(0), pair_offset, margin, penalty,
-                                 penalty_mode, keep);
+  const TargetView t = make_view("target_grad", rows, cols, target_numbers, mask, a.size(0), b.size(0));
   const std::vector<Tensor> chunks(cache.begin(), cache.end());
   for (const Tensor* v : {&q_row_pos, &q_row_keep}) {
     TORCH_CHECK(v->scalar_type() == a.scalar_type(), "fastcon::target_grad: the row weights must have a's dtype");
@@ -733,12 +712,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad(
 
 TORCH_LIBRARY_FRAGMENT(fastcon, m) {
   m.def(
-      "target_stats(Tensor a, Tensor b, Tensor scale, Tensor bias, Tensor?[] target, int pair_offset, "
-      "float? margin, float penalty, int penalty_mode, Tensor?[] soft, float[] soft_numbers, bool symmetric, "
+      "target_stats(Tensor a, Tensor b, Tensor scale, Tensor bias, Tensor rows, Tensor cols, "
+      "float[] target_numbers, Tensor? mask, Tensor?[] soft, float[] soft_numbers, bool symmetric, "
       "bool smoothing, int chunk_rows, int cache_bytes) -> Tensor[]");
   m.def(
-      "target_grad(Tensor a, Tensor b, Tensor scale, Tensor bias, Tensor?[] target, int pair_offset, "
-      "float? margin, float penalty, int penalty_mode, Tensor?[] soft, float[] soft_numbers, Tensor row_lse, "
+      "target_grad(Tensor a, Tensor b, Tensor scale, Tensor bias, Tensor rows, Tensor cols, "
+      "float[] target_numbers, Tensor? mask, Tensor?[] soft, float[] soft_numbers, Tensor row_lse, "
       "Tensor q_row_pos, Tensor q_row_keep, "
       "float w_row, Tensor? col_lse, Tensor? q_col_pos, Tensor? q_col_keep, Tensor? w_col, int chunk_rows, "
       "Tensor[] cache) -> (Tensor, Tensor, Tensor, Tensor)");
@@ -747,4 +726,8 @@ TORCH_LIBRARY_FRAGMENT(fastcon, m) {
 TORCH_LIBRARY_IMPL(fastcon, CPU, m) {
   m.impl("target_stats", &fastcon::cpu::target_stats);
   m.impl("target_grad", &fastcon::cpu::target_grad);
+}
+
+TORCH_LIBRARY_FRAGMENT(fastcon, m) {
+  m.def("target_format() -> int[]", [] { return fastcon::wire::format_indices(); });
 }

@@ -89,14 +89,24 @@ def direct_loss(a, b, scale, bias, kind, pos_offset, symmetric, label_smoothing,
 # ---------------------------------------------------------------------------------------------------
 # The general target (fastcon/kernels/targets.py): pass 1 and pass 2 as C++ operators
 
-_CPP_TARGET_TENSORS = 12  # the fields of TENSOR_FIELDS before the teacher's (which travel with the soft args)
+def _target_args(target, na: int, nb: int):
+    """The target in the wire format (``wire.pack``) as the operators take it: rows, cols, numbers, mask."""
+    from .wire import pack
+
+    packed = pack(target, na, nb)
+    return packed.rows, packed.cols, packed.numbers, packed.mask
 
 
-def _target_args(target):
-    from .targets import target_tensors
+# The outputs of fastcon::target_stats, in order: pass 1's statistics, with soft targets their four
+# terms, then the cached chunks of dot products.
+_STATS_OUTPUTS = ("row_lse", "row_pos", "row_keep", "row_sum_pos", "row_sum_keep", "col_lse", "col_pos", "col_keep",
+                  "col_sum_pos", "col_sum_keep")
+_SOFT_OUTPUTS = ("cross_row", "cross_col", "ent_row", "ent_col")
 
-    return (target_tensors(target)[:_CPP_TARGET_TENSORS], int(target.pair_offset), None if target.margin is None else float(target.margin),
-            float(target.penalty), int(target.penalty_mode))
+
+def _named_outputs(out, names):
+    """(the outputs named by ``names``, as a dict; the outputs after them)."""
+    return dict(zip(names, out)), list(out[len(names):])
 
 
 def _soft_args(a, target, teacher_norms=None, row_mass=None, col_mass=None, counts=None):
@@ -125,25 +135,29 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
 
     soft = _soft_args(a, target, None if teacher is None else (teacher.row_norm, teacher.col_norm),
                       counts=None if teacher is None else (teacher.row_pos, teacher.col_pos))
-    out = torch.ops.fastcon.target_stats(a, b, _scalar(scale, a), _scalar(bias, a), *_target_args(target), *soft,
-                                         bool(symmetric), bool(smoothing), int(chunk_rows), int(cache_bytes))
-    st = TargetStats(*out[:10])
+    out = torch.ops.fastcon.target_stats(a, b, _scalar(scale, a), _scalar(bias, a),
+                                         *_target_args(target, a.shape[0], b.shape[0]), *soft, bool(symmetric),
+                                         bool(smoothing), int(chunk_rows), int(cache_bytes))
+    stats, rest = _named_outputs(out, _STATS_OUTPUTS)
+    st = TargetStats(**stats)
     if not target.soft:
-        return st, list(out[10:])
-    cross_row, cross_col, ent_row, ent_col = out[10:14]
-    entropy = (ent_row, ent_col) if target.entropy else ()
-    return with_teacher(st, teacher, cross_row, cross_col, *entropy), list(out[14:])
-
+        return st, rest
+    terms, cached = _named_outputs(rest, _SOFT_OUTPUTS)
+    if not target.entropy:
+        terms.update(ent_row=None, ent_col=None)
+    return with_teacher(st, teacher, **terms), cached
 
 
 teacher_stats = target_stats  # the teacher's pass (targets.teacher_stats) is this backend's pass 1
+
 
 def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
     w = weights
     soft = _soft_args(a, target, (w.t_row_norm, w.t_col_norm), w.row_mass, w.col_mass)
     return torch.ops.fastcon.target_grad(
-        a, b, _scalar(scale, a), _scalar(bias, a), *_target_args(target), *soft, w.row_lse, w.q_row_pos,
-        w.q_row_keep, float(w.w_row), w.col_lse, w.q_col_pos, w.q_col_keep, w.w_col, int(chunk_rows), list(cached))
+        a, b, _scalar(scale, a), _scalar(bias, a), *_target_args(target, a.shape[0], b.shape[0]), *soft, w.row_lse,
+        w.q_row_pos, w.q_row_keep, float(w.w_row), w.col_lse, w.q_col_pos, w.q_col_keep, w.w_col, int(chunk_rows),
+        list(cached))
 
 
 def target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, need_grad, cache_bytes=0):

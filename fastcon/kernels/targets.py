@@ -39,8 +39,7 @@ over the columns that own a positive (without groups).
 """
 from __future__ import annotations
 
-import math
-from typing import List, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -74,32 +73,7 @@ class Target(NamedTuple):
     entropy: bool = False
 
 
-# How a Target travels through a custom op: its tensors as one ``Tensor?[]`` argument, its numbers as
-# plain arguments.
-TENSOR_FIELDS = ("row_ids", "col_ids", "exclude_col", "col_keep", "row_group", "row_owner", "col_owner", "own_rule",
-                 "col_range", "penalty_cols", "mask", "penalty_rows", "teacher_a", "teacher_b", "teacher_scale")
-NUMBER_FIELDS = ("penalty", "penalty_mode", "soft", "hard", "teacher_kind", "teacher_c0", "teacher_c1",
-                 "teacher_eps", "entropy")
 TEACHER_LINEAR = 1  # teacher_kind: 0 a softmax teacher, 1 a linear one
-
-
-def target_tensors(target: Target) -> List[Optional[torch.Tensor]]:
-    return [getattr(target, f) for f in TENSOR_FIELDS]
-
-
-def target_numbers(target: Target):
-    """The target's numbers as floats (``hard`` None as NaN), in the order of NUMBER_FIELDS."""
-    return [float("nan") if getattr(target, f) is None else float(getattr(target, f)) for f in NUMBER_FIELDS]
-
-
-def target_from(tensors, pair_offset, margin, numbers) -> Target:
-    fields = dict(zip(TENSOR_FIELDS, tensors))
-    nums = dict(zip(NUMBER_FIELDS, numbers))
-    nums["hard"] = None if math.isnan(nums["hard"]) else nums["hard"]
-    for f in ("penalty_mode", "teacher_kind"):
-        nums[f] = int(nums[f])
-    nums["entropy"] = bool(nums["entropy"])
-    return Target(pair_offset=pair_offset, margin=margin, **nums, **fields)
 
 
 def hard_weight(target: Target, eps: float) -> float:

@@ -103,7 +103,9 @@ class EngineOp:
 
             @staticmethod
             def backward(ctx, *grads):
-                return op.backward(ctx, list(grads)) if ctx.list_output else op.backward(ctx, *grads)
+                out = op.backward(ctx, list(grads)) if ctx.list_output else op.backward(ctx, *grads)
+                # a list input (the registered op's gradients name its items) is one input here
+                return tuple(None if isinstance(g, list) else g for g in out)
 
         Eager.__name__ = Eager.__qualname__ = self.name.replace("fastcon::", "") + "_eager"
         return Eager

@@ -10,8 +10,8 @@ own::
     fastcon::target_row_lse        each row's LSE over its kept pairs (pass 2 in the backward:
                                    fastcon::target_row_lse_grad)
 
-The target's tensors travel as one list (``targets.TENSOR_FIELDS``), its numbers as another
-(``targets.NUMBER_FIELDS``).
+The target travels in its wire format (``kernels.wire``): its rows and cols, the optional dense
+mask, the teacher's tensors as one list and its numbers as another.
 """
 from __future__ import annotations
 
@@ -27,19 +27,19 @@ from fastcon.ops.engine import (autocast_gemm_dtype, backend_context, backend_in
 from fastcon.ops.registry import EngineOp
 
 
-def _target_softmax_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, target_tensors: List[Optional[Tensor]],
-                         backend: str, pair_offset: int, margin: Optional[float],
-                         numbers: List[float], label_smoothing: float, symmetric: bool,
+def _target_softmax_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, rows: Tensor, cols: Tensor,
+                         mask: Optional[Tensor], teacher: List[Optional[Tensor]], numbers: List[float], backend: str,
+                         label_smoothing: float, symmetric: bool,
                          chunk_size: int, cache_limit: int, need_grad: bool,
                          mm_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The softmax loss of a general target (``fastcon.kernels.torch_chunked.target_softmax_fused``) in
-    float64, and its gradients. The target's tensors come as one list (``targets.TENSOR_FIELDS``), its
-    numbers as another (``targets.NUMBER_FIELDS``); ``cache_limit`` bounds the bytes of pass-1 logits kept for pass 2 (−1: ``cache_bytes()``)."""
-    from fastcon.kernels.targets import target_from
+    float64, and its gradients. The target comes in its wire format (``kernels.wire``);
+    ``cache_limit`` bounds the bytes of pass-1 logits kept for pass 2 (−1: ``cache_bytes()``)."""
+    from fastcon.kernels.wire import from_wire
 
     with backend_context(a.device.type):
         impl, x, y, s, c, chunk_rows = backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype)
-        target = target_from(target_tensors, pair_offset, margin, numbers)
+        target = from_wire(rows, cols, mask, teacher, numbers)
         limit = cache_bytes(x.device) if cache_limit < 0 else cache_limit
         loss, *grads = impl.target_softmax_fused(x, y, s, c, target, label_smoothing, symmetric, chunk_rows,
                                                  need_grad, limit)
@@ -48,7 +48,7 @@ def _target_softmax_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, targ
         return (loss,) + final_grads((a, b, scale, bias), grads, 1.0)
 
 
-def _target_softmax_loss_fake(a, b, scale, bias, target_tensors, backend, pair_offset, margin, numbers,
+def _target_softmax_loss_fake(a, b, scale, bias, rows, cols, mask, teacher, numbers, backend,
                               label_smoothing, symmetric, chunk_size, cache_limit, need_grad, mm_dtype):
     loss = a.new_empty((), dtype=torch.float64)
     return (loss,) + (grad_likes(a, b, scale, bias) if need_grad else no_grads(a))
@@ -66,15 +66,13 @@ def target_engine_loss(a, b, scale, bias, target, *, label_smoothing: float = 0.
     arguments already validated. ``cache_limit``: bytes of pass-1 logits kept for pass 2 (None: the
     backend's default, ``FASTCON_CACHE_BYTES``). Returns the fp32 (float64 for float64 inputs) loss
     in ``loss_dtype(a)``."""
-    from fastcon.kernels.targets import target_numbers, target_tensors
+    from fastcon.kernels.wire import wire_args
 
     out_dtype = loss_dtype(a)
     mm_dtype = autocast_gemm_dtype(a)
     name = traced_backend_name(backend, a.device.type, mm_dtype or a.dtype)
     scale, bias = engine_scalars(scale, bias, acc_dtype(a.dtype), a.device)
-    t = target
-    loss, *_ = target_softmax_loss(a, b, scale, bias, target_tensors(t), name, int(t.pair_offset),
-                                   None if t.margin is None else float(t.margin), target_numbers(t),
+    loss, *_ = target_softmax_loss(a, b, scale, bias, *wire_args(target, a.shape[0], b.shape[0]), name,
                                    float(label_smoothing), bool(symmetric), int(chunk_size or 0),
                                    -1 if cache_limit is None else int(cache_limit), needs_grad(a, b, scale, bias),
                                    mm_dtype)
@@ -87,6 +85,16 @@ def target_engine_loss(a, b, scale, bias, target, *, label_smoothing: float = 0.
 # two). Pass 1 runs in the forward; pass 2 runs in the backward, once, for the gradient of
 # g_hard·L_hard + g_soft·L_soft (G = P − (g_hard·Q_hard + g_soft·Q_soft)/(g_hard + g_soft), times the
 # sum), so the pair costs the GEMMs of one loss.
+
+# an operator's inputs: a, b, scale, bias, then the target in the wire format (rows, cols, mask,
+# teacher, numbers), then the rest
+_WIRE_END = 9
+
+
+def _wire_tensors(inputs):
+    rows, cols, mask, teacher = inputs[4:8]
+    return [rows, cols, mask, *teacher]
+
 
 _PAIR_STATS = ("row_lse", "row_pos", "row_keep", "col_lse", "col_pos", "col_keep", "t_row_norm", "t_col_norm")
 
@@ -103,16 +111,18 @@ def _pair_targets(target):
     return target._replace(soft=0.0, hard=None, entropy=False), target._replace(hard=0.0, entropy=False)
 
 
-def _target_pair_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, target_tensors: List[Optional[Tensor]],
-                      backend: str, pair_offset: int, numbers: List[float], label_smoothing: float, symmetric: bool,
+def _target_pair_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, rows: Tensor, cols: Tensor,
+                      mask: Optional[Tensor], teacher: List[Optional[Tensor]], numbers: List[float], backend: str,
+                      label_smoothing: float, symmetric: bool,
                       chunk_size: int, mm_dtype: Optional[torch.dtype]) -> List[Tensor]:
     """[L_hard, L_soft (float64), then the statistics pass 2 needs (``_PAIR_STATS``)]: the teacher's
     pass and pass 1 of a soft target, both losses from the same LSEs."""
-    from fastcon.kernels.targets import loss_and_weights, target_from, teacher_norms, teacher_stats
+    from fastcon.kernels.targets import loss_and_weights, teacher_norms, teacher_stats
+    from fastcon.kernels.wire import from_wire
 
     with backend_context(a.device.type):
         _, x, y, s, c, chunk_rows = backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype)
-        target = target_from(target_tensors, pair_offset, None, numbers)
+        target = from_wire(rows, cols, mask, teacher, numbers)
         stats_fn, _, teacher_fn = target_passes(backend)
         teacher = teacher_norms(target, teacher_stats(teacher_fn, target, symmetric, chunk_rows), symmetric)
         st, _ = stats_fn(x, y, s, c, target, symmetric, bool(label_smoothing), chunk_rows, 0, teacher)
@@ -127,7 +137,7 @@ def _target_pair_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, target_
         return out
 
 
-def _target_pair_loss_fake(a, b, scale, bias, target_tensors, backend, pair_offset, numbers, label_smoothing,
+def _target_pair_loss_fake(a, b, scale, bias, rows, cols, mask, teacher, numbers, backend, label_smoothing,
                            symmetric, chunk_size, mm_dtype):
     na, nb = a.shape[0], b.shape[0]
     acc = acc_dtype(a.dtype)
@@ -139,17 +149,19 @@ def _target_pair_loss_fake(a, b, scale, bias, target_tensors, backend, pair_offs
             a.new_empty((na,), dtype=f64), a.new_empty((cols,), dtype=f64)]
 
 
-def _target_pair_grad(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, target_tensors: List[Optional[Tensor]],
-                      backend: str, pair_offset: int, numbers: List[float], label_smoothing: float, symmetric: bool,
+def _target_pair_grad(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, rows: Tensor, cols: Tensor,
+                      mask: Optional[Tensor], teacher: List[Optional[Tensor]], numbers: List[float], backend: str,
+                      label_smoothing: float, symmetric: bool,
                       chunk_size: int, mm_dtype: Optional[torch.dtype], stats: List[Tensor],
                       upstream: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Pass 2 of ``_target_pair_loss`` for the upstream gradients ``upstream = (g_hard, g_soft)``: the
     (wide) gradients of g_hard·L_hard + g_soft·L_soft with respect to a, b, scale and bias."""
-    from fastcon.kernels.targets import TargetStats, loss_and_weights, target_from
+    from fastcon.kernels.targets import TargetStats, loss_and_weights
+    from fastcon.kernels.wire import from_wire
 
     with backend_context(a.device.type):
         _, x, y, s, c, chunk_rows = backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype)
-        target = target_from(target_tensors, pair_offset, None, numbers)
+        target = from_wire(rows, cols, mask, teacher, numbers)
         _, grad_fn, _ = target_passes(backend)
         st = dict(zip(_PAIR_STATS, stats))
         na, nb = x.shape[0], y.shape[0]
@@ -178,31 +190,53 @@ def _target_pair_grad(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, target_
         return final_grads((a, b, scale, bias), grads, 1.0)
 
 
-def _target_pair_grad_fake(a, b, scale, bias, target_tensors, backend, pair_offset, numbers, label_smoothing,
+def _target_pair_grad_fake(a, b, scale, bias, rows, cols, mask, teacher, numbers, backend, label_smoothing,
                            symmetric, chunk_size, mm_dtype, stats, upstream):
     return grad_likes(a, b, scale, bias)
 
 
-def _pair_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:4], *output[2:], *[t for t in inputs[4] if t is not None])
-    ctx.present = [t is not None for t in inputs[4]]
-    ctx.other = inputs[5:]
+def _save_wire(ctx, inputs, kept):
+    """Save a, b, scale, bias, ``kept`` and the target's tensors of an operator's ``inputs``."""
+    wire = _wire_tensors(inputs)
+    ctx.save_for_backward(*inputs[:4], *kept, *[t for t in wire if t is not None])
+    ctx.present = [t is not None for t in wire]
+    ctx.numbers = inputs[_WIRE_END - 1]
+    ctx.other = inputs[_WIRE_END:]
     ctx.n_inputs = len(inputs)
+    ctx.n_kept = len(kept)
+    ctx.teacher = [t is not None for t in inputs[7]]
+
+
+def _wire_grads(ctx, grads):
+    """``grads`` of a, b, scale and bias, and None for every other input (a list of them for a
+    teacher's list holding tensors, as the traced backward matches the inputs' structure)."""
+    out = list(input_grads(ctx, grads))
+    if any(ctx.teacher):
+        out[7] = [None] * len(ctx.teacher)
+    return tuple(out)
+
+
+def _saved_wire(ctx):
+    """(a, b, scale, bias), the kept outputs and the target's inputs (rows, cols, mask, teacher, numbers)."""
+    saved = ctx.saved_tensors
+    rest = iter(saved[4 + ctx.n_kept:])
+    rows, cols, mask, *teacher = [next(rest) if p else None for p in ctx.present]
+    return saved[:4], list(saved[4:4 + ctx.n_kept]), (rows, cols, mask, teacher, ctx.numbers)
+
+
+def _pair_setup(ctx, inputs, output):
+    _save_wire(ctx, inputs, output[2:])
 
 
 def _pair_backward(ctx, grads_out):
     forbid_double_backward()
-    saved = ctx.saved_tensors
-    a, b, scale, bias = saved[:4]
-    stats = list(saved[4:4 + len(_PAIR_STATS)])
-    rest = iter(saved[4 + len(_PAIR_STATS):])
-    tensors = [next(rest) if p else None for p in ctx.present]
+    (a, b, scale, bias), stats, wire = _saved_wire(ctx)
     g = [torch.zeros((), dtype=torch.float64, device=a.device) if t is None else t.reshape(()) for t in grads_out[:2]]
     upstream = torch.stack([t.to(device=a.device, dtype=torch.float64) for t in g])
-    wide = target_pair_grad(a, b, scale, bias, tensors, *ctx.other, stats, upstream)
+    wide = target_pair_grad(a, b, scale, bias, *wire, *ctx.other, stats, upstream)
     out = [None if not ctx.needs_input_grad[k] else w.to(x.dtype) for k, (x, w) in enumerate(zip((a, b, scale, bias),
                                                                                                  wide))]
-    return input_grads(ctx, out)
+    return _wire_grads(ctx, out)
 
 
 target_pair_grad = EngineOp("target_pair_grad", _target_pair_grad, _target_pair_grad_fake)
@@ -216,7 +250,7 @@ def target_pair_engine_loss(a, b, scale, bias, target, *, label_smoothing: float
     no margin, no entropy term) from one engine pass: the contrastive loss of its hard positives (with
     ``label_smoothing``) and the soft cross-entropy against the teacher, each with its own gradient
     (pass 2 in the backward, once for both). Returns the two losses in ``loss_dtype(a)``."""
-    from fastcon.kernels.targets import target_numbers, target_tensors
+    from fastcon.kernels.wire import wire_args
 
     if target.margin is not None or target.entropy or not target.soft:
         raise ValueError("target_pair_engine_loss takes a soft target without margin or entropy term")
@@ -224,8 +258,8 @@ def target_pair_engine_loss(a, b, scale, bias, target, *, label_smoothing: float
     mm_dtype = autocast_gemm_dtype(a)
     name = traced_backend_name(backend, a.device.type, mm_dtype or a.dtype)
     scale, bias = engine_scalars(scale, bias, acc_dtype(a.dtype), a.device)
-    out = target_pair_loss(a, b, scale, bias, target_tensors(target), name, int(target.pair_offset),
-                           target_numbers(target), float(label_smoothing), bool(symmetric), int(chunk_size or 0),
+    out = target_pair_loss(a, b, scale, bias, *wire_args(target, a.shape[0], b.shape[0]), name,
+                           float(label_smoothing), bool(symmetric), int(chunk_size or 0),
                            mm_dtype)
     return tuple(v.to(acc_dtype(a.dtype)).to(out_dtype) for v in out[:2])
 
@@ -240,35 +274,38 @@ def _lse_target(target):
     return target._replace(soft=0.0, hard=0.0, entropy=False, teacher_a=None, teacher_b=None, teacher_scale=None)
 
 
-def _target_row_lse(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, target_tensors: List[Optional[Tensor]],
-                    backend: str, pair_offset: int, numbers: List[float], chunk_size: int,
+def _target_row_lse(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, rows: Tensor, cols: Tensor,
+                    mask: Optional[Tensor], teacher: List[Optional[Tensor]], numbers: List[float], backend: str,
+                    chunk_size: int,
                     mm_dtype: Optional[torch.dtype]) -> Tensor:
     """(Na,) float64: the LSE of each row of ``s·A·Bᵀ + b`` over the target's kept pairs (−inf where
     none is kept)."""
-    from fastcon.kernels.targets import target_from
+    from fastcon.kernels.wire import from_wire
 
     with backend_context(a.device.type):
         _, x, y, s, c, chunk_rows = backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype)
-        target = _lse_target(target_from(target_tensors, pair_offset, None, numbers))
+        target = _lse_target(from_wire(rows, cols, mask, teacher, numbers))
         stats_fn, _, _ = target_passes(backend)
         st, _ = stats_fn(x, y, s, c, target, False, False, chunk_rows, 0)
         return st.row_lse.clone()
 
 
-def _target_row_lse_fake(a, b, scale, bias, target_tensors, backend, pair_offset, numbers, chunk_size, mm_dtype):
+def _target_row_lse_fake(a, b, scale, bias, rows, cols, mask, teacher, numbers, backend, chunk_size, mm_dtype):
     return a.new_empty((a.shape[0],), dtype=torch.float64)
 
 
-def _target_row_lse_grad(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, target_tensors: List[Optional[Tensor]],
-                         backend: str, pair_offset: int, numbers: List[float], chunk_size: int,
+def _target_row_lse_grad(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, rows: Tensor, cols: Tensor,
+                         mask: Optional[Tensor], teacher: List[Optional[Tensor]], numbers: List[float], backend: str,
+                         chunk_size: int,
                          mm_dtype: Optional[torch.dtype], row_lse: Tensor,
                          upstream: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """The (wide) gradients of Σ_i u_i·LSE_i (``upstream`` = u) with respect to a, b, scale and bias."""
-    from fastcon.kernels.targets import TargetWeights, target_from
+    from fastcon.kernels.targets import TargetWeights
+    from fastcon.kernels.wire import from_wire
 
     with backend_context(a.device.type):
         _, x, y, s, c, chunk_rows = backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype)
-        target = _lse_target(target_from(target_tensors, pair_offset, None, numbers))
+        target = _lse_target(from_wire(rows, cols, mask, teacher, numbers))
         _, grad_fn, _ = target_passes(backend)
         u = upstream.to(torch.float64)
         peak = float(u.abs().max()) if u.numel() else 0.0
@@ -284,28 +321,22 @@ def _target_row_lse_grad(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, targ
         return final_grads((a, b, scale, bias), grads, 1.0)
 
 
-def _target_row_lse_grad_fake(a, b, scale, bias, target_tensors, backend, pair_offset, numbers, chunk_size,
+def _target_row_lse_grad_fake(a, b, scale, bias, rows, cols, mask, teacher, numbers, backend, chunk_size,
                               mm_dtype, row_lse, upstream):
     return grad_likes(a, b, scale, bias)
 
 
 def _row_lse_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:4], output, *[t for t in inputs[4] if t is not None])
-    ctx.present = [t is not None for t in inputs[4]]
-    ctx.other = inputs[5:]
-    ctx.n_inputs = len(inputs)
+    _save_wire(ctx, inputs, [output])
 
 
 def _row_lse_backward(ctx, grad):
     forbid_double_backward()
-    saved = ctx.saved_tensors
-    a, b, scale, bias, row_lse = saved[:5]
-    rest = iter(saved[5:])
-    tensors = [next(rest) if p else None for p in ctx.present]
-    wide = target_row_lse_grad(a, b, scale, bias, tensors, *ctx.other, row_lse, grad.to(torch.float64))
+    (a, b, scale, bias), (row_lse,), wire = _saved_wire(ctx)
+    wide = target_row_lse_grad(a, b, scale, bias, *wire, *ctx.other, row_lse, grad.to(torch.float64))
     out = [None if not ctx.needs_input_grad[k] else w.to(x.dtype) for k, (x, w) in enumerate(zip((a, b, scale, bias),
                                                                                                  wide))]
-    return input_grads(ctx, out)
+    return _wire_grads(ctx, out)
 
 
 target_row_lse_grad = EngineOp("target_row_lse_grad", _target_row_lse_grad, _target_row_lse_grad_fake)
@@ -318,11 +349,11 @@ def target_row_lse(a, b, scale, bias, target, *, backend: str = "auto", chunk_si
     positives and soft fields are not used), with the gradient of any weighting of the rows (pass 2 in
     the backward). float64, so that a caller who subtracts a logit of its own (LSE − S_pos cancels to
     a small loss) keeps the precision of the engine's float64 LSE. Memory O((Na + Nb)·D + chunk·Nb)."""
-    from fastcon.kernels.targets import target_numbers, target_tensors
+    from fastcon.kernels.wire import wire_args
 
     mm_dtype = autocast_gemm_dtype(a)
     name = traced_backend_name(backend, a.device.type, mm_dtype or a.dtype)
     scale, bias = engine_scalars(scale, bias, acc_dtype(a.dtype), a.device)
     target = _lse_target(target)
-    return target_row_lse_op(a, b, scale, bias, target_tensors(target), name, int(target.pair_offset),
-                             target_numbers(target), int(chunk_size or 0), mm_dtype)
+    return target_row_lse_op(a, b, scale, bias, *wire_args(target, a.shape[0], b.shape[0]), name,
+                             int(chunk_size or 0), mm_dtype)

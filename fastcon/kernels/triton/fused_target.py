@@ -181,7 +181,6 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
     f32 = torch.float32
     vec = GradVectors(a, target, weights, nb)
     tch = vec.tch
-    t_c0, t_c1, t_soft = tch.numbers
     grad_a = torch.zeros(a.shape, dtype=f32, device=dev)
     grad_b = torch.zeros(b.shape, dtype=f32, device=dev)
     totals = torch.zeros(2, dtype=torch.float64, device=dev)
@@ -200,27 +199,25 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
         a_c, b_k = a[r0:r1], b[c0:c1]
         bound = feature_margin_bounds(tiles, target, a, b, r0, r1, c0, c1)
         tdot = tch.chunk(r0, r1, c0, c1)
-        common = (a_c, b_k, scale, bias, *packed.args(), bound, *vec.rows(r0, r1), *vec.cols(c0, c1),
-                  tdot, tch.scale, tch.rows(r0, r1), tch.cols(c0, c1), *vec.masses(r0, r1, c0, c1))
-        numbers = (packed.penalty, float(weights.w_row), vec.g_scale, t_c0, t_c1, t_soft)
+        common = dict(a_ptr=a_c, b_ptr=b_k, scale_ptr=scale, bias_ptr=bias, bound_ptr=bound, R=r, W=w, D=d, row0=r0,
+                      col0=c0, stride_am=a_c.stride(0), stride_bn=b_k.stride(0), w_row=float(weights.w_row),
+                      **packed.kwargs(), **vec.kwargs(r0, r1, c0, c1), **tch.kwargs(r0, r1, c0, c1, tdot))
         m_blocks, n_ct = triton.cdiv(r, cfg.block_m), triton.cdiv(w, cfg.block_n)
         splits, per_split = split_tiles(n_ct, m_blocks, dev)
         n_items = m_blocks * splits
         ga = torch.empty((splits, r, d), dtype=f32, device=dev)
         part = torch.empty((2, n_items), dtype=f32, device=dev)
         launch(_fused_target_rows_kernel)[(n_items * d_slices,)](
-            *common, ga, part, r, w, d, r0, c0, m_blocks, n_items, per_split,
-            a_c.stride(0), b_k.stride(0), tdot.stride(0), packed.dense.stride(0), ga.stride(0), ga.stride(1),
-            *numbers, **flags)
+            grad_a_ptr=ga, part_ptr=part, m_blocks=m_blocks, n_items=n_items, tiles_per_split=per_split,
+            stride_gs=ga.stride(0), stride_gm=ga.stride(1), **common, **flags)
         grad_a[r0:r1] = ga.sum(dim=0)
         totals += part.double().sum(dim=1)
         n_blocks, m_rt = triton.cdiv(w, cfg.block_n), triton.cdiv(r, cfg.block_m)
         splits, per_split = split_tiles(m_rt, n_blocks, dev)
         gb = torch.empty((splits, w, d), dtype=f32, device=dev)
         launch(_fused_target_cols_kernel)[(n_blocks * splits * d_slices,)](
-            *common, gb, r, w, d, r0, c0, n_blocks, per_split,
-            a_c.stride(0), b_k.stride(0), tdot.stride(0), packed.dense.stride(0), gb.stride(0), gb.stride(1),
-            *numbers, **flags)
+            grad_b_ptr=gb, n_blocks=n_blocks, tiles_per_split=per_split, stride_gs=gb.stride(0),
+            stride_gn=gb.stride(1), **common, **flags)
         grad_b[c0:c1] += gb.sum(dim=0)
     return grad_a, grad_b, totals[0].float(), totals[1].float()
 

@@ -22,10 +22,9 @@ teacher's row and column target probabilities with the normalisers of the teache
 terms ``Σ Qt·S`` and, with ``entropy``, the mixed targets' ``Σ Q·log Q`` to its per-row and
 per-column sums; pass 2 forms ``G = w·(P·mass − Q_hard − ε/|K| − soft·Qt)`` per direction.
 
-The target's vectors travel packed (``PackedTarget``): per row (id, excluded column, range lo, range
-hi, owner, own rule) as int64 and the penalty flag, per column (id, owner) as int64 and (kept,
-penalised) flags, with the defaults of absent fields filled in; the margin enters as each row's bound
-``A_i·B_pair − margin``, from the chunk of dot products or the producer's own tiles. Semantics and
+The kernels read the target's columns of its wire format (``kernels.wire``, as ``PackedTarget``
+lays them out for ``tiles.target_tile``), the defaults of absent fields filled in; the margin enters
+as each row's bound ``A_i·B_pair − margin``, from the chunk of dot products or the producer's own tiles. Semantics and
 results match ``torch_chunked`` (to fp32 rounding); the loss and the weights between the passes are
 ``targets.loss_and_weights``.
 """
@@ -37,14 +36,14 @@ import triton.language as tl
 
 from .._common import chunk_bytes, mm_acc, row_chunks
 from . import launch
+from ..wire import COL_ID, COL_KEEP, COL_OWNER, COL_PENALTY, ROW_EXCLUDE, ROW_HI, ROW_ID, ROW_LO, ROW_OWNER, \
+    ROW_PENALTY, ROW_RULE, pack
 from .configs import FUSED_FP32_PRECISION, SUPPORTED_DTYPES, chunked_config, matmul_config
 from .gemm import grad_buffer, grad_gemms, grad_tile_scale
 from .plan import (TargetTiles, check_inputs, matmul_plan, matmul_stats_rows, memory_rows, merge_lse, work_items)
 from .tiles import (column_tile, dot_tile, grad_row_vectors, items_end, items_step, lse64, online_row_lse,
                     target_grad_tile, target_tile, target_work_item, teacher_dot_tile, teacher_rows, tile_lse_parts)
 
-ROW_FIELDS = 6  # id, excluded column, range lo, range hi, owner, own rule
-COL_FIELDS = 2  # id, owner
 
 
 # ------------------------------------------------------------------------------------------ kernels
@@ -228,31 +227,16 @@ class PackedTarget:
     """The target's vectors as the kernels read them (defaults of absent fields filled in)."""
 
     def __init__(self, target, na: int, nb: int, device):
-        i64 = dict(dtype=torch.int64, device=device)
         if target.penalty_mode != 0 and (target.row_owner is None or target.col_owner is None):
             raise ValueError("a hardness penalty by ownership needs row_owner and col_owner")
-        row = torch.empty((na, ROW_FIELDS), **i64)
-        row[:, 0] = target.row_ids
-        row[:, 1] = -1 if target.exclude_col is None else target.exclude_col
-        if target.col_range is None:
-            row[:, 2], row[:, 3] = 0, nb
-        else:
-            row[:, 2:4] = target.col_range
-        owners = target.row_owner is not None and target.col_owner is not None
-        row[:, 4] = target.row_owner if owners else -1
-        row[:, 5] = target.own_rule if (owners and target.own_rule is not None) else 0
-        col = torch.empty((nb, COL_FIELDS), **i64)
-        col[:, 0] = target.col_ids
-        col[:, 1] = target.col_owner if owners else -1
-        flags = torch.ones((nb, 2), dtype=torch.uint8, device=device)
-        if target.col_keep is not None:
-            flags[:, 0] = target.col_keep
-        if target.penalty_cols is not None:
-            flags[:, 1] = target.penalty_cols
-        row_flag = torch.ones(na, dtype=torch.uint8, device=device)
-        if target.penalty_rows is not None:
-            row_flag[:] = target.penalty_rows
-        self.row, self.col, self.col_flag, self.row_flag = row, col, flags, row_flag
+        wired = pack(target, na, nb)
+        rows, cols = wired.rows.to(device), wired.cols.to(device)
+        # the wire's columns as tiles.target_tile reads them: int64 per row (id, excluded column, range
+        # lo, range hi, owner, own rule) and per column (id, owner), the 0/1 flags as uint8
+        self.row = rows[:, [ROW_ID, ROW_EXCLUDE, ROW_LO, ROW_HI, ROW_OWNER, ROW_RULE]].contiguous()
+        self.col = cols[:, [COL_ID, COL_OWNER]].contiguous()
+        self.row_flag = rows[:, ROW_PENALTY].to(torch.uint8).contiguous()
+        self.col_flag = cols[:, [COL_KEEP, COL_PENALTY]].to(torch.uint8).contiguous()
         self.dense = (target.mask.to(torch.uint8).contiguous() if target.mask is not None
                       else torch.zeros((1, 1), dtype=torch.uint8, device=device))
         self.has_dense = target.mask is not None
@@ -261,8 +245,11 @@ class PackedTarget:
         self.penalty = float(target.penalty)
         self.penalty_mode = int(target.penalty_mode) if self.has_penalty else 0
 
-    def args(self):
-        return (self.row, self.col, self.row_flag, self.col_flag, self.dense)
+    def kwargs(self):
+        """The target's arguments of a kernel, by name (the wire format's columns, the dense mask)."""
+        return dict(row_info_ptr=self.row, col_info_ptr=self.col, row_flag_ptr=self.row_flag,
+                    col_flag_ptr=self.col_flag, dense_ptr=self.dense, stride_dense=self.dense.stride(0),
+                    penalty=self.penalty)
 
     def flags(self):
         return dict(HAS_MARGIN=self.has_margin, HAS_PENALTY=self.has_penalty, PENALTY_MODE=self.penalty_mode,
@@ -322,11 +309,14 @@ class _Teacher:
         t = self.target
         return mm_acc(t.teacher_a[r0:r1], t.teacher_b[c0:c1].T).float()
 
-    def rows(self, r0, r1):
-        return self.row_norm[r0:r1] if self.soft else self.row_norm
-
-    def cols(self, c0, c1):
-        return self.col_norm[c0:c1] if (self.soft and self.has_cols) else self.col_norm
+    def kwargs(self, r0, r1, c0, c1, tdot):
+        """The teacher's arguments of a kernel for rows [r0, r1) × columns [c0, c1), by name (``tdot``
+        its chunk of dot products, ``chunk``)."""
+        t_c0, t_c1, soft = self.numbers
+        return dict(tdot_ptr=tdot, stride_tm=tdot.stride(0), t_scale_ptr=self.scale,
+                    t_row_ptr=self.row_norm[r0:r1] if self.soft else self.row_norm,
+                    t_col_ptr=self.col_norm[c0:c1] if (self.soft and self.has_cols) else self.col_norm,
+                    t_c0=t_c0, t_c1=t_c1, soft=soft)
 
     def flags(self):
         return dict(SOFT=self.soft, TEACHER_LINEAR=self.linear)
@@ -382,7 +372,6 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
         hw_row = (h / teacher.row_pos.float().clamp_min(1)).float().contiguous()
         if symmetric:
             hw_col = (h / teacher.col_pos.float().clamp_min(1)).float().contiguous()
-    t_c0, t_c1, t_soft = tch.numbers
     cached, kept = [], 0
     dummy = torch.zeros(1, dtype=f64, device=dev)
     tiles = tiles or TargetTiles(a, target, "target_stats", cublas)
@@ -405,15 +394,15 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
         bound = (feature_margin_bounds(tiles, target, a, b, r0, r1, c0, c1) if tiles.matmul
                  else _bounds(target, dot, r0, r1, c0))
         launch(target_stats_kernel)[it.grid](
-            dot, a_c, b_k, scale, bias, *packed.args(), bound,
-            tdot, tch.scale, tch.rows(r0, r1), tch.cols(c0, c1),
-            hw_row[r0:r1] if entropy else hw_row, hw_col[c0:c1] if (entropy and symmetric) else hw_col,
-            row_part, row_sums, col_part, col_sums,
-            r, w, a.shape[1], r0, c0, it.m_blocks, it.n_items, it.per_split,
-            dot.stride(0), a_c.stride(0), b_k.stride(0), tdot.stride(0),
-            packed.dense.stride(0), row_part.stride(0), row_sums.stride(0),
-            col_part.stride(0) if symmetric else 0, col_sums.stride(0) if symmetric else 0, packed.penalty,
-            t_c0, t_c1, t_soft,
+            dot_ptr=dot, a_ptr=a_c, b_ptr=b_k, scale_ptr=scale, bias_ptr=bias, bound_ptr=bound,
+            t_row_hw_ptr=hw_row[r0:r1] if entropy else hw_row,
+            t_col_hw_ptr=hw_col[c0:c1] if (entropy and symmetric) else hw_col,
+            row_part_ptr=row_part, row_sums_ptr=row_sums, col_part_ptr=col_part, col_sums_ptr=col_sums,
+            R=r, W=w, D=a.shape[1], row0=r0, col0=c0, m_blocks=it.m_blocks, n_items=it.n_items,
+            tiles_per_split=it.per_split, stride_dm=dot.stride(0), stride_am=a_c.stride(0),
+            stride_bn=b_k.stride(0), stride_rp=row_part.stride(0), stride_rs=row_sums.stride(0),
+            stride_cp=col_part.stride(0) if symmetric else 0, stride_cs=col_sums.stride(0) if symmetric else 0,
+            **packed.kwargs(), **tch.kwargs(r0, r1, c0, c1, tdot),
             SYMMETRIC=bool(symmetric), SMOOTHING=bool(smoothing), **packed.flags(), **tch.flags(),
             ENTROPY=entropy, **tiles.consts(a),
         )
@@ -483,22 +472,18 @@ class GradVectors:
         self.g_scale = grad_tile_scale(a.dtype, (abs(float(w8.w_row)) + (float(w8.w_col_max) if symmetric else 0.0))
                                        * _q_bound(target))
 
-    def rows(self, r0: int, r1: int):
-        """(row LSE, q at a positive, q on every kept pair) of rows [r0, r1)."""
-        return self.row_lse[r0:r1], self.q_row_pos[r0:r1], self.q_row_keep[r0:r1]
-
-    def cols(self, c0: int, c1: int):
-        """(column LSE, q at a positive, q on every kept pair, column weight) of columns [c0, c1)."""
-        if not self.symmetric:
-            return self.col_lse, self.q_col_pos, self.q_col_keep, self.w_col
-        sl = slice(c0, c1)
-        return self.col_lse[sl], self.q_col_pos[sl], self.q_col_keep[sl], self.w_col[sl]
-
-    def masses(self, r0: int, r1: int, c0: int, c1: int):
-        """(row masses of [r0, r1), column masses of [c0, c1)), or dummies."""
-        if not self.has_mass:
-            return self.row_mass, self.col_mass
-        return self.row_mass[r0:r1], self.col_mass[c0:c1] if self.symmetric else self.col_mass
+    def kwargs(self, r0: int, r1: int, c0: int, c1: int):
+        """Pass 2's vectors of rows [r0, r1) and columns [c0, c1) by kernel argument name: the row LSE,
+        q at a positive and on every kept pair, the same of the columns with their weight, the row
+        and column masses (dummies where absent)."""
+        rows, cols = slice(r0, r1), slice(c0, c1) if self.symmetric else slice(None)
+        mass_rows = rows if self.has_mass else slice(None)
+        mass_cols = cols if self.has_mass else slice(None)
+        return dict(row_lse_ptr=self.row_lse[rows], q_row_pos_ptr=self.q_row_pos[rows],
+                    q_row_keep_ptr=self.q_row_keep[rows], col_lse_ptr=self.col_lse[cols],
+                    q_col_pos_ptr=self.q_col_pos[cols], q_col_keep_ptr=self.q_col_keep[cols],
+                    w_col_ptr=self.w_col[cols], row_mass_ptr=self.row_mass[mass_rows],
+                    col_mass_ptr=self.col_mass[mass_cols], g_scale=self.g_scale)
 
     def flags(self):
         return dict(SYMMETRIC=self.symmetric, **self.tch.flags(), HAS_MASS=self.has_mass)
@@ -516,7 +501,6 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
     grad_b = torch.zeros(b.shape, dtype=torch.float32, device=dev)
     vec = GradVectors(a, target, weights, nb)
     tch, g_scale = vec.tch, vec.g_scale
-    t_c0, t_c1, t_soft = tch.numbers
     parts = []
     tiles = TargetTiles(a, target, "target_grad")
     cfg = tiles.cfg
@@ -551,12 +535,12 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
             if not tiles.matmul:
                 bound = _bounds(target, dot, r0, r1, c0)
             launch(_target_grad_kernel)[it.grid](
-                dot, a_c, b_k, g, scale, bias, *packed.args(), bound, *vec.rows(r0, r1), *vec.cols(c0, c1),
-                tdot, tch.scale, tch.rows(r0, r1), tch.cols(c0, c1), *vec.masses(r0, r1, c0, c1), part,
-                r, w, a.shape[1], r0, c0, it.m_blocks, it.n_items, it.per_split,
-                dot.stride(0), a_c.stride(0), b_k.stride(0), g.stride(0), tdot.stride(0),
-                packed.dense.stride(0), packed.penalty, float(weights.w_row), g_scale, t_c0, t_c1,
-                t_soft, **packed.flags(), **vec.flags(), **tiles.consts(a),
+                dot_ptr=dot, a_ptr=a_c, b_ptr=b_k, g_ptr=g, scale_ptr=scale, bias_ptr=bias, bound_ptr=bound,
+                part_ptr=part, R=r, W=w, D=a.shape[1], row0=r0, col0=c0, m_blocks=it.m_blocks,
+                n_items=it.n_items, tiles_per_split=it.per_split, stride_dm=dot.stride(0),
+                stride_am=a_c.stride(0), stride_bn=b_k.stride(0), stride_gm=g.stride(0),
+                w_row=float(weights.w_row), **packed.kwargs(), **vec.kwargs(r0, r1, c0, c1),
+                **tch.kwargs(r0, r1, c0, c1, tdot), **packed.flags(), **vec.flags(), **tiles.consts(a),
             )
             parts.append(part)
             grad_gemms(g, a[r0:r1], b[c0:c1], scale, grad_a[r0:r1], grad_b[c0:c1], g_scale,
