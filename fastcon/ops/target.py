@@ -207,9 +207,11 @@ def _save_wire(ctx, inputs, kept):
     ctx.teacher = [t is not None for t in inputs[7]]
 
 
-def _wire_grads(ctx, grads):
-    """``grads`` of a, b, scale and bias, and None for every other input (a list of them for a
-    teacher's list holding tensors, as the traced backward matches the inputs' structure)."""
+def _wire_grads(ctx, features, wide):
+    """The (wide) gradients ``wide`` of a, b, scale and bias (``features``) in their inputs' dtypes where
+    they need one, and None for every other input (a list of them for a teacher's list holding
+    tensors, as the traced backward matches the inputs' structure)."""
+    grads = [w.to(x.dtype) if ctx.needs_input_grad[k] else None for k, (x, w) in enumerate(zip(features, wide))]
     out = list(input_grads(ctx, grads))
     if any(ctx.teacher):
         out[7] = [None] * len(ctx.teacher)
@@ -234,9 +236,7 @@ def _pair_backward(ctx, grads_out):
     g = [torch.zeros((), dtype=torch.float64, device=a.device) if t is None else t.reshape(()) for t in grads_out[:2]]
     upstream = torch.stack([t.to(device=a.device, dtype=torch.float64) for t in g])
     wide = target_pair_grad(a, b, scale, bias, *wire, *ctx.other, stats, upstream)
-    out = [None if not ctx.needs_input_grad[k] else w.to(x.dtype) for k, (x, w) in enumerate(zip((a, b, scale, bias),
-                                                                                                 wide))]
-    return _wire_grads(ctx, out)
+    return _wire_grads(ctx, (a, b, scale, bias), wide)
 
 
 target_pair_grad = EngineOp("target_pair_grad", _target_pair_grad, _target_pair_grad_fake)
@@ -334,9 +334,7 @@ def _row_lse_backward(ctx, grad):
     forbid_double_backward()
     (a, b, scale, bias), (row_lse,), wire = _saved_wire(ctx)
     wide = target_row_lse_grad(a, b, scale, bias, *wire, *ctx.other, row_lse, grad.to(torch.float64))
-    out = [None if not ctx.needs_input_grad[k] else w.to(x.dtype) for k, (x, w) in enumerate(zip((a, b, scale, bias),
-                                                                                                 wide))]
-    return _wire_grads(ctx, out)
+    return _wire_grads(ctx, (a, b, scale, bias), wide)
 
 
 target_row_lse_grad = EngineOp("target_row_lse_grad", _target_row_lse_grad, _target_row_lse_grad_fake)
