@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -16,14 +16,21 @@ def compiling() -> bool:
     return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
+def _check_float_tensor(name: str, value, what: str, shape: str, shape_ok) -> None:
+    """``value`` is a tensor (else a ``TypeError``: ``name`` must be ``what``), of the shape described by
+    ``shape`` (``shape_ok(value)``, else a ``ValueError``) and of a floating-point dtype (else a
+    ``TypeError``), checked in this order."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+    if not shape_ok(value):
+        raise ValueError(f"{name} must be {shape}, got shape {tuple(value.shape)}")
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+
+
 def check_features(name_a: str, a, name_b: str, b) -> None:
     for name, t in ((name_a, a), (name_b, b)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(t.shape)}")
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        _check_float_tensor(name, t, "a torch.Tensor", "2-D (batch, dim)", lambda x: x.dim() == 2)
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name} has unsupported dtype {t.dtype}; use float32, bfloat16, float16 or float64")
         if t.shape[0] == 0:
@@ -51,12 +58,8 @@ def check_scalar(name: str, value, device: torch.device, *, required: bool = Tru
         if not math.isfinite(float(value)):
             raise ValueError(f"{name} must be finite, got {value}")
         return torch.tensor(float(value), dtype=torch.float64, device=device)
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a float or a one-element tensor, got {type(value).__name__}")
-    if value.numel() != 1:
-        raise ValueError(f"{name} must be a scalar (one element), got shape {tuple(value.shape)}")
-    if not value.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    _check_float_tensor(name, value, "a float or a one-element tensor", "a scalar (one element)",
+                        lambda v: v.numel() == 1)
     if value.device.type != "cpu" and value.device != device:
         raise ValueError(f"{name} is on {value.device} but the features are on {device}")
     # A check of finiteness needs the value on the host: it is done only when the value is already

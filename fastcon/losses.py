@@ -21,6 +21,19 @@ def _check_world(rank, world_size):
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
 
 
+def _init_open_clip(module, *, cache_labels, rank, world_size, process_group, backend, chunk_size):
+    """Checks and stores what ``ClipLoss`` and ``SigLipLoss`` share: open_clip's ``cache_labels``,
+    ``rank`` and ``world_size`` (``_check_world``), and fastcon's ``process_group``, ``backend`` and
+    ``chunk_size``, as attributes of ``module``."""
+    _check_world(rank, world_size)
+    module.process_group = process_group
+    module.cache_labels = cache_labels
+    module.rank = rank
+    module.world_size = world_size
+    module.backend = backend
+    module.chunk_size = chunk_size
+
+
 def _group_for(module, process_group):
     """The process group of a module with world_size > 1, checked against its rank and world_size."""
     if module.world_size == 1:
@@ -78,17 +91,12 @@ class ClipLoss(nn.Module):
         if use_horovod:
             raise ValueError("ClipLoss(use_horovod=True) is not supported by fastcon: horovod is not used; "
                              "run under torch.distributed (the world group, or pass process_group=)")
-        _check_world(rank, world_size)
-        self.process_group = process_group
+        _init_open_clip(self, cache_labels=cache_labels, rank=rank, world_size=world_size,
+                        process_group=process_group, backend=backend, chunk_size=chunk_size)
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
-        self.cache_labels = cache_labels
-        self.rank = rank
-        self.world_size = world_size
         self.use_horovod = use_horovod
         self.label_smoothing = label_smoothing
-        self.backend = backend
-        self.chunk_size = chunk_size
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False, *,
                 labels=None):
@@ -157,17 +165,12 @@ class SigLipLoss(nn.Module):
                  dist_impl: Optional[str] = None, *, chunk_size: int = 0, backend: str = "auto",
                  process_group=None):
         super().__init__()
-        _check_world(rank, world_size)
+        _init_open_clip(self, cache_labels=cache_labels, rank=rank, world_size=world_size,
+                        process_group=process_group, backend=backend, chunk_size=chunk_size)
         dist_impl = dist_impl or "bidir"
         if dist_impl not in _SIGLIP_DIST_IMPLS:
             raise ValueError(f"dist_impl must be one of {_SIGLIP_DIST_IMPLS}, got {dist_impl!r}")
-        self.process_group = process_group
-        self.cache_labels = cache_labels
-        self.rank = rank
-        self.world_size = world_size
         self.dist_impl = dist_impl
-        self.chunk_size = chunk_size
-        self.backend = backend
 
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict: bool = False):
         if logit_bias is None:

@@ -36,6 +36,16 @@ _PYLATE_BACKEND = {"pylate": "torch", "flash_maxsim": "flash", "late_interaction
 PEER_OF = {"clip": ("open_clip", "inf_cl"), "siglip": ("open_clip", "siglip_kernel"), "clip_labels": (), "ntxent": ("lightly",),
            "mnrl": ("sentence_transformers",), "distill": ("open_clip",), "align_uniform": (),
            "m2mix": (), "mochi": (), "filip": (), "maxsim": ("pylate", "flash_maxsim", "late_interaction_kernels")}
+# the single-device CUDA peers (each importable as its provider's name): why each is unusable on several
+# ranks, when it is not installed, on a CPU (availability's checks, in this order)
+_GPU_PEERS = {
+    "inf_cl": ("inf_cl's ring loss has no open_clip mode to compare with",
+               "inf_cl is not installed (pip install inf-cl)",
+               "inf_cl's Triton kernels need a CUDA GPU"),
+    "siglip_kernel": ("siglip_kernel's distributed loss has no open_clip mode to compare with",
+                      "siglip-kernel is not installed (pip install --no-deps siglip-kernel)",
+                      "siglip-kernel queries the GPU at import: a CUDA GPU only"),
+}
 NTXENT_TEMPERATURE = 0.5
 MNRL_SCALE = 20.0
 DISTILL_TEACHER_SCALE = 30.0
@@ -100,20 +110,14 @@ def availability(provider: str, loss: str, device: str, world_size: int = 1) -> 
         return False, "lightly is not installed (its loss module imports torchvision)"
     if provider == "sentence_transformers" and not _find("sentence_transformers"):
         return False, "sentence-transformers is not installed"
-    if provider == "inf_cl":
+    if provider in _GPU_PEERS:
+        several_ranks, missing, cpu = _GPU_PEERS[provider]
         if world_size > 1:
-            return False, "inf_cl's ring loss has no open_clip mode to compare with"
-        if not _find("inf_cl"):
-            return False, "inf_cl is not installed (pip install inf-cl)"
+            return False, several_ranks
+        if not _find(provider):
+            return False, missing
         if device != "cuda":
-            return False, "inf_cl's Triton kernels need a CUDA GPU"
-    if provider == "siglip_kernel":
-        if world_size > 1:
-            return False, "siglip_kernel's distributed loss has no open_clip mode to compare with"
-        if not _find("siglip_kernel"):
-            return False, "siglip-kernel is not installed (pip install --no-deps siglip-kernel)"
-        if device != "cuda":
-            return False, "siglip-kernel queries the GPU at import: a CUDA GPU only"
+            return False, cpu
     if provider in ("torch_compile", "fastcon_compile"):
         if world_size > 1:
             return False, f"{provider} is a single-device provider"

@@ -38,17 +38,24 @@ def _accumulate(total, grad):
     return grad.clone() if total is None else total + grad
 
 
-def _rank_results(world_size, per_rank_graphs, upstream=None):
-    """Runs ``per_rank_graphs(r) -> (loss, image_leaves, text_leaves, scale_leaf, bias_leaf)`` for every
-    rank and routes each rank's gradients home: what rank r's loss puts on rank q's features (possible
-    only through a gather with autograd) is added to rank q's gradient, as the backward of such a gather
-    (reduce-scatter SUM) does. The scale and bias gradients stay on the rank that computed the loss.
-    ``upstream[r]`` is the gradient rank r back-propagates into its loss (default 1)."""
+def _rank_results(image_features_per_rank, text_features_per_rank, logit_scale, logit_bias, rank_loss,
+                  upstream=None):
+    """Runs ``rank_loss(r, images, texts, scale, bias) -> L_r`` for every rank r on fresh leaves (every
+    rank's features, the scale and the bias, in the features' dtype promoted to at least fp32; bias None
+    without one) and routes each rank's gradients home: what rank r's loss puts on rank q's features
+    (possible only through a gather with autograd) is added to rank q's gradient, as the backward of such
+    a gather (reduce-scatter SUM) does. The scale and bias gradients stay on the rank that computed the
+    loss. ``upstream[r]`` is the gradient rank r back-propagates into its loss (default 1)."""
+    world_size, _ = _check_rank_batches(image_features_per_rank, text_features_per_rank)
+    acc = torch.promote_types(image_features_per_rank[0].dtype, torch.float32)
     grad_image = [None] * world_size
     grad_text = [None] * world_size
     results = []
     for r in range(world_size):
-        loss, images, texts, scale, bias = per_rank_graphs(r)
+        images = _rank_leaves(image_features_per_rank, acc)
+        texts = _rank_leaves(text_features_per_rank, acc)
+        scale, bias = _scalar_leaf(logit_scale, acc), _scalar_leaf(logit_bias, acc)
+        loss = rank_loss(r, images, texts, scale, bias)
         inputs = images + texts + [scale] + ([bias] if bias is not None else [])
         weight = torch.tensor(1.0 if upstream is None else float(upstream[r]), dtype=loss.dtype, device=loss.device)
         grads = torch.autograd.grad(loss, inputs, grad_outputs=weight, allow_unused=True)
@@ -110,13 +117,8 @@ def clip_loss_ranks_reference(
     makes no difference: a bias shared by all logits of a row cancels in the softmax, so the CLIP loss
     does not depend on b and ``∂L/∂b = 0`` (up to rounding) in every mode.
     """
-    world_size, n = _check_rank_batches(image_features_per_rank, text_features_per_rank)
-    acc = torch.promote_types(image_features_per_rank[0].dtype, torch.float32)
-
-    def rank_graph(r):
-        images = _rank_leaves(image_features_per_rank, acc)
-        texts = _rank_leaves(text_features_per_rank, acc)
-        scale, bias = _scalar_leaf(logit_scale, acc), _scalar_leaf(logit_bias, acc)
+    def rank_loss(r, images, texts, scale, bias):
+        world_size, n = len(images), images[r].shape[0]
         if gather_with_grad or world_size == 1:  # open_clip gathers nothing on one rank
             gathered_images, gathered_texts = list(images), list(texts)
         else:  # dist.all_gather: values only
@@ -135,11 +137,11 @@ def clip_loss_ranks_reference(
             labels = torch.arange(world_size * n, device=all_images.device)
         if bias is not None:
             logits_per_image, logits_per_text = logits_per_image + bias, logits_per_text + bias
-        loss = (F.cross_entropy(logits_per_image, labels, label_smoothing=label_smoothing)
+        return (F.cross_entropy(logits_per_image, labels, label_smoothing=label_smoothing)
                 + F.cross_entropy(logits_per_text, labels, label_smoothing=label_smoothing)) / 2
-        return loss, images, texts, scale, bias
 
-    return _rank_results(world_size, rank_graph, upstream)
+    return _rank_results(image_features_per_rank, text_features_per_rank, logit_scale, logit_bias, rank_loss,
+                         upstream)
 
 
 def siglip_loss_ranks_reference(
@@ -159,19 +161,14 @@ def siglip_loss_ranks_reference(
     and bias gradients are ``∂L_r/∂·``. Hence ``Σ_r L_r = W·L`` and every feature gradient is ``W·∂L/∂·``
     for the global SigLIP loss L of the concatenated batch (divided by N = W·n).
     """
-    world_size, _ = _check_rank_batches(image_features_per_rank, text_features_per_rank)
-    acc = torch.promote_types(image_features_per_rank[0].dtype, torch.float32)
-
-    def rank_graph(r):
-        images = _rank_leaves(image_features_per_rank, acc)
-        texts = _rank_leaves(text_features_per_rank, acc)
-        scale, bias = _scalar_leaf(logit_scale, acc), _scalar_leaf(logit_bias, acc)
+    def rank_loss(r, images, texts, scale, bias):
         loss = siglip_loss_reference(images[r], texts[r], scale, bias, upcast=False)
-        for q in range(world_size):
+        for q in range(len(texts)):
             if q != r:
                 loss = loss + siglip_loss_reference(images[r], texts[q], scale, bias, negative_only=True,
                                                     upcast=False)
-        return loss, images, texts, scale, bias
+        return loss
 
-    return _rank_results(world_size, rank_graph, upstream)
+    return _rank_results(image_features_per_rank, text_features_per_rank, logit_scale, logit_bias, rank_loss,
+                         upstream)
 
