@@ -19,7 +19,9 @@ supported dtype, then its cubin is read with Triton's bundled ``cuobjdump``:
 conftest.py sets TRITON_INTERPRET=1, under which ``@triton.jit`` gives interpreter objects, so the
 compilation runs in two worker subprocesses with TRITON_INTERPRET removed from their environment.
 Pointer and leading-stride arguments are marked 16-divisible, as the runtime specializes them for
-aligned contiguous tensors; unit inner strides are constants, as the runtime specializes 1-valued ints.
+aligned contiguous tensors, and so are the sizes a spec names ``divisible`` (D of the matmul
+producer; the general target's R and W, which stand as its chunks' row strides); unit inner strides
+are constants, as the runtime specializes 1-valued ints.
 
 ``python tests/test_triton_compile.py`` prints the table of configurations with registers, shared
 memory and spills.

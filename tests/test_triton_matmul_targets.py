@@ -67,8 +67,8 @@ def test_ntxent(n, d, t):
 
 
 def _record_launches(monkeypatch, *modules):
-    """Spy on the kernels the modules launch: [(name, MATMUL)], and per kernel the row0 of each launch
-    that forms its tiles (the row chunks of its pass)."""
+    """Spy on the kernels the modules launch: [(name, MATMUL)], and per kernel the first row of each
+    launch that forms its tiles (the row chunks of its pass: where its row-side arrays start)."""
     launched, starts = [], {}
 
     def spy_on(real):
@@ -83,7 +83,8 @@ def _record_launches(monkeypatch, *modules):
                     def call(*a, **k):
                         launched.append((name, k.get("MATMUL")))
                         if k.get("MATMUL") or name.startswith("_fused_target"):
-                            starts.setdefault(name, set()).add(dict(zip(kernel.arg_names, a), **k)["row0"])
+                            rows = dict(zip(kernel.arg_names, a), **k)["row_info_ptr"]
+                            starts.setdefault(name, set()).add(rows.storage_offset() // rows.stride(0))
                         return run(*a, **k)
                     return call
             return _Grid()

@@ -53,8 +53,10 @@ CHUNKED_CONFIGS: dict[str, Config] = {
     "sigmoid": Config(block_m=32, block_n=128, num_warps=8, num_stages=1),
     # The general target's epilogues (target.py): the pair decisions keep several int64 and boolean
     # tiles live beside the logits, hence smaller tiles than the CLIP epilogues' (no register spills on
-    # sm_80 / sm_90 in any shipped variant: tests/test_triton_compile.py).
-    "target_stats": Config(block_m=32, block_n=32, num_warps=8, num_stages=1),
+    # sm_80 / sm_90 in any shipped variant: tests/test_triton_compile.py). Both passes on 16 × 64 tiles
+    # over 4 warps: on 32 × 32 over 8 warps ptxas held some soft-target variants of pass 1 to 128
+    # registers (two blocks an SM) with a few words on the stack.
+    "target_stats": Config(block_m=16, block_n=64, num_warps=4, num_stages=1),
     "target_grad": Config(block_m=16, block_n=64, num_warps=4, num_stages=1),
     # Deterministic merge of LSE partials along their leading axis (block_m unused).
     "merge": Config(block_m=1, block_n=256, num_warps=4, num_stages=1),

@@ -129,7 +129,7 @@ def _fused_lse_kernel(
 @triton.jit
 def _fused_rows_kernel(
     a_ptr, b_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_lse_ptr, grad_a_ptr, part_ptr,
-    Na, Nb, D, tiles_per_split, num_programs, pos_offset,
+    Na, Nb, D, tiles_per_split, pos_offset,
     stride_am, stride_ad, stride_bn, stride_bd, stride_gs, stride_gm, stride_gd,
     w_row, w_col, w_pos, g_scale,
     SIGMOID: tl.constexpr, HAS_COL_TERM: tl.constexpr, NEED_GRAD: tl.constexpr,
@@ -138,11 +138,13 @@ def _fused_rows_kernel(
 ):
     """Program (m, s): row block m × column tiles of split s.
     grad_a[s, rows, :] = s·Σ_j G_ij·B_j (NEED_GRAD); part[0, p] = sigmoid loss (SIGMOID),
-    part[1, p] = Σ G·dot, part[2, p] = Σ G (NEED_GRAD). SIGMOID: G = w_row·(σ(S) − [j == i + pos]);
-    else G = w_row·exp(S − row_lse) (+ w_col·exp(S − col_lse) with HAS_COL_TERM) − w_pos·[j == i + pos]."""
+    part[1, p] = Σ G·dot, part[2, p] = Σ G (NEED_GRAD), p = m·splits + s of the grid's programs.
+    SIGMOID: G = w_row·(σ(S) − [j == i + pos]); else G = w_row·exp(S − row_lse) (+ w_col·exp(S − col_lse)
+    with HAS_COL_TERM) − w_pos·[j == i + pos]."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
     pid = pid_m * tl.num_programs(1) + pid_s
+    num_programs = tl.num_programs(0) * tl.num_programs(1)
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
     offs_d = tl.arange(0, BLOCK_D)
@@ -329,7 +331,7 @@ def _gradients(a, b, scale, bias, row_lse, col_lse, w_row, w_col, w_pos, pos_off
     if na > 0 and nb > 0:
         launch(_fused_rows_kernel)[(m_blocks, splits)](
             a, b, scale, bias, row_lse, col_lse, ga, part,
-            na, nb, d, per_split, nprog, int(pos_offset),
+            na, nb, d, per_split, int(pos_offset),
             a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             ga.stride(0) if need_grad else 0, ga.stride(1) if need_grad else 0, ga.stride(2) if need_grad else 0,
             float(w_row), float(w_col), float(w_pos), g_scale,
@@ -417,8 +419,7 @@ def compile_specs():
                 fn = _fused_rows_kernel
                 sig = {"a_ptr": p, "b_ptr": p, "scale_ptr": "*fp32", "bias_ptr": "*fp32",
                        "row_lse_ptr": "*fp64", "col_lse_ptr": "*fp64", "grad_a_ptr": "*fp32", "part_ptr": "*fp32",
-                       "Na": "i32", "Nb": "i32", "D": "i32", "tiles_per_split": "i32", "num_programs": "i32",
-                       "pos_offset": "i32",
+                       "Na": "i32", "Nb": "i32", "D": "i32", "tiles_per_split": "i32", "pos_offset": "i32",
                        "stride_am": "i32", "stride_ad": "constexpr", "stride_bn": "i32", "stride_bd": "constexpr",
                        "stride_gs": "i32", "stride_gm": "i32", "stride_gd": "constexpr",
                        "w_row": "fp32", "w_col": "fp32", "w_pos": "fp32", "g_scale": "fp32"}

@@ -26,65 +26,59 @@ from . import launch
 from .configs import FUSED_CONFIGS, FUSED_FP32_PRECISION, fused_block_d, fused_config
 from .plan import TargetTiles, check_fused_inputs, dot_precision, dtype_name, matmul_stats_rows, split_tiles
 from .target import (GradVectors, PackedTarget, feature_margin_bounds, pair_dots_kernel, target_signature,
-                     target_stats_kernel, teacher_stats)
+                     target_stats_kernel, teacher_stats, variant)
 from .target import target_stats as epilogue_target_stats
-from .tiles import (column_tile, dot_tile, grad_row_vectors, row_bounds, target_grad_tile, target_tile,
-                    target_work_item, teacher_dot_tile, teacher_rows)
+from .tiles import (NUM_G_SCALE, TERM_SOFT, column_tile, dot_tile, grad_row_vectors, row_bounds, target_grad_tile,
+                    target_items, target_tile, target_work_item, teacher_dot_tile, teacher_rows)
 
 
 # ------------------------------------------------------------------------------------------ kernels
 @triton.jit
 def _fused_target_rows_kernel(
     a_ptr, b_ptr, scale_ptr, bias_ptr, row_info_ptr, col_info_ptr, row_flag_ptr, col_flag_ptr, dense_ptr,
-    bound_ptr, row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, col_lse_ptr, q_col_pos_ptr, q_col_keep_ptr, w_col_ptr,
-    tdot_ptr, t_scale_ptr, t_row_ptr, t_col_ptr, row_mass_ptr, col_mass_ptr, grad_a_ptr, part_ptr,
-    R, W, D, row0, col0, m_blocks, n_items, tiles_per_split,
-    stride_am, stride_bn, stride_tm, stride_dense, stride_gs, stride_gm,
-    penalty, w_row, g_scale, t_c0, t_c1, soft,
-    SYMMETRIC: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_PENALTY: tl.constexpr, PENALTY_MODE: tl.constexpr,
-    HAS_DENSE: tl.constexpr, SOFT: tl.constexpr, TEACHER_LINEAR: tl.constexpr, HAS_MASS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    bound_ptr, tdot_ptr, row_vec_ptr, col_vec_ptr, numbers_ptr, grad_a_ptr, part_ptr,
+    R, W, D, col0, tiles_per_split, stride_dense,
+    RULES: tl.constexpr, TERMS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Pass 2 of the general target, rows: program (m, s) of a chunk of R rows (a_ptr) × W columns
     (b_ptr) forms each tile of dot products as pass 1 did (``tiles.dot_tile``, same blocks), its G
     (``tiles.target_tile`` → ``tiles.target_grad_tile``) and accumulates ``G·B`` in a BLOCK_M ×
-    BLOCK_D fp32 accumulator: grad_a[s, rows, D slice] = s·Σ_j G_ij·B_j over D slice ``program_id //
-    n_items`` of BLOCK_D features (each slice forms the tiles again); part[0, p] = Σ G·dot, part[1, p] = Σ
-    G (slice 0). G never leaves registers. Soft targets read the teacher's tile from its chunk of dot products
-    (tdot, fp32)."""
+    BLOCK_D fp32 accumulator: grad_a[s, rows, D slice] = s·Σ_j G_ij·B_j (grad_a: splits × R × D) over
+    D slice ``program_id // n_items`` of BLOCK_D features (each slice forms the tiles again);
+    part[0, p] = Σ G·dot, part[1, p] = Σ G (slice 0). G never leaves registers. Soft targets read the
+    teacher's tile from its chunk of dot products (tdot, fp32, R × W)."""
+    m_blocks, n_items = target_items(R, W, tiles_per_split, BLOCK_M, BLOCK_N)
     item = tl.program_id(0) % n_items
     d_slice = tl.program_id(0) // n_items
-    pid_m, pid_s, offs_m, mask_m, rows, bound, scale, bias, t0, t1 = target_work_item(
-        item, m_blocks, scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_per_split, HAS_MARGIN, BLOCK_M, BLOCK_N)
-    row_hi, row_lo, qp, qk, mass = grad_row_vectors(row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, row_mass_ptr,
-                                                    offs_m, mask_m, HAS_MASS)
-    t_scale, t_row_hi, t_row_lo = teacher_rows(t_scale_ptr, t_row_ptr, offs_m, mask_m, SOFT, TEACHER_LINEAR)
+    pid_m, pid_s, offs_m, mask_m, bound, scale, bias, t0, t1 = target_work_item(
+        item, scale_ptr, bias_ptr, bound_ptr, R, W, tiles_per_split, RULES, BLOCK_M, BLOCK_N)
+    row_hi, row_lo, qp, qk, mass = grad_row_vectors(row_vec_ptr, offs_m, mask_m, TERMS)
+    t_scale, t_row_hi, t_row_lo = teacher_rows(numbers_ptr, row_vec_ptr, offs_m, mask_m, TERMS)
+    g_scale = tl.load(numbers_ptr + NUM_G_SCALE)
     offs_d = d_slice * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     acc_gd = tl.zeros([BLOCK_M], tl.float32)
     acc_g = tl.zeros([BLOCK_M], tl.float32)
     for ct in range(t0, t1):
-        offs_n, mask_n, d = column_tile(ct, a_ptr, 0, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m, mask_m, W,
+        offs_n, mask_n, d = column_tile(ct, a_ptr, 0, a_ptr, D, b_ptr, D, D, offs_m, mask_m, W,
                                         True, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        keep, pos, t = target_tile(d, rows, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr, row_flag_ptr,
-                                   col_flag_ptr, dense_ptr, stride_dense, bound, scale, bias, penalty,
-                                   HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE)
-        q_row, q_col = t, t  # (unused without SOFT)
-        if SOFT:
-            q_row, q_col = teacher_dot_tile(tdot_ptr, stride_tm, offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr,
-                                             t_scale, t_c0, t_c1, t_row_hi, t_row_lo, TEACHER_LINEAR, SYMMETRIC)
-        g = target_grad_tile(t, keep, pos, row_hi, row_lo, qp, qk, mass, q_row, q_col, offs_n, mask_n, col_lse_ptr,
-                             q_col_pos_ptr, q_col_keep_ptr, w_col_ptr, col_mass_ptr, w_row, soft,
-                             SYMMETRIC, SOFT, HAS_MASS)
+        keep, pos, t = target_tile(d, offs_m, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr, row_flag_ptr,
+                                   col_flag_ptr, dense_ptr, stride_dense, numbers_ptr, bound, scale, bias, RULES)
+        q_row, q_col = t, t  # (unused without TERM_SOFT)
+        if TERM_SOFT & TERMS:
+            q_row, q_col = teacher_dot_tile(tdot_ptr, W, offs_m, offs_n, mask_m, mask_n, keep, numbers_ptr,
+                                             col_vec_ptr, t_scale, t_row_hi, t_row_lo, TERMS)
+        g = target_grad_tile(t, keep, pos, row_hi, row_lo, qp, qk, mass, q_row, q_col, offs_n, mask_n, col_vec_ptr,
+                             numbers_ptr, TERMS)
         acc_gd += tl.sum(g * d, 1)
         acc_g += tl.sum(g, 1)
-        bt = tl.load(b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn + offs_d[None, :],
+        bt = tl.load(b_ptr + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :],
                      mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         # G lifted by the power of two g_scale before its cast (fp16 keeps its bits), undone below
         acc = tl.dot((g * g_scale).to(bt.dtype), bt, acc, input_precision=INPUT_PRECISION)
-    out = grad_a_ptr + pid_s * stride_gs + offs_m[:, None] * stride_gm + offs_d[None, :]
+    out = grad_a_ptr + pid_s * R * D + offs_m[:, None] * D + offs_d[None, :]
     tl.store(out, acc * (scale / g_scale), mask=mask_m[:, None] & mask_d[None, :])
     if d_slice == 0:
         tl.store(part_ptr + item, tl.sum(acc_gd, 0))
@@ -94,20 +88,17 @@ def _fused_target_rows_kernel(
 @triton.jit
 def _fused_target_cols_kernel(
     a_ptr, b_ptr, scale_ptr, bias_ptr, row_info_ptr, col_info_ptr, row_flag_ptr, col_flag_ptr, dense_ptr,
-    bound_ptr, row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, col_lse_ptr, q_col_pos_ptr, q_col_keep_ptr, w_col_ptr,
-    tdot_ptr, t_scale_ptr, t_row_ptr, t_col_ptr, row_mass_ptr, col_mass_ptr, grad_b_ptr,
-    R, W, D, row0, col0, n_blocks, tiles_per_split,
-    stride_am, stride_bn, stride_tm, stride_dense, stride_gs, stride_gn,
-    penalty, w_row, g_scale, t_c0, t_c1, soft,
-    SYMMETRIC: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_PENALTY: tl.constexpr, PENALTY_MODE: tl.constexpr,
-    HAS_DENSE: tl.constexpr, SOFT: tl.constexpr, TEACHER_LINEAR: tl.constexpr, HAS_MASS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    bound_ptr, tdot_ptr, row_vec_ptr, col_vec_ptr, numbers_ptr, grad_b_ptr,
+    R, W, D, col0, tiles_per_split, stride_dense,
+    RULES: tl.constexpr, TERMS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Pass 2 of the general target, columns: program (n, s) takes column block n of the chunk and the
     row tiles of split s, forms each tile of dot products in the rows kernel's orientation and blocks
     (so G is bitwise the rows kernel's) and accumulates ``Gᵀ·A`` in a BLOCK_N × BLOCK_D fp32
-    accumulator: grad_b[s, cols, D slice] = s·Σ_i G_ij·A_i, D sliced as in the rows kernel."""
+    accumulator: grad_b[s, cols, D slice] = s·Σ_i G_ij·A_i (grad_b: splits × W × D), D sliced as in
+    the rows kernel."""
+    n_blocks = tl.cdiv(W, BLOCK_N)
     n_items = n_blocks * tl.cdiv(tl.cdiv(R, BLOCK_M), tiles_per_split)
     item = tl.program_id(0) % n_items
     d_slice = tl.program_id(0) // n_items
@@ -116,6 +107,7 @@ def _fused_target_cols_kernel(
     pid_s = item // n_blocks + wide
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
+    g_scale = tl.load(numbers_ptr + NUM_G_SCALE)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < W
     offs_d = d_slice * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -126,26 +118,24 @@ def _fused_target_cols_kernel(
     for rt in range(rt0, rt1):
         offs_m = (rt * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         mask_m = offs_m < R
-        bound = row_bounds(bound_ptr, offs_m, mask_m, HAS_MARGIN, BLOCK_M)
-        d = dot_tile(a_ptr, 0, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m, offs_n, mask_m, mask_n,
+        bound = row_bounds(bound_ptr, offs_m, mask_m, RULES, BLOCK_M)
+        d = dot_tile(a_ptr, 0, a_ptr, D, b_ptr, D, D, offs_m, offs_n, mask_m, mask_n,
                      True, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        keep, pos, t = target_tile(d, row0 + offs_m, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr,
-                                   row_flag_ptr, col_flag_ptr, dense_ptr, stride_dense, bound, scale, bias, penalty,
-                                   HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE)
-        row_hi, row_lo, qp, qk, mass = grad_row_vectors(row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, row_mass_ptr,
-                                                        offs_m, mask_m, HAS_MASS)
-        q_row, q_col = t, t  # (unused without SOFT)
-        if SOFT:
-            t_scale, t_row_hi, t_row_lo = teacher_rows(t_scale_ptr, t_row_ptr, offs_m, mask_m, SOFT, TEACHER_LINEAR)
-            q_row, q_col = teacher_dot_tile(tdot_ptr, stride_tm, offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr,
-                                             t_scale, t_c0, t_c1, t_row_hi, t_row_lo, TEACHER_LINEAR, SYMMETRIC)
-        g = target_grad_tile(t, keep, pos, row_hi, row_lo, qp, qk, mass, q_row, q_col, offs_n, mask_n, col_lse_ptr,
-                             q_col_pos_ptr, q_col_keep_ptr, w_col_ptr, col_mass_ptr, w_row, soft,
-                             SYMMETRIC, SOFT, HAS_MASS)
-        at = tl.load(a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_d[None, :],
+        keep, pos, t = target_tile(d, offs_m, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr,
+                                   row_flag_ptr, col_flag_ptr, dense_ptr, stride_dense, numbers_ptr, bound, scale,
+                                   bias, RULES)
+        row_hi, row_lo, qp, qk, mass = grad_row_vectors(row_vec_ptr, offs_m, mask_m, TERMS)
+        q_row, q_col = t, t  # (unused without TERM_SOFT)
+        if TERM_SOFT & TERMS:
+            t_scale, t_row_hi, t_row_lo = teacher_rows(numbers_ptr, row_vec_ptr, offs_m, mask_m, TERMS)
+            q_row, q_col = teacher_dot_tile(tdot_ptr, W, offs_m, offs_n, mask_m, mask_n, keep, numbers_ptr,
+                                             col_vec_ptr, t_scale, t_row_hi, t_row_lo, TERMS)
+        g = target_grad_tile(t, keep, pos, row_hi, row_lo, qp, qk, mass, q_row, q_col, offs_n, mask_n, col_vec_ptr,
+                             numbers_ptr, TERMS)
+        at = tl.load(a_ptr + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :],
                      mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         acc = tl.dot(tl.trans((g * g_scale).to(at.dtype)), at, acc, input_precision=INPUT_PRECISION)
-    out = grad_b_ptr + pid_s * stride_gs + offs_n[:, None] * stride_gn + offs_d[None, :]
+    out = grad_b_ptr + pid_s * W * D + offs_n[:, None] * D + offs_d[None, :]
     tl.store(out, acc * (scale / g_scale), mask=mask_n[:, None] & mask_d[None, :])
 
 
@@ -171,6 +161,7 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
     from ..targets import column_span
 
     check_fused_inputs(a, b)
+    a, b = a.contiguous(), b.contiguous()  # (the kernels take rows D apart)
     na, nb, d = a.shape[0], b.shape[0], a.shape[1]
     dev = a.device
     packed = PackedTarget(target, na, nb, dev)
@@ -187,37 +178,31 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
     # with soft targets the teacher's chunks within the budget, in pass 1's row chunks
     rows = (matmul_stats_rows(target, na, nb, chunk_rows, chunk_bytes(dev), a.dtype, vec.symmetric, cfg)
             if target.soft else max(1, min(na, chunk_rows)))
-    prec = dot_precision(a)
-    flags = dict(**vec.flags(), **packed.flags(), INPUT_PRECISION=prec,
-                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=slice_d,
-                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    blocks = dict(INPUT_PRECISION=dot_precision(a), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                  BLOCK_D=slice_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     for r0, r1 in row_chunks(na, rows):
         c0, c1 = column_span(target, r0, r1, nb)
         if c1 == c0:
             continue
         r, w = r1 - r0, c1 - c0
-        a_c, b_k = a[r0:r1], b[c0:c1]
         bound = feature_margin_bounds(tiles, target, a, b, r0, r1, c0, c1)
-        tdot = tch.chunk(r0, r1, c0, c1)
-        common = dict(a_ptr=a_c, b_ptr=b_k, scale_ptr=scale, bias_ptr=bias, bound_ptr=bound, R=r, W=w, D=d, row0=r0,
-                      col0=c0, stride_am=a_c.stride(0), stride_bn=b_k.stride(0), w_row=float(weights.w_row),
-                      **packed.kwargs(), **vec.kwargs(r0, r1, c0, c1), **tch.kwargs(r0, r1, c0, c1, tdot))
+        common = dict(a_ptr=a[r0:r1], b_ptr=b[c0:c1], scale_ptr=scale, bias_ptr=bias, bound_ptr=bound,
+                      tdot_ptr=tch.chunk(r0, r1, c0, c1), R=r, W=w, D=d, col0=c0, **packed.kwargs(r0, r1),
+                      **vec.kwargs(r0, r1, c0, c1), **blocks)
         m_blocks, n_ct = triton.cdiv(r, cfg.block_m), triton.cdiv(w, cfg.block_n)
         splits, per_split = split_tiles(n_ct, m_blocks, dev)
         n_items = m_blocks * splits
         ga = torch.empty((splits, r, d), dtype=f32, device=dev)
         part = torch.empty((2, n_items), dtype=f32, device=dev)
-        launch(_fused_target_rows_kernel)[(n_items * d_slices,)](
-            grad_a_ptr=ga, part_ptr=part, m_blocks=m_blocks, n_items=n_items, tiles_per_split=per_split,
-            stride_gs=ga.stride(0), stride_gm=ga.stride(1), **common, **flags)
+        launch(_fused_target_rows_kernel)[(n_items * d_slices,)](grad_a_ptr=ga, part_ptr=part,
+                                                                 tiles_per_split=per_split, **common)
         grad_a[r0:r1] = ga.sum(dim=0)
         totals += part.double().sum(dim=1)
         n_blocks, m_rt = triton.cdiv(w, cfg.block_n), triton.cdiv(r, cfg.block_m)
         splits, per_split = split_tiles(m_rt, n_blocks, dev)
         gb = torch.empty((splits, w, d), dtype=f32, device=dev)
-        launch(_fused_target_cols_kernel)[(n_blocks * splits * d_slices,)](
-            grad_b_ptr=gb, n_blocks=n_blocks, tiles_per_split=per_split, stride_gs=gb.stride(0),
-            stride_gn=gb.stride(1), **common, **flags)
+        launch(_fused_target_cols_kernel)[(n_blocks * splits * d_slices,)](grad_b_ptr=gb, tiles_per_split=per_split,
+                                                                           **common)
         grad_b[c0:c1] += gb.sum(dim=0)
     return grad_a, grad_b, totals[0].float(), totals[1].float()
 
@@ -262,7 +247,7 @@ def compile_specs():
     def add(name, fn, features, consts, cfg, dtype, bd):
         specs.append(dict(name=name, fn=fn, signature=target_signature(fn, consts, features), constexprs=consts,
                           num_warps=cfg.num_warps, num_stages=cfg.num_stages, uses_dot=True, dtype=dtype,
-                          config=cfg, block_d=bd, divisible=("D",), pipelined=True,
+                          config=cfg, block_d=bd, divisible=("D", "R", "W"), pipelined=True,
                           wgmma_required=dtype != "float32"))
 
     def tag(rules_, sym, soft, extra=""):
@@ -285,7 +270,7 @@ def compile_specs():
             blocks = dict(INPUT_PRECISION=prec, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
             every = dtype == "bfloat16"
             for rules_, sym, soft, mass in (grad_variants if every else grad_heavy):
-                consts = dict(SYMMETRIC=sym, **rules_, **soft, HAS_MASS=mass, **blocks, BLOCK_D=width)
+                consts = dict(variant(SYMMETRIC=sym, **rules_, **soft, HAS_MASS=mass), **blocks, BLOCK_D=width)
                 name = tag(rules_, sym, soft) + (",mass" if mass else "")
                 add(f"fused_target_rows[{name}]", _fused_target_rows_kernel, op, consts, cfg, dtype, width)
                 add(f"fused_target_cols[{name}]", _fused_target_cols_kernel, op, consts, cfg, dtype, width)
@@ -294,7 +279,7 @@ def compile_specs():
                 continue
             seen.add(key)
             for rules_, sym, smooth, soft, entropy in (stats_variants if every else stats_heavy):
-                consts = dict(SYMMETRIC=sym, SMOOTHING=smooth, **rules_, **soft, ENTROPY=entropy, MATMUL=True,
+                consts = dict(variant(SYMMETRIC=sym, SMOOTHING=smooth, **rules_, **soft, ENTROPY=entropy), MATMUL=True,
                               **blocks)
                 name = tag(rules_, sym, soft, f",smooth={smooth}") + (",entropy" if entropy else "")
                 add(f"fused_target_stats[{name}]", target_stats_kernel, op, consts, cfg, dtype, bd)

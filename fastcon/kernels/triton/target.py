@@ -23,8 +23,11 @@ terms ``Σ Qt·S`` and, with ``entropy``, the mixed targets' ``Σ Q·log Q`` to 
 per-column sums; pass 2 forms ``G = w·(P·mass − Q_hard − ε/|K| − soft·Qt)`` per direction.
 
 The kernels read the target's columns of its wire format (``kernels.wire``, as ``PackedTarget``
-lays them out for ``tiles.target_tile``), the defaults of absent fields filled in; the margin enters
-as each row's bound ``A_i·B_pair − margin``, from the chunk of dot products or the producer's own tiles. Semantics and
+lays them out for ``tiles.target_tile``), the defaults of absent fields filled in, the per-row and
+per-column vectors of a pass in one float64 array each (``vectors``, columns ``tiles.VEC_*``) and the
+launch's numbers in one fp32 array (``tiles.NUM_*``); the variant compiled is two constexpr bit sets,
+RULES and TERMS (``rule_bits``, ``term_bits``). The margin enters as each row's bound
+``A_i·B_pair − margin``, from the chunk of dot products or the producer's own tiles. Semantics and
 results match ``torch_chunked`` (to fp32 rounding); the loss and the weights between the passes are
 ``targets.loss_and_weights``.
 """
@@ -41,8 +44,12 @@ from ..wire import COL_ID, COL_KEEP, COL_OWNER, COL_PENALTY, ROW_EXCLUDE, ROW_HI
 from .configs import FUSED_FP32_PRECISION, SUPPORTED_DTYPES, chunked_config, matmul_config
 from .gemm import grad_buffer, grad_gemms, grad_tile_scale
 from .plan import (TargetTiles, check_inputs, matmul_plan, matmul_stats_rows, memory_rows, merge_lse, work_items)
-from .tiles import (column_tile, dot_tile, grad_row_vectors, items_end, items_step, lse64, online_row_lse,
-                    target_grad_tile, target_tile, target_work_item, teacher_dot_tile, teacher_rows, tile_lse_parts)
+from .tiles import (NUM_G_SCALE, NUM_PENALTY, NUM_SOFT, NUM_T_C0, NUM_T_C1, NUM_T_SCALE, NUM_W_ROW, NUM_WIDTH,
+                    RULE_DENSE, RULE_MARGIN, RULE_PENALTY, RULE_PENALTY_OTHER, RULE_PENALTY_OWN, TERM_ENTROPY,
+                    TERM_LINEAR, TERM_MASS, TERM_SMOOTHING, TERM_SOFT, TERM_SYMMETRIC, VEC_LSE, VEC_MASS, VEC_Q_KEEP,
+                    VEC_Q_POS, VEC_T_HARD, VEC_T_NORM, VEC_WEIGHT, VEC_WIDTH, column_tile, dot_tile,
+                    grad_row_vectors, items_end, items_step, lse64, online_row_lse, target_grad_tile, target_items,
+                    target_tile, target_work_item, teacher_dot_tile, teacher_rows, tile_lse_parts, vec_load)
 
 
 
@@ -55,32 +62,41 @@ def _xlogx(x):
 
 
 @triton.jit
+def _sums(sums_ptr, p, n, TERMS: tl.constexpr):
+    """Where partial p of pass 1's sums over n rows (columns) starts: 4 sums of n each, 6 with soft
+    targets."""
+    if TERM_SOFT & TERMS:
+        out = sums_ptr + p * (6 * n)
+    else:
+        out = sums_ptr + p * (4 * n)
+    return out
+
+
+@triton.jit
 def target_stats_kernel(
     dot_ptr, a_ptr, b_ptr, scale_ptr, bias_ptr, row_info_ptr, col_info_ptr, row_flag_ptr, col_flag_ptr, dense_ptr,
-    bound_ptr, tdot_ptr, t_scale_ptr, t_row_ptr, t_col_ptr, t_row_hw_ptr, t_col_hw_ptr,
-    row_part_ptr, row_sums_ptr, col_part_ptr, col_sums_ptr,
-    R, W, D, row0, col0, m_blocks, n_items, tiles_per_split,
-    stride_dm, stride_am, stride_bn, stride_tm, stride_dense, stride_rp, stride_rs,
-    stride_cp, stride_cs, penalty, t_c0, t_c1, soft,
-    SYMMETRIC: tl.constexpr, SMOOTHING: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_PENALTY: tl.constexpr,
-    PENALTY_MODE: tl.constexpr, HAS_DENSE: tl.constexpr, SOFT: tl.constexpr, ENTROPY: tl.constexpr,
-    TEACHER_LINEAR: tl.constexpr, MATMUL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    bound_ptr, tdot_ptr, row_vec_ptr, col_vec_ptr, numbers_ptr, row_part_ptr, row_sums_ptr, col_part_ptr,
+    col_sums_ptr, R, W, D, col0, tiles_per_split, stride_dense,
+    RULES: tl.constexpr, TERMS: tl.constexpr, MATMUL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Program (m, s): rows [m·BM, (m+1)·BM) of the chunk × the column tiles of split s. Writes
     row_part[s, rows] (float64 LSE over the split's kept pairs), row_sums[s, k, rows] (k = 0: number
-    of positives, 1: their summed logits, 2 and 3 the same of the kept pairs with SMOOTHING) and, when
-    SYMMETRIC, col_part[m, cols] and col_sums[m, k, cols], the same per column over the row block.
-    With SOFT (the teacher's chunk of dot products at tdot, its normalisers of the chunk's rows at t_row
-    and of its columns at t_col, float64; its scale at t_scale_ptr), k = 4: the cross term Σ Qt·S over
-    the kept pairs and, with ENTROPY, k = 5: Σ xlogy(mix, mix) of mix = soft·Qt + [pos]·hw, hw the
-    hard weight of each row (t_row_hw) or column (t_col_hw) per positive. The student's tiles of dot
-    products come from ``tiles.dot_tile``: its chunk in memory, or with MATMUL formed here from the
-    features (a_ptr, b_ptr, D wide), the programs then taking the work items in turn (persistent); the
-    teacher's are always read from its chunk (``teacher_dot_tile``)."""
+    of positives, 1: their summed logits, 2 and 3 the same of the kept pairs with TERM_SMOOTHING) and,
+    with TERM_SYMMETRIC, col_part[m, cols] and col_sums[m, k, cols], the same per column over the row
+    block (every partial contiguous: 4 sums, 6 with soft targets). With TERM_SOFT (the teacher's
+    chunk of dot products at tdot, its normalisers of the chunk's rows and columns in the vectors'
+    VEC_T_NORM), k = 4: the cross term Σ Qt·S over the kept pairs and, with TERM_ENTROPY, k = 5:
+    Σ xlogy(mix, mix) of mix = soft·Qt + [pos]·hw, hw the hard weight of each row or column per
+    positive (VEC_T_HARD). The student's tiles of dot products come from ``tiles.dot_tile``: its
+    chunk in memory (R × W), or with MATMUL formed here from the features (a_ptr, b_ptr, D wide), the
+    programs then taking the work items in turn (persistent); the teacher's are always read from its
+    chunk (``teacher_dot_tile``). The row-side arrays start at the chunk's first row."""
+    SOFT: tl.constexpr = (TERM_SOFT & TERMS) != 0
+    m_blocks, n_items = target_items(R, W, tiles_per_split, BLOCK_M, BLOCK_N)
     for item in range(tl.program_id(0), items_end(n_items, MATMUL), items_step(MATMUL)):
-        pid_m, pid_s, offs_m, mask_m, rows, bound, scale, bias, t0, t1 = target_work_item(
-            item, m_blocks, scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_per_split, HAS_MARGIN, BLOCK_M, BLOCK_N)
+        pid_m, pid_s, offs_m, mask_m, bound, scale, bias, t0, t1 = target_work_item(
+            item, scale_ptr, bias_ptr, bound_ptr, R, W, tiles_per_split, RULES, BLOCK_M, BLOCK_N)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         r_i = tl.zeros([BLOCK_M], tl.float32)
         n_pos = tl.zeros([BLOCK_M], tl.float32)
@@ -90,111 +106,104 @@ def target_stats_kernel(
         x_row = tl.zeros([BLOCK_M], tl.float32)
         e_row = tl.zeros([BLOCK_M], tl.float32)
         for ct in range(t0, t1):
-            offs_n, mask_n, d = column_tile(ct, dot_ptr, stride_dm, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m,
-                                           mask_m, W, MATMUL, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-            keep, pos, t = target_tile(d, rows, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr,
-                                       row_flag_ptr, col_flag_ptr, dense_ptr, stride_dense, bound, scale, bias, penalty,
-                                       HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE)
+            offs_n, mask_n, d = column_tile(ct, dot_ptr, W, a_ptr, D, b_ptr, D, D, offs_m, mask_m, W, MATMUL,
+                                           INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+            keep, pos, t = target_tile(d, offs_m, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr,
+                                       row_flag_ptr, col_flag_ptr, dense_ptr, stride_dense, numbers_ptr, bound, scale,
+                                       bias, RULES)
             t = tl.where(keep, t, float("-inf"))
             m_i, r_i = online_row_lse(m_i, r_i, t)
             t_pos = tl.where(pos, t, 0.0)
             n_pos += tl.sum(pos.to(tl.float32), 1)
             s_pos += tl.sum(t_pos, 1)
             t_keep = tl.where(keep, t, 0.0)
-            if SMOOTHING:
+            if TERM_SMOOTHING & TERMS:
                 n_keep += tl.sum(keep.to(tl.float32), 1)
                 s_keep += tl.sum(t_keep, 1)
-            if SYMMETRIC:
+            if TERM_SYMMETRIC & TERMS:
                 c_m, c_r = tile_lse_parts(t, 0)
-                tl.store(col_part_ptr + pid_m * stride_cp + offs_n, lse64(c_m, c_r), mask=mask_n)
-                base = col_sums_ptr + pid_m * stride_cs + offs_n
+                tl.store(col_part_ptr + pid_m * W + offs_n, lse64(c_m, c_r), mask=mask_n)
+                base = _sums(col_sums_ptr, pid_m, W, TERMS) + offs_n
                 tl.store(base, tl.sum(pos.to(tl.float32), 0), mask=mask_n)
                 tl.store(base + W, tl.sum(t_pos, 0), mask=mask_n)
-                if SMOOTHING:
+                if TERM_SMOOTHING & TERMS:
                     tl.store(base + 2 * W, tl.sum(keep.to(tl.float32), 0), mask=mask_n)
                     tl.store(base + 3 * W, tl.sum(t_keep, 0), mask=mask_n)
             if SOFT:
-                # the teacher's terms last (its row vectors and scale read per tile, from L1: fewer live registers)
-                t_scale, t_row_hi, t_row_lo = teacher_rows(t_scale_ptr, t_row_ptr, offs_m, mask_m, SOFT,
-                                                            TEACHER_LINEAR)
-                q_row, q_col = teacher_dot_tile(tdot_ptr, stride_tm, offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr,
-                                                 t_scale, t_c0, t_c1, t_row_hi, t_row_lo, TEACHER_LINEAR, SYMMETRIC)
+                # the teacher's terms last (its row vectors and numbers read per tile, from L1: fewer live registers)
+                t_scale, t_row_hi, t_row_lo = teacher_rows(numbers_ptr, row_vec_ptr, offs_m, mask_m, TERMS)
+                q_row, q_col = teacher_dot_tile(tdot_ptr, W, offs_m, offs_n, mask_m, mask_n, keep, numbers_ptr,
+                                                 col_vec_ptr, t_scale, t_row_hi, t_row_lo, TERMS)
                 x_row += tl.sum(q_row * t_keep, 1)
-                if ENTROPY:
-                    hw_row = tl.load(t_row_hw_ptr + offs_m, mask=mask_m, other=0.0)
-                    mix = q_row * soft + tl.where(pos, hw_row[:, None], 0.0)
+                if TERM_ENTROPY & TERMS:
+                    hw_row = vec_load(row_vec_ptr, offs_m, mask_m, VEC_T_HARD, 0.0)
+                    mix = q_row * tl.load(numbers_ptr + NUM_SOFT) + tl.where(pos, hw_row[:, None], 0.0)
                     e_row += tl.sum(_xlogx(mix), 1)
-                if SYMMETRIC:
-                    base = col_sums_ptr + pid_m * stride_cs + offs_n
+                if TERM_SYMMETRIC & TERMS:
+                    base = _sums(col_sums_ptr, pid_m, W, TERMS) + offs_n
                     tl.store(base + 4 * W, tl.sum(q_col * t_keep, 0), mask=mask_n)
-                    if ENTROPY:
-                        hw_col = tl.load(t_col_hw_ptr + offs_n, mask=mask_n, other=0.0)
-                        mix = q_col * soft + tl.where(pos, hw_col[None, :], 0.0)
+                    if TERM_ENTROPY & TERMS:
+                        hw_col = vec_load(col_vec_ptr, offs_n, mask_n, VEC_T_HARD, 0.0)
+                        mix = q_col * tl.load(numbers_ptr + NUM_SOFT) + tl.where(pos, hw_col[None, :], 0.0)
                         tl.store(base + 5 * W, tl.sum(_xlogx(mix), 0), mask=mask_n)
-        tl.store(row_part_ptr + pid_s * stride_rp + offs_m, lse64(m_i, r_i), mask=mask_m)
-        base = row_sums_ptr + pid_s * stride_rs + offs_m
+        tl.store(row_part_ptr + pid_s * R + offs_m, lse64(m_i, r_i), mask=mask_m)
+        base = _sums(row_sums_ptr, pid_s, R, TERMS) + offs_m
         tl.store(base, n_pos, mask=mask_m)
         tl.store(base + R, s_pos, mask=mask_m)
-        if SMOOTHING:
+        if TERM_SMOOTHING & TERMS:
             tl.store(base + 2 * R, n_keep, mask=mask_m)
             tl.store(base + 3 * R, s_keep, mask=mask_m)
         if SOFT:
             tl.store(base + 4 * R, x_row, mask=mask_m)
-            if ENTROPY:
+            if TERM_ENTROPY & TERMS:
                 tl.store(base + 5 * R, e_row, mask=mask_m)
 
 
 @triton.jit
 def _target_grad_kernel(
     dot_ptr, a_ptr, b_ptr, g_ptr, scale_ptr, bias_ptr, row_info_ptr, col_info_ptr, row_flag_ptr, col_flag_ptr,
-    dense_ptr, bound_ptr, row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, col_lse_ptr, q_col_pos_ptr, q_col_keep_ptr,
-    w_col_ptr, tdot_ptr, t_scale_ptr, t_row_ptr, t_col_ptr, row_mass_ptr, col_mass_ptr, part_ptr,
-    R, W, D, row0, col0, m_blocks, n_items, tiles_per_split,
-    stride_dm, stride_am, stride_bn, stride_gm, stride_tm, stride_dense,
-    penalty, w_row, g_scale, t_c0, t_c1, soft,
-    SYMMETRIC: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_PENALTY: tl.constexpr, PENALTY_MODE: tl.constexpr,
-    HAS_DENSE: tl.constexpr, SOFT: tl.constexpr, TEACHER_LINEAR: tl.constexpr, HAS_MASS: tl.constexpr,
-    MATMUL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    dense_ptr, bound_ptr, tdot_ptr, row_vec_ptr, col_vec_ptr, numbers_ptr, part_ptr,
+    R, W, D, col0, tiles_per_split, stride_gm, stride_dense,
+    RULES: tl.constexpr, TERMS: tl.constexpr, MATMUL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """G of program (m, s)'s tiles on the kept pairs (0 elsewhere):
-    ``w_row·(exp(t − row_lse) − q_row_pos·[pos] − q_row_keep) [+ w_col·(exp(t − col_lse) − q_col_pos·[pos]
-    − q_col_keep)]``, the float64 LSEs split into fp32 (hi, lo), ``exp(x) − q`` at a positive with
-    q > ½ formed as ``expm1(x) + (1 − q)``. With SOFT each direction also subtracts ``soft·Qt`` (the
-    teacher's probabilities of its chunk of dot products at tdot, ``teacher_tile``) and with HAS_MASS its
-    softmax term is ``mass·exp(x)`` (at such a positive ``mass·expm1(x) + (mass − q)``), the row's mass
-    at row_mass, the column's at col_mass. G·g_scale is stored to g_ptr (which may alias dot_ptr: each
-    element is read before the same program writes it); part[0, p] = Σ G·dot, part[1, p] = Σ G
-    (unscaled), p the work item. The tiles come from ``tiles.dot_tile`` as in
-    ``target_stats_kernel``."""
+    ``w_row·(exp(t − row_lse) − q_pos·[pos] − q_keep) [+ w_col·(exp(t − col_lse) − q_col_pos·[pos]
+    − q_col_keep)]`` (the vectors' VEC_LSE, VEC_Q_POS, VEC_Q_KEEP, VEC_WEIGHT; w_row the number
+    NUM_W_ROW), the float64 LSEs split into fp32 (hi, lo), ``exp(x) − q`` at a positive with q > ½
+    formed as ``expm1(x) + (1 − q)``. With TERM_SOFT each direction also subtracts ``soft·Qt`` (the
+    teacher's probabilities of its chunk of dot products at tdot, ``teacher_tile``) and with TERM_MASS
+    its softmax term is ``mass·exp(x)`` (at such a positive ``mass·expm1(x) + (mass − q)``; VEC_MASS).
+    G·g_scale (NUM_G_SCALE) is stored to g_ptr (which may alias dot_ptr: each element is read before
+    the same program writes it); part[p, 0] = Σ G·dot, part[p, 1] = Σ G (unscaled), p the work item.
+    The tiles come from ``tiles.dot_tile`` as in ``target_stats_kernel``."""
+    m_blocks, n_items = target_items(R, W, tiles_per_split, BLOCK_M, BLOCK_N)
     for item in range(tl.program_id(0), items_end(n_items, MATMUL), items_step(MATMUL)):
-        pid_m, pid_s, offs_m, mask_m, rows, bound, scale, bias, t0, t1 = target_work_item(
-            item, m_blocks, scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_per_split, HAS_MARGIN, BLOCK_M, BLOCK_N)
-        row_hi, row_lo, qp, qk, mass = grad_row_vectors(row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, row_mass_ptr,
-                                                        offs_m, mask_m, HAS_MASS)
-        t_scale, t_row_hi, t_row_lo = teacher_rows(t_scale_ptr, t_row_ptr, offs_m, mask_m, SOFT, TEACHER_LINEAR)
+        pid_m, pid_s, offs_m, mask_m, bound, scale, bias, t0, t1 = target_work_item(
+            item, scale_ptr, bias_ptr, bound_ptr, R, W, tiles_per_split, RULES, BLOCK_M, BLOCK_N)
+        row_hi, row_lo, qp, qk, mass = grad_row_vectors(row_vec_ptr, offs_m, mask_m, TERMS)
+        t_scale, t_row_hi, t_row_lo = teacher_rows(numbers_ptr, row_vec_ptr, offs_m, mask_m, TERMS)
         acc_gd = tl.zeros([BLOCK_M], tl.float32)
         acc_g = tl.zeros([BLOCK_M], tl.float32)
         for ct in range(t0, t1):
-            offs_n, mask_n, d = column_tile(ct, dot_ptr, stride_dm, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m,
-                                           mask_m, W, MATMUL, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+            offs_n, mask_n, d = column_tile(ct, dot_ptr, W, a_ptr, D, b_ptr, D, D, offs_m, mask_m, W, MATMUL,
+                                           INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
             mask = mask_m[:, None] & mask_n[None, :]
-            keep, pos, t = target_tile(d, rows, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr,
-                                       row_flag_ptr, col_flag_ptr, dense_ptr, stride_dense, bound, scale, bias, penalty,
-                                       HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE)
-            q_row, q_col = t, t  # (unused without SOFT)
-            if SOFT:
-                q_row, q_col = teacher_dot_tile(tdot_ptr, stride_tm, offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr,
-                                                 t_scale, t_c0, t_c1, t_row_hi, t_row_lo, TEACHER_LINEAR, SYMMETRIC)
+            keep, pos, t = target_tile(d, offs_m, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr,
+                                       row_flag_ptr, col_flag_ptr, dense_ptr, stride_dense, numbers_ptr, bound, scale,
+                                       bias, RULES)
+            q_row, q_col = t, t  # (unused without TERM_SOFT)
+            if TERM_SOFT & TERMS:
+                q_row, q_col = teacher_dot_tile(tdot_ptr, W, offs_m, offs_n, mask_m, mask_n, keep, numbers_ptr,
+                                                 col_vec_ptr, t_scale, t_row_hi, t_row_lo, TERMS)
             g = target_grad_tile(t, keep, pos, row_hi, row_lo, qp, qk, mass, q_row, q_col, offs_n, mask_n,
-                                 col_lse_ptr, q_col_pos_ptr, q_col_keep_ptr, w_col_ptr, col_mass_ptr, w_row, soft,
-                                 SYMMETRIC, SOFT, HAS_MASS)
+                                 col_vec_ptr, numbers_ptr, TERMS)
             acc_gd += tl.sum(g * d, 1)
             acc_g += tl.sum(g, 1)
-            tl.store(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :], (g * g_scale).to(g_ptr.dtype.element_ty),
-                     mask=mask)
-        tl.store(part_ptr + item, tl.sum(acc_gd, 0))
-        tl.store(part_ptr + n_items + item, tl.sum(acc_g, 0))
+            g = g * tl.load(numbers_ptr + NUM_G_SCALE)
+            tl.store(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :], g.to(g_ptr.dtype.element_ty), mask=mask)
+        tl.store(part_ptr + 2 * item, tl.sum(acc_gd, 0))
+        tl.store(part_ptr + 2 * item + 1, tl.sum(acc_g, 0))
 
 
 @triton.jit
@@ -223,8 +232,22 @@ def pair_dots_kernel(a_ptr, b_ptr, out_ptr, R, W, D, pair_col0, stride_am, strid
 
 
 # ------------------------------------------------------------------------------------------ host side
+def rule_bits(margin=False, penalty=False, penalty_mode=0, dense=False) -> int:
+    """The RULES constexpr of a general-target kernel (``tiles.RULE_*``)."""
+    bits = ((RULE_MARGIN, margin), (RULE_PENALTY, penalty), (RULE_PENALTY_OWN, penalty and penalty_mode == 1),
+            (RULE_PENALTY_OTHER, penalty and penalty_mode == 2), (RULE_DENSE, dense))
+    return sum(int(bit) for bit, on in bits if on)
+
+
+def term_bits(symmetric=False, smoothing=False, soft=False, linear=False, entropy=False, mass=False) -> int:
+    """The TERMS constexpr of a general-target kernel (``tiles.TERM_*``)."""
+    bits = ((TERM_SYMMETRIC, symmetric), (TERM_SMOOTHING, smoothing), (TERM_SOFT, soft), (TERM_LINEAR, linear),
+            (TERM_ENTROPY, entropy), (TERM_MASS, mass))
+    return sum(int(bit) for bit, on in bits if on)
+
+
 class PackedTarget:
-    """The target's vectors as the kernels read them (defaults of absent fields filled in)."""
+    """The target's arrays as the kernels read them (defaults of absent fields filled in)."""
 
     def __init__(self, target, na: int, nb: int, device):
         if target.penalty_mode != 0 and (target.row_owner is None or target.col_owner is None):
@@ -237,23 +260,18 @@ class PackedTarget:
         self.col = cols[:, [COL_ID, COL_OWNER]].contiguous()
         self.row_flag = rows[:, ROW_PENALTY].to(torch.uint8).contiguous()
         self.col_flag = cols[:, [COL_KEEP, COL_PENALTY]].to(torch.uint8).contiguous()
-        self.dense = (target.mask.to(torch.uint8).contiguous() if target.mask is not None
-                      else torch.zeros((1, 1), dtype=torch.uint8, device=device))
         self.has_dense = target.mask is not None
-        self.has_margin = target.margin is not None
-        self.has_penalty = target.penalty != 0.0
-        self.penalty = float(target.penalty)
-        self.penalty_mode = int(target.penalty_mode) if self.has_penalty else 0
+        self.dense = (target.mask.to(torch.uint8).contiguous() if self.has_dense
+                      else torch.zeros((1, 1), dtype=torch.uint8, device=device))
+        has_penalty = target.penalty != 0.0
+        self.rules = rule_bits(target.margin is not None, has_penalty, int(target.penalty_mode), self.has_dense)
 
-    def kwargs(self):
-        """The target's arguments of a kernel, by name (the wire format's columns, the dense mask)."""
-        return dict(row_info_ptr=self.row, col_info_ptr=self.col, row_flag_ptr=self.row_flag,
-                    col_flag_ptr=self.col_flag, dense_ptr=self.dense, stride_dense=self.dense.stride(0),
-                    penalty=self.penalty)
-
-    def flags(self):
-        return dict(HAS_MARGIN=self.has_margin, HAS_PENALTY=self.has_penalty, PENALTY_MODE=self.penalty_mode,
-                    HAS_DENSE=self.has_dense)
+    def kwargs(self, r0: int, r1: int):
+        """The target's arguments of a kernel over rows [r0, r1), by name (the wire format's columns,
+        the dense mask; the row-side ones start at row r0)."""
+        return dict(row_info_ptr=self.row[r0:r1], col_info_ptr=self.col, row_flag_ptr=self.row_flag[r0:r1],
+                    col_flag_ptr=self.col_flag, dense_ptr=self.dense[r0:r1] if self.has_dense else self.dense,
+                    stride_dense=self.dense.stride(0), RULES=self.rules)
 
 
 def _q_bound(target) -> float:
@@ -276,6 +294,20 @@ def _bounds(target, dot, r0: int, r1: int, c0: int):
     return (dot[local, local + r0 + target.pair_offset - c0] - target.margin).contiguous()
 
 
+def vectors(n: int, device, **columns):
+    """A per-row (per-column) vector array (``tiles.VEC_*``, float64, n × VEC_WIDTH) with the given
+    columns (``lse=…``, ``t_norm=…``: tensors of n, or numbers), the others 0; a dummy row for n = 0."""
+    out = torch.zeros((max(n, 1), int(VEC_WIDTH)), dtype=torch.float64, device=device)
+    for name, value in columns.items():
+        if value is not None:
+            out[:n, int(_VEC_COLUMNS[name])] = value
+    return out
+
+
+_VEC_COLUMNS = dict(lse=VEC_LSE, q_pos=VEC_Q_POS, q_keep=VEC_Q_KEEP, mass=VEC_MASS, weight=VEC_WEIGHT,
+                    t_norm=VEC_T_NORM, t_hard=VEC_T_HARD)
+
+
 class _Teacher:
     """The soft targets' inputs of the epilogues: the teacher's chunks of dot products, its scale (a
     softmax teacher's, on the device: no host read), its normalisers (float64; a linear teacher's as
@@ -286,40 +318,37 @@ class _Teacher:
 
         self.soft = bool(target.soft)
         self.linear = self.soft and target.teacher_kind == TEACHER_LINEAR
-        self.dummy = torch.zeros(1, dtype=torch.float32, device=device)
-        self.dummy64 = self.dummy.double()
+        self.device = device
         self.target = target
-        if not self.soft:
-            self.scale, self.row_norm, self.col_norm = self.dummy, self.dummy64, self.dummy64
-            self.numbers = (0.0, 1.0, 0.0)
-            return
-        self.scale = (self.dummy if self.linear
-                      else target.teacher_scale.detach().to(device=device, dtype=torch.float32).reshape(1))
-        prep = (lambda v: v.to(torch.float64).reciprocal().contiguous()) if self.linear else \
-            (lambda v: v.to(torch.float64).contiguous())
-        self.row_norm = prep(row_norm)
-        self.col_norm = self.dummy64 if col_norm is None else prep(col_norm)
-        self.has_cols = col_norm is not None
-        self.numbers = (float(target.teacher_c0), float(target.teacher_c1), float(target.soft))
+        self.row_norm = self.col_norm = None
+        if self.soft:
+            prep = (lambda v: v.to(torch.float64).reciprocal()) if self.linear else (lambda v: v.to(torch.float64))
+            self.row_norm = prep(row_norm)
+            self.col_norm = None if col_norm is None else prep(col_norm)
 
     def chunk(self, r0, r1, c0, c1):
         """The teacher's dot products of rows [r0, r1) × columns [c0, c1) (fp32), or a dummy."""
         if not self.soft:
-            return self.dummy.reshape(1, 1)
+            return torch.zeros((1, 1), dtype=torch.float32, device=self.device)
         t = self.target
         return mm_acc(t.teacher_a[r0:r1], t.teacher_b[c0:c1].T).float()
 
-    def kwargs(self, r0, r1, c0, c1, tdot):
-        """The teacher's arguments of a kernel for rows [r0, r1) × columns [c0, c1), by name (``tdot``
-        its chunk of dot products, ``chunk``)."""
-        t_c0, t_c1, soft = self.numbers
-        return dict(tdot_ptr=tdot, stride_tm=tdot.stride(0), t_scale_ptr=self.scale,
-                    t_row_ptr=self.row_norm[r0:r1] if self.soft else self.row_norm,
-                    t_col_ptr=self.col_norm[c0:c1] if (self.soft and self.has_cols) else self.col_norm,
-                    t_c0=t_c0, t_c1=t_c1, soft=soft)
+    def numbers(self, penalty: float, w_row: float = 0.0, g_scale: float = 1.0):
+        """The numbers of a launch (``tiles.NUM_*``, fp32 on the device; the teacher's scale copied
+        there, never read on the host)."""
+        t = self.target
+        c0, c1, soft = (float(t.teacher_c0), float(t.teacher_c1), float(t.soft)) if self.soft else (0.0, 1.0, 0.0)
+        out = torch.tensor([0.0] * int(NUM_WIDTH), dtype=torch.float32)
+        for col, value in ((NUM_PENALTY, penalty), (NUM_W_ROW, w_row), (NUM_G_SCALE, g_scale), (NUM_T_C0, c0),
+                           (NUM_T_C1, c1), (NUM_SOFT, soft), (NUM_T_SCALE, 1.0)):
+            out[int(col)] = value
+        out = out.to(self.device)
+        if self.soft and not self.linear:
+            out[int(NUM_T_SCALE)] = t.teacher_scale.detach().reshape(())
+        return out
 
-    def flags(self):
-        return dict(SOFT=self.soft, TEACHER_LINEAR=self.linear)
+    def terms(self, symmetric: bool, **more) -> int:
+        return term_bits(symmetric=symmetric, soft=self.soft, linear=self.linear, **more)
 
 
 def feature_margin_bounds(tiles, target, a, b, r0: int, r1: int, c0: int, c1: int):
@@ -350,6 +379,7 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
     from ..targets import TargetStats, column_span, hard_weight, with_teacher
 
     check_inputs(a, b)
+    a, b = a.contiguous(), b.contiguous()  # (the kernels take rows D apart)
     na, nb = a.shape[0], b.shape[0]
     dev = a.device
     f32, f64 = torch.float32, torch.float64
@@ -366,12 +396,16 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
         cross_row, cross_col = torch.zeros(na, dtype=f64, device=dev), torch.zeros(nb, dtype=f64, device=dev)
         ent_row, ent_col = ((torch.zeros(na, dtype=f64, device=dev), torch.zeros(nb, dtype=f64, device=dev))
                             if entropy else (None, None))
-    hw_row = hw_col = tch.dummy
+    hw_row = hw_col = None
     if entropy:  # the hard targets' weight per positive, as torch_chunked forms it (fp32)
         h = hard_weight(target, 0.0)
-        hw_row = (h / teacher.row_pos.float().clamp_min(1)).float().contiguous()
+        hw_row = (h / teacher.row_pos.float().clamp_min(1)).float()
         if symmetric:
-            hw_col = (h / teacher.col_pos.float().clamp_min(1)).float().contiguous()
+            hw_col = (h / teacher.col_pos.float().clamp_min(1)).float()
+    row_vec = vectors(na if soft else 0, dev, t_norm=tch.row_norm, t_hard=hw_row)
+    col_vec = vectors(nb if (soft and symmetric) else 0, dev, t_norm=tch.col_norm, t_hard=hw_col)
+    numbers = tch.numbers(float(target.penalty))
+    terms = tch.terms(bool(symmetric), smoothing=bool(smoothing), entropy=entropy)
     cached, kept = [], 0
     dummy = torch.zeros(1, dtype=f64, device=dev)
     tiles = tiles or TargetTiles(a, target, "target_stats", cublas)
@@ -394,17 +428,11 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
         bound = (feature_margin_bounds(tiles, target, a, b, r0, r1, c0, c1) if tiles.matmul
                  else _bounds(target, dot, r0, r1, c0))
         launch(target_stats_kernel)[it.grid](
-            dot_ptr=dot, a_ptr=a_c, b_ptr=b_k, scale_ptr=scale, bias_ptr=bias, bound_ptr=bound,
-            t_row_hw_ptr=hw_row[r0:r1] if entropy else hw_row,
-            t_col_hw_ptr=hw_col[c0:c1] if (entropy and symmetric) else hw_col,
-            row_part_ptr=row_part, row_sums_ptr=row_sums, col_part_ptr=col_part, col_sums_ptr=col_sums,
-            R=r, W=w, D=a.shape[1], row0=r0, col0=c0, m_blocks=it.m_blocks, n_items=it.n_items,
-            tiles_per_split=it.per_split, stride_dm=dot.stride(0), stride_am=a_c.stride(0),
-            stride_bn=b_k.stride(0), stride_rp=row_part.stride(0), stride_rs=row_sums.stride(0),
-            stride_cp=col_part.stride(0) if symmetric else 0, stride_cs=col_sums.stride(0) if symmetric else 0,
-            **packed.kwargs(), **tch.kwargs(r0, r1, c0, c1, tdot),
-            SYMMETRIC=bool(symmetric), SMOOTHING=bool(smoothing), **packed.flags(), **tch.flags(),
-            ENTROPY=entropy, **tiles.consts(a),
+            dot_ptr=dot, a_ptr=a_c, b_ptr=b_k, scale_ptr=scale, bias_ptr=bias, bound_ptr=bound, tdot_ptr=tdot,
+            row_vec_ptr=row_vec[r0:r1] if soft else row_vec, col_vec_ptr=col_vec[c0:c1] if (soft and symmetric)
+            else col_vec, numbers_ptr=numbers, row_part_ptr=row_part, row_sums_ptr=row_sums, col_part_ptr=col_part,
+            col_sums_ptr=col_sums, R=r, W=w, D=a.shape[1], col0=c0, tiles_per_split=it.per_split,
+            **packed.kwargs(r0, r1), TERMS=terms, **tiles.consts(a),
         )
         merge_lse(row_part, st.row_lse[r0:r1], accumulate=False)
         totals = row_sums.double().sum(dim=0)
@@ -444,49 +472,37 @@ def teacher_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, c
 
 
 class GradVectors:
-    """Pass 2's O(N) inputs of ``target_grad_tile`` from the weights of ``targets.loss_and_weights``,
-    as the kernels read them (fp32, the LSEs float64; dummies where a direction or mass is absent), the
-    teacher's (``_Teacher``) and the bound of the fp16 lift of G."""
+    """Pass 2's inputs of ``target_grad_tile`` from the weights of ``targets.loss_and_weights``: the
+    per-row and per-column vectors (``vectors``: the LSEs, q at a positive and on every kept pair,
+    the columns' weights, the masses, the teacher's normalisers), the numbers, the variant's TERMS and
+    the bound of the fp16 lift of G."""
 
     def __init__(self, a, target, w8, nb: int):
         dev = a.device
         self.symmetric = symmetric = w8.col_lse is not None
-        dummy = torch.zeros(1, dtype=torch.float32, device=dev)
-        self.row_lse = w8.row_lse.to(torch.float64).contiguous()
-        self.q_row_pos, self.q_row_keep = w8.q_row_pos.float().contiguous(), w8.q_row_keep.float().contiguous()
+        tch = _Teacher(target, w8.t_row_norm, w8.t_col_norm if symmetric else None, dev)
+        has_mass = w8.row_mass is not None  # a linear teacher's eps, or a row LSE's upstream weights
+        self.rows = vectors(a.shape[0], dev, lse=w8.row_lse, q_pos=w8.q_row_pos.float(),
+                            q_keep=w8.q_row_keep.float(), mass=w8.row_mass.float() if has_mass else None,
+                            t_norm=tch.row_norm)
+        self.cols = None
         if symmetric:
-            self.col_lse = w8.col_lse.to(torch.float64).contiguous()
-            self.q_col_pos, self.q_col_keep = w8.q_col_pos.float().contiguous(), w8.q_col_keep.float().contiguous()
-            self.w_col = w8.w_col.float().contiguous()
-        else:
-            self.col_lse, self.q_col_pos, self.q_col_keep, self.w_col = dummy.double(), dummy, dummy, dummy
-        self.tch = _Teacher(target, w8.t_row_norm, w8.t_col_norm if symmetric else None, dev)
-        self.has_mass = w8.row_mass is not None  # a linear teacher's eps, or a row LSE's upstream weights
-        self.row_mass = self.col_mass = dummy
-        if self.has_mass:
-            self.row_mass = w8.row_mass.float().contiguous()
-            if symmetric:
-                self.col_mass = (w8.col_mass.float().contiguous() if w8.col_mass is not None
-                                 else torch.ones(nb, dtype=torch.float32, device=dev))
+            col_mass = (w8.col_mass.float() if w8.col_mass is not None else 1.0) if has_mass else None
+            self.cols = vectors(nb, dev, lse=w8.col_lse, q_pos=w8.q_col_pos.float(), q_keep=w8.q_col_keep.float(),
+                                weight=w8.w_col.float(), mass=col_mass, t_norm=tch.col_norm)
+        self.dummy = vectors(0, dev)
         # |G| <= (w_row + max w_col)·q_bound: the bound of the fp16 lift, from the loss weights, not the data
         self.g_scale = grad_tile_scale(a.dtype, (abs(float(w8.w_row)) + (float(w8.w_col_max) if symmetric else 0.0))
                                        * _q_bound(target))
+        self.numbers = tch.numbers(float(target.penalty), float(w8.w_row), self.g_scale)
+        self.terms = tch.terms(symmetric, mass=has_mass)
+        self.tch = tch
 
     def kwargs(self, r0: int, r1: int, c0: int, c1: int):
-        """Pass 2's vectors of rows [r0, r1) and columns [c0, c1) by kernel argument name: the row LSE,
-        q at a positive and on every kept pair, the same of the columns with their weight, the row
-        and column masses (dummies where absent)."""
-        rows, cols = slice(r0, r1), slice(c0, c1) if self.symmetric else slice(None)
-        mass_rows = rows if self.has_mass else slice(None)
-        mass_cols = cols if self.has_mass else slice(None)
-        return dict(row_lse_ptr=self.row_lse[rows], q_row_pos_ptr=self.q_row_pos[rows],
-                    q_row_keep_ptr=self.q_row_keep[rows], col_lse_ptr=self.col_lse[cols],
-                    q_col_pos_ptr=self.q_col_pos[cols], q_col_keep_ptr=self.q_col_keep[cols],
-                    w_col_ptr=self.w_col[cols], row_mass_ptr=self.row_mass[mass_rows],
-                    col_mass_ptr=self.col_mass[mass_cols], g_scale=self.g_scale)
-
-    def flags(self):
-        return dict(SYMMETRIC=self.symmetric, **self.tch.flags(), HAS_MASS=self.has_mass)
+        """Pass 2's vectors of rows [r0, r1) and columns [c0, c1), its numbers and TERMS, by kernel
+        argument name."""
+        return dict(row_vec_ptr=self.rows[r0:r1], col_vec_ptr=self.cols[c0:c1] if self.symmetric else self.dummy,
+                    numbers_ptr=self.numbers, TERMS=self.terms)
 
 
 def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
@@ -494,6 +510,7 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
     from ..targets import column_span
 
     check_inputs(a, b)
+    a, b = a.contiguous(), b.contiguous()  # (the kernels take rows D apart)
     na, nb = a.shape[0], b.shape[0]
     dev = a.device
     packed = PackedTarget(target, na, nb, dev)
@@ -531,22 +548,19 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
                 g_chunk = grad_buffer(a, r, w)
                 g = dot if g_chunk is None else g_chunk
             it = work_items(r, w, cfg, dev)
-            part = torch.empty((2, it.n_items), dtype=torch.float32, device=dev)
+            part = torch.empty((it.n_items, 2), dtype=torch.float32, device=dev)
             if not tiles.matmul:
                 bound = _bounds(target, dot, r0, r1, c0)
             launch(_target_grad_kernel)[it.grid](
                 dot_ptr=dot, a_ptr=a_c, b_ptr=b_k, g_ptr=g, scale_ptr=scale, bias_ptr=bias, bound_ptr=bound,
-                part_ptr=part, R=r, W=w, D=a.shape[1], row0=r0, col0=c0, m_blocks=it.m_blocks,
-                n_items=it.n_items, tiles_per_split=it.per_split, stride_dm=dot.stride(0),
-                stride_am=a_c.stride(0), stride_bn=b_k.stride(0), stride_gm=g.stride(0),
-                w_row=float(weights.w_row), **packed.kwargs(), **vec.kwargs(r0, r1, c0, c1),
-                **tch.kwargs(r0, r1, c0, c1, tdot), **packed.flags(), **vec.flags(), **tiles.consts(a),
+                tdot_ptr=tdot, part_ptr=part, R=r, W=w, D=a.shape[1], col0=c0, tiles_per_split=it.per_split,
+                stride_gm=g.stride(0), **packed.kwargs(r0, r1), **vec.kwargs(r0, r1, c0, c1), **tiles.consts(a),
             )
             parts.append(part)
             grad_gemms(g, a[r0:r1], b[c0:c1], scale, grad_a[r0:r1], grad_b[c0:c1], g_scale,
                         accumulate_a=c0 > span0)
     grad_b.mul_(scale)
-    totals = torch.cat(parts, dim=1).sum(dim=1) if parts else torch.zeros(2, dtype=torch.float32, device=dev)
+    totals = torch.cat(parts).sum(dim=0) if parts else torch.zeros(2, dtype=torch.float32, device=dev)
     return grad_a, grad_b, totals[0].clone(), totals[1].clone()
 
 
@@ -560,18 +574,25 @@ def target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, 
 
 
 # ------------------------------------------------------------------------------------ compile gate
-_FP64_PTRS = ("row_lse_ptr", "col_lse_ptr", "t_row_ptr", "t_col_ptr", "row_part_ptr", "col_part_ptr")
-_POINTER_TYPES = dict({name: "*fp64" for name in _FP64_PTRS}, row_info_ptr="*i64", col_info_ptr="*i64",
-                      row_flag_ptr="*u8", col_flag_ptr="*u8", dense_ptr="*u8")
-_FLOAT_ARGS = ("penalty", "w_row", "g_scale", "t_c0", "t_c1", "soft")
+_POINTER_TYPES = dict(row_part_ptr="*fp64", col_part_ptr="*fp64", row_vec_ptr="*fp64", col_vec_ptr="*fp64",
+                      row_info_ptr="*i64", col_info_ptr="*i64", row_flag_ptr="*u8", col_flag_ptr="*u8",
+                      dense_ptr="*u8")
+
+
+def variant(SYMMETRIC=False, SMOOTHING=False, HAS_MARGIN=False, HAS_PENALTY=False, PENALTY_MODE=0, HAS_DENSE=False,
+            SOFT=False, TEACHER_LINEAR=False, ENTROPY=False, HAS_MASS=False) -> dict:
+    """The RULES and TERMS constexprs of a general-target kernel from the variant's named flags (the
+    compile gate's tables)."""
+    return dict(RULES=rule_bits(HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE),
+                TERMS=term_bits(SYMMETRIC, SMOOTHING, SOFT, TEACHER_LINEAR, ENTROPY, HAS_MASS))
 
 
 def target_signature(fn, consts: dict, features: str, grad: str = "*fp32") -> dict:
     """The argument types of a general-target kernel (this module's and ``fused_target.py``'s) from its
     argument names, for the compile gate: the features (a_ptr, b_ptr) of type ``features`` (stand-ins
     of the chunk's type with the cuBLAS producer), G (g_ptr) of type ``grad``, every other pointer fp32
-    unless named in _POINTER_TYPES (the chunks of dot products among them), the numbers in _FLOAT_ARGS
-    fp32, the rest i32; the names in ``consts`` constexpr."""
+    unless named in _POINTER_TYPES (the chunks of dot products among them), the rest i32; the names
+    in ``consts`` constexpr."""
     sig = {}
     for name in fn.arg_names:
         if name in consts:
@@ -583,7 +604,7 @@ def target_signature(fn, consts: dict, features: str, grad: str = "*fp32") -> di
         elif name.endswith("_ptr"):
             sig[name] = _POINTER_TYPES.get(name, "*fp32")
         else:
-            sig[name] = "fp32" if name in _FLOAT_ARGS else "i32"
+            sig[name] = "i32"
     return sig
 
 
@@ -623,7 +644,7 @@ def compile_specs():
         specs.append(dict(name=name + ("[mm]" if matmul else ""), fn=fn,
                           signature=target_signature(fn, consts, features, "*" + tri[dtype]), constexprs=consts,
                           num_warps=cfg.num_warps, num_stages=cfg.num_stages, uses_dot=matmul, dtype=dtype,
-                          config=cfg, divisible=("D",) if matmul else (), pipelined=matmul,
+                          config=cfg, divisible=("D", "R", "W") if matmul else ("R", "W"), pipelined=matmul,
                           wgmma_required=matmul and dtype != "float32"))
 
     cublas_stats = [(none, False, False, hard), (margin, False, False, hard), (penalty, False, True, hard),
@@ -637,7 +658,7 @@ def compile_specs():
         stats_runs += [(True, dtype, v) for v in mm_stats]
         stats_runs += [(True, dtype, v) for v in (mm_soft_stats if dtype == "bfloat16" else mm_soft_stats[:1])]
     for matmul, dtype, (flags, sym, smooth, soft) in stats_runs:
-        consts = dict(SYMMETRIC=sym, SMOOTHING=smooth, **flags, **soft)
+        consts = variant(SYMMETRIC=sym, SMOOTHING=smooth, **flags, **soft)
         tag = ",".join(k for k, v in flags.items() if v and k != "PENALTY_MODE") or "plain"
         add(f"target_stats[{tag},sym={sym},smooth={smooth}{soft_tag(soft)}]", target_stats_kernel, consts,
             dtype, matmul, soft["SOFT"], "target_stats")
@@ -658,7 +679,7 @@ def compile_specs():
         grad_runs += [(True, dtype, v) for v in ((everything, True, g_hard), (rules, False, g_mass))]
         grad_runs += [(True, dtype, v) for v in (mm_soft_grad if dtype == "bfloat16" else mm_soft_grad[:2])]
     for matmul, dtype, (flags, sym, soft) in grad_runs:
-        consts = dict(SYMMETRIC=sym, **flags, **soft)
+        consts = variant(SYMMETRIC=sym, **flags, **soft)
         tag = ",".join(k for k, v in flags.items() if v and k != "PENALTY_MODE") or "plain"
         stag = soft_tag(dict(soft, ENTROPY=False)) + (",mass" if soft["HAS_MASS"] else "")
         add(f"target_grad[{tag},sym={sym}{stag}]", _target_grad_kernel, consts, dtype, matmul, soft["SOFT"],

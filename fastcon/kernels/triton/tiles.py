@@ -259,15 +259,58 @@ def sigmoid_terms(s, is_pos):
 
 
 # ------------------------------------------------------------------------------ the general target
+# A general-target kernel is compiled per variant: two constexpr bit sets, built on the host by
+# ``target.rule_bits`` and ``target.term_bits``. Test a bit as ``BIT & SET``, the named bit first
+# (under the interpreter SET may be a plain int, which has no ``&`` with a constexpr).
+#
+# RULES, the pair rules in use (what ``target_tile`` decides beyond the wire format's columns):
+RULE_MARGIN = tl.constexpr(1)         # a negative is kept only below its row's margin bound
+RULE_PENALTY = tl.constexpr(2)        # the hardness penalty on the flagged pairs ...
+RULE_PENALTY_OWN = tl.constexpr(4)    # ... only of the same owner (penalty_mode 1)
+RULE_PENALTY_OTHER = tl.constexpr(8)  # ... only of different owners (penalty_mode 2)
+RULE_DENSE = tl.constexpr(16)         # the dense keep mask
+# TERMS, the loss's terms:
+TERM_SYMMETRIC = tl.constexpr(1)      # the column direction beside the rows'
+TERM_SMOOTHING = tl.constexpr(2)      # label smoothing's sums over the kept pairs (pass 1)
+TERM_SOFT = tl.constexpr(4)           # soft targets: the teacher's tiles
+TERM_LINEAR = tl.constexpr(8)         # ... of a linear teacher (else a softmax one)
+TERM_ENTROPY = tl.constexpr(16)       # ... and the mixed targets' entropy (pass 1)
+TERM_MASS = tl.constexpr(32)          # a softmax term weighted by each row's (column's) mass (pass 2)
+#
+# Per-row and per-column vectors (``vec``): one float64 array of VEC_WIDTH columns per direction,
+# row-major, so that a chunk's rows are a slice of it. Pass 1 reads only VEC_T_NORM and VEC_T_HARD.
+VEC_LSE = tl.constexpr(0)      # the LSE over the kept pairs (pass 2)
+VEC_Q_POS = tl.constexpr(1)    # the target mass at each positive
+VEC_Q_KEEP = tl.constexpr(2)   # the target mass on every kept pair (label smoothing)
+VEC_MASS = tl.constexpr(3)     # the softmax term's mass (TERM_MASS)
+VEC_WEIGHT = tl.constexpr(4)   # a column's weight (the rows' is the number NUM_W_ROW)
+VEC_T_NORM = tl.constexpr(5)   # the teacher's normaliser (a linear teacher's reciprocal, ``teacher_tile``)
+VEC_T_HARD = tl.constexpr(6)   # the hard targets' weight per positive beside the teacher (TERM_ENTROPY)
+VEC_WIDTH = tl.constexpr(7)
+# The numbers of a launch (``numbers``, fp32):
+NUM_PENALTY = tl.constexpr(0)  # the hardness penalty
+NUM_W_ROW = tl.constexpr(1)    # the rows' weight (pass 2)
+NUM_G_SCALE = tl.constexpr(2)  # the power of two that lifts G before its cast (pass 2)
+NUM_T_C0 = tl.constexpr(3)     # a linear teacher's T = c0 + c1·dot
+NUM_T_C1 = tl.constexpr(4)
+NUM_SOFT = tl.constexpr(5)     # the soft targets' weight
+NUM_T_SCALE = tl.constexpr(6)  # a softmax teacher's scale
+NUM_WIDTH = tl.constexpr(7)
+
+
+@triton.jit
+def vec_load(vec_ptr, offs, mask, COL: tl.constexpr, other):
+    """Column COL of a per-row (per-column) vector at offs, as fp32."""
+    return tl.load(vec_ptr + offs * VEC_WIDTH + COL, mask=mask, other=other).to(tl.float32)
+
+
 @triton.jit
 def target_tile(d, rows, cols, mask_m, mask_n, row_info_ptr, col_info_ptr, row_flag_ptr, col_flag_ptr,
-                dense_ptr, stride_dense, bound, scale, bias, penalty,
-                HAS_MARGIN: tl.constexpr, HAS_PENALTY: tl.constexpr, PENALTY_MODE: tl.constexpr,
-                HAS_DENSE: tl.constexpr):
-    """(kept, positive, logits) of a tile ``d`` of dot products A_i·B_j (unscaled, fp32) whose global
-    row indices are ``rows`` and column indices ``cols`` (targets.py states the rules). Dropped pairs
-    and the tile's padding (outside mask_m × mask_n) are not kept; ``bound`` is each row's
-    ``A_i·B_pair − margin`` (used with HAS_MARGIN)."""
+                dense_ptr, stride_dense, numbers_ptr, bound, scale, bias, RULES: tl.constexpr):
+    """(kept, positive, logits) of a tile ``d`` of dot products A_i·B_j (unscaled, fp32) of the
+    chunk's rows ``rows`` (the row-side arrays start at the chunk's first row) and the global column
+    indices ``cols`` (targets.py states the rules). Dropped pairs and the tile's padding (outside
+    mask_m × mask_n) are not kept; ``bound`` is each row's ``A_i·B_pair − margin`` (RULE_MARGIN)."""
     rid = tl.load(row_info_ptr + rows * 6 + 0, mask=mask_m, other=-2)
     excl = tl.load(row_info_ptr + rows * 6 + 1, mask=mask_m, other=-1)
     lo = tl.load(row_info_ptr + rows * 6 + 2, mask=mask_m, other=0)
@@ -284,23 +327,23 @@ def target_tile(d, rows, cols, mask_m, mask_n, row_info_ptr, col_info_ptr, row_f
     owned = cown[None, :] >= 0
     own = owned & (cown[None, :] == rown[:, None])
     keep = keep & ~((rule[:, None] == 1) & own) & ~((rule[:, None] == 2) & owned & ~own)
-    if HAS_DENSE:
+    if RULE_DENSE & RULES:
         dense = tl.load(dense_ptr + rows[:, None].to(tl.int64) * stride_dense + c2,
                         mask=mask_m[:, None] & mask_n[None, :], other=0)
         keep = keep & (dense != 0)
-    if HAS_MARGIN:
+    if RULE_MARGIN & RULES:
         keep = keep & (pos | (d <= bound[:, None]))
     pos = pos & keep
     t = d * scale + bias
-    if HAS_PENALTY:
+    if RULE_PENALTY & RULES:
         prow = tl.load(row_flag_ptr + rows, mask=mask_m, other=0)
         pcol = tl.load(col_flag_ptr + cols * 2 + 1, mask=mask_n, other=0)
         pen = keep & ~pos & (prow[:, None] != 0) & (pcol[None, :] != 0)
-        if PENALTY_MODE == 1:
+        if RULE_PENALTY_OWN & RULES:
             pen = pen & own
-        if PENALTY_MODE == 2:
+        if RULE_PENALTY_OTHER & RULES:
             pen = pen & ~own
-        t = tl.where(pen, t + penalty * d, t)
+        t = tl.where(pen, t + tl.load(numbers_ptr + NUM_PENALTY) * d, t)
     return keep, pos, t
 
 
@@ -333,35 +376,34 @@ def teacher_tile(td, keep, t_scale, t_c0, t_c1, t_row_hi, t_row_lo, t_col_hi, t_
 
 
 @triton.jit
-def _teacher_norms(norm_ptr, offs, mask):
-    """fp32 (hi, lo) of the teacher's float64 normalisers at offs (+inf outside mask, whose pairs the
-    keep mask drops)."""
-    return split_lse(tl.load(norm_ptr + offs, mask=mask, other=float("inf")))
+def _teacher_norms(vec_ptr, offs, mask):
+    """fp32 (hi, lo) of the teacher's float64 normalisers (VEC_T_NORM) at offs (+inf outside mask,
+    whose pairs the keep mask drops)."""
+    return split_lse(tl.load(vec_ptr + offs * VEC_WIDTH + VEC_T_NORM, mask=mask, other=float("inf")))
 
 
 @triton.jit
-def grad_row_vectors(row_lse_ptr, q_row_pos_ptr, q_row_keep_ptr, row_mass_ptr, offs_m, mask_m,
-                     HAS_MASS: tl.constexpr):
+def grad_row_vectors(row_vec_ptr, offs_m, mask_m, TERMS: tl.constexpr):
     """Pass 2's per-row inputs of ``target_grad_tile`` at rows ``offs_m``: the float64 row LSE as fp32
-    (hi, lo), the target mass at a positive and on every kept pair, and (HAS_MASS) the softmax term's
+    (hi, lo), the target mass at a positive and on every kept pair, and (TERM_MASS) the softmax term's
     mass (``qp`` stands in for it otherwise)."""
-    row_hi, row_lo = split_lse(tl.load(row_lse_ptr + offs_m, mask=mask_m, other=float("inf")))
-    qp = tl.load(q_row_pos_ptr + offs_m, mask=mask_m, other=0.0)
-    qk = tl.load(q_row_keep_ptr + offs_m, mask=mask_m, other=0.0)
+    row_hi, row_lo = split_lse(tl.load(row_vec_ptr + offs_m * VEC_WIDTH + VEC_LSE, mask=mask_m, other=float("inf")))
+    qp = vec_load(row_vec_ptr, offs_m, mask_m, VEC_Q_POS, 0.0)
+    qk = vec_load(row_vec_ptr, offs_m, mask_m, VEC_Q_KEEP, 0.0)
     mass = qp
-    if HAS_MASS:
-        mass = tl.load(row_mass_ptr + offs_m, mask=mask_m, other=0.0)
+    if TERM_MASS & TERMS:
+        mass = vec_load(row_vec_ptr, offs_m, mask_m, VEC_MASS, 0.0)
     return row_hi, row_lo, qp, qk, mass
 
 
 @triton.jit
-def teacher_rows(t_scale_ptr, t_row_ptr, offs_m, mask_m, SOFT: tl.constexpr, TEACHER_LINEAR: tl.constexpr):
-    """(scale, row normalisers hi, lo) of the teacher at rows ``offs_m`` (dummies without SOFT)."""
+def teacher_rows(numbers_ptr, row_vec_ptr, offs_m, mask_m, TERMS: tl.constexpr):
+    """(scale, row normalisers hi, lo) of the teacher at rows ``offs_m`` (dummies without TERM_SOFT)."""
     t_scale = 1.0
-    if SOFT:
-        if not TEACHER_LINEAR:
-            t_scale = tl.load(t_scale_ptr).to(tl.float32)
-        t_row_hi, t_row_lo = _teacher_norms(t_row_ptr, offs_m, mask_m)
+    if TERM_SOFT & TERMS:
+        if not (TERM_LINEAR & TERMS):
+            t_scale = tl.load(numbers_ptr + NUM_T_SCALE)
+        t_row_hi, t_row_lo = _teacher_norms(row_vec_ptr, offs_m, mask_m)
     else:
         t_row_hi = tl.zeros(offs_m.shape, tl.float32)
         t_row_lo = t_row_hi
@@ -382,40 +424,43 @@ def _p_minus_q(x, pos, qp, mass, HAS_MASS: tl.constexpr):
 
 
 @triton.jit
-def target_grad_tile(t, keep, pos, row_hi, row_lo, qp, qk, mass, q_row, q_col, offs_n, mask_n,
-                     col_lse_ptr, q_col_pos_ptr, q_col_keep_ptr, w_col_ptr, col_mass_ptr, w_row, soft,
-                     SYMMETRIC: tl.constexpr, SOFT: tl.constexpr, HAS_MASS: tl.constexpr):
+def target_grad_tile(t, keep, pos, row_hi, row_lo, qp, qk, mass, q_row, q_col, offs_n, mask_n, col_vec_ptr,
+                     numbers_ptr, TERMS: tl.constexpr):
     """G = ∂L/∂S of a tile of logits ``t`` (``target_tile``: its kept pairs and positives), 0 off the kept
     pairs: ``w_row·(mass·P_row − q_pos·[pos] − q_keep − soft·Qt_row)`` with the row vectors of
-    ``grad_row_vectors`` (the float64 LSE as fp32 hi, lo), plus with SYMMETRIC ``w_col·(…)`` of the
-    same form per column, its vectors read here at the tile's local columns ``offs_n``. Soft targets
-    (SOFT): the teacher's probabilities ``q_row``, ``q_col`` (``teacher_tile``). Every producer of a
-    tile calls it: the epilogues of ``target.py`` (either producer) and the fused tile kernels
-    (``fused_target.py``), so that G is one formula."""
+    ``grad_row_vectors`` (the float64 LSE as fp32 hi, lo), plus with TERM_SYMMETRIC ``w_col·(…)`` of
+    the same form per column, its vectors read here at the tile's local columns ``offs_n``. Soft
+    targets (TERM_SOFT): the teacher's probabilities ``q_row``, ``q_col`` (``teacher_tile``). Every
+    producer of a tile calls it: the epilogues of ``target.py`` (either producer) and the fused tile
+    kernels (``fused_target.py``), so that G is one formula."""
+    HAS_MASS: tl.constexpr = (TERM_MASS & TERMS) != 0
+    soft = tl.load(numbers_ptr + NUM_SOFT)
     g = _p_minus_q((t - row_hi[:, None]) - row_lo[:, None], pos, qp[:, None], mass[:, None], HAS_MASS) - qk[:, None]
-    if SOFT:
+    if TERM_SOFT & TERMS:
         g = g - soft * q_row
-    g = w_row * g
-    if SYMMETRIC:
-        col_hi, col_lo = split_lse(tl.load(col_lse_ptr + offs_n, mask=mask_n, other=float("inf")))
-        qcp = tl.load(q_col_pos_ptr + offs_n, mask=mask_n, other=0.0)
-        qck = tl.load(q_col_keep_ptr + offs_n, mask=mask_n, other=0.0)
-        wc = tl.load(w_col_ptr + offs_n, mask=mask_n, other=0.0)
+    g = tl.load(numbers_ptr + NUM_W_ROW) * g
+    if TERM_SYMMETRIC & TERMS:
+        col_hi, col_lo = split_lse(tl.load(col_vec_ptr + offs_n * VEC_WIDTH + VEC_LSE, mask=mask_n,
+                                           other=float("inf")))
+        qcp = vec_load(col_vec_ptr, offs_n, mask_n, VEC_Q_POS, 0.0)
+        qck = vec_load(col_vec_ptr, offs_n, mask_n, VEC_Q_KEEP, 0.0)
+        wc = vec_load(col_vec_ptr, offs_n, mask_n, VEC_WEIGHT, 0.0)
         mc = qcp
         if HAS_MASS:
-            mc = tl.load(col_mass_ptr + offs_n, mask=mask_n, other=0.0)
-        gc = _p_minus_q((t - col_hi[None, :]) - col_lo[None, :], pos, qcp[None, :], mc[None, :], HAS_MASS) - qck[None, :]
-        if SOFT:
+            mc = vec_load(col_vec_ptr, offs_n, mask_n, VEC_MASS, 0.0)
+        gc = _p_minus_q((t - col_hi[None, :]) - col_lo[None, :], pos, qcp[None, :], mc[None, :], HAS_MASS)
+        gc = gc - qck[None, :]
+        if TERM_SOFT & TERMS:
             gc = gc - soft * q_col
         g += tl.where(wc[None, :] != 0.0, wc[None, :] * gc, 0.0)
     return tl.where(keep, g, 0.0)
 
 
 @triton.jit
-def row_bounds(bound_ptr, offs_m, mask_m, HAS_MARGIN: tl.constexpr, BLOCK_M: tl.constexpr):
+def row_bounds(bound_ptr, offs_m, mask_m, RULES: tl.constexpr, BLOCK_M: tl.constexpr):
     """Each row's margin bound ``A_i·B_pair − margin`` at local rows ``offs_m`` (zeros without
-    HAS_MARGIN)."""
-    if HAS_MARGIN:
+    RULE_MARGIN)."""
+    if RULE_MARGIN & RULES:
         bound = tl.load(bound_ptr + offs_m, mask=mask_m, other=0.0)
     else:
         bound = tl.zeros([BLOCK_M], tl.float32)
@@ -423,34 +468,43 @@ def row_bounds(bound_ptr, offs_m, mask_m, HAS_MARGIN: tl.constexpr, BLOCK_M: tl.
 
 
 @triton.jit
-def target_work_item(item, m_blocks, scale_ptr, bias_ptr, bound_ptr, R, W, row0, tiles_per_split,
-                     HAS_MARGIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def target_items(R, W, tiles_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(row blocks, work items) of an epilogue over R rows × W columns whose column tiles are split
+    ``tiles_per_split`` to a split (``plan.work_items``: its splits are exactly what the tiles need)."""
+    m_blocks = tl.cdiv(R, BLOCK_M)
+    return m_blocks, m_blocks * tl.cdiv(tl.cdiv(W, BLOCK_N), tiles_per_split)
+
+
+@triton.jit
+def target_work_item(item, scale_ptr, bias_ptr, bound_ptr, R, W, tiles_per_split, RULES: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """What work item ``item`` (row block m = item % m_blocks, column split s = item // m_blocks:
-    ``work_item``) of an epilogue over a chunk of R rows × W columns works on: (m, s), its
-    rows (local offsets, mask, global indices), their margin bounds, the scale and bias, and its
-    column tiles [t0, t1)."""
+    ``work_item``) of an epilogue over a chunk of R rows × W columns works on: (m, s), its rows
+    (local offsets and mask), their margin bounds, the scale and bias, and its column tiles [t0, t1)."""
     wide = tl.zeros([], tl.int64)  # the item's indices in int64, as the addresses are
+    m_blocks = tl.cdiv(R, BLOCK_M)
     pid_m = item % m_blocks + wide
     pid_s = item // m_blocks + wide
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < R
     t0 = pid_s * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(W, BLOCK_N))
-    bound = row_bounds(bound_ptr, offs_m, mask_m, HAS_MARGIN, BLOCK_M)
-    return (pid_m, pid_s, offs_m, mask_m, row0 + offs_m, bound, tl.load(scale_ptr).to(tl.float32),
+    bound = row_bounds(bound_ptr, offs_m, mask_m, RULES, BLOCK_M)
+    return (pid_m, pid_s, offs_m, mask_m, bound, tl.load(scale_ptr).to(tl.float32),
             tl.load(bias_ptr).to(tl.float32), t0, t1)
 
 
 @triton.jit
-def teacher_dot_tile(tdot_ptr, stride_tm, offs_m, offs_n, mask_m, mask_n, keep, t_col_ptr, t_scale, t_c0, t_c1,
-                     t_row_hi, t_row_lo, TEACHER_LINEAR: tl.constexpr, SYMMETRIC: tl.constexpr):
+def teacher_dot_tile(tdot_ptr, stride_tm, offs_m, offs_n, mask_m, mask_n, keep, numbers_ptr, col_vec_ptr, t_scale,
+                     t_row_hi, t_row_lo, TERMS: tl.constexpr):
     """``teacher_tile`` of a tile of the teacher's dot products, read from its fp32 chunk in memory
     (whatever the student's producer), its column normalisers read here."""
     td = tl.load(tdot_ptr + offs_m[:, None] * stride_tm + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :],
                  other=0.0)
+    SYMMETRIC: tl.constexpr = (TERM_SYMMETRIC & TERMS) != 0
     if SYMMETRIC:
-        t_col_hi, t_col_lo = _teacher_norms(t_col_ptr, offs_n, mask_n)
+        t_col_hi, t_col_lo = _teacher_norms(col_vec_ptr, offs_n, mask_n)
     else:
         t_col_hi, t_col_lo = t_row_hi, t_row_lo  # unused
-    return teacher_tile(td, keep, t_scale, t_c0, t_c1, t_row_hi, t_row_lo, t_col_hi, t_col_lo, TEACHER_LINEAR,
-                        SYMMETRIC)
+    return teacher_tile(td, keep, t_scale, tl.load(numbers_ptr + NUM_T_C0), tl.load(numbers_ptr + NUM_T_C1), t_row_hi,
+                        t_row_lo, t_col_hi, t_col_lo, (TERM_LINEAR & TERMS) != 0, SYMMETRIC)
