@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from fastcon.kernels.targets import Target
+from fastcon.targets import Target
 from fastcon.ops import clip_engine_loss, target_engine_loss
 
 torch.manual_seed(0)

@@ -392,7 +392,7 @@ class _TargetGlobal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a_in, scale, bias, target, backend, mm_dtype, group, eps, symmetric, chunk_rows, cache,
                 sum_upstream, need_grad, *parts_in):
-        from .kernels.targets import RowShard, loss_and_weights, rows_of, teacher_norms, teacher_stats
+        from .targets import RowShard, loss_and_weights, rows_of, teacher_norms, teacher_stats
 
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         n = a_in.shape[0]

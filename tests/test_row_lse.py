@@ -4,7 +4,7 @@ gradient as each row's target mass), on every backend against torch.logsumexp of
 import pytest
 import torch
 
-from fastcon.kernels.targets import Target
+from fastcon.targets import Target
 from fastcon.ops import target_row_lse
 from helpers import assert_close_rel, assert_compiles_like_eager, make_features
 
@@ -47,7 +47,7 @@ def test_row_lse_zero_upstream_and_opcheck():
     lse = target_row_lse(*leaves, torch.tensor(3.0), None, target, backend="cpp")
     grads = torch.autograd.grad(lse.sum() * 0.0, leaves)
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
-    from fastcon.kernels.wire import wire_args
+    from fastcon.targets.wire import wire_args
 
     args = (x.clone().requires_grad_(), y.clone().requires_grad_(), torch.tensor(3.0, requires_grad=True),
             torch.tensor(0.0), *wire_args(target, 12, 9), "cpp", 4, None)

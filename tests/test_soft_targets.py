@@ -181,7 +181,7 @@ def test_soft_target_with_dropped_pairs_matches_the_torch_backend(teacher_kind, 
     """The C++ teacher producer against the torch backend's (the executable spec) on a soft target with
     dropped pairs (an excluded column in some rows, dropped extra columns), a hard share and the
     entropy: loss and every gradient, float64 (equal to rounding) and fp32."""
-    from fastcon.kernels.targets import Target
+    from fastcon.targets import Target
     from fastcon.ops import target_engine_loss
 
     n, extra, d = 29, 6, 12
@@ -241,8 +241,8 @@ def test_distill_clip_losses_any_weighting(backend, weights):
 def test_distill_clip_losses_compile_and_opcheck():
     """The pair's two ops (pass 1 in the forward, pass 2 in the backward) under torch.compile
     (fullgraph) and opcheck."""
-    from fastcon.kernels.targets import Target
-    from fastcon.kernels.wire import wire_args
+    from fastcon.targets import Target
+    from fastcon.targets.wire import wire_args
 
     x, y = make_features(20, 20, 8)
     tx, ty = _teacher(20, 8)

@@ -10,7 +10,7 @@ import torch
 
 import fastcon.functional as FC
 from fastcon import reference as R
-from fastcon.kernels import targets as T
+from fastcon import targets as T
 from fastcon.kernels import torch_chunked
 from helpers import assert_close_rel, make_features
 from test_soft_targets import _check

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 import fastcon
 import fastcon.functional as FC
 from fastcon import reference as R
-from fastcon.kernels.targets import Target
-from fastcon.kernels.wire import wire_args
+from fastcon.targets import Target
+from fastcon.targets.wire import wire_args
 from fastcon.ops import target_engine_loss
 from helpers import assert_close_rel, make_features
 

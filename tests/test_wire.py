@@ -1,11 +1,12 @@
-"""The target's wire format (``fastcon.kernels.wire``): one definition of its columns, which the C++
+"""The target's wire format (``fastcon.targets.wire``): one definition of its columns, which the C++
 operators declare again (``fastcon::target_format``), and ``pack``/``unpack`` giving the description
 back."""
 import pytest
 import torch
 
-from fastcon.kernels import cpp, wire
-from fastcon.kernels.targets import Target
+from fastcon.kernels import cpp
+from fastcon.targets import wire
+from fastcon.targets import Target
 
 
 @pytest.mark.skipif(not cpp.AVAILABLE, reason=f"C++ extension unavailable: {cpp.REASON}")

@@ -238,7 +238,7 @@ FC_INLINE void k_sigmoid(const T* d, T* g, int64_t n, T s, T b, T w, T* out_loss
   }
 }
 
-// ---- soft targets (a teacher's tile beside the student's, fastcon/kernels/targets.py). A row of the
+// ---- soft targets (a teacher's tile beside the student's, fastcon/targets/). A row of the
 // student's logits L comes with −inf on its dropped pairs and P marking its positives; td holds the
 // teacher's dot products of the row. The teacher's value of a pair is t = c1·td + c0 (a linear
 // teacher) or t = s_t·td (softmax), its row probability t / n_i or exp(t − n_i) and its column one

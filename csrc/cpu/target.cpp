@@ -1,5 +1,5 @@
-// The general target of the engine (fastcon/kernels/targets.py) on the CPU: its two passes as the
-// operators target_stats and target_grad. Between them, fastcon/kernels/targets.py combines the
+// The general target of the engine (fastcon/targets/) on the CPU: its two passes as the
+// operators target_stats and target_grad. Between them, fastcon/targets/passes.py combines the
 // statistics (row groups, the loss, the target weights) for every backend alike.
 //
 // Pass 1 (target_stats), per row chunk: the GEMM of the chunk's dot products (over the columns some

@@ -1,4 +1,4 @@
-// The wire format of a general target (fastcon/kernels/wire.py, which defines the same indices; the
+// The wire format of a general target (fastcon/targets/wire.py, which defines the same indices; the
 // operator fastcon::target_format returns them for a test to compare): rows (Na, kRowFields) and cols
 // (Nb, kColFields) int64 with every absent field at its default, the numbers as doubles, and the
 // bits of kNumFlags saying which optional fields were given.

@@ -8,7 +8,7 @@ import torch
 
 from .. import reference
 from .._validation import check_features, check_label_smoothing, check_scalar
-from ..kernels.targets import Target
+from ..targets import Target
 from ..ops import target_engine_loss
 from ._checks import check_chunk_size, check_common, check_modes, distributed_setup
 
@@ -161,7 +161,7 @@ def _distill_distributed(x, y, scale, tx, ty, numbers, *, group, local_loss, gat
     student and of the teacher merged across ranks); ``local_loss=True``, open_clip's local form
     ½[soft CE of this rank's image rows over all texts + of its text rows over all images]."""
     from ..distributed import all_gather_no_grad, all_gather_with_grad, group_rank_and_size, target_loss_global
-    from ..kernels.targets import rows_of
+    from ..targets import rows_of
 
     rank, world = group_rank_and_size(group)
     n = x.shape[0]

@@ -9,7 +9,7 @@ import torch
 
 from .. import reference
 from .._validation import check_features, check_label_smoothing, check_labels, check_pos_offset
-from ..kernels.targets import Target
+from ..targets import Target
 from ..ops import clip_engine_loss, siglip_engine_loss
 from ..ops.engine import BACKENDS as _BACKENDS
 from ..ops import target_engine_loss
@@ -304,7 +304,7 @@ def _multi_positive_distributed(x, y, scale, bias, labels, pair_mask, eps, *, gr
         return target_loss_global(x, [y], scale, bias, Target(ids, ids, mask=pair_mask), group=group,
                                   label_smoothing=eps, symmetric=True, backend=backend, chunk_size=chunk_size,
                                   gather_with_grad=gather_with_grad)
-    from ..kernels.targets import rows_of
+    from ..targets import rows_of
 
     gather = all_gather_with_grad if gather_with_grad else all_gather_no_grad
     all_x, all_y = gather(x, group), gather(y, group)

@@ -8,7 +8,7 @@ import torch
 
 from .. import reference
 from .._validation import check_features
-from ..kernels.targets import Target
+from ..targets import Target
 from ._checks import check_chunk_size
 
 

@@ -8,7 +8,7 @@ import torch
 
 from .. import reference
 from .._validation import check_label_smoothing, check_scalar, compiling
-from ..kernels.targets import Target
+from ..targets import Target
 from ..ops.engine import BACKENDS as _BACKENDS
 from ..ops.engine import loss_dtype as _loss_dtype
 from ..ops import target_engine_loss

@@ -43,7 +43,7 @@ precision of its parts (the row maximum, an exact logit, plus the log of an fp32
 The CLIP targets and label smoothing are O(N·D) terms added by ``fastcon.ops`` with plain autograd,
 identically for every backend.
 
-The general target (``fastcon/kernels/targets.py``: positives by id, dropped pairs, ownership rules,
+The general target (``fastcon/targets/``: positives by id, dropped pairs, ownership rules,
 column ranges, row groups, the hardness penalty, a dense mask, label smoothing over the kept columns)
 is two more operations of every backend (the Triton ones in ``triton/target.py`` and
 ``triton/fused_target.py``), with the teacher's pass of a soft target a third (``teacher_stats``)::

@@ -87,11 +87,11 @@ def direct_loss(a, b, scale, bias, kind, pos_offset, symmetric, label_smoothing,
 
 
 # ---------------------------------------------------------------------------------------------------
-# The general target (fastcon/kernels/targets.py): pass 1 and pass 2 as C++ operators
+# The general target (fastcon/targets/): pass 1 and pass 2 as C++ operators
 
 def _target_args(target, na: int, nb: int):
     """The target in the wire format (``wire.pack``) as the operators take it: rows, cols, numbers, mask."""
-    from .wire import pack
+    from ..targets.wire import pack
 
     packed = pack(target, na, nb)
     return packed.rows, packed.cols, packed.numbers, packed.mask
@@ -112,7 +112,7 @@ def _named_outputs(out, names):
 def _soft_args(a, target, teacher_norms=None, row_mass=None, col_mass=None, counts=None):
     """The soft targets' tensors and numbers as the operators read them (empty lists without them;
     the teacher's features contiguous in the GEMMs' dtype, ``a``'s)."""
-    from .targets import TEACHER_LINEAR, hard_weight
+    from ..targets import TEACHER_LINEAR, hard_weight
 
     if not target.soft:  # hard targets: at most a target mass per row (column)
         if row_mass is None and col_mass is None:
@@ -131,7 +131,7 @@ def _soft_args(a, target, teacher_norms=None, row_mass=None, col_mass=None, coun
 
 
 def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes, teacher=None):
-    from .targets import TargetStats, with_teacher
+    from ..targets import TargetStats, with_teacher
 
     soft = _soft_args(a, target, None if teacher is None else (teacher.row_norm, teacher.col_norm),
                       counts=None if teacher is None else (teacher.row_pos, teacher.col_pos))
@@ -161,7 +161,7 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
 
 
 def target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, need_grad, cache_bytes=0):
-    from .targets import two_pass_target
+    from ..targets import two_pass_target
 
     return two_pass_target(target_stats, target_grad, a, b, scale, bias, target, eps, symmetric, chunk_rows,
                            need_grad, cache_bytes)

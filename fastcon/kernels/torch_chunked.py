@@ -93,7 +93,7 @@ def sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The general target (fastcon/kernels/targets.py): positives by id, dropped pairs, groups of rows
+# The general target (fastcon/targets/): positives by id, dropped pairs, groups of rows
 # sharing one softmax, the hardness penalty, label smoothing.
 
 def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes, teacher=None):
@@ -103,7 +103,7 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
     ``targets.TeacherNorms`` of the teacher's pass) also the cross terms and, with ``entropy``, the
     targets' Σ Q·log Q. Returns (a ``targets.TargetStats``, the leading chunks of dot products that
     fit ``cache_bytes``)."""
-    from .targets import TargetStats, chunk_logits, chunk_masks, column_span, with_teacher
+    from ..targets import TargetStats, chunk_logits, chunk_masks, column_span, with_teacher
 
     na, nb = a.shape[0], b.shape[0]
     st = TargetStats.empty(na, nb, acc_dtype(a.dtype), a.device)
@@ -149,7 +149,7 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
 def teacher_probs(target, t, keep, row_norm, col_norm):
     """The teacher's row (and column) target probabilities of a chunk ``t`` on its kept pairs (0 on the
     dropped ones)."""
-    from .targets import TEACHER_LINEAR
+    from ..targets import TEACHER_LINEAR
 
     linear = target.teacher_kind == TEACHER_LINEAR
     f32 = t.dtype
@@ -172,7 +172,7 @@ def teacher_probs(target, t, keep, row_norm, col_norm):
 def _soft_terms(target, st, counts, s_c, pos, keep, symmetric, r0, r1, c0, c1):
     """Pass 1 with soft targets: the cross terms Σ Qt·S and, with ``entropy``, Σ Q·log Q of the mixed
     targets Q = hard·[pos]/|P| + soft·Qt (no smoothing), for rows [r0, r1) × columns [c0, c1)."""
-    from .targets import hard_weight, teacher_chunk
+    from ..targets import hard_weight, teacher_chunk
 
     f64 = torch.float64
     t = teacher_chunk(target, r0, r1, c0, c1)
@@ -200,7 +200,7 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
     (``weights``: a ``targets.TargetWeights``; P_row from each row's group LSE), reduced to
     (grad_a, grad_b, grad_scale, grad_bias) by two GEMMs per chunk. The hardness penalty enters the
     logits only (stop-gradient)."""
-    from .targets import chunk_logits, chunk_masks, column_span
+    from ..targets import chunk_logits, chunk_masks, column_span
 
     acc = acc_dtype(a.dtype)
     na, nb = a.shape[0], b.shape[0]
@@ -235,7 +235,7 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
             g.sub_(w.q_row_keep[r0:r1, None])
         q_row = q_col = None
         if target.soft:
-            from .targets import teacher_chunk
+            from ..targets import teacher_chunk
 
             q_row, q_col = teacher_probs(target, teacher_chunk(target, r0, r1, c0, c1), keep,
                                          w.t_row_norm[r0:r1], w.t_col_norm[c0:c1] if symmetric else None)
@@ -264,7 +264,7 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
 def target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, need_grad, cache_bytes=0):
     """Softmax loss of a general ``target`` and its gradients (``targets.two_pass_target`` over this
     backend's ``target_stats`` and ``target_grad``)."""
-    from .targets import two_pass_target
+    from ..targets import two_pass_target
 
     return two_pass_target(target_stats, target_grad, a, b, scale, bias, target, eps, symmetric, chunk_rows,
                            need_grad, cache_bytes)

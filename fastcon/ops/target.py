@@ -1,4 +1,4 @@
-"""The engine's general target (``fastcon/kernels/targets.py``) as engine operators. Its executable
+"""The engine's general target (``fastcon/targets/``) as engine operators. Its executable
 statement is the torch backend's; the C++ backend, the chunked Triton path and the fused Triton
 tile kernels (D <= 256) have its two passes; its backend is chosen as for the other losses
 (``engine.traced_backend_name``). Three operators, each with its second pass as an operator of its
@@ -10,7 +10,7 @@ own::
     fastcon::target_row_lse        each row's LSE over its kept pairs (pass 2 in the backward:
                                    fastcon::target_row_lse_grad)
 
-The target travels in its wire format (``kernels.wire``): its rows and cols, the optional dense
+The target travels in its wire format (``targets.wire``): its rows and cols, the optional dense
 mask, the teacher's tensors as one list and its numbers as another.
 """
 from __future__ import annotations
@@ -33,9 +33,9 @@ def _target_softmax_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, rows
                          chunk_size: int, cache_limit: int, need_grad: bool,
                          mm_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The softmax loss of a general target (``fastcon.kernels.torch_chunked.target_softmax_fused``) in
-    float64, and its gradients. The target comes in its wire format (``kernels.wire``);
+    float64, and its gradients. The target comes in its wire format (``targets.wire``);
     ``cache_limit`` bounds the bytes of pass-1 logits kept for pass 2 (−1: ``cache_bytes()``)."""
-    from fastcon.kernels.wire import from_wire
+    from fastcon.targets.wire import from_wire
 
     with backend_context(a.device.type):
         impl, x, y, s, c, chunk_rows = backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype)
@@ -62,11 +62,11 @@ target_softmax_loss = EngineOp("target_softmax_loss", _target_softmax_loss, _tar
 def target_engine_loss(a, b, scale, bias, target, *, label_smoothing: float = 0.0, symmetric: bool = True,
                        backend: str = "auto", chunk_size: Optional[int] = None,
                        cache_limit: Optional[int] = None) -> torch.Tensor:
-    """A general-target softmax loss on the engine (``target``: a ``fastcon.kernels.targets.Target``);
+    """A general-target softmax loss on the engine (``target``: a ``fastcon.targets.Target``);
     arguments already validated. ``cache_limit``: bytes of pass-1 logits kept for pass 2 (None: the
     backend's default, ``FASTCON_CACHE_BYTES``). Returns the fp32 (float64 for float64 inputs) loss
     in ``loss_dtype(a)``."""
-    from fastcon.kernels.wire import wire_args
+    from fastcon.targets.wire import wire_args
 
     out_dtype = loss_dtype(a)
     mm_dtype = autocast_gemm_dtype(a)
@@ -117,8 +117,8 @@ def _target_pair_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, rows: T
                       chunk_size: int, mm_dtype: Optional[torch.dtype]) -> List[Tensor]:
     """[L_hard, L_soft (float64), then the statistics pass 2 needs (``_PAIR_STATS``)]: the teacher's
     pass and pass 1 of a soft target, both losses from the same LSEs."""
-    from fastcon.kernels.targets import loss_and_weights, teacher_norms, teacher_stats
-    from fastcon.kernels.wire import from_wire
+    from fastcon.targets import loss_and_weights, teacher_norms, teacher_stats
+    from fastcon.targets.wire import from_wire
 
     with backend_context(a.device.type):
         _, x, y, s, c, chunk_rows = backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype)
@@ -156,8 +156,8 @@ def _target_pair_grad(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, rows: T
                       upstream: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Pass 2 of ``_target_pair_loss`` for the upstream gradients ``upstream = (g_hard, g_soft)``: the
     (wide) gradients of g_hard·L_hard + g_soft·L_soft with respect to a, b, scale and bias."""
-    from fastcon.kernels.targets import TargetStats, loss_and_weights
-    from fastcon.kernels.wire import from_wire
+    from fastcon.targets import TargetStats, loss_and_weights
+    from fastcon.targets.wire import from_wire
 
     with backend_context(a.device.type):
         _, x, y, s, c, chunk_rows = backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype)
@@ -246,11 +246,11 @@ target_pair_loss = EngineOp("target_pair_loss", _target_pair_loss, _target_pair_
 
 def target_pair_engine_loss(a, b, scale, bias, target, *, label_smoothing: float = 0.0, symmetric: bool = True,
                             backend: str = "auto", chunk_size: Optional[int] = None) -> Tuple[Tensor, Tensor]:
-    """(L_hard, L_soft) of a soft ``target`` (a ``fastcon.kernels.targets.Target`` with a teacher,
+    """(L_hard, L_soft) of a soft ``target`` (a ``fastcon.targets.Target`` with a teacher,
     no margin, no entropy term) from one engine pass: the contrastive loss of its hard positives (with
     ``label_smoothing``) and the soft cross-entropy against the teacher, each with its own gradient
     (pass 2 in the backward, once for both). Returns the two losses in ``loss_dtype(a)``."""
-    from fastcon.kernels.wire import wire_args
+    from fastcon.targets.wire import wire_args
 
     if target.margin is not None or target.entropy or not target.soft:
         raise ValueError("target_pair_engine_loss takes a soft target without margin or entropy term")
@@ -280,7 +280,7 @@ def _target_row_lse(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, rows: Ten
                     mm_dtype: Optional[torch.dtype]) -> Tensor:
     """(Na,) float64: the LSE of each row of ``s·A·Bᵀ + b`` over the target's kept pairs (−inf where
     none is kept)."""
-    from fastcon.kernels.wire import from_wire
+    from fastcon.targets.wire import from_wire
 
     with backend_context(a.device.type):
         _, x, y, s, c, chunk_rows = backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype)
@@ -300,8 +300,8 @@ def _target_row_lse_grad(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, rows
                          mm_dtype: Optional[torch.dtype], row_lse: Tensor,
                          upstream: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """The (wide) gradients of Σ_i u_i·LSE_i (``upstream`` = u) with respect to a, b, scale and bias."""
-    from fastcon.kernels.targets import TargetWeights
-    from fastcon.kernels.wire import from_wire
+    from fastcon.targets import TargetWeights
+    from fastcon.targets.wire import from_wire
 
     with backend_context(a.device.type):
         _, x, y, s, c, chunk_rows = backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype)
@@ -347,7 +347,7 @@ def target_row_lse(a, b, scale, bias, target, *, backend: str = "auto", chunk_si
     positives and soft fields are not used), with the gradient of any weighting of the rows (pass 2 in
     the backward). float64, so that a caller who subtracts a logit of its own (LSE − S_pos cancels to
     a small loss) keeps the precision of the engine's float64 LSE. Memory O((Na + Nb)·D + chunk·Nb)."""
-    from fastcon.kernels.wire import wire_args
+    from fastcon.targets.wire import wire_args
 
     mm_dtype = autocast_gemm_dtype(a)
     name = traced_backend_name(backend, a.device.type, mm_dtype or a.dtype)

@@ -1,4 +1,4 @@
-"""The general target (``fastcon/kernels/targets.py``) on the fused tile kernels (D <= 256): the
+"""The general target (``fastcon/targets/``) on the fused tile kernels (D <= 256): the
 ``"triton_fused"`` backend's ``target_stats``, ``target_grad`` and ``target_softmax_fused``
 (re-exported by ``fused.py``).
 
@@ -158,7 +158,7 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
     """Pass 2 of the general target (the contract of ``torch_chunked.target_grad``): grad_a = s·G·B and
     grad_b = s·Gᵀ·A with G formed in the kernels' registers, and Σ G·dot, Σ G. Row chunks of
     ``chunk_rows`` (with soft targets also within ``chunk_bytes``: the teacher's chunk is in memory)."""
-    from ..targets import column_span
+    from ...targets import column_span
 
     check_fused_inputs(a, b)
     a, b = a.contiguous(), b.contiguous()  # (the kernels take rows D apart)
@@ -210,7 +210,7 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
 def target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, need_grad, cache_bytes=0):
     """Softmax loss of a general target and its gradients on the fused tile kernels
     (``targets.two_pass_target`` over ``target_stats`` and ``target_grad``); D <= 256."""
-    from ..targets import two_pass_target
+    from ...targets import two_pass_target
 
     check_fused_inputs(a, b)  # before the teacher's pass, which runs on any D
     return two_pass_target(target_stats, target_grad, a, b, scale, bias, target, eps, symmetric, chunk_rows,

@@ -1,4 +1,4 @@
-"""The engine's general target (``fastcon/kernels/targets.py``) on the Triton epilogues: their kernels,
+"""The engine's general target (``fastcon/targets/``) on the Triton epilogues: their kernels,
 launchers and host classes, and the pass-1 kernel the fused path shares (``target_stats_kernel``).
 
 The epilogue kernels take tiles of dot products from either producer (``plan.producer``): the cuBLAS
@@ -22,7 +22,7 @@ teacher's row and column target probabilities with the normalisers of the teache
 terms ``Σ Qt·S`` and, with ``entropy``, the mixed targets' ``Σ Q·log Q`` to its per-row and
 per-column sums; pass 2 forms ``G = w·(P·mass − Q_hard − ε/|K| − soft·Qt)`` per direction.
 
-The kernels read the target's columns of its wire format (``kernels.wire``, as ``PackedTarget``
+The kernels read the target's columns of its wire format (``targets.wire``, as ``PackedTarget``
 lays them out for ``tiles.target_tile``), the defaults of absent fields filled in, the per-row and
 per-column vectors of a pass in one float64 array each (``vectors``, columns ``tiles.VEC_*``) and the
 launch's numbers in one fp32 array (``tiles.NUM_*``); the variant compiled is two constexpr bit sets,
@@ -39,7 +39,7 @@ import triton.language as tl
 
 from .._common import chunk_bytes, mm_acc, row_chunks
 from . import launch
-from ..wire import COL_ID, COL_KEEP, COL_OWNER, COL_PENALTY, ROW_EXCLUDE, ROW_HI, ROW_ID, ROW_LO, ROW_OWNER, \
+from ...targets.wire import COL_ID, COL_KEEP, COL_OWNER, COL_PENALTY, ROW_EXCLUDE, ROW_HI, ROW_ID, ROW_LO, ROW_OWNER, \
     ROW_PENALTY, ROW_RULE, pack
 from .configs import FUSED_FP32_PRECISION, SUPPORTED_DTYPES, chunked_config, matmul_config
 from .gemm import grad_buffer, grad_gemms, grad_tile_scale
@@ -314,7 +314,7 @@ class _Teacher:
     their reciprocals, see ``teacher_tile``) and its numbers; dummies without soft targets."""
 
     def __init__(self, target, row_norm, col_norm, device):
-        from ..targets import TEACHER_LINEAR
+        from ...targets import TEACHER_LINEAR
 
         self.soft = bool(target.soft)
         self.linear = self.soft and target.teacher_kind == TEACHER_LINEAR
@@ -376,7 +376,7 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
     cuBLAS producer whatever ``plan.producer`` says (the teacher's pass, ``teacher_stats``); ``tiles``:
     the producer (a ``plan.TargetTiles``) to use instead of ``plan.producer``'s (the fused kernels'
     pass 1, ``fused_target.target_stats``)."""
-    from ..targets import TargetStats, column_span, hard_weight, with_teacher
+    from ...targets import TargetStats, column_span, hard_weight, with_teacher
 
     check_inputs(a, b)
     a, b = a.contiguous(), b.contiguous()  # (the kernels take rows D apart)
@@ -507,7 +507,7 @@ class GradVectors:
 
 def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
     """Pass 2 of the general target (the contract of ``torch_chunked.target_grad``)."""
-    from ..targets import column_span
+    from ...targets import column_span
 
     check_inputs(a, b)
     a, b = a.contiguous(), b.contiguous()  # (the kernels take rows D apart)
@@ -567,7 +567,7 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
 def target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, need_grad, cache_bytes=0):
     """Softmax loss of a general target and its gradients (``targets.two_pass_target`` over this
     backend's two passes)."""
-    from ..targets import two_pass_target
+    from ...targets import two_pass_target
 
     return two_pass_target(target_stats, target_grad, a, b, scale, bias, target, eps, symmetric, chunk_rows,
                            need_grad, cache_bytes, teacher_pass=teacher_stats)

@@ -16,7 +16,7 @@
   ``items_step``).
 * CLIP and SigLIP: G of a softmax tile (``softmax_grad_tile``) and the sigmoid loss and G
   (``sigmoid_terms``).
-* The general target (``fastcon/kernels/targets.py``): which pairs of a tile are kept and which are
+* The general target (``fastcon/targets/``): which pairs of a tile are kept and which are
   positives (``target_tile``), the teacher's probabilities (``teacher_tile``, ``teacher_dot_tile``),
   G (``target_grad_tile``) and the rows of a work item (``target_work_item``), called by the chunked
   epilogues (``target.py``) and the fused tile kernels (``fused_target.py``) alike.

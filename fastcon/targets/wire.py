@@ -109,7 +109,7 @@ def pack(target, na: int, nb: int) -> WireTarget:
 
 def unpack(packed: WireTarget):
     """The ``targets.Target`` that ``pack`` wrote (absent fields None again)."""
-    from .targets import Target
+    from .definition import Target
 
     rows, cols, n = packed.rows, packed.cols, packed.numbers
     given = {f: packed.has(bit) for bit, f in _FLAG_FIELDS}
