@@ -322,22 +322,30 @@ def softmax_grad(a, b, scale, bias, row_lse, col_lse, pos_offset, w_row, w_col, 
     prod = tile_producer(a, "softmax_grad")
 
     def launch_block(dot, a_c, b_k, g, r0, c0):
-        r, n = a_c.shape[0], b_k.shape[0]
-        it = work_items(r, n, prod.cfg, dev)
-        part = torch.empty((2, it.n_items), dtype=torch.float32, device=dev)
-        d_ptr, a_ptr, b_ptr = epilogue_operands(dot, a_c, b_k)
+        it, part, block = _grad_block(prod, dot, a_c, b_k, g, scale, bias, r0 + int(pos_offset) - c0, 2, torch.empty)
         launch(_chunk_softmax_grad_kernel)[it.grid](
-            d_ptr, a_ptr, b_ptr, g, scale, bias, row_lse[r0:], col_lse[c0:], part,
-            r, n, a_c.shape[1], it.m_blocks, it.n_items, it.per_split, r0 + int(pos_offset) - c0,
-            d_ptr.stride(0), a_ptr.stride(0), b_ptr.stride(0), g.stride(0),
-            float(w_row), float(w_col), float(w_pos), g_scale,
-            HAS_COL_TERM=w_col != 0, **prod.consts(a),
+            row_lse_ptr=row_lse[r0:], col_lse_ptr=col_lse[c0:], w_row=float(w_row), w_col=float(w_col),
+            w_pos=float(w_pos), g_scale=g_scale, HAS_COL_TERM=w_col != 0, **block, **prod.consts(a),
         )
         return part
 
     totals = _pass2(a, b, scale, grad_a, grad_b, g_scale, chunk_rows, 2, launch_block, _cached)
     grad_b.mul_(scale)
     return grad_a, grad_b, totals[0].clone(), totals[1].clone()
+
+
+def _grad_block(prod, dot, a_c, b_k, g, scale, bias, pos_col0: int, n_parts: int, new):
+    """What a pass-2 epilogue launch over one block (rows a_c × columns b_k, G to g) shares between
+    CLIP's and SigLIP's kernels: its work items, its partials (n_parts × items, from ``new``) and its
+    arguments by name (operands, sizes, the positive's column, strides)."""
+    r, n = a_c.shape[0], b_k.shape[0]
+    it = work_items(r, n, prod.cfg, a_c.device)
+    part = new((n_parts, it.n_items), dtype=torch.float32, device=a_c.device)
+    d_ptr, a_ptr, b_ptr = epilogue_operands(dot, a_c, b_k)
+    return it, part, dict(dot_ptr=d_ptr, a_ptr=a_ptr, b_ptr=b_ptr, g_ptr=g, scale_ptr=scale, bias_ptr=bias,
+                          part_ptr=part, R=r, N=n, D=a_c.shape[1], m_blocks=it.m_blocks, n_items=it.n_items,
+                          tiles_per_split=it.per_split, pos_col0=pos_col0, stride_dm=d_ptr.stride(0),
+                          stride_am=a_ptr.stride(0), stride_bn=b_ptr.stride(0), stride_gm=g.stride(0))
 
 
 def softmax_fused(a, b, scale, bias, pos_offset, w_row, w_col, w_pos, chunk_rows, cache_bytes):
@@ -362,17 +370,9 @@ def sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad):
     prod = tile_producer(a, "sigmoid")
 
     def launch_block(dot, a_c, b_k, g, r0, c0):
-        r, n = a_c.shape[0], b_k.shape[0]
-        it = work_items(r, n, prod.cfg, dev)
-        part = torch.zeros((3, it.n_items), dtype=torch.float32, device=dev)
-        d_ptr, a_ptr, b_ptr = epilogue_operands(dot, a_c, b_k)
-        launch(_chunk_sigmoid_kernel)[it.grid](
-            d_ptr, a_ptr, b_ptr, g, scale, bias, part,
-            r, n, a_c.shape[1], it.m_blocks, it.n_items, it.per_split, r0 + int(pos_offset) - c0,
-            d_ptr.stride(0), a_ptr.stride(0), b_ptr.stride(0), g.stride(0),
-            float(w), g_scale,
-            NEED_GRAD=bool(need_grad), **prod.consts(a),
-        )
+        it, part, block = _grad_block(prod, dot, a_c, b_k, g, scale, bias, r0 + int(pos_offset) - c0, 3, torch.zeros)
+        launch(_chunk_sigmoid_kernel)[it.grid](w=float(w), g_scale=g_scale, NEED_GRAD=bool(need_grad), **block,
+                                               **prod.consts(a))
         return part
 
     totals = _pass2(a, b, scale, grad_a, grad_b, g_scale, chunk_rows, 3, launch_block)
