@@ -106,15 +106,16 @@ def _recording(calls: List[Call], budget: int, sms: int):
         class Grid:
             def __getitem__(self, grid):
                 def run(*args, **kwargs):
-                    named = dict(zip(kernel.arg_names, args))
+                    named = dict(zip(kernel.arg_names, args), **kwargs)  # launched by position or by name
+                    cols = named.get("N", named.get("W", 0))  # (the general target's kernels call it W)
                     flops = 0.0
                     if name == "_mm_accumulate_kernel":
                         flops = 2.0 * named["M"] * named["N"] * named["K"]
                     elif kwargs.get("MATMUL"):  # an epilogue kernel forming its own tiles
-                        flops = 2.0 * named["R"] * named["N"] * named["D"]
-                    sfu = SFU_PER_LOGIT.get(name, 0) * float(named.get("R", 0)) * float(named.get("N", 0))
+                        flops = 2.0 * named["R"] * cols * named["D"]
+                    sfu = SFU_PER_LOGIT.get(name, 0) * float(named.get("R", 0)) * float(cols)
                     calls.append(Call("triton", name + ("[matmul]" if kwargs.get("MATMUL") else ""), flops,
-                                      float(sum(_nbytes(t) for t in _tensors(args))), sfu))
+                                      float(sum(_nbytes(t) for t in _tensors(tuple(named.values())))), sfu))
                 return run
         return Grid()
 
