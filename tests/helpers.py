@@ -50,6 +50,33 @@ def assert_compiles_like_eager(step, leaves):
         assert_close_rel(g, e, rtol=1e-5, atol=1e-8, name="compiled gradient")
 
 
+def winner_token_case(b, n1, n2, d, *, seed):
+    """Late-interaction inputs where item 0's only real token of the second set (index 0; the others
+    masked out) is the argmax of every token of the first set of every item (those lean toward it), so
+    that its gradient sums b·n1 gathered rows: (x (b, n1, d), y (b, n2, d), y_mask (b, n2)), fp32."""
+    g = torch.Generator().manual_seed(seed)
+    v = F.normalize(torch.randn(d, generator=g, dtype=torch.float64), dim=0)
+    x = F.normalize(torch.randn(b, n1, d, generator=g, dtype=torch.float64) / d ** 0.5 + 3 * v, dim=-1).float()
+    y = F.normalize(torch.randn(b, n2, d, generator=g, dtype=torch.float64), dim=-1)
+    y[0, 0] = v
+    y_mask = torch.ones(b, n2, dtype=torch.bool)
+    y_mask[0, 1:] = False
+    return x, y.float(), y_mask
+
+
+def assert_grads_within_fp32_formula(loss, reference, inputs, names):
+    """The fp32 gradients of ``loss`` with respect to every input stay within twice the error of the
+    materialised fp32 formula (``reference`` in fp32), both measured against ``reference`` in float64."""
+    def grads(fn, dtype):
+        leaves = [x.to(dtype).requires_grad_() for x in inputs]
+        return torch.autograd.grad(fn(*leaves), leaves)
+
+    truth, formula, ours = grads(reference, torch.float64), grads(reference, torch.float32), grads(loss, torch.float32)
+    for name, o, f, e in zip(names, ours, formula, truth):
+        err, err_formula = (o.double() - e).abs().max().item(), (f.double() - e).abs().max().item()
+        assert err <= 2 * err_formula + 1e-9, f"grad {name}: error {err:.3g}, the fp32 formula's {err_formula:.3g}"
+
+
 def close_gloo() -> None:
     """Ends a gloo worker's group: a barrier first, so that no rank tears its connections down while
     another still uses them (a rank's exit during a peer's last collective can abort the process)."""

@@ -10,7 +10,7 @@ import fastcon
 import fastcon.functional as FC
 from fastcon import reference as R
 from fastcon.kernels import cpp
-from helpers import assert_close_rel, assert_compiles_like_eager
+from helpers import assert_close_rel, assert_compiles_like_eager, assert_grads_within_fp32_formula, winner_token_case
 
 TRITON = pytest.param("triton", marks=pytest.mark.interpreter)
 BACKENDS = ["torch", "cpp", TRITON, "auto"]
@@ -118,31 +118,10 @@ def test_filip_cpp_gradient_of_a_token_that_wins_every_patch(chunk):
     """Caption 0's only real token is the argmax of every patch of every image (the patches lean toward
     it), so its gradient sums B·n₁ = 1200 gathered rows: the C++ backend's fp32 gradients of both inputs
     stay within twice the error of the materialised fp32 formula, both against float64."""
-    b, n1, n2, d = 24, 50, 77, 64
-    g = torch.Generator().manual_seed(0)
-    v = torch.nn.functional.normalize(torch.randn(d, generator=g, dtype=torch.float64), dim=0)
-    p = torch.nn.functional.normalize(torch.randn(b, n1, d, generator=g, dtype=torch.float64) / d ** 0.5 + 3 * v,
-                                      dim=-1).float()
-    t = torch.nn.functional.normalize(torch.randn(b, n2, d, generator=g, dtype=torch.float64), dim=-1)
-    t[0, 0] = v
-    t = t.float()
-    tm = torch.ones(b, n2, dtype=torch.bool)
-    tm[0, 1:] = False
-
-    def grads(loss, dtype):
-        leaves = [p.to(dtype).requires_grad_(), t.to(dtype).requires_grad_()]
-        return torch.autograd.grad(loss(*leaves), leaves)
-
-    def reference(p, t):
-        return R.filip_loss_reference(p, t, 11.0, token_mask=tm)
-
-    truth = grads(reference, torch.float64)
-    formula = grads(reference, torch.float32)
-    ours = grads(lambda p, t: FC.filip_loss(p, t, 11.0, token_mask=tm, backend="cpp", chunk_size=chunk),
-                 torch.float32)
-    for name, o, f, e in zip(("patches", "tokens"), ours, formula, truth):
-        err, err_formula = ((o.double() - e).abs().max().item(), (f.double() - e).abs().max().item())
-        assert err <= 2 * err_formula + 1e-9, f"grad {name}: error {err:.3g}, the fp32 formula's {err_formula:.3g}"
+    p, t, tm = winner_token_case(24, 50, 77, 64, seed=0)
+    assert_grads_within_fp32_formula(
+        lambda p, t: FC.filip_loss(p, t, 11.0, token_mask=tm, backend="cpp", chunk_size=chunk),
+        lambda p, t: R.filip_loss_reference(p, t, 11.0, token_mask=tm), [p, t], ("patches", "tokens"))
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])

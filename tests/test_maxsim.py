@@ -13,7 +13,7 @@ import torch
 import fastcon.functional as FC
 from fastcon import reference as R
 from fastcon.kernels import cpp
-from helpers import assert_close_rel, assert_compiles_like_eager
+from helpers import assert_close_rel, assert_compiles_like_eager, assert_grads_within_fp32_formula, winner_token_case
 
 BACKENDS = ["torch", "cpp", pytest.param("triton", marks=pytest.mark.interpreter), "auto"]
 
@@ -89,31 +89,10 @@ def test_maxsim_cpp_gradient_of_a_doc_token_that_wins_every_query_token(chunk):
     """Document 0's only real token is the argmax of every token of every query (the queries lean
     toward it), so its gradient sums B·n_q = 1200 gathered rows: the C++ backend's fp32 gradients of
     both inputs stay within twice the error of the materialised fp32 formula, both against float64."""
-    b, nq, nd, d = 24, 50, 77, 64
-    g = torch.Generator().manual_seed(2)
-    v = torch.nn.functional.normalize(torch.randn(d, generator=g, dtype=torch.float64), dim=0)
-    q = torch.nn.functional.normalize(torch.randn(b, nq, d, generator=g, dtype=torch.float64) / d ** 0.5 + 3 * v,
-                                      dim=-1).float()
-    docs = _tokens(b, nd, d, g, torch.float64)
-    docs[0, 0] = v
-    docs = docs.float()
-    dm = torch.ones(b, nd, dtype=torch.bool)
-    dm[0, 1:] = False
-
-    def grads(loss, dtype):
-        leaves = [q.to(dtype).requires_grad_(), docs.to(dtype).requires_grad_()]
-        return torch.autograd.grad(loss(*leaves), leaves)
-
-    def reference(q, docs):
-        return R.maxsim_loss_reference(q, docs, doc_mask=dm)
-
-    truth = grads(reference, torch.float64)
-    formula = grads(reference, torch.float32)
-    ours = grads(lambda q, docs: FC.maxsim_loss(q, docs, doc_mask=dm, backend="cpp", chunk_size=chunk),
-                 torch.float32)
-    for name, o, f, e in zip(("queries", "docs"), ours, formula, truth):
-        err, err_formula = ((o.double() - e).abs().max().item(), (f.double() - e).abs().max().item())
-        assert err <= 2 * err_formula + 1e-9, f"grad {name}: error {err:.3g}, the fp32 formula's {err_formula:.3g}"
+    q, docs, dm = winner_token_case(24, 50, 77, 64, seed=2)
+    assert_grads_within_fp32_formula(
+        lambda q, docs: FC.maxsim_loss(q, docs, doc_mask=dm, backend="cpp", chunk_size=chunk),
+        lambda q, docs: R.maxsim_loss_reference(q, docs, doc_mask=dm), [q, docs], ("queries", "docs"))
 
 
 def test_maxsim_compiles():
