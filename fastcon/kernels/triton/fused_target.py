@@ -48,7 +48,7 @@ def _fused_target_rows_kernel(
     D slice ``program_id // n_items`` of BLOCK_D features (each slice forms the tiles again);
     part[0, p] = Σ G·dot, part[1, p] = Σ G (slice 0). G never leaves registers. Soft targets read the
     teacher's tile from its chunk of dot products (tdot, fp32, R × W)."""
-    m_blocks, n_items = target_items(R, W, tiles_per_split, BLOCK_M, BLOCK_N)
+    n_items = target_items(R, W, tiles_per_split, BLOCK_M, BLOCK_N)
     item = tl.program_id(0) % n_items
     d_slice = tl.program_id(0) // n_items
     pid_m, pid_s, offs_m, mask_m, bound, scale, bias, t0, t1 = target_work_item(

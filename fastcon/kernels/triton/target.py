@@ -93,7 +93,7 @@ def target_stats_kernel(
     programs then taking the work items in turn (persistent); the teacher's are always read from its
     chunk (``teacher_dot_tile``). The row-side arrays start at the chunk's first row."""
     SOFT: tl.constexpr = (TERM_SOFT & TERMS) != 0
-    m_blocks, n_items = target_items(R, W, tiles_per_split, BLOCK_M, BLOCK_N)
+    n_items = target_items(R, W, tiles_per_split, BLOCK_M, BLOCK_N)
     for item in range(tl.program_id(0), items_end(n_items, MATMUL), items_step(MATMUL)):
         pid_m, pid_s, offs_m, mask_m, bound, scale, bias, t0, t1 = target_work_item(
             item, scale_ptr, bias_ptr, bound_ptr, R, W, tiles_per_split, RULES, BLOCK_M, BLOCK_N)
@@ -177,7 +177,7 @@ def _target_grad_kernel(
     G·g_scale (NUM_G_SCALE) is stored to g_ptr (which may alias dot_ptr: each element is read before
     the same program writes it); part[p, 0] = Σ G·dot, part[p, 1] = Σ G (unscaled), p the work item.
     The tiles come from ``tiles.dot_tile`` as in ``target_stats_kernel``."""
-    m_blocks, n_items = target_items(R, W, tiles_per_split, BLOCK_M, BLOCK_N)
+    n_items = target_items(R, W, tiles_per_split, BLOCK_M, BLOCK_N)
     for item in range(tl.program_id(0), items_end(n_items, MATMUL), items_step(MATMUL)):
         pid_m, pid_s, offs_m, mask_m, bound, scale, bias, t0, t1 = target_work_item(
             item, scale_ptr, bias_ptr, bound_ptr, R, W, tiles_per_split, RULES, BLOCK_M, BLOCK_N)

@@ -469,10 +469,10 @@ def row_bounds(bound_ptr, offs_m, mask_m, RULES: tl.constexpr, BLOCK_M: tl.const
 
 @triton.jit
 def target_items(R, W, tiles_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(row blocks, work items) of an epilogue over R rows × W columns whose column tiles are split
-    ``tiles_per_split`` to a split (``plan.work_items``: its splits are exactly what the tiles need)."""
-    m_blocks = tl.cdiv(R, BLOCK_M)
-    return m_blocks, m_blocks * tl.cdiv(tl.cdiv(W, BLOCK_N), tiles_per_split)
+    """The work items (row blocks × column splits) of an epilogue over R rows × W columns whose column
+    tiles are split ``tiles_per_split`` to a split (``plan.work_items``: its splits are exactly what
+    the tiles need)."""
+    return tl.cdiv(R, BLOCK_M) * tl.cdiv(tl.cdiv(W, BLOCK_N), tiles_per_split)
 
 
 @triton.jit
