@@ -232,18 +232,21 @@ def pair_dots_kernel(a_ptr, b_ptr, out_ptr, R, W, D, pair_col0, stride_am, strid
 
 
 # ------------------------------------------------------------------------------------------ host side
+def _bit_set(*bits) -> int:
+    """The int of a constexpr bit set from (bit, on) pairs."""
+    return sum(int(bit) for bit, on in bits if on)
+
+
 def rule_bits(margin=False, penalty=False, penalty_mode=0, dense=False) -> int:
     """The RULES constexpr of a general-target kernel (``tiles.RULE_*``)."""
-    bits = ((RULE_MARGIN, margin), (RULE_PENALTY, penalty), (RULE_PENALTY_OWN, penalty and penalty_mode == 1),
-            (RULE_PENALTY_OTHER, penalty and penalty_mode == 2), (RULE_DENSE, dense))
-    return sum(int(bit) for bit, on in bits if on)
+    return _bit_set((RULE_MARGIN, margin), (RULE_PENALTY, penalty), (RULE_PENALTY_OWN, penalty and penalty_mode == 1),
+                    (RULE_PENALTY_OTHER, penalty and penalty_mode == 2), (RULE_DENSE, dense))
 
 
 def term_bits(symmetric=False, smoothing=False, soft=False, linear=False, entropy=False, mass=False) -> int:
     """The TERMS constexpr of a general-target kernel (``tiles.TERM_*``)."""
-    bits = ((TERM_SYMMETRIC, symmetric), (TERM_SMOOTHING, smoothing), (TERM_SOFT, soft), (TERM_LINEAR, linear),
-            (TERM_ENTROPY, entropy), (TERM_MASS, mass))
-    return sum(int(bit) for bit, on in bits if on)
+    return _bit_set((TERM_SYMMETRIC, symmetric), (TERM_SMOOTHING, smoothing), (TERM_SOFT, soft),
+                    (TERM_LINEAR, linear), (TERM_ENTROPY, entropy), (TERM_MASS, mass))
 
 
 class PackedTarget:
