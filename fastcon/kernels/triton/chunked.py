@@ -125,7 +125,7 @@ def _chunk_softmax_grad_kernel(
             mask = mask_m[:, None] & mask_n[None, :]
             t = d * scale + bias
             g = softmax_grad_tile(t, ct, offs_n, mask_n, mask_m, target, first_target, N, row_hi, row_lo,
-                                   col_lse_ptr, w_row, w_col, w_tgt, HAS_COL_TERM, BLOCK_M, BLOCK_N)
+                                  col_lse_ptr, w_row, w_col, w_tgt, HAS_COL_TERM, False, BLOCK_M, BLOCK_N)
             g = tl.where(mask, g, 0.0)
             acc_gd += tl.sum(g * d, 1)
             acc_g += tl.sum(g, 1)

@@ -9,10 +9,10 @@ Kernels (launch configurations in ``configs.FUSED_CONFIGS``):
   split), column LSE of each tile merged into the program's own slot of ``col_part[group, :]`` (read,
   merge, write; a barrier orders the slot's reuse). Partials are merged in a fixed order by
   ``plan.merge_lse``: deterministic, no float atomics, O((groups + splits)·N) memory.
-* ``_fused_rows_kernel``: grid (row blocks, column splits). Recomputes S per column tile, forms G
-  in registers (softmax or sigmoid), accumulates ``G·B`` into a block_m × BLOCK_D fp32 accumulator
-  and per-program partials of Σ G·dot, Σ G (and the sigmoid loss).
-* ``_fused_cols_kernel``: grid (column blocks, row splits). Recomputes Sᵀ per row tile and
+* ``_fused_grad_kernel``, launched twice: over A's rows (grid (row blocks, column splits)) it
+  recomputes S per column tile, forms G in registers (softmax or sigmoid), accumulates ``G·B`` into a
+  block × BLOCK_D fp32 accumulator and per-program partials of Σ G·dot, Σ G (and the sigmoid loss);
+  transposed, over B's rows (grid (column blocks, row splits)), it forms Gᵀ from Sᵀ per row tile and
   accumulates ``Gᵀ·A``.
 
 With several splits the gradient partials go to a [splits, N, D] fp32 buffer summed in order.
@@ -127,20 +127,25 @@ def _fused_lse_kernel(
 
 
 @triton.jit
-def _fused_rows_kernel(
-    a_ptr, b_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_lse_ptr, grad_a_ptr, part_ptr,
-    Na, Nb, D, tiles_per_split, pos_offset,
-    stride_am, stride_ad, stride_bn, stride_bd, stride_gs, stride_gm, stride_gd,
+def _fused_grad_kernel(
+    x_ptr, y_ptr, scale_ptr, bias_ptr, own_lse_ptr, other_lse_ptr, grad_ptr, part_ptr,
+    Nx, Ny, D, tiles_per_split, pos_offset,
+    stride_xm, stride_xd, stride_yn, stride_yd, stride_gs, stride_gm,
     w_row, w_col, w_pos, g_scale,
-    SIGMOID: tl.constexpr, HAS_COL_TERM: tl.constexpr, NEED_GRAD: tl.constexpr,
+    SIGMOID: tl.constexpr, HAS_COL_TERM: tl.constexpr, NEED_GRAD: tl.constexpr, TRANSPOSED: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Program (m, s): row block m × column tiles of split s.
-    grad_a[s, rows, :] = s·Σ_j G_ij·B_j (NEED_GRAD); part[0, p] = sigmoid loss (SIGMOID),
-    part[1, p] = Σ G·dot, part[2, p] = Σ G (NEED_GRAD), p = m·splits + s of the grid's programs.
-    SIGMOID: G = w_row·(σ(S) − [j == i + pos]); else G = w_row·exp(S − row_lse) (+ w_col·exp(S − col_lse)
-    with HAS_COL_TERM) − w_pos·[j == i + pos]."""
+    """Program (m, s): block m of X's own lines × the tiles of Y in split s; the tile's logits are
+    recomputed from X·Yᵀ and G formed in registers; grad[s, lines, :] = s·Σ_j G_ij·Y_j (NEED_GRAD).
+    The own line i's positive is line i + pos_offset of Y.
+
+    Rows (X = A, Y = B): G of S = s·A·Bᵀ + b. SIGMOID: G = w_row·(σ(S) − [positive]); else G =
+    w_row·exp(S − row_lse) (+ w_col·exp(S − col_lse) with HAS_COL_TERM) − w_pos·[positive]
+    (``tiles.softmax_grad_tile``), own LSE = the rows'. part[0, p] = the sigmoid loss (SIGMOID),
+    part[1, p] = Σ G·dot, part[2, p] = Σ G (NEED_GRAD), p = m·splits + s.
+    TRANSPOSED (X = B, Y = A, pos_offset negated): the same G, transposed, for grad_b; own LSE = the
+    columns' (read with HAS_COL_TERM), no partials."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
     pid = pid_m * tl.num_programs(1) + pid_s
@@ -150,129 +155,63 @@ def _fused_rows_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < Na
-    if BLOCK_K == BLOCK_D:  # A tile resident for the whole column loop
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_d[None, :] * stride_ad,
+    mask_m = offs_m < Nx
+    if BLOCK_K == BLOCK_D:  # X tile resident for the whole loop (else re-read in BLOCK_K slices)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_d[None, :] * stride_xd,
                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     target = offs_m + pos_offset
     first_target = pid_m * BLOCK_M + pos_offset
     if not SIGMOID:
-        row_hi, row_lo = split_lse(tl.load(row_lse_ptr + offs_m, mask=mask_m, other=float("inf")))
         if HAS_COL_TERM:
             w_tgt = (w_row + w_col) - w_pos
         else:
             w_tgt = w_row - w_pos
+        own_hi = tl.zeros([BLOCK_M], tl.float32)  # transposed without a column term: never read
+        own_lo = own_hi
+        if HAS_COL_TERM or not TRANSPOSED:
+            own_hi, own_lo = split_lse(tl.load(own_lse_ptr + offs_m, mask=mask_m, other=float("inf")))
     ct0 = pid_s * tiles_per_split
-    ct1 = tl.minimum(ct0 + tiles_per_split, tl.cdiv(Nb, BLOCK_N))
+    ct1 = tl.minimum(ct0 + tiles_per_split, tl.cdiv(Ny, BLOCK_N))
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     acc_loss = tl.zeros([BLOCK_M], tl.float32)
     acc_gd = tl.zeros([BLOCK_M], tl.float32)
     acc_g = tl.zeros([BLOCK_M], tl.float32)
     for ct in range(ct0, ct1):
         offs_n = ct * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < Nb
+        mask_n = offs_n < Ny
         mask = mask_m[:, None] & mask_n[None, :]
-        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_d[None, :] * stride_bd,
+        y = tl.load(y_ptr + offs_n[:, None] * stride_yn + offs_d[None, :] * stride_yd,
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         if BLOCK_K == BLOCK_D:
-            dot = tl.dot(a, tl.trans(b), input_precision=INPUT_PRECISION)
+            dot = tl.dot(x, tl.trans(y), input_precision=INPUT_PRECISION)
         else:
-            dot = _dot_k_loop(a_ptr, offs_m, mask_m, stride_am, stride_ad, b_ptr, offs_n, mask_n, stride_bn,
-                              stride_bd, D, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
+            dot = _dot_k_loop(x_ptr, offs_m, mask_m, stride_xm, stride_xd, y_ptr, offs_n, mask_n, stride_yn,
+                              stride_yd, D, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
+        t = dot * scale + bias
         if SIGMOID:
-            loss, g = sigmoid_terms(dot * scale + bias, offs_n[None, :] == target[:, None])
-            acc_loss += tl.sum(tl.where(mask, loss, 0.0), 1)
+            loss, g = sigmoid_terms(t, offs_n[None, :] == target[:, None])
+            if not TRANSPOSED:
+                acc_loss += tl.sum(tl.where(mask, loss, 0.0), 1)
             g = w_row * g
         else:
-            t = dot * scale + bias
-            g = softmax_grad_tile(t, ct, offs_n, mask_n, mask_m, target, first_target, Nb, row_hi, row_lo,
-                                   col_lse_ptr, w_row, w_col, w_tgt, HAS_COL_TERM, BLOCK_M, BLOCK_N)
+            g = softmax_grad_tile(t, ct, offs_n, mask_n, mask_m, target, first_target, Ny, own_hi, own_lo,
+                                  other_lse_ptr, w_row, w_col, w_tgt, HAS_COL_TERM, TRANSPOSED, BLOCK_M, BLOCK_N)
         if NEED_GRAD:
             g = tl.where(mask, g, 0.0)
-            acc_gd += tl.sum(g * dot, 1)
-            acc_g += tl.sum(g, 1)
+            if not TRANSPOSED:
+                acc_gd += tl.sum(g * dot, 1)
+                acc_g += tl.sum(g, 1)
             # G lifted by the power of two g_scale before its cast (fp16 keeps its bits), undone below
-            acc = tl.dot((g * g_scale).to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
-    if SIGMOID:
-        tl.store(part_ptr + pid, tl.sum(acc_loss, 0))
-    if NEED_GRAD:
-        tl.store(part_ptr + num_programs + pid, tl.sum(acc_gd, 0))
-        tl.store(part_ptr + 2 * num_programs + pid, tl.sum(acc_g, 0))
-        out = grad_a_ptr + pid_s * stride_gs + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd
-        tl.store(out, acc * (scale / g_scale), mask=mask_m[:, None] & mask_d[None, :])
-
-
-@triton.jit
-def _fused_cols_kernel(
-    a_ptr, b_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_lse_ptr, grad_b_ptr,
-    Na, Nb, D, tiles_per_split, pos_offset,
-    stride_am, stride_ad, stride_bn, stride_bd, stride_gs, stride_gn, stride_gd,
-    w_row, w_col, w_pos, g_scale,
-    SIGMOID: tl.constexpr, HAS_COL_TERM: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Program (n, s): column block n × row tiles of split s. grad_b[s, cols, :] = s·Σ_i G_ij·A_i,
-    with Gᵀ formed directly from Sᵀ = s·B·Aᵀ + b."""
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(1).to(tl.int64)
-    scale = tl.load(scale_ptr).to(tl.float32)
-    bias = tl.load(bias_ptr).to(tl.float32)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < Nb
-    if BLOCK_K == BLOCK_D:  # B tile resident (else re-read in BLOCK_K slices for Sᵀ)
-        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_d[None, :] * stride_bd,
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-    prow = offs_n - pos_offset  # the row of each column's positive
-    first_prow = pid_n * BLOCK_N - pos_offset
-    if not SIGMOID:
-        if HAS_COL_TERM:
-            col_hi, col_lo = split_lse(tl.load(col_lse_ptr + offs_n, mask=mask_n, other=float("inf")))
-            w_tgt = (w_row + w_col) - w_pos
-        else:
-            w_tgt = w_row - w_pos
-    rt0 = pid_s * tiles_per_split
-    rt1 = tl.minimum(rt0 + tiles_per_split, tl.cdiv(Na, BLOCK_M))
-    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for rt in range(rt0, rt1):
-        offs_m = rt * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < Na
-        mask = mask_n[:, None] & mask_m[None, :]
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_d[None, :] * stride_ad,
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        if BLOCK_K == BLOCK_D:
-            dot_t = tl.dot(b, tl.trans(a), input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
-        else:
-            dot_t = _dot_k_loop(b_ptr, offs_n, mask_n, stride_bn, stride_bd, a_ptr, offs_m, mask_m, stride_am,
-                                stride_ad, D, INPUT_PRECISION, BLOCK_N, BLOCK_M, BLOCK_D, BLOCK_K)
+            acc = tl.dot((g * g_scale).to(y.dtype), y, acc, input_precision=INPUT_PRECISION)
+    if not TRANSPOSED:
         if SIGMOID:
-            _, g = sigmoid_terms(dot_t * scale + bias, offs_n[:, None] == offs_m[None, :] + pos_offset)
-            g = w_row * g
-        else:
-            t = dot_t * scale + bias
-            row_hi, row_lo = split_lse(tl.load(row_lse_ptr + offs_m, mask=mask_m, other=float("inf")))
-            g = w_row * tl.exp2(((t - row_hi[None, :]) - row_lo[None, :]) * LOG2E)
-            if HAS_COL_TERM:
-                g += w_col * tl.exp2(((t - col_hi[:, None]) - col_lo[:, None]) * LOG2E)
-            if (rt * BLOCK_M < first_prow + BLOCK_N) & (rt * BLOCK_M + BLOCK_M > first_prow):
-                # positives in this tile: G = w_row·(P_row − 1) + w_col·(P_col − 1) + w_tgt there
-                is_t = offs_m[None, :] == prow[:, None]
-                t_pos = tl.sum(tl.where(is_t, t, 0.0), 1)
-                # the O(1) parts first: a column LSE of +inf gives w_col·(−1), which must cancel
-                # against w_tgt before the small row term is added
-                g_pos = w_tgt
-                if HAS_COL_TERM:
-                    g_pos += w_col * expm1((t_pos - col_hi) - col_lo)
-                pr_hi, pr_lo = split_lse(tl.load(row_lse_ptr + prow, mask=mask_n & (prow >= 0) & (prow < Na),
-                                                  other=float("inf")))  # row LSE of each column's positive
-                g_pos += w_row * expm1((t_pos - pr_hi) - pr_lo)
-                g = tl.where(is_t, g_pos[:, None], g)
-        g = tl.where(mask, g, 0.0)
-        acc = tl.dot((g * g_scale).to(a.dtype), a, acc, input_precision=INPUT_PRECISION)
-    out = grad_b_ptr + pid_s * stride_gs + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd
-    tl.store(out, acc * (scale / g_scale), mask=mask_n[:, None] & mask_d[None, :])
+            tl.store(part_ptr + pid, tl.sum(acc_loss, 0))
+        if NEED_GRAD:
+            tl.store(part_ptr + num_programs + pid, tl.sum(acc_gd, 0))
+            tl.store(part_ptr + 2 * num_programs + pid, tl.sum(acc_g, 0))
+    if NEED_GRAD:
+        out = grad_ptr + pid_s * stride_gs + offs_m[:, None] * stride_gm + offs_d[None, :]
+        tl.store(out, acc * (scale / g_scale), mask=mask_m[:, None] & mask_d[None, :])
 
 
 # ------------------------------------------------------------------------------------------- host
@@ -308,62 +247,52 @@ def lse_stats(a, b, scale, bias, pos_offset, chunk_rows):
     return row_lse, col_lse, pos_logit
 
 
-def _gradients(a, b, scale, bias, row_lse, col_lse, w_row, w_col, w_pos, pos_offset, sigmoid, need_grad):
-    """Launch the rows kernel (and the cols kernel with need_grad). Returns
-    (loss_sum, grad_a, grad_b, grad_scale, grad_bias) with None where not computed."""
-    na, nb, d = a.shape[0], b.shape[0], a.shape[1]
-    dev = a.device
-    name = dtype_name(a)
-    prec = dot_precision(a)
-    has_col = (not sigmoid) and w_col != 0
-    g_scale = grad_tile_scale(a.dtype, abs(w_row) + (abs(w_col) if has_col else 0.0) + abs(w_pos))
-    dummy = torch.empty(1, dtype=torch.float32, device=dev)  # unused pointer arguments (never an op input)
-    dummy64 = torch.empty(1, dtype=torch.float64, device=dev)
-    row_lse = dummy64 if row_lse is None else row_lse.to(torch.float64).contiguous()
-    col_lse = dummy64 if col_lse is None else col_lse.to(torch.float64).contiguous()
-
-    cfg, bd = fused_config("rows", name, d)
-    m_blocks, n_ct = triton.cdiv(na, cfg.block_m), triton.cdiv(nb, cfg.block_n)
-    splits, per_split = split_tiles(n_ct, m_blocks, dev)
-    nprog = m_blocks * splits
-    part = torch.zeros((3, nprog), dtype=torch.float32, device=dev)
-    ga = torch.empty((splits, na, d), dtype=torch.float32, device=dev) if need_grad else dummy
-    if na > 0 and nb > 0:
-        launch(_fused_rows_kernel)[(m_blocks, splits)](
-            a, b, scale, bias, row_lse, col_lse, ga, part,
-            na, nb, d, per_split, int(pos_offset),
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            ga.stride(0) if need_grad else 0, ga.stride(1) if need_grad else 0, ga.stride(2) if need_grad else 0,
-            float(w_row), float(w_col), float(w_pos), g_scale,
-            SIGMOID=sigmoid, HAS_COL_TERM=has_col, NEED_GRAD=need_grad, INPUT_PRECISION=prec,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_K=min(bd, cfg.block_k or bd),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+def _grad_launch(x, y, scale, bias, own_lse, other_lse, pos_offset, weights, g_scale, sigmoid, has_col, need_grad,
+                 transposed):
+    """One launch of ``_fused_grad_kernel`` over the lines of x against y (configuration ``"cols"``
+    when transposed, its block_n the own block). Returns (x's gradient summed over the splits or
+    None, the partials (3, programs); transposed: not written)."""
+    nx, ny, d = x.shape[0], y.shape[0], x.shape[1]
+    cfg, bd = fused_config("cols" if transposed else "rows", dtype_name(x), d)
+    own, other = (cfg.block_n, cfg.block_m) if transposed else (cfg.block_m, cfg.block_n)
+    blocks, n_tiles = triton.cdiv(nx, own), triton.cdiv(ny, other)
+    splits, per_split = split_tiles(n_tiles, blocks, x.device)
+    new = torch.empty if transposed else torch.zeros
+    part = new((3, blocks * splits), dtype=torch.float32, device=x.device)
+    grad = torch.empty((splits, nx, d), dtype=torch.float32, device=x.device) if need_grad else part
+    if nx > 0 and ny > 0:
+        launch(_fused_grad_kernel)[(blocks, splits)](
+            x, y, scale, bias, own_lse, other_lse, grad, part,
+            nx, ny, d, per_split, int(pos_offset),
+            x.stride(0), x.stride(1), y.stride(0), y.stride(1), grad.stride(0) if need_grad else 0,
+            grad.stride(1) if need_grad else 0, *(float(w) for w in weights), g_scale,
+            SIGMOID=sigmoid, HAS_COL_TERM=has_col, NEED_GRAD=need_grad, TRANSPOSED=transposed,
+            INPUT_PRECISION=dot_precision(x), BLOCK_M=own, BLOCK_N=other, BLOCK_D=bd,
+            BLOCK_K=min(bd, cfg.block_k or bd), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     elif need_grad:
-        ga.zero_()
+        grad.zero_()
+    if not need_grad:
+        return None, part
+    return (grad[0] if splits == 1 else grad.sum(dim=0)), part
+
+
+def _gradients(a, b, scale, bias, row_lse, col_lse, w_row, w_col, w_pos, pos_offset, sigmoid, need_grad):
+    """The gradient kernel over A's rows (and, with need_grad, over B's rows, transposed). Returns
+    (loss_sum, grad_a, grad_b, grad_scale, grad_bias) with None where not computed."""
+    has_col = (not sigmoid) and w_col != 0
+    g_scale = grad_tile_scale(a.dtype, abs(w_row) + (abs(w_col) if has_col else 0.0) + abs(w_pos))
+    dummy64 = torch.empty(1, dtype=torch.float64, device=a.device)  # an unread LSE (never an op input)
+    row_lse = dummy64 if row_lse is None else row_lse.to(torch.float64).contiguous()
+    col_lse = dummy64 if col_lse is None else col_lse.to(torch.float64).contiguous()
+    grad_a, part = _grad_launch(a, b, scale, bias, row_lse, col_lse, pos_offset, (w_row, w_col, w_pos), g_scale,
+                                sigmoid, has_col, need_grad, transposed=False)
     totals = part.sum(dim=1)
     loss = totals[0].clone()
     if not need_grad:
         return loss, None, None, None, None
-    grad_a = ga[0] if splits == 1 else ga.sum(dim=0)
-
-    cfg, bd = fused_config("cols", name, d)
-    n_blocks, m_rt = triton.cdiv(nb, cfg.block_n), triton.cdiv(na, cfg.block_m)
-    splits, per_split = split_tiles(m_rt, n_blocks, dev)
-    gb = torch.empty((splits, nb, d), dtype=torch.float32, device=dev)
-    if na > 0 and nb > 0:
-        launch(_fused_cols_kernel)[(n_blocks, splits)](
-            a, b, scale, bias, row_lse, col_lse, gb,
-            na, nb, d, per_split, int(pos_offset),
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), gb.stride(0), gb.stride(1), gb.stride(2),
-            float(w_row), float(w_col), float(w_pos), g_scale,
-            SIGMOID=sigmoid, HAS_COL_TERM=has_col, INPUT_PRECISION=prec,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_K=min(bd, cfg.block_k or bd),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-    else:
-        gb.zero_()
-    grad_b = gb[0] if splits == 1 else gb.sum(dim=0)
+    grad_b, _ = _grad_launch(b, a, scale, bias, col_lse, row_lse, -int(pos_offset), (w_row, w_col, w_pos),
+                             g_scale, sigmoid, has_col, need_grad, transposed=True)
     return loss, grad_a, grad_b, totals[1].clone(), totals[2].clone()
 
 
@@ -415,35 +344,25 @@ def compile_specs():
                        "stride_am": "i32", "stride_ad": "constexpr", "stride_bn": "i32", "stride_bd": "constexpr",
                        "stride_rp": "i32", "stride_cp": "i32"}
                 variants = [("", {})]
-            elif kernel == "rows":
-                fn = _fused_rows_kernel
-                sig = {"a_ptr": p, "b_ptr": p, "scale_ptr": "*fp32", "bias_ptr": "*fp32",
-                       "row_lse_ptr": "*fp64", "col_lse_ptr": "*fp64", "grad_a_ptr": "*fp32", "part_ptr": "*fp32",
-                       "Na": "i32", "Nb": "i32", "D": "i32", "tiles_per_split": "i32", "pos_offset": "i32",
-                       "stride_am": "i32", "stride_ad": "constexpr", "stride_bn": "i32", "stride_bd": "constexpr",
-                       "stride_gs": "i32", "stride_gm": "i32", "stride_gd": "constexpr",
+            else:
+                fn = _fused_grad_kernel
+                sig = {"x_ptr": p, "y_ptr": p, "scale_ptr": "*fp32", "bias_ptr": "*fp32",
+                       "own_lse_ptr": "*fp64", "other_lse_ptr": "*fp64", "grad_ptr": "*fp32", "part_ptr": "*fp32",
+                       "Nx": "i32", "Ny": "i32", "D": "i32", "tiles_per_split": "i32", "pos_offset": "i32",
+                       "stride_xm": "i32", "stride_xd": "constexpr", "stride_yn": "i32", "stride_yd": "constexpr",
+                       "stride_gs": "i32", "stride_gm": "i32",
                        "w_row": "fp32", "w_col": "fp32", "w_pos": "fp32", "g_scale": "fp32"}
-                common = dict(common, stride_gd=1)
+                cols = kernel == "cols"  # the transposed launch: its own block is the config's block_n
+                common = {"BLOCK_M": cfg.block_n if cols else cfg.block_m,
+                          "BLOCK_N": cfg.block_m if cols else cfg.block_n, "BLOCK_D": bd,
+                          "BLOCK_K": min(bd, cfg.block_k or bd), "INPUT_PRECISION": prec, "stride_xd": 1,
+                          "stride_yd": 1, "TRANSPOSED": cols}
                 variants = [
                     ("softmax", {"SIGMOID": False, "HAS_COL_TERM": True, "NEED_GRAD": True}),
                     ("softmax,row-only", {"SIGMOID": False, "HAS_COL_TERM": False, "NEED_GRAD": True}),
                     ("sigmoid", {"SIGMOID": True, "HAS_COL_TERM": False, "NEED_GRAD": True}),
-                    ("sigmoid,loss-only", {"SIGMOID": True, "HAS_COL_TERM": False, "NEED_GRAD": False}),
-                ]
-            else:
-                fn = _fused_cols_kernel
-                sig = {"a_ptr": p, "b_ptr": p, "scale_ptr": "*fp32", "bias_ptr": "*fp32",
-                       "row_lse_ptr": "*fp64", "col_lse_ptr": "*fp64", "grad_b_ptr": "*fp32",
-                       "Na": "i32", "Nb": "i32", "D": "i32", "tiles_per_split": "i32", "pos_offset": "i32",
-                       "stride_am": "i32", "stride_ad": "constexpr", "stride_bn": "i32", "stride_bd": "constexpr",
-                       "stride_gs": "i32", "stride_gn": "i32", "stride_gd": "constexpr",
-                       "w_row": "fp32", "w_col": "fp32", "w_pos": "fp32", "g_scale": "fp32"}
-                common = dict(common, stride_gd=1)
-                variants = [
-                    ("softmax", {"SIGMOID": False, "HAS_COL_TERM": True}),
-                    ("softmax,row-only", {"SIGMOID": False, "HAS_COL_TERM": False}),
-                    ("sigmoid", {"SIGMOID": True, "HAS_COL_TERM": False}),
-                ]
+                ] + ([] if cols else [("sigmoid,loss-only", {"SIGMOID": True, "HAS_COL_TERM": False,
+                                                             "NEED_GRAD": False})])
             for vname, flags in variants:
                 consts = dict(common, **flags)
                 full_sig = dict(sig)

@@ -210,28 +210,45 @@ def work_item(item, m_blocks, tiles_per_split, R, N, BLOCK_M: tl.constexpr, BLOC
 
 # ------------------------------------------------------------------------------------ CLIP, SigLIP
 @triton.jit
-def softmax_grad_tile(t, ct, offs_n, mask_n, mask_m, target, first_target, N, row_hi, row_lo, col_lse_ptr,
-                       w_row, w_col, w_tgt, HAS_COL_TERM: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
-    """G of one tile of logits t (rows × column tile ct): w_row·exp(t − row_lse) [+ w_col·exp(t −
-    col_lse)], the LSEs as fp32 hi + lo; at the positives (column = target of the row) instead
-    w_tgt + w_col·(P_col − 1) + w_row·(P_row − 1) with expm1, w_tgt = w_row [+ w_col] − w_pos."""
-    g = w_row * tl.exp2(((t - row_hi[:, None]) - row_lo[:, None]) * LOG2E)
-    if HAS_COL_TERM:
-        col_hi, col_lo = split_lse(tl.load(col_lse_ptr + offs_n, mask=mask_n, other=float("inf")))
-        g += w_col * tl.exp2(((t - col_hi[None, :]) - col_lo[None, :]) * LOG2E)
+def softmax_grad_tile(t, ct, offs_n, mask_n, mask_m, target, first_target, N, own_hi, own_lo, other_lse_ptr,
+                      w_row, w_col, w_tgt, HAS_COL_TERM: tl.constexpr, TRANSPOSED: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """G of one tile of logits t (the program's own BLOCK_M lines × tile ct of the other side's N):
+    w_row·exp(t − row_lse) [+ w_col·exp(t − col_lse) with HAS_COL_TERM], the LSEs as fp32 hi + lo; at
+    the positives (other index = ``target`` of the own line) instead w_tgt + w_col·(P_col − 1) +
+    w_row·(P_row − 1) with expm1, w_tgt = w_row [+ w_col] − w_pos. The own lines' LSE is (own_hi,
+    own_lo), the other side's is read from ``other_lse_ptr``. Rows (TRANSPOSED False): the own lines
+    are S's rows. TRANSPOSED: the tile is Gᵀ, the own lines are S's columns (own_hi, own_lo read only
+    with HAS_COL_TERM) and ``target`` the row of each column's positive. Both orientations add the
+    terms in the same order."""
+    if TRANSPOSED:
+        row_hi, row_lo = split_lse(tl.load(other_lse_ptr + offs_n, mask=mask_n, other=float("inf")))
+        g = w_row * tl.exp2(((t - row_hi[None, :]) - row_lo[None, :]) * LOG2E)
+        if HAS_COL_TERM:
+            g += w_col * tl.exp2(((t - own_hi[:, None]) - own_lo[:, None]) * LOG2E)
+    else:
+        g = w_row * tl.exp2(((t - own_hi[:, None]) - own_lo[:, None]) * LOG2E)
+        if HAS_COL_TERM:
+            col_hi, col_lo = split_lse(tl.load(other_lse_ptr + offs_n, mask=mask_n, other=float("inf")))
+            g += w_col * tl.exp2(((t - col_hi[None, :]) - col_lo[None, :]) * LOG2E)
     if (ct * BLOCK_N < first_target + BLOCK_M) & (ct * BLOCK_N + BLOCK_N > first_target):
         # this tile holds positives
         is_t = offs_n[None, :] == target[:, None]
         t_pos = tl.sum(tl.where(is_t, t, 0.0), 1)
+        in_range = mask_m & (target >= 0) & (target < N)
         # the O(1) parts first: a column LSE of +inf gives w_col·(−1), which must cancel
         # against w_tgt before the small row term is added
         g_pos = w_tgt
-        if HAS_COL_TERM:  # column LSE of each row's positive column
-            pc_hi, pc_lo = split_lse(tl.load(col_lse_ptr + target, mask=mask_m & (target >= 0) & (target < N),
-                                              other=float("inf")))
-            g_pos += w_col * expm1((t_pos - pc_hi) - pc_lo)
-        g_pos += w_row * expm1((t_pos - row_hi) - row_lo)
+        if TRANSPOSED:  # the row LSE of each column's positive row
+            if HAS_COL_TERM:
+                g_pos += w_col * expm1((t_pos - own_hi) - own_lo)
+            pr_hi, pr_lo = split_lse(tl.load(other_lse_ptr + target, mask=in_range, other=float("inf")))
+            g_pos += w_row * expm1((t_pos - pr_hi) - pr_lo)
+        else:  # the column LSE of each row's positive column
+            if HAS_COL_TERM:
+                pc_hi, pc_lo = split_lse(tl.load(other_lse_ptr + target, mask=in_range, other=float("inf")))
+                g_pos += w_col * expm1((t_pos - pc_hi) - pc_lo)
+            g_pos += w_row * expm1((t_pos - own_hi) - own_lo)
         g = tl.where(is_t, g_pos[:, None], g)
     return g
 
