@@ -226,8 +226,8 @@ def test_plan_traces_the_engine(capsys, loss):
     assert p["chunks"]["producer"] == "matmul" and p["chunks"]["budget_bytes"] == budget
     assert (p["chunks"]["stats_rows"], p["chunks"]["grad_rows"], p["chunks"]["grad_cols"]) == tuple(mm)
     # the epilogue kernels form their own tiles: pass 1 (CLIP) and pass 2 are 2·N²·D each
-    assert p["kernels"]["triton:_chunk_sigmoid_kernel[matmul]" if loss == "siglip"
-                        else "triton:_chunk_softmax_grad_kernel[matmul]"]["flops"] == pytest.approx(2 * n * n * d)
+    assert p["kernels"]["triton:_chunk_grad_kernel[sigmoid][matmul]" if loss == "siglip"
+                        else "triton:_chunk_grad_kernel[matmul]"]["flops"] == pytest.approx(2 * n * n * d)
     assert p["total_flops"] == pytest.approx((8 if loss == "clip" else 6) * n * n * d)
     assert p["total_ms"] > 0 and 0 < p["peak_fraction"] <= 1
     assert bench.main(["plan", "--loss", loss, "--batch", "4096", "--dim", "256", "--device", "a100"]) == 0

@@ -31,7 +31,7 @@ from typing import Dict, List, NamedTuple, Optional
 # Transcendentals per logit of each epilogue kernel (exp2 of the row and column terms, the log and
 # the reciprocal of the sigmoid's softplus and σ), counted from the kernels; the merge kernels' are
 # O(N).
-SFU_PER_LOGIT = {"_chunk_stats_kernel": 2, "_chunk_softmax_grad_kernel": 2, "_chunk_sigmoid_kernel": 3}
+SFU_PER_LOGIT = {"_chunk_stats_kernel": 2, "_chunk_grad_kernel": 2, "_chunk_grad_kernel[sigmoid]": 3}
 DEVICES: Dict[str, dict] = {
     "h100": dict(name="NVIDIA H100 SXM5 80GB", half=989.4, float32=66.9, hbm=3.35, memory_gib=80, sms=132,
                  sfu=4.18),
@@ -113,8 +113,9 @@ def _recording(calls: List[Call], budget: int, sms: int):
                         flops = 2.0 * named["M"] * named["N"] * named["K"]
                     elif kwargs.get("MATMUL"):  # an epilogue kernel forming its own tiles
                         flops = 2.0 * named["R"] * cols * named["D"]
-                    sfu = SFU_PER_LOGIT.get(name, 0) * float(named.get("R", 0)) * float(cols)
-                    calls.append(Call("triton", name + ("[matmul]" if kwargs.get("MATMUL") else ""), flops,
+                    label = name + ("[sigmoid]" if kwargs.get("SIGMOID") else "")
+                    sfu = SFU_PER_LOGIT.get(label, 0) * float(named.get("R", 0)) * float(cols)
+                    calls.append(Call("triton", label + ("[matmul]" if kwargs.get("MATMUL") else ""), flops,
                                       float(sum(_nbytes(t) for t in _tensors(tuple(named.values())))), sfu))
                 return run
         return Grid()

@@ -44,8 +44,8 @@ from .gemm import grad_buffer, grad_gemms, grad_tile_scale
 from .plan import (TileProducer, autotune, check_inputs, epilogue_operands, matmul_plan, memory_rows, merge_lse,
                    producer, tile_producer, work_items)
 from .target import target_softmax_fused
-from .tiles import (column_tile, items_end, items_step, lse64, merge_lse_kernel, online_row_lse, sigmoid_terms,
-                    softmax_grad_tile, split_lse, tile_lse_parts, work_item)
+from .tiles import (clip_grad_tile, column_tile, items_end, items_step, lse64, merge_lse_kernel, online_row_lse,
+                    split_lse, tile_lse_parts, work_item)
 
 __all__ = ["lse_stats", "softmax_grad", "softmax_fused", "sigmoid_fused", "target_softmax_fused", "compile_specs"]
 
@@ -90,22 +90,25 @@ def _chunk_stats_kernel(
 
 
 @triton.jit
-def _chunk_softmax_grad_kernel(
+def _chunk_grad_kernel(
     dot_ptr, a_ptr, b_ptr, g_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_lse_ptr, part_ptr,
     R, N, D, m_blocks, n_items, tiles_per_split, pos_col0,
     stride_dm, stride_am, stride_bn, stride_gm,
     w_row, w_col, w_pos, g_scale,
-    HAS_COL_TERM: tl.constexpr, MATMUL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SIGMOID: tl.constexpr, HAS_COL_TERM: tl.constexpr, NEED_GRAD: tl.constexpr, MATMUL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Pass 2 of the softmax losses over a block of R rows × N columns (the columns' LSEs at
-    col_lse_ptr; a row's positive is its local column row + pos_col0, which may lie outside the
-    block), work items as in ``_chunk_stats_kernel``: G = w_row·e^(t − row_lse) + w_col·e^(t −
-    col_lse) − w_pos·[positive] (``tiles.softmax_grad_tile``: the float64 LSEs split into fp32 (hi, lo),
-    the positive's P − 1 with expm1). G·g_scale is stored to g_ptr (which may alias dot_ptr: each
-    element is read before it is written by the same program) in g_ptr's dtype; g_scale is a power of
-    two (``gemm.grad_tile_scale``) that keeps fp16 tiles above fp16's subnormals. part[0, item] = Σ G·dot,
-    part[1, item] = Σ G over the item (unscaled)."""
+    """Pass 2 over a block of R rows × N columns, work items as in ``_chunk_stats_kernel``; a row's
+    positive is its local column row + pos_col0, which may lie outside the block.
+
+    Softmax: G = w_row·e^(t − row_lse) + w_col·e^(t − col_lse) − w_pos·[positive], the columns' LSEs at
+    col_lse_ptr (``tiles.softmax_grad_tile``: the float64 LSEs split into fp32 (hi, lo), the
+    positive's P − 1 with expm1). SIGMOID: part[0, item] = Σ softplus(−z·S) with z = +1 at the
+    positive and −1 elsewhere, and G = w_row·(σ(S) − [positive]). With NEED_GRAD (always for the
+    softmax) G·g_scale is stored to g_ptr (which may alias dot_ptr: each element is read before it is
+    written by the same program) in g_ptr's dtype; g_scale is a power of two (``gemm.grad_tile_scale``)
+    that keeps fp16 tiles above fp16's subnormals. part[1, item] = Σ G·dot, part[2, item] = Σ G over
+    the item (unscaled); part[0] is 0 for the softmax, rows 1 and 2 are written with NEED_GRAD."""
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
     if HAS_COL_TERM:
@@ -114,45 +117,12 @@ def _chunk_softmax_grad_kernel(
         w_tgt = w_row - w_pos
     for item in range(tl.program_id(0), items_end(n_items, MATMUL), items_step(MATMUL)):
         pid_m, offs_m, mask_m, t0, t1 = work_item(item, m_blocks, tiles_per_split, R, N, BLOCK_M, BLOCK_N)
-        row_hi, row_lo = split_lse(tl.load(row_lse_ptr + offs_m, mask=mask_m, other=float("inf")))
         target = offs_m + pos_col0
         first_target = pid_m * BLOCK_M + pos_col0
-        acc_gd = tl.zeros([BLOCK_M], tl.float32)
-        acc_g = tl.zeros([BLOCK_M], tl.float32)
-        for ct in range(t0, t1):
-            offs_n, mask_n, d = column_tile(ct, dot_ptr, stride_dm, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m,
-                                           mask_m, N, MATMUL, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-            mask = mask_m[:, None] & mask_n[None, :]
-            t = d * scale + bias
-            g = softmax_grad_tile(t, ct, offs_n, mask_n, mask_m, target, first_target, N, row_hi, row_lo,
-                                  col_lse_ptr, w_row, w_col, w_tgt, HAS_COL_TERM, False, BLOCK_M, BLOCK_N)
-            g = tl.where(mask, g, 0.0)
-            acc_gd += tl.sum(g * d, 1)
-            acc_g += tl.sum(g, 1)
-            tl.store(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :],
-                     (g * g_scale).to(g_ptr.dtype.element_ty), mask=mask)
-        tl.store(part_ptr + item, tl.sum(acc_gd, 0))
-        tl.store(part_ptr + n_items + item, tl.sum(acc_g, 0))
-
-
-@triton.jit
-def _chunk_sigmoid_kernel(
-    dot_ptr, a_ptr, b_ptr, g_ptr, scale_ptr, bias_ptr, part_ptr,
-    R, N, D, m_blocks, n_items, tiles_per_split, pos_col0,
-    stride_dm, stride_am, stride_bn, stride_gm,
-    w, g_scale,
-    NEED_GRAD: tl.constexpr, MATMUL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """SigLIP over a block of R rows × N columns, work items as in ``_chunk_stats_kernel``:
-    part[0, item] = Σ softplus(−z·S); with NEED_GRAD G = w·(σ(S) − [pos]) is stored (g_ptr may alias
-    dot_ptr) and part[1, item] = Σ G·dot, part[2, item] = Σ G. A row's positive is its local column
-    row + pos_col0 (z = +1 there, −1 elsewhere)."""
-    scale = tl.load(scale_ptr).to(tl.float32)
-    bias = tl.load(bias_ptr).to(tl.float32)
-    for item in range(tl.program_id(0), items_end(n_items, MATMUL), items_step(MATMUL)):
-        pid_m, offs_m, mask_m, t0, t1 = work_item(item, m_blocks, tiles_per_split, R, N, BLOCK_M, BLOCK_N)
-        target = offs_m + pos_col0
+        row_hi = tl.zeros([BLOCK_M], tl.float32)  # the sigmoid reads no LSE
+        row_lo = row_hi
+        if not SIGMOID:
+            row_hi, row_lo = split_lse(tl.load(row_lse_ptr + offs_m, mask=mask_m, other=float("inf")))
         acc_loss = tl.zeros([BLOCK_M], tl.float32)
         acc_gd = tl.zeros([BLOCK_M], tl.float32)
         acc_g = tl.zeros([BLOCK_M], tl.float32)
@@ -160,10 +130,13 @@ def _chunk_sigmoid_kernel(
             offs_n, mask_n, d = column_tile(ct, dot_ptr, stride_dm, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m,
                                            mask_m, N, MATMUL, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
             mask = mask_m[:, None] & mask_n[None, :]
-            loss, g = sigmoid_terms(d * scale + bias, offs_n[None, :] == target[:, None])
-            acc_loss += tl.sum(tl.where(mask, loss, 0.0), 1)
+            line_loss, g = clip_grad_tile(d * scale + bias, mask, ct, offs_n, mask_n, mask_m, target, first_target,
+                                          N, row_hi, row_lo, col_lse_ptr, w_row, w_col, w_tgt, SIGMOID, HAS_COL_TERM,
+                                          False, BLOCK_M, BLOCK_N)
+            if SIGMOID:
+                acc_loss += line_loss
             if NEED_GRAD:
-                g = tl.where(mask, w * g, 0.0)
+                g = tl.where(mask, g, 0.0)
                 acc_gd += tl.sum(g * d, 1)
                 acc_g += tl.sum(g, 1)
                 tl.store(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :],
@@ -190,14 +163,11 @@ def _tuning_run(family: str, a, b, scale, bias):
         consts = TileProducer(True, cfg).consts(a)
         it = work_items(r, n, cfg, a.device)
         part = torch.empty((3, it.n_items), dtype=torch.float32, device=a.device)
-        common = (r, n, a.shape[1], it.m_blocks, it.n_items, it.per_split, 0,
-                  a_s.stride(0), a_s.stride(0), b_s.stride(0), g.stride(0))
-        if family == "softmax":
-            launch(_chunk_softmax_grad_kernel)[it.grid](a_s, a_s, b_s, g, scale, bias, lse, lse, part, *common,
-                                                        1.0, 1.0, 2.0, 1.0, HAS_COL_TERM=True, **consts)
-        else:
-            launch(_chunk_sigmoid_kernel)[it.grid](a_s, a_s, b_s, g, scale, bias, part, *common, 1.0, 1.0,
-                                                   NEED_GRAD=True, **consts)
+        sigmoid = family == "sigmoid"
+        launch(_chunk_grad_kernel)[it.grid](
+            a_s, a_s, b_s, g, scale, bias, lse, lse, part, r, n, a.shape[1], it.m_blocks, it.n_items, it.per_split,
+            0, a_s.stride(0), a_s.stride(0), b_s.stride(0), g.stride(0), 1.0, 0.0 if sigmoid else 1.0,
+            0.0 if sigmoid else 2.0, 1.0, SIGMOID=sigmoid, HAS_COL_TERM=not sigmoid, NEED_GRAD=True, **consts)
     return run
 
 
@@ -283,7 +253,7 @@ def _blocks(a, b, chunk_rows, need_g: bool):
     return pairs, g_buf, rows
 
 
-def _pass2(a, b, scale, grad_a, grad_b, g_scale, chunk_rows, n_parts, launch_block, cached=None):
+def _pass2(a, b, scale, grad_a, grad_b, g_scale, chunk_rows, launch_block, cached=None):
     """The blocks of pass 2: for each, its dot products (a cached chunk, cuBLAS, or none with the
     matmul producer), ``launch_block(dot, a_c, b_k, g, r0, c0)`` writing G (into ``g``) and returning
     the block's partials, then the gradient products (with ``grad_a``; else ``g`` is a stand-in that
@@ -306,46 +276,65 @@ def _pass2(a, b, scale, grad_a, grad_b, g_scale, chunk_rows, n_parts, launch_blo
         if need_g:
             grad_gemms(g, a_c, b_k, scale, grad_a[r0:r1], grad_b[c0:c1], g_scale, accumulate_a=c0 > 0)
     if not parts:
-        return torch.zeros(n_parts, dtype=torch.float32, device=a.device)
+        return torch.zeros(3, dtype=torch.float32, device=a.device)
     return torch.cat(parts, dim=1).sum(dim=1)
 
 
-def softmax_grad(a, b, scale, bias, row_lse, col_lse, pos_offset, w_row, w_col, w_pos, chunk_rows,
-                 _cached=None):
-    check_inputs(a, b)
+def _grad_pass(a, b, scale, bias, row_lse, col_lse, pos_offset, weights, sigmoid: bool, need_grad: bool,
+               chunk_rows, cached=None):
+    """Pass 2 of CLIP's softmax (row_lse, col_lse given) or SigLIP's sigmoid: ``_chunk_grad_kernel``
+    over the blocks of ``_pass2`` with weights (w_row, w_col, w_pos). Returns (the partials summed
+    over the blocks (3,): loss, Σ G·dot, Σ G; grad_a; grad_b), the gradients None without need_grad."""
     dev = a.device
-    grad_a = torch.empty(a.shape, dtype=torch.float32, device=dev)
-    grad_b = torch.zeros(b.shape, dtype=torch.float32, device=dev)
-    row_lse = row_lse.to(torch.float64).contiguous()
-    col_lse = col_lse.to(torch.float64).contiguous()
+    grad_a = grad_b = None
+    if need_grad:
+        grad_a = torch.empty(a.shape, dtype=torch.float32, device=dev)
+        grad_b = torch.zeros(b.shape, dtype=torch.float32, device=dev)
+    if sigmoid:
+        row_lse = col_lse = torch.empty(1, dtype=torch.float64, device=dev)  # never read
+    else:
+        row_lse, col_lse = row_lse.to(torch.float64).contiguous(), col_lse.to(torch.float64).contiguous()
+    w_row, w_col, w_pos = (float(w) for w in weights)
     g_scale = grad_tile_scale(a.dtype, abs(w_row) + abs(w_col) + abs(w_pos))
-    prod = tile_producer(a, "softmax_grad")
+    family = "sigmoid" if sigmoid else "softmax_grad"
+    if sigmoid and producer(a) == "matmul" and a.shape[0] and b.shape[0]:
+        autotune("sigmoid", a, _tuning_run("sigmoid", a, b, scale, bias))
+    prod = tile_producer(a, family)
 
     def launch_block(dot, a_c, b_k, g, r0, c0):
-        it, part, block = _grad_block(prod, dot, a_c, b_k, g, scale, bias, r0 + int(pos_offset) - c0, 2, torch.empty)
-        launch(_chunk_softmax_grad_kernel)[it.grid](
-            row_lse_ptr=row_lse[r0:], col_lse_ptr=col_lse[c0:], w_row=float(w_row), w_col=float(w_col),
-            w_pos=float(w_pos), g_scale=g_scale, HAS_COL_TERM=w_col != 0, **block, **prod.consts(a),
-        )
+        it, part, block = _grad_block(prod, dot, a_c, b_k, g, scale, bias, r0 + int(pos_offset) - c0, need_grad)
+        launch(_chunk_grad_kernel)[it.grid](
+            row_lse_ptr=row_lse if sigmoid else row_lse[r0:], col_lse_ptr=col_lse if sigmoid else col_lse[c0:],
+            w_row=w_row, w_col=w_col, w_pos=w_pos, g_scale=g_scale, SIGMOID=sigmoid, HAS_COL_TERM=w_col != 0,
+            NEED_GRAD=need_grad, **block, **prod.consts(a))
         return part
 
-    totals = _pass2(a, b, scale, grad_a, grad_b, g_scale, chunk_rows, 2, launch_block, _cached)
-    grad_b.mul_(scale)
-    return grad_a, grad_b, totals[0].clone(), totals[1].clone()
+    totals = _pass2(a, b, scale, grad_a, grad_b, g_scale, chunk_rows, launch_block, cached)
+    if need_grad:
+        grad_b.mul_(scale)
+    return totals, grad_a, grad_b
 
 
-def _grad_block(prod, dot, a_c, b_k, g, scale, bias, pos_col0: int, n_parts: int, new):
-    """What a pass-2 epilogue launch over one block (rows a_c × columns b_k, G to g) shares between
-    CLIP's and SigLIP's kernels: its work items, its partials (n_parts × items, from ``new``) and its
-    arguments by name (operands, sizes, the positive's column, strides)."""
+def _grad_block(prod, dot, a_c, b_k, g, scale, bias, pos_col0: int, need_grad: bool):
+    """What a pass-2 launch over one block (rows a_c × columns b_k, G to g) is given: its work
+    items, its partials (3 × items; the loss's row alone without need_grad) and its arguments by
+    name (operands, sizes, the positive's column, strides)."""
     r, n = a_c.shape[0], b_k.shape[0]
     it = work_items(r, n, prod.cfg, a_c.device)
-    part = new((n_parts, it.n_items), dtype=torch.float32, device=a_c.device)
+    part = torch.empty((3 if need_grad else 1, it.n_items), dtype=torch.float32, device=a_c.device)
     d_ptr, a_ptr, b_ptr = epilogue_operands(dot, a_c, b_k)
     return it, part, dict(dot_ptr=d_ptr, a_ptr=a_ptr, b_ptr=b_ptr, g_ptr=g, scale_ptr=scale, bias_ptr=bias,
                           part_ptr=part, R=r, N=n, D=a_c.shape[1], m_blocks=it.m_blocks, n_items=it.n_items,
                           tiles_per_split=it.per_split, pos_col0=pos_col0, stride_dm=d_ptr.stride(0),
                           stride_am=a_ptr.stride(0), stride_bn=b_ptr.stride(0), stride_gm=g.stride(0))
+
+
+def softmax_grad(a, b, scale, bias, row_lse, col_lse, pos_offset, w_row, w_col, w_pos, chunk_rows,
+                 _cached=None):
+    check_inputs(a, b)
+    totals, grad_a, grad_b = _grad_pass(a, b, scale, bias, row_lse, col_lse, pos_offset, (w_row, w_col, w_pos),
+                                        False, True, chunk_rows, _cached)
+    return grad_a, grad_b, totals[1].clone(), totals[2].clone()
 
 
 def softmax_fused(a, b, scale, bias, pos_offset, w_row, w_col, w_pos, chunk_rows, cache_bytes):
@@ -359,26 +348,10 @@ def softmax_fused(a, b, scale, bias, pos_offset, w_row, w_col, w_pos, chunk_rows
 
 def sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad):
     check_inputs(a, b)
-    dev = a.device
-    grad_a = grad_b = None
-    if need_grad:
-        grad_a = torch.empty(a.shape, dtype=torch.float32, device=dev)
-        grad_b = torch.zeros(b.shape, dtype=torch.float32, device=dev)
-    g_scale = grad_tile_scale(a.dtype, abs(w))
-    if producer(a) == "matmul" and a.shape[0] and b.shape[0]:
-        autotune("sigmoid", a, _tuning_run("sigmoid", a, b, scale, bias))
-    prod = tile_producer(a, "sigmoid")
-
-    def launch_block(dot, a_c, b_k, g, r0, c0):
-        it, part, block = _grad_block(prod, dot, a_c, b_k, g, scale, bias, r0 + int(pos_offset) - c0, 3, torch.zeros)
-        launch(_chunk_sigmoid_kernel)[it.grid](w=float(w), g_scale=g_scale, NEED_GRAD=bool(need_grad), **block,
-                                               **prod.consts(a))
-        return part
-
-    totals = _pass2(a, b, scale, grad_a, grad_b, g_scale, chunk_rows, 3, launch_block)
+    totals, grad_a, grad_b = _grad_pass(a, b, scale, bias, None, None, pos_offset, (w, 0.0, 0.0), True,
+                                        bool(need_grad), chunk_rows)
     if not need_grad:
         return totals[0].clone(), None, None, None, None
-    grad_b.mul_(scale)
     return totals[0].clone(), grad_a, grad_b, totals[1].clone(), totals[2].clone()
 
 
@@ -435,19 +408,15 @@ def compile_specs():
                         "row_part_ptr": f64p, "col_part_ptr": f64p, "pos_logit_ptr": f32p},
                        **items, stride_rp=i32, stride_cp=i32)
             add(f"chunk_stats[{label}]", _chunk_stats_kernel, sig, consts, cfg, dtype, consts["MATMUL"])
-        for label, consts, cfg, op in producers(dtype, "softmax_grad"):
-            for col in (False, True):
+        for family, variants in (("softmax_grad", [("col=False", False, False, True), ("col=True", False, True, True)]),
+                                 ("sigmoid", [("grad=False", True, False, False), ("grad=True", True, False, True)])):
+            for label, consts, cfg, op in producers(dtype, family):
                 sig = dict({"dot_ptr": f32p, "a_ptr": op, "b_ptr": op, "g_ptr": "*" + tri[dtype],
                             "scale_ptr": f32p, "bias_ptr": f32p, "row_lse_ptr": f64p, "col_lse_ptr": f64p,
                             "part_ptr": f32p}, **items, stride_gm=i32,
                            w_row="fp32", w_col="fp32", w_pos="fp32", g_scale="fp32")
-                add(f"chunk_softmax_grad[{label},col={col}]", _chunk_softmax_grad_kernel, sig,
-                    dict(consts, HAS_COL_TERM=col), cfg, dtype, consts["MATMUL"])
-        for label, consts, cfg, op in producers(dtype, "sigmoid"):
-            for need_grad in (False, True):
-                sig = dict({"dot_ptr": f32p, "a_ptr": op, "b_ptr": op, "g_ptr": "*" + tri[dtype],
-                            "scale_ptr": f32p, "bias_ptr": f32p, "part_ptr": f32p}, **items, stride_gm=i32,
-                           w="fp32", g_scale="fp32")
-                add(f"chunk_sigmoid[{label},grad={need_grad}]", _chunk_sigmoid_kernel, sig,
-                    dict(consts, NEED_GRAD=need_grad), cfg, dtype, consts["MATMUL"])
+                for vname, sigmoid, col, need_grad in variants:
+                    add(f"chunk_{family}[{label},{vname}]", _chunk_grad_kernel, sig,
+                        dict(consts, SIGMOID=sigmoid, HAS_COL_TERM=col, NEED_GRAD=need_grad), cfg, dtype,
+                        consts["MATMUL"])
     return specs

@@ -36,8 +36,7 @@ from .configs import FUSED_CONFIGS, FUSED_FP32_PRECISION, SUPPORTED_DTYPES, fuse
 from .fused_target import target_grad, target_softmax_fused, target_stats, teacher_stats
 from .gemm import grad_tile_scale
 from .plan import check_fused_inputs, dot_precision, dtype_name, merge_lse, programs_per_launch, split_tiles
-from .tiles import (LOG2E, expm1, log1p, lse64, online_row_lse, sigmoid_terms, softmax_grad_tile, split_lse,
-                    tile_lse_parts)
+from .tiles import LOG2E, clip_grad_tile, log1p, lse64, online_row_lse, split_lse, tile_lse_parts
 
 __all__ = ["lse_stats", "softmax_grad", "softmax_fused", "sigmoid_fused", "target_stats", "teacher_stats",
            "target_grad", "target_softmax_fused", "SUPPORTED_DTYPES", "compile_specs"]
@@ -161,13 +160,13 @@ def _fused_grad_kernel(
                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     target = offs_m + pos_offset
     first_target = pid_m * BLOCK_M + pos_offset
+    if HAS_COL_TERM:
+        w_tgt = (w_row + w_col) - w_pos
+    else:
+        w_tgt = w_row - w_pos
+    own_hi = tl.zeros([BLOCK_M], tl.float32)  # the sigmoid, and Gᵀ without a column term, read none
+    own_lo = own_hi
     if not SIGMOID:
-        if HAS_COL_TERM:
-            w_tgt = (w_row + w_col) - w_pos
-        else:
-            w_tgt = w_row - w_pos
-        own_hi = tl.zeros([BLOCK_M], tl.float32)  # transposed without a column term: never read
-        own_lo = own_hi
         if HAS_COL_TERM or not TRANSPOSED:
             own_hi, own_lo = split_lse(tl.load(own_lse_ptr + offs_m, mask=mask_m, other=float("inf")))
     ct0 = pid_s * tiles_per_split
@@ -187,15 +186,12 @@ def _fused_grad_kernel(
         else:
             dot = _dot_k_loop(x_ptr, offs_m, mask_m, stride_xm, stride_xd, y_ptr, offs_n, mask_n, stride_yn,
                               stride_yd, D, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K)
-        t = dot * scale + bias
+        line_loss, g = clip_grad_tile(dot * scale + bias, mask, ct, offs_n, mask_n, mask_m, target, first_target, Ny,
+                                      own_hi, own_lo, other_lse_ptr, w_row, w_col, w_tgt, SIGMOID, HAS_COL_TERM,
+                                      TRANSPOSED, BLOCK_M, BLOCK_N)
         if SIGMOID:
-            loss, g = sigmoid_terms(t, offs_n[None, :] == target[:, None])
             if not TRANSPOSED:
-                acc_loss += tl.sum(tl.where(mask, loss, 0.0), 1)
-            g = w_row * g
-        else:
-            g = softmax_grad_tile(t, ct, offs_n, mask_n, mask_m, target, first_target, Ny, own_hi, own_lo,
-                                  other_lse_ptr, w_row, w_col, w_tgt, HAS_COL_TERM, TRANSPOSED, BLOCK_M, BLOCK_N)
+                acc_loss += line_loss
         if NEED_GRAD:
             g = tl.where(mask, g, 0.0)
             if not TRANSPOSED:

@@ -14,8 +14,8 @@
   over D (the matmul producer) or a chunk in memory written by ``torch.mm`` (the cuBLAS producer),
   and the work items (row block × column split) a program takes (``work_item``, ``items_end``,
   ``items_step``).
-* CLIP and SigLIP: G of a softmax tile (``softmax_grad_tile``) and the sigmoid loss and G
-  (``sigmoid_terms``).
+* CLIP and SigLIP: G of a softmax tile (``softmax_grad_tile``, in both orientations), the sigmoid
+  loss and G (``sigmoid_terms``), and either for a tile (``clip_grad_tile``).
 * The general target (``fastcon/targets/``): which pairs of a tile are kept and which are
   positives (``target_tile``), the teacher's probabilities (``teacher_tile``, ``teacher_dot_tile``),
   G (``target_grad_tile``) and the rows of a work item (``target_work_item``), called by the chunked
@@ -274,6 +274,25 @@ def sigmoid_terms(s, is_pos):
     g = tl.where(is_pos, -sig_neg, sig)
     return loss, g
 
+
+
+@triton.jit
+def clip_grad_tile(t, mask, ct, offs_n, mask_n, mask_m, target, first_target, N, own_hi, own_lo, other_lse_ptr,
+                   w_row, w_col, w_tgt, SIGMOID: tl.constexpr, HAS_COL_TERM: tl.constexpr,
+                   TRANSPOSED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(each own line's loss over the tile's ``mask``, G) of one tile of logits t, the positive of
+    own line i at other index ``target[i]``: SigLIP's (SIGMOID: Σ softplus(−z·S) and
+    G = w_row·(σ(S) − [positive])) or CLIP's (no loss: zeros; G of ``softmax_grad_tile``, with
+    the other arguments as there)."""
+    if SIGMOID:
+        loss, g = sigmoid_terms(t, offs_n[None, :] == target[:, None])
+        line_loss = tl.sum(tl.where(mask, loss, 0.0), 1)
+        g = w_row * g
+    else:
+        line_loss = tl.zeros([BLOCK_M], tl.float32)
+        g = softmax_grad_tile(t, ct, offs_n, mask_n, mask_m, target, first_target, N, own_hi, own_lo,
+                              other_lse_ptr, w_row, w_col, w_tgt, HAS_COL_TERM, TRANSPOSED, BLOCK_M, BLOCK_N)
+    return line_loss, g
 
 # ------------------------------------------------------------------------------ the general target
 # A general-target kernel is compiled per variant: two constexpr bit sets, built on the host by
