@@ -15,12 +15,11 @@ statistics of a swapped call are the transposes of the other direction's).
 * ``_late_rows_kernel``, where neither set fits (both longer than ``MAX_SHORT_SIDE``): one direction
   with y walked in tiles too (the running row maxima and argmaxes), the other direction the same
   kernel on the swapped pair.
-* ``_late_dx_kernel``: dx_i[k-tile] = Σ_j W_ij·y_j with the pair's one-hot weights
+* ``_late_grad_kernel``: dx_i[k-tile] = Σ_j W_ij·y_j with the pair's one-hot weights
   ``W_kr = gx_ij·[r = r*(k)] + gy_ij·[k = k*(r)]``, formed in registers from the argmaxes for
   ``BLOCK_R`` y tokens at a time, the products on the tensor cores. Each program owns its rows and
-  takes j in order (deterministic).
-* ``_late_dy_kernel``: dy_j[r-tile] += Σ_i W_ijᵀ·x_i over the block's items, one program per y item and
-  tile of its tokens.
+  takes j in order (deterministic). ``FOR_Y``: dy_j[r-tile] += Σ_i W_ijᵀ·x_i over the block's items,
+  one program per y item and tile of its tokens.
 
 The weights are cast to the features' dtype for the products (bf16: a relative rounding of at most
 2⁻⁸ per weight; fp16 weights are first lifted by a power of two, undone on the fp32 result, so that
@@ -63,20 +62,41 @@ def _block_y(n: int) -> int:
 
 
 @triton.jit
-def _pair_tile(x_ptr, y_ptr, i, j, kx, offs_y, NX, NY, D, stride_xb, stride_xn, stride_yb, stride_yn,
+def _token_tile(ptr, item, stride_b, offs_t, N, stride_n, offs_d, D):
+    """(len(offs_t), len(offs_d)) features of tokens ``offs_t`` of item ``item`` (unit stride over
+    D), 0 beyond N tokens or D."""
+    return tl.load(ptr + item * stride_b + offs_t[:, None] * stride_n + offs_d[None, :],
+                   mask=(offs_t[:, None] < N) & (offs_d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _real_tokens(mask_ptr, item, offs_t, N):
+    """The token mask of item ``item`` at ``offs_t`` as booleans, False beyond N tokens."""
+    return (tl.load(mask_ptr + item * N + offs_t, mask=offs_t < N, other=0) != 0) & (offs_t < N)
+
+
+@triton.jit
+def _pair_tile(x_ptr, y_ptr, i, j, kx, offs_y, ym, NX, NY, D, stride_xb, stride_xn, stride_yb, stride_yn,
                INPUT_PRECISION: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr,
                BLOCK_D: tl.constexpr):
-    """(BLOCK_X, BLOCK_Y) fp32 dot products of x_i's tokens ``kx`` against every token of y_j."""
+    """(BLOCK_X, BLOCK_Y) fp32 dot products of x_i's tokens ``kx`` against y_j's tokens ``offs_y``,
+    −inf in the columns of y tokens that are not real (``ym`` False)."""
     acc = tl.zeros((BLOCK_X, BLOCK_Y), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
-        dmask = offs_d < D
-        xt = tl.load(x_ptr + i * stride_xb + kx[:, None] * stride_xn + offs_d[None, :],
-                     mask=(kx[:, None] < NX) & dmask[None, :], other=0.0)
-        yt = tl.load(y_ptr + j * stride_yb + offs_y[:, None] * stride_yn + offs_d[None, :],
-                     mask=(offs_y[:, None] < NY) & dmask[None, :], other=0.0)
+        xt = _token_tile(x_ptr, i, stride_xb, kx, NX, stride_xn, offs_d, D)
+        yt = _token_tile(y_ptr, j, stride_yb, offs_y, NY, stride_yn, offs_d, D)
         acc = tl.dot(xt, tl.trans(yt), acc, input_precision=INPUT_PRECISION)
-    return acc
+    return tl.where(ym[None, :], acc, float("-inf"))
+
+
+@triton.jit
+def _running_argmax(t, run_max, run_arg, offset, AXIS: tl.constexpr):
+    """The running maximum and argmax along AXIS after tile t, whose index 0 is ``offset``: the tile's
+    first maximum, taken only on a strict increase (a tie keeps the lowest index)."""
+    b_max, b_arg = tl.max(t, axis=AXIS, return_indices=True, return_indices_tie_break_left=True)
+    up = b_max > run_max
+    return tl.where(up, b_max, run_max), tl.where(up, b_arg.to(tl.int32) + offset, run_arg)
 
 
 @triton.jit
@@ -89,17 +109,16 @@ def _late_tiles_kernel(x_ptr, y_ptr, xm_ptr, ym_ptr, sx_ptr, sy_ptr, rarg_ptr, c
     i = i0 + p // By
     j = p % By
     offs_y = tl.arange(0, BLOCK_Y)
-    ym = (tl.load(ym_ptr + j * NY + offs_y, mask=offs_y < NY, other=0) != 0) & (offs_y < NY)
+    ym = _real_tokens(ym_ptr, j, offs_y, NY)
     col_max = tl.full((BLOCK_Y,), float("-inf"), dtype=tl.float32)
     col_arg = tl.full((BLOCK_Y,), -1, dtype=tl.int32)
     sx = tl.zeros((), dtype=tl.float32)
     bad = tl.zeros((), dtype=tl.int32)  # NaN products among the real pairs
     for k0 in range(0, NX, BLOCK_X):
         kx = k0 + tl.arange(0, BLOCK_X)
-        xm = (tl.load(xm_ptr + i * NX + kx, mask=kx < NX, other=0) != 0) & (kx < NX)
-        t = _pair_tile(x_ptr, y_ptr, i, j, kx, offs_y, NX, NY, D, stride_xb, stride_xn, stride_yb, stride_yn,
+        xm = _real_tokens(xm_ptr, i, kx, NX)
+        t = _pair_tile(x_ptr, y_ptr, i, j, kx, offs_y, ym, NX, NY, D, stride_xb, stride_xn, stride_yb, stride_yn,
                        INPUT_PRECISION, BLOCK_X, BLOCK_Y, BLOCK_D)
-        t = tl.where(ym[None, :], t, float("-inf"))
         tc = tl.where(xm[:, None], t, float("-inf"))
         if not ARGS:
             bad += tl.sum(tl.where(tc != tc, 1, 0))
@@ -108,10 +127,7 @@ def _late_tiles_kernel(x_ptr, y_ptr, xm_ptr, ym_ptr, sx_ptr, sy_ptr, rarg_ptr, c
                 _, r_star = tl.max(t, axis=1, return_indices=True, return_indices_tie_break_left=True)
                 tl.store(rarg_ptr + p * NX + kx, tl.where(xm, r_star.to(tl.int32), -1), mask=kx < NX)
             if WANT_Y:
-                b_max, b_arg = tl.max(tc, axis=0, return_indices=True, return_indices_tie_break_left=True)
-                up = b_max > col_max
-                col_arg = tl.where(up, b_arg.to(tl.int32) + k0, col_arg)
-                col_max = tl.where(up, b_max, col_max)
+                col_max, col_arg = _running_argmax(tc, col_max, col_arg, k0, 0)
         else:
             if WANT_X:
                 sx += tl.sum(tl.where(xm, tl.max(t, axis=1), 0.0), axis=0)
@@ -143,20 +159,16 @@ def _late_rows_kernel(x_ptr, y_ptr, xm_ptr, ym_ptr, sx_ptr, rarg_ptr, i0, By, NX
     bad = tl.zeros((), dtype=tl.int32)
     for k0 in range(0, NX, BLOCK_X):
         kx = k0 + tl.arange(0, BLOCK_X)
-        xm = (tl.load(xm_ptr + i * NX + kx, mask=kx < NX, other=0) != 0) & (kx < NX)
+        xm = _real_tokens(xm_ptr, i, kx, NX)
         row_max = tl.full((BLOCK_X,), float("-inf"), dtype=tl.float32)
         row_arg = tl.full((BLOCK_X,), -1, dtype=tl.int32)
         for r0 in range(0, NY, BLOCK_Y):
             offs_r = r0 + tl.arange(0, BLOCK_Y)
-            ym = (tl.load(ym_ptr + j * NY + offs_r, mask=offs_r < NY, other=0) != 0) & (offs_r < NY)
-            t = _pair_tile(x_ptr, y_ptr, i, j, kx, offs_r, NX, NY, D, stride_xb, stride_xn, stride_yb, stride_yn,
-                           INPUT_PRECISION, BLOCK_X, BLOCK_Y, BLOCK_D)
-            t = tl.where(ym[None, :], t, float("-inf"))
+            ym = _real_tokens(ym_ptr, j, offs_r, NY)
+            t = _pair_tile(x_ptr, y_ptr, i, j, kx, offs_r, ym, NX, NY, D, stride_xb, stride_xn, stride_yb,
+                           stride_yn, INPUT_PRECISION, BLOCK_X, BLOCK_Y, BLOCK_D)
             if ARGS:
-                b_max, b_arg = tl.max(t, axis=1, return_indices=True, return_indices_tie_break_left=True)
-                up = b_max > row_max
-                row_arg = tl.where(up, b_arg.to(tl.int32) + r0, row_arg)
-                row_max = tl.where(up, b_max, row_max)
+                row_max, row_arg = _running_argmax(t, row_max, row_arg, r0, 1)
             else:
                 tc = tl.where(xm[:, None], t, float("-inf"))
                 bad += tl.sum(tl.where(tc != tc, 1, 0))
@@ -187,50 +199,58 @@ def _pair_weights(rarg_ptr, carg_ptr, gx_ptr, gy_ptr, p, pair, kx, offs_r, NX, N
 
 
 @triton.jit
-def _late_dx_kernel(y_ptr, rarg_ptr, carg_ptr, gx_ptr, gy_ptr, dx_ptr, i0, By, NX, NY, D,
-                    stride_yb, stride_yn, stride_dxb, stride_dxn,
-                    HAS_GX: tl.constexpr, HAS_GY: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                    BLOCK_X: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dx_i[k-tile, d-tile] = Σ_j Σ_{r-tiles} W_ij[k, r]·y_j[r, d-tile]."""
-    li = tl.program_id(0).to(tl.int64)
-    kx = tl.program_id(1) * BLOCK_X + tl.arange(0, BLOCK_X)
-    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    i = i0 + li
-    acc = tl.zeros((BLOCK_X, BLOCK_D), dtype=tl.float32)
-    for j in range(0, By):
-        for r0 in range(0, NY, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            w = _pair_weights(rarg_ptr, carg_ptr, gx_ptr, gy_ptr, li * By + j, i * By + j, kx, offs_r, NX, NY,
-                              HAS_GX, HAS_GY, BLOCK_X, BLOCK_R)
-            yt = tl.load(y_ptr + j * stride_yb + offs_r[:, None] * stride_yn + offs_d[None, :],
-                         mask=(offs_r[:, None] < NY) & (offs_d[None, :] < D), other=0.0)
-            acc = tl.dot(w.to(yt.dtype), yt, acc, input_precision=INPUT_PRECISION)
-    tl.store(dx_ptr + i * stride_dxb + kx[:, None] * stride_dxn + offs_d[None, :], acc,
-             mask=(kx[:, None] < NX) & (offs_d[None, :] < D))
+def _weighted_tokens(acc, src_ptr, stride_sb, stride_sn, rarg_ptr, carg_ptr, gx_ptr, gy_ptr, li, i, j, By, kx, offs_r,
+                     NX, NY, offs_d, D, HAS_GX: tl.constexpr, HAS_GY: tl.constexpr, FOR_Y: tl.constexpr,
+                     INPUT_PRECISION: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One step of a gradient product of the pair (i, j) (``li`` = i's place in the block), on the
+    tensor cores in the features' dtype: acc + W_ij[kx, offs_r]·y_j[offs_r, offs_d] (src = y), or with
+    FOR_Y acc + W_ij[kx, offs_r]ᵀ·x_i[kx, offs_d] (src = x)."""
+    w = _pair_weights(rarg_ptr, carg_ptr, gx_ptr, gy_ptr, li * By + j, i * By + j, kx, offs_r, NX, NY,
+                      HAS_GX, HAS_GY, BLOCK_X, BLOCK_R)
+    if FOR_Y:
+        xt = _token_tile(src_ptr, i, stride_sb, kx, NX, stride_sn, offs_d, D)
+        acc = tl.dot(tl.trans(w).to(xt.dtype), xt, acc, input_precision=INPUT_PRECISION)
+    else:
+        yt = _token_tile(src_ptr, j, stride_sb, offs_r, NY, stride_sn, offs_d, D)
+        acc = tl.dot(w.to(yt.dtype), yt, acc, input_precision=INPUT_PRECISION)
+    return acc
 
 
 @triton.jit
-def _late_dy_kernel(x_ptr, rarg_ptr, carg_ptr, gx_ptr, gy_ptr, dy_ptr, i0, C, By, NX, NY, D,
-                    stride_xb, stride_xn, stride_dyb, stride_dyn,
-                    HAS_GX: tl.constexpr, HAS_GY: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                    BLOCK_X: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dy_j[r-tile, d-tile] += Σ_{i in the block} Σ_{k-tiles} W_ij[k, r-tile]ᵀ·x_i[k, d-tile]."""
-    j = tl.program_id(0).to(tl.int64)
-    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+def _late_grad_kernel(src_ptr, rarg_ptr, carg_ptr, gx_ptr, gy_ptr, out_ptr, i0, C, By, NX, NY, D,
+                      stride_sb, stride_sn, stride_ob, stride_on,
+                      HAS_GX: tl.constexpr, HAS_GY: tl.constexpr, FOR_Y: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                      BLOCK_X: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The gradient products of the block's C x items (i = i0 + li), one program per (own item, tile
+    of its tokens, D tile), the other side's items taken in order (deterministic):
+    dx_i[k-tile, d-tile] = Σ_j Σ_{r-tiles} W_ij[k, r]·y_j[r, d-tile] (src = y, out = dx), or FOR_Y
+    dy_j[r-tile, d-tile] += Σ_{i in the block} Σ_{k-tiles} W_ij[k, r-tile]ᵀ·x_i[k, d-tile] (src = x,
+    out = dy)."""
+    own = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-    for li in range(0, C):
-        i = i0 + li
-        for k0 in range(0, NX, BLOCK_X):
-            kx = k0 + tl.arange(0, BLOCK_X)
-            w = _pair_weights(rarg_ptr, carg_ptr, gx_ptr, gy_ptr, li * By + j, i * By + j, kx, offs_r, NX, NY,
-                              HAS_GX, HAS_GY, BLOCK_X, BLOCK_R)
-            xt = tl.load(x_ptr + i * stride_xb + kx[:, None] * stride_xn + offs_d[None, :],
-                         mask=(kx[:, None] < NX) & (offs_d[None, :] < D), other=0.0)
-            acc = tl.dot(tl.trans(w).to(xt.dtype), xt, acc, input_precision=INPUT_PRECISION)
-    ptrs = dy_ptr + j * stride_dyb + offs_r[:, None] * stride_dyn + offs_d[None, :]
-    mask = (offs_r[:, None] < NY) & (offs_d[None, :] < D)
-    tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + acc, mask=mask)
+    if FOR_Y:
+        offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+        for li in range(0, C):
+            for k0 in range(0, NX, BLOCK_X):
+                acc = _weighted_tokens(acc, src_ptr, stride_sb, stride_sn, rarg_ptr, carg_ptr, gx_ptr, gy_ptr, li,
+                                       i0 + li, own, By, k0 + tl.arange(0, BLOCK_X), offs_r, NX, NY, offs_d, D,
+                                       HAS_GX, HAS_GY, True, INPUT_PRECISION, BLOCK_X, BLOCK_R)
+        ptrs = out_ptr + own * stride_ob + offs_r[:, None] * stride_on + offs_d[None, :]
+        mask = (offs_r[:, None] < NY) & (offs_d[None, :] < D)
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        i = i0 + own
+        kx = tl.program_id(1) * BLOCK_X + tl.arange(0, BLOCK_X)
+        acc = tl.zeros((BLOCK_X, BLOCK_D), dtype=tl.float32)
+        for j in range(0, By):
+            for r0 in range(0, NY, BLOCK_R):
+                acc = _weighted_tokens(acc, src_ptr, stride_sb, stride_sn, rarg_ptr, carg_ptr, gx_ptr, gy_ptr, own,
+                                       i, j, By, kx, r0 + tl.arange(0, BLOCK_R), NX, NY, offs_d, D, HAS_GX, HAS_GY,
+                                       False, INPUT_PRECISION, BLOCK_X, BLOCK_R)
+        ptrs = out_ptr + i * stride_ob + kx[:, None] * stride_on + offs_d[None, :]
+        mask = (kx[:, None] < NX) & (offs_d[None, :] < D)
+    tl.store(ptrs, acc, mask=mask)
 
 
 # ------------------------------------------------------------------------------------ launchers
@@ -330,14 +350,13 @@ def _grad(x, y, xm, ym, gx, gy, block):
                 y.stride(1), WANT_X=has_gx, WANT_Y=has_gy, ARGS=True, INPUT_PRECISION=prec, BLOCK_X=tiles.block_m,
                 BLOCK_Y=tiles.block_n, BLOCK_D=tiles.block_k, num_warps=tiles.num_warps,
                 num_stages=tiles.num_stages)
-        launch(_late_dx_kernel)[(c, triton.cdiv(nx, cdx.block_m), triton.cdiv(d, cdx.block_k))](
-            y, rarg, carg, gx_arg, gy_arg, dx, i0, by, nx, ny, d, y.stride(0), y.stride(1), dx.stride(0),
-            dx.stride(1), HAS_GX=has_gx, HAS_GY=has_gy, INPUT_PRECISION=prec, BLOCK_X=cdx.block_m,
-            BLOCK_R=cdx.block_n, BLOCK_D=cdx.block_k, num_warps=cdx.num_warps, num_stages=cdx.num_stages)
-        launch(_late_dy_kernel)[(by, triton.cdiv(ny, cdy.block_n), triton.cdiv(d, cdy.block_k))](
-            x, rarg, carg, gx_arg, gy_arg, dy, i0, c, by, nx, ny, d, x.stride(0), x.stride(1), dy.stride(0),
-            dy.stride(1), HAS_GX=has_gx, HAS_GY=has_gy, INPUT_PRECISION=prec, BLOCK_X=cdy.block_m,
-            BLOCK_R=cdy.block_n, BLOCK_D=cdy.block_k, num_warps=cdy.num_warps, num_stages=cdy.num_stages)
+        for out, src, cfg, grid, for_y in ((dx, y, cdx, (c, triton.cdiv(nx, cdx.block_m)), False),
+                                           (dy, x, cdy, (by, triton.cdiv(ny, cdy.block_n)), True)):
+            launch(_late_grad_kernel)[grid + (triton.cdiv(d, cfg.block_k),)](
+                src, rarg, carg, gx_arg, gy_arg, out, i0, c, by, nx, ny, d, src.stride(0), src.stride(1),
+                out.stride(0), out.stride(1), HAS_GX=has_gx, HAS_GY=has_gy, FOR_Y=for_y, INPUT_PRECISION=prec,
+                BLOCK_X=cfg.block_m, BLOCK_R=cfg.block_n, BLOCK_D=cfg.block_k, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)
     return dx, dy
 
 
@@ -433,21 +452,16 @@ def compile_specs():
             specs.append(dict(name=f"late_rows[args={args}]", fn=_late_rows_kernel, signature=sig, constexprs=consts,
                               num_warps=cfg.num_warps, num_stages=cfg.num_stages, uses_dot=True, dtype=dtype,
                               config=cfg))
-        for kernel, fn in (("dx", _late_dx_kernel), ("dy", _late_dy_kernel)):
+        for kernel in ("dx", "dy"):
             cfg = late_config(kernel, dtype)
-            other = "y" if kernel == "dx" else "x"
             for has_gx, has_gy in ((True, True), (True, False), (False, True)):
-                sig = {f"{other}_ptr": fp, "rarg_ptr": "*i32", "carg_ptr": "*i32", "gx_ptr": "*fp32",
-                       "gy_ptr": "*fp32", f"d{kernel[1]}_ptr": "*fp32", "i0": i32}
-                if kernel == "dy":
-                    sig["C"] = i32
-                sig.update({"By": i32, "NX": i32, "NY": i32, "D": i32, f"stride_{other}b": i32,
-                            f"stride_{other}n": i32, f"stride_d{kernel[1]}b": i32, f"stride_d{kernel[1]}n": i32,
-                            "HAS_GX": "constexpr", "HAS_GY": "constexpr", "INPUT_PRECISION": "constexpr",
-                            "BLOCK_X": "constexpr", "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"})
-                consts = dict(HAS_GX=has_gx, HAS_GY=has_gy, INPUT_PRECISION=prec, BLOCK_X=cfg.block_m,
-                              BLOCK_R=cfg.block_n, BLOCK_D=cfg.block_k)
-                specs.append(dict(name=f"late_{kernel}[gx={has_gx},gy={has_gy}]", fn=fn, signature=sig,
-                                  constexprs=consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                  uses_dot=True, dtype=dtype, config=cfg))
+                sig = {"src_ptr": fp, "rarg_ptr": "*i32", "carg_ptr": "*i32", "gx_ptr": "*fp32", "gy_ptr": "*fp32",
+                       "out_ptr": "*fp32", "i0": i32, "C": i32, "By": i32, "NX": i32, "NY": i32, "D": i32,
+                       "stride_sb": i32, "stride_sn": i32, "stride_ob": i32, "stride_on": i32}
+                consts = dict(HAS_GX=has_gx, HAS_GY=has_gy, FOR_Y=kernel == "dy", INPUT_PRECISION=prec,
+                              BLOCK_X=cfg.block_m, BLOCK_R=cfg.block_n, BLOCK_D=cfg.block_k)
+                sig.update({k: "constexpr" for k in consts})
+                specs.append(dict(name=f"late_{kernel}[gx={has_gx},gy={has_gy}]", fn=_late_grad_kernel,
+                                  signature=sig, constexprs=consts, num_warps=cfg.num_warps,
+                                  num_stages=cfg.num_stages, uses_dot=True, dtype=dtype, config=cfg))
     return specs
