@@ -221,7 +221,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> softmax_fused
     for (int64_t j = c1; j < nb; ++j) cl[j] = inf<double>();
   }
 
-  // pass 2: gradients
+  // pass 2: gradients. The cached block goes first and is released before the chunk buffer is taken
+  // again, so that the cache, the chunk buffer and the gradients are never all held at once.
+  const int64_t buf_rows = buf.size(0);
+  if (cached > 0) buf = Tensor();
   Tensor grad_a = at::empty({na, d}, a.options());
   Tensor grad_b = at::zeros({nb, d}, a.options());
   std::vector<double> gs_rows(na), gb_rows(na);
@@ -229,6 +232,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> softmax_fused
   if (cached > 0) {
     softmax_grad_block<T>(cache, a, b, 0, cached, s, bb, rls, cls, pos_offset, T(w_row), T(w_col), T(w_pos), gs_rows,
                           gb_rows, grad_a, grad_b, nt);
+    cache = Tensor();
+    if (cached < na) buf = at::empty({buf_rows, nb}, a.options());
   }
   for (int64_t r0 = cached; r0 < na; r0 += chunk_rows) {
     const int64_t rows = std::min(chunk_rows, na - r0);

@@ -96,6 +96,9 @@ class EngineOp:
         class Eager(torch.autograd.Function):
             @staticmethod
             def forward(ctx, *args):
+                # outputs that get no gradient (the saved gradients an op returns, say) get None in the
+                # backward, not zeros of their shape: 2·N·D wide floats for CLIP's
+                ctx.set_materialize_grads(False)
                 out = op.body(*args)
                 op.setup_context(ctx, args, out)
                 ctx.list_output = isinstance(out, list)
