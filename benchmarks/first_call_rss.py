@@ -16,13 +16,6 @@ import sys
 import torch
 
 
-def _status_bytes(key: str) -> int:
-    """``VmRSS`` (the resident set now) or ``VmHWM`` (its peak) of this process, in bytes (Linux): its
-    own figures, where ``ru_maxrss`` also counts the resident set of a parent that forked it."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) << 10 for line in f if line.startswith(key + ":"))
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=16384)
@@ -30,6 +23,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", default="none", choices=("none", "clip64", "mm", "autograd", "extension"))
     args = p.parse_args(argv)
     import fastcon.functional as FC
+    from fastcon.bench.measure import rss_bytes
 
     g = torch.Generator().manual_seed(0)
 
@@ -50,9 +44,9 @@ def main(argv=None) -> int:
         from fastcon.ops import engine
 
         engine.cpp_module()
-    before, resident = _status_bytes("VmHWM"), _status_bytes("VmRSS")
+    before, resident = rss_bytes("VmHWM"), rss_bytes("VmRSS")
     FC.clip_loss(a, b, s).backward()
-    peak = _status_bytes("VmHWM")
+    peak = rss_bytes("VmHWM")
     rise = peak - before
     compilers = [m for m in ("torch._dynamo", "torch._inductor") if m in sys.modules]
     grads = 2 * args.batch * args.dim * 4

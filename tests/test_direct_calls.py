@@ -196,20 +196,17 @@ def test_cpp_direct_loss_rejects_bad_calls():
 _FIRST_CALLS = r"""
 import sys, torch
 import fastcon, fastcon.functional as FC
+from fastcon.bench.measure import rss_bytes
 from fastcon.kernels._common import cache_bytes, chunk_bytes
-
-def status_bytes(key):  # this process's own figure (ru_maxrss would include the forking parent's)
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) << 10 for line in f if line.startswith(key + ":"))
 
 n, d = 1500, 64  # 2.25M logits: above the direct C++ call's threshold, so the operators run
 g = torch.Generator().manual_seed(0)
 a = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_()
 b = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_()
 s = torch.tensor(10.0, requires_grad=True)
-before = status_bytes("VmHWM")
+before = rss_bytes("VmHWM")
 FC.clip_loss(a, b, s, backend=BACKEND).backward()
-rise = status_bytes("VmHWM") - before
+rise = rss_bytes("VmHWM") - before
 FC.siglip_loss(a, b, s, torch.tensor(-10.0)).backward()
 FC.ntxent_loss(a[:200], b[:200]).backward()
 FC.distill_loss(a[:200], b[:200], s, a[:200].detach(), b[:200].detach(), s.detach()).backward()
@@ -268,10 +265,7 @@ _PEAK = r"""
 import torch
 torch.set_num_threads(2)
 import fastcon.functional as FC
-
-def status_bytes(key):  # this process's own figure (ru_maxrss would include the forking parent's)
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) << 10 for line in f if line.startswith(key + ":"))
+from fastcon.bench.measure import rss_bytes
 
 n, d = 4096, 1024
 g = torch.Generator().manual_seed(0)
@@ -280,9 +274,9 @@ def unit_rows():  # normalised in place: no temporary above the resident set the
     return x.div_(x.norm(dim=1, keepdim=True)).requires_grad_()
 a, b = unit_rows(), unit_rows()
 s = torch.tensor(10.0, requires_grad=True)
-resident = status_bytes("VmRSS")
+resident = rss_bytes("VmRSS")
 FC.clip_loss(a, b, s).backward()
-print(status_bytes("VmHWM") - resident)
+print(rss_bytes("VmHWM") - resident)
 """
 
 

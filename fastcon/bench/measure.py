@@ -40,7 +40,10 @@ def device_name(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
-def _rss_bytes(field: str) -> int:
+def rss_bytes(field: str) -> int:
+    """``VmRSS`` (the resident set now) or ``VmHWM`` (its peak) of this process in bytes, from
+    ``/proc/self/status`` (0 where there is none): the process's own figures, where ``ru_maxrss`` also
+    counts the resident set of a parent that forked it."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -103,7 +106,7 @@ class _PeakMemory:
         else:
             if not _reset_peak_rss():
                 self.method = "peak RSS since process start minus RSS before (no /proc/self/clear_refs)"
-            self.base = _rss_bytes("VmRSS")
+            self.base = rss_bytes("VmRSS")
         return self
 
     def __exit__(self, *exc):
@@ -113,7 +116,7 @@ class _PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
         else:
-            self.peak = _rss_bytes("VmHWM") - self.base
+            self.peak = rss_bytes("VmHWM") - self.base
         return False
 
 
