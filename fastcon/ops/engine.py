@@ -286,8 +286,6 @@ def saved_grads_backward(ctx, grad_loss, *_unused):
     gradients (``save_output_grads``): the upstream gradient times each, None for the other inputs."""
     forbid_double_backward()
     saved = ctx.saved_tensors
-    if grad_loss is None:  # no gradient reached the loss (an undefined one is a zero): none to pass on
-        return input_grads(ctx, ())
     if saved[2].dim() == 1:  # the (0,)-shaped placeholders: a scale gradient is 0-d
         raise RuntimeError("fastcon: the engine op was called with need_grad=False, so it computed no "
                            "gradients; call it with need_grad=True when its inputs require grad")

@@ -102,10 +102,13 @@ class EngineOp:
                 out = op.body(*args)
                 op.setup_context(ctx, args, out)
                 ctx.list_output = isinstance(out, list)
+                ctx.n_args = len(args)
                 return tuple(out) if ctx.list_output else out
 
             @staticmethod
             def backward(ctx, *grads):
+                if all(g is None for g in grads):  # nothing reached the outputs (undefined is zero)
+                    return (None,) * ctx.n_args
                 out = op.backward(ctx, list(grads)) if ctx.list_output else op.backward(ctx, *grads)
                 # a list input (the registered op's gradients name its items) is one input here
                 return tuple(None if isinstance(g, list) else g for g in out)

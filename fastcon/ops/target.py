@@ -209,10 +209,9 @@ def _save_wire(ctx, inputs, kept):
 
 def _wire_grads(ctx, features, wide):
     """The (wide) gradients ``wide`` of a, b, scale and bias (``features``) in their inputs' dtypes where
-    they need one (None in ``wide``: none), and None for every other input (a list of them for a
-    teacher's list holding tensors, as the traced backward matches the inputs' structure)."""
-    grads = [w.to(x.dtype) if ctx.needs_input_grad[k] and w is not None else None
-             for k, (x, w) in enumerate(zip(features, wide))]
+    they need one, and None for every other input (a list of them for a teacher's list holding
+    tensors, as the traced backward matches the inputs' structure)."""
+    grads = [w.to(x.dtype) if ctx.needs_input_grad[k] else None for k, (x, w) in enumerate(zip(features, wide))]
     out = list(input_grads(ctx, grads))
     if any(ctx.teacher):
         out[7] = [None] * len(ctx.teacher)
@@ -334,8 +333,6 @@ def _row_lse_setup(ctx, inputs, output):
 def _row_lse_backward(ctx, grad):
     forbid_double_backward()
     (a, b, scale, bias), (row_lse,), wire = _saved_wire(ctx)
-    if grad is None:  # an undefined upstream gradient is a zero one
-        return _wire_grads(ctx, (a, b, scale, bias), [None] * 4)
     wide = target_row_lse_grad(a, b, scale, bias, *wire, *ctx.other, row_lse, grad.to(torch.float64))
     return _wire_grads(ctx, (a, b, scale, bias), wide)
 
