@@ -275,7 +275,6 @@ def sigmoid_terms(s, is_pos):
     return loss, g
 
 
-
 @triton.jit
 def clip_grad_tile(t, mask, ct, offs_n, mask_n, mask_m, target, first_target, N, own_hi, own_lo, other_lse_ptr,
                    w_row, w_col, w_tgt, SIGMOID: tl.constexpr, HAS_COL_TERM: tl.constexpr,
@@ -293,6 +292,7 @@ def clip_grad_tile(t, mask, ct, offs_n, mask_n, mask_m, target, first_target, N,
         g = softmax_grad_tile(t, ct, offs_n, mask_n, mask_m, target, first_target, N, own_hi, own_lo,
                               other_lse_ptr, w_row, w_col, w_tgt, HAS_COL_TERM, TRANSPOSED, BLOCK_M, BLOCK_N)
     return line_loss, g
+
 
 # ------------------------------------------------------------------------------ the general target
 # A general-target kernel is compiled per variant: two constexpr bit sets, built on the host by
