@@ -215,7 +215,8 @@ FC.maxsim_loss(torch.randn(4, 5, 8, requires_grad=True), torch.randn(4, 6, 8)).b
 FC.mochi_loss(a[:64], b[:64].detach(), b[64:400].detach(), temperature=0.2, top_n=16, n_mix=8, n_query_mix=4,
               generator=torch.Generator().manual_seed(1)).backward()
 # fastcon's buffers: at the peak, two of the pass-1 cache, one chunk and the wide gradients (pass 2
-# takes the cached block first and frees it before the chunk buffer is taken again); the margin is what a first call of the BLAS library keeps (its packing buffers) and pages in (code)
+# takes the cached block first and frees it before the chunk buffer is taken again); the margin is
+# what a first call of the BLAS library keeps (its packing buffers) and pages in (code)
 grads, cache, chunk = 2 * n * d * 4, min(cache_bytes(a.device), n * n * 4), min(chunk_bytes(a.device), n * n * 4)
 bound = max(cache + chunk, cache + grads, chunk + grads) + (48 << 20)
 print(" ".join(m for m in ("torch._dynamo", "torch._inductor") if m in sys.modules) or "none", rise, bound)
