@@ -181,7 +181,7 @@ def test_soft_target_with_dropped_pairs_matches_the_torch_backend(teacher_kind, 
     """The C++ teacher producer against the torch backend's (the executable spec) on a soft target with
     dropped pairs (an excluded column in some rows, dropped extra columns), a hard share and the
     entropy: loss and every gradient, float64 (equal to rounding) and fp32."""
-    from fastcon.targets import Target
+    from fastcon.targets import Target, Teacher
     from fastcon.ops import target_engine_loss
 
     n, extra, d = 29, 6, 12
@@ -193,10 +193,9 @@ def test_soft_target_with_dropped_pairs_matches_the_torch_backend(teacher_kind, 
         exclude = torch.where(ids % 3 == 0, (ids + 1) % n, -1)  # never a row's own positive
         col_keep = torch.arange(n + extra) % 4 != 1
         col_keep[:n] = True
-        kw = dict(teacher_kind=1, teacher_c0=0.5, teacher_c1=0.5, teacher_eps=1e-3) if teacher_kind \
-            else dict(teacher_scale=torch.tensor(9.0, dtype=dtype))
-        target = Target(ids, col_ids, exclude_col=exclude, col_keep=col_keep, teacher_a=tx, teacher_b=ty, soft=0.6,
-                        hard=0.4, entropy=entropy, **kw)
+        kw = dict(kind=1, c0=0.5, c1=0.5, eps=1e-3) if teacher_kind else dict(scale=torch.tensor(9.0, dtype=dtype))
+        target = Target(ids, col_ids, exclude_col=exclude, col_keep=col_keep, teacher=Teacher(tx, ty, **kw), soft=0.6,
+                        hard=0.4, entropy=entropy)
         out = []
         for backend in ("torch", "cpp"):
             leaves = [x.clone().requires_grad_(), y.clone().requires_grad_(),
@@ -241,7 +240,7 @@ def test_distill_clip_losses_any_weighting(backend, weights):
 def test_distill_clip_losses_compile_and_opcheck():
     """The pair's two ops (pass 1 in the forward, pass 2 in the backward) under torch.compile
     (fullgraph) and opcheck."""
-    from fastcon.targets import Target
+    from fastcon.targets import Target, Teacher
     from fastcon.targets.wire import wire_args
 
     x, y = make_features(20, 20, 8)
@@ -255,7 +254,7 @@ def test_distill_clip_losses_compile_and_opcheck():
     leaves = [(2 * x).requires_grad_(), y.clone().requires_grad_(), torch.tensor(2.0, requires_grad=True)]
     assert_compiles_like_eager(step, leaves)
     ids = torch.arange(20)
-    target = Target(ids, ids, teacher_a=tx, teacher_b=ty, teacher_scale=torch.tensor(25.0), soft=1.0)
+    target = Target(ids, ids, teacher=Teacher(tx, ty, torch.tensor(25.0)), soft=1.0)
     args = (x.clone().requires_grad_(), y.clone().requires_grad_(), torch.tensor(14.3, requires_grad=True),
             torch.tensor(0.0), *wire_args(target, 20, 20), "cpp", 0.1, True, 6, None)
     torch.library.opcheck(torch.ops.fastcon.target_pair_loss.default, args)

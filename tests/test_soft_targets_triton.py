@@ -69,12 +69,12 @@ def _soft_target(n, kind, case, seed=0):
     g = torch.Generator().manual_seed(seed)
     ta, tb = make_features(n, n, 6, seed=seed + 7)
     labels = torch.arange(n) % (n // 3 if case == "labels" else n)
-    fields = dict(row_ids=labels, col_ids=labels, teacher_a=ta, teacher_b=tb)
+    fields = dict(row_ids=labels, col_ids=labels)
     if kind == "softmax":
-        fields.update(teacher_scale=torch.tensor(9.0), soft=0.4, hard=0.6 if case != "labels" else None,
-                      entropy=True)
+        fields.update(teacher=T.Teacher(ta, tb, torch.tensor(9.0)), soft=0.4,
+                      hard=0.6 if case != "labels" else None, entropy=True)
     else:  # a linear teacher with an eps large enough that the rows' mass is visibly below 1
-        fields.update(teacher_kind=T.TEACHER_LINEAR, teacher_c0=0.5, teacher_c1=0.5, teacher_eps=0.5, soft=1.0,
+        fields.update(teacher=T.Teacher(ta, tb, kind=T.TEACHER_LINEAR, c0=0.5, c1=0.5, eps=0.5), soft=1.0,
                       hard=0.0)
     excl = torch.randint(0, n, (n,), generator=g)
     excl[labels[excl] == labels] = -1  # never one of the row's positives

@@ -6,7 +6,7 @@ import torch
 
 from fastcon.kernels import cpp
 from fastcon.targets import wire
-from fastcon.targets import Target
+from fastcon.targets import Target, Teacher
 
 
 @pytest.mark.skipif(not cpp.AVAILABLE, reason=f"C++ extension unavailable: {cpp.REASON}")
@@ -18,7 +18,9 @@ def _same(t, u):
     for f in t._fields:
         a, b = getattr(t, f), getattr(u, f)
         assert (a is None) == (b is None), f
-        if isinstance(a, torch.Tensor):
+        if isinstance(a, Teacher):
+            _same(a, b)
+        elif isinstance(a, torch.Tensor):
             assert torch.equal(a, b), f
         else:
             assert a == b, f
@@ -42,6 +44,10 @@ def test_pack_fills_defaults_and_unpack_gives_the_target_back():
     _same(full, wire.unpack(wire.pack(full, 5, 7)))
     grouped = Target(ids, ids, row_group=torch.tensor([0, 0, 1, 1, 2]))
     _same(grouped, wire.unpack(wire.pack(grouped, 5, 5)))
+    ta, tb = torch.randn(5, 3), torch.randn(5, 3)
+    for teacher in (Teacher(ta, tb, torch.tensor(9.0)), Teacher(ta, tb, kind=1, c0=0.5, c1=0.25, eps=1e-3)):
+        soft = Target(ids, ids, teacher=teacher, soft=0.6, hard=0.4, entropy=True)
+        _same(soft, wire.unpack(wire.pack(soft, 5, 5)))
 
 
 def test_from_wire_rejects_a_malformed_target():

@@ -8,7 +8,7 @@ import torch
 
 from .. import reference
 from .._validation import check_features, check_label_smoothing, check_scalar
-from ..targets import Target
+from ..targets import TEACHER_LINEAR, Target, Teacher
 from ..ops import target_engine_loss
 from ._checks import check_chunk_size, check_common, check_modes, distributed_setup
 
@@ -109,22 +109,22 @@ def distill_loss(
             temperature=temperature).to(image_features.dtype)
     acc = torch.promote_types(image_features.dtype, torch.float32)
     dev = image_features.device
-    numbers = {}  # the target's numbers and the teacher's scale, by kind
+    # the teacher's scale or weights, and the target's soft-target numbers, by kind
     if kind == "clip":
-        numbers = dict(teacher_scale=teacher_scale.detach().to(device=dev, dtype=acc).reshape(()), soft=1.0)
+        teacher, numbers = dict(scale=teacher_scale.detach().to(device=dev, dtype=acc).reshape(())), dict(soft=1.0)
     elif kind == "hycd":
         scale = torch.tensor(1.0 / temperature, dtype=acc, device=dev)
-        numbers = dict(teacher_scale=scale, soft=1.0 - alpha, hard=alpha, entropy=True)
+        teacher, numbers = dict(scale=scale), dict(soft=1.0 - alpha, hard=alpha, entropy=True)
     else:  # CWCL's weights between the frozen modality's (unit) rows, for both directions
         tx = ty = torch.nn.functional.normalize(ty, dim=1)
-        numbers = dict(teacher_kind=1, teacher_c0=0.5, teacher_c1=0.5, teacher_eps=1e-8, soft=1.0)
+        teacher, numbers = dict(kind=TEACHER_LINEAR, c0=0.5, c1=0.5, eps=1e-8), dict(soft=1.0)
     post = temperature ** 2 if kind == "hycd" else 1.0
     if group is not None:
-        return post * _distill_distributed(image_features, text_features, scale, tx, ty, numbers, group=group,
+        return post * _distill_distributed(image_features, text_features, scale, tx, ty, teacher, numbers, group=group,
                                            local_loss=local_loss, gather_with_grad=gather_with_grad,
                                            backend=backend, chunk_size=chunk_size)
     ids = torch.arange(image_features.shape[0], device=dev)
-    target = Target(ids, ids, teacher_a=tx, teacher_b=ty, **numbers)
+    target = Target(ids, ids, teacher=Teacher(tx, ty, **teacher), **numbers)
     return post * target_engine_loss(image_features, text_features, scale, None, target, symmetric=True,
                                      backend=backend, chunk_size=chunk_size)
 
@@ -149,13 +149,14 @@ def distill_clip_losses(image_features, text_features, logit_scale, teacher_imag
     dev = image_features.device
     acc = torch.promote_types(image_features.dtype, torch.float32)
     ids = torch.arange(image_features.shape[0], device=dev)
-    target = Target(ids, ids, teacher_a=tx, teacher_b=ty,
-                    teacher_scale=teacher_scale.detach().to(device=dev, dtype=acc).reshape(()), soft=1.0)
+    target = Target(ids, ids, teacher=Teacher(tx, ty, teacher_scale.detach().to(device=dev, dtype=acc).reshape(())),
+                    soft=1.0)
     return target_pair_engine_loss(image_features, text_features, scale, None, target, label_smoothing=eps,
                                    backend=backend, chunk_size=chunk_size)
 
 
-def _distill_distributed(x, y, scale, tx, ty, numbers, *, group, local_loss, gather_with_grad, backend, chunk_size):
+def _distill_distributed(x, y, scale, tx, ty, teacher, numbers, *, group, local_loss, gather_with_grad, backend,
+                         chunk_size):
     """distill_loss on W ranks in open_clip's modes: ``local_loss=False``, the loss of the global batch
     on every rank (this rank's rows against the gathered columns, the column statistics of the
     student and of the teacher merged across ranks); ``local_loss=True``, open_clip's local form
@@ -168,14 +169,14 @@ def _distill_distributed(x, y, scale, tx, ty, numbers, *, group, local_loss, gat
     ids = torch.arange(world * n, device=x.device)
     all_tx, all_ty = all_gather_no_grad(tx, group), all_gather_no_grad(ty, group)
     if not local_loss:
-        target = Target(ids, ids, teacher_a=all_tx, teacher_b=all_ty, **numbers)
+        target = Target(ids, ids, teacher=Teacher(all_tx, all_ty, **teacher), **numbers)
         return target_loss_global(x, [y], scale, None, target, group=group, label_smoothing=0.0, symmetric=True,
                                   backend=backend, chunk_size=chunk_size, gather_with_grad=gather_with_grad)
     gather = all_gather_with_grad if gather_with_grad else all_gather_no_grad
     all_x, all_y = gather(x, group), gather(y, group)
     r0, r1 = rank * n, (rank + 1) * n
-    i2t = rows_of(Target(ids, ids, teacher_a=all_tx, teacher_b=all_ty, **numbers), r0, r1)
-    t2i = rows_of(Target(ids, ids, teacher_a=all_ty, teacher_b=all_tx, **numbers), r0, r1)
+    i2t = rows_of(Target(ids, ids, teacher=Teacher(all_tx, all_ty, **teacher), **numbers), r0, r1)
+    t2i = rows_of(Target(ids, ids, teacher=Teacher(all_ty, all_tx, **teacher), **numbers), r0, r1)
     kw = dict(symmetric=False, backend=backend, chunk_size=chunk_size)
     return (target_engine_loss(x, all_y, scale, None, i2t, **kw) + target_engine_loss(y, all_x, scale, None, t2i, **kw)) / 2
 

@@ -121,11 +121,11 @@ def _soft_args(a, target, teacher_norms=None, row_mass=None, col_mass=None, coun
     norms = (None, None) if teacher_norms is None else teacher_norms
     entropy = bool(target.entropy) and counts is not None  # pass 1's term (pass 2 has no use for it)
     counts = (None, None) if counts is None else counts
-    teacher = [t.to(a.dtype).contiguous() for t in (target.teacher_a, target.teacher_b)]
-    tensors = [*teacher, *norms, *counts, row_mass, col_mass]
-    linear = target.teacher_kind == TEACHER_LINEAR
-    scale = 1.0 if linear else float(target.teacher_scale)
-    numbers = [float(target.soft), float(linear), scale, float(target.teacher_c0), float(target.teacher_c1),
+    t = target.teacher
+    tensors = [t.a.to(a.dtype).contiguous(), t.b.to(a.dtype).contiguous(), *norms, *counts, row_mass, col_mass]
+    linear = t.kind == TEACHER_LINEAR
+    scale = 1.0 if linear else float(t.scale)
+    numbers = [float(target.soft), float(linear), scale, float(t.c0), float(t.c1),
                float(hard_weight(target, 0.0)), float(entropy)]
     return tensors, numbers
 

@@ -151,7 +151,7 @@ def teacher_probs(target, t, keep, row_norm, col_norm):
     dropped ones)."""
     from ..targets import TEACHER_LINEAR
 
-    linear = target.teacher_kind == TEACHER_LINEAR
+    linear = target.teacher.kind == TEACHER_LINEAR
     f32 = t.dtype
     if linear:
         row = t / row_norm[:, None].to(f32)

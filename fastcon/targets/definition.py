@@ -6,7 +6,7 @@ which softmax row i belongs to. Everything but the optional dense mask is O(N) m
 
     Target(row_ids, col_ids, exclude_col, col_keep, pair_offset, margin,
            row_group, row_owner, col_owner, own_rule, col_range,
-           penalty, penalty_cols, penalty_mode, mask, penalty_rows)
+           penalty, penalty_cols, penalty_mode, mask, penalty_rows, teacher, soft, hard, entropy)
 
 * positives by id: ``row_ids`` (Na, int64; −1: the row has no positive of its own) and ``col_ids``
   (Nb, int64; −1: never a positive): column j is a positive of row i when ``col_ids[j] ==
@@ -31,6 +31,10 @@ which softmax row i belongs to. Everything but the optional dense mask is O(N) m
 * ``mask`` (Na, Nb, bool): a dense keep mask, the one O(N²) input, for users who have one;
 * ``row_group`` (Na, int64 in [0, G)): rows of one group share one softmax (a joint partition over
   several products stacked as rows); None: every row is its own group.
+* soft targets: ``teacher`` (a ``Teacher``: its features and its softmax scale or linear weights)
+  gives a tile Qt beside the student's, and each row's targets are ``Q = hard·[pos]/|P| + ε/|K| +
+  soft·Qt`` (``hard`` None: what ``soft`` and the smoothing ε leave), with ``entropy`` adding the
+  ``Σ Q·log Q`` term of a KL divergence.
 
 Positives are kept columns by definition (a dropped column is never a positive). The loss of a group g
 (docs/losses.md §2.1) is ``LSE_{K_g}(S) − (1−ε)·mean_{P_g} S − ε·mean_{K_g} S`` over the kept pairs
@@ -42,6 +46,20 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+
+class Teacher(NamedTuple):
+    """The teacher tile of soft targets, computed beside the student's chunk (no gradient):
+    ``kind`` 0 (softmax teacher) gives logits ``scale·A_t·B_tᵀ`` whose row (column) softmax is Qt;
+    ``kind`` 1 (linear teacher) gives weights ``c0 + c1·A_t·B_tᵀ`` normalised by their kept row
+    (column) sums plus ``eps``. ``a`` is (Na, Dt), ``b`` (Nb, Dt); ``scale`` a 0-d tensor (softmax)."""
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: Optional[torch.Tensor] = None
+    kind: int = 0
+    c0: float = 0.0
+    c1: float = 1.0
+    eps: float = 0.0
+
 
 class Target(NamedTuple):
     row_ids: torch.Tensor
@@ -60,20 +78,14 @@ class Target(NamedTuple):
     penalty_mode: int = 0
     mask: Optional[torch.Tensor] = None
     penalty_rows: Optional[torch.Tensor] = None
-    # soft targets from a teacher tile (torch backend): Q = hard·[pos]/|P| + ε/|K| + soft·Qt
-    teacher_a: Optional[torch.Tensor] = None
-    teacher_b: Optional[torch.Tensor] = None
-    teacher_scale: Optional[torch.Tensor] = None
+    # soft targets: Q = hard·[pos]/|P| + ε/|K| + soft·Qt, Qt from the teacher's tile
+    teacher: Optional[Teacher] = None
     soft: float = 0.0
     hard: Optional[float] = None
-    teacher_kind: int = 0
-    teacher_c0: float = 0.0
-    teacher_c1: float = 1.0
-    teacher_eps: float = 0.0
     entropy: bool = False
 
 
-TEACHER_LINEAR = 1  # teacher_kind: 0 a softmax teacher, 1 a linear one
+TEACHER_LINEAR = 1  # Teacher.kind: 0 a softmax teacher, 1 a linear one
 
 
 def hard_weight(target: Target, eps: float) -> float:
@@ -86,10 +98,11 @@ def teacher_chunk(target: Target, r0: int, r1: int, c0: int, c1: int) -> torch.T
     ``s_t·A_t·B_tᵀ`` (softmax teacher) or weights ``c0 + c1·A_t·B_tᵀ`` (linear teacher)."""
     from ..kernels._common import mm_acc
 
-    dot = mm_acc(target.teacher_a[r0:r1], target.teacher_b[c0:c1].T)
-    if target.teacher_kind == TEACHER_LINEAR:
-        return dot.mul_(target.teacher_c1).add_(target.teacher_c0)
-    return dot.mul_(target.teacher_scale)
+    t = target.teacher
+    dot = mm_acc(t.a[r0:r1], t.b[c0:c1].T)
+    if t.kind == TEACHER_LINEAR:
+        return dot.mul_(t.c1).add_(t.c0)
+    return dot.mul_(t.scale)
 
 
 def column_span(target: Target, r0: int, r1: int, nb: int):
@@ -178,14 +191,15 @@ def chunk_logits(target: Target, dot: torch.Tensor, scale, bias, penalised) -> t
 
 def rows_of(target: Target, r0: int, r1: int) -> Target:
     """The target of rows [r0, r1) only (its columns unchanged): a rank's share of a global target."""
-    row_fields = ("row_ids", "exclude_col", "row_group", "row_owner", "own_rule", "col_range", "mask", "penalty_rows",
-                  "teacher_a")
+    row_fields = ("row_ids", "exclude_col", "row_group", "row_owner", "own_rule", "col_range", "mask", "penalty_rows")
+    teacher = target.teacher
+    if teacher is not None:
+        teacher = teacher._replace(a=teacher.a[r0:r1])
     return target._replace(**{f: getattr(target, f)[r0:r1] for f in row_fields if getattr(target, f) is not None},
-                           pair_offset=target.pair_offset + r0)
+                           pair_offset=target.pair_offset + r0, teacher=teacher)
 
 
 def teacher_target(target: Target) -> Target:
     """The target of the teacher's pass: the student's kept pairs and positives, without the hardness
     penalty (a teacher's logits are its own) and without soft fields."""
-    return target._replace(penalty=0.0, teacher_a=None, teacher_b=None, teacher_scale=None, soft=0.0, hard=None,
-                           entropy=False)
+    return target._replace(penalty=0.0, teacher=None, soft=0.0, hard=None, entropy=False)

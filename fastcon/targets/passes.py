@@ -140,9 +140,10 @@ def loss_and_weights(target: Target, st: TargetStats, eps: float, symmetric: boo
 
     # a linear teacher normalised with an eps leaves each row's soft mass 1 − eps/norm
     row_mass = col_mass = None
-    if soft and target.teacher_kind == TEACHER_LINEAR and target.teacher_eps:
-        row_mass = 1.0 - soft * target.teacher_eps / st.t_row_norm
-        col_mass = None if st.t_col_norm is None else 1.0 - soft * target.teacher_eps / st.t_col_norm
+    t_eps = target.teacher.eps if soft and target.teacher.kind == TEACHER_LINEAR else 0.0
+    if t_eps:
+        row_mass = 1.0 - soft * t_eps / st.t_row_norm
+        col_mass = None if st.t_col_norm is None else 1.0 - soft * t_eps / st.t_col_norm
 
     def terms(lse, n_pos, n_keep, sum_pos, sum_keep, cross=None, ent=None, mass=None):
         out = lse if mass is None else lse * mass
@@ -201,13 +202,13 @@ def teacher_stats(teacher_pass, target: Target, symmetric: bool, chunk_rows: int
 
     if target.margin is not None:
         raise ValueError("soft targets do not combine with the margin rule (it reads the student's similarities)")
-    ta = target.teacher_a
-    acc = acc_dtype(ta.dtype)
-    linear = target.teacher_kind == TEACHER_LINEAR
-    number = lambda v: torch.tensor(float(v), dtype=acc, device=ta.device)  # noqa: E731
-    scale = number(target.teacher_c1) if linear else target.teacher_scale.to(acc).reshape(())
-    bias = number(target.teacher_c0 if linear else 0.0)
-    st, _ = teacher_pass(ta, target.teacher_b, scale, bias, teacher_target(target), symmetric, linear, chunk_rows, 0)
+    t = target.teacher
+    acc = acc_dtype(t.a.dtype)
+    linear = t.kind == TEACHER_LINEAR
+    number = lambda v: torch.tensor(float(v), dtype=acc, device=t.a.device)  # noqa: E731
+    scale = number(t.c1) if linear else t.scale.to(acc).reshape(())
+    bias = number(t.c0 if linear else 0.0)
+    st, _ = teacher_pass(t.a, t.b, scale, bias, teacher_target(target), symmetric, linear, chunk_rows, 0)
     return st
 
 
@@ -215,8 +216,9 @@ def teacher_norms(target: Target, st: TargetStats, symmetric: bool) -> TeacherNo
     """The teacher's normalisers from its pass's statistics (``teacher_stats``, with the columns of
     every rank merged in a distributed loss)."""
     f64 = torch.float64
-    if target.teacher_kind == TEACHER_LINEAR:
-        row, col = st.row_sum_keep.to(f64) + target.teacher_eps, st.col_sum_keep.to(f64) + target.teacher_eps
+    t = target.teacher
+    if t.kind == TEACHER_LINEAR:
+        row, col = st.row_sum_keep.to(f64) + t.eps, st.col_sum_keep.to(f64) + t.eps
     else:
         row, col = st.row_lse, st.col_lse
     return TeacherNorms(row, col if symmetric else None, st.row_pos, st.col_pos)

@@ -99,17 +99,18 @@ def pack(target, na: int, nb: int) -> WireTarget:
     numbers[NUM_PENALTY_MODE] = float(target.penalty_mode)
     numbers[NUM_SOFT] = float(target.soft)
     numbers[NUM_HARD] = _nan(target.hard)
-    numbers[NUM_TEACHER_KIND] = float(target.teacher_kind)
-    numbers[NUM_C0], numbers[NUM_C1] = float(target.teacher_c0), float(target.teacher_c1)
-    numbers[NUM_EPS] = float(target.teacher_eps)
+    t = target.teacher
+    if t is not None:
+        numbers[NUM_TEACHER_KIND] = float(t.kind)
+        numbers[NUM_C0], numbers[NUM_C1], numbers[NUM_EPS] = float(t.c0), float(t.c1), float(t.eps)
     numbers[NUM_ENTROPY] = float(bool(target.entropy))
     numbers[NUM_FLAGS] = float(flags)
-    return WireTarget(rows, cols, numbers, target.mask, target.teacher_a, target.teacher_b, target.teacher_scale)
+    return WireTarget(rows, cols, numbers, target.mask, *((t.a, t.b, t.scale) if t is not None else (None,) * 3))
 
 
 def unpack(packed: WireTarget):
     """The ``targets.Target`` that ``pack`` wrote (absent fields None again)."""
-    from .definition import Target
+    from .definition import Target, Teacher
 
     rows, cols, n = packed.rows, packed.cols, packed.numbers
     given = {f: packed.has(bit) for bit, f in _FLAG_FIELDS}
@@ -119,13 +120,13 @@ def unpack(packed: WireTarget):
               "penalty_cols": cols[:, COL_PENALTY].bool(), "penalty_rows": rows[:, ROW_PENALTY].bool()}
     fields = {f: (v.contiguous() if given[f] else None) for f, v in column.items()}
     margin, hard = n[NUM_MARGIN], n[NUM_HARD]
+    teacher = None if packed.teacher_a is None else Teacher(
+        packed.teacher_a, packed.teacher_b, packed.teacher_scale, int(n[NUM_TEACHER_KIND]), n[NUM_C0], n[NUM_C1],
+        n[NUM_EPS])
     return Target(rows[:, ROW_ID].contiguous(), cols[:, COL_ID].contiguous(), pair_offset=int(n[NUM_PAIR_OFFSET]),
                   margin=None if math.isnan(margin) else margin, penalty=n[NUM_PENALTY],
-                  penalty_mode=int(n[NUM_PENALTY_MODE]), mask=packed.mask, teacher_a=packed.teacher_a,
-                  teacher_b=packed.teacher_b, teacher_scale=packed.teacher_scale, soft=n[NUM_SOFT],
-                  hard=None if math.isnan(hard) else hard, teacher_kind=int(n[NUM_TEACHER_KIND]),
-                  teacher_c0=n[NUM_C0], teacher_c1=n[NUM_C1], teacher_eps=n[NUM_EPS],
-                  entropy=bool(n[NUM_ENTROPY]), **fields)
+                  penalty_mode=int(n[NUM_PENALTY_MODE]), mask=packed.mask, teacher=teacher, soft=n[NUM_SOFT],
+                  hard=None if math.isnan(hard) else hard, entropy=bool(n[NUM_ENTROPY]), **fields)
 
 
 def wire_args(target, na: int, nb: int):

@@ -320,7 +320,7 @@ class _Teacher:
         from ...targets import TEACHER_LINEAR
 
         self.soft = bool(target.soft)
-        self.linear = self.soft and target.teacher_kind == TEACHER_LINEAR
+        self.linear = self.soft and target.teacher.kind == TEACHER_LINEAR
         self.device = device
         self.target = target
         self.row_norm = self.col_norm = None
@@ -333,21 +333,21 @@ class _Teacher:
         """The teacher's dot products of rows [r0, r1) × columns [c0, c1) (fp32), or a dummy."""
         if not self.soft:
             return torch.zeros((1, 1), dtype=torch.float32, device=self.device)
-        t = self.target
-        return mm_acc(t.teacher_a[r0:r1], t.teacher_b[c0:c1].T).float()
+        t = self.target.teacher
+        return mm_acc(t.a[r0:r1], t.b[c0:c1].T).float()
 
     def numbers(self, penalty: float, w_row: float = 0.0, g_scale: float = 1.0):
         """The numbers of a launch (``tiles.NUM_*``, fp32 on the device; the teacher's scale copied
         there, never read on the host)."""
-        t = self.target
-        c0, c1, soft = (float(t.teacher_c0), float(t.teacher_c1), float(t.soft)) if self.soft else (0.0, 1.0, 0.0)
+        t = self.target.teacher
+        c0, c1, soft = (float(t.c0), float(t.c1), float(self.target.soft)) if self.soft else (0.0, 1.0, 0.0)
         out = torch.tensor([0.0] * int(NUM_WIDTH), dtype=torch.float32)
         for col, value in ((NUM_PENALTY, penalty), (NUM_W_ROW, w_row), (NUM_G_SCALE, g_scale), (NUM_T_C0, c0),
                            (NUM_T_C1, c1), (NUM_SOFT, soft), (NUM_T_SCALE, 1.0)):
             out[int(col)] = value
         out = out.to(self.device)
         if self.soft and not self.linear:
-            out[int(NUM_T_SCALE)] = t.teacher_scale.detach().reshape(())
+            out[int(NUM_T_SCALE)] = t.scale.detach().reshape(())
         return out
 
     def terms(self, symmetric: bool, **more) -> int:
