@@ -8,7 +8,7 @@ TRITON_SPEC ?= triton
 STAMP := $(VENV)/.fastcon-installed
 EXT_SOURCES := $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: install test test-avx2 test-peers test-gpu gpu-wheels bench bench-ci wheel-check clean
+.PHONY: install test test-avx2 test-peers test-gpu sweep-dry-run gpu-wheels bench bench-ci wheel-check clean
 
 $(VENV)/.deps-installed:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -93,6 +93,14 @@ bench-ci: $(STAMP)
 		compare="--benchmark-compare --benchmark-compare-fail=min:15%"; fi; \
 	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-storage=file://.benchmarks --benchmark-autosave \
 		--benchmark-columns=median,iqr,min,max,rounds $$compare
+
+# Every stage of benchmarks/gpu_sweep.sh on the CPU (Triton under the interpreter, tiny shapes): the
+# files of the real run, and a non-zero exit where a stage failed. CI runs it before the GPU does.
+SWEEP_DRY_OUT ?= build/sweep-dry-run
+sweep-dry-run: $(STAMP)
+	rm -rf $(SWEEP_DRY_OUT)
+	PYTHON=$(abspath $(PY)) bash benchmarks/gpu_sweep.sh --dry-run $(SWEEP_DRY_OUT)
+	$(PY) -m fastcon.bench decide $(SWEEP_DRY_OUT) >/dev/null
 
 # The peers' wheels for benchmarks/gpu_sweep.sh on a GPU machine without network (WHEELS=that folder
 # there); --no-deps: the machine's own torch and triton stay.

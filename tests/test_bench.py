@@ -261,3 +261,66 @@ def test_siglip_kernel_is_a_gpu_siglip_peer():
     assert not ok and "no clip loss" in why
     ok, why = providers.availability("siglip_kernel", "siglip", "cpu")
     assert not ok and ("GPU" in why or "not installed" in why)
+
+
+# ---------------------------------------------------------------------------------------------------
+# fastcon-bench decide: the verdicts on auto's open choices from rows of known times
+
+def _row(provider, loss, ms, mib, dim=256, producer="auto", **kw):
+    return dict(dict(provider=provider, loss=loss, batch=32768, dim=dim, dtype="bfloat16", mode="full",
+                     device="cuda", device_name="GPU", status="ok", median_ms=ms, peak_mib=mib,
+                     triton_producer=producer), **kw)
+
+
+def _decide(tmp_path, rows, *extra):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows))
+    from fastcon.bench.decide import main
+
+    return main([str(tmp_path), *extra])
+
+
+def test_decide_takes_the_fused_kernels_only_where_they_win_every_case(tmp_path, capsys):
+    rows = [_row("fastcon-triton", "ntxent", 10.0, 100), _row("fastcon-triton_fused", "ntxent", 8.0, 105),
+            _row("fastcon-triton", "clip_labels", 10.0, 100), _row("fastcon-triton_fused", "clip_labels", 9.0, 90),
+            # D = 768: fused slower once: no verdict there
+            _row("fastcon-triton", "ntxent", 10.0, 100, dim=768),
+            _row("fastcon-triton_fused", "ntxent", 12.0, 90, dim=768),
+            _row("fastcon-triton", "mnrl", 10.0, 100, dim=768), _row("fastcon-triton_fused", "mnrl", 5.0, 90, dim=768),
+            # a failed alternative is no measurement
+            _row("fastcon-triton", "distill", 10.0, 100, dim=64), _row("fastcon-triton_fused", "distill", 1.0, 1,
+                                                                        dim=64, status="oom")]
+    assert _decide(tmp_path, rows) == 0
+    out = capsys.readouterr().out
+    fused = out.split("## Soft targets")[0]
+    assert "GPU, bfloat16, D 129-256 (2 cases): fused wins every case: make it auto's choice" in fused
+    assert "GPU, bfloat16, D 513-1024 (2 cases): mixed: no verdict" in fused
+    assert "D 1-64" not in fused
+    assert "No case measured both (cuBLAS and matmul)" in out
+
+
+def test_decide_weighs_memory_and_the_margin(tmp_path, capsys):
+    # matmul 3% faster: below the 5% margin; with --margin 0.01 it wins, unless it takes 20% more memory
+    rows = [_row("fastcon", "distill", 10.0, 100, dim=768), _row("fastcon-triton", "distill", 9.7, 100, dim=768,
+                                                                  producer="matmul")]
+    _decide(tmp_path, rows)
+    assert "mixed: no verdict" in capsys.readouterr().out
+    _decide(tmp_path, rows, "--margin", "0.01")
+    assert "matmul wins every case: make it auto's choice" in capsys.readouterr().out
+    rows[1]["peak_mib"] = 120
+    _decide(tmp_path, rows, "--margin", "0.01")
+    assert "mixed: no verdict" in capsys.readouterr().out
+    rows[1]["median_ms"] = 11.0
+    _decide(tmp_path, rows)
+    assert "cuBLAS wins every case: keep auto's choice" in capsys.readouterr().out
+
+
+def test_decide_rejects_what_it_cannot_read(tmp_path):
+    from fastcon.bench.decide import main
+
+    for args in ([str(tmp_path)], [str(tmp_path / "missing.json")], [str(tmp_path), "--margin", "1.5"]):
+        with pytest.raises(SystemExit):  # an empty folder, a missing file, a margin out of range
+            main(args)
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="JSON list"):
+        main([str(tmp_path / "bad.json")])

@@ -5,6 +5,7 @@
     fastcon-bench summary FILES         the README's fastcon-vs-peers tables from --json files
     fastcon-bench peak                  the device's dense matrix-product throughput
     fastcon-bench plan                  the engine's chunk plan on a GPU and its roofline time (an estimate)
+    fastcon-bench decide OUT_DIR        which of auto's open choices a GPU sweep's rows support
 
 Each case runs in a fresh subprocess, so that one case's memory cannot hide in another's and an
 out-of-memory case becomes a row (status ``oom``) instead of ending the sweep. In it: one call whose
@@ -67,6 +68,7 @@ def _meta(device: str) -> dict:
     return {"device_name": device_name(torch.device(device)), "fastcon_version": fastcon.__version__,
             "torch": torch.__version__, "triton": _version("triton"), "cuda": torch.version.cuda,
             "python": platform.python_version(), "git_sha": _git_sha(), "device": device,
+            "triton_producer": os.environ.get("FASTCON_TRITON_PRODUCER") or "auto",
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -387,4 +389,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .plan import main as plan_main
 
         return plan_main(argv[1:])
+    if command == "decide":
+        from .decide import main as decide_main
+
+        return decide_main(argv[1:])
     return _run_main(argv[1:] if command == "run" else argv)
