@@ -8,12 +8,13 @@ TRITON_SPEC ?= triton
 STAMP := $(VENV)/.fastcon-installed
 EXT_SOURCES := $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: install test test-avx2 test-peers test-gpu sweep-dry-run gpu-wheels bench bench-ci wheel-check clean
+.PHONY: install test test-avx2 test-peers test-gpu test-gate-gpu-image sweep-dry-run gpu-wheels bench bench-ci \
+	wheel-check clean
 
 $(VENV)/.deps-installed:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q "$(TRITON_SPEC)" numpy pytest ninja setuptools wheel build matplotlib
+	$(PY) -m pip install -q "$(TRITON_SPEC)" numpy pytest pytest-xdist ninja setuptools wheel build matplotlib
 	# open_clip without its vision dependencies: tests/test_modules.py checks the modules against its
 	# loss module (loaded without importing the package), and `make bench` compares against it.
 	$(PY) -m pip install -q --no-deps open-clip-torch
@@ -33,8 +34,12 @@ install: $(STAMP)
 # The Triton kernels run on the CPU through the interpreter here (tests marked `interpreter`); on a
 # GPU machine use `make test-gpu` for the CUDA tests.
 TRITON_INTERPRET ?= 1
+# The suite on TEST_WORKERS processes (pytest-xdist), a test file per process at a time: the
+# interpreter's tests are single-threaded Python, so two workers take about half the time on 2 cores.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	TRITON_INTERPRET=$(TRITON_INTERPRET) HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests --ignore=tests/test_lightly.py
+	TRITON_INTERPRET=$(TRITON_INTERPRET) HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests \
+		--ignore=tests/test_lightly.py
 	$(MAKE) test-peers
 
 # The C++ tests on the AVX2 clone of the epilogue kernels (what an AVX2-only CPU runs), on any x86-64
@@ -93,6 +98,22 @@ bench-ci: $(STAMP)
 		compare="--benchmark-compare --benchmark-compare-fail=min:15%"; fi; \
 	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-storage=file://.benchmarks --benchmark-autosave \
 		--benchmark-columns=median,iqr,min,max,rounds $$compare
+
+# The compile gate (tests/test_triton_compile.py) under the GPU machine's Triton, 3.6.0 (the one
+# torch 2.11 pins), for its chip, sm_90: what that machine would compile, without it. Compiling needs
+# Triton alone, so the torch on disk serves beside it; the gate checks that release's own tables
+# (fastcon/kernels/triton/configs.py, RELEASE_TABLES). GATE_CAPS=80,90 adds the A100's chip.
+GATE_VENV ?= .venv-triton36
+GATE_TRITON_SPEC ?= triton==3.6.0
+GATE_CAPS ?= 90
+$(GATE_VENV)/.deps-installed:
+	test -x $(GATE_VENV)/bin/python || $(PYTHON) -m venv $(GATE_VENV)
+	$(GATE_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "$(GATE_TRITON_SPEC)" numpy pytest
+	touch $@
+
+test-gate-gpu-image: $(GATE_VENV)/.deps-installed $(STAMP)
+	env -u TRITON_INTERPRET FASTCON_GATE_CAPS=$(GATE_CAPS) PYTHONPATH=$(CURDIR) $(GATE_VENV)/bin/python -m pytest -q \
+		-p no:cacheprovider tests/test_triton_compile.py
 
 # Every stage of benchmarks/gpu_sweep.sh on the CPU (Triton under the interpreter, tiny shapes): the
 # files of the real run, and a non-zero exit where a stage failed. CI runs it before the GPU does.

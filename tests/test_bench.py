@@ -266,7 +266,7 @@ def test_siglip_kernel_is_a_gpu_siglip_peer():
 # ---------------------------------------------------------------------------------------------------
 # fastcon-bench decide: the verdicts on auto's open choices from rows of known times
 
-def _row(provider, loss, ms, mib, dim=256, producer="auto", **kw):
+def _decide_row(provider, loss, ms, mib, dim=256, producer="auto", **kw):
     return dict(dict(provider=provider, loss=loss, batch=32768, dim=dim, dtype="bfloat16", mode="full",
                      device="cuda", device_name="GPU", status="ok", median_ms=ms, peak_mib=mib,
                      triton_producer=producer), **kw)
@@ -281,15 +281,18 @@ def _decide(tmp_path, rows, *extra):
 
 
 def test_decide_takes_the_fused_kernels_only_where_they_win_every_case(tmp_path, capsys):
-    rows = [_row("fastcon-triton", "ntxent", 10.0, 100), _row("fastcon-triton_fused", "ntxent", 8.0, 105),
-            _row("fastcon-triton", "clip_labels", 10.0, 100), _row("fastcon-triton_fused", "clip_labels", 9.0, 90),
+    rows = [_decide_row("fastcon-triton", "ntxent", 10.0, 100),
+            _decide_row("fastcon-triton_fused", "ntxent", 8.0, 105),
+            _decide_row("fastcon-triton", "clip_labels", 10.0, 100),
+            _decide_row("fastcon-triton_fused", "clip_labels", 9.0, 90),
             # D = 768: fused slower once: no verdict there
-            _row("fastcon-triton", "ntxent", 10.0, 100, dim=768),
-            _row("fastcon-triton_fused", "ntxent", 12.0, 90, dim=768),
-            _row("fastcon-triton", "mnrl", 10.0, 100, dim=768), _row("fastcon-triton_fused", "mnrl", 5.0, 90, dim=768),
+            _decide_row("fastcon-triton", "ntxent", 10.0, 100, dim=768),
+            _decide_row("fastcon-triton_fused", "ntxent", 12.0, 90, dim=768),
+            _decide_row("fastcon-triton", "mnrl", 10.0, 100, dim=768),
+            _decide_row("fastcon-triton_fused", "mnrl", 5.0, 90, dim=768),
             # a failed alternative is no measurement
-            _row("fastcon-triton", "distill", 10.0, 100, dim=64), _row("fastcon-triton_fused", "distill", 1.0, 1,
-                                                                        dim=64, status="oom")]
+            _decide_row("fastcon-triton", "distill", 10.0, 100, dim=64),
+            _decide_row("fastcon-triton_fused", "distill", 1.0, 1, dim=64, status="oom")]
     assert _decide(tmp_path, rows) == 0
     out = capsys.readouterr().out
     fused = out.split("## Soft targets")[0]
@@ -301,8 +304,8 @@ def test_decide_takes_the_fused_kernels_only_where_they_win_every_case(tmp_path,
 
 def test_decide_weighs_memory_and_the_margin(tmp_path, capsys):
     # matmul 3% faster: below the 5% margin; with --margin 0.01 it wins, unless it takes 20% more memory
-    rows = [_row("fastcon", "distill", 10.0, 100, dim=768), _row("fastcon-triton", "distill", 9.7, 100, dim=768,
-                                                                  producer="matmul")]
+    rows = [_decide_row("fastcon", "distill", 10.0, 100, dim=768),
+            _decide_row("fastcon-triton", "distill", 9.7, 100, dim=768, producer="matmul")]
     _decide(tmp_path, rows)
     assert "mixed: no verdict" in capsys.readouterr().out
     _decide(tmp_path, rows, "--margin", "0.01")

@@ -55,11 +55,26 @@ def launch(kernel):
     """``kernel`` through ``torch.library.wrap_triton`` (torch >= 2.6), so that its launch is traced
     inside a ``triton_op`` under ``torch.compile`` and FakeTensor; in the eager body of a triton_op
     (and under ``direct_launches``) wrap_triton gives back the kernel itself. The kernel itself where
-    torch has no wrapper or the Triton interpreter runs it (the wrapper knows compiled kernels only)."""
+    torch has no wrapper or the Triton interpreter runs it (the wrapper knows compiled kernels only).
+    Every launch gets the installed Triton release's compile options (``configs.COMPILE_OPTIONS``,
+    such as a register limit; torch's wrapper and the interpreter both pass over backend options)."""
+    from .configs import COMPILE_OPTIONS
+
     wrap = getattr(torch.library, "wrap_triton", None)
-    if wrap is None or os.environ.get("TRITON_INTERPRET") == "1":
-        return kernel
-    return wrap(kernel)
+    if wrap is not None and os.environ.get("TRITON_INTERPRET") != "1":
+        kernel = wrap(kernel)
+    return _WithOptions(kernel, COMPILE_OPTIONS) if COMPILE_OPTIONS else kernel
+
+
+class _WithOptions:
+    """``kernel[grid](**kwargs)`` with ``options`` added to the keyword arguments of the launch."""
+
+    def __init__(self, kernel, options: dict):
+        self.kernel, self.options = kernel, options
+
+    def __getitem__(self, grid):
+        run = self.kernel[grid]
+        return lambda *args, **kwargs: run(*args, **self.options, **kwargs)
 
 
 def direct_launches():

@@ -190,6 +190,56 @@ FUSED_CONFIGS: dict[tuple[str, str, int], Config] = {
     ("target", "float32", 256): Config(block_m=32, block_n=16, num_warps=8, num_stages=2, block_k=32, block_d=128),
 }
 
+# ---------------------------------------------------------------------------- per Triton release
+def triton_release() -> tuple[int, int]:
+    """(major, minor) of the installed Triton, read from its package metadata (triton is not
+    imported); (0, 0) where it is not installed."""
+    try:
+        from importlib.metadata import version
+
+        major, minor = version("triton").split(".")[:2]
+        return int(major), int(minor)
+    except Exception:  # not installed, or a version string of another form
+        return (0, 0)
+
+
+# The tables above compile without spills under the newest Triton (3.9). A release whose compiler
+# allocates registers differently gets what it needs here, and the compile gate, which runs under the
+# installed Triton, checks that release's tables (tests/test_triton_compile.py; `make test-compat`
+# runs it under each tested release).
+#
+# Triton 3.6 (torch 2.11's) bundles ptxas 12.8, which without a register limit held 16 kernel
+# variants to 128 or 168 registers and spilled 8 to 80 B: every kernel is compiled there with
+# ``.maxnreg 255`` (``options``: passed at every launch by ``fastcon.kernels.triton.launch`` and by the
+# gate). Eleven variants still spilled on sm_80 at 255 registers; their families take smaller tiles or
+# more warps on 3.6 (each entry clean on sm_80 and sm_90, with wgmma on sm_90 where 3.9 has it):
+# SigLIP's bf16/fp16 matmul producer 64×64 over 8 warps (one program per SM, not two), the general
+# target's 64×32 tiles with hard targets and 64×16 with soft ones, and its fused tile kernels 64×16.
+RELEASE_TABLES: dict[tuple[int, int], dict] = {
+    (3, 6): dict(
+        options=dict(maxnreg=255),
+        matmul={
+            ("sigmoid", "half"): Config(block_m=64, block_n=64, num_warps=8, num_stages=3, block_k=64, occupancy=1),
+            ("target", "half"): Config(block_m=64, block_n=32, num_warps=8, num_stages=3, block_k=64, occupancy=1),
+            ("target_soft", "half"): Config(block_m=64, block_n=16, num_warps=8, num_stages=3, block_k=32,
+                                            occupancy=1),
+        },
+        candidates={
+            ("sigmoid", "half"): [Config(block_m=64, block_n=64, num_warps=8, num_stages=3, block_k=64, occupancy=1),
+                                  Config(block_m=128, block_n=64, num_warps=8, num_stages=2, block_k=64, occupancy=1)],
+        },
+        fused={("target", "half", bd): Config(block_m=64, block_n=16, num_warps=8, num_stages=3, block_k=32,
+                                              block_d=min(bd, 128)) for bd in FUSED_BLOCK_D},
+    ),
+}
+_RELEASE = RELEASE_TABLES.get(triton_release(), {})
+MATMUL_CONFIGS.update(_RELEASE.get("matmul", {}))
+MATMUL_CANDIDATES.update(_RELEASE.get("candidates", {}))
+FUSED_CONFIGS.update(_RELEASE.get("fused", {}))
+# Compile options of every kernel launch beyond its configuration (``launch`` adds them).
+COMPILE_OPTIONS: dict = dict(_RELEASE.get("options", {}))
+
+
 # ------------------------------------------------------------------------------------------- gemm
 class GemmConfig(NamedTuple):
     block_m: int
