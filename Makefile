@@ -8,7 +8,7 @@ TRITON_SPEC ?= triton
 STAMP := $(VENV)/.fastcon-installed
 EXT_SOURCES := $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: install test test-avx2 test-peers test-gpu test-gate-gpu-image sweep-dry-run gpu-wheels bench bench-ci \
+.PHONY: install test test-avx2 test-peers test-gpu test-gate-gpu-image test-compat sweep-dry-run gpu-wheels bench bench-ci \
 	wheel-check clean
 
 $(VENV)/.deps-installed:
@@ -108,12 +108,24 @@ GATE_TRITON_SPEC ?= triton==3.6.0
 GATE_CAPS ?= 90
 $(GATE_VENV)/.deps-installed:
 	test -x $(GATE_VENV)/bin/python || $(PYTHON) -m venv $(GATE_VENV)
-	$(GATE_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "$(GATE_TRITON_SPEC)" numpy pytest
+	# numpy < 2.4: Triton 3.6's interpreter turns one-element arrays into ints with int(), which numpy
+	# 2.4 refuses ("only 0-dimensional arrays can be converted"); the compiled path never meets it.
+	$(GATE_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "$(GATE_TRITON_SPEC)" "numpy<2.4" pytest
 	touch $@
 
 test-gate-gpu-image: $(GATE_VENV)/.deps-installed $(STAMP)
 	env -u TRITON_INTERPRET FASTCON_GATE_CAPS=$(GATE_CAPS) PYTHONPATH=$(CURDIR) $(GATE_VENV)/bin/python -m pytest -q \
 		-p no:cacheprovider tests/test_triton_compile.py
+
+# fastcon beside each tested (torch, triton) pair (.ci/compat.sh: a virtual environment per pair,
+# about 5 GB each with a CUDA build of torch, kept between runs): the import, the C++ extension built
+# against that torch, one CPU loss per family, interpreter tests of every kernel family and the compile
+# gate. Tested: the GPU machine's pair (torch 2.11.0, its Triton 3.6.0; numpy < 2.4 beside Triton 3.6,
+# see GATE_VENV above). The newest torch this machine installs, 2.14.1 with its Triton 3.8.0, passes
+# every step but the compile gate (19 kernel variants spill on sm_90: Triton 3.8 has no release table
+# yet): `bash .ci/compat.sh newest "torch==2.14.1" "triton==3.8.0"`.
+test-compat:
+	bash .ci/compat.sh gpu-image "torch==2.11.0" "triton==3.6.0" "numpy<2.4"
 
 # Every stage of benchmarks/gpu_sweep.sh on the CPU (Triton under the interpreter, tiny shapes): the
 # files of the real run, and a non-zero exit where a stage failed. CI runs it before the GPU does.
