@@ -121,11 +121,10 @@ test-gate-gpu-image: $(GATE_VENV)/.deps-installed $(STAMP)
 # about 5 GB each with a CUDA build of torch, kept between runs): the import, the C++ extension built
 # against that torch, one CPU loss per family, interpreter tests of every kernel family and the compile
 # gate. Tested: the GPU machine's pair (torch 2.11.0, its Triton 3.6.0; numpy < 2.4 beside Triton 3.6,
-# see GATE_VENV above). The newest torch this machine installs, 2.14.1 with its Triton 3.8.0, passes
-# every step but the compile gate (19 kernel variants spill on sm_90: Triton 3.8 has no release table
-# yet): `bash .ci/compat.sh newest "torch==2.14.1" "triton==3.8.0"`.
+# see GATE_VENV above) and the newest torch this machine installs with its Triton (2.14.1, 3.8.0).
 test-compat:
 	bash .ci/compat.sh gpu-image "torch==2.11.0" "triton==3.6.0" "numpy<2.4"
+	bash .ci/compat.sh newest "torch==2.14.1" "triton==3.8.0"
 
 # Every stage of benchmarks/gpu_sweep.sh on the CPU (Triton under the interpreter, tiny shapes): the
 # files of the real run, and a non-zero exit where a stage failed. CI runs it before the GPU does.

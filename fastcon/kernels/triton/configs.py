@@ -231,11 +231,36 @@ RELEASE_TABLES: dict[tuple[int, int], dict] = {
         fused={("target", "half", bd): Config(block_m=64, block_n=16, num_warps=8, num_stages=3, block_k=32,
                                               block_d=min(bd, 128)) for bd in FUSED_BLOCK_D},
     ),
+    # Triton 3.8 (torch 2.14's): the same register limit cleared 7 of the 19 variants that spilled on
+    # sm_90; the rest take: SigLIP's fp16 matmul producer 64×64 over 8 warps (its autotuning
+    # candidates spilled too), the general target's fp32 tiles 32×16 over 8 warps, the fused fp32
+    # rows and columns kernels 32×16 over 8 warps, the fused bf16/fp16 rows kernel at D <= 64 128×32,
+    # and late interaction's fp32 statistics over a 256-token side 16 rows a tile.
+    (3, 8): dict(
+        options=dict(maxnreg=255),
+        matmul={
+            ("sigmoid", "half"): Config(block_m=64, block_n=64, num_warps=8, num_stages=3, block_k=64, occupancy=1),
+            ("target", "float32"): Config(block_m=32, block_n=16, num_warps=8, num_stages=2, block_k=32,
+                                          occupancy=1),
+        },
+        candidates={
+            ("sigmoid", "half"): [Config(block_m=64, block_n=64, num_warps=8, num_stages=3, block_k=64, occupancy=1)],
+        },
+        fused={
+            ("rows", "half", 64): Config(block_m=128, block_n=32, num_warps=8, num_stages=3),
+            **{(kernel, "float32", bd): Config(block_m=32, block_n=16, num_warps=8, num_stages=2, block_k=32)
+               for kernel in ("rows", "cols") for bd in FUSED_BLOCK_D},
+        },
+        late={("tiles", "float32", 256): Config(block_m=16, block_n=256, num_warps=8, num_stages=1, block_k=32)},
+    ),
 }
 _RELEASE = RELEASE_TABLES.get(triton_release(), {})
 MATMUL_CONFIGS.update(_RELEASE.get("matmul", {}))
 MATMUL_CANDIDATES.update(_RELEASE.get("candidates", {}))
 FUSED_CONFIGS.update(_RELEASE.get("fused", {}))
+# Late interaction's configurations are computed (``late.late_config``); a release's entries, keyed
+# (kernel, dtype class, the on-chip token side), replace what it computes.
+LATE_CONFIGS: dict = dict(_RELEASE.get("late", {}))
 # Compile options of every kernel launch beyond its configuration (``launch`` adds them).
 COMPILE_OPTIONS: dict = dict(_RELEASE.get("options", {}))
 

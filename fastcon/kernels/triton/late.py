@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from . import launch
-from .configs import FUSED_FP32_PRECISION, Config, dtype_class
+from .configs import FUSED_FP32_PRECISION, LATE_CONFIGS, Config, dtype_class
 
 MAX_SHORT_SIDE = 256
 
@@ -44,6 +44,9 @@ def late_config(kernel: str, dtype_name: str, block_y: int = 0) -> Config:
     ``block_k`` = BLOCK_D. ``dx``/``dy`` (the gradient products, independent of ``block_y``):
     ``block_m`` = BLOCK_X, ``block_n`` = BLOCK_R (the y tokens per product), ``block_k`` = BLOCK_D.
     fp32 runs as TF32x3 (three products per ``tl.dot``), so its tiles are smaller."""
+    release = LATE_CONFIGS.get((kernel, dtype_class(dtype_name), block_y))
+    if release is not None:  # the installed Triton release's own (configs.RELEASE_TABLES)
+        return release
     half = dtype_class(dtype_name) == "half"
     block_d = 64 if half else 32
     if kernel == "rows":  # both token sets longer than MAX_SHORT_SIDE: y walked in tiles too
