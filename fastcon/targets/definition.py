@@ -47,6 +47,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+
 class Teacher(NamedTuple):
     """The teacher tile of soft targets, computed beside the student's chunk (no gradient):
     ``kind`` 0 (softmax teacher) gives logits ``scale·A_t·B_tᵀ`` whose row (column) softmax is Qt;

@@ -215,17 +215,19 @@ def triton_release() -> tuple[int, int]:
 # more warps on 3.6 (each entry clean on sm_80 and sm_90, with wgmma on sm_90 where 3.9 has it):
 # SigLIP's bf16/fp16 matmul producer 64×64 over 8 warps (one program per SM, not two), the general
 # target's 64×32 tiles with hard targets and 64×16 with soft ones, and its fused tile kernels 64×16.
+# SigLIP's bf16/fp16 matmul producer where 64×64 over 4 warps spills: the same tiles over 8 warps.
+_SIGMOID_HALF_W8 = Config(block_m=64, block_n=64, num_warps=8, num_stages=3, block_k=64, occupancy=1)
 RELEASE_TABLES: dict[tuple[int, int], dict] = {
     (3, 6): dict(
         options=dict(maxnreg=255),
         matmul={
-            ("sigmoid", "half"): Config(block_m=64, block_n=64, num_warps=8, num_stages=3, block_k=64, occupancy=1),
+            ("sigmoid", "half"): _SIGMOID_HALF_W8,
             ("target", "half"): Config(block_m=64, block_n=32, num_warps=8, num_stages=3, block_k=64, occupancy=1),
             ("target_soft", "half"): Config(block_m=64, block_n=16, num_warps=8, num_stages=3, block_k=32,
                                             occupancy=1),
         },
         candidates={
-            ("sigmoid", "half"): [Config(block_m=64, block_n=64, num_warps=8, num_stages=3, block_k=64, occupancy=1),
+            ("sigmoid", "half"): [_SIGMOID_HALF_W8,
                                   Config(block_m=128, block_n=64, num_warps=8, num_stages=2, block_k=64, occupancy=1)],
         },
         fused={("target", "half", bd): Config(block_m=64, block_n=16, num_warps=8, num_stages=3, block_k=32,
@@ -239,12 +241,12 @@ RELEASE_TABLES: dict[tuple[int, int], dict] = {
     (3, 8): dict(
         options=dict(maxnreg=255),
         matmul={
-            ("sigmoid", "half"): Config(block_m=64, block_n=64, num_warps=8, num_stages=3, block_k=64, occupancy=1),
+            ("sigmoid", "half"): _SIGMOID_HALF_W8,
             ("target", "float32"): Config(block_m=32, block_n=16, num_warps=8, num_stages=2, block_k=32,
                                           occupancy=1),
         },
         candidates={
-            ("sigmoid", "half"): [Config(block_m=64, block_n=64, num_warps=8, num_stages=3, block_k=64, occupancy=1)],
+            ("sigmoid", "half"): [_SIGMOID_HALF_W8],
         },
         fused={
             ("rows", "half", 64): Config(block_m=128, block_n=32, num_warps=8, num_stages=3),

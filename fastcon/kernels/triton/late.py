@@ -44,10 +44,11 @@ def late_config(kernel: str, dtype_name: str, block_y: int = 0) -> Config:
     ``block_k`` = BLOCK_D. ``dx``/``dy`` (the gradient products, independent of ``block_y``):
     ``block_m`` = BLOCK_X, ``block_n`` = BLOCK_R (the y tokens per product), ``block_k`` = BLOCK_D.
     fp32 runs as TF32x3 (three products per ``tl.dot``), so its tiles are smaller."""
-    release = LATE_CONFIGS.get((kernel, dtype_class(dtype_name), block_y))
+    cls = dtype_class(dtype_name)
+    release = LATE_CONFIGS.get((kernel, cls, block_y))
     if release is not None:  # the installed Triton release's own (configs.RELEASE_TABLES)
         return release
-    half = dtype_class(dtype_name) == "half"
+    half = cls == "half"
     block_d = 64 if half else 32
     if kernel == "rows":  # both token sets longer than MAX_SHORT_SIDE: y walked in tiles too
         return Config(block_m=64 if half else 16, block_n=64, num_warps=4, num_stages=1, block_k=block_d)
