@@ -138,6 +138,17 @@ def stats_pass(a: torch.Tensor, b: torch.Tensor, chunk_rows: int, cache_bytes: i
     return row_lse, col_lse, pos_logit, cached
 
 
+def take_cached(cached, k: int):
+    """Pass 2's use of pass 1's cache: the ``k``-th cached chunk of dot products (None past the cached
+    ones), released from a list as it is taken, so that pass 2 holds a cached chunk only while it uses it."""
+    if cached is None or k >= len(cached):
+        return None
+    dot = cached[k]
+    if isinstance(cached, list):
+        cached[k] = None
+    return dot
+
+
 def mask_columns_without_positive(col_lse: torch.Tensor, pos_offset: int, na: int) -> torch.Tensor:
     """+inf outside [pos_offset, pos_offset + na): those columns have no column-softmax term."""
     col_lse[:pos_offset] = float("inf")
@@ -167,7 +178,7 @@ def lse_parts(logits: torch.Tensor, dim: int) -> torch.Tensor:
         return torch.full(shape, float("-inf"), dtype=torch.float64, device=logits.device)
     m = logits.amax(dim=dim, keepdim=True)
     shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    total = torch.exp(logits - shift).sum(dim=dim, keepdim=True)
+    total = (logits - shift).exp_().sum(dim=dim, keepdim=True)  # one temporary of the logits' size
     return (shift.double() + torch.log(total.double())).squeeze(dim)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import acc_dtype, lse_parts, mm_acc, row_chunks, split_lse, stats_pass, two_pass_softmax
+from ._common import (acc_dtype, lse_parts, mm_acc, row_chunks, split_lse, stats_pass, take_cached,
+                      two_pass_softmax)
 
 
 def _positives(r0, r1, pos_offset, nb, device):
@@ -13,6 +14,18 @@ def _positives(r0, r1, pos_offset, nb, device):
     cols = rows + pos_offset
     keep = cols < nb
     return rows[keep] - r0, cols[keep]
+
+
+def _reduce_chunk(g, dot, a_rows, b_acc, scale, grad_a_rows, grad_b, grad_scale, grad_bias):
+    """A chunk's share of the gradients from its G = ∂loss/∂logits (rows × columns):
+    ``grad_a_rows = scale·G·B``, ``grad_b += Gᵀ·A_rows`` (scaled once at the end), ``∂scale += Σ G∘dot``,
+    ``∂bias += Σ G``. G is consumed: ``Σ G∘dot`` is taken in G's own storage, last, so that no
+    further chunk-sized buffer is allocated."""
+    grad_bias += g.sum()
+    torch.mm(g, b_acc, out=grad_a_rows)
+    grad_a_rows.mul_(scale)
+    grad_b.addmm_(g.T, a_rows.to(b_acc.dtype))
+    grad_scale += g.mul_(dot).sum()
 
 
 def lse_stats(a, b, scale, bias, pos_offset, chunk_rows):
@@ -42,17 +55,18 @@ def softmax_grad(a, b, scale, bias, row_lse, col_lse, pos_offset, w_row, w_col, 
     row_hi, row_lo = split_lse(row_lse, acc)
     col_hi, col_lo = split_lse(col_lse, acc)
     for k, (r0, r1) in enumerate(row_chunks(na, chunk_rows)):
-        dot = _cached[k] if _cached is not None and k < len(_cached) else mm_acc(a[r0:r1], b.T)
+        dot = take_cached(_cached, k)
+        if dot is None:
+            dot = mm_acc(a[r0:r1], b.T)
+        # at most three chunk-sized buffers at once: the dot products, the logits and G
         s_c = dot * scale + bias
         g = (s_c - col_hi[None, :]).sub_(col_lo[None, :]).exp_().mul_(w_col) if w_col != 0 else None
         p_row = s_c.sub_(row_hi[r0:r1, None]).sub_(row_lo[r0:r1, None]).exp_().mul_(w_row)
         g = p_row if g is None else g.add_(p_row)
+        del s_c, p_row
         rows, cols = _positives(r0, r1, pos_offset, nb, a.device)
         g[rows, cols] -= w_pos
-        grad_scale += (g * dot).sum()
-        grad_bias += g.sum()
-        grad_a[r0:r1] = (g @ b_acc).mul_(scale)
-        grad_b.addmm_(g.T, a[r0:r1].to(acc))
+        _reduce_chunk(g, dot, a[r0:r1], b_acc, scale, grad_a[r0:r1], grad_b, grad_scale, grad_bias)
     grad_b.mul_(scale)
     return grad_a, grad_b, grad_scale, grad_bias
 
@@ -83,10 +97,8 @@ def sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad):
             g = torch.sigmoid(s_c)
             g[rows, cols] -= 1
             g.mul_(w)
-            grad_scale += (g * dot).sum()
-            grad_bias += g.sum()
-            grad_a[r0:r1] = (g @ b_acc).mul_(scale)
-            grad_b.addmm_(g.T, a[r0:r1].to(acc))
+            del s_c
+            _reduce_chunk(g, dot, a[r0:r1], b_acc, scale, grad_a[r0:r1], grad_b, grad_scale, grad_bias)
     if need_grad:
         grad_b.mul_(scale)
     return total, grad_a, grad_b, grad_scale, grad_bias
@@ -219,7 +231,9 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
         c0, c1 = column_span(target, r0, r1, nb)
         if c1 == c0:
             continue
-        dot = cached[k] if k < len(cached) else mm_acc(a[r0:r1], b[c0:c1].T)
+        dot = take_cached(cached, k)
+        if dot is None:
+            dot = mm_acc(a[r0:r1], b[c0:c1].T)
         pos, keep, pen = chunk_masks(target, dot, r0, r1, c0)
         s_c = chunk_logits(target, dot, scale, bias, pen)
         # P − Q on the kept pairs (zero on the dropped ones, whose logits are −∞ here: a dropped logit
@@ -251,12 +265,12 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
             if q_col is not None:
                 p_col.sub_(q_col, alpha=target.soft)
             g.add_(p_col.mul_(w.w_col[None, c0:c1]))
+            del p_col
+        del s_c
         if keep is not None:
             g.masked_fill_(~keep, 0.0)
-        grad_scale += (g * dot).sum()
-        grad_bias += g.sum()
-        grad_a[r0:r1] = (g @ b[c0:c1].to(acc)).mul_(scale)
-        grad_b[c0:c1].addmm_(g.T, a[r0:r1].to(acc))
+        _reduce_chunk(g, dot, a[r0:r1], b[c0:c1].to(acc), scale, grad_a[r0:r1], grad_b[c0:c1], grad_scale,
+                      grad_bias)
     grad_b.mul_(scale)
     return grad_a, grad_b, grad_scale, grad_bias
 

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import chunk_bytes, mask_columns_without_positive, mm_acc, row_chunks, stats_pass
+from .._common import chunk_bytes, mask_columns_without_positive, mm_acc, row_chunks, stats_pass, take_cached
 from . import launch
 from .configs import (FUSED_FP32_PRECISION, MATMUL_FAMILY, SUPPORTED_DTYPES, chunked_config, dtype_class,
                       matmul_candidates, matmul_config)
@@ -267,7 +267,9 @@ def _pass2(a, b, scale, grad_a, grad_b, g_scale, chunk_rows, launch_block, cache
         dot = None
         if not matmul:
             k = r0 // rows
-            dot = cached[k] if cached is not None and k < len(cached) else mm_acc(a_c, b_k.T)
+            dot = take_cached(cached, k)  # released from the cache: G is written in place
+            if dot is None:
+                dot = mm_acc(a_c, b_k.T)
         if not need_g:
             g = dot if dot is not None else a_c
         else:

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import chunk_bytes, mm_acc, row_chunks
+from .._common import chunk_bytes, mm_acc, row_chunks, take_cached
 from . import launch
 from ...targets.wire import COL_ID, COL_KEEP, COL_OWNER, COL_PENALTY, ROW_EXCLUDE, ROW_HI, ROW_ID, ROW_LO, ROW_OWNER, \
     ROW_PENALTY, ROW_RULE, pack
@@ -538,8 +538,8 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
                  else None)
         for c0 in range(span0, span1, block_cols):
             c1 = min(span1, c0 + block_cols)
-            if not tiles.matmul and k < len(cached):
-                dot = cached[k].clone()  # G is written in place
+            dot = None if tiles.matmul else take_cached(cached, k)  # released: G is written in place
+            if dot is not None:
                 tdot = tch.chunk(r0, r1, c0, c1)
                 a_c = b_k = dot
             else:
