@@ -47,7 +47,7 @@ test: $(STAMP)
 AVX2_DIR ?= /tmp/fastcon-avx2
 test-avx2: $(STAMP)
 	rm -rf $(AVX2_DIR) && mkdir -p $(AVX2_DIR) && cp -r setup.py pyproject.toml csrc fastcon tests $(AVX2_DIR)/
-	rm -f $(AVX2_DIR)/fastcon/*.so
+	rm -f $(AVX2_DIR)/fastcon/*.so $(AVX2_DIR)/fastcon/_C.torch
 	cd $(AVX2_DIR) && FASTCON_CPU_ISA=avx2 $(abspath $(PY)) setup.py -q build_ext --inplace
 	cd $(AVX2_DIR) && PYTHONPATH=$(AVX2_DIR) TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 $(abspath $(PY)) -m pytest -q \
 		-p no:cacheprovider -k "cpp or auto" tests/test_cpp_ops.py tests/test_backends.py tests/test_targets.py \
@@ -57,9 +57,10 @@ test-avx2: $(STAMP)
 # lightly's loss module imports torchvision, and PyPI's torchvision does not import beside the torch
 # 2.13.0 CPU build: tests/test_lightly.py runs in a second environment with a matching pair (torch
 # 2.14.1 and torchvision 0.29.1, a CUDA build that runs on the CPU), fastcon from this source tree.
-# Its C++ extension, built against the main environment's torch, does not load beside that torch (an
-# extension loads only beside the torch it was built with; that wheel ships no headers to build one
-# against), so fastcon says so once and these tests run on its torch backend.
+# Its C++ extension, built against the main environment's torch, is not loaded beside that torch (an
+# extension loads only beside the torch it was built with), and FASTCON_BUILD_EXT=0 keeps fastcon from
+# compiling it against that torch (half a minute): fastcon says so once and these tests run on its torch
+# backend.
 PEERS_VENV ?= .venv-peers
 PEERS_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 $(PEERS_VENV)/.deps-installed:
@@ -69,7 +70,7 @@ $(PEERS_VENV)/.deps-installed:
 	touch $@
 
 test-peers: $(PEERS_VENV)/.deps-installed
-	PYTHONPATH=$(CURDIR) FASTCON_REQUIRE_PEERS=1 $(PEERS_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+	PYTHONPATH=$(CURDIR) FASTCON_REQUIRE_PEERS=1 FASTCON_BUILD_EXT=0 $(PEERS_VENV)/bin/python -m pytest -q -p no:cacheprovider \
 		tests/test_lightly.py
 
 # The CUDA tests (marked `cuda`) and, beside them, the CPU tests that need neither the interpreter nor
@@ -101,30 +102,39 @@ bench-ci: $(STAMP)
 
 # The compile gate (tests/test_triton_compile.py) under the GPU machine's Triton, 3.6.0 (the one
 # torch 2.11 pins), for its chip, sm_90: what that machine would compile, without it. Compiling needs
-# Triton alone, so the torch on disk serves beside it; the gate checks that release's own tables
+# Triton alone, so that release goes into a folder of its own (GATE_DIR, pip --target) put before the
+# main environment's on the path, beside the torch on disk; the gate checks that release's own tables
 # (fastcon/kernels/triton/configs.py, RELEASE_TABLES). GATE_CAPS=80,90 adds the A100's chip.
-GATE_VENV ?= .venv-triton36
+GATE_DIR ?= build/triton36
 GATE_TRITON_SPEC ?= triton==3.6.0
 GATE_CAPS ?= 90
-$(GATE_VENV)/.deps-installed:
-	test -x $(GATE_VENV)/bin/python || $(PYTHON) -m venv $(GATE_VENV)
-	# numpy < 2.4: Triton 3.6's interpreter turns one-element arrays into ints with int(), which numpy
-	# 2.4 refuses ("only 0-dimensional arrays can be converted"); the compiled path never meets it.
-	$(GATE_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "$(GATE_TRITON_SPEC)" "numpy<2.4" pytest
+$(GATE_DIR)/.installed:
+	rm -rf $(GATE_DIR)
+	$(PY) -m pip install -q --no-deps --target $(GATE_DIR) "$(GATE_TRITON_SPEC)"
 	touch $@
 
-test-gate-gpu-image: $(GATE_VENV)/.deps-installed $(STAMP)
-	env -u TRITON_INTERPRET FASTCON_GATE_CAPS=$(GATE_CAPS) PYTHONPATH=$(CURDIR) $(GATE_VENV)/bin/python -m pytest -q \
+test-gate-gpu-image: $(STAMP) $(GATE_DIR)/.installed
+	$(PY) -c "import sys; sys.path.insert(0, '$(GATE_DIR)'); import triton; assert triton.__version__ == \
+		'$(GATE_TRITON_SPEC)'.split('==')[1], triton.__file__"
+	env -u TRITON_INTERPRET FASTCON_GATE_CAPS=$(GATE_CAPS) PYTHONPATH=$(GATE_DIR):$(CURDIR) $(PY) -m pytest -q -n $(TEST_WORKERS) \
 		-p no:cacheprovider tests/test_triton_compile.py
 
 # fastcon beside each tested (torch, triton) pair (.ci/compat.sh: a virtual environment per pair,
 # about 5 GB each with a CUDA build of torch, kept between runs): the import, the C++ extension built
 # against that torch, one CPU loss per family, interpreter tests of every kernel family and the compile
 # gate. Tested: the GPU machine's pair (torch 2.11.0, its Triton 3.6.0; numpy < 2.4 beside Triton 3.6,
-# see GATE_VENV above) and the newest torch this machine installs with its Triton (2.14.1, 3.8.0).
+# whose interpreter int()s one-element arrays, which numpy 2.4 refuses), the newest torch this machine
+# installs with its Triton (2.14.1, 3.8.0) and the oldest pair claimed.
+# Then the wheel built here (torch 2.13) installed beside the GPU machine's torch (.ci/wheel_beside.sh):
+# fastcon compiles its C++ sources against that torch at first use and the C++ backend passes its losses.
+# The oldest pair claimed (pyproject.toml, README "Versions"): torch 2.7.1 with its Triton, 3.3.1. Older
+# pairs are not claimed: the interpreters of Triton 3.0 and 3.1 (torch 2.4, 2.5) do not treat a nested
+# function's constexpr arguments as constants, and 3.2's aborted on FILIP's kernels.
 test-compat:
 	bash .ci/compat.sh gpu-image "torch==2.11.0" "triton==3.6.0" "numpy<2.4"
+	bash .ci/wheel_beside.sh gpu-image
 	bash .ci/compat.sh newest "torch==2.14.1" "triton==3.8.0"
+	bash .ci/compat.sh oldest "torch==2.7.1" "triton==3.3.1" "numpy<2.4"
 
 # Every stage of benchmarks/gpu_sweep.sh on the CPU (Triton under the interpreter, tiny shapes): the
 # files of the real run, and a non-zero exit where a stage failed. CI runs it before the GPU does.
@@ -141,10 +151,10 @@ WHEELS ?= wheels
 gpu-wheels:
 	$(PY) -m pip download -q --no-deps -d $(WHEELS) $(GPU_PEERS)
 
-# Builds the wheel (with the compiled CPU extension) and the sdist, installs the wheel into a fresh
-# virtual environment away from the source tree, and runs a loss on the C++ backend there.
+# Builds the wheel (with the compiled CPU extension) and the sdist, installs the wheel into a folder of
+# its own away from the source tree, and runs a loss on the C++ backend from there.
 wheel-check: $(STAMP)
-	PYTHON=$(PYTHON) BUILD_PY=$(PY) TORCH_SPEC="$(TORCH_SPEC)" bash .ci/check_wheel.sh
+	BUILD_PY=$(PY) bash .ci/check_wheel.sh
 
 clean:
-	rm -rf build dist *.egg-info fastcon/*.so
+	rm -rf build dist *.egg-info fastcon/*.so fastcon/_C.torch

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The wheel and the sdist, checked the way a user installs them: build both with the development
-# environment (BUILD_PY, which has torch), install the wheel into a fresh virtual environment that
-# sees no source tree, and run a loss there on the C++ backend.
+# environment (BUILD_PY, which has torch), install the wheel (--no-deps) into a folder of its own, and
+# run a loss on the C++ backend from there, with that folder first on the path and the working
+# directory outside the source tree, so that every module comes from the wheel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 build_py=${BUILD_PY:-.venv/bin/python}
-python=${PYTHON:-python3}
-torch_spec=${TORCH_SPEC:-torch}
+build_py=$(cd "$(dirname "$build_py")" && pwd)/$(basename "$build_py")  # absolute, the venv's own link
 work=$root/build/wheel-check
 rm -rf "$work"
 mkdir -p "$work/dist"
@@ -22,8 +22,10 @@ echo "built $(basename "$wheel") and $(basename "$sdist")"
 "$build_py" - "$wheel" "$sdist" <<'EOF'
 import sys, tarfile, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
-for want in ("fastcon/_C", "fastcon/kernels/triton/chunked.py", "fastcon/kernels/triton/fused.py",
-             "fastcon/bench/__init__.py"):
+# The record of the torch the extension was compiled against, and the sources fastcon compiles against
+# another torch at first use (fastcon/kernels/_extension.py).
+for want in ("fastcon/_C.cpython", "fastcon/_C.torch", "fastcon/_csrc/cpu/engine.cpp", "fastcon/_csrc/cpu/kernels.h",
+             "fastcon/kernels/triton/chunked.py", "fastcon/kernels/triton/fused.py", "fastcon/bench/__init__.py"):
     if not any(n.startswith(want) for n in names):
         sys.exit(f"the wheel lacks {want}: {names}")
 members = tarfile.open(sys.argv[2]).getnames()
@@ -33,11 +35,9 @@ for want in ("csrc/cpu/engine.cpp", "csrc/cpu/kernels.h", "setup.py", "pyproject
 print("wheel and sdist contents ok")
 EOF
 
-"$python" -m venv "$work/venv"
-"$work/venv/bin/python" -m pip install -q "$torch_spec"
-"$work/venv/bin/python" -m pip install -q --no-deps "$wheel"
+"$build_py" -m pip install -q --no-deps --target "$work/site" "$wheel"
 cd "$work"  # away from the source tree: the import must come from the installed wheel
-"$work/venv/bin/python" - <<'EOF'
+PYTHONPATH=$work/site "$build_py" - <<'EOF'
 import json, os
 import torch
 import fastcon
@@ -45,10 +45,11 @@ import fastcon.functional as FC
 from fastcon import reference as R
 
 here = os.path.dirname(fastcon.__file__)
-assert "site-packages" in here, f"fastcon imported from {here}, not from the installed wheel"
+assert here == os.path.join(os.getcwd(), "site", "fastcon"), f"fastcon imported from {here}, not from the wheel"
 info = fastcon.backend_info()
 print(json.dumps(info, indent=1, default=str))
 assert info["backends"]["cpp"]["available"], info["backends"]["cpp"]["reason"]
+assert info["backends"]["cpp"]["origin"] == "installed", info["backends"]["cpp"]  # the wheel's own library
 g = torch.Generator().manual_seed(0)
 a = torch.nn.functional.normalize(torch.randn(300, 64, generator=g), dim=-1).requires_grad_()
 b = torch.nn.functional.normalize(torch.randn(300, 64, generator=g), dim=-1).requires_grad_()

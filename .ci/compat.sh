@@ -35,7 +35,7 @@ say "$("$py" -c "$versions")"
 
 rm -rf "$src" && mkdir -p "$src"
 cp -r setup.py pyproject.toml csrc fastcon tests "$src"/
-rm -f "$src"/fastcon/*.so
+rm -f "$src"/fastcon/*.so "$src"/fastcon/_C.torch
 (cd "$src" && "$py" setup.py -q build_ext --inplace >/dev/null 2>"$src/build.log") \
   || { tail -n 30 "$src/build.log"; say "the C++ extension does not build"; exit 1; }
 say "C++ extension built"

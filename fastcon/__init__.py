@@ -3,7 +3,7 @@ import torch as _torch
 
 from ._version import __version__
 
-_MIN_TORCH = (2, 4)  # torch.library.register_fake, used by the C++ ops' fake kernels
+_MIN_TORCH = (2, 7)  # the oldest torch tested (with its Triton, 3.3: make test-compat); README "Versions"
 if tuple(int(p) for p in _torch.__version__.split("+")[0].split(".")[:2]) < _MIN_TORCH:
     raise ImportError(f"fastcon {__version__} needs torch >= {'.'.join(map(str, _MIN_TORCH))}, "
                       f"found torch {_torch.__version__}")

@@ -36,7 +36,8 @@ def backend_info() -> dict:
         except ValueError as exc:  # a malformed FASTCON_* variable: report it, the losses will raise it
             info[key] = {"error": str(exc)}
     backends = info["backends"]
-    backends["cpp"] = {"available": bool(cpp.AVAILABLE), "reason": cpp.REASON, "devices": ["cpu"]}
+    backends["cpp"] = {"available": bool(cpp.AVAILABLE), "reason": cpp.REASON, "devices": ["cpu"],
+                       "origin": cpp.ORIGIN or None}
     backends["torch"] = {"available": True, "reason": None, "devices": ["cpu", "cuda"]}
     backends["reference"] = {"available": True, "reason": None, "devices": ["cpu", "cuda"]}
     triton_spec = importlib.util.find_spec("triton")

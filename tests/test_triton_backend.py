@@ -460,3 +460,15 @@ def test_autotuning_is_opt_in_and_keeps_both_passes_on_one_configuration(monkeyp
     assert sorted(k[0] for k in tplan._TUNED) == ["sigmoid", "softmax"]
     assert all(cfg == other for cfg in tplan._TUNED.values())
     assert tplan.tuned_config("stats", a) == tplan.tuned_config("softmax_grad", a) == other
+
+
+def test_a_triton_older_than_the_oldest_tested_is_refused_with_its_version(monkeypatch):
+    import fastcon.kernels.triton as tb
+    from fastcon.kernels.triton import configs
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(configs, "triton_release", lambda: (3, 1))
+    ok, reason = tb.available(torch.device("cpu"))
+    assert not ok and "older than the oldest release" in reason and "triton>=3.3" in reason
+    monkeypatch.setattr(configs, "triton_release", lambda: tb.MIN_TRITON)
+    assert tb.available(torch.device("cpu")) == (True, None)

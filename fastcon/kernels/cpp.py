@@ -1,38 +1,20 @@
 """The engine as C++ CPU operators (``torch.ops.fastcon.*``, built from ``csrc/cpu`` into
-``fastcon._C``).
+``fastcon._C`` at install, or against the running torch at first use: ``_extension.py``).
 
 Same four functions and signatures as ``torch_chunked``; inputs are float32 or float64, contiguous,
 on the CPU (the ops layer upcasts bf16/fp16 to float32 before calling). ``row_lse`` and ``col_lse``
 are float64 for both input dtypes, as outputs and as inputs of ``softmax_grad`` (see "LSE precision"
-in ``fastcon.kernels``). ``AVAILABLE`` says whether
-the extension could be loaded and ``REASON`` why not; importing this module never raises.
+in ``fastcon.kernels``). ``AVAILABLE`` says whether the extension could be loaded, ``REASON`` why
+not and ``ORIGIN`` from where; importing this module never raises.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Optional
-
 import torch
 
-AVAILABLE: bool = False
-REASON: Optional[str] = None
+from ._extension import load as _load_extension
 
-try:
-    importlib.import_module("fastcon._C")
-    AVAILABLE = True
-except ModuleNotFoundError as exc:  # not built
-    if exc.name in ("fastcon._C", "fastcon"):
-        REASON = (
-            "fastcon was built without the C++ extension fastcon._C (installed with FASTCON_SKIP_EXT=1, "
-            "or the extension was never compiled)"
-        )
-    else:
-        REASON = f"importing fastcon._C failed: {exc}"
-except (ImportError, OSError) as exc:  # built, but does not load (e.g. built against another torch)
-    REASON = f"importing fastcon._C failed: {type(exc).__name__}: {exc}"
-    if "undefined symbol" in str(exc):
-        REASON = (f"fastcon._C was built against another torch than the torch {torch.__version__} it was "
-                  f"loaded beside (rebuild it: pip install --no-build-isolation .); {REASON}")
+# ORIGIN: "installed" (the library the install compiled) or "compiled here" (against this torch)
+AVAILABLE, REASON, ORIGIN = _load_extension()
 
 if AVAILABLE and not hasattr(torch.ops.fastcon, "lse_stats"):  # pragma: no cover - defensive
     AVAILABLE = False

@@ -50,6 +50,16 @@ def eager_call(args) -> bool:
     return True
 
 
+def _annotations_evaluated(fn: Callable) -> Callable:
+    """``fn`` with its annotations as objects: the operator bodies' modules say ``from __future__ import
+    annotations``, and torch before 2.5 infers an operator's schema from the annotations without
+    evaluating strings."""
+    import typing
+
+    fn.__annotations__ = typing.get_type_hints(fn)
+    return fn
+
+
 def _direct_launches():
     from fastcon.kernels.triton import direct_launches
 
@@ -78,10 +88,11 @@ class EngineOp:
     def registered(self):
         """The ``torch.library`` operator (registered on first use for a Triton operator)."""
         if self._op is None:
+            body = _annotations_evaluated(self.body)
             if self.triton and HAS_TRITON_OP:
-                op = torch.library.triton_op(self.name, self.body, mutates_args=())
+                op = torch.library.triton_op(self.name, body, mutates_args=())
             else:
-                op = torch.library.custom_op(self.name, self.body, mutates_args=())
+                op = torch.library.custom_op(self.name, body, mutates_args=())
                 op.register_fake(self.fake)
             if self.backward is not None:
                 op.register_autograd(self.backward, setup_context=self.setup_context)

@@ -31,23 +31,35 @@ import torch
 _INTERPRET_REASON = "Triton runs on CPU tensors only with TRITON_INTERPRET=1 set before triton is imported"
 
 
+MIN_TRITON = (3, 3)  # the oldest release tested (with torch 2.7: make test-compat)
+
+
+def _importable() -> str | None:
+    """Why the installed Triton cannot serve (None where it can)."""
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"triton cannot be imported: {exc}"
+    from .configs import triton_release
+
+    release = triton_release()
+    if release != (0, 0) and release < MIN_TRITON:
+        return (f"triton {triton.__version__} is older than the oldest release fastcon is tested with, "
+                f"{'.'.join(map(str, MIN_TRITON))} (pip install 'triton>={'.'.join(map(str, MIN_TRITON))}')")
+    return None
+
+
 def available(device: torch.device) -> tuple[bool, str | None]:
     """Whether the Triton backend can run on tensors of ``device``, and if not, why."""
     device = torch.device(device)
     if device.type == "cuda":
-        try:
-            import triton  # noqa: F401
-        except Exception as exc:  # ImportError, or a broken install
-            return False, f"triton cannot be imported: {exc}"
-        return True, None
+        reason = _importable()
+        return reason is None, reason
     if device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":
             return False, _INTERPRET_REASON
-        try:
-            import triton  # noqa: F401
-        except Exception as exc:
-            return False, f"triton cannot be imported: {exc}"
-        return True, None
+        reason = _importable()
+        return reason is None, reason
     return False, f"the Triton backend does not run on {device.type} tensors"
 
 

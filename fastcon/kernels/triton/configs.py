@@ -218,6 +218,22 @@ def triton_release() -> tuple[int, int]:
 # SigLIP's bf16/fp16 matmul producer where 64×64 over 4 warps spills: the same tiles over 8 warps.
 _SIGMOID_HALF_W8 = Config(block_m=64, block_n=64, num_warps=8, num_stages=3, block_k=64, occupancy=1)
 RELEASE_TABLES: dict[tuple[int, int], dict] = {
+    # Triton 3.3 (torch 2.7's, the oldest pair tested): 20 variants spilled on sm_90, and a register
+    # limit of 255 made two more spill (no ``options`` here). Autotuning keeps CLIP's fixed bf16/fp16
+    # configuration alone (its three candidates spilled), the fused fp32 rows and columns kernels
+    # take 32×16 tiles over 8 warps (as on 3.8), late interaction's bf16/fp16 gradient products 8
+    # warps, and its fp32 statistics over 16- and 32-token sides 8 warps.
+    (3, 3): dict(
+        candidates={("softmax", "half"): [MATMUL_CONFIGS[("softmax", "half")]]},
+        fused={(kernel, "float32", bd): Config(block_m=32, block_n=16, num_warps=8, num_stages=2, block_k=32)
+               for kernel in ("rows", "cols") for bd in FUSED_BLOCK_D},
+        late={
+            **{(kernel, "half", 0): Config(block_m=64, block_n=64, num_warps=8, num_stages=2, block_k=64)
+               for kernel in ("dx", "dy")},
+            **{("tiles", "float32", by): Config(block_m=32, block_n=by, num_warps=8, num_stages=1, block_k=32)
+               for by in (16, 32)},
+        },
+    ),
     (3, 6): dict(
         options=dict(maxnreg=255),
         matmul={

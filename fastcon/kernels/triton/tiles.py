@@ -357,12 +357,16 @@ def target_tile(d, rows, cols, mask_m, mask_n, row_info_ptr, col_info_ptr, row_f
     cown = tl.load(col_info_ptr + cols * 2 + 1, mask=mask_n, other=-1)
     ckeep = tl.load(col_flag_ptr + cols * 2 + 0, mask=mask_n, other=0)
     c2 = cols[None, :]
+    # the negations as comparisons, not ~ (the interpreter of Triton 3.3 and older cannot invert a mask)
     pos = (cid[None, :] >= 0) & (cid[None, :] == rid[:, None])
+    not_pos = (cid[None, :] < 0) | (cid[None, :] != rid[:, None])
     keep = (mask_m[:, None] & mask_n[None, :]) & (ckeep[None, :] != 0)
     keep = keep & (c2 != excl[:, None]) & (c2 >= lo[:, None]) & (c2 < hi[:, None])
     owned = cown[None, :] >= 0
     own = owned & (cown[None, :] == rown[:, None])
-    keep = keep & ~((rule[:, None] == 1) & own) & ~((rule[:, None] == 2) & owned & ~own)
+    not_own = (cown[None, :] < 0) | (cown[None, :] != rown[:, None])
+    # rule 1 drops the row's own columns, rule 2 the columns another row owns
+    keep = keep & ((rule[:, None] != 1) | not_own) & ((rule[:, None] != 2) | (cown[None, :] < 0) | own)
     if RULE_DENSE & RULES:
         dense = tl.load(dense_ptr + rows[:, None].to(tl.int64) * stride_dense + c2,
                         mask=mask_m[:, None] & mask_n[None, :], other=0)
@@ -374,11 +378,11 @@ def target_tile(d, rows, cols, mask_m, mask_n, row_info_ptr, col_info_ptr, row_f
     if RULE_PENALTY & RULES:
         prow = tl.load(row_flag_ptr + rows, mask=mask_m, other=0)
         pcol = tl.load(col_flag_ptr + cols * 2 + 1, mask=mask_n, other=0)
-        pen = keep & ~pos & (prow[:, None] != 0) & (pcol[None, :] != 0)
+        pen = keep & not_pos & (prow[:, None] != 0) & (pcol[None, :] != 0)
         if RULE_PENALTY_OWN & RULES:
             pen = pen & own
         if RULE_PENALTY_OTHER & RULES:
-            pen = pen & ~own
+            pen = pen & not_own
         t = tl.where(pen, t + tl.load(numbers_ptr + NUM_PENALTY) * d, t)
     return keep, pos, t
 
