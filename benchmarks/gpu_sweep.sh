@@ -42,6 +42,9 @@ cd "$(dirname "$0")/.."
 mkdir -p "$out"
 py=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# No C++ compile on the GPU's time: where the tree has no extension built against this torch, the CPU
+# rows run on the torch path (fastcon/kernels/_extension.py would otherwise compile it at first use).
+export FASTCON_BUILD_EXT=0
 if [ -n "${WHEELS:-}" ]; then
   "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/fastcon-peers "$WHEELS"/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/fastcon-peers"

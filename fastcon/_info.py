@@ -37,7 +37,7 @@ def backend_info() -> dict:
             info[key] = {"error": str(exc)}
     backends = info["backends"]
     backends["cpp"] = {"available": bool(cpp.AVAILABLE), "reason": cpp.REASON, "devices": ["cpu"],
-                       "origin": cpp.ORIGIN or None}
+                       "origin": (cpp.ORIGIN or None) if cpp.AVAILABLE else None}
     backends["torch"] = {"available": True, "reason": None, "devices": ["cpu", "cuda"]}
     backends["reference"] = {"available": True, "reason": None, "devices": ["cpu", "cuda"]}
     triton_spec = importlib.util.find_spec("triton")

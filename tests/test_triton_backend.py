@@ -467,8 +467,8 @@ def test_a_triton_older_than_the_oldest_tested_is_refused_with_its_version(monke
     from fastcon.kernels.triton import configs
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(configs, "triton_release", lambda: (3, 1))
+    monkeypatch.setattr(configs, "RELEASE", (3, 1))
     ok, reason = tb.available(torch.device("cpu"))
     assert not ok and "older than the oldest release" in reason and "triton>=3.3" in reason
-    monkeypatch.setattr(configs, "triton_release", lambda: tb.MIN_TRITON)
+    monkeypatch.setattr(configs, "RELEASE", tb.MIN_TRITON)
     assert tb.available(torch.device("cpu")) == (True, None)

@@ -4,7 +4,8 @@ Every shipped launch configuration (``fastcon/kernels/triton/configs.py``, enume
 ``chunked.compile_specs()``, ``fused.compile_specs()``, ``fused_target.compile_specs()``,
 ``gemm.compile_specs()``, ``target.compile_specs()`` and ``late.compile_specs()``) is compiled with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32))`` for sm_80 and sm_90 and each
-supported dtype, then its cubin is read with Triton's bundled ``cuobjdump``.
+supported dtype, then its cubin is read with Triton's bundled ``cuobjdump`` (its facts kept by the cubin's
+hash: ``_cubin_facts``).
 The tables are the installed Triton release's (``configs.RELEASE_TABLES``), compiled with its options
 (``configs.COMPILE_OPTIONS``, as every launch is). Checked:
 
@@ -30,6 +31,7 @@ memory and spills.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -75,6 +77,39 @@ def _res_usage(text: str) -> dict:
     return out
 
 
+def _cubin_facts(cubin: bytes, triton) -> tuple:
+    """(resource usage, HMMA count, HGMMA count) of a cubin, read with Triton's bundled ``cuobjdump``.
+    Disassembling takes nearly all of the gate's time (Triton caches the compiles themselves), so the
+    facts are kept by the cubin's SHA-256 in FASTCON_GATE_CACHE (default ~/.cache/fastcon/gate): the
+    same bytes disassemble the same way."""
+    cache = os.environ.get("FASTCON_GATE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastcon", "gate")
+    key = os.path.join(cache, hashlib.sha256(cubin + triton.__version__.encode()).hexdigest() + ".json")
+    try:
+        with open(key) as f:
+            usage, hmma, hgmma = json.load(f)
+        return usage, hmma, hgmma
+    except (OSError, ValueError):
+        pass
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        res = subprocess.run([os.path.join(bindir, "cuobjdump"), "-res-usage", path],
+                             capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", path],
+                              capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(path)
+    facts = (_res_usage(res), sass.count("HMMA"), sass.count("HGMMA"))
+    os.makedirs(cache, exist_ok=True)
+    tmp = f"{key}.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(facts, f)
+    os.replace(tmp, key)  # whole or absent, with two workers writing
+    return facts
+
+
 def _compile_one(spec, cap: int) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -95,23 +130,12 @@ def _compile_one(spec, cap: int) -> dict:
 
     options = dict(num_warps=spec["num_warps"], num_stages=spec["num_stages"], **COMPILE_OPTIONS)
     kernel = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=options)
-    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(kernel.asm["cubin"])
-        path = f.name
-    try:
-        res = subprocess.run([os.path.join(bindir, "cuobjdump"), "-res-usage", path],
-                             capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", path],
-                              capture_output=True, text=True, check=True).stdout
-    finally:
-        os.unlink(path)
-    usage = _res_usage(res)
+    usage, hmma, hgmma = _cubin_facts(kernel.asm["cubin"], triton)
     return {
         "id": _spec_id(spec), "cap": cap, "uses_dot": spec["uses_dot"],
         "regs": usage.get("REG"), "local": usage.get("LOCAL"), "stack": usage.get("STACK"),
         "static_shared": usage.get("SHARED", 0), "dyn_shared": int(kernel.metadata.shared),
-        "hmma": sass.count("HMMA"), "hgmma": sass.count("HGMMA"),
+        "hmma": hmma, "hgmma": hgmma,
         "ptx_wgmma": "wgmma" in kernel.asm["ptx"],
         "cp_async": kernel.asm["ptx"].count("cp.async"),
         "threads": 32 * spec["num_warps"], "occupancy": getattr(spec["config"], "occupancy", 0),

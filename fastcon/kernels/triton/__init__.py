@@ -40,9 +40,9 @@ def _importable() -> str | None:
         import triton  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install
         return f"triton cannot be imported: {exc}"
-    from .configs import triton_release
+    from . import configs
 
-    release = triton_release()
+    release = configs.RELEASE
     if release != (0, 0) and release < MIN_TRITON:
         return (f"triton {triton.__version__} is older than the oldest release fastcon is tested with, "
                 f"{'.'.join(map(str, MIN_TRITON))} (pip install 'triton>={'.'.join(map(str, MIN_TRITON))}')")

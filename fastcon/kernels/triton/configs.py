@@ -272,7 +272,8 @@ RELEASE_TABLES: dict[tuple[int, int], dict] = {
         late={("tiles", "float32", 256): Config(block_m=16, block_n=256, num_warps=8, num_stages=1, block_k=32)},
     ),
 }
-_RELEASE = RELEASE_TABLES.get(triton_release(), {})
+RELEASE = triton_release()  # the installed Triton's (major, minor), read once
+_RELEASE = RELEASE_TABLES.get(RELEASE, {})
 MATMUL_CONFIGS.update(_RELEASE.get("matmul", {}))
 MATMUL_CANDIDATES.update(_RELEASE.get("candidates", {}))
 FUSED_CONFIGS.update(_RELEASE.get("fused", {}))
