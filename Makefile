@@ -104,7 +104,8 @@ bench-ci: $(STAMP)
 # torch 2.11 pins), for its chip, sm_90: what that machine would compile, without it. Compiling needs
 # Triton alone, so that release goes into a folder of its own (GATE_DIR, pip --target) put before the
 # main environment's on the path, beside the torch on disk; the gate checks that release's own tables
-# (fastcon/kernels/triton/configs.py, RELEASE_TABLES). GATE_CAPS=80,90 adds the A100's chip.
+# (fastcon/kernels/triton/configs.py, RELEASE_TABLES). GATE_CAPS=80,90 adds the A100's chip. One pytest
+# process: the gate compiles on two workers of its own, and each xdist worker would compile every spec.
 GATE_DIR ?= build/triton36
 GATE_TRITON_SPEC ?= triton==3.6.0
 GATE_CAPS ?= 90
@@ -116,7 +117,7 @@ $(GATE_DIR)/.installed:
 test-gate-gpu-image: $(STAMP) $(GATE_DIR)/.installed
 	$(PY) -c "import sys; sys.path.insert(0, '$(GATE_DIR)'); import triton; assert triton.__version__ == \
 		'$(GATE_TRITON_SPEC)'.split('==')[1], triton.__file__"
-	env -u TRITON_INTERPRET FASTCON_GATE_CAPS=$(GATE_CAPS) PYTHONPATH=$(GATE_DIR):$(CURDIR) $(PY) -m pytest -q -n $(TEST_WORKERS) \
+	env -u TRITON_INTERPRET FASTCON_GATE_CAPS=$(GATE_CAPS) PYTHONPATH=$(GATE_DIR):$(CURDIR) $(PY) -m pytest -q \
 		-p no:cacheprovider tests/test_triton_compile.py
 
 # fastcon beside each tested (torch, triton) pair (.ci/compat.sh: a virtual environment per pair,
