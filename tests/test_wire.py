@@ -54,3 +54,36 @@ def test_from_wire_rejects_a_malformed_target():
     rows, cols, mask, teacher, numbers = wire.wire_args(Target(torch.arange(3), torch.arange(3)), 3, 3)
     with pytest.raises(ValueError, match="numbers"):
         wire.from_wire(rows, cols, mask, teacher, numbers[:-1])
+
+
+def test_a_carried_target_is_not_packed_again():
+    ids = torch.arange(4)
+    p = wire.pack(Target(ids, ids, margin=0.1), 4, 4)
+    carried = wire.unpack(p)
+    assert wire.pack(carried, 4, 4) is p
+    changed = carried._replace(margin=0.2)  # a changed copy carries nothing: its own arrays
+    assert changed.wire is None and wire.pack(changed, 4, 4).numbers[wire.NUM_MARGIN] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", pytest.param("triton", marks=pytest.mark.interpreter),
+                                     pytest.param("triton_fused", marks=pytest.mark.interpreter)])
+def test_one_call_packs_its_target_once(backend, monkeypatch):
+    """A general-target loss, forward and backward, builds the wire arrays once: the operator carries
+    them and every backend reads them (the C++ operators as they are, the Triton host its columns)."""
+    if backend == "cpp" and not cpp.AVAILABLE:
+        pytest.skip(f"C++ extension unavailable: {cpp.REASON}")
+    import fastcon.functional as FC
+
+    built = []
+    build = wire._build
+
+    def counting(target, na, nb):
+        built.append((na, nb))
+        return build(target, na, nb)
+
+    monkeypatch.setattr(wire, "_build", counting)
+    torch.manual_seed(0)
+    a, b = torch.randn(12, 8, requires_grad=True), torch.randn(12, 8, requires_grad=True)
+    ids = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7])
+    FC.clip_loss(a, b, torch.tensor(5.0), labels=ids, backend=backend).backward()
+    assert built == [(12, 12)]

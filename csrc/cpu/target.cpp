@@ -105,12 +105,12 @@ std::pair<int64_t, int64_t> span(const TargetView& t, int64_t r0, int64_t r1) {
   return {c0, std::max(c0, std::min(c1, t.nb))};
 }
 
-// Soft targets (targets.py: a teacher's tile beside the student's). The operators take the teacher's
-// tensors as one list: teacher_a, teacher_b, the float64 row and column normalisers of the teacher's
-// pass, the positives' counts of each row and column (the targets' entropy), and each row's and
-// column's target mass (pass 2, where it is not 1); and its numbers as another: soft, linear (0/1),
-// the teacher's scale, c0, c1, the hard targets' weight, entropy (0/1).
-enum SoftField { kTeacherA, kTeacherB, kRowNorm, kColNorm, kSoftRowPos, kSoftColPos, kRowMass, kColMass, kSoftFields };
+// Soft targets (targets.py: a teacher's tile beside the student's). The teacher is part of the
+// target's wire format: its features (teacher_a, teacher_b), its scale and its numbers (soft, kind,
+// c0, c1, hard) in the target's numbers. What a pass adds comes as one list of vectors: the float64
+// row and column normalisers of the teacher's pass, the positives' counts of each row and column
+// (pass 1's entropy terms), and each row's and column's target mass (pass 2, where it is not 1).
+enum PassVector { kRowNorm, kColNorm, kRowPos, kColPos, kRowMass, kColMass, kPassVectors };
 
 template <typename T>
 struct SoftView {
@@ -164,16 +164,17 @@ void split_norms(const Tensor& v, const char* op, const char* name, int64_t n, b
 }
 
 template <typename T>
-SoftView<T> make_soft(const char* op, const Tensor& a, const Tensor& b, const c10::List<std::optional<Tensor>>& soft,
-                      const std::vector<double>& numbers, bool symmetric, std::vector<Tensor>& keep) {
+SoftView<T> make_soft(const char* op, const Tensor& a, const Tensor& b, at::ArrayRef<double> numbers,
+                      const std::optional<Tensor>& teacher_a, const std::optional<Tensor>& teacher_b,
+                      const std::optional<Tensor>& teacher_scale, const c10::List<std::optional<Tensor>>& vectors,
+                      bool symmetric, std::vector<Tensor>& keep) {
   SoftView<T> v;
-  if (soft.size() == 0) return v;
-  TORCH_CHECK(soft.size() == kSoftFields, "fastcon::", op, ": the soft targets have ", int(kSoftFields),
-              " tensors, got ", soft.size());
-  TORCH_CHECK(numbers.size() == 7, "fastcon::", op, ": the soft targets have 7 numbers, got ", numbers.size());
-  keep.reserve(kSoftFields);  // field() hands out pointers into it
+  if (vectors.size() == 0) return v;
+  TORCH_CHECK(vectors.size() == kPassVectors, "fastcon::", op, ": a pass takes ", int(kPassVectors),
+              " vectors, got ", vectors.size());
+  keep.reserve(kPassVectors + 2);  // field() hands out pointers into it
   auto vec = [&](int k, const char* name, int64_t n) -> const T* {
-    const Tensor* t = field(soft, k, keep);
+    const Tensor* t = field(vectors, k, keep);
     if (t == nullptr) return nullptr;
     TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->scalar_type() == a.scalar_type() && t->is_contiguous() &&
                     t->device().is_cpu(),
@@ -183,41 +184,44 @@ SoftView<T> make_soft(const char* op, const Tensor& a, const Tensor& b, const c1
   v.row_mass = vec(kRowMass, "row_mass", a.size(0));
   v.col_mass = vec(kColMass, "col_mass", b.size(0));
   if (symmetric) v.ones.assign(size_t(b.size(0)), T(1));
-  if (!soft.get(kTeacherA).has_value() && !soft.get(kTeacherB).has_value()) {
-    return v;  // hard targets with a target mass per row (column): no teacher
-  }
+  const double soft = numbers[wire::kNumSoft];
+  if (soft == 0.0) return v;  // hard targets with a target mass per row (column): no teacher
   v.on = true;
-  v.soft = T(numbers[0]);
-  v.linear = numbers[1] != 0.0;
-  v.tscale = T(numbers[2]);
-  v.c0 = T(numbers[3]);
-  v.c1 = T(numbers[4]);
-  v.hard = T(numbers[5]);
-  v.entropy = numbers[6] != 0.0;
-  const Tensor* ta = field(soft, kTeacherA, keep);
-  const Tensor* tb = field(soft, kTeacherB, keep);
-  TORCH_CHECK(ta && tb, "fastcon::", op, ": soft targets need teacher_a and teacher_b");
-  for (const Tensor* t : {ta, tb}) {
-    TORCH_CHECK(t->dim() == 2 && t->size(1) == a.size(1) && t->scalar_type() == a.scalar_type() &&
-                    t->device().is_cpu() && t->is_contiguous(),
-                "fastcon::", op, ": the teacher's features must be contiguous CPU tensors of a's dtype and dim");
+  v.soft = T(soft);
+  v.linear = int64_t(numbers[wire::kNumTeacherKind]) == wire::kTeacherLinear;
+  v.c0 = T(numbers[wire::kNumC0]);
+  v.c1 = T(numbers[wire::kNumC1]);
+  const double hard = numbers[wire::kNumHard];  // NaN: what the soft targets leave
+  v.hard = T(std::isnan(hard) ? 1.0 - soft : hard);
+  TORCH_CHECK(teacher_a.has_value() && teacher_a->defined() && teacher_b.has_value() && teacher_b->defined(),
+              "fastcon::", op, ": soft targets need teacher_a and teacher_b");
+  for (const Tensor* t : {&*teacher_a, &*teacher_b}) {
+    TORCH_CHECK(t->dim() == 2 && t->size(1) == a.size(1) && t->is_floating_point() && t->device().is_cpu(),
+                "fastcon::", op, ": the teacher's features must be floating CPU tensors of a's dim");
   }
-  TORCH_CHECK(ta->size(0) == a.size(0) && tb->size(0) == b.size(0), "fastcon::", op,
+  TORCH_CHECK(teacher_a->size(0) == a.size(0) && teacher_b->size(0) == b.size(0), "fastcon::", op,
               ": the teacher's features must have the student's rows: ", a.size(0), " and ", b.size(0));
-  v.ta = *ta;
-  v.tb = *tb;
-  const Tensor* rn = field(soft, kRowNorm, keep);
+  v.ta = teacher_a->to(a.scalar_type()).contiguous();  // the GEMMs' dtype, a's
+  v.tb = teacher_b->to(a.scalar_type()).contiguous();
+  if (!v.linear) {
+    TORCH_CHECK(teacher_scale.has_value() && teacher_scale->defined() && teacher_scale->numel() == 1, "fastcon::",
+                op, ": a softmax teacher needs its scale as a one-element tensor");
+    v.tscale = T(teacher_scale->item<double>());
+  }
+  const Tensor* rn = field(vectors, kRowNorm, keep);
   TORCH_CHECK(rn, "fastcon::", op, ": soft targets need the teacher's row normalisers");
   split_norms<T>(*rn, op, "the teacher's row normalisers", a.size(0), v.linear, v.rhi, v.rlo);
   if (symmetric) {
-    const Tensor* cn = field(soft, kColNorm, keep);
+    const Tensor* cn = field(vectors, kColNorm, keep);
     TORCH_CHECK(cn, "fastcon::", op, ": a symmetric loss with soft targets needs the teacher's column normalisers");
     split_norms<T>(*cn, op, "the teacher's column normalisers", b.size(0), v.linear, v.chi, v.clo);
   }
-  v.row_pos = vec(kSoftRowPos, "the rows' positive counts", a.size(0));
-  v.col_pos = vec(kSoftColPos, "the columns' positive counts", b.size(0));
-  TORCH_CHECK(!v.entropy || (v.row_pos && (!symmetric || v.col_pos)), "fastcon::", op,
-              ": the targets' entropy needs the positives' counts");
+  v.row_pos = vec(kRowPos, "the rows' positive counts", a.size(0));
+  v.col_pos = vec(kColPos, "the columns' positive counts", b.size(0));
+  // the targets' entropy is pass 1's term: it runs where the pass hands over the positives' counts
+  v.entropy = numbers[wire::kNumEntropy] != 0.0 && v.row_pos != nullptr;
+  TORCH_CHECK(!v.entropy || !symmetric || v.col_pos, "fastcon::", op,
+              ": the targets' entropy needs the columns' positive counts");
   if (symmetric) {
     if (v.entropy) {  // as the torch backend forms it: hard / max(|P_j|, 1)
       v.hc.resize(size_t(b.size(0)));
@@ -661,47 +665,50 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad_impl(
 // Dispatcher entry points
 
 std::vector<Tensor> target_stats(const Tensor& a, const Tensor& b, const Tensor& scale, const Tensor& bias,
-                                 const Tensor& rows, const Tensor& cols, at::ArrayRef<double> target_numbers,
-                                 const std::optional<Tensor>& mask,
-                                 const c10::List<std::optional<Tensor>>& soft, at::ArrayRef<double> soft_numbers,
-                                 bool symmetric, bool smoothing, int64_t chunk_rows, int64_t cache_bytes) {
+                                 const Tensor& rows, const Tensor& cols, at::ArrayRef<double> numbers,
+                                 const std::optional<Tensor>& mask, const std::optional<Tensor>& teacher_a,
+                                 const std::optional<Tensor>& teacher_b, const std::optional<Tensor>& teacher_scale,
+                                 const c10::List<std::optional<Tensor>>& vectors, bool symmetric, bool smoothing,
+                                 int64_t chunk_rows, int64_t cache_bytes) {
   check_pair("target_stats", a, b, scale, bias, chunk_rows);
-  std::vector<Tensor> soft_keep;
-  const TargetView t = make_view("target_stats", rows, cols, target_numbers, mask, a.size(0), b.size(0));
-  const std::vector<double> numbers(soft_numbers.begin(), soft_numbers.end());
+  std::vector<Tensor> keep;
+  const TargetView t = make_view("target_stats", rows, cols, numbers, mask, a.size(0), b.size(0));
+  auto soft = [&](auto zero) {
+    return make_soft<decltype(zero)>("target_stats", a, b, numbers, teacher_a, teacher_b, teacher_scale, vectors,
+                                     symmetric, keep);
+  };
   if (a.scalar_type() == at::kDouble)
-    return target_stats_impl<double>(a, b, scalar_of<double>(scale), scalar_of<double>(bias), t,
-                                     make_soft<double>("target_stats", a, b, soft, numbers, symmetric, soft_keep),
+    return target_stats_impl<double>(a, b, scalar_of<double>(scale), scalar_of<double>(bias), t, soft(0.0),
                                      symmetric, smoothing, chunk_rows, cache_bytes);
-  return target_stats_impl<float>(a, b, scalar_of<float>(scale), scalar_of<float>(bias), t,
-                                  make_soft<float>("target_stats", a, b, soft, numbers, symmetric, soft_keep),
-                                  symmetric, smoothing, chunk_rows, cache_bytes);
+  return target_stats_impl<float>(a, b, scalar_of<float>(scale), scalar_of<float>(bias), t, soft(0.0f), symmetric,
+                                  smoothing, chunk_rows, cache_bytes);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad(
-    const Tensor& a, const Tensor& b, const Tensor& scale, const Tensor& bias,
-    const Tensor& rows, const Tensor& cols, at::ArrayRef<double> target_numbers,
-    const std::optional<Tensor>& mask, const c10::List<std::optional<Tensor>>& soft,
-    at::ArrayRef<double> soft_numbers, const Tensor& row_lse, const Tensor& q_row_pos, const Tensor& q_row_keep,
-    double w_row, const std::optional<Tensor>& col_lse, const std::optional<Tensor>& q_col_pos,
-    const std::optional<Tensor>& q_col_keep, const std::optional<Tensor>& w_col, int64_t chunk_rows,
-    at::TensorList cache) {
+    const Tensor& a, const Tensor& b, const Tensor& scale, const Tensor& bias, const Tensor& rows, const Tensor& cols,
+    at::ArrayRef<double> numbers, const std::optional<Tensor>& mask, const std::optional<Tensor>& teacher_a,
+    const std::optional<Tensor>& teacher_b, const std::optional<Tensor>& teacher_scale,
+    const c10::List<std::optional<Tensor>>& vectors, const Tensor& row_lse, const Tensor& q_row_pos,
+    const Tensor& q_row_keep, double w_row, const std::optional<Tensor>& col_lse,
+    const std::optional<Tensor>& q_col_pos, const std::optional<Tensor>& q_col_keep,
+    const std::optional<Tensor>& w_col, int64_t chunk_rows, at::TensorList cache) {
   check_pair("target_grad", a, b, scale, bias, chunk_rows);
-  const TargetView t = make_view("target_grad", rows, cols, target_numbers, mask, a.size(0), b.size(0));
+  const TargetView t = make_view("target_grad", rows, cols, numbers, mask, a.size(0), b.size(0));
   const std::vector<Tensor> chunks(cache.begin(), cache.end());
   for (const Tensor* v : {&q_row_pos, &q_row_keep}) {
     TORCH_CHECK(v->scalar_type() == a.scalar_type(), "fastcon::target_grad: the row weights must have a's dtype");
   }
-  std::vector<Tensor> soft_keep;
-  const std::vector<double> numbers(soft_numbers.begin(), soft_numbers.end());
+  std::vector<Tensor> keep;
   const bool symmetric = col_lse.has_value() && col_lse->defined();
+  auto soft = [&](auto zero) {
+    return make_soft<decltype(zero)>("target_grad", a, b, numbers, teacher_a, teacher_b, teacher_scale, vectors,
+                                     symmetric, keep);
+  };
   if (a.scalar_type() == at::kDouble)
-    return target_grad_impl<double>(a, b, scalar_of<double>(scale), scalar_of<double>(bias), t,
-                                    make_soft<double>("target_grad", a, b, soft, numbers, symmetric, soft_keep),
-                                    row_lse, q_row_pos, q_row_keep, w_row, col_lse, q_col_pos, q_col_keep, w_col,
-                                    chunk_rows, chunks);
-  return target_grad_impl<float>(a, b, scalar_of<float>(scale), scalar_of<float>(bias), t,
-                                 make_soft<float>("target_grad", a, b, soft, numbers, symmetric, soft_keep), row_lse,
+    return target_grad_impl<double>(a, b, scalar_of<double>(scale), scalar_of<double>(bias), t, soft(0.0), row_lse,
+                                    q_row_pos, q_row_keep, w_row, col_lse, q_col_pos, q_col_keep, w_col, chunk_rows,
+                                    chunks);
+  return target_grad_impl<float>(a, b, scalar_of<float>(scale), scalar_of<float>(bias), t, soft(0.0f), row_lse,
                                  q_row_pos, q_row_keep, w_row, col_lse, q_col_pos, q_col_keep, w_col, chunk_rows,
                                  chunks);
 }
@@ -713,11 +720,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad(
 TORCH_LIBRARY_FRAGMENT(fastcon, m) {
   m.def(
       "target_stats(Tensor a, Tensor b, Tensor scale, Tensor bias, Tensor rows, Tensor cols, "
-      "float[] target_numbers, Tensor? mask, Tensor?[] soft, float[] soft_numbers, bool symmetric, "
-      "bool smoothing, int chunk_rows, int cache_bytes) -> Tensor[]");
+      "float[] numbers, Tensor? mask, Tensor? teacher_a, Tensor? teacher_b, Tensor? teacher_scale, "
+      "Tensor?[] vectors, bool symmetric, bool smoothing, int chunk_rows, int cache_bytes) -> Tensor[]");
   m.def(
       "target_grad(Tensor a, Tensor b, Tensor scale, Tensor bias, Tensor rows, Tensor cols, "
-      "float[] target_numbers, Tensor? mask, Tensor?[] soft, float[] soft_numbers, Tensor row_lse, "
+      "float[] numbers, Tensor? mask, Tensor? teacher_a, Tensor? teacher_b, Tensor? teacher_scale, "
+      "Tensor?[] vectors, Tensor row_lse, "
       "Tensor q_row_pos, Tensor q_row_keep, "
       "float w_row, Tensor? col_lse, Tensor? q_col_pos, Tensor? q_col_keep, Tensor? w_col, int chunk_rows, "
       "Tensor[] cache) -> (Tensor, Tensor, Tensor, Tensor)");

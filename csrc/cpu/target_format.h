@@ -20,6 +20,7 @@ enum Flag : int64_t {
   kHasExclude = 1, kHasKeep = 2, kHasRange = 4, kHasRowOwner = 8, kHasColOwner = 16, kHasRule = 32, kHasGroup = 64,
   kHasPenaltyCols = 128, kHasPenaltyRows = 256
 };
+constexpr int64_t kTeacherLinear = 1;  // kNumTeacherKind of a linear teacher (0: a softmax teacher)
 
 // In the order of format_indices() in wire.py.
 inline std::vector<int64_t> format_indices() {
@@ -28,7 +29,7 @@ inline std::vector<int64_t> format_indices() {
           kNumPairOffset, kNumMargin, kNumPenalty, kNumPenaltyMode, kNumSoft, kNumHard, kNumTeacherKind, kNumC0,
           kNumC1, kNumEps, kNumEntropy, kNumFlags, kNumberCount,
           kHasExclude, kHasKeep, kHasRange, kHasRowOwner, kHasColOwner, kHasRule, kHasGroup, kHasPenaltyCols,
-          kHasPenaltyRows};
+          kHasPenaltyRows, kTeacherLinear};
 }
 
 }  // namespace wire

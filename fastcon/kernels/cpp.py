@@ -71,12 +71,13 @@ def direct_loss(a, b, scale, bias, kind, pos_offset, symmetric, label_smoothing,
 # ---------------------------------------------------------------------------------------------------
 # The general target (fastcon/targets/): pass 1 and pass 2 as C++ operators
 
-def _target_args(target, na: int, nb: int):
-    """The target in the wire format (``wire.pack``) as the operators take it: rows, cols, numbers, mask."""
+def _target_args(target, a, b):
+    """The target in the wire format (``wire.pack``, which gives back the arrays an operator carried)
+    as the operators take it: rows, cols, numbers, mask, teacher_a, teacher_b, teacher_scale."""
     from ..targets.wire import pack
 
-    packed = pack(target, na, nb)
-    return packed.rows, packed.cols, packed.numbers, packed.mask
+    w = pack(target, a.shape[0], b.shape[0])
+    return w.rows, w.cols, w.numbers, w.mask, w.teacher_a, w.teacher_b, w.teacher_scale
 
 
 # The outputs of fastcon::target_stats, in order: pass 1's statistics, with soft targets their four
@@ -91,35 +92,23 @@ def _named_outputs(out, names):
     return dict(zip(names, out)), list(out[len(names):])
 
 
-def _soft_args(a, target, teacher_norms=None, row_mass=None, col_mass=None, counts=None):
-    """The soft targets' tensors and numbers as the operators read them (empty lists without them;
-    the teacher's features contiguous in the GEMMs' dtype, ``a``'s)."""
-    from ..targets import TEACHER_LINEAR, hard_weight
-
+def _pass_vectors(target, teacher_norms=(None, None), counts=(None, None), masses=(None, None)):
+    """What a pass adds to the target (``PassVector`` in csrc/cpu/target.cpp): the teacher's row and
+    column normalisers, the positives' counts (pass 1's entropy terms) and each row's and column's
+    target mass (pass 2); an empty list where the pass needs none."""
     if not target.soft:  # hard targets: at most a target mass per row (column)
-        if row_mass is None and col_mass is None:
-            return [], []
-        return [None] * 6 + [row_mass, col_mass], [0.0] * 7
-    norms = (None, None) if teacher_norms is None else teacher_norms
-    entropy = bool(target.entropy) and counts is not None  # pass 1's term (pass 2 has no use for it)
-    counts = (None, None) if counts is None else counts
-    t = target.teacher
-    tensors = [t.a.to(a.dtype).contiguous(), t.b.to(a.dtype).contiguous(), *norms, *counts, row_mass, col_mass]
-    linear = t.kind == TEACHER_LINEAR
-    scale = 1.0 if linear else float(t.scale)
-    numbers = [float(target.soft), float(linear), scale, float(t.c0), float(t.c1),
-               float(hard_weight(target, 0.0)), float(entropy)]
-    return tensors, numbers
+        return [] if masses == (None, None) else [None] * 4 + list(masses)
+    return [*teacher_norms, *counts, *masses]
 
 
 def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes, teacher=None):
     from ..targets import TargetStats, with_teacher
 
-    soft = _soft_args(a, target, None if teacher is None else (teacher.row_norm, teacher.col_norm),
-                      counts=None if teacher is None else (teacher.row_pos, teacher.col_pos))
-    out = torch.ops.fastcon.target_stats(a, b, _scalar(scale, a), _scalar(bias, a),
-                                         *_target_args(target, a.shape[0], b.shape[0]), *soft, bool(symmetric),
-                                         bool(smoothing), int(chunk_rows), int(cache_bytes))
+    vectors = [] if teacher is None else _pass_vectors(target, (teacher.row_norm, teacher.col_norm),
+                                                       (teacher.row_pos, teacher.col_pos))
+    out = torch.ops.fastcon.target_stats(a, b, _scalar(scale, a), _scalar(bias, a), *_target_args(target, a, b),
+                                         vectors, bool(symmetric), bool(smoothing), int(chunk_rows),
+                                         int(cache_bytes))
     stats, rest = _named_outputs(out, _STATS_OUTPUTS)
     st = TargetStats(**stats)
     if not target.soft:
@@ -135,9 +124,9 @@ teacher_stats = target_stats  # the teacher's pass (targets.teacher_stats) is th
 
 def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
     w = weights
-    soft = _soft_args(a, target, (w.t_row_norm, w.t_col_norm), w.row_mass, w.col_mass)
+    vectors = _pass_vectors(target, (w.t_row_norm, w.t_col_norm), masses=(w.row_mass, w.col_mass))
     return torch.ops.fastcon.target_grad(
-        a, b, _scalar(scale, a), _scalar(bias, a), *_target_args(target, a.shape[0], b.shape[0]), *soft, w.row_lse,
+        a, b, _scalar(scale, a), _scalar(bias, a), *_target_args(target, a, b), vectors, w.row_lse,
         w.q_row_pos, w.q_row_keep, float(w.w_row), w.col_lse, w.q_col_pos, w.q_col_keep, w.w_col, int(chunk_rows),
         list(cached))
 

@@ -24,6 +24,8 @@ from typing import List, NamedTuple, Optional
 
 import torch
 
+from .definition import TEACHER_LINEAR, Target, Teacher
+
 ROW_ID, ROW_EXCLUDE, ROW_LO, ROW_HI, ROW_OWNER, ROW_RULE, ROW_GROUP, ROW_PENALTY = range(8)
 ROW_FIELDS = 8
 COL_ID, COL_OWNER, COL_KEEP, COL_PENALTY = range(4)
@@ -47,7 +49,7 @@ def format_indices() -> List[int]:
             NUM_PAIR_OFFSET, NUM_MARGIN, NUM_PENALTY, NUM_PENALTY_MODE, NUM_SOFT, NUM_HARD, NUM_TEACHER_KIND, NUM_C0,
             NUM_C1, NUM_EPS, NUM_ENTROPY, NUM_FLAGS, NUMBER_COUNT,
             HAS_EXCLUDE, HAS_KEEP, HAS_RANGE, HAS_ROW_OWNER, HAS_COL_OWNER, HAS_RULE, HAS_GROUP, HAS_PENALTY_COLS,
-            HAS_PENALTY_ROWS]
+            HAS_PENALTY_ROWS, TEACHER_LINEAR]
 
 
 class WireTarget(NamedTuple):
@@ -67,9 +69,23 @@ def _nan(v) -> float:
     return float("nan") if v is None else float(v)
 
 
+class _Unpacked(Target):
+    """A ``Target`` that ``unpack`` gave back, holding the arrays it came from, so that ``pack``
+    hands them on instead of building them again: a target is packed once per call, by the
+    operator's caller. A changed copy (``_replace``) is a plain instance of this class without them."""
+    wire: Optional[WireTarget] = None
+
+
 def pack(target, na: int, nb: int) -> WireTarget:
     """The wire format of ``target`` (a ``targets.Target``) for Na rows and Nb columns, on the device of
-    its ids."""
+    its ids (the arrays it was unpacked from, where it was)."""
+    carried = target.wire if isinstance(target, _Unpacked) else None
+    if carried is not None and carried.rows.shape[0] == na and carried.cols.shape[0] == nb:
+        return carried
+    return _build(target, na, nb)
+
+
+def _build(target, na: int, nb: int) -> WireTarget:
     dev = target.row_ids.device
     rows = torch.empty((na, ROW_FIELDS), dtype=torch.int64, device=dev)
     rows[:, ROW_ID] = target.row_ids
@@ -109,9 +125,7 @@ def pack(target, na: int, nb: int) -> WireTarget:
 
 
 def unpack(packed: WireTarget):
-    """The ``targets.Target`` that ``pack`` wrote (absent fields None again)."""
-    from .definition import Target, Teacher
-
+    """The ``targets.Target`` that ``pack`` wrote (absent fields None again), holding ``packed``."""
     rows, cols, n = packed.rows, packed.cols, packed.numbers
     given = {f: packed.has(bit) for bit, f in _FLAG_FIELDS}
     column = {"exclude_col": rows[:, ROW_EXCLUDE], "col_keep": cols[:, COL_KEEP].bool(),
@@ -123,10 +137,13 @@ def unpack(packed: WireTarget):
     teacher = None if packed.teacher_a is None else Teacher(
         packed.teacher_a, packed.teacher_b, packed.teacher_scale, int(n[NUM_TEACHER_KIND]), n[NUM_C0], n[NUM_C1],
         n[NUM_EPS])
-    return Target(rows[:, ROW_ID].contiguous(), cols[:, COL_ID].contiguous(), pair_offset=int(n[NUM_PAIR_OFFSET]),
-                  margin=None if math.isnan(margin) else margin, penalty=n[NUM_PENALTY],
-                  penalty_mode=int(n[NUM_PENALTY_MODE]), mask=packed.mask, teacher=teacher, soft=n[NUM_SOFT],
-                  hard=None if math.isnan(hard) else hard, entropy=bool(n[NUM_ENTROPY]), **fields)
+    target = _Unpacked(rows[:, ROW_ID].contiguous(), cols[:, COL_ID].contiguous(),
+                       pair_offset=int(n[NUM_PAIR_OFFSET]), margin=None if math.isnan(margin) else margin,
+                       penalty=n[NUM_PENALTY], penalty_mode=int(n[NUM_PENALTY_MODE]), mask=packed.mask,
+                       teacher=teacher, soft=n[NUM_SOFT], hard=None if math.isnan(hard) else hard,
+                       entropy=bool(n[NUM_ENTROPY]), **fields)
+    target.wire = packed
+    return target
 
 
 def wire_args(target, na: int, nb: int):
