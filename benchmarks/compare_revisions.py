@@ -6,13 +6,17 @@ change can be checked for speed regressions on the same machine at the same time
 
 Each revision is checked out into a temporary worktree with its C++ extension built in place (by this
 Python, against this torch); every case then runs ``python -m fastcon.bench`` once per revision,
-alternating, with the revision first on ``PYTHONPATH``. Prints a table of the median times and their
-ratio to the first revision.
+alternating, with the revision first on ``PYTHONPATH``. With ``--rounds R`` every case runs R times per
+revision, the order of the revisions reversed every other round, so that neither is always first.
+Prints, per case, each revision's time and its ratio to the first revision: the median of its
+calls' medians and, with ``--stat min``, the fastest call of any round (the figure a shared, loaded
+machine moves least: load only ever adds time).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -56,8 +60,13 @@ def main(argv=None):
     p.add_argument("--batch", default="4096,16384")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1, help="runs per case and revision, alternating the order")
+    p.add_argument("--stat", choices=("median", "min"), default="median",
+                   help="median: the median of the rounds' median calls; min: the fastest call of any round")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     base = tempfile.mkdtemp(prefix="fastcon-revs-")
     paths = {}
     try:
@@ -66,12 +75,17 @@ def main(argv=None):
         rows = []
         for loss in args.loss.split(","):
             for n in (int(x) for x in args.batch.split(",")):
-                times = {}
-                for rev in args.rev:
-                    row = _run(paths[rev], loss, n, args.dim, args.repeat)
-                    row["revision"] = _sha(rev)
-                    rows.append(row)
-                    times[rev] = row["median_ms"]
+                runs = {rev: [] for rev in args.rev}
+                for k in range(args.rounds):
+                    for rev in (args.rev if k % 2 == 0 else args.rev[::-1]):
+                        row = _run(paths[rev], loss, n, args.dim, args.repeat)
+                        row["revision"], row["round"] = _sha(rev), k
+                        rows.append(row)
+                        runs[rev].append(row)
+                if args.stat == "min":
+                    times = {rev: min(r["min_ms"] for r in rs) for rev, rs in runs.items()}
+                else:
+                    times = {rev: statistics.median(r["median_ms"] for r in rs) for rev, rs in runs.items()}
                 first = times[args.rev[0]]
                 cells = "  ".join(f"{_sha(r)} {t:9.1f} ms ({t / first:.3f}x)" for r, t in times.items())
                 print(f"{loss:7s} N={n:6d} D={args.dim}: {cells}", flush=True)
