@@ -46,6 +46,34 @@ def check_features(name_a: str, a, name_b: str, b) -> None:
         raise ValueError(f"{name_a} is on {a.device} but {name_b} is on {b.device}; put both on one device")
 
 
+def check_token_features(name: str, t) -> None:
+    """A (batch, tokens, dim) set of token features: a floating tensor of a supported dtype, nothing
+    empty."""
+    _check_float_tensor(name, t, "a torch.Tensor", "3-D (batch, tokens, dim)", lambda x: x.dim() == 3)
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has unsupported dtype {t.dtype}; use float32, bfloat16, float16 or float64")
+    for axis, what in enumerate(("an empty batch", "no tokens", "feature dimension 0")):
+        if t.shape[axis] == 0:
+            raise ValueError(f"{name} has {what} (shape {tuple(t.shape)}); the loss needs at least one of each")
+
+
+def check_mask(name: str, mask, shape: tuple, device: torch.device) -> torch.Tensor:
+    """A mask of ``shape``, True (or 1) for what is real: a bool tensor or an integer tensor of 0s and
+    1s (tokenizers' attention masks), given back as bool on ``device``."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a bool or 0/1 integer tensor of shape {shape}, got {type(mask).__name__}")
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        raise TypeError(f"{name} must be a bool or 0/1 integer tensor of shape {shape}, got dtype {mask.dtype}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got shape {tuple(mask.shape)}")
+    if mask.dtype != torch.bool:
+        if not compiling() and bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError(f"{name} must hold only 0 and 1 (True: real), got values "
+                             f"{sorted(set(mask.unique().tolist()) - {0, 1})[:4]}")
+        mask = mask != 0
+    return mask.to(device)
+
+
 def check_scalar(name: str, value, device: torch.device, *, required: bool = True) -> Optional[torch.Tensor]:
     """Returns a tensor for a Python number or a one-element tensor; rejects non-finite values."""
     if value is None:
@@ -81,7 +109,14 @@ def check_label_smoothing(value: float) -> float:
     return float(value)
 
 
-def check_pos_offset(pos_offset: int, na: int, nb: int) -> int:
+def check_pos_offset(pos_offset: Optional[int], na: int, nb: int) -> int:
+    """The column of row 0's positive: None for a paired batch (0), an explicit int for the rectangular
+    form (Na rows against Nb > Na columns), where no default is safe to guess."""
+    if pos_offset is None:
+        if na != nb:
+            raise ValueError(f"image_features has {na} rows and text_features {nb}: the rectangular form needs an "
+                             f"explicit pos_offset, the column of row 0's positive (0 to {nb - na})")
+        return 0
     if isinstance(pos_offset, bool) or not isinstance(pos_offset, int):
         raise TypeError(f"pos_offset must be an int, got {type(pos_offset).__name__}")
     if pos_offset < 0 or pos_offset + na > nb:

@@ -134,16 +134,33 @@ def test_compare_flags_regressions_beyond_the_limit(tmp_path):
     _, failures = C.compare([_row()], [_row(peak=111.0, tflops=0.9)], limits)
     assert len(failures) == 2
     _, failures = C.compare([_row(), _row("reference")], [_row(status="oom"), _row("open_clip")], limits)
-    assert len(failures) == 1 and "oom" in failures[0]
+    assert len(failures) == 2 and "oom" in failures[0] and "missing from NEW" in failures[1]
+    _, failures = C.compare([_row(), _row("reference", status="skipped")], [_row()], limits)
+    assert failures == []  # a case that did not run in OLD is no regression when it is missing
     old, new = tmp_path / "old.json", tmp_path / "new.json"
     old.write_text(json.dumps([_row()]))
     new.write_text(json.dumps([_row(median=20.0)]))
     assert bench.main(["compare", str(old), str(old), "--fail-if", "median:5%"]) == 0
     assert bench.main(["compare", str(old), str(new), "--fail-if", "median:5%"]) == 1
+    fewer = tmp_path / "fewer.json"
+    fewer.write_text(json.dumps([]))
+    assert bench.main(["compare", str(old), str(fewer), "--fail-if", "median:5%"]) == 1
     with pytest.raises(ValueError):
         C.parse_limit("median")
     with pytest.raises(ValueError):
         C.parse_limit("wall:5%")
+
+
+def test_summary_ratios_of_tiny_or_missing_peaks():
+    """A peak below the measurement's resolution (0 MiB at small N) gives no memory ratio rather than a
+    division by zero or a ratio of noise; a zero time gives none either."""
+    from fastcon.bench.report import summary_markdown
+
+    rows = [_row(peak=0.0), _row("open_clip", peak=40.0), _row(batch=256, peak=0.4),
+            _row("open_clip", batch=256, peak=0.0)]
+    table = summary_markdown(rows)
+    assert table.count("n/a (< 1 MiB)") == 2 and "×" in table
+    assert "n/a" in summary_markdown([_row(median=0.0), _row("open_clip")]).splitlines()[-1]
 
 
 def test_readme_summary_is_generated_from_the_committed_results(monkeypatch):

@@ -139,3 +139,17 @@ def test_mochi_bad_input():
         FC.mochi_loss(q, k, queue, top_n=3, n_mix=2, n_query_mix=2, mixes={**good, "alpha": good["alpha"][:, :1]})
     with pytest.raises(ValueError, match="keys"):
         FC.mochi_loss(q, k, queue, top_n=3, n_mix=2, n_query_mix=2, mixes={"alpha": good["alpha"]})
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_mochi_with_a_nan_query_gives_nan_not_an_error(backend):
+    """A NaN in the features gives a NaN loss and NaN gradients (as the materialised reference does),
+    not an error about a gradient the user never passed."""
+    q, k, queue = _data(dtype=torch.float32)
+    q = q.clone()
+    q[0, 0] = float("nan")
+    leaves = q.requires_grad_()
+    loss = FC.mochi_loss(leaves, k, queue, top_n=7, n_mix=5, n_query_mix=3, backend=backend,
+                         generator=torch.Generator().manual_seed(3))
+    (g,) = torch.autograd.grad(loss, [leaves])
+    assert torch.isnan(loss) and torch.isnan(g).any()

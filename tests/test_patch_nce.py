@@ -66,5 +66,5 @@ def test_patch_nce_bad_input():
         FC.patch_nce_loss(q, k, pos_mask=torch.zeros(2, 4, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="temperature"):
         FC.patch_nce_loss(q, k, temperature=0)
-    with pytest.raises(ValueError, match="B, P, D"):
+    with pytest.raises(ValueError, match="3-D"):
         FC.patch_nce_loss(q[0], k[0])

@@ -91,6 +91,17 @@ def test_clip_bad_label_smoothing_and_offset():
         FC.clip_loss(a, b, 1.0, pos_offset=1)
 
 
+@pytest.mark.parametrize("loss", LOSSES)
+def test_rectangular_batch_needs_an_explicit_pos_offset(loss):
+    a, b = torch.randn(6, 4), torch.randn(8, 4)
+    with pytest.raises(ValueError, match="6 rows and text_features 8.*explicit pos_offset"):
+        loss(a, b, torch.tensor(10.0), torch.tensor(-1.0))
+    ref = loss(a, b, torch.tensor(10.0), torch.tensor(-1.0), pos_offset=2, backend="reference")
+    assert torch.allclose(loss(a, b, torch.tensor(10.0), torch.tensor(-1.0), pos_offset=2), ref, rtol=1e-5)
+    paired = loss(a, b[:6], torch.tensor(10.0), torch.tensor(-1.0))  # paired: None means 0
+    assert torch.equal(paired, loss(a, b[:6], torch.tensor(10.0), torch.tensor(-1.0), pos_offset=0))
+
+
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     a, b = feats()
@@ -142,3 +153,37 @@ def test_backend_info_names_the_engine_ops():
     for name in info["ops"]["custom_ops"] + info["ops"]["triton_ops"]:
         ns, op = name.split("::")
         assert hasattr(getattr(torch.ops, ns), op)
+
+
+TOKEN_LOSSES = {
+    "filip": lambda x, y, m=None: FC.filip_loss(x, y, 10.0, token_mask=m),
+    "maxsim": lambda x, y, m=None: FC.maxsim_loss(x, y, doc_mask=m),
+    "pooled": lambda x, y, m=None: FC.pooled_alignment_loss(x, y, word_mask=m),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TOKEN_LOSSES))
+def test_token_losses_share_one_rule_for_bad_input(name):
+    """Token losses: an empty batch (or no tokens) is a ValueError as for every other loss; a wrong
+    dtype a TypeError and a wrong shape a ValueError, each naming what it received; a mask is bool or
+    0/1 integers (tokenizers' attention masks) and gives the bool mask's loss."""
+    loss = TOKEN_LOSSES[name]
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 5, 4), torch.randn(3, 6, 4)
+    for empty in ((x[:0], y[:0]), (x[:, :0], y)):
+        with pytest.raises(ValueError, match="empty batch|no tokens"):
+            loss(*empty)
+    with pytest.raises(TypeError, match="floating-point.*got dtype torch.int64"):
+        loss(x.long(), y)
+    with pytest.raises(ValueError, match=r"3-D.*got shape \(3, 4\)"):
+        loss(x[:, 0], y)
+    bool_mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]]).bool()
+    want = loss(x, y, bool_mask)
+    for dtype in (torch.int64, torch.int32, torch.uint8):
+        assert torch.equal(loss(x, y, bool_mask.to(dtype)), want)
+    with pytest.raises(TypeError, match="mask.*got dtype torch.float32"):
+        loss(x, y, bool_mask.float())
+    with pytest.raises(ValueError, match=r"mask must have shape \(3, 6\), got shape \(3, 5\)"):
+        loss(x, y, bool_mask[:, :5])
+    with pytest.raises(ValueError, match="only 0 and 1.*2"):
+        loss(x, y, bool_mask.long() * 2)

@@ -59,6 +59,8 @@ def compare(old_rows: List[dict], new_rows: List[dict], limits: List[Tuple[str, 
         label = f"{r['loss']} {provider_label(r)} N={r['batch']} D={r['dim']} {r['dtype']} {r['mode']}"
         if o is None or n is None:
             lines.append(f"{label:<52} only in {'NEW' if o is None else 'OLD'}")
+            if n is None and o.get("status") == "ok":
+                failures.append(f"{label}: ran in OLD, missing from NEW")
             continue
         if o.get("status") != "ok" or n.get("status") != "ok":
             lines.append(f"{label:<52} status {o.get('status')} -> {n.get('status')}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 from collections import OrderedDict
@@ -158,7 +159,20 @@ def _fmt_time(ms: float) -> str:
 
 
 def _fmt_ratio(r: float) -> str:
+    if not math.isfinite(r) or r <= 0:
+        return "n/a"
     return f"{r:.2f}×" if r >= 0.1 else f"1/{1 / r:.0f}"
+
+
+# Working memory below this is within the measurement's noise (pages, allocator slack): no ratio.
+MEMORY_RESOLUTION_MIB = 1.0
+
+
+def _memory_ratio(ours: dict, other: dict) -> str:
+    small = min(ours["peak_mib"], other["peak_mib"])
+    if small < MEMORY_RESOLUTION_MIB:
+        return f"n/a (< {MEMORY_RESOLUTION_MIB:g} MiB)"
+    return _fmt_ratio(ours["peak_mib"] / other["peak_mib"])
 
 
 def _figures(r) -> str:
@@ -208,7 +222,7 @@ def summary_markdown(rows: Iterable[dict], sources: Optional[Dict[str, str]] = N
                     continue
                 lines.append(f"| {name} | {n} | {d} | {mode} | {ours_cell} | {peer} | {_figures(other)} | "
                              f"{_fmt_ratio(ours['median_ms'] / other['median_ms'])} | "
-                             f"{_fmt_ratio(ours['peak_mib'] / max(other['peak_mib'], 1e-9))} |")
+                             f"{_memory_ratio(ours, other)} |")
         if not lines:
             continue
         where = ""

@@ -23,7 +23,7 @@ def clip_loss(
     logit_bias=None,
     *,
     label_smoothing: float = 0.0,
-    pos_offset: int = 0,
+    pos_offset: Optional[int] = None,
     labels: Optional[torch.Tensor] = None,
     pair_mask: Optional[torch.Tensor] = None,
     local_loss: bool = False,
@@ -40,7 +40,8 @@ def clip_loss(
         L = ½·[ (1/Na)·Σ_i CE(S_i·, pos_offset + i) + (1/Na)·Σ_i CE(S_·(pos_offset+i), i) ]
 
     The column term runs over the Na columns that own a positive; with ``Na == Nb`` and
-    ``pos_offset == 0`` this is open_clip's ``ClipLoss``. ``label_smoothing`` ε uses the targets
+    ``pos_offset`` None (0) this is open_clip's ``ClipLoss``. ``Na < Nb`` needs an explicit
+    ``pos_offset`` (a ValueError without one). ``label_smoothing`` ε uses the targets
     ``(1−ε)·onehot + ε/n_classes`` of ``F.cross_entropy``. ``labels`` (N integer class ids, paired
     batches): pairs that share an id are positives of one another in both directions, and each row's
     loss is the mean of −log p over its positives (SupCon's outside form, docs/losses.md §2.1; the
@@ -60,7 +61,7 @@ def clip_loss(
     """
     scale, bias = check_common(image_features, text_features, logit_scale, logit_bias)
     eps = check_label_smoothing(label_smoothing)
-    check_pos_offset(pos_offset, image_features.shape[0], text_features.shape[0])
+    pos_offset = check_pos_offset(pos_offset, image_features.shape[0], text_features.shape[0])
     chunk_size = check_chunk_size(chunk_size)
     check_modes(local_loss, gather_with_grad)
     if labels is not None or pair_mask is not None:
@@ -111,7 +112,7 @@ def siglip_loss(
     logit_scale,
     logit_bias=None,
     *,
-    pos_offset: int = 0,
+    pos_offset: Optional[int] = None,
     negative_only: bool = False,
     process_group=None,
     backend: str = "auto",
@@ -120,7 +121,8 @@ def siglip_loss(
     """SigLIP's sigmoid loss without the N×N logits matrix.
 
     ``l_ij = s·x_i·y_j + b``, ``z_ij = +1`` where ``j == pos_offset + i`` else ``−1`` (all ``−1`` with
-    ``negative_only``, the form of text shards from other ranks)::
+    ``negative_only``, the form of text shards from other ranks; ``Na < Nb`` needs an explicit
+    ``pos_offset``)::
 
         L = −(1/Na)·Σ_ij log σ(z_ij·l_ij) = (1/Na)·Σ_ij softplus(−z_ij·l_ij)
 
@@ -136,7 +138,7 @@ def siglip_loss(
     if not isinstance(negative_only, bool):
         raise TypeError(f"negative_only must be a bool, got {type(negative_only).__name__}")
     if not negative_only:
-        check_pos_offset(pos_offset, image_features.shape[0], text_features.shape[0])
+        pos_offset = check_pos_offset(pos_offset, image_features.shape[0], text_features.shape[0])
     chunk_size = check_chunk_size(chunk_size)
     group = distributed_setup(process_group, image_features, text_features, backend)
     if group is not None:

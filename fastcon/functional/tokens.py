@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from .. import reference
-from .._validation import check_label_smoothing, check_scalar, compiling
+from .._validation import check_label_smoothing, check_mask, check_scalar, check_token_features, compiling
 from ..targets import Target
 from ..ops.engine import BACKENDS as _BACKENDS
 from ..ops.engine import loss_dtype as _loss_dtype
@@ -38,10 +38,8 @@ def pooled_alignment_loss(
     CLIP loss of the engine on the two means, ``clip_loss(a, c, 1/τ)``: no B×K×B×L tensor, and
     memory O(B·(M + L)·D). ``word_mask`` is True for real words; a caption without one is an error.
     Returns a 0-d tensor in the features' dtype (computed in at least fp32)."""
-    for name, t in (("visual_tokens", visual_tokens), ("word_embeddings", word_embeddings)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 3 or not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point (B, tokens, D) tensor, got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    check_token_features("visual_tokens", visual_tokens)
+    check_token_features("word_embeddings", word_embeddings)
     b, m, d = visual_tokens.shape
     if word_embeddings.shape[0] != b or word_embeddings.shape[2] != d:
         raise ValueError(f"word_embeddings must be (B={b}, L, D={d}), got {tuple(word_embeddings.shape)}")
@@ -53,9 +51,7 @@ def pooled_alignment_loss(
     acc = torch.promote_types(visual_tokens.dtype, torch.float32)
     v, e = visual_tokens.to(acc), word_embeddings.to(acc)
     if word_mask is not None:
-        if not isinstance(word_mask, torch.Tensor) or word_mask.dtype != torch.bool or \
-                tuple(word_mask.shape) != tuple(e.shape[:2]):
-            raise ValueError(f"word_mask must be a bool tensor of shape {tuple(e.shape[:2])}")
+        word_mask = check_mask("word_mask", word_mask, tuple(e.shape[:2]), e.device)
         counts = word_mask.sum(1)
         if bool((counts == 0).any()):
             raise ValueError(f"caption {int(torch.nonzero(counts == 0)[0])} has no word (its word_mask is all False)")
@@ -101,9 +97,8 @@ def patch_nce_loss(
     in q's dtype. A ``pos_mask`` without any positive is an error."""
     from ..ops import target_row_lse
 
-    for name, t in (("q", q), ("k", k)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 3 or not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point (B, P, D) tensor")
+    check_token_features("q", q)
+    check_token_features("k", k)
     if q.shape != k.shape:
         raise ValueError(f"q and k must have one shape (B, P, D), got {tuple(q.shape)} and {tuple(k.shape)}")
     if detach not in ("key", "query", None):
@@ -112,8 +107,7 @@ def patch_nce_loss(
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
     b, p, d = q.shape
     if pos_mask is not None:
-        if not isinstance(pos_mask, torch.Tensor) or pos_mask.dtype != torch.bool or tuple(pos_mask.shape) != (b, p, p):
-            raise ValueError(f"pos_mask must be a bool tensor of shape {(b, p, p)}")
+        pos_mask = check_mask("pos_mask", pos_mask, (b, p, p), q.device)
         if not bool(pos_mask.any()):
             raise ValueError("pos_mask has no positive pair")
     chunk_size = check_chunk_size(chunk_size)
@@ -157,8 +151,7 @@ def _token_sets(pairs, backend: str):
     masks = []
     first = None
     for name, t, mask_name, mask in pairs:
-        if not isinstance(t, torch.Tensor) or t.dim() != 3 or not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point (B, n, D) tensor")
+        check_token_features(name, t)
         if first is None:
             first = (name, t)
         elif t.dtype != first[1].dtype or t.device != first[1].device:
@@ -167,8 +160,8 @@ def _token_sets(pairs, backend: str):
         shape = tuple(t.shape[:2])
         if mask is None:
             mask = torch.ones(shape, dtype=torch.bool, device=t.device)
-        elif not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != shape:
-            raise ValueError(f"{mask_name} must be a bool tensor of shape {shape} (True: real)")
+        else:
+            mask = check_mask(mask_name, mask, shape, t.device)
         if not compiling():  # a data-dependent check: eager only (as check_scalar's finiteness check)
             empty = torch.nonzero(~mask.any(1))
             if empty.numel():
@@ -239,9 +232,8 @@ def maxsim_loss(queries, docs, *, query_mask=None, doc_mask=None, scale=1.0, neg
     appended to the columns (with their own ``negatives_mask``; n_d' may differ from n_d: the shorter
     set is padded to the longer). ``scale`` is a float or 0-d tensor (PyLate's 1/temperature). Returns a 0-d tensor
     in the queries' dtype (fp32 under autocast)."""
-    if not isinstance(docs, torch.Tensor) or not isinstance(queries, torch.Tensor) or docs.dim() != 3 or \
-            queries.dim() != 3:
-        raise ValueError("queries and docs must be (B, n, D) tensors")
+    check_token_features("queries", queries)
+    check_token_features("docs", docs)
     if docs.shape[0] != queries.shape[0]:
         raise ValueError(f"query i's positive is document i: B_q and B_d must be equal, got {queries.shape[0]} "
                          f"and {docs.shape[0]}")

@@ -310,9 +310,10 @@ def _target_row_lse_grad(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, rows
         u = upstream.to(torch.float64)
         peak = float(u.abs().max()) if u.numel() else 0.0
         if peak == 0.0 or not peak < float("inf"):
-            if peak != 0.0:
-                raise ValueError("the upstream gradient of a row LSE is not finite")
-            return tuple(torch.zeros_like(t, dtype=wide_dtype(t.dtype)) for t in (a, b, scale, bias))
+            # a NaN or infinite upstream gradient (a NaN loss, e.g. from NaN features): NaN gradients,
+            # as the materialised formula gives, rather than an error about an internal quantity
+            fill = 0.0 if peak == 0.0 else float("nan")
+            return tuple(torch.full_like(t, fill, dtype=wide_dtype(t.dtype)) for t in (a, b, scale, bias))
         acc = s.dtype
         zeros = torch.zeros(x.shape[0], dtype=acc, device=x.device)
         # |mass| <= 1 (the bound the Triton path's fp16 lift assumes); the peak is the row weight
