@@ -344,3 +344,50 @@ def test_decide_rejects_what_it_cannot_read(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="JSON list"):
         main([str(tmp_path / "bad.json")])
+
+
+def test_bad_output_paths_stop_the_sweep_before_it_runs(tmp_path, monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(bench, "_run_in_subprocess", lambda case, timeout: ran.append(case) or dict(case, status="ok"))
+    for flag, path in (("--json", tmp_path / "missing" / "x.json"), ("--csv", tmp_path),
+                       ("--markdown", tmp_path / "no" / "t.md")):
+        with pytest.raises(SystemExit) as exc:
+            bench.main(["--loss", "clip", "--providers", "fastcon", "--batch", "8", "--dim", "4", "--device", "cpu",
+                        flag, str(path)])
+        assert exc.value.code == 2 and flag in capsys.readouterr().err
+    assert ran == []
+
+
+def test_default_providers_are_each_losss_own_peers(monkeypatch):
+    """Without --providers each loss runs fastcon, the reference and its own peers (MaxSim: PyLate's
+    scorers), so no row is a peer skipped for having no such loss."""
+    from fastcon.bench.providers import PEER_OF
+
+    seen = []
+    monkeypatch.setattr(bench, "_run_in_subprocess", lambda case, timeout: seen.append(case) or dict(case, status="x"))
+    monkeypatch.setattr(bench, "availability", lambda *a, **k: (True, None))
+    monkeypatch.setattr(bench, "_write_outputs", lambda args, rows: None)
+    assert bench.main(["--loss", "clip,maxsim,ntxent,filip", "--batch", "8", "--dim", "4", "--device", "cpu"]) == 0
+    by_loss = {}
+    for case in seen:
+        by_loss.setdefault(case["loss"], []).append(case["provider"])
+    assert by_loss["maxsim"] == ["fastcon", "reference", "pylate", "flash_maxsim", "late_interaction_kernels"]
+    assert by_loss["ntxent"] == ["fastcon", "reference", "lightly"] and by_loss["filip"] == ["fastcon", "reference"]
+    assert all(by_loss[loss][2:] == list(PEER_OF[loss]) for loss in by_loss)
+
+
+def test_help_shows_the_defaults_and_plan_takes_any_case(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("(default: full)", "(default: 3)", "(default: 2048)", "(default: 900.0)", "(default: 1)",
+                  "each loss's own peers"):
+        assert shown in text, shown
+    assert bench.main(["plan", "--loss", "clip", "--batch", "4096", "--dim", "256", "--device", "H100"]) == 0
+
+
+def test_peak_rows_show_no_memory_or_error_cells():
+    from fastcon.bench.report import cells
+
+    row = _row(loss="matmul", provider="torch.mm", max_rel_err=None)
+    assert cells(row)[8:] == ["", f"{row['tflops']:.3f}", ""]

@@ -30,7 +30,7 @@ import subprocess
 import sys
 from typing import List, Optional
 
-from .providers import LOSSES, PROVIDERS, availability, predicted_bytes
+from .providers import LOSSES, PROVIDERS, availability, default_providers, predicted_bytes
 from .report import format_markdown, format_table, write_csv, write_plots
 
 __all__ = ["main"]
@@ -203,24 +203,54 @@ def _resolve_device(p, device: Optional[str]) -> str:
     return device
 
 
-def _check_plot_support(p, args) -> None:
+def _check_outputs(p, args) -> None:
+    """Every output can be written, checked before anything runs (not after an hour of cases): its
+    folder exists and is writable, the path is not a folder; ``--plot`` has matplotlib."""
+    for flag in ("json", "csv", "markdown"):
+        path = getattr(args, flag)
+        if path is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            p.error(f"--{flag} {path}: is a folder; give a file name")
+        if not os.path.isdir(folder):
+            p.error(f"--{flag} {path}: the folder {folder} does not exist")
+        if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+            p.error(f"--{flag} {path}: not writable")
     if args.plot:
         import importlib.util
 
         if importlib.util.find_spec("matplotlib") is None:
             p.error("--plot needs matplotlib (pip install 'fastcon[bench]')")
+        parent = os.path.dirname(os.path.abspath(args.plot))
+        if os.path.exists(args.plot) and not os.path.isdir(args.plot):
+            p.error(f"--plot {args.plot}: is a file; give a folder")
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            p.error(f"--plot {args.plot}: cannot create it in {parent}")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Raw description, and each option's default in its help (where it has one to show)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
 
 
 def _run_main(argv: List[str]) -> int:
     p = argparse.ArgumentParser(prog="fastcon-bench", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=_HelpFormatter)
     p.add_argument("--loss", default="clip,siglip", help=f"comma list of {', '.join(LOSSES)}")
-    p.add_argument("--providers", default="fastcon,reference,open_clip,inf_cl",
-                   help=f"comma list of {', '.join(PROVIDERS)}; one that cannot run here is reported as skipped")
+    p.add_argument("--providers", default=None,
+                   help=f"comma list of {', '.join(PROVIDERS)}; one that cannot run here is reported as skipped "
+                        "(default: fastcon, the reference and each loss's own peers)")
     p.add_argument("--batch", default=None, help="comma list of N (default: 1024,4096 on CPU; 8192,32768,65536 on CUDA)")
     p.add_argument("--dim", default=None, help="comma list of D (default: 512 on CPU, 768 on CUDA)")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="default: float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--mode", default="full", choices=("fwd", "bwd", "full"))
+    p.add_argument("--mode", default="full", choices=("fwd", "bwd", "full"),
+                   help="time the forward, the backward after it, or both")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda if available")
     p.add_argument("--world-size", type=int, default=1,
                    help="W > 1: W local ranks (gloo on CPU, NCCL on GPU); --batch is the per-rank batch")
@@ -236,7 +266,7 @@ def _run_main(argv: List[str]) -> int:
     p.add_argument("--from-json", nargs="+", default=None, metavar="FILE",
                    help="run nothing: print (and write) the rows of earlier --json files")
     args = p.parse_args(argv)
-    _check_plot_support(p, args)
+    _check_outputs(p, args)
 
     if args.from_json:
         from .report import load_rows
@@ -257,19 +287,20 @@ def _run_main(argv: List[str]) -> int:
     batches, dims, dtype = DEFAULTS[device]
     try:
         losses = _name_list(args.loss, LOSSES, "loss")
-        providers = _name_list(args.providers, PROVIDERS, "providers")
+        providers = None if args.providers is None else _name_list(args.providers, PROVIDERS, "providers")
         batches = _int_list(args.batch or batches, "batch")
         dims = _int_list(args.dim or dims, "dim")
     except ValueError as exc:
         p.error(str(exc))
     dtype = args.dtype or dtype
-    if device == "cpu" and dtype in ("bfloat16", "float16") and any(x.startswith("fastcon-triton") for x in providers):
+    if device == "cpu" and dtype in ("bfloat16", "float16") and any(x.startswith("fastcon-triton")
+                                                                     for x in providers or ()):
         p.error("the Triton interpreter on CPU runs float32 only")
 
     meta = _meta(device)
     cases = [dict(loss=loss, provider=provider, batch=n, dim=d, dtype=dtype, mode=args.mode, device=device,
                   repeat=args.repeat, check_rows=args.check_rows, profile=args.profile)
-             for loss in losses for n in batches for d in dims for provider in providers]
+             for loss in losses for n in batches for d in dims for provider in providers or default_providers(loss)]
     progress = _Progress(len(cases))
     rows = []
     for case in cases:
@@ -314,20 +345,25 @@ def _fits(case: dict, device: str):
                    f"the {device} device has {have / gib:.0f} GiB")
 
 
+# fastcon-bench peak's N = D: large enough for the device's peak, a few seconds a call on a CPU
+PEAK_SIZE = {"cuda": 8192, "cpu": 4096}
+
+
 def _peak_main(argv: List[str]) -> int:
-    p = argparse.ArgumentParser(prog="fastcon-bench peak",
+    p = argparse.ArgumentParser(prog="fastcon-bench peak", formatter_class=_HelpFormatter,
                                 description="The dense matrix-product throughput (N×D times D×N) of the device, "
                                             "the figure the losses' TFLOP/s are judged against.")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"))
     p.add_argument("--dtype", default=None, choices=DTYPES)
-    p.add_argument("--batch", type=int, default=8192, help="N")
-    p.add_argument("--dim", type=int, default=8192, help="D")
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--batch", type=int, default=None, help="N (default: 8192 on CUDA, 4096 on CPU)")
+    p.add_argument("--dim", type=int, default=None, help="D (default: N)")
+    p.add_argument("--repeat", type=int, default=3, help="timed calls")
     _output_options(p)
     args = p.parse_args(argv)
-    _check_plot_support(p, args)
+    _check_outputs(p, args)
     device = _resolve_device(p, args.device)
-    case = dict(loss="matmul", provider="torch.mm", batch=args.batch, dim=args.dim,
+    n = args.batch or PEAK_SIZE[device]
+    case = dict(loss="matmul", provider="torch.mm", batch=n, dim=args.dim or n,
                 dtype=args.dtype or DEFAULTS[device][2], mode="fwd", device=device, repeat=args.repeat)
     row = dict(_run_in_subprocess(case, 900.0), **_meta(device))
     _write_outputs(args, [row])

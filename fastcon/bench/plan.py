@@ -272,7 +272,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--batch", type=int, default=65536, help="N")
     ap.add_argument("--dim", type=int, default=768, help="D")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    ap.add_argument("--device", default="h100", help=f"{', '.join(DEVICES)} or local")
+    ap.add_argument("--device", default="h100", type=str.lower,
+                    help=f"{', '.join(DEVICES)} or local, in any case (default: h100)")
     ap.add_argument("--json", default=None, help="write the plan to this JSON file")
     args = ap.parse_args(argv)
     if args.batch < 1 or args.dim < 1:

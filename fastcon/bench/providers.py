@@ -36,6 +36,14 @@ _PYLATE_BACKEND = {"pylate": "torch", "flash_maxsim": "flash", "late_interaction
 PEER_OF = {"clip": ("open_clip", "inf_cl"), "siglip": ("open_clip", "siglip_kernel"), "clip_labels": (), "ntxent": ("lightly",),
            "mnrl": ("sentence_transformers",), "distill": ("open_clip",), "align_uniform": (),
            "m2mix": (), "mochi": (), "filip": (), "maxsim": ("pylate", "flash_maxsim", "late_interaction_kernels")}
+
+
+def default_providers(loss: str) -> Tuple[str, ...]:
+    """What ``fastcon-bench`` runs for ``loss`` without ``--providers``: fastcon (its ``auto``
+    backend), the materialised reference and the loss's own peers (``PEER_OF``)."""
+    return ("fastcon", "reference") + PEER_OF[loss]
+
+
 # the single-device CUDA peers (each importable as its provider's name): why each is unusable on several
 # ranks, when it is not installed, on a CPU (availability's checks, in this order)
 _GPU_PEERS = {
