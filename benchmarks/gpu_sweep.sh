@@ -53,7 +53,7 @@ fi
 if [ "$dry" = 1 ]; then
   # The interpreter on the CPU: fp32, shapes that take seconds, the Triton rows beside the C++ ones.
   export TRITON_INTERPRET=1
-  device=(--device cpu --dtype float32 --repeat 1 --check-rows 64)
+  device=(--device cpu --dtype float32 --repeat 1 --min-time 0 --check-rows 64)
   ours=fastcon,fastcon-triton
   : "${SWEEP_BATCH:=96}" "${SWEEP_DIM:=32}" "${DIM_BATCH:=64}" "${DIM_SWEEP:=16,48}" "${TARGET_BATCH:=48}"
   : "${FUSED_BATCH:=48}" "${TOKEN_BATCH:=4}" "${FUSED_DIM:=16}" "${TOKEN_DIM:=16}"

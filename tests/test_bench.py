@@ -24,7 +24,7 @@ def _rows(path):
 def test_sweep_writes_checked_rows_and_every_output(tmp_path):
     out = tmp_path / "rows.json"
     rc = bench.main(["--loss", "clip,siglip", "--providers", "fastcon-cpp,reference,inf_cl", "--batch", "33",
-                     "--dim", "8", "--device", "cpu", "--repeat", "2", "--json", str(out),
+                     "--dim", "8", "--device", "cpu", "--repeat", "2", "--min-time", "0", "--json", str(out),
                      "--csv", str(tmp_path / "rows.csv"), "--markdown", str(tmp_path / "rows.md"),
                      "--plot", str(tmp_path / "plots")])
     assert rc == 0
@@ -62,7 +62,7 @@ def test_general_target_losses_against_their_references_and_peers(tmp_path):
     out = tmp_path / "rows.json"
     assert bench.main(["--loss", "clip_labels,ntxent,mnrl", "--providers",
                        "fastcon-cpp,fastcon-torch,reference,sentence_transformers,lightly",
-                       "--batch", "24", "--dim", "8", "--device", "cpu", "--repeat", "1", "--json", str(out)]) == 0
+                       "--batch", "24", "--dim", "8", "--device", "cpu", "--repeat", "1", "--min-time", "0", "--json", str(out)]) == 0
     rows = {(r["loss"], r["provider"]): r for r in _rows(out)}
     for loss in ("clip_labels", "ntxent", "mnrl"):
         for provider in ("fastcon-cpp", "fastcon-torch", "reference"):
@@ -78,7 +78,7 @@ def test_general_target_losses_against_their_references_and_peers(tmp_path):
 def test_forward_and_backward_modes(tmp_path, mode):
     out = tmp_path / "rows.json"
     assert bench.main(["--loss", "clip", "--providers", "fastcon-torch", "--batch", "20", "--dim", "4",
-                       "--device", "cpu", "--mode", mode, "--repeat", "1", "--json", str(out)]) == 0
+                       "--device", "cpu", "--mode", mode, "--repeat", "1", "--min-time", "0", "--json", str(out)]) == 0
     (row,) = _rows(out)
     assert row["status"] == "ok" and row["mode"] == mode and row["max_rel_err"] <= 1e-5
 
@@ -86,7 +86,7 @@ def test_forward_and_backward_modes(tmp_path, mode):
 def test_compiled_fastcon_provider(tmp_path):
     out = tmp_path / "rows.json"
     assert bench.main(["--loss", "siglip", "--providers", "fastcon_compile", "--batch", "24", "--dim", "8",
-                       "--device", "cpu", "--repeat", "1", "--json", str(out)]) == 0
+                       "--device", "cpu", "--repeat", "1", "--min-time", "0", "--json", str(out)]) == 0
     (row,) = _rows(out)
     assert row["status"] == "ok" and row["max_rel_err"] <= 1e-5
 
@@ -182,7 +182,7 @@ def test_distill_align_uniform_m2mix_and_mochi_cases(tmp_path):
     out = tmp_path / "rows.json"
     assert bench.main(["--loss", "distill,align_uniform,m2mix,mochi", "--providers",
                        "fastcon-cpp,fastcon-torch,reference,open_clip",
-                       "--batch", "24", "--dim", "8", "--device", "cpu", "--repeat", "1", "--json", str(out)]) == 0
+                       "--batch", "24", "--dim", "8", "--device", "cpu", "--repeat", "1", "--min-time", "0", "--json", str(out)]) == 0
     rows = {(r["loss"], r["provider"]): r for r in _rows(out)}
     for loss in ("distill", "align_uniform", "m2mix", "mochi"):
         for provider in ("fastcon-cpp", "fastcon-torch", "reference"):
@@ -201,7 +201,7 @@ def test_token_level_cases(tmp_path):
     out = tmp_path / "rows.json"
     assert bench.main(["--loss", "filip,maxsim", "--providers",
                        "fastcon-cpp,fastcon-torch,reference,pylate,flash_maxsim",
-                       "--batch", "6", "--dim", "8", "--device", "cpu", "--repeat", "1", "--json", str(out)]) == 0
+                       "--batch", "6", "--dim", "8", "--device", "cpu", "--repeat", "1", "--min-time", "0", "--json", str(out)]) == 0
     rows = {(r["loss"], r["provider"]): r for r in _rows(out)}
     for loss in ("filip", "maxsim"):
         for provider in ("fastcon-cpp", "fastcon-torch", "reference"):
@@ -219,7 +219,7 @@ def test_profile_splits_a_call_into_gemms_and_the_rest(tmp_path, capsys):
     are positive and sum to the profiled call; the table grows two columns."""
     out = tmp_path / "rows.json"
     assert bench.main(["--loss", "clip", "--providers", "fastcon-cpp,reference", "--batch", "256", "--dim", "64",
-                       "--device", "cpu", "--repeat", "1", "--profile", "--json", str(out)]) == 0
+                       "--device", "cpu", "--repeat", "1", "--min-time", "0", "--profile", "--json", str(out)]) == 0
     assert "GEMM ms" in capsys.readouterr().out
     for row in _rows(out):
         assert row["status"] == "ok", row
@@ -264,7 +264,7 @@ def test_cases_beyond_the_device_memory_are_skipped_by_size(tmp_path):
     assert providers.predicted_bytes("fastcon", "clip", n, 8) is None
     out = tmp_path / "rows.json"
     assert bench.main(["--loss", "clip,siglip", "--providers", "reference,open_clip", "--batch", str(n), "--dim", "8",
-                       "--device", "cpu", "--repeat", "1", "--json", str(out)]) == 0
+                       "--device", "cpu", "--repeat", "1", "--min-time", "0", "--json", str(out)]) == 0
     rows = _rows(out)
     assert len(rows) == 4 and all(r["status"] == "skipped" for r in rows)
     assert all("N x N buffers" in r["error"] and "GiB" in r["error"] for r in rows)
@@ -380,7 +380,7 @@ def test_help_shows_the_defaults_and_plan_takes_any_case(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for shown in ("(default: full)", "(default: 3)", "(default: 2048)", "(default: 900.0)", "(default: 1)",
+    for shown in ("(default: full)", "(default: 5)", "(default: 1.0)", "(default: 2048)", "(default: 900.0)", "(default: 1)",
                   "each loss's own peers"):
         assert shown in text, shown
     assert bench.main(["plan", "--loss", "clip", "--batch", "4096", "--dim", "256", "--device", "H100"]) == 0
@@ -391,3 +391,25 @@ def test_peak_rows_show_no_memory_or_error_cells():
 
     row = _row(loss="matmul", provider="torch.mm", max_rel_err=None)
     assert cells(row)[8:] == ["", f"{row['tflops']:.3f}", ""]
+
+
+def test_cpu_timing_repeats_by_time_and_warms_up_through_the_measured_path(monkeypatch):
+    from fastcon.bench import measure
+    from fastcon.ops import engine
+
+    import time
+
+    calls = []
+    times = measure.wall_times(lambda: calls.append(time.sleep(0.002)), repeat=3, min_time_s=0.05)
+    assert len(times) == len(calls) and len(times) > 3 and sum(times) >= 0.05
+    assert len(measure.wall_times(lambda: None, repeat=3, min_time_s=1.0)) == measure.MAX_SAMPLES
+    assert len(measure.wall_times(lambda: None, repeat=4)) == 4
+    # the warm-up call takes the path of the measured one: the direct C++ call or the operator
+    taken = []
+    direct = engine.direct_call
+    monkeypatch.setattr(engine, "direct_call", lambda *a: taken.append(direct(*a)) or taken[-1])
+    for n in (1000, 1100):
+        taken.clear()
+        row = measure.run_case(dict(loss="clip", provider="fastcon-cpp", batch=n, dim=8, dtype="float32",
+                                    mode="full", device="cpu", repeat=1, min_time=0, check_rows=8))
+        assert row["samples"] >= 1 and len(set(taken[:2])) == 1 and taken[0] == (n <= 1024), (n, taken)

@@ -256,7 +256,10 @@ def _run_main(argv: List[str]) -> int:
                    help="W > 1: W local ranks (gloo on CPU, NCCL on GPU); --batch is the per-rank batch")
     p.add_argument("--local-loss", type=int, default=1, choices=(0, 1),
                    help="with --world-size: open_clip's local_loss mode of CLIP (gather_with_grad is on)")
-    p.add_argument("--repeat", type=int, default=3, help="timed calls per case on CPU")
+    p.add_argument("--repeat", type=int, default=5, help="timed calls per case on CPU, at least")
+    p.add_argument("--min-time", type=float, default=1.0,
+                   help="seconds of timed calls per case on CPU, at least: more calls until they add up to it "
+                        "(on a GPU, triton.testing.do_bench repeats by time)")
     p.add_argument("--check-rows", type=int, default=2048, help="rows of the correctness check")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per case")
     p.add_argument("--profile", action="store_true",
@@ -280,6 +283,8 @@ def _run_main(argv: List[str]) -> int:
     device = _resolve_device(p, args.device)
     if args.world_size < 1:
         p.error("--world-size must be >= 1")
+    if args.repeat < 1 or not args.min_time >= 0:
+        p.error("--repeat must be >= 1 and --min-time >= 0")
     if args.world_size > 1 and args.mode != "full":
         p.error("--world-size > 1 measures forward+backward only (--mode full)")
     if args.world_size > 1 and device == "cuda" and torch.cuda.device_count() < args.world_size:
@@ -299,7 +304,7 @@ def _run_main(argv: List[str]) -> int:
 
     meta = _meta(device)
     cases = [dict(loss=loss, provider=provider, batch=n, dim=d, dtype=dtype, mode=args.mode, device=device,
-                  repeat=args.repeat, check_rows=args.check_rows, profile=args.profile)
+                  repeat=args.repeat, min_time=args.min_time, check_rows=args.check_rows, profile=args.profile)
              for loss in losses for n in batches for d in dims for provider in providers or default_providers(loss)]
     progress = _Progress(len(cases))
     rows = []

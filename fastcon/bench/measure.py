@@ -3,13 +3,15 @@
 Memory: CUDA: ``torch.cuda.max_memory_allocated`` minus what was allocated before the call; CPU: the
 process's peak resident set (VmHWM, reset through ``/proc/self/clear_refs`` before the call) minus
 the resident set before it. Both exclude the inputs, and the gradients of the inputs (2·N·D elements)
-are subtracted too, so the figure is the loss's *working* memory. Time: CPU: wall clock of
-``repeat`` calls after the memory call, with glibc's allocator thresholds as a training loop settles
-them (``set_malloc_thresholds``); CUDA: CUDA events through ``triton.testing.do_bench``.
+are subtracted too, so the figure is the loss's *working* memory. Time: CPU: wall clock of at least
+``repeat`` calls and at least ``min_time`` seconds of them after the memory call, with glibc's
+allocator thresholds as a training loop settles them (``set_malloc_thresholds``); CUDA: CUDA events
+through ``triton.testing.do_bench``.
 """
 from __future__ import annotations
 
 import gc
+import math
 import os
 import platform
 import statistics
@@ -210,10 +212,18 @@ def _quantile(values, q):
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def wall_times(call, repeat: int):
-    """Seconds of each of ``repeat`` calls, by the wall clock (CPU)."""
+# CPU timing repeats by time, as triton.testing.do_bench does on a GPU: at least ``repeat`` calls and
+# at least MIN_TIME_S of them (a 0.3 ms case gets thousands of samples, a 5 s case its ``repeat``),
+# at most MAX_SAMPLES.
+MIN_TIME_S = 1.0
+MAX_SAMPLES = 10_000
+
+
+def wall_times(call, repeat: int, min_time_s: float = 0.0):
+    """Seconds of each call by the wall clock (CPU): ``repeat`` calls, and more until they add up to
+    ``min_time_s`` (at most ``MAX_SAMPLES``)."""
     times = []
-    for _ in range(repeat):
+    while len(times) < repeat or (sum(times) < min_time_s and len(times) < MAX_SAMPLES):
         t0 = time.perf_counter()
         call()
         times.append(time.perf_counter() - t0)
@@ -260,6 +270,20 @@ def profile_split(step, cuda: bool) -> dict:
     return {"gemm_ms": gemm, "epilogue_ms": max(wall_ms - gemm, 0.0), "profile_wall_ms": wall_ms}
 
 
+def warm_rows(loss: str, provider: str, n: int) -> int:
+    """The rows of a case's warm-up call, which takes the path of the measured call: torch.compile
+    specialises on the shape, so it warms up on the case itself; so does a case small enough for the
+    engine's direct C++ call (``ops.engine.direct_call``: at most ``SMALL_LOGITS`` logits, square);
+    a larger one warms up on the fewest rows above that, the operator's path; a token-level case on
+    64 items."""
+    from fastcon.ops.engine import SMALL_LOGITS
+
+    direct = math.isqrt(SMALL_LOGITS)
+    if provider in ("torch_compile", "fastcon_compile") or (loss not in TOKEN_SHAPES and n <= direct):
+        return n
+    return min(n, 64 if loss in TOKEN_SHAPES else direct + 1)
+
+
 def run_case(case: dict) -> dict:
     import torch
 
@@ -272,15 +296,8 @@ def run_case(case: dict) -> dict:
     a, b = make_inputs(n, d, dtype, device, loss=loss)
     s, bias = make_scalars(loss, device)
     # A warm-up outside the measurements: one-time costs (thread pools, library workspaces, Triton's
-    # compilation, imports) are not the loss's. It runs through the path of the measured call:
-    # torch.compile specialises on the shape, so it warms up on the case itself; up to 1,024 rows
-    # the engine's C++ backend takes one direct call (ops.engine.direct_call, at most 2^20 logits),
-    # so the case warms up on itself, and above on 1,025 rows, the operator's path; a token-level
-    # case on 64 items.
-    if provider in ("torch_compile", "fastcon_compile") or (loss not in TOKEN_SHAPES and n <= 1024):
-        warm = n
-    else:
-        warm = min(n, 64 if loss in TOKEN_SHAPES else 1025)
+    # compilation, imports) are not the loss's. It runs through the path of the measured call.
+    warm = warm_rows(loss, provider, n)
     _step(fn, a[:warm], b[:warm], s, bias, mode)()
     step = _step(fn, a, b, s, bias, mode)
     with _PeakMemory(device) as mem:
@@ -308,7 +325,7 @@ def run_case(case: dict) -> dict:
     else:
         set_malloc_thresholds(*GLIBC_SETTLED)
         step()  # one call to settle the heap
-        times = wall_times(step, case.get("repeat", 3))
+        times = wall_times(step, case.get("repeat", 3), case.get("min_time", MIN_TIME_S))
     row.update(time_fields(times))
     if case.get("profile"):
         row.update(profile_split(step, cuda))
