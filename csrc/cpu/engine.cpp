@@ -552,6 +552,7 @@ TORCH_LIBRARY(fastcon, m) {
       "bool need_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("direct_loss(Tensor a, Tensor b, Tensor scale, Tensor? bias, int kind, int pos_offset, bool symmetric, "
         "float label_smoothing, int chunk_rows, int cache_bytes) -> Tensor");
+  m.def("simd_level() -> str", [] { return std::string(fastcon::cpu::simd_level()); });
 }
 
 TORCH_LIBRARY_IMPL(fastcon, CPU, m) {

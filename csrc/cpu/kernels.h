@@ -32,6 +32,31 @@
 namespace fastcon {
 namespace cpu {
 
+// The clone of the fc_* kernels that target_clones' resolver picks on this CPU (backend_info's "simd").
+inline const char* simd_level() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+  __builtin_cpu_init();
+#if __GNUC__ >= 12
+  const bool v3 = __builtin_cpu_supports("x86-64-v3");
+  const bool v4 = __builtin_cpu_supports("x86-64-v4");
+#else
+  const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
+  const bool v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                  __builtin_cpu_supports("avx512cd");
+#endif
+#if defined(FC_ISA_AVX2)
+  (void)v4;
+  return v3 ? "avx2 (x86-64-v3; built without the AVX-512 clone)" : "baseline (x86-64)";
+#else
+  return v4 ? "avx512 (x86-64-v4)" : v3 ? "avx2 (x86-64-v3)" : "baseline (x86-64)";
+#endif
+#else
+  return "baseline (no per-CPU clones with this compiler or platform)";
+#endif
+}
+
+
 template <typename T>
 struct Math;
 

@@ -188,3 +188,15 @@ def split_lse(lse: torch.Tensor, dtype: torch.dtype):
     hi = lse.to(dtype)
     lo = (lse - hi.double()).to(dtype)
     return hi, torch.where(torch.isinf(hi), torch.zeros_like(lo), lo)
+
+
+TRITON_PRODUCERS = ("auto", "matmul", "cublas")
+
+
+def producer_setting() -> str:
+    """``FASTCON_TRITON_PRODUCER`` (empty or unset: ``auto``), checked: where the Triton backend's tiles
+    of dot products come from (``kernels.triton.plan.producer``)."""
+    choice = os.environ.get("FASTCON_TRITON_PRODUCER", "auto") or "auto"
+    if choice not in TRITON_PRODUCERS:
+        raise ValueError(f"FASTCON_TRITON_PRODUCER must be one of {', '.join(TRITON_PRODUCERS)}, got {choice!r}")
+    return choice

@@ -21,6 +21,14 @@ if AVAILABLE and not hasattr(torch.ops.fastcon, "lse_stats"):  # pragma: no cove
     REASON = "fastcon._C loaded but did not register the torch.ops.fastcon operators"
 
 
+def simd_level():
+    """The instruction set of the epilogue kernels this CPU runs ("avx512 (x86-64-v4)", "avx2
+    (x86-64-v3)" or a baseline; their clones are picked at load time), or None without the extension."""
+    if not AVAILABLE or not hasattr(torch.ops.fastcon, "simd_level"):
+        return None
+    return torch.ops.fastcon.simd_level()
+
+
 def _scalar(x, like: torch.Tensor) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x

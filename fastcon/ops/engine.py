@@ -32,6 +32,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from fastcon._log import log_call
 from fastcon.kernels import contract
 from fastcon.kernels.contract import Backend
 from fastcon.kernels._common import (GPU_CHUNK_RULE, acc_dtype, cache_bytes,  # noqa: F401 (re-exported)
@@ -360,6 +361,8 @@ def cpp_direct_loss(kind: str, a, b, scale, bias, pos_offset: int, chunk_size: O
     """``kernels.cpp.direct_loss`` of ``kind`` ("softmax" or "sigmoid") with the chunk rows and the
     pass-1 cache the registered operator would get (the sigmoid loss keeps no cache)."""
     cpp = cpp_module()
+    log_call(f"direct_loss[{kind}]", "eager, one C++ operator with its own autograd node (a small CPU call)",
+             ("cpp", a, b))
     kinds = {"softmax": cpp.DIRECT_SOFTMAX, "sigmoid": cpp.DIRECT_SIGMOID}
     cache = cache_bytes(a.device) if kind == "softmax" else 0
     return cpp.direct_loss(a, b, scale, bias, kinds[kind], pos_offset, symmetric, label_smoothing,

@@ -24,6 +24,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from fastcon._log import log_call
+
 HAS_TRITON_OP = hasattr(torch.library, "triton_op")
 _PLAIN = (Tensor, torch.nn.Parameter)
 OPS: dict = {}  # name -> EngineOp, every engine operator defined
@@ -129,10 +131,13 @@ class EngineOp:
 
     def __call__(self, *args):
         if not eager_call(args):
+            log_call(self.name, "the registered operator (torch.compile or a tensor subclass)", args)
             return self.registered()(*args)
         context = _direct_launches() if self.triton else contextlib.nullcontext()
         with context:
             if self._function is not None and torch.is_grad_enabled() and any(
                     t.requires_grad for t in _tensors(args)):
+                log_call(self.name, "eager, through its autograd function", args)
                 return self._function.apply(*args)
+            log_call(self.name, "eager, no gradient", args)
             return self.body(*args)

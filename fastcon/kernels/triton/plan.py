@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from .._common import mm_acc
+from .._common import TRITON_PRODUCERS, mm_acc, producer_setting
 from . import launch
 from .configs import (FUSED_FP32_PRECISION, MATMUL_FAMILY, SUPPORTED_DTYPES, chunked_config, dtype_class, fused_config,
                       matmul_candidates, matmul_config)
@@ -64,7 +64,7 @@ def dot_precision(a: torch.Tensor) -> str:
 
 
 # -------------------------------------------------------------------------------------- producer
-PRODUCERS = ("auto", "matmul", "cublas")
+PRODUCERS = TRITON_PRODUCERS
 
 
 def producer(a: torch.Tensor, soft: bool = False) -> str:
@@ -80,9 +80,7 @@ def producer(a: torch.Tensor, soft: bool = False) -> str:
 
 def producer_for(dtype: torch.dtype, on_gpu: bool, soft: bool = False) -> str:
     """``producer`` of inputs of ``dtype`` on a GPU (``on_gpu``) or in the interpreter."""
-    choice = os.environ.get("FASTCON_TRITON_PRODUCER", "auto") or "auto"
-    if choice not in PRODUCERS:
-        raise ValueError(f"FASTCON_TRITON_PRODUCER must be one of {', '.join(PRODUCERS)}, got {choice!r}")
+    choice = producer_setting()
     if choice == "auto":
         return "matmul" if on_gpu and dtype in (torch.bfloat16, torch.float16) and not soft else "cublas"
     return choice
