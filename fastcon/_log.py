@@ -20,7 +20,7 @@ def log_call(op: str, path: str, args) -> None:
     """One line for an engine call: the operator, its backend (the call's first string argument, the
     resolved backend name every operator takes), its first two tensors' device, dtype and shapes, and
     the path it takes."""
-    if not logger.isEnabledFor(logging.DEBUG) or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not logger.isEnabledFor(logging.DEBUG):  # nothing traced
         return
     tensors = [t for t in args if isinstance(t, torch.Tensor)][:2]
     backend = next((a for a in args if isinstance(a, str)), "?")

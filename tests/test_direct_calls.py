@@ -31,7 +31,7 @@ def test_direct_call_equals_the_registered_operator(monkeypatch, backend, loss):
         elif loss == "clip_smooth_offset":
             out = FC.clip_loss(xa, xb, xs, label_smoothing=0.1, pos_offset=3, **kw)
         else:
-            out = FC.siglip_loss(xa, xb, xs, -4.0, **kw)
+            out = FC.siglip_loss(xa, xb, xs, -4.0, pos_offset=0, **kw)
         (3.0 * out).backward()  # an upstream gradient other than 1
         return [out.detach()] + [t.grad for t in (xa, xb, xs)]
 
@@ -90,7 +90,7 @@ def _run_case(loss, dtype, scalars, grad_of, upstream, **kw):
     xa, xb = leaf(a.to(dtype), "a" in grad_of), leaf(b.to(dtype), "b" in grad_of)
     s, bias = _scalars(scalars, torch.float32, "s" in grad_of)
     if loss == "siglip":
-        out = FC.siglip_loss(xa, xb, s, bias, **kw)
+        out = FC.siglip_loss(xa, xb, s, bias, pos_offset=1, **kw)
     elif loss == "siglip_neg":
         out = FC.siglip_loss(xa, xb, s, bias, negative_only=True, **kw)
     elif loss == "clip_smooth":
@@ -141,7 +141,7 @@ def test_cpp_direct_loss_against_float64(loss):
     def run(fn, dtype):
         xa, xb, xs, xbias = leaf(a.to(dtype)), leaf(b.to(dtype)), leaf(s.to(dtype)), leaf(bias.to(dtype))
         if loss == "siglip":
-            out = fn["siglip"](xa, xb, xs, xbias)
+            out = fn["siglip"](xa, xb, xs, xbias, pos_offset=3)
         elif loss == "clip_smooth":
             out = fn["clip"](xa, xb, xs, xbias, label_smoothing=0.1, pos_offset=4)
         else:
