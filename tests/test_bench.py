@@ -413,3 +413,17 @@ def test_cpu_timing_repeats_by_time_and_warms_up_through_the_measured_path(monke
         row = measure.run_case(dict(loss="clip", provider="fastcon-cpp", batch=n, dim=8, dtype="float32",
                                     mode="full", device="cpu", repeat=1, min_time=0, check_rows=8))
         assert row["samples"] >= 1 and len(set(taken[:2])) == 1 and taken[0] == (n <= 1024), (n, taken)
+
+
+def test_distributed_rows_check_every_rank_against_float64(tmp_path):
+    """--world-size: max rel err means what it means on one device, the loss and every gradient
+    against float64 (each rank's against the per-rank reference; the worst rank's), for fastcon
+    and the fp32 reference alike."""
+    out = tmp_path / "dist.json"
+    assert bench.main(["--world-size", "2", "--loss", "clip,siglip", "--providers", "fastcon,reference",
+                       "--batch", "16", "--dim", "8", "--device", "cpu", "--repeat", "1", "--min-time", "0",
+                       "--json", str(out)]) == 0
+    rows = _rows(out)
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows), rows
+    for r in rows:
+        assert 0 < r["max_rel_err"] < 1e-5, r  # fp32 against float64: small and never exactly 0

@@ -187,3 +187,19 @@ def test_token_losses_share_one_rule_for_bad_input(name):
         loss(x, y, bool_mask[:, :5])
     with pytest.raises(ValueError, match="only 0 and 1.*2"):
         loss(x, y, bool_mask.long() * 2)
+
+
+def test_pair_and_negative_masks_follow_the_same_rule():
+    torch.manual_seed(0)
+    a, b, neg = torch.randn(5, 4), torch.randn(5, 4), torch.randn(5, 2, 4)
+    pair = torch.rand(5, 5) > 0.3
+    pair.fill_diagonal_(True)
+    want = FC.clip_loss(a, b, 5.0, pair_mask=pair)
+    assert torch.equal(FC.clip_loss(a, b, 5.0, pair_mask=pair.long()), want)
+    with pytest.raises(TypeError, match="pair_mask.*got dtype torch.float32"):
+        FC.clip_loss(a, b, 5.0, pair_mask=pair.float())
+    keep = torch.tensor([[1, 0], [1, 1], [0, 0], [1, 1], [0, 1]])
+    want = FC.negatives_clip_loss(a, b, neg, 5.0, negative_mask=keep.bool())
+    assert torch.equal(FC.negatives_clip_loss(a, b, neg, 5.0, negative_mask=keep), want)
+    with pytest.raises(ValueError, match="negative_mask must hold only 0 and 1"):
+        FC.negatives_clip_loss(a, b, neg, 5.0, negative_mask=keep * 3)

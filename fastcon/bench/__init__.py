@@ -114,17 +114,6 @@ def _worker(payload: str) -> int:
     return 0
 
 
-def _fill_distributed_agreement(rows) -> None:
-    """Distributed rows: ``max_rel_err`` is the largest relative difference of a rank's loss from the
-    reference provider's loss on the same rank and data (the gradients are checked by the tests)."""
-    refs = {(r["loss"], r["batch"], r["dim"], r["world_size"], r.get("local_loss")): r["rank_losses"]
-            for r in rows if r.get("status") == "ok" and r.get("world_size", 1) > 1 and r["provider"] == "reference"}
-    for r in rows:
-        key = (r["loss"], r["batch"], r["dim"], r.get("world_size", 1), r.get("local_loss"))
-        if r.get("status") == "ok" and key in refs:
-            r["max_rel_err"] = max(abs(x - y) / max(abs(y), 1e-30) for x, y in zip(r["rank_losses"], refs[key]))
-
-
 class _Progress:
     """One line per finished case on stderr; on a terminal, a bar for the case that is running."""
 
@@ -323,7 +312,6 @@ def _run_main(argv: List[str]) -> int:
         if args.json:  # the rows so far, so that a sweep stopped by a time limit keeps what it measured
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)
-    _fill_distributed_agreement(rows)
     _write_outputs(args, rows)
     return 0
 

@@ -365,6 +365,27 @@ def run_peak(case: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ distributed
+def _dist_rel_err(fn, case, rank, world, n, device) -> float:
+    """This rank's largest error of its loss and of each gradient (features, scale, bias), relative to
+    the largest value of that output, against the float64 per-rank reference (open_clip's formulas on
+    features gathered with gradient: ``make_dist_loss_fn``'s ``reference``) on the same rounded
+    inputs: what ``max_rel_err`` means for a single device too. Collective: every rank runs it."""
+    import torch
+
+    loss = case["loss"]
+    ref = make_dist_loss_fn(loss, "reference", rank, world, case.get("local_loss", True))
+    a, b = make_inputs(n, case["dim"], getattr(torch, case["dtype"]), device, seed=200 + rank)
+    s, bias = make_scalars(loss, device)
+    inputs = (a, b, s) + ((bias,) if bias is not None else ())
+    outs = []
+    for f64 in (False, True):
+        leaves = [(t.detach().double() if f64 else t.detach()).clone().requires_grad_() for t in inputs]
+        value = (ref if f64 else fn)(*leaves)
+        grads = torch.autograd.grad(value, leaves)
+        outs.append([value.detach().double()] + [g.double() for g in grads])
+    return max(((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item() for x, y in zip(*outs))
+
+
 def _dist_rank(rank, case, port, queue):
     import datetime
 
@@ -401,8 +422,9 @@ def _dist_rank(rank, case, port, queue):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
+        err = _dist_rel_err(fn, case, rank, world, min(n, case.get("check_rows", 2048)), device)
         queue.put(dict(rank=rank, loss_value=value, peak=max(mem.peak - 2 * n * d * a.element_size(), 0),
-                       times=times, memory_method=mem.method))
+                       times=times, memory_method=mem.method, max_rel_err=err))
     except Exception as exc:  # reported as the case's error row
         queue.put(dict(rank=rank, error=f"{type(exc).__name__}: {exc}"))
     finally:
@@ -441,7 +463,7 @@ def run_dist_case(case: dict) -> dict:
     n, d = case["batch"], case["dim"]
     # FLOPs of this rank's share of the global step: 8·n·N·D (one row block of the N×N matrix).
     row["tflops"] = 8 * n * n * world * d / (row["median_ms"] / 1e3) / 1e12
-    row["max_rel_err"] = float("nan")  # filled in by the driver from the reference provider's losses
+    row["max_rel_err"] = max(r["max_rel_err"] for r in results)  # the worst rank's
     import torch
 
     row["device_name"] = device_name(torch.device(case["device"]))

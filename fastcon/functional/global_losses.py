@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from .. import reference
-from .._validation import check_features, check_label_smoothing, check_labels, check_pos_offset
+from .._validation import check_features, check_label_smoothing, check_labels, check_mask, check_pos_offset
 from ..targets import Target
 from ..ops import clip_engine_loss, siglip_engine_loss
 from ..ops.engine import BACKENDS as _BACKENDS
@@ -74,11 +74,9 @@ def clip_loss(
         labels = check_labels("labels", labels, n, image_features.device)
         group = distributed_setup(process_group, image_features, text_features, backend)
         if pair_mask is not None:
-            if not isinstance(pair_mask, torch.Tensor) or pair_mask.dtype != torch.bool:
-                raise TypeError("pair_mask must be a boolean tensor (False drops a pair)")
-            if group is None and tuple(pair_mask.shape) != (n, n):
-                raise ValueError(f"pair_mask must be (N={n}, N={n}), got {tuple(pair_mask.shape)}")
-            pair_mask = pair_mask.to(image_features.device)
+            # (N, N) here; in the distributed loss the rows of this rank against every rank's columns
+            shape = (n, n) if group is None or not isinstance(pair_mask, torch.Tensor) else tuple(pair_mask.shape)
+            pair_mask = check_mask("pair_mask", pair_mask, shape, image_features.device)  # False drops a pair
         if group is not None:
             return _multi_positive_distributed(image_features, text_features, scale, bias, labels, pair_mask, eps,
                                                group=group, local_loss=local_loss,
@@ -209,11 +207,7 @@ def negatives_clip_loss(
     if form == "own" and k == 0:
         raise ValueError("form='own' needs at least one negative per image (negatives has K=0)")
     if negative_mask is not None:
-        if not isinstance(negative_mask, torch.Tensor) or negative_mask.dtype != torch.bool:
-            raise TypeError("negative_mask must be a boolean tensor (False drops a negative)")
-        if tuple(negative_mask.shape) != (b, k):
-            raise ValueError(f"negative_mask must be (B={b}, K={k}), got {tuple(negative_mask.shape)}")
-        negative_mask = negative_mask.to(image_features.device)
+        negative_mask = check_mask("negative_mask", negative_mask, (b, k), image_features.device)  # False: drop
     if false_negative_margin is not None:
         if isinstance(false_negative_margin, bool) or not isinstance(false_negative_margin, (int, float)):
             raise TypeError(f"false_negative_margin must be a float, got {type(false_negative_margin).__name__}")
