@@ -15,6 +15,7 @@ machine moves least: load only ever adds time).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import os
@@ -38,13 +39,26 @@ def _checkout(rev: str, base: str) -> str:
     return path
 
 
+def _env(path: str) -> dict:
+    return dict(os.environ, PYTHONPATH=path + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+@functools.lru_cache(maxsize=None)
+def _same_sampling(path: str) -> tuple:
+    """The options that give every revision's bench the same number of timed calls: a bench that
+    repeats by time (``--min-time``) is held to ``--repeat`` calls, as an older one takes."""
+    text = subprocess.run([sys.executable, "-m", "fastcon.bench", "--help"], cwd=path, env=_env(path),
+                          capture_output=True, text=True).stdout
+    return ("--min-time", "0") if "--min-time" in text else ()
+
+
 def _run(path: str, loss: str, n: int, d: int, repeat: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
-    env = dict(os.environ, PYTHONPATH=path + os.pathsep + os.environ.get("PYTHONPATH", ""))
     subprocess.check_call([sys.executable, "-m", "fastcon.bench", "--loss", loss, "--providers", "fastcon",
                            "--batch", str(n), "--dim", str(d), "--device", "cpu", "--repeat", str(repeat),
-                           "--json", out], cwd=path, env=env, stdout=subprocess.DEVNULL)
+                           *_same_sampling(path), "--json", out], cwd=path, env=_env(path),
+                          stdout=subprocess.DEVNULL)
     with open(out) as f:
         (row,) = json.load(f)
     os.unlink(out)

@@ -266,7 +266,8 @@ def test_missing_extension_falls_back_to_torch_with_one_warning(monkeypatch):
     with pytest.raises(RuntimeError, match="backend='cpp' is unavailable"):
         fastcon.functional.clip_loss(a, b, 10.0, backend="cpp")
     info = fastcon.backend_info()
-    assert info["backends"]["cpp"] == {"available": False, "reason": reason, "devices": ["cpu"], "origin": None}
+    assert info["backends"]["cpp"] == {"available": False, "reason": reason, "devices": ["cpu"], "origin": None,
+                                       "simd": None}
     assert info["auto"]["cpu"] == "torch"
 
 

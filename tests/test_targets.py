@@ -199,7 +199,7 @@ def test_bad_input_names_the_argument():
         FC.negatives_clip_loss(x, y, negs[:, :0], 10.0, form="own")
     with pytest.raises(ValueError, match=r"negative_mask must have shape \(4, 2\)"):
         FC.negatives_clip_loss(x, y, negs, 10.0, negative_mask=torch.ones(4, 3, dtype=torch.bool))
-    with pytest.raises(TypeError, match="boolean"):
+    with pytest.raises(TypeError, match="bool or 0/1 integer"):
         FC.negatives_clip_loss(x, y, negs, 10.0, negative_mask=torch.ones(4, 2))
     with pytest.raises(ValueError, match="false_negative_margin must be finite and >= 0"):
         FC.negatives_clip_loss(x, y, negs, 10.0, false_negative_margin=-0.1)
@@ -443,7 +443,7 @@ def test_clip_pair_mask_bad_input():
     a, b = make_features(5, 5, 8)
     with pytest.raises(ValueError, match=r"pair_mask must have shape \(5, 5\)"):
         FC.clip_loss(a, b, 10.0, pair_mask=torch.ones(5, 4, dtype=torch.bool))
-    with pytest.raises(TypeError, match="boolean"):
+    with pytest.raises(TypeError, match="bool or 0/1 integer"):
         FC.clip_loss(a, b, 10.0, pair_mask=torch.ones(5, 5))
     with pytest.raises(ValueError, match="no positive"):
         FC.clip_loss(a, b, 10.0, pair_mask=~torch.eye(5, dtype=torch.bool), backend="torch")

@@ -61,14 +61,17 @@ def clip_loss(
     """
     scale, bias = check_common(image_features, text_features, logit_scale, logit_bias)
     eps = check_label_smoothing(label_smoothing)
-    pos_offset = check_pos_offset(pos_offset, image_features.shape[0], text_features.shape[0])
+    paired_only = labels is not None or pair_mask is not None  # (their own error for a rectangular batch)
+    if not (paired_only and pos_offset is None):
+        pos_offset = check_pos_offset(pos_offset, image_features.shape[0], text_features.shape[0])
     chunk_size = check_chunk_size(chunk_size)
     check_modes(local_loss, gather_with_grad)
-    if labels is not None or pair_mask is not None:
+    if paired_only:
         n = image_features.shape[0]
-        if text_features.shape[0] != n or pos_offset != 0:
+        if text_features.shape[0] != n or pos_offset not in (None, 0):
             raise ValueError(f"labels and pair_mask need paired batches with pos_offset=0: image_features has {n} "
                              f"rows, text_features {text_features.shape[0]}, pos_offset={pos_offset}")
+        pos_offset = 0
         if labels is None:
             labels = torch.arange(n, device=image_features.device)
         labels = check_labels("labels", labels, n, image_features.device)
