@@ -30,7 +30,12 @@ namespace {
 struct TargetView {
   const int64_t* rows = nullptr;  // (na, wire::kRowFields)
   const int64_t* cols = nullptr;  // (nb, wire::kColFields)
-  std::vector<int64_t> col_ids;   // cols[:, kColId], contiguous for the vectorised sweeps
+  // The columns a pair's decision reads, each contiguous (a strided read of the (nb, kColFields)
+  // lines for every pair costs a few percent at N = 4,096); only those the flags say are given.
+  std::vector<int64_t> col_ids;    // cols[:, kColId], also for the vectorised sweeps
+  std::vector<int64_t> col_owner;  // cols[:, kColOwner] with has_owners
+  std::vector<uint8_t> col_keep;   // cols[:, kColKeep] != 0 with has_keep
+  std::vector<uint8_t> col_pen;    // cols[:, kColPenalty] != 0 with has_penalty_cols
   const bool* mask = nullptr;     // (Na, Nb)
   int64_t na = 0, nb = 0;
   int64_t pair_offset = 0;
@@ -85,6 +90,14 @@ TargetView make_view(const char* op, const Tensor& rows, const Tensor& cols, at:
   v.has_keep = flags & wire::kHasKeep;
   v.has_owners = (flags & wire::kHasRowOwner) && (flags & wire::kHasColOwner);
   v.has_penalty_cols = flags & wire::kHasPenaltyCols;
+  auto column = [&](auto& out, int64_t k, bool given) {
+    if (!given) return;
+    out.resize(size_t(nb));
+    for (int64_t j = 0; j < nb; ++j) out[size_t(j)] = v.col(j, k);
+  };
+  column(v.col_owner, wire::kColOwner, v.has_owners);
+  column(v.col_keep, wire::kColKeep, v.has_keep);
+  column(v.col_pen, wire::kColPenalty, v.has_penalty_cols);
   const int64_t drops = wire::kHasExclude | wire::kHasKeep | wire::kHasRange | wire::kHasRowOwner |
                         wire::kHasColOwner | wire::kHasRule;
   v.plain = !(flags & drops) && !v.mask && !v.has_margin && v.penalty == 0.0;
@@ -282,10 +295,10 @@ FC_INLINE bool decide(const TargetView& t, const RowCtx<T>& r, int64_t i, int64_
   const int64_t cid = t.col_ids[size_t(j)];
   bool p = cid >= 0 && cid == r.id;
   if (j == r.exclude || j < r.lo || j >= r.hi) return false;
-  if (t.has_keep && t.col(j, wire::kColKeep) == 0) return false;
+  if (t.has_keep && !t.col_keep[size_t(j)]) return false;
   bool own = false, owned = false;
   if (t.has_owners) {
-    const int64_t co = t.col(j, wire::kColOwner);
+    const int64_t co = t.col_owner[size_t(j)];
     owned = co >= 0;
     own = owned && co == r.owner;
     if ((r.rule == 1 && own) || (r.rule == 2 && owned && !own)) return false;
@@ -293,7 +306,7 @@ FC_INLINE bool decide(const TargetView& t, const RowCtx<T>& r, int64_t i, int64_
   if (t.mask && !t.mask[i * t.nb + j]) return false;
   if (t.has_margin && !p && !(d <= r.pair_bound)) return false;
   T logit = d * s + b;
-  if (r.pen_row && !p && (!t.has_penalty_cols || t.col(j, wire::kColPenalty) != 0) &&
+  if (r.pen_row && !p && (!t.has_penalty_cols || t.col_pen[size_t(j)]) &&
       (t.penalty_mode == 0 || (t.penalty_mode == 1 ? own : !own))) {
     logit = logit + T(t.penalty) * d;
   }
