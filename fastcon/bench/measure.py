@@ -221,12 +221,18 @@ MAX_SAMPLES = 10_000
 
 def wall_times(call, repeat: int, min_time_s: float = 0.0):
     """Seconds of each call by the wall clock (CPU): ``repeat`` calls, and more until they add up to
-    ``min_time_s`` (at most ``MAX_SAMPLES``)."""
+    ``min_time_s`` (at most ``MAX_SAMPLES``), with Python's garbage collector paused."""
     times = []
-    while len(times) < repeat or (sum(times) < min_time_s and len(times) < MAX_SAMPLES):
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
+    enabled = gc.isenabled()
+    gc.disable()  # as timeit does: a collection would land in whichever call it interrupts
+    try:
+        while len(times) < repeat or (sum(times) < min_time_s and len(times) < MAX_SAMPLES):
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+    finally:
+        if enabled:
+            gc.enable()
     return times
 
 
