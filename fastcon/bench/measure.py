@@ -152,31 +152,33 @@ def make_scalars(loss, device):
     return s, bias
 
 
-def max_rel_err(loss, fn, n, d, dtype, device) -> float:
-    """Largest error of the loss and of each gradient, relative to the largest value of that output,
-    against the float64 reference on the same (rounded) inputs."""
+def rel_err_f64(fn, ref, inputs) -> float:
+    """Largest error of ``fn(*inputs)`` and of its gradient with respect to each input, relative to the
+    largest value of that output, against ``ref`` on the same inputs in float64. The features (the
+    first two inputs) are differentiated, the others where they require grad; None passes through; a
+    gradient that reaches no input is zeros in both (MoCHi's keys)."""
     import torch
 
+    outs = []
+    for f64 in (False, True):
+        leaves = [None if t is None else (t.detach().double() if f64 else t.detach()).clone().requires_grad_(
+            k < 2 or t.requires_grad) for k, t in enumerate(inputs)]
+        value = (ref if f64 else fn)(*leaves)
+        wrt = [t for t in leaves if t is not None and t.requires_grad]
+        grads = torch.autograd.grad(value, wrt, allow_unused=True)
+        outs.append([value.detach().double()] + [torch.zeros_like(t, dtype=torch.float64) if g is None else g.double()
+                                                 for t, g in zip(wrt, grads)])
+    return max(((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item() for x, y in zip(*outs))
+
+
+def max_rel_err(loss, fn, n, d, dtype, device) -> float:
+    """``rel_err_f64`` of the loss and every gradient against the float64 reference on the same
+    (rounded) inputs."""
     from .providers import reference_fn
 
     a, b = make_inputs(n, d, dtype, device, seed=1, loss=loss)
     s, bias = make_scalars(loss, device)
-    ref = reference_fn(loss)
-    outs = []
-    for f64 in (False, True):
-        cast = (lambda t: None if t is None else t.detach().double()) if f64 else (lambda t: t)
-        leaves = [cast(t).detach().clone().requires_grad_(t.requires_grad)
-                  for t in (a, b, s) + ((bias,) if bias is not None else ())]
-        leaves[0].requires_grad_()
-        leaves[1].requires_grad_()
-        xbias = leaves[3] if bias is not None else None
-        val = ref(*leaves[:3], xbias) if f64 else fn(*leaves[:3], xbias)
-        wrt = [t for t in leaves if t.requires_grad]
-        # (MoCHi's keys get no gradient: a zero one, in both)
-        grads = torch.autograd.grad(val, wrt, allow_unused=True)
-        outs.append([val.detach().double()] + [torch.zeros_like(t, dtype=torch.float64) if g is None else g.double()
-                                               for t, g in zip(wrt, grads)])
-    return max(((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item() for x, y in zip(*outs))
+    return rel_err_f64(fn, reference_fn(loss), (a, b, s, bias))
 
 
 def _step(fn, a, b, s, bias, mode):
@@ -372,24 +374,17 @@ def run_peak(case: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------ distributed
 def _dist_rel_err(fn, case, rank, world, n, device) -> float:
-    """This rank's largest error of its loss and of each gradient (features, scale, bias), relative to
-    the largest value of that output, against the float64 per-rank reference (open_clip's formulas on
-    features gathered with gradient: ``make_dist_loss_fn``'s ``reference``) on the same rounded
-    inputs: what ``max_rel_err`` means for a single device too. Collective: every rank runs it."""
+    """This rank's ``rel_err_f64`` of its loss and every gradient (features, scale, bias) against the
+    float64 per-rank reference (open_clip's formulas on features gathered with gradient:
+    ``make_dist_loss_fn``'s ``reference``) on the same rounded inputs: what ``max_rel_err`` means for
+    a single device too. Collective: every rank runs it."""
     import torch
 
     loss = case["loss"]
     ref = make_dist_loss_fn(loss, "reference", rank, world, case.get("local_loss", True))
     a, b = make_inputs(n, case["dim"], getattr(torch, case["dtype"]), device, seed=200 + rank)
     s, bias = make_scalars(loss, device)
-    inputs = (a, b, s) + ((bias,) if bias is not None else ())
-    outs = []
-    for f64 in (False, True):
-        leaves = [(t.detach().double() if f64 else t.detach()).clone().requires_grad_() for t in inputs]
-        value = (ref if f64 else fn)(*leaves)
-        grads = torch.autograd.grad(value, leaves)
-        outs.append([value.detach().double()] + [g.double() for g in grads])
-    return max(((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item() for x, y in zip(*outs))
+    return rel_err_f64(fn, ref, (a, b, s) + ((bias,) if bias is not None else ()))
 
 
 def _dist_rank(rank, case, port, queue):
