@@ -72,8 +72,6 @@ TargetView make_view(const char* op, const Tensor& rows, const Tensor& cols, at:
   v.nb = nb;
   v.rows = lines(rows, "rows", na, wire::kRowFields);
   v.cols = lines(cols, "cols", nb, wire::kColFields);
-  v.col_ids.resize(size_t(nb));
-  for (int64_t j = 0; j < nb; ++j) v.col_ids[size_t(j)] = v.col(j, wire::kColId);
   if (mask.has_value() && mask->defined()) {
     TORCH_CHECK(mask->scalar_type() == at::kBool && mask->device().is_cpu() && mask->is_contiguous() &&
                     mask->numel() == na * nb,
@@ -95,6 +93,7 @@ TargetView make_view(const char* op, const Tensor& rows, const Tensor& cols, at:
     out.resize(size_t(nb));
     for (int64_t j = 0; j < nb; ++j) out[size_t(j)] = v.col(j, k);
   };
+  column(v.col_ids, wire::kColId, true);
   column(v.col_owner, wire::kColOwner, v.has_owners);
   column(v.col_keep, wire::kColKeep, v.has_keep);
   column(v.col_pen, wire::kColPenalty, v.has_penalty_cols);

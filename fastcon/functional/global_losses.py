@@ -71,7 +71,6 @@ def clip_loss(
         if text_features.shape[0] != n or pos_offset not in (None, 0):
             raise ValueError(f"labels and pair_mask need paired batches with pos_offset=0: image_features has {n} "
                              f"rows, text_features {text_features.shape[0]}, pos_offset={pos_offset}")
-        pos_offset = 0
         if labels is None:
             labels = torch.arange(n, device=image_features.device)
         labels = check_labels("labels", labels, n, image_features.device)

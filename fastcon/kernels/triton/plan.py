@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from .._common import TRITON_PRODUCERS, mm_acc, producer_setting
+from .._common import mm_acc, producer_setting
 from . import launch
 from .configs import (FUSED_FP32_PRECISION, MATMUL_FAMILY, SUPPORTED_DTYPES, chunked_config, dtype_class, fused_config,
                       matmul_candidates, matmul_config)
@@ -64,9 +64,6 @@ def dot_precision(a: torch.Tensor) -> str:
 
 
 # -------------------------------------------------------------------------------------- producer
-PRODUCERS = TRITON_PRODUCERS
-
-
 def producer(a: torch.Tensor, soft: bool = False) -> str:
     """Where this call's tiles of dot products come from (``FASTCON_TRITON_PRODUCER``): ``"matmul"``,
     the epilogue kernels form them with tl.dot (``tiles.dot_tile``: no logit in memory), or ``"cublas"``,
