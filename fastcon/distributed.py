@@ -392,7 +392,8 @@ class _TargetGlobal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a_in, scale, bias, target, backend, mm_dtype, group, eps, symmetric, chunk_rows, cache,
                 sum_upstream, need_grad, *parts_in):
-        from .targets import RowShard, loss_and_weights, rows_of, teacher_norms, teacher_stats
+        from .targets import (RowShard, loss_and_weights, needs_counts, rows_of, teacher_norms, teacher_stats,
+                              with_d_scale)
 
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         n = a_in.shape[0]
@@ -406,14 +407,14 @@ class _TargetGlobal(torch.autograd.Function):
         if local.soft:  # the teacher's pass over this rank's rows, its columns merged like the student's
             t_st = teacher_stats(teacher_fn, local, symmetric, chunk_rows)
             teacher = teacher_norms(local, _all_reduce_col_stats(t_st, group) if symmetric else t_st, symmetric)
-        st, cached = stats_fn(a, cols, scale, bias, local, symmetric, bool(eps), chunk_rows,
+        st, cached = stats_fn(a, cols, scale, bias, local, symmetric, needs_counts(local, eps), chunk_rows,
                               cache if need_grad else 0, teacher)
         if symmetric:
             st = _all_reduce_col_stats(st, group)
         shard = RowShard(rank * n, world * n,
                          lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group),
                          lambda t: dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group))
-        loss, weights = loss_and_weights(local, st, eps, symmetric, scale.dtype, shard)
+        loss, weights = loss_and_weights(local, st, eps, symmetric, scale.dtype, shard, scale=scale)
         if need_grad:
             grad_a, grad_cols, grad_scale, grad_bias = grad_fn(a, cols, scale, bias, local, weights, chunk_rows,
                                                                cached)
@@ -422,7 +423,7 @@ class _TargetGlobal(torch.autograd.Function):
             for p, g in zip(parts, gathered):  # this rank's block of each part of the columns
                 grad_parts.append(grad_cols[base + rank * p.shape[0]:base + (rank + 1) * p.shape[0]])
                 base += g.shape[0]
-            scalars = torch.stack([grad_scale, grad_bias])
+            scalars = torch.stack([with_d_scale(grad_scale, weights), grad_bias])
             dist.all_reduce(scalars, group=group)
             inputs = (a_in, scale, bias) + tuple(parts_in)
             grads = (grad_a, scalars[0], scalars[1]) + tuple(grad_parts)

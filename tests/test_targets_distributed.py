@@ -8,7 +8,8 @@ the gradients of its inputs against a single-process float64 computation on the 
 * ``clip_loss(labels=...)`` in open_clip's modes: ``local_loss=False`` (the global loss; with
   ``gather_with_grad`` the feature gradients times the sum of the ranks' upstream gradients, W here)
   and ``local_loss=True`` (this rank's rows against the gathered batch, the gathered features with or
-  without gradient); with a global pair mask.
+  without gradient); with a global pair mask, also without labels (every pair its own id across ranks);
+* ``clip_loss(debias=...)`` (docs/losses.md §2.5) in the same modes, and with a pair mask.
 """
 import pytest
 import torch
@@ -57,6 +58,12 @@ def _cases():
         for gwg in (False, True):
             yield f"labels-local{local}-gwg{gwg}", dict(kind="labels", local_loss=local, gather_with_grad=gwg)
     yield "labels-pairmask-eps", dict(kind="labels", pair_mask=True, eps=0.1)
+    yield "pairmask-no-labels", dict(kind="labels", pair_mask=True, no_labels=True)
+    for local in (False, True):
+        for gwg in (False, True):
+            yield f"debias-local{local}-gwg{gwg}", dict(kind="labels", debias=0.2, local_loss=local,
+                                                        gather_with_grad=gwg)
+    yield "debias-pairmask", dict(kind="labels", debias=0.4, pair_mask=True)
 
 
 def _ours(case, rank, group, data, pair_mask, backend):
@@ -67,13 +74,14 @@ def _ours(case, rank, group, data, pair_mask, backend):
     bias = torch.tensor(-0.5, dtype=torch.float64)
     leaves = _leaves([x, y, negs, s, bias])
     if case.get("kind") == "labels":
-        out = FC.clip_loss(leaves[0], leaves[1], leaves[3], leaves[4], labels=labels,
-                           pair_mask=pair_mask if case.get("pair_mask") else None,
+        debias = case.get("debias", 0.0)
+        inputs = [leaves[0], leaves[1], leaves[3]] + ([] if debias else [leaves[4]])
+        out = FC.clip_loss(*inputs, labels=None if debias or case.get("no_labels") else labels,
+                           pair_mask=pair_mask if case.get("pair_mask") else None, debias=debias,
                            label_smoothing=case.get("eps", 0.0), local_loss=case.get("local_loss", False),
                            gather_with_grad=case.get("gather_with_grad", False), process_group=group,
                            backend=backend)
-        grads = torch.autograd.grad(out, [leaves[0], leaves[1], leaves[3], leaves[4]])
-        return out, grads
+        return out, torch.autograd.grad(out, inputs)
     out = FC.negatives_clip_loss(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], form=case["form"],
                                  negative_mask=mask if case.get("mask") else None,
                                  false_negative_margin=case.get("margin"),
@@ -95,34 +103,44 @@ def _oracle(case, rank, world, data, pair_mask):
     if case.get("kind") == "labels":
         eps = case.get("eps", 0.0)
         pm = pair_mask if case.get("pair_mask") else None
+        debias = case.get("debias", 0.0)
+        if debias or case.get("no_labels"):
+            ids = torch.arange(world * B)
+        scalars = [s] if debias else [s, bias]
         if not case.get("local_loss"):
-            loss = R.multi_positive_clip_loss_reference(x_all, y_all, s, bias, labels=ids, label_smoothing=eps,
-                                                        pair_mask=pm)
-            gx, gy, gs, gb = torch.autograd.grad(loss, [x_all, y_all, s, bias])
+            if debias:
+                logits = s * x_all @ y_all.T
+                idx = torch.arange(world * B)
+                keep = pm if pm is not None else torch.ones_like(logits, dtype=torch.bool)
+                loss = (R.debiased_rows_reference(logits, idx, keep, debias, s).mean()
+                        + R.debiased_rows_reference(logits.T, idx, keep.T, debias, s).mean()) / 2
+            else:
+                loss = R.multi_positive_clip_loss_reference(x_all, y_all, s, bias, labels=ids, label_smoothing=eps,
+                                                            pair_mask=pm)
+            gx, gy, *gsc = torch.autograd.grad(loss, [x_all, y_all] + scalars)
             w = world if case.get("gather_with_grad") else 1
-            return loss, [w * gx[sl], w * gy[sl], gs, gb]
+            return loss, [w * gx[sl], w * gy[sl]] + gsc
+
+        def row_loss(logits, rs):
+            if debias:
+                return R.debiased_rows_reference(logits, torch.arange(rs.start, rs.stop), None, debias, s).mean()
+            return R.target_cross_entropy_reference(logits + bias, ids[rs, None] == ids[None, :])
 
         def local(r, x_all_, y_all_):
             rs = slice(r * B, (r + 1) * B)
-            pos = ids[rs, None] == ids[None, :]
-            i2t = R.target_cross_entropy_reference(s * x_all_[rs] @ y_all_.T + bias, pos)
-            t2i = R.target_cross_entropy_reference(s * y_all_[rs] @ x_all_.T + bias, pos)
-            return (i2t + t2i) / 2
+            return (row_loss(s * x_all_[rs] @ y_all_.T, rs) + row_loss(s * y_all_[rs] @ x_all_.T, rs)) / 2
 
         if case.get("gather_with_grad"):
             total = sum(local(r, x_all, y_all) for r in range(world))
             gx, gy = torch.autograd.grad(total, [x_all, y_all])
             loss = local(rank, x_all, y_all)
-            gs, gb = torch.autograd.grad(loss, [s, bias])
-            return loss, [gx[sl], gy[sl], gs, gb]
+            return loss, [gx[sl], gy[sl]] + list(torch.autograd.grad(loss, scalars))
         # the gathered copies carry no gradient: only this rank's rows do
         xr, yr = _leaves([x_all[sl], y_all[sl]])
         x_cat = torch.cat([x_all[:sl.start].detach(), xr, x_all[sl.stop:].detach()])
         y_cat = torch.cat([y_all[:sl.start].detach(), yr, y_all[sl.stop:].detach()])
-        pos = ids[sl, None] == ids[None, :]
-        loss = (R.target_cross_entropy_reference(s * xr @ y_cat.detach().T + bias, pos)
-                + R.target_cross_entropy_reference(s * yr @ x_cat.detach().T + bias, pos)) / 2
-        return loss, list(torch.autograd.grad(loss, [xr, yr, s, bias]))
+        loss = (row_loss(s * xr @ y_cat.detach().T, sl) + row_loss(s * yr @ x_cat.detach().T, sl)) / 2
+        return loss, list(torch.autograd.grad(loss, [xr, yr] + scalars))
     mask = torch.cat(ms) if case.get("mask") else None
     loss = R.negatives_clip_loss_reference(x_all, y_all, n_all, s, bias, form=case["form"], negative_mask=mask,
                                            false_negative_margin=case.get("margin"),

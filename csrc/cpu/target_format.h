@@ -14,7 +14,7 @@ enum Row : int64_t { kRowId, kRowExclude, kRowLo, kRowHi, kRowOwner, kRowRule, k
 enum Col : int64_t { kColId, kColOwner, kColKeep, kColPenalty, kColFields };
 enum Num : int64_t {
   kNumPairOffset, kNumMargin, kNumPenalty, kNumPenaltyMode, kNumSoft, kNumHard, kNumTeacherKind, kNumC0, kNumC1,
-  kNumEps, kNumEntropy, kNumFlags, kNumberCount
+  kNumEps, kNumEntropy, kNumDebias, kNumFlags, kNumberCount
 };
 enum Flag : int64_t {
   kHasExclude = 1, kHasKeep = 2, kHasRange = 4, kHasRowOwner = 8, kHasColOwner = 16, kHasRule = 32, kHasGroup = 64,
@@ -27,7 +27,7 @@ inline std::vector<int64_t> format_indices() {
   return {kRowId, kRowExclude, kRowLo, kRowHi, kRowOwner, kRowRule, kRowGroup, kRowPenalty, kRowFields,
           kColId, kColOwner, kColKeep, kColPenalty, kColFields,
           kNumPairOffset, kNumMargin, kNumPenalty, kNumPenaltyMode, kNumSoft, kNumHard, kNumTeacherKind, kNumC0,
-          kNumC1, kNumEps, kNumEntropy, kNumFlags, kNumberCount,
+          kNumC1, kNumEps, kNumEntropy, kNumDebias, kNumFlags, kNumberCount,
           kHasExclude, kHasKeep, kHasRange, kHasRowOwner, kHasColOwner, kHasRule, kHasGroup, kHasPenaltyCols,
           kHasPenaltyRows, kTeacherLinear};
 }

@@ -11,21 +11,22 @@ import os
 import shutil
 from typing import Callable, Optional, Tuple
 
-# clip_labels: CLIP over class ids (4 consecutive pairs per class); ntxent: NT-Xent of the two views
+# clip_labels: CLIP over class ids (4 consecutive pairs per class); clip_debias: the debiased CLIP loss
+# (τ⁺ = DEBIAS, docs/losses.md §2.5); ntxent: NT-Xent of the two views
 # a, b (τ = 0.5, lightly's default); mnrl: sentence-transformers' MNRL with queries a and positives b
 # (scale 20, cos_sim); distill: open_clip's DistillClipLoss, the sum of its two outputs, against a
 # teacher made from the inputs (see distill_teacher); align_uniform: alignment, uniformity and the
 # cross-modal uniformity of a, b; m2mix: m²-mix at λ = M2MIX_LAM, τ = 0.07; mochi: MoCHi with queries a,
-# keys b and a queue of 4N rows made from b (see mochi_inputs). The last seven run on the engine's
+# keys b and a queue of 4N rows made from b (see mochi_inputs). The last eight run on the engine's
 # general target. filip and maxsim are token-level (fastcon/ops/late.py): each batch item is a set of
 # TOKEN_SHAPES tokens (see make_token_inputs); filip: FILIP with patches a, tokens b (ragged captions),
 # maxsim: ColBERT's in-batch MaxSim loss with queries a, documents b (ragged documents), scale 1.
-LOSSES = ("clip", "siglip", "clip_labels", "ntxent", "mnrl", "distill", "align_uniform", "m2mix", "mochi",
-          "filip", "maxsim")
+LOSSES = ("clip", "siglip", "clip_labels", "clip_debias", "ntxent", "mnrl", "distill", "align_uniform", "m2mix",
+          "mochi", "filip", "maxsim")
 TOKEN_LOSSES = ("filip", "maxsim")
 # (tokens per item of a, of b): ViT-B/16 patches and CLIP's caption length; ColBERT's query and document
 TOKEN_SHAPES = {"filip": (196, 77), "maxsim": (32, 180)}
-TARGET_LOSSES = ("clip_labels", "ntxent", "mnrl", "distill", "align_uniform", "m2mix", "mochi")
+TARGET_LOSSES = ("clip_labels", "clip_debias", "ntxent", "mnrl", "distill", "align_uniform", "m2mix", "mochi")
 FASTCON_BACKENDS = ("cpp", "torch", "triton", "triton_fused")
 PROVIDERS = ("fastcon",) + tuple(f"fastcon-{b}" for b in FASTCON_BACKENDS) + (
     "fastcon_compile", "reference", "open_clip", "inf_cl", "siglip_kernel", "torch_compile", "lightly",
@@ -33,7 +34,8 @@ PROVIDERS = ("fastcon",) + tuple(f"fastcon-{b}" for b in FASTCON_BACKENDS) + (
 # MaxSim peers, each through PyLate's colbert_scores backend of that name
 _PYLATE_BACKEND = {"pylate": "torch", "flash_maxsim": "flash", "late_interaction_kernels": "lik"}
 # the peer each loss is compared with, beside the reference
-PEER_OF = {"clip": ("open_clip", "inf_cl"), "siglip": ("open_clip", "siglip_kernel"), "clip_labels": (), "ntxent": ("lightly",),
+PEER_OF = {"clip": ("open_clip", "inf_cl"), "siglip": ("open_clip", "siglip_kernel"), "clip_labels": (), "clip_debias": (),
+           "ntxent": ("lightly",),
            "mnrl": ("sentence_transformers",), "distill": ("open_clip",), "align_uniform": (),
            "m2mix": (), "mochi": (), "filip": (), "maxsim": ("pylate", "flash_maxsim", "late_interaction_kernels")}
 
@@ -56,6 +58,7 @@ _GPU_PEERS = {
 }
 NTXENT_TEMPERATURE = 0.5
 MNRL_SCALE = 20.0
+DEBIAS = 0.1  # clip_debias's class prior τ⁺ (docs/losses.md §2.5)
 DISTILL_TEACHER_SCALE = 30.0
 M2MIX_LAM = 0.3
 
@@ -215,6 +218,8 @@ def _target_loss_fn(loss: str, provider: str) -> Callable:
         if loss == "clip_labels":
             return lambda a, b, s, bias: FC.clip_loss(a, b, s, bias, labels=class_ids(a.shape[0], a.device),
                                                       backend=backend)
+        if loss == "clip_debias":
+            return lambda a, b, s, bias: FC.clip_loss(a, b, s, debias=DEBIAS, backend=backend)
         if loss == "ntxent":
             return lambda a, b, s, bias: FC.ntxent_loss(a, b, temperature=NTXENT_TEMPERATURE, backend=backend)
         if loss == "distill":
@@ -234,6 +239,9 @@ def _target_loss_fn(loss: str, provider: str) -> Callable:
             def ref(a, b, s, bias):
                 return R.multi_positive_clip_loss_reference(a, b, s, bias, labels=class_ids(a.shape[0], a.device),
                                                             upcast=False)
+        elif loss == "clip_debias":
+            def ref(a, b, s, bias):
+                return R.clip_loss_reference(a, b, s, debias=DEBIAS, upcast=False)
         elif loss == "ntxent":
             def ref(a, b, s, bias):
                 return R.ntxent_loss_reference(a, b, temperature=NTXENT_TEMPERATURE)

@@ -209,8 +209,8 @@ def summary_markdown(rows: Iterable[dict], sources: Optional[Dict[str, str]] = N
                 (v for k, v in by_provider.items() if k.startswith("fastcon")), None)
             if ours is None or ours.get("status") != "ok":
                 continue
-            name = {"clip": "CLIP", "siglip": "SigLIP", "clip_labels": "CLIP over class ids", "ntxent": "NT-Xent",
-                    "mnrl": "MNRL"}.get(loss, loss)
+            name = {"clip": "CLIP", "siglip": "SigLIP", "clip_labels": "CLIP over class ids",
+                    "clip_debias": "debiased CLIP", "ntxent": "NT-Xent", "mnrl": "MNRL"}.get(loss, loss)
             name += " local" if local else ""
             ours_cell = _figures(ours)
             peak = peaks.get((device, dtype))

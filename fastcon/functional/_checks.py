@@ -13,6 +13,15 @@ def check_common(image_features, text_features, logit_scale, logit_bias, *, bias
     return scale, bias
 
 
+def check_debias(debias) -> float:
+    """The debiased loss's class prior τ⁺ (docs/losses.md §2.5): a float in [0, 1); 0 is the plain loss."""
+    if isinstance(debias, bool) or not isinstance(debias, (int, float)):
+        raise TypeError(f"debias must be a float in [0, 1), got {type(debias).__name__}")
+    if not 0.0 <= debias < 1.0:
+        raise ValueError(f"debias must be in [0, 1), got {debias}")
+    return float(debias)
+
+
 def check_chunk_size(chunk_size):
     if chunk_size is None:
         return None

@@ -13,7 +13,7 @@ from ..targets import Target
 from ..ops import clip_engine_loss, siglip_engine_loss
 from ..ops.engine import BACKENDS as _BACKENDS
 from ..ops import target_engine_loss
-from ._checks import check_chunk_size, check_common, check_modes, distributed_setup
+from ._checks import check_chunk_size, check_common, check_debias, check_modes, distributed_setup
 
 
 def clip_loss(
@@ -26,6 +26,7 @@ def clip_loss(
     pos_offset: Optional[int] = None,
     labels: Optional[torch.Tensor] = None,
     pair_mask: Optional[torch.Tensor] = None,
+    debias: float = 0.0,
     local_loss: bool = False,
     gather_with_grad: bool = False,
     process_group=None,
@@ -47,7 +48,10 @@ def clip_loss(
     loss is the mean of −log p over its positives (SupCon's outside form, docs/losses.md §2.1; the
     smoothing ε then spreads over the row's columns). ``pair_mask`` (N, N) bool, paired batches: False
     drops the pair (i, j) from both directions, as if its logit were −∞ (known duplicates, a mask of
-    one's own); the one O(N²) input, for users who have one. Returns a 0-d tensor in the features' dtype
+    one's own); the one O(N²) input, for users who have one. ``debias`` τ⁺ in [0, 1): each direction's
+    CE is the debiased contrastive loss (docs/losses.md §2.5), ``ℓ = log(e^{S_p} + N_g) − S_p`` with
+    ``N_g = max((Σ_n e^{S_n} − τ⁺·M·e^{S_p})/(1 − τ⁺), M·e^{−s})`` over a row's M negatives (0: the plain
+    loss; not with ``logit_bias``, ``labels`` or ``label_smoothing``). Returns a 0-d tensor in the features' dtype
     (computed in fp32); gradients reach both feature tensors, ``logit_scale`` and ``logit_bias``.
     Memory: O((Na + Nb)·D + chunk·Nb).
 
@@ -61,6 +65,14 @@ def clip_loss(
     """
     scale, bias = check_common(image_features, text_features, logit_scale, logit_bias)
     eps = check_label_smoothing(label_smoothing)
+    tau = check_debias(debias)
+    if tau and (bias is not None or labels is not None or eps):
+        raise ValueError("debias does not combine with logit_bias, labels or label_smoothing (docs/losses.md §2.5 "
+                         "defines it for one positive per row, without a bias)")
+    if tau and pair_mask is None:
+        return _debiased_clip_loss(image_features, text_features, scale, pos_offset, tau, process_group=process_group,
+                                   local_loss=local_loss, gather_with_grad=gather_with_grad, backend=backend,
+                                   chunk_size=chunk_size)
     paired_only = labels is not None or pair_mask is not None  # (their own error for a rectangular batch)
     if not (paired_only and pos_offset is None):
         pos_offset = check_pos_offset(pos_offset, image_features.shape[0], text_features.shape[0])
@@ -71,7 +83,8 @@ def clip_loss(
         if text_features.shape[0] != n or pos_offset not in (None, 0):
             raise ValueError(f"labels and pair_mask need paired batches with pos_offset=0: image_features has {n} "
                              f"rows, text_features {text_features.shape[0]}, pos_offset={pos_offset}")
-        if labels is None:
+        distinct = labels is None  # every pair its own id, across ranks too
+        if distinct:
             labels = torch.arange(n, device=image_features.device)
         labels = check_labels("labels", labels, n, image_features.device)
         group = distributed_setup(process_group, image_features, text_features, backend)
@@ -80,15 +93,22 @@ def clip_loss(
             shape = (n, n) if group is None or not isinstance(pair_mask, torch.Tensor) else tuple(pair_mask.shape)
             pair_mask = check_mask("pair_mask", pair_mask, shape, image_features.device)  # False drops a pair
         if group is not None:
+            if distinct:
+                from ..distributed import group_rank_and_size
+
+                labels = labels + group_rank_and_size(group)[0] * n
             return _multi_positive_distributed(image_features, text_features, scale, bias, labels, pair_mask, eps,
                                                group=group, local_loss=local_loss,
                                                gather_with_grad=gather_with_grad, backend=backend,
-                                               chunk_size=chunk_size)
+                                               chunk_size=chunk_size, debias=tau)
         if backend == "reference":
+            if tau:
+                return _debiased_reference(image_features, text_features, scale, 0, tau, pair_mask)
             return reference.multi_positive_clip_loss_reference(
                 image_features, text_features, scale, bias, labels=labels, label_smoothing=eps,
                 pair_mask=pair_mask).to(image_features.dtype)
-        return target_engine_loss(image_features, text_features, scale, bias, Target(labels, labels, mask=pair_mask),
+        return target_engine_loss(image_features, text_features, scale, bias,
+                                  Target(labels, labels, mask=pair_mask, debias=tau),
                                   label_smoothing=eps, backend=backend, chunk_size=chunk_size)
     group = distributed_setup(process_group, image_features, text_features, backend)
     if group is not None:
@@ -283,8 +303,45 @@ def _negatives_distributed(x, y, negatives, scale, bias, form, negative_mask, ma
                               label_smoothing=eps, symmetric=True, backend=backend, chunk_size=chunk_size)
 
 
+def _debiased_clip_loss(x, y, scale, pos_offset, tau, *, process_group, local_loss, gather_with_grad, backend,
+                        chunk_size):
+    """clip_loss(debias=τ⁺) without a pair mask: the general target with one positive per row (row i's
+    at column ``pos_offset + i``), debiased in both directions; across ranks in open_clip's modes."""
+    pos_offset = check_pos_offset(pos_offset, x.shape[0], y.shape[0])
+    chunk_size = check_chunk_size(chunk_size)
+    check_modes(local_loss, gather_with_grad)
+    group = distributed_setup(process_group, x, y, backend)
+    dev = x.device
+    if group is not None:
+        if pos_offset != 0:
+            raise ValueError("pos_offset must be 0 in the distributed loss (the positives are the paired rows)")
+        from ..distributed import group_rank_and_size
+
+        n = x.shape[0]
+        ids = torch.arange(n, device=dev) + group_rank_and_size(group)[0] * n
+        return _multi_positive_distributed(x, y, scale, None, ids, None, 0.0, group=group, local_loss=local_loss,
+                                           gather_with_grad=gather_with_grad, backend=backend,
+                                           chunk_size=chunk_size, debias=tau)
+    if backend == "reference":
+        return _debiased_reference(x, y, scale, pos_offset, tau, None)
+    target = Target(torch.arange(x.shape[0], device=dev) + pos_offset, torch.arange(y.shape[0], device=dev),
+                    debias=tau)
+    return target_engine_loss(x, y, scale, None, target, backend=backend, chunk_size=chunk_size)
+
+
+def _debiased_reference(x, y, scale, pos_offset, tau, pair_mask):
+    if pair_mask is None:
+        return reference.clip_loss_reference(x, y, scale, pos_offset=pos_offset, debias=tau).to(x.dtype)
+    logits = reference.losses._logits(x, y, scale, None, True)
+    idx = torch.arange(x.shape[0], device=x.device)
+    keep = pair_mask.to(x.device)
+    row = reference.debiased_rows_reference(logits, idx, keep, tau, scale).mean()
+    col = reference.debiased_rows_reference(logits.T, idx, keep.T, tau, scale).mean()
+    return ((row + col) / 2).to(x.dtype)
+
+
 def _multi_positive_distributed(x, y, scale, bias, labels, pair_mask, eps, *, group, local_loss, gather_with_grad,
-                                backend, chunk_size):
+                                backend, chunk_size, debias=0.0):
     """clip_loss(labels=...) on W ranks, in open_clip's modes: ``local_loss=False``, the loss of all
     ranks' pairs on every rank (from this rank's rows, the column statistics merged across ranks);
     ``local_loss=True``, ½[TCE(s·X_r·Y_allᵀ) + TCE(s·Y_r·X_allᵀ)] over this rank's rows. ``labels``
@@ -299,7 +356,7 @@ def _multi_positive_distributed(x, y, scale, bias, labels, pair_mask, eps, *, gr
         raise ValueError(f"with a process_group pair_mask is the global (N={world * n}, N={world * n}) mask, "
                          f"got {tuple(pair_mask.shape)}")
     if not local_loss:
-        return target_loss_global(x, [y], scale, bias, Target(ids, ids, mask=pair_mask), group=group,
+        return target_loss_global(x, [y], scale, bias, Target(ids, ids, mask=pair_mask, debias=debias), group=group,
                                   label_smoothing=eps, symmetric=True, backend=backend, chunk_size=chunk_size,
                                   gather_with_grad=gather_with_grad)
     from ..targets import rows_of
@@ -307,9 +364,9 @@ def _multi_positive_distributed(x, y, scale, bias, labels, pair_mask, eps, *, gr
     gather = all_gather_with_grad if gather_with_grad else all_gather_no_grad
     all_x, all_y = gather(x, group), gather(y, group)
     rows = slice(rank * n, (rank + 1) * n)
-    i2t = rows_of(Target(ids, ids, mask=pair_mask), rows.start, rows.stop)
-    t2i = rows_of(Target(ids, ids, mask=None if pair_mask is None else pair_mask.T.contiguous()), rows.start,
-                  rows.stop)
+    i2t = rows_of(Target(ids, ids, mask=pair_mask, debias=debias), rows.start, rows.stop)
+    t2i = rows_of(Target(ids, ids, mask=None if pair_mask is None else pair_mask.T.contiguous(), debias=debias),
+                  rows.start, rows.stop)
     kw = dict(label_smoothing=eps, symmetric=False, backend=backend, chunk_size=chunk_size)
     return (target_engine_loss(x, all_y, scale, bias, i2t, **kw) + target_engine_loss(y, all_x, scale, bias, t2i, **kw)) / 2
 

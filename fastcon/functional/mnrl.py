@@ -10,7 +10,7 @@ from .. import reference
 from .._validation import check_features
 from ..targets import Target
 from ..ops import target_engine_loss
-from ._checks import check_chunk_size
+from ._checks import check_chunk_size, check_debias
 
 
 MNRL_DIRECTIONS = reference.MNRL_DIRECTIONS
@@ -50,6 +50,7 @@ def multiple_negatives_ranking_loss(
     world_queries: Optional[torch.Tensor] = None,
     world_docs=None,
     cache_limit: Optional[int] = None,
+    debias: float = 0.0,
 ) -> torch.Tensor:
     """sentence-transformers' MultipleNegativesRankingLoss on the engine (docs/losses.md §2.4).
 
@@ -73,7 +74,10 @@ def multiple_negatives_ranking_loss(
     For a gathered batch (``gather_across_devices``), ``world_queries``/``world_docs`` are every
     rank's rows (this rank's at ``rank_offset``) and ``queries``/``docs`` are this rank's; the loss is
     the mean over this rank's queries. ``cache_limit``: bytes of first-pass logits kept for the
-    gradient pass (None: the default; 0 for the least memory).
+    gradient pass (None: the default; 0 for the least memory). ``debias`` τ⁺ in [0, 1): each row's
+    (joint) or each direction's (per_direction) loss is the debiased contrastive loss of
+    docs/losses.md §2.5 (``N_g = max((Σ_n e^{S_n} − τ⁺·M·e^{S_p})/(1 − τ⁺), M·e^{−scale})``, M every
+    candidate column of the row but its positive); 0 is the plain loss.
     """
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
@@ -95,6 +99,7 @@ def multiple_negatives_ranking_loss(
             or not 0 <= hardness_strength < float("inf"):
         raise ValueError(f"hardness_strength must be a finite number >= 0, got {hardness_strength!r}")
     chunk_size = check_chunk_size(chunk_size)
+    tau = check_debias(debias)
     docs = _mnrl_docs(queries, docs)
     if world_queries is None:
         world_queries, world_docs, rank_offset = queries, docs, 0
@@ -107,7 +112,7 @@ def multiple_negatives_ranking_loss(
             raise ValueError("backend='reference' computes the single-process loss only")
         return reference.mnrl_loss_reference(
             queries, docs, scale, similarity=similarity, directions=directions, partition_mode=partition_mode,
-            hardness_mode=hardness_mode, hardness_strength=hardness_strength).to(queries.dtype)
+            hardness_mode=hardness_mode, hardness_strength=hardness_strength, debias=tau).to(queries.dtype)
 
     if similarity == "cos":
         norm = lambda t: torch.nn.functional.normalize(t, p=2, dim=1)  # noqa: E731
@@ -156,7 +161,7 @@ def multiple_negatives_ranking_loss(
     target = Target(row_ids, col_ids, exclude_col=exclude_col, row_group=row_group,
                     row_owner=row_owner, col_owner=col_owner, own_rule=own_rule, col_range=col_range,
                     penalty=penalty, penalty_cols=penalty_cols, penalty_mode=penalty_mode,
-                    penalty_rows=penalty_rows)
+                    penalty_rows=penalty_rows, debias=tau)
     scale_t = torch.tensor(float(scale), dtype=torch.float64, device=dev)
     return target_engine_loss(rows, cols, scale_t, None, target, symmetric=False, backend=backend,
                               chunk_size=chunk_size, cache_limit=cache_limit)

@@ -271,7 +271,7 @@ def target_pair_engine_loss(a, b, scale, bias, target, *, label_smoothing: float
 # target mass: G_ij = u_i·exp(S_ij − LSE_i) on the kept pairs.
 
 def _lse_target(target):
-    return target._replace(soft=0.0, hard=0.0, entropy=False, teacher=None)
+    return target._replace(soft=0.0, hard=0.0, entropy=False, teacher=None, debias=0.0)
 
 
 def _target_row_lse(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, rows: Tensor, cols: Tensor,

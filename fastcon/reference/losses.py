@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 __all__ = ["clip_loss_reference", "siglip_loss_reference", "clip_loss_explicit", "siglip_loss_explicit",
            "target_cross_entropy_reference", "multi_positive_clip_loss_reference", "negatives_clip_loss_reference",
-           "ntxent_loss_reference", "MNRL_DIRECTIONS", "mnrl_loss_reference", "ntxent_bank_loss_reference",
+           "ntxent_loss_reference", "debiased_rows_reference", "MNRL_DIRECTIONS", "mnrl_loss_reference", "ntxent_bank_loss_reference",
            "DISTILL_KINDS", "distill_loss_reference", "distill_clip_loss_reference", "align_uniform_loss_reference",
            "slerp_reference", "m2mix_loss_reference", "mochi_top_indices", "mochi_loss_reference",
            "pooled_alignment_loss_reference", "patch_nce_loss_reference", "filip_similarities_reference",
@@ -37,6 +37,7 @@ def clip_loss_reference(
     *,
     label_smoothing: float = 0.0,
     pos_offset: int = 0,
+    debias: float = 0.0,
     upcast: bool = True,
 ) -> torch.Tensor:
     """Symmetric InfoNCE (docs/losses.md §1.1), materialised.
@@ -45,12 +46,22 @@ def clip_loss_reference(
     ``pos_offset + i``. ``L = ½[CE(S, pos) + CE(S[:, cols]ᵀ, i)]`` where ``cols`` are the Na columns
     that own a positive; with ``Na == Nb`` and ``pos_offset == 0`` this is open_clip's ``ClipLoss``.
     Label smoothing follows ``F.cross_entropy`` (targets ``(1−ε)·onehot + ε/n_classes``).
+    ``debias`` τ⁺ > 0: each CE is the debiased loss of docs/losses.md §2.5 instead (no bias, no
+    smoothing).
     """
     na, nb = image_features.shape[0], text_features.shape[0]
     if pos_offset < 0 or pos_offset + na > nb:
         raise ValueError(f"pos_offset={pos_offset} with Na={na} rows needs Nb >= {pos_offset + na}, got Nb={nb}")
     logits = _logits(image_features, text_features, logit_scale, logit_bias, upcast)
     labels = torch.arange(na, device=logits.device) + pos_offset
+    if debias:
+        if logit_bias is not None or label_smoothing:
+            raise ValueError("the debiased loss takes no logit_bias and no label_smoothing")
+        scale = torch.as_tensor(logit_scale, dtype=logits.dtype, device=logits.device)
+        idx = torch.arange(na, device=logits.device)
+        row = debiased_rows_reference(logits, labels, None, debias, scale).mean()
+        col = debiased_rows_reference(logits[:, pos_offset:pos_offset + na].T, idx, None, debias, scale).mean()
+        return (row + col) / 2
     row = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
     col_logits = logits[:, pos_offset:pos_offset + na].T
     col = F.cross_entropy(col_logits, torch.arange(na, device=logits.device), label_smoothing=label_smoothing)
@@ -161,6 +172,29 @@ def target_cross_entropy_reference(logits: torch.Tensor, positives: torch.Tensor
     if label_smoothing:
         q = q + label_smoothing * keep.to(logits.dtype) / keep.sum(dim=1, keepdim=True).to(logits.dtype)
     return -(q * log_p).sum(dim=1).mean()
+
+
+def debiased_rows_reference(logits: torch.Tensor, positive: torch.Tensor, keep: Optional[torch.Tensor],
+                            tau_plus: float, scale) -> torch.Tensor:
+    """(R,) the debiased loss of each row (docs/losses.md §2.5), materialised::
+
+        N_g = max((Σ_n e^{S_n} − τ⁺·M·e^{S_p}) / (1 − τ⁺), M·e^{−s}),   ℓ = log(e^{S_p} + N_g) − S_p
+
+    ``logits`` (R, C), ``positive`` (R,) the positive's column, ``keep`` (R, C) bool (None: all kept)
+    and the negatives every other kept column (M of them), ``scale`` s. The exponentials are shifted by
+    each row's largest term, so large s stays finite."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    keep = torch.ones_like(logits, dtype=torch.bool) if keep is None else keep
+    negatives = keep.clone()
+    negatives[rows, positive] = False
+    m = negatives.sum(dim=1).to(logits.dtype)
+    s_p = logits[rows, positive]
+    scale = torch.as_tensor(scale, dtype=logits.dtype, device=logits.device)
+    shift = torch.maximum(logits.masked_fill(~keep, float("-inf")).amax(dim=1), -scale).detach()
+    neg = torch.exp(logits - shift[:, None]).masked_fill(~negatives, 0.0).sum(dim=1)
+    e_p = torch.exp(s_p - shift)
+    n_g = torch.maximum((neg - tau_plus * m * e_p) / (1.0 - tau_plus), m * torch.exp(-scale - shift))
+    return torch.log(e_p + n_g) - (s_p - shift)
 
 
 def _check_labels(labels, n, name="labels"):
@@ -294,7 +328,8 @@ MNRL_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc
 
 def mnrl_loss_reference(queries: torch.Tensor, docs, scale: float = 20.0, *, similarity: str = "cos",
                         directions=("query_to_doc",), partition_mode: str = "joint",
-                        hardness_mode: Optional[str] = None, hardness_strength: float = 0.0) -> torch.Tensor:
+                        hardness_mode: Optional[str] = None, hardness_strength: float = 0.0,
+                        debias: float = 0.0) -> torch.Tensor:
     """Multiple-negatives ranking (docs/losses.md §2.4), materialising every block: queries Q (B, D),
     ``docs`` a list [P, N_1, .., N_m] of (B, D), candidates C = [P; N_1; ..; N_m].
 
@@ -302,7 +337,8 @@ def mnrl_loss_reference(queries: torch.Tensor, docs, scale: float = 20.0, *, sim
     ``Q_i·Q_i``, doc_to_query ``P_i·Q``, doc_to_doc ``P_i·C`` without query i's own documents. Logits:
     ``scale·sim`` plus ``strength·sg(sim)`` on the query_to_doc negatives that ``hardness_mode`` names.
     joint: ``L_i = LSE(all blocks of row i) − S_{i,P_i}``; per_direction: the mean over the blocks of
-    their LSEs instead. The loss is the mean over the B rows."""
+    their LSEs instead. The loss is the mean over the B rows. ``debias`` τ⁺ > 0: the debiased loss
+    (docs/losses.md §2.5) of each joint row, or of each direction's block (per_direction), instead."""
     acc = torch.promote_types(queries.dtype, torch.float32)
     q = queries.to(acc)
     ds = [d.to(acc) for d in docs]
@@ -330,6 +366,12 @@ def mnrl_loss_reference(queries: torch.Tensor, docs, scale: float = 20.0, *, sim
                   "all_negatives": ~positive}[hardness_mode]
         logits["query_to_doc"] = logits["query_to_doc"] + hardness_strength * torch.where(chosen, raw.detach(), 0.0)
     pos = logits["query_to_doc"][idx, idx]
+    if debias:
+        if partition_mode == "joint":
+            joint = torch.cat(list(logits.values()), dim=1)
+            return debiased_rows_reference(joint, idx, torch.isfinite(joint), debias, scale).mean()
+        return torch.stack([debiased_rows_reference(v, idx, torch.isfinite(v), debias, scale)
+                            for v in logits.values()]).mean()
     if partition_mode == "joint":
         log_z = torch.logsumexp(torch.cat(list(logits.values()), dim=1), dim=1)
     else:

@@ -5,9 +5,10 @@ backend shares (``passes``), and its wire format, the arrays the ops carry and t
 """
 from .definition import (TEACHER_LINEAR, Target, Teacher, chunk_logits, chunk_masks, column_span, hard_weight,
                          rows_of, teacher_chunk, teacher_target)
-from .passes import (RowShard, TargetStats, TargetWeights, TeacherNorms, group_lse, loss_and_weights, teacher_norms,
-                     teacher_stats, two_pass_target, with_teacher)
+from .passes import (RowShard, TargetStats, TargetWeights, TeacherNorms, debiased_terms, group_lse, loss_and_weights,
+                     needs_counts, teacher_norms, teacher_stats, two_pass_target, with_d_scale, with_teacher)
 
 __all__ = ["TEACHER_LINEAR", "Target", "Teacher", "chunk_logits", "chunk_masks", "column_span", "hard_weight",
            "rows_of", "teacher_chunk", "teacher_target", "RowShard", "TargetStats", "TargetWeights", "TeacherNorms",
-           "group_lse", "loss_and_weights", "teacher_norms", "teacher_stats", "two_pass_target", "with_teacher"]
+           "debiased_terms", "group_lse", "loss_and_weights", "needs_counts", "teacher_norms", "teacher_stats",
+           "two_pass_target", "with_d_scale", "with_teacher"]

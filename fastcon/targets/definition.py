@@ -6,7 +6,7 @@ which softmax row i belongs to. Everything but the optional dense mask is O(N) m
 
     Target(row_ids, col_ids, exclude_col, col_keep, pair_offset, margin,
            row_group, row_owner, col_owner, own_rule, col_range,
-           penalty, penalty_cols, penalty_mode, mask, penalty_rows, teacher, soft, hard, entropy)
+           penalty, penalty_cols, penalty_mode, mask, penalty_rows, teacher, soft, hard, entropy, debias)
 
 * positives by id: ``row_ids`` (Na, int64; −1: the row has no positive of its own) and ``col_ids``
   (Nb, int64; −1: never a positive): column j is a positive of row i when ``col_ids[j] ==
@@ -34,7 +34,9 @@ which softmax row i belongs to. Everything but the optional dense mask is O(N) m
 * soft targets: ``teacher`` (a ``Teacher``: its features and its softmax scale or linear weights)
   gives a tile Qt beside the student's, and each row's targets are ``Q = hard·[pos]/|P| + ε/|K| +
   soft·Qt`` (``hard`` None: what ``soft`` and the smoothing ε leave), with ``entropy`` adding the
-  ``Σ Q·log Q`` term of a KL divergence.
+  ``Σ Q·log Q`` term of a KL divergence;
+* ``debias`` τ⁺ (0 ≤ τ⁺ < 1): each group's loss is the debiased contrastive loss of its one positive
+  (docs/losses.md §2.5), formed from pass 1's statistics (``passes.loss_and_weights``).
 
 Positives are kept columns by definition (a dropped column is never a positive). The loss of a group g
 (docs/losses.md §2.1) is ``LSE_{K_g}(S) − (1−ε)·mean_{P_g} S − ε·mean_{K_g} S`` over the kept pairs
@@ -84,6 +86,8 @@ class Target(NamedTuple):
     soft: float = 0.0
     hard: Optional[float] = None
     entropy: bool = False
+    # the debiased loss (docs/losses.md §2.5): the class prior τ⁺ of each group's one positive; 0: off
+    debias: float = 0.0
 
 
 TEACHER_LINEAR = 1  # Teacher.kind: 0 a softmax teacher, 1 a linear one

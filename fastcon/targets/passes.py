@@ -5,6 +5,7 @@ passes (``two_pass_target``). What a target means is ``definition.py``.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -72,6 +73,9 @@ class TargetWeights(NamedTuple):
     # ∂/∂S of −Σ_j Q_ij·log p_ij is (Σ_k Q_ik)·p_ij − Q_ij
     row_mass: Optional[torch.Tensor] = None
     col_mass: Optional[torch.Tensor] = None
+    # ∂L/∂s from outside the tile (float64, 0-d; the debiased loss's floor M·e^{−s}), added to the
+    # backend's Σ G·∂S/∂s
+    d_scale: Optional[torch.Tensor] = None
 
 
 def _group_sum(values, groups, n_groups):
@@ -95,8 +99,68 @@ class RowShard(NamedTuple):
     all_reduce_min: object
 
 
+def debiased_terms(lse, n_neg, s_pos, tau: float, scale):
+    """The debiased loss of groups with one positive (docs/losses.md §2.5) from pass 1's statistics,
+    in log space (float64): each group's LSE over its kept pairs ``lse``, its number of negatives M
+    ``n_neg`` and its positive's logit ``s_pos``, the class prior τ⁺ and the logit scale s. Returns
+    (ℓ, λ', q, ∂ℓ/∂s from the floor): pass 2's G is ``exp(S − λ') − q·[pos]`` on the kept pairs."""
+    f64 = torch.float64
+    lse, s_pos, m = lse.to(f64), s_pos.to(f64), n_neg.to(f64)
+    s = scale.to(f64).reshape(())
+    inf = torch.full_like(lse, float("inf"))
+    log_neg = lse + torch.log(-torch.expm1((s_pos - lse).clamp(max=0.0)))  # log Σ_n e^{S_n}
+    log_tm = torch.log(tau * m) + s_pos  # log τ⁺·M·e^{S_p}
+    above = log_neg > log_tm
+    gap = torch.where(above, log_tm - log_neg, -inf)
+    log_num = torch.where(above, log_neg + torch.log(-torch.expm1(gap)), -inf) - math.log1p(-tau)
+    log_floor = torch.log(m) - s
+    floor = log_floor >= log_num
+    log_z = torch.logaddexp(s_pos, torch.maximum(log_num, log_floor))
+    r = torch.exp(s_pos - log_z)
+    lse_eff = torch.where(floor, inf, log_z + math.log1p(-tau))
+    q = torch.where(floor, 1.0 - r, 1.0 + tau * (1.0 + m) * r / (1.0 - tau))
+    d_s = torch.where(floor, -torch.exp(log_floor - log_z), torch.zeros_like(r))
+    return log_z - s_pos, lse_eff, q, d_s
+
+
+def _debiased_loss_and_weights(target, st, symmetric, acc, shard, scale, groups, g_lse, g_pos, g_keep, g_sum_pos,
+                               w_r, w_c, owned):
+    """``loss_and_weights`` of a debiased target (one positive per group, no smoothing or soft targets)."""
+    tau = float(target.debias)
+    if scale is None:
+        raise ValueError("the debiased loss needs the logit scale")
+    checks = [("row", g_pos, torch.ones_like(g_pos, dtype=torch.bool))]
+    if symmetric:
+        checks.append(("column", st.col_pos, owned))
+    for name, count, where in checks:
+        many = torch.nonzero((count > 1) & where).reshape(-1)
+        if many.numel():
+            k = int(many[0])
+            shown = k + (shard.offset if shard is not None and name == "row" else 0)
+            raise ValueError(f"the debiased loss takes one positive per {name}; {name} {shown} has {int(count[k])}")
+    ell, lse_eff, q, d_s = debiased_terms(g_lse, g_keep - g_pos, g_sum_pos, tau, scale)
+    loss = w_r * ell.sum()
+    d_scale = w_r * d_s.sum()
+    if shard is not None:
+        both = torch.stack([loss, d_scale])
+        shard.all_reduce_sum(both)
+        loss = both[0]
+    zeros = torch.zeros(st.row_lse.shape[0], dtype=acc, device=st.row_lse.device)
+    weights = TargetWeights(lse_eff[groups], q[groups].to(acc), zeros, w_r)
+    if symmetric:
+        c_ell, c_lse, c_q, c_ds = debiased_terms(st.col_lse, st.col_keep - st.col_pos, st.col_sum_pos, tau, scale)
+        loss = loss + w_c * c_ell[owned].sum()
+        if shard is None or shard.offset == 0:  # every rank holds the columns' terms: counted once
+            d_scale = d_scale + w_c * c_ds[owned].sum()
+        weights = weights._replace(col_lse=torch.where(owned, c_lse, float("inf")),
+                                   q_col_pos=torch.where(owned, c_q, 0.0).to(acc),
+                                   q_col_keep=torch.zeros_like(st.col_lse, dtype=acc),
+                                   w_col=owned.to(acc) * w_c, w_col_max=w_c)
+    return loss, weights._replace(d_scale=d_scale)
+
+
 def loss_and_weights(target: Target, st: TargetStats, eps: float, symmetric: bool, acc: torch.dtype,
-                     shard: Optional[RowShard] = None):
+                     shard: Optional[RowShard] = None, scale: Optional[torch.Tensor] = None):
     """The float64 loss of the statistics and the weights of pass 2::
 
         L = w_r·Σ_g [LSE_{K_g} S − (1−ε)·mean_{P_g} S − ε·mean_{K_g} S]
@@ -105,7 +169,9 @@ def loss_and_weights(target: Target, st: TargetStats, eps: float, symmetric: boo
     over the groups g of rows (each row its own group without ``row_group``), w_r = 1/G (½ of it and
     w_c = 1/(2·#owning columns) when ``symmetric``, else w_c = 0). A group with no positive is a
     ValueError naming it. With a ``shard`` the rows are this rank's (no row groups), the column
-    statistics already every rank's, and the loss the one of all ranks' rows."""
+    statistics already every rank's, and the loss the one of all ranks' rows. A debiased target
+    (``Target.debias``, docs/losses.md §2.5) needs the logit ``scale`` and pass 1's counts of kept
+    pairs; its weights carry the floor's ``d_scale``."""
     na = st.row_lse.shape[0]
     dev = st.row_lse.device
     if symmetric and target.row_group is not None:
@@ -137,6 +203,11 @@ def loss_and_weights(target: Target, st: TargetStats, eps: float, symmetric: boo
     owned = st.col_pos > 0
     w_r = (0.5 if symmetric else 1.0) / total
     w_c = 0.5 / max(int(owned.sum()), 1) if symmetric else 0.0
+    if target.debias:
+        if eps or soft or h != 1.0:
+            raise ValueError("the debiased loss does not combine with label smoothing or soft targets")
+        return _debiased_loss_and_weights(target, st, symmetric, acc, shard, scale, groups, g_lse, g_pos, g_keep,
+                                          g_sum_pos, w_r, w_c, owned)
 
     # a linear teacher normalised with an eps leaves each row's soft mass 1 − eps/norm
     row_mass = col_mass = None
@@ -243,9 +314,21 @@ def two_pass_target(stats_fn, grad_fn, a, b, scale, bias, target, eps, symmetric
     if target.soft:
         teacher = teacher_norms(target, teacher_stats(teacher_pass or stats_fn, target, symmetric, chunk_rows),
                                 symmetric)
-    st, cached = stats_fn(a, b, scale, bias, target, symmetric, bool(eps), chunk_rows,
+    st, cached = stats_fn(a, b, scale, bias, target, symmetric, needs_counts(target, eps), chunk_rows,
                           cache_bytes if need_grad else 0, teacher)
-    loss, weights = loss_and_weights(target, st, eps, symmetric, acc_dtype(a.dtype))
+    loss, weights = loss_and_weights(target, st, eps, symmetric, acc_dtype(a.dtype), scale=scale)
     if not need_grad:
         return loss, None, None, None, None
-    return (loss,) + tuple(grad_fn(a, b, scale, bias, target, weights, chunk_rows, cached))
+    grad_a, grad_b, grad_scale, grad_bias = grad_fn(a, b, scale, bias, target, weights, chunk_rows, cached)
+    return loss, grad_a, grad_b, with_d_scale(grad_scale, weights), grad_bias
+
+
+def needs_counts(target: Target, eps: float) -> bool:
+    """Whether pass 1 counts each row's kept pairs (its ``smoothing`` flag): for label smoothing and
+    for the debiased loss (its M)."""
+    return bool(eps) or bool(target.debias)
+
+
+def with_d_scale(grad_scale, weights: TargetWeights):
+    """The backend's gradient of the scale plus the part from outside the tile (``d_scale``)."""
+    return grad_scale if weights.d_scale is None else grad_scale + weights.d_scale.to(grad_scale.dtype)

@@ -9,8 +9,8 @@ backend (the custom ops carry it, the C++ operators and the Triton kernels read 
 * ``cols`` (Nb, COL_FIELDS) int64: COL_ID (−1: never a positive), COL_OWNER (−1: nobody's), COL_KEEP
   (0: dropped from every row), COL_PENALTY (1: may be penalised);
 * ``numbers`` (NUMBER_COUNT floats): the pair offset, the margin (NaN: none), the penalty and its
-  mode, the soft targets' numbers (soft, hard with NaN for none, teacher kind, c0, c1, eps, entropy)
-  and FLAGS, a bitmask of the fields the description gave (so that readers may skip absent work and
+  mode, the soft targets' numbers (soft, hard with NaN for none, teacher kind, c0, c1, eps, entropy),
+  the debiased loss's class prior τ⁺ (0: the plain loss) and FLAGS, a bitmask of the fields the description gave (so that readers may skip absent work and
   ``unpack`` gives the description back);
 * the optional dense ``mask`` and the teacher (``teacher_a``, ``teacher_b``, ``teacher_scale``).
 
@@ -31,8 +31,8 @@ ROW_FIELDS = 8
 COL_ID, COL_OWNER, COL_KEEP, COL_PENALTY = range(4)
 COL_FIELDS = 4
 (NUM_PAIR_OFFSET, NUM_MARGIN, NUM_PENALTY, NUM_PENALTY_MODE, NUM_SOFT, NUM_HARD, NUM_TEACHER_KIND, NUM_C0, NUM_C1,
- NUM_EPS, NUM_ENTROPY, NUM_FLAGS) = range(12)
-NUMBER_COUNT = 12
+ NUM_EPS, NUM_ENTROPY, NUM_DEBIAS, NUM_FLAGS) = range(13)
+NUMBER_COUNT = 13
 # FLAGS bits: which optional fields the description gave
 (HAS_EXCLUDE, HAS_KEEP, HAS_RANGE, HAS_ROW_OWNER, HAS_COL_OWNER, HAS_RULE, HAS_GROUP, HAS_PENALTY_COLS,
  HAS_PENALTY_ROWS) = (1 << k for k in range(9))
@@ -47,7 +47,7 @@ def format_indices() -> List[int]:
     return [ROW_ID, ROW_EXCLUDE, ROW_LO, ROW_HI, ROW_OWNER, ROW_RULE, ROW_GROUP, ROW_PENALTY, ROW_FIELDS,
             COL_ID, COL_OWNER, COL_KEEP, COL_PENALTY, COL_FIELDS,
             NUM_PAIR_OFFSET, NUM_MARGIN, NUM_PENALTY, NUM_PENALTY_MODE, NUM_SOFT, NUM_HARD, NUM_TEACHER_KIND, NUM_C0,
-            NUM_C1, NUM_EPS, NUM_ENTROPY, NUM_FLAGS, NUMBER_COUNT,
+            NUM_C1, NUM_EPS, NUM_ENTROPY, NUM_DEBIAS, NUM_FLAGS, NUMBER_COUNT,
             HAS_EXCLUDE, HAS_KEEP, HAS_RANGE, HAS_ROW_OWNER, HAS_COL_OWNER, HAS_RULE, HAS_GROUP, HAS_PENALTY_COLS,
             HAS_PENALTY_ROWS, TEACHER_LINEAR]
 
@@ -120,6 +120,7 @@ def _build(target, na: int, nb: int) -> WireTarget:
         numbers[NUM_TEACHER_KIND] = float(t.kind)
         numbers[NUM_C0], numbers[NUM_C1], numbers[NUM_EPS] = float(t.c0), float(t.c1), float(t.eps)
     numbers[NUM_ENTROPY] = float(bool(target.entropy))
+    numbers[NUM_DEBIAS] = float(target.debias)
     numbers[NUM_FLAGS] = float(flags)
     return WireTarget(rows, cols, numbers, target.mask, *((t.a, t.b, t.scale) if t is not None else (None,) * 3))
 
@@ -141,7 +142,7 @@ def unpack(packed: WireTarget):
                        pair_offset=int(n[NUM_PAIR_OFFSET]), margin=None if math.isnan(margin) else margin,
                        penalty=n[NUM_PENALTY], penalty_mode=int(n[NUM_PENALTY_MODE]), mask=packed.mask,
                        teacher=teacher, soft=n[NUM_SOFT], hard=None if math.isnan(hard) else hard,
-                       entropy=bool(n[NUM_ENTROPY]), **fields)
+                       entropy=bool(n[NUM_ENTROPY]), debias=n[NUM_DEBIAS], **fields)
     target.wire = packed
     return target
 

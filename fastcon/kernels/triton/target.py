@@ -277,11 +277,15 @@ class PackedTarget:
                     stride_dense=self.dense.stride(0), RULES=self.rules)
 
 
-def _q_bound(target) -> float:
+def _q_bound(target, nb: int) -> float:
     """A bound of |P·mass − Q| per direction from the target's numbers alone (never the data): P <= 1
     and 0 <= mass <= 1, Q = hard·[pos]/|P| + ε/|K| + soft·Qt >= 0 with Qt <= 1, so |P·mass − Q| <=
     max(1, |hard| + ε + |soft|), ε < 1 and |hard| <= 1 + |soft| when it is what ε and soft leave. 1
-    without soft targets (Q <= 1)."""
+    without soft targets (Q <= 1). The debiased loss (docs/losses.md §2.5): each of P and q is at most
+    1 + τ⁺·(1 + M)/(1 − τ⁺), M < Nb."""
+    if target.debias:
+        tau = float(target.debias)
+        return 1.0 + tau * (1.0 + nb) / (1.0 - tau)
     if not target.soft:
         return 1.0
     soft = abs(float(target.soft))
@@ -496,7 +500,7 @@ class GradVectors:
         self.dummy = vectors(0, dev)
         # |G| <= (w_row + max w_col)·q_bound: the bound of the fp16 lift, from the loss weights, not the data
         self.g_scale = grad_tile_scale(a.dtype, (abs(float(w8.w_row)) + (float(w8.w_col_max) if symmetric else 0.0))
-                                       * _q_bound(target))
+                                       * _q_bound(target, nb))
         self.numbers = tch.numbers(float(target.penalty), float(w8.w_row), self.g_scale)
         self.terms = tch.terms(symmetric, mass=has_mass)
         self.tch = tch
