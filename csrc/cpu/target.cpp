@@ -42,6 +42,11 @@ struct TargetView {
   bool has_margin = false, has_range = false, has_keep = false, has_owners = false, has_penalty_cols = false;
   bool plain = false;  // positives by id only: every pair is kept (the loops take a vectorised path)
   double margin = 0.0;
+  bool margin_relative = false;  // the bound pair − |pair|·margin instead of pair − margin
+  // A guide (GISTEmbed): the margin rule compares the guide's similarities G_i·H_j, a tile of its own
+  // features (the wire's teacher, of kind kTeacherGuide) formed beside the student's; in a's dtype.
+  bool guide = false;
+  Tensor ga, gb;
   double penalty = 0.0;
   int64_t penalty_mode = 0;
   int64_t row(int64_t i, int64_t k) const { return rows[i * wire::kRowFields + k]; }
@@ -82,6 +87,7 @@ TargetView make_view(const char* op, const Tensor& rows, const Tensor& cols, at:
   v.pair_offset = int64_t(numbers[wire::kNumPairOffset]);
   v.has_margin = !std::isnan(numbers[wire::kNumMargin]);
   v.margin = v.has_margin ? numbers[wire::kNumMargin] : 0.0;
+  v.margin_relative = numbers[wire::kNumMarginRelative] != 0.0;
   v.penalty = numbers[wire::kNumPenalty];
   v.penalty_mode = int64_t(numbers[wire::kNumPenaltyMode]);
   v.has_range = flags & wire::kHasRange;
@@ -104,6 +110,28 @@ TargetView make_view(const char* op, const Tensor& rows, const Tensor& cols, at:
               ": a hardness penalty by ownership needs row_owner and col_owner");
   return v;
 }
+
+// The guide of a guided margin rule (targets.py: TEACHER_GUIDE), from the wire's teacher features.
+void attach_guide(TargetView& v, const char* op, const Tensor& a, at::ArrayRef<double> numbers,
+                  const std::optional<Tensor>& teacher_a, const std::optional<Tensor>& teacher_b) {
+  if (int64_t(numbers[wire::kNumTeacherKind]) != wire::kTeacherGuide || numbers[wire::kNumSoft] != 0.0) return;
+  TORCH_CHECK(v.has_margin, "fastcon::", op, ": a guide decides the margin rule and needs a margin");
+  TORCH_CHECK(teacher_a.has_value() && teacher_a->defined() && teacher_b.has_value() && teacher_b->defined(),
+              "fastcon::", op, ": a guided margin needs the guide's features (teacher_a, teacher_b)");
+  TORCH_CHECK(teacher_a->dim() == 2 && teacher_b->dim() == 2 && teacher_a->size(1) == teacher_b->size(1) &&
+                  teacher_a->size(0) == v.na && teacher_b->size(0) == v.nb && teacher_a->is_floating_point() &&
+                  teacher_b->is_floating_point() && teacher_a->device().is_cpu() && teacher_b->device().is_cpu(),
+              "fastcon::", op, ": the guide's features must be floating CPU tensors of shapes (", v.na,
+              ", Dg) and (", v.nb, ", Dg)");
+  v.guide = true;
+  v.ga = teacher_a->to(a.scalar_type()).contiguous();
+  v.gb = teacher_b->to(a.scalar_type()).contiguous();
+}
+
+// The guide's similarities of a chunk (rows [r0, r0 + rows) × columns [c0, c0 + w)), or null.
+template <typename T>
+const T* guide_chunk(const TargetView& t, Tensor& buf, int64_t chunk_rows, int64_t r0, int64_t rows, int64_t c0,
+                     int64_t w);
 
 // The columns [c0, c1) that some row of [r0, r1) may keep (as column_span in targets.py).
 std::pair<int64_t, int64_t> span(const TargetView& t, int64_t r0, int64_t r1) {
@@ -264,16 +292,26 @@ Tensor scratch(Tensor& buf, int64_t chunk_rows, int64_t rows, int64_t w, const a
   return buf.narrow(0, 0, rows * w).view({rows, w});
 }
 
+template <typename T>
+const T* guide_chunk(const TargetView& t, Tensor& buf, int64_t chunk_rows, int64_t r0, int64_t rows, int64_t c0,
+                     int64_t w) {
+  if (!t.guide) return nullptr;
+  Tensor g = scratch(buf, chunk_rows, rows, w, t.ga.options());
+  at::mm_out(g, t.ga.narrow(0, r0, rows), t.gb.narrow(0, c0, w).t());
+  return g.data_ptr<T>();
+}
+
 // Everything about row i that its pairs' decisions read, once per row.
 template <typename T>
 struct RowCtx {
   int64_t id, exclude, lo, hi, owner, rule;
   bool pen_row;
-  T pair_bound;  // A_i·B_pair − margin, in T as the torch backend forms it
+  T pair_bound;  // the margin rule's bound from the pair's similarity, in T as the torch backend forms it
 };
 
+// ``sim_row``: the similarities the margin rule reads (the guide's with a guide, else the dot products).
 template <typename T>
-RowCtx<T> row_ctx(const TargetView& t, int64_t i, const T* dot_row, int64_t c0) {
+RowCtx<T> row_ctx(const TargetView& t, int64_t i, const T* sim_row, int64_t c0) {
   RowCtx<T> r;
   r.id = t.row(i, wire::kRowId);
   r.exclude = t.row(i, wire::kRowExclude);
@@ -282,14 +320,18 @@ RowCtx<T> row_ctx(const TargetView& t, int64_t i, const T* dot_row, int64_t c0) 
   r.owner = t.row(i, wire::kRowOwner);
   r.rule = t.has_owners ? t.row(i, wire::kRowRule) : 0;
   r.pen_row = t.penalty != 0.0 && t.row(i, wire::kRowPenalty) != 0;
-  r.pair_bound = t.has_margin ? T(dot_row[i + t.pair_offset - c0] - T(t.margin)) : T(0);
+  r.pair_bound = T(0);
+  if (t.has_margin) {
+    const T pair = sim_row[t.row(i, wire::kRowPair) - c0];
+    r.pair_bound = t.margin_relative ? T(pair - T(std::abs(pair) * T(t.margin))) : T(pair - T(t.margin));
+  }
   return r;
 }
 
 // The decision about pair (i, j) and its logit: returns false for a dropped pair; else sets *pos and
-// the logit *v = s·d + b (+ α·d when penalised).
+// the logit *v = s·d + b (+ α·d when penalised). ``g``: the similarity the margin rule reads.
 template <typename T>
-FC_INLINE bool decide(const TargetView& t, const RowCtx<T>& r, int64_t i, int64_t j, T d, T s, T b, bool* pos,
+FC_INLINE bool decide(const TargetView& t, const RowCtx<T>& r, int64_t i, int64_t j, T d, T g, T s, T b, bool* pos,
                       T* v) {
   const int64_t cid = t.col_ids[size_t(j)];
   bool p = cid >= 0 && cid == r.id;
@@ -303,7 +345,7 @@ FC_INLINE bool decide(const TargetView& t, const RowCtx<T>& r, int64_t i, int64_
     if ((r.rule == 1 && own) || (r.rule == 2 && owned && !own)) return false;
   }
   if (t.mask && !t.mask[i * t.nb + j]) return false;
-  if (t.has_margin && !p && !(d <= r.pair_bound)) return false;
+  if (t.has_margin && !p && !(g <= r.pair_bound)) return false;
   T logit = d * s + b;
   if (r.pen_row && !p && (!t.has_penalty_cols || t.col_pen[size_t(j)]) &&
       (t.penalty_mode == 0 || (t.penalty_mode == 1 ? own : !own))) {
@@ -346,7 +388,7 @@ std::vector<Tensor> target_stats_impl(const Tensor& a, const Tensor& b, T s, T b
   std::vector<Tensor> cache;
   int64_t kept_bytes = 0;
   bool caching = true;
-  Tensor buf, logits, tbuf;
+  Tensor buf, logits, tbuf, gbuf;
   ColStats<T>* cs = nullptr;
   std::unique_ptr<ColStats<T>> cs_owner;
   if (symmetric) {
@@ -379,6 +421,7 @@ std::vector<Tensor> target_stats_impl(const Tensor& a, const Tensor& b, T s, T b
       at::mm_out(tdot, sv.ta.narrow(0, r0, rows), sv.tb.narrow(0, c0, w).t());
       tp = tdot.data_ptr<T>();
     }
+    const T* gp = guide_chunk<T>(t, gbuf, chunk_rows, r0, rows, c0, w);
 #pragma omp parallel num_threads(nt) if (rows * w >= kMinParallelWork)
     {
       const int tid = omp_tid(), team = omp_team();
@@ -396,8 +439,9 @@ std::vector<Tensor> target_stats_impl(const Tensor& a, const Tensor& b, T s, T b
         const int64_t i = r0 + li;
         const T* d = dp + li * w;
         const T* td = sv.on ? tp + li * w : nullptr;
+        const T* gd = gp ? gp + li * w : d;
         T* L = lg + li * w;
-        const RowCtx<T> rc = row_ctx<T>(t, i, d, c0);
+        const RowCtx<T> rc = row_ctx<T>(t, i, gd, c0);
         T n_pos = 0, n_keep = 0;
         double s_pos = 0, s_keep = 0;
         // the hard targets' share of a positive, as the torch backend forms it (|P| at least 1)
@@ -438,7 +482,7 @@ std::vector<Tensor> target_stats_impl(const Tensor& a, const Tensor& b, T s, T b
         for (int64_t jj = 0; jj < w && !t.plain; ++jj) {
           bool p = false;
           T v;
-          if (!decide<T>(t, rc, i, c0 + jj, d[jj], s, bb, &p, &v)) {
+          if (!decide<T>(t, rc, i, c0 + jj, d[jj], gd[jj], s, bb, &p, &v)) {
             L[jj] = -inf<T>();
             P[jj] = T(0);
             continue;
@@ -562,7 +606,7 @@ void soft_grad_rows(const TargetView& t, const SoftView<T>& sv, T* dp, const T* 
         for (int64_t jj = 0; jj < w; ++jj) {
           bool p = false;
           T v;
-          const bool kept = decide<T>(t, rc, i, c0 + jj, d[jj], s, bb, &p, &v);
+          const bool kept = decide<T>(t, rc, i, c0 + jj, d[jj], d[jj], s, bb, &p, &v);  // (no guide here)
           logits[size_t(jj)] = kept ? v : -inf<T>();
           pos[size_t(jj)] = (kept && p) ? T(1) : T(0);
         }
@@ -609,7 +653,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad_impl(
   Tensor grad_a = at::zeros({na, dim}, a.options());
   Tensor grad_b = at::zeros({nb, dim}, a.options());
   std::vector<double> gs_rows(size_t(na), 0.0), gb_rows(size_t(na), 0.0);
-  Tensor buf, tbuf;
+  Tensor buf, tbuf, gbuf;
   size_t k = 0;  // the next cached chunk
   bool cached_prefix = true;
   for_each_chunk(t, chunk_rows, [&](int64_t r0, int64_t rows, int64_t c0, int64_t w) {
@@ -631,6 +675,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad_impl(
       at::mm_out(tdot, sv.ta.narrow(0, r0, rows), sv.tb.narrow(0, c0, w).t());
       tp = tdot.data_ptr<T>();
     }
+    const T* gp = guide_chunk<T>(t, gbuf, chunk_rows, r0, rows, c0, w);
     if (sv.on) {
       soft_grad_rows<T>(t, sv, dp, tp, r0, rows, c0, w, s, bb, rls, qrp, qrk, wr, symmetric ? chi : nullptr, clo,
                         qcp, qck, wc, nt, gs_rows, gb_rows);
@@ -639,7 +684,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad_impl(
     for (int64_t li = 0; li < rows; ++li) {
       const int64_t i = r0 + li;
       T* d = dp + li * w;
-      const RowCtx<T> rc = row_ctx<T>(t, i, d, c0);
+      const T* gd = gp ? gp + li * w : d;  // (read before d is overwritten by G, each entry at its turn)
+      const RowCtx<T> rc = row_ctx<T>(t, i, gd, c0);
       const T rhi = rls.hi[i], rlo = rls.lo[i];
       const T qp = qrp[i], qk = qrk[i];
       const T rmass = sv.row_mass ? sv.row_mass[i] : T(1);  // a target mass (a row-LSE's upstream weight)
@@ -650,7 +696,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad_impl(
         bool p = false;
         T v;
         T g = T(0);
-        if (decide<T>(t, rc, i, j, dv, s, bb, &p, &v)) {
+        if (decide<T>(t, rc, i, j, dv, gp ? gd[jj] : dv, s, bb, &p, &v)) {
           g = wr * (Math<T>::exp((v - rhi) - rlo) * rmass - (p ? qp : T(0)) - qk);
           if (symmetric && wc[j] != T(0)) {
             const T cmass = sv.col_mass ? sv.col_mass[j] : T(1);
@@ -684,7 +730,8 @@ std::vector<Tensor> target_stats(const Tensor& a, const Tensor& b, const Tensor&
                                  int64_t chunk_rows, int64_t cache_bytes) {
   check_pair("target_stats", a, b, scale, bias, chunk_rows);
   std::vector<Tensor> keep;
-  const TargetView t = make_view("target_stats", rows, cols, numbers, mask, a.size(0), b.size(0));
+  TargetView t = make_view("target_stats", rows, cols, numbers, mask, a.size(0), b.size(0));
+  attach_guide(t, "target_stats", a, numbers, teacher_a, teacher_b);
   auto soft = [&](auto zero) {
     return make_soft<decltype(zero)>("target_stats", a, b, numbers, teacher_a, teacher_b, teacher_scale, vectors,
                                      symmetric, keep);
@@ -705,7 +752,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad(
     const std::optional<Tensor>& q_col_pos, const std::optional<Tensor>& q_col_keep,
     const std::optional<Tensor>& w_col, int64_t chunk_rows, at::TensorList cache) {
   check_pair("target_grad", a, b, scale, bias, chunk_rows);
-  const TargetView t = make_view("target_grad", rows, cols, numbers, mask, a.size(0), b.size(0));
+  TargetView t = make_view("target_grad", rows, cols, numbers, mask, a.size(0), b.size(0));
+  attach_guide(t, "target_grad", a, numbers, teacher_a, teacher_b);
   const std::vector<Tensor> chunks(cache.begin(), cache.end());
   for (const Tensor* v : {&q_row_pos, &q_row_keep}) {
     TORCH_CHECK(v->scalar_type() == a.scalar_type(), "fastcon::target_grad: the row weights must have a's dtype");

@@ -11,6 +11,7 @@ The functions live in one module per loss family; all are reached as ``fastcon.f
 
 * ``global_losses``: ``clip_loss``, ``siglip_loss``, ``negatives_clip_loss``, ``ntxent_loss``;
 * ``mnrl``: ``multiple_negatives_ranking_loss``;
+* ``gist``: ``gist_loss`` (GISTEmbed's guided negatives);
 * ``distill``: ``distill_loss``, ``distill_clip_losses``, ``align_uniform_loss``;
 * ``mixing``: ``slerp``, ``m2mix_loss``, ``draw_mixes``, ``mochi_loss``;
 * ``tokens``: ``pooled_alignment_loss``, ``patch_nce_loss``, ``filip_similarities``, ``maxsim_scores``,
@@ -20,6 +21,7 @@ The functions live in one module per loss family; all are reached as ``fastcon.f
 ``_checks`` holds the argument checks the families share.
 """
 from .distill import DISTILL_KINDS, align_uniform_loss, distill_clip_losses, distill_loss
+from .gist import MARGIN_STRATEGIES, gist_loss
 from .global_losses import clip_loss, negatives_clip_loss, ntxent_loss, siglip_loss
 from .mixing import draw_mixes, m2mix_loss, mochi_loss, slerp
 from .mnrl import HARDNESS_MODES, MNRL_DIRECTIONS, multiple_negatives_ranking_loss
@@ -29,10 +31,11 @@ from .tokens import filip_loss, filip_similarities, maxsim_loss, maxsim_scores, 
 
 __all__ = [
     "clip_loss", "siglip_loss", "negatives_clip_loss", "ntxent_loss",
-    "multiple_negatives_ranking_loss",
+    "multiple_negatives_ranking_loss", "gist_loss",
     "distill_loss", "distill_clip_losses", "align_uniform_loss",
     "slerp", "m2mix_loss", "draw_mixes", "mochi_loss",
     "pooled_alignment_loss", "patch_nce_loss", "filip_similarities", "maxsim_scores", "maxsim_loss", "filip_loss",
     "topk_similarity", "retrieval_recall",
-    "DISTILL_KINDS", "MNRL_DIRECTIONS", "HARDNESS_MODES",  # accepted values of kind, directions, hardness_mode
+    # accepted values of kind, directions, hardness_mode, margin_strategy
+    "DISTILL_KINDS", "MNRL_DIRECTIONS", "HARDNESS_MODES", "MARGIN_STRATEGIES",
 ]

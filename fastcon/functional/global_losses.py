@@ -14,6 +14,7 @@ from ..ops import clip_engine_loss, siglip_engine_loss
 from ..ops.engine import BACKENDS as _BACKENDS
 from ..ops import target_engine_loss
 from ._checks import check_chunk_size, check_common, check_debias, check_modes, distributed_setup
+from ._matryoshka import check_matryoshka, matryoshka_sum, prefix
 
 
 def clip_loss(
@@ -32,6 +33,8 @@ def clip_loss(
     process_group=None,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
+    matryoshka_dims=None,
+    matryoshka_weights=None,
 ) -> torch.Tensor:
     """CLIP's symmetric InfoNCE without the N×N logits matrix.
 
@@ -51,7 +54,9 @@ def clip_loss(
     one's own); the one O(N²) input, for users who have one. ``debias`` τ⁺ in [0, 1): each direction's
     CE is the debiased contrastive loss (docs/losses.md §2.5), ``ℓ = log(e^{S_p} + N_g) − S_p`` with
     ``N_g = max((Σ_n e^{S_n} − τ⁺·M·e^{S_p})/(1 − τ⁺), M·e^{−s})`` over a row's M negatives (0: the plain
-    loss; not with ``logit_bias``, ``labels`` or ``label_smoothing``). Returns a 0-d tensor in the features' dtype
+    loss; not with ``logit_bias``, ``labels`` or ``label_smoothing``). ``matryoshka_dims`` (d₁ > d₂ > …, within D) and ``matryoshka_weights`` (default all 1): the loss
+    is ``Σ_k w_k · L(prefix_{d_k})`` (docs/losses.md §2.7) over the first d_k features, each
+    prefix L2-normalised (the full D too). Returns a 0-d tensor in the features' dtype
     (computed in fp32); gradients reach both feature tensors, ``logit_scale`` and ``logit_bias``.
     Memory: O((Na + Nb)·D + chunk·Nb).
 
@@ -64,6 +69,15 @@ def clip_loss(
     by the sum of the ranks' upstream gradients, W for ``loss.backward()`` everywhere).
     """
     scale, bias = check_common(image_features, text_features, logit_scale, logit_bias)
+    if matryoshka_dims is not None:
+        dims, weights = check_matryoshka(matryoshka_dims, matryoshka_weights, image_features.shape[1])
+        kw = dict(label_smoothing=label_smoothing, pos_offset=pos_offset, labels=labels, pair_mask=pair_mask,
+                  debias=debias, local_loss=local_loss, gather_with_grad=gather_with_grad,
+                  process_group=process_group, backend=backend, chunk_size=chunk_size)
+        return matryoshka_sum(lambda d: clip_loss(prefix(image_features, d, True), prefix(text_features, d, True),
+                                                  logit_scale, logit_bias, **kw), dims, weights)
+    if matryoshka_weights is not None:
+        raise ValueError("matryoshka_weights needs matryoshka_dims")
     eps = check_label_smoothing(label_smoothing)
     tau = check_debias(debias)
     if tau and (bias is not None or labels is not None or eps):
@@ -137,6 +151,8 @@ def siglip_loss(
     process_group=None,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
+    matryoshka_dims=None,
+    matryoshka_weights=None,
 ) -> torch.Tensor:
     """SigLIP's sigmoid loss without the N×N logits matrix.
 
@@ -147,7 +163,9 @@ def siglip_loss(
         L = −(1/Na)·Σ_ij log σ(z_ij·l_ij) = (1/Na)·Σ_ij softplus(−z_ij·l_ij)
 
     Divided by the number of rows Na (open_clip, big_vision), not Na·Nb. open_clip initialises
-    ``s = 10`` and ``b = −10``. Returns a 0-d tensor in the features' dtype (computed in fp32).
+    ``s = 10`` and ``b = −10``. ``matryoshka_dims`` (d₁ > d₂ > …, within D) and ``matryoshka_weights`` (default all 1): the loss
+    is ``Σ_k w_k · L(prefix_{d_k})`` (docs/losses.md §2.7) over the first d_k features, each prefix
+    L2-normalised (the full D too). Returns a 0-d tensor in the features' dtype (computed in fp32).
 
     With ``process_group`` (W ranks, n local pairs each) this is open_clip's distributed
     ``SigLipLoss`` on each rank: the own shard with its positives plus every other rank's text shard as
@@ -155,6 +173,14 @@ def siglip_loss(
     and each text shard's gradient is the sum of every rank's contribution.
     """
     scale, bias = check_common(image_features, text_features, logit_scale, logit_bias)
+    if matryoshka_dims is not None:
+        dims, weights = check_matryoshka(matryoshka_dims, matryoshka_weights, image_features.shape[1])
+        kw = dict(pos_offset=pos_offset, negative_only=negative_only, process_group=process_group, backend=backend,
+                  chunk_size=chunk_size)
+        return matryoshka_sum(lambda d: siglip_loss(prefix(image_features, d, True), prefix(text_features, d, True),
+                                                    logit_scale, logit_bias, **kw), dims, weights)
+    if matryoshka_weights is not None:
+        raise ValueError("matryoshka_weights needs matryoshka_dims")
     if not isinstance(negative_only, bool):
         raise TypeError(f"negative_only must be a bool, got {type(negative_only).__name__}")
     if not negative_only:

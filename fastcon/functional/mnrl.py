@@ -11,6 +11,7 @@ from .._validation import check_features
 from ..targets import Target
 from ..ops import target_engine_loss
 from ._checks import check_chunk_size, check_debias
+from ._matryoshka import check_matryoshka, matryoshka_sum
 
 
 MNRL_DIRECTIONS = reference.MNRL_DIRECTIONS
@@ -51,6 +52,8 @@ def multiple_negatives_ranking_loss(
     world_docs=None,
     cache_limit: Optional[int] = None,
     debias: float = 0.0,
+    matryoshka_dims=None,
+    matryoshka_weights=None,
 ) -> torch.Tensor:
     """sentence-transformers' MultipleNegativesRankingLoss on the engine (docs/losses.md §2.4).
 
@@ -77,7 +80,9 @@ def multiple_negatives_ranking_loss(
     gradient pass (None: the default; 0 for the least memory). ``debias`` τ⁺ in [0, 1): each row's
     (joint) or each direction's (per_direction) loss is the debiased contrastive loss of
     docs/losses.md §2.5 (``N_g = max((Σ_n e^{S_n} − τ⁺·M·e^{S_p})/(1 − τ⁺), M·e^{−scale})``, M every
-    candidate column of the row but its positive); 0 is the plain loss.
+    candidate column of the row but its positive); 0 is the plain loss. ``matryoshka_dims`` (d₁ > d₂ > …, within D) and ``matryoshka_weights`` (default all 1): the loss
+    is ``Σ_k w_k · L(prefix_{d_k})`` (docs/losses.md §2.7) over the first d_k features of queries
+    and documents (normalised for ``"cos"``, raw for ``"dot"``).
     """
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
@@ -101,6 +106,21 @@ def multiple_negatives_ranking_loss(
     chunk_size = check_chunk_size(chunk_size)
     tau = check_debias(debias)
     docs = _mnrl_docs(queries, docs)
+    if matryoshka_dims is not None:
+        dims, weights = check_matryoshka(matryoshka_dims, matryoshka_weights, queries.shape[1])
+        world = world_queries is not None
+
+        def at(d):
+            return multiple_negatives_ranking_loss(
+                queries[:, :d], [x[:, :d] for x in docs], scale=scale, similarity=similarity, directions=directions,
+                partition_mode=partition_mode, hardness_mode=hardness_mode, hardness_strength=hardness_strength,
+                backend=backend, chunk_size=chunk_size, rank_offset=rank_offset,
+                world_queries=world_queries[:, :d] if world else None,
+                world_docs=[x[:, :d] for x in world_docs] if world else None, cache_limit=cache_limit,
+                debias=tau)
+        return matryoshka_sum(at, dims, weights)
+    if matryoshka_weights is not None:
+        raise ValueError("matryoshka_weights needs matryoshka_dims")
     if world_queries is None:
         world_queries, world_docs, rank_offset = queries, docs, 0
     else:

@@ -6,7 +6,8 @@ which softmax row i belongs to. Everything but the optional dense mask is O(N) m
 
     Target(row_ids, col_ids, exclude_col, col_keep, pair_offset, margin,
            row_group, row_owner, col_owner, own_rule, col_range,
-           penalty, penalty_cols, penalty_mode, mask, penalty_rows, teacher, soft, hard, entropy, debias)
+           penalty, penalty_cols, penalty_mode, mask, penalty_rows, teacher, soft, hard, entropy, debias,
+           margin_relative, pair_col)
 
 * positives by id: ``row_ids`` (Na, int64; −1: the row has no positive of its own) and ``col_ids``
   (Nb, int64; −1: never a positive): column j is a positive of row i when ``col_ids[j] ==
@@ -16,8 +17,11 @@ which softmax row i belongs to. Everything but the optional dense mask is O(N) m
 * ``col_keep`` (Nb, bool): False drops column j from every row (a padded negative slot);
 * ``margin`` with ``pair_offset``: GISTEmbed's false-negative rule, a non-positive column j is dropped
   from row i when ``A_i·B_j > A_i·B_{i + pair_offset} − margin`` (similarity units, before the scale;
-  column ``i + pair_offset`` holds row i's own pair). Both similarities are read from the same chunk of
-  dot products, so that ties are decided exactly;
+  column ``i + pair_offset`` holds row i's own pair, or ``pair_col[i]`` where given). Both similarities
+  are read from the same chunk of dot products, so that ties are decided exactly. With
+  ``margin_relative`` the bound is ``pair − |pair|·margin`` (sentence-transformers' relative strategy).
+  With a guide (``teacher`` of kind ``TEACHER_GUIDE``: GISTEmbed's guide model) both similarities are
+  the guide's, ``G_i·H_j`` from its features, a tile formed beside the student's;
 * ownership: ``row_owner`` (Na) and ``col_owner`` (Nb, int64, −1: nobody's) say which item a row and a
   column belong to (a query and its documents); ``own_rule`` (Na, int64) drops from row i every column
   of its own item (1: sentence-transformers' doc_to_doc) or every column of another item (2: a
@@ -88,9 +92,18 @@ class Target(NamedTuple):
     entropy: bool = False
     # the debiased loss (docs/losses.md §2.5): the class prior τ⁺ of each group's one positive; 0: off
     debias: float = 0.0
+    # the margin rule: a relative bound pair − |pair|·margin; each row's pair column (None: i + pair_offset)
+    margin_relative: bool = False
+    pair_col: Optional[torch.Tensor] = None
 
 
 TEACHER_LINEAR = 1  # Teacher.kind: 0 a softmax teacher, 1 a linear one
+TEACHER_GUIDE = 2  # Teacher.kind of a guide: its tile G·Hᵀ decides the margin rule (no soft targets)
+
+
+def guided(target: "Target") -> bool:
+    """Whether the margin rule reads a guide's tile (GISTEmbed) instead of the student's."""
+    return target.teacher is not None and target.teacher.kind == TEACHER_GUIDE
 
 
 def hard_weight(target: Target, eps: float) -> float:
@@ -107,6 +120,8 @@ def teacher_chunk(target: Target, r0: int, r1: int, c0: int, c1: int) -> torch.T
     dot = mm_acc(t.a[r0:r1], t.b[c0:c1].T)
     if t.kind == TEACHER_LINEAR:
         return dot.mul_(t.c1).add_(t.c0)
+    if t.kind == TEACHER_GUIDE:
+        return dot
     return dot.mul_(t.scale)
 
 
@@ -167,8 +182,9 @@ def chunk_masks(target: Target, dot: torch.Tensor, r0: int, r1: int, c0: int = 0
     if target.mask is not None:
         keep = _and(keep, target.mask[r0:r1, c0:c1])
     if target.margin is not None:
-        pair = dot[local, local + r0 + target.pair_offset - c0]
-        keep = _and(keep, pos | (dot <= pair[:, None] - target.margin))
+        sim = teacher_chunk(target, r0, r1, c0, c1) if guided(target) else dot
+        pair = sim[local, pair_columns(target, r0, r1) - c0]
+        keep = _and(keep, pos | (sim <= margin_bound(target, pair)[:, None]))
     if keep is not None:
         keep = keep.expand(pos.shape)  # a column mask alone is (1, w): the column counts need every row
         pos &= keep
@@ -186,6 +202,21 @@ def chunk_masks(target: Target, dot: torch.Tensor, r0: int, r1: int, c0: int = 0
     return pos, keep, penalised
 
 
+def pair_columns(target: Target, r0: int, r1: int) -> torch.Tensor:
+    """The column of each row's own pair (the margin rule's threshold) for rows [r0, r1)."""
+    if target.pair_col is not None:
+        return target.pair_col[r0:r1]
+    return torch.arange(r0, r1, device=target.row_ids.device) + target.pair_offset
+
+
+def margin_bound(target: Target, pair: torch.Tensor) -> torch.Tensor:
+    """The margin rule's bound of each row from its pair's similarity: ``pair − margin``, or
+    ``pair − |pair|·margin`` (relative); a non-positive pair above it is dropped."""
+    if target.margin_relative:
+        return pair - pair.abs() * target.margin
+    return pair - target.margin
+
+
 def chunk_logits(target: Target, dot: torch.Tensor, scale, bias, penalised) -> torch.Tensor:
     """``s·dot + b`` plus the stop-gradient hardness penalty ``α·dot`` on the penalised pairs."""
     s_c = dot * scale + bias
@@ -196,7 +227,8 @@ def chunk_logits(target: Target, dot: torch.Tensor, scale, bias, penalised) -> t
 
 def rows_of(target: Target, r0: int, r1: int) -> Target:
     """The target of rows [r0, r1) only (its columns unchanged): a rank's share of a global target."""
-    row_fields = ("row_ids", "exclude_col", "row_group", "row_owner", "own_rule", "col_range", "mask", "penalty_rows")
+    row_fields = ("row_ids", "exclude_col", "row_group", "row_owner", "own_rule", "col_range", "mask", "penalty_rows",
+                  "pair_col")
     teacher = target.teacher
     if teacher is not None:
         teacher = teacher._replace(a=teacher.a[r0:r1])

@@ -25,11 +25,11 @@ from .._common import chunk_bytes, row_chunks
 from . import launch
 from .configs import FUSED_CONFIGS, FUSED_FP32_PRECISION, fused_block_d, fused_config
 from .plan import TargetTiles, check_fused_inputs, dot_precision, dtype_name, matmul_stats_rows, split_tiles
-from .target import (GradVectors, PackedTarget, feature_margin_bounds, pair_dots_kernel, target_signature,
+from .target import (GradVectors, PackedTarget, margin_bounds, pair_dots_kernel, target_signature,
                      target_stats_kernel, teacher_stats, variant)
 from .target import target_stats as epilogue_target_stats
 from .tiles import (NUM_G_SCALE, TERM_SOFT, column_tile, dot_tile, grad_row_vectors, row_bounds, target_grad_tile,
-                    target_items, target_tile, target_work_item, teacher_dot_tile, teacher_rows)
+                    margin_tile, target_items, target_tile, target_work_item, teacher_dot_tile, teacher_rows)
 
 
 # ------------------------------------------------------------------------------------------ kernels
@@ -64,8 +64,10 @@ def _fused_target_rows_kernel(
     for ct in range(t0, t1):
         offs_n, mask_n, d = column_tile(ct, a_ptr, 0, a_ptr, D, b_ptr, D, D, offs_m, mask_m, W,
                                         True, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        keep, pos, t = target_tile(d, offs_m, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr, row_flag_ptr,
-                                   col_flag_ptr, dense_ptr, stride_dense, numbers_ptr, bound, scale, bias, RULES)
+        g_m = margin_tile(d, tdot_ptr, W, offs_m, offs_n, mask_m, mask_n, RULES)
+        keep, pos, t = target_tile(d, g_m, offs_m, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr,
+                                   row_flag_ptr, col_flag_ptr, dense_ptr, stride_dense, numbers_ptr, bound, scale, bias,
+                                   RULES)
         q_row, q_col = t, t  # (unused without TERM_SOFT)
         if TERM_SOFT & TERMS:
             q_row, q_col = teacher_dot_tile(tdot_ptr, W, offs_m, offs_n, mask_m, mask_n, keep, numbers_ptr,
@@ -121,7 +123,8 @@ def _fused_target_cols_kernel(
         bound = row_bounds(bound_ptr, offs_m, mask_m, RULES, BLOCK_M)
         d = dot_tile(a_ptr, 0, a_ptr, D, b_ptr, D, D, offs_m, offs_n, mask_m, mask_n,
                      True, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        keep, pos, t = target_tile(d, offs_m, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr,
+        g_m = margin_tile(d, tdot_ptr, W, offs_m, offs_n, mask_m, mask_n, RULES)
+        keep, pos, t = target_tile(d, g_m, offs_m, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr,
                                    row_flag_ptr, col_flag_ptr, dense_ptr, stride_dense, numbers_ptr, bound, scale,
                                    bias, RULES)
         row_hi, row_lo, qp, qk, mass = grad_row_vectors(row_vec_ptr, offs_m, mask_m, TERMS)
@@ -177,7 +180,7 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
     totals = torch.zeros(2, dtype=torch.float64, device=dev)
     # with soft targets the teacher's chunks within the budget, in pass 1's row chunks
     rows = (matmul_stats_rows(target, na, nb, chunk_rows, chunk_bytes(dev), a.dtype, vec.symmetric, cfg)
-            if target.soft else max(1, min(na, chunk_rows)))
+            if target.soft or tch.guide else max(1, min(na, chunk_rows)))
     blocks = dict(INPUT_PRECISION=dot_precision(a), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                   BLOCK_D=slice_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     for r0, r1 in row_chunks(na, rows):
@@ -185,9 +188,10 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
         if c1 == c0:
             continue
         r, w = r1 - r0, c1 - c0
-        bound = feature_margin_bounds(tiles, target, a, b, r0, r1, c0, c1)
+        tdot = tch.chunk(r0, r1, c0, c1)
+        bound = margin_bounds(tiles, target, a, b, None, tdot, r0, r1, c0, c1)
         common = dict(a_ptr=a[r0:r1], b_ptr=b[c0:c1], scale_ptr=scale, bias_ptr=bias, bound_ptr=bound,
-                      tdot_ptr=tch.chunk(r0, r1, c0, c1), R=r, W=w, D=d, col0=c0, **packed.kwargs(r0, r1),
+                      tdot_ptr=tdot, R=r, W=w, D=d, col0=c0, **packed.kwargs(r0, r1),
                       **vec.kwargs(r0, r1, c0, c1), **blocks)
         m_blocks, n_ct = triton.cdiv(r, cfg.block_m), triton.cdiv(w, cfg.block_n)
         splits, per_split = split_tiles(n_ct, m_blocks, dev)
@@ -236,12 +240,14 @@ def compile_specs():
     soft_lin = dict(SOFT=True, TEACHER_LINEAR=True)
     # (pair rules, symmetric, soft, mass)
     grad_heavy = [(everything, True, hard, False), (rules, True, soft_max, False)]
+    guided = dict(none, HAS_MARGIN=True, HAS_GUIDE=True)  # GISTEmbed: the margin on the guide's chunk
     grad_variants = grad_heavy + [(rules, False, hard, True), (none, True, soft_max, False),
-                                  (none, True, soft_lin, True)]
+                                  (none, True, soft_lin, True), (guided, False, hard, False)]
     # (pair rules, symmetric, smoothing, soft, entropy)
     stats_heavy = [(everything, True, True, hard, False), (rules, True, True, soft_max, True)]
     stats_variants = stats_heavy + [(dict(none, HAS_MARGIN=True), False, False, hard, False),
-                                    (none, True, False, soft_max, True), (none, True, False, soft_lin, False)]
+                                    (none, True, False, soft_max, True), (none, True, False, soft_lin, False),
+                                    (guided, False, False, hard, False)]
     specs, seen = [], set()
 
     def add(name, fn, features, consts, cfg, dtype, bd):

@@ -272,9 +272,11 @@ def matmul_stats_rows(target, na: int, nb: int, chunk_rows: int, budget: int, dt
     sums of each (row block, column) within ``budget`` bytes, and with soft targets the teacher's fp32
     chunk beside them, the chunks aligned as ``matmul_plan``'s (``fused_target.target_grad`` takes the
     same rows for its teacher's chunks)."""
+    from ...targets import guided
+
     col_bytes = (8 + 4 * (6 if target.soft else 4)) if symmetric else 1
     rows = matmul_plan(na, nb, dtype, chunk_rows, budget, col_bytes=col_bytes, partial_rows=cfg.block_m).stats_rows
-    if target.soft:
+    if target.soft or guided(target):  # (a guide's chunk, as a teacher's)
         rows = aligned_memory_rows(na, nb, rows, budget, dtype, partial_bytes=col_bytes / cfg.block_m)
     return rows
 

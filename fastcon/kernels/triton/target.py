@@ -43,13 +43,15 @@ from ...targets.wire import COL_ID, COL_KEEP, COL_OWNER, COL_PENALTY, ROW_EXCLUD
     ROW_PENALTY, ROW_RULE, pack
 from .configs import FUSED_FP32_PRECISION, SUPPORTED_DTYPES, chunked_config, matmul_config
 from .gemm import grad_buffer, grad_gemms, grad_tile_scale
-from .plan import (TargetTiles, check_inputs, matmul_plan, matmul_stats_rows, memory_rows, merge_lse, work_items)
-from .tiles import (NUM_G_SCALE, NUM_PENALTY, NUM_SOFT, NUM_T_C0, NUM_T_C1, NUM_T_SCALE, NUM_W_ROW, NUM_WIDTH,
-                    RULE_DENSE, RULE_MARGIN, RULE_PENALTY, RULE_PENALTY_OTHER, RULE_PENALTY_OWN, TERM_ENTROPY,
-                    TERM_LINEAR, TERM_MASS, TERM_SMOOTHING, TERM_SOFT, TERM_SYMMETRIC, VEC_LSE, VEC_MASS, VEC_Q_KEEP,
-                    VEC_Q_POS, VEC_T_HARD, VEC_T_NORM, VEC_WEIGHT, VEC_WIDTH, column_tile, dot_tile,
-                    grad_row_vectors, items_end, items_step, lse64, online_row_lse, target_grad_tile, target_items,
-                    target_tile, target_work_item, teacher_dot_tile, teacher_rows, tile_lse_parts, vec_load)
+from .plan import (TargetTiles, aligned_memory_rows, check_inputs, matmul_plan, matmul_stats_rows, memory_rows,
+                   merge_lse, work_items)
+from .tiles import (NUM_G_SCALE, NUM_PENALTY, NUM_SOFT, NUM_T_C0, NUM_T_C1, NUM_T_SCALE, NUM_WIDTH, NUM_W_ROW,
+                    RULE_DENSE, RULE_GUIDE, RULE_MARGIN, RULE_PENALTY, RULE_PENALTY_OTHER, RULE_PENALTY_OWN,
+                    TERM_ENTROPY, TERM_LINEAR, TERM_MASS, TERM_SMOOTHING, TERM_SOFT, TERM_SYMMETRIC, VEC_LSE,
+                    VEC_MASS, VEC_Q_KEEP, VEC_Q_POS, VEC_T_HARD, VEC_T_NORM, VEC_WEIGHT, VEC_WIDTH, column_tile,
+                    dot_tile, grad_row_vectors, items_end, items_step, lse64, margin_tile, online_row_lse,
+                    target_grad_tile, target_items, target_tile, target_work_item, teacher_dot_tile, teacher_rows,
+                    tile_lse_parts, vec_load)
 
 
 
@@ -108,7 +110,8 @@ def target_stats_kernel(
         for ct in range(t0, t1):
             offs_n, mask_n, d = column_tile(ct, dot_ptr, W, a_ptr, D, b_ptr, D, D, offs_m, mask_m, W, MATMUL,
                                            INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-            keep, pos, t = target_tile(d, offs_m, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr,
+            g_m = margin_tile(d, tdot_ptr, W, offs_m, offs_n, mask_m, mask_n, RULES)
+            keep, pos, t = target_tile(d, g_m, offs_m, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr,
                                        row_flag_ptr, col_flag_ptr, dense_ptr, stride_dense, numbers_ptr, bound, scale,
                                        bias, RULES)
             t = tl.where(keep, t, float("-inf"))
@@ -189,7 +192,8 @@ def _target_grad_kernel(
             offs_n, mask_n, d = column_tile(ct, dot_ptr, W, a_ptr, D, b_ptr, D, D, offs_m, mask_m, W, MATMUL,
                                            INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
             mask = mask_m[:, None] & mask_n[None, :]
-            keep, pos, t = target_tile(d, offs_m, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr,
+            g_m = margin_tile(d, tdot_ptr, W, offs_m, offs_n, mask_m, mask_n, RULES)
+            keep, pos, t = target_tile(d, g_m, offs_m, col0 + offs_n, mask_m, mask_n, row_info_ptr, col_info_ptr,
                                        row_flag_ptr, col_flag_ptr, dense_ptr, stride_dense, numbers_ptr, bound, scale,
                                        bias, RULES)
             q_row, q_col = t, t  # (unused without TERM_SOFT)
@@ -237,10 +241,11 @@ def _bit_set(*bits) -> int:
     return sum(int(bit) for bit, on in bits if on)
 
 
-def rule_bits(margin=False, penalty=False, penalty_mode=0, dense=False) -> int:
+def rule_bits(margin=False, penalty=False, penalty_mode=0, dense=False, guide=False) -> int:
     """The RULES constexpr of a general-target kernel (``tiles.RULE_*``)."""
     return _bit_set((RULE_MARGIN, margin), (RULE_PENALTY, penalty), (RULE_PENALTY_OWN, penalty and penalty_mode == 1),
-                    (RULE_PENALTY_OTHER, penalty and penalty_mode == 2), (RULE_DENSE, dense))
+                    (RULE_PENALTY_OTHER, penalty and penalty_mode == 2), (RULE_DENSE, dense),
+                    (RULE_GUIDE, margin and guide))
 
 
 def term_bits(symmetric=False, smoothing=False, soft=False, linear=False, entropy=False, mass=False) -> int:
@@ -253,6 +258,8 @@ class PackedTarget:
     """The target's arrays as the kernels read them (defaults of absent fields filled in)."""
 
     def __init__(self, target, na: int, nb: int, device):
+        from ...targets import guided
+
         if target.penalty_mode != 0 and (target.row_owner is None or target.col_owner is None):
             raise ValueError("a hardness penalty by ownership needs row_owner and col_owner")
         wired = pack(target, na, nb)
@@ -267,7 +274,8 @@ class PackedTarget:
         self.dense = (target.mask.to(torch.uint8).contiguous() if self.has_dense
                       else torch.zeros((1, 1), dtype=torch.uint8, device=device))
         has_penalty = target.penalty != 0.0
-        self.rules = rule_bits(target.margin is not None, has_penalty, int(target.penalty_mode), self.has_dense)
+        self.rules = rule_bits(target.margin is not None, has_penalty, int(target.penalty_mode), self.has_dense,
+                               guided(target))
 
     def kwargs(self, r0: int, r1: int):
         """The target's arguments of a kernel over rows [r0, r1), by name (the wire format's columns,
@@ -293,12 +301,30 @@ def _q_bound(target, nb: int) -> float:
     return max(1.0, hard + 1.0 + soft)
 
 
-def _bounds(target, dot, r0: int, r1: int, c0: int):
-    """Each row's A_i·B_pair − margin from the chunk's own dot products (fp32), or a dummy."""
+def _bounds(target, sim, r0: int, r1: int, c0: int):
+    """Each row's margin bound (``targets.margin_bound``) from its pair's similarity in the chunk
+    ``sim`` of columns from c0 (the student's dot products, or a guide's), or a dummy."""
+    from ...targets import margin_bound, pair_columns
+
     if target.margin is None:
-        return dot.new_zeros(1)
-    local = torch.arange(r1 - r0, device=dot.device)
-    return (dot[local, local + r0 + target.pair_offset - c0] - target.margin).contiguous()
+        return sim.new_zeros(1)
+    local = torch.arange(r1 - r0, device=sim.device)
+    return margin_bound(target, sim[local, pair_columns(target, r0, r1) - c0]).float().contiguous()
+
+
+def margin_bounds(tiles, target, a, b, dot, tdot, r0: int, r1: int, c0: int, c1: int):
+    """The margin bounds of rows [r0, r1) for a chunk over columns [c0, c1) holding every pair: from
+    the guide's chunk ``tdot`` with a guide, from the student's chunk ``dot`` on the cuBLAS producer,
+    from the matmul producer's own tiles otherwise (``feature_margin_bounds``); a dummy without a margin."""
+    from ...targets import guided
+
+    if target.margin is None:
+        return a.new_zeros(1, dtype=torch.float32)
+    if guided(target):
+        return _bounds(target, tdot, r0, r1, c0)
+    if tiles.matmul:
+        return feature_margin_bounds(tiles, target, a, b, r0, r1, c0, c1)
+    return _bounds(target, dot, r0, r1, c0)
 
 
 def vectors(n: int, device, **columns):
@@ -321,9 +347,10 @@ class _Teacher:
     their reciprocals, see ``teacher_tile``) and its numbers; dummies without soft targets."""
 
     def __init__(self, target, row_norm, col_norm, device):
-        from ...targets import TEACHER_LINEAR
+        from ...targets import TEACHER_LINEAR, guided
 
         self.soft = bool(target.soft)
+        self.guide = guided(target)  # a guide's chunks (the margin rule's similarities), no soft targets
         self.linear = self.soft and target.teacher.kind == TEACHER_LINEAR
         self.device = device
         self.target = target
@@ -334,8 +361,8 @@ class _Teacher:
             self.col_norm = None if col_norm is None else prep(col_norm)
 
     def chunk(self, r0, r1, c0, c1):
-        """The teacher's dot products of rows [r0, r1) × columns [c0, c1) (fp32), or a dummy."""
-        if not self.soft:
+        """The teacher's (or guide's) dot products of rows [r0, r1) × columns [c0, c1) (fp32), or a dummy."""
+        if not (self.soft or self.guide):
             return torch.zeros((1, 1), dtype=torch.float32, device=self.device)
         t = self.target.teacher
         return mm_acc(t.a[r0:r1], t.b[c0:c1].T).float()
@@ -364,6 +391,9 @@ def feature_margin_bounds(tiles, target, a, b, r0: int, r1: int, c0: int, c1: in
     chunk's columns [c0, c1), or a dummy."""
     if target.margin is None:
         return a.new_zeros(1, dtype=torch.float32)
+    if target.pair_col is not None:
+        raise ValueError("per-row pair columns of a margin on the student's similarities are read from a chunk "
+                         "of dot products: use the cuBLAS producer (FASTCON_TRITON_PRODUCER=cublas)")
     cfg = tiles.cfg
     r = r1 - r0
     out = torch.empty(r, dtype=torch.float32, device=a.device)
@@ -373,7 +403,9 @@ def feature_margin_bounds(tiles, target, a, b, r0: int, r1: int, c0: int, c1: in
         INPUT_PRECISION=tiles.consts(a)["INPUT_PRECISION"], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return (out - target.margin).contiguous()
+    from ...targets import margin_bound
+
+    return margin_bound(target, out).contiguous()
 
 
 def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes, teacher=None,
@@ -432,8 +464,7 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
         row_sums = torch.zeros((it.splits, n_sums, r), dtype=f32, device=dev)
         col_part = torch.empty((it.m_blocks, w), dtype=f64, device=dev) if symmetric else dummy
         col_sums = torch.zeros((it.m_blocks, n_sums, w), dtype=f32, device=dev) if symmetric else dummy.float()
-        bound = (feature_margin_bounds(tiles, target, a, b, r0, r1, c0, c1) if tiles.matmul
-                 else _bounds(target, dot, r0, r1, c0))
+        bound = margin_bounds(tiles, target, a, b, dot, tdot, r0, r1, c0, c1)
         launch(target_stats_kernel)[it.grid](
             dot_ptr=dot, a_ptr=a_c, b_ptr=b_k, scale_ptr=scale, bias_ptr=bias, bound_ptr=bound, tdot_ptr=tdot,
             row_vec_ptr=row_vec[r0:r1] if soft else row_vec, col_vec_ptr=col_vec[c0:c1] if (soft and symmetric)
@@ -514,13 +545,14 @@ class GradVectors:
 
 def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
     """Pass 2 of the general target (the contract of ``torch_chunked.target_grad``)."""
-    from ...targets import column_span
+    from ...targets import column_span, guided
 
     check_inputs(a, b)
     a, b = a.contiguous(), b.contiguous()  # (the kernels take rows D apart)
     na, nb = a.shape[0], b.shape[0]
     dev = a.device
     packed = PackedTarget(target, na, nb, dev)
+    guide = guided(target)
     grad_a = torch.zeros(a.shape, dtype=torch.float32, device=dev)
     grad_b = torch.zeros(b.shape, dtype=torch.float32, device=dev)
     vec = GradVectors(a, target, weights, nb)
@@ -528,7 +560,11 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
     parts = []
     tiles = TargetTiles(a, target, "target_grad")
     cfg = tiles.cfg
-    if tiles.matmul:  # blocks of rows × columns whose G (and the teacher's fp32 chunk) fit the budget
+    if tiles.matmul and guide:  # the guide's chunk over every column, so that each row's pair lies in it
+        chunk_rows = aligned_memory_rows(na, nb, chunk_rows, chunk_bytes(dev), a.dtype, partial_bytes=a.element_size())
+        block_cols = nb
+        g_buf = torch.empty((chunk_rows, block_cols), dtype=a.dtype, device=dev)
+    elif tiles.matmul:  # blocks of rows × columns whose G (and the teacher's fp32 chunk) fit the budget
         plan = matmul_plan(na, nb, a.dtype, chunk_rows, chunk_bytes(dev),
                            block_bytes=a.element_size() + (4 if target.soft else 0))
         chunk_rows, block_cols = plan.grad_rows, plan.grad_cols
@@ -538,8 +574,8 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
     for k, (r0, r1) in enumerate(row_chunks(na, chunk_rows)):
         span0, span1 = column_span(target, r0, r1, nb)
         # the margin bounds at pass 1's alignment (its chunk's columns from span0)
-        bound = (feature_margin_bounds(tiles, target, a, b, r0, r1, span0, span1) if tiles.matmul and span1 > span0
-                 else None)
+        bound = (feature_margin_bounds(tiles, target, a, b, r0, r1, span0, span1)
+                 if tiles.matmul and not guide and span1 > span0 else None)
         for c0 in range(span0, span1, block_cols):
             c1 = min(span1, c0 + block_cols)
             dot = None if tiles.matmul else take_cached(cached, k)  # released: G is written in place
@@ -556,8 +592,8 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
                 g = dot if g_chunk is None else g_chunk
             it = work_items(r, w, cfg, dev)
             part = torch.empty((it.n_items, 2), dtype=torch.float32, device=dev)
-            if not tiles.matmul:
-                bound = _bounds(target, dot, r0, r1, c0)
+            if not tiles.matmul or guide:  # (the chunk holds every pair: one block per row chunk)
+                bound = margin_bounds(tiles, target, a, b, dot, tdot, r0, r1, c0, c1)
             launch(_target_grad_kernel)[it.grid](
                 dot_ptr=dot, a_ptr=a_c, b_ptr=b_k, g_ptr=g, scale_ptr=scale, bias_ptr=bias, bound_ptr=bound,
                 tdot_ptr=tdot, part_ptr=part, R=r, W=w, D=a.shape[1], col0=c0, tiles_per_split=it.per_split,
@@ -587,10 +623,10 @@ _POINTER_TYPES = dict(row_part_ptr="*fp64", col_part_ptr="*fp64", row_vec_ptr="*
 
 
 def variant(SYMMETRIC=False, SMOOTHING=False, HAS_MARGIN=False, HAS_PENALTY=False, PENALTY_MODE=0, HAS_DENSE=False,
-            SOFT=False, TEACHER_LINEAR=False, ENTROPY=False, HAS_MASS=False) -> dict:
+            SOFT=False, TEACHER_LINEAR=False, ENTROPY=False, HAS_MASS=False, HAS_GUIDE=False) -> dict:
     """The RULES and TERMS constexprs of a general-target kernel from the variant's named flags (the
     compile gate's tables)."""
-    return dict(RULES=rule_bits(HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE),
+    return dict(RULES=rule_bits(HAS_MARGIN, HAS_PENALTY, PENALTY_MODE, HAS_DENSE, HAS_GUIDE),
                 TERMS=term_bits(SYMMETRIC, SMOOTHING, SOFT, TEACHER_LINEAR, ENTROPY, HAS_MASS))
 
 
@@ -634,6 +670,7 @@ def compile_specs():
     soft_max = dict(SOFT=True, ENTROPY=True, TEACHER_LINEAR=False)
     soft_lin = dict(SOFT=True, ENTROPY=False, TEACHER_LINEAR=True)
     rules = dict(everything, HAS_MARGIN=False)
+    guided = dict(none, HAS_MARGIN=True, HAS_GUIDE=True)  # GISTEmbed: the margin on the guide's chunk
 
     def soft_tag(soft):
         if not soft["SOFT"]:
@@ -656,8 +693,8 @@ def compile_specs():
 
     cublas_stats = [(none, False, False, hard), (margin, False, False, hard), (penalty, False, True, hard),
                     (none, True, False, hard), (everything, True, True, hard), (none, True, False, soft_max),
-                    (none, True, False, soft_lin), (rules, True, True, soft_max)]
-    mm_stats = [(everything, True, True, hard), (margin, False, False, hard)]
+                    (none, True, False, soft_lin), (rules, True, True, soft_max), (guided, False, False, hard)]
+    mm_stats = [(everything, True, True, hard), (margin, False, False, hard), (guided, False, False, hard)]
     mm_soft_stats = [(rules, True, True, soft_max), (none, True, False, soft_max), (none, True, False, soft_lin),
                      (none, False, False, soft_max)]
     stats_runs = [(False, "float32", v) for v in cublas_stats]
@@ -681,9 +718,10 @@ def compile_specs():
                     (none, True, g_soft_lin), (rules, False, g_mass)]
         if dtype == "float32":
             variants += [(margin, False, g_hard), (penalty, False, g_hard), (none, True, g_hard),
-                         (rules, True, g_soft_max), (none, False, g_soft_max)]
+                         (rules, True, g_soft_max), (none, False, g_soft_max), (guided, False, g_hard)]
         grad_runs += [(False, dtype, v) for v in variants]
-        grad_runs += [(True, dtype, v) for v in ((everything, True, g_hard), (rules, False, g_mass))]
+        grad_runs += [(True, dtype, v) for v in ((everything, True, g_hard), (rules, False, g_mass),
+                                                 (guided, False, g_hard))]
         grad_runs += [(True, dtype, v) for v in (mm_soft_grad if dtype == "bfloat16" else mm_soft_grad[:2])]
     for matmul, dtype, (flags, sym, soft) in grad_runs:
         consts = variant(SYMMETRIC=sym, **flags, **soft)

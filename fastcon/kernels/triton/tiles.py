@@ -305,6 +305,7 @@ RULE_PENALTY = tl.constexpr(2)        # the hardness penalty on the flagged pair
 RULE_PENALTY_OWN = tl.constexpr(4)    # ... only of the same owner (penalty_mode 1)
 RULE_PENALTY_OTHER = tl.constexpr(8)  # ... only of different owners (penalty_mode 2)
 RULE_DENSE = tl.constexpr(16)         # the dense keep mask
+RULE_GUIDE = tl.constexpr(32)         # the margin rule reads a guide's tile (its chunk at tdot), not the student's
 # TERMS, the loss's terms:
 TERM_SYMMETRIC = tl.constexpr(1)      # the column direction beside the rows'
 TERM_SMOOTHING = tl.constexpr(2)      # label smoothing's sums over the kept pairs (pass 1)
@@ -341,12 +342,23 @@ def vec_load(vec_ptr, offs, mask, COL: tl.constexpr, other):
 
 
 @triton.jit
-def target_tile(d, rows, cols, mask_m, mask_n, row_info_ptr, col_info_ptr, row_flag_ptr, col_flag_ptr,
+def margin_tile(d, tdot_ptr, stride_t, offs_m, offs_n, mask_m, mask_n, RULES: tl.constexpr):
+    """The similarities the margin rule compares: the tile ``d`` itself, or with RULE_GUIDE the guide's
+    tile at the same local rows and columns of its chunk (fp32, at tdot_ptr)."""
+    if RULE_GUIDE & RULES:
+        return tl.load(tdot_ptr + offs_m[:, None] * stride_t + offs_n[None, :],
+                       mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+    return d
+
+
+@triton.jit
+def target_tile(d, g, rows, cols, mask_m, mask_n, row_info_ptr, col_info_ptr, row_flag_ptr, col_flag_ptr,
                 dense_ptr, stride_dense, numbers_ptr, bound, scale, bias, RULES: tl.constexpr):
     """(kept, positive, logits) of a tile ``d`` of dot products A_i·B_j (unscaled, fp32) of the
     chunk's rows ``rows`` (the row-side arrays start at the chunk's first row) and the global column
     indices ``cols`` (targets.py states the rules). Dropped pairs and the tile's padding (outside
-    mask_m × mask_n) are not kept; ``bound`` is each row's ``A_i·B_pair − margin`` (RULE_MARGIN)."""
+    mask_m × mask_n) are not kept; ``bound`` is each row's margin bound from its pair's similarity
+    (RULE_MARGIN), ``g`` the similarities it is compared with (``margin_tile``)."""
     rid = tl.load(row_info_ptr + rows * 6 + 0, mask=mask_m, other=-2)
     excl = tl.load(row_info_ptr + rows * 6 + 1, mask=mask_m, other=-1)
     lo = tl.load(row_info_ptr + rows * 6 + 2, mask=mask_m, other=0)
@@ -372,7 +384,7 @@ def target_tile(d, rows, cols, mask_m, mask_n, row_info_ptr, col_info_ptr, row_f
                         mask=mask_m[:, None] & mask_n[None, :], other=0)
         keep = keep & (dense != 0)
     if RULE_MARGIN & RULES:
-        keep = keep & (pos | (d <= bound[:, None]))
+        keep = keep & (pos | (g <= bound[:, None]))
     pos = pos & keep
     t = d * scale + bias
     if RULE_PENALTY & RULES:
@@ -498,8 +510,8 @@ def target_grad_tile(t, keep, pos, row_hi, row_lo, qp, qk, mass, q_row, q_col, o
 
 @triton.jit
 def row_bounds(bound_ptr, offs_m, mask_m, RULES: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Each row's margin bound ``A_i·B_pair − margin`` at local rows ``offs_m`` (zeros without
-    RULE_MARGIN)."""
+    """Each row's margin bound (``targets.margin_bound`` of its pair's similarity) at local rows
+    ``offs_m`` (zeros without RULE_MARGIN)."""
     if RULE_MARGIN & RULES:
         bound = tl.load(bound_ptr + offs_m, mask=mask_m, other=0.0)
     else:
