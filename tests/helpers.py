@@ -39,6 +39,23 @@ def assert_close_rel(actual, expected, *, rtol, atol=0.0, name="value"):
             f"first mismatches: {details}")
 
 
+def assert_matches_f64(fn, ref, tensors, *, rtol=2e-5, atol=1e-6):
+    """``fn`` on fp32 copies of ``tensors`` against ``ref`` on float64 copies: a 0-d fp32 loss and
+    the gradient of every input, each within ``rtol`` of the largest expected value plus ``atol``."""
+    import warnings
+
+    ours = [t.detach().float().requires_grad_() for t in tensors]
+    truth = [t.detach().double().requires_grad_() for t in tensors]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the auto backend's one-time fallback notice
+        out = fn(*ours)
+    expected = ref(*truth)
+    assert out.dtype == torch.float32 and out.shape == ()
+    assert_close_rel(out, expected, rtol=rtol, atol=atol, name="loss")
+    for i, (g, e) in enumerate(zip(torch.autograd.grad(out, ours), torch.autograd.grad(expected, truth))):
+        assert_close_rel(g, e, rtol=rtol, atol=atol, name=f"grad of input {i}")
+
+
 def assert_compiles_like_eager(step, leaves):
     """``torch.compile(step, fullgraph=True)`` gives eager's value and the gradients of every leaf."""
     torch._dynamo.reset()

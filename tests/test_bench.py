@@ -74,6 +74,27 @@ def test_general_target_losses_against_their_references_and_peers(tmp_path):
     assert rows[("clip_labels", "lightly")]["status"] == "skipped"
 
 
+def test_embedding_objectives_against_their_references_and_sentence_transformers(tmp_path):
+    """matryoshka_mnrl, gist and clip_debias: fastcon and the reference against the float64 reference;
+    sentence-transformers' MatryoshkaLoss and GIST losses (uncached and cached, from embeddings) where
+    installed, each within fp32 error of the same float64 reference."""
+    pytest.importorskip("sentence_transformers")
+    out = tmp_path / "rows.json"
+    assert bench.main(["--loss", "matryoshka_mnrl,gist,clip_debias", "--providers",
+                       "fastcon-cpp,fastcon-torch,reference,sentence_transformers,sentence_transformers_cached",
+                       "--batch", "40", "--dim", "24", "--device", "cpu", "--repeat", "1", "--min-time", "0",
+                       "--json", str(out)]) == 0
+    rows = {(r["loss"], r["provider"]): r for r in _rows(out)}
+    for loss in ("matryoshka_mnrl", "gist", "clip_debias"):
+        providers = ("fastcon-cpp", "fastcon-torch", "reference")
+        if loss != "clip_debias":
+            providers += ("sentence_transformers", "sentence_transformers_cached")
+        for provider in providers:
+            r = rows[(loss, provider)]
+            assert r["status"] == "ok" and r["max_rel_err"] <= 1e-4, r
+    assert rows[("clip_debias", "sentence_transformers")]["status"] == "skipped"
+
+
 @pytest.mark.parametrize("mode", ["fwd", "bwd"])
 def test_forward_and_backward_modes(tmp_path, mode):
     out = tmp_path / "rows.json"

@@ -3,7 +3,6 @@
 against the float64 sum of each loss's reference over the prefixes (loss and the gradient of every
 input, the logit scale and bias included), and the argument errors. sentence-transformers'
 MatryoshkaLoss drop-in is in tests/test_st_matryoshka.py."""
-import warnings
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 
 import fastcon.functional as FC
 from fastcon import reference as R
-from helpers import assert_close_rel
+from helpers import assert_close_rel, assert_matches_f64
 
 BACKENDS = ["torch", "cpp", pytest.param("triton", marks=pytest.mark.interpreter),
             pytest.param("triton_fused", marks=pytest.mark.interpreter), "auto"]
@@ -29,16 +28,7 @@ def _norm(x, d):
 
 
 def _check(fn, ref, tensors, rtol=2e-5):
-    ours = [t.detach().float().requires_grad_() for t in tensors]
-    truth = [t.detach().double().requires_grad_() for t in tensors]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # the auto backend's one-time fallback notice
-        out = fn(*ours)
-    expected = ref(*truth)
-    assert out.dtype == torch.float32 and out.shape == ()
-    assert_close_rel(out, expected, rtol=rtol, atol=1e-6, name="loss")
-    for i, (g, e) in enumerate(zip(torch.autograd.grad(out, ours), torch.autograd.grad(expected, truth))):
-        assert_close_rel(g, e, rtol=rtol, atol=1e-6, name=f"grad of input {i}")
+    assert_matches_f64(fn, ref, tensors, rtol=rtol)
 
 
 def _sum(term):

@@ -20,14 +20,7 @@ from sentence_transformers.sentence_transformer import losses as st_losses  # no
 
 from fastcon import reference as R  # noqa: E402
 from fastcon.integrations import sentence_transformers as ours  # noqa: E402
-
-ANCHORS = ["A man is eating food.", "A man is riding a horse.", "A woman is playing violin.",
-           "Two dogs run in the snow.", "The stock market fell today.", "He wrote a letter."]
-POSITIVES = ["Someone eats a meal.", "A horse is being ridden.", "Music is played by a woman.",
-             "Animals outside in winter.", "Shares dropped sharply.", "A note was written."]
-NEGATIVES = ["A man is eating pasta.", "A man is riding a bicycle.", "A woman is playing piano.",
-             "Two cats sleep in the sun.", "The stock market rose today.", "He read a letter."]
-
+from test_sentence_transformers import ANCHORS, NEGATIVES, POSITIVES  # noqa: E402 (the same batch)
 
 @pytest.fixture(scope="module")
 def models():

@@ -705,7 +705,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad_impl(
         }
         gs += g * dv;
         gb += g;
-        d[jj] = g;
+        d[jj] = flush_subnormal(g);
       }
       gs_rows[size_t(i)] = double(gs);
       gb_rows[size_t(i)] = double(gb);

@@ -21,22 +21,25 @@ from typing import Callable, Optional, Tuple
 # general target. filip and maxsim are token-level (fastcon/ops/late.py): each batch item is a set of
 # TOKEN_SHAPES tokens (see make_token_inputs); filip: FILIP with patches a, tokens b (ragged captions),
 # maxsim: ColBERT's in-batch MaxSim loss with queries a, documents b (ragged documents), scale 1.
-LOSSES = ("clip", "siglip", "clip_labels", "clip_debias", "ntxent", "mnrl", "distill", "align_uniform", "m2mix",
-          "mochi", "filip", "maxsim")
+LOSSES = ("clip", "siglip", "clip_labels", "clip_debias", "ntxent", "mnrl", "matryoshka_mnrl", "gist", "distill",
+          "align_uniform", "m2mix", "mochi", "filip", "maxsim")
 TOKEN_LOSSES = ("filip", "maxsim")
 # (tokens per item of a, of b): ViT-B/16 patches and CLIP's caption length; ColBERT's query and document
 TOKEN_SHAPES = {"filip": (196, 77), "maxsim": (32, 180)}
-TARGET_LOSSES = ("clip_labels", "clip_debias", "ntxent", "mnrl", "distill", "align_uniform", "m2mix", "mochi")
+TARGET_LOSSES = ("clip_labels", "clip_debias", "ntxent", "mnrl", "matryoshka_mnrl", "gist", "distill", "align_uniform",
+                 "m2mix", "mochi")
 FASTCON_BACKENDS = ("cpp", "torch", "triton", "triton_fused")
 PROVIDERS = ("fastcon",) + tuple(f"fastcon-{b}" for b in FASTCON_BACKENDS) + (
     "fastcon_compile", "reference", "open_clip", "inf_cl", "siglip_kernel", "torch_compile", "lightly",
-    "sentence_transformers", "pylate", "flash_maxsim", "late_interaction_kernels")
+    "sentence_transformers", "sentence_transformers_cached", "pylate", "flash_maxsim", "late_interaction_kernels")
 # MaxSim peers, each through PyLate's colbert_scores backend of that name
 _PYLATE_BACKEND = {"pylate": "torch", "flash_maxsim": "flash", "late_interaction_kernels": "lik"}
 # the peer each loss is compared with, beside the reference
 PEER_OF = {"clip": ("open_clip", "inf_cl"), "siglip": ("open_clip", "siglip_kernel"), "clip_labels": (), "clip_debias": (),
            "ntxent": ("lightly",),
-           "mnrl": ("sentence_transformers",), "distill": ("open_clip",), "align_uniform": (),
+           "mnrl": ("sentence_transformers",),
+           "matryoshka_mnrl": ("sentence_transformers", "sentence_transformers_cached"),
+           "gist": ("sentence_transformers", "sentence_transformers_cached"), "distill": ("open_clip",), "align_uniform": (),
            "m2mix": (), "mochi": (), "filip": (), "maxsim": ("pylate", "flash_maxsim", "late_interaction_kernels")}
 
 
@@ -59,6 +62,19 @@ _GPU_PEERS = {
 NTXENT_TEMPERATURE = 0.5
 MNRL_SCALE = 20.0
 DEBIAS = 0.1  # clip_debias's class prior τ⁺ (docs/losses.md §2.5)
+ST_MINI_BATCH = 32  # the mini-batch of sentence-transformers' cached losses (their default)
+
+
+def matryoshka_dims(d: int):
+    """matryoshka_mnrl's dims: D, 2D/3, D/3, D/6, D/12 (384, 256, 128, 64, 32 at D = 384)."""
+    return tuple(sorted({max(1, d * k // 12) for k in (12, 8, 4, 2, 1)}, reverse=True))
+
+
+def gist_guide(a, b):
+    """gist's guide embeddings of the same texts (no gradient): a model that mostly agrees with the
+    student, ``a + b/2`` and ``b + a/2``."""
+    a, b = a.detach(), b.detach()
+    return a + 0.5 * b, b + 0.5 * a
 DISTILL_TEACHER_SCALE = 30.0
 M2MIX_LAM = 0.3
 
@@ -92,8 +108,8 @@ def availability(provider: str, loss: str, device: str, world_size: int = 1) -> 
         return False, f"the distributed benchmark runs clip and siglip; {loss} is single-device here"
     if world_size > 1 and loss in TOKEN_LOSSES:
         return False, f"the distributed benchmark runs clip and siglip; {loss} is single-device here"
-    if provider in ("open_clip", "inf_cl", "siglip_kernel", "lightly", "sentence_transformers") + tuple(_PYLATE_BACKEND) and \
-            provider not in PEER_OF[loss]:
+    peers = ("open_clip", "inf_cl", "siglip_kernel", "lightly", "sentence_transformers", "sentence_transformers_cached")
+    if provider in peers + tuple(_PYLATE_BACKEND) and provider not in PEER_OF[loss]:
         return False, f"{provider} has no {loss} loss to compare with"
     if provider in _PYLATE_BACKEND:
         if not _find("pylate"):
@@ -119,7 +135,7 @@ def availability(provider: str, loss: str, device: str, world_size: int = 1) -> 
         return False, "open_clip is not installed (pip install --no-deps open-clip-torch)"
     if provider == "lightly" and not _find("lightly"):
         return False, "lightly is not installed (its loss module imports torchvision)"
-    if provider == "sentence_transformers" and not _find("sentence_transformers"):
+    if provider.startswith("sentence_transformers") and not _find("sentence_transformers"):
         return False, "sentence-transformers is not installed"
     if provider in _GPU_PEERS:
         several_ranks, missing, cpu = _GPU_PEERS[provider]
@@ -220,6 +236,11 @@ def _target_loss_fn(loss: str, provider: str) -> Callable:
                                                       backend=backend)
         if loss == "clip_debias":
             return lambda a, b, s, bias: FC.clip_loss(a, b, s, debias=DEBIAS, backend=backend)
+        if loss == "matryoshka_mnrl":
+            return lambda a, b, s, bias: FC.multiple_negatives_ranking_loss(
+                a, [b], scale=MNRL_SCALE, matryoshka_dims=matryoshka_dims(a.shape[1]), backend=backend)
+        if loss == "gist":
+            return lambda a, b, s, bias: FC.gist_loss(a, b, *gist_guide(a, b), backend=backend)
         if loss == "ntxent":
             return lambda a, b, s, bias: FC.ntxent_loss(a, b, temperature=NTXENT_TEMPERATURE, backend=backend)
         if loss == "distill":
@@ -242,6 +263,12 @@ def _target_loss_fn(loss: str, provider: str) -> Callable:
         elif loss == "clip_debias":
             def ref(a, b, s, bias):
                 return R.clip_loss_reference(a, b, s, debias=DEBIAS, upcast=False)
+        elif loss == "matryoshka_mnrl":
+            def ref(a, b, s, bias):
+                return sum(R.mnrl_loss_reference(a[:, :d], [b[:, :d]], MNRL_SCALE) for d in matryoshka_dims(a.shape[1]))
+        elif loss == "gist":
+            def ref(a, b, s, bias):
+                return R.gist_loss_reference(a, b, *gist_guide(a, b))
         elif loss == "ntxent":
             def ref(a, b, s, bias):
                 return R.ntxent_loss_reference(a, b, temperature=NTXENT_TEMPERATURE)
@@ -273,6 +300,10 @@ def _target_loss_fn(loss: str, provider: str) -> Callable:
 
         module = NTXentLoss(temperature=NTXENT_TEMPERATURE)
         return lambda a, b, s, bias: module(a, b)
+    if provider.startswith("sentence_transformers") and loss in ("matryoshka_mnrl", "gist"):
+        from .peers import st_embedding_loss
+
+        return st_embedding_loss(loss, provider.endswith("_cached"))
     if provider == "sentence_transformers":
         from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
@@ -429,6 +460,10 @@ MATERIALISING = {"reference": 3, "open_clip": 3, "torch_compile": 2}
 def predicted_bytes(provider: str, loss: str, n: int, d: int) -> Optional[int]:
     """A lower bound of a case's peak memory where it is O(N²) (None where it is not): the
     materialising providers hold ``MATERIALISING[provider]`` fp32 N×N buffers."""
+    if provider.startswith("sentence_transformers") and loss in ("matryoshka_mnrl", "gist"):
+        from .peers import st_predicted_bytes
+
+        return st_predicted_bytes(loss, provider.endswith("_cached"), n, d)
     if loss in TOKEN_LOSSES or provider not in MATERIALISING:
         return None
     return MATERIALISING[provider] * 4 * n * n

@@ -63,26 +63,12 @@ def _check(anchor, positive, guide_anchor, guide_positive, negatives, guide_nega
     return negatives, guide_negatives
 
 
-def gist_loss(
-    anchor: torch.Tensor,
-    positive: torch.Tensor,
-    guide_anchor: torch.Tensor,
-    guide_positive: torch.Tensor,
-    *,
-    negatives: Optional[torch.Tensor] = None,
-    guide_negatives: Optional[torch.Tensor] = None,
-    temperature: float = 0.01,
-    margin_strategy: str = "absolute",
-    margin: float = 0.0,
-    contrast_anchors: bool = True,
-    contrast_positives: bool = True,
-    process_group=None,
-    backend: str = "auto",
-    chunk_size: Optional[int] = None,
-    cache_limit: Optional[int] = None,
-    matryoshka_dims=None,
-    matryoshka_weights=None,
-) -> torch.Tensor:
+def gist_loss(anchor: torch.Tensor, positive: torch.Tensor, guide_anchor: torch.Tensor, guide_positive: torch.Tensor,
+              *, negatives: Optional[torch.Tensor] = None, guide_negatives: Optional[torch.Tensor] = None,
+              temperature: float = 0.01, margin_strategy: str = "absolute", margin: float = 0.0,
+              contrast_anchors: bool = True, contrast_positives: bool = True, process_group=None,
+              backend: str = "auto", chunk_size: Optional[int] = None, cache_limit: Optional[int] = None,
+              matryoshka_dims=None, matryoshka_weights=None) -> torch.Tensor:
     """sentence-transformers' GISTEmbedLoss from embeddings (docs/losses.md §2.6).
 
     The student's anchors A and positives P (B, D), optional ``negatives`` N ((B, D) or (B, m, D)), and

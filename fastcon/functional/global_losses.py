@@ -140,20 +140,10 @@ def clip_loss(
                             pos_offset=pos_offset, backend=backend, chunk_size=chunk_size)
 
 
-def siglip_loss(
-    image_features: torch.Tensor,
-    text_features: torch.Tensor,
-    logit_scale,
-    logit_bias=None,
-    *,
-    pos_offset: Optional[int] = None,
-    negative_only: bool = False,
-    process_group=None,
-    backend: str = "auto",
-    chunk_size: Optional[int] = None,
-    matryoshka_dims=None,
-    matryoshka_weights=None,
-) -> torch.Tensor:
+def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias=None, *,
+                pos_offset: Optional[int] = None, negative_only: bool = False, process_group=None,
+                backend: str = "auto", chunk_size: Optional[int] = None, matryoshka_dims=None,
+                matryoshka_weights=None) -> torch.Tensor:
     """SigLIP's sigmoid loss without the N×N logits matrix.
 
     ``l_ij = s·x_i·y_j + b``, ``z_ij = +1`` where ``j == pos_offset + i`` else ``−1`` (all ``−1`` with

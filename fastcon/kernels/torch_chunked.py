@@ -20,8 +20,12 @@ def _reduce_chunk(g, dot, a_rows, b_acc, scale, grad_a_rows, grad_b, grad_scale,
     """A chunk's share of the gradients from its G = ∂loss/∂logits (rows × columns):
     ``grad_a_rows = scale·G·B``, ``grad_b += Gᵀ·A_rows`` (scaled once at the end), ``∂scale += Σ G∘dot``,
     ``∂bias += Σ G``. G is consumed: ``Σ G∘dot`` is taken in G's own storage, last, so that no
-    further chunk-sized buffer is allocated."""
+    further chunk-sized buffer is allocated. Subnormal entries of G are 0 in the products (as the C++
+    kernels write them: ``flush_subnormal`` in csrc/cpu/kernels.h; far below what fp32 resolves beside
+    a row's other terms, and an order of magnitude slower in a CPU GEMM)."""
     grad_bias += g.sum()
+    if g.dtype != torch.float64:
+        g.masked_fill_(g.abs() < torch.finfo(g.dtype).tiny, 0.0)
     torch.mm(g, b_acc, out=grad_a_rows)
     grad_a_rows.mul_(scale)
     grad_b.addmm_(g.T, a_rows.to(b_acc.dtype))

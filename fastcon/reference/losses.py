@@ -29,17 +29,9 @@ def _logits(a, b, logit_scale, logit_bias, upcast: bool):
     return logits
 
 
-def clip_loss_reference(
-    image_features: torch.Tensor,
-    text_features: torch.Tensor,
-    logit_scale,
-    logit_bias=None,
-    *,
-    label_smoothing: float = 0.0,
-    pos_offset: int = 0,
-    debias: float = 0.0,
-    upcast: bool = True,
-) -> torch.Tensor:
+def clip_loss_reference(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias=None, *,
+                        label_smoothing: float = 0.0, pos_offset: int = 0, debias: float = 0.0,
+                        upcast: bool = True) -> torch.Tensor:
     """Symmetric InfoNCE (docs/losses.md §1.1), materialised.
 
     ``S = s·X·Yᵀ + b`` with X: (Na, D) and Y: (Nb, D). The positive of row ``i`` is column

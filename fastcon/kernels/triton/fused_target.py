@@ -24,12 +24,12 @@ import triton.language as tl
 from .._common import chunk_bytes, row_chunks
 from . import launch
 from .configs import FUSED_CONFIGS, FUSED_FP32_PRECISION, fused_block_d, fused_config
+from .margin import margin_bounds, pair_dots_kernel
 from .plan import TargetTiles, check_fused_inputs, dot_precision, dtype_name, matmul_stats_rows, split_tiles
-from .target import (GradVectors, PackedTarget, margin_bounds, pair_dots_kernel, target_signature,
-                     target_stats_kernel, teacher_stats, variant)
+from .target import GradVectors, PackedTarget, target_signature, target_stats_kernel, teacher_stats, variant
 from .target import target_stats as epilogue_target_stats
-from .tiles import (NUM_G_SCALE, TERM_SOFT, column_tile, dot_tile, grad_row_vectors, row_bounds, target_grad_tile,
-                    margin_tile, target_items, target_tile, target_work_item, teacher_dot_tile, teacher_rows)
+from .tiles import (NUM_G_SCALE, TERM_SOFT, column_tile, dot_tile, grad_row_vectors, margin_tile, row_bounds,
+                    target_grad_tile, target_items, target_tile, target_work_item, teacher_dot_tile, teacher_rows)
 
 
 # ------------------------------------------------------------------------------------------ kernels

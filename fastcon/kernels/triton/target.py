@@ -43,13 +43,14 @@ from ...targets.wire import COL_ID, COL_KEEP, COL_OWNER, COL_PENALTY, ROW_EXCLUD
     ROW_PENALTY, ROW_RULE, pack
 from .configs import FUSED_FP32_PRECISION, SUPPORTED_DTYPES, chunked_config, matmul_config
 from .gemm import grad_buffer, grad_gemms, grad_tile_scale
+from .margin import feature_margin_bounds, margin_bounds, pair_dots_kernel
 from .plan import (TargetTiles, aligned_memory_rows, check_inputs, matmul_plan, matmul_stats_rows, memory_rows,
                    merge_lse, work_items)
 from .tiles import (NUM_G_SCALE, NUM_PENALTY, NUM_SOFT, NUM_T_C0, NUM_T_C1, NUM_T_SCALE, NUM_WIDTH, NUM_W_ROW,
                     RULE_DENSE, RULE_GUIDE, RULE_MARGIN, RULE_PENALTY, RULE_PENALTY_OTHER, RULE_PENALTY_OWN,
                     TERM_ENTROPY, TERM_LINEAR, TERM_MASS, TERM_SMOOTHING, TERM_SOFT, TERM_SYMMETRIC, VEC_LSE,
                     VEC_MASS, VEC_Q_KEEP, VEC_Q_POS, VEC_T_HARD, VEC_T_NORM, VEC_WEIGHT, VEC_WIDTH, column_tile,
-                    dot_tile, grad_row_vectors, items_end, items_step, lse64, margin_tile, online_row_lse,
+                    grad_row_vectors, items_end, items_step, lse64, margin_tile, online_row_lse,
                     target_grad_tile, target_items, target_tile, target_work_item, teacher_dot_tile, teacher_rows,
                     tile_lse_parts, vec_load)
 
@@ -210,31 +211,6 @@ def _target_grad_kernel(
         tl.store(part_ptr + 2 * item + 1, tl.sum(acc_g, 0))
 
 
-@triton.jit
-def pair_dots_kernel(a_ptr, b_ptr, out_ptr, R, W, D, pair_col0, stride_am, stride_bn,
-                      INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
-    """out[i] = A_i·B_(i + pair_col0) for the R rows of a chunk over W columns (local indices), for the
-    margin rule of the matmul producer: taken from ``tiles.dot_tile``'s tiles at the epilogue kernels'
-    alignment (row blocks and column tiles at multiples of BLOCK_M, BLOCK_N), so that each value is
-    bitwise the logit the epilogues compare with it."""
-    pid = tl.program_id(0)
-    offs_m = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    mask_m = offs_m < R
-    target = offs_m + pair_col0
-    first = pid * BLOCK_M + pair_col0
-    t0 = tl.maximum(first, 0) // BLOCK_N
-    t1 = tl.minimum(tl.cdiv(first + BLOCK_M, BLOCK_N), tl.cdiv(W, BLOCK_N))
-    acc = tl.zeros([BLOCK_M], tl.float32)
-    for ct in range(t0, t1):
-        offs_n = ct * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < W
-        d = dot_tile(a_ptr, stride_am, a_ptr, stride_am, b_ptr, stride_bn, D, offs_m, offs_n, mask_m, mask_n,
-                     True, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        acc += tl.sum(tl.where(offs_n[None, :] == target[:, None], d, 0.0), 1)
-    tl.store(out_ptr + offs_m, acc, mask=mask_m)
-
-
 # ------------------------------------------------------------------------------------------ host side
 def _bit_set(*bits) -> int:
     """The int of a constexpr bit set from (bit, on) pairs."""
@@ -301,32 +277,6 @@ def _q_bound(target, nb: int) -> float:
     return max(1.0, hard + 1.0 + soft)
 
 
-def _bounds(target, sim, r0: int, r1: int, c0: int):
-    """Each row's margin bound (``targets.margin_bound``) from its pair's similarity in the chunk
-    ``sim`` of columns from c0 (the student's dot products, or a guide's), or a dummy."""
-    from ...targets import margin_bound, pair_columns
-
-    if target.margin is None:
-        return sim.new_zeros(1)
-    local = torch.arange(r1 - r0, device=sim.device)
-    return margin_bound(target, sim[local, pair_columns(target, r0, r1) - c0]).float().contiguous()
-
-
-def margin_bounds(tiles, target, a, b, dot, tdot, r0: int, r1: int, c0: int, c1: int):
-    """The margin bounds of rows [r0, r1) for a chunk over columns [c0, c1) holding every pair: from
-    the guide's chunk ``tdot`` with a guide, from the student's chunk ``dot`` on the cuBLAS producer,
-    from the matmul producer's own tiles otherwise (``feature_margin_bounds``); a dummy without a margin."""
-    from ...targets import guided
-
-    if target.margin is None:
-        return a.new_zeros(1, dtype=torch.float32)
-    if guided(target):
-        return _bounds(target, tdot, r0, r1, c0)
-    if tiles.matmul:
-        return feature_margin_bounds(tiles, target, a, b, r0, r1, c0, c1)
-    return _bounds(target, dot, r0, r1, c0)
-
-
 def vectors(n: int, device, **columns):
     """A per-row (per-column) vector array (``tiles.VEC_*``, float64, n × VEC_WIDTH) with the given
     columns (``lse=…``, ``t_norm=…``: tensors of n, or numbers), the others 0; a dummy row for n = 0."""
@@ -383,29 +333,6 @@ class _Teacher:
 
     def terms(self, symmetric: bool, **more) -> int:
         return term_bits(symmetric=symmetric, soft=self.soft, linear=self.linear, **more)
-
-
-def feature_margin_bounds(tiles, target, a, b, r0: int, r1: int, c0: int, c1: int):
-    """Each row's A_i·B_pair − margin for the matmul producer (which has no chunk of dot products to
-    read it from): the pair's logit from the producer's own tiles (``pair_dots_kernel``) over the
-    chunk's columns [c0, c1), or a dummy."""
-    if target.margin is None:
-        return a.new_zeros(1, dtype=torch.float32)
-    if target.pair_col is not None:
-        raise ValueError("per-row pair columns of a margin on the student's similarities are read from a chunk "
-                         "of dot products: use the cuBLAS producer (FASTCON_TRITON_PRODUCER=cublas)")
-    cfg = tiles.cfg
-    r = r1 - r0
-    out = torch.empty(r, dtype=torch.float32, device=a.device)
-    a_c, b_k = a[r0:r1], b[c0:c1]
-    launch(pair_dots_kernel)[(triton.cdiv(r, cfg.block_m),)](
-        a_c, b_k, out, r, c1 - c0, a.shape[1], r0 + int(target.pair_offset) - c0, a_c.stride(0), b_k.stride(0),
-        INPUT_PRECISION=tiles.consts(a)["INPUT_PRECISION"], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    from ...targets import margin_bound
-
-    return margin_bound(target, out).contiguous()
 
 
 def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes, teacher=None,

@@ -1,0 +1,92 @@
+"""sentence-transformers' MatryoshkaLoss and GISTEmbed losses as ``fastcon-bench`` peers, from
+embeddings (the bench's ``fn(a, b, logit_scale, logit_bias)``): their own classes computing what
+their ``forward`` computes after the embedding pass.
+
+* ``matryoshka_mnrl``: ``MatryoshkaLoss(MultipleNegativesRankingLoss)`` is their MNRL on each prefix
+  shrunk by their ``shrink``, weights 1; the cached form runs their ``CachedMultipleNegativesRankingLoss``
+  ``calculate_loss`` under their cached-loss decorator on mini-batches of the embeddings;
+* ``gist``: their ``CachedGISTEmbedLoss.calculate_loss`` on the embeddings and the guide's, with their
+  mini-batch (the cached form) or the whole batch as one mini-batch (the same arithmetic as
+  ``GISTEmbedLoss``, whose ``forward`` has no entry from embeddings).
+
+The cached forms back-propagate inside the loss, as theirs do (GradCache): the gradients with respect
+to the embeddings are kept and handed back by the autograd node around them."""
+from __future__ import annotations
+
+import torch
+
+from .providers import MNRL_SCALE, ST_MINI_BATCH, ProviderUnavailable, gist_guide, matryoshka_dims
+
+
+class _GradCached(torch.autograd.Function):
+    """A loss that back-propagates into mini-batch copies of its inputs while it is computed
+    (``run(reps)`` with ``reps`` a list of mini-batch lists per input): its value, and in the backward
+    the kept gradients times the upstream gradient."""
+
+    @staticmethod
+    def forward(ctx, run, chunk, *xs):
+        reps = [[t.detach().requires_grad_() for t in x.split(chunk)] for x in xs]
+        with torch.enable_grad():
+            value = run(reps)
+        ctx.save_for_backward(*[torch.cat([t.grad if t.grad is not None else torch.zeros_like(t) for t in r])
+                                for r in reps])
+        return value.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, None) + tuple(grad * g for g in ctx.saved_tensors)
+
+
+def _bare(cls, **attributes):
+    """One of their loss modules without its model (the loss from embeddings reads only these)."""
+    loss = cls.__new__(cls)
+    torch.nn.Module.__init__(loss)
+    for name, value in attributes.items():
+        setattr(loss, name, value)
+    return loss
+
+
+def st_embedding_loss(loss: str, cached: bool):
+    try:
+        from sentence_transformers.sentence_transformer import losses
+        from sentence_transformers.sentence_transformer.losses.matryoshka import CachedLossDecorator, shrink
+    except ImportError as err:
+        raise ProviderUnavailable(f"this sentence-transformers has no {loss} loss to compare with: {err}") from err
+    if loss == "matryoshka_mnrl":
+        if not cached:
+            mnrl = losses.MultipleNegativesRankingLoss(None, scale=MNRL_SCALE)
+
+            def matryoshka(a, b, s, bias):
+                return sum(mnrl.compute_loss_from_embeddings([shrink(a, d), shrink(b, d)], None)
+                           for d in matryoshka_dims(a.shape[1]))
+            return matryoshka
+        cmnrl = losses.CachedMultipleNegativesRankingLoss(torch.nn.Sequential(torch.nn.Identity()), scale=MNRL_SCALE,
+                                                          mini_batch_size=ST_MINI_BATCH)
+
+        def cached_matryoshka(a, b, s, bias):
+            dims = matryoshka_dims(a.shape[1])
+            decorated = CachedLossDecorator(cmnrl.calculate_loss, dims, [1] * len(dims))
+            return _GradCached.apply(lambda reps: decorated(reps, with_backward=True), ST_MINI_BATCH, a, b)
+        return cached_matryoshka
+    gist = _bare(losses.CachedGISTEmbedLoss, temperature=0.01, similarity_fct=torch.nn.CosineSimilarity(dim=-1),
+                 margin_strategy="absolute", margin=0.0, contrast_anchors=True, contrast_positives=True,
+                 gather_across_devices=False, mini_batch_size=ST_MINI_BATCH, show_progress_bar=False,
+                 cross_entropy_loss=torch.nn.CrossEntropyLoss())
+
+    def gist_loss(a, b, s, bias):
+        ga, gb = gist_guide(a, b)
+        chunk = ST_MINI_BATCH if cached else a.shape[0]
+        gist.mini_batch_size = chunk
+        guide = [list(ga.split(chunk)), list(gb.split(chunk))]
+        return _GradCached.apply(lambda reps: gist.calculate_loss(reps, guide, with_backward=True), chunk, a, b)
+    return gist_loss
+
+
+def st_predicted_bytes(loss: str, cached: bool, n: int, d: int) -> int:
+    """A lower bound of their peak memory: their cosine similarity broadcasts a (rows, n, D) product
+    before its sum (GIST; four blocks of rows × n), and MNRL holds each prefix's n × n logits and
+    softmax until the backward (five prefixes), or one mini-batch's of them (cached)."""
+    rows = ST_MINI_BATCH if cached else n
+    if loss == "gist":
+        return 4 * rows * n * d
+    return (2 if cached else 2 * len(matryoshka_dims(d))) * 4 * rows * n
