@@ -15,7 +15,19 @@ from __future__ import annotations
 
 import torch
 
-from .providers import MNRL_SCALE, ST_MINI_BATCH, ProviderUnavailable, gist_guide, matryoshka_dims
+ST_MINI_BATCH = 32  # the mini-batch of sentence-transformers' cached losses (their default)
+
+
+def matryoshka_dims(d: int):
+    """matryoshka_mnrl's dims: D, 2D/3, D/3, D/6, D/12 (384, 256, 128, 64, 32 at D = 384)."""
+    return tuple(sorted({max(1, d * k // 12) for k in (12, 8, 4, 2, 1)}, reverse=True))
+
+
+def gist_guide(a, b):
+    """gist's guide embeddings of the same texts (no gradient): a model that mostly agrees with the
+    student, ``a + b/2`` and ``b + a/2``."""
+    a, b = a.detach(), b.detach()
+    return a + 0.5 * b, b + 0.5 * a
 
 
 class _GradCached(torch.autograd.Function):
@@ -46,21 +58,21 @@ def _bare(cls, **attributes):
     return loss
 
 
-def st_embedding_loss(loss: str, cached: bool):
-    try:
-        from sentence_transformers.sentence_transformer import losses
-        from sentence_transformers.sentence_transformer.losses.matryoshka import CachedLossDecorator, shrink
-    except ImportError as err:
-        raise ProviderUnavailable(f"this sentence-transformers has no {loss} loss to compare with: {err}") from err
+def st_embedding_loss(loss: str, cached: bool, mnrl_scale: float):
+    """Their ``matryoshka_mnrl`` or ``gist`` loss (``cached``: the mini-batched form) as
+    ``fn(a, b, logit_scale, logit_bias)``; an ImportError where sentence-transformers lacks it."""
+    from sentence_transformers.sentence_transformer import losses
+    from sentence_transformers.sentence_transformer.losses.matryoshka import CachedLossDecorator, shrink
+
     if loss == "matryoshka_mnrl":
         if not cached:
-            mnrl = losses.MultipleNegativesRankingLoss(None, scale=MNRL_SCALE)
+            mnrl = losses.MultipleNegativesRankingLoss(None, scale=mnrl_scale)
 
             def matryoshka(a, b, s, bias):
                 return sum(mnrl.compute_loss_from_embeddings([shrink(a, d), shrink(b, d)], None)
                            for d in matryoshka_dims(a.shape[1]))
             return matryoshka
-        cmnrl = losses.CachedMultipleNegativesRankingLoss(torch.nn.Sequential(torch.nn.Identity()), scale=MNRL_SCALE,
+        cmnrl = losses.CachedMultipleNegativesRankingLoss(torch.nn.Sequential(torch.nn.Identity()), scale=mnrl_scale,
                                                           mini_batch_size=ST_MINI_BATCH)
 
         def cached_matryoshka(a, b, s, bias):

@@ -11,6 +11,8 @@ import os
 import shutil
 from typing import Callable, Optional, Tuple
 
+from .peers import gist_guide, matryoshka_dims, st_predicted_bytes
+
 # clip_labels: CLIP over class ids (4 consecutive pairs per class); clip_debias: the debiased CLIP loss
 # (τ⁺ = DEBIAS, docs/losses.md §2.5); ntxent: NT-Xent of the two views
 # a, b (τ = 0.5, lightly's default); mnrl: sentence-transformers' MNRL with queries a and positives b
@@ -62,21 +64,10 @@ _GPU_PEERS = {
 NTXENT_TEMPERATURE = 0.5
 MNRL_SCALE = 20.0
 DEBIAS = 0.1  # clip_debias's class prior τ⁺ (docs/losses.md §2.5)
-ST_MINI_BATCH = 32  # the mini-batch of sentence-transformers' cached losses (their default)
 
-
-def matryoshka_dims(d: int):
-    """matryoshka_mnrl's dims: D, 2D/3, D/3, D/6, D/12 (384, 256, 128, 64, 32 at D = 384)."""
-    return tuple(sorted({max(1, d * k // 12) for k in (12, 8, 4, 2, 1)}, reverse=True))
-
-
-def gist_guide(a, b):
-    """gist's guide embeddings of the same texts (no gradient): a model that mostly agrees with the
-    student, ``a + b/2`` and ``b + a/2``."""
-    a, b = a.detach(), b.detach()
-    return a + 0.5 * b, b + 0.5 * a
 DISTILL_TEACHER_SCALE = 30.0
 M2MIX_LAM = 0.3
+
 
 
 class ProviderUnavailable(RuntimeError):
@@ -303,7 +294,10 @@ def _target_loss_fn(loss: str, provider: str) -> Callable:
     if provider.startswith("sentence_transformers") and loss in ("matryoshka_mnrl", "gist"):
         from .peers import st_embedding_loss
 
-        return st_embedding_loss(loss, provider.endswith("_cached"))
+        try:
+            return st_embedding_loss(loss, provider.endswith("_cached"), MNRL_SCALE)
+        except ImportError as err:
+            raise ProviderUnavailable(f"this sentence-transformers has no {loss} loss to compare with: {err}") from err
     if provider == "sentence_transformers":
         from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
@@ -461,8 +455,6 @@ def predicted_bytes(provider: str, loss: str, n: int, d: int) -> Optional[int]:
     """A lower bound of a case's peak memory where it is O(N²) (None where it is not): the
     materialising providers hold ``MATERIALISING[provider]`` fp32 N×N buffers."""
     if provider.startswith("sentence_transformers") and loss in ("matryoshka_mnrl", "gist"):
-        from .peers import st_predicted_bytes
-
         return st_predicted_bytes(loss, provider.endswith("_cached"), n, d)
     if loss in TOKEN_LOSSES or provider not in MATERIALISING:
         return None
