@@ -126,9 +126,10 @@ group_a() {
   bench dims "${DIMS_TIMEOUT:-50}" gpu-dims-bf16 --loss clip,siglip --providers "$ours,inf_cl,siglip_kernel" \
     --batch "${DIM_BATCH:-65536}" --dim "${DIM_SWEEP:-512,1152}"
   # The general-target losses (class ids, NT-Xent, MNRL, DistillClipLoss, alignment/uniformity, MoCHi,
-  # m²-mix) against their references and installed peers.
+  # m²-mix; last, so that a stage cut by its limit keeps the others: the debiased loss, Matryoshka MNRL,
+  # GISTEmbed) against their references and installed peers.
   bench targets "${TARGET_TIMEOUT:-50}" gpu-targets-bf16 \
-    --loss clip_labels,ntxent,mnrl,distill,align_uniform,mochi,m2mix \
+    --loss clip_labels,ntxent,mnrl,distill,align_uniform,mochi,m2mix,clip_debias,matryoshka_mnrl,gist \
     --providers "$ours,reference,open_clip,lightly,sentence_transformers" --batch "${TARGET_BATCH:-8192,32768}" \
     --dim "${SWEEP_DIM:-768}"
 }

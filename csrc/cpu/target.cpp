@@ -301,6 +301,15 @@ const T* guide_chunk(const TargetView& t, Tensor& buf, int64_t chunk_rows, int64
   return g.data_ptr<T>();
 }
 
+// exp(x)·mass − q of one pair: at a positive whose target q is above ½ with a mass of 1 (a row of one
+// positive: p ≈ 1 there when the loss is small), expm1(x) + (1 − q), which keeps the bits that
+// exp(x) − q cancels (the Triton epilogue forms it the same way).
+template <typename T>
+FC_INLINE T softmax_minus_q(T x, T mass, T q) {
+  if (q > T(0.5) && mass == T(1)) return T(std::expm1(double(x)) + (1.0 - double(q)));
+  return Math<T>::exp(x) * mass - q;
+}
+
 // Everything about row i that its pairs' decisions read, once per row.
 template <typename T>
 struct RowCtx {
@@ -697,10 +706,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad_impl(
         T v;
         T g = T(0);
         if (decide<T>(t, rc, i, j, dv, gp ? gd[jj] : dv, s, bb, &p, &v)) {
-          g = wr * (Math<T>::exp((v - rhi) - rlo) * rmass - (p ? qp : T(0)) - qk);
+          g = wr * (softmax_minus_q<T>((v - rhi) - rlo, rmass, p ? qp : T(0)) - qk);
           if (symmetric && wc[j] != T(0)) {
             const T cmass = sv.col_mass ? sv.col_mass[j] : T(1);
-            g += wc[j] * (Math<T>::exp((v - chi[j]) - clo[j]) * cmass - (p ? qcp[j] : T(0)) - qck[j]);
+            g += wc[j] * (softmax_minus_q<T>((v - chi[j]) - clo[j], cmass, p ? qcp[j] : T(0)) - qck[j]);
           }
         }
         gs += g * dv;
