@@ -38,7 +38,6 @@ struct TargetView {
   std::vector<uint8_t> col_pen;    // cols[:, kColPenalty] != 0 with has_penalty_cols
   const bool* mask = nullptr;     // (Na, Nb)
   int64_t na = 0, nb = 0;
-  int64_t pair_offset = 0;
   bool has_margin = false, has_range = false, has_keep = false, has_owners = false, has_penalty_cols = false;
   bool plain = false;  // positives by id only: every pair is kept (the loops take a vectorised path)
   double margin = 0.0;
@@ -84,7 +83,6 @@ TargetView make_view(const char* op, const Tensor& rows, const Tensor& cols, at:
     v.mask = mask->data_ptr<bool>();
   }
   const int64_t flags = int64_t(numbers[wire::kNumFlags]);
-  v.pair_offset = int64_t(numbers[wire::kNumPairOffset]);
   v.has_margin = !std::isnan(numbers[wire::kNumMargin]);
   v.margin = v.has_margin ? numbers[wire::kNumMargin] : 0.0;
   v.margin_relative = numbers[wire::kNumMarginRelative] != 0.0;
@@ -705,7 +703,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad_impl(
         bool p = false;
         T v;
         T g = T(0);
-        if (decide<T>(t, rc, i, j, dv, gp ? gd[jj] : dv, s, bb, &p, &v)) {
+        if (decide<T>(t, rc, i, j, dv, gd[jj], s, bb, &p, &v)) {
           g = wr * (softmax_minus_q<T>((v - rhi) - rlo, rmass, p ? qp : T(0)) - qk);
           if (symmetric && wc[j] != T(0)) {
             const T cmass = sv.col_mass ? sv.col_mass[j] : T(1);

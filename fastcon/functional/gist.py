@@ -129,7 +129,7 @@ def gist_loss(anchor: torch.Tensor, positive: torch.Tensor, guide_anchor: torch.
         p_world, gp_world = all_gather_with_grad(p, group), all_gather_no_grad(gp, group)
         if n is not None:
             n_world, gn_world = all_gather_with_grad(n, group), all_gather_no_grad(gn, group)
-    rows, cols, guide_rows, guide_cols, target = _gist_target(
+    rows, cols, target = _gist_target(
         a, p, p_world, n_world, ga, gp, gp_world, gn_world, rank=rank, margin_strategy=margin_strategy,
         margin=float(margin), contrast_anchors=contrast_anchors, contrast_positives=contrast_positives)
     scale = torch.tensor(1.0 / float(temperature), dtype=torch.float64, device=a.device)
@@ -143,8 +143,8 @@ def _gist_target(a, p, p_world, n_world, ga, gp, gp_world, gn_world, *, rank, ma
     ``contrast_positives``) against columns ``[P_world; A; N_world]`` (A only where a block or a P row's
     threshold needs it), and its target: row groups ``{A_i, P_i}`` sharing one softmax, column ranges
     and the self pairs excluded, the positive ``(A_i, P_i)`` by id, and the guided margin with each
-    row's pair column (A_i: P_i; P_i: A_i, whose guide similarity is the same θ_i). Returns (rows,
-    cols, guide rows, guide cols, Target)."""
+    row's pair column (A_i: P_i; P_i: A_i, whose guide similarity is the same θ_i), the guide's rows
+    and columns stacked alike. Returns (rows, cols, Target)."""
     dev = a.device
     b, bw = a.shape[0], p_world.shape[0]
     n_neg = 0 if n_world is None else n_world.shape[0]
@@ -178,4 +178,4 @@ def _gist_target(a, p, p_world, n_world, ga, gp, gp_world, gn_world, *, rank, ma
     target = Target(row_ids, col_ids, exclude_col=exclude_col if bool((exclude_col >= 0).any()) else None,
                     col_keep=col_keep, margin=margin, row_group=row_group, col_range=col_range.contiguous(),
                     teacher=guide, margin_relative=margin_strategy == "relative", pair_col=pair_col)
-    return rows, cols, guide_rows, guide_cols, target
+    return rows, cols, target

@@ -83,10 +83,6 @@ def clip_loss(
     if tau and (bias is not None or labels is not None or eps):
         raise ValueError("debias does not combine with logit_bias, labels or label_smoothing (docs/losses.md §2.5 "
                          "defines it for one positive per row, without a bias)")
-    if tau and pair_mask is None:
-        return _debiased_clip_loss(image_features, text_features, scale, pos_offset, tau, process_group=process_group,
-                                   local_loss=local_loss, gather_with_grad=gather_with_grad, backend=backend,
-                                   chunk_size=chunk_size)
     paired_only = labels is not None or pair_mask is not None  # (their own error for a rectangular batch)
     if not (paired_only and pos_offset is None):
         pos_offset = check_pos_offset(pos_offset, image_features.shape[0], text_features.shape[0])
@@ -108,16 +104,15 @@ def clip_loss(
             pair_mask = check_mask("pair_mask", pair_mask, shape, image_features.device)  # False drops a pair
         if group is not None:
             if distinct:
-                from ..distributed import group_rank_and_size
-
-                labels = labels + group_rank_and_size(group)[0] * n
+                labels = _rank_ids(n, group, image_features.device)
             return _multi_positive_distributed(image_features, text_features, scale, bias, labels, pair_mask, eps,
                                                group=group, local_loss=local_loss,
                                                gather_with_grad=gather_with_grad, backend=backend,
                                                chunk_size=chunk_size, debias=tau)
         if backend == "reference":
             if tau:
-                return _debiased_reference(image_features, text_features, scale, 0, tau, pair_mask)
+                return reference.debiased_clip_loss_reference(image_features, text_features, scale, tau,
+                                                              pair_mask=pair_mask).to(image_features.dtype)
             return reference.multi_positive_clip_loss_reference(
                 image_features, text_features, scale, bias, labels=labels, label_smoothing=eps,
                 pair_mask=pair_mask).to(image_features.dtype)
@@ -130,12 +125,24 @@ def clip_loss(
 
         if pos_offset != 0:
             raise ValueError("pos_offset must be 0 in the distributed loss (the positives are the paired rows)")
+        if tau:  # one positive per row, on the general target
+            n = image_features.shape[0]
+            return _multi_positive_distributed(image_features, text_features, scale, None,
+                                               _rank_ids(n, group, image_features.device), None, 0.0, group=group,
+                                               local_loss=local_loss, gather_with_grad=gather_with_grad,
+                                               backend=backend, chunk_size=chunk_size, debias=tau)
         impl = distributed.clip_loss_local if local_loss else distributed.clip_loss_ring
         return impl(image_features, text_features, scale, bias, group=group, gather_with_grad=gather_with_grad,
                     label_smoothing=eps, backend=backend, chunk_size=chunk_size)
     if backend == "reference":
-        return reference.clip_loss_reference(image_features, text_features, scale, bias,
-                                             label_smoothing=eps, pos_offset=pos_offset).to(image_features.dtype)
+        return reference.clip_loss_reference(image_features, text_features, scale, bias, label_smoothing=eps,
+                                             pos_offset=pos_offset, debias=tau).to(image_features.dtype)
+    if tau:  # one positive per row (row i's at column pos_offset + i), on the general target
+        dev = image_features.device
+        target = Target(torch.arange(image_features.shape[0], device=dev) + pos_offset,
+                        torch.arange(text_features.shape[0], device=dev), debias=tau)
+        return target_engine_loss(image_features, text_features, scale, None, target, backend=backend,
+                                  chunk_size=chunk_size)
     return clip_engine_loss(image_features, text_features, scale, bias, label_smoothing=eps,
                             pos_offset=pos_offset, backend=backend, chunk_size=chunk_size)
 
@@ -319,41 +326,11 @@ def _negatives_distributed(x, y, negatives, scale, bias, form, negative_mask, ma
                               label_smoothing=eps, symmetric=True, backend=backend, chunk_size=chunk_size)
 
 
-def _debiased_clip_loss(x, y, scale, pos_offset, tau, *, process_group, local_loss, gather_with_grad, backend,
-                        chunk_size):
-    """clip_loss(debias=τ⁺) without a pair mask: the general target with one positive per row (row i's
-    at column ``pos_offset + i``), debiased in both directions; across ranks in open_clip's modes."""
-    pos_offset = check_pos_offset(pos_offset, x.shape[0], y.shape[0])
-    chunk_size = check_chunk_size(chunk_size)
-    check_modes(local_loss, gather_with_grad)
-    group = distributed_setup(process_group, x, y, backend)
-    dev = x.device
-    if group is not None:
-        if pos_offset != 0:
-            raise ValueError("pos_offset must be 0 in the distributed loss (the positives are the paired rows)")
-        from ..distributed import group_rank_and_size
+def _rank_ids(n, group, device):
+    """Ids of this rank's n pairs, distinct across the ranks of ``group`` (rank·n + i)."""
+    from ..distributed import group_rank_and_size
 
-        n = x.shape[0]
-        ids = torch.arange(n, device=dev) + group_rank_and_size(group)[0] * n
-        return _multi_positive_distributed(x, y, scale, None, ids, None, 0.0, group=group, local_loss=local_loss,
-                                           gather_with_grad=gather_with_grad, backend=backend,
-                                           chunk_size=chunk_size, debias=tau)
-    if backend == "reference":
-        return _debiased_reference(x, y, scale, pos_offset, tau, None)
-    target = Target(torch.arange(x.shape[0], device=dev) + pos_offset, torch.arange(y.shape[0], device=dev),
-                    debias=tau)
-    return target_engine_loss(x, y, scale, None, target, backend=backend, chunk_size=chunk_size)
-
-
-def _debiased_reference(x, y, scale, pos_offset, tau, pair_mask):
-    if pair_mask is None:
-        return reference.clip_loss_reference(x, y, scale, pos_offset=pos_offset, debias=tau).to(x.dtype)
-    logits = reference.losses._logits(x, y, scale, None, True)
-    idx = torch.arange(x.shape[0], device=x.device)
-    keep = pair_mask.to(x.device)
-    row = reference.debiased_rows_reference(logits, idx, keep, tau, scale).mean()
-    col = reference.debiased_rows_reference(logits.T, idx, keep.T, tau, scale).mean()
-    return ((row + col) / 2).to(x.dtype)
+    return torch.arange(n, device=device) + group_rank_and_size(group)[0] * n
 
 
 def _multi_positive_distributed(x, y, scale, bias, labels, pair_mask, eps, *, group, local_loss, gather_with_grad,

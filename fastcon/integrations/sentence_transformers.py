@@ -60,11 +60,11 @@ def _world(queries, docs, gather: bool):
     gradients flowing home (each rank receives the sum of every rank's gradient of its rows)."""
     import torch.distributed as dist
 
-    if not (gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    group = _gather_group(gather)
+    if group is None:
         return queries, docs, 0
     from fastcon.distributed import all_gather_with_grad
 
-    group = dist.group.WORLD
     return (all_gather_with_grad(queries, group), [all_gather_with_grad(d, group) for d in docs],
             dist.get_rank() * queries.shape[0])
 

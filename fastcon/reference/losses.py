@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 __all__ = ["clip_loss_reference", "siglip_loss_reference", "clip_loss_explicit", "siglip_loss_explicit",
            "target_cross_entropy_reference", "multi_positive_clip_loss_reference", "negatives_clip_loss_reference",
-           "ntxent_loss_reference", "debiased_rows_reference", "MNRL_DIRECTIONS", "mnrl_loss_reference", "ntxent_bank_loss_reference",
+           "ntxent_loss_reference", "debiased_rows_reference", "debiased_clip_loss_reference",
+           "MNRL_DIRECTIONS", "mnrl_loss_reference", "ntxent_bank_loss_reference",
            "DISTILL_KINDS", "distill_loss_reference", "distill_clip_loss_reference", "align_uniform_loss_reference",
            "slerp_reference", "m2mix_loss_reference", "mochi_top_indices", "mochi_loss_reference",
            "pooled_alignment_loss_reference", "patch_nce_loss_reference", "filip_similarities_reference",
@@ -49,14 +50,28 @@ def clip_loss_reference(image_features: torch.Tensor, text_features: torch.Tenso
     if debias:
         if logit_bias is not None or label_smoothing:
             raise ValueError("the debiased loss takes no logit_bias and no label_smoothing")
-        scale = torch.as_tensor(logit_scale, dtype=logits.dtype, device=logits.device)
-        idx = torch.arange(na, device=logits.device)
-        row = debiased_rows_reference(logits, labels, None, debias, scale).mean()
-        col = debiased_rows_reference(logits[:, pos_offset:pos_offset + na].T, idx, None, debias, scale).mean()
-        return (row + col) / 2
+        return debiased_clip_loss_reference(image_features, text_features, logit_scale, debias, pos_offset=pos_offset,
+                                            upcast=upcast)
     row = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
     col_logits = logits[:, pos_offset:pos_offset + na].T
     col = F.cross_entropy(col_logits, torch.arange(na, device=logits.device), label_smoothing=label_smoothing)
+    return (row + col) / 2
+
+
+def debiased_clip_loss_reference(image_features, text_features, logit_scale, tau_plus: float, *, pos_offset: int = 0,
+                                 pair_mask=None, upcast: bool = True) -> torch.Tensor:
+    """CLIP whose two cross-entropies are the debiased loss (docs/losses.md §2.5), materialised: row
+    i's positive is column ``pos_offset + i``, and the column direction runs over the Na columns that
+    own one. ``pair_mask`` (Na, Nb) bool drops the pairs where it is False from both directions."""
+    na = image_features.shape[0]
+    logits = _logits(image_features, text_features, logit_scale, None, upcast)
+    scale = torch.as_tensor(logit_scale, dtype=logits.dtype, device=logits.device)
+    idx = torch.arange(na, device=logits.device)
+    keep = None if pair_mask is None else pair_mask.to(logits.device)
+    owned = slice(pos_offset, pos_offset + na)
+    row = debiased_rows_reference(logits, idx + pos_offset, keep, tau_plus, scale).mean()
+    col = debiased_rows_reference(logits[:, owned].T, idx, None if keep is None else keep[:, owned].T, tau_plus,
+                                  scale).mean()
     return (row + col) / 2
 
 
