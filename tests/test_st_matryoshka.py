@@ -8,10 +8,10 @@ import random
 import warnings
 
 import pytest
-import torch
 
 from helpers import assert_close_rel
-from test_st_gist import ANCHORS, NEGATIVES, POSITIVES, models  # noqa: F401 (the fixture)
+from test_st_gist import _step as gist_step  # noqa: E402
+from test_st_gist import models  # noqa: F401 (the fixture)
 
 st = pytest.importorskip("sentence_transformers")
 from sentence_transformers import util as st_util  # noqa: E402
@@ -23,13 +23,8 @@ DIMS, WEIGHTS = [64, 384, 128, 256, 32], [1, 2, 1, 0.5, 1]  # (unsorted: both so
 
 
 def _step(model, loss, seed=0):
-    features = [model.preprocess(x) for x in (ANCHORS, POSITIVES, NEGATIVES)]
-    model.zero_grad()
     random.seed(seed)  # n_dims_per_step draws with Python's random, theirs and ours alike
-    value = loss([dict(f) for f in features], None)
-    value.backward()
-    return value.detach().double(), torch.cat([p.grad.reshape(-1).double() for p in model.parameters()
-                                               if p.grad is not None])
+    return gist_step(model, loss)
 
 
 INNER = {
