@@ -490,3 +490,20 @@ def test_dropped_columns_count_once_per_row_in_the_column_smoothing(backend):
     assert_close_rel(loss, expected, rtol=tol, name="loss")
     for g, e in zip(torch.autograd.grad(loss, leaves), torch.autograd.grad(expected, truth)):
         assert_close_rel(g, e, rtol=tol, atol=tol * 1e-2, name="grad")
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_plain_sweep_matches_the_per_pair_path(symmetric):
+    """A plain target (positives by id, every pair kept) takes the C++ backend's vectorised pass 2; the
+    same target with an all-True column keep takes the per-pair path: the same loss and gradients."""
+    a, b = make_features(70, 70, 24, seed=3)
+    ids = torch.arange(70) % 23
+    s, bias = torch.tensor(25.0, dtype=torch.float64), torch.tensor(-0.5, dtype=torch.float64)
+    out = []
+    for keep in (None, torch.ones(70, dtype=torch.bool)):
+        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+        loss = target_engine_loss(x, y, s, bias, Target(ids, ids, col_keep=keep), label_smoothing=0.1,
+                                  symmetric=symmetric, backend="cpp", chunk_size=16)
+        out.append((loss, *torch.autograd.grad(loss, (x, y))))
+    for p, q in zip(*out):
+        assert_close_rel(p, q, rtol=1e-6, atol=1e-7)

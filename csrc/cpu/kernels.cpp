@@ -51,6 +51,14 @@ namespace cpu {
     else                                                                                                     \
       k_sigmoid<T, false>(d, g, n, s, b, w, loss, gs, gb);                                                   \
   }                                                                                                          \
+  FC_CLONES void fc_target_grad(const T* d, T* g, int64_t n, T s, T b, const int64_t* cids, int64_t rid,     \
+                                const TargetGradRow<T>& r, const TargetGradCols<T>& c, bool col, T* gs,       \
+                                T* gb) {                                                                     \
+    if (col)                                                                                                 \
+      k_target_grad<T, true>(d, g, n, s, b, cids, rid, r, c, gs, gb);                                        \
+    else                                                                                                     \
+      k_target_grad<T, false>(d, g, n, s, b, cids, rid, r, c, gs, gb);                                       \
+  }                                                                                                          \
   FC_CLONES void fc_soft_stats(const T* L, const T* P, const T* td, int64_t n, const SoftRow<T>& r,    \
                                const SoftCols<T>& c, bool linear, bool col, bool ent, double* xcol,          \
                                double* ecol, double* xrow, double* erow) {                                   \

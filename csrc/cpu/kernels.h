@@ -245,6 +245,48 @@ FC_INLINE void k_grad(const T* d, T* g, int64_t n, T s, T b, T rhi, T rlo, T wr,
   *out_gb = ab;
 }
 
+// A row's and the columns' weights of a general target's pass 2 (k_target_grad): the row weight, its
+// split LSE, its target mass and smoothing target; per column the weight, split LSE, mass and
+// smoothing target (the columns only with a column direction).
+template <typename T>
+struct TargetGradRow {
+  T wr, rhi, rlo, mass, qk;
+};
+
+template <typename T>
+struct TargetGradCols {
+  const T* wc;
+  const T* hi;
+  const T* lo;
+  const T* mass;
+  const T* qk;
+};
+
+// ---- pass 2 of a general target without soft targets, one row whose pairs are all kept (a plain
+// target: positives by id only). At the row's non-positives G_j = wr·(exp(S_j − rl)·rmass − qk)
+// [+ wc_j·(exp(S_j − cl_j)·cmass_j − qck_j)], the LSEs split as in k_grad; the positives
+// (cids[j] == rid >= 0) keep g[j] = d[j] and are left out of the returned Σ G·d and Σ G, for the
+// caller to form exactly (an exp(x) − q near 1 − 1 needs expm1; they are one or a few per row).
+template <typename T, bool kCol>
+FC_INLINE void k_target_grad(const T* d, T* g, int64_t n, T s, T b, const int64_t* __restrict cids, int64_t rid,
+                             const TargetGradRow<T>& r, const TargetGradCols<T>& c, T* out_gs, T* out_gb) {
+  T as = 0, ab = 0;
+#pragma omp simd reduction(+ : as, ab)
+  for (int64_t j = 0; j < n; ++j) {
+    T dv = d[j];
+    T v = dv * s + b;
+    T e = r.wr * (Math<T>::exp((v - r.rhi) - r.rlo) * r.mass - r.qk);
+    if (kCol) e += c.wc[j] * (Math<T>::exp((v - c.hi[j]) - c.lo[j]) * c.mass[j] - c.qk[j]);
+    const bool p = rid >= 0 && cids[j] == rid;
+    e = p ? T(0) : e;
+    as += e * dv;
+    ab += e;
+    g[j] = p ? dv : flush_subnormal(e);
+  }
+  *out_gs = as;
+  *out_gb = ab;
+}
+
 // ---- sigmoid loss of negatives, one row range: Σ softplus(S_j); with kGrad also G_j = w·σ(S_j)
 // (written to g, which may equal d) and Σ G·d, Σ G.
 template <typename T, bool kGrad>
@@ -443,6 +485,8 @@ FC_INLINE void k_axpy(T* __restrict dst, const T* __restrict src, int64_t n, T g
   void fc_grad(const T* d, T* g, int64_t n, T s, T b, T rhi, T rlo, T wr, const T* chi, const T* clo, T wc, \
                bool use_col, T* gs, T* gb);                                                                 \
   void fc_sigmoid(const T* d, T* g, int64_t n, T s, T b, T w, bool need_grad, T* loss, T* gs, T* gb);       \
+  void fc_target_grad(const T* d, T* g, int64_t n, T s, T b, const int64_t* cids, int64_t rid,                \
+                      const TargetGradRow<T>& r, const TargetGradCols<T>& c, bool col, T* gs, T* gb);         \
   void fc_soft_stats(const T* L, const T* P, const T* td, int64_t n, const SoftRow<T>& r,              \
                      const SoftCols<T>& c, bool linear, bool col, bool ent, double* xcol, double* ecol,      \
                      double* xrow, double* erow);                                                            \

@@ -632,6 +632,23 @@ void soft_grad_rows(const TargetView& t, const SoftView<T>& sv, T* dp, const T* 
   }
 }
 
+// The columns' weights of pass 2 as k_target_grad reads them, from column c0 on (a mass of 1 where
+// the target gives none).
+template <typename T>
+struct GradCols {
+  TargetGradCols<T> base{};
+  std::vector<T> ones;
+  GradCols(bool symmetric, const T* wc, const T* chi, const T* clo, const T* mass, const T* qck, int64_t nb) {
+    if (!symmetric) return;
+    if (!mass) ones.assign(size_t(nb), T(1));
+    base = TargetGradCols<T>{wc, chi, clo, mass ? mass : ones.data(), qck};
+  }
+  TargetGradCols<T> at(int64_t c0) const {
+    if (!base.wc) return base;
+    return TargetGradCols<T>{base.wc + c0, base.hi + c0, base.lo + c0, base.mass + c0, base.qk + c0};
+  }
+};
+
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad_impl(
     const Tensor& a, const Tensor& b, T s, T bb, const TargetView& t, const SoftView<T>& sv, const Tensor& row_lse,
@@ -660,6 +677,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad_impl(
   Tensor grad_a = at::zeros({na, dim}, a.options());
   Tensor grad_b = at::zeros({nb, dim}, a.options());
   std::vector<double> gs_rows(size_t(na), 0.0), gb_rows(size_t(na), 0.0);
+  const GradCols<T> gcols(symmetric, wc, chi, clo, sv.col_mass, qck, nb);
   Tensor buf, tbuf, gbuf;
   size_t k = 0;  // the next cached chunk
   bool cached_prefix = true;
@@ -696,20 +714,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad_impl(
       const T rhi = rls.hi[i], rlo = rls.lo[i];
       const T qp = qrp[i], qk = qrk[i];
       const T rmass = sv.row_mass ? sv.row_mass[i] : T(1);  // a target mass (a row-LSE's upstream weight)
+      // G of a kept pair (i, j) with logit v
+      auto pair_grad = [&](int64_t j, T v, bool p) {
+        T g = wr * (softmax_minus_q<T>((v - rhi) - rlo, rmass, p ? qp : T(0)) - qk);
+        if (symmetric && wc[j] != T(0)) {
+          const T cmass = sv.col_mass ? sv.col_mass[j] : T(1);
+          g += wc[j] * (softmax_minus_q<T>((v - chi[j]) - clo[j], cmass, p ? qcp[j] : T(0)) - qck[j]);
+        }
+        return g;
+      };
       T gs = 0, gb = 0;
-      for (int64_t jj = 0; jj < w; ++jj) {
+      if (t.plain) {  // every pair kept: the non-positives in one vectorised sweep, then the positives
+        const TargetGradRow<T> r{wr, rhi, rlo, rmass, qk};
+        fc_target_grad(d, d, w, s, bb, t.col_ids.data() + c0, rc.id, r, gcols.at(c0), symmetric, &gs, &gb);
+        for (int64_t jj = 0; rc.id >= 0 && jj < w; ++jj) {
+          if (t.col_ids[size_t(c0 + jj)] != rc.id) continue;
+          const T dv = d[jj];
+          const T g = pair_grad(c0 + jj, dv * s + bb, true);
+          gs += g * dv;
+          gb += g;
+          d[jj] = flush_subnormal(g);
+        }
+      }
+      for (int64_t jj = 0; jj < w && !t.plain; ++jj) {
         const int64_t j = c0 + jj;
         const T dv = d[jj];
         bool p = false;
         T v;
         T g = T(0);
-        if (decide<T>(t, rc, i, j, dv, gd[jj], s, bb, &p, &v)) {
-          g = wr * (softmax_minus_q<T>((v - rhi) - rlo, rmass, p ? qp : T(0)) - qk);
-          if (symmetric && wc[j] != T(0)) {
-            const T cmass = sv.col_mass ? sv.col_mass[j] : T(1);
-            g += wc[j] * (softmax_minus_q<T>((v - chi[j]) - clo[j], cmass, p ? qcp[j] : T(0)) - qck[j]);
-          }
-        }
+        if (decide<T>(t, rc, i, j, dv, gd[jj], s, bb, &p, &v)) g = pair_grad(j, v, p);
         gs += g * dv;
         gb += g;
         d[jj] = flush_subnormal(g);

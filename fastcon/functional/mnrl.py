@@ -178,6 +178,10 @@ def multiple_negatives_ranking_loss(
     exclude_col = None
     if q2q:  # the query rows drop their own query column
         exclude_col = torch.cat([local + n_c] + ([none] if p_rows else []))
+    if not p_rows:
+        col_range = None  # every query row keeps every column
+    if own_rule is None and penalty_mode == 0:
+        row_owner = col_owner = None  # nothing reads the owners: the target stays plain where it can
     target = Target(row_ids, col_ids, exclude_col=exclude_col, row_group=row_group,
                     row_owner=row_owner, col_owner=col_owner, own_rule=own_rule, col_range=col_range,
                     penalty=penalty, penalty_cols=penalty_cols, penalty_mode=penalty_mode,
