@@ -51,6 +51,21 @@ namespace cpu {
     else                                                                                                     \
       k_sigmoid<T, false>(d, g, n, s, b, w, loss, gs, gb);                                                   \
   }                                                                                                          \
+  FC_CLONES T fc_target_row(const T* d, T* L, T* P, int64_t n, T s, T b, const int64_t* cids, int64_t rid,    \
+                             bool sym, bool smooth, double* cnp, double* csp, double* cnk, double* csk, T* np,   \
+                             double* sp, double* sk) {                                                       \
+    if (sym) {                                                                                               \
+      if (smooth) return k_target_row<T, true, true>(d, L, P, n, s, b, cids, rid, cnp, csp, cnk, csk, np, sp, sk); \
+      return k_target_row<T, true, false>(d, L, P, n, s, b, cids, rid, cnp, csp, cnk, csk, np, sp, sk);     \
+    }                                                                                                        \
+    if (smooth) return k_target_row<T, false, true>(d, L, P, n, s, b, cids, rid, cnp, csp, cnk, csk, np, sp, sk); \
+    return k_target_row<T, false, false>(d, L, P, n, s, b, cids, rid, cnp, csp, cnk, csk, np, sp, sk);       \
+  }                                                                                                          \
+  FC_CLONES T fc_row_exp(const T* L, int64_t n, T sh, T* cnt) { return k_row_exp<T>(L, n, sh, cnt); }        \
+  FC_CLONES void fc_scale_row(const T* p, T* out, int64_t n, T r, const T* c) { k_scale_row<T>(p, out, n, r, c); } \
+  FC_CLONES T fc_prefix_grad_row(T* g, const T* p, int64_t n, T r, const T* c, T* col) {                      \
+    return k_prefix_grad_row<T>(g, p, n, r, c, col);                                                         \
+  }                                                                                                          \
   FC_CLONES void fc_target_grad(const T* d, T* g, int64_t n, T s, T b, const int64_t* cids, int64_t rid,     \
                                 const TargetGradRow<T>& r, const TargetGradCols<T>& c, bool col, T* gs,       \
                                 T* gb) {                                                                     \

@@ -287,6 +287,92 @@ FC_INLINE void k_target_grad(const T* d, T* g, int64_t n, T s, T b, const int64_
   *out_gb = ab;
 }
 
+// ---- pass 1 of a general target, one row whose pairs are all kept (a plain target: positives by id):
+// L_j = s·d_j + b and P_j = [cids[j] == rid >= 0]; returns max_j L_j and writes the number of positives
+// and their summed logits, and the sum of all logits (*sk, with kSmooth); with kSym the columns' counts
+// and sums (cnp, csp; with kSmooth also cnk, csk).
+template <typename T, bool kSym, bool kSmooth>
+FC_INLINE T k_target_row(const T* __restrict d, T* __restrict L, T* __restrict P, int64_t n, T s, T b,
+                         const int64_t* __restrict cids, int64_t rid, double* cnp, double* csp, double* cnk,
+                         double* csk, T* out_np, double* out_sp, double* out_sk) {
+  // Three sweeps over the row (in L1), each with reductions of one type: GCC 12 miscompiles a float
+  // max beside double sums and column stores in one loop under -fno-trapping-math at x86-64-v3/v4.
+  T mm = -inf<T>();
+#pragma omp simd reduction(max : mm)
+  for (int64_t j = 0; j < n; ++j) {
+    const T v = d[j] * s + b;
+    L[j] = v;
+    P[j] = (rid >= 0 && cids[j] == rid) ? T(1) : T(0);
+    mm = v > mm ? v : mm;
+  }
+  double np = 0, sp = 0, sk = 0;
+#pragma omp simd reduction(+ : np, sp, sk)
+  for (int64_t j = 0; j < n; ++j) {
+    const double v = double(L[j]);
+    const double p = double(P[j]);
+    np += p;
+    sp += p * v;
+    if (kSmooth) sk += v;
+  }
+  if (kSym) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const double v = double(L[j]);
+      const double p = double(P[j]);
+      cnp[j] += p;
+      csp[j] += p * v;
+      if (kSmooth) {
+        cnk[j] += 1.0;
+        csk[j] += v;
+      }
+    }
+  }
+  *out_np = T(np);
+  *out_sp = sp;
+  *out_sk = sk;
+  return mm;
+}
+
+// ---- a row's LSE parts at the shift sh: returns Σ_{L_j != sh} exp(L_j − sh) and writes the number of
+// L_j == sh to *cnt (k_rowexp_colexp's split, for one row).
+template <typename T>
+FC_INLINE T k_row_exp(const T* __restrict L, int64_t n, T sh, T* cnt) {
+  T c = 0, acc = 0;
+#pragma omp simd reduction(+ : c, acc)
+  for (int64_t j = 0; j < n; ++j) {
+    const T x = L[j];
+    const bool at_shift = x == sh;
+    c += at_shift ? T(1) : T(0);
+    acc += at_shift ? T(0) : Math<T>::exp(x - sh);
+  }
+  *cnt = c;
+  return acc;
+}
+
+// ---- Matryoshka prefixes (one pass over D): a row of prefix k's tile from the accumulator P_k,
+// out_j = P_j·r·c_j (out may equal p).
+template <typename T>
+FC_INLINE void k_scale_row(const T* p, T* out, int64_t n, T r, const T* __restrict c) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] = p[j] * r * c[j];
+}
+
+// ---- ... and after pass 2's G of that row: the scales' gradient terms Σ_j G_j·P_j·c_j (returned) and
+// col[j] += G_j·P_j·r, and G_j becomes H_j = r·G_j·c_j (the GEMMs' operand).
+template <typename T>
+FC_INLINE T k_prefix_grad_row(T* __restrict g, const T* __restrict p, int64_t n, T r, const T* __restrict c,
+                              T* __restrict col) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j) {
+    const T gp = g[j] * p[j];
+    acc += gp * c[j];
+    col[j] += gp * r;
+    g[j] = g[j] * r * c[j];
+  }
+  return acc;
+}
+
 // ---- sigmoid loss of negatives, one row range: Σ softplus(S_j); with kGrad also G_j = w·σ(S_j)
 // (written to g, which may equal d) and Σ G·d, Σ G.
 template <typename T, bool kGrad>
@@ -485,6 +571,12 @@ FC_INLINE void k_axpy(T* __restrict dst, const T* __restrict src, int64_t n, T g
   void fc_grad(const T* d, T* g, int64_t n, T s, T b, T rhi, T rlo, T wr, const T* chi, const T* clo, T wc, \
                bool use_col, T* gs, T* gb);                                                                 \
   void fc_sigmoid(const T* d, T* g, int64_t n, T s, T b, T w, bool need_grad, T* loss, T* gs, T* gb);       \
+  void fc_scale_row(const T* p, T* out, int64_t n, T r, const T* c);                                         \
+  T fc_target_row(const T* d, T* L, T* P, int64_t n, T s, T b, const int64_t* cids, int64_t rid, bool sym,    \
+                  bool smooth, double* cnp, double* csp, double* cnk, double* csk, T* np, double* sp,          \
+                  double* sk);                                                                                \
+  T fc_row_exp(const T* L, int64_t n, T sh, T* cnt);                                                          \
+  T fc_prefix_grad_row(T* g, const T* p, int64_t n, T r, const T* c, T* col);                                 \
   void fc_target_grad(const T* d, T* g, int64_t n, T s, T b, const int64_t* cids, int64_t rid,                \
                       const TargetGradRow<T>& r, const TargetGradCols<T>& c, bool col, T* gs, T* gb);         \
   void fc_soft_stats(const T* L, const T* P, const T* td, int64_t n, const SoftRow<T>& r,              \

@@ -373,62 +373,60 @@ struct ColSums {
   double* at(int t, int k) { return data.data() + (size_t(t) * kSums + size_t(k)) * size_t(nb); }
 };
 
+// Pass 1's statistics of one loss (one Matryoshka prefix), filled chunk by chunk: ``chunk`` is the
+// epilogue of a chunk of dot products (with the teacher's and the guide's beside it), ``finish`` merges
+// the threads' column sums and returns the outputs.
 template <typename T>
-std::vector<Tensor> target_stats_impl(const Tensor& a, const Tensor& b, T s, T bb, const TargetView& t,
-                                      const SoftView<T>& sv, bool symmetric, bool smoothing, int64_t chunk_rows,
-                                      int64_t cache_bytes) {
-  const int64_t na = a.size(0), nb = b.size(0);
-  const int nt = team_threads();
-  auto f64 = a.options().dtype(at::kDouble);
-  Tensor row_lse = at::full({na}, -inf<double>(), f64);
-  Tensor row_pos = at::zeros({na}, a.options()), row_keep = at::zeros({na}, a.options());
-  Tensor row_sum_pos = at::zeros({na}, f64), row_sum_keep = at::zeros({na}, f64);
-  Tensor col_lse = at::full({nb}, -inf<double>(), f64);
-  Tensor col_pos = at::zeros({nb}, a.options()), col_keep = at::zeros({nb}, a.options());
-  Tensor col_sum_pos = at::zeros({nb}, f64), col_sum_keep = at::zeros({nb}, f64);
-  // soft targets: the cross terms Σ Qt·S and the targets' Σ Q·log Q, per row and column
-  Tensor cross_row = at::zeros({sv.on ? na : 0}, f64), ent_row = at::zeros({sv.entropy ? na : 0}, f64);
-  Tensor cross_col = at::zeros({sv.on ? nb : 0}, f64), ent_col = at::zeros({sv.entropy ? nb : 0}, f64);
-  double* xr = sv.on ? cross_row.data_ptr<double>() : nullptr;
-  double* er = sv.entropy ? ent_row.data_ptr<double>() : nullptr;
-  TORCH_CHECK(!symmetric || !t.has_range, "fastcon::target_stats: a symmetric loss keeps every column span");
-  std::vector<Tensor> cache;
-  int64_t kept_bytes = 0;
-  bool caching = true;
-  Tensor buf, logits, tbuf, gbuf;
-  ColStats<T>* cs = nullptr;
-  std::unique_ptr<ColStats<T>> cs_owner;
-  if (symmetric) {
-    cs_owner.reset(new ColStats<T>(nb, nt));
-    cs = cs_owner.get();
+struct StatsPass {
+  const TargetView& t;
+  const SoftView<T>& sv;
+  T s, bb;
+  bool symmetric, smoothing;
+  int64_t na, nb, chunk_rows;
+  int nt;
+  at::TensorOptions options;
+  Tensor row_lse, row_pos, row_keep, row_sum_pos, row_sum_keep;
+  Tensor col_lse, col_pos, col_keep, col_sum_pos, col_sum_keep;
+  Tensor cross_row, ent_row, cross_col, ent_col;
+  Tensor logits;
+  std::unique_ptr<ColStats<T>> cs;
+  ColSums sums;
+
+  StatsPass(const Tensor& a, const Tensor& b, T s_, T bb_, const TargetView& t_, const SoftView<T>& sv_,
+            bool symmetric_, bool smoothing_, int64_t chunk_rows_)
+      : t(t_), sv(sv_), s(s_), bb(bb_), symmetric(symmetric_), smoothing(smoothing_), na(a.size(0)), nb(b.size(0)),
+        chunk_rows(chunk_rows_), nt(team_threads()), options(a.options()), sums(symmetric_ ? b.size(0) : 0, nt) {
+    auto f64 = options.dtype(at::kDouble);
+    row_lse = at::full({na}, -inf<double>(), f64);
+    row_pos = at::zeros({na}, options);
+    row_keep = at::zeros({na}, options);
+    row_sum_pos = at::zeros({na}, f64);
+    row_sum_keep = at::zeros({na}, f64);
+    col_lse = at::full({nb}, -inf<double>(), f64);
+    col_pos = at::zeros({nb}, options);
+    col_keep = at::zeros({nb}, options);
+    col_sum_pos = at::zeros({nb}, f64);
+    col_sum_keep = at::zeros({nb}, f64);
+    // soft targets: the cross terms Σ Qt·S and the targets' Σ Q·log Q, per row and column
+    cross_row = at::zeros({sv.on ? na : 0}, f64);
+    ent_row = at::zeros({sv.entropy ? na : 0}, f64);
+    cross_col = at::zeros({sv.on ? nb : 0}, f64);
+    ent_col = at::zeros({sv.entropy ? nb : 0}, f64);
+    TORCH_CHECK(!symmetric || !t.has_range, "fastcon::target_stats: a symmetric loss keeps every column span");
+    if (symmetric) cs.reset(new ColStats<T>(nb, nt));
   }
-  ColSums sums(symmetric ? nb : 0, nt);
-  T* rp = row_pos.data_ptr<T>();
-  T* rk = row_keep.data_ptr<T>();
-  double* rsp = row_sum_pos.data_ptr<double>();
-  double* rsk = row_sum_keep.data_ptr<double>();
-  double* rl = row_lse.data_ptr<double>();
-  for_each_chunk(t, chunk_rows, [&](int64_t r0, int64_t rows, int64_t c0, int64_t w) {
-    Tensor dot;
-    const int64_t bytes = rows * w * int64_t(sizeof(T));
-    if (caching && kept_bytes + bytes <= cache_bytes) {
-      dot = at::empty({rows, w}, a.options());
-      cache.push_back(dot);
-      kept_bytes += bytes;
-    } else {
-      caching = false;
-      dot = scratch(buf, chunk_rows, rows, w, a.options());
-    }
-    at::mm_out(dot, a.narrow(0, r0, rows), b.narrow(0, c0, w).t());
-    T* lg = scratch(logits, chunk_rows, rows, w, a.options()).data_ptr<T>();
-    const T* dp = dot.data_ptr<T>();
-    const T* tp = nullptr;  // the teacher's dot products of the chunk
-    if (sv.on) {
-      Tensor tdot = scratch(tbuf, chunk_rows, rows, w, a.options());
-      at::mm_out(tdot, sv.ta.narrow(0, r0, rows), sv.tb.narrow(0, c0, w).t());
-      tp = tdot.data_ptr<T>();
-    }
-    const T* gp = guide_chunk<T>(t, gbuf, chunk_rows, r0, rows, c0, w);
+
+  // The epilogue of rows [r0, r0 + rows) × columns [c0, c0 + w): dp the dot products, tp the teacher's
+  // (soft targets), gp the guide's (null without one).
+  void chunk(const T* dp, const T* tp, const T* gp, int64_t r0, int64_t rows, int64_t c0, int64_t w) {
+    T* lg = scratch(logits, chunk_rows, rows, w, options).data_ptr<T>();
+    T* rp = row_pos.data_ptr<T>();
+    T* rk = row_keep.data_ptr<T>();
+    double* rsp = row_sum_pos.data_ptr<double>();
+    double* rsk = row_sum_keep.data_ptr<double>();
+    double* rl = row_lse.data_ptr<double>();
+    double* xr = sv.on ? cross_row.data_ptr<double>() : nullptr;
+    double* er = sv.entropy ? ent_row.data_ptr<double>() : nullptr;
 #pragma omp parallel num_threads(nt) if (rows * w >= kMinParallelWork)
     {
       const int tid = omp_tid(), team = omp_team();
@@ -457,27 +455,10 @@ std::vector<Tensor> target_stats_impl(const Tensor& a, const Tensor& b, T s, T b
         if (t.plain) {  // every pair kept, positives by id: one vectorised sweep
           const int64_t rid = t.row(i, wire::kRowId);
           const int64_t* cids = t.col_ids.data() + c0;
-          T np = 0, mm = -inf<T>();
+          T np = 0;
           double sp = 0, sk = 0;
-#pragma omp simd reduction(max : mm) reduction(+ : np, sp, sk)
-          for (int64_t jj = 0; jj < w; ++jj) {
-            const T v = d[jj] * s + bb;
-            const bool p = rid >= 0 && cids[jj] == rid;
-            L[jj] = v;
-            P[jj] = p ? T(1) : T(0);
-            mm = v > mm ? v : mm;
-            np += p ? T(1) : T(0);
-            sp += p ? double(v) : 0.0;
-            sk += double(v);
-            if (symmetric) {
-              cnp[jj] += p ? 1.0 : 0.0;
-              csp[jj] += p ? double(v) : 0.0;
-              if (smoothing) {
-                cnk[jj] += 1.0;
-                csk[jj] += double(v);
-              }
-            }
-          }
+          const T mm = fc_target_row(d, L, P, w, s, bb, cids, rid, symmetric, smoothing, cnp, csp, cnk, csk, &np, &sp,
+                                     &sk);
           m = mm;
           n_pos = np;
           s_pos = sp;
@@ -525,42 +506,72 @@ std::vector<Tensor> target_stats_impl(const Tensor& a, const Tensor& b, T s, T b
         rsk[i] = s_keep;
         if (!symmetric) {  // the row LSE here (else from the column statistics below, in one sweep)
           const T sh = lse_shift(m);
-          T cnt = 0, acc = 0;
-#pragma omp simd reduction(+ : cnt, acc)
-          for (int64_t jj = 0; jj < w; ++jj) {
-            const T x = L[jj];
-            const bool at_shift = x == sh;
-            cnt += at_shift ? T(1) : T(0);
-            acc += at_shift ? T(0) : Math<T>::exp(x - sh);
-          }
+          T cnt = 0;
+          const T acc = fc_row_exp(L, w, sh, &cnt);
           rl[i] = lse_from_parts(double(sh), double(cnt), double(acc));
         }
       }
     }
     if (symmetric) cs->add_chunk(lg, rows, T(1), T(0), rl + r0);
-  }, [&] { caching = false; });
-  if (symmetric) {
-    cs->finish(col_lse.data_ptr<double>());
-    T* cp = col_pos.data_ptr<T>();
-    T* ck = col_keep.data_ptr<T>();
-    double* csp = col_sum_pos.data_ptr<double>();
-    double* csk = col_sum_keep.data_ptr<double>();
-    double* cxc = sv.on ? cross_col.data_ptr<double>() : nullptr;
-    double* cen = sv.entropy ? ent_col.data_ptr<double>() : nullptr;
-    for (int th = 0; th < nt; ++th) {
-      for (int64_t j = 0; j < nb; ++j) {
-        cp[j] += T(sums.at(th, 0)[j]);
-        csp[j] += sums.at(th, 1)[j];
-        ck[j] += T(sums.at(th, 2)[j]);
-        csk[j] += sums.at(th, 3)[j];
-        if (cxc) cxc[j] += sums.at(th, 4)[j];
-        if (cen) cen[j] += sums.at(th, 5)[j];
+  }
+
+  std::vector<Tensor> finish() {
+    if (symmetric) {
+      cs->finish(col_lse.data_ptr<double>());
+      T* cp = col_pos.data_ptr<T>();
+      T* ck = col_keep.data_ptr<T>();
+      double* csp = col_sum_pos.data_ptr<double>();
+      double* csk = col_sum_keep.data_ptr<double>();
+      double* cxc = sv.on ? cross_col.data_ptr<double>() : nullptr;
+      double* cen = sv.entropy ? ent_col.data_ptr<double>() : nullptr;
+      for (int th = 0; th < nt; ++th) {
+        for (int64_t j = 0; j < nb; ++j) {
+          cp[j] += T(sums.at(th, 0)[j]);
+          csp[j] += sums.at(th, 1)[j];
+          ck[j] += T(sums.at(th, 2)[j]);
+          csk[j] += sums.at(th, 3)[j];
+          if (cxc) cxc[j] += sums.at(th, 4)[j];
+          if (cen) cen[j] += sums.at(th, 5)[j];
+        }
       }
     }
+    std::vector<Tensor> out = {row_lse, row_pos, row_keep, row_sum_pos, row_sum_keep,
+                               col_lse, col_pos, col_keep, col_sum_pos, col_sum_keep};
+    if (sv.on) out.insert(out.end(), {cross_row, cross_col, ent_row, ent_col});
+    return out;
   }
-  std::vector<Tensor> out = {row_lse, row_pos, row_keep, row_sum_pos, row_sum_keep,
-                             col_lse, col_pos, col_keep, col_sum_pos, col_sum_keep};
-  if (sv.on) out.insert(out.end(), {cross_row, cross_col, ent_row, ent_col});
+};
+
+template <typename T>
+std::vector<Tensor> target_stats_impl(const Tensor& a, const Tensor& b, T s, T bb, const TargetView& t,
+                                      const SoftView<T>& sv, bool symmetric, bool smoothing, int64_t chunk_rows,
+                                      int64_t cache_bytes) {
+  StatsPass<T> pass(a, b, s, bb, t, sv, symmetric, smoothing, chunk_rows);
+  std::vector<Tensor> cache;
+  int64_t kept_bytes = 0;
+  bool caching = true;
+  Tensor buf, tbuf, gbuf;
+  for_each_chunk(t, chunk_rows, [&](int64_t r0, int64_t rows, int64_t c0, int64_t w) {
+    Tensor dot;
+    const int64_t bytes = rows * w * int64_t(sizeof(T));
+    if (caching && kept_bytes + bytes <= cache_bytes) {
+      dot = at::empty({rows, w}, a.options());
+      cache.push_back(dot);
+      kept_bytes += bytes;
+    } else {
+      caching = false;
+      dot = scratch(buf, chunk_rows, rows, w, a.options());
+    }
+    at::mm_out(dot, a.narrow(0, r0, rows), b.narrow(0, c0, w).t());
+    const T* tp = nullptr;  // the teacher's dot products of the chunk
+    if (sv.on) {
+      Tensor tdot = scratch(tbuf, chunk_rows, rows, w, a.options());
+      at::mm_out(tdot, sv.ta.narrow(0, r0, rows), sv.tb.narrow(0, c0, w).t());
+      tp = tdot.data_ptr<T>();
+    }
+    pass.chunk(dot.data_ptr<T>(), tp, guide_chunk<T>(t, gbuf, chunk_rows, r0, rows, c0, w), r0, rows, c0, w);
+  }, [&] { caching = false; });
+  std::vector<Tensor> out = pass.finish();
   for (auto& c : cache) out.push_back(c);
   return out;
 }
@@ -632,52 +643,124 @@ void soft_grad_rows(const TargetView& t, const SoftView<T>& sv, T* dp, const T* 
   }
 }
 
-// The columns' weights of pass 2 as k_target_grad reads them, from column c0 on (a mass of 1 where
-// the target gives none).
+// The weights of pass 2 (targets.TargetWeights) as the kernels read them: the row and column LSEs
+// split in (hi, lo), the targets at the positives and of the smoothing, the weights, the masses.
 template <typename T>
-struct GradCols {
-  TargetGradCols<T> base{};
-  std::vector<T> ones;
-  GradCols(bool symmetric, const T* wc, const T* chi, const T* clo, const T* mass, const T* qck, int64_t nb) {
-    if (!symmetric) return;
-    if (!mass) ones.assign(size_t(nb), T(1));
-    base = TargetGradCols<T>{wc, chi, clo, mass ? mass : ones.data(), qck};
+struct GradWeights {
+  bool symmetric = false;
+  std::unique_ptr<SplitLse<T>> rls, cls;
+  const T* qrp = nullptr;
+  const T* qrk = nullptr;
+  const T* qcp = nullptr;
+  const T* qck = nullptr;
+  const T* wc = nullptr;
+  const T* row_mass = nullptr;
+  const T* col_mass = nullptr;
+  T wr = 0;
+  std::vector<T> ones;  // a column mass of 1 where the target gives none
+
+  GradWeights(const char* op, int64_t na, int64_t nb, const Tensor& row_lse, const Tensor& q_row_pos,
+              const Tensor& q_row_keep, double w_row, const std::optional<Tensor>& col_lse,
+              const std::optional<Tensor>& q_col_pos, const std::optional<Tensor>& q_col_keep,
+              const std::optional<Tensor>& w_col, const T* row_mass_, const T* col_mass_)
+      : row_mass(row_mass_), col_mass(col_mass_), wr(T(w_row)) {
+    check_lse(op, "row_lse", row_lse, na);
+    symmetric = col_lse.has_value() && col_lse->defined();
+    if (symmetric) check_lse(op, "col_lse", *col_lse, nb);
+    qrp = opt_vec<T>(q_row_pos, "q_row_pos", na);
+    qrk = opt_vec<T>(q_row_keep, "q_row_keep", na);
+    TORCH_CHECK(qrp != nullptr && qrk != nullptr, "fastcon::", op, ": q_row_pos and q_row_keep are required");
+    for (const Tensor* v : {&q_row_pos, &q_row_keep}) {
+      TORCH_CHECK(v->scalar_type() == c10::CppTypeToScalarType<T>::value, "fastcon::", op,
+                  ": the row weights must have a's dtype");
+    }
+    rls.reset(new SplitLse<T>(row_lse.data_ptr<double>(), na));
+    if (symmetric) {
+      qcp = opt_vec<T>(q_col_pos, "q_col_pos", nb);
+      qck = opt_vec<T>(q_col_keep, "q_col_keep", nb);
+      wc = opt_vec<T>(w_col, "w_col", nb);
+      TORCH_CHECK(qcp && qck && wc, "fastcon::", op, ": a symmetric loss needs the column weights");
+      cls.reset(new SplitLse<T>(col_lse->data_ptr<double>(), nb));
+      if (!col_mass) ones.assign(size_t(nb), T(1));
+    }
   }
-  TargetGradCols<T> at(int64_t c0) const {
-    if (!base.wc) return base;
-    return TargetGradCols<T>{base.wc + c0, base.hi + c0, base.lo + c0, base.mass + c0, base.qk + c0};
+  const T* chi() const { return symmetric ? cls->hi.data() : nullptr; }
+  const T* clo() const { return symmetric ? cls->lo.data() : nullptr; }
+  // the columns' weights from column c0 on, as k_target_grad reads them
+  TargetGradCols<T> cols(int64_t c0) const {
+    if (!symmetric) return TargetGradCols<T>{};
+    const T* mass = col_mass ? col_mass : ones.data();
+    return TargetGradCols<T>{wc + c0, cls->hi.data() + c0, cls->lo.data() + c0, mass + c0, qck + c0};
   }
 };
 
+// Pass 2's G without soft targets, in place of the dot products dp of rows [r0, r0 + rows) × columns
+// [c0, c0 + w) (gp: the guide's, or null); each row's Σ G·d and Σ G into gs_rows and gb_rows.
 template <typename T>
-std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad_impl(
-    const Tensor& a, const Tensor& b, T s, T bb, const TargetView& t, const SoftView<T>& sv, const Tensor& row_lse,
-    const Tensor& q_row_pos,
-    const Tensor& q_row_keep, double w_row, const std::optional<Tensor>& col_lse,
-    const std::optional<Tensor>& q_col_pos, const std::optional<Tensor>& q_col_keep,
-    const std::optional<Tensor>& w_col, int64_t chunk_rows, const std::vector<Tensor>& cache) {
+void grad_rows(const TargetView& t, const GradWeights<T>& gw, T* dp, const T* gp, int64_t r0, int64_t rows,
+               int64_t c0, int64_t w, T s, T bb, int nt, std::vector<double>& gs_rows, std::vector<double>& gb_rows) {
+  const bool symmetric = gw.symmetric;
+  const T* chi = gw.chi();
+  const T* clo = gw.clo();
+  const T* wc = gw.wc;
+  const TargetGradCols<T> gcols = gw.cols(c0);
+#pragma omp parallel for schedule(static) num_threads(nt) if (rows * w >= kMinParallelWork)
+  for (int64_t li = 0; li < rows; ++li) {
+    const int64_t i = r0 + li;
+    T* d = dp + li * w;
+    const T* gd = gp ? gp + li * w : d;  // (read before d is overwritten by G, each entry at its turn)
+    const RowCtx<T> rc = row_ctx<T>(t, i, gd, c0);
+    const T rhi = gw.rls->hi[i], rlo = gw.rls->lo[i];
+    const T qp = gw.qrp[i], qk = gw.qrk[i], wr = gw.wr;
+    const T rmass = gw.row_mass ? gw.row_mass[i] : T(1);  // a target mass (a row-LSE's upstream weight)
+    // G of a kept pair (i, j) with logit v
+    auto pair_grad = [&](int64_t j, T v, bool p) {
+      T g = wr * (softmax_minus_q<T>((v - rhi) - rlo, rmass, p ? qp : T(0)) - qk);
+      if (symmetric && wc[j] != T(0)) {
+        const T cmass = gw.col_mass ? gw.col_mass[j] : T(1);
+        g += wc[j] * (softmax_minus_q<T>((v - chi[j]) - clo[j], cmass, p ? gw.qcp[j] : T(0)) - gw.qck[j]);
+      }
+      return g;
+    };
+    T gs = 0, gb = 0;
+    if (t.plain) {  // every pair kept: the non-positives in one vectorised sweep, then the positives
+      const TargetGradRow<T> r{wr, rhi, rlo, rmass, qk};
+      fc_target_grad(d, d, w, s, bb, t.col_ids.data() + c0, rc.id, r, gcols, symmetric, &gs, &gb);
+      for (int64_t jj = 0; rc.id >= 0 && jj < w; ++jj) {
+        if (t.col_ids[size_t(c0 + jj)] != rc.id) continue;
+        const T dv = d[jj];
+        const T g = pair_grad(c0 + jj, dv * s + bb, true);
+        gs += g * dv;
+        gb += g;
+        d[jj] = flush_subnormal(g);
+      }
+    }
+    for (int64_t jj = 0; jj < w && !t.plain; ++jj) {
+      const int64_t j = c0 + jj;
+      const T dv = d[jj];
+      bool p = false;
+      T v;
+      T g = T(0);
+      if (decide<T>(t, rc, i, j, dv, gd[jj], s, bb, &p, &v)) g = pair_grad(j, v, p);
+      gs += g * dv;
+      gb += g;
+      d[jj] = flush_subnormal(g);
+    }
+    gs_rows[size_t(i)] += double(gs);
+    gb_rows[size_t(i)] += double(gb);
+  }
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad_impl(const Tensor& a, const Tensor& b, T s, T bb,
+                                                             const TargetView& t, const SoftView<T>& sv,
+                                                             const GradWeights<T>& gw, int64_t chunk_rows,
+                                                             const std::vector<Tensor>& cache) {
   const int64_t na = a.size(0), nb = b.size(0), dim = a.size(1);
   const int nt = team_threads();
-  check_lse("target_grad", "row_lse", row_lse, na);
-  const bool symmetric = col_lse.has_value() && col_lse->defined();
-  if (symmetric) check_lse("target_grad", "col_lse", *col_lse, nb);
-  const T* qrp = opt_vec<T>(q_row_pos, "q_row_pos", na);
-  const T* qrk = opt_vec<T>(q_row_keep, "q_row_keep", na);
-  TORCH_CHECK(qrp != nullptr && qrk != nullptr, "fastcon::target_grad: q_row_pos and q_row_keep are required");
-  const T* qcp = symmetric ? opt_vec<T>(q_col_pos, "q_col_pos", nb) : nullptr;
-  const T* qck = symmetric ? opt_vec<T>(q_col_keep, "q_col_keep", nb) : nullptr;
-  const T* wc = symmetric ? opt_vec<T>(w_col, "w_col", nb) : nullptr;
-  TORCH_CHECK(!symmetric || (qcp && qck && wc), "fastcon::target_grad: a symmetric loss needs the column weights");
-  const SplitLse<T> rls(row_lse.data_ptr<double>(), na);
-  std::unique_ptr<SplitLse<T>> cls;
-  if (symmetric) cls.reset(new SplitLse<T>(col_lse->data_ptr<double>(), nb));
-  const T* chi = symmetric ? cls->hi.data() : nullptr;
-  const T* clo = symmetric ? cls->lo.data() : nullptr;
-  const T wr = T(w_row);
   Tensor grad_a = at::zeros({na, dim}, a.options());
   Tensor grad_b = at::zeros({nb, dim}, a.options());
   std::vector<double> gs_rows(size_t(na), 0.0), gb_rows(size_t(na), 0.0);
-  const GradCols<T> gcols(symmetric, wc, chi, clo, sv.col_mass, qck, nb);
   Tensor buf, tbuf, gbuf;
   size_t k = 0;  // the next cached chunk
   bool cached_prefix = true;
@@ -694,62 +777,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad_impl(
       at::mm_out(dot, a.narrow(0, r0, rows), b.narrow(0, c0, w).t());
     }
     T* dp = dot.data_ptr<T>();
-    const T* tp = nullptr;  // the teacher's dot products of the chunk
+    const T* gp = guide_chunk<T>(t, gbuf, chunk_rows, r0, rows, c0, w);
     if (sv.on) {
       Tensor tdot = scratch(tbuf, chunk_rows, rows, w, a.options());
       at::mm_out(tdot, sv.ta.narrow(0, r0, rows), sv.tb.narrow(0, c0, w).t());
-      tp = tdot.data_ptr<T>();
-    }
-    const T* gp = guide_chunk<T>(t, gbuf, chunk_rows, r0, rows, c0, w);
-    if (sv.on) {
-      soft_grad_rows<T>(t, sv, dp, tp, r0, rows, c0, w, s, bb, rls, qrp, qrk, wr, symmetric ? chi : nullptr, clo,
-                        qcp, qck, wc, nt, gs_rows, gb_rows);
+      soft_grad_rows<T>(t, sv, dp, tdot.data_ptr<T>(), r0, rows, c0, w, s, bb, *gw.rls, gw.qrp, gw.qrk, gw.wr,
+                        gw.chi(), gw.clo(), gw.qcp, gw.qck, gw.wc, nt, gs_rows, gb_rows);
     } else {
-#pragma omp parallel for schedule(static) num_threads(nt) if (rows * w >= kMinParallelWork)
-    for (int64_t li = 0; li < rows; ++li) {
-      const int64_t i = r0 + li;
-      T* d = dp + li * w;
-      const T* gd = gp ? gp + li * w : d;  // (read before d is overwritten by G, each entry at its turn)
-      const RowCtx<T> rc = row_ctx<T>(t, i, gd, c0);
-      const T rhi = rls.hi[i], rlo = rls.lo[i];
-      const T qp = qrp[i], qk = qrk[i];
-      const T rmass = sv.row_mass ? sv.row_mass[i] : T(1);  // a target mass (a row-LSE's upstream weight)
-      // G of a kept pair (i, j) with logit v
-      auto pair_grad = [&](int64_t j, T v, bool p) {
-        T g = wr * (softmax_minus_q<T>((v - rhi) - rlo, rmass, p ? qp : T(0)) - qk);
-        if (symmetric && wc[j] != T(0)) {
-          const T cmass = sv.col_mass ? sv.col_mass[j] : T(1);
-          g += wc[j] * (softmax_minus_q<T>((v - chi[j]) - clo[j], cmass, p ? qcp[j] : T(0)) - qck[j]);
-        }
-        return g;
-      };
-      T gs = 0, gb = 0;
-      if (t.plain) {  // every pair kept: the non-positives in one vectorised sweep, then the positives
-        const TargetGradRow<T> r{wr, rhi, rlo, rmass, qk};
-        fc_target_grad(d, d, w, s, bb, t.col_ids.data() + c0, rc.id, r, gcols.at(c0), symmetric, &gs, &gb);
-        for (int64_t jj = 0; rc.id >= 0 && jj < w; ++jj) {
-          if (t.col_ids[size_t(c0 + jj)] != rc.id) continue;
-          const T dv = d[jj];
-          const T g = pair_grad(c0 + jj, dv * s + bb, true);
-          gs += g * dv;
-          gb += g;
-          d[jj] = flush_subnormal(g);
-        }
-      }
-      for (int64_t jj = 0; jj < w && !t.plain; ++jj) {
-        const int64_t j = c0 + jj;
-        const T dv = d[jj];
-        bool p = false;
-        T v;
-        T g = T(0);
-        if (decide<T>(t, rc, i, j, dv, gd[jj], s, bb, &p, &v)) g = pair_grad(j, v, p);
-        gs += g * dv;
-        gb += g;
-        d[jj] = flush_subnormal(g);
-      }
-      gs_rows[size_t(i)] = double(gs);
-      gb_rows[size_t(i)] = double(gb);
-    }
+      grad_rows<T>(t, gw, dp, gp, r0, rows, c0, w, s, bb, nt, gs_rows, gb_rows);
     }
     Tensor ga = grad_a.narrow(0, r0, rows);
     at::addmm_out(ga, ga, dot, b.narrow(0, c0, w), /*beta=*/0, /*alpha=*/double(s));
@@ -757,6 +792,167 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad_impl(
     gbm.addmm_(dot.t(), a.narrow(0, r0, rows), /*beta=*/1, /*alpha=*/double(s));
   }, [&] { cached_prefix = false; });
   return {grad_a, grad_b, scalar_tensor(ordered_sum(gs_rows), a), scalar_tensor(ordered_sum(gb_rows), a)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Matryoshka prefixes in one pass over D (fastcon/kernels/__init__.py, docs/engine.md): prefix k's
+// tile is r_k ⊙ P_k ⊙ c_k with P_k = A[:, :d_k]·B[:, :d_k]ᵀ, all read from one accumulator to which
+// each D slice adds its GEMM (the smallest prefix first).
+
+struct Prefixes {
+  std::vector<int64_t> dims;  // d_0 > d_1 > … > d_{K−1}
+  Tensor row_scale, col_scale;  // (Na, K), (Nb, K)
+  int64_t k() const { return int64_t(dims.size()); }
+  int64_t lo(int64_t k) const { return k + 1 < int64_t(dims.size()) ? dims[size_t(k + 1)] : 0; }  // slice k's start
+};
+
+Prefixes make_prefixes(const char* op, const Tensor& a, const Tensor& b, at::IntArrayRef dims, const Tensor& row_scale,
+                       const Tensor& col_scale) {
+  Prefixes p;
+  p.dims.assign(dims.begin(), dims.end());
+  const int64_t n_k = p.k();
+  TORCH_CHECK(n_k >= 1, "fastcon::", op, ": at least one prefix");
+  for (int64_t k = 0; k < n_k; ++k) {
+    TORCH_CHECK(p.dims[size_t(k)] >= 1 && p.dims[size_t(k)] <= a.size(1) &&
+                    (k == 0 || p.dims[size_t(k)] < p.dims[size_t(k - 1)]),
+                "fastcon::", op, ": the prefixes must be strictly descending within [1, D]");
+  }
+  for (const Tensor* v : {&row_scale, &col_scale}) {
+    TORCH_CHECK(v->scalar_type() == a.scalar_type() && v->dim() == 2 && v->size(1) == n_k && v->device().is_cpu(),
+                "fastcon::", op, ": the prefix scales must be (N, K) CPU tensors of a's dtype");
+  }
+  TORCH_CHECK(row_scale.size(0) == a.size(0) && col_scale.size(0) == b.size(0), "fastcon::", op,
+              ": the prefix scales need one row per row of a and b");
+  p.row_scale = row_scale.contiguous();
+  p.col_scale = col_scale.contiguous();
+  return p;
+}
+
+// The chunk's accumulator after slice k (P_k): adds slice k's product to acc.
+void add_slice(Tensor& acc, const Tensor& a, const Tensor& b, const Prefixes& p, int64_t k, int64_t r0, int64_t rows,
+               int64_t c0, int64_t w) {
+  const int64_t lo = p.lo(k), hi = p.dims[size_t(k)];
+  const double beta = k + 1 == p.k() ? 0.0 : 1.0;  // the first slice starts the accumulator
+  at::addmm_out(acc, acc, a.narrow(0, r0, rows).narrow(1, lo, hi - lo), b.narrow(0, c0, w).narrow(1, lo, hi - lo).t(),
+                beta, 1.0);
+}
+
+// The scales of prefix k: row i's and the columns' from c0 on (contiguous copies of a column of the
+// (N, K) scales).
+template <typename T>
+struct PrefixScales {
+  std::vector<T> row, col;
+  PrefixScales(const Prefixes& p, int64_t k) {
+    auto take = [k](const Tensor& m, std::vector<T>& out) {
+      const Tensor c = m.select(1, k).contiguous();
+      out.assign(c.data_ptr<T>(), c.data_ptr<T>() + c.numel());
+    };
+    take(p.row_scale, row);
+    take(p.col_scale, col);
+  }
+};
+
+// out = r_k ⊙ acc ⊙ c_kᵀ for rows [r0, r0 + rows) × columns [c0, c0 + w), in one sweep.
+template <typename T>
+void scaled_tile(T* out, const T* acc, const PrefixScales<T>& sc, int64_t r0, int64_t rows, int64_t c0, int64_t w,
+                 int nt) {
+#pragma omp parallel for schedule(static) num_threads(nt) if (rows * w >= kMinParallelWork)
+  for (int64_t li = 0; li < rows; ++li) {
+    fc_scale_row(acc + li * w, out + li * w, w, sc.row[size_t(r0 + li)], sc.col.data() + c0);
+  }
+}
+
+template <typename T>
+std::vector<Tensor> target_prefix_stats_impl(const Tensor& a, const Tensor& b, T s, T bb, const TargetView& t,
+                                             const SoftView<T>& sv, bool symmetric, bool smoothing,
+                                             int64_t chunk_rows, const Prefixes& p) {
+  std::vector<std::unique_ptr<StatsPass<T>>> passes;
+  for (int64_t k = 0; k < p.k(); ++k) {
+    passes.emplace_back(new StatsPass<T>(a, b, s, bb, t, sv, symmetric, smoothing, chunk_rows));
+  }
+  std::vector<PrefixScales<T>> scales;
+  for (int64_t k = 0; k < p.k(); ++k) scales.emplace_back(p, k);
+  const int nt = team_threads();
+  Tensor acc_buf, tile_buf, gbuf;
+  for_each_chunk(t, chunk_rows, [&](int64_t r0, int64_t rows, int64_t c0, int64_t w) {
+    Tensor acc = scratch(acc_buf, chunk_rows, rows, w, a.options());
+    T* tile = scratch(tile_buf, chunk_rows, rows, w, a.options()).data_ptr<T>();
+    const T* gp = guide_chunk<T>(t, gbuf, chunk_rows, r0, rows, c0, w);  // once for every prefix
+    for (int64_t k = p.k() - 1; k >= 0; --k) {
+      add_slice(acc, a, b, p, k, r0, rows, c0, w);
+      scaled_tile<T>(tile, acc.data_ptr<T>(), scales[size_t(k)], r0, rows, c0, w, nt);
+      passes[size_t(k)]->chunk(tile, nullptr, gp, r0, rows, c0, w);
+    }
+  }, [] {});
+  std::vector<Tensor> out;
+  for (auto& pass : passes) {
+    std::vector<Tensor> one = pass->finish();
+    out.insert(out.end(), one.begin(), one.end());
+  }
+  return out;
+}
+
+// Pass 2 at every prefix: G_k in place of prefix k's tile, the scales' gradients from G_k ⊙ P_k,
+// H_k = r_k ⊙ G_k ⊙ c_k, and slice j's GEMMs from Σ_{k≤j} H_k.
+template <typename T>
+std::vector<Tensor> target_prefix_grad_impl(const Tensor& a, const Tensor& b, T s, T bb, const TargetView& t,
+                                            const std::vector<std::unique_ptr<GradWeights<T>>>& gws,
+                                            int64_t chunk_rows, const Prefixes& p) {
+  const int64_t na = a.size(0), nb = b.size(0), dim = a.size(1), n_k = p.k();
+  const int nt = team_threads();
+  Tensor grad_a = at::zeros({na, dim}, a.options());
+  Tensor grad_b = at::zeros({nb, dim}, a.options());
+  Tensor grad_rs = at::zeros({na, n_k}, a.options());
+  Tensor grad_cs = at::zeros({nb, n_k}, a.options());
+  std::vector<double> gs_rows(size_t(na), 0.0), gb_rows(size_t(na), 0.0);
+  std::vector<PrefixScales<T>> scales;
+  for (int64_t k = 0; k < n_k; ++k) scales.emplace_back(p, k);
+  std::vector<T> col_terms(size_t(nt) * size_t(nb));  // per thread: Σ_i G·P·r of the chunk's columns
+  Tensor acc_buf, gbuf;
+  std::vector<Tensor> h_buf(static_cast<size_t>(n_k));
+  for_each_chunk(t, chunk_rows, [&](int64_t r0, int64_t rows, int64_t c0, int64_t w) {
+    Tensor acc = scratch(acc_buf, chunk_rows, rows, w, a.options());
+    const T* gp = guide_chunk<T>(t, gbuf, chunk_rows, r0, rows, c0, w);
+    std::vector<Tensor> h(static_cast<size_t>(n_k));
+    for (int64_t k = n_k - 1; k >= 0; --k) {
+      add_slice(acc, a, b, p, k, r0, rows, c0, w);
+      const PrefixScales<T>& sc = scales[size_t(k)];
+      Tensor g = scratch(h_buf[size_t(k)], chunk_rows, rows, w, a.options());
+      T* gd = g.data_ptr<T>();
+      const T* pd = acc.data_ptr<T>();
+      scaled_tile<T>(gd, pd, sc, r0, rows, c0, w, nt);
+      grad_rows<T>(t, *gws[size_t(k)], gd, gp, r0, rows, c0, w, s, bb, nt, gs_rows, gb_rows);
+      T* grs = grad_rs.data_ptr<T>();
+      std::fill(col_terms.begin(), col_terms.end(), T(0));
+#pragma omp parallel num_threads(nt) if (rows * w >= kMinParallelWork)
+      {
+        T* col = col_terms.data() + size_t(omp_tid()) * size_t(nb);
+#pragma omp for schedule(static)
+        for (int64_t li = 0; li < rows; ++li) {
+          const int64_t i = r0 + li;
+          grs[i * n_k + k] = fc_prefix_grad_row(gd + li * w, pd + li * w, w, sc.row[size_t(i)], sc.col.data() + c0, col);
+        }
+      }
+      T* gcs = grad_cs.data_ptr<T>();
+      for (int th = 0; th < nt; ++th) {
+        const T* col = col_terms.data() + size_t(th) * size_t(nb);
+        for (int64_t jj = 0; jj < w; ++jj) gcs[(c0 + jj) * n_k + k] += col[jj];
+      }
+      h[size_t(k)] = g;  // now H_k
+    }
+    for (int64_t j = 0; j < n_k; ++j) {  // slice j is covered by the prefixes k <= j
+      if (j > 0) h[0].add_(h[size_t(j)]);
+      const int64_t lo = p.lo(j), hi = p.dims[size_t(j)];
+      Tensor ga = grad_a.narrow(0, r0, rows).narrow(1, lo, hi - lo);
+      at::addmm_out(ga, ga, h[0], b.narrow(0, c0, w).narrow(1, lo, hi - lo), /*beta=*/0, /*alpha=*/double(s));
+      Tensor gbm = grad_b.narrow(0, c0, w).narrow(1, lo, hi - lo);
+      gbm.addmm_(h[0].t(), a.narrow(0, r0, rows).narrow(1, lo, hi - lo), /*beta=*/1, /*alpha=*/double(s));
+    }
+  }, [] {});
+  grad_rs.mul_(double(s));
+  grad_cs.mul_(double(s));
+  return {grad_a, grad_b, scalar_tensor(ordered_sum(gs_rows), a), scalar_tensor(ordered_sum(gb_rows), a), grad_rs,
+          grad_cs};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -795,22 +991,70 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad(
   TargetView t = make_view("target_grad", rows, cols, numbers, mask, a.size(0), b.size(0));
   attach_guide(t, "target_grad", a, numbers, teacher_a, teacher_b);
   const std::vector<Tensor> chunks(cache.begin(), cache.end());
-  for (const Tensor* v : {&q_row_pos, &q_row_keep}) {
-    TORCH_CHECK(v->scalar_type() == a.scalar_type(), "fastcon::target_grad: the row weights must have a's dtype");
-  }
   std::vector<Tensor> keep;
   const bool symmetric = col_lse.has_value() && col_lse->defined();
-  auto soft = [&](auto zero) {
-    return make_soft<decltype(zero)>("target_grad", a, b, numbers, teacher_a, teacher_b, teacher_scale, vectors,
-                                     symmetric, keep);
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    const SoftView<T> sv = make_soft<T>("target_grad", a, b, numbers, teacher_a, teacher_b, teacher_scale, vectors,
+                                        symmetric, keep);
+    const GradWeights<T> gw("target_grad", a.size(0), b.size(0), row_lse, q_row_pos, q_row_keep, w_row, col_lse,
+                            q_col_pos, q_col_keep, w_col, sv.row_mass, sv.col_mass);
+    return target_grad_impl<T>(a, b, scalar_of<T>(scale), scalar_of<T>(bias), t, sv, gw, chunk_rows, chunks);
   };
-  if (a.scalar_type() == at::kDouble)
-    return target_grad_impl<double>(a, b, scalar_of<double>(scale), scalar_of<double>(bias), t, soft(0.0), row_lse,
-                                    q_row_pos, q_row_keep, w_row, col_lse, q_col_pos, q_col_keep, w_col, chunk_rows,
-                                    chunks);
-  return target_grad_impl<float>(a, b, scalar_of<float>(scale), scalar_of<float>(bias), t, soft(0.0f), row_lse,
-                                 q_row_pos, q_row_keep, w_row, col_lse, q_col_pos, q_col_keep, w_col, chunk_rows,
-                                 chunks);
+  return a.scalar_type() == at::kDouble ? run(0.0) : run(0.0f);
+}
+
+std::vector<Tensor> target_prefix_stats(const Tensor& a, const Tensor& b, const Tensor& scale, const Tensor& bias,
+                                        const Tensor& rows, const Tensor& cols, at::ArrayRef<double> numbers,
+                                        const std::optional<Tensor>& mask, const std::optional<Tensor>& guide_a,
+                                        const std::optional<Tensor>& guide_b, bool symmetric, bool smoothing,
+                                        int64_t chunk_rows, at::IntArrayRef dims, const Tensor& row_scale,
+                                        const Tensor& col_scale) {
+  const char* op = "target_prefix_stats";
+  check_pair(op, a, b, scale, bias, chunk_rows);
+  TORCH_CHECK(numbers[wire::kNumSoft] == 0.0, "fastcon::", op, ": soft targets take one engine call per prefix");
+  TargetView t = make_view(op, rows, cols, numbers, mask, a.size(0), b.size(0));
+  attach_guide(t, op, a, numbers, guide_a, guide_b);
+  const Prefixes p = make_prefixes(op, a, b, dims, row_scale, col_scale);
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    const SoftView<T> none;
+    return target_prefix_stats_impl<T>(a, b, scalar_of<T>(scale), scalar_of<T>(bias), t, none, symmetric, smoothing,
+                                       chunk_rows, p);
+  };
+  return a.scalar_type() == at::kDouble ? run(0.0) : run(0.0f);
+}
+
+std::vector<Tensor> target_prefix_grad(
+    const Tensor& a, const Tensor& b, const Tensor& scale, const Tensor& bias, const Tensor& rows, const Tensor& cols,
+    at::ArrayRef<double> numbers, const std::optional<Tensor>& mask, const std::optional<Tensor>& guide_a,
+    const std::optional<Tensor>& guide_b, at::TensorList row_lse, at::TensorList q_row_pos,
+    at::TensorList q_row_keep, at::ArrayRef<double> w_row, const c10::List<std::optional<Tensor>>& col_lse,
+    const c10::List<std::optional<Tensor>>& q_col_pos, const c10::List<std::optional<Tensor>>& q_col_keep,
+    const c10::List<std::optional<Tensor>>& w_col, int64_t chunk_rows, at::IntArrayRef dims, const Tensor& row_scale,
+    const Tensor& col_scale) {
+  const char* op = "target_prefix_grad";
+  check_pair(op, a, b, scale, bias, chunk_rows);
+  TORCH_CHECK(numbers[wire::kNumSoft] == 0.0, "fastcon::", op, ": soft targets take one engine call per prefix");
+  TargetView t = make_view(op, rows, cols, numbers, mask, a.size(0), b.size(0));
+  attach_guide(t, op, a, numbers, guide_a, guide_b);
+  const Prefixes p = make_prefixes(op, a, b, dims, row_scale, col_scale);
+  const size_t n_k = size_t(p.k());
+  TORCH_CHECK(row_lse.size() == n_k && q_row_pos.size() == n_k && q_row_keep.size() == n_k && w_row.size() == n_k &&
+                  col_lse.size() == n_k && q_col_pos.size() == n_k && q_col_keep.size() == n_k &&
+                  w_col.size() == n_k,
+              "fastcon::", op, ": one set of weights per prefix");
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    std::vector<std::unique_ptr<GradWeights<T>>> gws;
+    for (size_t k = 0; k < n_k; ++k) {
+      gws.emplace_back(new GradWeights<T>(op, a.size(0), b.size(0), row_lse[k], q_row_pos[k], q_row_keep[k],
+                                          w_row[k], col_lse.get(k), q_col_pos.get(k), q_col_keep.get(k),
+                                          w_col.get(k), nullptr, nullptr));
+    }
+    return target_prefix_grad_impl<T>(a, b, scalar_of<T>(scale), scalar_of<T>(bias), t, gws, chunk_rows, p);
+  };
+  return a.scalar_type() == at::kDouble ? run(0.0) : run(0.0f);
 }
 
 }  // namespace
@@ -829,11 +1073,22 @@ TORCH_LIBRARY_FRAGMENT(fastcon, m) {
       "Tensor q_row_pos, Tensor q_row_keep, "
       "float w_row, Tensor? col_lse, Tensor? q_col_pos, Tensor? q_col_keep, Tensor? w_col, int chunk_rows, "
       "Tensor[] cache) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "target_prefix_stats(Tensor a, Tensor b, Tensor scale, Tensor bias, Tensor rows, Tensor cols, "
+      "float[] numbers, Tensor? mask, Tensor? guide_a, Tensor? guide_b, bool symmetric, bool smoothing, "
+      "int chunk_rows, int[] dims, Tensor row_scale, Tensor col_scale) -> Tensor[]");
+  m.def(
+      "target_prefix_grad(Tensor a, Tensor b, Tensor scale, Tensor bias, Tensor rows, Tensor cols, "
+      "float[] numbers, Tensor? mask, Tensor? guide_a, Tensor? guide_b, Tensor[] row_lse, Tensor[] q_row_pos, "
+      "Tensor[] q_row_keep, float[] w_row, Tensor?[] col_lse, Tensor?[] q_col_pos, Tensor?[] q_col_keep, "
+      "Tensor?[] w_col, int chunk_rows, int[] dims, Tensor row_scale, Tensor col_scale) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(fastcon, CPU, m) {
   m.impl("target_stats", &fastcon::cpu::target_stats);
   m.impl("target_grad", &fastcon::cpu::target_grad);
+  m.impl("target_prefix_stats", &fastcon::cpu::target_prefix_stats);
+  m.impl("target_prefix_grad", &fastcon::cpu::target_prefix_grad);
 }
 
 TORCH_LIBRARY_FRAGMENT(fastcon, m) {

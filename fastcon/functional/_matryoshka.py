@@ -1,6 +1,8 @@
 """Matryoshka representation learning (docs/losses.md §2.7): a loss summed over nested prefixes of the
 embeddings, ``Σ_k w_k · L(prefix_{d_k}(A), prefix_{d_k}(B))``. The argument checks and the prefixes
-shared by the losses that take ``matryoshka_dims`` (MNRL, CLIP, SigLIP, GISTEmbed)."""
+shared by the losses that take ``matryoshka_dims`` (MNRL, CLIP, SigLIP, GISTEmbed): on a backend with
+the engine's prefix passes, all prefixes in one pass over D (``one_pass``, ``prefix_scales``: the
+prefix norms as row and column scales); elsewhere one engine call per prefix (``matryoshka_sum``)."""
 from __future__ import annotations
 
 import math
@@ -47,6 +49,27 @@ def prefix(x: Optional[torch.Tensor], d: int, normalize: bool) -> Optional[torch
     if not normalize:
         return x
     return F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), p=2, dim=-1).to(x.dtype)
+
+
+def one_pass(backend: str, x: torch.Tensor) -> bool:
+    """Whether the prefixes of a loss on ``x`` run in one engine pass over D: the backend that
+    ``backend=`` resolves to has the prefix passes (``kernels.contract``), and it is not the
+    reference."""
+    from ..ops import has_prefix_passes
+    from ..ops.engine import autocast_gemm_dtype
+
+    return backend != "reference" and has_prefix_passes(backend, x.device, autocast_gemm_dtype(x) or x.dtype)
+
+
+def prefix_scales(x: torch.Tensor, dims, normalize: bool) -> torch.Tensor:
+    """(N, K) in at least fp32: ``1/max(‖x_i[:d_k]‖, 1e-12)`` for each prefix d_k with ``normalize``
+    (F.normalize's scale, with autograd), else ones."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    if not normalize:
+        return torch.ones((x.shape[0], len(dims)), dtype=wide, device=x.device)
+    sq = x.to(wide).square()
+    norms = torch.stack([sq[:, :d].sum(1) for d in dims], dim=1).sqrt()
+    return 1.0 / norms.clamp_min(1e-12)
 
 
 def matryoshka_sum(loss_at: Callable[[int], torch.Tensor], dims, weights) -> torch.Tensor:

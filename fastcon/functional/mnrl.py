@@ -9,9 +9,9 @@ import torch
 from .. import reference
 from .._validation import check_features
 from ..targets import Target
-from ..ops import target_engine_loss
+from ..ops import target_engine_loss, target_prefix_engine_loss
 from ._checks import check_chunk_size, check_debias
-from ._matryoshka import check_matryoshka, matryoshka_sum
+from ._matryoshka import check_matryoshka, matryoshka_sum, one_pass, prefix_scales
 
 
 MNRL_DIRECTIONS = reference.MNRL_DIRECTIONS
@@ -106,8 +106,12 @@ def multiple_negatives_ranking_loss(
     chunk_size = check_chunk_size(chunk_size)
     tau = check_debias(debias)
     docs = _mnrl_docs(queries, docs)
+    prefixes = None
     if matryoshka_dims is not None:
         dims, weights = check_matryoshka(matryoshka_dims, matryoshka_weights, queries.shape[1])
+        if one_pass(backend, queries):
+            prefixes = (dims, weights)
+    if matryoshka_dims is not None and prefixes is None:  # one engine call per prefix
         world = world_queries is not None
 
         def at(d):
@@ -119,7 +123,7 @@ def multiple_negatives_ranking_loss(
                 world_docs=[x[:, :d] for x in world_docs] if world else None, cache_limit=cache_limit,
                 debias=tau)
         return matryoshka_sum(at, dims, weights)
-    if matryoshka_weights is not None:
+    if matryoshka_weights is not None and matryoshka_dims is None:
         raise ValueError("matryoshka_weights needs matryoshka_dims")
     if world_queries is None:
         world_queries, world_docs, rank_offset = queries, docs, 0
@@ -134,7 +138,7 @@ def multiple_negatives_ranking_loss(
             queries, docs, scale, similarity=similarity, directions=directions, partition_mode=partition_mode,
             hardness_mode=hardness_mode, hardness_strength=hardness_strength, debias=tau).to(queries.dtype)
 
-    if similarity == "cos":
+    if similarity == "cos" and prefixes is None:  # (prefixes are normalised by scales of their own)
         norm = lambda t: torch.nn.functional.normalize(t, p=2, dim=1)  # noqa: E731
         queries, docs = norm(queries), [norm(d) for d in docs]
         if world_queries is not None:
@@ -187,5 +191,11 @@ def multiple_negatives_ranking_loss(
                     penalty=penalty, penalty_cols=penalty_cols, penalty_mode=penalty_mode,
                     penalty_rows=penalty_rows, debias=tau)
     scale_t = torch.tensor(float(scale), dtype=torch.float64, device=dev)
+    if prefixes is not None:
+        dims, weights = prefixes
+        cos = similarity == "cos"
+        return target_prefix_engine_loss(rows, cols, scale_t, None, prefix_scales(rows, dims, cos),
+                                         prefix_scales(cols, dims, cos), target, dims, weights, symmetric=False,
+                                         backend=backend, chunk_size=chunk_size)
     return target_engine_loss(rows, cols, scale_t, None, target, symmetric=False, backend=backend,
                               chunk_size=chunk_size, cache_limit=cache_limit)

@@ -60,4 +60,19 @@ first); ``targets.two_pass_target`` chains the three as each backend's::
 
     target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, need_grad, cache_bytes)
             -> (loss float64, grad_a, grad_b, grad_scale, grad_bias)
+
+Matryoshka prefixes in one pass over D (``targets.Prefix``: dims d_0 > d_1 > … > d_{K−1}, row and
+column scales r (Na, K) and c (Nb, K)): prefix k's logits are ``S_k = s·r_k ⊙ P_k ⊙ c_kᵀ + b`` with
+``P_k = A[:, :d_k]·B[:, :d_k]ᵀ``, every P_k read from one accumulator over the D slices::
+
+    target_prefix_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, prefix)
+            -> [targets.TargetStats of each prefix]
+    target_prefix_grad(a, b, scale, bias, target, weights, chunk_rows, prefix)
+            -> (grad_a, grad_b, grad_scale, grad_bias, grad_row_scale[Na, K], grad_col_scale[Nb, K])
+        ``weights``: one TargetWeights per prefix (its loss weight folded in); G_k as ``target_grad``'s
+        on S_k, H_k = r_k ⊙ G_k ⊙ c_kᵀ; grad_a[:, d_{j+1}:d_j] = s·(Σ_{k≤j} H_k)·B[:, d_{j+1}:d_j] (0 past
+        d_0), grad_b likewise; grad_scale = Σ_k Σ G_k ⊙ (S_k − b)/s (the penalty aside), grad_bias =
+        Σ_k Σ G_k; grad_row_scale[i, k] = s·Σ_j G_k·P_k·c_k[j], grad_col_scale[j, k] = s·Σ_i G_k·P_k·r_k[i].
+
+``targets.two_pass_prefix_target`` chains them with ``loss_and_weights`` per prefix (no soft targets).
 """

@@ -25,6 +25,8 @@ OPERATIONS: Tuple[str, ...] = (
     "teacher_stats",         # a soft target's teacher pass (the normalisers of its targets)
     "target_grad",           # the general target's pass 2
     "target_softmax_fused",  # both passes of a general target's loss
+    "target_prefix_stats",   # the general target's pass 1 at every Matryoshka prefix, one pass over D
+    "target_prefix_grad",    # ... and its pass 2
     "late_stats",            # late interaction: sums of maxima over token pairs
     "late_grad",             # their gradients (argmaxes recomputed)
 )

@@ -139,6 +139,33 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
         list(cached))
 
 
+def _prefix_args(target, a, b, prefix):
+    """The target without its teacher's scale (a guide has none) and the prefixes, as the prefix
+    operators take them."""
+    rows, cols, numbers, mask, guide_a, guide_b, _ = _target_args(target, a, b)
+    return (rows, cols, numbers, mask, guide_a, guide_b), ([int(d) for d in prefix.dims], prefix.row_scale.to(a.dtype),
+                                                           prefix.col_scale.to(a.dtype))
+
+
+def target_prefix_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, prefix):
+    from ..targets import TargetStats
+
+    wire, pre = _prefix_args(target, a, b, prefix)
+    out = torch.ops.fastcon.target_prefix_stats(a, b, _scalar(scale, a), _scalar(bias, a), *wire, bool(symmetric),
+                                                bool(smoothing), int(chunk_rows), *pre)
+    n = len(_STATS_OUTPUTS)
+    return [TargetStats(**_named_outputs(out[k * n:(k + 1) * n], _STATS_OUTPUTS)[0]) for k in range(len(prefix.dims))]
+
+
+def target_prefix_grad(a, b, scale, bias, target, weights, chunk_rows, prefix):
+    wire, pre = _prefix_args(target, a, b, prefix)
+    field = lambda name: [getattr(w, name) for w in weights]  # noqa: E731
+    return tuple(torch.ops.fastcon.target_prefix_grad(
+        a, b, _scalar(scale, a), _scalar(bias, a), *wire, field("row_lse"), field("q_row_pos"), field("q_row_keep"),
+        [float(w.w_row) for w in weights], field("col_lse"), field("q_col_pos"), field("q_col_keep"), field("w_col"),
+        int(chunk_rows), *pre))
+
+
 def target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, need_grad, cache_bytes=0):
     from ..targets import two_pass_target
 

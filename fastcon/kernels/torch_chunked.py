@@ -119,7 +119,7 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
     ``targets.TeacherNorms`` of the teacher's pass) also the cross terms and, with ``entropy``, the
     targets' Σ Q·log Q. Returns (a ``targets.TargetStats``, the leading chunks of dot products that
     fit ``cache_bytes``)."""
-    from ..targets import TargetStats, chunk_logits, chunk_masks, column_span, with_teacher
+    from ..targets import TargetStats, column_span, with_teacher
 
     na, nb = a.shape[0], b.shape[0]
     st = TargetStats.empty(na, nb, acc_dtype(a.dtype), a.device)
@@ -135,31 +135,39 @@ def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, ca
         if c1 == c0:
             continue
         dot = mm_acc(a[r0:r1], b[c0:c1].T)
-        pos, keep, pen = chunk_masks(target, dot, r0, r1, c0)
-        s_c = chunk_logits(target, dot, scale, bias, pen)
-        masked = s_c if keep is None else s_c.masked_fill(~keep, float("-inf"))
-        st.row_lse[r0:r1] = lse_parts(masked, dim=1)
-        s_pos = torch.where(pos, s_c, 0.0)
-        st.row_pos[r0:r1] = pos.sum(1)
-        st.row_sum_pos[r0:r1] = s_pos.sum(1)
-        if symmetric:
-            st.col_lse[c0:c1] = torch.logaddexp(st.col_lse[c0:c1], lse_parts(masked, dim=0))
-            st.col_pos[c0:c1] += pos.sum(0)
-            st.col_sum_pos[c0:c1] += s_pos.sum(0)
-        if target.soft:
-            _soft_terms(target, st, counts, s_c, pos, keep, symmetric, r0, r1, c0, c1)
-        if smoothing:  # the smoothing term's counts and sums of the kept logits
-            s_keep = s_c if keep is None else torch.where(keep, s_c, 0.0)
-            st.row_keep[r0:r1] = c1 - c0 if keep is None else keep.sum(1)
-            st.row_sum_keep[r0:r1] = s_keep.sum(1)
-            if symmetric:
-                st.col_keep[c0:c1] += r1 - r0 if keep is None else keep.sum(0)
-                st.col_sum_keep[c0:c1] += s_keep.sum(0)
+        _stats_chunk(target, st, dot, scale, bias, r0, r1, c0, c1, symmetric, smoothing, counts)
         size = dot.numel() * dot.element_size()
         if len(cached) * chunk_rows == r0 and kept + size <= cache_bytes:
             cached.append(dot)
             kept += size
     return st, cached
+
+
+def _stats_chunk(target, st, dot, scale, bias, r0, r1, c0, c1, symmetric, smoothing, counts):
+    """Pass 1's step on rows [r0, r1) × columns [c0, c1) of dot products ``dot``: the rows' LSEs, counts
+    and sums, merged into the columns' (``st``: a ``targets.TargetStats``, updated in place)."""
+    from ..targets import chunk_logits, chunk_masks
+
+    pos, keep, pen = chunk_masks(target, dot, r0, r1, c0)
+    s_c = chunk_logits(target, dot, scale, bias, pen)
+    masked = s_c if keep is None else s_c.masked_fill(~keep, float("-inf"))
+    st.row_lse[r0:r1] = lse_parts(masked, dim=1)
+    s_pos = torch.where(pos, s_c, 0.0)
+    st.row_pos[r0:r1] = pos.sum(1)
+    st.row_sum_pos[r0:r1] = s_pos.sum(1)
+    if symmetric:
+        st.col_lse[c0:c1] = torch.logaddexp(st.col_lse[c0:c1], lse_parts(masked, dim=0))
+        st.col_pos[c0:c1] += pos.sum(0)
+        st.col_sum_pos[c0:c1] += s_pos.sum(0)
+    if target.soft:
+        _soft_terms(target, st, counts, s_c, pos, keep, symmetric, r0, r1, c0, c1)
+    if smoothing:  # the smoothing term's counts and sums of the kept logits
+        s_keep = s_c if keep is None else torch.where(keep, s_c, 0.0)
+        st.row_keep[r0:r1] = c1 - c0 if keep is None else keep.sum(1)
+        st.row_sum_keep[r0:r1] = s_keep.sum(1)
+        if symmetric:
+            st.col_keep[c0:c1] += r1 - r0 if keep is None else keep.sum(0)
+            st.col_sum_keep[c0:c1] += s_keep.sum(0)
 
 
 def teacher_probs(target, t, keep, row_norm, col_norm):
@@ -216,21 +224,16 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
     (``weights``: a ``targets.TargetWeights``; P_row from each row's group LSE), reduced to
     (grad_a, grad_b, grad_scale, grad_bias) by two GEMMs per chunk. The hardness penalty enters the
     logits only (stop-gradient)."""
-    from ..targets import chunk_logits, chunk_masks, column_span
+    from ..targets import column_span
 
     acc = acc_dtype(a.dtype)
     na, nb = a.shape[0], b.shape[0]
     dev = a.device
-    w = weights
-    symmetric = w.col_lse is not None
     grad_a = torch.zeros(a.shape, dtype=acc, device=dev)
     grad_b = torch.zeros(b.shape, dtype=acc, device=dev)
     grad_scale = torch.zeros((), dtype=acc, device=dev)
     grad_bias = torch.zeros((), dtype=acc, device=dev)
-    row_hi, row_lo = split_lse(w.row_lse, acc)
-    smoothing = bool((w.q_row_keep != 0).any()) or (symmetric and bool((w.q_col_keep != 0).any()))
-    if symmetric:
-        col_hi, col_lo = split_lse(w.col_lse, acc)
+    lse = _split_weights(weights, acc)
     for k, (r0, r1) in enumerate(row_chunks(na, chunk_rows)):
         c0, c1 = column_span(target, r0, r1, nb)
         if c1 == c0:
@@ -238,45 +241,147 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
         dot = take_cached(cached, k)
         if dot is None:
             dot = mm_acc(a[r0:r1], b[c0:c1].T)
-        pos, keep, pen = chunk_masks(target, dot, r0, r1, c0)
-        s_c = chunk_logits(target, dot, scale, bias, pen)
-        # P − Q on the kept pairs (zero on the dropped ones, whose logits are −∞ here: a dropped logit
-        # above the row's LSE would overflow), in fp32 with the float64 LSEs split in (hi, lo) as the
-        # other backends do
-        if keep is not None:
-            s_c.masked_fill_(~keep, float("-inf"))
-        g = (s_c - row_hi[r0:r1, None]).sub_(row_lo[r0:r1, None]).exp_()
-        if w.row_mass is not None:
-            g.mul_(w.row_mass[r0:r1, None])
-        g.sub_(pos * w.q_row_pos[r0:r1, None])
-        if smoothing:
-            g.sub_(w.q_row_keep[r0:r1, None])
-        q_row = q_col = None
-        if target.soft:
-            from ..targets import teacher_chunk
-
-            q_row, q_col = teacher_probs(target, teacher_chunk(target, r0, r1, c0, c1), keep,
-                                         w.t_row_norm[r0:r1], w.t_col_norm[c0:c1] if symmetric else None)
-            g.sub_(q_row, alpha=target.soft)
-        g.mul_(w.w_row)
-        if symmetric:
-            p_col = (s_c - col_hi[None, c0:c1]).sub_(col_lo[None, c0:c1]).exp_()
-            if w.col_mass is not None:
-                p_col.mul_(w.col_mass[None, c0:c1])
-            p_col.sub_(pos * w.q_col_pos[None, c0:c1])
-            if smoothing:
-                p_col.sub_(w.q_col_keep[None, c0:c1])
-            if q_col is not None:
-                p_col.sub_(q_col, alpha=target.soft)
-            g.add_(p_col.mul_(w.w_col[None, c0:c1]))
-            del p_col
-        del s_c
-        if keep is not None:
-            g.masked_fill_(~keep, 0.0)
+        g = _grad_chunk(target, weights, lse, dot, scale, bias, r0, r1, c0, c1)
         _reduce_chunk(g, dot, a[r0:r1], b[c0:c1].to(acc), scale, grad_a[r0:r1], grad_b[c0:c1], grad_scale,
                       grad_bias)
     grad_b.mul_(scale)
     return grad_a, grad_b, grad_scale, grad_bias
+
+
+def _split_weights(w, acc):
+    """Pass 2's float64 LSEs split in (hi, lo) of ``acc`` (row, then column: None without a column
+    direction), and whether the smoothing targets are on."""
+    symmetric = w.col_lse is not None
+    smoothing = bool((w.q_row_keep != 0).any()) or (symmetric and bool((w.q_col_keep != 0).any()))
+    cols = split_lse(w.col_lse, acc) if symmetric else (None, None)
+    return (*split_lse(w.row_lse, acc), *cols, smoothing)
+
+
+def _grad_chunk(target, w, lse, dot, scale, bias, r0, r1, c0, c1):
+    """Pass 2's G on rows [r0, r1) × columns [c0, c1) of dot products ``dot`` (``w``: the
+    ``targets.TargetWeights``, ``lse``: ``_split_weights`` of them), zero on the dropped pairs."""
+    from ..targets import chunk_logits, chunk_masks
+
+    row_hi, row_lo, col_hi, col_lo, smoothing = lse
+    symmetric = col_hi is not None
+    pos, keep, pen = chunk_masks(target, dot, r0, r1, c0)
+    s_c = chunk_logits(target, dot, scale, bias, pen)
+    # P − Q on the kept pairs (zero on the dropped ones, whose logits are −∞ here: a dropped logit
+    # above the row's LSE would overflow), in fp32 with the float64 LSEs split in (hi, lo) as the
+    # other backends do
+    if keep is not None:
+        s_c.masked_fill_(~keep, float("-inf"))
+    g = (s_c - row_hi[r0:r1, None]).sub_(row_lo[r0:r1, None]).exp_()
+    if w.row_mass is not None:
+        g.mul_(w.row_mass[r0:r1, None])
+    g.sub_(pos * w.q_row_pos[r0:r1, None])
+    if smoothing:
+        g.sub_(w.q_row_keep[r0:r1, None])
+    q_row = q_col = None
+    if target.soft:
+        from ..targets import teacher_chunk
+
+        q_row, q_col = teacher_probs(target, teacher_chunk(target, r0, r1, c0, c1), keep,
+                                     w.t_row_norm[r0:r1], w.t_col_norm[c0:c1] if symmetric else None)
+        g.sub_(q_row, alpha=target.soft)
+    g.mul_(w.w_row)
+    if symmetric:
+        p_col = (s_c - col_hi[None, c0:c1]).sub_(col_lo[None, c0:c1]).exp_()
+        if w.col_mass is not None:
+            p_col.mul_(w.col_mass[None, c0:c1])
+        p_col.sub_(pos * w.q_col_pos[None, c0:c1])
+        if smoothing:
+            p_col.sub_(w.q_col_keep[None, c0:c1])
+        if q_col is not None:
+            p_col.sub_(q_col, alpha=target.soft)
+        g.add_(p_col.mul_(w.w_col[None, c0:c1]))
+        del p_col
+    del s_c
+    if keep is not None:
+        g.masked_fill_(~keep, 0.0)
+    return g
+
+
+# ---------------------------------------------------------------------------------------------------
+# Matryoshka prefixes in one pass over D (docs/engine.md): prefix k's tile is s·r_k⊙P_k⊙c_kᵀ + b with
+# P_k = A[:, :d_k]·B[:, :d_k]ᵀ, read from one accumulator over the D slices.
+
+def _prefix_dots(a, b, prefix, r0, r1, c0, c1):
+    """For k = K−1 … 0 (the smallest prefix first): (k, P_k, r_k⊙P_k⊙c_kᵀ) of rows [r0, r1) × columns
+    [c0, c1). P_k is one accumulator to which each D slice adds its product (so the chunk costs the
+    GEMM of the largest prefix); the scaled tile is a new tensor."""
+    acc, lo = None, 0
+    for k in reversed(range(len(prefix.dims))):
+        hi = prefix.dims[k]
+        part = mm_acc(a[r0:r1, lo:hi], b[c0:c1, lo:hi].T)
+        acc = part if acc is None else acc.add_(part)
+        lo = hi
+        rs, cs = prefix.row_scale[r0:r1, k].to(acc.dtype), prefix.col_scale[c0:c1, k].to(acc.dtype)
+        yield k, acc, acc * rs[:, None] * cs[None, :]
+
+
+def target_prefix_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, prefix):
+    """Pass 1 of a general target at every Matryoshka prefix (``prefix``: a ``targets.Prefix``) in one
+    pass over D: each prefix's tile goes through pass 1's chunk step with statistics of its own.
+    Returns a list of ``targets.TargetStats``, one per prefix (largest first); no soft targets."""
+    from ..targets import TargetStats, column_span
+
+    na, nb = a.shape[0], b.shape[0]
+    sts = [TargetStats.empty(na, nb, acc_dtype(a.dtype), a.device) for _ in prefix.dims]
+    for r0, r1 in row_chunks(na, chunk_rows):
+        c0, c1 = column_span(target, r0, r1, nb)
+        if c1 == c0:
+            continue
+        for k, _, dot in _prefix_dots(a, b, prefix, r0, r1, c0, c1):
+            _stats_chunk(target, sts[k], dot, scale, bias, r0, r1, c0, c1, symmetric, smoothing, None)
+    return sts
+
+
+def target_prefix_grad(a, b, scale, bias, target, weights, chunk_rows, prefix):
+    """Pass 2 at every Matryoshka prefix in one pass over D (``weights``: one ``targets.TargetWeights``
+    per prefix, each prefix's loss weight folded in). Prefix k's G_k is pass 2's chunk step on its tile;
+    with ``H_k = r_k⊙G_k⊙c_kᵀ`` the D slice j = [d_{j+1}, d_j) takes ``s·(Σ_{k≤j} H_k)·B[:, slice]``
+    (one GEMM per slice: the backward costs the GEMMs of the largest prefix). Returns (grad_a, grad_b,
+    grad_scale, grad_bias, grad_row_scale (Na, K), grad_col_scale (Nb, K)) with
+    ``∂/∂r_k[i] = s·Σ_j G_k·P_k·c_k`` and ``∂/∂c_k[j] = s·Σ_i G_k·P_k·r_k``."""
+    from ..targets import column_span
+
+    acc = acc_dtype(a.dtype)
+    na, nb, n_k = a.shape[0], b.shape[0], len(prefix.dims)
+    dev = a.device
+    grad_a = torch.zeros(a.shape, dtype=acc, device=dev)
+    grad_b = torch.zeros(b.shape, dtype=acc, device=dev)
+    grad_rs = torch.zeros((na, n_k), dtype=acc, device=dev)
+    grad_cs = torch.zeros((nb, n_k), dtype=acc, device=dev)
+    grad_scale = torch.zeros((), dtype=acc, device=dev)
+    grad_bias = torch.zeros((), dtype=acc, device=dev)
+    lses = [_split_weights(w, acc) for w in weights]
+    bounds = list(prefix.dims) + [0]
+    for r0, r1 in row_chunks(na, chunk_rows):
+        c0, c1 = column_span(target, r0, r1, nb)
+        if c1 == c0:
+            continue
+        h = [None] * n_k
+        for k, p, dot in _prefix_dots(a, b, prefix, r0, r1, c0, c1):
+            g = _grad_chunk(target, weights[k], lses[k], dot, scale, bias, r0, r1, c0, c1)
+            if g.dtype != torch.float64:  # subnormal G is 0 in the products (as in _reduce_chunk)
+                g.masked_fill_(g.abs() < torch.finfo(g.dtype).tiny, 0.0)
+            grad_bias += g.sum()
+            grad_scale += (g * dot).sum()
+            rs, cs = prefix.row_scale[r0:r1, k].to(acc), prefix.col_scale[c0:c1, k].to(acc)
+            gp = g * p
+            grad_rs[r0:r1, k] = (gp * cs[None, :]).sum(1)
+            grad_cs[c0:c1, k] += (gp.mul_(rs[:, None])).sum(0)
+            h[k] = g.mul_(rs[:, None]).mul_(cs[None, :])
+        total = None
+        for j in range(n_k):  # slice j is covered by the prefixes k <= j
+            total = h[j] if total is None else total.add_(h[j])
+            lo, hi = bounds[j + 1], bounds[j]
+            grad_a[r0:r1, lo:hi] = total @ b[c0:c1, lo:hi].to(acc)
+            grad_b[c0:c1, lo:hi].addmm_(total.T, a[r0:r1, lo:hi].to(acc))
+    for t in (grad_a, grad_b, grad_rs, grad_cs):
+        t.mul_(scale)
+    return grad_a, grad_b, grad_scale, grad_bias, grad_rs, grad_cs
 
 
 def target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, need_grad, cache_bytes=0):

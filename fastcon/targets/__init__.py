@@ -5,11 +5,12 @@ backend shares (``passes``), and its wire format, the arrays the ops carry and t
 """
 from .definition import (TEACHER_GUIDE, TEACHER_LINEAR, Target, Teacher, chunk_logits, chunk_masks, column_span,
                          guided, hard_weight, margin_bound, pair_columns, rows_of, teacher_chunk, teacher_target)
-from .passes import (RowShard, TargetStats, TargetWeights, TeacherNorms, debiased_terms, group_lse, loss_and_weights,
-                     needs_counts, teacher_norms, teacher_stats, two_pass_target, with_d_scale, with_teacher)
+from .passes import (Prefix, RowShard, TargetStats, TargetWeights, TeacherNorms, debiased_terms, group_lse, loss_and_weights,
+                     needs_counts, teacher_norms, teacher_stats, two_pass_prefix_target, two_pass_target, weighted,
+                     with_d_scale, with_teacher)
 
 __all__ = ["TEACHER_GUIDE", "TEACHER_LINEAR", "Target", "Teacher", "chunk_logits", "chunk_masks", "column_span",
            "guided", "hard_weight", "margin_bound", "pair_columns", "rows_of", "teacher_chunk", "teacher_target",
-           "RowShard", "TargetStats", "TargetWeights", "TeacherNorms",
+           "Prefix", "RowShard", "TargetStats", "TargetWeights", "TeacherNorms",
            "debiased_terms", "group_lse", "loss_and_weights", "needs_counts", "teacher_norms", "teacher_stats",
-           "two_pass_target", "with_d_scale", "with_teacher"]
+           "two_pass_prefix_target", "two_pass_target", "weighted", "with_d_scale", "with_teacher"]

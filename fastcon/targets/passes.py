@@ -332,3 +332,49 @@ def needs_counts(target: Target, eps: float) -> bool:
 def with_d_scale(grad_scale, weights: TargetWeights):
     """The backend's gradient of the scale plus the part from outside the tile (``d_scale``)."""
     return grad_scale if weights.d_scale is None else grad_scale + weights.d_scale.to(grad_scale.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Matryoshka prefixes in one pass over D (docs/engine.md)
+
+class Prefix(NamedTuple):
+    """Nested prefixes of the features in one engine pass: ``dims`` d_1 > d_2 > … (each within D) and
+    per-row and per-column scales ``row_scale`` (Na, K) and ``col_scale`` (Nb, K) (1/‖A_i[:d_k]‖ for
+    normalised prefixes, 1 for raw ones): prefix k's logits are ``s·r_k[i]·(A_i[:d_k]·B_j[:d_k])·c_k[j]
+    + b``."""
+    dims: tuple
+    row_scale: torch.Tensor
+    col_scale: torch.Tensor
+
+
+def weighted(weights: TargetWeights, w: float) -> TargetWeights:
+    """Pass 2's weights of ``w`` times the loss (G and the scale's outside part are linear in them)."""
+    return weights._replace(w_row=weights.w_row * w, w_col=None if weights.w_col is None else weights.w_col * w,
+                            w_col_max=weights.w_col_max * abs(w),
+                            d_scale=None if weights.d_scale is None else weights.d_scale * w)
+
+
+def two_pass_prefix_target(stats_fn, grad_fn, a, b, scale, bias, target, eps, symmetric, chunk_rows, need_grad,
+                           prefix: Prefix, prefix_weights):
+    """``Σ_k w_k·L_k`` of a general target at every prefix of ``prefix`` on a backend's two prefix
+    passes (``target_prefix_stats``, ``target_prefix_grad``): one LSE set per prefix, one pass over D
+    each. Returns (loss float64, grad_a, grad_b, grad_scale, grad_bias, grad_row_scale,
+    grad_col_scale), the gradients None without ``need_grad``."""
+    from ..kernels._common import acc_dtype
+
+    if target.soft:
+        raise ValueError("soft targets do not combine with Matryoshka prefixes in one pass")
+    acc = acc_dtype(a.dtype)
+    sts = stats_fn(a, b, scale, bias, target, symmetric, needs_counts(target, eps), chunk_rows, prefix)
+    loss, weights = None, []
+    for st, w in zip(sts, prefix_weights):
+        part, wt = loss_and_weights(target, st, eps, symmetric, acc, scale=scale)
+        loss = part * w if loss is None else loss + part * w
+        weights.append(weighted(wt, w))
+    if not need_grad:
+        return (loss,) + (None,) * 6
+    grad_a, grad_b, grad_scale, grad_bias, grad_rs, grad_cs = grad_fn(a, b, scale, bias, target, weights,
+                                                                      chunk_rows, prefix)
+    for wt in weights:
+        grad_scale = with_d_scale(grad_scale, wt)
+    return loss, grad_a, grad_b, grad_scale, grad_bias, grad_rs, grad_cs

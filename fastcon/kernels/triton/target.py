@@ -335,6 +335,13 @@ class _Teacher:
         return term_bits(symmetric=symmetric, soft=self.soft, linear=self.linear, **more)
 
 
+# what this backend's engine lacks (fastcon.kernels.contract): Matryoshka losses run one engine call per
+# prefix here (fastcon/functional/_matryoshka.py)
+MISSING = {op: "Matryoshka prefixes in one pass over D are not in the Triton kernels yet (the K loop would hand "
+               "each prefix's accumulator to its epilogue); the loss runs one engine call per prefix"
+           for op in ("target_prefix_stats", "target_prefix_grad")}
+
+
 def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes, teacher=None,
                  cublas=False, tiles=None):
     """Pass 1 of the general target (the contract of ``torch_chunked.target_stats``; with soft
