@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 from .. import reference
 from .._validation import check_features
-from ..ops import target_engine_loss
+from ..ops import target_engine_loss, target_prefix_engine_loss
 from ..targets import TEACHER_GUIDE, Target, Teacher
 from ._checks import check_chunk_size, distributed_setup
-from ._matryoshka import check_matryoshka, matryoshka_sum, prefix
+from ._matryoshka import check_matryoshka, matryoshka_sum, one_pass, prefix, prefix_scales
 
 MARGIN_STRATEGIES = reference.GIST_MARGIN_STRATEGIES
 
@@ -97,14 +97,18 @@ def gist_loss(anchor: torch.Tensor, positive: torch.Tensor, guide_anchor: torch.
     negatives, guide_negatives = _check(anchor, positive, guide_anchor, guide_positive, negatives, guide_negatives,
                                         temperature, margin_strategy, margin, contrast_anchors, contrast_positives)
     chunk_size = check_chunk_size(chunk_size)
+    prefixes = None
     if matryoshka_dims is not None:
         dims, weights = check_matryoshka(matryoshka_dims, matryoshka_weights, anchor.shape[1])
+        if one_pass(backend, anchor):
+            prefixes = (dims, weights)  # every prefix in one pass over D
+    if matryoshka_dims is not None and prefixes is None:  # one engine call per prefix
         kw = dict(guide_negatives=guide_negatives, temperature=temperature, margin_strategy=margin_strategy,
                   margin=margin, contrast_anchors=contrast_anchors, contrast_positives=contrast_positives,
                   process_group=process_group, backend=backend, chunk_size=chunk_size, cache_limit=cache_limit)
         return matryoshka_sum(lambda d: gist_loss(anchor[:, :d], positive[:, :d], guide_anchor, guide_positive,
                                                   negatives=prefix(negatives, d, False), **kw), dims, weights)
-    if matryoshka_weights is not None:
+    if matryoshka_weights is not None and matryoshka_dims is None:
         raise ValueError("matryoshka_weights needs matryoshka_dims")
     group = distributed_setup(process_group, anchor, positive, backend)
     if backend == "reference":
@@ -113,12 +117,14 @@ def gist_loss(anchor: torch.Tensor, positive: torch.Tensor, guide_anchor: torch.
             margin_strategy=margin_strategy, margin=margin, contrast_anchors=contrast_anchors,
             contrast_positives=contrast_positives).to(anchor.dtype)
     norm = lambda t: F.normalize(t, p=2, dim=-1)  # noqa: E731
-    a, p = norm(anchor), norm(positive)
+    # the student's prefixes are normalised by scales of their own in the one-pass form
+    student = norm if prefixes is None else (lambda t: t)
+    a, p = student(anchor), student(positive)
     with torch.no_grad():
         ga, gp = norm(guide_anchor.detach()), norm(guide_positive.detach())
     n = gn = None
     if negatives is not None:
-        n = norm(negatives).reshape(-1, a.shape[1])
+        n = student(negatives).reshape(-1, a.shape[1])
         with torch.no_grad():
             gn = norm(guide_negatives.detach()).reshape(-1, ga.shape[1])
     rank, p_world, gp_world, n_world, gn_world = 0, p, gp, n, gn
@@ -133,6 +139,11 @@ def gist_loss(anchor: torch.Tensor, positive: torch.Tensor, guide_anchor: torch.
         a, p, p_world, n_world, ga, gp, gp_world, gn_world, rank=rank, margin_strategy=margin_strategy,
         margin=float(margin), contrast_anchors=contrast_anchors, contrast_positives=contrast_positives)
     scale = torch.tensor(1.0 / float(temperature), dtype=torch.float64, device=a.device)
+    if prefixes is not None:
+        dims, weights = prefixes
+        return target_prefix_engine_loss(rows, cols, scale, None, prefix_scales(rows, dims, True),
+                                         prefix_scales(cols, dims, True), target, dims, weights, symmetric=False,
+                                         backend=backend, chunk_size=chunk_size)
     return target_engine_loss(rows, cols, scale, None, target, symmetric=False, backend=backend,
                               chunk_size=chunk_size, cache_limit=cache_limit)
 

@@ -12,9 +12,9 @@ from .._validation import check_features, check_label_smoothing, check_labels, c
 from ..targets import Target
 from ..ops import clip_engine_loss, siglip_engine_loss
 from ..ops.engine import BACKENDS as _BACKENDS
-from ..ops import target_engine_loss
+from ..ops import target_engine_loss, target_prefix_engine_loss
 from ._checks import check_chunk_size, check_common, check_debias, check_modes, distributed_setup
-from ._matryoshka import check_matryoshka, matryoshka_sum, prefix
+from ._matryoshka import check_matryoshka, matryoshka_sum, one_pass, prefix, prefix_scales
 
 
 def clip_loss(
@@ -69,14 +69,18 @@ def clip_loss(
     by the sum of the ranks' upstream gradients, W for ``loss.backward()`` everywhere).
     """
     scale, bias = check_common(image_features, text_features, logit_scale, logit_bias)
+    prefixes = None
     if matryoshka_dims is not None:
         dims, weights = check_matryoshka(matryoshka_dims, matryoshka_weights, image_features.shape[1])
-        kw = dict(label_smoothing=label_smoothing, pos_offset=pos_offset, labels=labels, pair_mask=pair_mask,
-                  debias=debias, local_loss=local_loss, gather_with_grad=gather_with_grad,
-                  process_group=process_group, backend=backend, chunk_size=chunk_size)
-        return matryoshka_sum(lambda d: clip_loss(prefix(image_features, d, True), prefix(text_features, d, True),
-                                                  logit_scale, logit_bias, **kw), dims, weights)
-    if matryoshka_weights is not None:
+        if process_group is None and one_pass(backend, image_features):
+            prefixes = (dims, weights)  # every prefix in one pass over D on the general target
+        else:
+            kw = dict(label_smoothing=label_smoothing, pos_offset=pos_offset, labels=labels, pair_mask=pair_mask,
+                      debias=debias, local_loss=local_loss, gather_with_grad=gather_with_grad,
+                      process_group=process_group, backend=backend, chunk_size=chunk_size)
+            return matryoshka_sum(lambda d: clip_loss(prefix(image_features, d, True), prefix(text_features, d, True),
+                                                      logit_scale, logit_bias, **kw), dims, weights)
+    elif matryoshka_weights is not None:
         raise ValueError("matryoshka_weights needs matryoshka_dims")
     eps = check_label_smoothing(label_smoothing)
     tau = check_debias(debias)
@@ -116,8 +120,10 @@ def clip_loss(
             return reference.multi_positive_clip_loss_reference(
                 image_features, text_features, scale, bias, labels=labels, label_smoothing=eps,
                 pair_mask=pair_mask).to(image_features.dtype)
-        return target_engine_loss(image_features, text_features, scale, bias,
-                                  Target(labels, labels, mask=pair_mask, debias=tau),
+        target = Target(labels, labels, mask=pair_mask, debias=tau)
+        if prefixes is not None:
+            return _prefix_clip(image_features, text_features, scale, bias, target, eps, prefixes, backend, chunk_size)
+        return target_engine_loss(image_features, text_features, scale, bias, target,
                                   label_smoothing=eps, backend=backend, chunk_size=chunk_size)
     group = distributed_setup(process_group, image_features, text_features, backend)
     if group is not None:
@@ -137,14 +143,26 @@ def clip_loss(
     if backend == "reference":
         return reference.clip_loss_reference(image_features, text_features, scale, bias, label_smoothing=eps,
                                              pos_offset=pos_offset, debias=tau).to(image_features.dtype)
-    if tau:  # one positive per row (row i's at column pos_offset + i), on the general target
+    if tau or prefixes is not None:  # one positive per row (row i's at column pos_offset + i), on the general target
         dev = image_features.device
         target = Target(torch.arange(image_features.shape[0], device=dev) + pos_offset,
                         torch.arange(text_features.shape[0], device=dev), debias=tau)
+        if prefixes is not None:
+            return _prefix_clip(image_features, text_features, scale, bias, target, eps, prefixes, backend, chunk_size)
         return target_engine_loss(image_features, text_features, scale, None, target, backend=backend,
                                   chunk_size=chunk_size)
     return clip_engine_loss(image_features, text_features, scale, bias, label_smoothing=eps,
                             pos_offset=pos_offset, backend=backend, chunk_size=chunk_size)
+
+
+def _prefix_clip(image_features, text_features, scale, bias, target, eps, prefixes, backend, chunk_size):
+    """CLIP's loss summed over Matryoshka prefixes in one engine pass over D (the general target, both
+    directions; every prefix L2-normalised by its row and column scales)."""
+    dims, weights = prefixes
+    return target_prefix_engine_loss(image_features, text_features, scale, bias,
+                                     prefix_scales(image_features, dims, True), prefix_scales(text_features, dims, True),
+                                     target, dims, weights, label_smoothing=eps, backend=backend,
+                                     chunk_size=chunk_size)
 
 
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias=None, *,

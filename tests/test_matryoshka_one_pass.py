@@ -1,0 +1,284 @@
+"""Matryoshka prefixes in one pass over D (``fastcon.ops.target_prefix_engine_loss``, the
+``target_prefix_stats``/``target_prefix_grad`` operations of the torch and C++ backends):
+
+* the engine operator against an independent float64 statement, ``Σ_k w_k·L_k`` of one
+  ``target_engine_loss`` call per prefix on the explicitly scaled prefixes
+  ``A[:, :d_k]·r_k`` and ``B[:, :d_k]·c_k``: the loss and the gradients of all six inputs (a, b,
+  scale, bias, row_scale, col_scale), for every option of the general target (ids, shared labels,
+  smoothing, excluded columns, column masks, column ranges, row groups, the hardness penalty, the
+  margin rule on the student's and on a guide's similarities, the debiased loss, a dense mask),
+  prefixes with and without the full D, zero and negative prefix weights, odd sizes and small chunks;
+* exactly zero gradient on the feature columns past the largest prefix;
+* that the C++ backend runs the prefixes in one pass (each prefix operation called once, the
+  per-call target passes never);
+* ``multiple_negatives_ranking_loss(matryoshka_dims=...)`` on torch and cpp against
+  ``backend="reference"`` (the per-prefix float64 reference), cos and dot, hard negatives and
+  directions;
+* soft targets with prefixes are a ValueError;
+* the C++ backend's peak memory at N = 4096 (no N×N allocation).
+"""
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastcon.functional as FC
+from fastcon.kernels import contract
+from fastcon.ops import target_engine_loss
+from fastcon.ops.target import target_prefix_engine_loss
+from fastcon.targets import TEACHER_GUIDE, Target, Teacher
+from helpers import assert_close_rel, make_features
+
+BACKENDS = ["torch", "cpp"]
+D = 24
+DIMS_WEIGHTS = [
+    ((24, 13, 5), (1.0, 0.5, 2.0)),   # the full D is a prefix
+    ((20, 7, 1), (1.0, 0.5, 2.0)),    # features past d_1 unused; a one-feature prefix
+    ((24, 9, 2), (0.0, -0.5, 1.5)),   # a zero and a negative weight
+]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Targets: each builder takes (na, nb, a, b, dtype) and returns the target (guide features in dtype)
+
+def _ids(na, nb):
+    """Row i's positive is column i; columns past Na are negatives of every row."""
+    return torch.arange(na), torch.cat([torch.arange(na), torch.full((nb - na,), -1)])
+
+
+def _plain(na, nb, a, b, dtype):
+    return Target(*_ids(na, nb))
+
+
+def _shared(na, nb, a, b, dtype):
+    ids = torch.arange(na) % 5  # several positives per row and per column
+    return Target(ids, ids)
+
+
+def _exclude_col(na, nb, a, b, dtype):
+    exclude = (torch.arange(na) + 3) % nb
+    exclude[::4] = -1
+    return Target(*_ids(na, nb), exclude_col=exclude)
+
+
+def _col_keep(na, nb, a, b, dtype):
+    ids = torch.arange(na) % 7
+    keep = torch.ones(nb, dtype=torch.bool)
+    keep[[3, 10, 17, 20]] = False  # class 3 keeps its positive at column 24
+    return Target(ids, ids, col_keep=keep)
+
+
+def _col_range(na, nb, a, b, dtype):
+    i = torch.arange(na)
+    lo = (i // 4) * 3
+    lo = torch.minimum(lo, i)
+    hi = torch.clamp(i + 2 + i % 5, max=nb)
+    return Target(*_ids(na, nb), col_range=torch.stack([lo, hi], dim=1).contiguous())
+
+
+def _row_group(na, nb, a, b, dtype):
+    m = na // 2  # rows m + i join row i's softmax (a joint partition of two stacked products)
+    row_ids = torch.cat([torch.arange(m), torch.full((na - m,), -1)])
+    col_ids = torch.cat([torch.arange(m), torch.full((nb - m,), -1)])
+    return Target(row_ids, col_ids, row_group=torch.arange(m).repeat(2))
+
+
+def _penalty(na, nb, a, b, dtype):
+    return Target(*_ids(na, nb), penalty=3.0, penalty_cols=torch.arange(nb) % 3 != 0,
+                  penalty_rows=torch.arange(na) % 4 != 1)
+
+
+def _margin(na, nb, a, b, dtype):
+    return Target(*_ids(na, nb), margin=0.02)
+
+
+def _margin_relative(na, nb, a, b, dtype):
+    return Target(*_ids(na, nb), margin=0.1, margin_relative=True)
+
+
+def _guide(na, nb, a, b, dtype):
+    """GISTEmbed's guide: a noisy linear map of the features decides the margin rule (the same pairs
+    are dropped at every prefix)."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(D, 10, generator=g, dtype=torch.float64)
+    ga = F.normalize(a.double() @ w + 0.3 * torch.randn(na, 10, generator=g, dtype=torch.float64), dim=-1)
+    gb = F.normalize(b.double() @ w, dim=-1)
+    return Target(*_ids(na, nb), margin=0.05, teacher=Teacher(ga.to(dtype), gb.to(dtype), kind=TEACHER_GUIDE))
+
+
+def _debias(na, nb, a, b, dtype):
+    ids = torch.arange(na)
+    return Target(ids, ids, debias=0.2)
+
+
+def _mask(na, nb, a, b, dtype):
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand(na, nb, generator=g) > 0.3
+    mask |= torch.eye(na, nb, dtype=torch.bool)
+    return Target(*_ids(na, nb), mask=mask)
+
+
+# name: (builder, Na, Nb, symmetric, label_smoothing, with a bias, chunk_size)
+CASES = {
+    "ids-symmetric": (_plain, 19, 23, True, 0.0, True, 7),
+    "ids-rows": (_plain, 19, 23, False, 0.0, True, 7),
+    "shared-labels": (_shared, 30, 30, True, 0.0, True, 7),
+    "smoothing": (_shared, 30, 30, True, 0.1, True, 7),
+    "exclude-col": (_exclude_col, 25, 25, True, 0.0, True, 6),
+    "col-keep": (_col_keep, 28, 28, True, 0.0, True, 7),
+    "col-range": (_col_range, 19, 23, False, 0.0, True, 5),
+    "row-group": (_row_group, 24, 23, False, 0.0, True, 7),
+    "penalty": (_penalty, 19, 23, False, 0.0, True, 7),
+    "margin": (_margin, 19, 23, False, 0.0, True, 7),
+    "margin-relative": (_margin_relative, 19, 23, False, 0.1, True, 7),
+    "guide": (_guide, 19, 23, False, 0.0, True, 7),
+    "debias": (_debias, 24, 24, True, 0.0, False, 7),
+    "mask": (_mask, 19, 23, True, 0.0, True, None),
+}
+
+
+def _inputs(na, nb, dims, seed):
+    """fp32 features (unit over the full D, so that prefixes have norms below 1), the logit scale and
+    bias, and random row and column scales in [0.5, 2]."""
+    a, b = make_features(na, nb, D, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    rs = 0.5 + 1.5 * torch.rand(na, len(dims), generator=g)
+    cs = 0.5 + 1.5 * torch.rand(nb, len(dims), generator=g)
+    return a, b, torch.tensor(9.0), torch.tensor(-0.7), rs, cs
+
+
+def _per_prefix(a, b, scale, bias, rs, cs, target, dims, weights, **kw):
+    """The independent statement: ``Σ_k w_k·L_k``, one engine call per prefix on the scaled prefixes."""
+    total = 0.0
+    for k, (d, w) in enumerate(zip(dims, weights)):
+        x, y = a[:, :d] * rs[:, k:k + 1], b[:, :d] * cs[:, k:k + 1]
+        total = total + w * target_engine_loss(x, y, scale, bias, target, backend="torch", **kw)
+    return total
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dims,weights", DIMS_WEIGHTS, ids=lambda v: "-".join(map(str, v)))
+@pytest.mark.parametrize("case", list(CASES))
+def test_engine_against_per_prefix_calls(case, dims, weights, backend):
+    build, na, nb, symmetric, eps, with_bias, chunk = CASES[case]
+    a, b, scale, bias, rs, cs = _inputs(na, nb, dims, seed=na + nb)
+    tensors = [a, b, scale, bias, rs, cs] if with_bias else [a, b, scale, rs, cs]
+    ours = [t.detach().clone().requires_grad_() for t in tensors]
+    truth = [t.detach().double().requires_grad_() for t in tensors]
+    if not with_bias:
+        ours.insert(3, None)
+        truth.insert(3, None)
+    kw = dict(label_smoothing=eps, symmetric=symmetric)
+    out = target_prefix_engine_loss(*ours, build(na, nb, a, b, torch.float32), dims, weights, backend=backend,
+                                    chunk_size=chunk, **kw)
+    target64 = build(na, nb, a, b, torch.float64)
+    expected = _per_prefix(*truth, target64, dims, weights, **kw)
+    if target64.margin is not None:  # the rule drops pairs: without it the loss is another
+        plain = _per_prefix(*[t.detach() if t is not None else None for t in truth],
+                            target64._replace(margin=None, teacher=None), dims, weights, **kw)
+        assert abs(plain.item() - expected.item()) > 1e-3 * abs(expected.item())
+    assert out.dtype == torch.float32 and out.shape == ()
+    assert_close_rel(out, expected, rtol=2e-5, atol=1e-6, name="loss")
+    leaves = [t for t in ours if t is not None]
+    grads = torch.autograd.grad(out, leaves)
+    expected_grads = torch.autograd.grad(expected, [t for t in truth if t is not None])
+    names = ["a", "b", "scale"] + (["bias"] if with_bias else []) + ["row_scale", "col_scale"]
+    for name, t, g, e in zip(names, leaves, grads, expected_grads):
+        assert g.dtype == t.dtype and g.shape == t.shape, name
+        assert_close_rel(g, e, rtol=2e-5, atol=1e-6, name=f"grad of {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_gradient_past_the_largest_prefix(backend):
+    """With d_1 < D the features past d_1 take no part in any logit: their gradient is exactly 0, on
+    the engine and through MNRL's prefix norms."""
+    dims, weights = (17, 6, 2), (1.0, 0.5, 2.0)
+    a, b, scale, bias, rs, cs = _inputs(19, 23, dims, seed=5)
+    a, b = a.requires_grad_(), b.requires_grad_()
+    target_prefix_engine_loss(a, b, scale, bias, rs, cs, _plain(19, 23, a, b, torch.float32), dims, weights,
+                              symmetric=False, backend=backend, chunk_size=7).backward()
+    for x in (a, b):
+        assert bool((x.grad[:, dims[0]:] == 0).all()) and bool((x.grad[:, :dims[0]] != 0).any())
+    q, p = make_features(16, 16, D, seed=6)
+    q, p = q.requires_grad_(), p.requires_grad_()
+    FC.multiple_negatives_ranking_loss(q, [p], directions=("query_to_doc", "doc_to_query"), matryoshka_dims=dims,
+                                       matryoshka_weights=weights, backend=backend, chunk_size=5).backward()
+    for x in (q, p):
+        assert bool((x.grad[:, dims[0]:] == 0).all()) and bool((x.grad[:, :dims[0]] != 0).any())
+
+
+def test_cpp_runs_the_prefixes_in_one_pass(monkeypatch):
+    """A Matryoshka MNRL on the C++ backend, forward and backward, is one call of each prefix pass
+    (all K prefixes inside; the operator forms its gradients with the loss), and no per-prefix call of
+    the plain target passes."""
+    from fastcon.kernels import cpp
+
+    calls = {}
+
+    def counting(name):
+        real = getattr(cpp, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    for name in ("target_prefix_stats", "target_prefix_grad", "target_stats", "target_grad"):
+        monkeypatch.setattr(cpp, name, counting(name))
+    contract.backend.cache_clear()  # the operations are looked up once per backend name
+    try:
+        q, p = make_features(21, 21, D, seed=8)
+        n = make_features(21, 21, D, seed=9)[1]
+        leaves = [t.requires_grad_() for t in (q, p, n)]
+        loss = FC.multiple_negatives_ranking_loss(leaves[0], leaves[1:], directions=("query_to_doc", "doc_to_query"),
+                                                  matryoshka_dims=(24, 12, 6, 3), backend="cpp", chunk_size=8)
+        loss.backward()
+    finally:
+        contract.backend.cache_clear()
+    assert calls == {"target_prefix_stats": 1, "target_prefix_grad": 1}
+    assert all(t.grad is not None for t in leaves)
+
+
+MNRL_DIRECTIONS = [("query_to_doc",), ("query_to_doc", "doc_to_query"), ("query_to_doc", "query_to_query"),
+                   ("query_to_doc", "doc_to_query", "query_to_query", "doc_to_doc")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("similarity", ["cos", "dot"])
+@pytest.mark.parametrize("directions", MNRL_DIRECTIONS, ids=lambda d: "+".join(x.split("_")[0][0] + x.split("_")[-1][0]
+                                                                              for x in d))
+@pytest.mark.parametrize("dtype,rtol,atol", [(torch.float64, 1e-11, 1e-14), (torch.float32, 2e-5, 1e-6)],
+                         ids=["f64", "f32"])
+def test_mnrl_against_the_per_prefix_reference(backend, similarity, directions, dtype, rtol, atol):
+    """The one-pass MNRL (queries, positives and one hard negative per query) against
+    ``backend="reference"``, which sums the materialised float64 reference over the prefixes."""
+    b = 13
+    g = torch.Generator().manual_seed(len(directions))
+    q = torch.randn(b, D, generator=g, dtype=torch.float64)
+    docs = [q + torch.randn(b, D, generator=g, dtype=torch.float64) for _ in range(2)]
+    kw = dict(scale=20.0 if similarity == "cos" else 0.4, similarity=similarity, directions=directions,
+              matryoshka_dims=(20, 11, 4), matryoshka_weights=(1.0, 0.5, 2.0))
+    ours = [t.to(dtype).requires_grad_() for t in [q] + docs]
+    truth = [t.clone().requires_grad_() for t in [q] + docs]
+    out = FC.multiple_negatives_ranking_loss(ours[0], ours[1:], backend=backend, chunk_size=6, **kw)
+    expected = FC.multiple_negatives_ranking_loss(truth[0], truth[1:], backend="reference", **kw)
+    assert out.dtype == dtype and out.shape == ()
+    assert_close_rel(out, expected, rtol=rtol, atol=atol, name="loss")
+    names = ["queries", "positives", "negatives"]
+    for name, gr, e in zip(names, torch.autograd.grad(out, ours), torch.autograd.grad(expected, truth)):
+        assert_close_rel(gr, e, rtol=rtol, atol=atol, name=f"grad of {name}")
+
+
+def test_soft_targets_with_prefixes_are_an_error():
+    dims = (24, 8)
+    a, b, scale, bias, rs, cs = _inputs(12, 12, dims, seed=11)
+    tx, ty = make_features(12, 12, 6, seed=12)
+    ids = torch.arange(12)
+    target = Target(ids, ids, teacher=Teacher(tx, ty, torch.tensor(25.0)), soft=0.5)
+    with pytest.raises(ValueError, match="soft targets"):
+        target_prefix_engine_loss(a.requires_grad_(), b, scale, bias, rs, cs, target, dims, (1.0, 1.0),
+                                  backend="torch")
