@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import fastcon
+import fastcon.functional as FC
 from fastcon.ops import engine, registry, softmax
-from helpers import assert_close_rel, make_features
+from helpers import assert_close_rel, assert_compiles_like_eager, make_features
 
 CPU_BACKENDS = ["cpp", "torch"]
 
@@ -188,3 +189,30 @@ def test_importing_fastcon_loads_neither_dynamo_nor_inductor():
     code = "import sys, fastcon; print('torch._dynamo' in sys.modules, 'torch._inductor' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_matryoshka_in_one_pass_compiles_like_eager(backend):
+    """MNRL over Matryoshka prefixes (one engine pass over D, fastcon::target_prefix_loss) in one graph,
+    with the prefix norms' autograd around the operator."""
+    q, d = make_features(24, 24, 16)
+    assert_compiles_like_eager(
+        lambda x, y: FC.multiple_negatives_ranking_loss(x, [y], matryoshka_dims=(16, 9, 4), backend=backend),
+        [q.requires_grad_(), d.requires_grad_()])
+
+
+@pytest.mark.parametrize("need_grad", [True, False])
+def test_opcheck_the_prefix_op(need_grad):
+    from fastcon.targets import Target
+    from fastcon.targets.wire import wire_args
+
+    a, b = make_features(9, 13, 8)
+    a, b = a.requires_grad_(need_grad), b.requires_grad_(need_grad)
+    scale = torch.tensor(14.3, requires_grad=need_grad)
+    bias = torch.tensor(-2.0, requires_grad=need_grad)
+    rs = (torch.rand(9, 2) + 0.5).requires_grad_(need_grad)
+    cs = (torch.rand(13, 2) + 0.5).requires_grad_(need_grad)
+    target = Target(torch.arange(9) + 2, torch.arange(13))
+    torch.library.opcheck(torch.ops.fastcon.target_prefix_loss.default,
+                          (a, b, scale, bias, rs, cs, *wire_args(target, 9, 13), [8, 3], [1.0, 0.5], "cpp", 0.1,
+                           True, 4, need_grad, None))

@@ -282,3 +282,43 @@ def test_soft_targets_with_prefixes_are_an_error():
     with pytest.raises(ValueError, match="soft targets"):
         target_prefix_engine_loss(a.requires_grad_(), b, scale, bias, rs, cs, target, dims, (1.0, 1.0),
                                   backend="torch")
+
+
+_PEAK = r"""
+import torch
+torch.set_num_threads(2)
+import fastcon.functional as FC
+from fastcon.bench.measure import rss_bytes
+
+n, d, dims = 4096, 256, (256, 128, 64, 32)
+g = torch.Generator().manual_seed(0)
+# a small call first: loading the extension and the first GEMMs are not the loss's memory
+x = torch.randn(64, d, generator=g, requires_grad=True)
+FC.multiple_negatives_ranking_loss(x, [x.detach() + 1], matryoshka_dims=dims, backend="cpp").backward()
+q = torch.randn(n, d, generator=g).requires_grad_()
+p = torch.randn(n, d, generator=g).requires_grad_()
+resident = rss_bytes("VmRSS")
+FC.multiple_negatives_ranking_loss(q, [p], matryoshka_dims=dims, backend="cpp").backward()
+print(rss_bytes("VmHWM") - resident)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads VmRSS/VmHWM from /proc/self/status")
+def test_cpp_peak_memory_holds_chunks_not_the_logits():
+    """MNRL with K = 4 prefixes at N = 4096, D = 256 on the C++ backend, 16 MiB chunks: nothing of
+    size N×N (64 MiB at fp32) is allocated, and the K prefixes share one chunk budget. The ops layer
+    gives prefix calls chunk_bytes/(4·N)/(K+1) rows, so pass 2's accumulator plus its K G tiles are at
+    most chunk_bytes (pass 1's accumulator, scaled tile and K logits buffers, (K+2)/(K+1) of it, come
+    before the gradients exist). While pass 2 runs, the wide fp32 gradients of queries and docs
+    (2·N·D·4) and the stacked columns (a copy of the docs, N·D·4) are alive, and the (N, K) scales and
+    their gradients beside them. Bound: chunk_bytes + 3·N·D·4 + 4·N·K·4 + 16 MiB for BLAS, OpenMP and
+    the allocator (44 MiB; about 33 MiB measured). glibc's mmap threshold is pinned so that freed
+    blocks go back at once: with its dynamic threshold the resident set also holds freed heap blocks,
+    depending on the order of allocations rather than on what is alive."""
+    chunk, n, d, k = 16 << 20, 4096, 256, 4
+    env = dict(os.environ, FASTCON_CHUNK_BYTES=str(chunk), MALLOC_MMAP_THRESHOLD_=str(128 << 10))
+    out = subprocess.run([sys.executable, "-c", _PEAK], capture_output=True, text=True, check=True, env=env)
+    peak = int(out.stdout)
+    bound = chunk + 3 * n * d * 4 + 4 * n * k * 4 + (16 << 20)
+    assert peak <= bound, f"peak {peak / 2**20:.1f} MiB above the resident set, bound {bound / 2**20:.1f} MiB"
+    assert peak < n * n * 4, f"peak {peak / 2**20:.1f} MiB: as much as an N×N fp32 matrix"

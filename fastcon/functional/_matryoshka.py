@@ -58,7 +58,7 @@ def one_pass(backend: str, x: torch.Tensor) -> bool:
     from ..ops import has_prefix_passes
     from ..ops.engine import autocast_gemm_dtype
 
-    return backend != "reference" and has_prefix_passes(backend, x.device, autocast_gemm_dtype(x) or x.dtype)
+    return backend != "reference" and has_prefix_passes(backend, x.device.type, autocast_gemm_dtype(x) or x.dtype)
 
 
 def prefix_scales(x: torch.Tensor, dims, normalize: bool) -> torch.Tensor:

@@ -21,9 +21,10 @@ import torch
 from torch import Tensor
 
 from fastcon.kernels._common import acc_dtype, cache_bytes
-from fastcon.ops.engine import (autocast_gemm_dtype, backend_context, backend_inputs, backend_module, engine_scalars,
-                                final_grads, forbid_double_backward, grad_likes, input_grads, loss_dtype, needs_grad,
-                                no_grads, save_output_grads, saved_grads_backward, traced_backend_name, wide_dtype)
+from fastcon.ops.engine import (assume_constant, autocast_gemm_dtype, backend_context, backend_inputs, backend_module,
+                                engine_scalars, final_grads, forbid_double_backward, grad_likes, input_grads,
+                                loss_dtype, needs_grad, no_grads, resolve_name, save_output_grads, saved_grads_backward,
+                                traced_backend_name, wide_dtype)
 from fastcon.ops.registry import EngineOp
 
 
@@ -107,7 +108,7 @@ def _target_prefix_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, row_s
                                               target, label_smoothing, symmetric, chunk_rows, need_grad, prefix,
                                               weights)
         if not need_grad:
-            return (loss.double(),) + no_grads(a) + (a.new_empty((0,)),) * 2
+            return (loss.double(),) + no_grads(a) + tuple(a.new_empty((0,)) for _ in range(2))
         return (loss.double(),) + final_grads((a, b, scale, bias, row_scale, col_scale), grads, 1.0)
 
 
@@ -115,7 +116,7 @@ def _target_prefix_loss_fake(a, b, scale, bias, row_scale, col_scale, rows, cols
                              weights, backend, label_smoothing, symmetric, chunk_size, need_grad, mm_dtype):
     loss = a.new_empty((), dtype=torch.float64)
     if not need_grad:
-        return (loss,) + no_grads(a) + (a.new_empty((0,)),) * 2
+        return (loss,) + no_grads(a) + tuple(a.new_empty((0,)) for _ in range(2))
     return (loss,) + grad_likes(a, b, scale, bias) + tuple(torch.empty_like(t, dtype=wide_dtype(t.dtype))
                                                              for t in (row_scale, col_scale))
 
@@ -124,12 +125,14 @@ target_prefix_loss = EngineOp("target_prefix_loss", _target_prefix_loss, _target
                               setup_context=save_output_grads, backward=saved_grads_backward)
 
 
-def has_prefix_passes(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the backend that ``backend=`` resolves to for these tensors has the one-pass prefix
-    operations (else a Matryoshka loss runs one engine call per prefix)."""
+@assume_constant
+def has_prefix_passes(backend: str, device_type: str, dtype: torch.dtype) -> bool:
+    """Whether the backend that ``backend=`` resolves to for tensors of ``device_type`` and ``dtype``
+    has the one-pass prefix operations (else a Matryoshka loss runs one engine call per prefix). A
+    constant to ``torch.compile``."""
     from fastcon.kernels import contract
 
-    name = traced_backend_name(backend, device.type, dtype)
+    name = resolve_name(backend, torch.device(device_type), dtype)
     return "target_prefix_stats" not in contract.missing_operations(name)
 
 
