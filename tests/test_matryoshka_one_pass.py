@@ -20,7 +20,6 @@
 import os
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -243,14 +242,18 @@ def test_cpp_runs_the_prefixes_in_one_pass(monkeypatch):
     assert all(t.grad is not None for t in leaves)
 
 
+def _short(directions):
+    """query_to_doc + doc_to_query -> "qd+dq" (test ids)."""
+    return "+".join(x[0] + x.split("_")[-1][0] for x in directions)
+
+
 MNRL_DIRECTIONS = [("query_to_doc",), ("query_to_doc", "doc_to_query"), ("query_to_doc", "query_to_query"),
                    ("query_to_doc", "doc_to_query", "query_to_query", "doc_to_doc")]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("similarity", ["cos", "dot"])
-@pytest.mark.parametrize("directions", MNRL_DIRECTIONS, ids=lambda d: "+".join(x.split("_")[0][0] + x.split("_")[-1][0]
-                                                                              for x in d))
+@pytest.mark.parametrize("directions", MNRL_DIRECTIONS, ids=_short)
 @pytest.mark.parametrize("dtype,rtol,atol", [(torch.float64, 1e-11, 1e-14), (torch.float32, 2e-5, 1e-6)],
                          ids=["f64", "f32"])
 def test_mnrl_against_the_per_prefix_reference(backend, similarity, directions, dtype, rtol, atol):

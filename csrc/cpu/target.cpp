@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "engine.h"
+#include "prefix.h"
 #include "target_format.h"
 
 namespace fastcon {
@@ -284,17 +285,12 @@ void for_each_chunk(const TargetView& t, int64_t chunk_rows, Body&& body, Skip&&
   }
 }
 
-// A rows × w view of a scratch buffer of chunk_rows × w, (re)allocated when too small.
-Tensor scratch(Tensor& buf, int64_t chunk_rows, int64_t rows, int64_t w, const at::TensorOptions& options) {
-  if (!buf.defined() || buf.numel() < rows * w) buf = at::empty({chunk_rows * w}, options);
-  return buf.narrow(0, 0, rows * w).view({rows, w});
-}
 
 template <typename T>
 const T* guide_chunk(const TargetView& t, Tensor& buf, int64_t chunk_rows, int64_t r0, int64_t rows, int64_t c0,
                      int64_t w) {
   if (!t.guide) return nullptr;
-  Tensor g = scratch(buf, chunk_rows, rows, w, t.ga.options());
+  Tensor g = scratch_rows(buf, chunk_rows, rows, w, t.ga.options());
   at::mm_out(g, t.ga.narrow(0, r0, rows), t.gb.narrow(0, c0, w).t());
   return g.data_ptr<T>();
 }
@@ -388,12 +384,13 @@ struct StatsPass {
   Tensor row_lse, row_pos, row_keep, row_sum_pos, row_sum_keep;
   Tensor col_lse, col_pos, col_keep, col_sum_pos, col_sum_keep;
   Tensor cross_row, ent_row, cross_col, ent_col;
-  Tensor logits;
+  Tensor own_logits;
+  Tensor* logits;  // the chunk's logits: this pass's own buffer, or one shared by the prefixes' passes
   std::unique_ptr<ColStats<T>> cs;
   ColSums sums;
 
   StatsPass(const Tensor& a, const Tensor& b, T s_, T bb_, const TargetView& t_, const SoftView<T>& sv_,
-            bool symmetric_, bool smoothing_, int64_t chunk_rows_)
+            bool symmetric_, bool smoothing_, int64_t chunk_rows_, Tensor* shared_logits = nullptr)
       : t(t_), sv(sv_), s(s_), bb(bb_), symmetric(symmetric_), smoothing(smoothing_), na(a.size(0)), nb(b.size(0)),
         chunk_rows(chunk_rows_), nt(team_threads()), options(a.options()), sums(symmetric_ ? b.size(0) : 0, nt) {
     auto f64 = options.dtype(at::kDouble);
@@ -414,12 +411,13 @@ struct StatsPass {
     ent_col = at::zeros({sv.entropy ? nb : 0}, f64);
     TORCH_CHECK(!symmetric || !t.has_range, "fastcon::target_stats: a symmetric loss keeps every column span");
     if (symmetric) cs.reset(new ColStats<T>(nb, nt));
+    logits = shared_logits ? shared_logits : &own_logits;
   }
 
   // The epilogue of rows [r0, r0 + rows) × columns [c0, c0 + w): dp the dot products, tp the teacher's
   // (soft targets), gp the guide's (null without one).
   void chunk(const T* dp, const T* tp, const T* gp, int64_t r0, int64_t rows, int64_t c0, int64_t w) {
-    T* lg = scratch(logits, chunk_rows, rows, w, options).data_ptr<T>();
+    T* lg = scratch_rows(*logits, chunk_rows, rows, w, options).data_ptr<T>();
     T* rp = row_pos.data_ptr<T>();
     T* rk = row_keep.data_ptr<T>();
     double* rsp = row_sum_pos.data_ptr<double>();
@@ -560,12 +558,12 @@ std::vector<Tensor> target_stats_impl(const Tensor& a, const Tensor& b, T s, T b
       kept_bytes += bytes;
     } else {
       caching = false;
-      dot = scratch(buf, chunk_rows, rows, w, a.options());
+      dot = scratch_rows(buf, chunk_rows, rows, w, a.options());
     }
     at::mm_out(dot, a.narrow(0, r0, rows), b.narrow(0, c0, w).t());
     const T* tp = nullptr;  // the teacher's dot products of the chunk
     if (sv.on) {
-      Tensor tdot = scratch(tbuf, chunk_rows, rows, w, a.options());
+      Tensor tdot = scratch_rows(tbuf, chunk_rows, rows, w, a.options());
       at::mm_out(tdot, sv.ta.narrow(0, r0, rows), sv.tb.narrow(0, c0, w).t());
       tp = tdot.data_ptr<T>();
     }
@@ -773,13 +771,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad_impl(const Tensor& a, con
       dot = dot.clone();  // G is written in place; the cache stays the caller's
     } else {
       cached_prefix = false;
-      dot = scratch(buf, chunk_rows, rows, w, a.options());
+      dot = scratch_rows(buf, chunk_rows, rows, w, a.options());
       at::mm_out(dot, a.narrow(0, r0, rows), b.narrow(0, c0, w).t());
     }
     T* dp = dot.data_ptr<T>();
     const T* gp = guide_chunk<T>(t, gbuf, chunk_rows, r0, rows, c0, w);
     if (sv.on) {
-      Tensor tdot = scratch(tbuf, chunk_rows, rows, w, a.options());
+      Tensor tdot = scratch_rows(tbuf, chunk_rows, rows, w, a.options());
       at::mm_out(tdot, sv.ta.narrow(0, r0, rows), sv.tb.narrow(0, c0, w).t());
       soft_grad_rows<T>(t, sv, dp, tdot.data_ptr<T>(), r0, rows, c0, w, s, bb, *gw.rls, gw.qrp, gw.qrk, gw.wr,
                         gw.chi(), gw.clo(), gw.qcp, gw.qck, gw.wc, nt, gs_rows, gb_rows);
@@ -794,89 +792,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad_impl(const Tensor& a, con
   return {grad_a, grad_b, scalar_tensor(ordered_sum(gs_rows), a), scalar_tensor(ordered_sum(gb_rows), a)};
 }
 
-// ---------------------------------------------------------------------------------------------
-// Matryoshka prefixes in one pass over D (fastcon/kernels/__init__.py, docs/engine.md): prefix k's
-// tile is r_k ⊙ P_k ⊙ c_k with P_k = A[:, :d_k]·B[:, :d_k]ᵀ, all read from one accumulator to which
-// each D slice adds its GEMM (the smallest prefix first).
-
-struct Prefixes {
-  std::vector<int64_t> dims;  // d_0 > d_1 > … > d_{K−1}
-  Tensor row_scale, col_scale;  // (Na, K), (Nb, K)
-  int64_t k() const { return int64_t(dims.size()); }
-  int64_t lo(int64_t k) const { return k + 1 < int64_t(dims.size()) ? dims[size_t(k + 1)] : 0; }  // slice k's start
-};
-
-Prefixes make_prefixes(const char* op, const Tensor& a, const Tensor& b, at::IntArrayRef dims, const Tensor& row_scale,
-                       const Tensor& col_scale) {
-  Prefixes p;
-  p.dims.assign(dims.begin(), dims.end());
-  const int64_t n_k = p.k();
-  TORCH_CHECK(n_k >= 1, "fastcon::", op, ": at least one prefix");
-  for (int64_t k = 0; k < n_k; ++k) {
-    TORCH_CHECK(p.dims[size_t(k)] >= 1 && p.dims[size_t(k)] <= a.size(1) &&
-                    (k == 0 || p.dims[size_t(k)] < p.dims[size_t(k - 1)]),
-                "fastcon::", op, ": the prefixes must be strictly descending within [1, D]");
-  }
-  for (const Tensor* v : {&row_scale, &col_scale}) {
-    TORCH_CHECK(v->scalar_type() == a.scalar_type() && v->dim() == 2 && v->size(1) == n_k && v->device().is_cpu(),
-                "fastcon::", op, ": the prefix scales must be (N, K) CPU tensors of a's dtype");
-  }
-  TORCH_CHECK(row_scale.size(0) == a.size(0) && col_scale.size(0) == b.size(0), "fastcon::", op,
-              ": the prefix scales need one row per row of a and b");
-  p.row_scale = row_scale.contiguous();
-  p.col_scale = col_scale.contiguous();
-  return p;
-}
-
-// The chunk's accumulator after slice k (P_k): adds slice k's product to acc.
-void add_slice(Tensor& acc, const Tensor& a, const Tensor& b, const Prefixes& p, int64_t k, int64_t r0, int64_t rows,
-               int64_t c0, int64_t w) {
-  const int64_t lo = p.lo(k), hi = p.dims[size_t(k)];
-  const double beta = k + 1 == p.k() ? 0.0 : 1.0;  // the first slice starts the accumulator
-  at::addmm_out(acc, acc, a.narrow(0, r0, rows).narrow(1, lo, hi - lo), b.narrow(0, c0, w).narrow(1, lo, hi - lo).t(),
-                beta, 1.0);
-}
-
-// The scales of prefix k: row i's and the columns' from c0 on (contiguous copies of a column of the
-// (N, K) scales).
-template <typename T>
-struct PrefixScales {
-  std::vector<T> row, col;
-  PrefixScales(const Prefixes& p, int64_t k) {
-    auto take = [k](const Tensor& m, std::vector<T>& out) {
-      const Tensor c = m.select(1, k).contiguous();
-      out.assign(c.data_ptr<T>(), c.data_ptr<T>() + c.numel());
-    };
-    take(p.row_scale, row);
-    take(p.col_scale, col);
-  }
-};
-
-// out = r_k ⊙ acc ⊙ c_kᵀ for rows [r0, r0 + rows) × columns [c0, c0 + w), in one sweep.
-template <typename T>
-void scaled_tile(T* out, const T* acc, const PrefixScales<T>& sc, int64_t r0, int64_t rows, int64_t c0, int64_t w,
-                 int nt) {
-#pragma omp parallel for schedule(static) num_threads(nt) if (rows * w >= kMinParallelWork)
-  for (int64_t li = 0; li < rows; ++li) {
-    fc_scale_row(acc + li * w, out + li * w, w, sc.row[size_t(r0 + li)], sc.col.data() + c0);
-  }
-}
-
 template <typename T>
 std::vector<Tensor> target_prefix_stats_impl(const Tensor& a, const Tensor& b, T s, T bb, const TargetView& t,
                                              const SoftView<T>& sv, bool symmetric, bool smoothing,
                                              int64_t chunk_rows, const Prefixes& p) {
+  Tensor logits;  // one logits buffer for every prefix's pass (each is done with it before the next)
   std::vector<std::unique_ptr<StatsPass<T>>> passes;
   for (int64_t k = 0; k < p.k(); ++k) {
-    passes.emplace_back(new StatsPass<T>(a, b, s, bb, t, sv, symmetric, smoothing, chunk_rows));
+    passes.emplace_back(new StatsPass<T>(a, b, s, bb, t, sv, symmetric, smoothing, chunk_rows, &logits));
   }
   std::vector<PrefixScales<T>> scales;
   for (int64_t k = 0; k < p.k(); ++k) scales.emplace_back(p, k);
   const int nt = team_threads();
   Tensor acc_buf, tile_buf, gbuf;
   for_each_chunk(t, chunk_rows, [&](int64_t r0, int64_t rows, int64_t c0, int64_t w) {
-    Tensor acc = scratch(acc_buf, chunk_rows, rows, w, a.options());
-    T* tile = scratch(tile_buf, chunk_rows, rows, w, a.options()).data_ptr<T>();
+    Tensor acc = scratch_rows(acc_buf, chunk_rows, rows, w, a.options());
+    T* tile = scratch_rows(tile_buf, chunk_rows, rows, w, a.options()).data_ptr<T>();
     const T* gp = guide_chunk<T>(t, gbuf, chunk_rows, r0, rows, c0, w);  // once for every prefix
     for (int64_t k = p.k() - 1; k >= 0; --k) {
       add_slice(acc, a, b, p, k, r0, rows, c0, w);
@@ -892,67 +823,27 @@ std::vector<Tensor> target_prefix_stats_impl(const Tensor& a, const Tensor& b, T
   return out;
 }
 
-// Pass 2 at every prefix: G_k in place of prefix k's tile, the scales' gradients from G_k ⊙ P_k,
-// H_k = r_k ⊙ G_k ⊙ c_k, and slice j's GEMMs from Σ_{k≤j} H_k.
+// Pass 2 at every prefix (prefix.h: prefix_backward), G_k from the target's grad_rows.
 template <typename T>
 std::vector<Tensor> target_prefix_grad_impl(const Tensor& a, const Tensor& b, T s, T bb, const TargetView& t,
                                             const std::vector<std::unique_ptr<GradWeights<T>>>& gws,
                                             int64_t chunk_rows, const Prefixes& p) {
-  const int64_t na = a.size(0), nb = b.size(0), dim = a.size(1), n_k = p.k();
   const int nt = team_threads();
-  Tensor grad_a = at::zeros({na, dim}, a.options());
-  Tensor grad_b = at::zeros({nb, dim}, a.options());
-  Tensor grad_rs = at::zeros({na, n_k}, a.options());
-  Tensor grad_cs = at::zeros({nb, n_k}, a.options());
-  std::vector<double> gs_rows(size_t(na), 0.0), gb_rows(size_t(na), 0.0);
-  std::vector<PrefixScales<T>> scales;
-  for (int64_t k = 0; k < n_k; ++k) scales.emplace_back(p, k);
-  std::vector<T> col_terms(size_t(nt) * size_t(nb));  // per thread: Σ_i G·P·r of the chunk's columns
-  Tensor acc_buf, gbuf;
-  std::vector<Tensor> h_buf(static_cast<size_t>(n_k));
-  for_each_chunk(t, chunk_rows, [&](int64_t r0, int64_t rows, int64_t c0, int64_t w) {
-    Tensor acc = scratch(acc_buf, chunk_rows, rows, w, a.options());
-    const T* gp = guide_chunk<T>(t, gbuf, chunk_rows, r0, rows, c0, w);
-    std::vector<Tensor> h(static_cast<size_t>(n_k));
-    for (int64_t k = n_k - 1; k >= 0; --k) {
-      add_slice(acc, a, b, p, k, r0, rows, c0, w);
-      const PrefixScales<T>& sc = scales[size_t(k)];
-      Tensor g = scratch(h_buf[size_t(k)], chunk_rows, rows, w, a.options());
-      T* gd = g.data_ptr<T>();
-      const T* pd = acc.data_ptr<T>();
-      scaled_tile<T>(gd, pd, sc, r0, rows, c0, w, nt);
-      grad_rows<T>(t, *gws[size_t(k)], gd, gp, r0, rows, c0, w, s, bb, nt, gs_rows, gb_rows);
-      T* grs = grad_rs.data_ptr<T>();
-      std::fill(col_terms.begin(), col_terms.end(), T(0));
-#pragma omp parallel num_threads(nt) if (rows * w >= kMinParallelWork)
-      {
-        T* col = col_terms.data() + size_t(omp_tid()) * size_t(nb);
-#pragma omp for schedule(static)
-        for (int64_t li = 0; li < rows; ++li) {
-          const int64_t i = r0 + li;
-          grs[i * n_k + k] = fc_prefix_grad_row(gd + li * w, pd + li * w, w, sc.row[size_t(i)], sc.col.data() + c0, col);
-        }
-      }
-      T* gcs = grad_cs.data_ptr<T>();
-      for (int th = 0; th < nt; ++th) {
-        const T* col = col_terms.data() + size_t(th) * size_t(nb);
-        for (int64_t jj = 0; jj < w; ++jj) gcs[(c0 + jj) * n_k + k] += col[jj];
-      }
-      h[size_t(k)] = g;  // now H_k
-    }
-    for (int64_t j = 0; j < n_k; ++j) {  // slice j is covered by the prefixes k <= j
-      if (j > 0) h[0].add_(h[size_t(j)]);
-      const int64_t lo = p.lo(j), hi = p.dims[size_t(j)];
-      Tensor ga = grad_a.narrow(0, r0, rows).narrow(1, lo, hi - lo);
-      at::addmm_out(ga, ga, h[0], b.narrow(0, c0, w).narrow(1, lo, hi - lo), /*beta=*/0, /*alpha=*/double(s));
-      Tensor gbm = grad_b.narrow(0, c0, w).narrow(1, lo, hi - lo);
-      gbm.addmm_(h[0].t(), a.narrow(0, r0, rows).narrow(1, lo, hi - lo), /*beta=*/1, /*alpha=*/double(s));
-    }
-  }, [] {});
-  grad_rs.mul_(double(s));
-  grad_cs.mul_(double(s));
-  return {grad_a, grad_b, scalar_tensor(ordered_sum(gs_rows), a), scalar_tensor(ordered_sum(gb_rows), a), grad_rs,
-          grad_cs};
+  std::vector<double> gs_rows(size_t(a.size(0)), 0.0), gb_rows(size_t(a.size(0)), 0.0);
+  Tensor gbuf;
+  const T* gp = nullptr;  // the guide's tile of the current chunk, formed once for every prefix
+  auto chunks = [&](auto&& body) {
+    for_each_chunk(t, chunk_rows, [&](int64_t r0, int64_t rows, int64_t c0, int64_t w) {
+      gp = guide_chunk<T>(t, gbuf, chunk_rows, r0, rows, c0, w);
+      body(r0, rows, c0, w);
+    }, [] {});
+  };
+  auto make_g = [&](int64_t k, T* tile, int64_t r0, int64_t rows, int64_t c0, int64_t w) {
+    grad_rows<T>(t, *gws[size_t(k)], tile, gp, r0, rows, c0, w, s, bb, nt, gs_rows, gb_rows);
+  };
+  std::vector<Tensor> out = prefix_backward<T>(a, b, double(s), p, chunk_rows, chunks, make_g);
+  out.insert(out.begin() + 2, {scalar_tensor(ordered_sum(gs_rows), a), scalar_tensor(ordered_sum(gb_rows), a)});
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
