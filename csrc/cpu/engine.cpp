@@ -25,6 +25,7 @@
 #endif
 
 #include "engine.h"
+#include "prefix.h"
 
 namespace fastcon {
 namespace cpu {
@@ -331,6 +332,72 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sigmoid_fused(const Tensor& a
                                    chunk_rows, need_grad);
 }
 
+// SigLIP at every Matryoshka prefix in one pass over D (prefix.h): Σ_k weights[k]·loss_sum_k, and with
+// need_grad the gradients of w·Σ_k weights[k]·loss_sum_k, G_k formed by sigmoid_rows on prefix k's tile.
+template <typename T>
+std::vector<Tensor> sigmoid_prefix_fused_impl(const Tensor& a, const Tensor& b, T s, T bb, int64_t pos_offset,
+                                              double w, at::ArrayRef<double> weights, int64_t chunk_rows,
+                                              bool need_grad, const Prefixes& p) {
+  const int64_t na = a.size(0), nb = b.size(0);
+  const int nt = team_threads();
+  std::vector<double> loss_k(static_cast<size_t>(na)), gs_k(static_cast<size_t>(na)), gb_k(static_cast<size_t>(na));
+  std::vector<double> loss_rows(size_t(na), 0.0), gs_rows(size_t(na), 0.0), gb_rows(size_t(na), 0.0);
+  auto chunks = [&](auto&& body) {
+    for (int64_t r0 = 0; r0 < na; r0 += chunk_rows) body(r0, std::min(chunk_rows, na - r0), int64_t(0), nb);
+  };
+  auto make_g = [&](int64_t k, T* tile, int64_t r0, int64_t rows, int64_t, int64_t) {
+    const double wk = weights[size_t(k)];
+    sigmoid_rows<T>(tile, r0, rows, nb, s, bb, pos_offset, T(w * wk), need_grad, loss_k.data() + r0,
+                    gs_k.data() + r0, gb_k.data() + r0, nt);
+    for (int64_t i = r0; i < r0 + rows; ++i) {
+      loss_rows[size_t(i)] += wk * loss_k[size_t(i)];
+      if (need_grad) {
+        gs_rows[size_t(i)] += gs_k[size_t(i)];
+        gb_rows[size_t(i)] += gb_k[size_t(i)];
+      }
+    }
+  };
+  std::vector<Tensor> out;
+  if (need_grad) {
+    out = prefix_backward<T>(a, b, double(s), p, chunk_rows, chunks, make_g);
+  } else {  // the forward alone: each prefix's tile from the accumulator, its loss
+    std::vector<PrefixScales<T>> scales;
+    for (int64_t k = 0; k < p.k(); ++k) scales.emplace_back(p, k);
+    Tensor acc_buf, tile_buf;
+    chunks([&](int64_t r0, int64_t rows, int64_t c0, int64_t width) {
+      Tensor acc = scratch_rows(acc_buf, chunk_rows, rows, width, a.options());
+      T* tile = scratch_rows(tile_buf, chunk_rows, rows, width, a.options()).data_ptr<T>();
+      for (int64_t k = p.k() - 1; k >= 0; --k) {
+        add_slice(acc, a, b, p, k, r0, rows, c0, width);
+        scaled_tile<T>(tile, acc.data_ptr<T>(), scales[size_t(k)], r0, rows, c0, width, nt);
+        make_g(k, tile, r0, rows, c0, width);
+      }
+    });
+    const Tensor none = at::empty({0}, a.options());
+    out = {none, none.clone(), none.clone(), none.clone()};
+  }
+  Tensor loss = scalar_tensor(ordered_sum(loss_rows), a);
+  Tensor gs = need_grad ? scalar_tensor(ordered_sum(gs_rows), a) : at::empty({0}, a.options());
+  Tensor gb = need_grad ? scalar_tensor(ordered_sum(gb_rows), a) : at::empty({0}, a.options());
+  return {loss, out[0], out[1], gs, gb, out[2], out[3]};
+}
+
+std::vector<Tensor> sigmoid_prefix_fused(const Tensor& a, const Tensor& b, const Tensor& scale, const Tensor& bias,
+                                         int64_t pos_offset, double w, at::ArrayRef<double> weights,
+                                         int64_t chunk_rows, bool need_grad, at::IntArrayRef dims,
+                                         const Tensor& row_scale, const Tensor& col_scale) {
+  const char* op = "sigmoid_prefix_fused";
+  check_pair(op, a, b, scale, bias, chunk_rows);
+  check_pos_offset(op, pos_offset);
+  const Prefixes p = make_prefixes(op, a, b, dims, row_scale, col_scale);
+  TORCH_CHECK(int64_t(weights.size()) == p.k(), "fastcon::", op, ": one weight per prefix");
+  if (a.scalar_type() == at::kDouble)
+    return sigmoid_prefix_fused_impl<double>(a, b, scalar_of<double>(scale), scalar_of<double>(bias), pos_offset, w,
+                                             weights, chunk_rows, need_grad, p);
+  return sigmoid_prefix_fused_impl<float>(a, b, scalar_of<float>(scale), scalar_of<float>(bias), pos_offset, w,
+                                          weights, chunk_rows, need_grad, p);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Direct losses: the whole loss of a small CPU problem in one operator with its own autograd node
 // (fastcon/ops/engine.py, "The direct C++ loss"). The loss is assembled here as the ops layer assembles it
@@ -550,6 +617,9 @@ TORCH_LIBRARY(fastcon, m) {
   m.def(
       "sigmoid_fused(Tensor a, Tensor b, Tensor scale, Tensor bias, int pos_offset, float w, int chunk_rows, "
       "bool need_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "sigmoid_prefix_fused(Tensor a, Tensor b, Tensor scale, Tensor bias, int pos_offset, float w, float[] weights, "
+      "int chunk_rows, bool need_grad, int[] dims, Tensor row_scale, Tensor col_scale) -> Tensor[]");
   m.def("direct_loss(Tensor a, Tensor b, Tensor scale, Tensor? bias, int kind, int pos_offset, bool symmetric, "
         "float label_smoothing, int chunk_rows, int cache_bytes) -> Tensor");
   m.def("simd_level() -> str", [] { return std::string(fastcon::cpu::simd_level()); });
@@ -560,6 +630,7 @@ TORCH_LIBRARY_IMPL(fastcon, CPU, m) {
   m.impl("softmax_grad", &fastcon::cpu::softmax_grad);
   m.impl("softmax_fused", &fastcon::cpu::softmax_fused);
   m.impl("sigmoid_fused", &fastcon::cpu::sigmoid_fused);
+  m.impl("sigmoid_prefix_fused", &fastcon::cpu::sigmoid_prefix_fused);
 }
 
 // The direct loss carries its own autograd node, so one kernel serves every dispatch key.

@@ -51,14 +51,15 @@ def prefix(x: Optional[torch.Tensor], d: int, normalize: bool) -> Optional[torch
     return F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), p=2, dim=-1).to(x.dtype)
 
 
-def one_pass(backend: str, x: torch.Tensor) -> bool:
+def one_pass(backend: str, x: torch.Tensor, operation: str = "target_prefix_stats") -> bool:
     """Whether the prefixes of a loss on ``x`` run in one engine pass over D: the backend that
-    ``backend=`` resolves to has the prefix passes (``kernels.contract``), and it is not the
-    reference."""
+    ``backend=`` resolves to has the prefix ``operation`` (``kernels.contract``: target_prefix_stats
+    for the general target's losses, sigmoid_prefix_fused for SigLIP), and it is not the reference."""
     from ..ops import has_prefix_passes
     from ..ops.engine import autocast_gemm_dtype
 
-    return backend != "reference" and has_prefix_passes(backend, x.device.type, autocast_gemm_dtype(x) or x.dtype)
+    return backend != "reference" and has_prefix_passes(backend, x.device.type, autocast_gemm_dtype(x) or x.dtype,
+                                                        operation)
 
 
 def prefix_scales(x: torch.Tensor, dims, normalize: bool) -> torch.Tensor:

@@ -12,7 +12,7 @@ from .._validation import check_features, check_label_smoothing, check_labels, c
 from ..targets import Target
 from ..ops import clip_engine_loss, siglip_engine_loss
 from ..ops.engine import BACKENDS as _BACKENDS
-from ..ops import target_engine_loss, target_prefix_engine_loss
+from ..ops import siglip_prefix_engine_loss, target_engine_loss, target_prefix_engine_loss
 from ._checks import check_chunk_size, check_common, check_debias, check_modes, distributed_setup
 from ._matryoshka import check_matryoshka, matryoshka_sum, one_pass, prefix, prefix_scales
 
@@ -188,13 +188,18 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     and each text shard's gradient is the sum of every rank's contribution.
     """
     scale, bias = check_common(image_features, text_features, logit_scale, logit_bias)
+    prefixes = None
     if matryoshka_dims is not None:
         dims, weights = check_matryoshka(matryoshka_dims, matryoshka_weights, image_features.shape[1])
-        kw = dict(pos_offset=pos_offset, negative_only=negative_only, process_group=process_group, backend=backend,
-                  chunk_size=chunk_size)
-        return matryoshka_sum(lambda d: siglip_loss(prefix(image_features, d, True), prefix(text_features, d, True),
-                                                    logit_scale, logit_bias, **kw), dims, weights)
-    if matryoshka_weights is not None:
+        if process_group is None and one_pass(backend, image_features, "sigmoid_prefix_fused"):
+            prefixes = (dims, weights)  # every prefix in one pass over D
+        else:
+            kw = dict(pos_offset=pos_offset, negative_only=negative_only, process_group=process_group,
+                      backend=backend, chunk_size=chunk_size)
+            return matryoshka_sum(lambda d: siglip_loss(prefix(image_features, d, True),
+                                                        prefix(text_features, d, True), logit_scale, logit_bias,
+                                                        **kw), dims, weights)
+    elif matryoshka_weights is not None:
         raise ValueError("matryoshka_weights needs matryoshka_dims")
     if not isinstance(negative_only, bool):
         raise TypeError(f"negative_only must be a bool, got {type(negative_only).__name__}")
@@ -213,6 +218,13 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     if backend == "reference":
         return reference.siglip_loss_reference(image_features, text_features, scale, bias, pos_offset=pos_offset,
                                                negative_only=negative_only).to(image_features.dtype)
+    if prefixes is not None:
+        dims, weights = prefixes
+        return siglip_prefix_engine_loss(image_features, text_features, scale, bias,
+                                         prefix_scales(image_features, dims, True),
+                                         prefix_scales(text_features, dims, True), dims, weights,
+                                         pos_offset=None if negative_only else pos_offset, backend=backend,
+                                         chunk_size=chunk_size)
     return siglip_engine_loss(image_features, text_features, scale, bias,
                               pos_offset=None if negative_only else pos_offset,
                               backend=backend, chunk_size=chunk_size)

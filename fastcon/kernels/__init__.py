@@ -75,4 +75,11 @@ column scales r (Na, K) and c (Nb, K)): prefix k's logits are ``S_k = s·r_k ⊙
         Σ_k Σ G_k; grad_row_scale[i, k] = s·Σ_j G_k·P_k·c_k[j], grad_col_scale[j, k] = s·Σ_i G_k·P_k·r_k[i].
 
 ``targets.two_pass_prefix_target`` chains them with ``loss_and_weights`` per prefix (no soft targets).
+SigLIP's one pass at every prefix::
+
+    sigmoid_prefix_fused(a, b, scale, bias, pos_offset, w, weights, chunk_rows, need_grad, prefix)
+            -> (Σ_k weights[k]·loss_sum_k, grad_a, grad_b, grad_scale, grad_bias, grad_row_scale,
+                grad_col_scale)
+        loss_sum_k is ``sigmoid_fused``'s on S_k; the gradients are those of w·Σ_k weights[k]·loss_sum_k
+        (None without ``need_grad``), formed as ``target_prefix_grad``'s from G_k = w·weights[k]·(σ(S_k) − [pos]).
 """

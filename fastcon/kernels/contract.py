@@ -21,6 +21,7 @@ OPERATIONS: Tuple[str, ...] = (
     "softmax_grad",          # CLIP's pass 2
     "softmax_fused",         # both passes of CLIP's loss
     "sigmoid_fused",         # SigLIP's loss and gradients (one pass)
+    "sigmoid_prefix_fused",  # ... at every Matryoshka prefix, one pass over D
     "target_stats",          # the general target's pass 1
     "teacher_stats",         # a soft target's teacher pass (the normalisers of its targets)
     "target_grad",           # the general target's pass 2

@@ -62,6 +62,16 @@ def sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad):
     return loss, grad_a, grad_b, grad_scale, grad_bias
 
 
+def sigmoid_prefix_fused(a, b, scale, bias, pos_offset, w, weights, chunk_rows, need_grad, prefix):
+    loss, *grads = torch.ops.fastcon.sigmoid_prefix_fused(
+        a, b, _scalar(scale, a), _scalar(bias, a), int(pos_offset), float(w), [float(v) for v in weights],
+        int(chunk_rows), bool(need_grad), [int(d) for d in prefix.dims], prefix.row_scale.to(a.dtype),
+        prefix.col_scale.to(a.dtype))
+    if not need_grad:
+        return (loss,) + (None,) * 6
+    return (loss, *grads)
+
+
 DIRECT_SOFTMAX, DIRECT_SIGMOID = 0, 1  # the kinds of fastcon::direct_loss
 
 

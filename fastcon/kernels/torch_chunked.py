@@ -339,13 +339,36 @@ def target_prefix_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_r
 
 def target_prefix_grad(a, b, scale, bias, target, weights, chunk_rows, prefix):
     """Pass 2 at every Matryoshka prefix in one pass over D (``weights``: one ``targets.TargetWeights``
-    per prefix, each prefix's loss weight folded in). Prefix k's G_k is pass 2's chunk step on its tile;
-    with ``H_k = r_k⊙G_k⊙c_kᵀ`` the D slice j = [d_{j+1}, d_j) takes ``s·(Σ_{k≤j} H_k)·B[:, slice]``
-    (one GEMM per slice: the backward costs the GEMMs of the largest prefix). Returns (grad_a, grad_b,
-    grad_scale, grad_bias, grad_row_scale (Na, K), grad_col_scale (Nb, K)) with
-    ``∂/∂r_k[i] = s·Σ_j G_k·P_k·c_k`` and ``∂/∂c_k[j] = s·Σ_i G_k·P_k·r_k``."""
+    per prefix, each prefix's loss weight folded in): prefix k's G_k is pass 2's chunk step on its tile
+    (``_prefix_backward`` does the rest). Returns (grad_a, grad_b, grad_scale, grad_bias,
+    grad_row_scale (Na, K), grad_col_scale (Nb, K))."""
     from ..targets import column_span
 
+    acc = acc_dtype(a.dtype)
+    grad_scale = torch.zeros((), dtype=acc, device=a.device)
+    grad_bias = torch.zeros((), dtype=acc, device=a.device)
+    lses = [_split_weights(w, acc) for w in weights]
+    spans = [(r0, r1, *column_span(target, r0, r1, b.shape[0])) for r0, r1 in row_chunks(a.shape[0], chunk_rows)]
+
+    def make_g(k, dot, r0, r1, c0, c1):
+        nonlocal grad_scale, grad_bias
+        g = _grad_chunk(target, weights[k], lses[k], dot, scale, bias, r0, r1, c0, c1)
+        grad_bias += g.sum()
+        grad_scale += (g * dot).sum()
+        return g
+
+    grad_a, grad_b, grad_rs, grad_cs = _prefix_backward(a, b, scale, prefix, [c for c in spans if c[3] > c[2]],
+                                                        make_g)
+    return grad_a, grad_b, grad_scale, grad_bias, grad_rs, grad_cs
+
+
+def _prefix_backward(a, b, scale, prefix, chunks, make_g):
+    """Pass 2 at every prefix for any loss whose G of a tile ``make_g(k, tile, r0, r1, c0, c1)`` forms
+    (with the loss's own sums for the scale and bias): with ``H_k = r_k⊙G_k⊙c_kᵀ`` the D slice
+    j = [d_{j+1}, d_j) takes ``s·(Σ_{k≤j} H_k)·B[:, slice]`` (one GEMM per slice: the backward costs the
+    GEMMs of the largest prefix), and the scales' gradients are ``∂/∂r_k[i] = s·Σ_j G_k·P_k·c_k`` and
+    ``∂/∂c_k[j] = s·Σ_i G_k·P_k·r_k``. ``chunks``: (r0, r1, c0, c1) of each chunk. Returns (grad_a,
+    grad_b, grad_row_scale (Na, K), grad_col_scale (Nb, K))."""
     acc = acc_dtype(a.dtype)
     na, nb, n_k = a.shape[0], b.shape[0], len(prefix.dims)
     dev = a.device
@@ -353,25 +376,17 @@ def target_prefix_grad(a, b, scale, bias, target, weights, chunk_rows, prefix):
     grad_b = torch.zeros(b.shape, dtype=acc, device=dev)
     grad_rs = torch.zeros((na, n_k), dtype=acc, device=dev)
     grad_cs = torch.zeros((nb, n_k), dtype=acc, device=dev)
-    grad_scale = torch.zeros((), dtype=acc, device=dev)
-    grad_bias = torch.zeros((), dtype=acc, device=dev)
-    lses = [_split_weights(w, acc) for w in weights]
     bounds = list(prefix.dims) + [0]
-    for r0, r1 in row_chunks(na, chunk_rows):
-        c0, c1 = column_span(target, r0, r1, nb)
-        if c1 == c0:
-            continue
+    for r0, r1, c0, c1 in chunks:
         h = [None] * n_k
         for k, p, dot in _prefix_dots(a, b, prefix, r0, r1, c0, c1):
-            g = _grad_chunk(target, weights[k], lses[k], dot, scale, bias, r0, r1, c0, c1)
+            g = make_g(k, dot, r0, r1, c0, c1)
             if g.dtype != torch.float64:  # subnormal G is 0 in the products (as in _reduce_chunk)
                 g.masked_fill_(g.abs() < torch.finfo(g.dtype).tiny, 0.0)
-            grad_bias += g.sum()
-            grad_scale += (g * dot).sum()
             rs, cs = prefix.row_scale[r0:r1, k].to(acc), prefix.col_scale[c0:c1, k].to(acc)
             gp = g * p
             grad_rs[r0:r1, k] = (gp * cs[None, :]).sum(1)
-            grad_cs[c0:c1, k] += (gp.mul_(rs[:, None])).sum(0)
+            grad_cs[c0:c1, k] += gp.mul_(rs[:, None]).sum(0)
             h[k] = g.mul_(rs[:, None]).mul_(cs[None, :])
         total = None
         for j in range(n_k):  # slice j is covered by the prefixes k <= j
@@ -381,7 +396,42 @@ def target_prefix_grad(a, b, scale, bias, target, weights, chunk_rows, prefix):
             grad_b[c0:c1, lo:hi].addmm_(total.T, a[r0:r1, lo:hi].to(acc))
     for t in (grad_a, grad_b, grad_rs, grad_cs):
         t.mul_(scale)
-    return grad_a, grad_b, grad_scale, grad_bias, grad_rs, grad_cs
+    return grad_a, grad_b, grad_rs, grad_cs
+
+
+def sigmoid_prefix_fused(a, b, scale, bias, pos_offset, w, weights, chunk_rows, need_grad, prefix):
+    """SigLIP's loss at every Matryoshka prefix in one pass over D: ``Σ_k weights[k]·loss_sum_k`` (the
+    ``sigmoid_fused`` sum of prefix k's tile) and, with ``need_grad``, the gradients of
+    ``w·Σ_k weights[k]·loss_sum_k`` with respect to a, b, scale, bias and the row and column scales
+    (else five Nones)."""
+    acc = acc_dtype(a.dtype)
+    na, nb = a.shape[0], b.shape[0]
+    total = torch.zeros((), dtype=acc, device=a.device)
+    grad_scale = torch.zeros((), dtype=acc, device=a.device)
+    grad_bias = torch.zeros((), dtype=acc, device=a.device)
+
+    def make_g(k, dot, r0, r1, c0, c1):
+        nonlocal total, grad_scale, grad_bias
+        s_c = dot * scale + bias
+        rows, cols = _positives(r0, r1, pos_offset, nb, a.device)
+        total += weights[k] * (torch.nn.functional.softplus(s_c).sum() - s_c[rows, cols].sum())
+        if not need_grad:
+            return None
+        g = torch.sigmoid(s_c)
+        g[rows, cols] -= 1
+        g.mul_(w * weights[k])
+        grad_bias += g.sum()
+        grad_scale += (g * dot).sum()
+        return g
+
+    chunks = [(r0, r1, 0, nb) for r0, r1 in row_chunks(na, chunk_rows)]
+    if not need_grad:
+        for r0, r1, c0, c1 in chunks:
+            for k, _, dot in _prefix_dots(a, b, prefix, r0, r1, c0, c1):
+                make_g(k, dot, r0, r1, c0, c1)
+        return (total,) + (None,) * 6
+    grad_a, grad_b, grad_rs, grad_cs = _prefix_backward(a, b, scale, prefix, chunks, make_g)
+    return total, grad_a, grad_b, grad_scale, grad_bias, grad_rs, grad_cs
 
 
 def target_softmax_fused(a, b, scale, bias, target, eps, symmetric, chunk_rows, need_grad, cache_bytes=0):

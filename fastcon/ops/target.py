@@ -21,10 +21,9 @@ import torch
 from torch import Tensor
 
 from fastcon.kernels._common import acc_dtype, cache_bytes
-from fastcon.ops.engine import (assume_constant, autocast_gemm_dtype, backend_context, backend_inputs, backend_module,
-                                engine_scalars, final_grads, forbid_double_backward, grad_likes, input_grads,
-                                loss_dtype, needs_grad, no_grads, resolve_name, save_output_grads, saved_grads_backward,
-                                traced_backend_name, wide_dtype)
+from fastcon.ops.engine import (autocast_gemm_dtype, backend_context, backend_inputs, backend_module, engine_scalars,
+                                final_grads, forbid_double_backward, grad_likes, input_grads, loss_dtype, needs_grad,
+                                no_grads, save_output_grads, saved_grads_backward, traced_backend_name, wide_dtype)
 from fastcon.ops.registry import EngineOp
 
 
@@ -77,82 +76,6 @@ def target_engine_loss(a, b, scale, bias, target, *, label_smoothing: float = 0.
                                    float(label_smoothing), bool(symmetric), int(chunk_size or 0),
                                    -1 if cache_limit is None else int(cache_limit), needs_grad(a, b, scale, bias),
                                    mm_dtype)
-    return loss.to(acc_dtype(a.dtype)).to(out_dtype)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Matryoshka: Σ_k w_k·L_k over nested prefixes of the features in one pass over D (docs/engine.md), for
-# the backends that have the prefix passes (``kernels.contract``: target_prefix_stats/_grad). The
-# prefix norms come in as row and column scales with gradients of their own; the O(N·D) norms and
-# their backward are autograd outside the operator.
-
-def _target_prefix_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, row_scale: Tensor, col_scale: Tensor,
-                        rows: Tensor, cols: Tensor, mask: Optional[Tensor], teacher: List[Optional[Tensor]],
-                        numbers: List[float], dims: List[int], weights: List[float], backend: str,
-                        label_smoothing: float, symmetric: bool, chunk_size: int, need_grad: bool,
-                        mm_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                                  Tensor]:
-    """``Σ_k w_k·L_k`` (float64) of a general target at the prefixes ``dims`` (``targets.Prefix``), and
-    the gradients of a, b, scale, bias, row_scale and col_scale."""
-    from fastcon.targets import Prefix, two_pass_prefix_target
-    from fastcon.targets.wire import from_wire
-
-    with backend_context(a.device.type):
-        impl, x, y, s, c, chunk_rows = backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype)
-        if not chunk_size:  # the K prefixes' G of a chunk are held at once
-            chunk_rows = max(1, chunk_rows // (len(dims) + 1))
-        target = from_wire(rows, cols, mask, teacher, numbers)
-        acc = acc_dtype(x.dtype)
-        prefix = Prefix(tuple(dims), row_scale.to(acc).contiguous(), col_scale.to(acc).contiguous())
-        loss, *grads = two_pass_prefix_target(impl.target_prefix_stats, impl.target_prefix_grad, x, y, s, c,
-                                              target, label_smoothing, symmetric, chunk_rows, need_grad, prefix,
-                                              weights)
-        if not need_grad:
-            return (loss.double(),) + no_grads(a) + tuple(a.new_empty((0,)) for _ in range(2))
-        return (loss.double(),) + final_grads((a, b, scale, bias, row_scale, col_scale), grads, 1.0)
-
-
-def _target_prefix_loss_fake(a, b, scale, bias, row_scale, col_scale, rows, cols, mask, teacher, numbers, dims,
-                             weights, backend, label_smoothing, symmetric, chunk_size, need_grad, mm_dtype):
-    loss = a.new_empty((), dtype=torch.float64)
-    if not need_grad:
-        return (loss,) + no_grads(a) + tuple(a.new_empty((0,)) for _ in range(2))
-    return (loss,) + grad_likes(a, b, scale, bias) + tuple(torch.empty_like(t, dtype=wide_dtype(t.dtype))
-                                                             for t in (row_scale, col_scale))
-
-
-target_prefix_loss = EngineOp("target_prefix_loss", _target_prefix_loss, _target_prefix_loss_fake,
-                              setup_context=save_output_grads, backward=saved_grads_backward)
-
-
-@assume_constant
-def has_prefix_passes(backend: str, device_type: str, dtype: torch.dtype) -> bool:
-    """Whether the backend that ``backend=`` resolves to for tensors of ``device_type`` and ``dtype``
-    has the one-pass prefix operations (else a Matryoshka loss runs one engine call per prefix). A
-    constant to ``torch.compile``."""
-    from fastcon.kernels import contract
-
-    name = resolve_name(backend, torch.device(device_type), dtype)
-    return "target_prefix_stats" not in contract.missing_operations(name)
-
-
-def target_prefix_engine_loss(a, b, scale, bias, row_scale, col_scale, target, dims, weights, *,
-                              label_smoothing: float = 0.0, symmetric: bool = True, backend: str = "auto",
-                              chunk_size: Optional[int] = None) -> torch.Tensor:
-    """``Σ_k w_k·L_k`` of a general target over the prefixes ``dims`` (d_1 > d_2 > …, within D) in one
-    engine pass over D; prefix k's logits are ``s·row_scale[i, k]·(A_i[:d_k]·B_j[:d_k])·col_scale[j, k]
-    + b`` (the scales: 1/‖prefix‖ for cosine prefixes, with autograd through them). Arguments already
-    validated. Returns the loss in ``loss_dtype(a)``."""
-    from fastcon.targets.wire import wire_args
-
-    out_dtype = loss_dtype(a)
-    mm_dtype = autocast_gemm_dtype(a)
-    name = traced_backend_name(backend, a.device.type, mm_dtype or a.dtype)
-    scale, bias = engine_scalars(scale, bias, acc_dtype(a.dtype), a.device)
-    loss, *_ = target_prefix_loss(a, b, scale, bias, row_scale, col_scale, *wire_args(target, a.shape[0], b.shape[0]),
-                                  [int(d) for d in dims], [float(w) for w in weights], name, float(label_smoothing),
-                                  bool(symmetric), int(chunk_size or 0),
-                                  needs_grad(a, b, scale, bias, row_scale, col_scale), mm_dtype)
     return loss.to(acc_dtype(a.dtype)).to(out_dtype)
 
 

@@ -339,7 +339,7 @@ class _Teacher:
 # prefix here (fastcon/functional/_matryoshka.py)
 MISSING = {op: "Matryoshka prefixes in one pass over D are not in the Triton kernels yet (the K loop would hand "
                "each prefix's accumulator to its epilogue); the loss runs one engine call per prefix"
-           for op in ("target_prefix_stats", "target_prefix_grad")}
+           for op in ("target_prefix_stats", "target_prefix_grad", "sigmoid_prefix_fused")}
 
 
 def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes, teacher=None,
