@@ -52,7 +52,8 @@ test-avx2: $(STAMP)
 	cd $(AVX2_DIR) && PYTHONPATH=$(AVX2_DIR) TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 $(abspath $(PY)) -m pytest -q \
 		-p no:cacheprovider -k "cpp or auto" tests/test_cpp_ops.py tests/test_backends.py tests/test_targets.py \
 		tests/test_soft_targets.py tests/test_row_lse.py tests/test_m2mix.py tests/test_mochi.py tests/test_filip.py \
-		tests/test_maxsim.py tests/test_direct_calls.py tests/test_debias.py tests/test_gist.py tests/test_matryoshka.py
+		tests/test_maxsim.py tests/test_direct_calls.py tests/test_debias.py tests/test_gist.py tests/test_matryoshka.py \
+		tests/test_matryoshka_one_pass.py
 
 # lightly's loss module imports torchvision, and PyPI's torchvision does not import beside the torch
 # 2.13.0 CPU build: tests/test_lightly.py runs in a second environment with a matching pair (torch

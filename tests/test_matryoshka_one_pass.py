@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import fastcon.functional as FC
 from fastcon.kernels import contract
 from fastcon.ops import target_engine_loss
-from fastcon.ops.target import target_prefix_engine_loss
+from fastcon.ops import target_prefix_engine_loss
 from fastcon.targets import TEACHER_GUIDE, Target, Teacher
 from helpers import assert_close_rel, make_features
 
@@ -274,6 +274,86 @@ def test_mnrl_against_the_per_prefix_reference(backend, similarity, directions, 
     names = ["queries", "positives", "negatives"]
     for name, gr, e in zip(names, torch.autograd.grad(out, ours), torch.autograd.grad(expected, truth)):
         assert_close_rel(gr, e, rtol=rtol, atol=atol, name=f"grad of {name}")
+
+
+def _against_reference(fn, tensors, backend, rtol=2e-5, atol=1e-6):
+    """``fn(*leaves, backend)`` on fp32 leaves (the one pass) against ``fn(*float64 leaves,
+    "reference")`` (the per-prefix reference): the loss and the gradient of every leaf."""
+    ours = [t.float().requires_grad_() for t in tensors]
+    truth = [t.double().requires_grad_() for t in tensors]
+    out, expected = fn(*ours, backend), fn(*truth, "reference")
+    assert out.dtype == torch.float32 and out.shape == ()
+    assert_close_rel(out, expected, rtol=rtol, atol=atol, name="loss")
+    for k, (gr, e) in enumerate(zip(torch.autograd.grad(out, ours), torch.autograd.grad(expected, truth))):
+        assert_close_rel(gr, e, rtol=rtol, atol=atol, name=f"grad of input {k}")
+
+
+CLIP_OPTIONS = {
+    "plain": dict(),
+    "bias+smoothing": dict(bias=True, label_smoothing=0.1),
+    "labels": dict(labels=True),
+    "debias": dict(debias=0.1),
+    "rectangular": dict(pos_offset=4),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("option", list(CLIP_OPTIONS))
+def test_clip_and_siglip_against_the_per_prefix_reference(option, backend):
+    """CLIP (the general target, both directions) and SigLIP (sigmoid_prefix_fused) over prefixes in one
+    pass against the reference summed over the prefixes, with the scale's and the bias's gradients."""
+    opt = dict(CLIP_OPTIONS[option])
+    a, b = make_features(17, 17 + opt.get("pos_offset", 0), D, seed=13, paired=False)
+    s, bias = torch.tensor(12.0), torch.tensor(-3.0)
+    kw = dict(matryoshka_dims=(24, 11, 3), matryoshka_weights=(1.0, 0.25, 2.0), chunk_size=5)
+    if opt.pop("labels", False):
+        opt["labels"] = torch.arange(17) % 4
+    with_bias = opt.pop("bias", False)
+    leaves = [a, b, s] + ([bias] if with_bias else [])
+    _against_reference(lambda *t: FC.clip_loss(*t[:-1], backend=t[-1], **opt, **kw), leaves, backend)
+    if option in ("plain", "rectangular"):
+        sig = dict(pos_offset=opt.get("pos_offset", 0))
+        _against_reference(lambda *t: FC.siglip_loss(*t[:-1], backend=t[-1], **sig, **kw), [a, b, s, bias], backend)
+        _against_reference(lambda *t: FC.siglip_loss(*t[:-1], backend=t[-1], negative_only=True, **kw),
+                           [a, b, s, bias], backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("contrast", [(True, True), (False, True), (True, False)], ids=["both", "pos", "anchors"])
+def test_gist_against_the_per_prefix_reference(contrast, backend):
+    """GISTEmbed over the student's prefixes in one pass (the guide's tile once per chunk for every
+    prefix, the guide's embeddings whole) against the reference summed over the prefixes."""
+    a, p = make_features(15, 15, D, seed=14)
+    n = make_features(15, 15, D, seed=15)[1].reshape(15, 1, D)
+    ga, gp = make_features(15, 15, 10, seed=16)
+    gn = make_features(15, 15, 10, seed=17)[1].reshape(15, 1, 10)
+    ca, cp = contrast
+
+    def loss(x, y, z, be):
+        cast = (lambda t: t.to(x.dtype))  # noqa: E731 (the guide in the student's dtype)
+        return FC.gist_loss(x, y, cast(ga), cast(gp), negatives=z, guide_negatives=cast(gn), margin=0.05,
+                            contrast_anchors=ca, contrast_positives=cp, temperature=0.05,
+                            matryoshka_dims=(20, 9, 4), matryoshka_weights=(1.0, 2.0, 0.5), backend=be,
+                            chunk_size=7)
+
+    _against_reference(loss, [a, p, n], backend)
+
+
+def test_cpp_runs_siglip_prefixes_in_one_pass(monkeypatch):
+    """A Matryoshka SigLIP on the C++ backend is one call of sigmoid_prefix_fused, none of sigmoid_fused."""
+    from fastcon.kernels import cpp
+
+    calls = []
+    for name in ("sigmoid_prefix_fused", "sigmoid_fused"):
+        real = getattr(cpp, name)
+        monkeypatch.setattr(cpp, name, lambda *a, _n=name, _f=real, **k: calls.append(_n) or _f(*a, **k))
+    contract.backend.cache_clear()
+    try:
+        a, b = make_features(40, 40, D, seed=18)
+        FC.siglip_loss(a.requires_grad_(), b, 10.0, -10.0, matryoshka_dims=(24, 8), backend="cpp").backward()
+    finally:
+        contract.backend.cache_clear()
+    assert calls == ["sigmoid_prefix_fused"] and a.grad is not None
 
 
 def test_soft_targets_with_prefixes_are_an_error():

@@ -185,7 +185,7 @@ def test_the_fused_tile_kernels_run_the_general_target(monkeypatch):
     # the one unfinished piece of the Triton backends: Matryoshka prefixes in one pass over D
     missing = {entry.split(":")[0] for entry in fastcon.backend_info()["not_implemented"]}
     assert missing == {f"{name}.{op}" for name in ("triton", "triton_fused")
-                       for op in ("target_prefix_stats", "target_prefix_grad")}
+                       for op in ("target_prefix_stats", "target_prefix_grad", "sigmoid_prefix_fused")}
     wide, _ = make_features(8, 8, 300)
     with pytest.raises(ValueError, match="D <= 256"):
         FC.clip_loss(wide, wide, 10.0, labels=torch.arange(8), backend="triton_fused")

@@ -28,6 +28,24 @@ def _scale_likes(row_scale, col_scale):
     return tuple(torch.empty_like(t, dtype=wide_dtype(t.dtype)) for t in (row_scale, col_scale))
 
 
+def _no_grads(a):
+    """The six empty gradients of an operator called without ``need_grad``."""
+    return no_grads(a) + tuple(a.new_empty((0,)) for _ in range(2))
+
+
+def _prefix_inputs(a, b, scale, bias, row_scale, col_scale, dims, backend, chunk_size, mm_dtype):
+    """``backend_inputs`` of a prefix operator, with a chunk of ``chunk_rows / (K + 1)`` rows where the
+    caller gave no chunk size (the K prefixes' G of a chunk and the accumulator are held at once: the
+    chunk memory of one loss), and the ``targets.Prefix`` of the scales in the accumulation dtype."""
+    from fastcon.targets import Prefix
+
+    impl, x, y, s, c, chunk_rows = backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype)
+    if not chunk_size:
+        chunk_rows = max(1, chunk_rows // (len(dims) + 1))
+    acc = acc_dtype(x.dtype)
+    prefix = Prefix(tuple(dims), row_scale.to(acc).contiguous(), col_scale.to(acc).contiguous())
+    return impl, x, y, s, c, chunk_rows, prefix
+
 
 def _target_prefix_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, row_scale: Tensor, col_scale: Tensor,
                         rows: Tensor, cols: Tensor, mask: Optional[Tensor], teacher: List[Optional[Tensor]],
@@ -37,21 +55,18 @@ def _target_prefix_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, row_s
                                                                   Tensor]:
     """``Σ_k w_k·L_k`` (float64) of a general target at the prefixes ``dims`` (``targets.Prefix``), and
     the gradients of a, b, scale, bias, row_scale and col_scale."""
-    from fastcon.targets import Prefix, two_pass_prefix_target
+    from fastcon.targets import two_pass_prefix_target
     from fastcon.targets.wire import from_wire
 
     with backend_context(a.device.type):
-        impl, x, y, s, c, chunk_rows = backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype)
-        if not chunk_size:  # the K prefixes' G of a chunk are held at once
-            chunk_rows = max(1, chunk_rows // (len(dims) + 1))
+        impl, x, y, s, c, chunk_rows, prefix = _prefix_inputs(a, b, scale, bias, row_scale, col_scale, dims, backend,
+                                                              chunk_size, mm_dtype)
         target = from_wire(rows, cols, mask, teacher, numbers)
-        acc = acc_dtype(x.dtype)
-        prefix = Prefix(tuple(dims), row_scale.to(acc).contiguous(), col_scale.to(acc).contiguous())
         loss, *grads = two_pass_prefix_target(impl.target_prefix_stats, impl.target_prefix_grad, x, y, s, c,
                                               target, label_smoothing, symmetric, chunk_rows, need_grad, prefix,
                                               weights)
         if not need_grad:
-            return (loss.double(),) + no_grads(a) + tuple(a.new_empty((0,)) for _ in range(2))
+            return (loss.double(),) + _no_grads(a)
         return (loss.double(),) + final_grads((a, b, scale, bias, row_scale, col_scale), grads, 1.0)
 
 
@@ -59,7 +74,7 @@ def _target_prefix_loss_fake(a, b, scale, bias, row_scale, col_scale, rows, cols
                              weights, backend, label_smoothing, symmetric, chunk_size, need_grad, mm_dtype):
     loss = a.new_empty((), dtype=torch.float64)
     if not need_grad:
-        return (loss,) + no_grads(a) + tuple(a.new_empty((0,)) for _ in range(2))
+        return (loss,) + _no_grads(a)
     return (loss,) + grad_likes(a, b, scale, bias) + _scale_likes(row_scale, col_scale)
 
 
@@ -104,20 +119,15 @@ def _sigmoid_prefix_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, row_
                                                                                     Tensor, Tensor, Tensor]:
     """``(1/Na)·Σ_k w_k·Σ_ij softplus(−z_ij·S_k,ij)`` (SigLIP at every prefix, ``sigmoid_loss``'s terms)
     in the accumulation dtype, and the gradients of a, b, scale, bias, row_scale and col_scale."""
-    from fastcon.targets import Prefix
-
     with autocast_off(a.device.type):
-        impl, x, y, s, c, chunk_rows = backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype)
-        if not chunk_size:  # the K prefixes' G of a chunk are held at once
-            chunk_rows = max(1, chunk_rows // (len(dims) + 1))
+        impl, x, y, s, c, chunk_rows, prefix = _prefix_inputs(a, b, scale, bias, row_scale, col_scale, dims, backend,
+                                                              chunk_size, mm_dtype)
         na = x.shape[0]
-        acc = acc_dtype(x.dtype)
-        prefix = Prefix(tuple(dims), row_scale.to(acc).contiguous(), col_scale.to(acc).contiguous())
         loss_sum, *grads = impl.sigmoid_prefix_fused(x, y, s, c, pos_offset, 1.0 / na, weights, chunk_rows,
                                                      need_grad, prefix)
         loss = loss_sum / na
         if not need_grad:
-            return (loss,) + no_grads(a) + tuple(a.new_empty((0,)) for _ in range(2))
+            return (loss,) + _no_grads(a)
         return (loss,) + final_grads((a, b, scale, bias, row_scale, col_scale), grads, 1.0)
 
 
@@ -125,7 +135,7 @@ def _sigmoid_prefix_loss_fake(a, b, scale, bias, row_scale, col_scale, dims, wei
                               chunk_size, need_grad, mm_dtype):
     loss = a.new_empty((), dtype=acc_dtype(a.dtype))
     if not need_grad:
-        return (loss,) + no_grads(a) + tuple(a.new_empty((0,)) for _ in range(2))
+        return (loss,) + _no_grads(a)
     return (loss,) + grad_likes(a, b, scale, bias) + _scale_likes(row_scale, col_scale)
 
 
