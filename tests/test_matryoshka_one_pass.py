@@ -163,6 +163,18 @@ def _per_prefix(a, b, scale, bias, rs, cs, target, dims, weights, **kw):
 @pytest.mark.parametrize("dims,weights", DIMS_WEIGHTS, ids=lambda v: "-".join(map(str, v)))
 @pytest.mark.parametrize("case", list(CASES))
 def test_engine_against_per_prefix_calls(case, dims, weights, backend):
+    _check_engine(case, dims, weights, backend)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", list(CASES))
+def test_triton_engine_against_per_prefix_calls(case):
+    """The Triton backends' prefix passes (cuBLAS chunks accumulated over D, the general target's
+    Triton epilogues on each prefix's tile) on the interpreter; triton_fused shares them."""
+    _check_engine(case, *DIMS_WEIGHTS[1], "triton" if case != "guide" else "triton_fused")
+
+
+def _check_engine(case, dims, weights, backend):
     build, na, nb, symmetric, eps, with_bias, chunk = CASES[case]
     a, b, scale, bias, rs, cs = _inputs(na, nb, dims, seed=na + nb)
     tensors = [a, b, scale, bias, rs, cs] if with_bias else [a, b, scale, rs, cs]
@@ -297,7 +309,7 @@ CLIP_OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + [pytest.param("triton", marks=pytest.mark.interpreter)])
 @pytest.mark.parametrize("option", list(CLIP_OPTIONS))
 def test_clip_and_siglip_against_the_per_prefix_reference(option, backend):
     """CLIP (the general target, both directions) and SigLIP (sigmoid_prefix_fused) over prefixes in one

@@ -35,9 +35,10 @@ OPERATIONS: Tuple[str, ...] = (
 BACKEND_MODULES: Dict[str, Tuple[str, ...]] = {
     "torch": ("fastcon.kernels.torch_chunked", "fastcon.kernels.late"),
     "cpp": ("fastcon.kernels.cpp",),
-    "triton": ("fastcon.kernels.triton.chunked", "fastcon.kernels.triton.target", "fastcon.kernels.triton.late"),
+    "triton": ("fastcon.kernels.triton.chunked", "fastcon.kernels.triton.target", "fastcon.kernels.triton.late",
+               "fastcon.kernels.triton.prefix"),
     "triton_fused": ("fastcon.kernels.triton.fused", "fastcon.kernels.triton.fused_target",
-                     "fastcon.kernels.triton.late"),
+                     "fastcon.kernels.triton.late", "fastcon.kernels.triton.prefix"),
 }
 
 Backend = NamedTuple("Backend", [("name", str)] + [(op, Callable) for op in OPERATIONS])

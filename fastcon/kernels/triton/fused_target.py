@@ -26,7 +26,6 @@ from . import launch
 from .configs import FUSED_CONFIGS, FUSED_FP32_PRECISION, fused_block_d, fused_config
 from .margin import margin_bounds, pair_dots_kernel
 from .plan import TargetTiles, check_fused_inputs, dot_precision, dtype_name, matmul_stats_rows, split_tiles
-from .target import MISSING  # noqa: F401 (this backend's missing operations: the same as triton's)
 from .target import GradVectors, PackedTarget, target_signature, target_stats_kernel, teacher_stats, variant
 from .target import target_stats as epilogue_target_stats
 from .tiles import (NUM_G_SCALE, TERM_SOFT, column_tile, dot_tile, grad_row_vectors, margin_tile, row_bounds,

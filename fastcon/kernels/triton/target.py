@@ -335,13 +335,6 @@ class _Teacher:
         return term_bits(symmetric=symmetric, soft=self.soft, linear=self.linear, **more)
 
 
-# what this backend's engine lacks (fastcon.kernels.contract): Matryoshka losses run one engine call per
-# prefix here (fastcon/functional/_matryoshka.py)
-MISSING = {op: "Matryoshka prefixes in one pass over D are not in the Triton kernels yet (the K loop would hand "
-               "each prefix's accumulator to its epilogue); the loss runs one engine call per prefix"
-           for op in ("target_prefix_stats", "target_prefix_grad", "sigmoid_prefix_fused")}
-
-
 def target_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, cache_bytes, teacher=None,
                  cublas=False, tiles=None):
     """Pass 1 of the general target (the contract of ``torch_chunked.target_stats``; with soft
@@ -477,8 +470,12 @@ class GradVectors:
                     numbers_ptr=self.numbers, TERMS=self.terms)
 
 
-def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
-    """Pass 2 of the general target (the contract of ``torch_chunked.target_grad``)."""
+def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=(), tiles=None, g_sink=None):
+    """Pass 2 of the general target (the contract of ``torch_chunked.target_grad``). ``tiles``: the
+    producer to use instead of ``plan.producer``'s; ``g_sink``: a function taking each chunk's fp32 G
+    (rows [r0, r1) × columns [c0, c1), written over its chunk of dot products) as ``g_sink(G, r0, r1,
+    c0, c1)`` in place of the gradient GEMMs, which then return no feature gradients (the prefix passes,
+    ``prefix.py``; the cuBLAS producer)."""
     from ...targets import column_span, guided
 
     check_inputs(a, b)
@@ -487,12 +484,14 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
     dev = a.device
     packed = PackedTarget(target, na, nb, dev)
     guide = guided(target)
-    grad_a = torch.zeros(a.shape, dtype=torch.float32, device=dev)
-    grad_b = torch.zeros(b.shape, dtype=torch.float32, device=dev)
+    grad_a = grad_b = None
+    if g_sink is None:
+        grad_a = torch.zeros(a.shape, dtype=torch.float32, device=dev)
+        grad_b = torch.zeros(b.shape, dtype=torch.float32, device=dev)
     vec = GradVectors(a, target, weights, nb)
     tch, g_scale = vec.tch, vec.g_scale
     parts = []
-    tiles = TargetTiles(a, target, "target_grad")
+    tiles = tiles or TargetTiles(a, target, "target_grad")
     cfg = tiles.cfg
     if tiles.matmul and guide:  # the guide's chunk over every column, so that each row's pair lies in it
         chunk_rows = aligned_memory_rows(na, nb, chunk_rows, chunk_bytes(dev), a.dtype, partial_bytes=a.element_size())
@@ -522,7 +521,7 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
             if tiles.matmul:
                 g = g_buf[:r, :w]
             else:
-                g_chunk = grad_buffer(a, r, w)
+                g_chunk = None if g_sink is not None else grad_buffer(a, r, w)
                 g = dot if g_chunk is None else g_chunk
             it = work_items(r, w, cfg, dev)
             part = torch.empty((it.n_items, 2), dtype=torch.float32, device=dev)
@@ -534,9 +533,13 @@ def target_grad(a, b, scale, bias, target, weights, chunk_rows, cached=()):
                 stride_gm=g.stride(0), **packed.kwargs(r0, r1), **vec.kwargs(r0, r1, c0, c1), **tiles.consts(a),
             )
             parts.append(part)
+            if g_sink is not None:
+                g_sink(g if g_scale == 1.0 else g / g_scale, r0, r1, c0, c1)
+                continue
             grad_gemms(g, a[r0:r1], b[c0:c1], scale, grad_a[r0:r1], grad_b[c0:c1], g_scale,
                         accumulate_a=c0 > span0)
-    grad_b.mul_(scale)
+    if grad_b is not None:
+        grad_b.mul_(scale)
     totals = torch.cat(parts).sum(dim=0) if parts else torch.zeros(2, dtype=torch.float32, device=dev)
     return grad_a, grad_b, totals[0].clone(), totals[1].clone()
 
