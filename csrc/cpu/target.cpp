@@ -895,6 +895,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad(
   return a.scalar_type() == at::kDouble ? run(0.0) : run(0.0f);
 }
 
+// The checked target (with its guide) and prefixes of a prefix operator's call; soft targets take one
+// engine call per prefix.
+struct PrefixCall {
+  TargetView t;
+  Prefixes p;
+  PrefixCall(const char* op, const Tensor& a, const Tensor& b, const Tensor& scale, const Tensor& bias,
+             const Tensor& rows, const Tensor& cols, at::ArrayRef<double> numbers, const std::optional<Tensor>& mask,
+             const std::optional<Tensor>& guide_a, const std::optional<Tensor>& guide_b, int64_t chunk_rows,
+             at::IntArrayRef dims, const Tensor& row_scale, const Tensor& col_scale) {
+    check_pair(op, a, b, scale, bias, chunk_rows);
+    TORCH_CHECK(numbers[wire::kNumSoft] == 0.0, "fastcon::", op, ": soft targets take one engine call per prefix");
+    t = make_view(op, rows, cols, numbers, mask, a.size(0), b.size(0));
+    attach_guide(t, op, a, numbers, guide_a, guide_b);
+    p = make_prefixes(op, a, b, dims, row_scale, col_scale);
+  }
+};
+
 std::vector<Tensor> target_prefix_stats(const Tensor& a, const Tensor& b, const Tensor& scale, const Tensor& bias,
                                         const Tensor& rows, const Tensor& cols, at::ArrayRef<double> numbers,
                                         const std::optional<Tensor>& mask, const std::optional<Tensor>& guide_a,
@@ -902,11 +919,10 @@ std::vector<Tensor> target_prefix_stats(const Tensor& a, const Tensor& b, const 
                                         int64_t chunk_rows, at::IntArrayRef dims, const Tensor& row_scale,
                                         const Tensor& col_scale) {
   const char* op = "target_prefix_stats";
-  check_pair(op, a, b, scale, bias, chunk_rows);
-  TORCH_CHECK(numbers[wire::kNumSoft] == 0.0, "fastcon::", op, ": soft targets take one engine call per prefix");
-  TargetView t = make_view(op, rows, cols, numbers, mask, a.size(0), b.size(0));
-  attach_guide(t, op, a, numbers, guide_a, guide_b);
-  const Prefixes p = make_prefixes(op, a, b, dims, row_scale, col_scale);
+  const PrefixCall call(op, a, b, scale, bias, rows, cols, numbers, mask, guide_a, guide_b, chunk_rows, dims,
+                        row_scale, col_scale);
+  const TargetView& t = call.t;
+  const Prefixes& p = call.p;
   auto run = [&](auto zero) {
     using T = decltype(zero);
     const SoftView<T> none;
@@ -925,11 +941,10 @@ std::vector<Tensor> target_prefix_grad(
     const c10::List<std::optional<Tensor>>& w_col, int64_t chunk_rows, at::IntArrayRef dims, const Tensor& row_scale,
     const Tensor& col_scale) {
   const char* op = "target_prefix_grad";
-  check_pair(op, a, b, scale, bias, chunk_rows);
-  TORCH_CHECK(numbers[wire::kNumSoft] == 0.0, "fastcon::", op, ": soft targets take one engine call per prefix");
-  TargetView t = make_view(op, rows, cols, numbers, mask, a.size(0), b.size(0));
-  attach_guide(t, op, a, numbers, guide_a, guide_b);
-  const Prefixes p = make_prefixes(op, a, b, dims, row_scale, col_scale);
+  const PrefixCall call(op, a, b, scale, bias, rows, cols, numbers, mask, guide_a, guide_b, chunk_rows, dims,
+                        row_scale, col_scale);
+  const TargetView& t = call.t;
+  const Prefixes& p = call.p;
   const size_t n_k = size_t(p.k());
   TORCH_CHECK(row_lse.size() == n_k && q_row_pos.size() == n_k && q_row_keep.size() == n_k && w_row.size() == n_k &&
                   col_lse.size() == n_k && q_col_pos.size() == n_k && q_col_keep.size() == n_k &&

@@ -306,7 +306,7 @@ def _grad_chunk(target, w, lse, dot, scale, bias, r0, r1, c0, c1):
 # Matryoshka prefixes in one pass over D (docs/engine.md): prefix k's tile is s·r_k⊙P_k⊙c_kᵀ + b with
 # P_k = A[:, :d_k]·B[:, :d_k]ᵀ, read from one accumulator over the D slices.
 
-def _prefix_dots(a, b, prefix, r0, r1, c0, c1):
+def prefix_dots(a, b, prefix, r0, r1, c0, c1):
     """For k = K−1 … 0 (the smallest prefix first): (k, P_k, r_k⊙P_k⊙c_kᵀ) of rows [r0, r1) × columns
     [c0, c1). P_k is one accumulator to which each D slice adds its product (so the chunk costs the
     GEMM of the largest prefix); the scaled tile is a new tensor."""
@@ -332,7 +332,7 @@ def target_prefix_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_r
         c0, c1 = column_span(target, r0, r1, nb)
         if c1 == c0:
             continue
-        for k, _, dot in _prefix_dots(a, b, prefix, r0, r1, c0, c1):
+        for k, _, dot in prefix_dots(a, b, prefix, r0, r1, c0, c1):
             _stats_chunk(target, sts[k], dot, scale, bias, r0, r1, c0, c1, symmetric, smoothing, None)
     return sts
 
@@ -340,7 +340,7 @@ def target_prefix_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_r
 def target_prefix_grad(a, b, scale, bias, target, weights, chunk_rows, prefix):
     """Pass 2 at every Matryoshka prefix in one pass over D (``weights``: one ``targets.TargetWeights``
     per prefix, each prefix's loss weight folded in): prefix k's G_k is pass 2's chunk step on its tile
-    (``_prefix_backward`` does the rest). Returns (grad_a, grad_b, grad_scale, grad_bias,
+    (``prefix_backward`` does the rest). Returns (grad_a, grad_b, grad_scale, grad_bias,
     grad_row_scale (Na, K), grad_col_scale (Nb, K))."""
     from ..targets import column_span
 
@@ -357,12 +357,12 @@ def target_prefix_grad(a, b, scale, bias, target, weights, chunk_rows, prefix):
         grad_scale += (g * dot).sum()
         return g
 
-    grad_a, grad_b, grad_rs, grad_cs = _prefix_backward(a, b, scale, prefix, [c for c in spans if c[3] > c[2]],
+    grad_a, grad_b, grad_rs, grad_cs = prefix_backward(a, b, scale, prefix, [c for c in spans if c[3] > c[2]],
                                                         make_g)
     return grad_a, grad_b, grad_scale, grad_bias, grad_rs, grad_cs
 
 
-def _prefix_backward(a, b, scale, prefix, chunks, make_g):
+def prefix_backward(a, b, scale, prefix, chunks, make_g):
     """Pass 2 at every prefix for any loss whose G of a tile ``make_g(k, tile, r0, r1, c0, c1)`` forms
     (with the loss's own sums for the scale and bias): with ``H_k = r_k⊙G_k⊙c_kᵀ`` the D slice
     j = [d_{j+1}, d_j) takes ``s·(Σ_{k≤j} H_k)·B[:, slice]`` (one GEMM per slice: the backward costs the
@@ -379,7 +379,7 @@ def _prefix_backward(a, b, scale, prefix, chunks, make_g):
     bounds = list(prefix.dims) + [0]
     for r0, r1, c0, c1 in chunks:
         h = [None] * n_k
-        for k, p, dot in _prefix_dots(a, b, prefix, r0, r1, c0, c1):
+        for k, p, dot in prefix_dots(a, b, prefix, r0, r1, c0, c1):
             g = make_g(k, dot, r0, r1, c0, c1)
             if g.dtype != torch.float64:  # subnormal G is 0 in the products (as in _reduce_chunk)
                 g.masked_fill_(g.abs() < torch.finfo(g.dtype).tiny, 0.0)
@@ -427,10 +427,10 @@ def sigmoid_prefix_fused(a, b, scale, bias, pos_offset, w, weights, chunk_rows, 
     chunks = [(r0, r1, 0, nb) for r0, r1 in row_chunks(na, chunk_rows)]
     if not need_grad:
         for r0, r1, c0, c1 in chunks:
-            for k, _, dot in _prefix_dots(a, b, prefix, r0, r1, c0, c1):
+            for k, _, dot in prefix_dots(a, b, prefix, r0, r1, c0, c1):
                 make_g(k, dot, r0, r1, c0, c1)
         return (total,) + (None,) * 6
-    grad_a, grad_b, grad_rs, grad_cs = _prefix_backward(a, b, scale, prefix, chunks, make_g)
+    grad_a, grad_b, grad_rs, grad_cs = prefix_backward(a, b, scale, prefix, chunks, make_g)
     return total, grad_a, grad_b, grad_scale, grad_bias, grad_rs, grad_cs
 
 

@@ -2,11 +2,11 @@
 ``torch_chunked.target_prefix_stats`` and ``target_prefix_grad``; docs/engine.md).
 
 A row chunk's dot products accumulate over the D slices in cuBLAS GEMMs, one accumulator for every
-prefix (``torch_chunked._prefix_dots``), and each prefix's tile ``r_k ⊙ P_k ⊙ c_kᵀ`` goes through the
+prefix (``torch_chunked.prefix_dots``), and each prefix's tile ``r_k ⊙ P_k ⊙ c_kᵀ`` goes through the
 general target's Triton epilogues as a chunk of the cuBLAS producer, on the chunk's rows
 (``targets.rows_of``): pass 1 with statistics of its own per prefix (``target.target_stats`` with this
 chunk as its producer), pass 2 writing G over the tile (``target.target_grad`` with a ``g_sink``) for
-the slices' GEMMs, which ``torch_chunked._prefix_backward`` forms from Σ_{k≤j} r_k ⊙ G_k ⊙ c_kᵀ. The
+the slices' GEMMs, which ``torch_chunked.prefix_backward`` forms from Σ_{k≤j} r_k ⊙ G_k ⊙ c_kᵀ. The
 GEMMs are those of the largest prefix; the matmul producer's in-kernel form (the K loop handing each
 boundary's accumulator to the epilogue) is not built, so these passes take the cuBLAS producer
 whatever ``FASTCON_TRITON_PRODUCER`` says, and SigLIP's prefixes run one engine call each.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .._common import chunk_bytes, row_chunks
-from ..torch_chunked import _prefix_backward, _prefix_dots
+from ..torch_chunked import prefix_backward, prefix_dots
 from .plan import TargetTiles, check_inputs, memory_rows
 from .target import target_grad, target_stats
 
@@ -67,7 +67,7 @@ def target_prefix_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_r
     sts = [TargetStats.empty(a.shape[0], b.shape[0], torch.float32, a.device) for _ in prefix.dims]
     for r0, r1, c0, c1 in _chunks(a, b, target, chunk_rows):
         rows = rows_of(target, r0, r1)
-        for k, _, dot in _prefix_dots(a, b, prefix, r0, r1, c0, c1):
+        for k, _, dot in prefix_dots(a, b, prefix, r0, r1, c0, c1):
             part, _ = target_stats(a[r0:r1], b, scale, bias, rows, symmetric, smoothing, r1 - r0, 0,
                                    tiles=_ChunkTiles(a, rows, "target_stats", dot))
             _merge_rows(sts[k], part, r0, r1, symmetric)
@@ -96,7 +96,7 @@ def target_prefix_grad(a, b, scale, bias, target, weights, chunk_rows, prefix):
         sums.append(torch.stack([gs, gb]))
         return out[0]
 
-    grad_a, grad_b, grad_rs, grad_cs = _prefix_backward(a, b, scale, prefix, _chunks(a, b, target, chunk_rows),
+    grad_a, grad_b, grad_rs, grad_cs = prefix_backward(a, b, scale, prefix, _chunks(a, b, target, chunk_rows),
                                                         make_g)
     totals = torch.stack(sums).sum(dim=0) if sums else torch.zeros(2, dtype=torch.float32, device=a.device)
     return grad_a, grad_b, totals[0].clone(), totals[1].clone(), grad_rs, grad_cs
