@@ -182,9 +182,7 @@ def test_the_fused_tile_kernels_run_the_general_target(monkeypatch):
     ids = torch.arange(12) % 4
     _check(lambda x, y: FC.clip_loss(x, y, 10.0, labels=ids, backend="triton_fused"),
            lambda x, y: R.multi_positive_clip_loss_reference(x, y, 10.0, labels=ids), [a, b])
-    # the one unfinished piece of the Triton backends: SigLIP's Matryoshka prefixes in one pass over D
-    missing = {entry.split(":")[0] for entry in fastcon.backend_info()["not_implemented"]}
-    assert missing == {"triton.sigmoid_prefix_fused", "triton_fused.sigmoid_prefix_fused"}
+    assert fastcon.backend_info()["not_implemented"] == []
     wide, _ = make_features(8, 8, 300)
     with pytest.raises(ValueError, match="D <= 256"):
         FC.clip_loss(wide, wide, 10.0, labels=torch.arange(8), backend="triton_fused")

@@ -357,6 +357,21 @@ def sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad):
     return totals[0].clone(), grad_a, grad_b, totals[1].clone(), totals[2].clone()
 
 
+def sigmoid_chunk(dot, a_c, b_k, scale, bias, pos_col0: int, w: float, need_grad: bool):
+    """SigLIP's epilogue on one given fp32 chunk of dot products of rows ``a_c`` × columns ``b_k`` (the
+    cuBLAS producer; the positive of the chunk's row i at column ``i + pos_col0``): G = w·(σ(S) − [pos])
+    written over ``dot`` with ``need_grad``. Returns (Σ softplus(−z·S), Σ G·dot, Σ G) (the loss alone
+    without ``need_grad``)."""
+    dev = dot.device
+    prod = TileProducer(False, chunked_config("sigmoid"))
+    it, part, block = _grad_block(prod, dot, a_c, b_k, dot, scale, bias, pos_col0, need_grad)
+    never = torch.empty(1, dtype=torch.float64, device=dev)
+    launch(_chunk_grad_kernel)[it.grid](
+        row_lse_ptr=never, col_lse_ptr=never, w_row=float(w), w_col=0.0, w_pos=0.0, g_scale=1.0, SIGMOID=True,
+        HAS_COL_TERM=False, NEED_GRAD=need_grad, **block, **prod.consts(a_c))
+    return part.sum(dim=1)
+
+
 # ------------------------------------------------------------------------------------ compile gate
 def compile_specs():
     """Every (kernel, constexprs, launch config) this module ships, for each supported input dtype,

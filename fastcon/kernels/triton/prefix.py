@@ -17,12 +17,9 @@ import torch
 
 from .._common import chunk_bytes, row_chunks
 from ..torch_chunked import prefix_backward, prefix_dots
+from .chunked import sigmoid_chunk
 from .plan import TargetTiles, check_inputs, memory_rows
 from .target import target_grad, target_stats
-
-MISSING = {"sigmoid_prefix_fused": "SigLIP's Matryoshka prefixes in one pass over D are not in the Triton kernels "
-                                   "yet; the loss runs one engine call per prefix"}
-
 
 class _ChunkTiles(TargetTiles):
     """The cuBLAS producer of one given chunk of dot products (a prefix's tile of rows [r0, r1))."""
@@ -100,3 +97,28 @@ def target_prefix_grad(a, b, scale, bias, target, weights, chunk_rows, prefix):
                                                         make_g)
     totals = torch.stack(sums).sum(dim=0) if sums else torch.zeros(2, dtype=torch.float32, device=a.device)
     return grad_a, grad_b, totals[0].clone(), totals[1].clone(), grad_rs, grad_cs
+
+
+def sigmoid_prefix_fused(a, b, scale, bias, pos_offset, w, weights, chunk_rows, need_grad, prefix):
+    check_inputs(a, b)
+    a, b = a.contiguous(), b.contiguous()
+    na, nb = a.shape[0], b.shape[0]
+    chunks = [(r0, r1, 0, nb) for r0, r1 in row_chunks(na, memory_rows(na, nb, chunk_rows, chunk_bytes(a.device)))]
+    sums = []
+
+    def make_g(k, dot, r0, r1, c0, c1):
+        part = sigmoid_chunk(dot, a[r0:r1], b, scale, bias, r0 + int(pos_offset), w * weights[k], need_grad)
+        factor = torch.ones_like(part)
+        factor[0] = weights[k]  # the loss's share of this prefix; G carries its weight already
+        sums.append(part * factor)
+        return dot
+
+    if not need_grad:
+        for r0, r1, c0, c1 in chunks:
+            for k, _, dot in prefix_dots(a, b, prefix, r0, r1, c0, c1):
+                make_g(k, dot, r0, r1, c0, c1)
+        loss = torch.stack(sums).sum(dim=0)[0] if sums else torch.zeros((), dtype=torch.float32, device=a.device)
+        return (loss,) + (None,) * 6
+    grad_a, grad_b, grad_rs, grad_cs = prefix_backward(a, b, scale, prefix, chunks, make_g)
+    totals = torch.stack(sums).sum(dim=0) if sums else torch.zeros(3, dtype=torch.float32, device=a.device)
+    return totals[0].clone(), grad_a, grad_b, totals[1].clone(), totals[2].clone(), grad_rs, grad_cs
