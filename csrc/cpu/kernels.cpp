@@ -62,6 +62,9 @@ namespace cpu {
     return k_target_row<T, false, false>(d, L, P, n, s, b, cids, rid, cnp, csp, cnk, csk, np, sp, sk);       \
   }                                                                                                          \
   FC_CLONES T fc_row_exp(const T* L, int64_t n, T sh, T* cnt) { return k_row_exp<T>(L, n, sh, cnt); }        \
+  FC_CLONES T fc_row_logits(const T* d, T* L, int64_t n, T s, T b, bool smooth, double* sum) {                \
+    return k_row_logits<T>(d, L, n, s, b, smooth, sum);                                                      \
+  }                                                                                                          \
   FC_CLONES void fc_scale_row(const T* p, T* out, int64_t n, T r, const T* c) { k_scale_row<T>(p, out, n, r, c); } \
   FC_CLONES T fc_prefix_grad_row(T* g, const T* p, int64_t n, T r, const T* c, T* col) {                      \
     return k_prefix_grad_row<T>(g, p, n, r, c, col);                                                         \

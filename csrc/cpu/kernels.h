@@ -333,6 +333,26 @@ FC_INLINE T k_target_row(const T* __restrict d, T* __restrict L, T* __restrict P
   return mm;
 }
 
+// ---- a row's logits L_j = s·d_j + b: returns max_j L_j, and with ``smooth`` writes Σ_j L_j (float64)
+// to *sum (a plain target's pass 1 without soft targets, whose positives come from an index).
+template <typename T>
+FC_INLINE T k_row_logits(const T* __restrict d, T* __restrict L, int64_t n, T s, T b, bool smooth, double* sum) {
+  T mm = -inf<T>();
+#pragma omp simd reduction(max : mm)
+  for (int64_t j = 0; j < n; ++j) {
+    const T v = d[j] * s + b;
+    L[j] = v;
+    mm = v > mm ? v : mm;
+  }
+  double acc = 0;
+  if (smooth) {  // (a loop of its own: see k_target_row)
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < n; ++j) acc += double(L[j]);
+  }
+  *sum = acc;
+  return mm;
+}
+
 // ---- a row's LSE parts at the shift sh: returns Σ_{L_j != sh} exp(L_j − sh) and writes the number of
 // L_j == sh to *cnt (k_rowexp_colexp's split, for one row).
 template <typename T>
@@ -576,6 +596,7 @@ FC_INLINE void k_axpy(T* __restrict dst, const T* __restrict src, int64_t n, T g
                   bool smooth, double* cnp, double* csp, double* cnk, double* csk, T* np, double* sp,          \
                   double* sk);                                                                                \
   T fc_row_exp(const T* L, int64_t n, T sh, T* cnt);                                                          \
+  T fc_row_logits(const T* d, T* L, int64_t n, T s, T b, bool smooth, double* sum);                         \
   T fc_prefix_grad_row(T* g, const T* p, int64_t n, T r, const T* c, T* col);                                 \
   void fc_target_grad(const T* d, T* g, int64_t n, T s, T b, const int64_t* cids, int64_t rid,                \
                       const TargetGradRow<T>& r, const TargetGradCols<T>& c, bool col, T* gs, T* gb);         \

@@ -49,8 +49,18 @@ struct TargetView {
   Tensor ga, gb;
   double penalty = 0.0;
   int64_t penalty_mode = 0;
+  // (col id, column) of every column with an id, sorted: a row's positives without a sweep over the
+  // columns (built for plain targets, whose vectorised sweeps leave the positives to it)
+  std::vector<std::pair<int64_t, int64_t>> by_id;
   int64_t row(int64_t i, int64_t k) const { return rows[i * wire::kRowFields + k]; }
   int64_t col(int64_t j, int64_t k) const { return cols[j * wire::kColFields + k]; }
+  // f(j) for each positive column j of a row with id ``rid`` in [c0, c1), in order
+  template <typename F>
+  void for_each_positive(int64_t rid, int64_t c0, int64_t c1, F&& f) const {
+    if (rid < 0) return;
+    auto it = std::lower_bound(by_id.begin(), by_id.end(), std::make_pair(rid, c0));
+    for (; it != by_id.end() && it->first == rid && it->second < c1; ++it) f(it->second);
+  }
 };
 
 const Tensor* field(const c10::List<std::optional<Tensor>>& tensors, int k, std::vector<Tensor>& keep) {
@@ -105,6 +115,12 @@ TargetView make_view(const char* op, const Tensor& rows, const Tensor& cols, at:
   const int64_t drops = wire::kHasExclude | wire::kHasKeep | wire::kHasRange | wire::kHasRowOwner |
                         wire::kHasColOwner | wire::kHasRule;
   v.plain = !(flags & drops) && !v.mask && !v.has_margin && v.penalty == 0.0;
+  if (v.plain) {
+    for (int64_t j = 0; j < nb; ++j) {
+      if (v.col_ids[size_t(j)] >= 0) v.by_id.emplace_back(v.col_ids[size_t(j)], j);
+    }
+    std::sort(v.by_id.begin(), v.by_id.end());
+  }
   TORCH_CHECK(v.penalty_mode == 0 || v.has_owners, "fastcon::", op,
               ": a hardness penalty by ownership needs row_owner and col_owner");
   return v;
@@ -455,8 +471,27 @@ struct StatsPass {
           const int64_t* cids = t.col_ids.data() + c0;
           T np = 0;
           double sp = 0, sk = 0;
-          const T mm = fc_target_row(d, L, P, w, s, bb, cids, rid, symmetric, smoothing, cnp, csp, cnk, csk, &np, &sp,
-                                     &sk);
+          T mm;
+          if (sv.on) {  // the soft terms read the positives' row P
+            mm = fc_target_row(d, L, P, w, s, bb, cids, rid, symmetric, smoothing, cnp, csp, cnk, csk, &np, &sp, &sk);
+          } else {  // the logits in one sweep, the positives from the index
+            mm = fc_row_logits(d, L, w, s, bb, smoothing, &sk);
+            t.for_each_positive(rid, c0, c0 + w, [&](int64_t j) {
+              const double v = double(L[j - c0]);
+              np += T(1);
+              sp += v;
+              if (symmetric) {
+                cnp[j - c0] += 1.0;
+                csp[j - c0] += v;
+              }
+            });
+            if (symmetric && smoothing) {
+              for (int64_t jj = 0; jj < w; ++jj) {
+                cnk[jj] += 1.0;
+                csk[jj] += double(L[jj]);
+              }
+            }
+          }
           m = mm;
           n_pos = np;
           s_pos = sp;
@@ -724,14 +759,13 @@ void grad_rows(const TargetView& t, const GradWeights<T>& gw, T* dp, const T* gp
     if (t.plain) {  // every pair kept: the non-positives in one vectorised sweep, then the positives
       const TargetGradRow<T> r{wr, rhi, rlo, rmass, qk};
       fc_target_grad(d, d, w, s, bb, t.col_ids.data() + c0, rc.id, r, gcols, symmetric, &gs, &gb);
-      for (int64_t jj = 0; rc.id >= 0 && jj < w; ++jj) {
-        if (t.col_ids[size_t(c0 + jj)] != rc.id) continue;
-        const T dv = d[jj];
-        const T g = pair_grad(c0 + jj, dv * s + bb, true);
+      t.for_each_positive(rc.id, c0, c0 + w, [&](int64_t j) {
+        const T dv = d[j - c0];
+        const T g = pair_grad(j, dv * s + bb, true);
         gs += g * dv;
         gb += g;
-        d[jj] = flush_subnormal(g);
-      }
+        d[j - c0] = flush_subnormal(g);
+      });
     }
     for (int64_t jj = 0; jj < w && !t.plain; ++jj) {
       const int64_t j = c0 + jj;
