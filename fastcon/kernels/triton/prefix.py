@@ -35,12 +35,13 @@ class _ChunkTiles(TargetTiles):
         return self.dot, self.dot, self.dot, tch.chunk(r0, r1, c0, c1)
 
 
-def _chunks(a, b, target, chunk_rows):
-    """(r0, r1, c0, c1) of each row chunk of the cuBLAS producer's size that keeps some column."""
+def _chunks(a, b, target, chunk_rows, n_prefix: int):
+    """(r0, r1, c0, c1) of each row chunk that keeps some column, its rows within the device's chunk
+    budget shared by the tiles a chunk holds at once (the accumulator, K prefixes' G, two temporaries)."""
     from ...targets import column_span
 
     na, nb = a.shape[0], b.shape[0]
-    rows = memory_rows(na, nb, chunk_rows, chunk_bytes(a.device))
+    rows = memory_rows(na, nb, chunk_rows, chunk_bytes(a.device) // (n_prefix + 3))
     spans = [(r0, r1, *column_span(target, r0, r1, nb)) for r0, r1 in row_chunks(na, rows)]
     return [c for c in spans if c[3] > c[2]]
 
@@ -62,7 +63,7 @@ def target_prefix_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_r
     check_inputs(a, b)
     a, b = a.contiguous(), b.contiguous()
     sts = [TargetStats.empty(a.shape[0], b.shape[0], torch.float32, a.device) for _ in prefix.dims]
-    for r0, r1, c0, c1 in _chunks(a, b, target, chunk_rows):
+    for r0, r1, c0, c1 in _chunks(a, b, target, chunk_rows, len(prefix.dims)):
         rows = rows_of(target, r0, r1)
         for k, _, dot in prefix_dots(a, b, prefix, r0, r1, c0, c1):
             part, _ = target_stats(a[r0:r1], b, scale, bias, rows, symmetric, smoothing, r1 - r0, 0,
@@ -93,8 +94,8 @@ def target_prefix_grad(a, b, scale, bias, target, weights, chunk_rows, prefix):
         sums.append(torch.stack([gs, gb]))
         return out[0]
 
-    grad_a, grad_b, grad_rs, grad_cs = prefix_backward(a, b, scale, prefix, _chunks(a, b, target, chunk_rows),
-                                                        make_g)
+    grad_a, grad_b, grad_rs, grad_cs = prefix_backward(a, b, scale, prefix,
+                                                       _chunks(a, b, target, chunk_rows, len(prefix.dims)), make_g)
     totals = torch.stack(sums).sum(dim=0) if sums else torch.zeros(2, dtype=torch.float32, device=a.device)
     return grad_a, grad_b, totals[0].clone(), totals[1].clone(), grad_rs, grad_cs
 
@@ -103,7 +104,8 @@ def sigmoid_prefix_fused(a, b, scale, bias, pos_offset, w, weights, chunk_rows, 
     check_inputs(a, b)
     a, b = a.contiguous(), b.contiguous()
     na, nb = a.shape[0], b.shape[0]
-    chunks = [(r0, r1, 0, nb) for r0, r1 in row_chunks(na, memory_rows(na, nb, chunk_rows, chunk_bytes(a.device)))]
+    budget = chunk_bytes(a.device) // (len(prefix.dims) + 3)  # as _chunks
+    chunks = [(r0, r1, 0, nb) for r0, r1 in row_chunks(na, memory_rows(na, nb, chunk_rows, budget))]
     sums = []
 
     def make_g(k, dot, r0, r1, c0, c1):
