@@ -359,7 +359,7 @@ std::vector<Tensor> sigmoid_prefix_fused_impl(const Tensor& a, const Tensor& b, 
   };
   std::vector<Tensor> out;
   if (need_grad) {
-    out = prefix_backward<T>(a, b, double(s), p, chunk_rows, chunks, make_g);
+    out = prefix_backward<T>(a, b, double(s), p, chunk_rows, chunks, make_g, [](auto&&...) { return false; });
   } else {  // the forward alone: each prefix's tile from the accumulator, its loss
     std::vector<PrefixScales<T>> scales;
     for (int64_t k = 0; k < p.k(); ++k) scales.emplace_back(p, k);

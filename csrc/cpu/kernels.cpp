@@ -62,12 +62,18 @@ namespace cpu {
     return k_target_row<T, false, false>(d, L, P, n, s, b, cids, rid, cnp, csp, cnk, csk, np, sp, sk);       \
   }                                                                                                          \
   FC_CLONES T fc_row_exp(const T* L, int64_t n, T sh, T* cnt) { return k_row_exp<T>(L, n, sh, cnt); }        \
-  FC_CLONES T fc_row_logits(const T* d, T* L, int64_t n, T s, T b, bool smooth, double* sum) {                \
-    return k_row_logits<T>(d, L, n, s, b, smooth, sum);                                                      \
+  FC_CLONES T fc_row_logits(const T* d, T* L, int64_t n, T s, T b, bool smooth, double* sum, T r, const T* c) { \
+    return k_row_logits<T>(d, L, n, s, b, smooth, sum, r, c);                                                \
   }                                                                                                          \
   FC_CLONES void fc_scale_row(const T* p, T* out, int64_t n, T r, const T* c) { k_scale_row<T>(p, out, n, r, c); } \
   FC_CLONES T fc_prefix_grad_row(T* g, const T* p, int64_t n, T r, const T* c, T* col) {                      \
     return k_prefix_grad_row<T>(g, p, n, r, c, col);                                                         \
+  }                                                                                                          \
+  FC_CLONES T fc_prefix_target_grad(const T* P, T* h, int64_t n, T s, T b, T r, const T* c, const int64_t* cids, \
+                                    int64_t rid, const TargetGradRow<T>& rw, const TargetGradCols<T>& cw,          \
+                                    bool use_col, T* col, T* gs, T* gb) {                                         \
+    if (use_col) return k_prefix_target_grad<T, true>(P, h, n, s, b, r, c, cids, rid, rw, cw, col, gs, gb);    \
+    return k_prefix_target_grad<T, false>(P, h, n, s, b, r, c, cids, rid, rw, cw, col, gs, gb);                \
   }                                                                                                          \
   FC_CLONES void fc_target_grad(const T* d, T* g, int64_t n, T s, T b, const int64_t* cids, int64_t rid,     \
                                 const TargetGradRow<T>& r, const TargetGradCols<T>& c, bool col, T* gs,       \

@@ -335,14 +335,26 @@ FC_INLINE T k_target_row(const T* __restrict d, T* __restrict L, T* __restrict P
 
 // ---- a row's logits L_j = s·d_j + b: returns max_j L_j, and with ``smooth`` writes Σ_j L_j (float64)
 // to *sum (a plain target's pass 1 without soft targets, whose positives come from an index).
+// With column scales ``c`` (a Matryoshka prefix's tile straight from its accumulator d = P_k, r the
+// row's scale): L_j = s·(d_j·r·c_j) + b, the tile formed as k_scale_row forms it.
 template <typename T>
-FC_INLINE T k_row_logits(const T* __restrict d, T* __restrict L, int64_t n, T s, T b, bool smooth, double* sum) {
+FC_INLINE T k_row_logits(const T* __restrict d, T* __restrict L, int64_t n, T s, T b, bool smooth, double* sum,
+                         T r = T(1), const T* __restrict c = nullptr) {
   T mm = -inf<T>();
+  if (c) {
 #pragma omp simd reduction(max : mm)
-  for (int64_t j = 0; j < n; ++j) {
-    const T v = d[j] * s + b;
-    L[j] = v;
-    mm = v > mm ? v : mm;
+    for (int64_t j = 0; j < n; ++j) {
+      const T v = (d[j] * r * c[j]) * s + b;
+      L[j] = v;
+      mm = v > mm ? v : mm;
+    }
+  } else {
+#pragma omp simd reduction(max : mm)
+    for (int64_t j = 0; j < n; ++j) {
+      const T v = d[j] * s + b;
+      L[j] = v;
+      mm = v > mm ? v : mm;
+    }
   }
   double acc = 0;
   if (smooth) {  // (a loop of its own: see k_target_row)
@@ -391,6 +403,36 @@ FC_INLINE T k_prefix_grad_row(T* __restrict g, const T* __restrict p, int64_t n,
     g[j] = g[j] * r * c[j];
   }
   return acc;
+}
+
+// ---- Matryoshka pass 2 of a plain target's row straight from prefix k's accumulator P, in one sweep:
+// the tile dv_j = P_j·r·c_j, its G_j as k_target_grad's at the non-positives (0 at the positives,
+// cids[j] == rid >= 0, which the caller forms exactly), H_j = r·G_j·c_j written to h, G_j·P_j·r added
+// to col[j]; returns Σ_j G_j·P_j·c_j and writes Σ G·dv and Σ G.
+template <typename T, bool kCol>
+FC_INLINE T k_prefix_target_grad(const T* __restrict P, T* __restrict h, int64_t n, T s, T b, T r,
+                                 const T* __restrict c, const int64_t* __restrict cids, int64_t rid,
+                                 const TargetGradRow<T>& rw, const TargetGradCols<T>& cw, T* __restrict col,
+                                 T* out_gs, T* out_gb) {
+  T as = 0, ab = 0, rt = 0;
+#pragma omp simd reduction(+ : as, ab, rt)
+  for (int64_t j = 0; j < n; ++j) {
+    const T dv = P[j] * r * c[j];
+    const T v = dv * s + b;
+    T e = rw.wr * (Math<T>::exp((v - rw.rhi) - rw.rlo) * rw.mass - rw.qk);
+    if (kCol) e += cw.wc[j] * (Math<T>::exp((v - cw.hi[j]) - cw.lo[j]) * cw.mass[j] - cw.qk[j]);
+    e = (rid >= 0 && cids[j] == rid) ? T(0) : e;
+    as += e * dv;
+    ab += e;
+    const T g = flush_subnormal(e);
+    const T gp = g * P[j];
+    rt += gp * c[j];
+    col[j] += gp * r;
+    h[j] = g * r * c[j];
+  }
+  *out_gs = as;
+  *out_gb = ab;
+  return rt;
 }
 
 // ---- sigmoid loss of negatives, one row range: Σ softplus(S_j); with kGrad also G_j = w·σ(S_j)
@@ -596,8 +638,11 @@ FC_INLINE void k_axpy(T* __restrict dst, const T* __restrict src, int64_t n, T g
                   bool smooth, double* cnp, double* csp, double* cnk, double* csk, T* np, double* sp,          \
                   double* sk);                                                                                \
   T fc_row_exp(const T* L, int64_t n, T sh, T* cnt);                                                          \
-  T fc_row_logits(const T* d, T* L, int64_t n, T s, T b, bool smooth, double* sum);                         \
+  T fc_row_logits(const T* d, T* L, int64_t n, T s, T b, bool smooth, double* sum, T r, const T* c);       \
   T fc_prefix_grad_row(T* g, const T* p, int64_t n, T r, const T* c, T* col);                                 \
+  T fc_prefix_target_grad(const T* P, T* h, int64_t n, T s, T b, T r, const T* c, const int64_t* cids,         \
+                          int64_t rid, const TargetGradRow<T>& rw, const TargetGradCols<T>& cw, bool use_col,  \
+                          T* col, T* gs, T* gb);                                                              \
   void fc_target_grad(const T* d, T* g, int64_t n, T s, T b, const int64_t* cids, int64_t rid,                \
                       const TargetGradRow<T>& r, const TargetGradCols<T>& c, bool col, T* gs, T* gb);         \
   void fc_soft_stats(const T* L, const T* P, const T* td, int64_t n, const SoftRow<T>& r,              \

@@ -86,9 +86,14 @@ void scaled_tile(T* out, const T* acc, const PrefixScales<T>& sc, int64_t r0, in
 // (Σ G·tile for the scale, Σ G for the bias). Here: in one sweep per prefix the scales' gradient terms
 // Σ_j G_k·P_k·c_k and Σ_i G_k·P_k·r_k and H_k = r_k ⊙ G_k ⊙ c_k; slice j's GEMMs take Σ_{k≤j} H_k.
 // Returns {grad_a, grad_b, grad_row_scale (Na, K), grad_col_scale (Nb, K)}, each times the logit scale s.
-template <typename T, typename Chunks, typename MakeG>
+//
+// ``make_h(k, h, P, scales, r0, rows, c0, w, col_terms, grad_rs)`` may instead form H_k in h straight
+// from the accumulator P with the scales' terms (a fused sweep for the losses that have one; each
+// thread adds its column terms to col_terms + tid·Nb and writes grad_rs[i·K + k]) and return true; it
+// returns false where the loss has no such sweep.
+template <typename T, typename Chunks, typename MakeG, typename MakeH>
 std::vector<Tensor> prefix_backward(const Tensor& a, const Tensor& b, double s, const Prefixes& p, int64_t chunk_rows,
-                                    Chunks&& chunks, MakeG&& make_g) {
+                                    Chunks&& chunks, MakeG&& make_g, MakeH&& make_h) {
   const int64_t na = a.size(0), nb = b.size(0), dim = a.size(1), n_k = p.k();
   const int nt = team_threads();
   Tensor grad_a = at::zeros({na, dim}, a.options());
@@ -109,17 +114,20 @@ std::vector<Tensor> prefix_backward(const Tensor& a, const Tensor& b, double s, 
       Tensor g = scratch_rows(h_buf[size_t(k)], chunk_rows, rows, w, a.options());
       T* gd = g.data_ptr<T>();
       const T* pd = acc.data_ptr<T>();
-      scaled_tile<T>(gd, pd, sc, r0, rows, c0, w, nt);
-      make_g(k, gd, r0, rows, c0, w);
       T* grs = grad_rs.data_ptr<T>();
       std::fill(col_terms.begin(), col_terms.end(), T(0));
+      if (!make_h(k, gd, pd, sc, r0, rows, c0, w, col_terms.data(), grs)) {
+        scaled_tile<T>(gd, pd, sc, r0, rows, c0, w, nt);
+        make_g(k, gd, r0, rows, c0, w);
 #pragma omp parallel num_threads(nt) if (rows * w >= kMinParallelWork)
-      {
-        T* col = col_terms.data() + size_t(omp_tid()) * size_t(nb);
+        {
+          T* col = col_terms.data() + size_t(omp_tid()) * size_t(nb);
 #pragma omp for schedule(static)
-        for (int64_t li = 0; li < rows; ++li) {
-          const int64_t i = r0 + li;
-          grs[i * n_k + k] = fc_prefix_grad_row(gd + li * w, pd + li * w, w, sc.row[size_t(i)], sc.col.data() + c0, col);
+          for (int64_t li = 0; li < rows; ++li) {
+            const int64_t i = r0 + li;
+            grs[i * n_k + k] =
+                fc_prefix_grad_row(gd + li * w, pd + li * w, w, sc.row[size_t(i)], sc.col.data() + c0, col);
+          }
         }
       }
       T* gcs = grad_cs.data_ptr<T>();

@@ -432,7 +432,12 @@ struct StatsPass {
 
   // The epilogue of rows [r0, r0 + rows) × columns [c0, c0 + w): dp the dot products, tp the teacher's
   // (soft targets), gp the guide's (null without one).
-  void chunk(const T* dp, const T* tp, const T* gp, int64_t r0, int64_t rows, int64_t c0, int64_t w) {
+  // ``row_sc``, ``col_sc`` (a Matryoshka prefix on a plain target without soft terms): dp is the
+  // prefix's accumulator P and the logits are s·(P·r_i·c_j) + b, formed in the row sweep (row i's
+  // scale row_sc[i], column j's col_sc[j], both indexed globally).
+  void chunk(const T* dp, const T* tp, const T* gp, int64_t r0, int64_t rows, int64_t c0, int64_t w,
+             const T* row_sc = nullptr, const T* col_sc = nullptr) {
+    TORCH_CHECK(!row_sc || (t.plain && !sv.on), "fastcon::target_stats: scaled chunks are for plain targets");
     T* lg = scratch_rows(*logits, chunk_rows, rows, w, options).data_ptr<T>();
     T* rp = row_pos.data_ptr<T>();
     T* rk = row_keep.data_ptr<T>();
@@ -475,7 +480,8 @@ struct StatsPass {
           if (sv.on) {  // the soft terms read the positives' row P
             mm = fc_target_row(d, L, P, w, s, bb, cids, rid, symmetric, smoothing, cnp, csp, cnk, csk, &np, &sp, &sk);
           } else {  // the logits in one sweep, the positives from the index
-            mm = fc_row_logits(d, L, w, s, bb, smoothing, &sk);
+            mm = fc_row_logits(d, L, w, s, bb, smoothing, &sk, row_sc ? row_sc[i] : T(1),
+                               col_sc ? col_sc + c0 : nullptr);
             t.for_each_positive(rid, c0, c0 + w, [&](int64_t j) {
               const double v = double(L[j - c0]);
               np += T(1);
@@ -727,15 +733,30 @@ struct GradWeights {
   }
 };
 
+// G of a kept pair (i, j) with logit v (p: a positive), without soft targets.
+template <typename T>
+FC_INLINE T pair_grad(const GradWeights<T>& gw, int64_t i, int64_t j, T v, bool p) {
+  const T rmass = gw.row_mass ? gw.row_mass[i] : T(1);  // a target mass (a row-LSE's upstream weight)
+  T g = gw.wr * (softmax_minus_q<T>((v - gw.rls->hi[i]) - gw.rls->lo[i], rmass, p ? gw.qrp[i] : T(0)) - gw.qrk[i]);
+  if (gw.symmetric && gw.wc[j] != T(0)) {
+    const T cmass = gw.col_mass ? gw.col_mass[j] : T(1);
+    g += gw.wc[j] * (softmax_minus_q<T>((v - gw.cls->hi[j]) - gw.cls->lo[j], cmass, p ? gw.qcp[j] : T(0)) -
+                     gw.qck[j]);
+  }
+  return g;
+}
+
+// The row weights of row i as k_target_grad reads them.
+template <typename T>
+TargetGradRow<T> grad_row(const GradWeights<T>& gw, int64_t i) {
+  return TargetGradRow<T>{gw.wr, gw.rls->hi[i], gw.rls->lo[i], gw.row_mass ? gw.row_mass[i] : T(1), gw.qrk[i]};
+}
+
 // Pass 2's G without soft targets, in place of the dot products dp of rows [r0, r0 + rows) × columns
 // [c0, c0 + w) (gp: the guide's, or null); each row's Σ G·d and Σ G into gs_rows and gb_rows.
 template <typename T>
 void grad_rows(const TargetView& t, const GradWeights<T>& gw, T* dp, const T* gp, int64_t r0, int64_t rows,
                int64_t c0, int64_t w, T s, T bb, int nt, std::vector<double>& gs_rows, std::vector<double>& gb_rows) {
-  const bool symmetric = gw.symmetric;
-  const T* chi = gw.chi();
-  const T* clo = gw.clo();
-  const T* wc = gw.wc;
   const TargetGradCols<T> gcols = gw.cols(c0);
 #pragma omp parallel for schedule(static) num_threads(nt) if (rows * w >= kMinParallelWork)
   for (int64_t li = 0; li < rows; ++li) {
@@ -743,25 +764,12 @@ void grad_rows(const TargetView& t, const GradWeights<T>& gw, T* dp, const T* gp
     T* d = dp + li * w;
     const T* gd = gp ? gp + li * w : d;  // (read before d is overwritten by G, each entry at its turn)
     const RowCtx<T> rc = row_ctx<T>(t, i, gd, c0);
-    const T rhi = gw.rls->hi[i], rlo = gw.rls->lo[i];
-    const T qp = gw.qrp[i], qk = gw.qrk[i], wr = gw.wr;
-    const T rmass = gw.row_mass ? gw.row_mass[i] : T(1);  // a target mass (a row-LSE's upstream weight)
-    // G of a kept pair (i, j) with logit v
-    auto pair_grad = [&](int64_t j, T v, bool p) {
-      T g = wr * (softmax_minus_q<T>((v - rhi) - rlo, rmass, p ? qp : T(0)) - qk);
-      if (symmetric && wc[j] != T(0)) {
-        const T cmass = gw.col_mass ? gw.col_mass[j] : T(1);
-        g += wc[j] * (softmax_minus_q<T>((v - chi[j]) - clo[j], cmass, p ? gw.qcp[j] : T(0)) - gw.qck[j]);
-      }
-      return g;
-    };
     T gs = 0, gb = 0;
     if (t.plain) {  // every pair kept: the non-positives in one vectorised sweep, then the positives
-      const TargetGradRow<T> r{wr, rhi, rlo, rmass, qk};
-      fc_target_grad(d, d, w, s, bb, t.col_ids.data() + c0, rc.id, r, gcols, symmetric, &gs, &gb);
+      fc_target_grad(d, d, w, s, bb, t.col_ids.data() + c0, rc.id, grad_row(gw, i), gcols, gw.symmetric, &gs, &gb);
       t.for_each_positive(rc.id, c0, c0 + w, [&](int64_t j) {
         const T dv = d[j - c0];
-        const T g = pair_grad(j, dv * s + bb, true);
+        const T g = pair_grad(gw, i, j, dv * s + bb, true);
         gs += g * dv;
         gb += g;
         d[j - c0] = flush_subnormal(g);
@@ -773,7 +781,7 @@ void grad_rows(const TargetView& t, const GradWeights<T>& gw, T* dp, const T* gp
       bool p = false;
       T v;
       T g = T(0);
-      if (decide<T>(t, rc, i, j, dv, gd[jj], s, bb, &p, &v)) g = pair_grad(j, v, p);
+      if (decide<T>(t, rc, i, j, dv, gd[jj], s, bb, &p, &v)) g = pair_grad(gw, i, j, v, p);
       gs += g * dv;
       gb += g;
       d[jj] = flush_subnormal(g);
@@ -845,7 +853,12 @@ std::vector<Tensor> target_prefix_stats_impl(const Tensor& a, const Tensor& b, T
     const T* gp = guide_chunk<T>(t, gbuf, chunk_rows, r0, rows, c0, w);  // once for every prefix
     for (int64_t k = p.k() - 1; k >= 0; --k) {
       add_slice(acc, a, b, p, k, r0, rows, c0, w);
-      scaled_tile<T>(tile, acc.data_ptr<T>(), scales[size_t(k)], r0, rows, c0, w, nt);
+      const PrefixScales<T>& sc = scales[size_t(k)];
+      if (t.plain && !sv.on) {  // the scales in the row sweep: no pass of their own
+        passes[size_t(k)]->chunk(acc.data_ptr<T>(), nullptr, gp, r0, rows, c0, w, sc.row.data(), sc.col.data());
+        continue;
+      }
+      scaled_tile<T>(tile, acc.data_ptr<T>(), sc, r0, rows, c0, w, nt);
       passes[size_t(k)]->chunk(tile, nullptr, gp, r0, rows, c0, w);
     }
   }, [] {});
@@ -875,7 +888,47 @@ std::vector<Tensor> target_prefix_grad_impl(const Tensor& a, const Tensor& b, T 
   auto make_g = [&](int64_t k, T* tile, int64_t r0, int64_t rows, int64_t c0, int64_t w) {
     grad_rows<T>(t, *gws[size_t(k)], tile, gp, r0, rows, c0, w, s, bb, nt, gs_rows, gb_rows);
   };
-  std::vector<Tensor> out = prefix_backward<T>(a, b, double(s), p, chunk_rows, chunks, make_g);
+  // a plain target: H_k and the scales' terms in one sweep from the accumulator
+  // (fc_prefix_target_grad), the positives formed exactly after it
+  const int64_t nb = b.size(0), n_k = p.k();
+  auto make_h = [&](int64_t k, T* h, const T* acc, const PrefixScales<T>& sc, int64_t r0, int64_t rows, int64_t c0,
+                    int64_t w, T* col_terms, T* grs) {
+    if (!t.plain) return false;
+    const GradWeights<T>& gw = *gws[size_t(k)];
+    const TargetGradCols<T> gcols = gw.cols(c0);
+    const T* cs = sc.col.data();
+#pragma omp parallel num_threads(nt) if (rows * w >= kMinParallelWork)
+    {
+      T* col = col_terms + size_t(omp_tid()) * size_t(nb);
+#pragma omp for schedule(static)
+      for (int64_t li = 0; li < rows; ++li) {
+        const int64_t i = r0 + li;
+        const int64_t rid = t.row(i, wire::kRowId);
+        const T r = sc.row[size_t(i)];
+        const T* P = acc + li * w;
+        T* hr = h + li * w;
+        T gs = 0, gb = 0;
+        T rt = fc_prefix_target_grad(P, hr, w, s, bb, r, cs + c0, t.col_ids.data() + c0, rid, grad_row(gw, i), gcols,
+                                     gw.symmetric, col, &gs, &gb);
+        t.for_each_positive(rid, c0, c0 + w, [&](int64_t j) {
+          const int64_t jj = j - c0;
+          const T dv = P[jj] * r * cs[j];
+          const T g = pair_grad(gw, i, j, dv * s + bb, true);
+          gs += g * dv;
+          gb += g;
+          const T gp = flush_subnormal(g) * P[jj];
+          rt += gp * cs[j];
+          col[jj] += gp * r;
+          hr[jj] = flush_subnormal(g) * r * cs[j];
+        });
+        grs[i * n_k + k] = rt;
+        gs_rows[size_t(i)] += double(gs);
+        gb_rows[size_t(i)] += double(gb);
+      }
+    }
+    return true;
+  };
+  std::vector<Tensor> out = prefix_backward<T>(a, b, double(s), p, chunk_rows, chunks, make_g, make_h);
   out.insert(out.begin() + 2, {scalar_tensor(ordered_sum(gs_rows), a), scalar_tensor(ordered_sum(gb_rows), a)});
   return out;
 }
