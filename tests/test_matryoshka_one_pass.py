@@ -417,3 +417,53 @@ def test_cpp_peak_memory_holds_chunks_not_the_logits():
     bound = chunk + 3 * n * d * 4 + 4 * n * k * 4 + (16 << 20)
     assert peak <= bound, f"peak {peak / 2**20:.1f} MiB above the resident set, bound {bound / 2**20:.1f} MiB"
     assert peak < n * n * 4, f"peak {peak / 2**20:.1f} MiB: as much as an N×N fp32 matrix"
+
+
+def _local_worker(rank, world, port, out):
+    """CLIP's distributed local loss over prefixes in one pass against the per-prefix sum of the same
+    loss on explicitly normalised prefixes, with and without the gathered features' gradient."""
+    import torch.distributed as dist
+
+    from helpers import close_gloo
+
+    import fastcon.ops.prefix as prefix_ops
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    calls = []
+    real = prefix_ops.target_prefix_engine_loss
+    prefix_ops.target_prefix_engine_loss = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        dims, weights = (24, 10, 3), (1.0, 0.5, 2.0)
+        g = torch.Generator().manual_seed(100 + rank)
+        x, y = torch.randn(6, D, generator=g), torch.randn(6, D, generator=g)
+        res = {}
+        for gather_with_grad in (False, True):
+            kw = dict(local_loss=True, gather_with_grad=gather_with_grad, process_group=dist.group.WORLD,
+                      label_smoothing=0.1, backend="cpp")
+            runs = []
+            for one in (True, False):
+                leaves = [x.clone().requires_grad_(), y.clone().requires_grad_(), torch.tensor(8.0, requires_grad=True)]
+                if one:
+                    loss = FC.clip_loss(*leaves, matryoshka_dims=dims, matryoshka_weights=weights, **kw)
+                else:
+                    loss = sum(w * FC.clip_loss(F.normalize(leaves[0][:, :d], dim=1),
+                                                F.normalize(leaves[1][:, :d], dim=1), leaves[2], **kw)
+                               for d, w in zip(dims, weights))
+                runs.append([loss.detach()] + list(torch.autograd.grad(loss, leaves)))
+            res[gather_with_grad] = max(((p - q).abs().max() / q.abs().max().clamp_min(1e-6)).item()
+                                        for p, q in zip(*runs))
+        res["one-pass calls"] = len(calls)  # two halves of the local loss, in each gather mode
+        out.put((rank, res))
+    except Exception as exc:  # reported to the test, which fails on it
+        out.put((rank, {"error": repr(exc)}))
+    finally:
+        close_gloo()
+
+
+def test_distributed_local_clip_in_one_pass():
+    from helpers import run_gloo
+
+    for rank, res in run_gloo(_local_worker, 2, timeout=300).items():
+        assert "error" not in res, (rank, res)
+        assert res.pop("one-pass calls") == 4, (rank, res)
+        assert all(v < 2e-5 for v in res.values()), (rank, res)

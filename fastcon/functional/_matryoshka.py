@@ -11,6 +11,8 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..ops.prefix import prefix_scales  # noqa: F401 (the prefix norms, shared with fastcon.distributed)
+
 
 def check_matryoshka(dims, weights, d: int) -> Tuple[Tuple[int, ...], Tuple[float, ...]]:
     """``matryoshka_dims`` (strictly descending ints in [1, D]) and ``matryoshka_weights`` (finite
@@ -60,17 +62,6 @@ def one_pass(backend: str, x: torch.Tensor, operation: str = "target_prefix_stat
 
     return backend != "reference" and has_prefix_passes(backend, x.device.type, autocast_gemm_dtype(x) or x.dtype,
                                                         operation)
-
-
-def prefix_scales(x: torch.Tensor, dims, normalize: bool) -> torch.Tensor:
-    """(N, K) in at least fp32: ``1/max(‖x_i[:d_k]‖, 1e-12)`` for each prefix d_k with ``normalize``
-    (F.normalize's scale, with autograd), else ones."""
-    wide = torch.promote_types(x.dtype, torch.float32)
-    if not normalize:
-        return torch.ones((x.shape[0], len(dims)), dtype=wide, device=x.device)
-    sq = x.to(wide).square()
-    norms = torch.stack([sq[:, :d].sum(1) for d in dims], dim=1).sqrt()
-    return 1.0 / norms.clamp_min(1e-12)
 
 
 def matryoshka_sum(loss_at: Callable[[int], torch.Tensor], dims, weights) -> torch.Tensor:

@@ -72,8 +72,12 @@ def clip_loss(
     prefixes = None
     if matryoshka_dims is not None:
         dims, weights = check_matryoshka(matryoshka_dims, matryoshka_weights, image_features.shape[1])
-        if process_group is None and one_pass(backend, image_features):
-            prefixes = (dims, weights)  # every prefix in one pass over D on the general target
+        # every prefix in one pass over D on the general target: in one process, and in the distributed
+        # local loss (its halves are rows against gathered columns); the ring and the distributed
+        # labels, pair mask and debiased forms run one engine call per prefix
+        local = local_loss and labels is None and pair_mask is None and not debias
+        if (process_group is None or local) and one_pass(backend, image_features):
+            prefixes = (dims, weights)
         else:
             kw = dict(label_smoothing=label_smoothing, pos_offset=pos_offset, labels=labels, pair_mask=pair_mask,
                       debias=debias, local_loss=local_loss, gather_with_grad=gather_with_grad,
@@ -137,9 +141,13 @@ def clip_loss(
                                                _rank_ids(n, group, image_features.device), None, 0.0, group=group,
                                                local_loss=local_loss, gather_with_grad=gather_with_grad,
                                                backend=backend, chunk_size=chunk_size, debias=tau)
-        impl = distributed.clip_loss_local if local_loss else distributed.clip_loss_ring
-        return impl(image_features, text_features, scale, bias, group=group, gather_with_grad=gather_with_grad,
-                    label_smoothing=eps, backend=backend, chunk_size=chunk_size)
+        if local_loss:
+            return distributed.clip_loss_local(image_features, text_features, scale, bias, group=group,
+                                               gather_with_grad=gather_with_grad, label_smoothing=eps,
+                                               backend=backend, chunk_size=chunk_size, prefixes=prefixes)
+        return distributed.clip_loss_ring(image_features, text_features, scale, bias, group=group,
+                                          gather_with_grad=gather_with_grad, label_smoothing=eps, backend=backend,
+                                          chunk_size=chunk_size)
     if backend == "reference":
         return reference.clip_loss_reference(image_features, text_features, scale, bias, label_smoothing=eps,
                                              pos_offset=pos_offset, debias=tau).to(image_features.dtype)

@@ -24,6 +24,17 @@ from fastcon.ops.engine import (assume_constant, autocast_gemm_dtype, autocast_o
 from fastcon.ops.registry import EngineOp
 
 
+def prefix_scales(x: torch.Tensor, dims, normalize: bool) -> torch.Tensor:
+    """(N, K) in at least fp32: ``1/max(‖x_i[:d_k]‖, 1e-12)`` for each prefix d_k with ``normalize``
+    (F.normalize's scale, with autograd), else ones."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    if not normalize:
+        return torch.ones((x.shape[0], len(dims)), dtype=wide, device=x.device)
+    sq = x.to(wide).square()
+    norms = torch.stack([sq[:, :d].sum(1) for d in dims], dim=1).sqrt()
+    return 1.0 / norms.clamp_min(1e-12)
+
+
 def _scale_likes(row_scale, col_scale):
     return tuple(torch.empty_like(t, dtype=wide_dtype(t.dtype)) for t in (row_scale, col_scale))
 
