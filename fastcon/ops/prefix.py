@@ -7,7 +7,7 @@ operations (``kernels.contract``: target_prefix_stats/_grad, sigmoid_prefix_fuse
 
 Both compute their gradients in the forward. The prefix norms come in as row and column scales
 (N, K) with gradients of their own; the O(N·D) norms and their backward are autograd outside the
-operators (``functional/_matryoshka.prefix_scales``).
+operators (``prefix_scales`` below).
 """
 from __future__ import annotations
 
