@@ -24,12 +24,31 @@ def _reduce_chunk(g, dot, a_rows, b_acc, scale, grad_a_rows, grad_b, grad_scale,
     kernels write them: ``flush_subnormal`` in csrc/cpu/kernels.h; far below what fp32 resolves beside
     a row's other terms, and an order of magnitude slower in a CPU GEMM)."""
     grad_bias += g.sum()
-    if g.dtype != torch.float64:
-        g.masked_fill_(g.abs() < torch.finfo(g.dtype).tiny, 0.0)
+    _flush_subnormal(g)
     torch.mm(g, b_acc, out=grad_a_rows)
     grad_a_rows.mul_(scale)
     grad_b.addmm_(g.T, a_rows.to(b_acc.dtype))
     grad_scale += g.mul_(dot).sum()
+
+
+def _flush_subnormal(g):
+    """G's subnormal entries set to 0, in place (not in float64)."""
+    if g.dtype != torch.float64:
+        g.masked_fill_(g.abs() < torch.finfo(g.dtype).tiny, 0.0)
+
+
+def _sigmoid_chunk(dot, scale, bias, r0, r1, pos_offset, nb, w, need_grad):
+    """SigLIP on a chunk of dot products of rows [r0, r1): (Σ softplus(−z·S), G = w·(σ(S) − [pos]) or None
+    without ``need_grad``)."""
+    s_c = dot * scale + bias
+    rows, cols = _positives(r0, r1, pos_offset, nb, dot.device)
+    # softplus(-z·l): negatives give softplus(l), positives softplus(-l) = softplus(l) - l.
+    loss = torch.nn.functional.softplus(s_c).sum() - s_c[rows, cols].sum()
+    if not need_grad:
+        return loss, None
+    g = torch.sigmoid(s_c)
+    g[rows, cols] -= 1
+    return loss, g.mul_(w)
 
 
 def lse_stats(a, b, scale, bias, pos_offset, chunk_rows):
@@ -93,15 +112,9 @@ def sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad):
         grad_bias = torch.zeros((), dtype=acc, device=a.device)
     for r0, r1 in row_chunks(na, chunk_rows):
         dot = mm_acc(a[r0:r1], b.T)
-        s_c = dot * scale + bias
-        rows, cols = _positives(r0, r1, pos_offset, nb, a.device)
-        # softplus(-z·l): negatives give softplus(l), positives softplus(-l) = softplus(l) - l.
-        total += torch.nn.functional.softplus(s_c).sum() - s_c[rows, cols].sum()
+        loss, g = _sigmoid_chunk(dot, scale, bias, r0, r1, pos_offset, nb, w, need_grad)
+        total += loss
         if need_grad:
-            g = torch.sigmoid(s_c)
-            g[rows, cols] -= 1
-            g.mul_(w)
-            del s_c
             _reduce_chunk(g, dot, a[r0:r1], b_acc, scale, grad_a[r0:r1], grad_b, grad_scale, grad_bias)
     if need_grad:
         grad_b.mul_(scale)
@@ -381,8 +394,7 @@ def prefix_backward(a, b, scale, prefix, chunks, make_g):
         h = [None] * n_k
         for k, p, dot in prefix_dots(a, b, prefix, r0, r1, c0, c1):
             g = make_g(k, dot, r0, r1, c0, c1)
-            if g.dtype != torch.float64:  # subnormal G is 0 in the products (as in _reduce_chunk)
-                g.masked_fill_(g.abs() < torch.finfo(g.dtype).tiny, 0.0)
+            _flush_subnormal(g)  # (as in _reduce_chunk)
             rs, cs = prefix.row_scale[r0:r1, k].to(acc), prefix.col_scale[c0:c1, k].to(acc)
             gp = g * p
             grad_rs[r0:r1, k] = (gp * cs[None, :]).sum(1)
@@ -412,16 +424,11 @@ def sigmoid_prefix_fused(a, b, scale, bias, pos_offset, w, weights, chunk_rows, 
 
     def make_g(k, dot, r0, r1, c0, c1):
         nonlocal total, grad_scale, grad_bias
-        s_c = dot * scale + bias
-        rows, cols = _positives(r0, r1, pos_offset, nb, a.device)
-        total += weights[k] * (torch.nn.functional.softplus(s_c).sum() - s_c[rows, cols].sum())
-        if not need_grad:
-            return None
-        g = torch.sigmoid(s_c)
-        g[rows, cols] -= 1
-        g.mul_(w * weights[k])
-        grad_bias += g.sum()
-        grad_scale += (g * dot).sum()
+        loss, g = _sigmoid_chunk(dot, scale, bias, r0, r1, pos_offset, nb, w * weights[k], need_grad)
+        total += weights[k] * loss
+        if g is not None:
+            grad_bias += g.sum()
+            grad_scale += (g * dot).sum()
         return g
 
     chunks = [(r0, r1, 0, nb) for r0, r1 in row_chunks(na, chunk_rows)]
