@@ -374,16 +374,13 @@ def clip_loss_local(image_features, text_features, scale, bias, *, group, gather
 
 def _local_prefix_half(rows, cols, scale, bias, offset, label_smoothing, prefixes, backend, chunk_size):
     """One half of the local loss over Matryoshka prefixes: row i's positive is column offset + i."""
-    from .ops.prefix import prefix_scales, target_prefix_engine_loss
+    from .ops.prefix import prefix_target_loss
     from .targets import Target
 
-    dims, weights = prefixes
     dev = rows.device
     target = Target(torch.arange(rows.shape[0], device=dev) + offset, torch.arange(cols.shape[0], device=dev))
-    return target_prefix_engine_loss(rows, cols, scale, bias, prefix_scales(rows, dims, True),
-                                     prefix_scales(cols, dims, True), target, dims, weights,
-                                     label_smoothing=label_smoothing, symmetric=False, backend=backend,
-                                     chunk_size=chunk_size)
+    return prefix_target_loss(rows, cols, scale, bias, target, *prefixes, label_smoothing=label_smoothing,
+                              symmetric=False, backend=backend, chunk_size=chunk_size)
 
 
 # --------------------------------------------------------------------------------------- general target

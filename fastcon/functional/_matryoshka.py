@@ -1,8 +1,8 @@
 """Matryoshka representation learning (docs/losses.md §2.7): a loss summed over nested prefixes of the
 embeddings, ``Σ_k w_k · L(prefix_{d_k}(A), prefix_{d_k}(B))``. The argument checks and the prefixes
 shared by the losses that take ``matryoshka_dims`` (MNRL, CLIP, SigLIP, GISTEmbed): on a backend with
-the engine's prefix passes, all prefixes in one pass over D (``one_pass``, ``prefix_scales``: the
-prefix norms as row and column scales); elsewhere one engine call per prefix (``matryoshka_sum``)."""
+the engine's prefix passes, all prefixes in one pass over D (``one_pass``; the prefix norms as row and
+column scales, ``ops.prefix_scales``); elsewhere one engine call per prefix (``matryoshka_sum``)."""
 from __future__ import annotations
 
 import math
@@ -10,8 +10,6 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-
-from ..ops.prefix import prefix_scales  # noqa: F401 (the prefix norms, shared with fastcon.distributed)
 
 
 def check_matryoshka(dims, weights, d: int) -> Tuple[Tuple[int, ...], Tuple[float, ...]]:

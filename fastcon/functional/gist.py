@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 from .. import reference
 from .._validation import check_features
-from ..ops import target_engine_loss, target_prefix_engine_loss
+from ..ops import prefix_target_loss, target_engine_loss
 from ..targets import TEACHER_GUIDE, Target, Teacher
 from ._checks import check_chunk_size, distributed_setup
-from ._matryoshka import check_matryoshka, matryoshka_sum, one_pass, prefix, prefix_scales
+from ._matryoshka import check_matryoshka, matryoshka_sum, one_pass, prefix
 
 MARGIN_STRATEGIES = reference.GIST_MARGIN_STRATEGIES
 
@@ -140,10 +140,8 @@ def gist_loss(anchor: torch.Tensor, positive: torch.Tensor, guide_anchor: torch.
         margin=float(margin), contrast_anchors=contrast_anchors, contrast_positives=contrast_positives)
     scale = torch.tensor(1.0 / float(temperature), dtype=torch.float64, device=a.device)
     if prefixes is not None:
-        dims, weights = prefixes
-        return target_prefix_engine_loss(rows, cols, scale, None, prefix_scales(rows, dims, True),
-                                         prefix_scales(cols, dims, True), target, dims, weights, symmetric=False,
-                                         backend=backend, chunk_size=chunk_size)
+        return prefix_target_loss(rows, cols, scale, None, target, *prefixes, symmetric=False, backend=backend,
+                                  chunk_size=chunk_size)
     return target_engine_loss(rows, cols, scale, None, target, symmetric=False, backend=backend,
                               chunk_size=chunk_size, cache_limit=cache_limit)
 

@@ -12,9 +12,9 @@ from .._validation import check_features, check_label_smoothing, check_labels, c
 from ..targets import Target
 from ..ops import clip_engine_loss, siglip_engine_loss
 from ..ops.engine import BACKENDS as _BACKENDS
-from ..ops import siglip_prefix_engine_loss, target_engine_loss, target_prefix_engine_loss
+from ..ops import prefix_scales, prefix_target_loss, siglip_prefix_engine_loss, target_engine_loss
 from ._checks import check_chunk_size, check_common, check_debias, check_modes, distributed_setup
-from ._matryoshka import check_matryoshka, matryoshka_sum, one_pass, prefix, prefix_scales
+from ._matryoshka import check_matryoshka, matryoshka_sum, one_pass, prefix
 
 
 def clip_loss(
@@ -126,7 +126,8 @@ def clip_loss(
                 pair_mask=pair_mask).to(image_features.dtype)
         target = Target(labels, labels, mask=pair_mask, debias=tau)
         if prefixes is not None:
-            return _prefix_clip(image_features, text_features, scale, bias, target, eps, prefixes, backend, chunk_size)
+            return prefix_target_loss(image_features, text_features, scale, bias, target, *prefixes,
+                                      label_smoothing=eps, backend=backend, chunk_size=chunk_size)
         return target_engine_loss(image_features, text_features, scale, bias, target,
                                   label_smoothing=eps, backend=backend, chunk_size=chunk_size)
     group = distributed_setup(process_group, image_features, text_features, backend)
@@ -156,21 +157,12 @@ def clip_loss(
         target = Target(torch.arange(image_features.shape[0], device=dev) + pos_offset,
                         torch.arange(text_features.shape[0], device=dev), debias=tau)
         if prefixes is not None:
-            return _prefix_clip(image_features, text_features, scale, bias, target, eps, prefixes, backend, chunk_size)
+            return prefix_target_loss(image_features, text_features, scale, bias, target, *prefixes,
+                                      label_smoothing=eps, backend=backend, chunk_size=chunk_size)
         return target_engine_loss(image_features, text_features, scale, None, target, backend=backend,
                                   chunk_size=chunk_size)
     return clip_engine_loss(image_features, text_features, scale, bias, label_smoothing=eps,
                             pos_offset=pos_offset, backend=backend, chunk_size=chunk_size)
-
-
-def _prefix_clip(image_features, text_features, scale, bias, target, eps, prefixes, backend, chunk_size):
-    """CLIP's loss summed over Matryoshka prefixes in one engine pass over D (the general target, both
-    directions; every prefix L2-normalised by its row and column scales)."""
-    dims, weights = prefixes
-    return target_prefix_engine_loss(image_features, text_features, scale, bias,
-                                     prefix_scales(image_features, dims, True), prefix_scales(text_features, dims, True),
-                                     target, dims, weights, label_smoothing=eps, backend=backend,
-                                     chunk_size=chunk_size)
 
 
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias=None, *,

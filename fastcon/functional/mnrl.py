@@ -9,9 +9,9 @@ import torch
 from .. import reference
 from .._validation import check_features
 from ..targets import Target
-from ..ops import target_engine_loss, target_prefix_engine_loss
+from ..ops import prefix_target_loss, target_engine_loss
 from ._checks import check_chunk_size, check_debias
-from ._matryoshka import check_matryoshka, matryoshka_sum, one_pass, prefix_scales
+from ._matryoshka import check_matryoshka, matryoshka_sum, one_pass
 
 
 MNRL_DIRECTIONS = reference.MNRL_DIRECTIONS
@@ -192,10 +192,7 @@ def multiple_negatives_ranking_loss(
                     penalty_rows=penalty_rows, debias=tau)
     scale_t = torch.tensor(float(scale), dtype=torch.float64, device=dev)
     if prefixes is not None:
-        dims, weights = prefixes
-        cos = similarity == "cos"
-        return target_prefix_engine_loss(rows, cols, scale_t, None, prefix_scales(rows, dims, cos),
-                                         prefix_scales(cols, dims, cos), target, dims, weights, symmetric=False,
-                                         backend=backend, chunk_size=chunk_size)
+        return prefix_target_loss(rows, cols, scale_t, None, target, *prefixes, normalize=similarity == "cos",
+                                  symmetric=False, backend=backend, chunk_size=chunk_size)
     return target_engine_loss(rows, cols, scale_t, None, target, symmetric=False, backend=backend,
                               chunk_size=chunk_size, cache_limit=cache_limit)

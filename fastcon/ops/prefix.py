@@ -168,3 +168,10 @@ def siglip_prefix_engine_loss(a, b, scale, bias, row_scale, col_scale, dims, wei
                                [float(w) for w in weights], name, int(offset), int(chunk_size or 0),
                                needs_grad(a, b, scale, bias, row_scale, col_scale), mm_dtype)[0]
     return loss.to(out_dtype)
+
+
+def prefix_target_loss(a, b, scale, bias, target, dims, weights, *, normalize: bool = True, **kw) -> torch.Tensor:
+    """``target_prefix_engine_loss`` over the prefixes of ``a`` and ``b`` themselves: their prefix norms
+    as the scales (``prefix_scales``; ones with ``normalize=False``, for raw prefixes)."""
+    return target_prefix_engine_loss(a, b, scale, bias, prefix_scales(a, dims, normalize),
+                                     prefix_scales(b, dims, normalize), target, dims, weights, **kw)
