@@ -65,11 +65,16 @@ def sigmoid_fused(a, b, scale, bias, pos_offset, w, chunk_rows, need_grad):
 def sigmoid_prefix_fused(a, b, scale, bias, pos_offset, w, weights, chunk_rows, need_grad, prefix):
     loss, *grads = torch.ops.fastcon.sigmoid_prefix_fused(
         a, b, _scalar(scale, a), _scalar(bias, a), int(pos_offset), float(w), [float(v) for v in weights],
-        int(chunk_rows), bool(need_grad), [int(d) for d in prefix.dims], prefix.row_scale.to(a.dtype),
-        prefix.col_scale.to(a.dtype))
+        int(chunk_rows), bool(need_grad), *_prefix_tensors(prefix, a))
     if not need_grad:
         return (loss,) + (None,) * 6
     return (loss, *grads)
+
+
+def _prefix_tensors(prefix, a):
+    """The prefixes (a ``targets.Prefix``) as the prefix operators take them: dims, row and column
+    scales in a's dtype."""
+    return [int(d) for d in prefix.dims], prefix.row_scale.to(a.dtype), prefix.col_scale.to(a.dtype)
 
 
 DIRECT_SOFTMAX, DIRECT_SIGMOID = 0, 1  # the kinds of fastcon::direct_loss
@@ -153,8 +158,7 @@ def _prefix_args(target, a, b, prefix):
     """The target without its teacher's scale (a guide has none) and the prefixes, as the prefix
     operators take them."""
     rows, cols, numbers, mask, guide_a, guide_b, _ = _target_args(target, a, b)
-    return (rows, cols, numbers, mask, guide_a, guide_b), ([int(d) for d in prefix.dims], prefix.row_scale.to(a.dtype),
-                                                           prefix.col_scale.to(a.dtype))
+    return (rows, cols, numbers, mask, guide_a, guide_b), _prefix_tensors(prefix, a)
 
 
 def target_prefix_stats(a, b, scale, bias, target, symmetric, smoothing, chunk_rows, prefix):

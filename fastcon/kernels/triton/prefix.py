@@ -36,13 +36,15 @@ class _ChunkTiles(TargetTiles):
 
 
 def _chunks(a, b, target, chunk_rows, n_prefix: int):
-    """(r0, r1, c0, c1) of each row chunk that keeps some column, its rows within the device's chunk
-    budget shared by the tiles a chunk holds at once (the accumulator, K prefixes' G, two temporaries)."""
+    """(r0, r1, c0, c1) of each row chunk that keeps some column (every column without a ``target``), its
+    rows within the device's chunk budget shared by the tiles a chunk holds at once (the accumulator,
+    K prefixes' G, two temporaries)."""
     from ...targets import column_span
 
     na, nb = a.shape[0], b.shape[0]
     rows = memory_rows(na, nb, chunk_rows, chunk_bytes(a.device) // (n_prefix + 3))
-    spans = [(r0, r1, *column_span(target, r0, r1, nb)) for r0, r1 in row_chunks(na, rows)]
+    spans = [(r0, r1, *(column_span(target, r0, r1, nb) if target is not None else (0, nb)))
+             for r0, r1 in row_chunks(na, rows)]
     return [c for c in spans if c[3] > c[2]]
 
 
@@ -103,9 +105,7 @@ def target_prefix_grad(a, b, scale, bias, target, weights, chunk_rows, prefix):
 def sigmoid_prefix_fused(a, b, scale, bias, pos_offset, w, weights, chunk_rows, need_grad, prefix):
     check_inputs(a, b)
     a, b = a.contiguous(), b.contiguous()
-    na, nb = a.shape[0], b.shape[0]
-    budget = chunk_bytes(a.device) // (len(prefix.dims) + 3)  # as _chunks
-    chunks = [(r0, r1, 0, nb) for r0, r1 in row_chunks(na, memory_rows(na, nb, chunk_rows, budget))]
+    chunks = _chunks(a, b, None, chunk_rows, len(prefix.dims))
     sums = []
 
     def make_g(k, dot, r0, r1, c0, c1):
