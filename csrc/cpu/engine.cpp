@@ -361,17 +361,9 @@ std::vector<Tensor> sigmoid_prefix_fused_impl(const Tensor& a, const Tensor& b, 
   if (need_grad) {
     out = prefix_backward<T>(a, b, double(s), p, chunk_rows, chunks, make_g, [](auto&&...) { return false; });
   } else {  // the forward alone: each prefix's tile from the accumulator, its loss
-    std::vector<PrefixScales<T>> scales;
-    for (int64_t k = 0; k < p.k(); ++k) scales.emplace_back(p, k);
-    Tensor acc_buf, tile_buf;
-    chunks([&](int64_t r0, int64_t rows, int64_t c0, int64_t width) {
-      Tensor acc = scratch_rows(acc_buf, chunk_rows, rows, width, a.options());
-      T* tile = scratch_rows(tile_buf, chunk_rows, rows, width, a.options()).data_ptr<T>();
-      for (int64_t k = p.k() - 1; k >= 0; --k) {
-        add_slice(acc, a, b, p, k, r0, rows, c0, width);
-        scaled_tile<T>(tile, acc.data_ptr<T>(), scales[size_t(k)], r0, rows, c0, width, nt);
-        make_g(k, tile, r0, rows, c0, width);
-      }
+    prefix_forward<T>(a, b, p, chunk_rows, chunks, [&](int64_t k, const T*, auto&& tile, const PrefixScales<T>&,
+                                                        int64_t r0, int64_t rows, int64_t c0, int64_t width) {
+      make_g(k, tile(), r0, rows, c0, width);
     });
     const Tensor none = at::empty({0}, a.options());
     out = {none, none.clone(), none.clone(), none.clone()};

@@ -80,6 +80,31 @@ void scaled_tile(T* out, const T* acc, const PrefixScales<T>& sc, int64_t r0, in
   }
 }
 
+// The prefixes' tiles of each chunk, the smallest prefix first: ``chunks(body)`` as prefix_backward's;
+// ``use(k, acc, tile, scales, r0, rows, c0, w)`` with acc = P_k and ``tile()`` forming r_k ⊙ P_k ⊙ c_k
+// (in a scratch buffer, when the loss needs it as a tile of its own).
+template <typename T, typename Chunks, typename Use>
+void prefix_forward(const Tensor& a, const Tensor& b, const Prefixes& p, int64_t chunk_rows, Chunks&& chunks,
+                    Use&& use) {
+  const int nt = team_threads();
+  std::vector<PrefixScales<T>> scales;
+  for (int64_t k = 0; k < p.k(); ++k) scales.emplace_back(p, k);
+  Tensor acc_buf, tile_buf;
+  chunks([&](int64_t r0, int64_t rows, int64_t c0, int64_t w) {
+    Tensor acc = scratch_rows(acc_buf, chunk_rows, rows, w, a.options());
+    T* tile = scratch_rows(tile_buf, chunk_rows, rows, w, a.options()).data_ptr<T>();
+    for (int64_t k = p.k() - 1; k >= 0; --k) {
+      add_slice(acc, a, b, p, k, r0, rows, c0, w);
+      const PrefixScales<T>& sc = scales[size_t(k)];
+      auto scaled = [&] {
+        scaled_tile<T>(tile, acc.data_ptr<T>(), sc, r0, rows, c0, w, nt);
+        return tile;
+      };
+      use(k, acc.data_ptr<T>(), scaled, sc, r0, rows, c0, w);
+    }
+  });
+}
+
 // Pass 2 at every prefix, for any loss whose G of a tile is formed in place: ``chunks(body)`` calls
 // body(r0, rows, c0, w) for each chunk of rows and its columns; ``make_g(k, tile, r0, rows, c0, w)``
 // turns prefix k's tile (r_k ⊙ P_k ⊙ c_k, row-major rows × w) into its G_k, with the loss's own sums

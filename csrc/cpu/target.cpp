@@ -843,25 +843,22 @@ std::vector<Tensor> target_prefix_stats_impl(const Tensor& a, const Tensor& b, T
   for (int64_t k = 0; k < p.k(); ++k) {
     passes.emplace_back(new StatsPass<T>(a, b, s, bb, t, sv, symmetric, smoothing, chunk_rows, &logits));
   }
-  std::vector<PrefixScales<T>> scales;
-  for (int64_t k = 0; k < p.k(); ++k) scales.emplace_back(p, k);
-  const int nt = team_threads();
-  Tensor acc_buf, tile_buf, gbuf;
-  for_each_chunk(t, chunk_rows, [&](int64_t r0, int64_t rows, int64_t c0, int64_t w) {
-    Tensor acc = scratch_rows(acc_buf, chunk_rows, rows, w, a.options());
-    T* tile = scratch_rows(tile_buf, chunk_rows, rows, w, a.options()).data_ptr<T>();
-    const T* gp = guide_chunk<T>(t, gbuf, chunk_rows, r0, rows, c0, w);  // once for every prefix
-    for (int64_t k = p.k() - 1; k >= 0; --k) {
-      add_slice(acc, a, b, p, k, r0, rows, c0, w);
-      const PrefixScales<T>& sc = scales[size_t(k)];
-      if (t.plain && !sv.on) {  // the scales in the row sweep: no pass of their own
-        passes[size_t(k)]->chunk(acc.data_ptr<T>(), nullptr, gp, r0, rows, c0, w, sc.row.data(), sc.col.data());
-        continue;
-      }
-      scaled_tile<T>(tile, acc.data_ptr<T>(), sc, r0, rows, c0, w, nt);
-      passes[size_t(k)]->chunk(tile, nullptr, gp, r0, rows, c0, w);
+  Tensor gbuf;
+  const T* gp = nullptr;  // the guide's tile of the current chunk, formed once for every prefix
+  auto chunks = [&](auto&& body) {
+    for_each_chunk(t, chunk_rows, [&](int64_t r0, int64_t rows, int64_t c0, int64_t w) {
+      gp = guide_chunk<T>(t, gbuf, chunk_rows, r0, rows, c0, w);
+      body(r0, rows, c0, w);
+    }, [] {});
+  };
+  prefix_forward<T>(a, b, p, chunk_rows, chunks, [&](int64_t k, const T* acc, auto&& tile, const PrefixScales<T>& sc,
+                                                      int64_t r0, int64_t rows, int64_t c0, int64_t w) {
+    if (t.plain && !sv.on) {  // the scales in the row sweep: no pass of their own
+      passes[size_t(k)]->chunk(acc, nullptr, gp, r0, rows, c0, w, sc.row.data(), sc.col.data());
+    } else {
+      passes[size_t(k)]->chunk(tile(), nullptr, gp, r0, rows, c0, w);
     }
-  }, [] {});
+  });
   std::vector<Tensor> out;
   for (auto& pass : passes) {
     std::vector<Tensor> one = pass->finish();
