@@ -834,6 +834,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> target_grad_impl(const Tensor& a, con
   return {grad_a, grad_b, scalar_tensor(ordered_sum(gs_rows), a), scalar_tensor(ordered_sum(gb_rows), a)};
 }
 
+// The chunks of a prefix pass (for_each_chunk, as prefix.h's ``chunks``), each with the guide's tile
+// (``gp``; null without a guide), formed once for every prefix.
+template <typename T>
+struct GuidedChunks {
+  const TargetView& t;
+  int64_t chunk_rows;
+  Tensor buf;
+  const T* gp = nullptr;
+  template <typename Body>
+  void operator()(Body&& body) {
+    for_each_chunk(t, chunk_rows, [&](int64_t r0, int64_t rows, int64_t c0, int64_t w) {
+      gp = guide_chunk<T>(t, buf, chunk_rows, r0, rows, c0, w);
+      body(r0, rows, c0, w);
+    }, [] {});
+  }
+};
+
 template <typename T>
 std::vector<Tensor> target_prefix_stats_impl(const Tensor& a, const Tensor& b, T s, T bb, const TargetView& t,
                                              const SoftView<T>& sv, bool symmetric, bool smoothing,
@@ -843,20 +860,13 @@ std::vector<Tensor> target_prefix_stats_impl(const Tensor& a, const Tensor& b, T
   for (int64_t k = 0; k < p.k(); ++k) {
     passes.emplace_back(new StatsPass<T>(a, b, s, bb, t, sv, symmetric, smoothing, chunk_rows, &logits));
   }
-  Tensor gbuf;
-  const T* gp = nullptr;  // the guide's tile of the current chunk, formed once for every prefix
-  auto chunks = [&](auto&& body) {
-    for_each_chunk(t, chunk_rows, [&](int64_t r0, int64_t rows, int64_t c0, int64_t w) {
-      gp = guide_chunk<T>(t, gbuf, chunk_rows, r0, rows, c0, w);
-      body(r0, rows, c0, w);
-    }, [] {});
-  };
+  GuidedChunks<T> chunks{t, chunk_rows};
   prefix_forward<T>(a, b, p, chunk_rows, chunks, [&](int64_t k, const T* acc, auto&& tile, const PrefixScales<T>& sc,
                                                       int64_t r0, int64_t rows, int64_t c0, int64_t w) {
     if (t.plain && !sv.on) {  // the scales in the row sweep: no pass of their own
-      passes[size_t(k)]->chunk(acc, nullptr, gp, r0, rows, c0, w, sc.row.data(), sc.col.data());
+      passes[size_t(k)]->chunk(acc, nullptr, chunks.gp, r0, rows, c0, w, sc.row.data(), sc.col.data());
     } else {
-      passes[size_t(k)]->chunk(tile(), nullptr, gp, r0, rows, c0, w);
+      passes[size_t(k)]->chunk(tile(), nullptr, chunks.gp, r0, rows, c0, w);
     }
   });
   std::vector<Tensor> out;
@@ -874,16 +884,9 @@ std::vector<Tensor> target_prefix_grad_impl(const Tensor& a, const Tensor& b, T 
                                             int64_t chunk_rows, const Prefixes& p) {
   const int nt = team_threads();
   std::vector<double> gs_rows(size_t(a.size(0)), 0.0), gb_rows(size_t(a.size(0)), 0.0);
-  Tensor gbuf;
-  const T* gp = nullptr;  // the guide's tile of the current chunk, formed once for every prefix
-  auto chunks = [&](auto&& body) {
-    for_each_chunk(t, chunk_rows, [&](int64_t r0, int64_t rows, int64_t c0, int64_t w) {
-      gp = guide_chunk<T>(t, gbuf, chunk_rows, r0, rows, c0, w);
-      body(r0, rows, c0, w);
-    }, [] {});
-  };
+  GuidedChunks<T> chunks{t, chunk_rows};
   auto make_g = [&](int64_t k, T* tile, int64_t r0, int64_t rows, int64_t c0, int64_t w) {
-    grad_rows<T>(t, *gws[size_t(k)], tile, gp, r0, rows, c0, w, s, bb, nt, gs_rows, gb_rows);
+    grad_rows<T>(t, *gws[size_t(k)], tile, chunks.gp, r0, rows, c0, w, s, bb, nt, gs_rows, gb_rows);
   };
   // a plain target: H_k and the scales' terms in one sweep from the accumulator
   // (fc_prefix_target_grad), the positives formed exactly after it
