@@ -127,39 +127,61 @@ class _Ring:
         return (self.rank - step) % self.world
 
 
-def _siglip_lap(ring, impl, a, b, scale, bias, w, chunk_rows, need_grad):
+def _siglip_lap(ring, impl, a, b, scale, bias, w, chunk_rows, need_grad, prefix=None):
     """One lap of the sigmoid loss: Σ over shards q of Σ softplus(−z·S) for X_r × Y_q (positives only
     in the own shard), and with ``need_grad`` the gradients of ``w·that``: grad_a, grad_scale and
-    grad_bias local, grad_b the sum of every rank's contribution to the own shard."""
+    grad_bias local, grad_b the sum of every rank's contribution to the own shard. ``prefix``
+    (``targets.Prefix`` with the own shard's column scales, and the prefixes' weights): the loss
+    summed over Matryoshka prefixes in one pass over D, the column scales travelling with their shard
+    and their gradient with the shard's; then also the gradients of the row and column scales.
+    Returns (loss, grad_a, grad_b, grad_scale, grad_bias, grad_row_scale, grad_col_scale)."""
     n = b.shape[0]
+
+    def lap_step(shard, pos_offset):  # -> loss, the own rows' gradients, the shard's gradients, scalars
+        if prefix is None:
+            part, ga, gb, gs, gbias = impl.sigmoid_fused(a, shard[0], scale, bias, pos_offset, w, chunk_rows,
+                                                         need_grad)
+            return part, [ga], [gb], gs, gbias
+        pre, weights = prefix
+        part, ga, gb, gs, gbias, grs, gcs = impl.sigmoid_prefix_fused(
+            a, shard[0], scale, bias, pos_offset, w, weights, chunk_rows, need_grad,
+            pre._replace(col_scale=shard[1]))
+        return part, [ga, grs], [gb, gcs], gs, gbias
+
+    shard = [b] if prefix is None else [b, prefix[0].col_scale]
     loss = torch.zeros((), dtype=scale.dtype, device=a.device)
-    grad_a = torch.zeros(a.shape, dtype=scale.dtype, device=a.device) if need_grad else None
+    local = None
     grad_scale = torch.zeros((), dtype=scale.dtype, device=a.device)
     grad_bias = torch.zeros((), dtype=scale.dtype, device=a.device)
-    cur, acc_prev = b, None
+    cur, acc_prev = shard, None
     for step in range(ring.world):
         last = step == ring.world - 1
-        nxt = None if last else torch.empty_like(b)
-        acc_in = torch.empty(b.shape, dtype=scale.dtype, device=a.device) if need_grad and step > 0 else None
-        works = ring.start(([] if last else [cur]) + ([acc_prev] if acc_in is not None else []),
-                           ([] if last else [nxt]) + ([acc_in] if acc_in is not None else []))
+        nxt = None if last else [torch.empty_like(t) for t in cur]
+        acc_in = None
+        if need_grad and step > 0:
+            acc_in = [torch.empty(t.shape, dtype=scale.dtype, device=a.device) for t in shard]
+        works = ring.start(([] if last else cur) + (acc_prev if acc_in is not None else []),
+                           ([] if last else nxt) + (acc_in if acc_in is not None else []))
         pos_offset = 0 if ring.shard(step) == ring.rank else n
-        part, ga, gb, gs, gbias = impl.sigmoid_fused(a, cur, scale, bias, pos_offset, w, chunk_rows, need_grad)
+        part, own, theirs, gs, gbias = lap_step(cur, pos_offset)
         loss += part
         if need_grad:
-            grad_a += ga
+            own = [g.to(scale.dtype) for g in own]
+            local = own if local is None else [x.add_(g) for x, g in zip(local, own)]
             grad_scale += gs
             grad_bias += gbias
         ring.wait(works)
         if need_grad:
-            acc_prev = gb if acc_in is None else acc_in.add_(gb)
+            acc_prev = theirs if acc_in is None else [x.add_(g) for x, g in zip(acc_in, theirs)]
         cur = nxt
-    grad_b = None
-    if need_grad:
-        grad_b = torch.empty_like(acc_prev) if ring.world > 1 else acc_prev
-        if ring.world > 1:
-            ring.wait(ring.start([acc_prev], [grad_b]))
-    return loss, grad_a, grad_b, grad_scale, grad_bias
+    if not need_grad:
+        return loss, None, None, grad_scale, grad_bias, None, None
+    home = acc_prev
+    if ring.world > 1:
+        home = [torch.empty_like(t) for t in acc_prev]
+        ring.wait(ring.start(acc_prev, home))
+    local, home = local + [None], home + [None]
+    return loss, local[0], home[0], grad_scale, grad_bias, local[1], home[1]
 
 
 def _upstream_weights(grad_output: torch.Tensor, group) -> torch.Tensor:
@@ -171,19 +193,28 @@ def _upstream_weights(grad_output: torch.Tensor, group) -> torch.Tensor:
 
 
 class _SigLipRing(torch.autograd.Function):
-    """Rank r's SigLIP loss, (1/n)·Σ over its rows × every shard; gradients computed in the forward."""
+    """Rank r's SigLIP loss, (1/n)·Σ over its rows × every shard; gradients computed in the forward.
+    With ``prefixes`` (Matryoshka's dims and weights) the loss summed over the prefixes, whose norms
+    come in as the row and column scales (``ops.prefix_scales``, with autograd outside)."""
 
     @staticmethod
-    def forward(ctx, a, b, scale, bias, backend, mm_dtype, group, chunk_rows, need_grad):
+    def forward(ctx, a, b, scale, bias, row_scale, col_scale, backend, mm_dtype, group, chunk_rows, need_grad,
+                prefixes):
         ring = _Ring(group)
         impl = backend_module(backend)
         x, y = engine_operands(a, b, backend, mm_dtype)
         n = x.shape[0]
-        loss, *grads = _siglip_lap(ring, impl, x, y, scale, bias, 1.0 / n, chunk_rows, need_grad)
+        prefix = None
+        if prefixes is not None:
+            from .targets import Prefix
+
+            prefix = (Prefix(tuple(prefixes[0]), row_scale.detach().to(scale.dtype).contiguous(),
+                             col_scale.detach().to(scale.dtype).contiguous()), prefixes[1])
+        loss, *grads = _siglip_lap(ring, impl, x, y, scale, bias, 1.0 / n, chunk_rows, need_grad, prefix)
         if need_grad:
-            save_final_grads(ctx, (a, b, scale, bias), grads, 1.0)
+            save_final_grads(ctx, (a, b, scale, bias, row_scale, col_scale), grads, 1.0)
             ctx.inputs = (x, y, scale.detach(), bias.detach())
-            ctx.impl, ctx.group, ctx.chunk_rows, ctx.b_dtype = impl, group, chunk_rows, b.dtype
+            ctx.impl, ctx.group, ctx.chunk_rows, ctx.prefix = impl, group, chunk_rows, prefix
         return loss / n
 
     @staticmethod
@@ -194,25 +225,37 @@ class _SigLipRing(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_output):
-        grad_a, grad_b, grad_scale, grad_bias = scaled_grads(ctx.saved_tensors, grad_output, ctx.grad_dtypes)
+        grad_a, grad_b, grad_scale, grad_bias, grad_rs, grad_cs = scaled_grads(ctx.saved_tensors, grad_output,
+                                                                               ctx.grad_dtypes)
         weights = _upstream_weights(grad_output, ctx.group)
-        if ctx.needs_input_grad[1] and not bool((weights == weights[0]).all()):
+        if (ctx.needs_input_grad[1] or ctx.needs_input_grad[5]) and not bool((weights == weights[0]).all()):
             # Every rank weights its contribution to each text shard by its own upstream gradient.
             x, y, scale, bias = ctx.inputs
             w = float(grad_output) / x.shape[0]
-            _, _, grad_b, _, _ = _siglip_lap(_Ring(ctx.group), ctx.impl, x, y, scale, bias, w, ctx.chunk_rows, True)
-            grad_b = grad_b.to(ctx.b_dtype)
-        return grad_a, grad_b, grad_scale, grad_bias, None, None, None, None, None
+            _, _, grad_b, _, _, _, grad_cs = _siglip_lap(_Ring(ctx.group), ctx.impl, x, y, scale, bias, w,
+                                                         ctx.chunk_rows, True, ctx.prefix)
+            grad_b = grad_b.to(ctx.grad_dtypes[1]) if ctx.needs_input_grad[1] else None
+            grad_cs = grad_cs.to(ctx.grad_dtypes[5]) if ctx.needs_input_grad[5] else None
+        return grad_a, grad_b, grad_scale, grad_bias, grad_rs, grad_cs, None, None, None, None, None, None
 
 
-def siglip_loss_ring(image_features, text_features, scale, bias, *, group, backend, chunk_size):
+def siglip_loss_ring(image_features, text_features, scale, bias, *, group, backend, chunk_size, prefixes=None):
     """Rank r's open_clip SigLIP loss: (1/n)·[Σ over X_r × Y_r with positives on the diagonal +
-    Σ_{q≠r} X_r × Y_q as negatives], the text shards travelling around the ring."""
+    Σ_{q≠r} X_r × Y_q as negatives], the text shards travelling around the ring. ``prefixes``
+    (Matryoshka's (dims, weights), docs/losses.md §2.7): ``Σ_k w_k`` of that loss on the L2-normalised
+    prefixes, every prefix in one pass over D at each step of the ring."""
     out_dtype = loss_dtype(image_features)
     name, mm_dtype, a, b, scale, bias, chunk_rows = prepare_inputs(image_features, text_features, scale, bias,
                                                                    backend, chunk_size)
+    row_scale = col_scale = None
+    if prefixes is not None:
+        from .ops.prefix import prefix_chunk_rows, prefix_scales
+
+        row_scale, col_scale = prefix_scales(a, prefixes[0], True), prefix_scales(b, prefixes[0], True)
+        chunk_rows = prefix_chunk_rows(chunk_rows, len(prefixes[0]), chunk_size)
     with backend_context(a.device.type):
-        loss = _SigLipRing.apply(a, b, scale, bias, name, mm_dtype, group, chunk_rows, needs_grad(a, b, scale, bias))
+        loss = _SigLipRing.apply(a, b, scale, bias, row_scale, col_scale, name, mm_dtype, group, chunk_rows,
+                                 needs_grad(a, b, scale, bias), prefixes)
     return loss.to(out_dtype)
 
 
@@ -405,50 +448,57 @@ class _TargetGlobal(torch.autograd.Function):
     """A general-target loss whose rows are split over the ranks: every rank returns the loss of all
     ranks' rows, computed from its own rows against the gathered columns (1/W of the work), with the
     column statistics merged across ranks between the passes; each input receives the gradient of
-    that loss for its own rows and columns."""
+    that loss for its own rows and columns. With ``prefixes`` (Matryoshka's dims and weights) the
+    loss summed over the prefixes in one pass over D; the tensors after the column parts are then the
+    rows' prefix scales and each part's (``ops.prefix_scales``, with autograd outside), the column
+    scales gathered like the parts."""
 
     @staticmethod
     def forward(ctx, a_in, scale, bias, target, backend, mm_dtype, group, eps, symmetric, chunk_rows, cache,
-                sum_upstream, need_grad, *parts_in):
-        from .targets import (RowShard, loss_and_weights, needs_counts, rows_of, teacher_norms, teacher_stats,
-                              with_d_scale)
+                sum_upstream, need_grad, prefixes, *tensors):
+        from .targets import (Prefix, RowShard, loss_and_weights, needs_counts, rows_of, teacher_norms, teacher_stats,
+                              two_pass_prefix_target, with_d_scale)
 
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         n = a_in.shape[0]
+        n_parts = len(tensors) if prefixes is None else (len(tensors) - 1) // 2
+        parts_in = tensors[:n_parts]
         a, _ = engine_operands(a_in, a_in[:0], backend, mm_dtype)
         parts = [engine_operands(p, p[:0], backend, mm_dtype)[0] for p in parts_in]
         gathered = [all_gather_no_grad(p, group) for p in parts]
         cols = torch.cat(gathered)
         local = rows_of(target, rank * n, (rank + 1) * n)
-        stats_fn, grad_fn, teacher_fn = target_passes(backend)
-        teacher = None
-        if local.soft:  # the teacher's pass over this rank's rows, its columns merged like the student's
-            t_st = teacher_stats(teacher_fn, local, symmetric, chunk_rows)
-            teacher = teacher_norms(local, _all_reduce_col_stats(t_st, group) if symmetric else t_st, symmetric)
-        st, cached = stats_fn(a, cols, scale, bias, local, symmetric, needs_counts(local, eps), chunk_rows,
-                              cache if need_grad else 0, teacher)
-        if symmetric:
-            st = _all_reduce_col_stats(st, group)
         shard = RowShard(rank * n, world * n,
                          lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group),
                          lambda t: dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group))
-        loss, weights = loss_and_weights(local, st, eps, symmetric, scale.dtype, shard, scale=scale)
+        merge = (lambda st: _all_reduce_col_stats(st, group)) if symmetric else None
+        grad_rs = grad_cs = None
+        if prefixes is not None:
+            impl = backend_module(backend)
+            acc = scale.dtype
+            col_scale = torch.cat([all_gather_no_grad(c.detach().to(acc).contiguous(), group)
+                                   for c in tensors[n_parts + 1:]])
+            prefix = Prefix(tuple(prefixes[0]), tensors[n_parts].detach().to(acc).contiguous(), col_scale)
+            loss, grad_a, grad_cols, grad_scale, grad_bias, grad_rs, grad_cs = two_pass_prefix_target(
+                impl.target_prefix_stats, impl.target_prefix_grad, a, cols, scale, bias, local, eps, symmetric,
+                chunk_rows, need_grad, prefix, prefixes[1], shard, merge)
+        else:
+            stats_fn, grad_fn, teacher_fn = target_passes(backend)
+            teacher = None
+            if local.soft:  # the teacher's pass over this rank's rows, its columns merged like the student's
+                t_st = teacher_stats(teacher_fn, local, symmetric, chunk_rows)
+                teacher = teacher_norms(local, _all_reduce_col_stats(t_st, group) if symmetric else t_st, symmetric)
+            st, cached = stats_fn(a, cols, scale, bias, local, symmetric, needs_counts(local, eps), chunk_rows,
+                                  cache if need_grad else 0, teacher)
+            loss, weights = loss_and_weights(local, merge(st) if symmetric else st, eps, symmetric, scale.dtype,
+                                             shard, scale=scale)
+            if need_grad:
+                grad_a, grad_cols, grad_scale, grad_bias = grad_fn(a, cols, scale, bias, local, weights, chunk_rows,
+                                                                   cached)
+                grad_scale = with_d_scale(grad_scale, weights)
         if need_grad:
-            grad_a, grad_cols, grad_scale, grad_bias = grad_fn(a, cols, scale, bias, local, weights, chunk_rows,
-                                                               cached)
-            dist.all_reduce(grad_cols, group=group)
-            grad_parts, base = [], 0
-            for p, g in zip(parts, gathered):  # this rank's block of each part of the columns
-                grad_parts.append(grad_cols[base + rank * p.shape[0]:base + (rank + 1) * p.shape[0]])
-                base += g.shape[0]
-            scalars = torch.stack([with_d_scale(grad_scale, weights), grad_bias])
-            dist.all_reduce(scalars, group=group)
-            inputs = (a_in, scale, bias) + tuple(parts_in)
-            grads = (grad_a, scalars[0], scalars[1]) + tuple(grad_parts)
-            need = ctx.needs_input_grad[:3] + ctx.needs_input_grad[13:]
-            ctx.grad_dtypes = tuple(x.dtype for x in inputs)
-            ctx.save_for_backward(*[g.to(torch.promote_types(x.dtype, torch.float32)) if need[k] else None
-                                    for k, (x, g) in enumerate(zip(inputs, grads))])
+            _save_global_grads(ctx, group, rank, a_in, scale, bias, tensors, n_parts, gathered, grad_a, grad_cols,
+                               grad_scale, grad_bias, grad_rs, grad_cs)
         ctx.sum_upstream, ctx.group = sum_upstream, group
         return loss.to(scale.dtype)
 
@@ -459,17 +509,46 @@ class _TargetGlobal(torch.autograd.Function):
         saved = ctx.saved_tensors
         feats = scaled_grads(saved[:1] + saved[3:], g_features, ctx.grad_dtypes[:1] + ctx.grad_dtypes[3:])
         scalars = scaled_grads(saved[1:3], grad_output, ctx.grad_dtypes[1:3])
-        return (feats[0],) + scalars + (None,) * 10 + tuple(feats[1:])
+        return (feats[0],) + scalars + (None,) * 11 + tuple(feats[1:])
+
+
+def _save_global_grads(ctx, group, rank, a_in, scale, bias, tensors, n_parts, gathered, grad_a, grad_cols,
+                       grad_scale, grad_bias, grad_rs, grad_cs):
+    """Saves ``_TargetGlobal``'s gradients: the columns' (and their scales') summed over the ranks, this
+    rank's block of each part kept; the scalars' summed over the ranks."""
+    col_grads = [grad_cols] if grad_cs is None else [grad_cols, grad_cs]
+    for g in col_grads:
+        dist.all_reduce(g, group=group)
+    per_part = []
+    for g in col_grads:  # this rank's block of each part of the columns
+        base, blocks = 0, []
+        for t in gathered:
+            m = t.shape[0] // dist.get_world_size(group)
+            blocks.append(g[base + rank * m:base + (rank + 1) * m])
+            base += t.shape[0]
+        per_part.append(blocks)
+    scalars = torch.stack([grad_scale, grad_bias])
+    dist.all_reduce(scalars, group=group)
+    inputs = (a_in, scale, bias) + tuple(tensors)
+    grads = [grad_a, scalars[0], scalars[1]] + per_part[0]
+    if grad_cs is not None:
+        grads += [grad_rs] + per_part[1]
+    need = ctx.needs_input_grad[:3] + ctx.needs_input_grad[14:]
+    ctx.grad_dtypes = tuple(x.dtype for x in inputs)
+    ctx.save_for_backward(*[g.to(torch.promote_types(x.dtype, torch.float32)) if need[k] else None
+                            for k, (x, g) in enumerate(zip(inputs, grads))])
 
 
 def target_loss_global(rows, col_parts, scale, bias, target, *, group, label_smoothing: float, symmetric: bool,
-                       backend: str, chunk_size, gather_with_grad: bool = False):
+                       backend: str, chunk_size, gather_with_grad: bool = False, prefixes=None):
     """The general-target loss of W ranks' rows as one batch: ``rows`` (n, D) this rank's rows,
     ``col_parts`` this rank's blocks of the columns, the global columns being each part gathered in
     rank order, then concatenated; ``target`` describes the global loss (every rank's rows, the
     global columns). Every rank returns the global loss; each input receives its slice of the
     gradient of that loss (the features times the sum of the ranks' upstream gradients with
-    ``gather_with_grad``, as open_clip's all_gather with autograd gives)."""
+    ``gather_with_grad``, as open_clip's all_gather with autograd gives). ``prefixes`` (Matryoshka's
+    (dims, weights), docs/losses.md §2.7): ``Σ_k w_k`` of that loss on the L2-normalised prefixes, in
+    one pass over D."""
     from .ops.engine import cache_bytes, chunk_rows_for, traced_backend_name
 
     out_dtype = loss_dtype(rows)
@@ -479,10 +558,17 @@ def target_loss_global(rows, col_parts, scale, bias, target, *, group, label_smo
     world = dist.get_world_size(group)
     n_cols = world * sum(p.shape[0] for p in col_parts)
     chunk_rows = chunk_rows_for(a.shape[0], n_cols, a.device, chunk_size)
+    tensors = tuple(col_parts)
+    if prefixes is not None:
+        from .ops.prefix import prefix_chunk_rows, prefix_scales
+
+        dims = prefixes[0]
+        tensors += (prefix_scales(a, dims, True),) + tuple(prefix_scales(p, dims, True) for p in col_parts)
+        chunk_rows = prefix_chunk_rows(chunk_rows, len(dims), chunk_size)
     with backend_context(a.device.type):
         loss = _TargetGlobal.apply(a, scale, bias, target, name, mm_dtype, group, float(label_smoothing),
                                    bool(symmetric), chunk_rows, cache_bytes(a.device), bool(gather_with_grad),
-                                   needs_grad(a, scale, bias, *col_parts), *col_parts)
+                                   needs_grad(a, scale, bias, *col_parts), prefixes, *tensors)
     return loss.to(out_dtype)
 
 

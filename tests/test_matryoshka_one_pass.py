@@ -15,7 +15,10 @@
   ``backend="reference"`` (the per-prefix float64 reference), cos and dot, hard negatives and
   directions;
 * soft targets with prefixes are a ValueError;
-* the C++ backend's peak memory at N = 4096 (no N×N allocation).
+* the C++ backend's peak memory at N = 4096 (no N×N allocation);
+* every distributed form of CLIP (local, global, labels, pair mask, debiased; with and without the
+  gathered features' gradient) and SigLIP's ring over 2 gloo ranks against the per-prefix sum of
+  the same distributed loss, each in one pass.
 """
 import os
 import subprocess
@@ -419,51 +422,96 @@ def test_cpp_peak_memory_holds_chunks_not_the_logits():
     assert peak < n * n * 4, f"peak {peak / 2**20:.1f} MiB: as much as an N×N fp32 matrix"
 
 
-def _local_worker(rank, world, port, out):
-    """CLIP's distributed local loss over prefixes in one pass against the per-prefix sum of the same
-    loss on explicitly normalised prefixes, with and without the gathered features' gradient."""
+_DIST_MODES = {  # name: (loss, its keyword arguments, does it take logit_bias)
+    "clip local": ("clip", dict(local_loss=True, label_smoothing=0.1), False),
+    "clip local, gathered with grad": ("clip", dict(local_loss=True, gather_with_grad=True, label_smoothing=0.1),
+                                       False),
+    "clip global": ("clip", dict(label_smoothing=0.1), False),  # (a bias: zero gradient up to rounding)
+    "clip global, gathered with grad": ("clip", dict(gather_with_grad=True), False),
+    "clip labels, pair mask": ("clip", dict(labels=True, pair_mask=True, label_smoothing=0.05), False),
+    "clip labels, local": ("clip", dict(labels=True, local_loss=True), False),
+    "clip debiased": ("clip", dict(debias=0.1), False),
+    "siglip ring": ("siglip", {}, True),
+}
+
+
+def _dist_worker(rank, world, port, out):
+    """Every distributed form of CLIP and SigLIP over Matryoshka prefixes in one pass against the
+    per-prefix sum of the same distributed loss on explicitly normalised prefixes: the loss and the
+    gradients of the features, the logit scale and the bias, each rank's loss weighted by its own
+    upstream gradient (rank + 1). Counts the C++ prefix passes each one-pass loss calls."""
     import torch.distributed as dist
 
     from helpers import close_gloo
 
-    import fastcon.ops.prefix as prefix_ops
+    from fastcon.kernels import cpp
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    calls = []
-    real = prefix_ops.target_prefix_engine_loss
-    prefix_ops.target_prefix_engine_loss = lambda *a, **k: calls.append(1) or real(*a, **k)
+    calls = {}
+
+    def counting(name):
+        real = getattr(cpp, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    for name in ("target_prefix_stats", "sigmoid_prefix_fused"):
+        setattr(cpp, name, counting(name))
+    contract.backend.cache_clear()
     try:
         dims, weights = (24, 10, 3), (1.0, 0.5, 2.0)
+        n = 6
         g = torch.Generator().manual_seed(100 + rank)
-        x, y = torch.randn(6, D, generator=g), torch.randn(6, D, generator=g)
+        x, y = torch.randn(n, D, generator=g), torch.randn(n, D, generator=g)
+        labels = torch.tensor([0, 1, 1, 2, 3, 0]) + 10 * rank  # shared within the rank
+        mask = torch.rand(world * n, world * n, generator=torch.Generator().manual_seed(7)) > 0.2
+        mask.fill_diagonal_(True)
         res = {}
-        for gather_with_grad in (False, True):
-            kw = dict(local_loss=True, gather_with_grad=gather_with_grad, process_group=dist.group.WORLD,
-                      label_smoothing=0.1, backend="cpp")
-            runs = []
+        for mode, (loss_name, kw, with_bias) in _DIST_MODES.items():
+            kw = dict(kw, process_group=dist.group.WORLD, backend="cpp")
+            kw.update(labels=labels if kw.get("labels") else None, pair_mask=mask if kw.get("pair_mask") else None)
+            fn = FC.clip_loss if loss_name == "clip" else FC.siglip_loss
+            if loss_name == "siglip":
+                kw.pop("labels"), kw.pop("pair_mask")
+            runs, counted = [], None
             for one in (True, False):
                 leaves = [x.clone().requires_grad_(), y.clone().requires_grad_(), torch.tensor(8.0, requires_grad=True)]
+                if with_bias:
+                    leaves.append(torch.tensor(-3.0, requires_grad=True))
+                before = sum(calls.values())
                 if one:
-                    loss = FC.clip_loss(*leaves, matryoshka_dims=dims, matryoshka_weights=weights, **kw)
+                    loss = fn(*leaves, matryoshka_dims=dims, matryoshka_weights=weights, **kw)
                 else:
-                    loss = sum(w * FC.clip_loss(F.normalize(leaves[0][:, :d], dim=1),
-                                                F.normalize(leaves[1][:, :d], dim=1), leaves[2], **kw)
-                               for d, w in zip(dims, weights))
-                runs.append([loss.detach()] + list(torch.autograd.grad(loss, leaves)))
-            res[gather_with_grad] = max(((p - q).abs().max() / q.abs().max().clamp_min(1e-6)).item()
-                                        for p, q in zip(*runs))
-        res["one-pass calls"] = len(calls)  # two halves of the local loss, in each gather mode
+                    loss = sum(w * fn(F.normalize(leaves[0][:, :d], dim=1), F.normalize(leaves[1][:, :d], dim=1),
+                                      *leaves[2:], **kw) for d, w in zip(dims, weights))
+                grads = torch.autograd.grad(loss * (rank + 1), leaves)
+                counted = counted if not one else sum(calls.values()) - before
+                runs.append([loss.detach()] + list(grads))
+            res[mode] = (max(((p - q).abs().max() / q.abs().max().clamp_min(1e-6)).item() for p, q in zip(*runs)),
+                         counted)
         out.put((rank, res))
     except Exception as exc:  # reported to the test, which fails on it
-        out.put((rank, {"error": repr(exc)}))
+        import traceback
+
+        out.put((rank, {"error": traceback.format_exc()}))
     finally:
         close_gloo()
 
 
-def test_distributed_local_clip_in_one_pass():
+def test_distributed_clip_and_siglip_in_one_pass():
+    """Over 2 gloo ranks on the C++ backend: each distributed form runs its prefixes in one pass (the
+    local loss one stats pass per half, the global forms one, the SigLIP ring one per step of the ring
+    and one more lap for the text shards' gradient, as the ranks' upstream gradients differ) and
+    equals the per-prefix sum."""
     from helpers import run_gloo
 
-    for rank, res in run_gloo(_local_worker, 2, timeout=300).items():
-        assert "error" not in res, (rank, res)
-        assert res.pop("one-pass calls") == 4, (rank, res)
-        assert all(v < 2e-5 for v in res.values()), (rank, res)
+    expected_calls = {"clip local": 2, "clip local, gathered with grad": 2, "clip global": 1,
+                      "clip global, gathered with grad": 1, "clip labels, pair mask": 1, "clip labels, local": 2,
+                      "clip debiased": 1, "siglip ring": 4}
+    for rank, res in run_gloo(_dist_worker, 2, timeout=300).items():
+        assert "error" not in res, (rank, res["error"])
+        for mode, (err, calls) in res.items():
+            assert calls == expected_calls[mode], (rank, mode, calls)
+            assert err < 2e-5, (rank, mode, err)

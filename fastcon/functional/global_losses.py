@@ -56,8 +56,10 @@ def clip_loss(
     ``N_g = max((Σ_n e^{S_n} − τ⁺·M·e^{S_p})/(1 − τ⁺), M·e^{−s})`` over a row's M negatives (0: the plain
     loss; not with ``logit_bias``, ``labels`` or ``label_smoothing``). ``matryoshka_dims`` (d₁ > d₂ > …, within D) and ``matryoshka_weights`` (default all 1): the loss
     is ``Σ_k w_k · L(prefix_{d_k})`` (docs/losses.md §2.7) over the first d_k features, each
-    prefix L2-normalised (the full D too). Returns a 0-d tensor in the features' dtype
-    (computed in fp32); gradients reach both feature tensors, ``logit_scale`` and ``logit_bias``.
+    prefix L2-normalised (the full D too), all prefixes in one pass over D (across ranks the global
+    loss over prefixes gathers the text features instead of passing them around the ring). Returns
+    a 0-d tensor in the features' dtype (computed in fp32); gradients reach both feature tensors,
+    ``logit_scale`` and ``logit_bias``.
     Memory: O((Na + Nb)·D + chunk·Nb).
 
     With ``process_group`` (W ranks, each passing its local n pairs; ``pos_offset`` must be 0) this
@@ -72,11 +74,9 @@ def clip_loss(
     prefixes = None
     if matryoshka_dims is not None:
         dims, weights = check_matryoshka(matryoshka_dims, matryoshka_weights, image_features.shape[1])
-        # every prefix in one pass over D on the general target: in one process, and in the distributed
-        # local loss (its halves are rows against gathered columns); the ring and the distributed
-        # labels, pair mask and debiased forms run one engine call per prefix
-        local = local_loss and labels is None and pair_mask is None and not debias
-        if (process_group is None or local) and one_pass(backend, image_features):
+        # every prefix in one pass over D on the general target (in the distributed global loss, the
+        # rows against the gathered columns in place of the ring)
+        if one_pass(backend, image_features):
             prefixes = (dims, weights)
         else:
             kw = dict(label_smoothing=label_smoothing, pos_offset=pos_offset, labels=labels, pair_mask=pair_mask,
@@ -116,7 +116,7 @@ def clip_loss(
             return _multi_positive_distributed(image_features, text_features, scale, bias, labels, pair_mask, eps,
                                                group=group, local_loss=local_loss,
                                                gather_with_grad=gather_with_grad, backend=backend,
-                                               chunk_size=chunk_size, debias=tau)
+                                               chunk_size=chunk_size, debias=tau, prefixes=prefixes)
         if backend == "reference":
             if tau:
                 return reference.debiased_clip_loss_reference(image_features, text_features, scale, tau,
@@ -136,12 +136,12 @@ def clip_loss(
 
         if pos_offset != 0:
             raise ValueError("pos_offset must be 0 in the distributed loss (the positives are the paired rows)")
-        if tau:  # one positive per row, on the general target
+        if tau or (prefixes is not None and not local_loss):  # one positive per row, on the general target
             n = image_features.shape[0]
-            return _multi_positive_distributed(image_features, text_features, scale, None,
-                                               _rank_ids(n, group, image_features.device), None, 0.0, group=group,
+            return _multi_positive_distributed(image_features, text_features, scale, bias,
+                                               _rank_ids(n, group, image_features.device), None, eps, group=group,
                                                local_loss=local_loss, gather_with_grad=gather_with_grad,
-                                               backend=backend, chunk_size=chunk_size, debias=tau)
+                                               backend=backend, chunk_size=chunk_size, debias=tau, prefixes=prefixes)
         if local_loss:
             return distributed.clip_loss_local(image_features, text_features, scale, bias, group=group,
                                                gather_with_grad=gather_with_grad, label_smoothing=eps,
@@ -191,8 +191,8 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     prefixes = None
     if matryoshka_dims is not None:
         dims, weights = check_matryoshka(matryoshka_dims, matryoshka_weights, image_features.shape[1])
-        if process_group is None and one_pass(backend, image_features, "sigmoid_prefix_fused"):
-            prefixes = (dims, weights)  # every prefix in one pass over D
+        if one_pass(backend, image_features, "sigmoid_prefix_fused"):
+            prefixes = (dims, weights)  # every prefix in one pass over D (at each step of the ring too)
         else:
             kw = dict(pos_offset=pos_offset, negative_only=negative_only, process_group=process_group,
                       backend=backend, chunk_size=chunk_size)
@@ -214,7 +214,7 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
             raise ValueError("negative_only and pos_offset are not used by the distributed loss: "
                              "the other ranks' shards are the negatives")
         return siglip_loss_ring(image_features, text_features, scale, bias, group=group, backend=backend,
-                                chunk_size=chunk_size)
+                                chunk_size=chunk_size, prefixes=prefixes)
     if backend == "reference":
         return reference.siglip_loss_reference(image_features, text_features, scale, bias, pos_offset=pos_offset,
                                                negative_only=negative_only).to(image_features.dtype)
@@ -364,11 +364,12 @@ def _rank_ids(n, group, device):
 
 
 def _multi_positive_distributed(x, y, scale, bias, labels, pair_mask, eps, *, group, local_loss, gather_with_grad,
-                                backend, chunk_size, debias=0.0):
+                                backend, chunk_size, debias=0.0, prefixes=None):
     """clip_loss(labels=...) on W ranks, in open_clip's modes: ``local_loss=False``, the loss of all
     ranks' pairs on every rank (from this rank's rows, the column statistics merged across ranks);
     ``local_loss=True``, ½[TCE(s·X_r·Y_allᵀ) + TCE(s·Y_r·X_allᵀ)] over this rank's rows. ``labels``
-    are this rank's; ``pair_mask`` is the global (N, N) mask, the same on every rank."""
+    are this rank's; ``pair_mask`` is the global (N, N) mask, the same on every rank. ``prefixes``
+    (Matryoshka's dims and weights): the loss summed over them in one pass over D."""
     from ..distributed import (all_gather_no_grad, all_gather_with_grad, group_rank_and_size,
                               target_loss_global)
 
@@ -381,7 +382,7 @@ def _multi_positive_distributed(x, y, scale, bias, labels, pair_mask, eps, *, gr
     if not local_loss:
         return target_loss_global(x, [y], scale, bias, Target(ids, ids, mask=pair_mask, debias=debias), group=group,
                                   label_smoothing=eps, symmetric=True, backend=backend, chunk_size=chunk_size,
-                                  gather_with_grad=gather_with_grad)
+                                  gather_with_grad=gather_with_grad, prefixes=prefixes)
     from ..targets import rows_of
 
     gather = all_gather_with_grad if gather_with_grad else all_gather_no_grad
@@ -391,6 +392,9 @@ def _multi_positive_distributed(x, y, scale, bias, labels, pair_mask, eps, *, gr
     t2i = rows_of(Target(ids, ids, mask=None if pair_mask is None else pair_mask.T.contiguous(), debias=debias),
                   rows.start, rows.stop)
     kw = dict(label_smoothing=eps, symmetric=False, backend=backend, chunk_size=chunk_size)
+    if prefixes is not None:
+        return (prefix_target_loss(x, all_y, scale, bias, i2t, *prefixes, **kw)
+                + prefix_target_loss(y, all_x, scale, bias, t2i, *prefixes, **kw)) / 2
     return (target_engine_loss(x, all_y, scale, bias, i2t, **kw) + target_engine_loss(y, all_x, scale, bias, t2i, **kw)) / 2
 
 

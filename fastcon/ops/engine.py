@@ -235,10 +235,10 @@ def final_grads(inputs, grads, factor: float):
 
 
 def save_final_grads(ctx, inputs, grads, factor: float) -> None:
-    """Saves ``final_grads`` on ``ctx`` for the inputs that need a gradient (None for the others),
-    and the inputs' dtypes for ``scaled_grads``."""
+    """Saves ``final_grads`` on ``ctx`` for the inputs that need a gradient (None for the others,
+    absent inputs among them), and the inputs' dtypes for ``scaled_grads``."""
     need = ctx.needs_input_grad
-    ctx.grad_dtypes = tuple(x.dtype for x in inputs)
+    ctx.grad_dtypes = tuple(None if x is None else x.dtype for x in inputs)
     ctx.save_for_backward(*[
         (g * factor).to(wide_dtype(x.dtype)) if need[k] and g is not None else None
         for k, (x, g) in enumerate(zip(inputs, grads))])

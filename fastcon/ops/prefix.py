@@ -44,15 +44,20 @@ def _no_grads(a):
     return no_grads(a) + tuple(a.new_empty((0,)) for _ in range(2))
 
 
+def prefix_chunk_rows(chunk_rows: int, n_prefixes: int, chunk_size) -> int:
+    """The rows per chunk of a prefix call: ``chunk_rows / (K + 1)`` where the caller gave no chunk
+    size (the K prefixes' G of a chunk and the accumulator are held at once: the chunk memory of one
+    loss), else ``chunk_rows``."""
+    return chunk_rows if chunk_size else max(1, chunk_rows // (n_prefixes + 1))
+
+
 def _prefix_inputs(a, b, scale, bias, row_scale, col_scale, dims, backend, chunk_size, mm_dtype):
-    """``backend_inputs`` of a prefix operator, with a chunk of ``chunk_rows / (K + 1)`` rows where the
-    caller gave no chunk size (the K prefixes' G of a chunk and the accumulator are held at once: the
-    chunk memory of one loss), and the ``targets.Prefix`` of the scales in the accumulation dtype."""
+    """``backend_inputs`` of a prefix operator, with ``prefix_chunk_rows``, and the ``targets.Prefix`` of
+    the scales in the accumulation dtype."""
     from fastcon.targets import Prefix
 
     impl, x, y, s, c, chunk_rows = backend_inputs(a, b, scale, bias, backend, chunk_size, mm_dtype)
-    if not chunk_size:
-        chunk_rows = max(1, chunk_rows // (len(dims) + 1))
+    chunk_rows = prefix_chunk_rows(chunk_rows, len(dims), chunk_size)
     acc = acc_dtype(x.dtype)
     prefix = Prefix(tuple(dims), row_scale.to(acc).contiguous(), col_scale.to(acc).contiguous())
     return impl, x, y, s, c, chunk_rows, prefix

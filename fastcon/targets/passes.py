@@ -355,11 +355,14 @@ def weighted(weights: TargetWeights, w: float) -> TargetWeights:
 
 
 def two_pass_prefix_target(stats_fn, grad_fn, a, b, scale, bias, target, eps, symmetric, chunk_rows, need_grad,
-                           prefix: Prefix, prefix_weights):
+                           prefix: Prefix, prefix_weights, shard: Optional[RowShard] = None, merge_cols=None):
     """``Σ_k w_k·L_k`` of a general target at every prefix of ``prefix`` on a backend's two prefix
     passes (``target_prefix_stats``, ``target_prefix_grad``): one LSE set per prefix, one pass over D
     each. Returns (loss float64, grad_a, grad_b, grad_scale, grad_bias, grad_row_scale,
-    grad_col_scale), the gradients None without ``need_grad``."""
+    grad_col_scale), the gradients None without ``need_grad``. With a ``shard`` (this rank's rows of a
+    loss whose rows are split over ranks, as ``loss_and_weights`` takes it), ``merge_cols`` merges each
+    prefix's column statistics across the ranks between the passes (symmetric losses); the gradients
+    are then this rank's parts, to be summed over the ranks by the caller."""
     from ..kernels._common import acc_dtype
 
     if target.soft:
@@ -368,7 +371,9 @@ def two_pass_prefix_target(stats_fn, grad_fn, a, b, scale, bias, target, eps, sy
     sts = stats_fn(a, b, scale, bias, target, symmetric, needs_counts(target, eps), chunk_rows, prefix)
     loss, weights = None, []
     for st, w in zip(sts, prefix_weights):
-        part, wt = loss_and_weights(target, st, eps, symmetric, acc, scale=scale)
+        if merge_cols is not None:
+            st = merge_cols(st)
+        part, wt = loss_and_weights(target, st, eps, symmetric, acc, shard, scale=scale)
         loss = part * w if loss is None else loss + part * w
         weights.append(weighted(wt, w))
     if not need_grad:
