@@ -225,6 +225,16 @@ def test_no_gradient_past_the_largest_prefix(backend):
         assert bool((x.grad[:, dims[0]:] == 0).all()) and bool((x.grad[:, :dims[0]] != 0).any())
 
 
+def _counting(module, name, calls):
+    """``module.name`` counting its calls in ``calls[name]``."""
+    real = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        calls[name] = calls.get(name, 0) + 1
+        return real(*args, **kwargs)
+    return wrapper
+
+
 def test_cpp_runs_the_prefixes_in_one_pass(monkeypatch):
     """A Matryoshka MNRL on the C++ backend, forward and backward, is one call of each prefix pass
     (all K prefixes inside; the operator forms its gradients with the loss), and no per-prefix call of
@@ -233,16 +243,8 @@ def test_cpp_runs_the_prefixes_in_one_pass(monkeypatch):
 
     calls = {}
 
-    def counting(name):
-        real = getattr(cpp, name)
-
-        def wrapper(*args, **kwargs):
-            calls[name] = calls.get(name, 0) + 1
-            return real(*args, **kwargs)
-        return wrapper
-
     for name in ("target_prefix_stats", "target_prefix_grad", "target_stats", "target_grad"):
-        monkeypatch.setattr(cpp, name, counting(name))
+        monkeypatch.setattr(cpp, name, _counting(cpp, name, calls))
     contract.backend.cache_clear()  # the operations are looked up once per backend name
     try:
         q, p = make_features(21, 21, D, seed=8)
@@ -449,16 +451,8 @@ def _dist_worker(rank, world, port, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     calls = {}
 
-    def counting(name):
-        real = getattr(cpp, name)
-
-        def wrapper(*args, **kwargs):
-            calls[name] = calls.get(name, 0) + 1
-            return real(*args, **kwargs)
-        return wrapper
-
     for name in ("target_prefix_stats", "sigmoid_prefix_fused"):
-        setattr(cpp, name, counting(name))
+        setattr(cpp, name, _counting(cpp, name, calls))
     contract.backend.cache_clear()
     try:
         dims, weights = (24, 10, 3), (1.0, 0.5, 2.0)
