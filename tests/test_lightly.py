@@ -1,6 +1,8 @@
 """fastcon.NTXentLoss against the installed lightly's NTXentLoss: the in-batch loss, the memory bank
 (its initial state from one seed, its FIFO updates across steps and wrap-arounds, evaluation leaving it
-unchanged) and gather_distributed on gloo ranks, losses and gradients of both views.
+unchanged) and gather_distributed on gloo ranks, losses and gradients of both views; fastcon.DCLLoss and
+DCLWLoss against lightly's (plain, with a weight function that carries a gradient, the von Mises-Fisher
+weights, gather_distributed on gloo ranks).
 
 lightly's loss module imports torchvision, which does not import beside the torch 2.13.0 CPU build of
 the main test environment: ``make test`` runs this file in a second environment (``.venv-peers``,
@@ -16,9 +18,12 @@ import fastcon
 from helpers import assert_close_rel, run_gloo
 
 if os.environ.get("FASTCON_REQUIRE_PEERS") == "1":
+    from lightly.loss import DCLLoss as LightlyDCL
+    from lightly.loss import DCLWLoss as LightlyDCLW
     from lightly.loss import NTXentLoss as LightlyNTXent
 else:
-    LightlyNTXent = pytest.importorskip("lightly.loss").NTXentLoss
+    _lightly = pytest.importorskip("lightly.loss")
+    LightlyNTXent, LightlyDCL, LightlyDCLW = _lightly.NTXentLoss, _lightly.DCLLoss, _lightly.DCLWLoss
 
 BACKENDS = ["torch", "auto"]
 
@@ -91,18 +96,34 @@ def test_constructor_checks_as_lightly():
 # ---------------------------------------------------------------------------------------------------
 # gather_distributed on gloo: every rank, ours against lightly in the same process
 
+def _squared_gap(a, b):  # a weight function with a gradient of its own
+    return ((a - b) ** 2).sum(dim=1)
+
+
+_DCL_CASES = [  # (theirs, ours)
+    (lambda **k: LightlyDCL(temperature=0.2, **k), lambda **k: fastcon.DCLLoss(temperature=0.2, **k)),
+    (lambda **k: LightlyDCL(weight_fn=_squared_gap, **k), lambda **k: fastcon.DCLLoss(weight_fn=_squared_gap, **k)),
+    (lambda **k: LightlyDCLW(temperature=0.5, sigma=0.3, **k),
+     lambda **k: fastcon.DCLWLoss(temperature=0.5, sigma=0.3, **k)),
+]
+
+
 def _gather_worker(rank, world, port, out):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         errs = []
+        pairs = [(LightlyNTXent(temperature=0.3, gather_distributed=True),
+                  fastcon.NTXentLoss(temperature=0.3, gather_distributed=True))]
+        pairs += [(theirs(gather_distributed=True), ours(gather_distributed=True)) for theirs, ours in _DCL_CASES]
         for n in (1, 5):
             x, y = _views(n, 8, seed=10 * n + rank)
-            theirs = _loss_and_grads(LightlyNTXent(temperature=0.3, gather_distributed=True), x, y)
-            ours = _loss_and_grads(fastcon.NTXentLoss(temperature=0.3, gather_distributed=True), x, y)
-            errs.append(abs(ours[0].item() - theirs[0].item()) / abs(theirs[0].item()))
-            errs += [((g - e).abs().max() / e.abs().max()).item() for g, e in zip(ours[1], theirs[1])]
+            for their_loss, our_loss in pairs:
+                theirs = _loss_and_grads(their_loss, x, y)
+                ours = _loss_and_grads(our_loss, x, y)
+                errs.append(abs(ours[0].item() - theirs[0].item()) / abs(theirs[0].item()))
+                errs += [((g - e).abs().max() / e.abs().max()).item() for g, e in zip(ours[1], theirs[1])]
         out.put((rank, errs))
     finally:
         dist.destroy_process_group()
@@ -112,3 +133,18 @@ def _gather_worker(rank, world, port, out):
 def test_gather_distributed_on_gloo(world):
     for rank, errs in run_gloo(_gather_worker, world).items():
         assert max(errs) < 1e-12, (rank, errs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", range(len(_DCL_CASES)))
+@pytest.mark.parametrize("n,d", [(2, 4), (9, 16), (40, 8)])
+def test_dcl_equals_lightly(backend, case, n, d):
+    theirs, ours = _DCL_CASES[case]
+    x, y = _views(n, d, seed=n + 100 * case)
+    _compare(_loss_and_grads(ours(backend=backend, chunk_size=7), x, y), _loss_and_grads(theirs(), x, y),
+             rtol=1e-12, atol=1e-14)
+
+
+def test_dcl_fp32_equals_lightly():
+    x, y = _views(128, 32, seed=4, dtype=torch.float32)
+    _compare(_loss_and_grads(fastcon.DCLWLoss(), x, y), _loss_and_grads(LightlyDCLW(), x, y), rtol=3e-5)

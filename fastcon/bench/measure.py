@@ -149,7 +149,8 @@ def make_scalars(loss, device):
     """open_clip's trained CLIP scale (14.3) without bias; SigLIP's initial scale 10 and bias −10."""
     import torch
 
-    if loss in ("ntxent", "mnrl", "align_uniform", "m2mix", "mochi", "maxsim"):  # a constant temperature / scale
+    if loss in ("ntxent", "mnrl", "align_uniform", "m2mix", "mochi", "maxsim", "dcl", "pml_ntxent", "supcon"):
+        # a constant temperature / scale
         return torch.tensor(1.0, device=device), None
     s = torch.tensor(10.0 if loss == "siglip" else 14.3, device=device, requires_grad=True)
     bias = torch.tensor(-10.0, device=device, requires_grad=True) if loss == "siglip" else None
@@ -343,9 +344,11 @@ def run_case(case: dict) -> dict:
         row.update(profile_split(step, cuda))
     # NT-Xent: the 2N×2N product of both views; alignment/uniformity: three N×N products (x·x, y·y, x·y);
     # distill: the student's N×N (the nominal CLIP count; the teacher's products are not counted); m²-mix:
-    # two N×N products (x·m, y·m); MoCHi: the N×4N product with the queue
+    # two N×N products (x·m, y·m); MoCHi: the N×4N product with the queue; DCL and the PML cases: the
+    # 2N×2N product of both views
     # the token-level losses: B² pairs of n₁×n₂ token products (FILIP's and MaxSim's counts)
-    rows_cols = {"ntxent": (2 * n) ** 2, "align_uniform": 3 * n * n, "m2mix": 2 * n * n, "mochi": 4 * n * n}.get(
+    rows_cols = {"ntxent": (2 * n) ** 2, "align_uniform": 3 * n * n, "m2mix": 2 * n * n, "mochi": 4 * n * n,
+                 "dcl": (2 * n) ** 2, "pml_ntxent": (2 * n) ** 2, "supcon": (2 * n) ** 2}.get(
         loss, n * n) * (TOKEN_SHAPES[loss][0] * TOKEN_SHAPES[loss][1] if loss in TOKEN_SHAPES else 1)
     row["tflops"] = 2 * GEMMS[mode] * rows_cols * d / (row["median_ms"] / 1e3) / 1e12
     row["device_name"] = device_name(device)

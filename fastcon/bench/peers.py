@@ -1,4 +1,6 @@
-"""sentence-transformers' MatryoshkaLoss and GISTEmbed losses as ``fastcon-bench`` peers, from
+"""The peers' losses that ``fastcon-bench`` builds beyond their plain calls, and their memory.
+
+sentence-transformers' MatryoshkaLoss and GISTEmbed losses as peers, from
 embeddings (the bench's ``fn(a, b, logit_scale, logit_bias)``): their own classes computing what
 their ``forward`` computes after the embedding pass.
 
@@ -102,3 +104,14 @@ def st_predicted_bytes(loss: str, cached: bool, n: int, d: int) -> int:
     if loss == "gist":
         return 4 * rows * n * d
     return (2 if cached else 2 * len(matryoshka_dims(d))) * 4 * rows * n
+
+
+def pml_predicted_bytes(loss: str, n: int) -> int:
+    """A lower bound of pytorch-metric-learning's peak on the 2N embeddings (M = 2N, labels the pairs for
+    NT-Xent): NT-Xent lists every pair's indices (int64, about M² negative pairs) and compares each of
+    its M positive pairs with every negative pair (M × M² masks and products, about 16 bytes an entry);
+    SupCon holds the M × M similarities with their positive and negative masks and log-probabilities."""
+    m = 2 * n
+    if loss == "pml_ntxent":
+        return 16 * m * m * m + 16 * m * m
+    return 4 * 4 * m * m

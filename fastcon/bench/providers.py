@@ -11,7 +11,7 @@ import os
 import shutil
 from typing import Callable, Optional, Tuple
 
-from .peers import gist_guide, matryoshka_dims, st_predicted_bytes
+from .peers import gist_guide, matryoshka_dims, pml_predicted_bytes, st_predicted_bytes
 
 # clip_labels: CLIP over class ids (4 consecutive pairs per class); clip_debias: the debiased CLIP loss
 # (τ⁺ = DEBIAS, docs/losses.md §2.5); ntxent: NT-Xent of the two views
@@ -23,17 +23,21 @@ from .peers import gist_guide, matryoshka_dims, st_predicted_bytes
 # general target. filip and maxsim are token-level (fastcon/ops/late.py): each batch item is a set of
 # TOKEN_SHAPES tokens (see make_token_inputs); filip: FILIP with patches a, tokens b (ragged captions),
 # maxsim: ColBERT's in-batch MaxSim loss with queries a, documents b (ragged documents), scale 1.
+# dcl: lightly's DCLWLoss of the two views (τ = 0.1, σ = 0.5); pml_ntxent and supcon:
+# pytorch-metric-learning's NTXentLoss and SupConLoss on the 2N embeddings [a; b], NT-Xent's labels
+# the pairs (SimCLR through PML), SupCon's the clip_labels classes (8 embeddings per class).
 LOSSES = ("clip", "siglip", "clip_labels", "clip_debias", "ntxent", "mnrl", "matryoshka_mnrl", "gist", "distill",
-          "align_uniform", "m2mix", "mochi", "filip", "maxsim")
+          "align_uniform", "m2mix", "mochi", "filip", "maxsim", "dcl", "pml_ntxent", "supcon")
 TOKEN_LOSSES = ("filip", "maxsim")
 # (tokens per item of a, of b): ViT-B/16 patches and CLIP's caption length; ColBERT's query and document
 TOKEN_SHAPES = {"filip": (196, 77), "maxsim": (32, 180)}
 TARGET_LOSSES = ("clip_labels", "clip_debias", "ntxent", "mnrl", "matryoshka_mnrl", "gist", "distill", "align_uniform",
-                 "m2mix", "mochi")
+                 "m2mix", "mochi", "dcl", "pml_ntxent", "supcon")
 FASTCON_BACKENDS = ("cpp", "torch", "triton", "triton_fused")
 PROVIDERS = ("fastcon",) + tuple(f"fastcon-{b}" for b in FASTCON_BACKENDS) + (
     "fastcon_compile", "reference", "open_clip", "inf_cl", "siglip_kernel", "torch_compile", "lightly",
-    "sentence_transformers", "sentence_transformers_cached", "pylate", "flash_maxsim", "late_interaction_kernels")
+    "sentence_transformers", "sentence_transformers_cached", "pylate", "flash_maxsim", "late_interaction_kernels",
+    "pytorch_metric_learning")
 # MaxSim peers, each through PyLate's colbert_scores backend of that name
 _PYLATE_BACKEND = {"pylate": "torch", "flash_maxsim": "flash", "late_interaction_kernels": "lik"}
 # the peer each loss is compared with, beside the reference
@@ -42,7 +46,8 @@ PEER_OF = {"clip": ("open_clip", "inf_cl"), "siglip": ("open_clip", "siglip_kern
            "mnrl": ("sentence_transformers",),
            "matryoshka_mnrl": ("sentence_transformers", "sentence_transformers_cached"),
            "gist": ("sentence_transformers", "sentence_transformers_cached"), "distill": ("open_clip",), "align_uniform": (),
-           "m2mix": (), "mochi": (), "filip": (), "maxsim": ("pylate", "flash_maxsim", "late_interaction_kernels")}
+           "m2mix": (), "mochi": (), "filip": (), "maxsim": ("pylate", "flash_maxsim", "late_interaction_kernels"),
+           "dcl": ("lightly",), "pml_ntxent": ("pytorch_metric_learning",), "supcon": ("pytorch_metric_learning",)}
 
 
 def default_providers(loss: str) -> Tuple[str, ...]:
@@ -65,6 +70,8 @@ NTXENT_TEMPERATURE = 0.5
 MNRL_SCALE = 20.0
 DEBIAS = 0.1  # clip_debias's class prior τ⁺ (docs/losses.md §2.5)
 
+DCL_TEMPERATURE, DCL_SIGMA = 0.1, 0.5  # lightly's defaults
+PML_NTXENT_TEMPERATURE, SUPCON_TEMPERATURE = 0.07, 0.1  # pytorch-metric-learning's defaults
 DISTILL_TEACHER_SCALE = 30.0
 M2MIX_LAM = 0.3
 
@@ -99,7 +106,8 @@ def availability(provider: str, loss: str, device: str, world_size: int = 1) -> 
         return False, f"the distributed benchmark runs clip and siglip; {loss} is single-device here"
     if world_size > 1 and loss in TOKEN_LOSSES:
         return False, f"the distributed benchmark runs clip and siglip; {loss} is single-device here"
-    peers = ("open_clip", "inf_cl", "siglip_kernel", "lightly", "sentence_transformers", "sentence_transformers_cached")
+    peers = ("open_clip", "inf_cl", "siglip_kernel", "lightly", "sentence_transformers", "sentence_transformers_cached",
+             "pytorch_metric_learning")
     if provider in peers + tuple(_PYLATE_BACKEND) and provider not in PEER_OF[loss]:
         return False, f"{provider} has no {loss} loss to compare with"
     if provider in _PYLATE_BACKEND:
@@ -128,6 +136,8 @@ def availability(provider: str, loss: str, device: str, world_size: int = 1) -> 
         return False, "lightly is not installed (its loss module imports torchvision)"
     if provider.startswith("sentence_transformers") and not _find("sentence_transformers"):
         return False, "sentence-transformers is not installed"
+    if provider == "pytorch_metric_learning" and not _find("pytorch_metric_learning"):
+        return False, "pytorch-metric-learning is not installed (pip install --no-deps pytorch-metric-learning)"
     if provider in _GPU_PEERS:
         several_ranks, missing, cpu = _GPU_PEERS[provider]
         if world_size > 1:
@@ -176,6 +186,16 @@ def class_ids(n: int, device):
     return torch.arange(n, device=device) // 4
 
 
+def pml_inputs(loss: str, a, b):
+    """The pml cases' embeddings [a; b] and labels: the pairs (pml_ntxent), or class_ids of each view
+    (supcon)."""
+    import torch
+
+    n = a.shape[0]
+    ids = torch.arange(n, device=a.device) if loss == "pml_ntxent" else class_ids(n, a.device)
+    return torch.cat([a, b]), torch.cat([ids, ids])
+
+
 def distill_teacher(a, b):
     """The distill case's teacher: the inputs' features reversed along D and normalised, without
     gradient (another embedding of the same batch, correlated with the student's pairs)."""
@@ -208,6 +228,11 @@ def _distill_fn(module):
     return fn
 
 
+def _module_fn(module):
+    """``fn(a, b, s, bias)`` of a loss module of the two views."""
+    return lambda a, b, s, bias: module(a, b)
+
+
 def _target_loss_fn(loss: str, provider: str) -> Callable:
     """``fn(a, b, logit_scale, logit_bias)`` of a general-target loss (the scale and bias are clip_labels'
     only: NT-Xent has its temperature, MNRL its scale)."""
@@ -234,6 +259,14 @@ def _target_loss_fn(loss: str, provider: str) -> Callable:
             return lambda a, b, s, bias: FC.gist_loss(a, b, *gist_guide(a, b), backend=backend)
         if loss == "ntxent":
             return lambda a, b, s, bias: FC.ntxent_loss(a, b, temperature=NTXENT_TEMPERATURE, backend=backend)
+        if loss == "dcl":
+            return _module_fn(fastcon.DCLWLoss(DCL_TEMPERATURE, DCL_SIGMA, backend=backend))
+        if loss in ("pml_ntxent", "supcon"):
+            from fastcon.integrations import pytorch_metric_learning as pml
+
+            module = (pml.NTXentLoss(PML_NTXENT_TEMPERATURE, backend=backend) if loss == "pml_ntxent"
+                      else pml.SupConLoss(SUPCON_TEMPERATURE, backend=backend))
+            return lambda a, b, s, bias: module(*pml_inputs(loss, a, b))
         if loss == "distill":
             return _distill_fn(fastcon.DistillClipLoss(backend=backend))
         if loss == "align_uniform":
@@ -263,6 +296,20 @@ def _target_loss_fn(loss: str, provider: str) -> Callable:
         elif loss == "ntxent":
             def ref(a, b, s, bias):
                 return R.ntxent_loss_reference(a, b, temperature=NTXENT_TEMPERATURE)
+        elif loss == "dcl":
+            def ref(a, b, s, bias):
+                import torch
+
+                w = FC.negative_mises_fisher_weights(*(torch.nn.functional.normalize(t, dim=1) for t in (a, b)),
+                                                     sigma=DCL_SIGMA)
+                return R.dcl_loss_reference(a, b, DCL_TEMPERATURE, w, w)
+        elif loss in ("pml_ntxent", "supcon"):
+            def ref(a, b, s, bias):
+                e, labels = pml_inputs(loss, a, b)
+                pos, neg = R.label_pairs_reference(labels, labels, True)
+                if loss == "pml_ntxent":
+                    return R.pair_ntxent_loss_reference(e, pos, neg, PML_NTXENT_TEMPERATURE)
+                return R.supcon_loss_reference(e, pos, neg, SUPCON_TEMPERATURE)
         elif loss == "distill":
             def ref(a, b, s, bias):
                 return sum(R.distill_clip_loss_reference(a, b, s, *distill_teacher(a, b), DISTILL_TEACHER_SCALE))
@@ -287,10 +334,17 @@ def _target_loss_fn(loss: str, provider: str) -> Callable:
     if provider == "open_clip" and loss == "distill":
         return _distill_fn(_load_open_clip_loss().DistillClipLoss())
     if provider == "lightly":
-        from lightly.loss import NTXentLoss
+        from lightly.loss import DCLWLoss, NTXentLoss
 
-        module = NTXentLoss(temperature=NTXENT_TEMPERATURE)
-        return lambda a, b, s, bias: module(a, b)
+        if loss == "dcl":
+            return _module_fn(DCLWLoss(temperature=DCL_TEMPERATURE, sigma=DCL_SIGMA))
+        return _module_fn(NTXentLoss(temperature=NTXENT_TEMPERATURE))
+    if provider == "pytorch_metric_learning":
+        from pytorch_metric_learning import losses as pml_losses
+
+        module = (pml_losses.NTXentLoss(PML_NTXENT_TEMPERATURE) if loss == "pml_ntxent"
+                  else pml_losses.SupConLoss(SUPCON_TEMPERATURE))
+        return lambda a, b, s, bias: module(*pml_inputs(loss, a, b))
     if provider.startswith("sentence_transformers") and loss in ("matryoshka_mnrl", "gist"):
         from .peers import st_embedding_loss
 
@@ -456,6 +510,8 @@ def predicted_bytes(provider: str, loss: str, n: int, d: int) -> Optional[int]:
     materialising providers hold ``MATERIALISING[provider]`` fp32 N×N buffers."""
     if provider.startswith("sentence_transformers") and loss in ("matryoshka_mnrl", "gist"):
         return st_predicted_bytes(loss, provider.endswith("_cached"), n, d)
+    if provider == "pytorch_metric_learning":
+        return pml_predicted_bytes(loss, n)
     if loss in TOKEN_LOSSES or provider not in MATERIALISING:
         return None
     return MATERIALISING[provider] * 4 * n * n

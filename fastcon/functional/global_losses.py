@@ -13,7 +13,8 @@ from ..targets import Target
 from ..ops import clip_engine_loss, siglip_engine_loss
 from ..ops.engine import BACKENDS as _BACKENDS
 from ..ops import prefix_scales, prefix_target_loss, siglip_prefix_engine_loss, target_engine_loss
-from ._checks import check_chunk_size, check_common, check_debias, check_modes, distributed_setup
+from ._checks import (check_chunk_size, check_common, check_debias, check_modes, check_temperature,
+                      distributed_setup)
 from ._matryoshka import check_matryoshka, matryoshka_sum, one_pass, prefix
 
 
@@ -449,10 +450,7 @@ def ntxent_loss(
     check_features("out0", out0, "out1", out1)
     if out0.shape != out1.shape:
         raise ValueError(f"out0 and out1 must have one shape, got {tuple(out0.shape)} and {tuple(out1.shape)}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not (temperature > 0 and temperature < float("inf")):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    temperature = check_temperature(temperature)
     chunk_size = check_chunk_size(chunk_size)
     n, d = out0.shape
     if negatives is not None:
