@@ -42,7 +42,7 @@ TRITON_INTERPRET ?= 1
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	TRITON_INTERPRET=$(TRITON_INTERPRET) HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests \
-		--ignore=tests/test_lightly.py
+		--ignore=tests/test_lightly.py --ignore=tests/test_open_clip_train.py
 	$(MAKE) test-peers
 
 # The C++ tests on the AVX2 clone of the epilogue kernels (what an AVX2-only CPU runs), on any x86-64
@@ -58,8 +58,8 @@ test-avx2: $(STAMP)
 		tests/test_maxsim.py tests/test_direct_calls.py tests/test_debias.py tests/test_gist.py tests/test_matryoshka.py \
 		tests/test_matryoshka_one_pass.py
 
-# lightly's loss module imports torchvision, and PyPI's torchvision does not import beside the torch
-# 2.13.0 CPU build: tests/test_lightly.py runs in a second environment with a matching pair (torch
+# lightly's loss module and open_clip import torchvision, and PyPI's torchvision does not import beside the torch
+# 2.13.0 CPU build: tests/test_lightly.py and tests/test_open_clip_train.py run in a second environment with a matching pair (torch
 # 2.14.1 and torchvision 0.29.1, a CUDA build that runs on the CPU), fastcon from this source tree.
 # Its C++ extension, built against the main environment's torch, is not loaded beside that torch (an
 # extension loads only beside the torch it was built with), and FASTCON_BUILD_EXT=0 keeps fastcon from
@@ -71,11 +71,15 @@ $(PEERS_VENV)/.deps-installed:
 	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
 	$(PEERS_VENV)/bin/python -m pip install -q $(PEERS_TORCH_SPEC) numpy pytest
 	$(PEERS_VENV)/bin/python -m pip install -q --no-deps "lightly>=1.6"
+	# open_clip's trainer (open_clip_train ships in open-clip-torch) for tests/test_open_clip_train.py:
+	# the package without its dependencies (timm is only for timm models), then what it imports
+	$(PEERS_VENV)/bin/python -m pip install -q --no-deps open-clip-torch
+	$(PEERS_VENV)/bin/python -m pip install -q ftfy regex tqdm huggingface_hub safetensors webdataset braceexpand pandas
 	touch $@
 
 test-peers: $(PEERS_VENV)/.deps-installed
 	PYTHONPATH=$(CURDIR) FASTCON_REQUIRE_PEERS=1 FASTCON_BUILD_EXT=0 $(PEERS_VENV)/bin/python -m pytest -q -p no:cacheprovider \
-		tests/test_lightly.py
+		tests/test_lightly.py tests/test_open_clip_train.py
 
 # The CUDA tests (marked `cuda`) and, beside them, the CPU tests that need neither the interpreter nor
 # the C++ extension. TRITON_INTERPRET must be 0, not unset: tests/conftest.py sets an unset one to 1.

@@ -1,2 +1,4 @@
-"""Drop-in losses for other libraries, on fastcon's engine. Each submodule imports its library lazily:
-``fastcon.integrations.sentence_transformers`` (``pip install fastcon[sentence-transformers]``)."""
+"""Drop-in losses and hooks for other libraries, on fastcon's engine. Each submodule imports its library
+lazily: ``sentence_transformers`` (``pip install fastcon[sentence-transformers]``), ``open_clip``
+(``apply()``/``revert()``: open_clip's trainer builds fastcon's losses), ``pytorch_metric_learning``
+(its NT-Xent and SupCon; the library itself is not needed)."""
