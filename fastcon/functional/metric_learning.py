@@ -16,7 +16,7 @@ With ``indices_tuple`` (mined pairs, usually far fewer than N×M) both losses ru
 alone: their dot products, and the per-anchor sums by scatter."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -161,6 +161,43 @@ def _inv_t(temperature, device):
     return torch.tensor(1.0 / temperature, dtype=torch.float64, device=device)
 
 
+class _Batch(NamedTuple):
+    """A checked call of the pair losses: its settings, the pairs (listed, or from the labels) and
+    whether it has no loss at all."""
+    temperature: float
+    chunk_size: Optional[int]
+    labels: Optional[torch.Tensor]
+    pairs: Optional[tuple]  # the listed (a1, p, a2, n); None with labels
+    label_pairs: Optional[tuple]  # with labels: (ids, ref_ids, a, p, n_pos, n_neg) (_label_pairs)
+    ref_emb: Optional[torch.Tensor]
+    ref_labels: Optional[torch.Tensor]
+    same: bool
+    n: int
+    m: int
+    empty: bool
+
+
+def _prepare(embeddings, labels, indices_tuple, ref_emb, ref_labels, temperature, chunk_size, unique) -> _Batch:
+    """The checked call; ``unique``: the listed pairs as sets (SupCon). ``empty``: PML's rules give 0
+    (no positive or no negative pair, or at most one pair of each kind)."""
+    temperature = check_temperature(temperature)
+    chunk_size = check_chunk_size(chunk_size)
+    labels, pairs, ref_emb, ref_labels, same = _check_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+    n, m = embeddings.shape[0], (embeddings if ref_emb is None else ref_emb).shape[0]
+    label_pairs = None
+    if pairs is None:
+        ids, ref_ids = _label_ids(labels, ref_labels)
+        label_pairs = (ids, ref_ids) + _label_pairs(ids, ref_ids, same)
+        n_pairs, n_neg = label_pairs[2].shape[0], int(label_pairs[5].sum())
+        counts = (n_pairs, n_pairs, n_neg, n_neg)
+    else:
+        if unique:
+            pairs = _unique_pairs(pairs, m)
+        counts = tuple(t.shape[0] for t in pairs)
+    empty = all(c <= 1 for c in counts) or counts[0] == 0 or counts[2] == 0
+    return _Batch(temperature, chunk_size, labels, pairs, label_pairs, ref_emb, ref_labels, same, n, m, empty)
+
+
 def pair_ntxent_loss(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None, *, indices_tuple=None,
                      ref_emb: Optional[torch.Tensor] = None, ref_labels: Optional[torch.Tensor] = None,
                      temperature: float = 0.07, backend: str = "auto",
@@ -171,29 +208,21 @@ def pair_ntxent_loss(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = 
     averaged over the positive pairs; 0 (with a zero gradient) without a positive or a negative pair.
     ``embeddings`` (N, D) against themselves or against ``ref_emb`` (M, D) with ``ref_labels``.
     Returns a 0-d tensor in the embeddings' dtype."""
-    temperature = check_temperature(temperature)
-    chunk_size = check_chunk_size(chunk_size)
-    labels, pairs, ref_emb, ref_labels, same = _check_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-    n, m = embeddings.shape[0], (embeddings if ref_emb is None else ref_emb).shape[0]
-    dev = embeddings.device
-    if pairs is None:
-        ids, ref_ids = _label_ids(labels, ref_labels)
-        a, p, _, n_neg = _label_pairs(ids, ref_ids, same)
-        counts = (a.shape[0], p.shape[0], int(n_neg.sum()), int(n_neg.sum()))
-    else:
-        counts = tuple(t.shape[0] for t in pairs)
-    if all(c <= 1 for c in counts) or counts[0] == 0 or counts[2] == 0:
-        return _zero(embeddings)  # (PML's rule: no loss from at most one pair of each kind)
+    b = _prepare(embeddings, labels, indices_tuple, ref_emb, ref_labels, temperature, chunk_size, False)
+    if b.empty:
+        return _zero(embeddings)
+    temperature, pairs, n, m, dev = b.temperature, b.pairs, b.n, b.m, embeddings.device
     if backend == "reference":
-        pos, neg = _dense_pairs(pairs, labels, ref_labels, same, n, m, dev)
-        return reference.pair_ntxent_loss_reference(embeddings, pos, neg, temperature, ref_emb).to(embeddings.dtype)
-    z, r = _normalized(embeddings, ref_emb)
+        pos, neg = _dense_pairs(b)
+        return reference.pair_ntxent_loss_reference(embeddings, pos, neg, temperature, b.ref_emb).to(embeddings.dtype)
+    z, r = _normalized(embeddings, b.ref_emb)
     if pairs is None:
+        ids, ref_ids, a, p, _, _ = b.label_pairs
         own = torch.ones(n, dtype=torch.int64, device=dev)  # rule 1: the anchor's own label is no negative
         none = torch.full((n,), -1, dtype=torch.int64, device=dev)
         target = Target(none, torch.full((m,), -1, dtype=torch.int64, device=dev), row_owner=ids, col_owner=ref_ids,
                         own_rule=own)
-        lse = target_row_lse(z, r, _inv_t(temperature, dev), None, target, backend=backend, chunk_size=chunk_size)
+        lse = target_row_lse(z, r, _inv_t(temperature, dev), None, target, backend=backend, chunk_size=b.chunk_size)
     else:
         a, p, a2, neg = pairs
         lse = _segment_lse(_PairDots.apply(z, r, a2, neg) / temperature, a2, n)
@@ -210,34 +239,25 @@ def supcon_loss(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None,
     K_i = P_i ∪ N_i (with labels: every other column), averaged over the rows whose loss is above zero;
     0 (with a zero gradient) without a positive or a negative pair. Returns a 0-d tensor in the
     embeddings' dtype."""
-    temperature = check_temperature(temperature)
-    chunk_size = check_chunk_size(chunk_size)
-    labels, pairs, ref_emb, ref_labels, same = _check_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-    n, m = embeddings.shape[0], (embeddings if ref_emb is None else ref_emb).shape[0]
-    dev = embeddings.device
-    if pairs is None:
-        ids, ref_ids = _label_ids(labels, ref_labels)
-        _, _, n_pos, n_neg = _label_pairs(ids, ref_ids, same)
-        counts = (int(n_pos.sum()),) * 2 + (int(n_neg.sum()),) * 2
-    else:
-        pairs = _unique_pairs(pairs, m)
-        counts = tuple(t.shape[0] for t in pairs)
-    if all(c <= 1 for c in counts) or counts[0] == 0 or counts[2] == 0:
+    b = _prepare(embeddings, labels, indices_tuple, ref_emb, ref_labels, temperature, chunk_size, True)
+    if b.empty:
         return _zero(embeddings)
+    temperature, dev = b.temperature, embeddings.device
     if backend == "reference":
-        pos, neg = _dense_pairs(pairs, labels, ref_labels, same, n, m, dev)
-        return reference.supcon_loss_reference(embeddings, pos, neg, temperature, ref_emb).to(embeddings.dtype)
-    z, r = _normalized(embeddings, ref_emb)
-    if pairs is not None:
-        return _supcon_listed(z, r, pairs, temperature, n).to(embeddings.dtype)
+        pos, neg = _dense_pairs(b)
+        return reference.supcon_loss_reference(embeddings, pos, neg, temperature, b.ref_emb).to(embeddings.dtype)
+    z, r = _normalized(embeddings, b.ref_emb)
+    if b.pairs is not None:
+        return _supcon_listed(z, r, b.pairs, temperature, b.n).to(embeddings.dtype)
+    ids, ref_ids, _, _, n_pos, n_neg = b.label_pairs
     rows = torch.nonzero(n_pos > 0).flatten()  # a row without a positive has loss 0
     # a row whose only kept pair is its one positive has loss exactly 0: left out of the average
     nonzero = int(rows.shape[0]) - int(((n_pos == 1) & (n_neg == 0)).sum())
     if nonzero == 0:
         return _zero(embeddings)
-    target = Target(ids[rows], ref_ids, exclude_col=rows if same else None)
+    target = Target(ids[rows], ref_ids, exclude_col=rows if b.same else None)
     mean = target_engine_loss(z[rows], r, _inv_t(temperature, dev), None, target, symmetric=False, backend=backend,
-                              chunk_size=chunk_size)
+                              chunk_size=b.chunk_size)
     return (mean * (rows.shape[0] / nonzero)).to(embeddings.dtype)
 
 
@@ -266,13 +286,13 @@ def _supcon_listed(z, r, pairs, temperature, n):
     return rows.mean() if rows.numel() else _zero(z)
 
 
-def _dense_pairs(pairs, labels, ref_labels, same, n, m, device):
+def _dense_pairs(b: "_Batch"):
     """The (N, M) masks of positive and negative pairs, for the reference."""
-    if pairs is None:
-        return reference.label_pairs_reference(labels, ref_labels.to(labels.device), same)
-    a1, p, a2, neg = pairs
-    pos = torch.zeros(n, m, dtype=torch.bool, device=device)
-    negm = torch.zeros(n, m, dtype=torch.bool, device=device)
+    if b.pairs is None:
+        return reference.label_pairs_reference(b.labels, b.ref_labels.to(b.labels.device), b.same)
+    a1, p, a2, neg = b.pairs
+    pos = torch.zeros(b.n, b.m, dtype=torch.bool, device=a1.device)
+    negm = torch.zeros(b.n, b.m, dtype=torch.bool, device=a1.device)
     pos[a1, p] = True
     negm[a2, neg] = True
     return pos, negm
