@@ -5,8 +5,9 @@ trains as with open_clip's own.
   DistillClipLoss and CoCaLoss with open_clip's arguments; ``revert()`` restores open_clip's;
 * ``open_clip_train.main.main`` on its synthetic dataset (made distinct per sample) with a tiny model
   registered through open_clip's config mechanism, a few steps on the CPU, with and without
-  ``apply()``: the same loss at every step (within fp32 error) for CLIP in one process, and on 2 gloo
-  ranks under torchrun for ``--local-loss --gather-with-grad`` and for ``--siglip``
+  ``apply()``: the same loss at every step (within fp32 error) for CLIP and ``--siglip`` in one
+  process, and on 2 gloo ranks under torchrun for ``--local-loss --gather-with-grad`` and for
+  ``--siglip``
   (tests/open_clip_train_run.py runs the trainer and records the losses).
 
 open_clip imports torchvision, which does not import beside the main test environment's torch:
@@ -88,8 +89,8 @@ def _launch(out, use_fastcon, args, world):
                             cwd=os.path.dirname(out))
 
 
-CASES = {"clip": ([], 1), "clip-2-ranks-local-gather": (["--local-loss", "--gather-with-grad"], 2),
-         "siglip-2-ranks": (["--siglip"], 2)}
+CASES = {"clip": ([], 1), "siglip": (["--siglip"], 1),
+         "clip-2-ranks-local-gather": (["--local-loss", "--gather-with-grad"], 2), "siglip-2-ranks": (["--siglip"], 2)}
 
 
 @pytest.mark.parametrize("case", CASES)
