@@ -289,9 +289,8 @@ def _world_group(gather_distributed: bool):
     return dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
 
 
-def _check_gather(gather_distributed) -> bool:
-    if not isinstance(gather_distributed, bool):
-        raise TypeError(f"gather_distributed must be a bool, got {type(gather_distributed).__name__}")
+def _check_gather(gather_distributed: bool) -> bool:
+    """``gather_distributed``, after checking that torch.distributed exists where it is asked for."""
     if gather_distributed:
         import torch.distributed as dist
 
@@ -323,7 +322,7 @@ class DCLLoss(nn.Module):
             raise TypeError(f"weight_fn must be a callable (out0, out1) -> weights, got {type(weight_fn).__name__}")
         self.temperature = float(temperature)
         self.weight_fn = weight_fn
-        self.gather_distributed = _check_gather(gather_distributed)
+        self.gather_distributed = _check_gather(bool(gather_distributed))
         self.backend, self.chunk_size = backend, chunk_size
 
     def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:

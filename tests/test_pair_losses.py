@@ -127,8 +127,9 @@ def _pml():
 
 
 @pytest.mark.parametrize("loss", PML_CLASSES)
-@pytest.mark.parametrize("case", ["labels", "singletons", "one-class", "ref_emb", "ref_emb-no-ref_labels", "pairs",
-                                  "triplets", "one-pair-each", "fp32"])
+@pytest.mark.parametrize("case", ["labels", "singletons", "one-class", "ref_emb", "ref_emb-no-ref_labels",
+                                  "ref_labels-no-ref_emb", "pairs", "triplets", "one-pair-each", "repeated-pair",
+                                  "fp32"])
 def test_equals_pytorch_metric_learning(loss, case):
     _pml()
     from pytorch_metric_learning import losses as pml_losses
@@ -152,8 +153,12 @@ def test_equals_pytorch_metric_learning(loss, case):
         kwargs["indices_tuple"] = MultiSimilarityMiner(0.1)(x, labels)
     elif case == "triplets":
         kwargs["indices_tuple"] = TripletMarginMiner(margin=0.3)(x, labels)
+    elif case == "ref_labels-no-ref_emb":
+        kwargs["ref_labels"] = ref_labels  # PML pairs the embeddings by labels and ignores these
     elif case == "one-pair-each":
         kwargs = {"indices_tuple": (torch.tensor([0]), torch.tensor([1]), torch.tensor([0]), torch.tensor([2]))}
+    elif case == "repeated-pair":  # PML's one-pair rule counts the pairs as listed, repeats included
+        kwargs = {"indices_tuple": (torch.tensor([0, 0]), torch.tensor([1, 1]), torch.tensor([0]), torch.tensor([2]))}
     theirs = getattr(pml_losses, name)()
     mine = our_cls()
 
@@ -169,6 +174,8 @@ def test_equals_pytorch_metric_learning(loss, case):
     got, want = run(mine, with_ref), run(theirs, with_ref)
     if case == "one-class" or case == "one-pair-each":
         assert float(want[0].detach()) == 0.0
+    if case == "repeated-pair":
+        assert float(want[0].detach()) > 0.0
     _compare(got, want, 2e-5 if dtype == torch.float32 else 1e-10, 1e-12)
 
 

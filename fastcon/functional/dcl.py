@@ -28,10 +28,10 @@ def negative_mises_fisher_weights(out0: torch.Tensor, out1: torch.Tensor, sigma:
 def _weights(weight_fn, a, b, n):
     """``weight_fn(a, b)`` checked: a tensor of n weights (with whatever gradient it carries)."""
     w = weight_fn(a, b)
-    if not isinstance(w, torch.Tensor) or w.shape not in ((n,), (n, 1)):
+    if not isinstance(w, torch.Tensor) or w.shape != (n,):
         shape = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
         raise ValueError(f"weight_fn must return a tensor of one weight per pair, shape ({n},), got {shape}")
-    return w.reshape(n)
+    return w
 
 
 def dcl_loss(out0: torch.Tensor, out1: torch.Tensor, *, temperature: float = 0.1,

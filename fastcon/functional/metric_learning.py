@@ -92,15 +92,20 @@ def _check_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels):
         if not isinstance(lab, torch.Tensor) or lab.dim() != 1 or lab.shape[0] != rows:
             shape = tuple(lab.shape) if isinstance(lab, torch.Tensor) else type(lab).__name__
             raise ValueError(f"{name} must be a 1-D tensor of one label per row ({rows},), got {shape}")
-        if lab.is_floating_point() or lab.is_complex():
+        if lab.is_floating_point() or lab.is_complex() or lab.dtype == torch.bool:
             raise TypeError(f"{name} must hold integer class labels, got {lab.dtype}")
     if labels is None and indices_tuple is None:
         raise ValueError("labels and indices_tuple cannot both be None")
     pairs = None
     if indices_tuple is not None:
         pairs = _check_pairs(indices_tuple, n, m, embeddings.device)
+    labels = None if labels is None else labels.to(embeddings.device)
+    if ref_emb is None:
+        ref_labels = None  # (PML pairs the embeddings with themselves by ``labels``, whatever ref_labels says)
     same = ref_emb is None or (ref_labels is None and labels is not None)
-    if ref_labels is None:
+    if ref_labels is not None:
+        ref_labels = ref_labels.to(embeddings.device)
+    else:
         if ref_emb is not None and labels is not None and m != n and pairs is None:
             raise ValueError(f"ref_emb has {m} rows but no ref_labels: pass ref_labels (labels has {n})")
         ref_labels = labels
@@ -135,17 +140,20 @@ def _label_ids(labels, ref_labels):
     return inv[:labels.shape[0]], inv[labels.shape[0]:]
 
 
-def _label_pairs(ids, ref_ids, same):
+def _label_pairs(ids, ref_ids, same, listed: bool = True):
     """The positive pairs (a, p) of equal label ids in O(P) memory (through the sorted references,
-    never an N×M comparison), and each anchor's numbers of positives and negatives."""
+    never an N×M comparison; None, None without ``listed``: the counts alone, O(N)), and each anchor's
+    numbers of positives and negatives."""
     order = torch.argsort(ref_ids, stable=True)
     sorted_ids = ref_ids[order]
     lo = torch.searchsorted(sorted_ids, ids)
     count = torch.searchsorted(sorted_ids, ids, right=True) - lo
+    n_neg = ref_ids.shape[0] - count
+    if not listed:
+        return None, None, count - 1 if same else count, n_neg
     a = torch.repeat_interleave(torch.arange(ids.shape[0], device=ids.device), count)
     first = torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
     p = order[torch.repeat_interleave(lo, count) + torch.arange(a.shape[0], device=ids.device) - first]
-    n_neg = ref_ids.shape[0] - count
     if same:
         keep = a != p
         a, p, count = a[keep], p[keep], count - 1
@@ -168,7 +176,8 @@ class _Batch(NamedTuple):
     chunk_size: Optional[int]
     labels: Optional[torch.Tensor]
     pairs: Optional[tuple]  # the listed (a1, p, a2, n); None with labels
-    label_pairs: Optional[tuple]  # with labels: (ids, ref_ids, a, p, n_pos, n_neg) (_label_pairs)
+    label_pairs: Optional[tuple]  # with labels: (ids, ref_ids, a, p, n_pos, n_neg) (_label_pairs; a, p listed
+    # for NT-Xent only)
     ref_emb: Optional[torch.Tensor]
     ref_labels: Optional[torch.Tensor]
     same: bool
@@ -177,9 +186,10 @@ class _Batch(NamedTuple):
     empty: bool
 
 
-def _prepare(embeddings, labels, indices_tuple, ref_emb, ref_labels, temperature, chunk_size, unique) -> _Batch:
-    """The checked call; ``unique``: the listed pairs as sets (SupCon). ``empty``: PML's rules give 0
-    (no positive or no negative pair, or at most one pair of each kind)."""
+def _prepare(embeddings, labels, indices_tuple, ref_emb, ref_labels, temperature, chunk_size, supcon) -> _Batch:
+    """The checked call. ``supcon``: the listed pairs as sets, the label pairs counted, not listed.
+    ``empty``: PML's rules give 0 (no positive or no negative pair, or at most one pair of each kind,
+    counted as listed, before any repeats are dropped)."""
     temperature = check_temperature(temperature)
     chunk_size = check_chunk_size(chunk_size)
     labels, pairs, ref_emb, ref_labels, same = _check_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
@@ -187,13 +197,13 @@ def _prepare(embeddings, labels, indices_tuple, ref_emb, ref_labels, temperature
     label_pairs = None
     if pairs is None:
         ids, ref_ids = _label_ids(labels, ref_labels)
-        label_pairs = (ids, ref_ids) + _label_pairs(ids, ref_ids, same)
-        n_pairs, n_neg = label_pairs[2].shape[0], int(label_pairs[5].sum())
+        label_pairs = (ids, ref_ids) + _label_pairs(ids, ref_ids, same, listed=not supcon)
+        n_pairs, n_neg = int(label_pairs[4].sum()), int(label_pairs[5].sum())
         counts = (n_pairs, n_pairs, n_neg, n_neg)
     else:
-        if unique:
-            pairs = _unique_pairs(pairs, m)
         counts = tuple(t.shape[0] for t in pairs)
+        if supcon:
+            pairs = _unique_pairs(pairs, m)
     empty = all(c <= 1 for c in counts) or counts[0] == 0 or counts[2] == 0
     return _Batch(temperature, chunk_size, labels, pairs, label_pairs, ref_emb, ref_labels, same, n, m, empty)
 
