@@ -101,6 +101,15 @@ def check_scalar(name: str, value, device: torch.device, *, required: bool = Tru
     return value
 
 
+def check_temperature(temperature) -> float:
+    """A temperature τ: a positive finite number (the logits are similarities / τ)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    if not (temperature > 0 and temperature < float("inf")):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    return float(temperature)
+
+
 def check_label_smoothing(value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"label_smoothing must be a float, got {type(value).__name__}")

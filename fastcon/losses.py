@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from . import functional as FC
+from ._validation import check_temperature
 
 _SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 
@@ -314,10 +315,7 @@ class DCLLoss(nn.Module):
     def __init__(self, temperature: float = 0.1, weight_fn=None, gather_distributed: bool = False, *,
                  backend: str = "auto", chunk_size: Optional[int] = None):
         super().__init__()
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-            raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-        if not 0 < temperature < float("inf"):
-            raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+        check_temperature(temperature)
         if weight_fn is not None and not callable(weight_fn):
             raise TypeError(f"weight_fn must be a callable (out0, out1) -> weights, got {type(weight_fn).__name__}")
         self.temperature = float(temperature)

@@ -22,15 +22,6 @@ def check_debias(debias) -> float:
     return float(debias)
 
 
-def check_temperature(temperature) -> float:
-    """A temperature τ: a positive finite number (the logits are similarities / τ)."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not (temperature > 0 and temperature < float("inf")):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
-    return float(temperature)
-
-
 def check_chunk_size(chunk_size):
     if chunk_size is None:
         return None

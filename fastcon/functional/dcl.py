@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from .. import reference
 from ..ops import target_row_lse
 from ..targets import Target
-from ._checks import check_chunk_size, check_temperature, distributed_setup
-from .._validation import check_features
+from ._checks import check_chunk_size, distributed_setup
+from .._validation import check_features, check_temperature
 
 
 def negative_mises_fisher_weights(out0: torch.Tensor, out1: torch.Tensor, sigma: float = 0.5) -> torch.Tensor:

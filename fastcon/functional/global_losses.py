@@ -8,13 +8,13 @@ from typing import Optional
 import torch
 
 from .. import reference
-from .._validation import check_features, check_label_smoothing, check_labels, check_mask, check_pos_offset
+from .._validation import (check_features, check_label_smoothing, check_labels, check_mask, check_pos_offset,
+                           check_temperature)
 from ..targets import Target
 from ..ops import clip_engine_loss, siglip_engine_loss
 from ..ops.engine import BACKENDS as _BACKENDS
 from ..ops import prefix_scales, prefix_target_loss, siglip_prefix_engine_loss, target_engine_loss
-from ._checks import (check_chunk_size, check_common, check_debias, check_modes, check_temperature,
-                      distributed_setup)
+from ._checks import check_chunk_size, check_common, check_debias, check_modes, distributed_setup
 from ._matryoshka import check_matryoshka, matryoshka_sum, one_pass, prefix
 
 

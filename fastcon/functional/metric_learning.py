@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
-from .._validation import check_features
+from .._validation import check_features, check_temperature
 from ..ops import target_engine_loss, target_row_lse
 from ..targets import Target
-from ._checks import check_chunk_size, check_temperature
+from ._checks import check_chunk_size
 
 _PAIR_CHUNK = 1 << 16  # pairs per slice of the pair dot products
 

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from .. import reference
-from .._validation import check_features
+from .._validation import check_features, check_temperature
 from ..targets import Target
 from ._checks import check_chunk_size
 
@@ -93,10 +93,7 @@ def m2mix_loss(
     if image_features.shape != text_features.shape:
         raise ValueError(f"m2mix_loss needs paired batches of one shape, got {tuple(image_features.shape)} and "
                          f"{tuple(text_features.shape)}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not 0.0 < temperature < float("inf"):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    check_temperature(temperature)
     chunk_size = check_chunk_size(chunk_size)
     if lam is None:
         if beta is None:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .. import functional as FC
+from .._validation import check_temperature
 
 __all__ = ["NTXentLoss", "SupConLoss"]
 
@@ -51,10 +52,7 @@ class _PMLPairLoss(nn.Module):
         if embedding_regularizer is not None:
             raise ValueError(f"fastcon's {name} takes no embedding_regularizer (PML's default, None); add the "
                              f"regularizer's term to the loss yourself")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-            raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-        if not 0 < temperature < float("inf"):
-            raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+        check_temperature(temperature)
         self.temperature = temperature
         self.embedding_reg_weight = embedding_reg_weight
         self.collect_stats = collect_stats
