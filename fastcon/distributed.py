@@ -393,37 +393,19 @@ def clip_loss_ring(image_features, text_features, scale, bias, *, group, gather_
 
 
 def clip_loss_local(image_features, text_features, scale, bias, *, group, gather_with_grad, label_smoothing,
-                    backend, chunk_size, prefixes=None):
+                    backend, chunk_size):
     """open_clip's ClipLoss with ``local_loss=True``: ½[CE(s·X_r·Y_allᵀ, r·n + i) + CE(s·Y_r·X_allᵀ, r·n + i)],
-    the gathered features with or without gradient. ``prefixes`` (Matryoshka's (dims, weights), docs/losses.md
-    §2.7): ``Σ_k w_k`` of that loss on the L2-normalised prefixes, each half in one engine pass over D (the
-    general target's rows against the gathered columns, the prefix norms as scales)."""
+    the gathered features with or without gradient."""
     from .ops.softmax import clip_engine_loss
 
     rank, _ = group_rank_and_size(group)
     n = image_features.shape[0]
     gather = all_gather_with_grad if gather_with_grad else all_gather_no_grad
     all_image, all_text = gather(image_features, group), gather(text_features, group)
-    if prefixes is not None:
-        return (_local_prefix_half(image_features, all_text, scale, bias, rank * n, label_smoothing, prefixes,
-                                   backend, chunk_size)
-                + _local_prefix_half(text_features, all_image, scale, bias, rank * n, label_smoothing, prefixes,
-                                     backend, chunk_size)) / 2
     kw = dict(label_smoothing=label_smoothing, pos_offset=rank * n, backend=backend, chunk_size=chunk_size,
               symmetric=False)
     return (clip_engine_loss(image_features, all_text, scale, bias, **kw)
             + clip_engine_loss(text_features, all_image, scale, bias, **kw)) / 2
-
-
-def _local_prefix_half(rows, cols, scale, bias, offset, label_smoothing, prefixes, backend, chunk_size):
-    """One half of the local loss over Matryoshka prefixes: row i's positive is column offset + i."""
-    from .ops.prefix import prefix_target_loss
-    from .targets import Target
-
-    dev = rows.device
-    target = Target(torch.arange(rows.shape[0], device=dev) + offset, torch.arange(cols.shape[0], device=dev))
-    return prefix_target_loss(rows, cols, scale, bias, target, *prefixes, label_smoothing=label_smoothing,
-                              symmetric=False, backend=backend, chunk_size=chunk_size)
 
 
 # --------------------------------------------------------------------------------------- general target

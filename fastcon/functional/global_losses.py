@@ -137,19 +137,15 @@ def clip_loss(
 
         if pos_offset != 0:
             raise ValueError("pos_offset must be 0 in the distributed loss (the positives are the paired rows)")
-        if tau or (prefixes is not None and not local_loss):  # one positive per row, on the general target
+        if tau or prefixes is not None:  # one positive per row (each rank's pairs its ids), on the general target
             n = image_features.shape[0]
             return _multi_positive_distributed(image_features, text_features, scale, bias,
                                                _rank_ids(n, group, image_features.device), None, eps, group=group,
                                                local_loss=local_loss, gather_with_grad=gather_with_grad,
                                                backend=backend, chunk_size=chunk_size, debias=tau, prefixes=prefixes)
-        if local_loss:
-            return distributed.clip_loss_local(image_features, text_features, scale, bias, group=group,
-                                               gather_with_grad=gather_with_grad, label_smoothing=eps,
-                                               backend=backend, chunk_size=chunk_size, prefixes=prefixes)
-        return distributed.clip_loss_ring(image_features, text_features, scale, bias, group=group,
-                                          gather_with_grad=gather_with_grad, label_smoothing=eps, backend=backend,
-                                          chunk_size=chunk_size)
+        impl = distributed.clip_loss_local if local_loss else distributed.clip_loss_ring
+        return impl(image_features, text_features, scale, bias, group=group, gather_with_grad=gather_with_grad,
+                    label_smoothing=eps, backend=backend, chunk_size=chunk_size)
     if backend == "reference":
         return reference.clip_loss_reference(image_features, text_features, scale, bias, label_smoothing=eps,
                                              pos_offset=pos_offset, debias=tau).to(image_features.dtype)
