@@ -263,7 +263,7 @@ class NTXentLoss(nn.Module):
             raise ValueError(f"Illegal temperature {temperature}: it must be a finite number > 1e-8")
         size = _bank_size(memory_bank_size)
         self.temperature = float(temperature)
-        self.gather_distributed = _check_gather(bool(gather_distributed))
+        self.gather_distributed = _check_gather(gather_distributed)
         self.memory_bank = _MemoryBank(size, self.gather_distributed) if size is not None else None
         self.backend, self.chunk_size = backend, chunk_size
 
@@ -290,8 +290,10 @@ def _world_group(gather_distributed: bool):
     return dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
 
 
-def _check_gather(gather_distributed: bool) -> bool:
-    """``gather_distributed``, after checking that torch.distributed exists where it is asked for."""
+def _check_gather(gather_distributed) -> bool:
+    """``gather_distributed`` as a bool, after checking that torch.distributed exists where it is asked
+    for."""
+    gather_distributed = bool(gather_distributed)
     if gather_distributed:
         import torch.distributed as dist
 
@@ -320,7 +322,7 @@ class DCLLoss(nn.Module):
             raise TypeError(f"weight_fn must be a callable (out0, out1) -> weights, got {type(weight_fn).__name__}")
         self.temperature = float(temperature)
         self.weight_fn = weight_fn
-        self.gather_distributed = _check_gather(bool(gather_distributed))
+        self.gather_distributed = _check_gather(gather_distributed)
         self.backend, self.chunk_size = backend, chunk_size
 
     def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
